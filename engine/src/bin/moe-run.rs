@@ -1,0 +1,249 @@
+//! `moe-run`: generate text with a MoE checkpoint, or print its logits (machine interface).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use candle_core::{Device, Tensor};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use moe::error::{Error, Result};
+use moe::loader::{self, LoadOptions};
+use moe::model::Model;
+use moe::runtime::generate::{generate, validate_prompt, GenerateParams, SamplingParams};
+use moe::runtime::memory::{human_bytes, peak_rss_bytes};
+use moe::runtime::tokenizer::{TextStream, TextTokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "moe-run",
+    version,
+    about = "Run and measure sparse Mixture-of-Experts transformers",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the model's logits for a prompt of token ids as JSON: {"ids":[..],"logits":[[..]..]}.
+    Logits(LogitsArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A known model name (see configs/) or a Hugging Face repo id, read from the local HF cache.
+    #[arg(long, conflicts_with = "weights")]
+    model: Option<String>,
+    /// A directory with config.json, safetensors weights and (for text) tokenizer.json.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text prompt (needs tokenizer.json).
+    #[arg(long, conflicts_with = "ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Keep generating past the end-of-sequence token (benchmarks, parity checks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print {"prompt_ids":[..],"generated_ids":[..]} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Some(Cmd::Logits(a)) => logits(a),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!("\n  caused by: {s}"));
+                src = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map_err(|_| Error::Input(format!("bad device {s:?}")))?,
+                None => 0,
+            };
+            if cfg!(feature = "cuda") {
+                Ok(Device::new_cuda(ordinal)?)
+            } else {
+                Err(Error::Input(
+                    "this moe-run was built without CUDA; rebuild with `cargo build --release --features cuda`".into(),
+                ))
+            }
+        }
+        s => Err(Error::Input(format!("unknown device {s:?}; use cpu or cuda[:N]"))),
+    }
+}
+
+/// The directory to load, and the loaded model.
+fn load(a: &ModelArgs) -> Result<(PathBuf, Model)> {
+    let dir = match (&a.weights, &a.model) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(name)) => loader::hub::resolve_model(name)?,
+        (None, None) => return Err(Error::Input("give --weights DIR or --model NAME".into())),
+    };
+    let opts = LoadOptions {
+        dtype: loader::parse_dtype(&a.dtype)?,
+        device: device(&a.device)?,
+        progress: true,
+    };
+    let model = loader::load_dir(&dir, &opts)?;
+    Ok((dir, model))
+}
+
+#[derive(Serialize)]
+struct LogitsOut {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let (_, model) = load(&a.model)?;
+    validate_prompt(&model, &a.ids)?;
+    let mut cache = model.new_cache(1, a.ids.len())?;
+    let input = Tensor::new(a.ids.as_slice(), model.device())?.unsqueeze(0)?;
+    let logits = model.forward(&input, &mut cache, true, None)?.squeeze(0)?.to_vec2::<f32>()?;
+    print_json(&LogitsOut { ids: a.ids, logits })
+}
+
+#[derive(Serialize)]
+struct RunOut<'a> {
+    prompt_ids: &'a [u32],
+    generated_ids: &'a [u32],
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let (dir, model) = load(&a.model)?;
+    let tokenizer = match (&a.prompt, a.json) {
+        // Text in or text out needs the tokenizer; ids in + JSON out does not.
+        (Some(_), _) | (None, false) => Some(TextTokenizer::from_dir(&dir, &model.cfg)?),
+        (None, true) => None,
+    };
+    let prompt_ids = match (&a.prompt, &a.ids, &tokenizer) {
+        (Some(text), _, _) if text.is_empty() => {
+            return Err(Error::Input("the prompt is empty: give some text".into()))
+        }
+        (Some(text), _, Some(tok)) => tok.encode(text)?,
+        (None, Some(ids), _) => ids.clone(),
+        _ => return Err(Error::Input("give --prompt TEXT or --ids 1,2,3".into())),
+    };
+    let eos = match &tokenizer {
+        _ if a.ignore_eos => vec![],
+        Some(t) => t.eos.clone(),
+        None => model.cfg.eos_token_ids.clone(),
+    };
+    let params = GenerateParams {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: Some(a.top_p),
+            seed: a.seed,
+        },
+        eos,
+    };
+
+    let mut stream = TextStream::default();
+    let mut stdout = std::io::stdout().lock();
+    if let (false, Some(text)) = (a.json, &a.prompt) {
+        // The prompt is echoed as given; the continuation streams after it.
+        write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))?;
+    }
+    let g = generate(
+        &model,
+        &prompt_ids,
+        &params,
+        |id| {
+            if let (false, Some(tok)) = (a.json, &tokenizer) {
+                if let Some(piece) = stream.push(tok, id)? {
+                    write!(stdout, "{piece}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))?;
+                }
+            }
+            Ok(())
+        },
+        None,
+    )?;
+    if a.json {
+        drop(stdout);
+        print_json(&RunOut {
+            prompt_ids: &g.prompt_ids,
+            generated_ids: &g.generated_ids,
+        })?;
+    } else {
+        writeln!(stdout).map_err(|e| Error::io("stdout", e))?;
+    }
+    let decode = g.decode_tok_per_s().map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
+    eprintln!(
+        "prompt {} tokens | prefill {:.1} tok/s | decode {} ({} tokens, stop: {:?}) | KV cache {} | peak RSS {}",
+        g.prompt_ids.len(),
+        g.prefill_tok_per_s(),
+        decode,
+        g.generated_ids.len(),
+        g.stop,
+        human_bytes(g.kv_cache_bytes as u64),
+        peak_rss_bytes().map_or("n/a".into(), human_bytes),
+    );
+    Ok(())
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, v)
+        .map_err(|e| Error::io("stdout", std::io::Error::other(e)))?;
+    writeln!(out).map_err(|e| Error::io("stdout", e))
+}

@@ -1,0 +1,312 @@
+//! Hugging Face `config.json` -> [`ModelConfig`], the one description of a model that the loader,
+//! the decoder and the cost model read. Each family has one file here that maps its field names
+//! onto this struct; differences between architectures are data, never separate forward passes.
+
+mod mixtral;
+pub mod registry;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The `model_type` values this build understands.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["mixtral"];
+
+/// Everything the engine needs to know about a decoder-only MoE transformer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// HF `model_type`, e.g. "mixtral". Selects the checkpoint naming map in the loader.
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub norm: NormKind,
+    pub rope: RopeConfig,
+    /// Each query sees at most this many keys (itself included), or all earlier keys if `None`.
+    pub sliding_window: Option<usize>,
+    pub tie_word_embeddings: bool,
+    /// One entry per decoder layer: what its feed-forward block is.
+    pub layers: Vec<FfnKind>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormKind {
+    /// y = x / sqrt(mean(x^2) + eps) * w, computed in f32.
+    Rms { eps: f64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (HF "linear").
+    Linear { factor: f64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FfnKind {
+    /// A dense SwiGLU MLP of width `intermediate`.
+    Dense { intermediate: usize },
+    Moe(MoeConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Width F of one routed expert's SwiGLU MLP.
+    pub expert_ffn: usize,
+    pub router: RouterKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RouterKind {
+    /// p = softmax_f32(x Wg^T); top-k of p; divide by their sum if `renormalize`.
+    Softmax { renormalize: bool },
+}
+
+impl ModelConfig {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Reads and parses `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses the text of a `config.json`; `path` is only used in error messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let raw: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let Some(obj) = raw.as_object() else {
+            return Err(Error::config(path, "config.json is not a JSON object"));
+        };
+        let model_type = match obj.get("model_type") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(Error::config(path, "config.json has no string field \"model_type\"")),
+        };
+        let cfg = match model_type.as_str() {
+            "mixtral" => mixtral::parse(&raw, path)?,
+            _ => {
+                return Err(Error::UnsupportedModelType {
+                    path: path.to_path_buf(),
+                    model_type,
+                    supported: SUPPORTED_MODEL_TYPES.to_vec(),
+                })
+            }
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Internal consistency checks that every family must pass.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::config(path, msg));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("num_hidden_layers", self.layers.len()),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be positive or null".into());
+        }
+        for (i, ffn) in self.layers.iter().enumerate() {
+            match ffn {
+                FfnKind::Dense { intermediate } if *intermediate == 0 => {
+                    return bad(format!("layer {i}: intermediate size must be positive"))
+                }
+                FfnKind::Moe(m) if m.num_experts == 0 || m.expert_ffn == 0 => {
+                    return bad(format!("layer {i}: experts and expert width must be positive"))
+                }
+                FfnKind::Moe(m) if m.top_k == 0 || m.top_k > m.num_experts => {
+                    return bad(format!(
+                        "layer {i}: num_experts_per_tok ({}) must be in 1..={} (the number of experts)",
+                        m.top_k, m.num_experts
+                    ))
+                }
+                _ => {}
+            }
+        }
+        for &id in self.bos_token_id.iter().chain(&self.eos_token_ids) {
+            if id as usize >= self.vocab_size {
+                return bad(format!(
+                    "special token id {id} is not below vocab_size {}",
+                    self.vocab_size
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to a config.json object with errors that name the file and the field.
+pub(crate) struct Fields<'a> {
+    pub obj: &'a serde_json::Map<String, Value>,
+    pub path: PathBuf,
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(raw: &'a Value, path: &Path) -> Self {
+        Fields {
+            obj: raw.as_object().expect("checked by from_json_str"),
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// A field that is absent or JSON null reads as `None`.
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn err(&self, key: &str, want: &str, v: &Value) -> Error {
+        Error::config(&self.path, format!("field {key:?} should be {want}, found {v}"))
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(key, "a non-negative integer", v)),
+        }
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| Error::config(&self.path, format!("missing required field {key:?}")))
+    }
+
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, "a number", v)),
+        }
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(key, "true or false", v)),
+        }
+    }
+
+    pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(key, "a string", v)),
+        }
+    }
+
+    /// `eos_token_id` may be an int or a list of ints.
+    pub fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .map(|n| n as u32)
+                        .ok_or_else(|| self.err(key, "an int or a list of ints", v))
+                })
+                .collect(),
+            Some(v) => v
+                .as_u64()
+                .map(|n| vec![n as u32])
+                .ok_or_else(|| self.err(key, "an int or a list of ints", v)),
+        }
+    }
+
+    /// RoPE parameters in either published form: top-level `rope_theta` + `rope_scaling`
+    /// (transformers 4.x) or `rope_parameters: {rope_type, rope_theta, ...}` (transformers 5).
+    pub fn rope(&self, default_theta: f64) -> Result<RopeConfig> {
+        let nested = self.get("rope_parameters").or_else(|| self.get("rope_scaling"));
+        let nested = match nested {
+            None => None,
+            Some(Value::Object(m)) => Some(m),
+            Some(v) => return Err(self.err("rope_parameters", "an object or null", v)),
+        };
+        let theta_in = |m: Option<&serde_json::Map<String, Value>>| -> Result<Option<f64>> {
+            match m.and_then(|m| m.get("rope_theta")).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| self.err("rope_parameters.rope_theta", "a number", v)),
+            }
+        };
+        let theta = match theta_in(nested)? {
+            Some(t) => t,
+            None => self.opt_f64("rope_theta")?.unwrap_or(default_theta),
+        };
+        if theta <= 0.0 || !theta.is_finite() {
+            return Err(Error::config(&self.path, format!("rope_theta must be positive, found {theta}")));
+        }
+        let kind = nested
+            .and_then(|m| m.get("rope_type").or_else(|| m.get("type")))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => {
+                let factor = nested
+                    .and_then(|m| m.get("factor"))
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| Error::config(&self.path, "linear rope scaling needs a numeric \"factor\""))?;
+                RopeScaling::Linear { factor }
+            }
+            other => {
+                return Err(Error::config(
+                    &self.path,
+                    format!("rope type {other:?} is not supported for this model yet (supported: default, linear)"),
+                ))
+            }
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! moe-run: a sparse Mixture-of-Experts transformer inference engine.
+//!
+//! config (HF config.json -> [`config::ModelConfig`]) -> loader (safetensors -> canonical
+//! weights) -> model (one generic decoder; MoE as route / dispatch / experts / combine) ->
+//! runtime (KV cache, generation, tokenizer).
+
+pub mod config;
+pub mod error;
+pub mod loader;
+pub mod model;
+pub mod runtime;
+
+pub use error::{Error, Result};

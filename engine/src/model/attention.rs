@@ -1,0 +1,123 @@
+//! Grouped-query attention with RoPE, an optional sliding window, and a preallocated KV cache.
+//! Shapes: x `[B, T, H]`; q `[B, heads, T, hd]`; k, v `[B, kv, T, hd]`; cache `[B, kv, cap, hd]`.
+//! The `g = heads / kv` query heads of one KV head are folded into the row dimension
+//! (`[B, kv, g*T, hd]`) so K and V are never repeated in memory.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::rope::Rope;
+use super::Linear;
+use crate::runtime::kv_cache::KvCache;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: Option<usize>,
+}
+
+impl Attention {
+    /// Attends the `T` new tokens at positions `pos..pos+T` to everything cached for `layer`
+    /// plus themselves, writing their K/V into the cache.
+    pub fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let g = nh / nkv;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let q = rope.apply(&heads(self.q.forward(x)?, nh)?, pos)?;
+        let k = rope.apply(&heads(self.k.forward(x)?, nkv)?, pos)?;
+        let v = heads(self.v.forward(x)?, nkv)?;
+        let (k_all, v_all) = cache.write(layer, &k, &v, pos)?; // [B, kv, L, hd]
+        let l = pos + t;
+
+        // Keys older than the window of the first new query are invisible to every new query.
+        let start = self.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let k_all = k_all.narrow(2, start, l - start)?;
+        let v_all = v_all.narrow(2, start, l - start)?;
+
+        // [B, heads, T, hd] -> [B, kv, g*T, hd]: heads h = j*g + i share kv head j.
+        let q = q.reshape((b, nkv, g * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k_all.t()?)? * scale)?; // [B, kv, g*T, L']
+        let scores = match causal_mask(t, g, pos, start, l, self.sliding_window, x.device())? {
+            Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+        let out = probs.matmul(&v_all.contiguous()?)?; // [B, kv, g*T, hd]
+        let out = out
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o.forward(&out)
+    }
+}
+
+/// Additive mask `[g*T, L-start]` (0 or -inf) for queries at `pos..pos+T` over keys
+/// `start..L`; row r is query `r % T` (the g heads of a group are stacked). A query at p sees
+/// key j iff j <= p and, with a window w, p - j < w. `None` when nothing is masked.
+fn causal_mask(
+    t: usize,
+    g: usize,
+    pos: usize,
+    start: usize,
+    l: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let visible = |p: usize, j: usize| j <= p && window.is_none_or(|w| p - j < w);
+    let width = l - start;
+    let mut mask = Vec::with_capacity(g * t * width);
+    let mut any = false;
+    for _ in 0..g {
+        for i in 0..t {
+            for j in start..l {
+                let ok = visible(pos + i, j);
+                any |= !ok;
+                mask.push(if ok { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    Tensor::from_vec(mask, (g * t, width), device).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_is_causal_and_windowed() {
+        // 3 new queries at positions 2,3,4 over keys 0..5, window 2 -> start = 1.
+        let m = causal_mask(3, 1, 2, 1, 5, Some(2), &Device::Cpu).unwrap().unwrap();
+        let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(m[0], vec![0., 0., inf, inf]); // q=2 sees keys 1,2
+        assert_eq!(m[1], vec![inf, 0., 0., inf]); // q=3 sees 2,3
+        assert_eq!(m[2], vec![inf, inf, 0., 0.]); // q=4 sees 3,4
+    }
+
+    #[test]
+    fn single_decode_step_needs_no_mask() {
+        assert!(causal_mask(1, 4, 7, 0, 8, None, &Device::Cpu).unwrap().is_none());
+        // With a window, the narrowing to `start` already hides the old keys.
+        assert!(causal_mask(1, 4, 7, 4, 8, Some(4), &Device::Cpu).unwrap().is_none());
+    }
+
+    #[test]
+    fn mask_rows_repeat_per_group() {
+        let m = causal_mask(2, 3, 0, 0, 2, None, &Device::Cpu).unwrap().unwrap();
+        let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        assert_eq!(m.len(), 6);
+        for r in 0..6 {
+            assert_eq!(m[r][1] == 0.0, r % 2 == 1);
+        }
+    }
+}

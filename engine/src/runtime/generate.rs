@@ -1,0 +1,160 @@
+//! The generation loop: validate the prompt, prefill it in one forward pass, then decode one
+//! token at a time against the KV cache until `max_new_tokens`, EOS, or the context is full.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+use crate::error::{Error, Result};
+use crate::model::{Model, Trace};
+
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    /// <= 0 means greedy (argmax).
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+
+    fn processor(&self) -> LogitsProcessor {
+        let temperature = self.temperature;
+        let top_p = self.top_p.filter(|p| *p < 1.0);
+        let sampling = match (temperature <= 0.0, self.top_k, top_p) {
+            (true, _, _) => Sampling::ArgMax,
+            (false, None, None) => Sampling::All { temperature },
+            (false, Some(k), None) => Sampling::TopK { k, temperature },
+            (false, None, Some(p)) => Sampling::TopP { p, temperature },
+            (false, Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+        };
+        LogitsProcessor::from_sampling(self.seed, sampling)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop after emitting any of these (the EOS token is included in the output).
+    pub eos: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    MaxTokens,
+    Eos,
+    ContextFull,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    /// Wall time of the prompt forward pass (which also yields the first new token).
+    pub prefill_secs: f64,
+    /// Wall time of the remaining single-token steps.
+    pub decode_secs: f64,
+    pub stop: StopReason,
+    /// Bytes allocated for the KV cache of this request.
+    pub kv_cache_bytes: usize,
+}
+
+impl Generation {
+    pub fn prefill_tok_per_s(&self) -> f64 {
+        self.prompt_ids.len() as f64 / self.prefill_secs.max(1e-12)
+    }
+
+    /// Tokens produced by decode steps (all but the first) per second.
+    pub fn decode_tok_per_s(&self) -> Option<f64> {
+        let steps = self.generated_ids.len().saturating_sub(1);
+        (steps > 0).then(|| steps as f64 / self.decode_secs.max(1e-12))
+    }
+}
+
+/// Checks a prompt against the model: non-empty, every id < vocab, fits the context.
+pub fn validate_prompt(model: &Model, ids: &[u32]) -> Result<()> {
+    let cfg = &model.cfg;
+    if ids.is_empty() {
+        return Err(Error::Input("the prompt is empty: give at least one token".into()));
+    }
+    if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab_size) {
+        return Err(Error::Input(format!(
+            "token id {id} at position {i} is out of range: vocab_size is {}",
+            cfg.vocab_size
+        )));
+    }
+    if ids.len() > cfg.max_position_embeddings {
+        return Err(Error::Input(format!(
+            "the prompt has {} tokens, more than the model's context of {} (max_position_embeddings)",
+            ids.len(),
+            cfg.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
+/// Generates up to `p.max_new_tokens` tokens after `prompt`, calling `on_token` with each new
+/// id as soon as it is chosen, and `on_trace` with the routing of every forward pass.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    p: &GenerateParams,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+    mut on_trace: Option<&mut dyn FnMut(&Trace)>,
+) -> Result<Generation> {
+    validate_prompt(model, prompt)?;
+    let context = model.cfg.max_position_embeddings;
+    // The last generated token is never fed back, so the cache needs prompt + max_new - 1.
+    let capacity = (prompt.len() + p.max_new_tokens.saturating_sub(1)).min(context);
+    let mut cache = model.new_cache(1, capacity.max(prompt.len()))?;
+    let mut sampler = p.sampling.processor();
+    let mut trace = on_trace.as_ref().map(|_| Trace::default());
+    let mut generated = Vec::with_capacity(p.max_new_tokens);
+    let device = model.device();
+
+    let mut stop = StopReason::MaxTokens;
+    let t0 = Instant::now();
+    let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
+    let mut prefill_secs = 0.0;
+    while generated.len() < p.max_new_tokens {
+        let logits = model.forward(&input, &mut cache, false, trace.as_mut())?; // [1, 1, V]
+        let next = sampler.sample(&logits.flatten_all()?)?;
+        if generated.is_empty() {
+            prefill_secs = t0.elapsed().as_secs_f64();
+        }
+        if let (Some(f), Some(tr)) = (on_trace.as_mut(), trace.as_ref()) {
+            f(tr);
+        }
+        generated.push(next);
+        on_token(next)?;
+        if p.eos.contains(&next) {
+            stop = StopReason::Eos;
+            break;
+        }
+        if generated.len() < p.max_new_tokens && cache.len() >= context {
+            stop = StopReason::ContextFull;
+            break;
+        }
+        input = Tensor::new(&[next], device)?.unsqueeze(0)?;
+    }
+    let total = t0.elapsed().as_secs_f64();
+    Ok(Generation {
+        prompt_ids: prompt.to_vec(),
+        generated_ids: generated,
+        prefill_secs,
+        decode_secs: total - prefill_secs,
+        stop,
+        kv_cache_bytes: cache.bytes(),
+    })
+}

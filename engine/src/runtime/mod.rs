@@ -1,0 +1,6 @@
+//! Everything around the model at run time: KV cache, tokenizer, the generation loop, memory.
+
+pub mod generate;
+pub mod kv_cache;
+pub mod memory;
+pub mod tokenizer;

@@ -1,0 +1,76 @@
+// common.cuh: helpers shared by every moe-kernels .cu file.
+//
+// Conventions for all kernels in this crate:
+//  - Activations are f32, bf16 or f16 (`T`); every reduction accumulates in f32.
+//  - Each op family is one .cu file with a templated `__device__` body and thin
+//    `extern "C"` entry points named `<op>_<dtype>` (dtype in f32/bf16/f16), the
+//    names the Rust launchers ask for.
+//  - Sizes that index memory are computed in size_t (T*H easily exceeds 2^31).
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// ceil(a / b) for positive integers.
+template <typename I>
+__host__ __device__ __forceinline__ constexpr I ceil_div(I a, I b) {
+  return (a + b - 1) / b;
+}
+
+// ---- scalar load/store: every dtype goes through f32 ------------------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round-to-nearest-even, like `half::{f16,bf16}::from_f32` in the CPU references.
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// ---- 16-byte vectors --------------------------------------------------------
+// One 128-bit access moves Vec16<T>::N elements (4 x f32, 8 x bf16/f16). Callers
+// must check alignment first (row length % N == 0 and 16-byte aligned bases,
+// see is_aligned16); otherwise they take their scalar path.
+
+template <typename T> struct alignas(16) Vec16 {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+__device__ __forceinline__ bool is_aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Read-only (non-coherent) 128-bit load: for inputs that no thread of this kernel writes.
+template <typename T> __device__ __forceinline__ Vec16<T> load_vec16_ro(const T* p) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  Vec16<T> out;
+  static_assert(sizeof(out) == sizeof(raw), "Vec16 must be 16 bytes");
+  memcpy(&out, &raw, sizeof(raw));
+  return out;
+}
+
+template <typename T> __device__ __forceinline__ void store_vec16(T* p, const Vec16<T>& x) {
+  uint4 raw;
+  memcpy(&raw, &x, sizeof(raw));
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// ---- warp reductions (all 32 lanes must participate) ------------------------
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}

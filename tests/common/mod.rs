@@ -1,0 +1,55 @@
+//! Shared helpers for the integration tests: fixture paths, expected outputs written by
+//! `tests/make_fixtures.py` (Hugging Face transformers on CPU), and running the binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::Deserialize;
+
+/// Every fixture directory, all tiny random Mixtral checkpoints.
+pub const FIXTURES: &[&str] = &["mixtral-base", "mixtral-swa", "mixtral-odd", "mixtral-bf16", "mixtral-f16"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+#[derive(Deserialize)]
+pub struct Expected {
+    pub prompt_ids: Vec<u32>,
+    /// `[T][V]`
+    pub logits: Vec<Vec<f32>>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_margins: Vec<f32>,
+    /// `[layer][T][k]`
+    pub router_ids: Vec<Vec<Vec<u32>>>,
+    pub router_weights: Vec<Vec<Vec<f32>>>,
+    pub dtype_on_disk: String,
+}
+
+pub fn expected(dir: &Path) -> Expected {
+    let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row count");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "row length");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+pub fn moe_run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args(args)
+        .output()
+        .expect("spawn moe-run")
+}
+
+pub fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
