@@ -25,16 +25,29 @@ fn scratch() -> (tempfile::TempDir, PathBuf) {
 fn fails(dir: &Path, extra: &[&str], want: &[&str]) -> String {
     let st = dir.join("model.safetensors");
     let before = std::fs::read(&st).ok();
-    let mut args = vec!["logits", "--weights", dir.to_str().unwrap(), "--ids", "1,2,3"];
+    let mut args = vec![
+        "logits",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--ids",
+        "1,2,3",
+    ];
     args.extend_from_slice(extra);
     let out = moe_run(&args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     for w in want {
         assert!(stderr.contains(w), "stderr lacks {w:?}: {stderr}");
     }
-    assert_eq!(std::fs::read(&st).ok(), before, "the checkpoint was modified");
+    assert_eq!(
+        std::fs::read(&st).ok(),
+        before,
+        "the checkpoint was modified"
+    );
     stderr
 }
 
@@ -64,7 +77,7 @@ fn rewrite_header(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -88,7 +101,11 @@ fn truncated_safetensors() {
 fn file_shorter_than_header_length_field() {
     let (_t, dir) = scratch();
     std::fs::write(dir.join("model.safetensors"), b"abc").unwrap();
-    fails(&dir, &[], &["model.safetensors", "shorter than the 8-byte header length"]);
+    fails(
+        &dir,
+        &[],
+        &["model.safetensors", "shorter than the 8-byte header length"],
+    );
 }
 
 #[test]
@@ -99,7 +116,15 @@ fn header_length_larger_than_file() {
     let len = bytes.len() as u64;
     bytes[..8].copy_from_slice(&(len * 2).to_le_bytes());
     std::fs::write(&p, bytes).unwrap();
-    fails(&dir, &[], &["model.safetensors", "header length", "runs past the end of the file"]);
+    fails(
+        &dir,
+        &[],
+        &[
+            "model.safetensors",
+            "header length",
+            "runs past the end of the file",
+        ],
+    );
 }
 
 #[test]
@@ -121,7 +146,11 @@ fn garbage_header_json() {
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[8] = b'#';
     std::fs::write(&p, bytes).unwrap();
-    fails(&dir, &[], &["model.safetensors", "not a valid safetensors file"]);
+    fails(
+        &dir,
+        &[],
+        &["model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
@@ -142,7 +171,15 @@ fn wrong_shape() {
         let (a, b) = (t.2[0], t.2[1]);
         t.2 = vec![a / 2, b * 2];
     });
-    fails(&dir, &[], &[Q0, "has shape [32, 128], expected [64, 64]", "model.safetensors"]);
+    fails(
+        &dir,
+        &[],
+        &[
+            Q0,
+            "has shape [32, 128], expected [64, 64]",
+            "model.safetensors",
+        ],
+    );
 }
 
 #[test]
@@ -156,8 +193,23 @@ fn missing_tensor() {
 #[test]
 fn extra_tensor() {
     let (_t, dir) = scratch();
-    rewrite(&dir, |ts| ts.push(("model.layers.0.mystery.weight".into(), Dtype::F32, vec![2], vec![0; 8])));
-    fails(&dir, &[], &["unexpected tensor", "model.layers.0.mystery.weight", "mixtral"]);
+    rewrite(&dir, |ts| {
+        ts.push((
+            "model.layers.0.mystery.weight".into(),
+            Dtype::F32,
+            vec![2],
+            vec![0; 8],
+        ))
+    });
+    fails(
+        &dir,
+        &[],
+        &[
+            "unexpected tensor",
+            "model.layers.0.mystery.weight",
+            "mixtral",
+        ],
+    );
 }
 
 #[test]
@@ -178,7 +230,8 @@ fn garbled_config() {
 fn config_missing_a_field() {
     let (_t, dir) = scratch();
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("num_local_experts");
     std::fs::write(&p, v.to_string()).unwrap();
     fails(&dir, &[], &["config.json", "num_local_experts"]);
@@ -188,9 +241,15 @@ fn config_missing_a_field() {
 fn unknown_model_type() {
     let (_t, dir) = scratch();
     let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).unwrap().replace("\"mixtral\"", "\"gpt_neo_moe\"");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"mixtral\"", "\"gpt_neo_moe\"");
     std::fs::write(&p, text).unwrap();
-    fails(&dir, &[], &["unknown model_type \"gpt_neo_moe\"", "supported: mixtral"]);
+    fails(
+        &dir,
+        &[],
+        &["unknown model_type \"gpt_neo_moe\"", "supported: mixtral"],
+    );
 }
 
 #[test]
@@ -202,10 +261,19 @@ fn missing_weights_dir() {
 #[test]
 fn token_id_out_of_vocab() {
     let (_t, dir) = scratch();
-    let out = moe_run(&["logits", "--weights", dir.to_str().unwrap(), "--ids", "1,2,999"]);
+    let out = moe_run(&[
+        "logits",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--ids",
+        "1,2,999",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !err.contains("panicked"));
-    assert!(err.contains("token id 999 at position 2") && err.contains("vocab_size is 320"), "{err}");
+    assert!(
+        err.contains("token id 999 at position 2") && err.contains("vocab_size is 320"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -215,7 +283,10 @@ fn prompt_longer_than_context() {
     let out = moe_run(&["--weights", dir.to_str().unwrap(), "--ids", &ids, "--json"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !err.contains("panicked"));
-    assert!(err.contains("129 tokens") && err.contains("context of 128"), "{err}");
+    assert!(
+        err.contains("129 tokens") && err.contains("context of 128"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -233,7 +304,12 @@ fn empty_prompt() {
 fn unknown_model_name_and_model_not_in_cache() {
     let out = moe_run(&["--model", "no-such-model", "--prompt", "hi"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("unknown model \"no-such-model\"") && err.contains("mixtral-8x7b"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("unknown model \"no-such-model\"")
+            && err.contains("mixtral-8x7b"),
+        "{err}"
+    );
 
     let empty = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
@@ -243,6 +319,12 @@ fn unknown_model_name_and_model_not_in_cache() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !err.contains("panicked"));
-    assert!(err.contains("mistralai/Mixtral-8x7B-v0.1") && err.contains("huggingface-cli download"), "{err}");
-    assert!(err.contains("models--mistralai--Mixtral-8x7B-v0.1"), "{err}");
+    assert!(
+        err.contains("mistralai/Mixtral-8x7B-v0.1") && err.contains("huggingface-cli download"),
+        "{err}"
+    );
+    assert!(
+        err.contains("models--mistralai--Mixtral-8x7B-v0.1"),
+        "{err}"
+    );
 }

@@ -10,8 +10,18 @@ fn logits_command_matches_transformers() {
     for name in ["mixtral-odd", "mixtral-swa"] {
         let dir = fixture(name);
         let exp = expected(&dir);
-        let out = moe_run(&["logits", "--weights", dir.to_str().unwrap(), "--ids", &ids_arg(&exp.prompt_ids)]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = moe_run(&[
+            "logits",
+            "--weights",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids_arg(&exp.prompt_ids),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
         let logits: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
@@ -37,7 +47,11 @@ fn json_generation_is_greedy_and_exact() {
         "--ignore-eos",
         "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let prompt: Vec<u32> = serde_json::from_value(v["prompt_ids"].clone()).unwrap();
     let gen: Vec<u32> = serde_json::from_value(v["generated_ids"].clone()).unwrap();
@@ -62,9 +76,15 @@ fn text_prompt_streams_and_reports() {
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.starts_with("In the beginning"), "{stdout:?}");
-    assert!(stdout.trim_end().len() > "In the beginning".len(), "no continuation: {stdout:?}");
+    assert!(
+        stdout.trim_end().len() > "In the beginning".len(),
+        "no continuation: {stdout:?}"
+    );
     for field in ["prompt ", "prefill ", "decode ", "peak RSS"] {
-        assert!(stderr.contains(field), "summary line lacks {field:?}: {stderr}");
+        assert!(
+            stderr.contains(field),
+            "summary line lacks {field:?}: {stderr}"
+        );
     }
 }
 
@@ -93,5 +113,9 @@ fn sampling_is_seeded() {
         serde_json::from_value::<Vec<u32>>(v["generated_ids"].clone()).unwrap()
     };
     assert_eq!(args("1"), args("1"), "same seed, same tokens");
-    assert_ne!(args("1"), args("2"), "different seeds should differ over 24 sampled tokens");
+    assert_ne!(
+        args("1"),
+        args("2"),
+        "different seeds should differ over 24 sampled tokens"
+    );
 }

@@ -21,7 +21,10 @@ fn check(name: &str) {
     // Prompt logits and router choices from one full forward pass.
     let mut cache = model.new_cache(1, t).unwrap();
     let mut trace = Trace::default();
-    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device()).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits: Vec<Vec<f32>> = model
         .forward(&ids, &mut cache, true, Some(&mut trace))
         .unwrap()
@@ -32,7 +35,11 @@ fn check(name: &str) {
     let diff = max_abs_diff(&logits, &exp.logits);
     assert!(diff < LOGIT_TOL, "{name}: prompt logits differ by {diff}");
 
-    assert_eq!(trace.router_ids.len(), exp.router_ids.len(), "{name}: layer count");
+    assert_eq!(
+        trace.router_ids.len(),
+        exp.router_ids.len(),
+        "{name}: layer count"
+    );
     for (layer, (got, want)) in trace.router_ids.iter().zip(&exp.router_ids).enumerate() {
         let want: Vec<u32> = want.iter().flatten().copied().collect();
         assert_eq!(got, &want, "{name}: router choices of layer {layer}");
@@ -45,7 +52,11 @@ fn check(name: &str) {
         eos: vec![],
     };
     let g = generate(&model, &exp.prompt_ids, &params, |_| Ok(()), None).unwrap();
-    assert_eq!(g.generated_ids, exp.greedy_ids, "{name}: greedy ids (HF margins {:?})", exp.greedy_margins);
+    assert_eq!(
+        g.generated_ids, exp.greedy_ids,
+        "{name}: greedy ids (HF margins {:?})",
+        exp.greedy_margins
+    );
 }
 
 #[test]
@@ -83,14 +94,26 @@ fn router_weights_match() {
         let exp = expected(&dir);
         let model = load_dir(&dir, &LoadOptions::default()).unwrap();
         let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
-        let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device()).unwrap().unsqueeze(0).unwrap();
+        let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let mut trace = Trace::default();
-        model.forward(&ids, &mut cache, true, Some(&mut trace)).unwrap();
+        model
+            .forward(&ids, &mut cache, true, Some(&mut trace))
+            .unwrap();
         for (layer, want) in exp.router_weights.iter().enumerate() {
             let want: Vec<f32> = want.iter().flatten().copied().collect();
             let got = &trace.router_weights[layer];
-            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            assert!(err < 1e-5, "{name} layer {layer}: router weights differ by {err}");
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                err < 1e-5,
+                "{name} layer {layer}: router weights differ by {err}"
+            );
         }
     }
 }
@@ -107,8 +130,17 @@ fn bf16_compute_stays_close() {
     };
     let model = load_dir(&dir, &opts).unwrap();
     let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
-    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device()).unwrap().unsqueeze(0).unwrap();
-    let logits: Vec<Vec<f32>> = model.forward(&ids, &mut cache, true, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<Vec<f32>> = model
+        .forward(&ids, &mut cache, true, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let diff = max_abs_diff(&logits, &exp.logits);
     let agree = logits
         .iter()
@@ -116,9 +148,17 @@ fn bf16_compute_stays_close() {
         .filter(|(a, b)| argmax(a) == argmax(b))
         .count();
     assert!(diff < 0.5, "bf16 logits differ from f32 by {diff}");
-    assert!(agree * 10 >= logits.len() * 8, "bf16 top-1 agrees on only {agree}/{}", logits.len());
+    assert!(
+        agree * 10 >= logits.len() * 8,
+        "bf16 top-1 agrees on only {agree}/{}",
+        logits.len()
+    );
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap()
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap()
 }

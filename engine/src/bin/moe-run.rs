@@ -115,7 +115,9 @@ fn device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().map_err(|_| Error::Input(format!("bad device {s:?}")))?,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| Error::Input(format!("bad device {s:?}")))?,
                 None => 0,
             };
             if cfg!(feature = "cuda") {
@@ -126,7 +128,9 @@ fn device(spec: &str) -> Result<Device> {
                 ))
             }
         }
-        s => Err(Error::Input(format!("unknown device {s:?}; use cpu or cuda[:N]"))),
+        s => Err(Error::Input(format!(
+            "unknown device {s:?}; use cpu or cuda[:N]"
+        ))),
     }
 }
 
@@ -157,7 +161,10 @@ fn logits(a: LogitsArgs) -> Result<()> {
     validate_prompt(&model, &a.ids)?;
     let mut cache = model.new_cache(1, a.ids.len())?;
     let input = Tensor::new(a.ids.as_slice(), model.device())?.unsqueeze(0)?;
-    let logits = model.forward(&input, &mut cache, true, None)?.squeeze(0)?.to_vec2::<f32>()?;
+    let logits = model
+        .forward(&input, &mut cache, true, None)?
+        .squeeze(0)?
+        .to_vec2::<f32>()?;
     print_json(&LogitsOut { ids: a.ids, logits })
 }
 
@@ -202,7 +209,9 @@ fn run(a: RunArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     if let (false, Some(text)) = (a.json, &a.prompt) {
         // The prompt is echoed as given; the continuation streams after it.
-        write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))?;
+        write!(stdout, "{text}")
+            .and_then(|_| stdout.flush())
+            .map_err(|e| Error::io("stdout", e))?;
     }
     let g = generate(
         &model,
@@ -211,7 +220,9 @@ fn run(a: RunArgs) -> Result<()> {
         |id| {
             if let (false, Some(tok)) = (a.json, &tokenizer) {
                 if let Some(piece) = stream.push(tok, id)? {
-                    write!(stdout, "{piece}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))?;
+                    write!(stdout, "{piece}")
+                        .and_then(|_| stdout.flush())
+                        .map_err(|e| Error::io("stdout", e))?;
                 }
             }
             Ok(())
@@ -227,7 +238,9 @@ fn run(a: RunArgs) -> Result<()> {
     } else {
         writeln!(stdout).map_err(|e| Error::io("stdout", e))?;
     }
-    let decode = g.decode_tok_per_s().map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
+    let decode = g
+        .decode_tok_per_s()
+        .map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
     eprintln!(
         "prompt {} tokens | prefill {:.1} tok/s | decode {} ({} tokens, stop: {:?}) | KV cache {} | peak RSS {}",
         g.prompt_ids.len(),

@@ -13,7 +13,10 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
     let f = Fields::new(raw, path);
     if let Some(act) = f.opt_str("hidden_act")? {
         if act != "silu" {
-            return Err(Error::config(path, format!("hidden_act {act:?} is not supported (Mixtral uses \"silu\")")));
+            return Err(Error::config(
+                path,
+                format!("hidden_act {act:?} is not supported (Mixtral uses \"silu\")"),
+            ));
         }
     }
     let hidden_size = f.usize("hidden_size")?;

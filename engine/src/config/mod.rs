@@ -52,13 +52,17 @@ pub struct RopeConfig {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (HF "linear").
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum FfnKind {
     /// A dense SwiGLU MLP of width `intermediate`.
-    Dense { intermediate: usize },
+    Dense {
+        intermediate: usize,
+    },
     Moe(MoeConfig),
 }
 
@@ -99,7 +103,12 @@ impl ModelConfig {
         };
         let model_type = match obj.get("model_type") {
             Some(Value::String(s)) => s.clone(),
-            _ => return Err(Error::config(path, "config.json has no string field \"model_type\"")),
+            _ => {
+                return Err(Error::config(
+                    path,
+                    "config.json has no string field \"model_type\"",
+                ))
+            }
         };
         let cfg = match model_type.as_str() {
             "mixtral" => mixtral::parse(&raw, path)?,
@@ -131,14 +140,17 @@ impl ModelConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
         if self.sliding_window == Some(0) {
             return bad("sliding_window must be positive or null".into());
@@ -149,13 +161,15 @@ impl ModelConfig {
                     return bad(format!("layer {i}: intermediate size must be positive"))
                 }
                 FfnKind::Moe(m) if m.num_experts == 0 || m.expert_ffn == 0 => {
-                    return bad(format!("layer {i}: experts and expert width must be positive"))
+                    return bad(format!(
+                        "layer {i}: experts and expert width must be positive"
+                    ))
                 }
                 FfnKind::Moe(m) if m.top_k == 0 || m.top_k > m.num_experts => {
                     return bad(format!(
-                        "layer {i}: num_experts_per_tok ({}) must be in 1..={} (the number of experts)",
-                        m.top_k, m.num_experts
-                    ))
+                    "layer {i}: num_experts_per_tok ({}) must be in 1..={} (the number of experts)",
+                    m.top_k, m.num_experts
+                ))
                 }
                 _ => {}
             }
@@ -192,7 +206,10 @@ impl<'a> Fields<'a> {
     }
 
     fn err(&self, key: &str, want: &str, v: &Value) -> Error {
-        Error::config(&self.path, format!("field {key:?} should be {want}, found {v}"))
+        Error::config(
+            &self.path,
+            format!("field {key:?} should be {want}, found {v}"),
+        )
     }
 
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
@@ -262,7 +279,9 @@ impl<'a> Fields<'a> {
     /// RoPE parameters in either published form: top-level `rope_theta` + `rope_scaling`
     /// (transformers 4.x) or `rope_parameters: {rope_type, rope_theta, ...}` (transformers 5).
     pub fn rope(&self, default_theta: f64) -> Result<RopeConfig> {
-        let nested = self.get("rope_parameters").or_else(|| self.get("rope_scaling"));
+        let nested = self
+            .get("rope_parameters")
+            .or_else(|| self.get("rope_scaling"));
         let nested = match nested {
             None => None,
             Some(Value::Object(m)) => Some(m),
@@ -282,7 +301,10 @@ impl<'a> Fields<'a> {
             None => self.opt_f64("rope_theta")?.unwrap_or(default_theta),
         };
         if theta <= 0.0 || !theta.is_finite() {
-            return Err(Error::config(&self.path, format!("rope_theta must be positive, found {theta}")));
+            return Err(Error::config(
+                &self.path,
+                format!("rope_theta must be positive, found {theta}"),
+            ));
         }
         let kind = nested
             .and_then(|m| m.get("rope_type").or_else(|| m.get("type")))

@@ -22,7 +22,9 @@ pub static KNOWN_MODELS: &[KnownModel] = &[
 ];
 
 pub fn find(name: &str) -> Option<&'static KnownModel> {
-    KNOWN_MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(name))
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.name.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]
@@ -36,8 +38,18 @@ mod tests {
             let cfg = ModelConfig::from_json_str(m.config_json, m.name.as_ref()).unwrap();
             assert!(cfg.num_layers() > 0, "{}", m.name);
         }
-        let cfg = ModelConfig::from_json_str(find("mixtral-8x7b").unwrap().config_json, "x".as_ref()).unwrap();
-        assert_eq!((cfg.hidden_size, cfg.num_layers(), cfg.num_kv_heads, cfg.head_dim), (4096, 32, 8, 128));
+        let cfg =
+            ModelConfig::from_json_str(find("mixtral-8x7b").unwrap().config_json, "x".as_ref())
+                .unwrap();
+        assert_eq!(
+            (
+                cfg.hidden_size,
+                cfg.num_layers(),
+                cfg.num_kv_heads,
+                cfg.head_dim
+            ),
+            (4096, 32, 8, 128)
+        );
         assert_eq!(cfg.rope.theta, 1e6);
     }
 }

@@ -10,26 +10,40 @@ const BASE: &str = r#"{"model_type":"mixtral","vocab_size":100,"hidden_size":64,
 
 #[test]
 fn legacy_and_v5_rope_forms_agree() {
-    let legacy = parse(&format!(r#"{BASE},"rope_theta":5000.0,"rope_scaling":null}}"#)).unwrap();
-    let v5 = parse(&format!(r#"{BASE},"rope_parameters":{{"rope_type":"default","rope_theta":5000.0}}}}"#)).unwrap();
+    let legacy = parse(&format!(
+        r#"{BASE},"rope_theta":5000.0,"rope_scaling":null}}"#
+    ))
+    .unwrap();
+    let v5 = parse(&format!(
+        r#"{BASE},"rope_parameters":{{"rope_type":"default","rope_theta":5000.0}}}}"#
+    ))
+    .unwrap();
     assert_eq!(legacy, v5);
     assert_eq!(legacy.rope.theta, 5000.0);
     assert_eq!(legacy.rope.scaling, RopeScaling::None);
     // Mixtral's default theta is 1e6 when neither form is given.
     assert_eq!(parse(&format!("{BASE}}}")).unwrap().rope.theta, 1e6);
-    let linear = parse(&format!(r#"{BASE},"rope_scaling":{{"type":"linear","factor":2.0}}}}"#)).unwrap();
+    let linear = parse(&format!(
+        r#"{BASE},"rope_scaling":{{"type":"linear","factor":2.0}}}}"#
+    ))
+    .unwrap();
     assert_eq!(linear.rope.scaling, RopeScaling::Linear { factor: 2.0 });
 }
 
 #[test]
 fn mixtral_fields() {
-    let c = parse(&format!(r#"{BASE},"sliding_window":4,"tie_word_embeddings":true,"head_dim":32}}"#)).unwrap();
+    let c = parse(&format!(
+        r#"{BASE},"sliding_window":4,"tie_word_embeddings":true,"head_dim":32}}"#
+    ))
+    .unwrap();
     assert_eq!(c.head_dim, 32);
     assert_eq!(c.sliding_window, Some(4));
     assert!(c.tie_word_embeddings);
     assert_eq!(c.num_layers(), 2);
     assert_eq!(c.eos_token_ids, vec![2]);
-    let FfnKind::Moe(m) = &c.layers[0] else { panic!() };
+    let FfnKind::Moe(m) = &c.layers[0] else {
+        panic!()
+    };
     assert_eq!((m.num_experts, m.top_k, m.expert_ffn), (8, 2, 96));
     // head_dim defaults to hidden / heads; num_key_value_heads defaults to heads.
     let d = parse(&format!("{BASE}}}").replace(r#""num_key_value_heads":2,"#, "")).unwrap();
@@ -38,24 +52,41 @@ fn mixtral_fields() {
 
 #[test]
 fn eos_list() {
-    let c = parse(&format!("{BASE}}}").replace(r#""eos_token_id":2"#, r#""eos_token_id":[2,3]"#)).unwrap();
+    let c = parse(&format!("{BASE}}}").replace(r#""eos_token_id":2"#, r#""eos_token_id":[2,3]"#))
+        .unwrap();
     assert_eq!(c.eos_token_ids, vec![2, 3]);
 }
 
 #[test]
 fn errors_name_the_problem() {
     let e = parse(r#"{"model_type":"llama"}"#).unwrap_err().to_string();
-    assert!(e.contains("unknown model_type \"llama\"") && e.contains("mixtral"), "{e}");
-    let e = parse(&format!("{BASE}}}").replace(r#""hidden_size":64,"#, "")).unwrap_err().to_string();
-    assert!(e.contains("hidden_size") && e.contains("test/config.json"), "{e}");
+    assert!(
+        e.contains("unknown model_type \"llama\"") && e.contains("mixtral"),
+        "{e}"
+    );
+    let e = parse(&format!("{BASE}}}").replace(r#""hidden_size":64,"#, ""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("hidden_size") && e.contains("test/config.json"),
+        "{e}"
+    );
     let e = parse("{not json").unwrap_err().to_string();
     assert!(e.contains("invalid JSON"), "{e}");
     let e = parse("[1,2]").unwrap_err().to_string();
     assert!(e.contains("not a JSON object"), "{e}");
-    let e = parse(&format!(r#"{BASE},"num_experts_per_tok":9}}"#)).unwrap_err().to_string();
+    let e = parse(&format!(r#"{BASE},"num_experts_per_tok":9}}"#))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("num_experts_per_tok"), "{e}");
-    let e = parse(&format!("{BASE}}}").replace(r#""vocab_size":100"#, r#""vocab_size":"big""#)).unwrap_err().to_string();
+    let e = parse(&format!("{BASE}}}").replace(r#""vocab_size":100"#, r#""vocab_size":"big""#))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("vocab_size"), "{e}");
-    let e = parse(&format!(r#"{BASE},"rope_scaling":{{"type":"yarn","factor":4.0}}}}"#)).unwrap_err().to_string();
+    let e = parse(&format!(
+        r#"{BASE},"rope_scaling":{{"type":"yarn","factor":4.0}}}}"#
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("yarn"), "{e}");
 }

@@ -77,10 +77,11 @@ impl Checkpoint {
 
     fn open_sharded(dir: &Path, index_path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-        let index: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: index_path.to_path_buf(),
-            source,
-        })?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: index_path.to_path_buf(),
+                source,
+            })?;
         let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else {
             return Err(Error::config(index_path, "no \"weight_map\" object"));
         };
@@ -88,10 +89,16 @@ impl Checkpoint {
         let mut shard_names: Vec<&str> = Vec::new();
         for (tensor, file) in map {
             let Some(file) = file.as_str() else {
-                return Err(Error::config(index_path, format!("weight_map[{tensor:?}] is not a file name")));
+                return Err(Error::config(
+                    index_path,
+                    format!("weight_map[{tensor:?}] is not a file name"),
+                ));
             };
             if Path::new(file).components().count() != 1 || file == ".." {
-                return Err(Error::config(index_path, format!("weight_map[{tensor:?}] = {file:?} is not a file in this directory")));
+                return Err(Error::config(
+                    index_path,
+                    format!("weight_map[{tensor:?}] = {file:?} is not a file in this directory"),
+                ));
             }
             if !shard_names.contains(&file) {
                 shard_names.push(file);
@@ -109,7 +116,11 @@ impl Checkpoint {
             if ck.files[fi].meta.info(tensor).is_none() {
                 return Err(Error::MissingTensor {
                     name: tensor.clone(),
-                    files: vec![format!("{} (named by {})", ck.files[fi].name, index_path.display())],
+                    files: vec![format!(
+                        "{} (named by {})",
+                        ck.files[fi].name,
+                        index_path.display()
+                    )],
                 });
             }
         }
@@ -140,7 +151,9 @@ impl Checkpoint {
     pub fn show_progress(&mut self) {
         let total: usize = self.files.iter().map(|f| f.bytes.len()).sum();
         let bar = ProgressBar::new(total as u64);
-        if let Ok(style) = ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} {msg}") {
+        if let Ok(style) =
+            ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} {msg}")
+        {
             bar.set_style(style);
         }
         self.progress = Some(bar);
@@ -201,7 +214,13 @@ impl Checkpoint {
     }
 
     /// Takes one tensor, converted to `dtype` on `device`.
-    pub fn take(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn take(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let (disk, fi, range) = self.locate(name, shape)?;
         let t = Tensor::from_raw_buffer(&self.files[fi].bytes[range], disk, shape, &Device::Cpu)?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
@@ -241,8 +260,13 @@ impl Checkpoint {
             let parts = locs
                 .iter()
                 .map(|(d, fi, range)| {
-                    Tensor::from_raw_buffer(&self.files[*fi].bytes[range.clone()], *d, &[each], &Device::Cpu)?
-                        .to_dtype(dtype)
+                    Tensor::from_raw_buffer(
+                        &self.files[*fi].bytes[range.clone()],
+                        *d,
+                        &[each],
+                        &Device::Cpu,
+                    )?
+                    .to_dtype(dtype)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::cat(&parts, 0)?.reshape(out_shape)?
@@ -289,7 +313,9 @@ fn parse_file(name: String, bytes: Bytes) -> Result<StFile> {
     };
     let len = bytes.len();
     if len < 8 {
-        return Err(bad(format!("file is {len} bytes, shorter than the 8-byte header length")));
+        return Err(bad(format!(
+            "file is {len} bytes, shorter than the 8-byte header length"
+        )));
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     if header_len > (len - 8) as u64 {
@@ -321,8 +347,11 @@ fn parse_file(name: String, bytes: Bytes) -> Result<StFile> {
 /// section, for an error message that names it.
 fn diagnose_header(header: &[u8], data_len: usize) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(header).ok()?;
-    let mut entries: Vec<(&String, &serde_json::Value)> =
-        v.as_object()?.iter().filter(|(k, _)| k.as_str() != "__metadata__").collect();
+    let mut entries: Vec<(&String, &serde_json::Value)> = v
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .collect();
     let offs = |t: &serde_json::Value| -> Option<(u64, u64)> {
         let o = t.get("data_offsets")?.as_array()?;
         Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?))
@@ -345,10 +374,11 @@ fn diagnose_header(header: &[u8], data_len: usize) -> Option<String> {
             Some("I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2") => 1,
             _ => return None,
         };
-        let numel = t
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .map(|dims| dims.iter().map(|d| d.as_u64().unwrap_or(0)).product::<u64>())?;
+        let numel = t.get("shape").and_then(|s| s.as_array()).map(|dims| {
+            dims.iter()
+                .map(|d| d.as_u64().unwrap_or(0))
+                .product::<u64>()
+        })?;
         if e < s || e - s != numel * elem_bytes {
             return Some(format!(
                 "tensor {name:?}: data_offsets [{s}, {e}] span {} bytes but its dtype and shape need {}",

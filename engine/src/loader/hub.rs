@@ -8,14 +8,20 @@ use crate::config::registry;
 use crate::error::{Error, Result};
 
 pub fn hub_cache_dir() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(p) = env("HF_HUB_CACHE") {
         return p;
     }
     if let Some(p) = env("HF_HOME") {
         return p.join("hub");
     }
-    env("HOME").unwrap_or_else(|| PathBuf::from(".")).join(".cache/huggingface/hub")
+    env("HOME")
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".cache/huggingface/hub")
 }
 
 /// Resolves `--model NAME` (a name from `configs/`, or a repository id `ORG/NAME`) to a
@@ -63,7 +69,14 @@ fn snapshot_dir(repo_dir: &Path) -> Option<PathBuf> {
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| p.join("config.json").exists())
-        .map(|p| (p.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), p))
+        .map(|p| {
+            (
+                p.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                p,
+            )
+        })
         .collect();
     candidates.sort();
     candidates.pop().map(|(_, p)| p)

@@ -10,10 +10,18 @@ use crate::error::Result;
 use crate::model::moe::MoeWeights;
 use crate::model::{FfnWeights, LayerWeights, ModelWeights};
 
-pub(super) fn weights(ck: &mut Checkpoint, cfg: &ModelConfig, o: &LoadOptions) -> Result<ModelWeights> {
+pub(super) fn weights(
+    ck: &mut Checkpoint,
+    cfg: &ModelConfig,
+    o: &LoadOptions,
+) -> Result<ModelWeights> {
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-    let (q_out, kv_out) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    let take = |ck: &mut Checkpoint, name: &str, shape: &[usize]| ck.take(name, shape, o.dtype, &o.device);
+    let (q_out, kv_out) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    let take =
+        |ck: &mut Checkpoint, name: &str, shape: &[usize]| ck.take(name, shape, o.dtype, &o.device);
 
     let embed = take(ck, "model.embed_tokens.weight", &[v, h])?;
     let mut layers = Vec::with_capacity(cfg.num_layers());
@@ -36,7 +44,13 @@ pub(super) fn weights(ck: &mut Checkpoint, cfg: &ModelConfig, o: &LoadOptions) -
             ffn_norm: take(ck, &format!("{p}post_attention_layernorm.weight"), &[h])?,
             ffn: FfnWeights::Moe(MoeWeights {
                 router: take(ck, &format!("{p}block_sparse_moe.gate.weight"), &[ne, h])?,
-                gate_up: ck.take_concat(&gate_up_names, &[f, h], &[ne, 2 * f, h], o.dtype, &o.device)?,
+                gate_up: ck.take_concat(
+                    &gate_up_names,
+                    &[f, h],
+                    &[ne, 2 * f, h],
+                    o.dtype,
+                    &o.device,
+                )?,
                 down: ck.take_concat(&down_names, &[h, f], &[ne, h, f], o.dtype, &o.device)?,
             }),
         });

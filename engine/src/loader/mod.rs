@@ -80,6 +80,8 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => Ok(DType::F16),
-        _ => Err(Error::Input(format!("unknown dtype {s:?}; use f32, bf16 or f16"))),
+        _ => Err(Error::Input(format!(
+            "unknown dtype {s:?}; use f32, bf16 or f16"
+        ))),
     }
 }

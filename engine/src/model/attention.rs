@@ -24,7 +24,14 @@ pub struct Attention {
 impl Attention {
     /// Attends the `T` new tokens at positions `pos..pos+T` to everything cached for `layer`
     /// plus themselves, writing their K/V into the cache.
-    pub fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pos: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
@@ -36,7 +43,9 @@ impl Attention {
         let l = pos + t;
 
         // Keys older than the window of the first new query are invisible to every new query.
-        let start = self.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let start = self
+            .sliding_window
+            .map_or(0, |w| (pos + 1).saturating_sub(w));
         let k_all = k_all.narrow(2, start, l - start)?;
         let v_all = v_all.narrow(2, start, l - start)?;
 
@@ -48,7 +57,8 @@ impl Attention {
             Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
         let out = probs.matmul(&v_all.contiguous()?)?; // [B, kv, g*T, hd]
         let out = out
             .reshape((b, nh, t, hd))?
@@ -96,7 +106,9 @@ mod tests {
     #[test]
     fn mask_is_causal_and_windowed() {
         // 3 new queries at positions 2,3,4 over keys 0..5, window 2 -> start = 1.
-        let m = causal_mask(3, 1, 2, 1, 5, Some(2), &Device::Cpu).unwrap().unwrap();
+        let m = causal_mask(3, 1, 2, 1, 5, Some(2), &Device::Cpu)
+            .unwrap()
+            .unwrap();
         let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
         let inf = f32::NEG_INFINITY;
         assert_eq!(m[0], vec![0., 0., inf, inf]); // q=2 sees keys 1,2
@@ -106,18 +118,24 @@ mod tests {
 
     #[test]
     fn single_decode_step_needs_no_mask() {
-        assert!(causal_mask(1, 4, 7, 0, 8, None, &Device::Cpu).unwrap().is_none());
+        assert!(causal_mask(1, 4, 7, 0, 8, None, &Device::Cpu)
+            .unwrap()
+            .is_none());
         // With a window, the narrowing to `start` already hides the old keys.
-        assert!(causal_mask(1, 4, 7, 4, 8, Some(4), &Device::Cpu).unwrap().is_none());
+        assert!(causal_mask(1, 4, 7, 4, 8, Some(4), &Device::Cpu)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
     fn mask_rows_repeat_per_group() {
-        let m = causal_mask(2, 3, 0, 0, 2, None, &Device::Cpu).unwrap().unwrap();
+        let m = causal_mask(2, 3, 0, 0, 2, None, &Device::Cpu)
+            .unwrap()
+            .unwrap();
         let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
         assert_eq!(m.len(), 6);
-        for r in 0..6 {
-            assert_eq!(m[r][1] == 0.0, r % 2 == 1);
+        for (r, row) in m.iter().enumerate() {
+            assert_eq!(row[1] == 0.0, r % 2 == 1);
         }
     }
 }

@@ -13,7 +13,10 @@ use crate::runtime::kv_cache::KvCache;
 
 enum Ffn {
     /// gate_up `[2F, H]`, down `[H, F]`
-    Dense { gate_up: Linear, down: Linear },
+    Dense {
+        gate_up: Linear,
+        down: Linear,
+    },
     Moe(MoeBlock),
 }
 
@@ -49,14 +52,22 @@ impl Model {
     /// Builds the model from canonical weights (already in `dtype` on `device`).
     pub fn new(cfg: ModelConfig, w: ModelWeights, dtype: DType, device: &Device) -> Result<Self> {
         let NormKind::Rms { eps } = cfg.norm;
-        let rope = Rope::new(&cfg.rope, cfg.head_dim, cfg.max_position_embeddings, dtype, device)?;
+        let rope = Rope::new(
+            &cfg.rope,
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            dtype,
+            device,
+        )?;
         let layers = w
             .layers
             .into_iter()
             .zip(&cfg.layers)
             .map(|(lw, kind)| {
                 let ffn = match (lw.ffn, kind) {
-                    (FfnWeights::Moe(mw), FfnKind::Moe(mc)) => Ffn::Moe(MoeBlock::new(mc.clone(), mw)),
+                    (FfnWeights::Moe(mw), FfnKind::Moe(mc)) => {
+                        Ffn::Moe(MoeBlock::new(mc.clone(), mw))
+                    }
                     (FfnWeights::Dense { gate_up, down }, FfnKind::Dense { .. }) => Ffn::Dense {
                         gate_up: Linear::new(gate_up),
                         down: Linear::new(down),
@@ -107,7 +118,13 @@ impl Model {
 
     /// Runs `ids [B, T]` at positions `cache.len()..+T`, appending to the cache. Returns f32
     /// logits `[B, T, V]` if `all_logits`, else only the last position's `[B, 1, V]`.
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, all_logits: bool, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        all_logits: bool,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let pos = cache.len();
         if pos + t > cache.capacity() || pos + t > self.cfg.max_position_embeddings {
@@ -122,9 +139,14 @@ impl Model {
             tr.router_ids.clear();
             tr.router_weights.clear();
         }
-        let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((ids.dim(0)?, t, ()))?;
+        let mut x = self
+            .embed
+            .embedding(&ids.flatten_all()?)?
+            .reshape((ids.dim(0)?, t, ()))?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, pos, &self.rope, cache, i)?;
+            let h = layer
+                .attn
+                .forward(&layer.attn_norm.forward(&x)?, pos, &self.rope, cache, i)?;
             x = (x + h)?;
             let h = layer.ffn_norm.forward(&x)?;
             let (h, routing) = match &layer.ffn {
@@ -135,19 +157,28 @@ impl Model {
                 Ffn::Dense { gate_up, down } => {
                     let gu = gate_up.forward(&h)?;
                     let f = gu.dim(D::Minus1)? / 2;
-                    let act = (candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, f)?)? * gu.narrow(D::Minus1, f, f)?)?;
+                    let act = (candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, f)?)?
+                        * gu.narrow(D::Minus1, f, f)?)?;
                     (down.forward(&act)?, None)
                 }
             };
             if let Some(tr) = trace.as_deref_mut() {
-                let r = routing.unwrap_or(Routing { top_k: 0, ids: vec![], weights: vec![] });
+                let r = routing.unwrap_or(Routing {
+                    top_k: 0,
+                    ids: vec![],
+                    weights: vec![],
+                });
                 tr.router_ids.push(r.ids);
                 tr.router_weights.push(r.weights);
             }
             x = (x + h)?;
         }
         cache.advance(t);
-        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?
+        };
         let x = self.final_norm.forward(&x)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }

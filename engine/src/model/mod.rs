@@ -52,6 +52,9 @@ pub struct LayerWeights {
 
 pub enum FfnWeights {
     /// A dense SwiGLU MLP: gate_up `[2F, H]` (rows 0..F gate, F..2F up), down `[H, F]`.
-    Dense { gate_up: Tensor, down: Tensor },
+    Dense {
+        gate_up: Tensor,
+        down: Tensor,
+    },
     Moe(moe::MoeWeights),
 }

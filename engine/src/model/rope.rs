@@ -15,7 +15,13 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(cfg: &RopeConfig, head_dim: usize, max_pos: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &RopeConfig,
+        head_dim: usize,
+        max_pos: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let theta = cfg.theta as f32;
         let pos_scale = match cfg.scaling {

@@ -86,9 +86,15 @@ impl Generation {
 pub fn validate_prompt(model: &Model, ids: &[u32]) -> Result<()> {
     let cfg = &model.cfg;
     if ids.is_empty() {
-        return Err(Error::Input("the prompt is empty: give at least one token".into()));
+        return Err(Error::Input(
+            "the prompt is empty: give at least one token".into(),
+        ));
     }
-    if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab_size) {
+    if let Some((i, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= cfg.vocab_size)
+    {
         return Err(Error::Input(format!(
             "token id {id} at position {i} is out of range: vocab_size is {}",
             cfg.vocab_size

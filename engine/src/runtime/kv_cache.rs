@@ -13,10 +13,21 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig, batch: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim);
         let layers = (0..cfg.num_layers())
-            .map(|_| Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?)))
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,
@@ -47,15 +58,30 @@ impl KvCache {
 
     /// Bytes one token occupies across all layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.bytes() / self.capacity.max(1) / self.layers.first().map_or(1, |(k, _)| k.dim(0).unwrap_or(1))
+        self.bytes()
+            / self.capacity.max(1)
+            / self
+                .layers
+                .first()
+                .map_or(1, |(k, _)| k.dim(0).unwrap_or(1))
     }
 
     /// Writes `k, v [B, kv, T, hd]` for positions `pos..pos+T` of `layer` and returns views of
     /// positions `0..pos+T`.
-    pub fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor, pos: usize) -> Result<(Tensor, Tensor)> {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         if pos + t > self.capacity {
-            candle_core::bail!("KV cache overflow: {} tokens do not fit in {}", pos + t, self.capacity)
+            candle_core::bail!(
+                "KV cache overflow: {} tokens do not fit in {}",
+                pos + t,
+                self.capacity
+            )
         }
         let (kc, vc) = &self.layers[layer];
         kc.slice_set(k, 2, pos)?;

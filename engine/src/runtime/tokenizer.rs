@@ -38,11 +38,17 @@ impl TextTokenizer {
         Self::from_bytes(&bytes, &files, cfg, path)
     }
 
-    pub fn from_bytes(tokenizer_json: &[u8], files: &TokenizerFiles, cfg: &ModelConfig, path: PathBuf) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
+    pub fn from_bytes(
+        tokenizer_json: &[u8],
+        files: &TokenizerFiles,
+        cfg: &ModelConfig,
+        path: PathBuf,
+    ) -> Result<Self> {
+        let inner =
+            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
         let parse = |text: &Option<String>, name: &str| -> Result<Value> {
             match text {
                 None => Ok(Value::Null),
@@ -62,7 +68,10 @@ impl TextTokenizer {
         };
         let ids = |v: Option<&Value>| -> Vec<u32> {
             match v {
-                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64().map(|n| n as u32))
+                    .collect(),
                 Some(x) => x.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
                 None => vec![],
             }
@@ -79,7 +88,10 @@ impl TextTokenizer {
         if eos.is_empty() {
             eos.extend(named("eos_token"));
         }
-        let add_bos = tok_cfg.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        let add_bos = tok_cfg
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(TextTokenizer {
             inner,
             path,
@@ -131,7 +143,10 @@ impl TextStream {
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let text = tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.printed
+            || !text.is_char_boundary(self.printed)
+        {
             return Ok(None);
         }
         let new = text[self.printed..].to_string();

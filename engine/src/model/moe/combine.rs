@@ -13,7 +13,10 @@ pub fn combine(y: &Tensor, d: &Dispatch, routing: &Routing) -> Result<Tensor> {
     let h = y.dim(1)?;
     let device = y.device();
     let rows = Tensor::from_slice(&d.slot_row, d.slot_row.len(), device)?;
-    let per_token = y.index_select(&rows, 0)?.reshape((n, a, h))?.to_dtype(DType::F32)?; // token-major
+    let per_token = y
+        .index_select(&rows, 0)?
+        .reshape((n, a, h))?
+        .to_dtype(DType::F32)?; // token-major
     let w = Tensor::from_slice(&routing.weights, (n, a, 1), device)?;
     per_token.broadcast_mul(&w)?.sum(1)?.to_dtype(y.dtype())
 }

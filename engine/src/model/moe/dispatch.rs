@@ -73,7 +73,11 @@ mod tests {
         assert!(d.counts.iter().all(|&c| c == 2));
         let mut rows = d.slot_row.clone();
         rows.sort();
-        assert_eq!(rows, (0..16).collect::<Vec<u32>>(), "slot_row is a permutation");
+        assert_eq!(
+            rows,
+            (0..16).collect::<Vec<u32>>(),
+            "slot_row is a permutation"
+        );
     }
 
     #[test]

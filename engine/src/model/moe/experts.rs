@@ -37,10 +37,33 @@ mod tests {
     /// Naive reference: each row through its own expert, one at a time.
     fn one(x: &Tensor, gate_up: &Tensor, down: &Tensor, e: usize) -> Tensor {
         let f = down.dim(2).unwrap();
-        let g = x.matmul(&gate_up.get(e).unwrap().narrow(0, 0, f).unwrap().t().unwrap()).unwrap();
-        let u = x.matmul(&gate_up.get(e).unwrap().narrow(0, f, f).unwrap().t().unwrap()).unwrap();
+        let g = x
+            .matmul(
+                &gate_up
+                    .get(e)
+                    .unwrap()
+                    .narrow(0, 0, f)
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            )
+            .unwrap();
+        let u = x
+            .matmul(
+                &gate_up
+                    .get(e)
+                    .unwrap()
+                    .narrow(0, f, f)
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            )
+            .unwrap();
         let silu = (&g * candle_nn::ops::sigmoid(&g).unwrap()).unwrap();
-        (silu * u).unwrap().matmul(&down.get(e).unwrap().t().unwrap()).unwrap()
+        (silu * u)
+            .unwrap()
+            .matmul(&down.get(e).unwrap().t().unwrap())
+            .unwrap()
     }
 
     #[test]
@@ -58,9 +81,23 @@ mod tests {
         assert_eq!(y.dims(), &[n * a, h]);
         for (slot, &ex) in ids.iter().enumerate() {
             let row = d.slot_row[slot] as usize;
-            let want = one(&x.narrow(0, slot / a, 1).unwrap(), &gate_up, &down, ex as usize);
+            let want = one(
+                &x.narrow(0, slot / a, 1).unwrap(),
+                &gate_up,
+                &down,
+                ex as usize,
+            );
             let got = y.narrow(0, row, 1).unwrap();
-            let err: f32 = (got - want).unwrap().abs().unwrap().max(D::Minus1).unwrap().squeeze(0).unwrap().to_scalar().unwrap();
+            let err: f32 = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(D::Minus1)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert!(err < 1e-5, "slot {slot}: err {err}");
         }
     }

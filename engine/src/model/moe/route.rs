@@ -39,12 +39,20 @@ pub fn route(logits: &Tensor, kind: RouterKind, top_k: usize) -> Result<Routing>
                 let sum: f32 = chosen.iter().map(|&i| probs[i]).sum();
                 for &i in &chosen {
                     ids.push(i as u32);
-                    weights.push(if renormalize { probs[i] / sum } else { probs[i] });
+                    weights.push(if renormalize {
+                        probs[i] / sum
+                    } else {
+                        probs[i]
+                    });
                 }
             }
         }
     }
-    Ok(Routing { top_k, ids, weights })
+    Ok(Routing {
+        top_k,
+        ids,
+        weights,
+    })
 }
 
 /// Numerically stable softmax in f32 (subtract the max, as torch does).
