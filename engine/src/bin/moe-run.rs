@@ -10,9 +10,10 @@ use serde::Serialize;
 
 use moe::error::{Error, Result};
 use moe::loader::{self, LoadOptions};
-use moe::model::Model;
+use moe::model::{Model, Trace};
 use moe::runtime::generate::{generate, validate_prompt, GenerateParams, SamplingParams};
 use moe::runtime::memory::{human_bytes, peak_rss_bytes};
+use moe::runtime::stats::RoutingStats;
 use moe::runtime::tokenizer::{TextStream, TextTokenizer};
 
 #[derive(Parser)]
@@ -75,6 +76,10 @@ struct RunArgs {
     /// Keep generating past the end-of-sequence token (benchmarks, parity checks).
     #[arg(long)]
     ignore_eos: bool,
+    /// After generation, print per-layer expert load (token slots per expert, max/mean
+    /// imbalance) and the KV cache size per token; with --json they go into the JSON.
+    #[arg(long)]
+    stats: bool,
     /// Print {"prompt_ids":[..],"generated_ids":[..]} instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -172,6 +177,10 @@ fn logits(a: LogitsArgs) -> Result<()> {
 struct RunOut<'a> {
     prompt_ids: &'a [u32],
     generated_ids: &'a [u32],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing: Option<&'a RoutingStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_cache_bytes_per_token: Option<usize>,
 }
 
 fn run(a: RunArgs) -> Result<()> {
@@ -205,6 +214,13 @@ fn run(a: RunArgs) -> Result<()> {
         eos,
     };
 
+    let mut stats = a.stats.then(|| RoutingStats::new(&model.cfg));
+    let mut record = |t: &Trace| {
+        if let Some(s) = stats.as_mut() {
+            s.record(t)
+        }
+    };
+    let on_trace: Option<&mut dyn FnMut(&Trace)> = if a.stats { Some(&mut record) } else { None };
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
     if let (false, Some(text)) = (a.json, &a.prompt) {
@@ -227,16 +243,29 @@ fn run(a: RunArgs) -> Result<()> {
             }
             Ok(())
         },
-        None,
+        on_trace,
     )?;
+    let kv_per_token = a.stats.then_some(g.kv_cache_bytes_per_token);
     if a.json {
         drop(stdout);
         print_json(&RunOut {
             prompt_ids: &g.prompt_ids,
             generated_ids: &g.generated_ids,
+            routing: stats.as_ref(),
+            kv_cache_bytes_per_token: kv_per_token,
         })?;
     } else {
         writeln!(stdout).map_err(|e| Error::io("stdout", e))?;
+        drop(stdout);
+        if let (Some(st), Some(kv)) = (&stats, kv_per_token) {
+            eprint!("{}", st.table());
+            eprintln!(
+                "KV cache: {kv} bytes per token, measured from the allocated cache ({} layers, {} KV heads x {} dims, K and V)",
+                model.cfg.num_layers(),
+                model.cfg.num_kv_heads,
+                model.cfg.head_dim
+            );
+        }
     }
     let decode = g
         .decode_tok_per_s()

@@ -30,6 +30,8 @@ struct Layer {
 /// What a forward pass reports besides logits.
 #[derive(Debug, Default, Clone)]
 pub struct Trace {
+    /// Tokens in this pass (B*T).
+    pub tokens: usize,
     /// Per layer, the routed expert ids of every token of this pass (`[N*A]`, token-major);
     /// empty for dense layers.
     pub router_ids: Vec<Vec<u32>>,
@@ -136,6 +138,7 @@ impl Model {
             )
         }
         if let Some(tr) = trace.as_deref_mut() {
+            tr.tokens = ids.elem_count();
             tr.router_ids.clear();
             tr.router_weights.clear();
         }

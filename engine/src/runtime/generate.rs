@@ -68,6 +68,8 @@ pub struct Generation {
     pub stop: StopReason,
     /// Bytes allocated for the KV cache of this request.
     pub kv_cache_bytes: usize,
+    /// Bytes one token occupies in that cache, across all layers.
+    pub kv_cache_bytes_per_token: usize,
 }
 
 impl Generation {
@@ -162,5 +164,6 @@ pub fn generate(
         decode_secs: total - prefill_secs,
         stop,
         kv_cache_bytes: cache.bytes(),
+        kv_cache_bytes_per_token: cache.bytes_per_token(),
     })
 }

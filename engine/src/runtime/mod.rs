@@ -3,4 +3,5 @@
 pub mod generate;
 pub mod kv_cache;
 pub mod memory;
+pub mod stats;
 pub mod tokenizer;
