@@ -18,6 +18,7 @@
 //!   dropped tokens may hold anything, even NaN;
 //! - a slot >= R is an error on the CPU; on CUDA it contributes nothing (checking would need a sync).
 
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
@@ -138,8 +139,14 @@ impl Elem for f16 {
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((o1, o2)) if o2 <= data.len() => Ok(&data[o1..o2]),
-        Some((o1, o2)) => bail!("{OP}: {what} layout {o1}..{o2} exceeds its storage of {}", data.len()),
-        None => bail!("{OP}: {what} must be contiguous (shape {:?})", layout.dims()),
+        Some((o1, o2)) => bail!(
+            "{OP}: {what} layout {o1}..{o2} exceeds its storage of {}",
+            data.len()
+        ),
+        None => bail!(
+            "{OP}: {what} must be contiguous (shape {:?})",
+            layout.dims()
+        ),
     }
 }
 
@@ -196,16 +203,28 @@ impl CustomOp3 for MoeCombine {
             );
         }
         let out = match s1 {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(combine_reference(contiguous(x, l1, "expert_out")?, slot_of, weights, d))
-            }
-            CpuStorage::BF16(x) => {
-                CpuStorage::BF16(combine_reference(contiguous(x, l1, "expert_out")?, slot_of, weights, d))
-            }
-            CpuStorage::F16(x) => {
-                CpuStorage::F16(combine_reference(contiguous(x, l1, "expert_out")?, slot_of, weights, d))
-            }
-            other => bail!("{OP}: expert_out must be f32, bf16 or f16, got {:?}", other.dtype()),
+            CpuStorage::F32(x) => CpuStorage::F32(combine_reference(
+                contiguous(x, l1, "expert_out")?,
+                slot_of,
+                weights,
+                d,
+            )),
+            CpuStorage::BF16(x) => CpuStorage::BF16(combine_reference(
+                contiguous(x, l1, "expert_out")?,
+                slot_of,
+                weights,
+                d,
+            )),
+            CpuStorage::F16(x) => CpuStorage::F16(combine_reference(
+                contiguous(x, l1, "expert_out")?,
+                slot_of,
+                weights,
+                d,
+            )),
+            other => bail!(
+                "{OP}: expert_out must be f32, bf16 or f16, got {:?}",
+                other.dtype()
+            ),
         };
         Ok((out, Shape::from((d.t, d.h))))
     }
@@ -221,7 +240,6 @@ impl CustomOp3 for MoeCombine {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::cuda_util::{contiguous, module_key};
-        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{
             CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
         };
@@ -247,7 +265,11 @@ impl CustomOp3 for MoeCombine {
             d: Dims,
         ) -> Result<CudaSlice<T>> {
             if d.t == 0 || d.h == 0 {
-                bail!("{OP}: empty output [{}, {}]: use moe_combine(), which handles it", d.t, d.h);
+                bail!(
+                    "{OP}: empty output [{}, {}]: use moe_combine(), which handles it",
+                    d.t,
+                    d.h
+                );
             }
             let x = contiguous(x, lx, OP, "expert_out")?;
             let m = &crate::ptx::MOE_COMBINE;
@@ -256,7 +278,11 @@ impl CustomOp3 for MoeCombine {
             // back to scalars; its stride loops make any grid correct). 128 threads, and the grid's y
             // dimension spreads one row over several blocks so decode (T = 1) is not a single block.
             let per_vec = 16 / std::mem::size_of::<T>();
-            let work = if d.h % per_vec == 0 { d.h / per_vec } else { d.h };
+            let work = if d.h.is_multiple_of(per_vec) {
+                d.h / per_vec
+            } else {
+                d.h
+            };
             let threads = work.next_multiple_of(32).min(128);
             let blocks_y = work.div_ceil(threads).min(65535);
             let cfg = LaunchConfig {
@@ -308,7 +334,10 @@ impl CustomOp3 for MoeCombine {
                 &weights,
                 d,
             )?),
-            _ => bail!("{OP}: expert_out must be f32, bf16 or f16, got {:?}", s1.dtype()),
+            _ => bail!(
+                "{OP}: expert_out must be f32, bf16 or f16, got {:?}",
+                s1.dtype()
+            ),
         };
         let out = candle_core::CudaStorage {
             slice,
@@ -362,7 +391,15 @@ mod tests {
         }
         let slots = perm[..t * a].to_vec();
         let weights = (0..t * a).map(|_| rng.f32().abs() + 0.01).collect();
-        Case { t, a, h, r, x, slots, weights }
+        Case {
+            t,
+            a,
+            h,
+            r,
+            x,
+            slots,
+            weights,
+        }
     }
 
     /// Naive triple loop in f64: independent of the reference's f32 accumulation order.
@@ -384,34 +421,62 @@ mod tests {
 
     fn tensors(c: &Case, dtype: DType) -> (Tensor, Tensor, Tensor) {
         let dev = Device::Cpu;
-        let x = Tensor::from_slice(&c.x, (c.r, c.h), &dev).unwrap().to_dtype(dtype).unwrap();
+        let x = Tensor::from_slice(&c.x, (c.r, c.h), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
         let s = Tensor::from_slice(&c.slots, c.t * c.a, &dev).unwrap();
         let w = Tensor::from_slice(&c.weights, (c.t, c.a), &dev).unwrap();
         (x, s, w)
     }
 
     fn max_abs_diff(got: &Tensor, want: &[f64]) -> f64 {
-        let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = got
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(got.len(), want.len());
-        got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max)
+        got.iter()
+            .zip(want)
+            .map(|(&g, &w)| (g as f64 - w).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]
     fn matches_naive_loop_all_dtypes_and_shapes() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         // (T, A, H, padding rows): odd H, H multiple of the vector width, A = 1, a single token.
-        let shapes = [(1, 1, 1, 0), (1, 8, 64, 0), (5, 2, 7, 3), (7, 4, 13, 0), (16, 6, 96, 5), (3, 3, 1000, 1)];
+        let shapes = [
+            (1, 1, 1, 0),
+            (1, 8, 64, 0),
+            (5, 2, 7, 3),
+            (7, 4, 13, 0),
+            (16, 6, 96, 5),
+            (3, 3, 1000, 1),
+        ];
         for &(t, a, h, pad) in &shapes {
             let c = random_case(&mut rng, t, a, h, pad);
             for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 5e-2), (DType::F16, 5e-3)] {
                 let (x, s, w) = tensors(&c, dtype);
                 // The naive loop sees the same rounded inputs the op sees.
-                let xr: Vec<f32> = x.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let xr: Vec<f32> = x
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 let got = moe_combine(&x, &s, &w).unwrap();
                 assert_eq!(got.dims(), &[t, h]);
                 assert_eq!(got.dtype(), dtype);
                 let err = max_abs_diff(&got, &naive(&c, &xr));
-                assert!(err <= tol, "T={t} A={a} H={h} {dtype:?}: max abs err {err} > {tol}");
+                assert!(
+                    err <= tol,
+                    "T={t} A={a} H={h} {dtype:?}: max abs err {err} > {tol}"
+                );
             }
         }
     }
@@ -432,7 +497,14 @@ mod tests {
             .unwrap()
             .sum(1)
             .unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "diff {diff}");
     }
 
@@ -448,7 +520,10 @@ mod tests {
         }
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let (x, s, w) = tensors(&c, dtype);
-            let got = moe_combine(&x, &s, &w).unwrap().to_dtype(DType::F32).unwrap();
+            let got = moe_combine(&x, &s, &w)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
             let row2: Vec<f32> = got.i(2).unwrap().to_vec1().unwrap();
             assert!(row2.iter().all(|&v| v == 0.0), "{dtype:?}: {row2:?}");
             let others: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
@@ -462,7 +537,12 @@ mod tests {
         let mut rng = Rng(3);
         let c = random_case(&mut rng, 6, 5, 11, 0);
         let (x, s, w) = tensors(&c, DType::F32);
-        let got: Vec<f32> = moe_combine(&x, &s, &w).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = moe_combine(&x, &s, &w)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for t in 0..c.t {
             for h in 0..c.h {
                 let mut acc = 0f32;
@@ -484,7 +564,14 @@ mod tests {
         let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
         assert!(!xt.is_contiguous());
         let got = moe_combine(&xt, &s.reshape((c.t, c.a)).unwrap(), &w).unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 
@@ -510,22 +597,37 @@ mod tests {
         let x = Tensor::zeros((4, 8), DType::F32, &dev).unwrap();
         let s = Tensor::new(&[0u32, 1, 2, 3], &dev).unwrap();
         let w = Tensor::zeros((2, 2), DType::F32, &dev).unwrap();
-        let err = |x: &Tensor, s: &Tensor, w: &Tensor| moe_combine(x, s, w).unwrap_err().to_string();
+        let err =
+            |x: &Tensor, s: &Tensor, w: &Tensor| moe_combine(x, s, w).unwrap_err().to_string();
 
-        assert!(err(&x.to_dtype(DType::F64).unwrap(), &s, &w).contains("expert_out must be f32, bf16 or f16"));
+        assert!(err(&x.to_dtype(DType::F64).unwrap(), &s, &w)
+            .contains("expert_out must be f32, bf16 or f16"));
         assert!(err(&x, &s.to_dtype(DType::I64).unwrap(), &w).contains("slot_of must be u32"));
         assert!(err(&x, &s, &w.to_dtype(DType::BF16).unwrap()).contains("weights must be f32"));
         assert!(err(&x.reshape((4, 2, 4)).unwrap(), &s, &w).contains("expert_out must be [R, H]"));
         assert!(err(&x, &s, &w.reshape(4).unwrap()).contains("weights must be [T, A]"));
-        assert!(err(&x, &s.narrow(0, 0, 3).unwrap(), &w).contains("slot_of must be [T*A] or [T, A]"));
-        assert!(err(&x, &s.reshape((1, 4)).unwrap(), &w).contains("slot_of must be [T*A] or [T, A]"));
+        assert!(
+            err(&x, &s.narrow(0, 0, 3).unwrap(), &w).contains("slot_of must be [T*A] or [T, A]")
+        );
+        assert!(
+            err(&x, &s.reshape((1, 4)).unwrap(), &w).contains("slot_of must be [T*A] or [T, A]")
+        );
         let bad = Tensor::new(&[0u32, 1, 4, 3], &dev).unwrap();
         let msg = err(&x, &bad, &w);
-        assert!(msg.contains("slot_of[2] = 4 (token 1, choice 0)") && msg.contains("4 rows"), "{msg}");
+        assert!(
+            msg.contains("slot_of[2] = 4 (token 1, choice 0)") && msg.contains("4 rows"),
+            "{msg}"
+        );
 
         // The op applied directly to a non-contiguous input reports it instead of misreading memory.
-        let xt = Tensor::zeros((8, 4), DType::F32, &dev).unwrap().t().unwrap();
-        let msg = xt.apply_op3_no_bwd(&s, &w, &MoeCombine).unwrap_err().to_string();
+        let xt = Tensor::zeros((8, 4), DType::F32, &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        let msg = xt
+            .apply_op3_no_bwd(&s, &w, &MoeCombine)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("expert_out must be contiguous"), "{msg}");
     }
 }

@@ -74,7 +74,10 @@ pub(crate) mod cuda_util {
     ) -> Result<CudaView<'a, T>> {
         match layout.contiguous_offsets() {
             Some((o1, o2)) => Ok(slice.slice(o1..o2)),
-            None => candle_core::bail!("{op}: {what} must be contiguous (shape {:?})", layout.dims()),
+            None => candle_core::bail!(
+                "{op}: {what} must be contiguous (shape {:?})",
+                layout.dims()
+            ),
         }
     }
 }
