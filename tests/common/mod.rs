@@ -8,10 +8,18 @@ use std::process::{Command, Output};
 use serde::Deserialize;
 
 /// Every fixture directory, all tiny random Mixtral checkpoints.
-pub const FIXTURES: &[&str] = &["mixtral-base", "mixtral-swa", "mixtral-odd", "mixtral-bf16", "mixtral-f16"];
+pub const FIXTURES: &[&str] = &[
+    "mixtral-base",
+    "mixtral-swa",
+    "mixtral-odd",
+    "mixtral-bf16",
+    "mixtral-f16",
+];
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 #[derive(Deserialize)]
@@ -51,5 +59,8 @@ pub fn moe_run(args: &[&str]) -> Output {
 }
 
 pub fn ids_arg(ids: &[u32]) -> String {
-    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -2,23 +2,19 @@
 //! `out[n] = sum_j w[n, j] * y[slot_row[n*A + j]]`, accumulated in f32 (as transformers does:
 //! its f32 routing weights promote the product) and stored in the activation dtype.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::{Dispatch, Routing};
 
-/// `y [N*A, H]` expert-sorted rows -> `[N, H]`.
+/// `y [N*A, H]` expert-sorted rows -> `[N, H]`, through the `moe_combine` op of `moe-kernels`
+/// (its plain-Rust reference on the CPU, its CUDA kernel on a GPU).
 pub fn combine(y: &Tensor, d: &Dispatch, routing: &Routing) -> Result<Tensor> {
     let a = d.top_k;
     let n = d.slot_row.len() / a.max(1);
-    let h = y.dim(1)?;
     let device = y.device();
-    let rows = Tensor::from_slice(&d.slot_row, d.slot_row.len(), device)?;
-    let per_token = y
-        .index_select(&rows, 0)?
-        .reshape((n, a, h))?
-        .to_dtype(DType::F32)?; // token-major
-    let w = Tensor::from_slice(&routing.weights, (n, a, 1), device)?;
-    per_token.broadcast_mul(&w)?.sum(1)?.to_dtype(y.dtype())
+    let slot_row = Tensor::from_slice(&d.slot_row, (n, a), device)?;
+    let w = Tensor::from_slice(&routing.weights, (n, a), device)?;
+    moe_kernels::moe_combine(y, &slot_row, &w)
 }
 
 #[cfg(test)]
