@@ -15,12 +15,16 @@ fn layer(h: usize, f: usize, e: usize, k: usize) -> MoeBlock {
         num_experts: e,
         top_k: k,
         expert_ffn: f,
-        router: RouterKind::Softmax { renormalize: true },
+        router: RouterKind::Softmax { norm_p: Some(1.0) },
+        router_f32: false,
+        shared: None,
     };
     let w = MoeWeights {
         router: r(&[e, h], 2.0 / (h as f64).sqrt()),
         gate_up: r(&[e, 2 * f, h], 1.0 / (h as f64).sqrt()),
         down: r(&[e, h, f], 1.0 / (f as f64).sqrt()),
+        shared: None,
+        shared_gate: None,
     };
     MoeBlock::new(cfg, w)
 }

@@ -1,6 +1,6 @@
-//! Parity with Hugging Face transformers on tiny random Mixtral checkpoints
-//! (`tests/make_fixtures.py`): prompt logits within 1e-4 (f32), per-layer router choices exact,
-//! 16 greedy tokens with the KV cache exact.
+//! Parity with Hugging Face transformers on tiny random checkpoints of every supported family
+//! (`tests/make_fixtures.py`, `tests/make_family_fixtures.py`): prompt logits within 1e-4
+//! (f32), per-layer router choices and weights exact, 16 greedy tokens with the KV cache exact.
 
 mod common;
 
@@ -84,6 +84,41 @@ fn bf16_on_disk_to_f32() {
 fn f16_on_disk_to_f32() {
     assert_eq!(expected(&fixture("mixtral-f16")).dtype_on_disk, "float16");
     check("mixtral-f16");
+}
+
+#[test]
+fn dbrx_fused_qkv_clip_layernorm() {
+    check("dbrx");
+}
+
+#[test]
+fn dbrx_p_norm_router() {
+    check("dbrx-pnorm2");
+}
+
+#[test]
+fn qwen3_moe_qk_norm_and_dense_layer() {
+    check("qwen3-moe");
+}
+
+#[test]
+fn qwen3_moe_unnormalised_router_sparse_step() {
+    check("qwen3-moe-nonorm");
+}
+
+#[test]
+fn olmoe_whole_qk_norm_and_clip() {
+    check("olmoe");
+}
+
+#[test]
+fn hunyuan_shared_mlp_qk_norm_after_rope_per_layer_topk_ntk_alpha() {
+    check("hunyuan-moe");
+}
+
+#[test]
+fn qwen2_moe_biases_and_gated_shared_expert() {
+    check("qwen2-moe");
 }
 
 #[test]

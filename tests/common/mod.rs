@@ -7,13 +7,20 @@ use std::process::{Command, Output};
 
 use serde::Deserialize;
 
-/// Every fixture directory, all tiny random Mixtral checkpoints.
+/// Every parity fixture directory (tiny random checkpoints with transformers' outputs).
 pub const FIXTURES: &[&str] = &[
     "mixtral-base",
     "mixtral-swa",
     "mixtral-odd",
     "mixtral-bf16",
     "mixtral-f16",
+    "dbrx",
+    "dbrx-pnorm2",
+    "qwen3-moe",
+    "qwen3-moe-nonorm",
+    "olmoe",
+    "hunyuan-moe",
+    "qwen2-moe",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

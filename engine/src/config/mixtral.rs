@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{FfnKind, Fields, ModelConfig, MoeConfig, NormKind, RouterKind};
+use super::{AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, RouterKind};
 use crate::error::{Error, Result};
 
 /// Field names and defaults follow transformers' `MixtralConfig`.
@@ -36,7 +36,9 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         num_experts: f.usize("num_local_experts")?,
         top_k: f.usize("num_experts_per_tok")?,
         expert_ffn: f.usize("intermediate_size")?,
-        router: RouterKind::Softmax { renormalize: true },
+        router: RouterKind::Softmax { norm_p: Some(1.0) },
+        router_f32: false,
+        shared: None,
     };
     let num_layers = f.usize("num_hidden_layers")?;
     Ok(ModelConfig {
@@ -50,7 +52,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         norm: NormKind::Rms {
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5),
         },
-        rope: f.rope(1e6)?,
+        attn: AttnConfig::default(),
+        rope: f.rope(1e6, head_dim)?,
         sliding_window: f.opt_usize("sliding_window")?,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         layers: vec![FfnKind::Moe(moe); num_layers],

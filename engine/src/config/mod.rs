@@ -2,7 +2,11 @@
 //! the decoder and the cost model read. Each family has one file here that maps its field names
 //! onto this struct; differences between architectures are data, never separate forward passes.
 
+mod dbrx;
+mod hunyuan;
 mod mixtral;
+mod olmoe;
+mod qwen_moe;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
@@ -12,7 +16,14 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 /// The `model_type` values this build understands.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["mixtral"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "mixtral",
+    "dbrx",
+    "qwen3_moe",
+    "qwen2_moe",
+    "olmoe",
+    "hunyuan_v1_moe",
+];
 
 /// Everything the engine needs to know about a decoder-only MoE transformer.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +37,7 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub norm: NormKind,
+    pub attn: AttnConfig,
     pub rope: RopeConfig,
     /// Each query sees at most this many keys (itself included), or all earlier keys if `None`.
     pub sliding_window: Option<usize>,
@@ -40,6 +52,41 @@ pub struct ModelConfig {
 pub enum NormKind {
     /// y = x / sqrt(mean(x^2) + eps) * w, computed in f32.
     Rms { eps: f64 },
+    /// y = (x - mean) / sqrt(var + eps) * w, computed in f32, no bias (DBRX).
+    LayerNorm { eps: f64 },
+}
+
+impl NormKind {
+    pub fn eps(&self) -> f64 {
+        match *self {
+            NormKind::Rms { eps } | NormKind::LayerNorm { eps } => eps,
+        }
+    }
+}
+
+/// What the attention block does besides plain GQA + RoPE. Order inside the block:
+/// q/k/v projection (+ bias) -> `Whole` QK-norm -> clamp to ±clip_qkv -> split into heads ->
+/// `PerHeadBeforeRope` QK-norm -> RoPE -> `PerHeadAfterRope` QK-norm.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AttnConfig {
+    pub qk_norm: QkNorm,
+    /// Clamp q, k and v to [-c, c] (DBRX, OLMoE).
+    pub clip_qkv: Option<f64>,
+    /// q/k/v projections carry a bias (Qwen2-MoE).
+    pub qkv_bias: bool,
+}
+
+/// RMSNorm on queries and keys, with the same eps as the model's norms.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum QkNorm {
+    #[default]
+    None,
+    /// Over the whole q `[heads*hd]` and k `[kv*hd]` projections, before the head split (OLMoE).
+    Whole,
+    /// Per head over hd, before RoPE (Qwen3-MoE, dots.llm1).
+    PerHeadBeforeRope,
+    /// Per head over hd, after RoPE (HunYuan).
+    PerHeadAfterRope,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,12 +120,25 @@ pub struct MoeConfig {
     /// Width F of one routed expert's SwiGLU MLP.
     pub expert_ffn: usize,
     pub router: RouterKind,
+    /// The router weight stays f32 and sees f32 activations (HunYuan's `wg`).
+    pub router_f32: bool,
+    /// Always-on experts added to the routed output.
+    pub shared: Option<SharedExperts>,
+}
+
+/// Shared experts: one SwiGLU MLP of width `ffn` (several shared experts are one wider MLP).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharedExperts {
+    pub ffn: usize,
+    /// Scaled per token by sigmoid(x g^T) with a `[1, H]` gate (Qwen2-MoE); else added as is.
+    pub sigmoid_gate: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RouterKind {
-    /// p = softmax_f32(x Wg^T); top-k of p; divide by their sum if `renormalize`.
-    Softmax { renormalize: bool },
+    /// p = softmax_f32(x Wg^T); the top-k of p; then, with `norm_p = Some(q)`, divide by their
+    /// q-norm (q = 1: renormalise to sum 1 as Mixtral; DBRX allows any q); `None`: use p as is.
+    Softmax { norm_p: Option<f64> },
 }
 
 impl ModelConfig {
@@ -112,6 +172,11 @@ impl ModelConfig {
         };
         let cfg = match model_type.as_str() {
             "mixtral" => mixtral::parse(&raw, path)?,
+            "dbrx" => dbrx::parse(&raw, path)?,
+            "qwen3_moe" => qwen_moe::parse(&raw, path, qwen_moe::Variant::Qwen3)?,
+            "qwen2_moe" => qwen_moe::parse(&raw, path, qwen_moe::Variant::Qwen2)?,
+            "olmoe" => olmoe::parse(&raw, path)?,
+            "hunyuan_v1_moe" => hunyuan::parse(&raw, path)?,
             _ => {
                 return Err(Error::UnsupportedModelType {
                     path: path.to_path_buf(),
@@ -186,6 +251,18 @@ impl ModelConfig {
     }
 }
 
+pub(crate) struct LlamaDims {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub tie: bool,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+}
+
 /// Typed access to a config.json object with errors that name the file and the field.
 pub(crate) struct Fields<'a> {
     pub obj: &'a serde_json::Map<String, Value>,
@@ -257,6 +334,95 @@ impl<'a> Fields<'a> {
         }
     }
 
+    pub fn opt_usize_list(&self, key: &str) -> Result<Option<Vec<usize>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .map(|n| n as usize)
+                        .ok_or_else(|| self.err(key, "a list of integers", v))
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(self.err(key, "a list of integers", v)),
+        }
+    }
+
+    /// A field that may be one integer for every layer or a per-layer list.
+    pub fn per_layer_usize(&self, key: &str, layers: usize) -> Result<Option<Vec<usize>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(_)) => {
+                let list = self.opt_usize_list(key)?.unwrap_or_default();
+                if list.len() != layers {
+                    return Err(Error::config(
+                        &self.path,
+                        format!("{key} lists {} values for {layers} layers", list.len()),
+                    ));
+                }
+                Ok(Some(list))
+            }
+            Some(_) => Ok(self.opt_usize(key)?.map(|n| vec![n; layers])),
+        }
+    }
+
+    /// A nested object such as DBRX's `attn_config`.
+    pub fn sub(&self, key: &str) -> Result<Fields<'a>> {
+        match self.get(key) {
+            Some(v @ Value::Object(_)) => Ok(Fields {
+                obj: v.as_object().expect("object"),
+                path: self.path.clone(),
+            }),
+            Some(v) => Err(self.err(key, "an object", v)),
+            None => Err(Error::config(
+                &self.path,
+                format!("missing required object {key:?}"),
+            )),
+        }
+    }
+
+    /// `hidden_act` must be SiLU (every supported family's experts are SwiGLU).
+    pub fn require_silu(&self, key: &str) -> Result<()> {
+        match self.opt_str(key)? {
+            None | Some("silu") | Some("swish") => Ok(()),
+            Some(act) => Err(Error::config(
+                &self.path,
+                format!("{key} {act:?} is not supported (only \"silu\")"),
+            )),
+        }
+    }
+
+    /// `head_dim` if given (and not null), else hidden / heads.
+    pub fn head_dim(&self, hidden: usize, heads: usize) -> Result<usize> {
+        match self.opt_usize("head_dim")? {
+            Some(d) => Ok(d),
+            None if heads > 0 && hidden.is_multiple_of(heads) => Ok(hidden / heads),
+            None => Err(Error::config(
+                &self.path,
+                format!("hidden size {hidden} is not divisible by {heads} heads and head_dim is not given"),
+            )),
+        }
+    }
+
+    /// The fields every Llama-style config spells the same way.
+    pub fn llama_dims(&self) -> Result<LlamaDims> {
+        let hidden = self.usize("hidden_size")?;
+        let heads = self.usize("num_attention_heads")?;
+        Ok(LlamaDims {
+            vocab: self.usize("vocab_size")?,
+            hidden,
+            heads,
+            kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(heads),
+            head_dim: self.head_dim(hidden, heads)?,
+            layers: self.usize("num_hidden_layers")?,
+            tie: self.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            bos: self.token_ids("bos_token_id")?.first().copied(),
+            eos: self.token_ids("eos_token_id")?,
+        })
+    }
+
     /// `eos_token_id` may be an int or a list of ints.
     pub fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
         match self.get(key) {
@@ -278,7 +444,7 @@ impl<'a> Fields<'a> {
 
     /// RoPE parameters in either published form: top-level `rope_theta` + `rope_scaling`
     /// (transformers 4.x) or `rope_parameters: {rope_type, rope_theta, ...}` (transformers 5).
-    pub fn rope(&self, default_theta: f64) -> Result<RopeConfig> {
+    pub fn rope(&self, default_theta: f64, head_dim: usize) -> Result<RopeConfig> {
         let nested = self
             .get("rope_parameters")
             .or_else(|| self.get("rope_scaling"));
@@ -310,19 +476,27 @@ impl<'a> Fields<'a> {
             .and_then(|m| m.get("rope_type").or_else(|| m.get("type")))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        let num = |k: &str| nested.and_then(|m| m.get(k)).and_then(Value::as_f64);
+        let mut theta = theta;
         let scaling = match kind {
             "default" => RopeScaling::None,
             "linear" => {
-                let factor = nested
-                    .and_then(|m| m.get("factor"))
-                    .and_then(Value::as_f64)
+                let factor = num("factor")
                     .ok_or_else(|| Error::config(&self.path, "linear rope scaling needs a numeric \"factor\""))?;
                 RopeScaling::Linear { factor }
+            }
+            // HunYuan labels a fixed NTK-alpha base change "dynamic": base * alpha^(d/(d-2)),
+            // independent of the sequence length.
+            "dynamic" | "ntk_alpha" if num("alpha").is_some() => {
+                let alpha = num("alpha").unwrap_or(1.0);
+                let d = head_dim as f64;
+                theta *= alpha.powf(d / (d - 2.0));
+                RopeScaling::None
             }
             other => {
                 return Err(Error::config(
                     &self.path,
-                    format!("rope type {other:?} is not supported for this model yet (supported: default, linear)"),
+                    format!("rope type {other:?} is not supported for this model yet (supported: default, linear, NTK alpha)"),
                 ))
             }
         };
@@ -332,3 +506,17 @@ impl<'a> Fields<'a> {
 
 #[cfg(test)]
 mod tests;
+
+/// Qwen-style dense-layer rule: layer i is MoE iff it is not in `mlp_only_layers`, there are
+/// experts, and (i + 1) is a multiple of `decoder_sparse_step`.
+pub(crate) fn sparse_layer(
+    i: usize,
+    mlp_only_layers: &[usize],
+    sparse_step: usize,
+    num_experts: usize,
+) -> bool {
+    !mlp_only_layers.contains(&i)
+        && num_experts > 0
+        && sparse_step > 0
+        && (i + 1).is_multiple_of(sparse_step)
+}

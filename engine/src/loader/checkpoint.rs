@@ -226,31 +226,29 @@ impl Checkpoint {
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
-    /// Takes several tensors of shape `each_shape` and returns them concatenated in order and
-    /// reshaped to `out_shape`, with a single copy out of the files when they share a dtype.
-    /// This is how the stacked `[E, N, K]` expert tensors are built from per-expert checkpoints.
+    /// Takes several tensors and returns them concatenated in order (as flat data) and shaped
+    /// `out_shape`, with a single copy out of the files when they share a dtype. This is how
+    /// the stacked `[E, N, K]` expert tensors and the fused q/k/v projection are built.
     pub fn take_concat(
         &mut self,
-        names: &[String],
-        each_shape: &[usize],
+        parts: &[(String, Vec<usize>)],
         out_shape: &[usize],
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let each: usize = each_shape.iter().product();
+        let total: usize = parts.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         assert_eq!(
-            names.len() * each,
+            total,
             out_shape.iter().product::<usize>(),
-            "take_concat: {} x {each_shape:?} does not fill {out_shape:?}",
-            names.len()
+            "take_concat: parts do not fill {out_shape:?}"
         );
-        let locs = names
+        let locs = parts
             .iter()
-            .map(|n| self.locate(n, each_shape))
+            .map(|(n, shape)| self.locate(n, shape))
             .collect::<Result<Vec<_>>>()?;
         let disk = locs.first().map_or(dtype, |l| l.0);
         let t = if locs.iter().all(|l| l.0 == disk) {
-            let mut buf = Vec::with_capacity(names.len() * each * disk.size_in_bytes());
+            let mut buf = Vec::with_capacity(total * disk.size_in_bytes());
             for (_, fi, range) in &locs {
                 buf.extend_from_slice(&self.files[*fi].bytes[range.clone()]);
             }
@@ -260,10 +258,11 @@ impl Checkpoint {
             let parts = locs
                 .iter()
                 .map(|(d, fi, range)| {
+                    let n = range.len() / d.size_in_bytes();
                     Tensor::from_raw_buffer(
                         &self.files[*fi].bytes[range.clone()],
                         *d,
-                        &[each],
+                        &[n],
                         &Device::Cpu,
                     )?
                     .to_dtype(dtype)

@@ -4,7 +4,7 @@
 
 pub mod checkpoint;
 pub mod hub;
-mod mixtral;
+mod naming;
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -55,16 +55,14 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     if opts.progress && std::io::stderr().is_terminal() {
         ck.show_progress();
     }
-    let weights: ModelWeights = match cfg.model_type.as_str() {
-        "mixtral" => mixtral::weights(&mut ck, &cfg, opts)?,
-        other => {
-            return Err(Error::UnsupportedModelType {
-                path: "config.json".into(),
-                model_type: other.to_string(),
-                supported: crate::config::SUPPORTED_MODEL_TYPES.to_vec(),
-            })
-        }
+    let Some(names) = naming::naming(&cfg.model_type) else {
+        return Err(Error::UnsupportedModelType {
+            path: "config.json".into(),
+            model_type: cfg.model_type.clone(),
+            supported: crate::config::SUPPORTED_MODEL_TYPES.to_vec(),
+        });
     };
+    let weights: ModelWeights = naming::weights(&mut ck, &cfg, names, opts)?;
     ck.finish(&cfg.model_type, ignorable)?;
     Ok(Model::new(cfg, weights, opts.dtype, &opts.device)?)
 }

@@ -3,18 +3,23 @@
 //! The `g = heads / kv` query heads of one KV head are folded into the row dimension
 //! (`[B, kv, g*T, hd]`) so K and V are never repeated in memory.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::norm::Norm;
 use super::rope::Rope;
 use super::Linear;
+use crate::config::{AttnConfig, QkNorm};
 use crate::runtime::kv_cache::KvCache;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    /// Fused q/k/v projection `[heads*hd + 2*kv*hd, H]` (+ bias).
+    pub qkv: Linear,
     pub o: Linear,
+    /// QK-norm weights as `cfg.qk_norm` says.
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
+    pub cfg: AttnConfig,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -22,6 +27,14 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Applies the QK-norm of `stage` to `x` if this model has one there.
+    fn qk_norm(&self, x: Tensor, norm: &Option<Norm>, stage: QkNorm) -> Result<Tensor> {
+        match norm {
+            Some(n) if self.cfg.qk_norm == stage => n.forward(&x),
+            _ => Ok(x),
+        }
+    }
+
     /// Attends the `T` new tokens at positions `pos..pos+T` to everything cached for `layer`
     /// plus themselves, writing their K/V into the cache.
     pub fn forward(
@@ -35,10 +48,29 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = rope.apply(&heads(self.q.forward(x)?, nh)?, pos)?;
-        let k = rope.apply(&heads(self.k.forward(x)?, nkv)?, pos)?;
-        let v = heads(self.v.forward(x)?, nkv)?;
+        let qkv = self.qkv.forward(x)?; // [B, T, (nh + 2 nkv) hd]
+        let q = qkv.narrow(D::Minus1, 0, nh * hd)?;
+        let k = qkv.narrow(D::Minus1, nh * hd, nkv * hd)?;
+        let v = qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?;
+        let q = self.qk_norm(q, &self.q_norm, QkNorm::Whole)?;
+        let k = self.qk_norm(k, &self.k_norm, QkNorm::Whole)?;
+        let clip = |y: Tensor| match self.cfg.clip_qkv {
+            Some(c) => y.clamp(-c, c),
+            None => Ok(y),
+        };
+        let (q, k, v) = (clip(q)?, clip(k)?, clip(v)?);
+        // [B, T, n*hd] -> [B, n, T, hd], with the per-head norms on either side of RoPE.
+        let heads = |y: Tensor, n: usize, norm: &Option<Norm>, pos_emb: bool| -> Result<Tensor> {
+            let y = self.qk_norm(y.reshape((b, t, n, hd))?, norm, QkNorm::PerHeadBeforeRope)?;
+            let y = y.transpose(1, 2)?.contiguous()?;
+            if !pos_emb {
+                return Ok(y);
+            }
+            self.qk_norm(rope.apply(&y, pos)?, norm, QkNorm::PerHeadAfterRope)
+        };
+        let q = heads(q, nh, &self.q_norm, true)?;
+        let k = heads(k, nkv, &self.k_norm, true)?;
+        let v = heads(v, nkv, &None, false)?;
         let (k_all, v_all) = cache.write(layer, &k, &v, pos)?; // [B, kv, L, hd]
         let l = pos + t;
 

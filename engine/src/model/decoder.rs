@@ -1,29 +1,25 @@
 //! The decoder stack, driven entirely by [`ModelConfig`]: embedding -> L x (norm, attention,
 //! residual, norm, FFN or MoE, residual) -> norm -> lm_head.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
-use super::moe::{MoeBlock, Routing};
-use super::norm::RmsNorm;
+use super::moe::{Mlp, MoeBlock, Routing};
+use super::norm::Norm;
 use super::rope::Rope;
 use super::{FfnWeights, Linear, ModelWeights};
-use crate::config::{FfnKind, ModelConfig, NormKind};
+use crate::config::{FfnKind, ModelConfig, QkNorm};
 use crate::runtime::kv_cache::KvCache;
 
 enum Ffn {
-    /// gate_up `[2F, H]`, down `[H, F]`
-    Dense {
-        gate_up: Linear,
-        down: Linear,
-    },
+    Dense(Mlp),
     Moe(MoeBlock),
 }
 
 struct Layer {
-    attn_norm: RmsNorm,
+    attn_norm: Norm,
     attn: Attention,
-    ffn_norm: RmsNorm,
+    ffn_norm: Norm,
     ffn: Ffn,
 }
 
@@ -43,7 +39,7 @@ pub struct Model {
     pub cfg: ModelConfig,
     embed: Tensor,
     layers: Vec<Layer>,
-    final_norm: RmsNorm,
+    final_norm: Norm,
     lm_head: Linear,
     rope: Rope,
     dtype: DType,
@@ -53,7 +49,18 @@ pub struct Model {
 impl Model {
     /// Builds the model from canonical weights (already in `dtype` on `device`).
     pub fn new(cfg: ModelConfig, w: ModelWeights, dtype: DType, device: &Device) -> Result<Self> {
-        let NormKind::Rms { eps } = cfg.norm;
+        let norm = cfg.norm;
+        // QK-norms use the model's norm eps; they are RMSNorms in every family that has them.
+        let qk = |w: Option<Tensor>| {
+            w.map(|w| {
+                Norm::new(
+                    w,
+                    crate::config::NormKind::Rms {
+                        eps: cfg.norm.eps(),
+                    },
+                )
+            })
+        };
         let rope = Rope::new(
             &cfg.rope,
             cfg.head_dim,
@@ -70,25 +77,26 @@ impl Model {
                     (FfnWeights::Moe(mw), FfnKind::Moe(mc)) => {
                         Ffn::Moe(MoeBlock::new(mc.clone(), mw))
                     }
-                    (FfnWeights::Dense { gate_up, down }, FfnKind::Dense { .. }) => Ffn::Dense {
-                        gate_up: Linear::new(gate_up),
-                        down: Linear::new(down),
-                    },
+                    (FfnWeights::Dense(mlp), FfnKind::Dense { .. }) => Ffn::Dense(Mlp::new(mlp)),
                     _ => candle_core::bail!("layer weights do not match the config's layer kind"),
                 };
+                if (cfg.attn.qk_norm == QkNorm::None) != lw.q_norm.is_none() {
+                    candle_core::bail!("QK-norm weights do not match the config's qk_norm");
+                }
                 Ok(Layer {
-                    attn_norm: RmsNorm::new(lw.attn_norm, eps),
+                    attn_norm: Norm::new(lw.attn_norm, norm),
                     attn: Attention {
-                        q: Linear::new(lw.q),
-                        k: Linear::new(lw.k),
-                        v: Linear::new(lw.v),
+                        qkv: Linear::with_bias(lw.qkv, lw.qkv_bias),
                         o: Linear::new(lw.o),
+                        q_norm: qk(lw.q_norm),
+                        k_norm: qk(lw.k_norm),
+                        cfg: cfg.attn,
                         num_heads: cfg.num_heads,
                         num_kv_heads: cfg.num_kv_heads,
                         head_dim: cfg.head_dim,
                         sliding_window: cfg.sliding_window,
                     },
-                    ffn_norm: RmsNorm::new(lw.ffn_norm, eps),
+                    ffn_norm: Norm::new(lw.ffn_norm, norm),
                     ffn,
                 })
             })
@@ -96,7 +104,7 @@ impl Model {
         Ok(Model {
             embed: w.embed,
             layers,
-            final_norm: RmsNorm::new(w.final_norm, eps),
+            final_norm: Norm::new(w.final_norm, norm),
             lm_head: Linear::new(w.lm_head),
             rope,
             dtype,
@@ -157,13 +165,7 @@ impl Model {
                     let (y, r) = moe.forward(&h)?;
                     (y, Some(r))
                 }
-                Ffn::Dense { gate_up, down } => {
-                    let gu = gate_up.forward(&h)?;
-                    let f = gu.dim(D::Minus1)? / 2;
-                    let act = (candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, f)?)?
-                        * gu.narrow(D::Minus1, f, f)?)?;
-                    (down.forward(&act)?, None)
-                }
+                Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
             };
             if let Some(tr) = trace.as_deref_mut() {
                 let r = routing.unwrap_or(Routing {

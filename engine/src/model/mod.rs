@@ -11,20 +11,25 @@ use candle_core::{Module, Tensor};
 
 pub use decoder::{Model, Trace};
 
-/// y = x W^T for W stored `[out, in]` as in every HF checkpoint.
+/// y = x W^T (+ b) for W stored `[out, in]` as in every HF checkpoint.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
+    pub bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
-        Linear { weight }
+        Linear { weight, bias: None }
+    }
+
+    pub fn with_bias(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
     }
 
     /// `x [.., in] -> [.., out]`
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::Linear::new(self.weight.clone(), None).forward(x)
+        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
     }
 }
 
@@ -41,20 +46,26 @@ pub struct ModelWeights {
 
 pub struct LayerWeights {
     pub attn_norm: Tensor,
-    /// `[heads*hd, H]`, `[kv*hd, H]`, `[kv*hd, H]`, `[H, heads*hd]`
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
+    /// Fused `[heads*hd + 2*kv*hd, H]`: q rows, then k rows, then v rows.
+    pub qkv: Tensor,
+    /// `[heads*hd + 2*kv*hd]` when the family has q/k/v biases.
+    pub qkv_bias: Option<Tensor>,
+    /// QK-norm weights: `[hd]` per head, or `[heads*hd]` / `[kv*hd]` for a whole-projection norm.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// `[H, heads*hd]`
     pub o: Tensor,
     pub ffn_norm: Tensor,
     pub ffn: FfnWeights,
 }
 
+/// A SwiGLU MLP: gate_up `[2F, H]` (rows 0..F gate, F..2F up), down `[H, F]`.
+pub struct MlpWeights {
+    pub gate_up: Tensor,
+    pub down: Tensor,
+}
+
 pub enum FfnWeights {
-    /// A dense SwiGLU MLP: gate_up `[2F, H]` (rows 0..F gate, F..2F up), down `[H, F]`.
-    Dense {
-        gate_up: Tensor,
-        down: Tensor,
-    },
+    Dense(MlpWeights),
     Moe(moe::MoeWeights),
 }

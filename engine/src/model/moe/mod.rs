@@ -8,24 +8,27 @@ pub mod dispatch;
 pub mod experts;
 pub mod route;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 pub use combine::combine;
 pub use dispatch::{dispatch, Dispatch};
 pub use experts::experts;
 pub use route::{route, Routing};
 
-use super::Linear;
+use super::{Linear, MlpWeights};
 use crate::config::MoeConfig;
 
 /// Canonical expert weights: stacked `[E, N, K]` (experts, out, in) per projection.
 pub struct MoeWeights {
-    /// `[E, H]`
+    /// `[E, H]` (kept in f32 when the config says `router_f32`).
     pub router: Tensor,
     /// `[E, 2F, H]`: rows 0..F are the gate (w1), rows F..2F are up (w3).
     pub gate_up: Tensor,
     /// `[E, H, F]`
     pub down: Tensor,
+    /// Always-on shared experts (one MLP) and, for sigmoid gating, the gate `[1, H]`.
+    pub shared: Option<MlpWeights>,
+    pub shared_gate: Option<Tensor>,
 }
 
 pub struct MoeBlock {
@@ -33,6 +36,8 @@ pub struct MoeBlock {
     pub router: Linear,
     pub gate_up: Tensor,
     pub down: Tensor,
+    pub shared: Option<Mlp>,
+    pub shared_gate: Option<Linear>,
 }
 
 impl MoeBlock {
@@ -42,6 +47,8 @@ impl MoeBlock {
             router: Linear::new(w.router),
             gate_up: w.gate_up,
             down: w.down,
+            shared: w.shared.map(Mlp::new),
+            shared_gate: w.shared_gate.map(Linear::new),
         }
     }
 
@@ -50,11 +57,49 @@ impl MoeBlock {
         let shape = x.shape().clone();
         let h = x.dim(candle_core::D::Minus1)?;
         let x = x.reshape(((), h))?; // [N, H]
-        let logits = self.router.forward(&x)?; // [N, E] in the activation dtype, as HF
+                                     // Router logits [N, E] in the activation dtype as transformers computes them, or in f32
+                                     // for families that keep the router in f32.
+        let logits = if self.cfg.router_f32 {
+            self.router.forward(&x.to_dtype(DType::F32)?)?
+        } else {
+            self.router.forward(&x)?
+        };
         let routing = route(&logits, self.cfg.router, self.cfg.top_k)?;
         let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts);
         let y = experts(&x, &d, &self.gate_up, &self.down)?; // [N*A, H], expert-sorted
-        let out = combine(&y, &d, &routing)?; // [N, H]
+        let mut out = combine(&y, &d, &routing)?; // [N, H]
+        if let Some(shared) = &self.shared {
+            let s = shared.forward(&x)?;
+            let s = match &self.shared_gate {
+                Some(g) => s.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward(&x)?)?)?,
+                None => s,
+            };
+            out = (out + s)?;
+        }
         Ok((out.reshape(shape)?, routing))
+    }
+}
+
+/// A dense SwiGLU MLP `down(silu(gate x) * up x)` with gate and up fused into one matmul.
+pub struct Mlp {
+    gate_up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    pub fn new(w: MlpWeights) -> Self {
+        Mlp {
+            gate_up: Linear::new(w.gate_up),
+            down: Linear::new(w.down),
+        }
+    }
+
+    /// `x [.., H] -> [.., H]`
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = self.gate_up.forward(x)?;
+        let f = gu.dim(candle_core::D::Minus1)? / 2;
+        let act = (candle_nn::ops::silu(&gu.narrow(candle_core::D::Minus1, 0, f)?)?
+            * gu.narrow(candle_core::D::Minus1, f, f)?)?;
+        self.down.forward(&act)
     }
 }

@@ -33,17 +33,24 @@ pub fn route(logits: &Tensor, kind: RouterKind, top_k: usize) -> Result<Routing>
     let mut probs = vec![0f32; e];
     for row in scores.chunks_exact(e) {
         match kind {
-            RouterKind::Softmax { renormalize } => {
+            RouterKind::Softmax { norm_p } => {
                 softmax_into(row, &mut probs);
                 let chosen = top_k_indices(&probs, top_k);
-                let sum: f32 = chosen.iter().map(|&i| probs[i]).sum();
+                let norm = match norm_p {
+                    None => 1.0,
+                    Some(p) if p == 1.0 => chosen.iter().map(|&i| probs[i]).sum(),
+                    Some(p) => {
+                        let p = p as f32;
+                        chosen
+                            .iter()
+                            .map(|&i| probs[i].powf(p))
+                            .sum::<f32>()
+                            .powf(1.0 / p)
+                    }
+                };
                 for &i in &chosen {
                     ids.push(i as u32);
-                    weights.push(if renormalize {
-                        probs[i] / sum
-                    } else {
-                        probs[i]
-                    });
+                    weights.push(probs[i] / norm);
                 }
             }
         }
@@ -85,7 +92,7 @@ mod tests {
     fn softmax_top2_renormalised() {
         // One token, 4 experts; logits chosen so the top two are experts 2 and 0.
         let logits = Tensor::new(&[[1.0f32, -1.0, 2.0, 0.0]], &Device::Cpu).unwrap();
-        let r = route(&logits, RouterKind::Softmax { renormalize: true }, 2).unwrap();
+        let r = route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 2).unwrap();
         assert_eq!(r.ids, vec![2, 0]);
         // Renormalised over the two: softmax over [2, 1] = [e/(e+1), 1/(e+1)].
         let e = std::f32::consts::E;
@@ -96,18 +103,33 @@ mod tests {
     #[test]
     fn without_renormalisation_weights_are_probabilities() {
         let logits = Tensor::new(&[[0.0f32, 0.0, 0.0, 0.0]], &Device::Cpu).unwrap();
-        let r = route(&logits, RouterKind::Softmax { renormalize: false }, 2).unwrap();
+        let r = route(&logits, RouterKind::Softmax { norm_p: None }, 2).unwrap();
         assert_eq!(r.ids, vec![0, 1], "ties go to the lower index");
         assert_eq!(r.weights, vec![0.25, 0.25]);
     }
 
     #[test]
+    fn p_norm_normalisation() {
+        // DBRX divides the top-k probabilities by their p-norm; p = 2 here.
+        let logits = Tensor::new(&[[0.0f32, 1.0, 2.0]], &Device::Cpu).unwrap();
+        let r = route(&logits, RouterKind::Softmax { norm_p: Some(2.0) }, 2).unwrap();
+        assert_eq!(r.ids, vec![2, 1]);
+        let norm = r.weights.iter().map(|w| w * w).sum::<f32>().sqrt();
+        assert!(
+            (norm - 1.0).abs() < 1e-6,
+            "weights have unit 2-norm: {:?}",
+            r.weights
+        );
+        assert!((r.weights[0] / r.weights[1] - std::f32::consts::E).abs() < 1e-5);
+    }
+
+    #[test]
     fn many_tokens_and_bad_k() {
         let logits = Tensor::new(&[[0.0f32, 5.0, 1.0], [3.0, 0.0, 4.0]], &Device::Cpu).unwrap();
-        let r = route(&logits, RouterKind::Softmax { renormalize: true }, 1).unwrap();
+        let r = route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 1).unwrap();
         assert_eq!(r.ids, vec![1, 2]);
         assert_eq!(r.weights, vec![1.0, 1.0]);
         assert_eq!(r.num_tokens(), 2);
-        assert!(route(&logits, RouterKind::Softmax { renormalize: true }, 4).is_err());
+        assert!(route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 4).is_err());
     }
 }

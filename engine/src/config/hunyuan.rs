@@ -1,0 +1,77 @@
+//! HunYuan-MoE (`hunyuan_v1_moe`): per-head QK-norm after RoPE, a softmax router kept in f32
+//! and always renormalised, `moe_topk` (and `num_experts`) as one int or a per-layer list, a
+//! shared MLP of width `intermediate_size` added unweighted, and RoPE "dynamic" + `alpha`
+//! meaning a fixed NTK base change.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{
+    AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, QkNorm, RouterKind,
+    SharedExperts,
+};
+use crate::error::{Error, Result};
+
+pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
+    let f = Fields::new(raw, path);
+    f.require_silu("hidden_act")?;
+    let d = f.llama_dims()?;
+    let ffn = f.usize("intermediate_size")?;
+    let per_layer = |key: &str| {
+        f.per_layer_usize(key, d.layers)?
+            .ok_or_else(|| Error::config(path, format!("missing required field {key:?}")))
+    };
+    let experts = per_layer("num_experts")?;
+    let top_k = per_layer("moe_topk")?;
+    if f.opt_usize("num_shared_expert")?.is_some_and(|n| n != 1) {
+        return Err(Error::config(
+            path,
+            "only one shared MLP (num_shared_expert = 1) is supported",
+        ));
+    }
+    let layers = experts
+        .iter()
+        .zip(&top_k)
+        .map(|(&num_experts, &top_k)| {
+            FfnKind::Moe(MoeConfig {
+                num_experts,
+                top_k,
+                expert_ffn: ffn,
+                router: RouterKind::Softmax { norm_p: Some(1.0) },
+                router_f32: true,
+                shared: Some(SharedExperts {
+                    ffn,
+                    sigmoid_gate: false,
+                }),
+            })
+        })
+        .collect();
+    Ok(ModelConfig {
+        model_type: "hunyuan_v1_moe".into(),
+        vocab_size: d.vocab,
+        hidden_size: d.hidden,
+        num_heads: d.heads,
+        num_kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
+        max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+        norm: NormKind::Rms {
+            eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5),
+        },
+        attn: AttnConfig {
+            qk_norm: if f.opt_bool("use_qk_norm")?.unwrap_or(true) {
+                QkNorm::PerHeadAfterRope
+            } else {
+                QkNorm::None
+            },
+            clip_qkv: None,
+            qkv_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
+        },
+        rope: f.rope(10_000.0, d.head_dim)?,
+        sliding_window: None,
+        tie_word_embeddings: d.tie,
+        layers,
+        bos_token_id: d.bos,
+        eos_token_ids: d.eos,
+    })
+}

@@ -1,0 +1,322 @@
+//! Each family's published tensor names, as data, and the one function that reads any of them
+//! into the canonical layout: fused q/k/v `[q+2kv, H]`, stacked experts `gate_up [E, 2F, H]`
+//! (gate rows then up rows) and `down [E, H, F]`, dense MLPs as `gate_up [2F, H]`, `down [H, F]`.
+//! Which optional tensors must exist (biases, QK-norms, shared experts) follows the config.
+
+use candle_core::{DType, Tensor};
+
+use super::{Checkpoint, LoadOptions};
+use crate::config::{FfnKind, ModelConfig, MoeConfig, QkNorm, SharedExperts};
+use crate::error::{Error, Result};
+use crate::model::moe::MoeWeights;
+use crate::model::{FfnWeights, LayerWeights, MlpWeights, ModelWeights};
+
+enum Attn {
+    /// `{q,k,v,o}` projection names without `.weight` (biases are `.bias`).
+    Separate {
+        q: &'static str,
+        k: &'static str,
+        v: &'static str,
+        o: &'static str,
+    },
+    /// One `[q+2kv, H]` projection (DBRX `Wqkv`).
+    Fused { qkv: &'static str, o: &'static str },
+}
+
+enum Experts {
+    /// `{prefix}.{e}.{gate|up|down}.weight`, each `[F, H]` / `[F, H]` / `[H, F]`.
+    PerExpert {
+        prefix: &'static str,
+        gate: &'static str,
+        up: &'static str,
+        down: &'static str,
+    },
+    /// DBRX: `w1`, `v1`, `w2` each `[E*F, H]`; expert e is rows e*F..(e+1)*F and `w2` is the
+    /// down projection transposed.
+    Fused {
+        w1: &'static str,
+        v1: &'static str,
+        w2: &'static str,
+    },
+}
+
+/// Where one family keeps each weight. Layer names are relative to `{layer_prefix}{i}.`.
+pub(super) struct Naming {
+    embed: &'static str,
+    final_norm: &'static str,
+    lm_head: &'static str,
+    layer_prefix: &'static str,
+    attn_norm: &'static str,
+    ffn_norm: &'static str,
+    attn: Attn,
+    q_norm: &'static str,
+    k_norm: &'static str,
+    router: &'static str,
+    experts: Experts,
+    /// Shared-expert MLP prefix (`{shared}.{gate,up,down}_proj`) and its sigmoid gate.
+    shared: &'static str,
+    shared_gate: &'static str,
+    /// Dense-layer MLP prefix (`{dense}.{gate,up,down}_proj`).
+    dense: &'static str,
+}
+
+const LLAMA_ATTN: Attn = Attn::Separate {
+    q: "self_attn.q_proj",
+    k: "self_attn.k_proj",
+    v: "self_attn.v_proj",
+    o: "self_attn.o_proj",
+};
+
+const QWEN_EXPERTS: Experts = Experts::PerExpert {
+    prefix: "mlp.experts",
+    gate: "gate_proj",
+    up: "up_proj",
+    down: "down_proj",
+};
+
+/// Qwen2/3-MoE, OLMoE (and the DeepSeek family's MoE parts).
+const QWEN: Naming = Naming {
+    embed: "model.embed_tokens.weight",
+    final_norm: "model.norm.weight",
+    lm_head: "lm_head.weight",
+    layer_prefix: "model.layers.",
+    attn_norm: "input_layernorm.weight",
+    ffn_norm: "post_attention_layernorm.weight",
+    attn: LLAMA_ATTN,
+    q_norm: "self_attn.q_norm.weight",
+    k_norm: "self_attn.k_norm.weight",
+    router: "mlp.gate.weight",
+    experts: QWEN_EXPERTS,
+    shared: "mlp.shared_expert",
+    shared_gate: "mlp.shared_expert_gate.weight",
+    dense: "mlp",
+};
+
+const MIXTRAL: Naming = Naming {
+    router: "block_sparse_moe.gate.weight",
+    experts: Experts::PerExpert {
+        prefix: "block_sparse_moe.experts",
+        gate: "w1",
+        up: "w3",
+        down: "w2",
+    },
+    ..QWEN
+};
+
+const HUNYUAN: Naming = Naming {
+    q_norm: "self_attn.query_layernorm.weight",
+    k_norm: "self_attn.key_layernorm.weight",
+    router: "mlp.gate.wg.weight",
+    shared: "mlp.shared_mlp",
+    ..QWEN
+};
+
+const DBRX: Naming = Naming {
+    embed: "transformer.wte.weight",
+    final_norm: "transformer.norm_f.weight",
+    lm_head: "lm_head.weight",
+    layer_prefix: "transformer.blocks.",
+    attn_norm: "norm_attn_norm.norm_1.weight",
+    ffn_norm: "norm_attn_norm.norm_2.weight",
+    attn: Attn::Fused {
+        qkv: "norm_attn_norm.attn.Wqkv",
+        o: "norm_attn_norm.attn.out_proj",
+    },
+    router: "ffn.router.layer.weight",
+    experts: Experts::Fused {
+        w1: "ffn.experts.mlp.w1",
+        v1: "ffn.experts.mlp.v1",
+        w2: "ffn.experts.mlp.w2",
+    },
+    ..QWEN
+};
+
+pub(super) fn naming(model_type: &str) -> Option<&'static Naming> {
+    Some(match model_type {
+        "mixtral" => &MIXTRAL,
+        "qwen3_moe" | "qwen2_moe" | "olmoe" => &QWEN,
+        "hunyuan_v1_moe" => &HUNYUAN,
+        "dbrx" => &DBRX,
+        _ => return None,
+    })
+}
+
+/// Reads every weight `cfg` calls for under `names`, validating names, shapes and dtypes.
+pub(super) fn weights(
+    ck: &mut Checkpoint,
+    cfg: &ModelConfig,
+    names: &Naming,
+    o: &LoadOptions,
+) -> Result<ModelWeights> {
+    let (h, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim);
+    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let dt = o.dtype;
+    let embed = ck.take(names.embed, &[v, h], dt, &o.device)?;
+    let mut layers = Vec::with_capacity(cfg.num_layers());
+    for (i, kind) in cfg.layers.iter().enumerate() {
+        let p = |n: &str| format!("{}{i}.{n}", names.layer_prefix);
+        let part = |n: &str, shape: &[usize]| (p(n), shape.to_vec());
+        let (qkv, qkv_bias, o_name) = match names.attn {
+            Attn::Separate { q, k, v, o: out } => {
+                let w = |n: &str, rows| part(&format!("{n}.weight"), &[rows, h]);
+                let qkv = ck.take_concat(
+                    &[w(q, q_out), w(k, kv_out), w(v, kv_out)],
+                    &[q_out + 2 * kv_out, h],
+                    dt,
+                    &o.device,
+                )?;
+                let bias = if cfg.attn.qkv_bias {
+                    let b = |n: &str, rows| part(&format!("{n}.bias"), &[rows]);
+                    Some(ck.take_concat(
+                        &[b(q, q_out), b(k, kv_out), b(v, kv_out)],
+                        &[q_out + 2 * kv_out],
+                        dt,
+                        &o.device,
+                    )?)
+                } else {
+                    None
+                };
+                (qkv, bias, out)
+            }
+            Attn::Fused { qkv, o: out } => {
+                if cfg.attn.qkv_bias {
+                    return Err(Error::config(
+                        "config.json",
+                        "this family has no q/k/v biases",
+                    ));
+                }
+                let w = ck.take(
+                    &p(&format!("{qkv}.weight")),
+                    &[q_out + 2 * kv_out, h],
+                    dt,
+                    &o.device,
+                )?;
+                (w, None, out)
+            }
+        };
+        let (qn_shape, kn_shape) = match cfg.attn.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::Whole => (Some(q_out), Some(kv_out)),
+            QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope => (Some(hd), Some(hd)),
+        };
+        let mut opt = |name: &str, len: Option<usize>| -> Result<Option<Tensor>> {
+            len.map(|n| ck.take(&p(name), &[n], dt, &o.device))
+                .transpose()
+        };
+        let q_norm = opt(names.q_norm, qn_shape)?;
+        let k_norm = opt(names.k_norm, kn_shape)?;
+        let ffn = match kind {
+            FfnKind::Dense { intermediate } => {
+                FfnWeights::Dense(mlp(ck, &p(names.dense), *intermediate, h, o)?)
+            }
+            FfnKind::Moe(m) => FfnWeights::Moe(moe(ck, &p, names, m, h, o)?),
+        };
+        layers.push(LayerWeights {
+            attn_norm: ck.take(&p(names.attn_norm), &[h], dt, &o.device)?,
+            qkv,
+            qkv_bias,
+            q_norm,
+            k_norm,
+            o: ck.take(&p(&format!("{o_name}.weight")), &[h, q_out], dt, &o.device)?,
+            ffn_norm: ck.take(&p(names.ffn_norm), &[h], dt, &o.device)?,
+            ffn,
+        });
+    }
+    let final_norm = ck.take(names.final_norm, &[h], dt, &o.device)?;
+    let lm_head = if cfg.tie_word_embeddings {
+        if ck.contains(names.lm_head) {
+            // Some exporters write the tied copy too; it must still have the right shape.
+            ck.take(names.lm_head, &[v, h], dt, &o.device)?;
+        }
+        embed.clone()
+    } else {
+        ck.take(names.lm_head, &[v, h], dt, &o.device)?
+    };
+    Ok(ModelWeights {
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+    })
+}
+
+/// A dense SwiGLU MLP `{prefix}.{gate,up,down}_proj` of width `f`.
+fn mlp(
+    ck: &mut Checkpoint,
+    prefix: &str,
+    f: usize,
+    h: usize,
+    o: &LoadOptions,
+) -> Result<MlpWeights> {
+    let parts = [
+        (format!("{prefix}.gate_proj.weight"), vec![f, h]),
+        (format!("{prefix}.up_proj.weight"), vec![f, h]),
+    ];
+    Ok(MlpWeights {
+        gate_up: ck.take_concat(&parts, &[2 * f, h], o.dtype, &o.device)?,
+        down: ck.take(
+            &format!("{prefix}.down_proj.weight"),
+            &[h, f],
+            o.dtype,
+            &o.device,
+        )?,
+    })
+}
+
+fn moe(
+    ck: &mut Checkpoint,
+    p: &dyn Fn(&str) -> String,
+    names: &Naming,
+    m: &MoeConfig,
+    h: usize,
+    o: &LoadOptions,
+) -> Result<MoeWeights> {
+    let (e, f, dt) = (m.num_experts, m.expert_ffn, o.dtype);
+    let router_dtype = if m.router_f32 { DType::F32 } else { dt };
+    let router = ck.take(&p(names.router), &[e, h], router_dtype, &o.device)?;
+    let (gate_up, down) = match names.experts {
+        Experts::PerExpert {
+            prefix,
+            gate,
+            up,
+            down,
+        } => {
+            let name = |x: usize, w: &str| p(&format!("{prefix}.{x}.{w}.weight"));
+            let gu: Vec<_> = (0..e)
+                .flat_map(|x| [(name(x, gate), vec![f, h]), (name(x, up), vec![f, h])])
+                .collect();
+            let dn: Vec<_> = (0..e).map(|x| (name(x, down), vec![h, f])).collect();
+            (
+                ck.take_concat(&gu, &[e, 2 * f, h], dt, &o.device)?,
+                ck.take_concat(&dn, &[e, h, f], dt, &o.device)?,
+            )
+        }
+        Experts::Fused { w1, v1, w2 } => {
+            let take = |ck: &mut Checkpoint, n: &str| -> Result<Tensor> {
+                Ok(ck
+                    .take(&p(n), &[e * f, h], dt, &o.device)?
+                    .reshape((e, f, h))?)
+            };
+            let gate = take(ck, w1)?;
+            let up = take(ck, v1)?;
+            let down = take(ck, w2)?.transpose(1, 2)?.contiguous()?; // [E, H, F]
+            (Tensor::cat(&[gate, up], 1)?, down)
+        }
+    };
+    let (shared, shared_gate) = match m.shared {
+        None => (None, None),
+        Some(SharedExperts { ffn, sigmoid_gate }) => {
+            let gate = sigmoid_gate
+                .then(|| ck.take(&p(names.shared_gate), &[1, h], dt, &o.device))
+                .transpose()?;
+            (Some(mlp(ck, &p(names.shared), ffn, h, o)?), gate)
+        }
+    };
+    Ok(MoeWeights {
+        router,
+        gate_up,
+        down,
+        shared,
+        shared_gate,
+    })
+}
