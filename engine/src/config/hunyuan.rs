@@ -1,7 +1,9 @@
 //! HunYuan-MoE (`hunyuan_v1_moe`): per-head QK-norm after RoPE, a softmax router kept in f32
 //! and always renormalised, `moe_topk` (and `num_experts`) as one int or a per-layer list, a
 //! shared MLP of width `intermediate_size` added unweighted, and RoPE "dynamic" + `alpha`
-//! meaning a fixed NTK base change.
+//! meaning a fixed NTK base change. The release-time remote-code config (`model_type:
+//! hunyuan`, e.g. Hunyuan-A13B) spells a few fields differently (`attention_head_dim`, per-layer
+//! `moe_intermediate_size` and `num_shared_expert`) and is read here too.
 
 use std::path::Path;
 
@@ -16,7 +18,21 @@ use crate::error::{Error, Result};
 pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
     let f = Fields::new(raw, path);
     f.require_silu("hidden_act")?;
-    let d = f.llama_dims()?;
+    let mut d = f.llama_dims()?;
+    if let Some(hd) = f.opt_usize("attention_head_dim")? {
+        d.head_dim = hd;
+    }
+    for (flag, what) in [
+        ("use_mla", "MLA attention"),
+        ("use_cla", "cross-layer attention (CLA)"),
+    ] {
+        if f.opt_bool(flag)?.unwrap_or(false) {
+            return Err(Error::config(
+                path,
+                format!("{flag} = true ({what}) is not supported"),
+            ));
+        }
+    }
     let ffn = f.usize("intermediate_size")?;
     let per_layer = |key: &str| {
         f.per_layer_usize(key, d.layers)?
@@ -24,31 +40,31 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
     };
     let experts = per_layer("num_experts")?;
     let top_k = per_layer("moe_topk")?;
-    if f.opt_usize("num_shared_expert")?.is_some_and(|n| n != 1) {
-        return Err(Error::config(
-            path,
-            "only one shared MLP (num_shared_expert = 1) is supported",
-        ));
-    }
-    let layers = experts
-        .iter()
-        .zip(&top_k)
-        .map(|(&num_experts, &top_k)| {
+    // Expert width: per-layer `moe_intermediate_size` in the remote-code config, else the
+    // native config's `intermediate_size`. Shared MLP: `num_shared_expert` x intermediate_size.
+    let expert_ffn = f
+        .per_layer_usize("moe_intermediate_size", d.layers)?
+        .unwrap_or(vec![ffn; d.layers]);
+    let shared = f
+        .per_layer_usize("num_shared_expert", d.layers)?
+        .unwrap_or(vec![1; d.layers]);
+    let layers = (0..d.layers)
+        .map(|i| {
             FfnKind::Moe(MoeConfig {
-                num_experts,
-                top_k,
-                expert_ffn: ffn,
+                num_experts: experts[i],
+                top_k: top_k[i],
+                expert_ffn: expert_ffn[i],
                 router: RouterKind::Softmax { norm_p: Some(1.0) },
                 router_f32: true,
-                shared: Some(SharedExperts {
-                    ffn,
+                shared: (shared[i] > 0).then_some(SharedExperts {
+                    ffn: ffn * shared[i],
                     sigmoid_gate: false,
                 }),
             })
         })
         .collect();
     Ok(ModelConfig {
-        model_type: "hunyuan_v1_moe".into(),
+        model_type: "hunyuan_v1_moe".into(), // both spellings load with the same names
         vocab_size: d.vocab,
         hidden_size: d.hidden,
         num_heads: d.heads,

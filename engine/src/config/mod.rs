@@ -23,6 +23,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen2_moe",
     "olmoe",
     "hunyuan_v1_moe",
+    "hunyuan",
 ];
 
 /// Everything the engine needs to know about a decoder-only MoE transformer.
@@ -176,7 +177,7 @@ impl ModelConfig {
             "qwen3_moe" => qwen_moe::parse(&raw, path, qwen_moe::Variant::Qwen3)?,
             "qwen2_moe" => qwen_moe::parse(&raw, path, qwen_moe::Variant::Qwen2)?,
             "olmoe" => olmoe::parse(&raw, path)?,
-            "hunyuan_v1_moe" => hunyuan::parse(&raw, path)?,
+            "hunyuan_v1_moe" | "hunyuan" => hunyuan::parse(&raw, path)?,
             _ => {
                 return Err(Error::UnsupportedModelType {
                     path: path.to_path_buf(),

@@ -19,6 +19,26 @@ pub static KNOWN_MODELS: &[KnownModel] = &[
         repo: "mistralai/Mixtral-8x22B-v0.1",
         config_json: include_str!("../../../configs/mixtral-8x22b.json"),
     },
+    KnownModel {
+        name: "dbrx",
+        repo: "databricks/dbrx-base",
+        config_json: include_str!("../../../configs/dbrx.json"),
+    },
+    KnownModel {
+        name: "qwen3-30b-a3b",
+        repo: "Qwen/Qwen3-30B-A3B",
+        config_json: include_str!("../../../configs/qwen3-30b-a3b.json"),
+    },
+    KnownModel {
+        name: "olmoe-1b-7b",
+        repo: "allenai/OLMoE-1B-7B-0924",
+        config_json: include_str!("../../../configs/olmoe-1b-7b.PARTIAL.json"),
+    },
+    KnownModel {
+        name: "hunyuan-a13b",
+        repo: "tencent/Hunyuan-A13B-Instruct",
+        config_json: include_str!("../../../configs/hunyuan-a13b.json"),
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static KnownModel> {
@@ -51,5 +71,58 @@ mod tests {
             (4096, 32, 8, 128)
         );
         assert_eq!(cfg.rope.theta, 1e6);
+    }
+
+    #[test]
+    fn real_configs_of_other_families() {
+        use crate::config::{FfnKind, NormKind, QkNorm, RouterKind};
+        let get =
+            |n: &str| ModelConfig::from_json_str(find(n).unwrap().config_json, n.as_ref()).unwrap();
+        let moe = |c: &ModelConfig, i: usize| match &c.layers[i] {
+            FfnKind::Moe(m) => m.clone(),
+            FfnKind::Dense { .. } => panic!("layer {i} is dense"),
+        };
+
+        let dbrx = get("dbrx");
+        assert_eq!(
+            (
+                dbrx.hidden_size,
+                dbrx.num_layers(),
+                dbrx.num_kv_heads,
+                dbrx.head_dim
+            ),
+            (6144, 40, 8, 128)
+        );
+        assert_eq!(dbrx.norm, NormKind::LayerNorm { eps: 1e-5 });
+        assert_eq!((dbrx.attn.clip_qkv, dbrx.rope.theta), (Some(8.0), 500000.0));
+        let m = moe(&dbrx, 0);
+        assert_eq!((m.num_experts, m.top_k, m.expert_ffn), (16, 4, 10752));
+        assert_eq!(m.router, RouterKind::Softmax { norm_p: Some(1.0) });
+
+        let q = get("qwen3-30b-a3b");
+        assert_eq!(
+            (q.head_dim, q.attn.qk_norm),
+            (128, QkNorm::PerHeadBeforeRope)
+        );
+        let m = moe(&q, 47);
+        assert_eq!((m.num_experts, m.top_k, m.expert_ffn), (128, 8, 768));
+        assert_eq!(m.router, RouterKind::Softmax { norm_p: Some(1.0) });
+
+        let o = get("olmoe-1b-7b");
+        assert_eq!((o.attn.qk_norm, o.attn.clip_qkv), (QkNorm::Whole, None));
+        assert_eq!(moe(&o, 0).router, RouterKind::Softmax { norm_p: None });
+
+        let h = get("hunyuan-a13b");
+        assert_eq!(
+            (h.head_dim, h.attn.qk_norm, h.tie_word_embeddings),
+            (128, QkNorm::PerHeadAfterRope, true)
+        );
+        let m = moe(&h, 31);
+        assert_eq!(
+            (m.num_experts, m.top_k, m.expert_ffn, m.shared.unwrap().ffn),
+            (64, 8, 3072, 3072)
+        );
+        // NTK alpha 1000 on base 1e4 with head_dim 128: 1e4 * 1000^(128/126).
+        assert!((h.rope.theta / (1e4 * 1000f64.powf(128.0 / 126.0)) - 1.0).abs() < 1e-12);
     }
 }
