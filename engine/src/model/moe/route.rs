@@ -38,7 +38,7 @@ pub fn route(logits: &Tensor, kind: RouterKind, top_k: usize) -> Result<Routing>
                 let chosen = top_k_indices(&probs, top_k);
                 let norm = match norm_p {
                     None => 1.0,
-                    Some(p) if p == 1.0 => chosen.iter().map(|&i| probs[i]).sum(),
+                    Some(1.0) => chosen.iter().map(|&i| probs[i]).sum(),
                     Some(p) => {
                         let p = p as f32;
                         chosen
