@@ -76,6 +76,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             clip_qkv: attn.opt_f64("clip_qkv")?,
             ..Default::default()
         },
+        mla: None,
         rope: theta,
         sliding_window: None,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),

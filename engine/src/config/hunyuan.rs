@@ -83,6 +83,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             clip_qkv: None,
             qkv_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
         },
+        mla: None,
         rope: f.rope(10_000.0, d.head_dim)?,
         sliding_window: None,
         tie_word_embeddings: d.tie,

@@ -53,6 +53,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5),
         },
         attn: AttnConfig::default(),
+        mla: None,
         rope: f.rope(1e6, head_dim)?,
         sliding_window: f.opt_usize("sliding_window")?,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),

@@ -39,6 +39,8 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     pub norm: NormKind,
     pub attn: AttnConfig,
+    /// Multi-head latent attention (DeepSeek-V2/V3) instead of GQA; `None` for GQA models.
+    pub mla: Option<MlaConfig>,
     pub rope: RopeConfig,
     /// Each query sees at most this many keys (itself included), or all earlier keys if `None`.
     pub sliding_window: Option<usize>,
@@ -75,6 +77,19 @@ pub struct AttnConfig {
     pub clip_qkv: Option<f64>,
     /// q/k/v projections carry a bias (Qwen2-MoE).
     pub qkv_bias: bool,
+}
+
+/// DeepSeek's multi-head latent attention. Per head, q and k are `qk_nope_head_dim` (no
+/// position) + `qk_rope_head_dim` (RoPE, one key part shared by all heads); v is `v_head_dim`.
+/// The KV cache holds only the compressed latent (`kv_lora_rank`) and the shared rope key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlaConfig {
+    /// Low-rank query (`q_a_proj` -> `q_a_layernorm` -> `q_b_proj`), or a plain `q_proj` if `None`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
 }
 
 /// RMSNorm on queries and keys, with the same eps as the model's norms.

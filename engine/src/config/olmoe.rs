@@ -42,6 +42,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             clip_qkv: f.opt_f64("clip_qkv")?,
             qkv_bias: false,
         },
+        mla: None,
         rope: f.rope(10_000.0, d.head_dim)?,
         sliding_window: None,
         tie_word_embeddings: d.tie,

@@ -107,6 +107,7 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
         },
         attn,
+        mla: None,
         rope: f.rope(default_theta, d.head_dim)?,
         sliding_window: None,
         tie_word_embeddings: d.tie,
