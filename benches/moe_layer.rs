@@ -23,10 +23,11 @@ fn layer(h: usize, f: usize, e: usize, k: usize) -> MoeBlock {
         router: r(&[e, h], 2.0 / (h as f64).sqrt()),
         gate_up: r(&[e, 2 * f, h], 1.0 / (h as f64).sqrt()),
         down: r(&[e, h, f], 1.0 / (f as f64).sqrt()),
+        score_bias: None,
         shared: None,
         shared_gate: None,
     };
-    MoeBlock::new(cfg, w)
+    MoeBlock::new(cfg, w).unwrap()
 }
 
 fn bench(c: &mut Criterion) {

@@ -122,6 +122,73 @@ fn qwen2_moe_biases_and_gated_shared_expert() {
 }
 
 #[test]
+fn deepseek_v2_mla_plain_q_greedy_router() {
+    check("deepseek-v2-greedy");
+}
+
+#[test]
+fn deepseek_v2_mla_low_rank_q_group_limited_router_yarn() {
+    check("deepseek-v2-group");
+}
+
+#[test]
+fn deepseek_v3_noaux_tc_router_with_correction_bias() {
+    check("deepseek-v3");
+}
+
+#[test]
+fn dots1_qk_norm_v3_router() {
+    check("dots1");
+}
+
+#[test]
+fn mla_absorbed_and_expanded_paths_agree() {
+    // The same prompt through the absorbed path (the decode formulation, forced for every
+    // position here) matches transformers like the expanded one does.
+    for name in ["deepseek-v2-group", "deepseek-v3"] {
+        let dir = fixture(name);
+        let exp = expected(&dir);
+        let model = load_dir(&dir, &LoadOptions::default()).unwrap();
+        // Feed the prompt one token at a time: every step takes the absorbed path.
+        let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
+        let mut rows = Vec::new();
+        for &id in &exp.prompt_ids {
+            let ids = Tensor::new(&[id], model.device())
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let l: Vec<Vec<f32>> = model
+                .forward(&ids, &mut cache, true, None)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            rows.push(l[0].clone());
+        }
+        let diff = max_abs_diff(&rows, &exp.logits);
+        assert!(
+            diff < LOGIT_TOL,
+            "{name}: token-by-token (absorbed) logits differ by {diff}"
+        );
+    }
+}
+
+#[test]
+fn mla_cache_holds_only_the_latent() {
+    // KV bytes per token = layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes.
+    let dir = fixture("deepseek-v3");
+    let model = load_dir(&dir, &LoadOptions::default()).unwrap();
+    let m = model.cfg.mla.unwrap();
+    let cache = model.new_cache(1, 10).unwrap();
+    assert_eq!(
+        cache.bytes_per_token(),
+        model.cfg.num_layers() * (m.kv_lora_rank + m.qk_rope_head_dim) * 4
+    );
+    assert_eq!(cache.bytes_per_token(), 3 * (32 + 8) * 4);
+}
+
+#[test]
 fn router_weights_match() {
     // The combine weights, not just the ids: renormalised softmax over the chosen experts.
     for name in FIXTURES {

@@ -21,6 +21,10 @@ pub const FIXTURES: &[&str] = &[
     "olmoe",
     "hunyuan-moe",
     "qwen2-moe",
+    "deepseek-v2-greedy",
+    "deepseek-v2-group",
+    "deepseek-v3",
+    "dots1",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -41,12 +41,14 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         ));
     }
     let head_dim = hidden / heads;
+    let max_pos = f.opt_usize("max_seq_len")?.unwrap_or(2048);
     let theta = match attn.opt_f64("rope_theta")? {
         Some(t) => RopeConfig {
             theta: t,
             scaling: RopeScaling::None,
+            interleaved: false,
         },
-        None => f.rope(10_000.0, head_dim)?,
+        None => f.rope(10_000.0, head_dim, max_pos)?,
     };
     let moe = MoeConfig {
         num_experts: ffn.usize("moe_num_experts")?,
@@ -70,7 +72,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         num_heads: heads,
         num_kv_heads: attn.opt_usize("kv_n_heads")?.unwrap_or(heads),
         head_dim,
-        max_position_embeddings: f.opt_usize("max_seq_len")?.unwrap_or(2048),
+        max_position_embeddings: max_pos,
         norm: NormKind::LayerNorm { eps: 1e-5 },
         attn: AttnConfig {
             clip_qkv: attn.opt_f64("clip_qkv")?,

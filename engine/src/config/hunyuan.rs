@@ -63,6 +63,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             })
         })
         .collect();
+    let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(2048);
     Ok(ModelConfig {
         model_type: "hunyuan_v1_moe".into(), // both spellings load with the same names
         vocab_size: d.vocab,
@@ -70,7 +71,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         num_heads: d.heads,
         num_kv_heads: d.kv_heads,
         head_dim: d.head_dim,
-        max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+        max_position_embeddings: max_pos,
         norm: NormKind::Rms {
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5),
         },
@@ -84,7 +85,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             qkv_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
         },
         mla: None,
-        rope: f.rope(10_000.0, d.head_dim)?,
+        rope: f.rope(10_000.0, d.head_dim, max_pos)?,
         sliding_window: None,
         tie_word_embeddings: d.tie,
         layers,

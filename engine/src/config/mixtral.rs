@@ -41,6 +41,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         shared: None,
     };
     let num_layers = f.usize("num_hidden_layers")?;
+    let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096 * 32);
     Ok(ModelConfig {
         model_type: "mixtral".into(),
         vocab_size: f.usize("vocab_size")?,
@@ -48,13 +49,13 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         num_heads,
         num_kv_heads,
         head_dim,
-        max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(4096 * 32),
+        max_position_embeddings: max_pos,
         norm: NormKind::Rms {
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5),
         },
         attn: AttnConfig::default(),
         mla: None,
-        rope: f.rope(1e6, head_dim)?,
+        rope: f.rope(1e6, head_dim, max_pos)?,
         sliding_window: f.opt_usize("sliding_window")?,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         layers: vec![FfnKind::Moe(moe); num_layers],

@@ -3,6 +3,7 @@
 //! onto this struct; differences between architectures are data, never separate forward passes.
 
 mod dbrx;
+mod deepseek;
 mod hunyuan;
 mod mixtral;
 mod olmoe;
@@ -24,6 +25,9 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "olmoe",
     "hunyuan_v1_moe",
     "hunyuan",
+    "deepseek_v2",
+    "deepseek_v3",
+    "dots1",
 ];
 
 /// Everything the engine needs to know about a decoder-only MoE transformer.
@@ -109,6 +113,8 @@ pub enum QkNorm {
 pub struct RopeConfig {
     pub theta: f64,
     pub scaling: RopeScaling,
+    /// Rotate adjacent pairs (x0,x1),(x2,x3).. (DeepSeek MLA) instead of the two halves.
+    pub interleaved: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,6 +124,63 @@ pub enum RopeScaling {
     Linear {
         factor: f64,
     },
+    /// YaRN: frequencies interpolated by `factor` outside the band [beta_slow, beta_fast]
+    /// rotations over `original_max_position` tokens, and cos/sin scaled by the attention
+    /// factor (see [`RopeScaling::attention_factor`]).
+    Yarn {
+        factor: f64,
+        original_max_position: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        mscale: Option<f64>,
+        mscale_all_dim: Option<f64>,
+        /// An explicit `attention_factor` from the config.
+        attention_factor: Option<f64>,
+        truncate: bool,
+    },
+}
+
+/// YaRN's magnitude correction 0.1 * m * ln(scale) + 1 (1 for scale <= 1).
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
+impl RopeScaling {
+    /// The factor transformers multiplies cos and sin by.
+    pub fn attention_factor(&self) -> f64 {
+        match *self {
+            RopeScaling::Yarn {
+                factor,
+                mscale,
+                mscale_all_dim,
+                attention_factor,
+                ..
+            } => match (attention_factor, mscale, mscale_all_dim) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                    yarn_mscale(factor, m) / yarn_mscale(factor, ma)
+                }
+                _ => yarn_mscale(factor, 1.0),
+            },
+            _ => 1.0,
+        }
+    }
+
+    /// DeepSeek's extra softmax scale for MLA under YaRN: mscale(factor, mscale_all_dim)^2.
+    pub fn mla_softmax_scale(&self) -> f64 {
+        match *self {
+            RopeScaling::Yarn {
+                factor,
+                mscale_all_dim: Some(ma),
+                ..
+            } if ma != 0.0 => yarn_mscale(factor, ma).powi(2),
+            _ => 1.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +218,24 @@ pub enum RouterKind {
     /// p = softmax_f32(x Wg^T); the top-k of p; then, with `norm_p = Some(q)`, divide by their
     /// q-norm (q = 1: renormalise to sum 1 as Mixtral; DBRX allows any q); `None`: use p as is.
     Softmax { norm_p: Option<f64> },
+    /// DeepSeek-V2: p = softmax_f32(x Wg^T); with `n_group` > 1, keep the `topk_group` groups
+    /// whose max p is largest (others' p set to 0); top-k of p; weight = p * `scaling`, never
+    /// renormalised.
+    SoftmaxGroupLimited {
+        n_group: usize,
+        topk_group: usize,
+        scaling: f64,
+    },
+    /// DeepSeek-V3 / dots.llm1 "noaux_tc": s = sigmoid_f32(x Wg^T), c = s + bias (the
+    /// `e_score_correction_bias`, used only to choose); keep the `topk_group` groups with the
+    /// largest sum of their top-2 c; ids = top-k of c; weight = s at those ids, divided by
+    /// their sum (+1e-20) if `renormalize`, times `scaling`.
+    SigmoidBiasGrouped {
+        n_group: usize,
+        topk_group: usize,
+        renormalize: bool,
+        scaling: f64,
+    },
 }
 
 impl ModelConfig {
@@ -193,6 +274,9 @@ impl ModelConfig {
             "qwen2_moe" => qwen_moe::parse(&raw, path, qwen_moe::Variant::Qwen2)?,
             "olmoe" => olmoe::parse(&raw, path)?,
             "hunyuan_v1_moe" | "hunyuan" => hunyuan::parse(&raw, path)?,
+            "deepseek_v2" => deepseek::parse(&raw, path, deepseek::Variant::V2)?,
+            "deepseek_v3" => deepseek::parse(&raw, path, deepseek::Variant::V3)?,
+            "dots1" => deepseek::parse(&raw, path, deepseek::Variant::Dots1)?,
             _ => {
                 return Err(Error::UnsupportedModelType {
                     path: path.to_path_buf(),
@@ -460,7 +544,8 @@ impl<'a> Fields<'a> {
 
     /// RoPE parameters in either published form: top-level `rope_theta` + `rope_scaling`
     /// (transformers 4.x) or `rope_parameters: {rope_type, rope_theta, ...}` (transformers 5).
-    pub fn rope(&self, default_theta: f64, head_dim: usize) -> Result<RopeConfig> {
+    /// `head_dim` is the rotated dimension; `max_pos` the model's context (YaRN defaults).
+    pub fn rope(&self, default_theta: f64, head_dim: usize, max_pos: usize) -> Result<RopeConfig> {
         let nested = self
             .get("rope_parameters")
             .or_else(|| self.get("rope_scaling"));
@@ -509,14 +594,46 @@ impl<'a> Fields<'a> {
                 theta *= alpha.powf(d / (d - 2.0));
                 RopeScaling::None
             }
+            "yarn" => {
+                let original_max_position = num("original_max_position_embeddings")
+                    .map(|n| n as usize)
+                    .unwrap_or(max_pos);
+                // No factor: the ratio of the context to the pretraining context (DeepSeek-V3).
+                let factor = num("factor").unwrap_or(max_pos as f64 / original_max_position as f64);
+                let nonzero = |k: &str| num(k).filter(|v| *v != 0.0);
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position,
+                    beta_fast: nonzero("beta_fast").unwrap_or(32.0),
+                    beta_slow: nonzero("beta_slow").unwrap_or(1.0),
+                    mscale: num("mscale"),
+                    mscale_all_dim: num("mscale_all_dim"),
+                    attention_factor: num("attention_factor"),
+                    truncate: nested.and_then(|m| m.get("truncate")).and_then(Value::as_bool).unwrap_or(true),
+                }
+            }
             other => {
                 return Err(Error::config(
                     &self.path,
-                    format!("rope type {other:?} is not supported for this model yet (supported: default, linear, NTK alpha)"),
+                    format!("rope type {other:?} is not supported for this model yet (supported: default, linear, yarn, NTK alpha)"),
                 ))
             }
         };
-        Ok(RopeConfig { theta, scaling })
+        if num("partial_rotary_factor").is_some_and(|f| f != 1.0)
+            || self
+                .opt_f64("partial_rotary_factor")?
+                .is_some_and(|f| f != 1.0)
+        {
+            return Err(Error::config(
+                &self.path,
+                "partial_rotary_factor != 1 is not supported yet",
+            ));
+        }
+        Ok(RopeConfig {
+            theta,
+            scaling,
+            interleaved: false,
+        })
     }
 }
 

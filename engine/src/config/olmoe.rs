@@ -26,6 +26,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         router_f32: false,
         shared: None,
     };
+    let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
     Ok(ModelConfig {
         model_type: "olmoe".into(),
         vocab_size: d.vocab,
@@ -33,7 +34,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         num_heads: d.heads,
         num_kv_heads: d.kv_heads,
         head_dim: d.head_dim,
-        max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
+        max_position_embeddings: max_pos,
         norm: NormKind::Rms {
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5),
         },
@@ -43,7 +44,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             qkv_bias: false,
         },
         mla: None,
-        rope: f.rope(10_000.0, d.head_dim)?,
+        rope: f.rope(10_000.0, d.head_dim, max_pos)?,
         sliding_window: None,
         tie_word_embeddings: d.tie,
         layers: vec![FfnKind::Moe(moe); d.layers],

@@ -95,6 +95,7 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             },
         ),
     };
+    let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(32768);
     Ok(ModelConfig {
         model_type: model_type.into(),
         vocab_size: d.vocab,
@@ -102,13 +103,13 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         num_heads: d.heads,
         num_kv_heads: d.kv_heads,
         head_dim: d.head_dim,
-        max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(32768),
+        max_position_embeddings: max_pos,
         norm: NormKind::Rms {
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
         },
         attn,
         mla: None,
-        rope: f.rope(default_theta, d.head_dim)?,
+        rope: f.rope(default_theta, d.head_dim, max_pos)?,
         sliding_window: None,
         tie_word_embeddings: d.tie,
         layers,

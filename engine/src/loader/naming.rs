@@ -6,10 +6,12 @@
 use candle_core::{DType, Tensor};
 
 use super::{Checkpoint, LoadOptions};
-use crate::config::{FfnKind, ModelConfig, MoeConfig, QkNorm, SharedExperts};
+use crate::config::{
+    FfnKind, MlaConfig, ModelConfig, MoeConfig, QkNorm, RouterKind, SharedExperts,
+};
 use crate::error::{Error, Result};
 use crate::model::moe::MoeWeights;
-use crate::model::{FfnWeights, LayerWeights, MlpWeights, ModelWeights};
+use crate::model::{AttnWeights, FfnWeights, LayerWeights, MlaWeights, MlpWeights, ModelWeights};
 
 enum Attn {
     /// `{q,k,v,o}` projection names without `.weight` (biases are `.bias`).
@@ -58,6 +60,8 @@ pub(super) struct Naming {
     shared_gate: &'static str,
     /// Dense-layer MLP prefix (`{dense}.{gate,up,down}_proj`).
     dense: &'static str,
+    /// The selection bias of sigmoid routers (`[E]`, f32).
+    score_bias: &'static str,
 }
 
 const LLAMA_ATTN: Attn = Attn::Separate {
@@ -90,6 +94,13 @@ const QWEN: Naming = Naming {
     shared: "mlp.shared_expert",
     shared_gate: "mlp.shared_expert_gate.weight",
     dense: "mlp",
+    score_bias: "mlp.gate.e_score_correction_bias",
+};
+
+/// DeepSeek-V2/V3 and dots.llm1 (MLA names are fixed, see `mla`).
+const DEEPSEEK: Naming = Naming {
+    shared: "mlp.shared_experts",
+    ..QWEN
 };
 
 const MIXTRAL: Naming = Naming {
@@ -137,6 +148,7 @@ pub(super) fn naming(model_type: &str) -> Option<&'static Naming> {
         "qwen3_moe" | "qwen2_moe" | "olmoe" => &QWEN,
         "hunyuan_v1_moe" => &HUNYUAN,
         "dbrx" => &DBRX,
+        "deepseek_v2" | "deepseek_v3" | "dots1" => &DEEPSEEK,
         _ => return None,
     })
 }
@@ -148,63 +160,15 @@ pub(super) fn weights(
     names: &Naming,
     o: &LoadOptions,
 ) -> Result<ModelWeights> {
-    let (h, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim);
-    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let dt = o.dtype;
+    let (h, v, dt) = (cfg.hidden_size, cfg.vocab_size, o.dtype);
     let embed = ck.take(names.embed, &[v, h], dt, &o.device)?;
     let mut layers = Vec::with_capacity(cfg.num_layers());
     for (i, kind) in cfg.layers.iter().enumerate() {
         let p = |n: &str| format!("{}{i}.{n}", names.layer_prefix);
-        let part = |n: &str, shape: &[usize]| (p(n), shape.to_vec());
-        let (qkv, qkv_bias, o_name) = match names.attn {
-            Attn::Separate { q, k, v, o: out } => {
-                let w = |n: &str, rows| part(&format!("{n}.weight"), &[rows, h]);
-                let qkv = ck.take_concat(
-                    &[w(q, q_out), w(k, kv_out), w(v, kv_out)],
-                    &[q_out + 2 * kv_out, h],
-                    dt,
-                    &o.device,
-                )?;
-                let bias = if cfg.attn.qkv_bias {
-                    let b = |n: &str, rows| part(&format!("{n}.bias"), &[rows]);
-                    Some(ck.take_concat(
-                        &[b(q, q_out), b(k, kv_out), b(v, kv_out)],
-                        &[q_out + 2 * kv_out],
-                        dt,
-                        &o.device,
-                    )?)
-                } else {
-                    None
-                };
-                (qkv, bias, out)
-            }
-            Attn::Fused { qkv, o: out } => {
-                if cfg.attn.qkv_bias {
-                    return Err(Error::config(
-                        "config.json",
-                        "this family has no q/k/v biases",
-                    ));
-                }
-                let w = ck.take(
-                    &p(&format!("{qkv}.weight")),
-                    &[q_out + 2 * kv_out, h],
-                    dt,
-                    &o.device,
-                )?;
-                (w, None, out)
-            }
+        let attn = match cfg.mla {
+            Some(m) => AttnWeights::Mla(mla(ck, &p, cfg, &m, o)?),
+            None => gqa(ck, &p, cfg, names, o)?,
         };
-        let (qn_shape, kn_shape) = match cfg.attn.qk_norm {
-            QkNorm::None => (None, None),
-            QkNorm::Whole => (Some(q_out), Some(kv_out)),
-            QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope => (Some(hd), Some(hd)),
-        };
-        let mut opt = |name: &str, len: Option<usize>| -> Result<Option<Tensor>> {
-            len.map(|n| ck.take(&p(name), &[n], dt, &o.device))
-                .transpose()
-        };
-        let q_norm = opt(names.q_norm, qn_shape)?;
-        let k_norm = opt(names.k_norm, kn_shape)?;
         let ffn = match kind {
             FfnKind::Dense { intermediate } => {
                 FfnWeights::Dense(mlp(ck, &p(names.dense), *intermediate, h, o)?)
@@ -213,11 +177,7 @@ pub(super) fn weights(
         };
         layers.push(LayerWeights {
             attn_norm: ck.take(&p(names.attn_norm), &[h], dt, &o.device)?,
-            qkv,
-            qkv_bias,
-            q_norm,
-            k_norm,
-            o: ck.take(&p(&format!("{o_name}.weight")), &[h, q_out], dt, &o.device)?,
+            attn,
             ffn_norm: ck.take(&p(names.ffn_norm), &[h], dt, &o.device)?,
             ffn,
         });
@@ -237,6 +197,111 @@ pub(super) fn weights(
         layers,
         final_norm,
         lm_head,
+    })
+}
+
+/// Grouped-query attention: q/k/v fused into one `[q + 2kv, H]` projection (+ bias), the
+/// QK-norm weights the config calls for, and the output projection.
+fn gqa(
+    ck: &mut Checkpoint,
+    p: &dyn Fn(&str) -> String,
+    cfg: &ModelConfig,
+    names: &Naming,
+    o: &LoadOptions,
+) -> Result<AttnWeights> {
+    let (h, hd, dt) = (cfg.hidden_size, cfg.head_dim, o.dtype);
+    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let part = |n: &str, shape: &[usize]| (p(n), shape.to_vec());
+    let (qkv, qkv_bias, o_name) = match names.attn {
+        Attn::Separate { q, k, v, o: out } => {
+            let w = |n: &str, rows| part(&format!("{n}.weight"), &[rows, h]);
+            let qkv = ck.take_concat(
+                &[w(q, q_out), w(k, kv_out), w(v, kv_out)],
+                &[q_out + 2 * kv_out, h],
+                dt,
+                &o.device,
+            )?;
+            let bias = if cfg.attn.qkv_bias {
+                let b = |n: &str, rows| part(&format!("{n}.bias"), &[rows]);
+                Some(ck.take_concat(
+                    &[b(q, q_out), b(k, kv_out), b(v, kv_out)],
+                    &[q_out + 2 * kv_out],
+                    dt,
+                    &o.device,
+                )?)
+            } else {
+                None
+            };
+            (qkv, bias, out)
+        }
+        Attn::Fused { qkv, o: out } => {
+            if cfg.attn.qkv_bias {
+                return Err(Error::config(
+                    "config.json",
+                    "this family has no q/k/v biases",
+                ));
+            }
+            let w = ck.take(
+                &p(&format!("{qkv}.weight")),
+                &[q_out + 2 * kv_out, h],
+                dt,
+                &o.device,
+            )?;
+            (w, None, out)
+        }
+    };
+    let (qn, kn) = match cfg.attn.qk_norm {
+        QkNorm::None => (None, None),
+        QkNorm::Whole => (Some(q_out), Some(kv_out)),
+        QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope => (Some(hd), Some(hd)),
+    };
+    let mut norm = |name: &str, len: Option<usize>| {
+        len.map(|n| ck.take(&p(name), &[n], dt, &o.device))
+            .transpose()
+    };
+    let q_norm = norm(names.q_norm, qn)?;
+    let k_norm = norm(names.k_norm, kn)?;
+    Ok(AttnWeights::Gqa {
+        qkv,
+        qkv_bias,
+        q_norm,
+        k_norm,
+        o: ck.take(&p(&format!("{o_name}.weight")), &[h, q_out], dt, &o.device)?,
+    })
+}
+
+/// DeepSeek multi-head latent attention, under the names every DeepSeek checkpoint uses.
+fn mla(
+    ck: &mut Checkpoint,
+    p: &dyn Fn(&str) -> String,
+    cfg: &ModelConfig,
+    m: &MlaConfig,
+    o: &LoadOptions,
+) -> Result<MlaWeights> {
+    let (h, nh, dt) = (cfg.hidden_size, cfg.num_heads, o.dtype);
+    let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
+    let mut take = |name: &str, shape: &[usize]| ck.take(&p(name), shape, dt, &o.device);
+    let q = match m.q_lora_rank {
+        None => Ok(take("self_attn.q_proj.weight", &[nh * qk, h])?),
+        Some(r) => Err((
+            take("self_attn.q_a_proj.weight", &[r, h])?,
+            take("self_attn.q_a_layernorm.weight", &[r])?,
+            take("self_attn.q_b_proj.weight", &[nh * qk, r])?,
+        )),
+    };
+    let r = m.kv_lora_rank;
+    Ok(MlaWeights {
+        q,
+        kv_a: take(
+            "self_attn.kv_a_proj_with_mqa.weight",
+            &[r + m.qk_rope_head_dim, h],
+        )?,
+        kv_a_norm: take("self_attn.kv_a_layernorm.weight", &[r])?,
+        kv_b: take(
+            "self_attn.kv_b_proj.weight",
+            &[nh * (m.qk_nope_head_dim + m.v_head_dim), r],
+        )?,
+        o: take("self_attn.o_proj.weight", &[h, nh * m.v_head_dim])?,
     })
 }
 
@@ -312,8 +377,15 @@ fn moe(
             (Some(mlp(ck, &p(names.shared), ffn, h, o)?), gate)
         }
     };
+    let score_bias = match m.router {
+        RouterKind::SigmoidBiasGrouped { .. } => {
+            Some(ck.take(&p(names.score_bias), &[e], DType::F32, &o.device)?)
+        }
+        _ => None,
+    };
     Ok(MoeWeights {
         router,
+        score_bias,
         gate_up,
         down,
         shared,

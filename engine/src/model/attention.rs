@@ -103,7 +103,7 @@ impl Attention {
 /// Additive mask `[g*T, L-start]` (0 or -inf) for queries at `pos..pos+T` over keys
 /// `start..L`; row r is query `r % T` (the g heads of a group are stacked). A query at p sees
 /// key j iff j <= p and, with a window w, p - j < w. `None` when nothing is masked.
-fn causal_mask(
+pub(crate) fn causal_mask(
     t: usize,
     g: usize,
     pos: usize,

@@ -4,11 +4,15 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
+use super::mla::{MlaAttention, MlaQuery};
 use super::moe::{Mlp, MoeBlock, Routing};
 use super::norm::Norm;
 use super::rope::Rope;
-use super::{FfnWeights, Linear, ModelWeights};
-use crate::config::{FfnKind, ModelConfig, QkNorm};
+use super::{AttnWeights, FfnWeights, Linear, ModelWeights};
+use crate::config::{FfnKind, ModelConfig, NormKind, QkNorm};
+
+/// DeepSeek's q_a_layernorm and kv_a_layernorm use a fixed eps, not `rms_norm_eps`.
+const MLA_NORM_EPS: f64 = 1e-6;
 use crate::runtime::kv_cache::KvCache;
 
 enum Ffn {
@@ -16,9 +20,14 @@ enum Ffn {
     Moe(MoeBlock),
 }
 
+enum Attn {
+    Gqa(Attention),
+    Mla(MlaAttention),
+}
+
 struct Layer {
     attn_norm: Norm,
-    attn: Attention,
+    attn: Attn,
     ffn_norm: Norm,
     ffn: Ffn,
 }
@@ -50,20 +59,12 @@ impl Model {
     /// Builds the model from canonical weights (already in `dtype` on `device`).
     pub fn new(cfg: ModelConfig, w: ModelWeights, dtype: DType, device: &Device) -> Result<Self> {
         let norm = cfg.norm;
-        // QK-norms use the model's norm eps; they are RMSNorms in every family that has them.
-        let qk = |w: Option<Tensor>| {
-            w.map(|w| {
-                Norm::new(
-                    w,
-                    crate::config::NormKind::Rms {
-                        eps: cfg.norm.eps(),
-                    },
-                )
-            })
-        };
+        // QK-norms use the model's eps; MLA's latent norms use a fixed 1e-6 (as DeepSeek does).
+        let rms = |w: Tensor, eps: f64| Norm::new(w, NormKind::Rms { eps });
+        let rope_dim = cfg.mla.map_or(cfg.head_dim, |m| m.qk_rope_head_dim);
         let rope = Rope::new(
             &cfg.rope,
-            cfg.head_dim,
+            rope_dim,
             cfg.max_position_embeddings,
             dtype,
             device,
@@ -75,27 +76,76 @@ impl Model {
             .map(|(lw, kind)| {
                 let ffn = match (lw.ffn, kind) {
                     (FfnWeights::Moe(mw), FfnKind::Moe(mc)) => {
-                        Ffn::Moe(MoeBlock::new(mc.clone(), mw))
+                        Ffn::Moe(MoeBlock::new(mc.clone(), mw)?)
                     }
                     (FfnWeights::Dense(mlp), FfnKind::Dense { .. }) => Ffn::Dense(Mlp::new(mlp)),
                     _ => candle_core::bail!("layer weights do not match the config's layer kind"),
                 };
-                if (cfg.attn.qk_norm == QkNorm::None) != lw.q_norm.is_none() {
-                    candle_core::bail!("QK-norm weights do not match the config's qk_norm");
-                }
+                let attn = match (lw.attn, cfg.mla) {
+                    (
+                        AttnWeights::Gqa {
+                            qkv,
+                            qkv_bias,
+                            q_norm,
+                            k_norm,
+                            o,
+                        },
+                        None,
+                    ) => {
+                        if (cfg.attn.qk_norm == QkNorm::None) != q_norm.is_none() {
+                            candle_core::bail!("QK-norm weights do not match the config's qk_norm");
+                        }
+                        Attn::Gqa(Attention {
+                            qkv: Linear::with_bias(qkv, qkv_bias),
+                            o: Linear::new(o),
+                            q_norm: q_norm.map(|w| rms(w, norm.eps())),
+                            k_norm: k_norm.map(|w| rms(w, norm.eps())),
+                            cfg: cfg.attn,
+                            num_heads: cfg.num_heads,
+                            num_kv_heads: cfg.num_kv_heads,
+                            head_dim: cfg.head_dim,
+                            sliding_window: cfg.sliding_window,
+                        })
+                    }
+                    (AttnWeights::Mla(m), Some(mc)) => {
+                        let (nh, dn, dr, dv) = (
+                            cfg.num_heads,
+                            mc.qk_nope_head_dim,
+                            mc.qk_rope_head_dim,
+                            mc.v_head_dim,
+                        );
+                        let (w_uk, w_uv) = MlaAttention::split_kv_b(&m.kv_b, nh, dn, dv)?;
+                        Attn::Mla(MlaAttention {
+                            q: match m.q {
+                                Ok(q) => MlaQuery::Plain(Linear::new(q)),
+                                Err((a, n, b)) => MlaQuery::LowRank {
+                                    a: Linear::new(a),
+                                    norm: rms(n, MLA_NORM_EPS),
+                                    b: Linear::new(b),
+                                },
+                            },
+                            kv_a: Linear::new(m.kv_a),
+                            kv_a_norm: rms(m.kv_a_norm, MLA_NORM_EPS),
+                            kv_b: Linear::new(m.kv_b),
+                            w_uk,
+                            w_uv,
+                            o: Linear::new(m.o),
+                            num_heads: nh,
+                            nope_dim: dn,
+                            rope_dim: dr,
+                            v_dim: dv,
+                            latent_dim: mc.kv_lora_rank,
+                            scale: ((dn + dr) as f64).powf(-0.5)
+                                * cfg.rope.scaling.mla_softmax_scale(),
+                        })
+                    }
+                    _ => candle_core::bail!(
+                        "attention weights do not match the config's attention kind"
+                    ),
+                };
                 Ok(Layer {
                     attn_norm: Norm::new(lw.attn_norm, norm),
-                    attn: Attention {
-                        qkv: Linear::with_bias(lw.qkv, lw.qkv_bias),
-                        o: Linear::new(lw.o),
-                        q_norm: qk(lw.q_norm),
-                        k_norm: qk(lw.k_norm),
-                        cfg: cfg.attn,
-                        num_heads: cfg.num_heads,
-                        num_kv_heads: cfg.num_kv_heads,
-                        head_dim: cfg.head_dim,
-                        sliding_window: cfg.sliding_window,
-                    },
+                    attn,
                     ffn_norm: Norm::new(lw.ffn_norm, norm),
                     ffn,
                 })
@@ -155,9 +205,11 @@ impl Model {
             .embedding(&ids.flatten_all()?)?
             .reshape((ids.dim(0)?, t, ()))?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer
-                .attn
-                .forward(&layer.attn_norm.forward(&x)?, pos, &self.rope, cache, i)?;
+            let xn = layer.attn_norm.forward(&x)?;
+            let h = match &layer.attn {
+                Attn::Gqa(a) => a.forward(&xn, pos, &self.rope, cache, i)?,
+                Attn::Mla(a) => a.forward(&xn, pos, &self.rope, cache, i)?,
+            };
             x = (x + h)?;
             let h = layer.ffn_norm.forward(&x)?;
             let (h, routing) = match &layer.ffn {

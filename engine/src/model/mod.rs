@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod decoder;
+pub mod mla;
 pub mod moe;
 pub mod norm;
 pub mod rope;
@@ -46,17 +47,35 @@ pub struct ModelWeights {
 
 pub struct LayerWeights {
     pub attn_norm: Tensor,
-    /// Fused `[heads*hd + 2*kv*hd, H]`: q rows, then k rows, then v rows.
-    pub qkv: Tensor,
-    /// `[heads*hd + 2*kv*hd]` when the family has q/k/v biases.
-    pub qkv_bias: Option<Tensor>,
-    /// QK-norm weights: `[hd]` per head, or `[heads*hd]` / `[kv*hd]` for a whole-projection norm.
-    pub q_norm: Option<Tensor>,
-    pub k_norm: Option<Tensor>,
-    /// `[H, heads*hd]`
-    pub o: Tensor,
+    pub attn: AttnWeights,
     pub ffn_norm: Tensor,
     pub ffn: FfnWeights,
+}
+
+pub enum AttnWeights {
+    Gqa {
+        /// Fused `[heads*hd + 2*kv*hd, H]`: q rows, then k rows, then v rows.
+        qkv: Tensor,
+        /// `[heads*hd + 2*kv*hd]` when the family has q/k/v biases.
+        qkv_bias: Option<Tensor>,
+        /// QK-norm weights: `[hd]` per head, or `[heads*hd]` / `[kv*hd]` for a whole-projection
+        /// norm.
+        q_norm: Option<Tensor>,
+        k_norm: Option<Tensor>,
+        /// `[H, heads*hd]`
+        o: Tensor,
+    },
+    Mla(MlaWeights),
+}
+
+/// DeepSeek MLA weights (shapes in `model/mla.rs`).
+pub struct MlaWeights {
+    /// `q_proj`, or `(q_a_proj, q_a_layernorm, q_b_proj)`.
+    pub q: Result<Tensor, (Tensor, Tensor, Tensor)>,
+    pub kv_a: Tensor,
+    pub kv_a_norm: Tensor,
+    pub kv_b: Tensor,
+    pub o: Tensor,
 }
 
 /// A SwiGLU MLP: gate_up `[2F, H]` (rows 0..F gate, F..2F up), down `[H, F]`.

@@ -1,7 +1,8 @@
-//! Rotary position embedding, "rotate half" form (Llama/Mixtral): the head dim is split in two
-//! halves that rotate as (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
-//! cos/sin tables are computed once for every position in f32, the way transformers does
-//! (inv_freq = 1 / theta^(2i/d) in f32, angle = pos * inv_freq in f32).
+//! Rotary position embedding. Two layouts: "rotate half" (Llama, Mixtral, Qwen...: dim i pairs
+//! with i + d/2) and interleaved (DeepSeek MLA: dims 2i and 2i+1 pair). cos/sin tables are
+//! computed once for every position in f32 the way transformers does (inv_freq in f32,
+//! angle = pos * inv_freq in f32), with linear or YaRN frequency scaling and YaRN's attention
+//! factor folded into cos and sin.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -9,48 +10,136 @@ use crate::config::{RopeConfig, RopeScaling};
 
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// `[max_pos, hd/2]` in the activation dtype.
+    /// `[max_pos, d/2]` in the activation dtype.
     cos: Tensor,
     sin: Tensor,
+    interleaved: bool,
+}
+
+/// Per-pair inverse frequencies for a rotated dimension `dim`.
+pub fn inv_freq(cfg: &RopeConfig, dim: usize) -> Vec<f32> {
+    let theta = cfg.theta as f32;
+    let base: Vec<f32> = (0..dim / 2)
+        .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / dim as f32))
+        .collect();
+    match cfg.scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Yarn {
+            factor,
+            original_max_position,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            // Dimensions that rotate more than beta_fast times over the pretraining context keep
+            // their frequency, those under beta_slow are interpolated by `factor`, with a linear
+            // ramp in between (YaRN, as transformers' `_compute_yarn_parameters`).
+            let d = dim as f64;
+            let correction = |rotations: f64| {
+                d * (original_max_position as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    / (2.0 * cfg.theta.ln())
+            };
+            let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+            if truncate {
+                low = low.floor();
+                high = high.ceil();
+            }
+            let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            base.iter()
+                .enumerate()
+                .map(|(i, &extra)| {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0) as f32;
+                    let keep = 1.0 - ramp; // share of the unscaled (extrapolated) frequency
+                    (extra / factor as f32) * (1.0 - keep) + extra * keep
+                })
+                .collect()
+        }
+    }
 }
 
 impl Rope {
+    /// Tables for a rotated dimension `dim` (the head dim, or MLA's rope part).
     pub fn new(
         cfg: &RopeConfig,
-        head_dim: usize,
+        dim: usize,
         max_pos: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let half = head_dim / 2;
-        let theta = cfg.theta as f32;
-        let pos_scale = match cfg.scaling {
-            RopeScaling::None => 1.0f32,
-            RopeScaling::Linear { factor } => 1.0 / factor as f32,
-        };
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq = inv_freq(cfg, dim);
+        let scale = cfg.scaling.attention_factor() as f32;
+        let half = dim / 2;
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
         for p in 0..max_pos {
-            let pos = p as f32 * pos_scale;
             for &f in &inv_freq {
-                let angle = pos * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                let angle = p as f32 * f;
+                cos.push(angle.cos() * scale);
+                sin.push(angle.sin() * scale);
             }
         }
         let cos = Tensor::from_vec(cos, (max_pos, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (max_pos, half), device)?.to_dtype(dtype)?;
-        Ok(Rope { cos, sin })
+        Ok(Rope {
+            cos,
+            sin,
+            interleaved: cfg.interleaved,
+        })
     }
 
-    /// `x [B, heads, T, hd]` at positions `pos..pos+T` -> same shape.
+    /// `x [B, heads, T, d]` at positions `pos..pos+T` -> same shape.
     pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        let x = x.contiguous()?;
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yarn_keeps_fast_dims_and_interpolates_slow_ones() {
+        let cfg = RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::Yarn {
+                factor: 40.0,
+                original_max_position: 4096,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor: None,
+                truncate: true,
+            },
+            interleaved: true,
+        };
+        let plain = inv_freq(
+            &RopeConfig {
+                scaling: RopeScaling::None,
+                ..cfg.clone()
+            },
+            64,
+        );
+        let yarn = inv_freq(&cfg, 64);
+        assert_eq!(yarn[0], plain[0], "highest frequency untouched");
+        assert!(
+            (yarn[31] - plain[31] / 40.0).abs() < 1e-12,
+            "lowest frequency divided by the factor"
+        );
+        // Attention factor without mscale fields: 0.1 ln(40) + 1.
+        assert!((cfg.scaling.attention_factor() - (0.1 * 40f64.ln() + 1.0)).abs() < 1e-12);
     }
 }

@@ -1,5 +1,7 @@
-//! The KV cache: per layer one K and one V tensor `[B, kv, cap, hd]`, allocated once for the
-//! whole context and written in place; nothing is concatenated or reallocated while decoding.
+//! The KV cache: per layer two tensors allocated once for the whole context and written in
+//! place; nothing is concatenated or reallocated while decoding.
+//! GQA: K and V `[B, kv, cap, hd]`. MLA: the compressed latent `[B, 1, cap, kv_lora_rank]` and
+//! the shared rotated key `[B, 1, cap, qk_rope_head_dim]`; per-head K/V are never stored.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -20,12 +22,21 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim);
+        let (k_shape, v_shape) = match cfg.mla {
+            Some(m) => (
+                (batch, 1, capacity, m.kv_lora_rank),
+                (batch, 1, capacity, m.qk_rope_head_dim),
+            ),
+            None => {
+                let s = (batch, cfg.num_kv_heads, capacity, cfg.head_dim);
+                (s, s)
+            }
+        };
         let layers = (0..cfg.num_layers())
             .map(|_| {
                 Ok((
-                    Tensor::zeros(shape, dtype, device)?,
-                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(k_shape, dtype, device)?,
+                    Tensor::zeros(v_shape, dtype, device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -66,8 +77,8 @@ impl KvCache {
                 .map_or(1, |(k, _)| k.dim(0).unwrap_or(1))
     }
 
-    /// Writes `k, v [B, kv, T, hd]` for positions `pos..pos+T` of `layer` and returns views of
-    /// positions `0..pos+T`.
+    /// Writes `k, v [B, heads, T, d]` (GQA K and V, or MLA latent and rope key) for positions
+    /// `pos..pos+T` of `layer` and returns views of positions `0..pos+T`.
     pub fn write(
         &mut self,
         layer: usize,

@@ -26,6 +26,8 @@ pub struct MoeWeights {
     pub gate_up: Tensor,
     /// `[E, H, F]`
     pub down: Tensor,
+    /// The selection-only correction bias `[E]` of sigmoid routers (f32).
+    pub score_bias: Option<Tensor>,
     /// Always-on shared experts (one MLP) and, for sigmoid gating, the gate `[1, H]`.
     pub shared: Option<MlpWeights>,
     pub shared_gate: Option<Tensor>,
@@ -38,18 +40,25 @@ pub struct MoeBlock {
     pub down: Tensor,
     pub shared: Option<Mlp>,
     pub shared_gate: Option<Linear>,
+    /// `score_bias` on the host: routing runs on the host in the CPU path.
+    pub score_bias: Option<Vec<f32>>,
 }
 
 impl MoeBlock {
-    pub fn new(cfg: MoeConfig, w: MoeWeights) -> Self {
-        MoeBlock {
+    pub fn new(cfg: MoeConfig, w: MoeWeights) -> Result<Self> {
+        let score_bias = w
+            .score_bias
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        Ok(MoeBlock {
             cfg,
             router: Linear::new(w.router),
             gate_up: w.gate_up,
             down: w.down,
             shared: w.shared.map(Mlp::new),
             shared_gate: w.shared_gate.map(Linear::new),
-        }
+            score_bias,
+        })
     }
 
     /// `x [B, T, H] -> ([B, T, H], routing)`
@@ -64,7 +73,12 @@ impl MoeBlock {
         } else {
             self.router.forward(&x)?
         };
-        let routing = route(&logits, self.cfg.router, self.cfg.top_k)?;
+        let routing = route(
+            &logits,
+            self.cfg.router,
+            self.cfg.top_k,
+            self.score_bias.as_deref(),
+        )?;
         let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts);
         let y = experts(&x, &d, &self.gate_up, &self.down)?; // [N*A, H], expert-sorted
         let mut out = combine(&y, &d, &routing)?; // [N, H]

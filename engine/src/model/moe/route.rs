@@ -21,8 +21,14 @@ impl Routing {
     }
 }
 
-/// Routes every row of `logits [N, E]` (any float dtype; scored in f32).
-pub fn route(logits: &Tensor, kind: RouterKind, top_k: usize) -> Result<Routing> {
+/// Routes every row of `logits [N, E]` (any float dtype; scored in f32). `bias [E]` is the
+/// selection-only correction bias of [`RouterKind::SigmoidBiasGrouped`].
+pub fn route(
+    logits: &Tensor,
+    kind: RouterKind,
+    top_k: usize,
+    bias: Option<&[f32]>,
+) -> Result<Routing> {
     let (n, e) = logits.dims2()?;
     if top_k == 0 || top_k > e {
         candle_core::bail!("route: top_k {top_k} must be in 1..={e}")
@@ -30,29 +36,77 @@ pub fn route(logits: &Tensor, kind: RouterKind, top_k: usize) -> Result<Routing>
     let scores: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut ids = Vec::with_capacity(n * top_k);
     let mut weights = Vec::with_capacity(n * top_k);
-    let mut probs = vec![0f32; e];
+    // `value`: the scores the weights come from; `select`: the scores the top-k is taken over.
+    let mut value = vec![0f32; e];
+    let mut select = vec![0f32; e];
     for row in scores.chunks_exact(e) {
-        match kind {
+        let (chosen, norm, scale) = match kind {
             RouterKind::Softmax { norm_p } => {
-                softmax_into(row, &mut probs);
-                let chosen = top_k_indices(&probs, top_k);
+                softmax_into(row, &mut value);
+                let chosen = top_k_indices(&value, top_k);
                 let norm = match norm_p {
                     None => 1.0,
-                    Some(1.0) => chosen.iter().map(|&i| probs[i]).sum(),
+                    Some(1.0) => chosen.iter().map(|&i| value[i]).sum(),
                     Some(p) => {
                         let p = p as f32;
                         chosen
                             .iter()
-                            .map(|&i| probs[i].powf(p))
+                            .map(|&i| value[i].powf(p))
                             .sum::<f32>()
                             .powf(1.0 / p)
                     }
                 };
-                for &i in &chosen {
-                    ids.push(i as u32);
-                    weights.push(probs[i] / norm);
-                }
+                (chosen, norm, 1.0)
             }
+            RouterKind::SoftmaxGroupLimited {
+                n_group,
+                topk_group,
+                scaling,
+            } => {
+                softmax_into(row, &mut value);
+                select.copy_from_slice(&value);
+                // Group score = the max probability in the group; dropped groups read 0.
+                keep_top_groups(&mut select, n_group, topk_group, 0.0, |g| {
+                    g.iter().copied().fold(f32::MIN, f32::max)
+                })?;
+                (top_k_indices(&select, top_k), 1.0, scaling as f32)
+            }
+            RouterKind::SigmoidBiasGrouped {
+                n_group,
+                topk_group,
+                renormalize,
+                scaling,
+            } => {
+                let Some(bias) = bias.filter(|b| b.len() == e) else {
+                    candle_core::bail!(
+                        "route: the sigmoid router needs a correction bias of {e} values"
+                    )
+                };
+                for ((v, s), (&x, &b)) in value
+                    .iter_mut()
+                    .zip(select.iter_mut())
+                    .zip(row.iter().zip(bias))
+                {
+                    *v = 1.0 / (1.0 + (-x).exp());
+                    *s = *v + b;
+                }
+                // Group score = the sum of the two best biased scores; dropped groups read -inf.
+                keep_top_groups(&mut select, n_group, topk_group, f32::NEG_INFINITY, |g| {
+                    let top = top_k_indices(g, 2.min(g.len()));
+                    top.iter().map(|&i| g[i]).sum()
+                })?;
+                let chosen = top_k_indices(&select, top_k);
+                let norm = if renormalize {
+                    chosen.iter().map(|&i| value[i]).sum::<f32>() + 1e-20
+                } else {
+                    1.0
+                };
+                (chosen, norm, scaling as f32)
+            }
+        };
+        for &i in &chosen {
+            ids.push(i as u32);
+            weights.push(value[i] / norm * scale);
         }
     }
     Ok(Routing {
@@ -60,6 +114,35 @@ pub fn route(logits: &Tensor, kind: RouterKind, top_k: usize) -> Result<Routing>
         ids,
         weights,
     })
+}
+
+/// Group-limited selection: split `scores` into `n_group` equal groups, keep the `topk_group`
+/// groups with the best `group_score`, and overwrite every other group with `fill`.
+fn keep_top_groups(
+    scores: &mut [f32],
+    n_group: usize,
+    topk_group: usize,
+    fill: f32,
+    group_score: impl Fn(&[f32]) -> f32,
+) -> Result<()> {
+    if n_group <= 1 {
+        return Ok(());
+    }
+    if !scores.len().is_multiple_of(n_group) || topk_group == 0 || topk_group > n_group {
+        candle_core::bail!(
+            "route: {} experts cannot be split into {n_group} groups keeping {topk_group}",
+            scores.len()
+        )
+    }
+    let size = scores.len() / n_group;
+    let group_scores: Vec<f32> = scores.chunks_exact(size).map(&group_score).collect();
+    let keep = top_k_indices(&group_scores, topk_group);
+    for (g, chunk) in scores.chunks_exact_mut(size).enumerate() {
+        if !keep.contains(&g) {
+            chunk.fill(fill);
+        }
+    }
+    Ok(())
 }
 
 /// Numerically stable softmax in f32 (subtract the max, as torch does).
@@ -92,7 +175,7 @@ mod tests {
     fn softmax_top2_renormalised() {
         // One token, 4 experts; logits chosen so the top two are experts 2 and 0.
         let logits = Tensor::new(&[[1.0f32, -1.0, 2.0, 0.0]], &Device::Cpu).unwrap();
-        let r = route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 2).unwrap();
+        let r = route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 2, None).unwrap();
         assert_eq!(r.ids, vec![2, 0]);
         // Renormalised over the two: softmax over [2, 1] = [e/(e+1), 1/(e+1)].
         let e = std::f32::consts::E;
@@ -103,7 +186,7 @@ mod tests {
     #[test]
     fn without_renormalisation_weights_are_probabilities() {
         let logits = Tensor::new(&[[0.0f32, 0.0, 0.0, 0.0]], &Device::Cpu).unwrap();
-        let r = route(&logits, RouterKind::Softmax { norm_p: None }, 2).unwrap();
+        let r = route(&logits, RouterKind::Softmax { norm_p: None }, 2, None).unwrap();
         assert_eq!(r.ids, vec![0, 1], "ties go to the lower index");
         assert_eq!(r.weights, vec![0.25, 0.25]);
     }
@@ -112,7 +195,7 @@ mod tests {
     fn p_norm_normalisation() {
         // DBRX divides the top-k probabilities by their p-norm; p = 2 here.
         let logits = Tensor::new(&[[0.0f32, 1.0, 2.0]], &Device::Cpu).unwrap();
-        let r = route(&logits, RouterKind::Softmax { norm_p: Some(2.0) }, 2).unwrap();
+        let r = route(&logits, RouterKind::Softmax { norm_p: Some(2.0) }, 2, None).unwrap();
         assert_eq!(r.ids, vec![2, 1]);
         let norm = r.weights.iter().map(|w| w * w).sum::<f32>().sqrt();
         assert!(
@@ -124,12 +207,83 @@ mod tests {
     }
 
     #[test]
+    fn deepseek_v2_group_limited() {
+        // 8 experts in 4 groups of 2, keep 2 groups. Probabilities follow the logits' order.
+        let logits =
+            Tensor::new(&[[5.0f32, 0.0, 4.9, 0.0, 0.0, 4.8, 0.0, 1.0]], &Device::Cpu).unwrap();
+        let kind = RouterKind::SoftmaxGroupLimited {
+            n_group: 4,
+            topk_group: 2,
+            scaling: 2.0,
+        };
+        let r = route(&logits, kind, 3, None).unwrap();
+        // Groups by max: g0 (5.0), g1 (4.9), g2 (4.8), g3 (1.0): g2 is dropped, so expert 5 is
+        // not chosen although it has the third-highest probability.
+        assert_eq!(r.ids, vec![0, 2, 1]);
+        let free = route(
+            &logits,
+            RouterKind::SoftmaxGroupLimited {
+                n_group: 1,
+                topk_group: 1,
+                scaling: 2.0,
+            },
+            3,
+            None,
+        )
+        .unwrap();
+        assert_eq!(free.ids, vec![0, 2, 5]);
+        // Weights are probability x scaling, not renormalised.
+        let p = route(&logits, RouterKind::Softmax { norm_p: None }, 1, None)
+            .unwrap()
+            .weights[0];
+        assert!((r.weights[0] - 2.0 * p).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sigmoid_bias_chooses_but_does_not_weigh() {
+        let logits = Tensor::new(&[[2.0f32, 1.0, 0.0, -1.0]], &Device::Cpu).unwrap();
+        let kind = RouterKind::SigmoidBiasGrouped {
+            n_group: 1,
+            topk_group: 1,
+            renormalize: true,
+            scaling: 2.5,
+        };
+        // Without bias experts 0,1 win; a bias of +3 on expert 3 makes it win instead of 1.
+        let r = route(&logits, kind, 2, Some(&[0.0, 0.0, 0.0, 3.0])).unwrap();
+        assert_eq!(r.ids, vec![3, 0]);
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let sum = sig(-1.0) + sig(2.0);
+        assert!((r.weights[0] - 2.5 * sig(-1.0) / sum).abs() < 1e-6);
+        assert!((r.weights[1] - 2.5 * sig(2.0) / sum).abs() < 1e-6);
+        assert!(
+            route(&logits, kind, 2, None).is_err(),
+            "the bias is required"
+        );
+    }
+
+    #[test]
+    fn sigmoid_groups_score_by_top2_sum() {
+        // 2 groups of 3: g0 = (0.9, 0.0, 0.0), g1 = (0.5, 0.5, 0.0) as biases on zero logits.
+        // Max would keep g0; the top-2 sum keeps g1 (1.0 vs 0.9).
+        let logits = Tensor::new(&[[0.0f32; 6]], &Device::Cpu).unwrap();
+        let kind = RouterKind::SigmoidBiasGrouped {
+            n_group: 2,
+            topk_group: 1,
+            renormalize: false,
+            scaling: 1.0,
+        };
+        let r = route(&logits, kind, 2, Some(&[0.9, 0.0, 0.0, 0.5, 0.5, 0.0])).unwrap();
+        assert_eq!(r.ids, vec![3, 4]);
+        assert_eq!(r.weights, vec![0.5, 0.5]);
+    }
+
+    #[test]
     fn many_tokens_and_bad_k() {
         let logits = Tensor::new(&[[0.0f32, 5.0, 1.0], [3.0, 0.0, 4.0]], &Device::Cpu).unwrap();
-        let r = route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 1).unwrap();
+        let r = route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 1, None).unwrap();
         assert_eq!(r.ids, vec![1, 2]);
         assert_eq!(r.weights, vec![1.0, 1.0]);
         assert_eq!(r.num_tokens(), 2);
-        assert!(route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 4).is_err());
+        assert!(route(&logits, RouterKind::Softmax { norm_p: Some(1.0) }, 4, None).is_err());
     }
 }
