@@ -328,3 +328,15 @@ fn unknown_model_name_and_model_not_in_cache() {
         "{err}"
     );
 }
+
+#[test]
+fn prequantized_checkpoint_is_refused_clearly() {
+    let (_t, dir) = scratch();
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["quantization_config"] =
+        serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 128]});
+    std::fs::write(&p, v.to_string()).unwrap();
+    fails(&dir, &[], &["config.json", "stored quantized (fp8)"]);
+}

@@ -119,3 +119,55 @@ fn sampling_is_seeded() {
         "different seeds should differ over 24 sampled tokens"
     );
 }
+
+#[test]
+fn stats_report_routing_and_latent_kv_size() {
+    // DeepSeek-V3 fixture: 3 layers, MLA latent 32 + rope key 8, f32 -> 480 bytes per token.
+    let dir = fixture("deepseek-v3");
+    let out = moe_run(&[
+        "--weights",
+        dir.to_str().unwrap(),
+        "--ids",
+        "5,6,7,8",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--stats",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kv_cache_bytes_per_token"], 480);
+    // 4 prompt + 3 fed-back tokens went through the 2 MoE layers (layer 0 is dense), top-4.
+    assert_eq!(v["routing"]["tokens"], 7);
+    let layers = v["routing"]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for l in layers {
+        let counts: Vec<u64> = serde_json::from_value(l["counts"].clone()).unwrap();
+        assert_eq!(counts.iter().sum::<u64>(), 7 * 4);
+        assert!(l["imbalance"].as_f64().unwrap() >= 1.0);
+    }
+    let out = moe_run(&[
+        "--weights",
+        dir.to_str().unwrap(),
+        "--ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "2",
+        "--stats",
+        "--ignore-eos",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("KV cache: 480 bytes per token")
+            && stderr.contains("MLA latent 32 + rope key 8"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("imbalance"), "{stderr}");
+}

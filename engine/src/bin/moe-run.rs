@@ -186,9 +186,13 @@ struct RunOut<'a> {
 fn run(a: RunArgs) -> Result<()> {
     let (dir, model) = load(&a.model)?;
     let tokenizer = match (&a.prompt, a.json) {
-        // Text in or text out needs the tokenizer; ids in + JSON out does not.
-        (Some(_), _) | (None, false) => Some(TextTokenizer::from_dir(&dir, &model.cfg)?),
-        (None, true) => None,
+        // Text in needs the tokenizer; text out uses it when there is one (else ids are
+        // printed); ids in + JSON out does not.
+        (Some(_), _) => Some(TextTokenizer::from_dir(&dir, &model.cfg)?),
+        (None, false) if dir.join("tokenizer.json").exists() => {
+            Some(TextTokenizer::from_dir(&dir, &model.cfg)?)
+        }
+        (None, _) => None,
     };
     let prompt_ids = match (&a.prompt, &a.ids, &tokenizer) {
         (Some(text), _, _) if text.is_empty() => {
@@ -234,12 +238,15 @@ fn run(a: RunArgs) -> Result<()> {
         &prompt_ids,
         &params,
         |id| {
-            if let (false, Some(tok)) = (a.json, &tokenizer) {
-                if let Some(piece) = stream.push(tok, id)? {
-                    write!(stdout, "{piece}")
-                        .and_then(|_| stdout.flush())
-                        .map_err(|e| Error::io("stdout", e))?;
-                }
+            let piece = match (a.json, &tokenizer) {
+                (true, _) => None,
+                (false, Some(tok)) => stream.push(tok, id)?,
+                (false, None) => Some(format!("{id} ")),
+            };
+            if let Some(piece) = piece {
+                write!(stdout, "{piece}")
+                    .and_then(|_| stdout.flush())
+                    .map_err(|e| Error::io("stdout", e))?;
             }
             Ok(())
         },
@@ -259,11 +266,21 @@ fn run(a: RunArgs) -> Result<()> {
         drop(stdout);
         if let (Some(st), Some(kv)) = (&stats, kv_per_token) {
             eprint!("{}", st.table());
+            let c = &model.cfg;
+            let per_layer = match c.mla {
+                Some(m) => format!(
+                    "MLA latent {} + rope key {} per layer",
+                    m.kv_lora_rank, m.qk_rope_head_dim
+                ),
+                None => format!(
+                    "K and V of {} heads x {} dims per layer",
+                    c.num_kv_heads, c.head_dim
+                ),
+            };
             eprintln!(
-                "KV cache: {kv} bytes per token, measured from the allocated cache ({} layers, {} KV heads x {} dims, K and V)",
-                model.cfg.num_layers(),
-                model.cfg.num_kv_heads,
-                model.cfg.head_dim
+                "KV cache: {kv} bytes per token, measured from the allocated cache ({} layers, {per_layer}, {:?})",
+                c.num_layers(),
+                model.dtype()
             );
         }
     }

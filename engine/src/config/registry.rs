@@ -39,6 +39,21 @@ pub static KNOWN_MODELS: &[KnownModel] = &[
         repo: "tencent/Hunyuan-A13B-Instruct",
         config_json: include_str!("../../../configs/hunyuan-a13b.json"),
     },
+    KnownModel {
+        name: "deepseek-v2-lite",
+        repo: "deepseek-ai/DeepSeek-V2-Lite",
+        config_json: include_str!("../../../configs/deepseek-v2-lite.json"),
+    },
+    KnownModel {
+        name: "deepseek-v3",
+        repo: "deepseek-ai/DeepSeek-V3",
+        config_json: include_str!("../../../configs/deepseek-v3.json"),
+    },
+    KnownModel {
+        name: "dots-llm1",
+        repo: "rednote-hilab/dots.llm1.inst",
+        config_json: include_str!("../../../configs/dots-llm1.PARTIAL.json"),
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static KnownModel> {
@@ -71,6 +86,81 @@ mod tests {
             (4096, 32, 8, 128)
         );
         assert_eq!(cfg.rope.theta, 1e6);
+    }
+
+    #[test]
+    fn real_deepseek_configs() {
+        use crate::config::{FfnKind, RopeScaling, RouterKind};
+        let get =
+            |n: &str| ModelConfig::from_json_str(find(n).unwrap().config_json, n.as_ref()).unwrap();
+        let v3 = get("deepseek-v3");
+        let m = v3.mla.unwrap();
+        assert_eq!(
+            (
+                m.q_lora_rank,
+                m.kv_lora_rank,
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim
+            ),
+            (Some(1536), 512, 128, 64, 128)
+        );
+        assert_eq!(v3.num_layers(), 61);
+        assert!(matches!(
+            v3.layers[2],
+            FfnKind::Dense {
+                intermediate: 18432
+            }
+        ));
+        let FfnKind::Moe(moe) = &v3.layers[3] else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                moe.num_experts,
+                moe.top_k,
+                moe.expert_ffn,
+                moe.shared.unwrap().ffn
+            ),
+            (256, 8, 2048, 2048)
+        );
+        assert_eq!(
+            moe.router,
+            RouterKind::SigmoidBiasGrouped {
+                n_group: 8,
+                topk_group: 4,
+                renormalize: true,
+                scaling: 2.5
+            }
+        );
+        assert!(
+            v3.rope.interleaved
+                && matches!(v3.rope.scaling, RopeScaling::Yarn { factor: 40.0, .. })
+        );
+
+        let lite = get("deepseek-v2-lite");
+        assert_eq!(lite.mla.unwrap().q_lora_rank, None);
+        let FfnKind::Moe(moe) = &lite.layers[1] else {
+            panic!()
+        };
+        assert_eq!(
+            (moe.num_experts, moe.top_k, moe.shared.unwrap().ffn),
+            (64, 6, 2 * 1408)
+        );
+        assert!(matches!(
+            moe.router,
+            RouterKind::SoftmaxGroupLimited { n_group: 1, .. }
+        ));
+
+        let dots = get("dots-llm1");
+        assert!(dots.mla.is_none());
+        let FfnKind::Moe(moe) = &dots.layers[1] else {
+            panic!()
+        };
+        assert_eq!(
+            (moe.num_experts, moe.top_k, moe.shared.unwrap().ffn),
+            (128, 6, 2 * 1408)
+        );
     }
 
     #[test]

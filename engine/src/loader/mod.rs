@@ -44,7 +44,9 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Model> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "weights directory not found"),
         ));
     }
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    let cfg = ModelConfig::from_file(&config_path)?;
+    reject_quantized_checkpoint(&config_path)?;
     let ck = Checkpoint::open_dir(dir)?;
     load_checkpoint(cfg, ck, opts)
 }
@@ -63,13 +65,43 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
         });
     };
     let weights: ModelWeights = naming::weights(&mut ck, &cfg, names, opts)?;
-    ck.finish(&cfg.model_type, ignorable)?;
+    let layers = cfg.num_layers();
+    ck.finish(&cfg.model_type, |name| ignorable(name, layers))?;
     Ok(Model::new(cfg, weights, opts.dtype, &opts.device)?)
 }
 
 /// Tensors some exporters write that carry no weights (recomputed RoPE tables).
-fn ignorable(name: &str) -> bool {
-    name.ends_with("rotary_emb.inv_freq")
+/// Checkpoints stored pre-quantized by their publisher (DeepSeek-V3's FP8 blocks with
+/// `weight_scale_inv`, GPTQ/AWQ...) need their own dequantization, which is not written yet.
+fn reject_quantized_checkpoint(config_path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: config_path.to_path_buf(),
+        source,
+    })?;
+    match v.get("quantization_config").filter(|q| !q.is_null()) {
+        None => Ok(()),
+        Some(q) => Err(Error::config(
+            config_path,
+            format!(
+                "the checkpoint is stored quantized ({}), which this build cannot load yet; use a bf16/f16/f32 \
+                 export (for DeepSeek-V3, DeepSeek's fp8_cast_bf16.py converts it)",
+                q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown method")
+            ),
+        )),
+    }
+}
+
+/// Tensors we deliberately do not load: recomputed RoPE tables some exporters write, and
+/// DeepSeek-V3's multi-token-prediction layers stored after the last decoder layer (used only
+/// for speculative decoding; transformers skips them too).
+fn ignorable(name: &str, num_layers: usize) -> bool {
+    let extra_layer = name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .is_some_and(|i| i >= num_layers);
+    name.ends_with("rotary_emb.inv_freq") || extra_layer
 }
 
 /// Parses `f32|bf16|f16`.
