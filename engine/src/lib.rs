@@ -4,6 +4,7 @@
 //! weights) -> model (one generic decoder; MoE as route / dispatch / experts / combine) ->
 //! runtime (KV cache, generation, tokenizer).
 
+pub mod analysis;
 pub mod config;
 pub mod error;
 pub mod loader;

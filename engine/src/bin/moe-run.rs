@@ -34,6 +34,9 @@ struct Cli {
 enum Cmd {
     /// Print the model's logits for a prompt of token ids as JSON: {"ids":[..],"logits":[[..]..]}.
     Logits(LogitsArgs),
+    /// Exact parameter, memory, KV and FLOP accounting from the config alone, decode/prefill
+    /// ceilings on GPUs, the seed articles' formulas and --claims (no weights needed).
+    Analyze(moe::analysis::AnalyzeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Some(Cmd::Logits(a)) => logits(a),
+        Some(Cmd::Analyze(a)) => moe::analysis::run(&a),
         None => run(cli.run),
     };
     match result {

@@ -1,0 +1,239 @@
+//! Bytes of weights at each precision, KV cache bytes and FLOPs per token, exactly, from the
+//! tensor inventory ([`super::counts::tensor_inventory`]).
+//!
+//! Weight formats (what `--precision` means here):
+//! - fp32: 4 bytes per element, every tensor.
+//! - bf16: 2 bytes per element (a router kept in f32 stays 4).
+//! - int8: per-output-channel symmetric: a linear `[N, K]` is N x K int8 + N 16-bit scales.
+//! - int4: groups of 128 along K (the input dim), asymmetric: N x ceil(K/2) bytes of packed
+//!   nibbles + N x ceil(K/128) x (16-bit scale + 16-bit zero).
+//!
+//! In int8 / int4 only the big linear weights are quantized; embeddings, norms, biases,
+//! routers and lm_head stay 16-bit: [`storage`] is that one rule.
+//! Activations and the KV cache stay bf16 under int8 / int4 (weight-only formats), f32 under
+//! fp32.
+
+use serde::Serialize;
+
+use super::counts::{expert_params, Component, TensorGroup, TensorKind};
+use crate::config::{FfnKind, ModelConfig};
+
+/// Weight precision of the model as a whole (see the module doc for the exact formats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Int8,
+    Int4,
+}
+
+/// int4 group size along the input dimension.
+pub const INT4_GROUP: usize = 128;
+
+impl Precision {
+    pub const ALL: [Precision; 4] = [
+        Precision::Fp32,
+        Precision::Bf16,
+        Precision::Int8,
+        Precision::Int4,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
+        }
+    }
+
+    /// One line on the format, for reports.
+    pub fn format(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "4 B/elem",
+            Precision::Bf16 => "2 B/elem",
+            Precision::Int8 => "int8, one 16-bit scale per output row",
+            Precision::Int4 => "int4, group 128 along K, 16-bit scale + 16-bit zero",
+        }
+    }
+
+    /// The seed articles' bytes per parameter: 4, 2, 1, 0.5.
+    pub fn nominal_bytes(self) -> f64 {
+        match self {
+            Precision::Fp32 => 4.0,
+            Precision::Bf16 => 2.0,
+            Precision::Int8 => 1.0,
+            Precision::Int4 => 0.5,
+        }
+    }
+
+    /// Bytes of one KV cache / activation element under this weight format.
+    pub fn kv_elem_bytes(self) -> u64 {
+        match self {
+            Precision::Fp32 => 4,
+            Precision::Bf16 | Precision::Int8 | Precision::Int4 => 2,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Precision> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+    }
+}
+
+/// How a tensor is stored when the model is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// Takes the model's weight format (int8 / int4 when quantized).
+    Quantized,
+    /// Stays 16-bit under int8 / int4 (f32 under fp32).
+    Keep16,
+    /// Stays f32 always (a router the engine keeps in f32).
+    KeepF32,
+}
+
+/// THE quantization rule: which tensors int8 / int4 apply to. Every linear weight of
+/// attention, experts, shared experts and dense FFNs is quantized; the embedding (a lookup),
+/// norms and biases (elementwise, tiny), routers (tiny and precision-sensitive: a flipped
+/// top-k changes the expert) and lm_head (sensitive, and the logits' precision) stay 16-bit.
+pub fn storage(t: &TensorGroup) -> Storage {
+    match (t.component, t.kind) {
+        (_, TensorKind::Lookup { .. } | TensorKind::Vector { .. }) => Storage::Keep16,
+        (Component::Router, _) if t.f32 => Storage::KeepF32,
+        (Component::Router | Component::LmHead | Component::Embedding | Component::Norms, _) => {
+            Storage::Keep16
+        }
+        (
+            Component::Attention
+            | Component::RoutedExperts
+            | Component::SharedExperts
+            | Component::DenseFfn,
+            TensorKind::Linear { .. },
+        ) => Storage::Quantized,
+    }
+}
+
+/// Bytes per element of a tensor that is not quantized: 4 under fp32 or if kept in f32,
+/// else 2.
+pub fn unquantized_elem_bytes(s: Storage, p: Precision) -> u64 {
+    match (s, p) {
+        (Storage::KeepF32, _) | (_, Precision::Fp32) => 4,
+        _ => 2,
+    }
+}
+
+fn plain_bytes(elems: u64, s: Storage, p: Precision) -> u64 {
+    unquantized_elem_bytes(s, p) * elems
+}
+
+/// Bytes of one tensor of the group stored at precision `p` (see the module doc for formats).
+pub fn tensor_bytes(t: &TensorGroup, p: Precision) -> u64 {
+    let s = storage(t);
+    match (s, p, t.kind) {
+        (Storage::Quantized, Precision::Int8, TensorKind::Linear { out, inp }) => {
+            // N x K int8 + N 16-bit scales.
+            out as u64 * inp as u64 + 2 * out as u64
+        }
+        (Storage::Quantized, Precision::Int4, TensorKind::Linear { out, inp }) => {
+            // Two nibbles per byte along K; per group of 128 a 16-bit scale and zero.
+            let (n, k) = (out as u64, inp as u64);
+            n * k.div_ceil(2) + n * k.div_ceil(INT4_GROUP as u64) * 4
+        }
+        _ => plain_bytes(t.kind.numel(), s, p),
+    }
+}
+
+/// Bytes of every stored weight at precision `p` (what must sit in GPU memory).
+pub fn weight_bytes(inv: &[TensorGroup], p: Precision) -> u64 {
+    inv.iter().map(|t| tensor_bytes(t, p) * t.stored).sum()
+}
+
+/// Weight bytes one decoded token reads at batch 1: every active tensor once (k experts per
+/// MoE layer, not E), the lm_head (the embedding matrix if tied), and one row of the
+/// embedding table (a lookup reads one row, not the table).
+pub fn decode_weight_bytes(inv: &[TensorGroup], p: Precision) -> u64 {
+    inv.iter()
+        .map(|t| match t.kind {
+            TensorKind::Lookup { cols, .. } => plain_bytes(cols as u64, storage(t), p),
+            _ => tensor_bytes(t, p) * t.active,
+        })
+        .sum()
+}
+
+/// Bytes of one routed expert (gate, up, down) of an MoE layer at precision `p`.
+pub fn expert_bytes(cfg: &ModelConfig, layer: usize, p: Precision) -> u64 {
+    let FfnKind::Moe(m) = &cfg.layers[layer] else {
+        return 0;
+    };
+    let (h, f) = (cfg.hidden_size, m.expert_ffn);
+    let t = |out, inp| TensorGroup {
+        name: "expert",
+        component: Component::RoutedExperts,
+        kind: TensorKind::Linear { out, inp },
+        stored: 1,
+        active: 1,
+        f32: false,
+    };
+    let b = tensor_bytes(&t(f, h), p) * 2 + tensor_bytes(&t(h, f), p);
+    debug_assert!(p != Precision::Bf16 || b == 2 * expert_params(m, h));
+    b
+}
+
+/// KV cache bytes one token adds, over all layers, at `elem_bytes` per element.
+/// GQA: 2 (K and V) x L x nkv x hd. MLA: L x (kv_lora_rank + qk_rope_head_dim): the latent and
+/// the one shared rope key; per-head K and V are never stored.
+pub fn kv_bytes_per_token(cfg: &ModelConfig, elem_bytes: u64) -> u64 {
+    let l = cfg.num_layers() as u64;
+    match cfg.mla {
+        Some(m) => l * (m.kv_lora_rank + m.qk_rope_head_dim) as u64 * elem_bytes,
+        None => 2 * l * (cfg.num_kv_heads * cfg.head_dim) as u64 * elem_bytes,
+    }
+}
+
+/// Keys one decode step at position `context` attends to: the sliding window caps them.
+/// (The engine's cache still allocates the whole context: see [`kv_bytes_per_sequence`].)
+pub fn attended_keys(cfg: &ModelConfig, context: u64) -> u64 {
+    cfg.sliding_window
+        .map_or(context, |w| context.min(w as u64))
+}
+
+/// KV cache bytes of one sequence of `context` tokens, as the engine allocates it (every
+/// position, window or not).
+pub fn kv_bytes_per_sequence(cfg: &ModelConfig, context: u64, elem_bytes: u64) -> u64 {
+    kv_bytes_per_token(cfg, elem_bytes) * context
+}
+
+/// KV bytes one decode step at position `context` reads.
+pub fn kv_read_bytes(cfg: &ModelConfig, context: u64, elem_bytes: u64) -> u64 {
+    kv_bytes_per_token(cfg, elem_bytes) * attended_keys(cfg, context)
+}
+
+/// Attention-score FLOPs per token attending to `keys` keys, summed over layers.
+/// GQA: q.k and p.v, 2 x hd each per head and key: 4 x L x nh x hd x keys.
+/// MLA in the absorbed-latent form (W_UK folded into q, W_UV applied after, both counted as
+/// kv_b_proj's per-token matmul): scores over kv_lora_rank + rope dims and p.latent over
+/// kv_lora_rank: 2 x L x nh x (2 x kvr + dr) x keys.
+pub fn attention_flops(cfg: &ModelConfig, keys: u64) -> u64 {
+    let (l, nh) = (cfg.num_layers() as u64, cfg.num_heads as u64);
+    match cfg.mla {
+        Some(m) => 2 * l * nh * (2 * m.kv_lora_rank + m.qk_rope_head_dim) as u64 * keys,
+        None => 4 * l * nh * cfg.head_dim as u64 * keys,
+    }
+}
+
+/// FLOPs to decode one token at position `context`: 2 x active matmul parameters (lm_head
+/// in, embedding lookup out) + the attention term over the attended keys.
+pub fn decode_flops_per_token(cfg: &ModelConfig, matmul_active: u64, context: u64) -> u64 {
+    2 * matmul_active + attention_flops(cfg, attended_keys(cfg, context))
+}
+
+/// Mean FLOPs per token of a causal prefill of `prompt` tokens: token i attends to i + 1 keys
+/// (window-capped), so the attention term is averaged over the prompt.
+pub fn prefill_flops_per_token(cfg: &ModelConfig, matmul_active: u64, prompt: u64) -> f64 {
+    let keys: u64 = (1..=prompt).map(|i| attended_keys(cfg, i)).sum();
+    let mean_keys = keys as f64 / prompt.max(1) as f64;
+    2.0 * matmul_active as f64 + attention_flops(cfg, 1) as f64 * mean_keys
+}
