@@ -84,9 +84,9 @@ fn errors_name_the_problem() {
         .to_string();
     assert!(e.contains("vocab_size"), "{e}");
     let e = parse(&format!(
-        r#"{BASE},"rope_scaling":{{"type":"yarn","factor":4.0}}}}"#
+        r#"{BASE},"rope_scaling":{{"type":"longrope","factor":4.0}}}}"#
     ))
     .unwrap_err()
     .to_string();
-    assert!(e.contains("yarn"), "{e}");
+    assert!(e.contains("longrope"), "{e}");
 }
