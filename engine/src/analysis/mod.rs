@@ -234,6 +234,10 @@ pub fn resolve_config(a: &AnalyzeArgs) -> Result<Option<(String, ModelConfig)>> 
     let Some(name) = &a.model else {
         return Ok(None);
     };
+    let embedded = &crate::loader::embedded::TINY_KJV;
+    if name.eq_ignore_ascii_case(embedded.name) {
+        return Ok(Some((format!("{} (embedded)", embedded.name), embedded.config()?)));
+    }
     if let Some(m) = registry::find(name) {
         let cfg =
             ModelConfig::from_json_str(m.config_json, format!("configs ({})", m.name).as_ref())?;

@@ -9,12 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use moe::error::{Error, Result};
-use moe::loader::{self, LoadOptions};
+use moe::loader::{self, LoadOptions, ModelSource};
 use moe::model::{Model, Trace};
 use moe::runtime::generate::{generate, validate_prompt, GenerateParams, SamplingParams};
 use moe::runtime::memory::{human_bytes, peak_rss_bytes};
 use moe::runtime::stats::RoutingStats;
-use moe::runtime::tokenizer::{TextStream, TextTokenizer};
+use moe::runtime::tokenizer::TextStream;
 
 #[derive(Parser)]
 #[command(
@@ -41,7 +41,8 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// A known model name (see configs/) or a Hugging Face repo id, read from the local HF cache.
+    /// `tiny-kjv` (the embedded model, also the default), a known model name (see configs/)
+    /// or a Hugging Face repo id, read from the local HF cache.
     #[arg(long, conflicts_with = "weights")]
     model: Option<String>,
     /// A directory with config.json, safetensors weights and (for text) tokenizer.json.
@@ -143,20 +144,16 @@ fn device(spec: &str) -> Result<Device> {
     }
 }
 
-/// The directory to load, and the loaded model.
-fn load(a: &ModelArgs) -> Result<(PathBuf, Model)> {
-    let dir = match (&a.weights, &a.model) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(name)) => loader::hub::resolve_model(name)?,
-        (None, None) => return Err(Error::Input("give --weights DIR or --model NAME".into())),
-    };
+/// Where the model comes from, and the loaded model.
+fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
+    let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
     let opts = LoadOptions {
         dtype: loader::parse_dtype(&a.dtype)?,
         device: device(&a.device)?,
         progress: true,
     };
-    let model = loader::load_dir(&dir, &opts)?;
-    Ok((dir, model))
+    let model = src.load(&opts)?;
+    Ok((src, model))
 }
 
 #[derive(Serialize)]
@@ -188,16 +185,15 @@ struct RunOut<'a> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let (dir, model) = load(&a.model)?;
-    let tokenizer = match (&a.prompt, a.json) {
-        // Text in needs the tokenizer; text out uses it when there is one (else ids are
-        // printed); ids in + JSON out does not.
-        (Some(_), _) => Some(TextTokenizer::from_dir(&dir, &model.cfg)?),
-        (None, false) if dir.join("tokenizer.json").exists() => {
-            Some(TextTokenizer::from_dir(&dir, &model.cfg)?)
-        }
-        (None, _) => None,
-    };
+    let (src, model) = load(&a.model)?;
+    // Text in needs the tokenizer; text out uses it when there is one (else ids are printed).
+    let tokenizer = src.tokenizer(&model.cfg)?;
+    if let (Some(_), None, ModelSource::Dir(dir)) = (&a.prompt, &tokenizer, &src) {
+        return Err(Error::Input(format!(
+            "{} has no tokenizer.json, so --prompt cannot be encoded; give token ids with --ids",
+            dir.display()
+        )));
+    }
     let prompt_ids = match (&a.prompt, &a.ids, &tokenizer) {
         (Some(text), _, _) if text.is_empty() => {
             return Err(Error::Input("the prompt is empty: give some text".into()))

@@ -3,11 +3,12 @@
 //! layout (stacked `[E, N, K]` experts); nothing downstream knows a checkpoint's naming.
 
 pub mod checkpoint;
+pub mod embedded;
 pub mod hub;
 mod naming;
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
@@ -16,6 +17,7 @@ pub use checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelWeights};
+use crate::runtime::tokenizer::TextTokenizer;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -32,6 +34,43 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             progress: false,
+        }
+    }
+}
+
+/// Where a model comes from: a directory (given, or found in the HF cache) or the binary.
+pub enum ModelSource {
+    Dir(PathBuf),
+    Embedded(&'static embedded::Embedded),
+}
+
+impl ModelSource {
+    /// `--weights DIR` wins; `--model tiny-kjv` or no model at all is the embedded model; any
+    /// other `--model NAME` is looked up in the local Hugging Face cache.
+    pub fn resolve(model: Option<&str>, weights: Option<&Path>) -> Result<Self> {
+        match (weights, model) {
+            (Some(dir), _) => Ok(ModelSource::Dir(dir.to_path_buf())),
+            (None, None) => Ok(ModelSource::Embedded(&embedded::TINY_KJV)),
+            (None, Some(name)) if name.eq_ignore_ascii_case(embedded::TINY_KJV.name) => {
+                Ok(ModelSource::Embedded(&embedded::TINY_KJV))
+            }
+            (None, Some(name)) => Ok(ModelSource::Dir(hub::resolve_model(name)?)),
+        }
+    }
+
+    pub fn load(&self, opts: &LoadOptions) -> Result<Model> {
+        match self {
+            ModelSource::Dir(dir) => load_dir(dir, opts),
+            ModelSource::Embedded(e) => e.load(opts),
+        }
+    }
+
+    /// The tokenizer, or `None` for a directory without `tokenizer.json`.
+    pub fn tokenizer(&self, cfg: &ModelConfig) -> Result<Option<TextTokenizer>> {
+        match self {
+            ModelSource::Dir(dir) if !dir.join("tokenizer.json").exists() => Ok(None),
+            ModelSource::Dir(dir) => TextTokenizer::from_dir(dir, cfg).map(Some),
+            ModelSource::Embedded(e) => e.tokenizer(cfg).map(Some),
         }
     }
 }
