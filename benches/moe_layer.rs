@@ -21,8 +21,8 @@ fn layer(h: usize, f: usize, e: usize, k: usize) -> MoeBlock {
     };
     let w = MoeWeights {
         router: r(&[e, h], 2.0 / (h as f64).sqrt()),
-        gate_up: r(&[e, 2 * f, h], 1.0 / (h as f64).sqrt()),
-        down: r(&[e, h, f], 1.0 / (f as f64).sqrt()),
+        gate_up: r(&[e, 2 * f, h], 1.0 / (h as f64).sqrt()).into(),
+        down: r(&[e, h, f], 1.0 / (f as f64).sqrt()).into(),
         score_bias: None,
         shared: None,
         shared_gate: None,

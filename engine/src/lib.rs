@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod loader;
 pub mod model;
+pub mod quant;
 pub mod runtime;
 
 pub use error::{Error, Result};

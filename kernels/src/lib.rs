@@ -7,10 +7,13 @@
 //! | family    | entry point                   | CUDA source            |
 //! |-----------|-------------------------------|------------------------|
 //! | combine   | [`combine::moe_combine`]      | `cuda/moe_combine.cu`  |
+//! | qmatmul   | [`qmatmul::qmatmul`], [`qmatmul::qmatmul_grouped`] | `cuda/qmatmul.cu` |
 
 pub mod combine;
+pub mod qmatmul;
 
 pub use combine::{moe_combine, MoeCombine};
+pub use qmatmul::{qmatmul, qmatmul_grouped, QFormat, QMatmul};
 
 /// One PTX module compiled by `build.rs` from `cuda/<name>.cu`.
 #[derive(Debug, Clone, Copy)]

@@ -37,6 +37,8 @@ enum Cmd {
     /// Exact parameter, memory, KV and FLOP accounting from the config alone, decode/prefill
     /// ceilings on GPUs, the seed articles' formulas and --claims (no weights needed).
     Analyze(moe::analysis::AnalyzeArgs),
+    /// Write an INT8/INT4 weight-only quantized copy of a checkpoint (loads without re-quantizing).
+    Quantize(QuantizeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -54,6 +56,37 @@ struct ModelArgs {
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Weight-only quantization applied while loading: int8, int4 (group 128), int4:64, int4:32.
+    #[arg(long)]
+    quant: Option<String>,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The dense (f32/f16/bf16) checkpoint directory.
+    #[arg(long)]
+    weights: PathBuf,
+    /// int8, int4 (group 128), int4:64 or int4:32.
+    #[arg(long)]
+    quant: String,
+    /// Output directory (model.safetensors, config.json with quantization_config, tokenizer).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let fmt = moe::quant::parse_quant(&a.quant)?
+        .ok_or_else(|| Error::Input("--quant none writes nothing; use int8 or int4".into()))?;
+    let r = moe::quant::save::quantize_checkpoint(&a.weights, &a.out, fmt)?;
+    eprintln!(
+        "wrote {} ({} tensors, {}): quantized linears {} (from {} dense)",
+        a.out.join("model.safetensors").display(),
+        r.tensors,
+        human_bytes(r.file_bytes),
+        human_bytes(r.quantized_bytes),
+        human_bytes(r.replaced_bytes),
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -103,6 +136,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Some(Cmd::Logits(a)) => logits(a),
         Some(Cmd::Analyze(a)) => moe::analysis::run(&a),
+        Some(Cmd::Quantize(a)) => quantize(a),
         None => run(cli.run),
     };
     match result {
@@ -151,6 +185,12 @@ fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
         dtype: loader::parse_dtype(&a.dtype)?,
         device: device(&a.device)?,
         progress: true,
+        quant: a
+            .quant
+            .as_deref()
+            .map(moe::quant::parse_quant)
+            .transpose()?
+            .flatten(),
     };
     let model = src.load(&opts)?;
     Ok((src, model))
@@ -288,12 +328,13 @@ fn run(a: RunArgs) -> Result<()> {
         .decode_tok_per_s()
         .map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
     eprintln!(
-        "prompt {} tokens | prefill {:.1} tok/s | decode {} ({} tokens, stop: {:?}) | KV cache {} | peak RSS {}",
+        "prompt {} tokens | prefill {:.1} tok/s | decode {} ({} tokens, stop: {:?}) | weights {} | KV cache {} | peak RSS {}",
         g.prompt_ids.len(),
         g.prefill_tok_per_s(),
         decode,
         g.generated_ids.len(),
         g.stop,
+        human_bytes(model.weight_bytes() as u64),
         human_bytes(g.kv_cache_bytes as u64),
         peak_rss_bytes().map_or("n/a".into(), human_bytes),
     );

@@ -45,6 +45,18 @@ pub struct Checkpoint {
     index: HashMap<String, usize>,
     taken: BTreeSet<String>,
     progress: Option<ProgressBar>,
+    /// What `moe-run quantize` writes: each quantized weight with the dense parts it replaces.
+    quant_log: Option<QuantLog>,
+}
+
+/// Quantized weights produced while loading (see [`Checkpoint::record_quantization`]).
+#[derive(Default)]
+pub struct QuantLog {
+    /// `(parts, weight)`: the dense `.weight` names and `[rows, K]` shapes, and the quantized
+    /// weight whose rows they are, in order.
+    pub weights: Vec<(Vec<(String, Vec<usize>)>, crate::quant::QuantTensor)>,
+    /// Dense tensors that were taken but are replaced by quantized ones under other names.
+    pub replaced: BTreeSet<String>,
 }
 
 /// Float dtypes a checkpoint may store weights in.
@@ -143,6 +155,7 @@ impl Checkpoint {
             files,
             index,
             taken: BTreeSet::new(),
+            quant_log: None,
             progress: None,
         })
     }
@@ -187,6 +200,8 @@ impl Checkpoint {
             StDtype::F32 => DType::F32,
             StDtype::F16 => DType::F16,
             StDtype::BF16 => DType::BF16,
+            // moe-run's packed quantized weights (`*.qweight`).
+            StDtype::U8 => DType::U8,
             other => {
                 return Err(Error::TensorDtype {
                     name: name.to_string(),
@@ -222,6 +237,7 @@ impl Checkpoint {
         device: &Device,
     ) -> Result<Tensor> {
         let (disk, fi, range) = self.locate(name, shape)?;
+        self.check_int(name, disk, dtype)?;
         let t = Tensor::from_raw_buffer(&self.files[fi].bytes[range], disk, shape, &Device::Cpu)?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
@@ -247,6 +263,9 @@ impl Checkpoint {
             .map(|(n, shape)| self.locate(n, shape))
             .collect::<Result<Vec<_>>>()?;
         let disk = locs.first().map_or(dtype, |l| l.0);
+        for (l, (n, _)) in locs.iter().zip(parts) {
+            self.check_int(n, l.0, dtype)?;
+        }
         let t = if locs.iter().all(|l| l.0 == disk) {
             let mut buf = Vec::with_capacity(total * disk.size_in_bytes());
             for (_, fi, range) in &locs {
@@ -271,6 +290,65 @@ impl Checkpoint {
             Tensor::cat(&parts, 0)?.reshape(out_shape)?
         };
         Ok(t.to_device(device)?)
+    }
+
+    /// Packed u8 tensors are only ever read as u8, and float weights never as u8.
+    fn check_int(&self, name: &str, disk: DType, want: DType) -> Result<()> {
+        if (disk == DType::U8) != (want == DType::U8) {
+            return Err(Error::TensorDtype {
+                name: name.to_string(),
+                file: self.files[self.index[name]].name.clone(),
+                found: format!("{disk:?}"),
+                expected: if want == DType::U8 {
+                    "U8"
+                } else {
+                    FLOAT_DTYPES
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts recording quantized weights (for `moe-run quantize`).
+    pub fn record_quantization(&mut self) {
+        self.quant_log = Some(QuantLog::default());
+    }
+
+    pub(crate) fn log_quantized(
+        &mut self,
+        parts: &[(String, Vec<usize>)],
+        q: &crate::quant::QuantTensor,
+    ) {
+        if let Some(log) = &mut self.quant_log {
+            log.weights.push((parts.to_vec(), q.clone()));
+        }
+    }
+
+    pub(crate) fn log_replaced(&mut self, names: &[String]) {
+        if let Some(log) = &mut self.quant_log {
+            log.replaced.extend(names.iter().cloned());
+        }
+    }
+
+    pub fn quant_log(&self) -> Option<&QuantLog> {
+        self.quant_log.as_ref()
+    }
+
+    /// Names of the tensors taken so far.
+    pub fn taken(&self) -> impl Iterator<Item = &str> {
+        self.taken.iter().map(|s| s.as_str())
+    }
+
+    /// The stored dtype, shape and raw little-endian bytes of tensor `name`.
+    pub fn raw(&self, name: &str) -> Option<(StDtype, Vec<usize>, &[u8])> {
+        let f = &self.files[*self.index.get(name)?];
+        let info = f.meta.info(name)?;
+        let (s, e) = info.data_offsets;
+        Some((
+            info.dtype,
+            info.shape.clone(),
+            &f.bytes[f.data_start + s..f.data_start + e],
+        ))
     }
 
     /// Fails on the first tensor that was never taken and is not `ignorable`.

@@ -26,6 +26,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// Show a progress bar (only ever drawn when stderr is a terminal).
     pub progress: bool,
+    /// Weight-only quantization of the linear weights (`--quant`): applied while loading a
+    /// dense checkpoint; a checkpoint saved quantized by moe-run must match it (or leave `None`).
+    pub quant: Option<crate::quant::QFormat>,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +37,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             progress: false,
+            quant: None,
         }
     }
 }
@@ -85,9 +89,55 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     }
     let config_path = dir.join("config.json");
     let cfg = ModelConfig::from_file(&config_path)?;
-    reject_quantized_checkpoint(&config_path)?;
+    let stored = stored_quantization(&config_path)?;
     let ck = Checkpoint::open_dir(dir)?;
-    load_checkpoint(cfg, ck, opts)
+    load_checkpoint(cfg, ck, &with_stored_quant(opts, stored)?)
+}
+
+/// `opts` with the quantization a checkpoint was saved with (which `opts.quant` must not contradict).
+pub(crate) fn with_stored_quant(
+    opts: &LoadOptions,
+    stored: Option<crate::quant::QFormat>,
+) -> Result<LoadOptions> {
+    let mut o = opts.clone();
+    match (opts.quant, stored) {
+        (Some(want), Some(have)) if want != have => {
+            return Err(Error::Input(format!(
+                "the checkpoint is stored quantized as {}; it cannot be loaded as {} (load it \
+                 without --quant, or quantize the original checkpoint)",
+                crate::quant::format_name(have),
+                crate::quant::format_name(want)
+            )))
+        }
+        (_, Some(have)) => o.quant = Some(have),
+        _ => {}
+    }
+    Ok(o)
+}
+
+/// Config, canonical weights and the checkpoint they came from (all tensors taken), without
+/// building the model: what `moe-run quantize` saves.
+pub fn load_dir_weights(
+    dir: &Path,
+    opts: &LoadOptions,
+    record: bool,
+) -> Result<(ModelConfig, ModelWeights, Checkpoint)> {
+    let config_path = dir.join("config.json");
+    let cfg = ModelConfig::from_file(&config_path)?;
+    let opts = with_stored_quant(opts, stored_quantization(&config_path)?)?;
+    let mut ck = Checkpoint::open_dir(dir)?;
+    if record {
+        ck.record_quantization();
+    }
+    let Some(names) = naming::naming(&cfg.model_type) else {
+        return Err(Error::UnsupportedModelType {
+            path: config_path,
+            model_type: cfg.model_type.clone(),
+            supported: crate::config::SUPPORTED_MODEL_TYPES.to_vec(),
+        });
+    };
+    let weights = naming::weights(&mut ck, &cfg, names, &opts)?;
+    Ok((cfg, weights, ck))
 }
 
 /// Validates every tensor of `ck` against `cfg` (names, shapes, dtypes, nothing missing or extra)
@@ -109,26 +159,36 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     Ok(Model::new(cfg, weights, opts.dtype, &opts.device)?)
 }
 
-/// Tensors some exporters write that carry no weights (recomputed RoPE tables).
-/// Checkpoints stored pre-quantized by their publisher (DeepSeek-V3's FP8 blocks with
-/// `weight_scale_inv`, GPTQ/AWQ...) need their own dequantization, which is not written yet.
-fn reject_quantized_checkpoint(config_path: &Path) -> Result<()> {
+/// The quantization a checkpoint is stored with: `None` (dense), moe-run's own INT8/INT4, or an
+/// error for checkpoints stored pre-quantized by their publisher (DeepSeek-V3's FP8 blocks with
+/// `weight_scale_inv`, GPTQ/AWQ...), which need their own dequantization, not written yet.
+fn stored_quantization(config_path: &Path) -> Result<Option<crate::quant::QFormat>> {
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: config_path.to_path_buf(),
         source,
     })?;
-    match v.get("quantization_config").filter(|q| !q.is_null()) {
-        None => Ok(()),
-        Some(q) => Err(Error::config(
-            config_path,
-            format!(
-                "the checkpoint is stored quantized ({}), which this build cannot load yet; use a bf16/f16/f32 \
-                 export (for DeepSeek-V3, DeepSeek's fp8_cast_bf16.py converts it)",
-                q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown method")
-            ),
-        )),
-    }
+    let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else {
+        return Ok(None);
+    };
+    crate::quant::parse_quantization_config(q)
+        .map(Some)
+        .map_err(|method| {
+            Error::config(
+                config_path,
+                format!(
+                    "the checkpoint is stored quantized ({method}), which this build cannot load yet; use a bf16/f16/f32 \
+                     export (for DeepSeek-V3, DeepSeek's fp8_cast_bf16.py converts it), or moe-run's own \
+                     --quant int8|int4"
+                ),
+            )
+        })
+}
+
+/// Fails on any checkpoint tensor `cfg` did not use (after [`load_dir_weights`]).
+pub(crate) fn finish_checkpoint(ck: Checkpoint, cfg: &ModelConfig) -> Result<()> {
+    let layers = cfg.num_layers();
+    ck.finish(&cfg.model_type, |name| ignorable(name, layers))
 }
 
 /// Tensors we deliberately do not load: recomputed RoPE tables some exporters write, and

@@ -3,7 +3,7 @@
 //! (gate rows then up rows) and `down [E, H, F]`, dense MLPs as `gate_up [2F, H]`, `down [H, F]`.
 //! Which optional tensors must exist (biases, QK-norms, shared experts) follows the config.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::{Checkpoint, LoadOptions};
 use crate::config::{
@@ -12,6 +12,57 @@ use crate::config::{
 use crate::error::{Error, Result};
 use crate::model::moe::MoeWeights;
 use crate::model::{AttnWeights, FfnWeights, LayerWeights, MlaWeights, MlpWeights, ModelWeights};
+use crate::quant::{QuantTensor, Weight};
+
+/// A linear weight `shape = [.., N, K]` made of `parts` (full `.weight` names, each `[rows, K]`,
+/// stacked along rows). Three cases:
+/// - stored quantized by moe-run (`{stem}.qweight` u8 + `{stem}.qparams` f16 per part, rows
+///   split exactly like the dense parts): read as is, never re-quantized;
+/// - `o.quant` set on a dense checkpoint: read in f32 on the host and quantized here, one
+///   tensor at a time, so peak host memory stays near one layer beyond the result;
+/// - otherwise dense in the compute dtype.
+///
+/// Quantized weights are recorded in `ck`'s quantization log when `moe-run quantize` asked for it.
+fn lin(
+    ck: &mut Checkpoint,
+    parts: &[(String, Vec<usize>)],
+    shape: &[usize],
+    o: &LoadOptions,
+) -> Result<Weight> {
+    let stem = |n: &str| n.strip_suffix(".weight").unwrap_or(n).to_string();
+    let Some(fmt) = o.quant else {
+        return Ok(Weight::Dense(
+            ck.take_concat(parts, shape, o.dtype, &o.device)?,
+        ));
+    };
+    let q = if ck.contains(&format!("{}.qweight", stem(&parts[0].0))) {
+        let split = |suffix: &str, f: &dyn Fn(&[usize]) -> Vec<usize>| {
+            parts
+                .iter()
+                .map(|(n, s)| (format!("{}.{suffix}", stem(n)), f(s)))
+                .collect::<Vec<_>>()
+        };
+        let qparts = split("qweight", &|s| QuantTensor::stored_shapes(fmt, s).0);
+        let pparts = split("qparams", &|s| QuantTensor::stored_shapes(fmt, s).1);
+        let (qs, ps) = QuantTensor::stored_shapes(fmt, shape);
+        QuantTensor {
+            fmt,
+            shape: shape.to_vec(),
+            qweight: ck.take_concat(&qparts, &qs, DType::U8, &o.device)?,
+            params: ck.take_concat(&pparts, &ps, DType::F16, &o.device)?,
+        }
+    } else {
+        let w = ck.take_concat(parts, shape, DType::F32, &Device::Cpu)?;
+        QuantTensor::quantize(&w, fmt, &o.device)?
+    };
+    ck.log_quantized(parts, &q);
+    Ok(Weight::Quant(q))
+}
+
+/// [`lin`] for a single tensor.
+fn lin1(ck: &mut Checkpoint, name: &str, shape: &[usize], o: &LoadOptions) -> Result<Weight> {
+    lin(ck, &[(name.to_string(), shape.to_vec())], shape, o)
+}
 
 enum Attn {
     /// `{q,k,v,o}` projection names without `.weight` (biases are `.bias`).
@@ -215,11 +266,11 @@ fn gqa(
     let (qkv, qkv_bias, o_name) = match names.attn {
         Attn::Separate { q, k, v, o: out } => {
             let w = |n: &str, rows| part(&format!("{n}.weight"), &[rows, h]);
-            let qkv = ck.take_concat(
+            let qkv = lin(
+                ck,
                 &[w(q, q_out), w(k, kv_out), w(v, kv_out)],
                 &[q_out + 2 * kv_out, h],
-                dt,
-                &o.device,
+                o,
             )?;
             let bias = if cfg.attn.qkv_bias {
                 let b = |n: &str, rows| part(&format!("{n}.bias"), &[rows]);
@@ -241,11 +292,11 @@ fn gqa(
                     "this family has no q/k/v biases",
                 ));
             }
-            let w = ck.take(
+            let w = lin1(
+                ck,
                 &p(&format!("{qkv}.weight")),
                 &[q_out + 2 * kv_out, h],
-                dt,
-                &o.device,
+                o,
             )?;
             (w, None, out)
         }
@@ -266,7 +317,7 @@ fn gqa(
         qkv_bias,
         q_norm,
         k_norm,
-        o: ck.take(&p(&format!("{o_name}.weight")), &[h, q_out], dt, &o.device)?,
+        o: lin1(ck, &p(&format!("{o_name}.weight")), &[h, q_out], o)?,
     })
 }
 
@@ -280,28 +331,31 @@ fn mla(
 ) -> Result<MlaWeights> {
     let (h, nh, dt) = (cfg.hidden_size, cfg.num_heads, o.dtype);
     let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
-    let mut take = |name: &str, shape: &[usize]| ck.take(&p(name), shape, dt, &o.device);
     let q = match m.q_lora_rank {
-        None => Ok(take("self_attn.q_proj.weight", &[nh * qk, h])?),
+        None => Ok(lin1(ck, &p("self_attn.q_proj.weight"), &[nh * qk, h], o)?),
         Some(r) => Err((
-            take("self_attn.q_a_proj.weight", &[r, h])?,
-            take("self_attn.q_a_layernorm.weight", &[r])?,
-            take("self_attn.q_b_proj.weight", &[nh * qk, r])?,
+            lin1(ck, &p("self_attn.q_a_proj.weight"), &[r, h], o)?,
+            ck.take(&p("self_attn.q_a_layernorm.weight"), &[r], dt, &o.device)?,
+            lin1(ck, &p("self_attn.q_b_proj.weight"), &[nh * qk, r], o)?,
         )),
     };
     let r = m.kv_lora_rank;
+    let mut w = |name: &str, shape: &[usize]| lin1(ck, &p(name), shape, o);
+    let kv_a = w(
+        "self_attn.kv_a_proj_with_mqa.weight",
+        &[r + m.qk_rope_head_dim, h],
+    )?;
+    let kv_b = w(
+        "self_attn.kv_b_proj.weight",
+        &[nh * (m.qk_nope_head_dim + m.v_head_dim), r],
+    )?;
+    let out = w("self_attn.o_proj.weight", &[h, nh * m.v_head_dim])?;
     Ok(MlaWeights {
         q,
-        kv_a: take(
-            "self_attn.kv_a_proj_with_mqa.weight",
-            &[r + m.qk_rope_head_dim, h],
-        )?,
-        kv_a_norm: take("self_attn.kv_a_layernorm.weight", &[r])?,
-        kv_b: take(
-            "self_attn.kv_b_proj.weight",
-            &[nh * (m.qk_nope_head_dim + m.v_head_dim), r],
-        )?,
-        o: take("self_attn.o_proj.weight", &[h, nh * m.v_head_dim])?,
+        kv_a,
+        kv_a_norm: ck.take(&p("self_attn.kv_a_layernorm.weight"), &[r], dt, &o.device)?,
+        kv_b,
+        o: out,
     })
 }
 
@@ -318,13 +372,8 @@ fn mlp(
         (format!("{prefix}.up_proj.weight"), vec![f, h]),
     ];
     Ok(MlpWeights {
-        gate_up: ck.take_concat(&parts, &[2 * f, h], o.dtype, &o.device)?,
-        down: ck.take(
-            &format!("{prefix}.down_proj.weight"),
-            &[h, f],
-            o.dtype,
-            &o.device,
-        )?,
+        gate_up: lin(ck, &parts, &[2 * f, h], o)?,
+        down: lin1(ck, &format!("{prefix}.down_proj.weight"), &[h, f], o)?,
     })
 }
 
@@ -352,20 +401,48 @@ fn moe(
                 .collect();
             let dn: Vec<_> = (0..e).map(|x| (name(x, down), vec![h, f])).collect();
             (
-                ck.take_concat(&gu, &[e, 2 * f, h], dt, &o.device)?,
-                ck.take_concat(&dn, &[e, h, f], dt, &o.device)?,
+                lin(ck, &gu, &[e, 2 * f, h], o)?,
+                lin(ck, &dn, &[e, h, f], o)?,
             )
         }
         Experts::Fused { w1, v1, w2 } => {
-            let take = |ck: &mut Checkpoint, n: &str| -> Result<Tensor> {
-                Ok(ck
-                    .take(&p(n), &[e * f, h], dt, &o.device)?
-                    .reshape((e, f, h))?)
+            // Quantized: read in f32 on the host, quantize after the re-layout. moe-run's own
+            // quantized DBRX checkpoints store w1/v1 per expert (`{w1}.{e}`, `[F, H]`; gate_up
+            // interleaves them per expert) and w2 already transposed to the canonical `[E*H, F]`.
+            let (ld, dev) = match o.quant {
+                None => (dt, o.device.clone()),
+                Some(_) => (DType::F32, Device::Cpu),
             };
-            let gate = take(ck, w1)?;
-            let up = take(ck, v1)?;
-            let down = take(ck, w2)?.transpose(1, 2)?.contiguous()?; // [E, H, F]
-            (Tensor::cat(&[gate, up], 1)?, down)
+            let take = |ck: &mut Checkpoint, n: &str| -> Result<Tensor> {
+                Ok(ck.take(&p(n), &[e * f, h], ld, &dev)?.reshape((e, f, h))?)
+            };
+            let gparts: Vec<_> = (0..e)
+                .flat_map(|x| {
+                    [
+                        (p(&format!("{w1}.{x}.weight")), vec![f, h]),
+                        (p(&format!("{v1}.{x}.weight")), vec![f, h]),
+                    ]
+                })
+                .collect();
+            let dparts = [(p(&format!("{w2}.weight")), vec![e * h, f])];
+            if o.quant.is_some() && ck.contains(&p(&format!("{w2}.qweight"))) {
+                (
+                    lin(ck, &gparts, &[e, 2 * f, h], o)?,
+                    lin(ck, &dparts, &[e, h, f], o)?,
+                )
+            } else {
+                let gate = take(ck, w1)?;
+                let up = take(ck, v1)?;
+                let down = take(ck, w2)?.transpose(1, 2)?.contiguous()?; // [E, H, F]
+                let gate_up = Weight::new(Tensor::cat(&[gate, up], 1)?, o.quant, &o.device)?;
+                let down = Weight::new(down, o.quant, &o.device)?;
+                if let (Weight::Quant(gu), Weight::Quant(dn)) = (&gate_up, &down) {
+                    ck.log_quantized(&gparts, gu);
+                    ck.log_quantized(&dparts, dn);
+                    ck.log_replaced(&[p(w1), p(v1), p(w2)]);
+                }
+                (gate_up, down)
+            }
         }
     };
     let (shared, shared_gate) = match m.shared {

@@ -114,7 +114,10 @@ impl Model {
                             mc.qk_rope_head_dim,
                             mc.v_head_dim,
                         );
-                        let (w_uk, w_uv) = MlaAttention::split_kv_b(&m.kv_b, nh, dn, dv)?;
+                        // The absorbed decode path multiplies by kv_b per head; a quantized
+                        // kv_b is dequantized for it (so both paths see the same weights).
+                        let kv_b_dense = m.kv_b.to_dense(dtype)?;
+                        let (w_uk, w_uv) = MlaAttention::split_kv_b(&kv_b_dense, nh, dn, dv)?;
                         Attn::Mla(MlaAttention {
                             q: match m.q {
                                 Ok(q) => MlaQuery::Plain(Linear::new(q)),
@@ -165,6 +168,47 @@ impl Model {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Bytes of all weights in memory (quantized linears at their packed size; a tied lm_head
+    /// counted once; MLA's per-head split of kv_b for absorbed decode included, as it is held).
+    pub fn weight_bytes(&self) -> usize {
+        use super::tensor_bytes;
+        let norm = |n: &Norm| tensor_bytes(&n.weight);
+        let mut total = tensor_bytes(&self.embed) + norm(&self.final_norm);
+        let tied =
+            matches!(&self.lm_head.weight, super::Weight::Dense(w) if w.id() == self.embed.id());
+        if !tied {
+            total += self.lm_head.bytes();
+        }
+        for l in &self.layers {
+            total += norm(&l.attn_norm) + norm(&l.ffn_norm);
+            total += match &l.attn {
+                Attn::Gqa(a) => {
+                    a.qkv.bytes()
+                        + a.o.bytes()
+                        + a.q_norm.as_ref().map_or(0, norm)
+                        + a.k_norm.as_ref().map_or(0, norm)
+                }
+                Attn::Mla(a) => {
+                    let q = match &a.q {
+                        MlaQuery::Plain(q) => q.bytes(),
+                        MlaQuery::LowRank { a, norm: n, b } => a.bytes() + norm(n) + b.bytes(),
+                    };
+                    q + a.kv_a.bytes()
+                        + norm(&a.kv_a_norm)
+                        + a.kv_b.bytes()
+                        + tensor_bytes(&a.w_uk)
+                        + tensor_bytes(&a.w_uv)
+                        + a.o.bytes()
+                }
+            };
+            total += match &l.ffn {
+                Ffn::Dense(m) => m.bytes(),
+                Ffn::Moe(m) => m.bytes(),
+            };
+        }
+        total
     }
 
     pub fn device(&self) -> &Device {

@@ -10,28 +10,55 @@ pub mod rope;
 
 use candle_core::{Module, Tensor};
 
+pub use crate::quant::Weight;
 pub use decoder::{Model, Trace};
 
-/// y = x W^T (+ b) for W stored `[out, in]` as in every HF checkpoint.
+/// y = x W^T (+ b) for W stored `[out, in]` as in every HF checkpoint, dense or quantized
+/// (INT8/INT4 weight-only, dequantized on the fly; see `crate::quant`).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor) -> Self {
-        Linear { weight, bias: None }
+    pub fn new(weight: impl Into<Weight>) -> Self {
+        Linear {
+            weight: weight.into(),
+            bias: None,
+        }
     }
 
-    pub fn with_bias(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+    pub fn with_bias(weight: impl Into<Weight>, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: weight.into(),
+            bias,
+        }
     }
 
     /// `x [.., in] -> [.., out]`
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
+        match &self.weight {
+            Weight::Dense(w) => candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(x),
+            Weight::Quant(q) => {
+                let y = q.forward(x)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
     }
+
+    /// Bytes of weight and bias in memory.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes() + self.bias.as_ref().map_or(0, tensor_bytes)
+    }
+}
+
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
 }
 
 /// Canonical weights of a whole model, as produced by the loader from any family's naming.
@@ -55,7 +82,7 @@ pub struct LayerWeights {
 pub enum AttnWeights {
     Gqa {
         /// Fused `[heads*hd + 2*kv*hd, H]`: q rows, then k rows, then v rows.
-        qkv: Tensor,
+        qkv: Weight,
         /// `[heads*hd + 2*kv*hd]` when the family has q/k/v biases.
         qkv_bias: Option<Tensor>,
         /// QK-norm weights: `[hd]` per head, or `[heads*hd]` / `[kv*hd]` for a whole-projection
@@ -63,7 +90,7 @@ pub enum AttnWeights {
         q_norm: Option<Tensor>,
         k_norm: Option<Tensor>,
         /// `[H, heads*hd]`
-        o: Tensor,
+        o: Weight,
     },
     Mla(MlaWeights),
 }
@@ -71,17 +98,17 @@ pub enum AttnWeights {
 /// DeepSeek MLA weights (shapes in `model/mla.rs`).
 pub struct MlaWeights {
     /// `q_proj`, or `(q_a_proj, q_a_layernorm, q_b_proj)`.
-    pub q: Result<Tensor, (Tensor, Tensor, Tensor)>,
-    pub kv_a: Tensor,
+    pub q: Result<Weight, (Weight, Tensor, Weight)>,
+    pub kv_a: Weight,
     pub kv_a_norm: Tensor,
-    pub kv_b: Tensor,
-    pub o: Tensor,
+    pub kv_b: Weight,
+    pub o: Weight,
 }
 
 /// A SwiGLU MLP: gate_up `[2F, H]` (rows 0..F gate, F..2F up), down `[H, F]`.
 pub struct MlpWeights {
-    pub gate_up: Tensor,
-    pub down: Tensor,
+    pub gate_up: Weight,
+    pub down: Weight,
 }
 
 pub enum FfnWeights {

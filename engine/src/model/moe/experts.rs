@@ -4,6 +4,25 @@
 use candle_core::{Result, Tensor};
 
 use super::Dispatch;
+use crate::quant::Weight;
+
+/// [`experts`] for dense or quantized weights. Quantized experts run the grouped layout: the
+/// dispatched rows gathered once into expert-sorted `[N*A, H]`, then one grouped W8A16/W4A16
+/// matmul per projection (`moe_kernels::qmatmul_grouped`, dequantizing on the fly).
+pub fn experts_w(x: &Tensor, d: &Dispatch, gate_up: &Weight, down: &Weight) -> Result<Tensor> {
+    match (gate_up, down) {
+        (Weight::Dense(gu), Weight::Dense(dn)) => experts(x, d, gu, dn),
+        (Weight::Quant(gu), Weight::Quant(dn)) => {
+            let f = dn.shape[2];
+            let rows = Tensor::from_slice(&d.row_token, d.row_token.len(), x.device())?;
+            let xs = x.index_select(&rows, 0)?; // [N*A, H], expert-sorted
+            let g = gu.forward_grouped(&xs, &d.offsets)?; // [N*A, 2F]
+            let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;
+            dn.forward_grouped(&h, &d.offsets) // [N*A, H]
+        }
+        _ => candle_core::bail!("experts: gate_up and down must both be dense or both quantized"),
+    }
+}
 
 /// `x [N, H]`, `gate_up [E, 2F, H]`, `down [E, H, F]` -> `[N*A, H]` in dispatch (expert-sorted)
 /// row order.

@@ -15,7 +15,7 @@ pub use dispatch::{dispatch, Dispatch};
 pub use experts::experts;
 pub use route::{route, Routing};
 
-use super::{Linear, MlpWeights};
+use super::{Linear, MlpWeights, Weight};
 use crate::config::MoeConfig;
 
 /// Canonical expert weights: stacked `[E, N, K]` (experts, out, in) per projection.
@@ -23,9 +23,9 @@ pub struct MoeWeights {
     /// `[E, H]` (kept in f32 when the config says `router_f32`).
     pub router: Tensor,
     /// `[E, 2F, H]`: rows 0..F are the gate (w1), rows F..2F are up (w3).
-    pub gate_up: Tensor,
+    pub gate_up: Weight,
     /// `[E, H, F]`
-    pub down: Tensor,
+    pub down: Weight,
     /// The selection-only correction bias `[E]` of sigmoid routers (f32).
     pub score_bias: Option<Tensor>,
     /// Always-on shared experts (one MLP) and, for sigmoid gating, the gate `[1, H]`.
@@ -36,8 +36,8 @@ pub struct MoeWeights {
 pub struct MoeBlock {
     pub cfg: MoeConfig,
     pub router: Linear,
-    pub gate_up: Tensor,
-    pub down: Tensor,
+    pub gate_up: Weight,
+    pub down: Weight,
     pub shared: Option<Mlp>,
     pub shared_gate: Option<Linear>,
     /// `score_bias` on the host: routing runs on the host in the CPU path.
@@ -62,6 +62,16 @@ impl MoeBlock {
     }
 
     /// `x [B, T, H] -> ([B, T, H], routing)`
+    /// Bytes of weights in memory (router, experts, shared experts).
+    pub fn bytes(&self) -> usize {
+        self.router.bytes()
+            + self.gate_up.bytes()
+            + self.down.bytes()
+            + self.shared.as_ref().map_or(0, Mlp::bytes)
+            + self.shared_gate.as_ref().map_or(0, Linear::bytes)
+            + self.score_bias.as_ref().map_or(0, |b| 4 * b.len())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
         let shape = x.shape().clone();
         let h = x.dim(candle_core::D::Minus1)?;
@@ -80,7 +90,7 @@ impl MoeBlock {
             self.score_bias.as_deref(),
         )?;
         let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts);
-        let y = experts(&x, &d, &self.gate_up, &self.down)?; // [N*A, H], expert-sorted
+        let y = experts::experts_w(&x, &d, &self.gate_up, &self.down)?; // [N*A, H], expert-sorted
         let mut out = combine(&y, &d, &routing)?; // [N, H]
         if let Some(shared) = &self.shared {
             let s = shared.forward(&x)?;
@@ -109,6 +119,11 @@ impl Mlp {
     }
 
     /// `x [.., H] -> [.., H]`
+    /// Bytes of weights in memory.
+    pub fn bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gu = self.gate_up.forward(x)?;
         let f = gu.dim(candle_core::D::Minus1)? / 2;

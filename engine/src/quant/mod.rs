@@ -1,0 +1,240 @@
+//! Weight-only INT8 / INT4 quantization: formats (specified in `moe_kernels::qmatmul`), the
+//! quantized tensor type, quantize-on-load and the moe-run quantized checkpoint format.
+//!
+//! What is quantized: every linear weight of attention (fused q/k/v and o, or the MLA
+//! projections), of dense and shared MLPs, and the routed experts. What stays in the compute
+//! dtype (f32/f16/bf16): embeddings, norms, biases, routers (+ the correction bias) and lm_head.
+//! Legend: E experts, N output features, K input features.
+
+pub mod save;
+
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+
+pub use moe_kernels::qmatmul::{dequantize_row, quantize_row, QFormat};
+
+use crate::error::{Error, Result};
+
+/// The default INT4 group along K.
+pub const DEFAULT_GROUP: usize = 128;
+
+/// Parses `int8`, `int4` (group 128) or `int4:G` with G in 32, 64, 128 (`none` -> `None`).
+pub fn parse_quant(s: &str) -> Result<Option<QFormat>> {
+    let bad = || {
+        Error::Input(format!(
+            "unknown quantization {s:?}; use int8, int4, int4:64, int4:32 or none"
+        ))
+    };
+    Ok(Some(match s {
+        "none" => return Ok(None),
+        "int8" => QFormat::Int8,
+        "int4" => QFormat::Int4 {
+            group: DEFAULT_GROUP,
+        },
+        _ => {
+            let g: usize = s
+                .strip_prefix("int4:")
+                .and_then(|g| g.parse().ok())
+                .ok_or_else(bad)?;
+            if ![32, 64, 128].contains(&g) {
+                return Err(bad());
+            }
+            QFormat::Int4 { group: g }
+        }
+    }))
+}
+
+/// `int8` or `int4:G`, the inverse of [`parse_quant`].
+pub fn format_name(fmt: QFormat) -> String {
+    match fmt {
+        QFormat::Int8 => "int8".into(),
+        QFormat::Int4 { group } => format!("int4:{group}"),
+    }
+}
+
+/// A quantized weight `[.., N, K]` (a linear `[N, K]` or stacked experts `[E, N, K]`):
+/// `qweight [.., N, row_bytes(K)]` u8 and `params [.., N, ..]` f16, as in `moe_kernels::qmatmul`.
+#[derive(Debug, Clone)]
+pub struct QuantTensor {
+    pub fmt: QFormat,
+    /// The logical (dequantized) shape `[.., N, K]`.
+    pub shape: Vec<usize>,
+    pub qweight: Tensor,
+    pub params: Tensor,
+}
+
+impl QuantTensor {
+    /// Shapes of `qweight` and `params` for a logical `[.., N, K]` weight.
+    pub fn stored_shapes(fmt: QFormat, shape: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        let (&k, lead) = shape.split_last().expect("a weight has at least 2 dims");
+        let mut q = lead.to_vec();
+        q.push(fmt.row_bytes(k));
+        let mut p = lead.to_vec();
+        p.extend(fmt.params_shape(k));
+        (q, p)
+    }
+
+    /// Quantizes `w [.., N, K]` (any float dtype, any device) row by row on the host, and puts
+    /// the result on `device`.
+    pub fn quantize(w: &Tensor, fmt: QFormat, device: &Device) -> Result<Self> {
+        let shape = w.dims().to_vec();
+        if shape.len() < 2 {
+            return Err(Error::Input(format!(
+                "cannot quantize a tensor of shape {shape:?}"
+            )));
+        }
+        let k = shape[shape.len() - 1];
+        let rows = w.elem_count() / k.max(1);
+        let data = w
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (kb, pr) = (
+            fmt.row_bytes(k),
+            fmt.params_shape(k).iter().product::<usize>(),
+        );
+        let mut q = vec![0u8; rows * kb];
+        let mut p = vec![f16::ZERO; rows * pr];
+        for r in 0..rows {
+            quantize_row(
+                fmt,
+                &data[r * k..(r + 1) * k],
+                &mut q[r * kb..(r + 1) * kb],
+                &mut p[r * pr..(r + 1) * pr],
+            );
+        }
+        let (qs, ps) = Self::stored_shapes(fmt, &shape);
+        Ok(QuantTensor {
+            fmt,
+            qweight: Tensor::from_vec(q, qs, device)?,
+            params: Tensor::from_vec(p, ps, device)?,
+            shape,
+        })
+    }
+
+    /// The dequantized weight `[.., N, K]` in `dtype`.
+    pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        let k = *self.shape.last().unwrap();
+        let q = self.qweight.flatten_all()?.to_vec1::<u8>()?;
+        let p = self.params.flatten_all()?.to_vec1::<f16>()?;
+        let rows = self.shape.iter().product::<usize>() / k.max(1);
+        let (kb, pr) = (
+            self.fmt.row_bytes(k),
+            self.fmt.params_shape(k).iter().product::<usize>(),
+        );
+        let mut w = vec![0f32; rows * k];
+        for r in 0..rows {
+            dequantize_row(
+                self.fmt,
+                &q[r * kb..(r + 1) * kb],
+                &p[r * pr..(r + 1) * pr],
+                &mut w[r * k..(r + 1) * k],
+            );
+        }
+        Tensor::from_vec(w, self.shape.clone(), self.qweight.device())?.to_dtype(dtype)
+    }
+
+    /// `x [.., K] -> [.., N]`: `x W^T` for a `[N, K]` weight, dequantized on the fly.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (&k, lead) = x.dims().split_last().expect("x has a feature dim");
+        let n = self.shape[self.shape.len() - 2];
+        let y = moe_kernels::qmatmul(&x.reshape(((), k))?, &self.qweight, &self.params, self.fmt)?;
+        let mut out = lead.to_vec();
+        out.push(n);
+        y.reshape(out)
+    }
+
+    /// Stacked experts `[E, N, K]`: `x [M, K]` expert-sorted with rows `offsets[e]..offsets[e+1]`
+    /// for expert e -> `[M, N]`.
+    pub fn forward_grouped(&self, x: &Tensor, offsets: &[u32]) -> candle_core::Result<Tensor> {
+        moe_kernels::qmatmul_grouped(x, &self.qweight, &self.params, offsets, self.fmt)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.qweight.elem_count() + 2 * self.params.elem_count()
+    }
+}
+
+/// A linear weight `[.., N, K]`: dense in the compute dtype, or quantized.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quant(QuantTensor),
+}
+
+impl From<Tensor> for Weight {
+    fn from(t: Tensor) -> Self {
+        Weight::Dense(t)
+    }
+}
+
+impl Weight {
+    /// `Dense(w)` when `fmt` is `None`, else `w` quantized onto `device`.
+    pub fn new(w: Tensor, fmt: Option<QFormat>, device: &Device) -> Result<Self> {
+        Ok(match fmt {
+            None => Weight::Dense(w.to_device(device)?),
+            Some(f) => Weight::Quant(QuantTensor::quantize(&w, f, device)?),
+        })
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Weight::Dense(t) => t.dims(),
+            Weight::Quant(q) => &q.shape,
+        }
+    }
+
+    /// The weight as a dense tensor in `dtype` (dequantized if quantized).
+    pub fn to_dense(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Dense(t) => t.to_dtype(dtype),
+            Weight::Quant(q) => q.dequantize(dtype),
+        }
+    }
+
+    /// Bytes in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quant(q) => q.bytes(),
+        }
+    }
+}
+
+/// The `quantization_config` moe-run writes into config.json of a quantized checkpoint.
+pub fn quantization_config(fmt: QFormat) -> serde_json::Value {
+    match fmt {
+        QFormat::Int8 => serde_json::json!({
+            "quant_method": "moe-run", "format": "int8", "bits": 8,
+            "granularity": "per_output_channel", "symmetric": true, "scale_dtype": "float16"
+        }),
+        QFormat::Int4 { group } => serde_json::json!({
+            "quant_method": "moe-run", "format": "int4", "bits": 4, "group_size": group,
+            "symmetric": false, "scale_dtype": "float16"
+        }),
+    }
+}
+
+/// Reads a `quantization_config` back: `Some(format)` for moe-run's own, an error naming any
+/// other method (FP8, GPTQ, AWQ...), which this build cannot load.
+pub fn parse_quantization_config(q: &serde_json::Value) -> std::result::Result<QFormat, String> {
+    let method = q
+        .get("quant_method")
+        .and_then(|m| m.as_str())
+        .unwrap_or("unknown method");
+    if method != "moe-run" {
+        return Err(method.to_string());
+    }
+    match q.get("format").and_then(|f| f.as_str()) {
+        Some("int8") => Ok(QFormat::Int8),
+        Some("int4") => match q.get("group_size").and_then(|g| g.as_u64()) {
+            Some(g) if g > 0 && g % 2 == 0 => Ok(QFormat::Int4 { group: g as usize }),
+            _ => Err("moe-run int4 without a valid group_size".into()),
+        },
+        other => Err(format!("moe-run with unknown format {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,470 @@
+//! Weight-only quantized matmuls (W8A16, W4A16): `y = x W^T` with W stored quantized and
+//! dequantized on the fly. This file is the specification of both formats (quantize, dequantize)
+//! and of the two ops that use them: a dense linear and the grouped expert layout.
+//!
+//! Legend: M activation rows, K input features (the reduction dim), N output features,
+//! E experts, G = ceil(K / group) groups per row, Kb bytes per packed row.
+//!
+//! ```text
+//! INT8 (per output channel, symmetric):
+//!   qweight [.., N, K]   u8 = two's-complement i8 q in -127..=127
+//!   params  [.., N]      f16 scale s;           w[n, k] = s[n] * q[n, k]
+//! INT4 (group-wise along K, asymmetric):
+//!   qweight [.., N, Kb]  u8, Kb = ceil(K / 2): byte j of a row = q[2j] | q[2j+1] << 4 (low nibble
+//!                        first; a pad nibble of 0 when K is odd). Rows are contiguous along K, so
+//!                        a 16-byte load is 32 consecutive weights of one row (coalesced when the
+//!                        threads of a warp walk K, as the GEMV kernel does).
+//!   params  [.., N, G, 2] f16 (scale s, zero z) per group of `group` consecutive k (the last
+//!                        group may be partial);  w[n, k] = s[n, g] * (q[n, k] - z[n, g]), g = k / group
+//! ```
+//!
+//! Quantization (host side, from f32): INT8 s = f16(absmax / 127), q = clamp(round(w / s)).
+//! INT4: the group's range [lo, hi] is widened to contain 0, s = f16((hi - lo) / 15),
+//! z = f16(-lo / s) in [0, 15] (a real zero-point, so both ends of the range are hit exactly),
+//! q = clamp(round(w / s + z), 0, 15). Scales are rounded to f16 *before* q is computed, so the
+//! stored scale is the one the weights were rounded against. A zero scale (all-zero row or group)
+//! stores q = 0 and dequantizes to exactly 0.
+//!
+//! Matmul semantics shared by the CPU reference and `cuda/qmatmul.cu`: accumulate in f32 over k,
+//! output rounded once (nearest even) to the activation dtype (f32, bf16 or f16). The summation
+//! order is unspecified (the GPU splits K over threads): results are compared by NMSE.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+/// A weight-only quantization format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    /// Per-output-channel symmetric int8.
+    Int8,
+    /// Asymmetric int4 in groups of `group` consecutive input features (a multiple of 2).
+    Int4 { group: usize },
+}
+
+impl QFormat {
+    /// Bytes of one packed row of `k` weights.
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            QFormat::Int8 => k,
+            QFormat::Int4 { .. } => k.div_ceil(2),
+        }
+    }
+
+    /// The f16 params of one row: `[]` + 1 scale (int8) or `[G, 2]` (int4).
+    pub fn params_shape(self, k: usize) -> Vec<usize> {
+        match self {
+            QFormat::Int8 => vec![],
+            QFormat::Int4 { group } => vec![k.div_ceil(group), 2],
+        }
+    }
+
+    fn params_per_row(self, k: usize) -> usize {
+        self.params_shape(k).iter().product::<usize>()
+    }
+}
+
+/// Quantizes one row `w [K]` into `q [row_bytes(K)]` and `p [params_per_row]` (see module docs).
+pub fn quantize_row(fmt: QFormat, w: &[f32], q: &mut [u8], p: &mut [f16]) {
+    match fmt {
+        QFormat::Int8 => {
+            let absmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = f16::from_f32(absmax / 127.0);
+            p[0] = s;
+            let s = s.to_f32();
+            for (q, &v) in q.iter_mut().zip(w) {
+                let x = if s > 0.0 {
+                    (v / s).round().clamp(-127.0, 127.0)
+                } else {
+                    0.0
+                };
+                *q = (x as i8) as u8;
+            }
+        }
+        QFormat::Int4 { group } => {
+            q.fill(0);
+            for (g, chunk) in w.chunks(group).enumerate() {
+                let lo = chunk.iter().fold(0f32, |m, &v| m.min(v));
+                let hi = chunk.iter().fold(0f32, |m, &v| m.max(v));
+                let s = f16::from_f32((hi - lo) / 15.0);
+                let sf = s.to_f32();
+                let z = if sf > 0.0 {
+                    f16::from_f32(-lo / sf)
+                } else {
+                    f16::ZERO
+                };
+                let zf = z.to_f32();
+                p[2 * g] = s;
+                p[2 * g + 1] = z;
+                for (i, &v) in chunk.iter().enumerate() {
+                    let x = if sf > 0.0 {
+                        (v / sf + zf).round().clamp(0.0, 15.0) as u8
+                    } else {
+                        0
+                    };
+                    let k = g * group + i;
+                    q[k / 2] |= x << (4 * (k % 2));
+                }
+            }
+        }
+    }
+}
+
+/// Dequantizes one row into `w [K]` (the inverse of [`quantize_row`] up to rounding).
+pub fn dequantize_row(fmt: QFormat, q: &[u8], p: &[f16], w: &mut [f32]) {
+    match fmt {
+        QFormat::Int8 => {
+            let s = p[0].to_f32();
+            for (w, &q) in w.iter_mut().zip(q) {
+                *w = s * (q as i8) as f32;
+            }
+        }
+        QFormat::Int4 { group } => {
+            for (k, w) in w.iter_mut().enumerate() {
+                let g = k / group;
+                let (s, z) = (p[2 * g].to_f32(), p[2 * g + 1].to_f32());
+                let nib = (q[k / 2] >> (4 * (k % 2))) & 0xf;
+                *w = s * (nib as f32 - z);
+            }
+        }
+    }
+}
+
+/// Activation element: converted to f32 to accumulate, rounded to nearest even on the way back.
+trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+impl Elem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl Elem for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+impl Elem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// f32 dot product with 8 independent partial sums (so it vectorizes).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Problem sizes of one (possibly grouped) quantized matmul.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    m: usize,
+    k: usize,
+    n: usize,
+    /// Experts (1 for a dense linear).
+    e: usize,
+}
+
+fn check(
+    fmt: QFormat,
+    grouped: bool,
+    (x_dtype, x_dims): (DType, &[usize]),
+    (q_dtype, q_dims): (DType, &[usize]),
+    (p_dtype, p_dims): (DType, &[usize]),
+) -> Result<Dims> {
+    let op = if grouped { OP_GROUPED } else { OP };
+    if !matches!(x_dtype, DType::F32 | DType::BF16 | DType::F16) {
+        bail!("{op}: x must be f32, bf16 or f16, got {x_dtype:?}");
+    }
+    if q_dtype != DType::U8 || p_dtype != DType::F16 {
+        bail!("{op}: qweight must be u8 and params f16, got {q_dtype:?} and {p_dtype:?}");
+    }
+    if let QFormat::Int4 { group } = fmt {
+        if group == 0 || group % 2 != 0 {
+            bail!("{op}: int4 group size must be even and > 0, got {group}");
+        }
+    }
+    let &[m, k] = x_dims else {
+        bail!("{op}: x must be [M, K], got {x_dims:?}");
+    };
+    let (e, rest) = if grouped {
+        match q_dims.split_first() {
+            Some((&e, rest)) => (e, rest),
+            None => bail!("{op}: qweight must be [E, N, Kb], got {q_dims:?}"),
+        }
+    } else {
+        (1, q_dims)
+    };
+    let &[n, kb] = rest else {
+        bail!("{op}: qweight must be [.., N, Kb], got {q_dims:?}");
+    };
+    if kb != fmt.row_bytes(k) {
+        bail!(
+            "{op}: qweight rows hold {kb} bytes, {fmt:?} with K = {k} needs {}",
+            fmt.row_bytes(k)
+        );
+    }
+    let mut want = if grouped { vec![e, n] } else { vec![n] };
+    want.extend(fmt.params_shape(k));
+    if p_dims != want.as_slice() {
+        bail!("{op}: params must be {want:?}, got {p_dims:?}");
+    }
+    Ok(Dims { m, k, n, e })
+}
+
+fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((o1, o2)) if o2 <= data.len() => Ok(&data[o1..o2]),
+        _ => bail!(
+            "{op}: {what} must be contiguous (shape {:?})",
+            layout.dims()
+        ),
+    }
+}
+
+/// The specification: rows `rows[e]` of x use expert e's weights. `out [M, N]`.
+fn reference<T: Elem>(
+    fmt: QFormat,
+    x: &[T],
+    q: &[u8],
+    p: &[f16],
+    d: Dims,
+    rows: &[std::ops::Range<usize>],
+) -> Vec<T> {
+    let (k, n) = (d.k, d.n);
+    let (kb, pr) = (fmt.row_bytes(k), fmt.params_per_row(k));
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let mut out = vec![0f32; d.m * n];
+    let mut w = vec![0f32; k];
+    for (e, r) in rows.iter().enumerate() {
+        if r.is_empty() {
+            continue;
+        }
+        for j in 0..n {
+            let row = e * n + j;
+            dequantize_row(
+                fmt,
+                &q[row * kb..(row + 1) * kb],
+                &p[row * pr..(row + 1) * pr],
+                &mut w,
+            );
+            for i in r.clone() {
+                out[i * n + j] = dot(&xf[i * k..(i + 1) * k], &w);
+            }
+        }
+    }
+    out.into_iter().map(T::from_f32).collect()
+}
+
+const OP: &str = "qmatmul";
+const OP_GROUPED: &str = "qmatmul_grouped";
+
+/// `x [M, K] -> [M, N]`, `y = x W^T` with W `[N, K]` quantized as `fmt` (qweight, params as in
+/// the module docs). Output in the dtype of x.
+pub fn qmatmul(x: &Tensor, qweight: &Tensor, params: &Tensor, fmt: QFormat) -> Result<Tensor> {
+    let d = check(
+        fmt,
+        false,
+        (x.dtype(), x.dims()),
+        (qweight.dtype(), qweight.dims()),
+        (params.dtype(), params.dims()),
+    )?;
+    if d.m == 0 || d.n == 0 {
+        return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &qweight.contiguous()?,
+        &params.contiguous()?,
+        &QMatmul { fmt, offsets: None },
+    )
+}
+
+/// Grouped expert layout: `x [M, K]` whose rows `offsets[e]..offsets[e+1]` belong to expert e
+/// (expert-sorted, as dispatch leaves them), qweight `[E, N, Kb]`, params `[E, N, ..]` ->
+/// `[M, N]`. `offsets` has E + 1 entries, starts at 0 and ends at M.
+pub fn qmatmul_grouped(
+    x: &Tensor,
+    qweight: &Tensor,
+    params: &Tensor,
+    offsets: &[u32],
+    fmt: QFormat,
+) -> Result<Tensor> {
+    let d = check(
+        fmt,
+        true,
+        (x.dtype(), x.dims()),
+        (qweight.dtype(), qweight.dims()),
+        (params.dtype(), params.dims()),
+    )?;
+    if offsets.len() != d.e + 1
+        || offsets[0] != 0
+        || offsets[d.e] as usize != d.m
+        || offsets.windows(2).any(|w| w[0] > w[1])
+    {
+        bail!(
+            "{OP_GROUPED}: offsets must be E + 1 = {} non-decreasing entries from 0 to M = {}, got {offsets:?}",
+            d.e + 1,
+            d.m
+        );
+    }
+    if d.m == 0 || d.n == 0 {
+        return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &qweight.contiguous()?,
+        &params.contiguous()?,
+        &QMatmul {
+            fmt,
+            offsets: Some(offsets.to_vec()),
+        },
+    )
+}
+
+/// The candle op behind [`qmatmul`] (`offsets: None`) and [`qmatmul_grouped`].
+#[derive(Debug, Clone)]
+pub struct QMatmul {
+    pub fmt: QFormat,
+    /// Expert row offsets `[E + 1]` on the host for the grouped layout.
+    pub offsets: Option<Vec<u32>>,
+}
+
+impl QMatmul {
+    fn name_(&self) -> &'static str {
+        if self.offsets.is_some() {
+            OP_GROUPED
+        } else {
+            OP
+        }
+    }
+}
+
+impl CustomOp3 for QMatmul {
+    fn name(&self) -> &'static str {
+        self.name_()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name_();
+        let d = check(
+            self.fmt,
+            self.offsets.is_some(),
+            (s1.dtype(), l1.dims()),
+            (s2.dtype(), l2.dims()),
+            (s3.dtype(), l3.dims()),
+        )?;
+        let q = slice(s2.as_slice::<u8>()?, l2, op, "qweight")?;
+        let p = slice(s3.as_slice::<f16>()?, l3, op, "params")?;
+        let rows: Vec<_> = match &self.offsets {
+            None => vec![0..d.m],
+            Some(o) => o.windows(2).map(|w| w[0] as usize..w[1] as usize).collect(),
+        };
+        let out = match s1 {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(reference(self.fmt, slice(x, l1, op, "x")?, q, p, d, &rows))
+            }
+            CpuStorage::BF16(x) => {
+                CpuStorage::BF16(reference(self.fmt, slice(x, l1, op, "x")?, q, p, d, &rows))
+            }
+            CpuStorage::F16(x) => {
+                CpuStorage::F16(reference(self.fmt, slice(x, l1, op, "x")?, q, p, d, &rows))
+            }
+            other => bail!("{op}: x must be f32, bf16 or f16, got {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((d.m, d.n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn roundtrip_error_is_within_half_a_step() {
+        for fmt in [
+            QFormat::Int8,
+            QFormat::Int4 { group: 32 },
+            QFormat::Int4 { group: 128 },
+        ] {
+            for k in [1usize, 7, 32, 33, 200] {
+                let w = lcg(k, k as u64);
+                let mut q = vec![0u8; fmt.row_bytes(k)];
+                let mut p = vec![f16::ZERO; fmt.params_per_row(k)];
+                quantize_row(fmt, &w, &mut q, &mut p);
+                let mut back = vec![0f32; k];
+                dequantize_row(fmt, &q, &p, &mut back);
+                for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+                    let step = match fmt {
+                        QFormat::Int8 => p[0].to_f32(),
+                        QFormat::Int4 { group } => p[2 * (i / group)].to_f32(),
+                    };
+                    // Half a step, plus the f16 rounding of the zero-point (int4).
+                    assert!(
+                        (a - b).abs() <= 0.5 * step * 1.02 + 1e-7,
+                        "{fmt:?} k={k} i={i}: {a} vs {b}, step {step}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_rows_and_constant_groups() {
+        let fmt = QFormat::Int4 { group: 4 };
+        let w = [0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5];
+        let mut q = vec![0u8; 4];
+        let mut p = vec![f16::ZERO; 4];
+        quantize_row(fmt, &w, &mut q, &mut p);
+        let mut back = vec![1f32; 8];
+        dequantize_row(fmt, &q, &p, &mut back);
+        assert_eq!(&back[..4], &[0.0; 4]);
+        assert!(back[4..].iter().all(|v| (v - 0.5).abs() < 1e-3), "{back:?}");
+        let mut q8 = vec![0u8; 3];
+        let mut p8 = vec![f16::ZERO; 1];
+        quantize_row(QFormat::Int8, &[0.0; 3], &mut q8, &mut p8);
+        let mut back = vec![1f32; 3];
+        dequantize_row(QFormat::Int8, &q8, &p8, &mut back);
+        assert_eq!(back, [0.0; 3]);
+    }
+}
