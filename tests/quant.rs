@@ -269,3 +269,54 @@ fn other_quantization_configs_are_still_refused() {
         .to_string();
     assert!(err.contains("fp8"), "{err}");
 }
+
+/// Perplexity of the embedded trained model on held-out KJV text: the realistic budget.
+#[test]
+fn tiny_kjv_heldout_perplexity() {
+    use moe::loader::embedded::TINY_KJV;
+    let text = std::fs::read_to_string(fixture("tiny-kjv").join("heldout.txt")).unwrap();
+    let ppl = |quant: Option<QFormat>| {
+        let model = TINY_KJV
+            .load(&LoadOptions {
+                quant,
+                ..Default::default()
+            })
+            .unwrap();
+        let tok = TINY_KJV.tokenizer(&model.cfg).unwrap();
+        let mut ids = tok.encode(&text).unwrap();
+        ids.truncate(model.cfg.max_position_embeddings);
+        let mut cache = model.new_cache(1, ids.len()).unwrap();
+        let input = Tensor::new(ids.as_slice(), model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<Vec<f32>> = model
+            .forward(&input, &mut cache, true, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut nll = 0f64;
+        for (row, &next) in logits.iter().zip(&ids[1..]) {
+            let mx = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+            nll += lse - row[next as usize] as f64;
+        }
+        (
+            (nll / (ids.len() - 1) as f64).exp(),
+            ids.len(),
+            model.weight_bytes(),
+        )
+    };
+    let (p0, n, b0) = ppl(None);
+    // Measured: int8 +0.04%, int4 g128 +0.94%, int4 g32 +0.27% (perplexity 23.53 over 483 tokens).
+    for (fmt, budget) in [(INT8, 1.005), (INT4, 1.02), (INT4_G32, 1.01)] {
+        let (p, _, b) = ppl(Some(fmt));
+        println!(
+            "tiny-kjv {fmt:?}: perplexity {p0:.4} -> {p:.4} ({:+.2}%) over {n} tokens, weights {b0} -> {b} bytes",
+            100.0 * (p / p0 - 1.0)
+        );
+        assert!(p / p0 <= budget, "{fmt:?}: perplexity ratio {}", p / p0);
+    }
+}
