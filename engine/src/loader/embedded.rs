@@ -40,7 +40,10 @@ impl Embedded {
     }
 
     pub fn load(&self, opts: &LoadOptions) -> Result<Model> {
-        let ck = Checkpoint::from_static(&self.path("model.safetensors").display().to_string(), self.safetensors)?;
+        let ck = Checkpoint::from_static(
+            &self.path("model.safetensors").display().to_string(),
+            self.safetensors,
+        )?;
         load_checkpoint(self.config()?, ck, opts)
     }
 
@@ -49,6 +52,11 @@ impl Embedded {
             tokenizer_config: Some(self.tokenizer_config.to_string()),
             generation_config: Some(self.generation_config.to_string()),
         };
-        TextTokenizer::from_bytes(self.tokenizer_json, &files, cfg, self.path("tokenizer.json"))
+        TextTokenizer::from_bytes(
+            self.tokenizer_json,
+            &files,
+            cfg,
+            self.path("tokenizer.json"),
+        )
     }
 }

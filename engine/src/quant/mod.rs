@@ -235,6 +235,3 @@ pub fn parse_quantization_config(q: &serde_json::Value) -> std::result::Result<Q
         other => Err(format!("moe-run with unknown format {other:?}")),
     }
 }
-
-#[cfg(test)]
-mod tests;
