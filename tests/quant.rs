@@ -320,3 +320,31 @@ fn tiny_kjv_heldout_perplexity() {
         assert!(p / p0 <= budget, "{fmt:?}: perplexity ratio {}", p / p0);
     }
 }
+
+#[test]
+fn weight_memory_matches_analyze() {
+    // The bytes the engine holds for a quantized bf16 model equal the analytic prediction of
+    // `moe-run analyze` for that format within 2% (issue: quantization "done when").
+    use moe::analysis::bytes::{weight_bytes, Precision};
+    use moe::analysis::counts::tensor_inventory;
+    use moe::loader::embedded::TINY_KJV;
+    for (fmt, p) in [
+        (QFormat::Int8, Precision::Int8),
+        (QFormat::Int4 { group: 128 }, Precision::Int4),
+    ] {
+        let opts = LoadOptions {
+            dtype: DType::BF16,
+            quant: Some(fmt),
+            ..Default::default()
+        };
+        let model = TINY_KJV.load(&opts).unwrap();
+        let measured = model.weight_bytes() as f64;
+        let predicted = weight_bytes(&tensor_inventory(&model.cfg), p) as f64;
+        let err = (measured / predicted - 1.0).abs();
+        assert!(
+            err < 0.02,
+            "{p:?}: engine {measured} bytes vs analyze {predicted} ({:.2}%)",
+            err * 100.0
+        );
+    }
+}
