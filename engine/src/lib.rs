@@ -5,6 +5,7 @@
 //! runtime (KV cache, generation, tokenizer).
 
 pub mod analysis;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod loader;

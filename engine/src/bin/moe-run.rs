@@ -37,6 +37,10 @@ enum Cmd {
     /// Exact parameter, memory, KV and FLOP accounting from the config alone, decode/prefill
     /// ceilings on GPUs, the seed articles' formulas and --claims (no weights needed).
     Analyze(moe::analysis::AnalyzeArgs),
+    /// Measure prefill/decode tokens/s and memory next to `analyze`'s predictions and the
+    /// roofline; --random-weights builds any known model from its config; --sweep
+    /// experts|topk|batch on a small random Mixtral.
+    Bench(moe::bench::BenchArgs),
     /// Write an INT8/INT4 weight-only quantized copy of a checkpoint (loads without re-quantizing).
     Quantize(QuantizeArgs),
 }
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Some(Cmd::Logits(a)) => logits(a),
         Some(Cmd::Analyze(a)) => moe::analysis::run(&a),
+        Some(Cmd::Bench(a)) => moe::bench::run(&a),
         Some(Cmd::Quantize(a)) => quantize(a),
         None => run(cli.run),
     };

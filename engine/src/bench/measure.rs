@@ -1,0 +1,163 @@
+//! Timing of prefill and decode through [`Model::forward`], and the machine's own ceilings
+//! (memcpy bandwidth, matmul peak) when no figure is given.
+//!
+//! A result is read back to the host (argmax ids) before the clock is read, and on CUDA the
+//! device is synchronized first, so asynchronous work is never timed as done.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::{Model, Trace};
+
+/// Median, 10th and 90th percentile of samples (nearest rank on the sorted samples).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub p10: f64,
+    pub p90: f64,
+    pub samples: Vec<f64>,
+}
+
+impl Stat {
+    pub fn of(samples: &[f64]) -> Stat {
+        let mut s = samples.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| -> f64 {
+            if s.is_empty() {
+                return f64::NAN;
+            }
+            let i = (p * (s.len() - 1) as f64).round() as usize;
+            s[i.min(s.len() - 1)]
+        };
+        let median = if s.is_empty() {
+            f64::NAN
+        } else if s.len() % 2 == 1 {
+            s[s.len() / 2]
+        } else {
+            (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+        };
+        Stat {
+            median,
+            p10: q(0.1),
+            p90: q(0.9),
+            samples: samples.to_vec(),
+        }
+    }
+}
+
+/// One timed generation: prefill of `[B, P]`, then `gen` decode steps of `[B, 1]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSample {
+    pub prefill_s: f64,
+    /// All decode steps together.
+    pub decode_s: f64,
+    /// Mean over decode steps and MoE layers of the distinct experts the step's B tokens chose.
+    pub experts_touched: Option<f64>,
+    /// Bytes of the KV cache allocated for the run.
+    pub kv_bytes: usize,
+}
+
+fn sync(device: &Device) -> Result<()> {
+    Ok(device.synchronize()?)
+}
+
+/// Deterministic prompt ids in `1..vocab` (never all zeros): `batch` rows of `len`.
+pub fn prompt_ids(vocab: usize, batch: usize, len: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed ^ 0x5851_F42D_4C95_7F2D;
+    (0..batch * len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            1 + ((s >> 33) % (vocab.max(2) as u64 - 1)) as u32
+        })
+        .collect()
+}
+
+/// Distinct experts per MoE layer in one forward's trace of `batch` tokens.
+fn distinct_experts(t: &Trace) -> Option<f64> {
+    let layers: Vec<usize> = t
+        .router_ids
+        .iter()
+        .filter(|ids| !ids.is_empty())
+        .map(|ids| {
+            let mut v = ids.clone();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        })
+        .collect();
+    (!layers.is_empty()).then(|| layers.iter().sum::<usize>() as f64 / layers.len() as f64)
+}
+
+/// Prefill `ids` (`batch` rows), then `gen` greedy decode steps; times both.
+pub fn run_once(model: &Model, ids: &[u32], batch: usize, gen: usize) -> Result<RunSample> {
+    let dev = model.device().clone();
+    let p = ids.len() / batch;
+    let mut cache = model.new_cache(batch, p + gen)?;
+    let input = Tensor::from_slice(ids, (batch, p), &dev)?;
+    sync(&dev)?;
+    let t0 = Instant::now();
+    let logits = model.forward(&input, &mut cache, false, None)?;
+    let mut next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?; // [B, 1]
+    let _ = next.to_vec2::<u32>()?;
+    sync(&dev)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+
+    let mut trace = Trace::default();
+    let (mut touched, mut steps) = (0.0, 0usize);
+    let t1 = Instant::now();
+    for _ in 0..gen {
+        let logits = model.forward(&next, &mut cache, false, Some(&mut trace))?;
+        next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+        let _ = next.to_vec2::<u32>()?;
+        if let Some(d) = distinct_experts(&trace) {
+            touched += d;
+            steps += 1;
+        }
+    }
+    sync(&dev)?;
+    let decode_s = t1.elapsed().as_secs_f64();
+    Ok(RunSample {
+        prefill_s,
+        decode_s,
+        experts_touched: (steps > 0).then(|| touched / steps as f64),
+        kv_bytes: cache.bytes(),
+    })
+}
+
+/// Host memory bandwidth from a large memcpy: best of several copies of a 128 MiB buffer,
+/// counting the bytes read plus the bytes written (as STREAM's copy does), in GB/s.
+pub fn memcpy_bandwidth_gb_s() -> f64 {
+    const N: usize = 128 << 20;
+    let src: Vec<u8> = (0..N).map(|i| (i * 31 + 7) as u8).collect();
+    let mut dst = vec![1u8; N];
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * N as f64 / best / 1e9
+}
+
+/// Matmul throughput of `device` in `dtype`: best of a few `[n, n] x [n, n]` products, TFLOPS.
+pub fn matmul_peak_tflops(device: &Device, dtype: DType, n: usize) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let _ = a.matmul(&b)?; // warm-up
+    sync(device)?;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        sync(device)?;
+        std::hint::black_box(&c);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e12)
+}

@@ -1,0 +1,386 @@
+//! Text tables and the sweep plot of `moe-run bench`.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::sweep::{SweepKind, SweepReport};
+use super::BenchReport;
+use crate::analysis::render::table;
+use crate::error::{Error, Result};
+use crate::runtime::memory::human_bytes;
+
+fn tps(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 1.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{x:.1}%")
+}
+
+fn ratio(m: u64, p: u64) -> String {
+    if p == 0 {
+        "n/a".into()
+    } else {
+        format!("{:.3}", m as f64 / p as f64)
+    }
+}
+
+pub fn bench_text(r: &BenchReport) -> String {
+    let m = &r.model;
+    let mut s = format!(
+        "moe-run bench: {} [{}]\n  ran {} of {} layers: {}; H={}, vocab {}; {:.3}B params ({:.3}B active)\n  device {} {} | commit {} | {} CPU threads | load {:.2}s\n  batch {} x prompt {} + {} decode steps | {} warm-up, {} timed runs\n  bandwidth {:.1} GB/s ({}) | matmul peak {:.3} TFLOPS ({})\n\n",
+        m.name,
+        m.weights,
+        m.layers_run,
+        m.layers_in_config,
+        m.layer_kinds,
+        m.hidden,
+        m.vocab,
+        m.total_params as f64 / 1e9,
+        m.active_params as f64 / 1e9,
+        r.env.device,
+        r.env.dtype,
+        r.env.commit,
+        r.env.cpu_threads,
+        r.load_s,
+        r.batch,
+        r.prompt_len,
+        r.gen,
+        r.warmup,
+        r.runs,
+        r.bandwidth_gb_s.value,
+        r.bandwidth_gb_s.source,
+        r.peak_tflops.value,
+        r.peak_tflops.source,
+    );
+    let row = |name: &str, t: &super::Throughput| {
+        vec![
+            name.to_string(),
+            tps(t.tokens_per_s.median),
+            tps(t.tokens_per_s.p10),
+            tps(t.tokens_per_s.p90),
+            tps(t.ceiling_tokens_per_s),
+            t.bound.clone(),
+            human_bytes(t.predicted_bytes_per_forward as u64),
+            format!("{:.3}", t.predicted_flops_per_forward / 1e9),
+            pct(t.pct_of_roofline),
+        ]
+    };
+    s.push_str(&table(
+        &[
+            "tokens/s",
+            "median",
+            "p10",
+            "p90",
+            "ceiling",
+            "bound",
+            "bytes/fwd",
+            "GFLOP/fwd",
+            "% of roofline",
+        ],
+        &[row("prefill", &r.prefill), row("decode", &r.decode)],
+        "lrrrrlrrr",
+    ));
+    if let (Some(me), Some(pe)) = (r.experts_touched_measured, r.experts_touched_predicted) {
+        s.push_str(&format!(
+            "  distinct experts per MoE layer per decode step: measured {me:.2}, predicted {pe:.2} (uniform routing)\n"
+        ));
+    }
+    s.push('\n');
+    let mem = &r.memory;
+    let mrow = |name: &str, p: &super::MemPair| {
+        vec![
+            name.to_string(),
+            human_bytes(p.measured_bytes),
+            human_bytes(p.predicted_bytes),
+            ratio(p.measured_bytes, p.predicted_bytes),
+        ]
+    };
+    let mut rows = vec![
+        mrow("weights (loaded tensors)", &mem.weights),
+        mrow("KV cache (allocated)", &mem.kv_cache),
+    ];
+    if let Some(p) = &mem.peak_rss {
+        rows.push(mrow("peak RSS (vs weights+KV)", p));
+    }
+    s.push_str(&table(
+        &["memory", "measured", "analyze", "measured/analyze"],
+        &rows,
+        "lrrr",
+    ));
+    s
+}
+
+pub fn sweep_text(r: &SweepReport) -> String {
+    let mut s = format!(
+        "moe-run bench --sweep {}: {}\n  device {} {} | commit {} | prompt {} + {} decode steps | {} timed runs\n  bandwidth {:.1} GB/s ({}) | matmul peak {:.3} TFLOPS ({})\n\n",
+        r.sweep.name(),
+        r.base,
+        r.env.device,
+        r.env.dtype,
+        r.env.commit,
+        r.prompt_len,
+        r.gen,
+        r.runs,
+        r.bandwidth_gb_s.value,
+        r.bandwidth_gb_s.source,
+        r.peak_tflops.value,
+        r.peak_tflops.source,
+    );
+    let rows: Vec<Vec<String>> = r
+        .rows
+        .iter()
+        .map(|x| {
+            vec![
+                x.experts.to_string(),
+                x.top_k.to_string(),
+                x.batch.to_string(),
+                tps(x.decode_tokens_per_s.median),
+                format!("{:.3}", x.step_s * 1e3),
+                format!("{:.3}", x.predicted_step_s * 1e3),
+                x.bound.clone(),
+                human_bytes(x.predicted_bytes_per_step as u64),
+                pct(x.pct_of_roofline),
+                x.experts_touched_measured
+                    .map_or("n/a".into(), |m| format!("{m:.2}")),
+                format!("{:.2}", x.experts_touched_predicted),
+                human_bytes(x.weight_bytes_measured),
+                human_bytes(x.weight_bytes_predicted),
+            ]
+        })
+        .collect();
+    s.push_str(&table(
+        &[
+            "E",
+            "k",
+            "B",
+            "decode tok/s",
+            "ms/step",
+            "roofline ms",
+            "bound",
+            "bytes/step",
+            "% roofline",
+            "experts meas",
+            "experts pred",
+            "weights meas",
+            "weights pred",
+        ],
+        &rows,
+        "rrrrrrlrrrrrr",
+    ));
+    s
+}
+
+const W: u32 = 1400;
+const H: u32 = 600;
+const FONT: &str = "sans-serif";
+
+fn register_fonts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
+        let _ = plotters::style::register_font(FONT, FontStyle::Bold, dejavu::sans::bold());
+    });
+}
+
+/// Draws measured vs predicted for a sweep to `path` (.png or .svg).
+pub fn plot_sweep(r: &SweepReport, path: &Path) -> Result<()> {
+    register_fonts();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let err = |e: String| Error::io(path, std::io::Error::other(e));
+    match ext.as_deref() {
+        Some("svg") => {
+            let root = SVGBackend::new(path, (W, H)).into_drawing_area();
+            draw(r, &root).map_err(err)?;
+            root.present().map_err(|e| err(e.to_string()))
+        }
+        Some("png") => {
+            let mut buf = vec![0u8; (W * H * 3) as usize];
+            {
+                let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
+                draw(r, &root).map_err(err)?;
+                root.present().map_err(|e| err(e.to_string()))?;
+            }
+            let file = std::fs::File::create(path).map_err(|e| err(e.to_string()))?;
+            let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W, H);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut w = enc.write_header().map_err(|e| err(e.to_string()))?;
+            w.write_image_data(&buf).map_err(|e| err(e.to_string()))
+        }
+        _ => Err(Error::Input(format!(
+            "--plot {}: the file name must end in .svg or .png",
+            path.display()
+        ))),
+    }
+}
+
+const MEASURED: RGBColor = RGBColor(214, 39, 40);
+const PREDICTED: RGBColor = RGBColor(31, 119, 180);
+
+type DrawResult<DB> =
+    std::result::Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+fn draw<DB: DrawingBackend>(
+    r: &SweepReport,
+    root: &DrawingArea<DB, Shift>,
+) -> std::result::Result<(), String> {
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let title = format!(
+        "bench --sweep {} on {} {} ({} + {} tokens): measured vs predicted",
+        r.sweep.name(),
+        r.env.device,
+        r.env.dtype,
+        r.prompt_len,
+        r.gen
+    );
+    let root = root
+        .titled(&title, (FONT, 24).into_font().style(FontStyle::Bold))
+        .map_err(e)?;
+    let (left, right) = root.split_horizontally(W / 2);
+    let xs: Vec<f64> = r.rows.iter().map(|x| x.value as f64).collect();
+    let xlabel = match r.sweep {
+        SweepKind::Experts => "experts per layer E",
+        SweepKind::Topk => "experts per token k",
+        SweepKind::Batch => "batch B (sequences per decode step)",
+    };
+    let ms_meas: Vec<f64> = r.rows.iter().map(|x| x.step_s * 1e3).collect();
+    let ms_pred: Vec<f64> = r.rows.iter().map(|x| x.predicted_step_s * 1e3).collect();
+    panel(
+        &left,
+        "Decode time per step (ms, log scale)",
+        xlabel,
+        &xs,
+        &[
+            ("measured (median)", &ms_meas, MEASURED),
+            ("roofline ceiling (analyze)", &ms_pred, PREDICTED),
+        ],
+        true,
+    )
+    .map_err(e)?;
+    let (caption, a, b): (&str, Vec<f64>, Vec<f64>) = match r.sweep {
+        SweepKind::Experts => (
+            "Weight memory (MiB)",
+            r.rows
+                .iter()
+                .map(|x| x.weight_bytes_measured as f64 / (1 << 20) as f64)
+                .collect(),
+            r.rows
+                .iter()
+                .map(|x| x.weight_bytes_predicted as f64 / (1 << 20) as f64)
+                .collect(),
+        ),
+        _ => (
+            "Distinct experts per MoE layer per decode step",
+            r.rows
+                .iter()
+                .map(|x| x.experts_touched_measured.unwrap_or(f64::NAN))
+                .collect(),
+            r.rows.iter().map(|x| x.experts_touched_predicted).collect(),
+        ),
+    };
+    let pred_label = match r.sweep {
+        SweepKind::Experts => "predicted (analyze)",
+        _ => "predicted E(1-(1-k/E)^B)",
+    };
+    panel(
+        &right,
+        caption,
+        xlabel,
+        &xs,
+        &[("measured", &a, MEASURED), (pred_label, &b, PREDICTED)],
+        false,
+    )
+    .map_err(e)?;
+    Ok(())
+}
+
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    xlabel: &str,
+    xs: &[f64],
+    series: &[(&str, &Vec<f64>, RGBColor)],
+    log_y: bool,
+) -> DrawResult<DB> {
+    let finite = || {
+        series
+            .iter()
+            .flat_map(|s| s.1.iter().copied())
+            .filter(|v| v.is_finite())
+    };
+    let ymax = finite().fold(f64::MIN, f64::max).max(1e-9);
+    let ymin = finite().fold(f64::MAX, f64::min).max(1e-9);
+    let xmin = xs.iter().copied().fold(f64::MAX, f64::min);
+    let xmax = xs.iter().copied().fold(f64::MIN, f64::max);
+    // Log x when the points span more than a factor 4 (powers of two).
+    let xr = (xmin * 0.8).max(0.5)..(xmax * 1.25);
+    let mut b = ChartBuilder::on(area);
+    b.caption(caption, (FONT, 20))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(80);
+    let style = |c: RGBColor| ShapeStyle::from(&c).stroke_width(3);
+    macro_rules! draw_series {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(xlabel)
+                .axis_desc_style((FONT, 18))
+                .label_style((FONT, 16))
+                .x_label_formatter(&|x| format!("{}", x.round() as i64))
+                .y_label_formatter(&|y| format!("{y:.3}"))
+                .draw()?;
+            for (name, ys, c) in series {
+                let pts: Vec<(f64, f64)> = xs
+                    .iter()
+                    .copied()
+                    .zip(ys.iter().copied())
+                    .filter(|p| p.1.is_finite())
+                    .collect();
+                let c = *c;
+                chart
+                    .draw_series(std::iter::once(PathElement::new(pts.clone(), style(c))))?
+                    .label(*name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style(c)));
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .label_font((FONT, 16))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()?;
+        }};
+    }
+    let log_x = xmax / xmin > 4.0;
+    match (log_x, log_y) {
+        (true, true) => {
+            draw_series!(b.build_cartesian_2d(xr.log_scale(), (ymin * 0.5..ymax * 2.0).log_scale())?)
+        }
+        (true, false) => {
+            draw_series!(b.build_cartesian_2d(xr.log_scale(), 0f64..ymax * 1.15)?)
+        }
+        (false, true) => {
+            draw_series!(b.build_cartesian_2d(xr, (ymin * 0.5..ymax * 2.0).log_scale())?)
+        }
+        (false, false) => draw_series!(b.build_cartesian_2d(xr, 0f64..ymax * 1.15)?),
+    }
+    Ok(())
+}
