@@ -6,13 +6,32 @@
 //!
 //! | family    | entry point                   | CUDA source            |
 //! |-----------|-------------------------------|------------------------|
+//! | route     | [`route::moe_route`]          | `cuda/moe_route.cu`    |
+//! | dispatch  | [`dispatch::moe_dispatch`]    | `cuda/moe_dispatch.cu` |
+//! | experts   | [`experts::moe_experts`]      | `cuda/moe_experts.cu`  |
 //! | combine   | [`combine::moe_combine`]      | `cuda/moe_combine.cu`  |
+//! | rms_norm  | [`norm::rms_norm`], [`norm::add_rms_norm`] | `cuda/rms_norm.cu` |
 //! | qmatmul   | [`qmatmul::qmatmul`], [`qmatmul::qmatmul_grouped`] | `cuda/qmatmul.cu` |
+//!
+//! route, dispatch, experts and rms_norm are free functions rather than CustomOps (several outputs or more
+//! than three inputs; see `common`). Their kernels were written and compiled without a GPU and have NOT YET
+//! RUN on one: `moe-run selftest --device cuda` ([`selftest`]) is their first check.
 
 pub mod combine;
+pub mod common;
+pub mod dispatch;
+pub mod experts;
+pub mod norm;
+pub mod route;
+pub mod selftest;
 pub mod qmatmul;
 
 pub use combine::{moe_combine, MoeCombine};
+pub use common::{poison_outputs, set_poison_outputs};
+pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};
+pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};
+pub use norm::{add_rms_norm, rms_norm};
+pub use route::{moe_route, Router};
 pub use qmatmul::{qmatmul, qmatmul_grouped, QFormat, QMatmul};
 
 /// One PTX module compiled by `build.rs` from `cuda/<name>.cu`.

@@ -1,0 +1,312 @@
+// moe_experts.cu: MoE stage 3, "experts" - each expert's SwiGLU MLP over its dispatched rows, all experts in
+// one launch per projection.
+//
+// NOT YET RUN ON A GPU: written and compiled (nvcc -ptx) on a machine without one; `moe-run selftest --device
+// cuda --filter experts` is its first real check. No tensor cores yet (plain f32 FMA): the tiled path is a
+// correct baseline for prefill, not a fast one.
+//
+// Legend: N tokens, E experts, H hidden, F expert ffn width, R dispatched rows (S = N*K, plus padding).
+//   x         [N, H]      act dtype T (f32/bf16/f16)
+//   row_token [R]         u32 token of each dispatched row (from moe_dispatch)
+//   counts    [E]         u32 live rows of each expert; expert e owns rows offsets[e] .. offsets[e] + counts[e]
+//   offsets   [E+1]       u32
+//   gate_up   [E, 2F, H]  T, rows 0..F gate, F..2F up (canonical layout)
+//   down      [E, H, F]   T
+//   act       [R, F]      T scratch: act = T(silu(x Wg^T) * (x Wu^T)), the f32 products rounded once
+//   out       [R, H]      T: out = T(act Wd^T). Padding rows of act/out are never written.
+// Every dot product accumulates in f32. silu(g) = g / (1 + exp(-g)).
+//
+// Which experts run is data (counts) that the host does not know without a sync, so grid.y = min(E, S) "active
+// expert" slots (GEMV) or S/BM + min(E, S) "row tiles" (GEMM): block y finds its expert by scanning counts
+// (E <= a few hundred loads from L1), and blocks beyond the active work exit at once.
+//
+// Path choice (kernels/src/experts.rs `expert_path`): GEMV for decode (a few rows per expert: each warp streams
+// one weight row with 16-byte loads and dots it with up to GEMV_ROWS token rows, so each weight byte is read
+// once per chunk of GEMV_ROWS rows), tiled GEMM otherwise (64-row tiles staged through shared memory).
+#include "common.cuh"
+
+#define GEMV_WARPS 8
+#define GEMV_ROWS 4
+
+// The expert of the y-th expert with at least one row (in expert order), or -1.
+__device__ __forceinline__ int nth_active_expert(const uint32_t* __restrict__ counts, uint32_t E, uint32_t y) {
+  uint32_t seen = 0;
+  for (uint32_t e = 0; e < E; ++e) {
+    if (counts[e] > 0) {
+      if (seen == y) return static_cast<int>(e);
+      ++seen;
+    }
+  }
+  return -1;
+}
+
+// The (expert, first row within the expert) of row tile y when every expert's rows are cut into tiles of BM.
+__device__ __forceinline__ int nth_row_tile(const uint32_t* __restrict__ counts, uint32_t E, uint32_t y, uint32_t BM,
+                                            uint32_t* m0) {
+  uint32_t seen = 0;
+  for (uint32_t e = 0; e < E; ++e) {
+    const uint32_t tiles = (counts[e] + BM - 1) / BM;
+    if (y < seen + tiles) {
+      *m0 = (y - seen) * BM;
+      return static_cast<int>(e);
+    }
+    seen += tiles;
+  }
+  return -1;
+}
+
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+// ---- decode: GEMV ------------------------------------------------------------------------------------------
+// Dot products of one weight row w[0..len) with up to GEMV_ROWS activation rows a_r[0..len), reduced over the
+// warp; every lane returns the full sums. VEC: 16-byte loads (len % Vec16<T>::N == 0, 16-byte aligned bases).
+template <typename T, bool VEC>
+__device__ __forceinline__ void warp_dot_rows(const T* __restrict__ w, const T* const* a, uint32_t nrows,
+                                              uint32_t len, float* acc) {
+#pragma unroll
+  for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = 0.f;
+  const uint32_t lane = threadIdx.x % 32;
+  if (VEC) {
+    constexpr int V = Vec16<T>::N;
+    for (uint32_t v = lane; v < len / V; v += 32) {
+      const Vec16<T> wv = load_vec16_ro(w + static_cast<size_t>(v) * V);
+#pragma unroll
+      for (int r = 0; r < GEMV_ROWS; ++r) {
+        if (r < nrows) {
+          const Vec16<T> av = load_vec16_ro(a[r] + static_cast<size_t>(v) * V);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[r] = fmaf(to_float(wv.v[i]), to_float(av.v[i]), acc[r]);
+        }
+      }
+    }
+  } else {
+    for (uint32_t k = lane; k < len; k += 32) {
+      const float wk = to_float(w[k]);
+#pragma unroll
+      for (int r = 0; r < GEMV_ROWS; ++r)
+        if (r < nrows) acc[r] = fmaf(wk, to_float(a[r][k]), acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = warp_sum(acc[r]);
+}
+
+// grid = (ceil(F / GEMV_WARPS), min(E, S)), block = 32 * GEMV_WARPS. Warp w of block (bx, y) computes act[:, f]
+// for f = bx * GEMV_WARPS + w over all rows of the y-th active expert.
+template <typename T>
+__device__ void gate_up_gemv_impl(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
+                                  const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,
+                                  const T* __restrict__ gate_up, T* __restrict__ act, uint32_t E, uint32_t H,
+                                  uint32_t F) {
+  const int e = nth_active_expert(counts, E, blockIdx.y);
+  const uint32_t f = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
+  if (e < 0 || f >= F) return;  // uniform per warp
+  const uint32_t lo = offsets[e], cnt = counts[e];
+  const T* wg = gate_up + (static_cast<size_t>(e) * 2 * F + f) * H;
+  const T* wu = gate_up + (static_cast<size_t>(e) * 2 * F + F + f) * H;
+  constexpr int V = Vec16<T>::N;
+  const bool vec = H % V == 0 && is_aligned16(x) && is_aligned16(gate_up);
+  for (uint32_t c = 0; c < cnt; c += GEMV_ROWS) {
+    const uint32_t nrows = min(cnt - c, static_cast<uint32_t>(GEMV_ROWS));
+    const T* a[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r)
+      a[r] = x + static_cast<size_t>(row_token[lo + c + (r < nrows ? r : 0)]) * H;
+    float g[GEMV_ROWS], u[GEMV_ROWS];
+    if (vec) {
+      warp_dot_rows<T, true>(wg, a, nrows, H, g);
+      warp_dot_rows<T, true>(wu, a, nrows, H, u);
+    } else {
+      warp_dot_rows<T, false>(wg, a, nrows, H, g);
+      warp_dot_rows<T, false>(wu, a, nrows, H, u);
+    }
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int r = 0; r < GEMV_ROWS; ++r)
+        if (r < nrows) act[static_cast<size_t>(lo + c + r) * F + f] = from_float<T>(silu_mul(g[r], u[r]));
+    }
+  }
+}
+
+// grid = (ceil(H / GEMV_WARPS), min(E, S)), block = 32 * GEMV_WARPS. Warp w computes out[:, h] for
+// h = bx * GEMV_WARPS + w over all rows of the y-th active expert.
+template <typename T>
+__device__ void down_gemv_impl(const T* __restrict__ act, const uint32_t* __restrict__ counts,
+                               const uint32_t* __restrict__ offsets, const T* __restrict__ down, T* __restrict__ out,
+                               uint32_t E, uint32_t H, uint32_t F) {
+  const int e = nth_active_expert(counts, E, blockIdx.y);
+  const uint32_t h = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
+  if (e < 0 || h >= H) return;
+  const uint32_t lo = offsets[e], cnt = counts[e];
+  const T* wd = down + (static_cast<size_t>(e) * H + h) * F;
+  constexpr int V = Vec16<T>::N;
+  const bool vec = F % V == 0 && is_aligned16(act) && is_aligned16(down);
+  for (uint32_t c = 0; c < cnt; c += GEMV_ROWS) {
+    const uint32_t nrows = min(cnt - c, static_cast<uint32_t>(GEMV_ROWS));
+    const T* a[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) a[r] = act + static_cast<size_t>(lo + c + (r < nrows ? r : 0)) * F;
+    float y[GEMV_ROWS];
+    if (vec) {
+      warp_dot_rows<T, true>(wd, a, nrows, F, y);
+    } else {
+      warp_dot_rows<T, false>(wd, a, nrows, F, y);
+    }
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int r = 0; r < GEMV_ROWS; ++r)
+        if (r < nrows) out[static_cast<size_t>(lo + c + r) * H + h] = from_float<T>(y[r]);
+    }
+  }
+}
+
+// ---- prefill: tiled GEMM (shared memory, f32 FMA, 256 threads) ---------------------------------------------
+#define TILE_M 64
+#define TILE_K 32
+#define GU_TILE_F 32  // gate_up: 32 f columns of gate AND of up per block -> fused silu(gate) * up
+#define DN_TILE_H 64
+
+// grid = (ceil(F / GU_TILE_F), ceil(S / TILE_M) + min(E, S)), block = 256.
+// Thread (ty = tid / 16, tx = tid % 16) owns rows ty*4 .. +4 and f columns tx*2 .. +2 of the tile.
+template <typename T>
+__device__ void gate_up_gemm_impl(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
+                                  const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,
+                                  const T* __restrict__ gate_up, T* __restrict__ act, uint32_t E, uint32_t H,
+                                  uint32_t F) {
+  __shared__ float xs[TILE_M][TILE_K + 1];  // +1: rows start in different banks
+  __shared__ float gs[GU_TILE_F][TILE_K + 1];
+  __shared__ float us[GU_TILE_F][TILE_K + 1];
+  uint32_t m0 = 0;
+  const int e = nth_row_tile(counts, E, blockIdx.y, TILE_M, &m0);
+  if (e < 0) return;  // uniform per block, before any barrier
+  const uint32_t lo = offsets[e], cnt = counts[e];
+  const uint32_t f0 = blockIdx.x * GU_TILE_F;
+  const uint32_t tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const T* wg = gate_up + static_cast<size_t>(e) * 2 * F * H;
+  const T* wu = wg + static_cast<size_t>(F) * H;
+  float acc_g[4][2] = {}, acc_u[4][2] = {};
+
+  for (uint32_t k0 = 0; k0 < H; k0 += TILE_K) {
+    for (uint32_t i = tid; i < TILE_M * TILE_K; i += 256) {
+      const uint32_t m = i / TILE_K, k = i % TILE_K;
+      float v = 0.f;
+      if (m0 + m < cnt && k0 + k < H) v = to_float(x[static_cast<size_t>(row_token[lo + m0 + m]) * H + k0 + k]);
+      xs[m][k] = v;
+    }
+    for (uint32_t i = tid; i < GU_TILE_F * TILE_K; i += 256) {
+      const uint32_t f = i / TILE_K, k = i % TILE_K;
+      float g = 0.f, u = 0.f;
+      if (f0 + f < F && k0 + k < H) {
+        g = to_float(wg[static_cast<size_t>(f0 + f) * H + k0 + k]);
+        u = to_float(wu[static_cast<size_t>(f0 + f) * H + k0 + k]);
+      }
+      gs[f][k] = g;
+      us[f][k] = u;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (uint32_t k = 0; k < TILE_K; ++k) {
+      float a[4], bg[2], bu[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = xs[ty * 4 + i][k];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        bg[j] = gs[tx * 2 + j][k];
+        bu[j] = us[tx * 2 + j][k];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          acc_g[i][j] = fmaf(a[i], bg[j], acc_g[i][j]);
+          acc_u[i][j] = fmaf(a[i], bu[j], acc_u[i][j]);
+        }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t m = m0 + ty * 4 + i, f = f0 + tx * 2 + j;
+      if (m < cnt && f < F) act[static_cast<size_t>(lo + m) * F + f] = from_float<T>(silu_mul(acc_g[i][j], acc_u[i][j]));
+    }
+}
+
+// grid = (ceil(H / DN_TILE_H), ceil(S / TILE_M) + min(E, S)), block = 256.
+// Thread (ty = tid / 16, tx = tid % 16) owns rows ty*4 .. +4 and h columns tx*4 .. +4 of the tile.
+template <typename T>
+__device__ void down_gemm_impl(const T* __restrict__ act, const uint32_t* __restrict__ counts,
+                               const uint32_t* __restrict__ offsets, const T* __restrict__ down, T* __restrict__ out,
+                               uint32_t E, uint32_t H, uint32_t F) {
+  __shared__ float as[TILE_M][TILE_K + 1];
+  __shared__ float bs[DN_TILE_H][TILE_K + 1];
+  uint32_t m0 = 0;
+  const int e = nth_row_tile(counts, E, blockIdx.y, TILE_M, &m0);
+  if (e < 0) return;
+  const uint32_t lo = offsets[e], cnt = counts[e];
+  const uint32_t h0 = blockIdx.x * DN_TILE_H;
+  const uint32_t tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const T* wd = down + static_cast<size_t>(e) * H * F;
+  float acc[4][4] = {};
+
+  for (uint32_t k0 = 0; k0 < F; k0 += TILE_K) {
+    for (uint32_t i = tid; i < TILE_M * TILE_K; i += 256) {
+      const uint32_t m = i / TILE_K, k = i % TILE_K;
+      as[m][k] = (m0 + m < cnt && k0 + k < F) ? to_float(act[static_cast<size_t>(lo + m0 + m) * F + k0 + k]) : 0.f;
+    }
+    for (uint32_t i = tid; i < DN_TILE_H * TILE_K; i += 256) {
+      const uint32_t h = i / TILE_K, k = i % TILE_K;
+      bs[h][k] = (h0 + h < H && k0 + k < F) ? to_float(wd[static_cast<size_t>(h0 + h) * F + k0 + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (uint32_t k = 0; k < TILE_K; ++k) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = as[ty * 4 + i][k];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = bs[tx * 4 + j][k];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t m = m0 + ty * 4 + i, h = h0 + tx * 4 + j;
+      if (m < cnt && h < H) out[static_cast<size_t>(lo + m) * H + h] = from_float<T>(acc[i][j]);
+    }
+}
+
+#define EXPERTS_ENTRIES(SUFFIX, T)                                                                                \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS) moe_gate_up_gemv_##SUFFIX(                         \
+      const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts,       \
+      const uint32_t* __restrict__ offsets, const T* __restrict__ gate_up, T* __restrict__ act, uint32_t E,       \
+      uint32_t H, uint32_t F) {                                                                                   \
+    gate_up_gemv_impl<T>(x, row_token, counts, offsets, gate_up, act, E, H, F);                                   \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS) moe_down_gemv_##SUFFIX(                            \
+      const T* __restrict__ act, const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,       \
+      const T* __restrict__ down, T* __restrict__ out, uint32_t E, uint32_t H, uint32_t F) {                      \
+    down_gemv_impl<T>(act, counts, offsets, down, out, E, H, F);                                                  \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(256) moe_gate_up_gemm_##SUFFIX(                                    \
+      const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts,       \
+      const uint32_t* __restrict__ offsets, const T* __restrict__ gate_up, T* __restrict__ act, uint32_t E,       \
+      uint32_t H, uint32_t F) {                                                                                   \
+    gate_up_gemm_impl<T>(x, row_token, counts, offsets, gate_up, act, E, H, F);                                   \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(256) moe_down_gemm_##SUFFIX(                                       \
+      const T* __restrict__ act, const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,       \
+      const T* __restrict__ down, T* __restrict__ out, uint32_t E, uint32_t H, uint32_t F) {                      \
+    down_gemm_impl<T>(act, counts, offsets, down, out, E, H, F);                                                  \
+  }
+
+EXPERTS_ENTRIES(f32, float)
+EXPERTS_ENTRIES(bf16, __nv_bfloat16)
+EXPERTS_ENTRIES(f16, __half)

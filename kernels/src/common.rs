@@ -1,0 +1,173 @@
+//! Pieces shared by the op families added after `combine`: the activation element trait, the dtype and
+//! device checks, and (feature `cuda`) the launch helpers and output poisoning used by the self-test.
+//!
+//! Why these ops are free functions and not `CustomOp`s: candle's custom ops return one tensor and take at
+//! most three. `moe_route` returns two, `moe_dispatch` four, `moe_experts` takes six inputs and
+//! `add_rms_norm` returns two, so each op takes its inputs' storage directly (`Tensor::storage_and_layout`)
+//! and wraps the outputs it allocates with `Tensor::from_storage`. The CPU branch of every op calls the
+//! plain-Rust reference (the specification); the CUDA branch launches the kernel on candle's stream.
+
+use candle_core::{bail, DType, Result, Tensor};
+use half::{bf16, f16};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Activation element: converted to f32 to accumulate, rounded to nearest even on the way back.
+pub trait Elem: Copy + Send + Sync + 'static + candle_core::WithDType {
+    fn f32(self) -> f32;
+    fn of(x: f32) -> Self;
+}
+impl Elem for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+    fn of(x: f32) -> Self {
+        x
+    }
+}
+impl Elem for bf16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn of(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+impl Elem for f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn of(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// f32, bf16 or f16, else an error naming `op` and `what`.
+pub(crate) fn check_act(op: &str, what: &str, dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        bail!("{op}: {what} must be f32, bf16 or f16, got {dtype:?}");
+    }
+    Ok(())
+}
+
+pub(crate) fn check_dtype(op: &str, what: &str, t: &Tensor, want: DType) -> Result<()> {
+    if t.dtype() != want {
+        bail!("{op}: {what} must be {want:?}, got {:?}", t.dtype());
+    }
+    Ok(())
+}
+
+pub(crate) fn same_device(op: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
+    let (n0, t0) = ts[0];
+    for &(n, t) in &ts[1..] {
+        if !t.device().same_device(t0.device()) {
+            bail!(
+                "{op}: {n0} is on {:?} but {n} is on {:?}",
+                t0.device().location(),
+                t.device().location()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Host copy of a tensor's elements (row-major), for the CPU references.
+pub(crate) fn host<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// When on, every CUDA launcher of this crate fills its freshly allocated outputs with 0xFF bytes (NaN for
+/// f32/bf16/f16, 0xffffffff for u32) before the kernel runs, so an element the kernel fails to write shows up
+/// in the self-test instead of passing by luck. Off by default (it costs a memset per output).
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(on, Ordering::SeqCst);
+}
+
+pub fn poison_outputs() -> bool {
+    POISON.load(Ordering::SeqCst)
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaDevice, CudaStorage, Result, Shape, Storage, Tensor};
+
+    /// `len` elements (at least one, so a view of an empty output is still a valid pointer), poisoned
+    /// when [`super::poison_outputs`] is on.
+    pub fn alloc_out<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller's kernel writes the elements it documents; the rest is unspecified.
+        let mut s = unsafe { dev.alloc::<T>(len.max(1))? };
+        if super::poison_outputs() {
+            let stream = dev.cuda_stream();
+            let bytes = len.max(1) * std::mem::size_of::<T>();
+            let (ptr, _sync) = s.device_ptr_mut(&stream);
+            // SAFETY: ptr is a live allocation of `bytes` bytes on this stream.
+            unsafe {
+                candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
+                    ptr,
+                    0xff,
+                    bytes,
+                    stream.cu_stream(),
+                )
+            }
+            .w()?;
+        }
+        Ok(s)
+    }
+
+    /// A tensor owning `slice` (contiguous, `shape`), on `dev`.
+    pub fn wrap(slice: CudaStorageSlice, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+        let storage = Storage::Cuda(CudaStorage {
+            slice,
+            device: dev.clone(),
+        });
+        Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_act {
+    //! A contiguous f32/bf16/f16 device view, so one launcher serves the three kernel instantiations.
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, PushKernelArg};
+    use candle_core::cuda_backend::CudaStorageSlice;
+    use candle_core::{bail, CudaStorage, Layout, Result};
+    use half::{bf16, f16};
+
+    pub enum ActView<'a> {
+        F32(CudaView<'a, f32>),
+        BF16(CudaView<'a, bf16>),
+        F16(CudaView<'a, f16>),
+    }
+
+    impl<'a> ActView<'a> {
+        pub fn new(cs: &'a CudaStorage, l: &Layout, op: &str, what: &str) -> Result<Self> {
+            use crate::cuda_util::contiguous;
+            Ok(match &cs.slice {
+                CudaStorageSlice::F32(s) => ActView::F32(contiguous(s, l, op, what)?),
+                CudaStorageSlice::BF16(s) => ActView::BF16(contiguous(s, l, op, what)?),
+                CudaStorageSlice::F16(s) => ActView::F16(contiguous(s, l, op, what)?),
+                _ => bail!("{op}: {what} must be f32, bf16 or f16"),
+            })
+        }
+
+        /// The kernel-name suffix of this dtype.
+        pub fn suffix(&self) -> &'static str {
+            match self {
+                ActView::F32(_) => "f32",
+                ActView::BF16(_) => "bf16",
+                ActView::F16(_) => "f16",
+            }
+        }
+
+        pub fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+            match self {
+                ActView::F32(v) => b.arg(v),
+                ActView::BF16(v) => b.arg(v),
+                ActView::F16(v) => b.arg(v),
+            };
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! The kernel self-test (`moe-run selftest`): every op on random inputs at many shapes, compared with its
+//! plain-Rust reference by normalized MSE against a named budget per op.
+//!
+//! `nmse = sum (got - want)^2 / sum want^2` over the compared elements (a non-finite `got` fails). Outputs are
+//! poisoned (0xFF bytes = NaN / 0xffffffff) before each CUDA kernel runs, so unwritten elements fail too.
+//! What is compared per op:
+//! - route: ids exactly (a mismatch fails whatever the nmse) and the weights by nmse vs [`ROUTE_NMSE`];
+//! - dispatch: counts and offsets exactly and, since the CUDA rows within an expert come in atomic order,
+//!   [`check_dispatch`] (every slot in its expert's range holding its token, rows distinct, padding marked);
+//!   its nmse column is 0 when valid;
+//! - experts: the live rows of `out` (padding rows are unspecified), one case per forced path;
+//! - rms_norm: `out`, and `h` of the fused variant.
+//!
+//! On the CPU the ops run the references themselves, so every nmse is 0: that run checks the harness and
+//! the references' plumbing. The real check is `--device cuda`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::dispatch::{check_dispatch, dispatch_reference, moe_dispatch};
+use crate::experts::{
+    experts_reference, moe_experts, ExpertPath, EXPERTS_NMSE_BF16, EXPERTS_NMSE_F16,
+    EXPERTS_NMSE_F32,
+};
+use crate::norm::{
+    add_rms_norm, rms_norm, rms_norm_reference, RMS_NORM_NMSE_BF16, RMS_NORM_NMSE_F16,
+    RMS_NORM_NMSE_F32,
+};
+use crate::route::{moe_route, route_reference, Router, ROUTE_NMSE};
+
+/// One row of the report.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub op: &'static str,
+    pub case: String,
+    pub dtype: DType,
+    pub nmse: f64,
+    pub budget: f64,
+    /// Wall time of one (second, warm) call including a device synchronize, in microseconds.
+    pub time_us: f64,
+    /// Why it failed beyond the nmse (an id mismatch, an invalid dispatch, an error).
+    pub note: String,
+}
+
+impl Row {
+    pub fn passed(&self) -> bool {
+        self.note.is_empty() && self.nmse <= self.budget
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub device: String,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    pub fn failures(&self) -> Vec<&Row> {
+        self.rows.iter().filter(|r| !r.passed()).collect()
+    }
+
+    /// The printed table: op, case, dtype, nmse, budget, time, verdict.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "moe-kernels selftest on {} ({} cases)\n{:<9} {:<44} {:<5} {:>10} {:>8} {:>10}  result\n",
+            self.device,
+            self.rows.len(),
+            "op",
+            "case",
+            "dtype",
+            "nmse",
+            "budget",
+            "time_us"
+        );
+        for r in &self.rows {
+            s += &format!(
+                "{:<9} {:<44} {:<5} {:>10.2e} {:>8.0e} {:>10.1}  {}{}\n",
+                r.op,
+                r.case,
+                r.dtype.as_str(),
+                r.nmse,
+                r.budget,
+                r.time_us,
+                if r.passed() { "ok" } else { "FAIL" },
+                if r.note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.note)
+                }
+            );
+        }
+        let f = self.failures().len();
+        s += &format!("{} passed, {f} failed\n", self.rows.len() - f);
+        s
+    }
+
+    /// `Ok(())` when every case passed, else an error listing the failures.
+    pub fn ensure_passed(&self) -> Result<()> {
+        let f = self.failures();
+        if f.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = f
+            .iter()
+            .map(|r| format!("{} {} {}", r.op, r.case, r.dtype.as_str()))
+            .collect();
+        candle_core::bail!("selftest: {} case(s) failed: {}", f.len(), list.join("; "))
+    }
+}
+
+/// The op names `filter` can select (a case runs when its op name contains `filter`).
+pub const OPS: &[&str] = &["route", "dispatch", "experts", "rms_norm"];
+
+/// Runs every case whose op name contains `filter` (all when `None`) on `device`.
+pub fn run(device: &Device, filter: Option<&str>) -> Result<Report> {
+    let was = crate::poison_outputs();
+    crate::set_poison_outputs(true);
+    let result = run_cases(device, filter);
+    crate::set_poison_outputs(was);
+    result
+}
+
+fn run_cases(device: &Device, filter: Option<&str>) -> Result<Report> {
+    let mut report = Report {
+        device: format!("{:?}", device.location()),
+        rows: Vec::new(),
+    };
+    let want = |op: &str| filter.is_none_or(|f| op.contains(f));
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    if want("route") {
+        route_cases(device, &mut rng, &mut report.rows)?;
+    }
+    if want("dispatch") {
+        dispatch_cases(device, &mut rng, &mut report.rows)?;
+    }
+    if want("experts") {
+        experts_cases(device, &mut rng, &mut report.rows)?;
+    }
+    if want("rms_norm") {
+        norm_cases(device, &mut rng, &mut report.rows)?;
+    }
+    Ok(report)
+}
+
+/// Deterministic xorshift64* (no rand dependency).
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+    /// N tokens x K distinct experts drawn from the first `pool` of E.
+    fn ids(&mut self, n: usize, k: usize, pool: usize) -> Vec<u32> {
+        let mut out = Vec::with_capacity(n * k);
+        for _ in 0..n {
+            let mut chosen: Vec<u32> = Vec::with_capacity(k);
+            while chosen.len() < k {
+                let e = self.below(pool) as u32;
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            out.extend(chosen);
+        }
+        out
+    }
+}
+
+/// Normalized MSE; non-finite `got` (or `want`) gives infinity.
+pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() || !w.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    if num == 0.0 {
+        0.0
+    } else {
+        num / den.max(1e-30)
+    }
+}
+
+/// Runs `f` twice (the first call loads the PTX and fills caches), returns the second result and its time.
+fn timed<T>(device: &Device, mut f: impl FnMut() -> Result<T>) -> Result<(T, f64)> {
+    let _ = f()?;
+    device.synchronize()?;
+    let t0 = Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    Ok((out, t0.elapsed().as_secs_f64() * 1e6))
+}
+
+fn f32s(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// Inputs rounded to `dtype` and back, so the references see exactly what the device sees.
+fn rounded(v: &[f32], dtype: DType) -> Result<Vec<f32>> {
+    f32s(&Tensor::from_slice(v, v.len(), &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+fn upload(v: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Tensor::from_slice(v, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
+
+/// Catches an op's error as a failed row instead of aborting the whole self-test.
+fn row_or_error(op: &'static str, case: String, dtype: DType, budget: f64, r: Result<Row>) -> Row {
+    r.unwrap_or_else(|e| Row {
+        op,
+        case,
+        dtype,
+        nmse: f64::INFINITY,
+        budget,
+        time_us: 0.0,
+        note: format!("error: {e}"),
+    })
+}
+
+fn route_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    let routers: [(&str, usize, usize, Router); 5] = [
+        ("softmax", 8, 2, Router::Softmax { norm_p: None }),
+        (
+            "softmax-renorm",
+            64,
+            8,
+            Router::Softmax { norm_p: Some(1.0) },
+        ),
+        ("softmax-p2", 16, 4, Router::Softmax { norm_p: Some(2.0) }),
+        (
+            "v2-group",
+            160,
+            6,
+            Router::SoftmaxGroupLimited {
+                n_group: 8,
+                topk_group: 3,
+                scaling: 16.0,
+            },
+        ),
+        (
+            "v3-sigmoid",
+            256,
+            8,
+            Router::SigmoidBiasGrouped {
+                n_group: 8,
+                topk_group: 4,
+                renormalize: true,
+                scaling: 2.5,
+            },
+        ),
+    ];
+    for &n in &[1usize, 7, 64, 513] {
+        for &(name, e, k, router) in &routers {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                if dtype == DType::F16 && n != 7 {
+                    continue;
+                }
+                let case = format!("{name} N={n} E={e} k={k}");
+                let logits = rounded(&rng.vec(n * e, 4.0), dtype)?;
+                let bias = rng.vec(e, 0.5);
+                let r = (|| {
+                    let (want_ids, want_w) = route_reference(&logits, e, router, k, Some(&bias))?;
+                    let lt = upload(&logits, &[n, e], dtype, device)?;
+                    let bt = Tensor::from_slice(&bias, e, device)?;
+                    let ((ids, w), time_us) =
+                        timed(device, || moe_route(&lt, router, k, Some(&bt)))?;
+                    let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                    let bad = ids.iter().zip(&want_ids).filter(|(a, b)| a != b).count();
+                    Ok(Row {
+                        op: "route",
+                        case: case.clone(),
+                        dtype,
+                        nmse: nmse(&f32s(&w)?, &want_w),
+                        budget: ROUTE_NMSE,
+                        time_us,
+                        note: if bad == 0 {
+                            String::new()
+                        } else {
+                            format!("{bad} ids differ")
+                        },
+                    })
+                })();
+                rows.push(row_or_error("route", case, dtype, ROUTE_NMSE, r));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dispatch_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    // (N, K, E, experts actually used, block): decode, every expert used, idle experts, padding.
+    let cases = [
+        (1, 8, 256, 256, 1),
+        (7, 2, 8, 8, 1),
+        (8, 2, 16, 16, 1),
+        (64, 8, 256, 256, 1),
+        (64, 4, 64, 20, 16),
+        (513, 8, 64, 64, 1),
+        (513, 4, 16, 11, 64),
+    ];
+    for &(n, k, e, pool, block) in &cases {
+        let case = format!("N={n} k={k} E={e} used<={pool} B={block}");
+        let ids = if n * k == e && pool == e {
+            (0..(n * k) as u32).map(|i| i % e as u32).collect() // every expert exactly once
+        } else {
+            rng.ids(n, k, pool)
+        };
+        let r = (|| {
+            let it = Tensor::from_slice(&ids, (n, k), device)?;
+            let (d, time_us) = timed(device, || moe_dispatch(&it, k, e, block))?;
+            let got = d.to_host()?;
+            let note = check_dispatch(&ids, k, e, block, &got)
+                .err()
+                .unwrap_or_default();
+            Ok(Row {
+                op: "dispatch",
+                case: case.clone(),
+                dtype: DType::U32,
+                nmse: 0.0,
+                budget: 0.0,
+                time_us,
+                note,
+            })
+        })();
+        rows.push(row_or_error("dispatch", case, DType::U32, 0.0, r));
+    }
+    Ok(())
+}
+
+fn experts_budget(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => EXPERTS_NMSE_F32,
+        DType::F16 => EXPERTS_NMSE_F16,
+        _ => EXPERTS_NMSE_BF16,
+    }
+}
+
+fn experts_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    // (N, K, E, used, H, F, block): decode, small prefill, many experts, odd H / F, idle experts, padding.
+    let cases = [
+        (1, 8, 64, 64, 129, 96, 1),
+        (7, 2, 8, 8, 128, 64, 1),
+        (7, 2, 8, 5, 129, 37, 1),
+        (64, 8, 256, 256, 64, 32, 1),
+        (64, 4, 32, 12, 255, 80, 16),
+        (513, 4, 16, 16, 136, 72, 1),
+        (513, 2, 8, 6, 129, 65, 64),
+    ];
+    for &(n, k, e, pool, h, f, block) in &cases {
+        let ids = rng.ids(n, k, pool);
+        let d = dispatch_reference(&ids, k, e, block)?;
+        let x0 = rng.vec(n * h, 1.0);
+        let gu0 = rng.vec(e * 2 * f * h, 1.0 / (h as f32).sqrt());
+        let dn0 = rng.vec(e * h * f, 1.0 / (f as f32).sqrt());
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            if dtype == DType::F16 && n != 7 && n != 64 {
+                continue;
+            }
+            let (x, gu, dn) = (
+                rounded(&x0, dtype)?,
+                rounded(&gu0, dtype)?,
+                rounded(&dn0, dtype)?,
+            );
+            let want = reference_experts_f32(dtype, &x, &d, &gu, &dn, n, h, f)?;
+            for path in [ExpertPath::Gemv, ExpertPath::Gemm] {
+                let case = format!("{path:?} N={n} k={k} E={e} H={h} F={f} B={block}");
+                let budget = experts_budget(dtype);
+                let r = (|| {
+                    let xt = upload(&x, &[n, h], dtype, device)?;
+                    let gt = upload(&gu, &[e, 2 * f, h], dtype, device)?;
+                    let dt = upload(&dn, &[e, h, f], dtype, device)?;
+                    let rt = Tensor::from_slice(&d.row_token, d.row_token.len(), device)?;
+                    let ct = Tensor::from_slice(&d.counts, e, device)?;
+                    let ot = Tensor::from_slice(&d.offsets, e + 1, device)?;
+                    let (out, time_us) = timed(device, || {
+                        moe_experts(&xt, &rt, &ct, &ot, &gt, &dt, Some(path))
+                    })?;
+                    let got = live_rows(&f32s(&out)?, &d.row_token, h);
+                    Ok(Row {
+                        op: "experts",
+                        case: case.clone(),
+                        dtype,
+                        nmse: nmse(&got, &live_rows(&want, &d.row_token, h)),
+                        budget,
+                        time_us,
+                        note: String::new(),
+                    })
+                })();
+                rows.push(row_or_error("experts", case, dtype, budget, r));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rows of `[R, H]` whose row_token is not padding, concatenated.
+fn live_rows(v: &[f32], row_token: &[u32], h: usize) -> Vec<f32> {
+    row_token
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t != crate::PAD_ROW)
+        .flat_map(|(r, _)| v[r * h..(r + 1) * h].iter().copied())
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reference_experts_f32(
+    dtype: DType,
+    x: &[f32],
+    d: &crate::DispatchHost,
+    gu: &[f32],
+    dn: &[f32],
+    n: usize,
+    h: usize,
+    f: usize,
+) -> Result<Vec<f32>> {
+    fn go<T: crate::common::Elem>(
+        x: &[f32],
+        d: &crate::DispatchHost,
+        gu: &[f32],
+        dn: &[f32],
+        n: usize,
+        h: usize,
+        f: usize,
+    ) -> Result<Vec<f32>> {
+        let c = |v: &[f32]| v.iter().map(|&a| T::of(a)).collect::<Vec<T>>();
+        let out = experts_reference::<T>(
+            &c(x),
+            &d.row_token,
+            &d.counts,
+            &d.offsets,
+            &c(gu),
+            &c(dn),
+            n,
+            h,
+            f,
+        )?;
+        Ok(out.iter().map(|v| v.f32()).collect())
+    }
+    match dtype {
+        DType::F32 => go::<f32>(x, d, gu, dn, n, h, f),
+        DType::BF16 => go::<half::bf16>(x, d, gu, dn, n, h, f),
+        _ => go::<half::f16>(x, d, gu, dn, n, h, f),
+    }
+}
+
+fn norm_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    for &(t, h) in &[(1usize, 129usize), (7, 4096), (64, 1000), (513, 257)] {
+        let x0 = rng.vec(t * h, 2.0);
+        let r0 = rng.vec(t * h, 2.0);
+        let w0: Vec<f32> = (0..h).map(|_| 1.0 + 0.5 * rng.f32()).collect();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let budget = match dtype {
+                DType::F32 => RMS_NORM_NMSE_F32,
+                DType::F16 => RMS_NORM_NMSE_F16,
+                _ => RMS_NORM_NMSE_BF16,
+            };
+            let (x, res, w) = (
+                rounded(&x0, dtype)?,
+                rounded(&r0, dtype)?,
+                rounded(&w0, dtype)?,
+            );
+            for fused in [false, true] {
+                let case = format!("{} T={t} H={h}", if fused { "add+norm" } else { "norm" });
+                let r = (|| {
+                    let (want_h, want) = ref_norm_f32(dtype, &x, fused.then_some(&res[..]), &w, h)?;
+                    let xt = upload(&x, &[t, h], dtype, device)?;
+                    let rt = upload(&res, &[t, h], dtype, device)?;
+                    let wt = upload(&w, &[h], dtype, device)?;
+                    let eps = 1e-6;
+                    let ((hh, out), time_us) = timed(device, || {
+                        if fused {
+                            add_rms_norm(&xt, &rt, &wt, eps).map(|(a, b)| (Some(a), b))
+                        } else {
+                            rms_norm(&xt, &wt, eps).map(|b| (None, b))
+                        }
+                    })?;
+                    let mut e = nmse(&f32s(&out)?, &want);
+                    if let (Some(hh), Some(want_h)) = (hh, want_h) {
+                        e = e.max(nmse(&f32s(&hh)?, &want_h));
+                    }
+                    Ok(Row {
+                        op: "rms_norm",
+                        case: case.clone(),
+                        dtype,
+                        nmse: e,
+                        budget,
+                        time_us,
+                        note: String::new(),
+                    })
+                })();
+                rows.push(row_or_error("rms_norm", case, dtype, budget, r));
+            }
+        }
+    }
+    Ok(())
+}
+
+type NormOut = (Option<Vec<f32>>, Vec<f32>);
+
+fn ref_norm_f32(
+    dtype: DType,
+    x: &[f32],
+    r: Option<&[f32]>,
+    w: &[f32],
+    h: usize,
+) -> Result<NormOut> {
+    fn go<T: crate::common::Elem>(x: &[f32], r: Option<&[f32]>, w: &[f32], h: usize) -> NormOut {
+        let c = |v: &[f32]| v.iter().map(|&a| T::of(a)).collect::<Vec<T>>();
+        let back = |v: Vec<T>| v.iter().map(|a| a.f32()).collect::<Vec<f32>>();
+        let r = r.map(c);
+        let (hh, out) = rms_norm_reference::<T>(&c(x), r.as_deref(), &c(w), h, 1e-6);
+        (hh.map(back), back(out))
+    }
+    Ok(match dtype {
+        DType::F32 => go::<f32>(x, r, w, h),
+        DType::BF16 => go::<half::bf16>(x, r, w, h),
+        _ => go::<half::f16>(x, r, w, h),
+    })
+}
