@@ -43,6 +43,24 @@ enum Cmd {
     Bench(moe::bench::BenchArgs),
     /// Write an INT8/INT4 weight-only quantized copy of a checkpoint (loads without re-quantizing).
     Quantize(QuantizeArgs),
+    /// Check the CUDA kernels (or, on cpu, the harness) against their CPU references.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Only the ops whose name contains this (route, dispatch, experts, rms_norm).
+    #[arg(long)]
+    filter: Option<String>,
+}
+
+fn selftest(a: SelftestArgs) -> Result<()> {
+    let report = moe_kernels::selftest::run(&device(&a.device)?, a.filter.as_deref())?;
+    print!("{}", report.table());
+    Ok(report.ensure_passed()?)
 }
 
 #[derive(Args, Clone)]
@@ -142,6 +160,7 @@ fn main() -> ExitCode {
         Some(Cmd::Analyze(a)) => moe::analysis::run(&a),
         Some(Cmd::Bench(a)) => moe::bench::run(&a),
         Some(Cmd::Quantize(a)) => quantize(a),
+        Some(Cmd::Selftest(a)) => selftest(a),
         None => run(cli.run),
     };
     match result {
