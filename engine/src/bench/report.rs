@@ -344,7 +344,16 @@ fn panel<DB: DrawingBackend>(
                 .axis_desc_style((FONT, 18))
                 .label_style((FONT, 16))
                 .x_label_formatter(&|x| format!("{}", x.round() as i64))
-                .y_label_formatter(&|y| format!("{y:.3}"))
+                .y_label_formatter(&|y| {
+                    if y.abs() >= 10.0 {
+                        format!("{y:.0}")
+                    } else if y.abs() >= 1.0 {
+                        format!("{y:.1}")
+                    } else {
+                        format!("{y:.2}")
+                    }
+                })
+                .max_light_lines(1)
                 .draw()?;
             for (name, ys, c) in series {
                 let pts: Vec<(f64, f64)> = xs

@@ -1,0 +1,339 @@
+//! `moe-run bench`: report shape, predictions, JSON keys, random weights (deterministic, the
+//! configured shapes, loadable by `Model::new` for every family), sweeps. CPU only, tiny runs.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use moe::bench::random::{first_layers, random_weights};
+use moe::bench::sweep::{small_mixtral, sweep, SweepKind};
+use moe::bench::{bench, BenchArgs};
+use moe::config::{FfnKind, ModelConfig};
+use moe::model::{FfnWeights, Model, Trace, Weight};
+
+fn dense(w: &Weight) -> Tensor {
+    match w {
+        Weight::Dense(t) => t.clone(),
+        Weight::Quant(_) => panic!("random weights are dense"),
+    }
+}
+
+/// Tiny everything, fixed ceilings (no memcpy / matmul measurement in tests).
+fn tiny_args() -> BenchArgs {
+    BenchArgs {
+        prompt_len: 4,
+        gen: 3,
+        runs: 2,
+        warmup: 1,
+        bandwidth: Some(10.0),
+        tflops: Some(0.05),
+        ..Default::default()
+    }
+}
+
+fn tiny_mixtral_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "mixtral", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_local_experts": 6, "num_experts_per_tok": 2, "max_position_embeddings": 128
+    });
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let p = dir.path().to_path_buf();
+    (dir, p)
+}
+
+fn check_report(r: &moe::bench::BenchReport) {
+    for t in [&r.prefill, &r.decode] {
+        let s = &t.tokens_per_s;
+        assert!(s.median > 0.0 && s.p10 > 0.0 && s.p90 >= s.p10, "{s:?}");
+        assert_eq!(s.samples.len(), r.runs);
+        assert!(t.ceiling_tokens_per_s > 0.0 && t.pct_of_roofline > 0.0);
+        assert!(t.predicted_bytes_per_forward > 0.0 && t.predicted_flops_per_forward > 0.0);
+    }
+    let m = &r.memory;
+    assert!(m.weights.measured_bytes > 0 && m.weights.predicted_bytes > 0);
+    assert!(m.kv_cache.measured_bytes > 0 && m.kv_cache.predicted_bytes > 0);
+    // Dense f32 weights and the allocated cache are exactly what the cost model predicts.
+    assert_eq!(m.weights.measured_bytes, m.weights.predicted_bytes);
+    assert_eq!(m.kv_cache.measured_bytes, m.kv_cache.predicted_bytes);
+    assert!(m.peak_rss.as_ref().is_some_and(|p| p.measured_bytes > 0));
+    assert!(r.experts_touched_measured.unwrap() > 0.0);
+    assert!(r.experts_touched_predicted.unwrap() > 0.0);
+    assert_eq!(r.bandwidth_gb_s.source, "--bandwidth");
+    let text = moe::bench::report::bench_text(r);
+    for needle in [
+        "prefill",
+        "decode",
+        "% of roofline",
+        "weights",
+        "KV cache",
+        "peak RSS",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+    let v = serde_json::to_value(r).unwrap();
+    for key in [
+        "env",
+        "model",
+        "prompt_len",
+        "gen",
+        "batch",
+        "runs",
+        "bandwidth_gb_s",
+        "peak_tflops",
+        "prefill",
+        "decode",
+        "memory",
+    ] {
+        assert!(v.get(key).is_some(), "JSON key {key} missing");
+    }
+    for key in ["device", "dtype", "commit", "command"] {
+        assert!(v["env"].get(key).is_some(), "env.{key} missing");
+    }
+    for key in ["median", "p10", "p90", "samples"] {
+        assert!(v["decode"]["tokens_per_s"].get(key).is_some());
+    }
+}
+
+#[test]
+fn bench_embedded_model() {
+    let r = bench(&tiny_args()).unwrap();
+    assert_eq!(r.model.layers_run, r.model.layers_in_config);
+    assert!(r.model.weights.contains("embedded"));
+    check_report(&r);
+}
+
+#[test]
+fn bench_tiny_random_mixtral_with_layers_and_batch() {
+    let (_keep, dir) = tiny_mixtral_dir();
+    let a = BenchArgs {
+        weights: Some(dir),
+        random_weights: true,
+        layers: Some(2),
+        batch: 3,
+        ..tiny_args()
+    };
+    let r = bench(&a).unwrap();
+    assert_eq!((r.model.layers_run, r.model.layers_in_config), (2, 3));
+    assert_eq!(r.model.layer_kinds, "2 x MoE(E=6, k=2, F=48) (GQA)");
+    assert!(r.model.weights.contains("random weights (seed 0)"));
+    assert_eq!((r.batch, r.decode.tokens_per_forward), (3, 3));
+    check_report(&r);
+}
+
+#[test]
+fn bench_cli_json() {
+    let (_keep, dir) = tiny_mixtral_dir();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args(["bench", "--random-weights", "--weights"])
+        .arg(&dir)
+        .args([
+            "--prompt-len",
+            "3",
+            "--gen",
+            "2",
+            "--runs",
+            "1",
+            "--bandwidth",
+            "5",
+            "--tflops",
+            "0.05",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["decode"]["tokens_per_s"]["median"].as_f64().unwrap() > 0.0);
+    assert!(v["env"]["command"].as_str().unwrap().contains("bench"));
+    assert_eq!(v["model"]["layers_run"], 3);
+}
+
+fn fixture_config(name: &str) -> ModelConfig {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .join("config.json");
+    ModelConfig::from_file(&p).unwrap()
+}
+
+#[test]
+fn random_weights_are_deterministic_and_shaped() {
+    let cfg = small_mixtral(2, 32, 48, 4, 2, 64).unwrap();
+    let dev = Device::Cpu;
+    let a = random_weights(&cfg, 7, DType::F32, &dev).unwrap();
+    let b = random_weights(&cfg, 7, DType::F32, &dev).unwrap();
+    let c = random_weights(&cfg, 8, DType::F32, &dev).unwrap();
+    let moe = |w: &moe::model::ModelWeights| match &w.layers[1].ffn {
+        FfnWeights::Moe(m) => (m.router.clone(), dense(&m.gate_up), dense(&m.down)),
+        _ => panic!("MoE layer expected"),
+    };
+    let (ra, ga, da) = moe(&a);
+    let (rb, gb, db) = moe(&b);
+    let (_, gc, _) = moe(&c);
+    assert_eq!(ga.dims(), &[4, 96, 32]);
+    assert_eq!(da.dims(), &[4, 32, 48]);
+    assert_eq!(ra.dims(), &[4, 32]);
+    assert_eq!(a.embed.dims(), &[64, 32]);
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(v(&ga), v(&gb));
+    assert_eq!(v(&da), v(&db));
+    assert_eq!(v(&ra), v(&rb));
+    assert_eq!(v(&a.lm_head), v(&b.lm_head));
+    assert_ne!(v(&ga), v(&gc));
+    // Scale: N(0, 1/sqrt(fan_in)).
+    let g = v(&ga);
+    let var = g.iter().map(|x| (x * x) as f64).sum::<f64>() / g.len() as f64;
+    assert!(
+        (var * 32.0 - 1.0).abs() < 0.1,
+        "variance x fan_in = {}",
+        var * 32.0
+    );
+    let dv = v(&da);
+    let var = dv.iter().map(|x| (x * x) as f64).sum::<f64>() / dv.len() as f64;
+    assert!(
+        (var * 48.0 - 1.0).abs() < 0.1,
+        "variance x fan_in = {}",
+        var * 48.0
+    );
+    // bf16 is the f32 draw rounded.
+    let h = random_weights(&cfg, 7, DType::BF16, &dev).unwrap();
+    let (_, gh, _) = moe(&h);
+    assert_eq!(gh.dtype(), DType::BF16);
+    assert_eq!(
+        v(&gh.to_dtype(DType::F32).unwrap()),
+        v(&ga
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap())
+    );
+}
+
+/// Every family's config (GQA, MLA, shared experts, biases, QK-norms, dense layers, f32
+/// routers, sigmoid routers): random weights load through Model::new and run, routing spreads.
+#[test]
+fn random_weights_load_for_every_family() {
+    for name in [
+        "mixtral-base",
+        "dbrx",
+        "qwen3-moe",
+        "olmoe",
+        "hunyuan-moe",
+        "qwen2-moe",
+        "deepseek-v2-group",
+        "deepseek-v3",
+        "dots1",
+    ] {
+        let cfg = first_layers(&fixture_config(name), Some(3));
+        let w = random_weights(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        let model = Model::new(cfg.clone(), w, DType::F32, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut cache = model.new_cache(1, 16).unwrap();
+        let ids: Vec<u32> = (0..16)
+            .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
+            .collect();
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mut tr = Trace::default();
+        let logits = model.forward(&x, &mut cache, true, Some(&mut tr)).unwrap();
+        let l = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(l.iter().all(|v| v.is_finite()), "{name}: non-finite logits");
+        // MLA also holds kv_b split per head (w_uk, w_uv) for the absorbed decode: one more
+        // copy of kv_b per layer that the cost model does not count.
+        let extra = cfg.mla.map_or(0, |m| {
+            (cfg.num_layers()
+                * cfg.num_heads
+                * (m.qk_nope_head_dim + m.v_head_dim)
+                * m.kv_lora_rank
+                * 4) as u64
+        });
+        // Sigmoid routers' e_score_correction_bias ([E] f32) is a buffer in transformers, not a
+        // parameter, so the cost model (which matches transformers' parameter counts) omits it.
+        let extra = extra
+            + cfg
+                .layers
+                .iter()
+                .map(|l| match l {
+                    FfnKind::Moe(m)
+                        if matches!(
+                            m.router,
+                            moe::config::RouterKind::SigmoidBiasGrouped { .. }
+                        ) =>
+                    {
+                        4 * m.num_experts as u64
+                    }
+                    _ => 0,
+                })
+                .sum::<u64>();
+        let predicted = moe::analysis::bytes::weight_bytes(
+            &moe::analysis::counts::tensor_inventory(&cfg),
+            moe::analysis::bytes::Precision::Fp32,
+        );
+        assert_eq!(model.weight_bytes() as u64, predicted + extra, "{name}");
+        for (i, kind) in cfg.layers.iter().enumerate() {
+            if let FfnKind::Moe(m) = kind {
+                let mut ids = tr.router_ids[i].clone();
+                ids.sort_unstable();
+                ids.dedup();
+                // 16 tokens x k choices: non-degenerate routing uses more than k experts.
+                assert!(
+                    ids.len() > m.top_k.min(m.num_experts - 1),
+                    "{name} layer {i}: {ids:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sweep_has_one_row_per_point() {
+    let a = BenchArgs {
+        hidden: 32,
+        ffn: 32,
+        vocab: 64,
+        experts: 4,
+        prompt_len: 3,
+        gen: 2,
+        runs: 1,
+        warmup: 0,
+        points: Some(vec![1, 2, 4]),
+        ..tiny_args()
+    };
+    for kind in [SweepKind::Experts, SweepKind::Topk, SweepKind::Batch] {
+        let r = sweep(&a, kind).unwrap();
+        let v = serde_json::to_value(&r).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 3, "{kind:?}");
+        for (row, want) in rows.iter().zip([1, 2, 4]) {
+            assert_eq!(row["value"], want);
+            for key in [
+                "step_s",
+                "predicted_step_s",
+                "pct_of_roofline",
+                "experts_touched_predicted",
+                "weight_bytes_measured",
+                "weight_bytes_predicted",
+                "decode_tokens_per_s",
+            ] {
+                assert!(row.get(key).is_some(), "{key}");
+            }
+            assert!(row["step_s"].as_f64().unwrap() > 0.0);
+            assert_eq!(row["weight_bytes_measured"], row["weight_bytes_predicted"]);
+        }
+        assert!(moe::bench::report::sweep_text(&r).lines().count() >= 3 + 3);
+    }
+    // Experts sweep: weight memory grows with E.
+    let r = sweep(&a, SweepKind::Experts).unwrap();
+    assert!(r.rows[2].weight_bytes_measured > r.rows[0].weight_bytes_measured);
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("s.png");
+    moe::bench::report::plot_sweep(&r, &png).unwrap();
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+}
