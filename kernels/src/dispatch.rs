@@ -221,7 +221,7 @@ fn cuda_dispatch(
     let Storage::Cuda(cs) = &*st else {
         bail!("{OP}: ids are not on a CUDA device")
     };
-    let dev = cs.device().clone();
+    let dev = cs.device.clone();
     let idv = contiguous(cs.as_cuda_slice::<u32>()?, l, OP, "ids")?;
     let counts = alloc_out::<u32>(&dev, e)?;
     let offsets = alloc_out::<u32>(&dev, e + 1)?;

@@ -301,7 +301,7 @@ fn cuda_experts(
         };
         cs.push((c, *l));
     }
-    let dev = cs[0].0.device().clone();
+    let dev = cs[0].0.device.clone();
     let xv = ActView::new(cs[0].0, cs[0].1, OP, "x")?;
     let rtv = contiguous(cs[1].0.as_cuda_slice::<u32>()?, cs[1].1, OP, "row_token")?;
     let cv = contiguous(cs[2].0.as_cuda_slice::<u32>()?, cs[2].1, OP, "counts")?;

@@ -152,7 +152,7 @@ fn cuda_norm(
     let (Storage::Cuda(xc), Storage::Cuda(wc)) = (&*xs, &*ws) else {
         bail!("{OP}: inputs are not on a CUDA device")
     };
-    let dev = xc.device().clone();
+    let dev = xc.device.clone();
     let xv = ActView::new(xc, xl, OP, "x")?;
     let wv = ActView::new(wc, wl, OP, "weight")?;
     let rv = match &rg {

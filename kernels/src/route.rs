@@ -300,7 +300,7 @@ fn cuda_route(
     let Storage::Cuda(cs) = &*st else {
         bail!("{OP}: logits are not on a CUDA device")
     };
-    let dev = cs.device().clone();
+    let dev = cs.device.clone();
     let ids = alloc_out::<u32>(&dev, n * top_k)?;
     let weights = alloc_out::<f32>(&dev, n * top_k)?;
     if n > 0 {
