@@ -337,3 +337,28 @@ fn sweep_has_one_row_per_point() {
     moe::bench::report::plot_sweep(&r, &png).unwrap();
     assert!(std::fs::metadata(&png).unwrap().len() > 1000);
 }
+
+#[test]
+fn baseline_candle_on_the_same_random_weights() {
+    let (_keep, dir) = tiny_mixtral_dir();
+    let a = BenchArgs {
+        weights: Some(dir),
+        random_weights: true,
+        baseline: Some(moe::bench::Baseline::Candle),
+        runs: 1,
+        warmup: 0,
+        ..tiny_args()
+    };
+    let r = bench(&a).unwrap();
+    let b = r.baseline.as_ref().expect("baseline report");
+    assert!(b.decode_tokens_per_s.median > 0.0 && b.prefill_tokens_per_s.median > 0.0);
+    assert!(b.decode_time_ratio_candle_over_ours > 0.0);
+    assert!(moe::bench::report::bench_text(&r).contains("candle/ours"));
+    // Another family is refused with a clear message.
+    let a = BenchArgs {
+        weights: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe")),
+        ..a
+    };
+    let err = bench(&a).err().expect("qwen3 refused").to_string();
+    assert!(err.contains("Mixtral"), "{err}");
+}

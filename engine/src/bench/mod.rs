@@ -8,7 +8,19 @@
 //! with bytes from `analysis::roofline::batch_step_bytes` (non-expert weights once, the
 //! expected distinct experts E(1-(1-k/E)^N) per MoE layer, KV read) and FLOPs from
 //! `analysis::bytes::{decode,prefill}_flops_per_token`.
+//!
+//! State / TODO (next session):
+//! - Never run on a GPU yet. CUDA: `--device cuda --gpu h100` should work (synchronize before
+//!   every clock read) but device memory is not reported (DESIGN: cudarc pool high-water +
+//!   `mem_get_info`); peak RSS is host memory only.
+//! - `--baseline candle` works for Mixtral with --random-weights or the embedded model; not for
+//!   `--weights DIR` yet (would need candle's VarBuilder over the directory's safetensors).
+//! - Sweeps use a small Mixtral from flags (--hidden/--ffn/--experts/--top-k/--vocab); scaling
+//!   a given model's config down (`--model X --sweep ...`) is not implemented.
+//! - Cost-model gaps seen by the tests: MLA holds kv_b twice (w_uk/w_uv for absorbed decode),
+//!   and sigmoid routers' `e_score_correction_bias` (a buffer) is not in `weight_bytes`.
 
+pub mod baseline;
 pub mod measure;
 pub mod random;
 pub mod report;
@@ -108,6 +120,17 @@ pub struct BenchArgs {
     /// Sweep model: vocabulary size.
     #[arg(long, default_value_t = 1024)]
     pub vocab: usize,
+    /// Also time another implementation on the same weights and shapes (Mixtral only; with
+    /// --random-weights or the embedded model).
+    #[arg(long, value_enum)]
+    pub baseline: Option<Baseline>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    /// candle-transformers' own Mixtral.
+    Candle,
 }
 
 impl Default for BenchArgs {
@@ -137,6 +160,7 @@ impl Default for BenchArgs {
             experts: 8,
             top_k: 2,
             vocab: 1024,
+            baseline: None,
         }
     }
 }
@@ -230,6 +254,8 @@ pub struct BenchReport {
     pub memory: Memory,
     /// Seconds to build or load the weights.
     pub load_s: f64,
+    /// `--baseline candle`: the same weights through candle-transformers' Mixtral.
+    pub baseline: Option<baseline::BaselineReport>,
 }
 
 /// Parses `cpu` / `cuda[:N]`.
@@ -450,12 +476,21 @@ pub fn build_model(
     a: &BenchArgs,
     dtype: DType,
     device: &Device,
-) -> Result<(Model, ModelDesc, f64)> {
+) -> Result<(Model, ModelDesc, f64, Option<baseline::BaselineWeights>)> {
     let t0 = std::time::Instant::now();
     let (name, full_cfg) = resolve_config(a)?;
     let cfg = random::first_layers(&full_cfg, a.layers);
+    if a.baseline.is_some() {
+        baseline::check(&cfg)?;
+    }
+    let mut base = None;
     let (model, weights) = if a.random_weights {
         let w = random::random_weights(&cfg, a.seed, dtype, device)?;
+        if a.baseline.is_some() {
+            base = Some(baseline::BaselineWeights::Tensors(baseline::hf_tensors(
+                &cfg, &w,
+            )?));
+        }
         (
             Model::new(cfg.clone(), w, dtype, device)?,
             format!("random weights (seed {})", a.seed),
@@ -467,6 +502,18 @@ pub fn build_model(
             ..Default::default()
         };
         let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
+        if a.baseline.is_some() {
+            base = Some(match &src {
+                ModelSource::Embedded(e) => baseline::BaselineWeights::Tensors(
+                    baseline::tensors_from_safetensors(e.safetensors, &cfg, dtype, device)?,
+                ),
+                ModelSource::Dir(_) => {
+                    return Err(Error::Input(
+                        "--baseline with --weights DIR is not supported yet; use --random-weights or the embedded model".into(),
+                    ))
+                }
+            });
+        }
         let model = if a.layers.is_some_and(|n| n < full_cfg.num_layers()) {
             // Tensors of layers >= N are ignored by the loader's check (`model.layers.*`).
             let ck = match &src {
@@ -495,7 +542,7 @@ pub fn build_model(
         total_params: counts.total,
         active_params: counts.active,
     };
-    Ok((model, desc, t0.elapsed().as_secs_f64()))
+    Ok((model, desc, t0.elapsed().as_secs_f64(), base))
 }
 
 /// The config named by --model / --weights (tiny-kjv when neither is given).
@@ -543,7 +590,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     check_shape(a)?;
     let dtype = loader::parse_dtype(&a.dtype)?;
     let device = parse_device(&a.device)?;
-    let (model, desc, load_s) = build_model(a, dtype, &device)?;
+    let (model, desc, load_s, base) = build_model(a, dtype, &device)?;
     let cfg = model.cfg.clone();
     if a.prompt_len + a.gen > cfg.max_position_embeddings {
         return Err(Error::Input(format!(
@@ -565,6 +612,19 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     let (bw, peak) = ceilings(a, &device, dtype)?;
     let (b, p, g) = (a.batch, a.prompt_len, a.gen);
 
+    let baseline = match &base {
+        Some(w) => {
+            let med = |f: fn(&RunSample) -> f64| {
+                Stat::of(&samples.iter().map(f).collect::<Vec<_>>()).median
+            };
+            let ours = (med(|s| s.prefill_s), med(|s| s.decode_s));
+            let ids = measure::prompt_ids(cfg.vocab_size, b, p, a.seed);
+            Some(baseline::run(
+                &cfg, w, dtype, &device, &ids, b, g, a.runs, a.warmup, ours,
+            )?)
+        }
+        None => None,
+    };
     let pre = predict(&cfg, dtype, b, p, p as u64, bw.value, peak.value);
     let dec = predict(&cfg, dtype, b, 0, (p + g / 2) as u64, bw.value, peak.value);
     let prefill_tps: Vec<f64> = samples
@@ -635,6 +695,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         experts_touched_predicted: moe_mean,
         memory,
         load_s,
+        baseline,
     })
 }
 

@@ -96,6 +96,20 @@ pub fn bench_text(r: &BenchReport) -> String {
             "  distinct experts per MoE layer per decode step: measured {me:.2}, predicted {pe:.2} (uniform routing)\n"
         ));
     }
+    if let Some(b) = &r.baseline {
+        s.push_str(&format!(
+            "  baseline {}: prefill {} tok/s (p10 {}, p90 {}), decode {} tok/s (p10 {}, p90 {})\n  time ratio candle/ours: prefill {:.2}x, decode {:.2}x (> 1: ours is faster)\n",
+            b.name,
+            tps(b.prefill_tokens_per_s.median),
+            tps(b.prefill_tokens_per_s.p10),
+            tps(b.prefill_tokens_per_s.p90),
+            tps(b.decode_tokens_per_s.median),
+            tps(b.decode_tokens_per_s.p10),
+            tps(b.decode_tokens_per_s.p90),
+            b.prefill_time_ratio_candle_over_ours,
+            b.decode_time_ratio_candle_over_ours,
+        ));
+    }
     s.push('\n');
     let mem = &r.memory;
     let mrow = |name: &str, p: &super::MemPair| {
