@@ -32,7 +32,7 @@ mod tests {
             ids: vec![2, 0, 0, 1],
             weights: vec![0.75, 0.25, 0.5, 0.5],
         };
-        let d = dispatch(&routing.ids, 2, 3);
+        let d = dispatch(&routing.ids, 2, 3).unwrap();
         // Sorted rows: e0: (tok0, tok1), e1: (tok1), e2: (tok0). Row r holds value r+1.
         let y = Tensor::new(&[[1f32, 10.], [2., 20.], [3., 30.], [4., 40.]], &dev).unwrap();
         let out: Vec<Vec<f32>> = combine(&y, &d, &routing).unwrap().to_vec2().unwrap();

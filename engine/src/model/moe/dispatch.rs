@@ -1,6 +1,9 @@
 //! Stage 2, dispatch: group the N*A (token, choice) slots by expert so each expert sees one
 //! contiguous run of rows. A stable counting sort: within an expert, slots keep token order.
 
+use candle_core::Result;
+use moe_kernels::dispatch::dispatch_reference;
+
 /// Where every (token, choice) slot goes. With S = N*A slots:
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dispatch {
@@ -16,34 +19,19 @@ pub struct Dispatch {
     pub slot_row: Vec<u32>,
 }
 
-/// `ids [N*A]` token-major expert ids (as in [`super::Routing`]).
-pub fn dispatch(ids: &[u32], top_k: usize, num_experts: usize) -> Dispatch {
-    let mut counts = vec![0u32; num_experts];
-    for &e in ids {
-        counts[e as usize] += 1;
-    }
-    let mut offsets = Vec::with_capacity(num_experts + 1);
-    offsets.push(0u32);
-    for &c in &counts {
-        offsets.push(offsets.last().unwrap() + c);
-    }
-    let mut next: Vec<u32> = offsets[..num_experts].to_vec();
-    let mut row_token = vec![0u32; ids.len()];
-    let mut slot_row = vec![0u32; ids.len()];
-    for (slot, &e) in ids.iter().enumerate() {
-        let row = next[e as usize];
-        next[e as usize] += 1;
-        row_token[row as usize] = (slot / top_k) as u32;
-        slot_row[slot] = row;
-    }
-    Dispatch {
+/// `ids [N*A]` token-major expert ids (as in [`super::Routing`]). The sort is
+/// `moe_kernels::dispatch::dispatch_reference` with no padding (block 1), the specification the
+/// CUDA dispatch kernel is checked against. An id >= `num_experts` is an error.
+pub fn dispatch(ids: &[u32], top_k: usize, num_experts: usize) -> Result<Dispatch> {
+    let d = dispatch_reference(ids, top_k, num_experts, 1)?;
+    Ok(Dispatch {
         num_experts,
         top_k,
-        counts,
-        offsets,
-        row_token,
-        slot_row,
-    }
+        counts: d.counts,
+        offsets: d.offsets,
+        row_token: d.row_token,
+        slot_row: d.slot_row,
+    })
 }
 
 #[cfg(test)]
@@ -54,7 +42,7 @@ mod tests {
     fn groups_by_expert_and_keeps_token_order() {
         // 3 tokens, top-2, 4 experts; expert 3 receives no token.
         let ids = [1, 0, 0, 2, 1, 2];
-        let d = dispatch(&ids, 2, 4);
+        let d = dispatch(&ids, 2, 4).unwrap();
         assert_eq!(d.counts, vec![2, 2, 2, 0]);
         assert_eq!(d.offsets, vec![0, 2, 4, 6, 6]);
         assert_eq!(d.row_token, vec![0, 1, 0, 2, 1, 2]);
@@ -69,7 +57,7 @@ mod tests {
     #[test]
     fn every_expert_used() {
         let ids: Vec<u32> = (0..16).map(|i| i % 8).collect(); // 8 tokens top-2 over 8 experts
-        let d = dispatch(&ids, 2, 8);
+        let d = dispatch(&ids, 2, 8).unwrap();
         assert!(d.counts.iter().all(|&c| c == 2));
         let mut rows = d.slot_row.clone();
         rows.sort();
@@ -81,8 +69,13 @@ mod tests {
     }
 
     #[test]
+    fn bad_expert_id_is_an_error() {
+        assert!(dispatch(&[0, 5], 1, 3).is_err());
+    }
+
+    #[test]
     fn no_tokens() {
-        let d = dispatch(&[], 2, 3);
+        let d = dispatch(&[], 2, 3).unwrap();
         assert_eq!(d.offsets, vec![0, 0, 0, 0]);
         assert!(d.row_token.is_empty());
     }

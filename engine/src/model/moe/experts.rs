@@ -94,7 +94,7 @@ mod tests {
         let down = Tensor::randn(0f32, 0.5, (e, h, f), &dev).unwrap();
         // Expert 3 gets no token.
         let ids = [0u32, 1, 1, 2, 2, 0, 0, 2, 1, 0];
-        let d = dispatch(&ids, a, e);
+        let d = dispatch(&ids, a, e).unwrap();
         assert_eq!(d.counts[3], 0);
         let y = experts(&x, &d, &gate_up, &down).unwrap();
         assert_eq!(y.dims(), &[n * a, h]);

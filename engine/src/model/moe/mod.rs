@@ -89,7 +89,7 @@ impl MoeBlock {
             self.cfg.top_k,
             self.score_bias.as_deref(),
         )?;
-        let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts);
+        let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts)?;
         let y = experts::experts_w(&x, &d, &self.gate_up, &self.down)?; // [N*A, H], expert-sorted
         let mut out = combine(&y, &d, &routing)?; // [N, H]
         if let Some(shared) = &self.shared {

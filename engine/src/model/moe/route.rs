@@ -3,6 +3,9 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use moe_kernels::route::route_reference;
+use moe_kernels::Router;
+
 use crate::config::RouterKind;
 
 /// Top-k routing decisions for N tokens.
@@ -22,93 +25,21 @@ impl Routing {
 }
 
 /// Routes every row of `logits [N, E]` (any float dtype; scored in f32). `bias [E]` is the
-/// selection-only correction bias of [`RouterKind::SigmoidBiasGrouped`].
+/// selection-only correction bias of [`RouterKind::SigmoidBiasGrouped`]. The math is
+/// `moe_kernels::route::route_reference`, the specification the CUDA router kernel is checked
+/// against, so the CPU path and the kernel share one definition.
 pub fn route(
     logits: &Tensor,
     kind: RouterKind,
     top_k: usize,
     bias: Option<&[f32]>,
 ) -> Result<Routing> {
-    let (n, e) = logits.dims2()?;
+    let (_, e) = logits.dims2()?;
     if top_k == 0 || top_k > e {
         candle_core::bail!("route: top_k {top_k} must be in 1..={e}")
     }
     let scores: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut ids = Vec::with_capacity(n * top_k);
-    let mut weights = Vec::with_capacity(n * top_k);
-    // `value`: the scores the weights come from; `select`: the scores the top-k is taken over.
-    let mut value = vec![0f32; e];
-    let mut select = vec![0f32; e];
-    for row in scores.chunks_exact(e) {
-        let (chosen, norm, scale) = match kind {
-            RouterKind::Softmax { norm_p } => {
-                softmax_into(row, &mut value);
-                let chosen = top_k_indices(&value, top_k);
-                let norm = match norm_p {
-                    None => 1.0,
-                    Some(1.0) => chosen.iter().map(|&i| value[i]).sum(),
-                    Some(p) => {
-                        let p = p as f32;
-                        chosen
-                            .iter()
-                            .map(|&i| value[i].powf(p))
-                            .sum::<f32>()
-                            .powf(1.0 / p)
-                    }
-                };
-                (chosen, norm, 1.0)
-            }
-            RouterKind::SoftmaxGroupLimited {
-                n_group,
-                topk_group,
-                scaling,
-            } => {
-                softmax_into(row, &mut value);
-                select.copy_from_slice(&value);
-                // Group score = the max probability in the group; dropped groups read 0.
-                keep_top_groups(&mut select, n_group, topk_group, 0.0, |g| {
-                    g.iter().copied().fold(f32::MIN, f32::max)
-                })?;
-                (top_k_indices(&select, top_k), 1.0, scaling as f32)
-            }
-            RouterKind::SigmoidBiasGrouped {
-                n_group,
-                topk_group,
-                renormalize,
-                scaling,
-            } => {
-                let Some(bias) = bias.filter(|b| b.len() == e) else {
-                    candle_core::bail!(
-                        "route: the sigmoid router needs a correction bias of {e} values"
-                    )
-                };
-                for ((v, s), (&x, &b)) in value
-                    .iter_mut()
-                    .zip(select.iter_mut())
-                    .zip(row.iter().zip(bias))
-                {
-                    *v = 1.0 / (1.0 + (-x).exp());
-                    *s = *v + b;
-                }
-                // Group score = the sum of the two best biased scores; dropped groups read -inf.
-                keep_top_groups(&mut select, n_group, topk_group, f32::NEG_INFINITY, |g| {
-                    let top = top_k_indices(g, 2.min(g.len()));
-                    top.iter().map(|&i| g[i]).sum()
-                })?;
-                let chosen = top_k_indices(&select, top_k);
-                let norm = if renormalize {
-                    chosen.iter().map(|&i| value[i]).sum::<f32>() + 1e-20
-                } else {
-                    1.0
-                };
-                (chosen, norm, scaling as f32)
-            }
-        };
-        for &i in &chosen {
-            ids.push(i as u32);
-            weights.push(value[i] / norm * scale);
-        }
-    }
+    let (ids, weights) = route_reference(&scores, e, router(kind), top_k, bias)?;
     Ok(Routing {
         top_k,
         ids,
@@ -116,54 +47,31 @@ pub fn route(
     })
 }
 
-/// Group-limited selection: split `scores` into `n_group` equal groups, keep the `topk_group`
-/// groups with the best `group_score`, and overwrite every other group with `fill`.
-fn keep_top_groups(
-    scores: &mut [f32],
-    n_group: usize,
-    topk_group: usize,
-    fill: f32,
-    group_score: impl Fn(&[f32]) -> f32,
-) -> Result<()> {
-    if n_group <= 1 {
-        return Ok(());
+/// The config's router kind as the kernels crate spells it (field for field).
+pub fn router(kind: RouterKind) -> Router {
+    match kind {
+        RouterKind::Softmax { norm_p } => Router::Softmax { norm_p },
+        RouterKind::SoftmaxGroupLimited {
+            n_group,
+            topk_group,
+            scaling,
+        } => Router::SoftmaxGroupLimited {
+            n_group,
+            topk_group,
+            scaling,
+        },
+        RouterKind::SigmoidBiasGrouped {
+            n_group,
+            topk_group,
+            renormalize,
+            scaling,
+        } => Router::SigmoidBiasGrouped {
+            n_group,
+            topk_group,
+            renormalize,
+            scaling,
+        },
     }
-    if !scores.len().is_multiple_of(n_group) || topk_group == 0 || topk_group > n_group {
-        candle_core::bail!(
-            "route: {} experts cannot be split into {n_group} groups keeping {topk_group}",
-            scores.len()
-        )
-    }
-    let size = scores.len() / n_group;
-    let group_scores: Vec<f32> = scores.chunks_exact(size).map(&group_score).collect();
-    let keep = top_k_indices(&group_scores, topk_group);
-    for (g, chunk) in scores.chunks_exact_mut(size).enumerate() {
-        if !keep.contains(&g) {
-            chunk.fill(fill);
-        }
-    }
-    Ok(())
-}
-
-/// Numerically stable softmax in f32 (subtract the max, as torch does).
-fn softmax_into(row: &[f32], out: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for (o, &x) in out.iter_mut().zip(row) {
-        *o = (x - max).exp();
-        sum += *o;
-    }
-    for o in out.iter_mut() {
-        *o /= sum;
-    }
-}
-
-/// Indices of the `k` largest values, largest first; ties go to the lower index.
-pub fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
 }
 
 #[cfg(test)]
