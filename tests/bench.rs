@@ -359,6 +359,6 @@ fn baseline_candle_on_the_same_random_weights() {
         weights: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe")),
         ..a
     };
-    let err = bench(&a).err().expect("qwen3 refused").to_string();
+    let err = bench(&a).expect_err("qwen3 refused").to_string();
     assert!(err.contains("Mixtral"), "{err}");
 }

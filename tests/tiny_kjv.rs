@@ -15,10 +15,17 @@ fn parity_with_transformers() {
     let exp = expected(&fixture("tiny-kjv"));
     let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
     let tok = TINY_KJV.tokenizer(&model.cfg).unwrap();
-    assert_eq!(tok.encode("And God said").unwrap(), exp.prompt_ids, "tokenizer");
+    assert_eq!(
+        tok.encode("And God said").unwrap(),
+        exp.prompt_ids,
+        "tokenizer"
+    );
 
     let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
-    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device()).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut trace = Trace::default();
     let logits: Vec<Vec<f32>> = model
         .forward(&ids, &mut cache, true, Some(&mut trace))
@@ -31,7 +38,10 @@ fn parity_with_transformers() {
     assert!(diff < 1e-4, "prompt logits differ by {diff}");
     for (layer, want) in exp.router_ids.iter().enumerate() {
         let want: Vec<u32> = want.iter().flatten().copied().collect();
-        assert_eq!(trace.router_ids[layer], want, "router choices of layer {layer}");
+        assert_eq!(
+            trace.router_ids[layer], want,
+            "router choices of layer {layer}"
+        );
     }
 
     let params = GenerateParams {
@@ -40,7 +50,11 @@ fn parity_with_transformers() {
         eos: vec![],
     };
     let g = generate(&model, &exp.prompt_ids, &params, |_| Ok(()), None).unwrap();
-    assert_eq!(g.generated_ids, exp.greedy_ids, "greedy ids (HF margins {:?})", exp.greedy_margins);
+    assert_eq!(
+        g.generated_ids, exp.greedy_ids,
+        "greedy ids (HF margins {:?})",
+        exp.greedy_margins
+    );
 }
 
 #[test]
@@ -48,7 +62,15 @@ fn default_run_needs_no_files() {
     // No --model, no --weights: the embedded model, from any working directory.
     let tmp = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
-        .args(["--prompt", "And God said", "--max-new-tokens", "24", "--temperature", "0", "--stats"])
+        .args([
+            "--prompt",
+            "And God said",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--stats",
+        ])
         .current_dir(tmp.path())
         .env("HF_HUB_CACHE", tmp.path())
         .output()
@@ -58,10 +80,25 @@ fn default_run_needs_no_files() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("And God said"), "{text:?}");
     let words = text.split_whitespace().count();
-    assert!(words >= 8, "expected a continuation of several words: {text:?}");
-    assert!(stderr.contains("imbalance") && stderr.contains("decode "), "{stderr}");
+    assert!(
+        words >= 8,
+        "expected a continuation of several words: {text:?}"
+    );
+    assert!(
+        stderr.contains("imbalance") && stderr.contains("decode "),
+        "{stderr}"
+    );
     // The same model by name.
-    let named = moe_run(&["--model", "tiny-kjv", "--prompt", "And God said", "--max-new-tokens", "24", "--temperature", "0"]);
+    let named = moe_run(&[
+        "--model",
+        "tiny-kjv",
+        "--prompt",
+        "And God said",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0",
+    ]);
     assert_eq!(String::from_utf8(named.stdout).unwrap(), text);
 }
 
@@ -70,7 +107,11 @@ fn analyze_counts_match_the_training_script() {
     // transformers' own count of the trained model, printed by tests/train_tiny_kjv.py and
     // recorded in engine/assets/tiny-kjv/TRAINING.md: 7,942,912 total, 3,519,232 active.
     let out = moe_run(&["analyze", "--model", "tiny-kjv", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["total_params"], 7_942_912);
     assert_eq!(v["active_params"], 3_519_232);

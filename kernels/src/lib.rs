@@ -22,17 +22,17 @@ pub mod common;
 pub mod dispatch;
 pub mod experts;
 pub mod norm;
+pub mod qmatmul;
 pub mod route;
 pub mod selftest;
-pub mod qmatmul;
 
 pub use combine::{moe_combine, MoeCombine};
 pub use common::{poison_outputs, set_poison_outputs};
 pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};
 pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};
 pub use norm::{add_rms_norm, rms_norm};
-pub use route::{moe_route, Router};
 pub use qmatmul::{qmatmul, qmatmul_grouped, QFormat, QMatmul};
+pub use route::{moe_route, Router};
 
 /// One PTX module compiled by `build.rs` from `cuda/<name>.cu`.
 #[derive(Debug, Clone, Copy)]

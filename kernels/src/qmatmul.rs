@@ -385,7 +385,7 @@ impl CustomOp3 for QMatmul {
         let q = slice(s2.as_slice::<u8>()?, l2, op, "qweight")?;
         let p = slice(s3.as_slice::<f16>()?, l3, op, "params")?;
         let rows: Vec<_> = match &self.offsets {
-            None => vec![0..d.m],
+            None => std::iter::once(0..d.m).collect(),
             Some(o) => o.windows(2).map(|w| w[0] as usize..w[1] as usize).collect(),
         };
         let out = match s1 {

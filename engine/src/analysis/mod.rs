@@ -236,7 +236,10 @@ pub fn resolve_config(a: &AnalyzeArgs) -> Result<Option<(String, ModelConfig)>> 
     };
     let embedded = &crate::loader::embedded::TINY_KJV;
     if name.eq_ignore_ascii_case(embedded.name) {
-        return Ok(Some((format!("{} (embedded)", embedded.name), embedded.config()?)));
+        return Ok(Some((
+            format!("{} (embedded)", embedded.name),
+            embedded.config()?,
+        )));
     }
     if let Some(m) = registry::find(name) {
         let cfg =

@@ -94,7 +94,7 @@ pub fn small_mixtral(
     vocab: usize,
 ) -> Result<ModelConfig> {
     let heads = 8;
-    if hidden % heads != 0 || (hidden / heads) % 2 != 0 {
+    if !hidden.is_multiple_of(heads) || !(hidden / heads).is_multiple_of(2) {
         return Err(Error::Input(format!(
             "--hidden {hidden} must be a multiple of 16 (8 heads of even size)"
         )));

@@ -49,12 +49,15 @@ pub struct Checkpoint {
     quant_log: Option<QuantLog>,
 }
 
+/// A tensor name and its shape.
+pub type NamedShape = (String, Vec<usize>);
+
 /// Quantized weights produced while loading (see [`Checkpoint::record_quantization`]).
 #[derive(Default)]
 pub struct QuantLog {
     /// `(parts, weight)`: the dense `.weight` names and `[rows, K]` shapes, and the quantized
     /// weight whose rows they are, in order.
-    pub weights: Vec<(Vec<(String, Vec<usize>)>, crate::quant::QuantTensor)>,
+    pub weights: Vec<(Vec<NamedShape>, crate::quant::QuantTensor)>,
     /// Dense tensors that were taken but are replaced by quantized ones under other names.
     pub replaced: BTreeSet<String>,
 }

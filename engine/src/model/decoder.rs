@@ -17,7 +17,7 @@ use crate::runtime::kv_cache::KvCache;
 
 enum Ffn {
     Dense(Mlp),
-    Moe(MoeBlock),
+    Moe(Box<MoeBlock>),
 }
 
 enum Attn {
@@ -76,7 +76,7 @@ impl Model {
             .map(|(lw, kind)| {
                 let ffn = match (lw.ffn, kind) {
                     (FfnWeights::Moe(mw), FfnKind::Moe(mc)) => {
-                        Ffn::Moe(MoeBlock::new(mc.clone(), mw)?)
+                        Ffn::Moe(Box::new(MoeBlock::new(mc.clone(), mw)?))
                     }
                     (FfnWeights::Dense(mlp), FfnKind::Dense { .. }) => Ffn::Dense(Mlp::new(mlp)),
                     _ => candle_core::bail!("layer weights do not match the config's layer kind"),
