@@ -17,9 +17,10 @@ use crate::error::{Error, Result};
 
 const W: u32 = 1400;
 const H: u32 = 640;
-const FONT: &str = "sans-serif";
+pub const FONT: &str = "sans-serif";
 
-fn register_fonts() {
+/// Registers DejaVu Sans (compiled in: no system fonts needed) under `FONT`.
+pub fn register_fonts() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Both are valid TrueType files shipped by the `dejavu` crate.
@@ -52,6 +53,28 @@ const GPU_COLORS: [RGBColor; 6] = [
 
 /// Draws the report to `path` (.svg or .png).
 pub fn plot(r: &Report, path: &Path) -> Result<()> {
+    save_chart(r, path, (W, H))
+}
+
+impl Chart for Report {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        draw(self, root)
+    }
+}
+
+/// A chart that can draw itself on any plotters backend.
+pub trait Chart {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String>;
+}
+
+/// Renders `chart` to `path` (.svg or .png) at `size` pixels, with the embedded font.
+pub fn save_chart<C: Chart>(chart: &C, path: &Path, size: (u32, u32)) -> Result<()> {
     register_fonts();
     let ext = path
         .extension()
@@ -60,18 +83,18 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
     let err = |e: String| Error::io(path, std::io::Error::other(e));
     match ext.as_deref() {
         Some("svg") => {
-            let root = SVGBackend::new(path, (W, H)).into_drawing_area();
-            draw(r, &root).map_err(err)?;
+            let root = SVGBackend::new(path, size).into_drawing_area();
+            chart.draw(&root).map_err(err)?;
             root.present().map_err(|e| err(e.to_string()))
         }
         Some("png") => {
-            let mut buf = vec![0u8; (W * H * 3) as usize];
+            let mut buf = vec![0u8; (size.0 * size.1 * 3) as usize];
             {
-                let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
-                draw(r, &root).map_err(err)?;
+                let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
+                chart.draw(&root).map_err(err)?;
                 root.present().map_err(|e| err(e.to_string()))?;
             }
-            write_png(path, &buf).map_err(err)
+            write_png(path, &buf, size).map_err(err)
         }
         _ => Err(Error::Input(format!(
             "--plot {}: the file name must end in .svg or .png",
@@ -80,9 +103,9 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
     }
 }
 
-fn write_png(path: &Path, rgb: &[u8]) -> std::result::Result<(), String> {
+fn write_png(path: &Path, rgb: &[u8], (w, h): (u32, u32)) -> std::result::Result<(), String> {
     let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W, H);
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let mut w = enc.write_header().map_err(|e| e.to_string())?;

@@ -258,31 +258,6 @@ pub struct BenchReport {
     pub baseline: Option<baseline::BaselineReport>,
 }
 
-/// Parses `cpu` / `cuda[:N]`.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .map_err(|_| Error::Input(format!("bad device {s:?}")))?,
-                None => 0,
-            };
-            if cfg!(feature = "cuda") {
-                Ok(Device::new_cuda(ordinal)?)
-            } else {
-                Err(Error::Input(
-                    "this moe-run was built without CUDA; rebuild with `--features cuda`".into(),
-                ))
-            }
-        }
-        s => Err(Error::Input(format!(
-            "unknown device {s:?}; use cpu or cuda[:N]"
-        ))),
-    }
-}
-
 /// The cost model's precision for a compute dtype (f16 is costed as bf16: same bytes).
 pub fn precision_of(dtype: DType) -> Precision {
     match dtype {
@@ -589,7 +564,7 @@ fn check_shape(a: &BenchArgs) -> Result<()> {
 pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     check_shape(a)?;
     let dtype = loader::parse_dtype(&a.dtype)?;
-    let device = parse_device(&a.device)?;
+    let device = crate::loader::parse_device(&a.device)?;
     let (model, desc, load_s, base) = build_model(a, dtype, &device)?;
     let cfg = model.cfg.clone();
     if a.prompt_len + a.gen > cfg.max_position_embeddings {

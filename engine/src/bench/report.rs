@@ -1,16 +1,15 @@
 //! Text tables and the sweep plot of `moe-run bench`.
 
 use std::path::Path;
-use std::sync::Once;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 use super::sweep::{SweepKind, SweepReport};
 use super::BenchReport;
+use crate::analysis::plot::{save_chart, Chart, FONT};
 use crate::analysis::render::table;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::runtime::memory::human_bytes;
 
 fn tps(x: f64) -> String {
@@ -197,48 +196,17 @@ pub fn sweep_text(r: &SweepReport) -> String {
 
 const W: u32 = 1400;
 const H: u32 = 600;
-const FONT: &str = "sans-serif";
-
-fn register_fonts() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
-        let _ = plotters::style::register_font(FONT, FontStyle::Bold, dejavu::sans::bold());
-    });
-}
-
 /// Draws measured vs predicted for a sweep to `path` (.png or .svg).
 pub fn plot_sweep(r: &SweepReport, path: &Path) -> Result<()> {
-    register_fonts();
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    let err = |e: String| Error::io(path, std::io::Error::other(e));
-    match ext.as_deref() {
-        Some("svg") => {
-            let root = SVGBackend::new(path, (W, H)).into_drawing_area();
-            draw(r, &root).map_err(err)?;
-            root.present().map_err(|e| err(e.to_string()))
-        }
-        Some("png") => {
-            let mut buf = vec![0u8; (W * H * 3) as usize];
-            {
-                let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
-                draw(r, &root).map_err(err)?;
-                root.present().map_err(|e| err(e.to_string()))?;
-            }
-            let file = std::fs::File::create(path).map_err(|e| err(e.to_string()))?;
-            let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W, H);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let mut w = enc.write_header().map_err(|e| err(e.to_string()))?;
-            w.write_image_data(&buf).map_err(|e| err(e.to_string()))
-        }
-        _ => Err(Error::Input(format!(
-            "--plot {}: the file name must end in .svg or .png",
-            path.display()
-        ))),
+    save_chart(r, path, (W, H))
+}
+
+impl Chart for SweepReport {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        draw(self, root).map_err(|e| e.to_string())
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use super::measure::Stat;
-use super::{env, parse_device, predict, random, timed_runs, BenchArgs, Env, Sourced};
+use super::{env, predict, random, timed_runs, BenchArgs, Env, Sourced};
 use crate::analysis::bytes::weight_bytes;
 use crate::analysis::counts::tensor_inventory;
 use crate::analysis::roofline::expected_experts_touched;
@@ -125,7 +125,7 @@ pub fn sweep(a: &BenchArgs, kind: SweepKind) -> Result<SweepReport> {
         ));
     }
     let dtype = loader::parse_dtype(&a.dtype)?;
-    let device = parse_device(&a.device)?;
+    let device = crate::loader::parse_device(&a.device)?;
     let layers = a.layers.unwrap_or(2);
     let points = a.points.clone().unwrap_or_else(|| kind.default_points());
     if points.is_empty() || points.contains(&0) {

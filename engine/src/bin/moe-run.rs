@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
@@ -58,7 +58,8 @@ struct SelftestArgs {
 }
 
 fn selftest(a: SelftestArgs) -> Result<()> {
-    let report = moe_kernels::selftest::run(&device(&a.device)?, a.filter.as_deref())?;
+    let report =
+        moe_kernels::selftest::run(&loader::parse_device(&a.device)?, a.filter.as_deref())?;
     print!("{}", report.table());
     Ok(report.ensure_passed()?)
 }
@@ -178,36 +179,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .map_err(|_| Error::Input(format!("bad device {s:?}")))?,
-                None => 0,
-            };
-            if cfg!(feature = "cuda") {
-                Ok(Device::new_cuda(ordinal)?)
-            } else {
-                Err(Error::Input(
-                    "this moe-run was built without CUDA; rebuild with `cargo build --release --features cuda`".into(),
-                ))
-            }
-        }
-        s => Err(Error::Input(format!(
-            "unknown device {s:?}; use cpu or cuda[:N]"
-        ))),
-    }
-}
-
 /// Where the model comes from, and the loaded model.
 fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
     let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
     let opts = LoadOptions {
         dtype: loader::parse_dtype(&a.dtype)?,
-        device: device(&a.device)?,
+        device: loader::parse_device(&a.device)?,
         progress: true,
         quant: a
             .quant

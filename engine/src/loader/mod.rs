@@ -203,6 +203,31 @@ fn ignorable(name: &str, num_layers: usize) -> bool {
     name.ends_with("rotary_emb.inv_freq") || extra_layer
 }
 
+/// Parses `cpu` / `cuda[:N]`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| Error::Input(format!("bad device {s:?}")))?,
+                None => 0,
+            };
+            if cfg!(feature = "cuda") {
+                Ok(Device::new_cuda(ordinal)?)
+            } else {
+                Err(Error::Input(
+                    "this moe-run was built without CUDA; rebuild with `cargo build --release --features cuda`".into(),
+                ))
+            }
+        }
+        s => Err(Error::Input(format!(
+            "unknown device {s:?}; use cpu or cuda[:N]"
+        ))),
+    }
+}
+
 /// Parses `f32|bf16|f16`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
     match s {
