@@ -12,6 +12,7 @@
 //! | combine   | [`combine::moe_combine`]      | `cuda/moe_combine.cu`  |
 //! | rms_norm  | [`norm::rms_norm`], [`norm::add_rms_norm`] | `cuda/rms_norm.cu` |
 //! | qmatmul   | [`qmatmul::qmatmul`], [`qmatmul::qmatmul_grouped`] | `cuda/qmatmul.cu` |
+//! | qk_norm_rope | [`rope::qk_norm_rope`]  | `cuda/qk_norm_rope.cu` |
 //!
 //! route, dispatch, experts and rms_norm are free functions rather than CustomOps (several outputs or more
 //! than three inputs; see `common`). Their kernels were written and compiled without a GPU and have NOT YET
@@ -23,6 +24,7 @@ pub mod dispatch;
 pub mod experts;
 pub mod norm;
 pub mod qmatmul;
+pub mod rope;
 pub mod route;
 pub mod selftest;
 
@@ -32,6 +34,7 @@ pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};
 pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};
 pub use norm::{add_rms_norm, rms_norm};
 pub use qmatmul::{qmatmul, qmatmul_grouped, QFormat, QMatmul};
+pub use rope::{qk_norm_rope, HeadNorm};
 pub use route::{moe_route, Router};
 
 /// One PTX module compiled by `build.rs` from `cuda/<name>.cu`.

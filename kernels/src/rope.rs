@@ -1,0 +1,379 @@
+//! Per-head QK-norm fused with RoPE, and the head transpose in front of attention.
+//!
+//! Legend: B batch, T tokens, H heads, D head dim (even), P table rows (max positions).
+//!
+//! ```text
+//! x        [B, T, H, D]  f32 | bf16 | f16
+//! weight   [D]           same dtype (optional per-head RMSNorm, eps)
+//! cos, sin [P, D/2]      same dtype; token t sits at position pos + t (pos + T <= P)
+//! norm(r)  = T(f32(T(r / sqrt(mean(r^2) + eps))) * f32(weight))     (rms_norm's roundings, over D)
+//! rope(r)  : pairs (i, i + D/2) (rotate-half) or (2i, 2i+1) (interleaved), with c, s = cos/sin[pos+t, i]:
+//!            a' = T(a*c - b*s), b' = T(b*c + a*s)      (f32 arithmetic, one rounding per element)
+//! out      [B, H, T, D]  contiguous: rope(norm(x)) (norm before), norm(rope(x)) (after) or rope(x)
+//! ```
+//! [`qk_norm_rope_reference`] is the specification; the CUDA kernel is `cuda/qk_norm_rope.cu` (one warp per
+//! (token, head); written and compiled without a GPU, NOT YET RUN ON ONE).
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use crate::common::{check_act, host, same_device, Elem};
+
+const OP: &str = "qk_norm_rope";
+
+/// Largest head dim the CUDA kernel stages in shared memory (`QKR_MAX_D` in `cuda/qk_norm_rope.cu`).
+pub const QK_NORM_ROPE_MAX_D: usize = 512;
+
+/// Self-test budgets (not yet measured on a GPU): the kernel's sum of squares is a warp tree and nvcc may
+/// contract `a*c - b*s` into an fma, so f32 moves by ~1e-7 relative; bf16/f16 outputs move by an ulp where one
+/// of the (up to three) roundings flips, and a flip before RoPE propagates through it.
+pub const QK_NORM_ROPE_NMSE_F32: f64 = 1e-11;
+pub const QK_NORM_ROPE_NMSE_F16: f64 = 1e-6;
+pub const QK_NORM_ROPE_NMSE_BF16: f64 = 1e-4;
+
+/// The optional per-head RMSNorm of [`qk_norm_rope`].
+#[derive(Debug, Clone, Copy)]
+pub struct HeadNorm<'a> {
+    /// `[D]`, the dtype of x.
+    pub weight: &'a Tensor,
+    pub eps: f32,
+    /// Normalise after RoPE (`QkNorm::PerHeadAfterRope`) instead of before it.
+    pub after_rope: bool,
+}
+
+/// `x [B, T, H, D]` -> `[B, H, T, D]`: optional per-head RMSNorm around RoPE at positions `pos..pos+T`.
+pub fn qk_norm_rope(
+    x: &Tensor,
+    norm: Option<HeadNorm<'_>>,
+    cos: &Tensor,
+    sin: &Tensor,
+    pos: usize,
+    interleaved: bool,
+) -> Result<Tensor> {
+    check_act(OP, "x", x.dtype())?;
+    let (b, t, h, d) = x.dims4()?;
+    if d % 2 != 0 {
+        bail!("{OP}: head dim must be even, got {d}");
+    }
+    for (name, tab) in [("cos", cos), ("sin", sin)] {
+        let (p, half) = tab.dims2()?;
+        if half != d / 2 || tab.dtype() != x.dtype() || pos + t > p {
+            bail!(
+                "{OP}: {name} must be [>= {}, {}] {:?}, got {:?} {:?}",
+                pos + t,
+                d / 2,
+                x.dtype(),
+                tab.dims(),
+                tab.dtype()
+            );
+        }
+        same_device(OP, &[("x", x), (name, tab)])?;
+    }
+    if let Some(n) = &norm {
+        if n.weight.dims() != [d] || n.weight.dtype() != x.dtype() {
+            bail!(
+                "{OP}: norm weight must be [{d}] {:?}, got {:?} {:?}",
+                x.dtype(),
+                n.weight.dims(),
+                n.weight.dtype()
+            );
+        }
+        same_device(OP, &[("x", x), ("weight", n.weight)])?;
+    }
+    match x.device() {
+        Device::Cpu => {
+            fn run<T: Elem>(
+                x: &Tensor,
+                norm: Option<HeadNorm<'_>>,
+                cos: &Tensor,
+                sin: &Tensor,
+                pos: usize,
+                interleaved: bool,
+            ) -> Result<Tensor> {
+                let (b, t, h, d) = x.dims4()?;
+                let w = norm.map(|n| host::<T>(n.weight)).transpose()?;
+                let nr = norm
+                    .zip(w.as_deref())
+                    .map(|(n, w)| (w, n.eps, n.after_rope));
+                let out = qk_norm_rope_reference::<T>(
+                    &host(x)?,
+                    nr,
+                    &host(cos)?,
+                    &host(sin)?,
+                    (b, t, h, d),
+                    pos,
+                    interleaved,
+                );
+                Tensor::from_vec(out, (b, h, t, d), &Device::Cpu)
+            }
+            match x.dtype() {
+                DType::F32 => run::<f32>(x, norm, cos, sin, pos, interleaved),
+                DType::BF16 => run::<half::bf16>(x, norm, cos, sin, pos, interleaved),
+                _ => run::<half::f16>(x, norm, cos, sin, pos, interleaved),
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda_qk_norm_rope(x, norm, cos, sin, (b, t, h, d), pos, interleaved),
+        dev => bail!("{OP}: unsupported device {:?}", dev.location()),
+    }
+}
+
+fn norm_row<T: Elem>(r: &mut [f32], w: &[T], eps: f32) {
+    let ss: f32 = r.iter().map(|v| v * v).sum();
+    let denom = (ss / r.len() as f32 + eps).sqrt();
+    for (v, w) in r.iter_mut().zip(w) {
+        *v = T::of(T::of(*v / denom).f32() * w.f32()).f32();
+    }
+}
+
+/// The specification. `x [B*T*H*D]`, `norm = (weight [D], eps, after_rope)`, `cos`/`sin [P*D/2]`,
+/// `dims = (B, T, H, D)`; returns `[B, H, T, D]`.
+pub fn qk_norm_rope_reference<T: Elem>(
+    x: &[T],
+    norm: Option<(&[T], f32, bool)>,
+    cos: &[T],
+    sin: &[T],
+    dims: (usize, usize, usize, usize),
+    pos: usize,
+    interleaved: bool,
+) -> Vec<T> {
+    let (b, t, h, d) = dims;
+    let half = d / 2;
+    let mut out = vec![T::of(0.0); b * h * t * d];
+    let mut r = vec![0f32; d];
+    for bi in 0..b {
+        for ti in 0..t {
+            for hi in 0..h {
+                let src = &x[((bi * t + ti) * h + hi) * d..][..d];
+                r.iter_mut().zip(src).for_each(|(a, s)| *a = s.f32());
+                if let Some((w, eps, false)) = norm {
+                    norm_row(&mut r, w, eps);
+                }
+                let row = (pos + ti) * half;
+                for i in 0..half {
+                    let (ia, ib) = if interleaved {
+                        (2 * i, 2 * i + 1)
+                    } else {
+                        (i, i + half)
+                    };
+                    let (c, s) = (cos[row + i].f32(), sin[row + i].f32());
+                    let (a, bb) = (r[ia], r[ib]);
+                    r[ia] = T::of(a * c - bb * s).f32();
+                    r[ib] = T::of(bb * c + a * s).f32();
+                }
+                if let Some((w, eps, true)) = norm {
+                    norm_row(&mut r, w, eps);
+                }
+                let dst = &mut out[((bi * h + hi) * t + ti) * d..][..d];
+                dst.iter_mut().zip(&r).for_each(|(o, &v)| *o = T::of(v));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_qk_norm_rope(
+    x: &Tensor,
+    norm: Option<HeadNorm<'_>>,
+    cos: &Tensor,
+    sin: &Tensor,
+    dims: (usize, usize, usize, usize),
+    pos: usize,
+    interleaved: bool,
+) -> Result<Tensor> {
+    use crate::common::cuda::{alloc_out, wrap};
+    use crate::common::cuda_act::ActView;
+    use crate::cuda_util::module_key;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::Storage;
+
+    let (b, t, h, d) = dims;
+    if d > QK_NORM_ROPE_MAX_D {
+        bail!("{OP}: the CUDA kernel takes head dims up to {QK_NORM_ROPE_MAX_D}, got {d}");
+    }
+    let x = x.contiguous()?;
+    let cos = cos.contiguous()?;
+    let sin = sin.contiguous()?;
+    let w = norm.map(|n| n.weight.contiguous()).transpose()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (cs, cl) = cos.storage_and_layout();
+    let (ss, sl) = sin.storage_and_layout();
+    let wg = w.as_ref().map(|w| w.storage_and_layout());
+    let (Storage::Cuda(xc), Storage::Cuda(cc), Storage::Cuda(sc)) = (&*xs, &*cs, &*ss) else {
+        bail!("{OP}: inputs are not on a CUDA device")
+    };
+    let dev = xc.device.clone();
+    let xv = ActView::new(xc, xl, OP, "x")?;
+    let cv = ActView::new(cc, cl, OP, "cos")?;
+    let sv = ActView::new(sc, sl, OP, "sin")?;
+    let wv = match &wg {
+        Some((ws, wl)) => {
+            let Storage::Cuda(wc) = &**ws else {
+                bail!("{OP}: weight is not on a CUDA device")
+            };
+            Some(ActView::new(wc, wl, OP, "weight")?)
+        }
+        None => None,
+    };
+    // 0 none, 1 before RoPE, 2 after RoPE.
+    let mode: u32 = match norm {
+        None => 0,
+        Some(n) if n.after_rope => 2,
+        Some(_) => 1,
+    };
+    let eps = norm.map_or(0.0, |n| n.eps);
+    let rows = b * t * h;
+    let m = &crate::ptx::QK_NORM_ROPE;
+    let func = dev.get_or_load_custom_func(
+        &format!("qk_norm_rope_{}", xv.suffix()),
+        &module_key(m),
+        m.ptx,
+    )?;
+    const WARPS: usize = 4; // QKR_WARPS in qk_norm_rope.cu
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(WARPS).max(1) as u32, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let null = 0usize;
+    macro_rules! run_dtype {
+        ($ty:ty, $variant:ident) => {{
+            let out = alloc_out::<$ty>(&dev, rows * d)?;
+            if rows > 0 && d > 0 {
+                let mut lb = func.builder();
+                xv.push(&mut lb);
+                match &wv {
+                    Some(v) => v.push(&mut lb),
+                    None => {
+                        lb.arg(&null);
+                    }
+                }
+                cv.push(&mut lb);
+                sv.push(&mut lb);
+                lb.arg(&out);
+                candle_core::builder_arg!(
+                    lb,
+                    b as u32,
+                    t as u32,
+                    h as u32,
+                    d as u32,
+                    pos as u32,
+                    interleaved as u32,
+                    mode,
+                    eps
+                );
+                // SAFETY: matches qk_norm_rope_<dtype>: one warp per (b, t, head) row reads x [B,T,H,D],
+                // weight [D] (when mode != 0), cos/sin rows pos..pos+T of [P, D/2], writes out [B,H,T,D].
+                unsafe { lb.launch(cfg) }.w()?;
+            }
+            Ok(wrap(CudaStorageSlice::$variant(out), &dev, (b, h, t, d)))
+        }};
+    }
+    match xv {
+        ActView::F32(_) => run_dtype!(f32, F32),
+        ActView::BF16(_) => run_dtype!(half::bf16, BF16),
+        ActView::F16(_) => run_dtype!(half::f16, F16),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(p: usize, half: usize) -> (Tensor, Tensor) {
+        let mut c = Vec::new();
+        let mut s = Vec::new();
+        for pos in 0..p {
+            for i in 0..half {
+                let a = pos as f32 / 10_000f32.powf(2.0 * i as f32 / (2 * half) as f32);
+                c.push(a.cos());
+                s.push(a.sin());
+            }
+        }
+        (
+            Tensor::from_vec(c, (p, half), &Device::Cpu).unwrap(),
+            Tensor::from_vec(s, (p, half), &Device::Cpu).unwrap(),
+        )
+    }
+
+    #[test]
+    fn rotates_pairs_and_transposes() {
+        // B=1, T=2, H=2, D=4; position 3 for token 0, 4 for token 1.
+        let x: Vec<f32> = (0..16).map(|v| v as f32 + 1.0).collect();
+        let xt = Tensor::from_vec(x.clone(), (1, 2, 2, 4), &Device::Cpu).unwrap();
+        let (cos, sin) = tables(8, 2);
+        let (cv, sv): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+            (cos.to_vec2().unwrap(), sin.to_vec2().unwrap());
+        for interleaved in [false, true] {
+            let got: Vec<f32> = qk_norm_rope(&xt, None, &cos, &sin, 3, interleaved)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (ti, hi) in [(0usize, 0usize), (0, 1), (1, 0), (1, 1)] {
+                let src = &x[(ti * 2 + hi) * 4..][..4];
+                let dst = &got[(hi * 2 + ti) * 4..][..4];
+                for i in 0..2 {
+                    let (ia, ib) = if interleaved {
+                        (2 * i, 2 * i + 1)
+                    } else {
+                        (i, i + 2)
+                    };
+                    let (c, s) = (cv[3 + ti][i], sv[3 + ti][i]);
+                    assert!((dst[ia] - (src[ia] * c - src[ib] * s)).abs() < 1e-5);
+                    assert!((dst[ib] - (src[ib] * c + src[ia] * s)).abs() < 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn norm_placement() {
+        let (b, t, h, d) = (1, 2, 3, 4);
+        let x = Tensor::randn(0f32, 1.0, (b, t, h, d), &Device::Cpu).unwrap();
+        let w = Tensor::new(&[1.0f32, 0.5, 2.0, 1.5], &Device::Cpu).unwrap();
+        let (cos, sin) = tables(4, d / 2);
+        let normed = crate::norm::rms_norm(&x.reshape((t * h, d)).unwrap(), &w, 1e-6)
+            .unwrap()
+            .reshape((b, t, h, d))
+            .unwrap();
+        let before = qk_norm_rope(
+            &x,
+            Some(HeadNorm {
+                weight: &w,
+                eps: 1e-6,
+                after_rope: false,
+            }),
+            &cos,
+            &sin,
+            1,
+            false,
+        )
+        .unwrap();
+        let plain = qk_norm_rope(&normed, None, &cos, &sin, 1, false).unwrap();
+        let diff = (before - plain).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        let roped = qk_norm_rope(&x, None, &cos, &sin, 1, false).unwrap(); // [B, H, T, D]
+        let after = qk_norm_rope(
+            &x,
+            Some(HeadNorm {
+                weight: &w,
+                eps: 1e-6,
+                after_rope: true,
+            }),
+            &cos,
+            &sin,
+            1,
+            false,
+        )
+        .unwrap();
+        let want = crate::norm::rms_norm(&roped.reshape((h * t, d)).unwrap(), &w, 1e-6)
+            .unwrap()
+            .reshape((b, h, t, d))
+            .unwrap();
+        let diff = (after - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+}
