@@ -278,6 +278,13 @@ fn reference<T: Elem>(
     out.into_iter().map(T::from_f32).collect()
 }
 
+/// Self-test budgets (nmse of the CUDA kernel vs [`QMatmul`]'s CPU reference on identical quantized
+/// weights): the two dequantize to the same f32 weights, so only the f32 summation order differs, plus the
+/// final rounding to bf16/f16 where an output lands near a rounding boundary.
+pub const QMATMUL_NMSE_F32: f64 = 1e-10;
+pub const QMATMUL_NMSE_BF16: f64 = 1e-4;
+pub const QMATMUL_NMSE_F16: f64 = 1e-6;
+
 const OP: &str = "qmatmul";
 const OP_GROUPED: &str = "qmatmul_grouped";
 
@@ -402,6 +409,130 @@ impl CustomOp3 for QMatmul {
         };
         Ok((out, Shape::from((d.m, d.n))))
     }
+
+    /// Launches `cuda/qmatmul.cu` (GEMV-style, one warp per output feature and chunk of up to
+    /// [`QMM_ROWS`] activation rows; larger M runs more chunks, there is no tiled path). Written and
+    /// compiled without a GPU: NOT YET RUN on one (`moe-run selftest --device cuda --filter qmatmul`).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::common::cuda::alloc_out;
+        use crate::common::cuda_act::ActView;
+        use crate::cuda_util::{contiguous, module_key};
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+
+        let op = self.name_();
+        let d = check(
+            self.fmt,
+            self.offsets.is_some(),
+            (s1.dtype(), l1.dims()),
+            (s2.dtype(), l2.dims()),
+            (s3.dtype(), l3.dims()),
+        )?;
+        if d.m == 0 || d.n == 0 {
+            bail!(
+                "{op}: empty output [{}, {}]: use qmatmul(), which handles it",
+                d.m,
+                d.n
+            );
+        }
+        if d.m > u32::MAX as usize || d.n > u32::MAX as usize || d.k > u32::MAX as usize {
+            bail!(
+                "{op}: sizes must fit in u32, got M = {}, N = {}, K = {}",
+                d.m,
+                d.n,
+                d.k
+            );
+        }
+        let dev = s1.device().clone();
+        let x = ActView::new(s1, l1, op, "x")?;
+        let q = contiguous(s2.as_cuda_slice::<u8>()?, l2, op, "qweight")?;
+        let p = contiguous(s3.as_cuda_slice::<f16>()?, l3, op, "params")?;
+        let chunks = chunk_table(self.offsets.as_deref(), d.m);
+        let n_chunks = chunks.len() / 3;
+        let chunks = dev.clone_htod(&chunks)?;
+        let (kind, group) = match self.fmt {
+            QFormat::Int8 => ("int8", 0u32),
+            QFormat::Int4 { group } => ("int4", group.min(u32::MAX as usize) as u32),
+        };
+        let fn_name = format!("qmatmul_{kind}_{}", x.suffix());
+        let m = &crate::ptx::QMATMUL;
+        let func = dev.get_or_load_custom_func(&fn_name, &module_key(m), m.ptx)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                d.n.div_ceil(QMM_WARPS) as u32,
+                n_chunks.clamp(1, 65535) as u32,
+                1,
+            ),
+            block_dim: (QMM_WARPS as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! go {
+            ($ty:ty, $variant:ident) => {{
+                let out = alloc_out::<$ty>(&dev, d.m * d.n)?;
+                let mut b = func.builder();
+                x.push(&mut b);
+                b.arg(&q);
+                b.arg(&p);
+                b.arg(&chunks);
+                b.arg(&out);
+                candle_core::builder_arg!(
+                    b,
+                    n_chunks as u32,
+                    d.n as u32,
+                    d.k as u32,
+                    group
+                );
+                // SAFETY: argument types and order match `qmatmul_<fmt>_<dtype>` in cuda/qmatmul.cu;
+                // `check` validated every shape, and the chunk table covers rows 0..M with experts < E,
+                // so every index is < M*K (x), E*N*Kb (qweight), E*N*params (params) or M*N (out).
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::$variant(out)
+            }};
+        }
+        let slice = match &x {
+            ActView::F32(_) => go!(f32, F32),
+            ActView::BF16(_) => go!(bf16, BF16),
+            ActView::F16(_) => go!(f16, F16),
+        };
+        Ok((
+            candle_core::CudaStorage { slice, device: dev },
+            Shape::from((d.m, d.n)),
+        ))
+    }
+}
+
+/// Activation rows per warp in `cuda/qmatmul.cu` (`QMM_ROWS`): each packed weight row is read once per
+/// chunk of this many rows.
+pub const QMM_ROWS: usize = 8;
+/// Warps (output features) per block in `cuda/qmatmul.cu` (`QMM_WARPS`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const QMM_WARPS: usize = 4;
+
+/// The CUDA kernel's work list, flattened `[C, 3]` u32: (expert, first row, rows <= [`QMM_ROWS`]) for
+/// every expert's rows (`offsets`, or all M rows as expert 0), in row order; empty experts get no chunk.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn chunk_table(offsets: Option<&[u32]>, m: usize) -> Vec<u32> {
+    let whole = [0u32, m as u32];
+    let offsets = offsets.unwrap_or(&whole);
+    let mut out = Vec::new();
+    for (e, w) in offsets.windows(2).enumerate() {
+        let mut r = w[0];
+        while r < w[1] {
+            let cnt = (w[1] - r).min(QMM_ROWS as u32);
+            out.extend([e as u32, r, cnt]);
+            r += cnt;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -447,6 +578,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn chunk_table_covers_rows_per_expert() {
+        assert_eq!(chunk_table(None, 10), vec![0, 0, 8, 0, 8, 2]);
+        assert_eq!(
+            chunk_table(Some(&[0, 3, 3, 12]), 12),
+            vec![0, 0, 3, 2, 3, 8, 2, 11, 1]
+        );
+        assert!(chunk_table(Some(&[0, 0]), 0).is_empty());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - experts: the live rows of `out` (padding rows are unspecified), one case per forced path;
 //! - rms_norm: `out`, and `h` of the fused variant;
 //! - qk_norm_rope: `out [B, H, T, D]`, each case without norm, norm before and norm after RoPE.
+//! - qmatmul: `out` of the dense and grouped (expert-stacked) quantized matmuls vs the CPU reference on the
+//!   same quantized weights (int8, int4 g128/g32).
 //!
 //! On the CPU the ops run the references themselves, so every nmse is 0: that run checks the harness and
 //! the references' plumbing. The real check is `--device cuda`.
@@ -27,6 +29,10 @@ use crate::experts::{
 use crate::norm::{
     add_rms_norm, rms_norm, rms_norm_reference, RMS_NORM_NMSE_BF16, RMS_NORM_NMSE_F16,
     RMS_NORM_NMSE_F32,
+};
+use crate::qmatmul::{
+    qmatmul, qmatmul_grouped, quantize_row, QFormat, QMATMUL_NMSE_BF16, QMATMUL_NMSE_F16,
+    QMATMUL_NMSE_F32,
 };
 use crate::route::{moe_route, route_reference, Router, ROUTE_NMSE};
 
@@ -111,7 +117,14 @@ impl Report {
 }
 
 /// The op names `filter` can select (a case runs when its op name contains `filter`).
-pub const OPS: &[&str] = &["route", "dispatch", "experts", "rms_norm", "qk_norm_rope"];
+pub const OPS: &[&str] = &[
+    "route",
+    "dispatch",
+    "experts",
+    "rms_norm",
+    "qk_norm_rope",
+    "qmatmul",
+];
 
 /// Runs every case whose op name contains `filter` (all when `None`) on `device`.
 pub fn run(device: &Device, filter: Option<&str>) -> Result<Report> {
@@ -140,6 +153,9 @@ fn run_cases(device: &Device, filter: Option<&str>) -> Result<Report> {
     }
     if want("rms_norm") {
         norm_cases(device, &mut rng, &mut report.rows)?;
+    }
+    if want("qmatmul") {
+        qmatmul_cases(device, &mut rng, &mut report.rows)?;
     }
     if want("qk_norm_rope") {
         qk_norm_rope_cases(device, &mut rng, &mut report.rows)?;
@@ -653,4 +669,108 @@ fn ref_qk_norm_rope_f32(
         DType::BF16 => go::<half::bf16>(x, norm, c, s, dims, pos, interleaved),
         _ => go::<half::f16>(x, norm, c, s, dims, pos, interleaved),
     }
+}
+
+/// Quantizes `w [rows, k]` row by row: (qweight bytes, f16 params).
+fn quantize(fmt: QFormat, w: &[f32], rows: usize, k: usize) -> (Vec<u8>, Vec<half::f16>) {
+    let (kb, pr) = (
+        fmt.row_bytes(k),
+        fmt.params_shape(k).iter().product::<usize>(),
+    );
+    let mut q = vec![0u8; rows * kb];
+    let mut p = vec![half::f16::ZERO; rows * pr];
+    for r in 0..rows {
+        quantize_row(
+            fmt,
+            &w[r * k..(r + 1) * k],
+            &mut q[r * kb..(r + 1) * kb],
+            &mut p[r * pr..(r + 1) * pr],
+        );
+    }
+    (q, p)
+}
+
+fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    let fmts = [
+        ("int8", QFormat::Int8),
+        ("int4-g128", QFormat::Int4 { group: 128 }),
+        ("int4-g32", QFormat::Int4 { group: 32 }),
+    ];
+    // (M, N, K, experts, offsets): dense (E = 0 means qmatmul) for decode, small and larger prefill with odd
+    // N; grouped with an empty expert and an expert spanning several 8-row chunks; int8 K = 200 (not a
+    // multiple of 16) takes the kernel's scalar path.
+    let shapes: [(usize, usize, usize, Vec<u32>); 7] = [
+        (1, 129, 256, vec![]),
+        (7, 257, 512, vec![]),
+        (64, 67, 384, vec![]),
+        (1, 33, 256, vec![0, 0, 1, 1]),
+        (7, 129, 256, vec![0, 2, 2, 7]),
+        (64, 65, 384, vec![0, 9, 9, 30, 64]),
+        (7, 31, 200, vec![]),
+    ];
+    for (fname, fmt) in fmts {
+        for (m, n, k, offsets) in &shapes {
+            let (m, n, k) = (*m, *n, *k);
+            if let QFormat::Int4 { group } = fmt {
+                if k % group != 0 {
+                    continue;
+                }
+            }
+            let e = offsets.len().saturating_sub(1).max(1);
+            let grouped = !offsets.is_empty();
+            let w0 = rng.vec(e * n * k, 1.0 / (k as f32).sqrt());
+            let (q, p) = quantize(fmt, &w0, e * n, k);
+            let x0 = rng.vec(m * k, 1.0);
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                if dtype == DType::F16 && m != 7 {
+                    continue;
+                }
+                let case = if grouped {
+                    format!("{fname} grouped E={e} M={m} N={n} K={k}")
+                } else {
+                    format!("{fname} M={m} N={n} K={k}")
+                };
+                let budget = match dtype {
+                    DType::F32 => QMATMUL_NMSE_F32,
+                    DType::F16 => QMATMUL_NMSE_F16,
+                    _ => QMATMUL_NMSE_BF16,
+                };
+                let r = (|| {
+                    let mut qdims = if grouped { vec![e, n] } else { vec![n] };
+                    let mut pdims = qdims.clone();
+                    qdims.push(fmt.row_bytes(k));
+                    pdims.extend(fmt.params_shape(k));
+                    let run = |dev: &Device| -> Result<(Tensor, Tensor, Tensor)> {
+                        Ok((
+                            upload(&x0, &[m, k], dtype, dev)?,
+                            Tensor::from_slice(&q, qdims.as_slice(), dev)?,
+                            Tensor::from_slice(&p, pdims.as_slice(), dev)?,
+                        ))
+                    };
+                    let call = |x: &Tensor, qt: &Tensor, pt: &Tensor| {
+                        if grouped {
+                            qmatmul_grouped(x, qt, pt, offsets, fmt)
+                        } else {
+                            qmatmul(x, qt, pt, fmt)
+                        }
+                    };
+                    let (xc, qc, pc) = run(&Device::Cpu)?;
+                    let want = f32s(&call(&xc, &qc, &pc)?)?;
+                    let (xt, qt, pt) = run(device)?;
+                    let (out, time_us) = timed(device, || call(&xt, &qt, &pt))?;
+                    Ok(Row {
+                        op: "qmatmul",
+                        case: case.clone(),
+                        dtype,
+                        nmse: nmse(&f32s(&out)?, &want),
+                        budget,
+                        time_us,
+                        note: String::new(),
+                    })
+                })();
+                rows.push(row_or_error("qmatmul", case, dtype, budget, r));
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,153 @@
+// qmatmul.cu: weight-only quantized matmuls, y = x W^T with W dequantized in registers (W8A16, W4A16).
+// The formats and the matmul semantics are specified in src/qmatmul.rs (module docs + reference()).
+//
+// WRITTEN AND COMPILED WITHOUT A GPU: this kernel has not yet run on one. `moe-run selftest --device cuda
+// --filter qmatmul` is its first check.
+//
+// Legend: M activation rows, K input features, N output features, E experts (1 for a dense linear),
+//         Kb bytes per packed row (K for int8, ceil(K/2) for int4), G = ceil(K / group).
+//   x       [M, K]        act dtype (f32 / bf16 / f16)
+//   qweight [E, N, Kb]    u8
+//   params  [E, N]        f16 scale (int8)      | [E, N, G, 2] f16 (scale, zero) (int4)
+//   chunks  [C, 3]        u32 (expert, first row, rows <= QMM_ROWS): built on the host from the op's offsets;
+//                         every row of x is in exactly one chunk, and a chunk's rows all use one expert
+//   out     [M, N]        act dtype
+//
+// GEMV-style: one warp per output feature n and chunk of up to QMM_ROWS (8) activation rows, so each packed
+// weight row is read once per chunk and reused for every row of it. The lanes of a warp walk K in 16-byte
+// loads of the packed row (16 int8 or 32 int4 weights per lane per step), dequantize in registers
+// (w = s * q, or w = s * (q - z) exactly as the reference) and accumulate in f32 per activation row; a warp
+// sum then gives the outputs. Larger M simply runs more chunks (grid y; there is no tiled tensor-core path).
+//
+// Vector path (uniform per launch, decided on the device): int8 needs K % 16 == 0, int4 K % 32 == 0 and
+// group % 32 == 0 (one (scale, zero) per 16-byte load), plus 16-byte aligned qweight. Otherwise a scalar
+// path walks K one weight per lane step. Activations are read with 16-byte loads when x is aligned (K is a
+// multiple of 16 on the vector path, so every row stays aligned).
+//
+// Launch: grid = (ceil(N / QMM_WARPS), min(C, 65535)), block = QMM_WARPS * 32; grid y strides over chunks.
+#include "common.cuh"
+
+#define QMM_ROWS 8
+#define QMM_WARPS 4
+
+__device__ __forceinline__ float f16_at(const __half* p, size_t i) { return __half2float(p[i]); }
+
+// 16 consecutive activations of row `xr` starting at k into f32 (vector loads when `xvec`).
+template <typename T>
+__device__ __forceinline__ void load_x16(const T* __restrict__ xr, uint32_t k, bool xvec, float (&xv)[16]) {
+  if (xvec) {
+    constexpr int N = Vec16<T>::N;
+#pragma unroll
+    for (int v = 0; v < 16 / N; ++v) {
+      const Vec16<T> a = load_vec16_ro(xr + k + v * N);
+#pragma unroll
+      for (int j = 0; j < N; ++j) xv[v * N + j] = to_float(a.v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) xv[j] = to_float(xr[k + j]);
+  }
+}
+
+// INT4 = false: int8 weights, params [E, N]. INT4 = true: packed nibbles, params [E, N, G, 2].
+template <typename T, bool INT4>
+__device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
+                                             const __half* __restrict__ params,
+                                             const uint32_t* __restrict__ chunks, T* __restrict__ out,
+                                             uint32_t C, uint32_t N, uint32_t K, uint32_t group) {
+  const uint32_t lane = threadIdx.x & 31u;
+  const uint32_t n = blockIdx.x * QMM_WARPS + (threadIdx.x >> 5);
+  if (n >= N) return;  // whole warps exit together: the warp sums below stay full-warp
+  const size_t Kb = INT4 ? (K + 1) / 2 : K;
+  const uint32_t G = INT4 ? (K + group - 1) / group : 1;
+  const bool vec = (INT4 ? (K % 32u == 0 && group % 32u == 0) : (K % 16u == 0)) && is_aligned16(qweight);
+  const bool xvec = vec && is_aligned16(x);
+
+  for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
+    const uint32_t e = __ldg(chunks + 3 * c);
+    const uint32_t r0 = __ldg(chunks + 3 * c + 1);
+    const uint32_t cnt = __ldg(chunks + 3 * c + 2);
+    const size_t row = static_cast<size_t>(e) * N + n;
+    const uint8_t* wrow = qweight + row * Kb;
+    const __half* prow = params + row * (INT4 ? 2 * static_cast<size_t>(G) : 1);
+    const T* xbase = x + static_cast<size_t>(r0) * K;
+
+    float acc[QMM_ROWS];
+#pragma unroll
+    for (int i = 0; i < QMM_ROWS; ++i) acc[i] = 0.f;
+
+    if (vec) {
+      constexpr uint32_t PER = INT4 ? 32 : 16;  // weights per 16-byte load
+      const float s8 = INT4 ? 0.f : f16_at(prow, 0);
+      for (uint32_t k0 = lane * PER; k0 < K; k0 += 32 * PER) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(wrow + (INT4 ? k0 / 2 : k0)));
+        uint8_t b[16];
+        memcpy(b, &raw, 16);
+        float w[PER];
+        if constexpr (INT4) {
+          const uint32_t g = k0 / group;
+          const float s = f16_at(prow, 2 * g), z = f16_at(prow, 2 * g + 1);
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            w[2 * j] = s * (static_cast<float>(b[j] & 0xf) - z);
+            w[2 * j + 1] = s * (static_cast<float>(b[j] >> 4) - z);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) w[j] = s8 * static_cast<float>(static_cast<int8_t>(b[j]));
+        }
+#pragma unroll
+        for (int i = 0; i < QMM_ROWS; ++i) {
+          if (static_cast<uint32_t>(i) < cnt) {
+            const T* xr = xbase + static_cast<size_t>(i) * K;
+#pragma unroll
+            for (uint32_t h = 0; h < PER; h += 16) {
+              float xv[16];
+              load_x16(xr, k0 + h, xvec, xv);
+#pragma unroll
+              for (int j = 0; j < 16; ++j) acc[i] = fmaf(xv[j], w[h + j], acc[i]);
+            }
+          }
+        }
+      }
+    } else {
+      const float s8 = INT4 ? 0.f : f16_at(prow, 0);
+      for (uint32_t k = lane; k < K; k += 32) {
+        float w;
+        if constexpr (INT4) {
+          const uint32_t g = k / group;
+          const uint8_t byte = wrow[k / 2];
+          const float q = static_cast<float>((k & 1u) ? (byte >> 4) : (byte & 0xf));
+          w = f16_at(prow, 2 * g) * (q - f16_at(prow, 2 * g + 1));
+        } else {
+          w = s8 * static_cast<float>(static_cast<int8_t>(wrow[k]));
+        }
+#pragma unroll
+        for (int i = 0; i < QMM_ROWS; ++i)
+          if (static_cast<uint32_t>(i) < cnt) acc[i] = fmaf(to_float(xbase[static_cast<size_t>(i) * K + k]), w, acc[i]);
+      }
+    }
+
+#pragma unroll
+    for (int i = 0; i < QMM_ROWS; ++i) {
+      if (static_cast<uint32_t>(i) < cnt) {  // cnt is warp-uniform: every lane joins the shuffle
+        const float sum = warp_sum(acc[i]);
+        if (lane == 0) out[static_cast<size_t>(r0 + i) * N + n] = from_float<T>(sum);
+      }
+    }
+  }
+}
+
+#define QMATMUL_ENTRY(NAME, T, INT4)                                                                          \
+  extern "C" __global__ void NAME(const T* __restrict__ x, const uint8_t* __restrict__ qweight,               \
+                                  const __half* __restrict__ params, const uint32_t* __restrict__ chunks,     \
+                                  T* __restrict__ out, uint32_t C, uint32_t N, uint32_t K, uint32_t group) {  \
+    qmatmul_impl<T, INT4>(x, qweight, params, chunks, out, C, N, K, group);                                   \
+  }
+
+QMATMUL_ENTRY(qmatmul_int8_f32, float, false)
+QMATMUL_ENTRY(qmatmul_int8_bf16, __nv_bfloat16, false)
+QMATMUL_ENTRY(qmatmul_int8_f16, __half, false)
+QMATMUL_ENTRY(qmatmul_int4_f32, float, true)
+QMATMUL_ENTRY(qmatmul_int4_bf16, __nv_bfloat16, true)
+QMATMUL_ENTRY(qmatmul_int4_f16, __half, true)
