@@ -581,6 +581,20 @@ mod tests {
     }
 
     #[test]
+    fn launcher_matches_the_cuda_source() {
+        // The kernel cannot run here (no GPU); at least keep the launcher's constants and entry names in
+        // step with cuda/qmatmul.cu.
+        let src = include_str!("../cuda/qmatmul.cu");
+        assert!(src.contains(&format!("#define QMM_ROWS {QMM_ROWS}\n")));
+        assert!(src.contains(&format!("#define QMM_WARPS {QMM_WARPS}\n")));
+        for fmt in ["int8", "int4"] {
+            for dt in ["f32", "bf16", "f16"] {
+                assert!(src.contains(&format!("QMATMUL_ENTRY(qmatmul_{fmt}_{dt},")));
+            }
+        }
+    }
+
+    #[test]
     fn chunk_table_covers_rows_per_expert() {
         assert_eq!(chunk_table(None, 10), vec![0, 0, 8, 0, 8, 2]);
         assert_eq!(
