@@ -13,11 +13,13 @@
 //! | rms_norm  | [`norm::rms_norm`], [`norm::add_rms_norm`] | `cuda/rms_norm.cu` |
 //! | qmatmul   | [`qmatmul::qmatmul`], [`qmatmul::qmatmul_grouped`] | `cuda/qmatmul.cu` |
 //! | qk_norm_rope | [`rope::qk_norm_rope`]  | `cuda/qk_norm_rope.cu` |
+//! | decode_attention | [`attention::decode_attention`] | `cuda/decode_attention.cu` |
 //!
 //! route, dispatch, experts and rms_norm are free functions rather than CustomOps (several outputs or more
 //! than three inputs; see `common`). Their kernels were written and compiled without a GPU and have NOT YET
 //! RUN on one: `moe-run selftest --device cuda` ([`selftest`]) is their first check.
 
+pub mod attention;
 pub mod combine;
 pub mod common;
 pub mod dispatch;
@@ -28,6 +30,7 @@ pub mod rope;
 pub mod route;
 pub mod selftest;
 
+pub use attention::decode_attention;
 pub use combine::{moe_combine, MoeCombine};
 pub use common::{poison_outputs, set_poison_outputs};
 pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};

@@ -50,7 +50,7 @@ pub fn qk_norm_rope(
     interleaved: bool,
 ) -> Result<Tensor> {
     check_act(OP, "x", x.dtype())?;
-    let (b, t, h, d) = x.dims4()?;
+    let (_, t, _, d) = x.dims4()?;
     if d % 2 != 0 {
         bail!("{OP}: head dim must be even, got {d}");
     }
@@ -112,7 +112,7 @@ pub fn qk_norm_rope(
             }
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda_qk_norm_rope(x, norm, cos, sin, (b, t, h, d), pos, interleaved),
+        Device::Cuda(_) => cuda_qk_norm_rope(x, norm, cos, sin, x.dims4()?, pos, interleaved),
         dev => bail!("{OP}: unsupported device {:?}", dev.location()),
     }
 }
