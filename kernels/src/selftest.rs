@@ -71,7 +71,7 @@ impl Report {
     /// The printed table: op, case, dtype, nmse, budget, time, verdict.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "moe-kernels selftest on {} ({} cases)\n{:<9} {:<44} {:<5} {:>10} {:>8} {:>10}  result\n",
+            "moe-kernels selftest on {} ({} cases)\n{:<16} {:<44} {:<5} {:>10} {:>8} {:>10}  result\n",
             self.device,
             self.rows.len(),
             "op",
@@ -83,7 +83,7 @@ impl Report {
         );
         for r in &self.rows {
             s += &format!(
-                "{:<9} {:<44} {:<5} {:>10.2e} {:>8.0e} {:>10.1}  {}{}\n",
+                "{:<16} {:<44} {:<5} {:>10.2e} {:>8.0e} {:>10.1}  {}{}\n",
                 r.op,
                 r.case,
                 r.dtype.as_str(),
