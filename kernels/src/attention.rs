@@ -261,6 +261,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn launcher_matches_the_cuda_source() {
+        // No GPU here: at least keep the launcher's constants and entry names in step with the kernel.
+        let src = include_str!("../cuda/decode_attention.cu");
+        assert!(src.contains(&format!("#define DA_CHUNK {DECODE_ATTN_CHUNK}\n")));
+        assert!(src.contains(&format!("#define DA_MAX_D {DECODE_ATTN_MAX_D}\n")));
+        assert!(src.contains("#define DA_THREADS 128\n")); // THREADS in cuda_decode_attention
+        for dt in ["f32", "bf16", "f16"] {
+            assert!(src.contains(&format!("DA_ENTRY({dt},")));
+        }
+        assert!(src.contains("decode_attention_chunk_##SUFFIX("));
+        assert!(src.contains("decode_attention_reduce_##SUFFIX("));
+    }
+
+    #[test]
     fn one_key_returns_its_value_and_window_hides_old_keys() {
         // B=1, H=2, KV=1, CAP=4, D=2; L=3, window 1 -> only key 2 is visible.
         let q = Tensor::new(&[1.0f32, 0.0, 0.0, 1.0], &Device::Cpu)

@@ -281,6 +281,18 @@ fn cuda_qk_norm_rope(
 mod tests {
     use super::*;
 
+    #[test]
+    fn launcher_matches_the_cuda_source() {
+        // No GPU here: at least keep the launcher's constants and entry names in step with the kernel.
+        let src = include_str!("../cuda/qk_norm_rope.cu");
+        assert!(src.contains(&format!("#define QKR_MAX_D {QK_NORM_ROPE_MAX_D}\n")));
+        assert!(src.contains("#define QKR_WARPS 4\n")); // WARPS in cuda_qk_norm_rope
+        for dt in ["f32", "bf16", "f16"] {
+            assert!(src.contains(&format!("QKR_ENTRY({dt},")));
+        }
+        assert!(src.contains("qk_norm_rope_##SUFFIX("));
+    }
+
     fn tables(p: usize, half: usize) -> (Tensor, Tensor) {
         let mut c = Vec::new();
         let mut s = Vec::new();
