@@ -18,9 +18,9 @@
 //!   dropped tokens may hold anything, even NaN;
 //! - a slot >= R is an error on the CPU; on CUDA it contributes nothing (checking would need a sync).
 
+use crate::common::Elem;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
 
 const OP: &str = "moe_combine";
 
@@ -106,36 +106,6 @@ impl Dims {
     }
 }
 
-/// Activation element: converted to f32 to accumulate, rounded to nearest even on the way back.
-trait Elem: Copy + Send + Sync + 'static {
-    fn to_f32(self) -> f32;
-    fn from_f32(x: f32) -> Self;
-}
-impl Elem for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-}
-impl Elem for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
-impl Elem for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-}
-
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((o1, o2)) if o2 <= data.len() => Ok(&data[o1..o2]),
@@ -165,10 +135,10 @@ fn combine_reference<T: Elem>(x: &[T], slot_of: &[u32], weights: &[f32], d: Dims
             let row = slot_of[tok * a + j] as usize;
             for (acc, &v) in acc.iter_mut().zip(&x[row * h..(row + 1) * h]) {
                 // Separate multiply and add (Rust never fuses them), exactly like the kernel.
-                *acc += w * v.to_f32();
+                *acc += w * v.f32();
             }
         }
-        out.extend(acc.iter().map(|&v| T::from_f32(v)));
+        out.extend(acc.iter().map(|&v| T::of(v)));
     }
     out
 }

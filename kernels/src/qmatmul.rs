@@ -29,9 +29,10 @@
 //! output rounded once (nearest even) to the activation dtype (f32, bf16 or f16). The summation
 //! order is unspecified (the GPU splits K over threads): results are compared by NMSE.
 
+use crate::common::Elem;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
+use half::f16;
 
 /// A weight-only quantization format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +72,7 @@ pub fn quantize_row(fmt: QFormat, w: &[f32], q: &mut [u8], p: &mut [f16]) {
             let absmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
             let s = f16::from_f32(absmax / 127.0);
             p[0] = s;
-            let s = s.to_f32();
+            let s = s.f32();
             for (q, &v) in q.iter_mut().zip(w) {
                 let x = if s > 0.0 {
                     (v / s).round().clamp(-127.0, 127.0)
@@ -87,13 +88,13 @@ pub fn quantize_row(fmt: QFormat, w: &[f32], q: &mut [u8], p: &mut [f16]) {
                 let lo = chunk.iter().fold(0f32, |m, &v| m.min(v));
                 let hi = chunk.iter().fold(0f32, |m, &v| m.max(v));
                 let s = f16::from_f32((hi - lo) / 15.0);
-                let sf = s.to_f32();
+                let sf = s.f32();
                 let z = if sf > 0.0 {
                     f16::from_f32(-lo / sf)
                 } else {
                     f16::ZERO
                 };
-                let zf = z.to_f32();
+                let zf = z.f32();
                 p[2 * g] = s;
                 p[2 * g + 1] = z;
                 for (i, &v) in chunk.iter().enumerate() {
@@ -114,7 +115,7 @@ pub fn quantize_row(fmt: QFormat, w: &[f32], q: &mut [u8], p: &mut [f16]) {
 pub fn dequantize_row(fmt: QFormat, q: &[u8], p: &[f16], w: &mut [f32]) {
     match fmt {
         QFormat::Int8 => {
-            let s = p[0].to_f32();
+            let s = p[0].f32();
             for (w, &q) in w.iter_mut().zip(q) {
                 *w = s * (q as i8) as f32;
             }
@@ -122,41 +123,11 @@ pub fn dequantize_row(fmt: QFormat, q: &[u8], p: &[f16], w: &mut [f32]) {
         QFormat::Int4 { group } => {
             for (k, w) in w.iter_mut().enumerate() {
                 let g = k / group;
-                let (s, z) = (p[2 * g].to_f32(), p[2 * g + 1].to_f32());
+                let (s, z) = (p[2 * g].f32(), p[2 * g + 1].f32());
                 let nib = (q[k / 2] >> (4 * (k % 2))) & 0xf;
                 *w = s * (nib as f32 - z);
             }
         }
-    }
-}
-
-/// Activation element: converted to f32 to accumulate, rounded to nearest even on the way back.
-trait Elem: Copy + Send + Sync + 'static {
-    fn to_f32(self) -> f32;
-    fn from_f32(x: f32) -> Self;
-}
-impl Elem for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-}
-impl Elem for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
-impl Elem for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
     }
 }
 
@@ -255,7 +226,7 @@ fn reference<T: Elem>(
 ) -> Vec<T> {
     let (k, n) = (d.k, d.n);
     let (kb, pr) = (fmt.row_bytes(k), fmt.params_per_row(k));
-    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let xf: Vec<f32> = x.iter().map(|v| v.f32()).collect();
     let mut out = vec![0f32; d.m * n];
     let mut w = vec![0f32; k];
     for (e, r) in rows.iter().enumerate() {
@@ -275,7 +246,7 @@ fn reference<T: Elem>(
             }
         }
     }
-    out.into_iter().map(T::from_f32).collect()
+    out.into_iter().map(T::of).collect()
 }
 
 /// Self-test budgets (nmse of the CUDA kernel vs [`QMatmul`]'s CPU reference on identical quantized
@@ -500,7 +471,7 @@ impl CustomOp3 for QMatmul {
         }
         let slice = match &x {
             ActView::F32(_) => go!(f32, F32),
-            ActView::BF16(_) => go!(bf16, BF16),
+            ActView::BF16(_) => go!(half::bf16, BF16),
             ActView::F16(_) => go!(f16, F16),
         };
         Ok((
@@ -567,8 +538,8 @@ mod tests {
                 dequantize_row(fmt, &q, &p, &mut back);
                 for (i, (a, b)) in w.iter().zip(&back).enumerate() {
                     let step = match fmt {
-                        QFormat::Int8 => p[0].to_f32(),
-                        QFormat::Int4 { group } => p[2 * (i / group)].to_f32(),
+                        QFormat::Int8 => p[0].f32(),
+                        QFormat::Int4 { group } => p[2 * (i / group)].f32(),
                     };
                     // Half a step, plus the f16 rounding of the zero-point (int4).
                     assert!(
