@@ -74,3 +74,20 @@ __device__ __forceinline__ float warp_max(float x) {
   for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
+
+// ---- MoE dispatch helpers ---------------------------------------------------
+
+// The (expert, first row within the expert) of row tile y when every expert's rows are cut into tiles of BM.
+__device__ __forceinline__ int nth_row_tile(const uint32_t* __restrict__ counts, uint32_t E, uint32_t y, uint32_t BM,
+                                            uint32_t* m0) {
+  uint32_t seen = 0;
+  for (uint32_t e = 0; e < E; ++e) {
+    const uint32_t tiles = (counts[e] + BM - 1) / BM;
+    if (y < seen + tiles) {
+      *m0 = (y - seen) * BM;
+      return static_cast<int>(e);
+    }
+    seen += tiles;
+  }
+  return -1;
+}

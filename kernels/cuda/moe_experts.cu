@@ -40,21 +40,6 @@ __device__ __forceinline__ int nth_active_expert(const uint32_t* __restrict__ co
   return -1;
 }
 
-// The (expert, first row within the expert) of row tile y when every expert's rows are cut into tiles of BM.
-__device__ __forceinline__ int nth_row_tile(const uint32_t* __restrict__ counts, uint32_t E, uint32_t y, uint32_t BM,
-                                            uint32_t* m0) {
-  uint32_t seen = 0;
-  for (uint32_t e = 0; e < E; ++e) {
-    const uint32_t tiles = (counts[e] + BM - 1) / BM;
-    if (y < seen + tiles) {
-      *m0 = (y - seen) * BM;
-      return static_cast<int>(e);
-    }
-    seen += tiles;
-  }
-  return -1;
-}
-
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
 // ---- decode: GEMV ------------------------------------------------------------------------------------------

@@ -25,6 +25,14 @@
 // multiple of 16 on the vector path, so every row stays aligned).
 //
 // Launch: grid = (ceil(N / QMM_WARPS), min(C, 65535)), block = QMM_WARPS * 32; grid y strides over chunks.
+//
+// MoE mode (entries qmatmul_moe_*, the engine's device-resident expert path): no host chunk table. The chunks
+// come from a dispatch on the device (moe_dispatch: counts [E], offsets [E+1], row_token [R]): chunk c is the
+// c-th 8-row tile of the experts' live rows (nth_row_tile over counts), so the host never learns which
+// experts run. C = ceil(R / QMM_ROWS) + min(E, R) is an upper bound; tiles past the live work exit at once.
+// With `row_token` non-null, activation row of dispatched row r is x[row_token[r]] (the gather of the
+// gate/up projection); with it null, x is already in dispatched row order (the down projection). Output
+// rows are dispatched rows: out [R, N]; rows that belong to no expert are not written.
 #include "common.cuh"
 
 #define QMM_ROWS 8
@@ -50,11 +58,16 @@ __device__ __forceinline__ void load_x16(const T* __restrict__ xr, uint32_t k, b
 }
 
 // INT4 = false: int8 weights, params [E, N]. INT4 = true: packed nibbles, params [E, N, G, 2].
-template <typename T, bool INT4>
+// MOE = false: chunks from the host table. MOE = true: chunks from (counts, offsets, row_token), see above.
+template <typename T, bool INT4, bool MOE>
 __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
                                              const __half* __restrict__ params,
-                                             const uint32_t* __restrict__ chunks, T* __restrict__ out,
-                                             uint32_t C, uint32_t N, uint32_t K, uint32_t group) {
+                                             const uint32_t* __restrict__ chunks,
+                                             const uint32_t* __restrict__ row_token,
+                                             const uint32_t* __restrict__ counts,
+                                             const uint32_t* __restrict__ offsets, uint32_t E,
+                                             T* __restrict__ out, uint32_t C, uint32_t N, uint32_t K,
+                                             uint32_t group) {
   const uint32_t lane = threadIdx.x & 31u;
   const uint32_t n = blockIdx.x * QMM_WARPS + (threadIdx.x >> 5);
   if (n >= N) return;  // whole warps exit together: the warp sums below stay full-warp
@@ -64,13 +77,30 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
   const bool xvec = vec && is_aligned16(x);
 
   for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
-    const uint32_t e = __ldg(chunks + 3 * c);
-    const uint32_t r0 = __ldg(chunks + 3 * c + 1);
-    const uint32_t cnt = __ldg(chunks + 3 * c + 2);
+    uint32_t e, r0, cnt;
+    if constexpr (MOE) {
+      uint32_t m0 = 0;
+      const int ee = nth_row_tile(counts, E, c, QMM_ROWS, &m0);
+      if (ee < 0) break;  // c is block-uniform, and every later tile is past the live work too
+      e = static_cast<uint32_t>(ee);
+      r0 = offsets[e] + m0;
+      cnt = min(static_cast<uint32_t>(QMM_ROWS), counts[e] - m0);
+    } else {
+      e = __ldg(chunks + 3 * c);
+      r0 = __ldg(chunks + 3 * c + 1);
+      cnt = __ldg(chunks + 3 * c + 2);
+    }
     const size_t row = static_cast<size_t>(e) * N + n;
     const uint8_t* wrow = qweight + row * Kb;
     const __half* prow = params + row * (INT4 ? 2 * static_cast<size_t>(G) : 1);
-    const T* xbase = x + static_cast<size_t>(r0) * K;
+    // The activation row of each of the chunk's rows (gathered through row_token in MoE mode).
+    const T* xrow[QMM_ROWS];
+#pragma unroll
+    for (int i = 0; i < QMM_ROWS; ++i) {
+      uint32_t src = r0 + static_cast<uint32_t>(i);
+      if (MOE && row_token != nullptr && static_cast<uint32_t>(i) < cnt) src = row_token[src];
+      xrow[i] = x + static_cast<size_t>(static_cast<uint32_t>(i) < cnt ? src : r0) * K;
+    }
 
     float acc[QMM_ROWS];
 #pragma unroll
@@ -99,7 +129,7 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
 #pragma unroll
         for (int i = 0; i < QMM_ROWS; ++i) {
           if (static_cast<uint32_t>(i) < cnt) {
-            const T* xr = xbase + static_cast<size_t>(i) * K;
+            const T* xr = xrow[i];
 #pragma unroll
             for (uint32_t h = 0; h < PER; h += 16) {
               float xv[16];
@@ -124,7 +154,7 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
         }
 #pragma unroll
         for (int i = 0; i < QMM_ROWS; ++i)
-          if (static_cast<uint32_t>(i) < cnt) acc[i] = fmaf(to_float(xbase[static_cast<size_t>(i) * K + k]), w, acc[i]);
+          if (static_cast<uint32_t>(i) < cnt) acc[i] = fmaf(to_float(xrow[i][k]), w, acc[i]);
       }
     }
 
@@ -142,7 +172,18 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
   extern "C" __global__ void NAME(const T* __restrict__ x, const uint8_t* __restrict__ qweight,               \
                                   const __half* __restrict__ params, const uint32_t* __restrict__ chunks,     \
                                   T* __restrict__ out, uint32_t C, uint32_t N, uint32_t K, uint32_t group) {  \
-    qmatmul_impl<T, INT4>(x, qweight, params, chunks, out, C, N, K, group);                                   \
+    qmatmul_impl<T, INT4, false>(x, qweight, params, chunks, nullptr, nullptr, nullptr, 0, out, C, N, K, group); \
+  }
+
+// MoE mode: out [R, N] for the live dispatched rows; row_token may be null (x already in row order).
+#define QMATMUL_MOE_ENTRY(NAME, T, INT4)                                                                      \
+  extern "C" __global__ void NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token,           \
+                                  const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets, \
+                                  const uint8_t* __restrict__ qweight, const __half* __restrict__ params,    \
+                                  T* __restrict__ out, uint32_t E, uint32_t C, uint32_t N, uint32_t K,       \
+                                  uint32_t group) {                                                          \
+    qmatmul_impl<T, INT4, true>(x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K,      \
+                                group);                                                                      \
   }
 
 QMATMUL_ENTRY(qmatmul_int8_f32, float, false)
@@ -151,3 +192,9 @@ QMATMUL_ENTRY(qmatmul_int8_f16, __half, false)
 QMATMUL_ENTRY(qmatmul_int4_f32, float, true)
 QMATMUL_ENTRY(qmatmul_int4_bf16, __nv_bfloat16, true)
 QMATMUL_ENTRY(qmatmul_int4_f16, __half, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f32, float, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_bf16, __nv_bfloat16, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f16, __half, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f32, float, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_bf16, __nv_bfloat16, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f16, __half, true)

@@ -12,6 +12,7 @@
 //! | combine   | [`combine::moe_combine`]      | `cuda/moe_combine.cu`  |
 //! | rms_norm  | [`norm::rms_norm`], [`norm::add_rms_norm`] | `cuda/rms_norm.cu` |
 //! | qmatmul   | [`qmatmul::qmatmul`], [`qmatmul::qmatmul_grouped`] | `cuda/qmatmul.cu` |
+//! | qmatmul_moe | [`qexperts::qmatmul_moe`] (quantized experts on a device dispatch) | `cuda/qmatmul.cu` |
 //! | qk_norm_rope | [`rope::qk_norm_rope`]  | `cuda/qk_norm_rope.cu` |
 //! | decode_attention | [`attention::decode_attention`] | `cuda/decode_attention.cu` |
 //!
@@ -25,6 +26,7 @@ pub mod common;
 pub mod dispatch;
 pub mod experts;
 pub mod norm;
+pub mod qexperts;
 pub mod qmatmul;
 pub mod rope;
 pub mod route;
@@ -36,6 +38,7 @@ pub use common::{poison_outputs, set_poison_outputs};
 pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};
 pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};
 pub use norm::{add_rms_norm, rms_norm};
+pub use qexperts::qmatmul_moe;
 pub use qmatmul::{qmatmul, qmatmul_grouped, QFormat, QMatmul};
 pub use rope::{qk_norm_rope, HeadNorm};
 pub use route::{moe_route, Router};

@@ -126,6 +126,7 @@ pub const OPS: &[&str] = &[
     "qk_norm_rope",
     "decode_attention",
     "qmatmul",
+    "qmatmul_moe",
 ];
 
 /// Runs every case whose op name contains `filter` (all when `None`) on `device`.
@@ -158,6 +159,9 @@ fn run_cases(device: &Device, filter: Option<&str>) -> Result<Report> {
     }
     if want("qmatmul") {
         qmatmul_cases(device, &mut rng, &mut report.rows)?;
+    }
+    if want("qmatmul_moe") {
+        qmatmul_moe_cases(device, &mut rng, &mut report.rows)?;
     }
     if want("qk_norm_rope") {
         qk_norm_rope_cases(device, &mut rng, &mut report.rows)?;
@@ -867,6 +871,99 @@ fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<
                     })
                 })();
                 rows.push(row_or_error("qmatmul", case, dtype, budget, r));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    let fmts = [
+        ("int8", QFormat::Int8),
+        ("int4-g128", QFormat::Int4 { group: 128 }),
+        ("int4-g32", QFormat::Int4 { group: 32 }),
+    ];
+    // (tokens, top-k, E, used, N_out, K, block, gather): decode over many experts, a prefill with idle experts
+    // and rows spanning several 8-row chunks, padding, the un-gathered (down projection) form, and int8 with
+    // K = 200 (scalar path).
+    let cases = [
+        (
+            1usize, 8usize, 64usize, 64usize, 96usize, 256usize, 1usize, true,
+        ),
+        (7, 2, 8, 5, 129, 256, 1, true),
+        (64, 8, 256, 256, 40, 128, 1, true),
+        (64, 2, 8, 6, 33, 384, 16, false),
+        (513, 4, 16, 16, 72, 128, 1, true),
+        (7, 2, 8, 8, 31, 200, 1, true),
+    ];
+    for (fname, fmt) in fmts {
+        for &(n_tok, k_top, e, pool, n, k, block, gather) in &cases {
+            if let QFormat::Int4 { group } = fmt {
+                if k % group != 0 {
+                    continue;
+                }
+            }
+            let ids = rng.ids(n_tok, k_top, pool);
+            let d = dispatch_reference(&ids, k_top, e, block)?;
+            let r = d.row_token.len();
+            let x_rows = if gather { n_tok } else { r };
+            let x0 = rng.vec(x_rows * k, 1.0);
+            let w0 = rng.vec(e * n * k, 1.0 / (k as f32).sqrt());
+            let (q, p) = quantize(fmt, &w0, e * n, k);
+            let mut pdims = vec![e, n];
+            pdims.extend(fmt.params_shape(k));
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                if dtype == DType::F16 && n_tok != 7 {
+                    continue;
+                }
+                let case = format!(
+                    "{fname} N={n_tok} k={k_top} E={e} O={n} K={k} B={block}{}",
+                    if gather { "" } else { " rows" }
+                );
+                let budget = match dtype {
+                    DType::F32 => QMATMUL_NMSE_F32,
+                    DType::F16 => QMATMUL_NMSE_F16,
+                    _ => QMATMUL_NMSE_BF16,
+                };
+                let r = (|| {
+                    let run = |dev: &Device| -> Result<[Tensor; 6]> {
+                        Ok([
+                            upload(&x0, &[x_rows, k], dtype, dev)?,
+                            Tensor::from_slice(&d.row_token, r, dev)?,
+                            Tensor::from_slice(&d.counts, e, dev)?,
+                            Tensor::from_slice(&d.offsets, e + 1, dev)?,
+                            Tensor::from_slice(&q, (e, n, fmt.row_bytes(k)), dev)?,
+                            Tensor::from_slice(&p, pdims.as_slice(), dev)?,
+                        ])
+                    };
+                    let call = |t: &[Tensor; 6]| {
+                        crate::qmatmul_moe(
+                            &t[0],
+                            gather.then_some(&t[1]),
+                            &t[2],
+                            &t[3],
+                            &t[4],
+                            &t[5],
+                            fmt,
+                        )
+                    };
+                    let want = f32s(&call(&run(&Device::Cpu)?)?)?;
+                    let dt = run(device)?;
+                    let (out, time_us) = timed(device, || call(&dt))?;
+                    Ok(Row {
+                        op: "qmatmul_moe",
+                        case: case.clone(),
+                        dtype,
+                        nmse: nmse(
+                            &live_rows(&f32s(&out)?, &d.row_token, n),
+                            &live_rows(&want, &d.row_token, n),
+                        ),
+                        budget,
+                        time_us,
+                        note: String::new(),
+                    })
+                })();
+                rows.push(row_or_error("qmatmul_moe", case, dtype, budget, r));
             }
         }
     }

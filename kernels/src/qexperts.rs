@@ -1,0 +1,417 @@
+//! Quantized MoE experts on a device-resident dispatch: `qmatmul_moe`, the W8A16/W4A16 matmul of every
+//! active expert over its dispatched rows, with the expert of each row known only on the device.
+//!
+//! Legend: N source rows of x, E experts, R dispatched rows, K in features, N_out out features.
+//!
+//! ```text
+//! x         [N, K] (gather) or [R, K]   f32 | bf16 | f16
+//! row_token [R]  u32 (optional)  with it, dispatched row r reads x[row_token[r]] (the gate/up gather);
+//!                                without it, x is already in dispatched row order (the down projection)
+//! counts    [E]  u32, offsets [E+1] u32: a dispatch (moe_dispatch; any block size)
+//! qweight   [E, N_out, Kb] u8, params [E, N_out, ..] f16: the formats of `qmatmul`
+//! out       [R, N_out]  row r = offsets[e] + i (i < counts[e]) is  x_r W_e^T ;  rows that belong to no
+//!                       expert (padding, or past offsets[E]) are unspecified (the reference writes zeros)
+//! ```
+//!
+//! Unlike [`crate::qmatmul_grouped`], which takes the expert offsets on the host, nothing here needs the
+//! routing on the host: this is what lets a quantized MoE decode step run without a device-to-host copy.
+//! [`qmatmul_moe_reference`] is the specification (each weight row dequantized to f32 exactly as
+//! `qmatmul`'s reference, then an f32 dot product). The CUDA entry points `qmatmul_moe_*` in
+//! `cuda/qmatmul.cu` share the GEMV body of `qmatmul` (8-row chunks found by `nth_row_tile` over the counts);
+//! NOT YET RUN ON A GPU. Self-test budgets are `qmatmul`'s.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use half::f16;
+
+use crate::common::{check_act, check_dtype, host, same_device, Elem};
+use crate::qmatmul::{dequantize_row, QFormat};
+
+const OP: &str = "qmatmul_moe";
+
+/// `out [R, N_out]` (module docs). `row_token = None` means x is already in dispatched row order.
+pub fn qmatmul_moe(
+    x: &Tensor,
+    row_token: Option<&Tensor>,
+    counts: &Tensor,
+    offsets: &Tensor,
+    qweight: &Tensor,
+    params: &Tensor,
+    fmt: QFormat,
+) -> Result<Tensor> {
+    let d = Dims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
+    let mut devs = vec![
+        ("x", x),
+        ("counts", counts),
+        ("offsets", offsets),
+        ("qweight", qweight),
+        ("params", params),
+    ];
+    if let Some(rt) = row_token {
+        devs.push(("row_token", rt));
+    }
+    same_device(OP, &devs)?;
+    match x.device() {
+        Device::Cpu => {
+            let rt = row_token.map(host::<u32>).transpose()?;
+            let (c, o) = (host::<u32>(counts)?, host::<u32>(offsets)?);
+            let (q, p) = (host::<u8>(qweight)?, host::<f16>(params)?);
+            fn run<T: Elem>(
+                x: &Tensor,
+                rt: Option<&[u32]>,
+                c: &[u32],
+                o: &[u32],
+                q: &[u8],
+                p: &[f16],
+                fmt: QFormat,
+                d: Dims,
+            ) -> Result<Tensor> {
+                let out =
+                    qmatmul_moe_reference::<T>(&host(x)?, rt, c, o, q, p, fmt, d.r, d.n, d.k)?;
+                Tensor::from_vec(out, (d.r, d.n), &Device::Cpu)
+            }
+            match x.dtype() {
+                DType::F32 => run::<f32>(x, rt.as_deref(), &c, &o, &q, &p, fmt, d),
+                DType::BF16 => run::<half::bf16>(x, rt.as_deref(), &c, &o, &q, &p, fmt, d),
+                _ => run::<f16>(x, rt.as_deref(), &c, &o, &q, &p, fmt, d),
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda_qmatmul_moe(x, row_token, counts, offsets, qweight, params, fmt, d),
+        dv => bail!("{OP}: unsupported device {:?}", dv.location()),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // `e` is read by the CUDA launcher only
+struct Dims {
+    /// Dispatched rows (the output's rows).
+    r: usize,
+    n: usize,
+    k: usize,
+    e: usize,
+}
+
+impl Dims {
+    fn check(
+        x: &Tensor,
+        row_token: Option<&Tensor>,
+        counts: &Tensor,
+        offsets: &Tensor,
+        qweight: &Tensor,
+        params: &Tensor,
+        fmt: QFormat,
+    ) -> Result<Self> {
+        check_act(OP, "x", x.dtype())?;
+        check_dtype(OP, "qweight", qweight, DType::U8)?;
+        check_dtype(OP, "params", params, DType::F16)?;
+        check_dtype(OP, "counts", counts, DType::U32)?;
+        check_dtype(OP, "offsets", offsets, DType::U32)?;
+        if let QFormat::Int4 { group } = fmt {
+            if group == 0 || group % 2 != 0 {
+                bail!("{OP}: int4 group size must be even and > 0, got {group}");
+            }
+        }
+        let (rows_x, k) = x.dims2()?;
+        let (e, n, kb) = qweight.dims3()?;
+        if kb != fmt.row_bytes(k) {
+            bail!(
+                "{OP}: qweight rows hold {kb} bytes, {fmt:?} with K = {k} needs {}",
+                fmt.row_bytes(k)
+            );
+        }
+        let mut want = vec![e, n];
+        want.extend(fmt.params_shape(k));
+        if params.dims() != want.as_slice() {
+            bail!("{OP}: params must be {want:?}, got {:?}", params.dims());
+        }
+        if counts.dims() != [e] || offsets.dims() != [e + 1] {
+            bail!(
+                "{OP}: want counts [{e}] and offsets [{}], got {:?} and {:?}",
+                e + 1,
+                counts.dims(),
+                offsets.dims()
+            );
+        }
+        let r = match row_token {
+            Some(rt) => {
+                check_dtype(OP, "row_token", rt, DType::U32)?;
+                if rt.rank() != 1 {
+                    bail!("{OP}: row_token must be [R], got {:?}", rt.dims());
+                }
+                rt.dim(0)?
+            }
+            None => rows_x,
+        };
+        if [r, n, k, e, rows_x].iter().any(|&v| v > u32::MAX as usize)
+            || r.saturating_mul(n.max(k)) > isize::MAX as usize
+        {
+            bail!("{OP}: sizes exceed the kernel's u32 indices");
+        }
+        Ok(Dims { r, n, k, e })
+    }
+}
+
+/// The specification (module docs): `x` row-major `[rows, K]`, returns `[R * N_out]` with rows outside
+/// every expert's live range zero. Errors on a dispatch that does not fit (rows or tokens out of range).
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_moe_reference<T: Elem>(
+    x: &[T],
+    row_token: Option<&[u32]>,
+    counts: &[u32],
+    offsets: &[u32],
+    q: &[u8],
+    p: &[f16],
+    fmt: QFormat,
+    r: usize,
+    n: usize,
+    k: usize,
+) -> Result<Vec<T>> {
+    let (kb, pr) = (
+        fmt.row_bytes(k),
+        fmt.params_shape(k).iter().product::<usize>(),
+    );
+    let rows_x = x.len() / k.max(1);
+    let mut out = vec![0f32; r * n];
+    let mut w = vec![0f32; k];
+    let mut xf = vec![0f32; k];
+    for (e, &cnt) in counts.iter().enumerate() {
+        let (lo, cnt) = (offsets[e] as usize, cnt as usize);
+        if cnt == 0 {
+            continue;
+        }
+        if lo + cnt > r {
+            bail!("{OP}: expert {e} rows {lo}..{} exceed R = {r}", lo + cnt);
+        }
+        // The expert's activation rows in f32, gathered once.
+        let mut xs = Vec::with_capacity(cnt * k);
+        for row in lo..lo + cnt {
+            let src = match row_token {
+                Some(rt) => rt[row] as usize,
+                None => row,
+            };
+            if src >= rows_x {
+                bail!("{OP}: row {row} reads x row {src}, but x has {rows_x}");
+            }
+            for (dst, v) in xf.iter_mut().zip(&x[src * k..(src + 1) * k]) {
+                *dst = v.f32();
+            }
+            xs.extend_from_slice(&xf);
+        }
+        for j in 0..n {
+            let wr = e * n + j;
+            dequantize_row(
+                fmt,
+                &q[wr * kb..(wr + 1) * kb],
+                &p[wr * pr..(wr + 1) * pr],
+                &mut w,
+            );
+            for (i, xr) in xs.chunks_exact(k.max(1)).enumerate() {
+                out[(lo + i) * n + j] = xr.iter().zip(&w).map(|(a, b)| a * b).sum();
+            }
+        }
+    }
+    Ok(out.into_iter().map(T::of).collect())
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn cuda_qmatmul_moe(
+    x: &Tensor,
+    row_token: Option<&Tensor>,
+    counts: &Tensor,
+    offsets: &Tensor,
+    qweight: &Tensor,
+    params: &Tensor,
+    fmt: QFormat,
+    d: Dims,
+) -> Result<Tensor> {
+    use crate::common::cuda::{alloc_out, wrap};
+    use crate::common::cuda_act::ActView;
+    use crate::cuda_util::{contiguous, module_key};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::Storage;
+
+    let (x, counts, offsets, qweight, params) = (
+        x.contiguous()?,
+        counts.contiguous()?,
+        offsets.contiguous()?,
+        qweight.contiguous()?,
+        params.contiguous()?,
+    );
+    let row_token = row_token.map(Tensor::contiguous).transpose()?;
+    let guards = [&x, &counts, &offsets, &qweight, &params].map(|t| t.storage_and_layout());
+    let rt_guard = row_token.as_ref().map(|t| t.storage_and_layout());
+    let mut cs = Vec::with_capacity(6);
+    for (st, l) in guards.iter().chain(rt_guard.iter()) {
+        let Storage::Cuda(c) = &**st else {
+            bail!("{OP}: an input is not on a CUDA device")
+        };
+        cs.push((c, *l));
+    }
+    let dev = cs[0].0.device.clone();
+    let xv = ActView::new(cs[0].0, cs[0].1, OP, "x")?;
+    let cv = contiguous(cs[1].0.as_cuda_slice::<u32>()?, cs[1].1, OP, "counts")?;
+    let ov = contiguous(cs[2].0.as_cuda_slice::<u32>()?, cs[2].1, OP, "offsets")?;
+    let qv = contiguous(cs[3].0.as_cuda_slice::<u8>()?, cs[3].1, OP, "qweight")?;
+    let pv = contiguous(cs[4].0.as_cuda_slice::<f16>()?, cs[4].1, OP, "params")?;
+    let rtv = match cs.get(5) {
+        Some((c, l)) => Some(contiguous(c.as_cuda_slice::<u32>()?, l, OP, "row_token")?),
+        None => None,
+    };
+    // A null row_token pointer selects "x is already in row order" in the kernel.
+    let null: u64 = 0;
+    let (kind, group) = match fmt {
+        QFormat::Int8 => ("int8", 0u32),
+        QFormat::Int4 { group } => ("int4", group.min(u32::MAX as usize) as u32),
+    };
+    let m = &crate::ptx::QMATMUL;
+    let func = dev.get_or_load_custom_func(
+        &format!("qmatmul_moe_{kind}_{}", xv.suffix()),
+        &module_key(m),
+        m.ptx,
+    )?;
+    let rows = crate::qmatmul::QMM_ROWS;
+    let chunks = (d.r.div_ceil(rows) + d.e.min(d.r)) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (d.n.div_ceil(QMM_WARPS) as u32, chunks.clamp(1, 65535), 1),
+        block_dim: (QMM_WARPS as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! go {
+        ($ty:ty, $variant:ident) => {{
+            let out = alloc_out::<$ty>(&dev, d.r * d.n)?;
+            if d.r > 0 && d.n > 0 {
+                let mut b = func.builder();
+                xv.push(&mut b);
+                match &rtv {
+                    Some(v) => b.arg(v),
+                    None => b.arg(&null),
+                };
+                b.arg(&cv);
+                b.arg(&ov);
+                b.arg(&qv);
+                b.arg(&pv);
+                b.arg(&out);
+                candle_core::builder_arg!(b, d.e as u32, chunks, d.n as u32, d.k as u32, group);
+                // SAFETY: argument types and order match `qmatmul_moe_<fmt>_<dtype>` in cuda/qmatmul.cu;
+                // shapes were checked by Dims::check, and a valid dispatch keeps every live row < R and
+                // every row_token < the rows of x.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok(wrap(CudaStorageSlice::$variant(out), &dev, (d.r, d.n)))
+        }};
+    }
+    match xv {
+        ActView::F32(_) => go!(f32, F32),
+        ActView::BF16(_) => go!(half::bf16, BF16),
+        ActView::F16(_) => go!(f16, F16),
+    }
+}
+
+/// Warps (output features) per block in `cuda/qmatmul.cu` (`QMM_WARPS`).
+#[cfg(feature = "cuda")]
+const QMM_WARPS: usize = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::dispatch_reference;
+    use crate::qmatmul::{qmatmul_grouped, quantize_row};
+
+    /// The gather form equals gathering x by hand and running `qmatmul_grouped` with host offsets.
+    #[test]
+    fn matches_grouped_qmatmul_on_gathered_rows() {
+        let (n_tok, top_k, e, n, k) = (5usize, 2usize, 4usize, 6usize, 64usize);
+        let ids = [0u32, 1, 1, 3, 3, 0, 0, 1, 3, 1]; // expert 2 idle
+        let d = dispatch_reference(&ids, top_k, e, 1).unwrap();
+        let x: Vec<f32> = (0..n_tok * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let w: Vec<f32> = (0..e * n * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 400.0)
+            .collect();
+        for fmt in [QFormat::Int8, QFormat::Int4 { group: 32 }] {
+            let (kb, pr) = (
+                fmt.row_bytes(k),
+                fmt.params_shape(k).iter().product::<usize>(),
+            );
+            let mut q = vec![0u8; e * n * kb];
+            let mut p = vec![f16::ZERO; e * n * pr];
+            for r in 0..e * n {
+                quantize_row(
+                    fmt,
+                    &w[r * k..(r + 1) * k],
+                    &mut q[r * kb..(r + 1) * kb],
+                    &mut p[r * pr..(r + 1) * pr],
+                );
+            }
+            let dev = Device::Cpu;
+            let mut pdims = vec![e, n];
+            pdims.extend(fmt.params_shape(k));
+            let qt = Tensor::from_slice(&q, (e, n, kb), &dev).unwrap();
+            let pt = Tensor::from_slice(&p, pdims.as_slice(), &dev).unwrap();
+            let xt = Tensor::from_slice(&x, (n_tok, k), &dev).unwrap();
+            let rt = Tensor::from_slice(&d.row_token, d.row_token.len(), &dev).unwrap();
+            let ct = Tensor::from_slice(&d.counts, e, &dev).unwrap();
+            let ot = Tensor::from_slice(&d.offsets, e + 1, &dev).unwrap();
+            let got: Vec<f32> = qmatmul_moe(&xt, Some(&rt), &ct, &ot, &qt, &pt, fmt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let xs = xt.index_select(&rt, 0).unwrap();
+            let want: Vec<f32> = qmatmul_grouped(&xs, &qt, &pt, &d.offsets, fmt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{fmt:?}: {g} vs {w}"
+                );
+            }
+            // Without row_token x is taken in row order: feeding the gathered rows gives the same.
+            let again: Vec<f32> = qmatmul_moe(&xs, None, &ct, &ot, &qt, &pt, fmt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, again);
+        }
+    }
+
+    #[test]
+    fn launcher_matches_the_cuda_source() {
+        // No GPU here: keep the launcher's entry names and argument order in step with cuda/qmatmul.cu.
+        let src = include_str!("../cuda/qmatmul.cu");
+        assert!(src.contains("#define QMM_WARPS 4\n"));
+        assert!(src.contains(&format!("#define QMM_ROWS {}\n", crate::qmatmul::QMM_ROWS)));
+        for fmt in ["int8", "int4"] {
+            for dt in ["f32", "bf16", "f16"] {
+                assert!(src.contains(&format!("QMATMUL_MOE_ENTRY(qmatmul_moe_{fmt}_{dt},")));
+            }
+        }
+        let args = "const T* __restrict__ x, const uint32_t* __restrict__ row_token,";
+        assert!(src.contains(args), "argument order of qmatmul_moe_*");
+    }
+
+    #[test]
+    fn bad_dispatch_is_an_error() {
+        let dev = Device::Cpu;
+        let fmt = QFormat::Int8;
+        let x = Tensor::zeros((2, 16), DType::F32, &dev).unwrap();
+        let q = Tensor::zeros((2, 3, 16), DType::U8, &dev).unwrap();
+        let p = Tensor::zeros((2, 3), DType::F16, &dev).unwrap();
+        let rt = Tensor::new(&[0u32, 5], &dev).unwrap(); // token 5 does not exist
+        let c = Tensor::new(&[1u32, 1], &dev).unwrap();
+        let o = Tensor::new(&[0u32, 1, 2], &dev).unwrap();
+        assert!(qmatmul_moe(&x, Some(&rt), &c, &o, &q, &p, fmt).is_err());
+        let c3 = Tensor::new(&[1u32, 1, 0], &dev).unwrap();
+        assert!(qmatmul_moe(&x, Some(&rt), &c3, &o, &q, &p, fmt).is_err());
+    }
+}
