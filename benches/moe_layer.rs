@@ -1,5 +1,7 @@
 //! One Mixtral-shaped MoE layer (small dims: H 512, F 1024, 8 experts, top-2) on the CPU at
-//! 1 token (decode) and 64 tokens (prefill), through the four stages as the model runs them.
+//! 1 token (decode) and 64 tokens (prefill), through the four stages as the model runs them, on both
+//! execution paths: `candle` (the CPU default: host routing, candle matmuls) and `kernels` (the
+//! moe-kernels ops, which on the CPU run their single-threaded references).
 //! Run: `cargo bench --bench moe_layer`. Speed targets live here, never in unit tests.
 
 use candle_core::{DType, Device, Tensor};
@@ -7,6 +9,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 use moe::config::{MoeConfig, RouterKind};
 use moe::model::moe::{MoeBlock, MoeWeights};
+use moe::model::ExecPath;
 
 fn layer(h: usize, f: usize, e: usize, k: usize) -> MoeBlock {
     let dev = Device::Cpu;
@@ -40,9 +43,11 @@ fn bench(c: &mut Criterion) {
             .to_dtype(DType::F32)
             .unwrap();
         g.throughput(Throughput::Elements(tokens as u64));
-        g.bench_with_input(BenchmarkId::new("tokens", tokens), &x, |b, x| {
-            b.iter(|| block.forward(x).unwrap())
-        });
+        for (name, path) in [("candle", ExecPath::Candle), ("kernels", ExecPath::Kernels)] {
+            g.bench_with_input(BenchmarkId::new(name, tokens), &x, |b, x| {
+                b.iter(|| block.forward(x, path).unwrap())
+            });
+        }
     }
     g.finish();
 }

@@ -1,21 +1,33 @@
 //! Parity with Hugging Face transformers on tiny random checkpoints of every supported family
 //! (`tests/make_fixtures.py`, `tests/make_family_fixtures.py`): prompt logits within 1e-4
 //! (f32), per-layer router choices and weights exact, 16 greedy tokens with the KV cache exact.
+//! Every check runs on both execution paths: `candle` (the CPU default) and `kernels` (the
+//! moe-kernels ops that run on CUDA: device routing/dispatch, fused experts, combine, RMSNorm,
+//! decode attention; on the CPU their references), so the kernel path is proven against
+//! transformers on every family.
 
 mod common;
 
 use candle_core::{DType, Tensor};
 use common::{expected, fixture, max_abs_diff, FIXTURES};
 use moe::loader::{load_dir, LoadOptions};
-use moe::model::Trace;
+use moe::model::{ExecPath, Trace};
 use moe::runtime::generate::{generate, GenerateParams, SamplingParams};
 
 const LOGIT_TOL: f32 = 1e-4;
 
 fn check(name: &str) {
-    let dir = fixture(name);
+    for path in [ExecPath::Candle, ExecPath::Kernels] {
+        check_path(name, path);
+    }
+}
+
+fn check_path(fixture_name: &str, path: ExecPath) {
+    let name = &format!("{fixture_name} ({path:?} path)");
+    let dir = fixture(fixture_name);
     let exp = expected(&dir);
-    let model = load_dir(&dir, &LoadOptions::default()).unwrap();
+    let mut model = load_dir(&dir, &LoadOptions::default()).unwrap();
+    model.set_exec_path(path);
     let t = exp.prompt_ids.len();
 
     // Prompt logits and router choices from one full forward pass.

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::norm::Norm;
 use super::rope::Rope;
-use super::Linear;
+use super::{ExecPath, Linear};
 use crate::config::{AttnConfig, QkNorm};
 use crate::runtime::kv_cache::KvCache;
 
@@ -36,7 +36,9 @@ impl Attention {
     }
 
     /// Attends the `T` new tokens at positions `pos..pos+T` to everything cached for `layer`
-    /// plus themselves, writing their K/V into the cache.
+    /// plus themselves, writing their K/V into the cache. On [`ExecPath::Kernels`] a single new
+    /// token per sequence runs the flash-decoding kernel (`moe_kernels::decode_attention`) over
+    /// the whole cache in place.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -44,6 +46,7 @@ impl Attention {
         rope: &Rope,
         cache: &mut KvCache,
         layer: usize,
+        path: ExecPath,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -73,6 +76,13 @@ impl Attention {
         let v = heads(v, nkv, &None, false)?;
         let (k_all, v_all) = cache.write(layer, &k, &v, pos)?; // [B, kv, L, hd]
         let l = pos + t;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if path == ExecPath::Kernels && t == 1 {
+            let (kc, vc) = cache.layer(layer); // [B, kv, cap, hd]
+            let out =
+                moe_kernels::decode_attention(&q, kc, vc, l, self.sliding_window, scale as f32)?;
+            return self.o.forward(&out.reshape((b, 1, nh * hd))?); // [B, nh, 1, hd] -> [B, 1, nh*hd]
+        }
 
         // Keys older than the window of the first new query are invisible to every new query.
         let start = self
@@ -83,7 +93,6 @@ impl Attention {
 
         // [B, heads, T, hd] -> [B, kv, g*T, hd]: heads h = j*g + i share kv head j.
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k_all.t()?)? * scale)?; // [B, kv, g*T, L']
         let scores = match causal_mask(t, g, pos, start, l, self.sliding_window, x.device())? {
             Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,

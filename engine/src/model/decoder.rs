@@ -5,10 +5,10 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
 use super::mla::{MlaAttention, MlaQuery};
-use super::moe::{Mlp, MoeBlock, Routing};
+use super::moe::{Mlp, MoeBlock};
 use super::norm::Norm;
 use super::rope::Rope;
-use super::{AttnWeights, FfnWeights, Linear, ModelWeights};
+use super::{exec_path, AttnWeights, ExecPath, FfnWeights, Linear, ModelWeights, EXEC_PATH_ENV};
 use crate::config::{FfnKind, ModelConfig, NormKind, QkNorm};
 
 /// DeepSeek's q_a_layernorm and kv_a_layernorm use a fixed eps, not `rms_norm_eps`.
@@ -53,6 +53,7 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
+    path: ExecPath,
 }
 
 impl Model {
@@ -161,9 +162,54 @@ impl Model {
             lm_head: Linear::new(w.lm_head),
             rope,
             dtype,
+            path: exec_path(device, std::env::var(EXEC_PATH_ENV).ok().as_deref())?,
             device: device.clone(),
             cfg,
         })
+    }
+
+    /// Which implementation runs the hot ops ([`exec_path`]: kernels on CUDA, candle on the CPU,
+    /// `MOE_EXEC_PATH` overrides).
+    pub fn exec_path(&self) -> ExecPath {
+        self.path
+    }
+
+    /// Switches the implementation of the hot ops (tests and the self-test compare the two).
+    pub fn set_exec_path(&mut self, path: ExecPath) {
+        self.path = path;
+    }
+
+    /// `norm(x)` for a decoder-layer or final norm: the RMSNorm kernel on the kernel path.
+    fn norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
+        match (self.path, n.kind) {
+            (ExecPath::Kernels, NormKind::Rms { eps }) if n.weight.dtype() == x.dtype() => {
+                let h = x.dim(candle_core::D::Minus1)?;
+                moe_kernels::rms_norm(&x.reshape(((), h))?, &n.weight, eps as f32)?
+                    .reshape(x.shape())
+            }
+            _ => n.forward(x),
+        }
+    }
+
+    /// `(x + h, norm(x + h))`: the residual add fused into the next RMSNorm on the kernel path.
+    fn add_norm(&self, n: &Norm, x: &Tensor, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        match (self.path, n.kind) {
+            (ExecPath::Kernels, NormKind::Rms { eps }) if n.weight.dtype() == x.dtype() => {
+                let d = x.dim(candle_core::D::Minus1)?;
+                let (sum, out) = moe_kernels::add_rms_norm(
+                    &h.reshape(((), d))?,
+                    &x.reshape(((), d))?,
+                    &n.weight,
+                    eps as f32,
+                )?;
+                Ok((sum.reshape(x.shape())?, out.reshape(x.shape())?))
+            }
+            _ => {
+                let sum = (x + h)?;
+                let out = n.forward(&sum)?;
+                Ok((sum, out))
+            }
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -171,7 +217,7 @@ impl Model {
     }
 
     /// Bytes of all weights in memory (quantized linears at their packed size; a tied lm_head
-    /// counted once; MLA's per-head split of kv_b for absorbed decode included, as it is held).
+    /// counted once; MLA's per-head `w_uk`/`w_uv` are views of kv_b, not counted again).
     pub fn weight_bytes(&self) -> usize {
         use super::tensor_bytes;
         let norm = |n: &Norm| tensor_bytes(&n.weight);
@@ -249,28 +295,31 @@ impl Model {
             .embedding(&ids.flatten_all()?)?
             .reshape((ids.dim(0)?, t, ()))?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let xn = layer.attn_norm.forward(&x)?;
+            let xn = self.norm(&layer.attn_norm, &x)?;
             let h = match &layer.attn {
-                Attn::Gqa(a) => a.forward(&xn, pos, &self.rope, cache, i)?,
+                Attn::Gqa(a) => a.forward(&xn, pos, &self.rope, cache, i, self.path)?,
                 Attn::Mla(a) => a.forward(&xn, pos, &self.rope, cache, i)?,
             };
-            x = (x + h)?;
-            let h = layer.ffn_norm.forward(&x)?;
+            let (sum, h) = self.add_norm(&layer.ffn_norm, &x, &h)?;
+            x = sum;
             let (h, routing) = match &layer.ffn {
                 Ffn::Moe(moe) => {
-                    let (y, r) = moe.forward(&h)?;
+                    let (y, r) = moe.forward(&h, self.path)?;
                     (y, Some(r))
                 }
                 Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
             };
             if let Some(tr) = trace.as_deref_mut() {
-                let r = routing.unwrap_or(Routing {
-                    top_k: 0,
-                    ids: vec![],
-                    weights: vec![],
-                });
-                tr.router_ids.push(r.ids);
-                tr.router_weights.push(r.weights);
+                // Routing statistics are the one thing that reads routing back to the host.
+                let (ids, weights) = match routing {
+                    Some(r) => {
+                        let r = r.to_host()?;
+                        (r.ids, r.weights)
+                    }
+                    None => (vec![], vec![]),
+                };
+                tr.router_ids.push(ids);
+                tr.router_weights.push(weights);
             }
             x = (x + h)?;
         }
@@ -280,7 +329,7 @@ impl Model {
         } else {
             x.narrow(1, t - 1, 1)?
         };
-        let x = self.final_norm.forward(&x)?;
+        let x = self.norm(&self.final_norm, &x)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 }

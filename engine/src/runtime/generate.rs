@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::error::{Error, Result};
@@ -112,6 +112,20 @@ pub fn validate_prompt(model: &Model, ids: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// The next token from the last position's logits `[1, 1, V]`, with exactly one device-to-host read
+/// (counted by `runtime::host`): greedy takes the argmax on the device (first maximum, as torch) and
+/// reads back the id; sampling reads the logits and samples on the host.
+pub fn next_token(sampler: &mut LogitsProcessor, greedy: bool, logits: &Tensor) -> Result<u32> {
+    use crate::runtime::host;
+    let logits = logits.flatten_all()?;
+    if greedy {
+        return Ok(host::read_scalar::<u32>(&logits.argmax(0)?)?);
+    }
+    let v = logits.dim(0)?;
+    let cpu = Tensor::from_vec(host::read_vec::<f32>(&logits)?, v, &Device::Cpu)?;
+    Ok(sampler.sample(&cpu)?)
+}
+
 /// Generates up to `p.max_new_tokens` tokens after `prompt`, calling `on_token` with each new
 /// id as soon as it is chosen, and `on_trace` with the routing of every forward pass.
 pub fn generate(
@@ -137,7 +151,7 @@ pub fn generate(
     let mut prefill_secs = 0.0;
     while generated.len() < p.max_new_tokens {
         let logits = model.forward(&input, &mut cache, false, trace.as_mut())?; // [1, 1, V]
-        let next = sampler.sample(&logits.flatten_all()?)?;
+        let next = next_token(&mut sampler, p.sampling.temperature <= 0.0, &logits)?;
         if generated.is_empty() {
             prefill_secs = t0.elapsed().as_secs_f64();
         }

@@ -100,6 +100,13 @@ impl KvCache {
         Ok((kc.narrow(2, 0, pos + t)?, vc.narrow(2, 0, pos + t)?))
     }
 
+    /// The whole preallocated K and V (or latent and rope key) of `layer`, `[B, heads, cap, d]`;
+    /// only positions below the stored length are meaningful.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
+    }
+
     /// Marks `t` more tokens as stored (after every layer has written them).
     pub fn advance(&mut self, t: usize) {
         self.len += t;

@@ -9,13 +9,14 @@ pub mod experts;
 pub mod route;
 
 use candle_core::{DType, Result, Tensor};
+use moe_kernels::{moe_combine, moe_dispatch, moe_experts, moe_route, qmatmul_moe};
 
 pub use combine::combine;
 pub use dispatch::{dispatch, Dispatch};
 pub use experts::experts;
 pub use route::{route, Routing};
 
-use super::{Linear, MlpWeights, Weight};
+use super::{ExecPath, Linear, MlpWeights, Weight};
 use crate::config::MoeConfig;
 
 /// Canonical expert weights: stacked `[E, N, K]` (experts, out, in) per projection.
@@ -40,15 +41,38 @@ pub struct MoeBlock {
     pub down: Weight,
     pub shared: Option<Mlp>,
     pub shared_gate: Option<Linear>,
-    /// `score_bias` on the host: routing runs on the host in the CPU path.
+    /// `score_bias` on the host, for the candle path's host routing...
     pub score_bias: Option<Vec<f32>>,
+    /// ...and on the device (f32 `[E]`), for the router kernel.
+    pub score_bias_dev: Option<Tensor>,
+}
+
+/// The routing of one forward pass as the kernels leave it, on the model's device: `ids [N, A]` u32 and
+/// `weights [N, A]` f32. Reading it to the host is a device-to-host copy (`runtime::host`), done only when
+/// routing statistics are asked for.
+#[derive(Debug, Clone)]
+pub struct DeviceRouting {
+    pub ids: Tensor,
+    pub weights: Tensor,
+}
+
+impl DeviceRouting {
+    /// The routing on the host (two counted device-to-host reads).
+    pub fn to_host(&self) -> Result<Routing> {
+        Ok(Routing {
+            top_k: self.ids.dim(1)?,
+            ids: crate::runtime::host::read_vec(&self.ids)?,
+            weights: crate::runtime::host::read_vec(&self.weights)?,
+        })
+    }
 }
 
 impl MoeBlock {
     pub fn new(cfg: MoeConfig, w: MoeWeights) -> Result<Self> {
-        let score_bias = w
-            .score_bias
-            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        let score_bias_dev = w.score_bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let score_bias = score_bias_dev
+            .as_ref()
+            .map(|b| b.to_vec1::<f32>())
             .transpose()?;
         Ok(MoeBlock {
             cfg,
@@ -58,10 +82,10 @@ impl MoeBlock {
             shared: w.shared.map(Mlp::new),
             shared_gate: w.shared_gate.map(Linear::new),
             score_bias,
+            score_bias_dev,
         })
     }
 
-    /// `x [B, T, H] -> ([B, T, H], routing)`
     /// Bytes of weights in memory (router, experts, shared experts).
     pub fn bytes(&self) -> usize {
         self.router.bytes()
@@ -72,7 +96,11 @@ impl MoeBlock {
             + self.score_bias.as_ref().map_or(0, |b| 4 * b.len())
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
+    /// `x [B, T, H] -> ([B, T, H], routing)` through `path`: [`ExecPath::Kernels`] keeps routing and
+    /// dispatch on the device (moe_route -> moe_dispatch -> moe_experts or qmatmul_moe -> moe_combine, no
+    /// device-to-host copy); [`ExecPath::Candle`] routes on the host and runs one candle matmul per active
+    /// expert (faster on the CPU, where the kernels' references are single-threaded).
+    pub fn forward(&self, x: &Tensor, path: ExecPath) -> Result<(Tensor, DeviceRouting)> {
         let shape = x.shape().clone();
         let h = x.dim(candle_core::D::Minus1)?;
         let x = x.reshape(((), h))?; // [N, H]
@@ -83,15 +111,10 @@ impl MoeBlock {
         } else {
             self.router.forward(&x)?
         };
-        let routing = route(
-            &logits,
-            self.cfg.router,
-            self.cfg.top_k,
-            self.score_bias.as_deref(),
-        )?;
-        let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts)?;
-        let y = experts::experts_w(&x, &d, &self.gate_up, &self.down)?; // [N*A, H], expert-sorted
-        let mut out = combine(&y, &d, &routing)?; // [N, H]
+        let (mut out, routing) = match path {
+            ExecPath::Kernels => self.routed_kernels(&x, &logits)?,
+            ExecPath::Candle => self.routed_candle(&x, &logits)?,
+        };
         if let Some(shared) = &self.shared {
             let s = shared.forward(&x)?;
             let s = match &self.shared_gate {
@@ -101,6 +124,49 @@ impl MoeBlock {
             out = (out + s)?;
         }
         Ok((out.reshape(shape)?, routing))
+    }
+
+    /// The routed experts through the moe-kernels ops; nothing leaves the device. `x [N, H]`.
+    fn routed_kernels(&self, x: &Tensor, logits: &Tensor) -> Result<(Tensor, DeviceRouting)> {
+        let (a, e) = (self.cfg.top_k, self.cfg.num_experts);
+        let router = route::router(self.cfg.router);
+        let (ids, weights) = moe_route(logits, router, a, self.score_bias_dev.as_ref())?;
+        let d = moe_dispatch(&ids, a, e, 1)?;
+        let y = match (&self.gate_up, &self.down) {
+            (Weight::Dense(gu), Weight::Dense(dn)) => {
+                moe_experts(x, &d.row_token, &d.counts, &d.offsets, gu, dn, None)?
+            }
+            (Weight::Quant(gu), Weight::Quant(dn)) => {
+                let f = dn.shape[2];
+                let (c, o) = (&d.counts, &d.offsets);
+                let g = qmatmul_moe(x, Some(&d.row_token), c, o, &gu.qweight, &gu.params, gu.fmt)?;
+                let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;
+                qmatmul_moe(&h, None, c, o, &dn.qweight, &dn.params, dn.fmt)?
+            }
+            _ => {
+                candle_core::bail!("experts: gate_up and down must both be dense or both quantized")
+            }
+        }; // [N*A, H], expert-sorted
+        let n = x.dim(0)?;
+        let out = moe_combine(&y, &d.slot_row.reshape((n, a))?, &weights)?;
+        Ok((out, DeviceRouting { ids, weights }))
+    }
+
+    /// The routed experts with host routing and candle matmuls. `x [N, H]`.
+    fn routed_candle(&self, x: &Tensor, logits: &Tensor) -> Result<(Tensor, DeviceRouting)> {
+        let routing = route(
+            logits,
+            self.cfg.router,
+            self.cfg.top_k,
+            self.score_bias.as_deref(),
+        )?;
+        let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts)?;
+        let y = experts::experts_w(x, &d, &self.gate_up, &self.down)?; // [N*A, H], expert-sorted
+        let out = combine(&y, &d, &routing)?; // [N, H]
+        let (n, dev) = (routing.num_tokens(), x.device());
+        let ids = Tensor::from_vec(routing.ids, (n, self.cfg.top_k), dev)?;
+        let weights = Tensor::from_vec(routing.weights, (n, self.cfg.top_k), dev)?;
+        Ok((out, DeviceRouting { ids, weights }))
     }
 }
 

@@ -38,7 +38,8 @@ pub fn route(
     if top_k == 0 || top_k > e {
         candle_core::bail!("route: top_k {top_k} must be in 1..={e}")
     }
-    let scores: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    // The candle path's host routing: a device-to-host read (counted; the kernel path never does this).
+    let scores: Vec<f32> = crate::runtime::host::read_vec(&logits.to_dtype(DType::F32)?)?;
     let (ids, weights) = route_reference(&scores, e, router(kind), top_k, bias)?;
     Ok(Routing {
         top_k,
