@@ -362,3 +362,153 @@ fn baseline_candle_on_the_same_random_weights() {
     let err = bench(&a).expect_err("qwen3 refused").to_string();
     assert!(err.contains("Mixtral"), "{err}");
 }
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn check_baseline(r: &moe::bench::BenchReport) {
+    let b = r.baseline.as_ref().expect("baseline report");
+    for s in [&b.prefill_tokens_per_s, &b.decode_tokens_per_s] {
+        assert!(s.median > 0.0 && s.median.is_finite(), "{s:?}");
+    }
+    for x in [
+        b.prefill_time_ratio_candle_over_ours,
+        b.decode_time_ratio_candle_over_ours,
+    ] {
+        assert!(x > 0.0 && x.is_finite(), "ratio {x}");
+    }
+    assert!(moe::bench::report::bench_text(r).contains("candle/ours"));
+    let v = serde_json::to_value(r).unwrap();
+    assert!(
+        v["baseline"]["decode_time_ratio_candle_over_ours"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
+
+/// `--weights DIR --baseline candle` on real (fixture) Mixtral checkpoints: f32, and a bf16
+/// checkpoint computed in f32 with `--layers 1` (candle's model then reads only layer 0's
+/// tensors). candle's Mixtral fails in bf16/f16, so those are refused up front.
+#[test]
+fn baseline_candle_on_checkpoint_weights() {
+    let a = BenchArgs {
+        weights: Some(fixture_dir("mixtral-base")),
+        baseline: Some(moe::bench::Baseline::Candle),
+        runs: 1,
+        warmup: 0,
+        ..tiny_args()
+    };
+    let r = bench(&a).unwrap();
+    assert_eq!(
+        r.model.weights,
+        fixture_dir("mixtral-base").display().to_string()
+    );
+    check_report(&r);
+    check_baseline(&r);
+    let a = BenchArgs {
+        weights: Some(fixture_dir("mixtral-bf16")),
+        layers: Some(1),
+        ..a
+    };
+    let r = bench(&a).unwrap();
+    assert_eq!(r.model.layers_run, 1);
+    check_baseline(&r);
+    let bf16 = BenchArgs {
+        dtype: "bf16".into(),
+        ..a.clone()
+    };
+    let err = bench(&bf16).expect_err("bf16 refused").to_string();
+    assert!(err.contains("--dtype f32"), "{err}");
+    // Another family's checkpoint is refused, naming its model_type.
+    let a = BenchArgs {
+        weights: Some(fixture_dir("qwen3-moe")),
+        layers: None,
+        ..a
+    };
+    let err = bench(&a).expect_err("qwen3 refused").to_string();
+    assert!(
+        err.contains("\"qwen3_moe\"") && err.contains("mixtral"),
+        "{err}"
+    );
+}
+
+/// `--points N` (one number) is a count: N rows, the first N of the kind's series.
+#[test]
+fn sweep_points_count() {
+    let a = BenchArgs {
+        hidden: 32,
+        ffn: 32,
+        vocab: 64,
+        experts: 4,
+        prompt_len: 2,
+        gen: 1,
+        runs: 1,
+        warmup: 0,
+        points: Some(vec![3]),
+        ..tiny_args()
+    };
+    for (kind, want) in [
+        (SweepKind::Experts, [2, 4, 8]),
+        (SweepKind::Topk, [1, 2, 4]),
+        (SweepKind::Batch, [1, 2, 4]),
+    ] {
+        let r = sweep(&a, kind).unwrap();
+        let got: Vec<usize> = r.rows.iter().map(|x| x.value).collect();
+        assert_eq!(got, want, "{kind:?}");
+    }
+    let one = BenchArgs {
+        points: Some(vec![1]),
+        ..a.clone()
+    };
+    assert_eq!(sweep(&one, SweepKind::Batch).unwrap().rows.len(), 1);
+    for bad in [vec![0], vec![17], vec![]] {
+        let b = BenchArgs {
+            points: Some(bad.clone()),
+            ..a.clone()
+        };
+        assert!(sweep(&b, SweepKind::Batch).is_err(), "{bad:?}");
+    }
+    // Through the CLI, as the issue ran it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args(["bench", "--sweep", "batch", "--points", "2"])
+        .args([
+            "--hidden",
+            "32",
+            "--ffn",
+            "32",
+            "--vocab",
+            "64",
+            "--experts",
+            "4",
+        ])
+        .args([
+            "--prompt-len",
+            "2",
+            "--gen",
+            "1",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .args(["--bandwidth", "5", "--tflops", "0.05", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let values: Vec<u64> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].as_u64().unwrap())
+        .collect();
+    assert_eq!(values, [1, 2]);
+}

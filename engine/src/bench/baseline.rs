@@ -4,9 +4,13 @@
 //!
 //! Random weights are handed over under Mixtral's Hugging Face names as views of our
 //! canonical tensors (fused qkv rows and stacked experts narrowed, no copy); the embedded
-//! model is read from its safetensors bytes. Only `model_type: mixtral` can run there.
+//! model is read from its safetensors bytes; a checkpoint directory (`--weights DIR`) is read
+//! through our `Checkpoint` (single file or shards) only when the baseline runs, i.e. after our
+//! timed runs and peak-RSS reading, so candle's copy of the weights is not charged to us.
+//! Only `model_type: mixtral` can run there.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -21,7 +25,59 @@ use crate::model::{AttnWeights, FfnWeights, ModelWeights, Weight};
 
 /// Where candle's model gets its weights.
 pub enum BaselineWeights {
+    /// Tensors under Mixtral's HF names, already in the compute dtype.
     Tensors(HashMap<String, Tensor>),
+    /// A Mixtral checkpoint directory, read by [`tensors_from_dir`] when the baseline runs.
+    Dir(PathBuf),
+}
+
+/// Adds `lm_head.weight` as the embedding when the checkpoint ties them (candle's Mixtral
+/// always reads `lm_head.weight`).
+fn tie_lm_head(m: &mut HashMap<String, Tensor>) {
+    if !m.contains_key("lm_head.weight") {
+        if let Some(e) = m.get("model.embed_tokens.weight").cloned() {
+            m.insert("lm_head.weight".into(), e);
+        }
+    }
+}
+
+/// The float tensors of a Mixtral checkpoint directory (`model.safetensors` or shards) in
+/// `dtype`, skipping decoder layers >= `cfg.num_layers()` (`--layers N`).
+pub fn tensors_from_dir(
+    dir: &Path,
+    cfg: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    check(cfg)?;
+    let ck = crate::loader::Checkpoint::open_dir(dir)?;
+    let keep = |name: &str| match name.strip_prefix("model.layers.") {
+        Some(rest) => rest
+            .split('.')
+            .next()
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_none_or(|i| i < cfg.num_layers()),
+        None => true,
+    };
+    let mut m = HashMap::new();
+    for name in ck.names().filter(|n| keep(n)) {
+        let (st, shape, bytes) = ck.raw(name).expect("name listed by the checkpoint");
+        let dt = match st {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::Input(format!(
+                    "--baseline candle needs a dense float checkpoint; {name} in {} is {other:?}",
+                    dir.display()
+                )))
+            }
+        };
+        let t = Tensor::from_raw_buffer(bytes, dt, &shape, device)?.to_dtype(dtype)?;
+        m.insert(name.to_string(), t);
+    }
+    tie_lm_head(&mut m);
+    Ok(m)
 }
 
 /// A Mixtral safetensors file's tensors in `dtype` (a tied lm_head added as the embedding,
@@ -37,11 +93,7 @@ pub fn tensors_from_safetensors(
     for t in m.values_mut() {
         *t = t.to_dtype(dtype)?;
     }
-    if !m.contains_key("lm_head.weight") {
-        if let Some(e) = m.get("model.embed_tokens.weight").cloned() {
-            m.insert("lm_head.weight".into(), e);
-        }
-    }
+    tie_lm_head(&mut m);
     Ok(m)
 }
 
@@ -67,8 +119,22 @@ fn dense(w: &Weight) -> Result<Tensor> {
 pub fn check(cfg: &ModelConfig) -> Result<()> {
     if cfg.model_type != "mixtral" || cfg.mla.is_some() {
         return Err(Error::Input(format!(
-            "--baseline candle runs candle-transformers' Mixtral; this model is {:?}",
+            "--baseline candle exists only for Mixtral-family models (model_type \"mixtral\"): \
+             it runs candle-transformers' mixtral::Model; this model's model_type is {:?}",
             cfg.model_type
+        )));
+    }
+    Ok(())
+}
+
+/// candle-transformers 0.11's Mixtral runs in f32 only: its MoE block scales each expert's
+/// output by routing weights it builds as an f32 tensor (`Tensor::new(&[f32])`), which fails
+/// with "dtype mismatch in mul" against bf16/f16 activations.
+pub fn check_dtype(dtype: DType) -> Result<()> {
+    if dtype != DType::F32 {
+        return Err(Error::Input(format!(
+            "--baseline candle needs --dtype f32 (got {dtype:?}): candle-transformers 0.11's \
+             mixtral::Model multiplies expert outputs by f32 routing weights and fails in bf16/f16"
         )));
     }
     Ok(())
@@ -152,11 +218,18 @@ pub fn run(
     ours: (f64, f64),
 ) -> Result<BaselineReport> {
     check(cfg)?;
+    check_dtype(dtype)?;
     let ccfg = candle_config(cfg)?;
+    let read;
+    let tensors = match weights {
+        BaselineWeights::Tensors(m) => m,
+        BaselineWeights::Dir(dir) => {
+            read = tensors_from_dir(dir, cfg, dtype, device)?;
+            &read
+        }
+    };
     let vb = || -> Result<VarBuilder<'static>> {
-        Ok(match weights {
-            BaselineWeights::Tensors(m) => VarBuilder::from_tensors(m.clone(), dtype, device),
-        })
+        Ok(VarBuilder::from_tensors(tensors.clone(), dtype, device))
     };
     let p = ids.len() / batch;
     let input = Tensor::from_slice(ids, (batch, p), device)?;

@@ -13,8 +13,9 @@
 //! - Never run on a GPU yet. CUDA: `--device cuda --gpu h100` should work (synchronize before
 //!   every clock read) but device memory is not reported (DESIGN: cudarc pool high-water +
 //!   `mem_get_info`); peak RSS is host memory only.
-//! - `--baseline candle` works for Mixtral with --random-weights or the embedded model; not for
-//!   `--weights DIR` yet (would need candle's VarBuilder over the directory's safetensors).
+//! - `--baseline candle` works for Mixtral with --random-weights, the embedded model or
+//!   `--weights DIR` (read after our timed runs; other families are refused by model_type), in
+//!   f32 only (candle-transformers 0.11's Mixtral fails in bf16/f16).
 //! - Sweeps use a small Mixtral from flags (--hidden/--ffn/--experts/--top-k/--vocab); scaling
 //!   a given model's config down (`--model X --sweep ...`) is not implemented.
 //! - Cost-model gaps seen by the tests: MLA holds kv_b twice (w_uk/w_uv for absorbed decode),
@@ -102,7 +103,9 @@ pub struct BenchArgs {
     /// Sweep one parameter on a small random Mixtral-shaped model.
     #[arg(long, value_enum)]
     pub sweep: Option<sweep::SweepKind>,
-    /// Sweep points (default: experts 2,4,8,16,32; topk 1,2,4,8; batch 1,2,4,8,16,32).
+    /// Sweep points: one number N = the first N of the default series (experts 2,4,8,16,32..;
+    /// topk 1,2,4,8..; batch 1,2,4,8,16,32..), two or more = exactly those values (default:
+    /// the series shown).
     #[arg(long, value_delimiter = ',')]
     pub points: Option<Vec<usize>>,
     /// Sweep model: hidden size.
@@ -120,8 +123,8 @@ pub struct BenchArgs {
     /// Sweep model: vocabulary size.
     #[arg(long, default_value_t = 1024)]
     pub vocab: usize,
-    /// Also time another implementation on the same weights and shapes (Mixtral only; with
-    /// --random-weights or the embedded model).
+    /// Also time another implementation on the same weights and shapes (Mixtral only: with
+    /// --random-weights, the embedded model or --weights DIR).
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,
 }
@@ -457,6 +460,7 @@ pub fn build_model(
     let cfg = random::first_layers(&full_cfg, a.layers);
     if a.baseline.is_some() {
         baseline::check(&cfg)?;
+        baseline::check_dtype(dtype)?;
     }
     let mut base = None;
     let (model, weights) = if a.random_weights {
@@ -482,11 +486,7 @@ pub fn build_model(
                 ModelSource::Embedded(e) => baseline::BaselineWeights::Tensors(
                     baseline::tensors_from_safetensors(e.safetensors, &cfg, dtype, device)?,
                 ),
-                ModelSource::Dir(_) => {
-                    return Err(Error::Input(
-                        "--baseline with --weights DIR is not supported yet; use --random-weights or the embedded model".into(),
-                    ))
-                }
+                ModelSource::Dir(dir) => baseline::BaselineWeights::Dir(dir.clone()),
             });
         }
         let model = if a.layers.is_some_and(|n| n < full_cfg.num_layers()) {

@@ -37,13 +37,48 @@ impl SweepKind {
     }
 
     pub fn default_points(self) -> Vec<usize> {
-        match self {
-            SweepKind::Experts => vec![2, 4, 8, 16, 32],
-            SweepKind::Topk => vec![1, 2, 4, 8],
-            SweepKind::Batch => vec![1, 2, 4, 8, 16, 32],
+        self.series(match self {
+            SweepKind::Experts => 5,
+            SweepKind::Topk => 4,
+            SweepKind::Batch => 6,
+        })
+    }
+
+    /// The first `n` values of this sweep's doubling series (experts 2, 4, 8..; topk and
+    /// batch 1, 2, 4..).
+    pub fn series(self, n: usize) -> Vec<usize> {
+        let first = match self {
+            SweepKind::Experts => 2,
+            SweepKind::Topk | SweepKind::Batch => 1,
+        };
+        (0..n).map(|i| first << i).collect()
+    }
+
+    /// The values to sweep from `--points`: none gives the default series; a single number N
+    /// is a count, the first N values of the series (`--points 3` is three points, not the one
+    /// point 3); two or more numbers are swept exactly as given.
+    pub fn points(self, given: Option<&[usize]>) -> Result<Vec<usize>> {
+        let points = match given {
+            None => self.default_points(),
+            Some([]) => Vec::new(),
+            Some(&[n]) if n > MAX_COUNT => {
+                return Err(Error::Input(format!(
+                    "--points {n}: a single number is a count of points (at most {MAX_COUNT}); \
+                     give the values as a comma list, e.g. --points 2,{n}"
+                )))
+            }
+            Some(&[n]) => self.series(n),
+            Some(v) => v.to_vec(),
+        };
+        if points.is_empty() || points.contains(&0) {
+            return Err(Error::Input("--points must be positive integers".into()));
         }
+        Ok(points)
     }
 }
+
+/// Most points a single `--points N` may ask for (the series doubles each point).
+const MAX_COUNT: usize = 16;
 
 /// One sweep point.
 #[derive(Debug, Clone, Serialize)]
@@ -127,10 +162,7 @@ pub fn sweep(a: &BenchArgs, kind: SweepKind) -> Result<SweepReport> {
     let dtype = loader::parse_dtype(&a.dtype)?;
     let device = crate::loader::parse_device(&a.device)?;
     let layers = a.layers.unwrap_or(2);
-    let points = a.points.clone().unwrap_or_else(|| kind.default_points());
-    if points.is_empty() || points.contains(&0) {
-        return Err(Error::Input("--points must be positive integers".into()));
-    }
+    let points = kind.points(a.points.as_deref())?;
     let (bw, peak) = super::ceilings(a, &device, dtype)?;
     let mut rows = Vec::with_capacity(points.len());
     for &v in &points {
