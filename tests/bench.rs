@@ -245,33 +245,21 @@ fn random_weights_load_for_every_family() {
         let logits = model.forward(&x, &mut cache, true, Some(&mut tr)).unwrap();
         let l = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(l.iter().all(|v| v.is_finite()), "{name}: non-finite logits");
-        // MLA also holds kv_b split per head (w_uk, w_uv) for the absorbed decode: one more
-        // copy of kv_b per layer that the cost model does not count.
-        let extra = cfg.mla.map_or(0, |m| {
-            (cfg.num_layers()
-                * cfg.num_heads
-                * (m.qk_nope_head_dim + m.v_head_dim)
-                * m.kv_lora_rank
-                * 4) as u64
-        });
         // Sigmoid routers' e_score_correction_bias ([E] f32) is a buffer in transformers, not a
         // parameter, so the cost model (which matches transformers' parameter counts) omits it.
-        let extra = extra
-            + cfg
-                .layers
-                .iter()
-                .map(|l| match l {
-                    FfnKind::Moe(m)
-                        if matches!(
-                            m.router,
-                            moe::config::RouterKind::SigmoidBiasGrouped { .. }
-                        ) =>
-                    {
-                        4 * m.num_experts as u64
-                    }
-                    _ => 0,
-                })
-                .sum::<u64>();
+        // (MLA's per-head w_uk/w_uv are views of kv_b: no extra bytes.)
+        let extra = cfg
+            .layers
+            .iter()
+            .map(|l| match l {
+                FfnKind::Moe(m)
+                    if matches!(m.router, moe::config::RouterKind::SigmoidBiasGrouped { .. }) =>
+                {
+                    4 * m.num_experts as u64
+                }
+                _ => 0,
+            })
+            .sum::<u64>();
         let predicted = moe::analysis::bytes::weight_bytes(
             &moe::analysis::counts::tensor_inventory(&cfg),
             moe::analysis::bytes::Precision::Fp32,

@@ -189,8 +189,10 @@ fn end_to_end_mixtral() {
 
 #[test]
 fn end_to_end_deepseek() {
-    // Measured: int8 12/12, NLL +0.079; int4 g128 7/12, +0.533.
-    end_to_end("deepseek-v3", &[(INT8, 0.99, 0.1), (INT4, 0.5, 0.6)]);
+    // Measured with kv_b_proj kept dense: int8 12/12, NLL +0.109; int4 g128 9/12, +0.139.
+    // (With kv_b quantized too: int8 +0.079, int4 7/12, +0.533. On 12 tokens of a random
+    // fixture the int8 change is rounding noise, not a trend.)
+    end_to_end("deepseek-v3", &[(INT8, 0.99, 0.15), (INT4, 0.6, 0.25)]);
 }
 
 /// `moe-run quantize` output loads without re-quantizing and gives bit-identical logits.
@@ -324,27 +326,43 @@ fn tiny_kjv_heldout_perplexity() {
 #[test]
 fn weight_memory_matches_analyze() {
     // The bytes the engine holds for a quantized bf16 model equal the analytic prediction of
-    // `moe-run analyze` for that format within 2% (issue: quantization "done when").
+    // `moe-run analyze` for that format within 2% (issue: quantization "done when"). DeepSeek
+    // (MLA) too: its kv_b_proj is held once, dense, as analyze's storage rule says.
     use moe::analysis::bytes::{weight_bytes, Precision};
     use moe::analysis::counts::tensor_inventory;
     use moe::loader::embedded::TINY_KJV;
-    for (fmt, p) in [
-        (QFormat::Int8, Precision::Int8),
-        (QFormat::Int4 { group: 128 }, Precision::Int4),
-    ] {
+    let formats = [
+        (None, Precision::Bf16),
+        (Some(QFormat::Int8), Precision::Int8),
+        (Some(QFormat::Int4 { group: 128 }), Precision::Int4),
+    ];
+    for (fmt, p) in formats {
         let opts = LoadOptions {
             dtype: DType::BF16,
-            quant: Some(fmt),
+            quant: fmt,
             ..Default::default()
         };
-        let model = TINY_KJV.load(&opts).unwrap();
-        let measured = model.weight_bytes() as f64;
-        let predicted = weight_bytes(&tensor_inventory(&model.cfg), p) as f64;
-        let err = (measured / predicted - 1.0).abs();
-        assert!(
-            err < 0.02,
-            "{p:?}: engine {measured} bytes vs analyze {predicted} ({:.2}%)",
-            err * 100.0
-        );
+        let models = [
+            ("tiny-kjv", TINY_KJV.load(&opts).unwrap()),
+            (
+                "deepseek-v3",
+                load_dir(&fixture("deepseek-v3"), &opts).unwrap(),
+            ),
+            (
+                "deepseek-v2-greedy",
+                load_dir(&fixture("deepseek-v2-greedy"), &opts).unwrap(),
+            ),
+        ];
+        for (name, model) in models {
+            let measured = model.weight_bytes() as f64;
+            let predicted = weight_bytes(&tensor_inventory(&model.cfg), p) as f64;
+            let err = (measured / predicted - 1.0).abs();
+            println!("{name} {p:?}: engine {measured} bytes, analyze {predicted}");
+            assert!(
+                err < 0.02,
+                "{name} {p:?}: engine {measured} bytes vs analyze {predicted} ({:.2}%)",
+                err * 100.0
+            );
+        }
     }
 }

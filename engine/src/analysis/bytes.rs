@@ -9,7 +9,7 @@
 //!   nibbles + N x ceil(K/128) x (16-bit scale + 16-bit zero).
 //!
 //! In int8 / int4 only the big linear weights are quantized; embeddings, norms, biases,
-//! routers and lm_head stay 16-bit: [`storage`] is that one rule.
+//! routers, lm_head and MLA's kv_b_proj stay 16-bit: [`storage`] is that one rule.
 //! Activations and the KV cache stay bf16 under int8 / int4 (weight-only formats), f32 under
 //! fp32.
 
@@ -99,9 +99,13 @@ pub enum Storage {
 /// attention, experts, shared experts and dense FFNs is quantized; the embedding (a lookup),
 /// norms and biases (elementwise, tiny), routers (tiny and precision-sensitive: a flipped
 /// top-k changes the expert) and lm_head (sensitive, and the logits' precision) stay 16-bit.
+/// So does MLA's kv_b_proj: the absorbed decode multiplies by it per head from both sides
+/// (q_nope W_uk and (P c) W_uv^T), so the engine holds it dense once for both MLA paths
+/// (`model/mla.rs`); it is 0.15% of DeepSeek-V3's weights (1.0B of 671B).
 pub fn storage(t: &TensorGroup) -> Storage {
     match (t.component, t.kind) {
         (_, TensorKind::Lookup { .. } | TensorKind::Vector { .. }) => Storage::Keep16,
+        (Component::Attention, _) if t.name == MLA_KV_B => Storage::Keep16,
         (Component::Router, _) if t.f32 => Storage::KeepF32,
         (Component::Router | Component::LmHead | Component::Embedding | Component::Norms, _) => {
             Storage::Keep16
@@ -115,6 +119,9 @@ pub fn storage(t: &TensorGroup) -> Storage {
         ) => Storage::Quantized,
     }
 }
+
+/// The inventory name of MLA's kv_b_proj (kept 16-bit by [`storage`]).
+pub const MLA_KV_B: &str = "self_attn.kv_b_proj";
 
 /// Bytes per element of a tensor that is not quantized: 4 under fp32 or if kept in f32,
 /// else 2.

@@ -307,7 +307,7 @@ fn attention_tensors(cfg: &ModelConfig) -> Vec<(&'static str, TensorKind)> {
         t.extend([
             ("self_attn.kv_a_proj_with_mqa", lin(kvr + dr, h)),
             ("self_attn.kv_a_layernorm", vec(kvr)),
-            ("self_attn.kv_b_proj", lin(nh * (dn + dv), kvr)),
+            (super::bytes::MLA_KV_B, lin(nh * (dn + dv), kvr)),
             ("self_attn.o_proj", lin(h, nh * dv)),
         ]);
         return t;

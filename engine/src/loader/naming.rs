@@ -345,11 +345,19 @@ fn mla(
         "self_attn.kv_a_proj_with_mqa.weight",
         &[r + m.qk_rope_head_dim, h],
     )?;
-    let kv_b = w(
-        "self_attn.kv_b_proj.weight",
-        &[nh * (m.qk_nope_head_dim + m.v_head_dim), r],
-    )?;
     let out = w("self_attn.o_proj.weight", &[h, nh * m.v_head_dim])?;
+    // kv_b_proj stays dense in the compute dtype under int8/int4 (like norms and routers; see
+    // `analysis::bytes::storage`): the absorbed decode multiplies by it per head on both sides,
+    // which the quantized layout cannot do, so one dense copy serves both MLA paths. A checkpoint
+    // that stores it quantized is still read as stored (the model dequantizes it once).
+    let kv_b_name = p("self_attn.kv_b_proj.weight");
+    let kv_b_shape = [nh * (m.qk_nope_head_dim + m.v_head_dim), r];
+    let stem = kv_b_name.strip_suffix(".weight").unwrap_or(&kv_b_name);
+    let kv_b = if o.quant.is_some() && ck.contains(&format!("{stem}.qweight")) {
+        lin1(ck, &kv_b_name, &kv_b_shape, o)?
+    } else {
+        Weight::Dense(ck.take(&kv_b_name, &kv_b_shape, dt, &o.device)?)
+    };
     Ok(MlaWeights {
         q,
         kv_a,

@@ -115,10 +115,11 @@ impl Model {
                             mc.qk_rope_head_dim,
                             mc.v_head_dim,
                         );
-                        // The absorbed decode path multiplies by kv_b per head; a quantized
-                        // kv_b is dequantized for it (so both paths see the same weights).
-                        let kv_b_dense = m.kv_b.to_dense(dtype)?;
-                        let (w_uk, w_uv) = MlaAttention::split_kv_b(&kv_b_dense, nh, dn, dv)?;
+                        // One dense kv_b serves both paths: the expanded prefill's linear and
+                        // the absorbed decode's per-head views of it. The loader keeps kv_b
+                        // dense; one stored quantized is dequantized here, once.
+                        let kv_b = m.kv_b.to_dense(dtype)?;
+                        let (w_uk, w_uv) = MlaAttention::split_kv_b(&kv_b, nh, dn, dv)?;
                         Attn::Mla(MlaAttention {
                             q: match m.q {
                                 Ok(q) => MlaQuery::Plain(Linear::new(q)),
@@ -130,7 +131,7 @@ impl Model {
                             },
                             kv_a: Linear::new(m.kv_a),
                             kv_a_norm: rms(m.kv_a_norm, MLA_NORM_EPS),
-                            kv_b: Linear::new(m.kv_b),
+                            kv_b: Linear::new(kv_b),
                             w_uk,
                             w_uv,
                             o: Linear::new(m.o),
@@ -241,12 +242,7 @@ impl Model {
                         MlaQuery::Plain(q) => q.bytes(),
                         MlaQuery::LowRank { a, norm: n, b } => a.bytes() + norm(n) + b.bytes(),
                     };
-                    q + a.kv_a.bytes()
-                        + norm(&a.kv_a_norm)
-                        + a.kv_b.bytes()
-                        + tensor_bytes(&a.w_uk)
-                        + tensor_bytes(&a.w_uv)
-                        + a.o.bytes()
+                    q + a.kv_a.bytes() + norm(&a.kv_a_norm) + a.kv_b.bytes() + a.o.bytes()
                 }
             };
             total += match &l.ffn {

@@ -48,7 +48,8 @@ pub struct MlaAttention {
     pub kv_a_norm: Norm,
     /// `kv_b_proj [nh*(dn+dv), r]` (per head: dn rows of W_uk, then dv rows of W_uv).
     pub kv_b: Linear,
-    /// `[nh, dn, r]` and `[nh, dv, r]`: kv_b_proj split per head for the absorbed path.
+    /// `[nh, dn, r]` and `[nh, dv, r]`: kv_b_proj split per head for the absorbed path, as
+    /// strided views of `kv_b`'s storage (no second copy; `kv_b` is always dense).
     pub w_uk: Tensor,
     pub w_uv: Tensor,
     /// `o_proj [H, nh*dv]`
@@ -63,14 +64,12 @@ pub struct MlaAttention {
 }
 
 impl MlaAttention {
-    /// `kv_b [nh*(dn+dv), r]` split into the per-head absorption matrices.
+    /// `kv_b [nh*(dn+dv), r]` (contiguous) split into the per-head absorption matrices: views
+    /// sharing its storage, batch stride (dn+dv)*r, which batched matmul takes as they are.
     pub fn split_kv_b(kv_b: &Tensor, nh: usize, dn: usize, dv: usize) -> Result<(Tensor, Tensor)> {
         let r = kv_b.dim(1)?;
         let per_head = kv_b.reshape((nh, dn + dv, r))?;
-        Ok((
-            per_head.narrow(1, 0, dn)?.contiguous()?,
-            per_head.narrow(1, dn, dv)?.contiguous()?,
-        ))
+        Ok((per_head.narrow(1, 0, dn)?, per_head.narrow(1, dn, dv)?))
     }
 
     /// `x [B, T, H]` at positions `pos..pos+T` -> `[B, T, H]`, appending (c, k_pe) to the cache.
