@@ -12,5 +12,6 @@ pub mod loader;
 pub mod model;
 pub mod quant;
 pub mod runtime;
+pub mod selftest;
 
 pub use error::{Error, Result};

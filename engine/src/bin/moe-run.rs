@@ -52,14 +52,25 @@ struct SelftestArgs {
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Only the ops whose name contains this (route, dispatch, experts, rms_norm).
+    /// Only the ops whose name contains this (route, dispatch, experts, combine, rms_norm,
+    /// qmatmul, qmatmul_moe, qk_norm_rope, decode_attention, or model for whole-model parity).
     #[arg(long)]
     filter: Option<String>,
+    /// Parity fixtures for the whole-model cases (default: tests/fixtures when it exists here).
+    #[arg(long)]
+    fixtures: Option<PathBuf>,
 }
 
 fn selftest(a: SelftestArgs) -> Result<()> {
-    let report =
-        moe_kernels::selftest::run(&loader::parse_device(&a.device)?, a.filter.as_deref())?;
+    let fixtures = a.fixtures.or_else(|| {
+        let d = PathBuf::from("tests/fixtures");
+        d.is_dir().then_some(d)
+    });
+    let report = moe::selftest::run(
+        &loader::parse_device(&a.device)?,
+        a.filter.as_deref(),
+        fixtures.as_deref(),
+    )?;
     print!("{}", report.table());
     Ok(report.ensure_passed()?)
 }

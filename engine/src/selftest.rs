@@ -1,0 +1,210 @@
+//! `moe-run selftest`: the kernel table of `moe_kernels::selftest` plus whole-model parity (op `model`):
+//! the kernel execution path on the device under test against the candle path on the CPU, on the
+//! embedded tiny-kjv (f32, bf16, int4) and every parity fixture found under `fixtures`.
+//!
+//! Each model case feeds the prompt (all positions' logits), then 8 decode steps teacher-forced with
+//! the reference's greedy tokens (so both sides see the same inputs), and compares every logit by
+//! normalized MSE. Prefill exercises the GEMM/grouped paths, decode the GEMV experts and the decode
+//! attention kernel. In f32 every step's top-1 token must also agree. On the CPU both sides run on
+//! the CPU, which checks the wiring of the kernel path (its ops run their references); on a GPU this
+//! is the end-to-end check of the CUDA path.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use moe_kernels::selftest::{nmse, Report, Row};
+
+use crate::error::{Error, Result};
+use crate::loader::embedded::TINY_KJV;
+use crate::loader::{load_dir, LoadOptions};
+use crate::model::{ExecPath, Model};
+use crate::quant::QFormat;
+
+/// Budgets for the model cases. f32: both sides hold the same f32 weights and differ only by summation
+/// order (measured <= 6.3e-13 on the CPU over every fixture). bf16: the paths round intermediates
+/// differently (measured 2.0e-5 on the CPU for tiny-kjv). Neither has been measured on a GPU yet.
+pub const MODEL_NMSE_F32: f64 = 1e-8;
+pub const MODEL_NMSE_BF16: f64 = 1e-3;
+/// Decode steps per model case.
+pub const MODEL_DECODE_STEPS: usize = 8;
+
+/// The kernel cases (as `moe_kernels::selftest::run`) followed by the model cases when `filter` selects
+/// `model`. `fixtures`: a directory of parity fixtures (each a subdirectory with config.json and
+/// expected.json); `None` skips them.
+pub fn run(device: &Device, filter: Option<&str>, fixtures: Option<&Path>) -> Result<Report> {
+    let mut report = moe_kernels::selftest::run(device, filter)?;
+    if filter.is_none_or(|f| "model".contains(f)) {
+        model_cases(device, fixtures, &mut report.rows)?;
+    }
+    Ok(report)
+}
+
+/// One model to compare: a name, how to load it, and its prompt.
+struct ModelCase {
+    name: String,
+    load: Box<dyn Fn(&LoadOptions) -> Result<Model>>,
+    prompt: Vec<u32>,
+    dtype: DType,
+    quant: Option<QFormat>,
+}
+
+fn model_cases(device: &Device, fixtures: Option<&Path>, rows: &mut Vec<Row>) -> Result<()> {
+    let kjv_prompt = vec![5u32, 77, 300, 12, 9, 41, 1000];
+    let mut cases = vec![];
+    for (dtype, quant) in [
+        (DType::F32, None),
+        (DType::BF16, None),
+        (DType::F32, Some(QFormat::Int4 { group: 128 })),
+    ] {
+        cases.push(ModelCase {
+            name: "tiny-kjv".into(),
+            load: Box::new(|o| TINY_KJV.load(o)),
+            prompt: kjv_prompt.clone(),
+            dtype,
+            quant,
+        });
+    }
+    for dir in fixture_dirs(fixtures)? {
+        let prompt = fixture_prompt(&dir)?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        cases.push(ModelCase {
+            name,
+            load: Box::new(move |o| load_dir(&dir, o)),
+            prompt,
+            dtype: DType::F32,
+            quant: None,
+        });
+    }
+    for c in cases {
+        let budget = if c.dtype == DType::F32 {
+            MODEL_NMSE_F32
+        } else {
+            MODEL_NMSE_BF16
+        };
+        let label = format!(
+            "{} {}{} T={} +{MODEL_DECODE_STEPS}",
+            c.name,
+            match c.quant {
+                Some(QFormat::Int8) => "int8 ",
+                Some(QFormat::Int4 { .. }) => "int4 ",
+                None => "",
+            },
+            if c.dtype == DType::F32 { "f32" } else { "bf16" },
+            c.prompt.len(),
+        );
+        let row = model_case(&c, device, budget, &label).unwrap_or_else(|e| Row {
+            op: "model",
+            case: label.clone(),
+            dtype: c.dtype,
+            nmse: f64::INFINITY,
+            budget,
+            time_us: 0.0,
+            note: format!("error: {e}"),
+        });
+        rows.push(row);
+    }
+    Ok(())
+}
+
+fn model_case(c: &ModelCase, device: &Device, budget: f64, label: &str) -> Result<Row> {
+    let opts = |device: &Device| LoadOptions {
+        dtype: c.dtype,
+        device: device.clone(),
+        progress: false,
+        quant: c.quant,
+    };
+    let mut reference = (c.load)(&opts(&Device::Cpu))?;
+    reference.set_exec_path(ExecPath::Candle);
+    let mut target = (c.load)(&opts(device))?;
+    target.set_exec_path(ExecPath::Kernels);
+
+    let cap = c.prompt.len() + MODEL_DECODE_STEPS;
+    let (mut rc, mut tc) = (reference.new_cache(1, cap)?, target.new_cache(1, cap)?);
+    let ids =
+        |m: &Model, v: &[u32]| -> Result<Tensor> { Ok(Tensor::new(v, m.device())?.unsqueeze(0)?) };
+    let rows = |t: Tensor| -> Result<Vec<Vec<f32>>> {
+        Ok(t.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2()?)
+    };
+
+    let mut want = rows(reference.forward(&ids(&reference, &c.prompt)?, &mut rc, true, None)?)?;
+    let t0 = Instant::now();
+    let mut got = rows(target.forward(&ids(&target, &c.prompt)?, &mut tc, true, None)?)?;
+    for _ in 0..MODEL_DECODE_STEPS {
+        let next = argmax(want.last().expect("logits")) as u32;
+        want.extend(rows(reference.forward(
+            &ids(&reference, &[next])?,
+            &mut rc,
+            false,
+            None,
+        )?)?);
+        got.extend(rows(target.forward(
+            &ids(&target, &[next])?,
+            &mut tc,
+            false,
+            None,
+        )?)?);
+    }
+    let time_us = t0.elapsed().as_secs_f64() * 1e6;
+    let agree = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| argmax(w) == argmax(g))
+        .count();
+    let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<f32>>();
+    let note = if c.dtype == DType::F32 && agree != want.len() {
+        format!("top-1 agrees on {agree}/{} positions", want.len())
+    } else {
+        String::new()
+    };
+    Ok(Row {
+        op: "model",
+        case: format!("{label} top1 {agree}/{}", want.len()),
+        dtype: c.dtype,
+        nmse: nmse(&flat(&got), &flat(&want)),
+        budget,
+        time_us,
+        note,
+    })
+}
+
+fn argmax(v: &[f32]) -> usize {
+    // First maximum, as torch and the engine's greedy sampling.
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Fixture subdirectories (with config.json and expected.json), sorted by name.
+fn fixture_dirs(fixtures: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let Some(root) = fixtures else {
+        return Ok(vec![]);
+    };
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").is_file() && p.join("expected.json").is_file())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// The `prompt_ids` of a fixture's expected.json.
+fn fixture_prompt(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("expected.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    #[derive(serde::Deserialize)]
+    struct Prompt {
+        prompt_ids: Vec<u32>,
+    }
+    let p: Prompt = serde_json::from_str(&text)
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    Ok(p.prompt_ids)
+}

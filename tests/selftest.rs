@@ -1,0 +1,27 @@
+//! `moe-run selftest`'s whole-model cases on the CPU: the kernel execution path against the candle
+//! path on the embedded model and every parity fixture (on a GPU the same cases check the CUDA path).
+
+mod common;
+
+use candle_core::Device;
+use common::{fixture, FIXTURES};
+
+#[test]
+fn model_cases_pass_on_the_cpu() {
+    let root = fixture("");
+    let report = moe::selftest::run(&Device::Cpu, Some("model"), Some(&root)).unwrap();
+    println!("{}", report.table());
+    assert!(report.rows.iter().all(|r| r.op == "model"));
+    // tiny-kjv f32, bf16 and int4, then one row per fixture.
+    assert_eq!(report.rows.len(), 3 + FIXTURES.len());
+    for name in FIXTURES {
+        assert!(
+            report
+                .rows
+                .iter()
+                .any(|r| r.case.starts_with(&format!("{name} "))),
+            "no model case for {name}"
+        );
+    }
+    report.ensure_passed().unwrap();
+}
