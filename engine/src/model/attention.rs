@@ -64,6 +64,11 @@ impl Attention {
         let (q, k, v) = (clip(q)?, clip(k)?, clip(v)?);
         // [B, T, n*hd] -> [B, n, T, hd], with the per-head norms on either side of RoPE.
         let heads = |y: Tensor, n: usize, norm: &Option<Norm>, pos_emb: bool| -> Result<Tensor> {
+            if path == ExecPath::Kernels && pos_emb {
+                if let Some(out) = self.fused_norm_rope(&y, (b, t, n, hd), norm, rope, pos)? {
+                    return Ok(out);
+                }
+            }
             let y = self.qk_norm(y.reshape((b, t, n, hd))?, norm, QkNorm::PerHeadBeforeRope)?;
             let y = y.transpose(1, 2)?.contiguous()?;
             if !pos_emb {
@@ -106,6 +111,39 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         self.o.forward(&out)
+    }
+
+    /// The per-head QK-norm (if this model has one around RoPE) and RoPE in one kernel,
+    /// `[B, T, n*hd] -> [B, n, T, hd]`; `None` where the kernel does not apply (a whole-projection
+    /// norm is applied before this, so RoPE alone is fused then).
+    fn fused_norm_rope(
+        &self,
+        y: &Tensor,
+        (b, t, n, hd): (usize, usize, usize, usize),
+        norm: &Option<Norm>,
+        rope: &Rope,
+        pos: usize,
+    ) -> Result<Option<Tensor>> {
+        use crate::config::NormKind;
+        let head_norm = match (norm, self.cfg.qk_norm) {
+            (Some(nm), QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope) => match nm.kind {
+                NormKind::Rms { eps } if nm.weight.dtype() == y.dtype() => {
+                    Some(moe_kernels::HeadNorm {
+                        weight: &nm.weight,
+                        eps: eps as f32,
+                        after_rope: self.cfg.qk_norm == QkNorm::PerHeadAfterRope,
+                    })
+                }
+                _ => return Ok(None),
+            },
+            _ => None,
+        };
+        let (cos, sin, interleaved) = rope.tables();
+        if cos.dtype() != y.dtype() {
+            return Ok(None);
+        }
+        let x = y.reshape((b, t, n, hd))?;
+        moe_kernels::qk_norm_rope(&x, head_norm, cos, sin, pos, interleaved).map(Some)
     }
 }
 

@@ -92,6 +92,12 @@ impl Rope {
         })
     }
 
+    /// The whole `cos`, `sin` tables `[max_pos, d/2]` and whether pairs are interleaved (for
+    /// the fused `moe_kernels::qk_norm_rope`).
+    pub fn tables(&self) -> (&Tensor, &Tensor, bool) {
+        (&self.cos, &self.sin, self.interleaved)
+    }
+
     /// `x [B, heads, T, d]` at positions `pos..pos+T` -> same shape.
     pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
