@@ -17,7 +17,8 @@
 // weight row is read once per chunk and reused for every row of it. The lanes of a warp walk K in 16-byte
 // loads of the packed row (16 int8 or 32 int4 weights per lane per step), dequantize in registers
 // (w = s * q, or w = s * (q - z) exactly as the reference) and accumulate in f32 per activation row; a warp
-// sum then gives the outputs. Larger M simply runs more chunks (grid y; there is no tiled tensor-core path).
+// sum then gives the outputs. Larger M runs more chunks (grid y); the host sends many-row launches to the
+// tiled GEMM at the end of this file instead (no tensor cores yet).
 //
 // Vector path (uniform per launch, decided on the device): int8 needs K % 16 == 0, int4 K % 32 == 0 and
 // group % 32 == 0 (one (scale, zero) per 16-byte load), plus 16-byte aligned qweight. Otherwise a scalar
@@ -198,3 +199,104 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f16, __half, false)
 QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f32, float, true)
 QMATMUL_MOE_ENTRY(qmatmul_moe_int4_bf16, __nv_bfloat16, true)
 QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f16, __half, true)
+
+// ---- prefill: tiled GEMM -------------------------------------------------------------------------------------
+// qmatmul_gemm_<fmt>_<dtype>: the same product (and the same dispatch-driven row tiles as the MoE mode) for many
+// rows per expert, where the GEMV chunks above would re-read every weight row once per 8 activation rows. Each
+// block computes a QG_TILE_M x QG_TILE_N output tile: per QG_TILE_K step it stages the (gathered) activation
+// tile and the weight tile, dequantized to f32 exactly as the reference (w = s * q, or s * (q - z)), in shared
+// memory, and each thread accumulates a 4 x 4 block in f32. No tensor cores yet (plain f32 FMA): a correct
+// baseline that reads each packed weight once per 64 rows, not a fast one.
+//
+// A dense linear is the case E = 1, counts = [M], offsets = [0, M], row_token = null.
+// grid = (ceil(N / QG_TILE_N), ceil(R / QG_TILE_M) + min(E, R)), block = 256; tiles past the live work exit.
+#define QG_TILE_M 64
+#define QG_TILE_N 64
+#define QG_TILE_K 32
+
+template <typename T, bool INT4>
+__device__ void qmatmul_gemm_impl(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
+                                  const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,
+                                  const uint8_t* __restrict__ qweight, const __half* __restrict__ params,
+                                  T* __restrict__ out, uint32_t E, uint32_t N, uint32_t K, uint32_t group) {
+  __shared__ float xs[QG_TILE_M][QG_TILE_K + 1];  // +1: rows start in different banks
+  __shared__ float ws[QG_TILE_N][QG_TILE_K + 1];
+  __shared__ uint32_t src[QG_TILE_M];
+  uint32_t m0 = 0;
+  const int e = nth_row_tile(counts, E, blockIdx.y, QG_TILE_M, &m0);
+  if (e < 0) return;  // uniform per block, before any barrier
+  const uint32_t lo = offsets[e], cnt = counts[e];
+  const uint32_t n0 = blockIdx.x * QG_TILE_N;
+  const uint32_t tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const size_t Kb = INT4 ? (K + 1) / 2 : K;
+  const uint32_t G = INT4 ? (K + group - 1) / group : 1;
+  const uint8_t* wbase = qweight + static_cast<size_t>(e) * N * Kb;
+  const __half* pbase = params + static_cast<size_t>(e) * N * (INT4 ? 2 * static_cast<size_t>(G) : 1);
+  if (tid < QG_TILE_M) {
+    const uint32_t r = lo + m0 + tid;
+    src[tid] = (m0 + tid < cnt) ? (row_token != nullptr ? row_token[r] : r) : 0u;
+  }
+  __syncthreads();
+  float acc[4][4] = {};
+
+  for (uint32_t k0 = 0; k0 < K; k0 += QG_TILE_K) {
+    for (uint32_t i = tid; i < QG_TILE_M * QG_TILE_K; i += 256) {
+      const uint32_t m = i / QG_TILE_K, k = i % QG_TILE_K;
+      xs[m][k] = (m0 + m < cnt && k0 + k < K) ? to_float(x[static_cast<size_t>(src[m]) * K + k0 + k]) : 0.f;
+    }
+    for (uint32_t i = tid; i < QG_TILE_N * QG_TILE_K; i += 256) {
+      const uint32_t n = i / QG_TILE_K, k = i % QG_TILE_K, kk = k0 + k;
+      float w = 0.f;
+      if (n0 + n < N && kk < K) {
+        const uint8_t* wrow = wbase + static_cast<size_t>(n0 + n) * Kb;
+        if constexpr (INT4) {
+          const __half* prow = pbase + static_cast<size_t>(n0 + n) * 2 * G;
+          const uint32_t g = kk / group;
+          const uint8_t byte = wrow[kk / 2];
+          const float q = static_cast<float>((kk & 1u) ? (byte >> 4) : (byte & 0xf));
+          w = __half2float(prow[2 * g]) * (q - __half2float(prow[2 * g + 1]));
+        } else {
+          w = __half2float(pbase[n0 + n]) * static_cast<float>(static_cast<int8_t>(wrow[kk]));
+        }
+      }
+      ws[n][k] = w;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (uint32_t k = 0; k < QG_TILE_K; ++k) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = xs[ty * 4 + i][k];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = ws[tx * 4 + j][k];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t m = m0 + ty * 4 + i, n = n0 + tx * 4 + j;
+      if (m < cnt && n < N) out[static_cast<size_t>(lo + m) * N + n] = from_float<T>(acc[i][j]);
+    }
+}
+
+#define QMATMUL_GEMM_ENTRY(NAME, T, INT4)                                                                     \
+  extern "C" __global__ void __launch_bounds__(256)                                                          \
+      NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts, \
+           const uint32_t* __restrict__ offsets, const uint8_t* __restrict__ qweight,                        \
+           const __half* __restrict__ params, T* __restrict__ out, uint32_t E, uint32_t N, uint32_t K,       \
+           uint32_t group) {                                                                                  \
+    qmatmul_gemm_impl<T, INT4>(x, row_token, counts, offsets, qweight, params, out, E, N, K, group);          \
+  }
+
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_f32, float, false)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_bf16, __nv_bfloat16, false)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_f16, __half, false)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_f32, float, true)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_bf16, __nv_bfloat16, true)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_f16, __half, true)

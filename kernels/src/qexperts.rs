@@ -17,18 +17,36 @@
 //! routing on the host: this is what lets a quantized MoE decode step run without a device-to-host copy.
 //! [`qmatmul_moe_reference`] is the specification (each weight row dequantized to f32 exactly as
 //! `qmatmul`'s reference, then an f32 dot product). The CUDA entry points `qmatmul_moe_*` in
-//! `cuda/qmatmul.cu` share the GEMV body of `qmatmul` (8-row chunks found by `nth_row_tile` over the counts);
-//! NOT YET RUN ON A GPU. Self-test budgets are `qmatmul`'s.
+//! `cuda/qmatmul.cu` have two paths, chosen like the dense experts' ([`crate::expert_path`]): GEMV for decode
+//! (`qmatmul_moe_*`, the body of `qmatmul`'s kernel with 8-row chunks found by `nth_row_tile` over the counts)
+//! and a shared-memory tiled GEMM for prefill (`qmatmul_gemm_*`, 64 x 64 output tiles, weights dequantized
+//! into shared memory, f32 FMA, no tensor cores yet). On CUDA, `qmatmul` and `qmatmul_grouped` with more
+//! than a few rows per expert also run the GEMM through [`qmatmul_moe`]. NOT YET RUN ON A GPU. Self-test
+//! budgets are `qmatmul`'s.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 use half::f16;
 
 use crate::common::{check_act, check_dtype, host, same_device, Elem};
+use crate::experts::{expert_path, ExpertPath, EXPERT_PATH_ENV};
 use crate::qmatmul::{dequantize_row, QFormat};
 
 const OP: &str = "qmatmul_moe";
 
+/// The CUDA path for `rows_per_expert_max` rows at most in one expert and `avg` expected rows per active
+/// expert, as [`expert_path`] decides it for the dense experts ([`EXPERT_PATH_ENV`] overrides).
+pub fn qmm_path(rows_per_expert_max: usize, avg: f64) -> Result<ExpertPath> {
+    expert_path(
+        rows_per_expert_max,
+        avg,
+        std::env::var(EXPERT_PATH_ENV).ok().as_deref(),
+    )
+}
+
 /// `out [R, N_out]` (module docs). `row_token = None` means x is already in dispatched row order.
+/// `path` picks the CUDA kernels (`None`: [`qmm_path`] with R rows as the worst case per expert); the
+/// CPU always runs the reference.
+#[allow(clippy::too_many_arguments)]
 pub fn qmatmul_moe(
     x: &Tensor,
     row_token: Option<&Tensor>,
@@ -37,6 +55,7 @@ pub fn qmatmul_moe(
     qweight: &Tensor,
     params: &Tensor,
     fmt: QFormat,
+    path: Option<ExpertPath>,
 ) -> Result<Tensor> {
     let d = Dims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
     let mut devs = vec![
@@ -76,8 +95,17 @@ pub fn qmatmul_moe(
             }
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda_qmatmul_moe(x, row_token, counts, offsets, qweight, params, fmt, d),
-        dv => bail!("{OP}: unsupported device {:?}", dv.location()),
+        Device::Cuda(_) => {
+            let path = match path {
+                Some(p) => p,
+                None => qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64)?,
+            };
+            cuda_qmatmul_moe(x, row_token, counts, offsets, qweight, params, fmt, d, path)
+        }
+        dv => {
+            let _ = path;
+            bail!("{OP}: unsupported device {:?}", dv.location())
+        }
     }
 }
 
@@ -224,6 +252,7 @@ fn cuda_qmatmul_moe(
     params: &Tensor,
     fmt: QFormat,
     d: Dims,
+    path: ExpertPath,
 ) -> Result<Tensor> {
     use crate::common::cuda::{alloc_out, wrap};
     use crate::common::cuda_act::ActView;
@@ -266,18 +295,30 @@ fn cuda_qmatmul_moe(
         QFormat::Int4 { group } => ("int4", group.min(u32::MAX as usize) as u32),
     };
     let m = &crate::ptx::QMATMUL;
+    let (entry, rows, cols, threads) = match path {
+        ExpertPath::Gemv => ("moe", crate::qmatmul::QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
+        ExpertPath::Gemm => ("gemm", QG_TILE_M, QG_TILE_N, 256),
+    };
     let func = dev.get_or_load_custom_func(
-        &format!("qmatmul_moe_{kind}_{}", xv.suffix()),
+        &format!("qmatmul_{entry}_{kind}_{}", xv.suffix()),
         &module_key(m),
         m.ptx,
     )?;
-    let rows = crate::qmatmul::QMM_ROWS;
-    let chunks = (d.r.div_ceil(rows) + d.e.min(d.r)) as u32;
+    // Row tiles (GEMV: chunks of QMM_ROWS) of all experts together, an upper bound the device trims.
+    let chunks = d.r.div_ceil(rows) + d.e.min(d.r);
+    if path == ExpertPath::Gemm && chunks > 65535 {
+        bail!(
+            "{OP}: {chunks} row tiles exceed the grid's 65535 (R = {})",
+            d.r
+        );
+    }
+    let chunks = chunks.clamp(1, 65535) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (d.n.div_ceil(QMM_WARPS) as u32, chunks.clamp(1, 65535), 1),
-        block_dim: (QMM_WARPS as u32 * 32, 1, 1),
+        grid_dim: (d.n.div_ceil(cols) as u32, chunks, 1),
+        block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
+    let (e32, n32, k32) = (d.e as u32, d.n as u32, d.k as u32);
     macro_rules! go {
         ($ty:ty, $variant:ident) => {{
             let out = alloc_out::<$ty>(&dev, d.r * d.n)?;
@@ -293,8 +334,14 @@ fn cuda_qmatmul_moe(
                 b.arg(&qv);
                 b.arg(&pv);
                 b.arg(&out);
-                candle_core::builder_arg!(b, d.e as u32, chunks, d.n as u32, d.k as u32, group);
-                // SAFETY: argument types and order match `qmatmul_moe_<fmt>_<dtype>` in cuda/qmatmul.cu;
+                b.arg(&e32);
+                if path == ExpertPath::Gemv {
+                    b.arg(&chunks);
+                }
+                b.arg(&n32);
+                b.arg(&k32);
+                b.arg(&group);
+                // SAFETY: argument types and order match `qmatmul_{moe,gemm}_<fmt>_<dtype>` in cuda/qmatmul.cu;
                 // shapes were checked by Dims::check, and a valid dispatch keeps every live row < R and
                 // every row_token < the rows of x.
                 unsafe { b.launch(cfg) }.w()?;
@@ -312,6 +359,45 @@ fn cuda_qmatmul_moe(
 /// Warps (output features) per block in `cuda/qmatmul.cu` (`QMM_WARPS`).
 #[cfg(feature = "cuda")]
 const QMM_WARPS: usize = 4;
+/// Output tile of the GEMM path (`QG_TILE_M` x `QG_TILE_N` in `cuda/qmatmul.cu`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const QG_TILE_M: usize = 64;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const QG_TILE_N: usize = 64;
+
+/// `qmatmul` / `qmatmul_grouped` on CUDA with more rows than the GEMV path is for: the same product through
+/// the GEMM path of [`qmatmul_moe`] (a dense linear is one expert). `None` when the GEMV path applies (or
+/// not on CUDA). `offsets`: the grouped layout's host offsets, `None` for a dense `qweight [N, Kb]`.
+pub(crate) fn large_qmatmul(
+    x: &Tensor,
+    qweight: &Tensor,
+    params: &Tensor,
+    offsets: Option<&[u32]>,
+    fmt: QFormat,
+) -> Result<Option<Tensor>> {
+    if x.device().is_cpu() {
+        return Ok(None);
+    }
+    let m = x.dim(0)?;
+    let dense = [0, m as u32];
+    let grouped = offsets.is_some();
+    let offsets = offsets.unwrap_or(&dense);
+    let counts: Vec<u32> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    let most = counts.iter().copied().max().unwrap_or(0) as usize;
+    let active = counts.iter().filter(|&&c| c > 0).count().max(1);
+    if qmm_path(most, m as f64 / active as f64)? == ExpertPath::Gemv {
+        return Ok(None);
+    }
+    let (qw, pw) = if grouped {
+        (qweight.clone(), params.clone())
+    } else {
+        (qweight.unsqueeze(0)?, params.unsqueeze(0)?)
+    };
+    let dev = x.device();
+    let c = Tensor::from_slice(&counts, counts.len(), dev)?;
+    let o = Tensor::from_slice(offsets, offsets.len(), dev)?;
+    qmatmul_moe(x, None, &c, &o, &qw, &pw, fmt, Some(ExpertPath::Gemm)).map(Some)
+}
 
 #[cfg(test)]
 mod tests {
@@ -355,7 +441,7 @@ mod tests {
             let rt = Tensor::from_slice(&d.row_token, d.row_token.len(), &dev).unwrap();
             let ct = Tensor::from_slice(&d.counts, e, &dev).unwrap();
             let ot = Tensor::from_slice(&d.offsets, e + 1, &dev).unwrap();
-            let got: Vec<f32> = qmatmul_moe(&xt, Some(&rt), &ct, &ot, &qt, &pt, fmt)
+            let got: Vec<f32> = qmatmul_moe(&xt, Some(&rt), &ct, &ot, &qt, &pt, fmt, None)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -375,7 +461,7 @@ mod tests {
                 );
             }
             // Without row_token x is taken in row order: feeding the gathered rows gives the same.
-            let again: Vec<f32> = qmatmul_moe(&xs, None, &ct, &ot, &qt, &pt, fmt)
+            let again: Vec<f32> = qmatmul_moe(&xs, None, &ct, &ot, &qt, &pt, fmt, None)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -390,10 +476,13 @@ mod tests {
         // No GPU here: keep the launcher's entry names and argument order in step with cuda/qmatmul.cu.
         let src = include_str!("../cuda/qmatmul.cu");
         assert!(src.contains("#define QMM_WARPS 4\n"));
+        assert!(src.contains(&format!("#define QG_TILE_M {QG_TILE_M}\n")));
+        assert!(src.contains(&format!("#define QG_TILE_N {QG_TILE_N}\n")));
         assert!(src.contains(&format!("#define QMM_ROWS {}\n", crate::qmatmul::QMM_ROWS)));
         for fmt in ["int8", "int4"] {
             for dt in ["f32", "bf16", "f16"] {
                 assert!(src.contains(&format!("QMATMUL_MOE_ENTRY(qmatmul_moe_{fmt}_{dt},")));
+                assert!(src.contains(&format!("QMATMUL_GEMM_ENTRY(qmatmul_gemm_{fmt}_{dt},")));
             }
         }
         let args = "const T* __restrict__ x, const uint32_t* __restrict__ row_token,";
@@ -410,8 +499,8 @@ mod tests {
         let rt = Tensor::new(&[0u32, 5], &dev).unwrap(); // token 5 does not exist
         let c = Tensor::new(&[1u32, 1], &dev).unwrap();
         let o = Tensor::new(&[0u32, 1, 2], &dev).unwrap();
-        assert!(qmatmul_moe(&x, Some(&rt), &c, &o, &q, &p, fmt).is_err());
+        assert!(qmatmul_moe(&x, Some(&rt), &c, &o, &q, &p, fmt, None).is_err());
         let c3 = Tensor::new(&[1u32, 1, 0], &dev).unwrap();
-        assert!(qmatmul_moe(&x, Some(&rt), &c3, &o, &q, &p, fmt).is_err());
+        assert!(qmatmul_moe(&x, Some(&rt), &c3, &o, &q, &p, fmt, None).is_err());
     }
 }

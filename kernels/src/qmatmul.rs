@@ -272,6 +272,10 @@ pub fn qmatmul(x: &Tensor, qweight: &Tensor, params: &Tensor, fmt: QFormat) -> R
     if d.m == 0 || d.n == 0 {
         return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
     }
+    // CUDA with many rows per expert: the tiled GEMM path.
+    if let Some(y) = crate::qexperts::large_qmatmul(x, qweight, params, Some(offsets), fmt)? {
+        return Ok(y);
+    }
     x.contiguous()?.apply_op3_no_bwd(
         &qweight.contiguous()?,
         &params.contiguous()?,
@@ -309,6 +313,10 @@ pub fn qmatmul_grouped(
     }
     if d.m == 0 || d.n == 0 {
         return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
+    }
+    // CUDA with many rows: the tiled GEMM path (qexperts::qmatmul_moe with one expert).
+    if let Some(y) = crate::qexperts::large_qmatmul(x, qweight, params, None, fmt)? {
+        return Ok(y);
     }
     x.contiguous()?.apply_op3_no_bwd(
         &qweight.contiguous()?,
@@ -382,7 +390,8 @@ impl CustomOp3 for QMatmul {
     }
 
     /// Launches `cuda/qmatmul.cu` (GEMV-style, one warp per output feature and chunk of up to
-    /// [`QMM_ROWS`] activation rows; larger M runs more chunks, there is no tiled path). Written and
+    /// [`QMM_ROWS`] activation rows). `qmatmul`/`qmatmul_grouped` send launches with many rows per
+    /// expert on CUDA to the tiled GEMM (`qexperts::large_qmatmul`) instead. Written and
     /// compiled without a GPU: NOT YET RUN on one (`moe-run selftest --device cuda --filter qmatmul`).
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -805,10 +805,12 @@ fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<
     // (M, N, K, experts, offsets): dense (E = 0 means qmatmul) for decode, small and larger prefill with odd
     // N; grouped with an empty expert and an expert spanning several 8-row chunks; int8 K = 200 (not a
     // multiple of 16) takes the kernel's scalar path.
-    let shapes: [(usize, usize, usize, Vec<u32>); 7] = [
+    // On CUDA, M = 64 and 513 (and the grouped 64-row case) take the tiled GEMM path, the rest GEMV.
+    let shapes: [(usize, usize, usize, Vec<u32>); 8] = [
         (1, 129, 256, vec![]),
         (7, 257, 512, vec![]),
         (64, 67, 384, vec![]),
+        (513, 130, 256, vec![]),
         (1, 33, 256, vec![0, 0, 1, 1]),
         (7, 129, 256, vec![0, 2, 2, 7]),
         (64, 65, 384, vec![0, 9, 9, 30, 64]),
@@ -920,54 +922,57 @@ fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Res
                 if dtype == DType::F16 && n_tok != 7 {
                     continue;
                 }
-                let case = format!(
-                    "{fname} N={n_tok} k={k_top} E={e} O={n} K={k} B={block}{}",
-                    if gather { "" } else { " rows" }
-                );
-                let budget = match dtype {
-                    DType::F32 => QMATMUL_NMSE_F32,
-                    DType::F16 => QMATMUL_NMSE_F16,
-                    _ => QMATMUL_NMSE_BF16,
-                };
-                let r = (|| {
-                    let run = |dev: &Device| -> Result<[Tensor; 6]> {
-                        Ok([
-                            upload(&x0, &[x_rows, k], dtype, dev)?,
-                            Tensor::from_slice(&d.row_token, r, dev)?,
-                            Tensor::from_slice(&d.counts, e, dev)?,
-                            Tensor::from_slice(&d.offsets, e + 1, dev)?,
-                            Tensor::from_slice(&q, (e, n, fmt.row_bytes(k)), dev)?,
-                            Tensor::from_slice(&p, pdims.as_slice(), dev)?,
-                        ])
+                for path in [ExpertPath::Gemv, ExpertPath::Gemm] {
+                    let case = format!(
+                        "{path:?} {fname} N={n_tok} k={k_top} E={e} O={n} K={k} B={block}{}",
+                        if gather { "" } else { " rows" }
+                    );
+                    let budget = match dtype {
+                        DType::F32 => QMATMUL_NMSE_F32,
+                        DType::F16 => QMATMUL_NMSE_F16,
+                        _ => QMATMUL_NMSE_BF16,
                     };
-                    let call = |t: &[Tensor; 6]| {
-                        crate::qmatmul_moe(
-                            &t[0],
-                            gather.then_some(&t[1]),
-                            &t[2],
-                            &t[3],
-                            &t[4],
-                            &t[5],
-                            fmt,
-                        )
-                    };
-                    let want = f32s(&call(&run(&Device::Cpu)?)?)?;
-                    let dt = run(device)?;
-                    let (out, time_us) = timed(device, || call(&dt))?;
-                    Ok(Row {
-                        op: "qmatmul_moe",
-                        case: case.clone(),
-                        dtype,
-                        nmse: nmse(
-                            &live_rows(&f32s(&out)?, &d.row_token, n),
-                            &live_rows(&want, &d.row_token, n),
-                        ),
-                        budget,
-                        time_us,
-                        note: String::new(),
-                    })
-                })();
-                rows.push(row_or_error("qmatmul_moe", case, dtype, budget, r));
+                    let r = (|| {
+                        let run = |dev: &Device| -> Result<[Tensor; 6]> {
+                            Ok([
+                                upload(&x0, &[x_rows, k], dtype, dev)?,
+                                Tensor::from_slice(&d.row_token, r, dev)?,
+                                Tensor::from_slice(&d.counts, e, dev)?,
+                                Tensor::from_slice(&d.offsets, e + 1, dev)?,
+                                Tensor::from_slice(&q, (e, n, fmt.row_bytes(k)), dev)?,
+                                Tensor::from_slice(&p, pdims.as_slice(), dev)?,
+                            ])
+                        };
+                        let call = |t: &[Tensor; 6]| {
+                            crate::qmatmul_moe(
+                                &t[0],
+                                gather.then_some(&t[1]),
+                                &t[2],
+                                &t[3],
+                                &t[4],
+                                &t[5],
+                                fmt,
+                                Some(path),
+                            )
+                        };
+                        let want = f32s(&call(&run(&Device::Cpu)?)?)?;
+                        let dt = run(device)?;
+                        let (out, time_us) = timed(device, || call(&dt))?;
+                        Ok(Row {
+                            op: "qmatmul_moe",
+                            case: case.clone(),
+                            dtype,
+                            nmse: nmse(
+                                &live_rows(&f32s(&out)?, &d.row_token, n),
+                                &live_rows(&want, &d.row_token, n),
+                            ),
+                            budget,
+                            time_us,
+                            note: String::new(),
+                        })
+                    })();
+                    rows.push(row_or_error("qmatmul_moe", case, dtype, budget, r));
+                }
             }
         }
     }

@@ -139,9 +139,12 @@ impl MoeBlock {
             (Weight::Quant(gu), Weight::Quant(dn)) => {
                 let f = dn.shape[2];
                 let (c, o) = (&d.counts, &d.offsets);
-                let g = qmatmul_moe(x, Some(&d.row_token), c, o, &gu.qweight, &gu.params, gu.fmt)?;
+                // GEMV for decode, tiled GEMM for prefill, chosen on the host from N (no sync).
+                let path = Some(moe_kernels::expert_path_for(x.dim(0)?, a, e)?);
+                let (qg, pg) = (&gu.qweight, &gu.params);
+                let g = qmatmul_moe(x, Some(&d.row_token), c, o, qg, pg, gu.fmt, path)?;
                 let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;
-                qmatmul_moe(&h, None, c, o, &dn.qweight, &dn.params, dn.fmt)?
+                qmatmul_moe(&h, None, c, o, &dn.qweight, &dn.params, dn.fmt, path)?
             }
             _ => {
                 candle_core::bail!("experts: gate_up and down must both be dense or both quantized")
