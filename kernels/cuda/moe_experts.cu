@@ -2,8 +2,8 @@
 // one launch per projection.
 //
 // NOT YET RUN ON A GPU: written and compiled (nvcc -ptx) on a machine without one; `moe-run selftest --device
-// cuda --filter experts` is its first real check. No tensor cores yet (plain f32 FMA): the tiled path is a
-// correct baseline for prefill, not a fast one.
+// cuda --filter experts` is its first real check. The prefill GEMM runs on tensor cores (WMMA, f32 accumulate)
+// for bf16/f16 and as plain f32 FMA for f32; neither is tuned (no async copies, no double buffering).
 //
 // Legend: N tokens, E experts, H hidden, F expert ffn width, R dispatched rows (S = N*K, plus padding).
 //   x         [N, H]      act dtype T (f32/bf16/f16)
@@ -24,6 +24,8 @@
 // one weight row with 16-byte loads and dots it with up to GEMV_ROWS token rows, so each weight byte is read
 // once per chunk of GEMV_ROWS rows), tiled GEMM otherwise (64-row tiles staged through shared memory).
 #include "common.cuh"
+
+#include <mma.h>
 
 #define GEMV_WARPS 8
 #define GEMV_ROWS 4
@@ -267,6 +269,168 @@ __device__ void down_gemm_impl(const T* __restrict__ act, const uint32_t* __rest
       if (m < cnt && h < H) out[static_cast<size_t>(lo + m) * H + h] = from_float<T>(acc[i][j]);
     }
 }
+
+// ---- prefill on tensor cores (bf16 / f16): WMMA 16x16x16, f32 accumulate ----------------------------------
+// The same tiles as the FMA GEMM above (64 rows x 32 f columns of gate and of up; 64 rows x 64 h columns for
+// down; K steps of 32) and the same grids, but 4 warps per block, each owning 16 rows of the tile: per K step
+// the block stages the activation tile and the weight tiles in shared memory in T, and each warp issues
+// bf16/f16 x bf16/f16 -> f32 mma.sync through nvcuda::wmma. Products of 16-bit values are exact in f32, so
+// the results differ from the reference only by summation order (plus the one final rounding of act/out).
+// The f32 accumulators go through shared memory for the epilogue (silu(g) * u, rounding to T, live rows only).
+// Needs sm_80+ for bf16 and sm_70+ for f16: on older targets those entries are not compiled, and the launcher
+// (experts.rs `mma_entry`) keeps the FMA GEMM for them.
+#define MMA_WARPS 4
+#define MMA_LD (TILE_K + 8)  // shared row stride in elements: a multiple of 8 (wmma) and 32-byte aligned rows
+#define MMA_LDC_GU (GU_TILE_F + 4)
+#define MMA_LDC_DN (DN_TILE_H + 4)
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+
+template <typename T>
+__device__ void gate_up_mma_impl(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
+                                 const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,
+                                 const T* __restrict__ gate_up, T* __restrict__ act, uint32_t E, uint32_t H,
+                                 uint32_t F) {
+  using namespace nvcuda;
+  __shared__ __align__(32) T xs[TILE_M][MMA_LD];
+  __shared__ __align__(32) T gs[GU_TILE_F][MMA_LD];
+  __shared__ __align__(32) T us[GU_TILE_F][MMA_LD];
+  __shared__ __align__(32) float cg[TILE_M][MMA_LDC_GU];
+  __shared__ __align__(32) float cu[TILE_M][MMA_LDC_GU];
+  __shared__ uint32_t src[TILE_M];
+  uint32_t m0 = 0;
+  const int e = nth_row_tile(counts, E, blockIdx.y, TILE_M, &m0);
+  if (e < 0) return;  // uniform per block, before any barrier
+  const uint32_t lo = offsets[e], cnt = counts[e];
+  const uint32_t f0 = blockIdx.x * GU_TILE_F;
+  const uint32_t tid = threadIdx.x, warp = tid / 32;
+  const uint32_t nthreads = 32 * MMA_WARPS;
+  const T* wg = gate_up + static_cast<size_t>(e) * 2 * F * H;
+  const T* wu = wg + static_cast<size_t>(F) * H;
+  const T zero = from_float<T>(0.f);
+  for (uint32_t m = tid; m < TILE_M; m += nthreads) src[m] = (m0 + m < cnt) ? row_token[lo + m0 + m] : 0u;
+  __syncthreads();
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_g[GU_TILE_F / 16], acc_u[GU_TILE_F / 16];
+#pragma unroll
+  for (int j = 0; j < GU_TILE_F / 16; ++j) {
+    wmma::fill_fragment(acc_g[j], 0.f);
+    wmma::fill_fragment(acc_u[j], 0.f);
+  }
+  for (uint32_t k0 = 0; k0 < H; k0 += TILE_K) {
+    for (uint32_t i = tid; i < TILE_M * TILE_K; i += nthreads) {
+      const uint32_t m = i / TILE_K, k = i % TILE_K;
+      xs[m][k] = (m0 + m < cnt && k0 + k < H) ? x[static_cast<size_t>(src[m]) * H + k0 + k] : zero;
+    }
+    for (uint32_t i = tid; i < GU_TILE_F * TILE_K; i += nthreads) {
+      const uint32_t f = i / TILE_K, k = i % TILE_K;
+      const bool ok = f0 + f < F && k0 + k < H;
+      gs[f][k] = ok ? wg[static_cast<size_t>(f0 + f) * H + k0 + k] : zero;
+      us[f][k] = ok ? wu[static_cast<size_t>(f0 + f) * H + k0 + k] : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (uint32_t kk = 0; kk < TILE_K; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, &xs[warp * 16][kk], MMA_LD);
+#pragma unroll
+      for (int j = 0; j < GU_TILE_F / 16; ++j) {
+        // W is [f][k] row-major, i.e. the K x 16 operand B = W^T in column-major order.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, &gs[j * 16][kk], MMA_LD);
+        wmma::mma_sync(acc_g[j], a, b, acc_g[j]);
+        wmma::load_matrix_sync(b, &us[j * 16][kk], MMA_LD);
+        wmma::mma_sync(acc_u[j], a, b, acc_u[j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < GU_TILE_F / 16; ++j) {
+    wmma::store_matrix_sync(&cg[warp * 16][j * 16], acc_g[j], MMA_LDC_GU, wmma::mem_row_major);
+    wmma::store_matrix_sync(&cu[warp * 16][j * 16], acc_u[j], MMA_LDC_GU, wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (uint32_t i = tid; i < TILE_M * GU_TILE_F; i += nthreads) {
+    const uint32_t m = i / GU_TILE_F, f = i % GU_TILE_F;
+    if (m0 + m < cnt && f0 + f < F)
+      act[static_cast<size_t>(lo + m0 + m) * F + f0 + f] = from_float<T>(silu_mul(cg[m][f], cu[m][f]));
+  }
+}
+
+template <typename T>
+__device__ void down_mma_impl(const T* __restrict__ act, const uint32_t* __restrict__ counts,
+                              const uint32_t* __restrict__ offsets, const T* __restrict__ down, T* __restrict__ out,
+                              uint32_t E, uint32_t H, uint32_t F) {
+  using namespace nvcuda;
+  __shared__ __align__(32) T as[TILE_M][MMA_LD];
+  __shared__ __align__(32) T bs[DN_TILE_H][MMA_LD];
+  __shared__ __align__(32) float c[TILE_M][MMA_LDC_DN];
+  uint32_t m0 = 0;
+  const int e = nth_row_tile(counts, E, blockIdx.y, TILE_M, &m0);
+  if (e < 0) return;
+  const uint32_t lo = offsets[e], cnt = counts[e];
+  const uint32_t h0 = blockIdx.x * DN_TILE_H;
+  const uint32_t tid = threadIdx.x, warp = tid / 32;
+  const uint32_t nthreads = 32 * MMA_WARPS;
+  const T* wd = down + static_cast<size_t>(e) * H * F;
+  const T zero = from_float<T>(0.f);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[DN_TILE_H / 16];
+#pragma unroll
+  for (int j = 0; j < DN_TILE_H / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+  for (uint32_t k0 = 0; k0 < F; k0 += TILE_K) {
+    for (uint32_t i = tid; i < TILE_M * TILE_K; i += nthreads) {
+      const uint32_t m = i / TILE_K, k = i % TILE_K;
+      as[m][k] = (m0 + m < cnt && k0 + k < F) ? act[static_cast<size_t>(lo + m0 + m) * F + k0 + k] : zero;
+    }
+    for (uint32_t i = tid; i < DN_TILE_H * TILE_K; i += nthreads) {
+      const uint32_t h = i / TILE_K, k = i % TILE_K;
+      bs[h][k] = (h0 + h < H && k0 + k < F) ? wd[static_cast<size_t>(h0 + h) * F + k0 + k] : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (uint32_t kk = 0; kk < TILE_K; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, &as[warp * 16][kk], MMA_LD);
+#pragma unroll
+      for (int j = 0; j < DN_TILE_H / 16; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, &bs[j * 16][kk], MMA_LD);
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < DN_TILE_H / 16; ++j)
+    wmma::store_matrix_sync(&c[warp * 16][j * 16], acc[j], MMA_LDC_DN, wmma::mem_row_major);
+  __syncthreads();
+  for (uint32_t i = tid; i < TILE_M * DN_TILE_H; i += nthreads) {
+    const uint32_t m = i / DN_TILE_H, h = i % DN_TILE_H;
+    if (m0 + m < cnt && h0 + h < H) out[static_cast<size_t>(lo + m0 + m) * H + h0 + h] = from_float<T>(c[m][h]);
+  }
+}
+
+// Entries: block = 32 * MMA_WARPS threads; grids as the FMA GEMM entries.
+#define MMA_ENTRIES(SUFFIX, T)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS) moe_gate_up_mma_##SUFFIX(                       \
+      const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts,     \
+      const uint32_t* __restrict__ offsets, const T* __restrict__ gate_up, T* __restrict__ act, uint32_t E,     \
+      uint32_t H, uint32_t F) {                                                                                 \
+    gate_up_mma_impl<T>(x, row_token, counts, offsets, gate_up, act, E, H, F);                                  \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS) moe_down_mma_##SUFFIX(                          \
+      const T* __restrict__ act, const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,     \
+      const T* __restrict__ down, T* __restrict__ out, uint32_t E, uint32_t H, uint32_t F) {                    \
+    down_mma_impl<T>(act, counts, offsets, down, out, E, H, F);                                                 \
+  }
+
+MMA_ENTRIES(f16, __half)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+MMA_ENTRIES(bf16, __nv_bfloat16)
+#endif
+#endif  // __CUDA_ARCH__ >= 700
 
 #define EXPERTS_ENTRIES(SUFFIX, T)                                                                                \
   extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS) moe_gate_up_gemv_##SUFFIX(                         \

@@ -17,7 +17,8 @@
 //!
 //! [`experts_reference`] is the specification. The CUDA kernels (`cuda/moe_experts.cu`, NOT YET RUN ON A GPU)
 //! have two paths chosen by [`expert_path`]: GEMV for decode (few rows per expert) and a shared-memory tiled
-//! GEMM for prefill (plain f32 FMA, no tensor cores yet).
+//! GEMM for prefill: tensor cores (WMMA 16x16x16, f32 accumulate) for bf16/f16 where the target has them
+//! ([`mma_entry`]), plain f32 FMA otherwise. Neither is tuned yet (no async copies or double buffering).
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
@@ -71,6 +72,28 @@ pub fn expert_path(
             ExpertPath::Gemm
         },
     )
+}
+
+/// Warps per block of the tensor-core GEMM entries (`MMA_WARPS` in `cuda/moe_experts.cu`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MMA_WARPS: u32 = 4;
+
+/// Whether the GEMM path of `dtype` runs the tensor-core (WMMA) entries `moe_{gate_up,down}_mma_*` on a build
+/// for `arch` (`"sm_90"`): f16 from sm_70, bf16 from sm_80; f32 (and older targets) keep the FMA GEMM. Pure.
+pub fn mma_entry(dtype: DType, arch: Option<&str>) -> bool {
+    let cap: u32 = arch
+        .and_then(|a| {
+            a.trim_start_matches("sm_")
+                .trim_end_matches('a')
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    match dtype {
+        DType::F16 => cap >= 70,
+        DType::BF16 => cap >= 80,
+        _ => false,
+    }
 }
 
 /// [`expert_path`] for N tokens with top-k over E experts, reading [`EXPERT_PATH_ENV`].
@@ -328,12 +351,16 @@ fn cuda_experts(
                         LaunchConfig { grid_dim: (f32_.div_ceil(GEMV_WARPS), active, 1), block_dim: (32 * GEMV_WARPS, 1, 1), shared_mem_bytes: 0 },
                         LaunchConfig { grid_dim: (h32.div_ceil(GEMV_WARPS), active, 1), block_dim: (32 * GEMV_WARPS, 1, 1), shared_mem_bytes: 0 },
                     ),
-                    ExpertPath::Gemm => (
-                        format!("moe_gate_up_gemm_{sfx}"),
-                        format!("moe_down_gemm_{sfx}"),
-                        LaunchConfig { grid_dim: (f32_.div_ceil(32), tiles, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
-                        LaunchConfig { grid_dim: (h32.div_ceil(64), tiles, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
-                    ),
+                    ExpertPath::Gemm => {
+                        // Tensor cores (WMMA, 4 warps) for bf16/f16 where the target has them.
+                        let (kind, threads) = if mma_entry(x.dtype(), crate::cuda_arch()) { ("mma", 32 * MMA_WARPS) } else { ("gemm", 256) };
+                        (
+                            format!("moe_gate_up_{kind}_{sfx}"),
+                            format!("moe_down_{kind}_{sfx}"),
+                            LaunchConfig { grid_dim: (f32_.div_ceil(32), tiles, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 },
+                            LaunchConfig { grid_dim: (h32.div_ceil(64), tiles, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 },
+                        )
+                    }
                 };
                 let f1 = dev.get_or_load_custom_func(&k1, &module_key(m), m.ptx)?;
                 let mut b = f1.builder();
@@ -372,6 +399,22 @@ fn cuda_experts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_core_entries() {
+        assert!(mma_entry(DType::BF16, Some("sm_90")));
+        assert!(mma_entry(DType::BF16, Some("sm_90a")));
+        assert!(mma_entry(DType::F16, Some("sm_75")));
+        assert!(!mma_entry(DType::BF16, Some("sm_75")));
+        assert!(!mma_entry(DType::F32, Some("sm_90")));
+        assert!(!mma_entry(DType::F16, None));
+        let src = include_str!("../cuda/moe_experts.cu");
+        assert!(src.contains(&format!("#define MMA_WARPS {MMA_WARPS}\n")));
+        assert!(
+            src.contains("MMA_ENTRIES(f16, __half)")
+                && src.contains("MMA_ENTRIES(bf16, __nv_bfloat16)")
+        );
+    }
 
     #[test]
     fn path_choice() {
