@@ -75,6 +75,24 @@ pub enum Error {
         hint: String,
     },
 
+    /// A device allocation that cannot succeed, caught before it is tried (or the driver's
+    /// out-of-memory error, with the numbers that explain it).
+    #[error(
+        "{device} out of memory: {what} needs {} but only {} of {} is free{}",
+        crate::runtime::memory::human_bytes(*need),
+        crate::runtime::memory::human_bytes(*free),
+        crate::runtime::memory::human_bytes(*total),
+        if hint.is_empty() { String::new() } else { format!("; {hint}") }
+    )]
+    OutOfMemory {
+        device: String,
+        what: String,
+        need: u64,
+        free: u64,
+        total: u64,
+        hint: String,
+    },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

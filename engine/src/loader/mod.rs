@@ -153,10 +153,29 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
             supported: crate::config::SUPPORTED_MODEL_TYPES.to_vec(),
         });
     };
-    let weights: ModelWeights = naming::weights(&mut ck, &cfg, names, opts)?;
+    // On a GPU, refuse before allocating anything when analyze's prediction of the weights does
+    // not fit in the free memory (and explain a driver OOM the same way if one happens anyway).
+    let need = predicted_weight_bytes(&cfg, opts);
+    let what = format!("the weights of this {} model", cfg.model_type);
+    crate::runtime::memory::check_device_fits(&opts.device, &what, need)?;
+    let oom = |e| crate::runtime::memory::explain_oom(e, &opts.device, &what, need);
+    let weights: ModelWeights = naming::weights(&mut ck, &cfg, names, opts).map_err(oom)?;
     let layers = cfg.num_layers();
     ck.finish(&cfg.model_type, |name| ignorable(name, layers))?;
-    Ok(Model::new(cfg, weights, opts.dtype, &opts.device)?)
+    Model::new(cfg, weights, opts.dtype, &opts.device).map_err(|e| oom(e.into()))
+}
+
+/// `moe-run analyze`'s weight bytes for the dtype and quantization of `opts` (int4 counted at
+/// group 128).
+pub fn predicted_weight_bytes(cfg: &ModelConfig, opts: &LoadOptions) -> u64 {
+    use crate::analysis::bytes::{weight_bytes, Precision};
+    let p = match (opts.quant, opts.dtype) {
+        (Some(crate::quant::QFormat::Int8), _) => Precision::Int8,
+        (Some(crate::quant::QFormat::Int4 { .. }), _) => Precision::Int4,
+        (None, DType::F32) => Precision::Fp32,
+        (None, _) => Precision::Bf16,
+    };
+    weight_bytes(&crate::analysis::counts::tensor_inventory(cfg), p)
 }
 
 /// The quantization a checkpoint is stored with: `None` (dense), moe-run's own INT8/INT4, or an

@@ -1,4 +1,9 @@
-//! Process memory as the kernel reports it (CPU runs).
+//! Memory as the OS (CPU runs) and the CUDA driver (GPU runs) report it, and the check that a
+//! model fits before anything is allocated.
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
@@ -21,4 +26,89 @@ pub fn human_bytes(b: u64) -> String {
         u += 1;
     }
     format!("{v:.2} {}", UNITS[u])
+}
+
+/// `(free, total)` bytes of `device` as the CUDA driver reports them (`cuMemGetInfo`); `None` on
+/// the CPU or in a build without CUDA.
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some((free as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
+/// Errors with [`Error::OutOfMemory`] when `need` bytes cannot fit in `free`. Pure.
+pub fn check_fits(device: &str, what: &str, need: u64, free: u64, total: u64) -> Result<()> {
+    if need <= free {
+        return Ok(());
+    }
+    Err(Error::OutOfMemory {
+        device: device.to_string(),
+        what: what.to_string(),
+        need,
+        free,
+        total,
+        hint: "try --quant int4 or int8, a smaller model, or (bench) --layers N".into(),
+    })
+}
+
+/// [`check_fits`] against what the driver reports for `device` now (nothing to check on the CPU).
+pub fn check_device_fits(device: &Device, what: &str, need: u64) -> Result<()> {
+    match device_memory(device) {
+        Some((free, total)) => check_fits(&device_name(device), what, need, free, total),
+        None => Ok(()),
+    }
+}
+
+/// The driver's out-of-memory error, reworded with the numbers; other errors pass through.
+pub fn explain_oom(e: Error, device: &Device, what: &str, need: u64) -> Error {
+    let oom = matches!(&e, Error::Candle(c) if c.to_string().contains("OUT_OF_MEMORY"));
+    match (oom, device_memory(device)) {
+        (true, Some((free, total))) => Error::OutOfMemory {
+            device: device_name(device),
+            what: what.to_string(),
+            need,
+            free,
+            total,
+            hint: format!("the driver refused an allocation ({e})"),
+        },
+        _ => e,
+    }
+}
+
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_big_is_a_clear_error() {
+        assert!(check_fits("cuda:0", "weights", 10, 10, 20).is_ok());
+        let e = check_fits(
+            "cuda:0",
+            "the weights of mixtral-8x7b (bf16)",
+            93 << 30,
+            22 << 30,
+            24 << 30,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cuda:0 out of memory"), "{e}");
+        assert!(
+            e.contains("93.00 GiB") && e.contains("22.00 GiB") && e.contains("24.00 GiB"),
+            "{e}"
+        );
+        assert!(e.contains("--quant"), "{e}");
+        // Nothing to check without a CUDA device.
+        assert!(check_device_fits(&Device::Cpu, "weights", u64::MAX).is_ok());
+    }
 }
