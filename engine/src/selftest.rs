@@ -40,10 +40,13 @@ pub fn run(device: &Device, filter: Option<&str>, fixtures: Option<&Path>) -> Re
     Ok(report)
 }
 
+/// Loads a model with the given options.
+type Loader = Box<dyn Fn(&LoadOptions) -> Result<Model>>;
+
 /// One model to compare: a name, how to load it, and its prompt.
 struct ModelCase {
     name: String,
-    load: Box<dyn Fn(&LoadOptions) -> Result<Model>>,
+    load: Loader,
     prompt: Vec<u32>,
     dtype: DType,
     quant: Option<QFormat>,
