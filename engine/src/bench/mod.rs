@@ -16,6 +16,13 @@
 //! - `--baseline candle` works for Mixtral with --random-weights, the embedded model or
 //!   `--weights DIR` (read after our timed runs; other families are refused by model_type), in
 //!   f32 only (candle-transformers 0.11's Mixtral fails in bf16/f16).
+//! - CPU bf16 peak RSS (issue 9): `--model mixtral-8x7b --random-weights --layers 1 --dtype bf16`
+//!   peaks at 2.10x the weights. Not the random weights (drawn straight in bf16, no copy): the
+//!   prefill. candle-core 0.11's CPU matmul has no bf16 kernel and widens both operands' whole
+//!   storage to f32; `model/moe/experts.rs` multiplies by views `gate_up.get(e)`, whose storage
+//!   is all E experts, so every expert call widens the full stacked tensor (3.76 GB f32 for
+//!   gate_up). Widening only expert e's slice there gives 1.16x (the rest is candle widening
+//!   the [V, H] lm_head to f32 per forward). Fix belongs to model/ (patch handed over).
 //! - Sweeps use a small Mixtral from flags (--hidden/--ffn/--experts/--top-k/--vocab); scaling
 //!   a given model's config down (`--model X --sweep ...`) is not implemented.
 //! - Cost-model gaps seen by the tests: MLA holds kv_b twice (w_uk/w_uv for absorbed decode),

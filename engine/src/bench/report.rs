@@ -311,6 +311,15 @@ fn panel<DB: DrawingBackend>(
     let xmax = xs.iter().copied().fold(f64::MIN, f64::max);
     // Log x when the points span more than a factor 4 (powers of two).
     let xr = (xmin * 0.8).max(0.5)..(xmax * 1.25);
+    let log_x = xmax / xmin > 4.0;
+    // Integer points: on a short linear axis one tick per integer (default ticks at fractions
+    // are all rounded to the same few labels, "1 1 1 2 2").
+    let x_ticks = if log_x {
+        10
+    } else {
+        ((xmax - xmin).round() as usize + 1).clamp(2, 10)
+    };
+
     let mut b = ChartBuilder::on(area);
     b.caption(caption, (FONT, 20))
         .margin(16)
@@ -325,6 +334,7 @@ fn panel<DB: DrawingBackend>(
                 .x_desc(xlabel)
                 .axis_desc_style((FONT, 18))
                 .label_style((FONT, 16))
+                .x_labels(x_ticks)
                 .x_label_formatter(&|x| format!("{}", x.round() as i64))
                 .y_label_formatter(&|y| {
                     if y.abs() >= 10.0 {
@@ -360,16 +370,18 @@ fn panel<DB: DrawingBackend>(
                 .draw()?;
         }};
     }
-    let log_x = xmax / xmin > 4.0;
+    // Log y: headroom of a quarter of the span above the highest point, so the upper-left
+    // legend does not hide a first point that is also the highest (decreasing curves).
+    let ytop = ymax * 2.0 * (4.0 * ymax / ymin).powf(0.25);
     match (log_x, log_y) {
         (true, true) => {
-            draw_series!(b.build_cartesian_2d(xr.log_scale(), (ymin * 0.5..ymax * 2.0).log_scale())?)
+            draw_series!(b.build_cartesian_2d(xr.log_scale(), (ymin * 0.5..ytop).log_scale())?)
         }
         (true, false) => {
             draw_series!(b.build_cartesian_2d(xr.log_scale(), 0f64..ymax * 1.15)?)
         }
         (false, true) => {
-            draw_series!(b.build_cartesian_2d(xr, (ymin * 0.5..ymax * 2.0).log_scale())?)
+            draw_series!(b.build_cartesian_2d(xr, (ymin * 0.5..ytop).log_scale())?)
         }
         (false, false) => draw_series!(b.build_cartesian_2d(xr, 0f64..ymax * 1.15)?),
     }
