@@ -1,7 +1,7 @@
 //! Stage 3, experts: for each expert with tokens, its SwiGLU MLP over its contiguous run of
 //! dispatched rows: `y = (silu(x Wg^T) * (x Wu^T)) Wd^T`. Experts with no tokens cost nothing.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::Dispatch;
 use crate::quant::Weight;
@@ -24,6 +24,19 @@ pub fn experts_w(x: &Tensor, d: &Dispatch, gate_up: &Weight, down: &Weight) -> R
     }
 }
 
+/// `x [n, K] @ w[e]^T` for stacked `w [E, N, K]` -> `[n, N]`. candle-core 0.11's CPU matmul
+/// has no bf16 kernel: it widens both operands' whole storage to f32, and the storage of the
+/// view `w[e]` is all E experts. Widening only expert e's slice gives the same numbers (f32
+/// products rounded back to bf16) with E times less transient memory and conversion work.
+fn expert_matmul(x: &Tensor, w: &Tensor, e: usize) -> Result<Tensor> {
+    let we = w.get(e)?;
+    if x.device().is_cpu() && x.dtype() == DType::BF16 {
+        let y = x.to_dtype(DType::F32)?.matmul(&we.to_dtype(DType::F32)?.t()?)?;
+        return y.to_dtype(DType::BF16);
+    }
+    x.matmul(&we.t()?)
+}
+
 /// `x [N, H]`, `gate_up [E, 2F, H]`, `down [E, H, F]` -> `[N*A, H]` in dispatch (expert-sorted)
 /// row order.
 pub fn experts(x: &Tensor, d: &Dispatch, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
@@ -37,9 +50,9 @@ pub fn experts(x: &Tensor, d: &Dispatch, gate_up: &Tensor, down: &Tensor) -> Res
         }
         let rows = Tensor::from_slice(&d.row_token[lo..hi], hi - lo, device)?;
         let xe = x.index_select(&rows, 0)?; // [n, H]
-        let gu = xe.matmul(&gate_up.get(e)?.t()?)?; // [n, 2F]
+        let gu = expert_matmul(&xe, gate_up, e)?; // [n, 2F]
         let h = (candle_nn::ops::silu(&gu.narrow(1, 0, f)?)? * gu.narrow(1, f, f)?)?;
-        outs.push(h.matmul(&down.get(e)?.t()?)?); // [n, H]
+        outs.push(expert_matmul(&h, down, e)?); // [n, H]
     }
     if outs.is_empty() {
         return Tensor::zeros((0, x.dim(1)?), x.dtype(), device);
