@@ -165,9 +165,9 @@ fn fixture_config(name: &str) -> ModelConfig {
 fn random_weights_are_deterministic_and_shaped() {
     let cfg = small_mixtral(2, 32, 48, 4, 2, 64).unwrap();
     let dev = Device::Cpu;
-    let a = random_weights(&cfg, 7, DType::F32, &dev).unwrap();
-    let b = random_weights(&cfg, 7, DType::F32, &dev).unwrap();
-    let c = random_weights(&cfg, 8, DType::F32, &dev).unwrap();
+    let a = random_weights(&cfg, 7, DType::F32, &dev, None).unwrap();
+    let b = random_weights(&cfg, 7, DType::F32, &dev, None).unwrap();
+    let c = random_weights(&cfg, 8, DType::F32, &dev, None).unwrap();
     let moe = |w: &moe::model::ModelWeights| match &w.layers[1].ffn {
         FfnWeights::Moe(m) => (m.router.clone(), dense(&m.gate_up), dense(&m.down)),
         _ => panic!("MoE layer expected"),
@@ -201,7 +201,7 @@ fn random_weights_are_deterministic_and_shaped() {
         var * 48.0
     );
     // bf16 is the f32 draw rounded.
-    let h = random_weights(&cfg, 7, DType::BF16, &dev).unwrap();
+    let h = random_weights(&cfg, 7, DType::BF16, &dev, None).unwrap();
     let (_, gh, _) = moe(&h);
     assert_eq!(gh.dtype(), DType::BF16);
     assert_eq!(
@@ -230,7 +230,7 @@ fn random_weights_load_for_every_family() {
         "dots1",
     ] {
         let cfg = first_layers(&fixture_config(name), Some(3));
-        let w = random_weights(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        let w = random_weights(&cfg, 1, DType::F32, &Device::Cpu, None).unwrap();
         let model = Model::new(cfg.clone(), w, DType::F32, &Device::Cpu)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut cache = model.new_cache(1, 16).unwrap();
@@ -499,4 +499,112 @@ fn sweep_points_count() {
         .map(|r| r["value"].as_u64().unwrap())
         .collect();
     assert_eq!(values, [1, 2]);
+}
+
+/// `--quant`: random weights drawn directly packed (the tensors the format applies to), at the
+/// dense draw's scale; the bench's weight memory then matches analyze's int8/int4 prediction.
+#[test]
+fn random_weights_drawn_quantized() {
+    use moe::quant::QFormat;
+    let cfg = small_mixtral(2, 64, 96, 4, 2, 64).unwrap();
+    let dev = Device::Cpu;
+    for fmt in [QFormat::Int8, QFormat::Int4 { group: 32 }] {
+        let w = random_weights(&cfg, 3, DType::F32, &dev, Some(fmt)).unwrap();
+        let again = random_weights(&cfg, 3, DType::F32, &dev, Some(fmt)).unwrap();
+        let FfnWeights::Moe(m) = &w.layers[0].ffn else {
+            panic!("MoE layer expected")
+        };
+        let FfnWeights::Moe(m2) = &again.layers[0].ffn else {
+            panic!("MoE layer expected")
+        };
+        let (Weight::Quant(gu), Weight::Quant(gu2)) = (&m.gate_up, &m2.gate_up) else {
+            panic!("{fmt:?}: experts must be drawn quantized")
+        };
+        assert_eq!(gu.fmt, fmt);
+        assert_eq!(gu.shape, vec![4, 192, 64]);
+        let bytes = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        assert_eq!(bytes(&gu.qweight), bytes(&gu2.qweight), "deterministic");
+        // Dequantized: mean ~0, variance x fan_in ~1 like the dense draw.
+        let v: Vec<f32> = gu
+            .dequantize(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!(mean.abs() < 0.01, "{fmt:?}: mean {mean}");
+        assert!(
+            (var * 64.0 - 1.0).abs() < 0.05,
+            "{fmt:?}: var x fan_in {}",
+            var * 64.0
+        );
+        // The router and the embedding stay dense.
+        assert_eq!(m.router.dtype(), DType::F32);
+        assert!(matches!(
+            &w.layers[0].attn,
+            moe::model::AttnWeights::Gqa {
+                qkv: Weight::Quant(_),
+                ..
+            }
+        ));
+    }
+    // MLA: kv_b_proj stays dense (the analyze rule), the other projections are packed.
+    let cfg = first_layers(&fixture_config("deepseek-v3"), Some(2));
+    let w = random_weights(&cfg, 1, DType::F32, &dev, Some(QFormat::Int8)).unwrap();
+    let moe::model::AttnWeights::Mla(m) = &w.layers[0].attn else {
+        panic!("MLA expected")
+    };
+    assert!(matches!(m.kv_b, Weight::Dense(_)) && matches!(m.kv_a, Weight::Quant(_)));
+    let model = Model::new(cfg, w, DType::F32, &dev).unwrap();
+    let mut cache = model.new_cache(1, 4).unwrap();
+    let x = Tensor::new(&[[1u32, 2, 3]], &dev).unwrap();
+    let logits = model.forward(&x, &mut cache, false, None).unwrap();
+    let l: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(l.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn bench_with_quant_reports_quantized_memory() {
+    for q in ["int8", "int4"] {
+        let a = BenchArgs {
+            random_weights: true,
+            quant: Some(q.into()),
+            dtype: "bf16".into(),
+            ..tiny_args()
+        };
+        let r = bench(&a).unwrap();
+        assert!(r.model.weights.contains(q), "{}", r.model.weights);
+        let w = &r.memory.weights;
+        let rel = w.measured_bytes as f64 / w.predicted_bytes as f64;
+        assert!((rel - 1.0).abs() < 0.02, "{q}: measured/predicted {rel}");
+        assert!(r.decode.tokens_per_s.median > 0.0);
+        // The baseline runs the dequantized weights in candle's dense Mixtral.
+        let b = BenchArgs {
+            baseline: Some(moe::bench::Baseline::Candle),
+            ..a
+        };
+        let r = bench(&b).unwrap();
+        let base = r.baseline.unwrap();
+        assert!(base.decode_time_ratio_candle_over_ours > 0.0);
+        assert!(base.name.contains("dense f32"), "{}", base.name);
+    }
+    // W8A16 / W4A16: an f32 compute dtype is refused (analyze's figures assume 16-bit).
+    let f32q = BenchArgs {
+        random_weights: true,
+        quant: Some("int8".into()),
+        ..tiny_args()
+    };
+    assert!(bench(&f32q)
+        .unwrap_err()
+        .to_string()
+        .contains("--dtype bf16"));
+    let bad = BenchArgs {
+        random_weights: true,
+        quant: Some("int3".into()),
+        dtype: "bf16".into(),
+        ..tiny_args()
+    };
+    assert!(bench(&bad).unwrap_err().to_string().contains("int3"));
 }

@@ -108,10 +108,12 @@ pub struct BaselineReport {
     pub decode_time_ratio_candle_over_ours: f64,
 }
 
+/// The weight as candle's dense model needs it: itself, or a quantized weight dequantized (f32,
+/// the baseline's dtype), so both engines compute with the same values.
 fn dense(w: &Weight) -> Result<Tensor> {
     match w {
         Weight::Dense(t) => Ok(t.clone()),
-        Weight::Quant(_) => Err(Error::Input("--baseline candle needs dense weights".into())),
+        Weight::Quant(q) => Ok(q.dequantize(candle_core::DType::F32)?),
     }
 }
 
@@ -262,7 +264,10 @@ pub fn run(
     let dec_t = Stat::of(&dec).median;
     let tps = |v: &[f64], n: usize| Stat::of(&v.iter().map(|t| n as f64 / t).collect::<Vec<_>>());
     Ok(BaselineReport {
-        name: "candle-transformers 0.11 mixtral::Model".into(),
+        name: format!(
+            "candle-transformers 0.11 mixtral::Model, dense {}",
+            format!("{dtype:?}").to_lowercase()
+        ),
         prefill_tokens_per_s: tps(&pre, batch * p),
         decode_tokens_per_s: tps(&dec, batch * gen),
         prefill_time_ratio_candle_over_ours: pre_t / ours.0,

@@ -48,6 +48,7 @@ use crate::config::{FfnKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::loader::{self, LoadOptions, ModelSource};
 use crate::model::Model;
+use crate::quant::QFormat;
 use measure::{RunSample, Stat};
 
 /// `moe-run bench` options.
@@ -72,6 +73,10 @@ pub struct BenchArgs {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Weight-only quantization: int8, int4 (group 128), int4:64, int4:32. Random weights are
+    /// drawn directly in the packed format; a dense checkpoint is quantized while loading.
+    #[arg(long)]
+    pub quant: Option<String>,
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -152,6 +157,7 @@ impl Default for BenchArgs {
             seed: 0,
             layers: None,
             dtype: "f32".into(),
+            quant: None,
             device: "cpu".into(),
             prompt_len: 32,
             gen: 32,
@@ -268,11 +274,32 @@ pub struct BenchReport {
     pub baseline: Option<baseline::BaselineReport>,
 }
 
-/// The cost model's precision for a compute dtype (f16 is costed as bf16: same bytes).
-pub fn precision_of(dtype: DType) -> Precision {
-    match dtype {
-        DType::F32 => Precision::Fp32,
-        _ => Precision::Bf16,
+/// The cost model's precision for a compute dtype and weight quantization (f16 is costed as
+/// bf16: same bytes; int4 at any group as analyze's group 128).
+pub fn precision_of(dtype: DType, quant: Option<QFormat>) -> Precision {
+    match (quant, dtype) {
+        (Some(QFormat::Int8), _) => Precision::Int8,
+        (Some(QFormat::Int4 { .. }), _) => Precision::Int4,
+        (None, DType::F32) => Precision::Fp32,
+        (None, _) => Precision::Bf16,
+    }
+}
+
+/// The dtype candle's baseline runs in: ours, or f32 on the dequantized weights when ours are
+/// quantized (candle-transformers' Mixtral is dense and, in 0.11, f32-only).
+pub fn baseline_dtype(dtype: DType, quant: Option<QFormat>) -> DType {
+    if quant.is_some() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// `--quant` parsed (`None` without it).
+pub fn quant_of(a: &BenchArgs) -> Result<Option<QFormat>> {
+    match &a.quant {
+        Some(q) => crate::quant::parse_quant(q),
+        None => Ok(None),
     }
 }
 
@@ -418,14 +445,13 @@ pub struct Prediction {
 /// that many tokens per sequence, else a decode step at `context`.
 pub fn predict(
     cfg: &ModelConfig,
-    dtype: DType,
+    p: Precision,
     batch: usize,
     prefill_len: usize,
     context: u64,
     bw_gb_s: f64,
     peak_tflops: f64,
 ) -> Prediction {
-    let p = precision_of(dtype);
     let inv = tensor_inventory(cfg);
     let counts = counts_of(&inv, cfg.tie_word_embeddings);
     let tokens = if prefill_len > 0 {
@@ -465,26 +491,45 @@ pub fn build_model(
     let t0 = std::time::Instant::now();
     let (name, full_cfg) = resolve_config(a)?;
     let cfg = random::first_layers(&full_cfg, a.layers);
+    let quant = quant_of(a)?;
+    if quant.is_some() && dtype == DType::F32 {
+        return Err(Error::Input(
+            "--quant runs W8A16 / W4A16: use --dtype bf16 or f16 (analyze's int8 / int4 figures, \
+             which the report compares with, keep the unquantized tensors in 16-bit)"
+                .into(),
+        ));
+    }
     if a.baseline.is_some() {
         baseline::check(&cfg)?;
-        baseline::check_dtype(dtype)?;
+        baseline::check_dtype(baseline_dtype(dtype, quant))?;
     }
+    // On a GPU, refuse before allocating when analyze's weight bytes do not fit.
+    crate::runtime::memory::check_device_fits(
+        device,
+        &format!("the weights of {name} ({} layers)", cfg.num_layers()),
+        weight_bytes(&tensor_inventory(&cfg), precision_of(dtype, quant)),
+    )?;
     let mut base = None;
     let (model, weights) = if a.random_weights {
-        let w = random::random_weights(&cfg, a.seed, dtype, device)?;
+        let w = random::random_weights(&cfg, a.seed, dtype, device, quant)?;
         if a.baseline.is_some() {
             base = Some(baseline::BaselineWeights::Tensors(baseline::hf_tensors(
                 &cfg, &w,
             )?));
         }
+        let what = match quant {
+            Some(q) => format!(", {} drawn packed", crate::quant::format_name(q)),
+            None => String::new(),
+        };
         (
             Model::new(cfg.clone(), w, dtype, device)?,
-            format!("random weights (seed {})", a.seed),
+            format!("random weights (seed {}{what})", a.seed),
         )
     } else {
         let opts = LoadOptions {
             dtype,
             device: device.clone(),
+            quant,
             ..Default::default()
         };
         let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
@@ -601,14 +646,16 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             };
             let ours = (med(|s| s.prefill_s), med(|s| s.decode_s));
             let ids = measure::prompt_ids(cfg.vocab_size, b, p, a.seed);
+            let bd = baseline_dtype(dtype, quant_of(a)?);
             Some(baseline::run(
-                &cfg, w, dtype, &device, &ids, b, g, a.runs, a.warmup, ours,
+                &cfg, w, bd, &device, &ids, b, g, a.runs, a.warmup, ours,
             )?)
         }
         None => None,
     };
-    let pre = predict(&cfg, dtype, b, p, p as u64, bw.value, peak.value);
-    let dec = predict(&cfg, dtype, b, 0, (p + g / 2) as u64, bw.value, peak.value);
+    let prec = precision_of(dtype, quant_of(a)?);
+    let pre = predict(&cfg, prec, b, p, p as u64, bw.value, peak.value);
+    let dec = predict(&cfg, prec, b, 0, (p + g / 2) as u64, bw.value, peak.value);
     let prefill_tps: Vec<f64> = samples
         .iter()
         .map(|s| (b * p) as f64 / s.prefill_s)
@@ -641,7 +688,6 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         }
         (n > 0).then(|| sum / n as f64)
     };
-    let prec = precision_of(dtype);
     let inv = tensor_inventory(&cfg);
     let w_pred = weight_bytes(&inv, prec);
     let kv_pred =

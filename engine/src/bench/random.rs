@@ -10,6 +10,13 @@
 //! Determinism: tensor number `i` (in a fixed construction order) is filled in chunks of
 //! [`CHUNK`] elements, chunk `c` from a generator seeded by (seed, i, c), so the values do not
 //! depend on the number of threads. Values are drawn in f32 and rounded to the dtype.
+//!
+//! With a quantization format, every tensor the format quantizes (`analysis::bytes::storage`:
+//! attention and MLP linears, experts; not MLA's kv_b, routers, embeddings, lm_head) is drawn
+//! directly packed, never as a dense tensor: uniform codes (int8 in -127..=127; int4 in 0..=15
+//! with zero-point 7.5) and one f16 scale per row or group chosen so the dequantized weights have
+//! the same standard deviation 1/sqrt(in) as the dense ones. So an INT4 Mixtral-8x7B needs its
+//! ~25 GB of packed weights and nothing more.
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -17,7 +24,10 @@ use half::{bf16, f16};
 use crate::config::{FfnKind, MlaConfig, ModelConfig, MoeConfig, QkNorm, RouterKind};
 use crate::error::Result;
 use crate::model::moe::MoeWeights;
-use crate::model::{AttnWeights, FfnWeights, LayerWeights, MlaWeights, MlpWeights, ModelWeights};
+use crate::model::{
+    AttnWeights, FfnWeights, LayerWeights, MlaWeights, MlpWeights, ModelWeights, Weight,
+};
+use crate::quant::{QFormat, QuantTensor};
 
 /// Elements per independently seeded chunk.
 pub const CHUNK: usize = 1 << 16;
@@ -85,6 +95,24 @@ struct Gen<'a> {
     next: u64,
     dtype: DType,
     device: &'a Device,
+    quant: Option<QFormat>,
+}
+
+/// Fills `out` with uniform bytes (splitmix64, seeded per chunk like [`fill_normal`]), each
+/// mapped by `code` (the format's valid codes).
+fn fill_codes(out: &mut [u8], seed: u64, tensor: u64, code: fn(u8) -> u8) {
+    for (c, chunk) in out.chunks_mut(CHUNK).enumerate() {
+        let mut s = seed
+            ^ tensor.wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ (c as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
+        splitmix(&mut s);
+        for bytes in chunk.chunks_mut(8) {
+            let r = splitmix(&mut s).to_le_bytes();
+            for (b, v) in bytes.iter_mut().zip(r) {
+                *b = code(v);
+            }
+        }
+    }
 }
 
 impl Gen<'_> {
@@ -124,6 +152,56 @@ impl Gen<'_> {
         self.normal_as(shape, 1.0 / (fan_in as f64).sqrt(), self.dtype)
     }
 
+    /// A linear weight the quantization format applies to: dense as [`Self::linear`], or drawn
+    /// packed in the format with the same standard deviation.
+    fn qlinear(&mut self, shape: &[usize]) -> Result<Weight> {
+        let Some(fmt) = self.quant else {
+            return Ok(self.linear(shape)?.into());
+        };
+        let k = *shape.last().expect("non-empty shape");
+        let std = 1.0 / (k as f32).sqrt();
+        let (qs, ps) = QuantTensor::stored_shapes(fmt, shape);
+        let mut q = vec![0u8; qs.iter().product()];
+        let (id, seed) = (self.next, self.seed);
+        self.next += 1;
+        // Uniform codes: int8 q in -127..=127 (std sqrt((255^2 - 1) / 12)); int4 two nibbles per
+        // byte in 0..=15, read against z = 7.5 (std sqrt((16^2 - 1) / 12)).
+        let (q_std, zero) = match fmt {
+            QFormat::Int8 => {
+                fill_codes(&mut q, seed, id, |b| if b == 0x80 { 0 } else { b });
+                (((255f32 * 255.0 - 1.0) / 12.0).sqrt(), None)
+            }
+            QFormat::Int4 { .. } => {
+                fill_codes(&mut q, seed, id, |b| b);
+                if k % 2 == 1 {
+                    // The pad nibble of an odd row is 0, as the quantizer writes it.
+                    let kb = fmt.row_bytes(k);
+                    for row in q.chunks_mut(kb) {
+                        row[kb - 1] &= 0x0f;
+                    }
+                }
+                (
+                    ((16f32 * 16.0 - 1.0) / 12.0).sqrt(),
+                    Some(f16::from_f32(7.5)),
+                )
+            }
+        };
+        let scale = f16::from_f32(std / q_std);
+        let n_params: usize = ps.iter().product();
+        let params: Vec<f16> = match zero {
+            None => vec![scale; n_params],
+            Some(z) => (0..n_params)
+                .map(|i| if i % 2 == 0 { scale } else { z })
+                .collect(),
+        };
+        Ok(Weight::Quant(QuantTensor {
+            fmt,
+            shape: shape.to_vec(),
+            qweight: Tensor::from_vec(q, qs, self.device)?,
+            params: Tensor::from_vec(params, ps, self.device)?,
+        }))
+    }
+
     fn ones(&self, len: usize) -> Result<Tensor> {
         Ok(Tensor::ones(len, self.dtype, self.device)?)
     }
@@ -143,18 +221,21 @@ pub fn first_layers(cfg: &ModelConfig, n: Option<usize>) -> ModelConfig {
 }
 
 /// Every weight `cfg` calls for, in the canonical layout and shapes of the loader
-/// (`loader/naming.rs`), drawn from `seed` directly in `dtype` on `device`.
+/// (`loader/naming.rs`), drawn from `seed` directly in `dtype` (and, with `quant`, the packed
+/// format for the tensors it applies to) on `device`.
 pub fn random_weights(
     cfg: &ModelConfig,
     seed: u64,
     dtype: DType,
     device: &Device,
+    quant: Option<QFormat>,
 ) -> Result<ModelWeights> {
     let mut g = Gen {
         seed,
         next: 0,
         dtype,
         device,
+        quant,
     };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let inv_h = 1.0 / (h as f64).sqrt();
@@ -193,7 +274,7 @@ pub fn random_weights(
 fn gqa(g: &mut Gen, cfg: &ModelConfig) -> Result<AttnWeights> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let qkv = g.linear(&[q_out + 2 * kv_out, h])?;
+    let qkv = g.qlinear(&[q_out + 2 * kv_out, h])?;
     let qkv_bias = if cfg.attn.qkv_bias {
         Some(g.zeros(q_out + 2 * kv_out, g.dtype)?)
     } else {
@@ -205,11 +286,11 @@ fn gqa(g: &mut Gen, cfg: &ModelConfig) -> Result<AttnWeights> {
         QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope => (Some(hd), Some(hd)),
     };
     Ok(AttnWeights::Gqa {
-        qkv: qkv.into(),
+        qkv,
         qkv_bias,
         q_norm: qn.map(|n| g.ones(n)).transpose()?,
         k_norm: kn.map(|n| g.ones(n)).transpose()?,
-        o: g.linear(&[h, q_out])?.into(),
+        o: g.qlinear(&[h, q_out])?,
     })
 }
 
@@ -217,29 +298,25 @@ fn mla(g: &mut Gen, cfg: &ModelConfig, m: &MlaConfig) -> Result<MlaWeights> {
     let (h, nh) = (cfg.hidden_size, cfg.num_heads);
     let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
     let q = match m.q_lora_rank {
-        None => Ok(g.linear(&[nh * qk, h])?.into()),
-        Some(r) => Err((
-            g.linear(&[r, h])?.into(),
-            g.ones(r)?,
-            g.linear(&[nh * qk, r])?.into(),
-        )),
+        None => Ok(g.qlinear(&[nh * qk, h])?),
+        Some(r) => Err((g.qlinear(&[r, h])?, g.ones(r)?, g.qlinear(&[nh * qk, r])?)),
     };
     let r = m.kv_lora_rank;
     Ok(MlaWeights {
         q,
-        kv_a: g.linear(&[r + m.qk_rope_head_dim, h])?.into(),
+        kv_a: g.qlinear(&[r + m.qk_rope_head_dim, h])?,
         kv_a_norm: g.ones(r)?,
         kv_b: g
             .linear(&[nh * (m.qk_nope_head_dim + m.v_head_dim), r])?
             .into(),
-        o: g.linear(&[h, nh * m.v_head_dim])?.into(),
+        o: g.qlinear(&[h, nh * m.v_head_dim])?,
     })
 }
 
 fn mlp(g: &mut Gen, f: usize, h: usize) -> Result<MlpWeights> {
     Ok(MlpWeights {
-        gate_up: g.linear(&[2 * f, h])?.into(),
-        down: g.linear(&[h, f])?.into(),
+        gate_up: g.qlinear(&[2 * f, h])?,
+        down: g.qlinear(&[h, f])?,
     })
 }
 
@@ -247,8 +324,8 @@ fn moe(g: &mut Gen, m: &MoeConfig, h: usize) -> Result<MoeWeights> {
     let (e, f) = (m.num_experts, m.expert_ffn);
     let router_dtype = if m.router_f32 { DType::F32 } else { g.dtype };
     let router = g.normal_as(&[e, h], 1.0 / (h as f64).sqrt(), router_dtype)?;
-    let gate_up = g.linear(&[e, 2 * f, h])?;
-    let down = g.linear(&[e, h, f])?;
+    let gate_up = g.qlinear(&[e, 2 * f, h])?;
+    let down = g.qlinear(&[e, h, f])?;
     let (shared, shared_gate) = match m.shared {
         None => (None, None),
         Some(s) => {
@@ -267,8 +344,8 @@ fn moe(g: &mut Gen, m: &MoeConfig, h: usize) -> Result<MoeWeights> {
     Ok(MoeWeights {
         router,
         score_bias,
-        gate_up: gate_up.into(),
-        down: down.into(),
+        gate_up,
+        down,
         shared,
         shared_gate,
     })

@@ -204,11 +204,13 @@ fn point(
     bw: f64,
     peak: f64,
 ) -> Result<SweepRow> {
-    let w = random::random_weights(cfg, a.seed, dtype, device)?;
+    let quant = super::quant_of(a)?;
+    let prec = super::precision_of(dtype, quant);
+    let w = random::random_weights(cfg, a.seed, dtype, device, quant)?;
     let model = Model::new(cfg.clone(), w, dtype, device)?;
     let samples = timed_runs(&model, batch, a.prompt_len, a.gen, a.runs, a.warmup, a.seed)?;
     let ctx = (a.prompt_len + a.gen / 2) as u64;
-    let pr = predict(cfg, dtype, batch, 0, ctx, bw, peak);
+    let pr = predict(cfg, prec, batch, 0, ctx, bw, peak);
     let decode = Stat::of(
         &samples
             .iter()
@@ -243,7 +245,7 @@ fn point(
             .then(|| touched.iter().sum::<f64>() / touched.len() as f64),
         experts_touched_predicted: expected_experts_touched(e, k, batch as u64),
         weight_bytes_measured: model.weight_bytes() as u64,
-        weight_bytes_predicted: weight_bytes(&tensor_inventory(cfg), super::precision_of(dtype)),
+        weight_bytes_predicted: weight_bytes(&tensor_inventory(cfg), prec),
         prefill_tokens_per_s: prefill,
     })
 }
