@@ -121,11 +121,17 @@ pub fn dequantize_row(fmt: QFormat, q: &[u8], p: &[f16], w: &mut [f32]) {
             }
         }
         QFormat::Int4 { group } => {
-            for (k, w) in w.iter_mut().enumerate() {
-                let g = k / group;
+            // Per group (even size, so it starts on a byte): convert (s, z) once, then one byte =
+            // two weights, low nibble first. Same f32 ops per weight as the one-at-a-time form.
+            for (g, wg) in w.chunks_mut(group).enumerate() {
                 let (s, z) = (p[2 * g].f32(), p[2 * g + 1].f32());
-                let nib = (q[k / 2] >> (4 * (k % 2))) & 0xf;
-                *w = s * (nib as f32 - z);
+                let qg = &q[g * group / 2..];
+                for (pair, &b) in wg.chunks_mut(2).zip(qg) {
+                    pair[0] = s * ((b & 0xf) as f32 - z);
+                    if let Some(hi) = pair.get_mut(1) {
+                        *hi = s * ((b >> 4) as f32 - z);
+                    }
+                }
             }
         }
     }
@@ -215,7 +221,17 @@ fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: &str) -> Result<
     }
 }
 
+/// Multiply-adds per CPU task of [`reference`] (at least [`CPU_MIN_BLOCK_N`] output features):
+/// a task dequantizes its block of weight rows once and dots them with all of the expert's
+/// activation rows. Large enough that rayon's per-task cost is noise at M = 1.
+const CPU_TASK_MACS: usize = 1 << 16;
+const CPU_MIN_BLOCK_N: usize = 16;
+
 /// The specification: rows `rows[e]` of x use expert e's weights. `out [M, N]`.
+///
+/// Threads (rayon) split the work by (expert, block of output features), so
+/// every weight row is dequantized once; each output is still one [`dot`] over the whole of K,
+/// so results do not depend on the thread count.
 fn reference<T: Elem>(
     fmt: QFormat,
     x: &[T],
@@ -224,29 +240,58 @@ fn reference<T: Elem>(
     d: Dims,
     rows: &[std::ops::Range<usize>],
 ) -> Vec<T> {
+    use rayon::prelude::*;
     let (k, n) = (d.k, d.n);
     let (kb, pr) = (fmt.row_bytes(k), fmt.params_per_row(k));
     let xf: Vec<f32> = x.iter().map(|v| v.f32()).collect();
-    let mut out = vec![0f32; d.m * n];
-    let mut w = vec![0f32; k];
-    for (e, r) in rows.iter().enumerate() {
-        if r.is_empty() {
-            continue;
-        }
-        for j in 0..n {
-            let row = e * n + j;
-            dequantize_row(
-                fmt,
-                &q[row * kb..(row + 1) * kb],
-                &p[row * pr..(row + 1) * pr],
-                &mut w,
-            );
-            for i in r.clone() {
-                out[i * n + j] = dot(&xf[i * k..(i + 1) * k], &w);
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.is_empty())
+        .flat_map(|(e, r)| {
+            let block = (CPU_TASK_MACS / (r.len() * k).max(1)).max(CPU_MIN_BLOCK_N);
+            (0..n)
+                .step_by(block)
+                .map(move |j| (e, j..(j + block).min(n)))
+        })
+        .collect();
+    // Per task, `[rows of e, block]` row-major.
+    let blocks: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            || vec![0f32; k],
+            |w, (e, js)| {
+                let (r, nb) = (rows[*e].clone(), js.len());
+                let mut y = vec![0f32; r.len() * nb];
+                for (jj, j) in js.clone().enumerate() {
+                    let row = e * n + j;
+                    dequantize_row(
+                        fmt,
+                        &q[row * kb..(row + 1) * kb],
+                        &p[row * pr..(row + 1) * pr],
+                        w,
+                    );
+                    for (ii, i) in r.clone().enumerate() {
+                        y[ii * nb + jj] = dot(&xf[i * k..(i + 1) * k], w);
+                    }
+                }
+                y
+            },
+        )
+        .collect();
+    let mut out = vec![T::of(0.0); d.m * n];
+    for ((e, js), y) in tasks.iter().zip(&blocks) {
+        let nb = js.len();
+        for (ii, i) in rows[*e].clone().enumerate() {
+            for (o, &v) in out[i * n + js.start..i * n + js.end]
+                .iter_mut()
+                .zip(&y[ii * nb..(ii + 1) * nb])
+            {
+                *o = T::of(v);
             }
         }
     }
-    out.into_iter().map(T::of).collect()
+    out
 }
 
 /// Self-test budgets (nmse of the CUDA kernel vs [`QMatmul`]'s CPU reference on identical quantized
@@ -582,6 +627,153 @@ mod tests {
             vec![0, 0, 3, 2, 3, 8, 2, 11, 1]
         );
         assert!(chunk_table(Some(&[0, 0]), 0).is_empty());
+    }
+
+    /// The single-threaded reference as it was before threading (its `dequantize_row` included:
+    /// int4 converted (s, z) per weight; outputs in (expert, feature, row) order): the threaded one must match it bit
+    /// for bit (`moe-run quantize`'s round trip compares logits exactly).
+    fn serial_reference(
+        fmt: QFormat,
+        x: &[f32],
+        q: &[u8],
+        p: &[f16],
+        d: Dims,
+        rows: &[std::ops::Range<usize>],
+    ) -> Vec<f32> {
+        let (k, n) = (d.k, d.n);
+        let (kb, pr) = (fmt.row_bytes(k), fmt.params_per_row(k));
+        let mut out = vec![0f32; d.m * n];
+        let mut w = vec![0f32; k];
+        for (e, r) in rows.iter().enumerate() {
+            for j in 0..n {
+                let row = e * n + j;
+                let (qr, pp) = (&q[row * kb..(row + 1) * kb], &p[row * pr..(row + 1) * pr]);
+                match fmt {
+                    QFormat::Int8 => {
+                        let s = pp[0].f32();
+                        for (w, &q) in w.iter_mut().zip(qr) {
+                            *w = s * (q as i8) as f32;
+                        }
+                    }
+                    QFormat::Int4 { group } => {
+                        for (kk, w) in w.iter_mut().enumerate() {
+                            let g = kk / group;
+                            let (s, z) = (pp[2 * g].f32(), pp[2 * g + 1].f32());
+                            let nib = (qr[kk / 2] >> (4 * (kk % 2))) & 0xf;
+                            *w = s * (nib as f32 - z);
+                        }
+                    }
+                }
+                for i in r.clone() {
+                    out[i * n + j] = dot(&x[i * k..(i + 1) * k], &w);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn threaded_reference_is_bit_identical_to_serial() {
+        for fmt in [
+            QFormat::Int8,
+            QFormat::Int4 { group: 32 },
+            QFormat::Int4 { group: 128 },
+        ] {
+            // (E, N, K, offsets): odd N and K, N not a multiple of the task block, empty experts.
+            for (e, n, k, offsets) in [
+                (1, 37, 77, vec![0usize, 5]),
+                (1, 130, 256, vec![0, 1]),
+                (4, 19, 33, vec![0, 3, 3, 10, 11]),
+                (3, 64, 200, vec![0, 0, 0, 2]),
+                // Several tasks per expert, the last one partial.
+                (2, 300, 512, vec![0, 40, 100]),
+                (1, 1000, 128, vec![0, 1]),
+            ] {
+                let m = *offsets.last().unwrap();
+                let w = lcg(e * n * k, (n * k) as u64);
+                let (kb, pr) = (fmt.row_bytes(k), fmt.params_per_row(k));
+                let mut q = vec![0u8; e * n * kb];
+                let mut p = vec![f16::ZERO; e * n * pr];
+                for row in 0..e * n {
+                    quantize_row(
+                        fmt,
+                        &w[row * k..(row + 1) * k],
+                        &mut q[row * kb..(row + 1) * kb],
+                        &mut p[row * pr..(row + 1) * pr],
+                    );
+                }
+                let x = lcg(m * k, 7 + m as u64);
+                let rows: Vec<_> = offsets.windows(2).map(|o| o[0]..o[1]).collect();
+                let d = Dims { m, k, n, e };
+                let want = serial_reference(fmt, &x, &q, &p, d, &rows);
+                let got = reference(fmt, &x, &q, &p, d, &rows);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{fmt:?} E={e} N={n} K={k}");
+                // bf16 activations: the same f32 results, rounded once.
+                let xb: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+                let want: Vec<half::bf16> = serial_reference(fmt, &xr, &q, &p, d, &rows)
+                    .into_iter()
+                    .map(half::bf16::from_f32)
+                    .collect();
+                assert_eq!(reference(fmt, &xb, &q, &p, d, &rows), want, "{fmt:?} bf16");
+            }
+        }
+    }
+
+    /// Timing of the CPU reference, threaded vs the pre-threading serial one (medians of
+    /// interleaved runs): `cargo test --release -p moe-kernels --lib qmatmul_cpu_timing --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn qmatmul_cpu_timing() {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for fmt in [QFormat::Int8, QFormat::Int4 { group: 128 }] {
+            for (m, n, k) in [(1, 3072, 768), (1, 768, 1536), (128, 3072, 768)] {
+                let w = lcg(n * k, 1);
+                let (kb, pr) = (fmt.row_bytes(k), fmt.params_per_row(k));
+                let mut q = vec![0u8; n * kb];
+                let mut p = vec![f16::ZERO; n * pr];
+                for row in 0..n {
+                    quantize_row(
+                        fmt,
+                        &w[row * k..(row + 1) * k],
+                        &mut q[row * kb..(row + 1) * kb],
+                        &mut p[row * pr..(row + 1) * pr],
+                    );
+                }
+                let x = lcg(m * k, 2);
+                let rows: Vec<_> = std::iter::once(0..m).collect();
+                let d = Dims { m, k, n, e: 1 };
+                let reps = if m == 1 { 200 } else { 10 };
+                let (mut ts, mut t1, mut tn) = (vec![], vec![], vec![]);
+                for _ in 0..reps {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(serial_reference(fmt, &x, &q, &p, d, &rows));
+                    ts.push(t.elapsed().as_secs_f64() * 1e3);
+                    let t = std::time::Instant::now();
+                    one.install(|| std::hint::black_box(reference(fmt, &x, &q, &p, d, &rows)));
+                    t1.push(t.elapsed().as_secs_f64() * 1e3);
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(reference(fmt, &x, &q, &p, d, &rows));
+                    tn.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                println!(
+                    "{fmt:?} M={m} N={n} K={k}: serial (before) {:.3} ms, threaded on 1 thread {:.3} ms, on {} threads {:.3} ms",
+                    median(ts),
+                    median(t1),
+                    rayon::current_num_threads(),
+                    median(tn)
+                );
+            }
+        }
     }
 
     #[test]
