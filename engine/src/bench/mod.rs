@@ -247,6 +247,24 @@ pub struct Memory {
     pub kv_cache: MemPair,
     /// Process peak RSS (CPU) vs weights + KV predicted (activations not modelled).
     pub peak_rss: Option<MemPair>,
+    /// CUDA runs: what the driver reports.
+    pub gpu: Option<GpuMemory>,
+}
+
+/// GPU memory as the CUDA driver reports it (`cuMemGetInfo`, and the high-water marks of the
+/// default memory pool that candle's stream-ordered allocations come from).
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuMemory {
+    pub total_bytes: u64,
+    /// Growth of the device's used memory (total - free) over loading vs the predicted weights.
+    pub load: MemPair,
+    /// The pool's used high-water mark over the timed runs vs predicted weights + KV
+    /// (activations are not modelled); `None` without a stream-ordered allocator.
+    pub pool_used_high: Option<MemPair>,
+    /// The pool's reserved high-water mark over the timed runs.
+    pub pool_reserved_high_bytes: Option<u64>,
+    /// Used high-water minus the measured weights and KV cache: the activations' peak.
+    pub activation_peak_bytes: Option<u64>,
 }
 
 /// `moe-run bench` without --sweep.
@@ -617,7 +635,13 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     check_shape(a)?;
     let dtype = loader::parse_dtype(&a.dtype)?;
     let device = crate::loader::parse_device(&a.device)?;
+    use crate::runtime::memory::{device_memory, pool_high_water, reset_pool_high_water};
+    let used = |m: Option<(u64, u64)>| m.map(|(free, total)| total.saturating_sub(free));
+    let used_before = used(device_memory(&device));
     let (model, desc, load_s, base) = build_model(a, dtype, &device)?;
+    device.synchronize()?;
+    let used_loaded = used(device_memory(&device));
+    reset_pool_high_water(&device);
     let cfg = model.cfg.clone();
     if a.prompt_len + a.gen > cfg.max_position_embeddings {
         return Err(Error::Input(format!(
@@ -634,8 +658,11 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         a.warmup,
         a.seed,
     )?;
-    // Read the peak RSS before the ceilings' own buffers (memcpy, matmul) can raise it.
+    // Read the peak RSS (and the GPU pool's high-water marks) before the ceilings' own buffers
+    // (memcpy, matmul) can raise them.
     let peak_rss = crate::runtime::memory::peak_rss_bytes();
+    let pool = pool_high_water(&device);
+    let total = device_memory(&device).map(|m| m.1);
     let (bw, peak) = ceilings(a, &device, dtype)?;
     let (b, p, g) = (a.batch, a.prompt_len, a.gen);
 
@@ -705,6 +732,24 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             measured_bytes: r,
             predicted_bytes: w_pred + kv_pred,
         }),
+        gpu: match (total, used_before, used_loaded) {
+            (Some(total), Some(u0), Some(u1)) => Some(GpuMemory {
+                total_bytes: total,
+                load: MemPair {
+                    measured_bytes: u1.saturating_sub(u0),
+                    predicted_bytes: w_pred,
+                },
+                pool_used_high: pool.map(|(u, _)| MemPair {
+                    measured_bytes: u,
+                    predicted_bytes: w_pred + kv_pred,
+                }),
+                pool_reserved_high_bytes: pool.map(|(_, r)| r),
+                activation_peak_bytes: pool.map(|(u, _)| {
+                    u.saturating_sub(model.weight_bytes() as u64 + samples[0].kv_bytes as u64)
+                }),
+            }),
+            _ => None,
+        },
     };
     Ok(BenchReport {
         env: env(&device, dtype),

@@ -126,6 +126,21 @@ pub fn bench_text(r: &BenchReport) -> String {
     if let Some(p) = &mem.peak_rss {
         rows.push(mrow("peak RSS (vs weights+KV)", p));
     }
+    if let Some(g) = &mem.gpu {
+        rows.push(mrow("GPU used, growth over load", &g.load));
+        if let Some(p) = &g.pool_used_high {
+            rows.push(mrow("GPU pool used peak (vs w+KV)", p));
+        }
+        let plain =
+            |name: &str, v: u64| vec![name.to_string(), human_bytes(v), "-".into(), "-".into()];
+        if let Some(r) = g.pool_reserved_high_bytes {
+            rows.push(plain("GPU pool reserved peak", r));
+        }
+        if let Some(a) = g.activation_peak_bytes {
+            rows.push(plain("activations peak (pool - w - KV)", a));
+        }
+        rows.push(plain("GPU total", g.total_bytes));
+    }
     s.push_str(&table(
         &["memory", "measured", "analyze", "measured/analyze"],
         &rows,
