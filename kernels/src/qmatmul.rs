@@ -317,8 +317,8 @@ pub fn qmatmul(x: &Tensor, qweight: &Tensor, params: &Tensor, fmt: QFormat) -> R
     if d.m == 0 || d.n == 0 {
         return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
     }
-    // CUDA with many rows per expert: the tiled GEMM path.
-    if let Some(y) = crate::qexperts::large_qmatmul(x, qweight, params, Some(offsets), fmt)? {
+    // CUDA with many rows: the tiled GEMM path (qexperts::qmatmul_moe with one expert).
+    if let Some(y) = crate::qexperts::large_qmatmul(x, qweight, params, None, fmt)? {
         return Ok(y);
     }
     x.contiguous()?.apply_op3_no_bwd(
@@ -359,8 +359,8 @@ pub fn qmatmul_grouped(
     if d.m == 0 || d.n == 0 {
         return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
     }
-    // CUDA with many rows: the tiled GEMM path (qexperts::qmatmul_moe with one expert).
-    if let Some(y) = crate::qexperts::large_qmatmul(x, qweight, params, None, fmt)? {
+    // CUDA with many rows per expert: the tiled GEMM path.
+    if let Some(y) = crate::qexperts::large_qmatmul(x, qweight, params, Some(offsets), fmt)? {
         return Ok(y);
     }
     x.contiguous()?.apply_op3_no_bwd(
