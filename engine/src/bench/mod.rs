@@ -185,6 +185,10 @@ impl Default for BenchArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct Env {
     pub device: String,
+    /// The GPU's name and compute capability (CUDA), or the CPU model (`/proc/cpuinfo`).
+    pub device_name: String,
+    /// The CUDA driver version (`cuDriverGetVersion`), or "-" on the CPU.
+    pub driver: String,
     pub dtype: String,
     /// `git rev-parse HEAD` (+ "-dirty" with uncommitted changes), or "unknown".
     pub commit: String,
@@ -351,8 +355,43 @@ pub fn git_commit() -> String {
     }
 }
 
+/// The device's name and driver version for the report (see [`Env`]).
+pub fn device_description(device: &Device) -> (String, String) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let cc = ctx
+            .compute_capability()
+            .map_or(String::new(), |(a, b)| format!(" (sm_{a}{b})"));
+        let mut v: std::ffi::c_int = 0;
+        // SAFETY: writes one int.
+        let driver = match unsafe { sys::cuDriverGetVersion(&mut v) }.result() {
+            Ok(()) => format!("CUDA driver {}.{}", v / 1000, (v % 1000) / 10),
+            Err(e) => format!("unknown ({e})"),
+        };
+        return (format!("{name}{cc}"), driver);
+    }
+    let _ = device;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    (cpu, "-".into())
+}
+
 pub fn env(device: &Device, dtype: DType) -> Env {
+    let (device_name, driver) = device_description(device);
     Env {
+        device_name,
+        driver,
         device: match device {
             Device::Cpu => "cpu".into(),
             d => format!("{:?}", d.location()),

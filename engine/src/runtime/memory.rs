@@ -40,6 +40,70 @@ pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
+/// High-water marks `(used, reserved)` in bytes of the CUDA driver's default memory pool of
+/// `device`, where candle's stream-ordered allocations (`cuMemAllocAsync`) come from; `None` on the
+/// CPU, without CUDA, or where the device has no stream-ordered allocator.
+pub fn pool_high_water(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let pool = default_pool(d)?;
+        let get = |attr: sys::CUmemPool_attribute| -> Option<u64> {
+            let mut v: u64 = 0;
+            // SAFETY: `pool` is the device's live default pool; both attributes are cuuint64_t.
+            unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+                .result()
+                .ok()?;
+            Some(v)
+        };
+        return Some((
+            get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        ));
+    }
+    let _ = device;
+    None
+}
+
+/// Resets [`pool_high_water`]'s marks to the pool's current use (so a later reading is the peak
+/// of what ran in between). Does nothing where there is no pool.
+pub fn reset_pool_high_water(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let Some(pool) = default_pool(d) else { return };
+        for attr in [
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+        ] {
+            let mut zero: u64 = 0;
+            // SAFETY: as above; the driver only accepts 0 for these two (reset to current).
+            let _ =
+                unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut zero as *mut u64).cast()) };
+        }
+    }
+    let _ = device;
+}
+
+#[cfg(feature = "cuda")]
+fn default_pool(
+    d: &candle_core::CudaDevice,
+) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    if !ctx.has_async_alloc() {
+        return None;
+    }
+    ctx.bind_to_thread().ok()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: writes one pool handle for a valid device ordinal.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .ok()?;
+    Some(pool)
+}
+
 /// Errors with [`Error::OutOfMemory`] when `need` bytes cannot fit in `free`. Pure.
 pub fn check_fits(device: &str, what: &str, need: u64, free: u64, total: u64) -> Result<()> {
     if need <= free {
