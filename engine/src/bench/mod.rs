@@ -9,24 +9,25 @@
 //! expected distinct experts E(1-(1-k/E)^N) per MoE layer, KV read) and FLOPs from
 //! `analysis::bytes::{decode,prefill}_flops_per_token`.
 //!
-//! State / TODO (next session):
-//! - Never run on a GPU yet. CUDA: `--device cuda --gpu h100` should work (synchronize before
-//!   every clock read) but device memory is not reported (DESIGN: cudarc pool high-water +
-//!   `mem_get_info`); peak RSS is host memory only.
+//! State:
+//! - Never run on a GPU yet. On CUDA (`--device cuda --gpu h100`) every clock read follows a
+//!   synchronize, and GPU memory comes from the driver: used-memory growth over load, the
+//!   default mempool's used/reserved high-water marks over the timed runs, and the activation
+//!   peak derived from them. Peak RSS is host memory.
+//! - `--quant int8|int4` draws random weights packed (or quantizes a checkpoint on load), with
+//!   a 16-bit compute dtype only (W8A16/W4A16, as analyze costs it).
 //! - `--baseline candle` works for Mixtral with --random-weights, the embedded model or
-//!   `--weights DIR` (read after our timed runs; other families are refused by model_type), in
-//!   f32 only (candle-transformers 0.11's Mixtral fails in bf16/f16).
-//! - CPU bf16 peak RSS (issue 9): `--model mixtral-8x7b --random-weights --layers 1 --dtype bf16`
-//!   peaks at 2.10x the weights. Not the random weights (drawn straight in bf16, no copy): the
-//!   prefill. candle-core 0.11's CPU matmul has no bf16 kernel and widens both operands' whole
-//!   storage to f32; `model/moe/experts.rs` multiplies by views `gate_up.get(e)`, whose storage
-//!   is all E experts, so every expert call widens the full stacked tensor (3.76 GB f32 for
-//!   gate_up). Widening only expert e's slice there gives 1.16x (the rest is candle widening
-//!   the [V, H] lm_head to f32 per forward). Fix belongs to model/ (patch handed over).
+//!   `--weights DIR` (read after our timed runs; other families are refused by model_type). It
+//!   runs in f32 only (candle-transformers 0.11's Mixtral fails in bf16/f16); with --quant it
+//!   runs the dequantized weights dense in f32 and says so.
+//! - CPU bf16 peak RSS of `--model mixtral-8x7b --random-weights --layers 1 --dtype bf16` was
+//!   2.10x the weights (candle 0.11's CPU matmul widened all E experts' storage to f32 per expert
+//!   call); `model/moe/experts.rs` now widens one expert's slice: 1.16x, the rest being candle
+//!   widening the [V, H] lm_head to f32 per forward.
 //! - Sweeps use a small Mixtral from flags (--hidden/--ffn/--experts/--top-k/--vocab); scaling
 //!   a given model's config down (`--model X --sweep ...`) is not implemented.
-//! - Cost-model gaps seen by the tests: MLA holds kv_b twice (w_uk/w_uv for absorbed decode),
-//!   and sigmoid routers' `e_score_correction_bias` (a buffer) is not in `weight_bytes`.
+//! - Cost-model gap seen by the tests: sigmoid routers' `e_score_correction_bias` (a buffer, 4E
+//!   bytes per layer) is not in `weight_bytes`.
 
 pub mod baseline;
 pub mod measure;
