@@ -608,3 +608,26 @@ fn bench_with_quant_reports_quantized_memory() {
     };
     assert!(bench(&bad).unwrap_err().to_string().contains("int3"));
 }
+
+/// The README's results table is exactly what `benches/results/*.json` give (never hand-typed).
+#[test]
+fn readme_results_table_is_generated_from_the_results() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let a = moe::bench::results::ResultsArgs {
+        dir: root.join("benches/results"),
+        readme: root.join("README.md"),
+        write: false,
+    };
+    moe::bench::results::run(&a).unwrap();
+    // Every result names its device, commit and command.
+    for (name, v) in moe::bench::results::load(&a.dir).unwrap() {
+        for key in [
+            "/env/device",
+            "/env/device_name",
+            "/env/commit",
+            "/env/command",
+        ] {
+            assert!(v.pointer(key).is_some(), "{name}: no {key}");
+        }
+    }
+}

@@ -33,6 +33,7 @@ pub mod baseline;
 pub mod measure;
 pub mod random;
 pub mod report;
+pub mod results;
 pub mod sweep;
 
 use std::path::PathBuf;

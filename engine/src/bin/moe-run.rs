@@ -45,6 +45,8 @@ enum Cmd {
     Quantize(QuantizeArgs),
     /// Check the CUDA kernels (or, on cpu, the harness) against their CPU references.
     Selftest(SelftestArgs),
+    /// Check (or --write) README.md's results table against benches/results/*.json.
+    Results(moe::bench::results::ResultsArgs),
 }
 
 #[derive(Args)]
@@ -173,6 +175,7 @@ fn main() -> ExitCode {
         Some(Cmd::Bench(a)) => moe::bench::run(&a),
         Some(Cmd::Quantize(a)) => quantize(a),
         Some(Cmd::Selftest(a)) => selftest(a),
+        Some(Cmd::Results(a)) => moe::bench::results::run(&a),
         None => run(cli.run),
     };
     match result {
