@@ -111,6 +111,10 @@ pub struct BenchArgs {
     /// One JSON object with every number and the environment.
     #[arg(long)]
     pub json: bool,
+    /// Also write that JSON object to this file (the table still goes to stdout): how a run
+    /// is recorded in benches/results/.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
     /// With --sweep: draw measured vs predicted to FILE.png or FILE.svg.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
@@ -170,6 +174,7 @@ impl Default for BenchArgs {
             gpu: None,
             tflops: None,
             json: false,
+            json_out: None,
             plot: None,
             sweep: None,
             points: None,
@@ -835,6 +840,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             ));
         }
         let r = bench(a)?;
+        if let Some(path) = &a.json_out {
+            std::fs::write(path, to_json(&r)? + "\n").map_err(|e| Error::io(path, e))?;
+        }
         if a.json {
             to_json(&r)?
         } else {
