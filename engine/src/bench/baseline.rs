@@ -29,6 +29,13 @@ pub enum BaselineWeights {
     Tensors(HashMap<String, Tensor>),
     /// A Mixtral checkpoint directory, read by [`tensors_from_dir`] when the baseline runs.
     Dir(PathBuf),
+    /// Quantized random weights, drawn again (the same values) and dequantized only when the
+    /// baseline runs, so the dense copy never counts in our memory figures.
+    Random {
+        seed: u64,
+        dtype: DType,
+        quant: crate::quant::QFormat,
+    },
 }
 
 /// Adds `lm_head.weight` as the embedding when the checkpoint ties them (candle's Mixtral
@@ -227,6 +234,15 @@ pub fn run(
         BaselineWeights::Tensors(m) => m,
         BaselineWeights::Dir(dir) => {
             read = tensors_from_dir(dir, cfg, dtype, device)?;
+            &read
+        }
+        BaselineWeights::Random {
+            seed,
+            dtype: ours,
+            quant,
+        } => {
+            let w = super::random::random_weights(cfg, *seed, *ours, device, Some(*quant))?;
+            read = hf_tensors(cfg, &w)?;
             &read
         }
     };

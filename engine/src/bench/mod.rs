@@ -577,9 +577,16 @@ pub fn build_model(
     let (model, weights) = if a.random_weights {
         let w = random::random_weights(&cfg, a.seed, dtype, device, quant)?;
         if a.baseline.is_some() {
-            base = Some(baseline::BaselineWeights::Tensors(baseline::hf_tensors(
-                &cfg, &w,
-            )?));
+            base = Some(match quant {
+                // Dense weights are shared with candle as views (no copy).
+                None => baseline::BaselineWeights::Tensors(baseline::hf_tensors(&cfg, &w)?),
+                // Quantized ones would need a dense copy: drawn again when the baseline runs.
+                Some(quant) => baseline::BaselineWeights::Random {
+                    seed: a.seed,
+                    dtype,
+                    quant,
+                },
+            });
         }
         let what = match quant {
             Some(q) => format!(", {} drawn packed", crate::quant::format_name(q)),
