@@ -31,7 +31,9 @@ pub fn experts_w(x: &Tensor, d: &Dispatch, gate_up: &Weight, down: &Weight) -> R
 fn expert_matmul(x: &Tensor, w: &Tensor, e: usize) -> Result<Tensor> {
     let we = w.get(e)?;
     if x.device().is_cpu() && x.dtype() == DType::BF16 {
-        let y = x.to_dtype(DType::F32)?.matmul(&we.to_dtype(DType::F32)?.t()?)?;
+        let y = x
+            .to_dtype(DType::F32)?
+            .matmul(&we.to_dtype(DType::F32)?.t()?)?;
         return y.to_dtype(DType::BF16);
     }
     x.matmul(&we.t()?)
