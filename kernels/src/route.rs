@@ -273,7 +273,7 @@ fn cuda_route(
     let (kind, n_group, topk_group, norm_mode, norm_p, scaling) = match router {
         Router::Softmax { norm_p } => match norm_p {
             None => (0u32, 1u32, 1u32, 0u32, 1f32, 1f32),
-            Some(p) if p == 1.0 => (0, 1, 1, 1, 1.0, 1.0),
+            Some(1.0) => (0, 1, 1, 1, 1.0, 1.0),
             Some(p) => (0, 1, 1, 2, p as f32, 1.0),
         },
         Router::SoftmaxGroupLimited {
