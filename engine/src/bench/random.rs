@@ -98,10 +98,10 @@ struct Gen<'a> {
     quant: Option<QFormat>,
 }
 
-/// Fills `out` with uniform bytes (splitmix64, seeded per chunk like [`fill_normal`]), each
-/// mapped by `code` (the format's valid codes).
+/// Fills `out` with uniform bytes (splitmix64, seeded per chunk like [`fill_normal`], so the
+/// values do not depend on the number of threads), each mapped by `code` (the format's codes).
 fn fill_codes(out: &mut [u8], seed: u64, tensor: u64, code: fn(u8) -> u8) {
-    for (c, chunk) in out.chunks_mut(CHUNK).enumerate() {
+    let fill_chunk = |c: usize, chunk: &mut [u8]| {
         let mut s = seed
             ^ tensor.wrapping_mul(0xD1B5_4A32_D192_ED03)
             ^ (c as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
@@ -112,7 +112,20 @@ fn fill_codes(out: &mut [u8], seed: u64, tensor: u64, code: fn(u8) -> u8) {
                 *b = code(v);
             }
         }
-    }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n_chunks = out.len().div_ceil(CHUNK);
+    let per_thread = n_chunks.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|sc| {
+        for (t, part) in out.chunks_mut(per_thread * CHUNK).enumerate() {
+            let fill_chunk = &fill_chunk;
+            sc.spawn(move || {
+                for (j, chunk) in part.chunks_mut(CHUNK).enumerate() {
+                    fill_chunk(t * per_thread + j, chunk);
+                }
+            });
+        }
+    });
 }
 
 impl Gen<'_> {

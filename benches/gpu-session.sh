@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# gpu-session.sh: everything a GPU session should run first, in one or two device calls.
+#
+# Here (no GPU):   bash ../shared/gpu/build-device-binary.sh      # CUDA_COMPUTE_CAP=90 for H100/H200
+# Then, with the device tool:
+#   run(command: "bash benches/gpu-session.sh selftest", carry: [".device"])   # ~1-2 min
+#   run(command: "bash benches/gpu-session.sh bench",    carry: [".device"])   # ~6-9 min
+# and copy what comes back from $OUT into benches/results/ (keep the names), then
+#   moe-run results --write      # regenerates README's table from benches/results/*.json
+#
+# Stages:
+#   selftest  every kernel against its CPU reference on the GPU, plus whole-model parity of the CUDA path
+#             against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree).
+#   bench     issue 9's set on Mixtral-8x7B shapes with random weights (no download): INT4 and INT8, batch 1,
+#             512-token prefill and 64 decode steps, all 32 layers (25 GB / 47 GB: fit an 80 GB H100); a
+#             4-layer INT4 run with the candle baseline (its dense f32 copy of 32 layers would not fit).
+# Files land in $OUT (the device tool brings back at most 8 files: this writes 8), named gpu-<what>.{json,txt}.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+RUN=(bash .device/run-on-device.sh)
+OUT=${OUT:-/tmp/moe-run-gpu}
+GPU=${GPU:-h100}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu-nvidia-smi.txt"
+
+bench() { # name, then moe-run bench arguments
+  local name=$1
+  shift
+  echo "== bench $name: $*"
+  "${RUN[@]}" bench --device cuda --gpu "$GPU" "$@" --json-out "$OUT/gpu-$name.json" 2>&1 | tee "$OUT/gpu-$name.txt"
+}
+
+case "${1:-all}" in
+selftest | all)
+  echo "== selftest --device cuda"
+  "${RUN[@]}" selftest --device cuda 2>&1 | tee "$OUT/gpu-selftest.txt"
+  ;;&
+bench | all)
+  mix=(--model mixtral-8x7b --random-weights --dtype bf16 --prompt-len 512 --gen 64 --runs 5)
+  bench mixtral-8x7b-int4 "${mix[@]}" --quant int4
+  bench mixtral-8x7b-int8 "${mix[@]}" --quant int8
+  bench mixtral-8x7b-4layers-int4-baseline "${mix[@]}" --quant int4 --layers 4 --baseline candle
+  ;;&
+selftest | bench | all) ;;
+*)
+  echo "usage: gpu-session.sh [selftest|bench|all]" >&2
+  exit 2
+  ;;
+esac
