@@ -256,7 +256,7 @@ pub struct Memory {
     pub weights: MemPair,
     /// Allocated KV cache (B sequences of P+G) vs `kv_bytes_per_sequence` x B.
     pub kv_cache: MemPair,
-    /// Process peak RSS (CPU) vs weights + KV predicted (activations not modelled).
+    /// Process peak RSS vs weights + KV predicted (activations not modelled); CPU runs only.
     pub peak_rss: Option<MemPair>,
     /// CUDA runs: what the driver reports.
     pub gpu: Option<GpuMemory>,
@@ -781,7 +781,8 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             measured_bytes: samples[0].kv_bytes as u64,
             predicted_bytes: kv_pred,
         },
-        peak_rss: peak_rss.map(|r| MemPair {
+        // Host RSS is the model's memory only on the CPU (on CUDA see `gpu`).
+        peak_rss: peak_rss.filter(|_| device.is_cpu()).map(|r| MemPair {
             measured_bytes: r,
             predicted_bytes: w_pred + kv_pred,
         }),
