@@ -280,7 +280,7 @@ __device__ void down_gemm_impl(const T* __restrict__ act, const uint32_t* __rest
 // Needs sm_80+ for bf16 and sm_70+ for f16: on older targets those entries are not compiled, and the launcher
 // (experts.rs `mma_entry`) keeps the FMA GEMM for them.
 #define MMA_WARPS 4
-#define MMA_LD (TILE_K + 8)  // shared row stride in elements: a multiple of 8 (wmma) and 32-byte aligned rows
+#define MMA_LD (TILE_K + 8)  // shared row stride in elements: a multiple of 8 (wmma); 16-row blocks start 32-byte aligned
 #define MMA_LDC_GU (GU_TILE_F + 4)
 #define MMA_LDC_DN (DN_TILE_H + 4)
 

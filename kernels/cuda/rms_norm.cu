@@ -39,9 +39,9 @@ __device__ void rms_norm_impl(const T* __restrict__ x, const T* __restrict__ res
                               T* __restrict__ h_out, T* __restrict__ out, uint32_t H, float eps) {
   const size_t row = blockIdx.x;
   const T* xr = x + row * H;
+  const T* rr = residual != nullptr ? residual + row * H : nullptr;
   float ss = 0.f;
-  if (residual != nullptr) {
-    const T* rr = residual + row * H;
+  if (rr != nullptr) {
     T* hr = h_out + row * H;
     for (uint32_t i = threadIdx.x; i < H; i += NORM_THREADS) {
       const T h = from_float<T>(to_float(xr[i]) + to_float(rr[i]));
@@ -49,7 +49,6 @@ __device__ void rms_norm_impl(const T* __restrict__ x, const T* __restrict__ res
       const float hf = to_float(h);
       ss = fmaf(hf, hf, ss);
     }
-    xr = hr;  // each thread re-reads only the elements it wrote itself
   } else {
     for (uint32_t i = threadIdx.x; i < H; i += NORM_THREADS) {
       const float hf = to_float(xr[i]);
@@ -59,7 +58,10 @@ __device__ void rms_norm_impl(const T* __restrict__ x, const T* __restrict__ res
   const float denom = sqrtf(block_sum(ss) / static_cast<float>(H) + eps);
   T* o = out + row * H;
   for (uint32_t i = threadIdx.x; i < H; i += NORM_THREADS) {
-    const T n = from_float<T>(to_float(xr[i]) / denom);
+    // h again from the read-only inputs (the same rounding), not read back from h_out: the
+    // __restrict__ pointers let nvcc read h_out through the non-coherent cache.
+    const float hf = rr != nullptr ? to_float(from_float<T>(to_float(xr[i]) + to_float(rr[i]))) : to_float(xr[i]);
+    const T n = from_float<T>(hf / denom);
     o[i] = from_float<T>(to_float(n) * to_float(weight[i]));
   }
 }

@@ -334,6 +334,17 @@ fn cuda_experts(
     let sfx = xv.suffix();
     let m = &crate::ptx::MOE_EXPERTS;
     let (e32, h32, f32_) = (d.e as u32, d.h as u32, d.f as u32);
+    // grid.y is one block per row tile (GEMM) or active expert (GEMV): the launch limit is 65535.
+    let y = match path {
+        ExpertPath::Gemm => d.r.div_ceil(64) + d.e.min(d.r),
+        ExpertPath::Gemv => d.e.min(d.r),
+    };
+    if y > 65535 {
+        bail!(
+            "{OP}: {y} row tiles exceed the grid's 65535 (R = {} rows)",
+            d.r
+        );
+    }
 
     macro_rules! run_dtype {
         ($ty:ty, $variant:ident) => {{

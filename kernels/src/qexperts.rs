@@ -312,9 +312,11 @@ fn cuda_qmatmul_moe(
             d.r
         );
     }
-    let chunks = chunks.clamp(1, 65535) as u32;
+    // The GEMV kernel strides over all C tiles with grid y; only the grid is clamped.
+    let grid_y = chunks.clamp(1, 65535) as u32;
+    let chunks = chunks.min(u32::MAX as usize) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (d.n.div_ceil(cols) as u32, chunks, 1),
+        grid_dim: (d.n.div_ceil(cols) as u32, grid_y, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };

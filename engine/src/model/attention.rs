@@ -82,7 +82,7 @@ impl Attention {
         let (k_all, v_all) = cache.write(layer, &k, &v, pos)?; // [B, kv, L, hd]
         let l = pos + t;
         let scale = 1.0 / (hd as f64).sqrt();
-        if path == ExecPath::Kernels && t == 1 {
+        if path == ExecPath::Kernels && t == 1 && hd <= moe_kernels::attention::DECODE_ATTN_MAX_D {
             let (kc, vc) = cache.layer(layer); // [B, kv, cap, hd]
             let out =
                 moe_kernels::decode_attention(&q, kc, vc, l, self.sliding_window, scale as f32)?;
@@ -125,6 +125,9 @@ impl Attention {
         pos: usize,
     ) -> Result<Option<Tensor>> {
         use crate::config::NormKind;
+        if hd > moe_kernels::rope::QK_NORM_ROPE_MAX_D {
+            return Ok(None); // the kernel stages one head in shared memory: candle ops instead
+        }
         let head_norm = match (norm, self.cfg.qk_norm) {
             (Some(nm), QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope) => match nm.kind {
                 NormKind::Rms { eps } if nm.weight.dtype() == y.dtype() => {
