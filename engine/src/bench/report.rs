@@ -342,7 +342,6 @@ fn panel<DB: DrawingBackend>(
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(80);
-    let style = |c: RGBColor| ShapeStyle::from(&c).stroke_width(3);
     macro_rules! draw_series {
         ($chart:expr) => {{
             let mut chart = $chart;
@@ -364,7 +363,11 @@ fn panel<DB: DrawingBackend>(
                 })
                 .max_light_lines(1)
                 .draw()?;
-            for (name, ys, c) in series {
+            // Later series are drawn first and wider, so where measured and predicted coincide
+            // both stay visible (the measured line on top of a wider predicted one).
+            for (i, (name, ys, c)) in series.iter().enumerate().rev() {
+                let width = 3 + 4 * i as u32;
+                let style = move |c: RGBColor| ShapeStyle::from(&c).stroke_width(width);
                 let pts: Vec<(f64, f64)> = xs
                     .iter()
                     .copied()
@@ -376,7 +379,10 @@ fn panel<DB: DrawingBackend>(
                     .draw_series(std::iter::once(PathElement::new(pts.clone(), style(c))))?
                     .label(*name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style(c)));
-                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))?;
+                chart.draw_series(
+                    pts.iter()
+                        .map(|&p| Circle::new(p, 5 + 2 * i as u32, c.filled())),
+                )?;
             }
             chart
                 .configure_series_labels()
@@ -391,12 +397,15 @@ fn panel<DB: DrawingBackend>(
     // legend does not hide a first point that is also the highest (decreasing curves).
     let ytop = ymax * 2.0 * (4.0 * ymax / ymin).powf(0.25);
     match (log_x, log_y) {
-        (true, true) => {
-            draw_series!(b.build_cartesian_2d(xr.log_scale(), (ymin * 0.5..ytop).log_scale())?)
-        }
-        (true, false) => {
-            draw_series!(b.build_cartesian_2d(xr.log_scale(), 0f64..ymax * 1.15)?)
-        }
+        // A log x axis is labelled at the swept points themselves (2, 4, 8, 16...).
+        (true, true) => draw_series!(b.build_cartesian_2d(
+            xr.log_scale().with_key_points(xs.to_vec()),
+            (ymin * 0.5..ytop).log_scale()
+        )?),
+        (true, false) => draw_series!(b.build_cartesian_2d(
+            xr.log_scale().with_key_points(xs.to_vec()),
+            0f64..ymax * 1.15
+        )?),
         (false, true) => {
             draw_series!(b.build_cartesian_2d(xr, (ymin * 0.5..ytop).log_scale())?)
         }
