@@ -70,6 +70,14 @@ impl Router {
     }
 }
 
+/// Whether the CUDA router kernel handles `router` over `e` experts with `top_k` (the CPU reference
+/// has no limits). Pure.
+pub fn route_kernel_supports(router: Router, e: usize, top_k: usize) -> bool {
+    e <= ROUTE_MAX_EXPERTS
+        && top_k <= ROUTE_MAX_TOP_K
+        && router.groups().is_none_or(|(g, _)| g <= ROUTE_MAX_GROUPS)
+}
+
 /// Routes every row of `logits [N, E]`. Returns `(ids [N, K] u32, weights [N, K] f32)` on the device of
 /// `logits`. `bias` (f32 `[E]`) is required by [`Router::SigmoidBiasGrouped`] and ignored otherwise.
 pub fn moe_route(
@@ -262,13 +270,8 @@ fn cuda_route(
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::Storage;
 
-    if e > ROUTE_MAX_EXPERTS || top_k > ROUTE_MAX_TOP_K {
-        bail!("{OP}: the CUDA kernel supports E <= {ROUTE_MAX_EXPERTS} and top_k <= {ROUTE_MAX_TOP_K}, got E = {e}, top_k = {top_k}");
-    }
-    if let Some((g, _)) = router.groups() {
-        if g > ROUTE_MAX_GROUPS {
-            bail!("{OP}: the CUDA kernel supports n_group <= {ROUTE_MAX_GROUPS}, got {g}");
-        }
+    if !route_kernel_supports(router, e, top_k) {
+        bail!("{OP}: the CUDA kernel supports E <= {ROUTE_MAX_EXPERTS}, top_k <= {ROUTE_MAX_TOP_K} and n_group <= {ROUTE_MAX_GROUPS}, got E = {e}, top_k = {top_k}, {router:?}");
     }
     let (kind, n_group, topk_group, norm_mode, norm_p, scaling) = match router {
         Router::Softmax { norm_p } => match norm_p {
@@ -389,6 +392,21 @@ mod tests {
         bias: Option<&[f32]>,
     ) -> (Vec<u32>, Vec<f32>) {
         route_reference(scores, e, router, k, bias).unwrap()
+    }
+
+    #[test]
+    fn kernel_limits() {
+        let soft = Router::Softmax { norm_p: Some(1.0) };
+        assert!(route_kernel_supports(soft, 256, 8));
+        assert!(!route_kernel_supports(soft, 384, 8), "Kimi-K2-sized E");
+        assert!(!route_kernel_supports(soft, 64, 9));
+        let grouped = Router::SigmoidBiasGrouped {
+            n_group: 64,
+            topk_group: 4,
+            renormalize: true,
+            scaling: 1.0,
+        };
+        assert!(!route_kernel_supports(grouped, 256, 8));
     }
 
     #[test]

@@ -111,9 +111,18 @@ impl MoeBlock {
         } else {
             self.router.forward(&x)?
         };
-        let (mut out, routing) = match path {
-            ExecPath::Kernels => self.routed_kernels(&x, &logits)?,
-            ExecPath::Candle => self.routed_candle(&x, &logits)?,
+        // Beyond the router kernel's limits (E > 256, k > 8, > 32 groups) the block routes on
+        // the host instead: one device-to-host read per layer rather than an error.
+        let kernels = path == ExecPath::Kernels
+            && moe_kernels::route::route_kernel_supports(
+                route::router(self.cfg.router),
+                self.cfg.num_experts,
+                self.cfg.top_k,
+            );
+        let (mut out, routing) = if kernels {
+            self.routed_kernels(&x, &logits)?
+        } else {
+            self.routed_candle(&x, &logits)?
         };
         if let Some(shared) = &self.shared {
             let s = shared.forward(&x)?;
