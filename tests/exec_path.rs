@@ -244,3 +244,23 @@ fn exec_path_choice() {
         .to_string();
     assert!(err.contains("MOE_EXEC_PATH"), "{err}");
 }
+
+#[test]
+fn bench_decode_loop_reads_only_the_sampled_ids() {
+    // The timed loop of `moe-run bench` on the kernel path: one read for the prefill's ids and
+    // one per decode step; the traced replay that counts experts is separate and untimed.
+    let mut model = TINY_KJV.load(&LoadOptions::default()).unwrap();
+    model.set_exec_path(ExecPath::Kernels);
+    let ids = [5u32, 77, 300, 12];
+    let gen = 5;
+    let before = host::reads();
+    let s = moe::bench::measure::run_once(&model, &ids, 1, gen, false).unwrap();
+    assert_eq!(host::reads() - before, 1 + gen as u64);
+    assert!(s.experts_touched.is_none());
+    let s = moe::bench::measure::run_once(&model, &ids, 1, gen, true).unwrap();
+    assert_eq!(
+        s.experts_touched,
+        Some(2.0),
+        "tiny-kjv routes top-2 at batch 1"
+    );
+}

@@ -93,8 +93,17 @@ fn distinct_experts(t: &Trace) -> Option<f64> {
     (!layers.is_empty()).then(|| layers.iter().sum::<usize>() as f64 / layers.len() as f64)
 }
 
-/// Prefill `ids` (`batch` rows), then `gen` greedy decode steps; times both.
-pub fn run_once(model: &Model, ids: &[u32], batch: usize, gen: usize) -> Result<RunSample> {
+/// Prefill `ids` (`batch` rows), then `gen` greedy decode steps; times both. The timed steps read
+/// back only the sampled ids (what generation does). With `count_experts`, the same steps run once
+/// more untimed with a routing trace (which reads every MoE layer's routing to the host) to count
+/// the distinct experts per step.
+pub fn run_once(
+    model: &Model,
+    ids: &[u32],
+    batch: usize,
+    gen: usize,
+    count_experts: bool,
+) -> Result<RunSample> {
     let dev = model.device().clone();
     let p = ids.len() / batch;
     let mut cache = model.new_cache(batch, p + gen)?;
@@ -103,24 +112,36 @@ pub fn run_once(model: &Model, ids: &[u32], batch: usize, gen: usize) -> Result<
     let t0 = Instant::now();
     let logits = model.forward(&input, &mut cache, false, None)?;
     let mut next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?; // [B, 1]
-    let _ = next.to_vec2::<u32>()?;
+    crate::runtime::host::read_vec::<u32>(&next)?;
     sync(&dev)?;
     let prefill_s = t0.elapsed().as_secs_f64();
 
-    let mut trace = Trace::default();
-    let (mut touched, mut steps) = (0.0, 0usize);
+    let first = next.clone();
     let t1 = Instant::now();
     for _ in 0..gen {
-        let logits = model.forward(&next, &mut cache, false, Some(&mut trace))?;
+        let logits = model.forward(&next, &mut cache, false, None)?;
         next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
-        let _ = next.to_vec2::<u32>()?;
-        if let Some(d) = distinct_experts(&trace) {
-            touched += d;
-            steps += 1;
-        }
+        crate::runtime::host::read_vec::<u32>(&next)?; // the sampled ids, as generation reads them
     }
     sync(&dev)?;
     let decode_s = t1.elapsed().as_secs_f64();
+
+    let (mut touched, mut steps) = (0.0, 0usize);
+    if count_experts {
+        // The same greedy steps again from the prompt's cache state, traced and untimed.
+        cache.reset();
+        model.forward(&input, &mut cache, false, None)?;
+        let mut trace = Trace::default();
+        next = first;
+        for _ in 0..gen {
+            let logits = model.forward(&next, &mut cache, false, Some(&mut trace))?;
+            next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+            if let Some(d) = distinct_experts(&trace) {
+                touched += d;
+                steps += 1;
+            }
+        }
+    }
     Ok(RunSample {
         prefill_s,
         decode_s,

@@ -667,10 +667,11 @@ pub fn timed_runs(
 ) -> Result<Vec<RunSample>> {
     let ids = measure::prompt_ids(model.cfg.vocab_size, batch, prompt_len, seed);
     for _ in 0..warmup {
-        measure::run_once(model, &ids, batch, gen)?;
+        measure::run_once(model, &ids, batch, gen, false)?;
     }
+    // Only the first timed run also counts distinct experts (in an untimed traced replay).
     (0..runs.max(1))
-        .map(|_| measure::run_once(model, &ids, batch, gen))
+        .map(|i| measure::run_once(model, &ids, batch, gen, i == 0))
         .collect()
 }
 
