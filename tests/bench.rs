@@ -590,11 +590,17 @@ fn bench_with_quant_reports_quantized_memory() {
         assert!(base.decode_time_ratio_candle_over_ours > 0.0);
         assert!(base.name.contains("dense f32"), "{}", base.name);
     }
-    // W8A16 / W4A16: an f32 compute dtype is refused (analyze's figures assume 16-bit).
-    let f32q = BenchArgs {
+    // W8A16 / W4A16: --dtype auto means bf16 with --quant; an explicit f32 is refused
+    // (analyze's figures assume 16-bit).
+    let auto = BenchArgs {
         random_weights: true,
         quant: Some("int8".into()),
         ..tiny_args()
+    };
+    assert_eq!(bench(&auto).unwrap().env.dtype, "bf16");
+    let f32q = BenchArgs {
+        dtype: "f32".into(),
+        ..auto
     };
     assert!(bench(&f32q)
         .unwrap_err()

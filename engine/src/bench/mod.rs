@@ -72,8 +72,8 @@ pub struct BenchArgs {
     /// Keep only the first N decoder layers.
     #[arg(long)]
     pub layers: Option<usize>,
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (bf16 with --quant or on a GPU, else f32), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Weight-only quantization: int8, int4 (group 128), int4:64, int4:32. Random weights are
     /// drawn directly in the packed format; a dense checkpoint is quantized while loading.
@@ -162,7 +162,7 @@ impl Default for BenchArgs {
             random_weights: false,
             seed: 0,
             layers: None,
-            dtype: "f32".into(),
+            dtype: "auto".into(),
             quant: None,
             device: "cpu".into(),
             prompt_len: 32,
@@ -322,6 +322,14 @@ pub fn baseline_dtype(dtype: DType, quant: Option<QFormat>) -> DType {
     } else {
         dtype
     }
+}
+
+/// `--dtype`, where `auto` is bf16 with `--quant` (W8A16/W4A16) or on a GPU, else f32.
+pub fn dtype_of(a: &BenchArgs, device: &Device) -> Result<DType> {
+    if a.dtype == "auto" && a.quant.is_some() {
+        return Ok(DType::BF16);
+    }
+    loader::parse_dtype_on(&a.dtype, device)
 }
 
 /// `--quant` parsed (`None` without it).
@@ -687,8 +695,8 @@ fn check_shape(a: &BenchArgs) -> Result<()> {
 /// Runs the benchmark (no printing).
 pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     check_shape(a)?;
-    let dtype = loader::parse_dtype(&a.dtype)?;
     let device = crate::loader::parse_device(&a.device)?;
+    let dtype = dtype_of(a, &device)?;
     use crate::runtime::memory::{device_memory, pool_high_water, reset_pool_high_water};
     let used = |m: Option<(u64, u64)>| m.map(|(free, total)| total.saturating_sub(free));
     let used_before = used(device_memory(&device));

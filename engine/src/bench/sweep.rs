@@ -16,7 +16,6 @@ use crate::analysis::counts::tensor_inventory;
 use crate::analysis::roofline::expected_experts_touched;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::loader;
 use crate::model::Model;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -159,8 +158,8 @@ pub fn sweep(a: &BenchArgs, kind: SweepKind) -> Result<SweepReport> {
             "--prompt-len, --gen and --batch must be at least 1".into(),
         ));
     }
-    let dtype = loader::parse_dtype(&a.dtype)?;
     let device = crate::loader::parse_device(&a.device)?;
+    let dtype = super::dtype_of(a, &device)?;
     let layers = a.layers.unwrap_or(2);
     let points = kind.points(a.points.as_deref())?;
     let (bw, peak) = super::ceilings(a, &device, dtype)?;

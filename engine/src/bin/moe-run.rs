@@ -86,8 +86,8 @@ struct ModelArgs {
     /// A directory with config.json, safetensors weights and (for text) tokenizer.json.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
     dtype: String,
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
@@ -196,9 +196,10 @@ fn main() -> ExitCode {
 /// Where the model comes from, and the loaded model.
 fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
     let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
+    let device = loader::parse_device(&a.device)?;
     let opts = LoadOptions {
-        dtype: loader::parse_dtype(&a.dtype)?,
-        device: loader::parse_device(&a.device)?,
+        dtype: loader::parse_dtype_on(&a.dtype, &device)?,
+        device,
         progress: true,
         quant: a
             .quant

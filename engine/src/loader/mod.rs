@@ -249,12 +249,34 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 /// Parses `f32|bf16|f16`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
+    parse_dtype_on(s, &Device::Cpu)
+}
+
+/// [`parse_dtype`], plus `auto`: f32 on the CPU (candle's CPU matmul has no bf16 kernel), bf16 on
+/// a GPU (half the bytes per decoded token, and what checkpoints are published in).
+pub fn parse_dtype_on(s: &str, device: &Device) -> Result<DType> {
     match s {
+        "auto" if device.is_cpu() => Ok(DType::F32),
+        "auto" => Ok(DType::BF16),
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => Ok(DType::F16),
         _ => Err(Error::Input(format!(
-            "unknown dtype {s:?}; use f32, bf16 or f16"
+            "unknown dtype {s:?}; use auto, f32, bf16 or f16"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names() {
+        assert_eq!(parse_dtype_on("auto", &Device::Cpu).unwrap(), DType::F32);
+        assert_eq!(parse_dtype("bfloat16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("f16").unwrap(), DType::F16);
+        let e = parse_dtype("fp8").unwrap_err().to_string();
+        assert!(e.contains("auto, f32, bf16 or f16"), "{e}");
     }
 }
