@@ -167,6 +167,27 @@ pub fn memcpy_bandwidth_gb_s() -> f64 {
 }
 
 /// Matmul throughput of `device` in `dtype`: best of a few `[n, n] x [n, n]` products, TFLOPS.
+/// Device memory bandwidth from a device-to-device copy: best of several copies of a 1 GiB
+/// tensor, counting the bytes read plus the bytes written, in GB/s (the CPU: a memcpy).
+pub fn device_copy_bandwidth_gb_s(device: &Device) -> Result<f64> {
+    if device.is_cpu() {
+        return Ok(memcpy_bandwidth_gb_s());
+    }
+    let n = 1usize << 28; // 2^28 f32 = 1 GiB
+    let src = Tensor::zeros(n, DType::F32, device)?;
+    let _ = src.copy()?; // warm-up
+    sync(device)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let dst = src.copy()?;
+        sync(device)?;
+        std::hint::black_box(&dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (4 * n) as f64 / best / 1e9)
+}
+
 pub fn matmul_peak_tflops(device: &Device, dtype: DType, n: usize) -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;

@@ -97,8 +97,8 @@ pub struct BenchArgs {
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Memory bandwidth for the ceiling, GB/s (default: the --gpu table entry on CUDA, else a
-    /// memcpy measured on the CPU).
+    /// Memory bandwidth for the ceiling, GB/s (default: the --gpu table entry on CUDA, else
+    /// measured: a 1 GiB device-to-device copy on CUDA, a memcpy on the CPU).
     #[arg(long)]
     pub bandwidth: Option<f64>,
     /// A built-in GPU for the CUDA ceiling (see `analyze --gpu`).
@@ -471,11 +471,10 @@ pub fn ceilings(a: &BenchArgs, device: &Device, dtype: DType) -> Result<(Sourced
             value: g.bandwidth_gb_s,
             source: format!("GPU table: {}", g.name),
         },
-        _ if is_cuda => {
-            return Err(Error::Input(
-                "on CUDA give --gpu NAME or --bandwidth GB/s for the ceiling".into(),
-            ))
-        }
+        _ if is_cuda => Sourced {
+            value: measure::device_copy_bandwidth_gb_s(device)?,
+            source: "measured: 1 GiB device-to-device copy, read + write bytes".into(),
+        },
         _ => Sourced {
             value: measure::memcpy_bandwidth_gb_s(),
             source: "measured: 128 MiB memcpy on the CPU, read + write bytes".into(),
@@ -494,10 +493,14 @@ pub fn ceilings(a: &BenchArgs, device: &Device, dtype: DType) -> Result<(Sourced
             value: t,
             source: "GPU table".into(),
         },
-        (None, None) => Sourced {
-            value: measure::matmul_peak_tflops(device, dtype, 1024)?,
-            source: format!("measured: 1024^3 matmul in {}", dtype_name(dtype)),
-        },
+        (None, None) => {
+            // A GPU needs a larger product than the CPU to approach its peak.
+            let n = if is_cuda { 8192 } else { 1024 };
+            Sourced {
+                value: measure::matmul_peak_tflops(device, dtype, n)?,
+                source: format!("measured: {n}^3 matmul in {}", dtype_name(dtype)),
+            }
+        }
     };
     Ok((bw, peak))
 }
