@@ -11,6 +11,7 @@
 # Stages:
 #   selftest  every kernel against its CPU reference on the GPU, plus whole-model parity of the CUDA path
 #             against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree).
+#   sanitize  (optional, a third call) compute-sanitizer memcheck over the self-test, op by op.
 #   bench     issue 9's set on Mixtral-8x7B shapes with random weights (no download): INT4 and INT8, batch 1,
 #             512-token prefill and 64 decode steps, all 32 layers (25 GB / 47 GB: fit an 80 GB H100); a
 #             4-layer INT4 run with the candle baseline (its dense f32 copy of 32 layers would not fit).
@@ -41,9 +42,20 @@ bench | all)
   bench mixtral-8x7b-int8 "${mix[@]}" --quant int8
   bench mixtral-8x7b-4layers-int4-baseline "${mix[@]}" --quant int4 --layers 4 --baseline candle
   ;;&
+sanitize)
+  # compute-sanitizer memcheck over the kernel self-test, one op family at a time (memcheck is slow).
+  # run-on-device.sh unpacks the binary and prints the LD_LIBRARY_PATH it needs; reuse both here.
+  ld=$("${RUN[@]}" --help 2>&1 >/dev/null | sed -n 's/^run-on-device.sh: LD_LIBRARY_PATH=//p')
+  bin=${TMPDIR:-/tmp}/moe-run-device
+  for op in route dispatch experts combine rms_norm qmatmul qk_norm_rope decode_attention; do
+    echo "== compute-sanitizer memcheck: selftest --filter $op"
+    LD_LIBRARY_PATH=$ld compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$bin" selftest --device cuda --filter "$op" 2>&1 | tail -n 25
+  done 2>&1 | tee "$OUT/gpu-sanitize.txt"
+  ;;
 selftest | bench | all) ;;
 *)
-  echo "usage: gpu-session.sh [selftest|bench|all]" >&2
+  echo "usage: gpu-session.sh [selftest|bench|all|sanitize]" >&2
   exit 2
   ;;
 esac
