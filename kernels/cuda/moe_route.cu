@@ -115,6 +115,7 @@ __device__ void moe_route_impl(const T* __restrict__ logits, const float* __rest
       gidx = lane;
     }
     uint32_t keep = 0;
+    __syncwarp();  // every lane has read sel for the group scores before any lane overwrites it below
     for (uint32_t r = 0; r < topk_group; ++r) {
       float v = gscore;
       uint32_t i = gidx;

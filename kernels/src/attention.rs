@@ -176,6 +176,9 @@ fn cuda_decode_attention(
     if d > DECODE_ATTN_MAX_D {
         bail!("{OP}: the CUDA kernel takes head dims up to {DECODE_ATTN_MAX_D}, got {d}");
     }
+    if b > 65535 || h > 65535 {
+        bail!("{OP}: the CUDA grid takes B, H <= 65535, got B = {b}, H = {h}");
+    }
     let start = window_start(len, window);
     let chunks = (len - start).div_ceil(DECODE_ATTN_CHUNK);
     let q = q.contiguous()?;
