@@ -91,3 +91,24 @@ __device__ __forceinline__ int nth_row_tile(const uint32_t* __restrict__ counts,
   }
   return -1;
 }
+
+// ---- tiled GEMM microkernel --------------------------------------------------
+
+// One K-step of a 64 x 64 output tile held as 4 x 4 per thread (256 threads: ty = tid / 16, tx = tid % 16):
+// acc[i][j] += sum_k a[ty*4 + i][k] * b[tx*4 + j][k] over the KT staged columns, f32 FMA.
+template <uint32_t KT>
+__device__ __forceinline__ void fma_tile_4x4(const float (*a)[KT + 1], const float (*b)[KT + 1], uint32_t ty,
+                                             uint32_t tx, float (&acc)[4][4]) {
+#pragma unroll 8
+  for (uint32_t k = 0; k < KT; ++k) {
+    float av[4], bv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) av[i] = a[ty * 4 + i][k];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bv[j] = b[tx * 4 + j][k];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+  }
+}

@@ -247,18 +247,7 @@ __device__ void down_gemm_impl(const T* __restrict__ act, const uint32_t* __rest
       bs[h][k] = (h0 + h < H && k0 + k < F) ? to_float(wd[static_cast<size_t>(h0 + h) * F + k0 + k]) : 0.f;
     }
     __syncthreads();
-#pragma unroll 8
-    for (uint32_t k = 0; k < TILE_K; ++k) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = as[ty * 4 + i][k];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = bs[tx * 4 + j][k];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
+    fma_tile_4x4<TILE_K>(as, bs, ty, tx, acc);
     __syncthreads();
   }
 #pragma unroll

@@ -262,18 +262,7 @@ __device__ void qmatmul_gemm_impl(const T* __restrict__ x, const uint32_t* __res
       ws[n][k] = w;
     }
     __syncthreads();
-#pragma unroll 8
-    for (uint32_t k = 0; k < QG_TILE_K; ++k) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = xs[ty * 4 + i][k];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ws[tx * 4 + j][k];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
+    fma_tile_4x4<QG_TILE_K>(xs, ws, ty, tx, acc);
     __syncthreads();
   }
 #pragma unroll
