@@ -590,22 +590,26 @@ fn bench_with_quant_reports_quantized_memory() {
         assert!(base.decode_time_ratio_candle_over_ours > 0.0);
         assert!(base.name.contains("dense f32"), "{}", base.name);
     }
-    // W8A16 / W4A16: --dtype auto means bf16 with --quant; an explicit f32 is refused
-    // (analyze's figures assume 16-bit).
+    // --dtype auto means bf16 with --quant (W8A16); an explicit f32 keeps the unquantized
+    // tensors in f32, and the prediction (int8/f32) counts them so.
     let auto = BenchArgs {
         random_weights: true,
         quant: Some("int8".into()),
         ..tiny_args()
     };
     assert_eq!(bench(&auto).unwrap().env.dtype, "bf16");
-    let f32q = BenchArgs {
-        dtype: "f32".into(),
-        ..auto
-    };
-    assert!(bench(&f32q)
-        .unwrap_err()
-        .to_string()
-        .contains("--dtype bf16"));
+    for q in ["int8", "int4"] {
+        let f32q = BenchArgs {
+            dtype: "f32".into(),
+            quant: Some(q.into()),
+            ..auto.clone()
+        };
+        let r = bench(&f32q).unwrap();
+        let w = &r.memory.weights;
+        let rel = w.measured_bytes as f64 / w.predicted_bytes as f64;
+        assert!((rel - 1.0).abs() < 0.02, "{q} with f32: measured/predicted {rel}");
+        assert_eq!(r.memory.kv_cache.measured_bytes, r.memory.kv_cache.predicted_bytes);
+    }
     let bad = BenchArgs {
         random_weights: true,
         quant: Some("int3".into()),

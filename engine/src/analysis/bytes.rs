@@ -26,6 +26,12 @@ pub enum Precision {
     Bf16,
     Int8,
     Int4,
+    /// INT8 weights with an f32 compute dtype: the unquantized tensors (embeddings, norms,
+    /// routers, lm_head, MLA kv_b) and the KV cache are f32 (what `--quant int8 --dtype f32`
+    /// holds). Not one of analyze's columns ([`Precision::ALL`]).
+    Int8F32,
+    /// INT4 weights with an f32 compute dtype (see [`Precision::Int8F32`]).
+    Int4F32,
 }
 
 /// int4 group size along the input dimension.
@@ -45,6 +51,8 @@ impl Precision {
             Precision::Bf16 => "bf16",
             Precision::Int8 => "int8",
             Precision::Int4 => "int4",
+            Precision::Int8F32 => "int8/f32",
+            Precision::Int4F32 => "int4/f32",
         }
     }
 
@@ -55,6 +63,8 @@ impl Precision {
             Precision::Bf16 => "2 B/elem",
             Precision::Int8 => "int8, one 16-bit scale per output row",
             Precision::Int4 => "int4, group 128 along K, 16-bit scale + 16-bit zero",
+            Precision::Int8F32 => "int8 as above, unquantized tensors and KV in f32",
+            Precision::Int4F32 => "int4 as above, unquantized tensors and KV in f32",
         }
     }
 
@@ -63,15 +73,15 @@ impl Precision {
         match self {
             Precision::Fp32 => 4.0,
             Precision::Bf16 => 2.0,
-            Precision::Int8 => 1.0,
-            Precision::Int4 => 0.5,
+            Precision::Int8 | Precision::Int8F32 => 1.0,
+            Precision::Int4 | Precision::Int4F32 => 0.5,
         }
     }
 
     /// Bytes of one KV cache / activation element under this weight format.
     pub fn kv_elem_bytes(self) -> u64 {
         match self {
-            Precision::Fp32 => 4,
+            Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32 => 4,
             Precision::Bf16 | Precision::Int8 | Precision::Int4 => 2,
         }
     }
@@ -127,7 +137,7 @@ pub const MLA_KV_B: &str = "self_attn.kv_b_proj";
 /// else 2.
 pub fn unquantized_elem_bytes(s: Storage, p: Precision) -> u64 {
     match (s, p) {
-        (Storage::KeepF32, _) | (_, Precision::Fp32) => 4,
+        (Storage::KeepF32, _) | (_, Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32) => 4,
         _ => 2,
     }
 }
@@ -140,11 +150,19 @@ fn plain_bytes(elems: u64, s: Storage, p: Precision) -> u64 {
 pub fn tensor_bytes(t: &TensorGroup, p: Precision) -> u64 {
     let s = storage(t);
     match (s, p, t.kind) {
-        (Storage::Quantized, Precision::Int8, TensorKind::Linear { out, inp }) => {
+        (
+            Storage::Quantized,
+            Precision::Int8 | Precision::Int8F32,
+            TensorKind::Linear { out, inp },
+        ) => {
             // N x K int8 + N 16-bit scales.
             out as u64 * inp as u64 + 2 * out as u64
         }
-        (Storage::Quantized, Precision::Int4, TensorKind::Linear { out, inp }) => {
+        (
+            Storage::Quantized,
+            Precision::Int4 | Precision::Int4F32,
+            TensorKind::Linear { out, inp },
+        ) => {
             // Two nibbles per byte along K; per group of 128 a 16-bit scale and zero.
             let (n, k) = (out as u64, inp as u64);
             n * k.div_ceil(2) + n * k.div_ceil(INT4_GROUP as u64) * 4

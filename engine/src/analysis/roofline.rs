@@ -147,7 +147,7 @@ pub fn ceiling(
         prefill_tokens_per_s: peak.map(|t| t * 1e12 / flops),
         prefill_peak_tflops: peak,
         prefill_tokens_per_s_w8a8: match p {
-            Precision::Int8 => gpu.int8_tops.map(|t| t * 1e12 / flops),
+            Precision::Int8 | Precision::Int8F32 => gpu.int8_tops.map(|t| t * 1e12 / flops),
             _ => None,
         },
         batch: BatchDecode {

@@ -14,8 +14,9 @@
 //!   synchronize, and GPU memory comes from the driver: used-memory growth over load, the
 //!   default mempool's used/reserved high-water marks over the timed runs, and the activation
 //!   peak derived from them. Peak RSS is host memory.
-//! - `--quant int8|int4` draws random weights packed (or quantizes a checkpoint on load), with
-//!   a 16-bit compute dtype only (W8A16/W4A16, as analyze costs it).
+//! - `--quant int8|int4` draws random weights packed (or quantizes a checkpoint on load). With
+//!   `--dtype auto` it computes in bf16 (W8A16/W4A16, as analyze costs it); with `--dtype f32`
+//!   the unquantized tensors and the KV cache are f32 and the predictions use int8/f32, int4/f32.
 //! - `--baseline candle` works for Mixtral with --random-weights, the embedded model or
 //!   `--weights DIR` (read after our timed runs; other families are refused by model_type). It
 //!   runs in f32 only (candle-transformers 0.11's Mixtral fails in bf16/f16); with --quant it
@@ -307,6 +308,8 @@ pub struct BenchReport {
 /// bf16: same bytes; int4 at any group as analyze's group 128).
 pub fn precision_of(dtype: DType, quant: Option<QFormat>) -> Precision {
     match (quant, dtype) {
+        (Some(QFormat::Int8), DType::F32) => Precision::Int8F32,
+        (Some(QFormat::Int4 { .. }), DType::F32) => Precision::Int4F32,
         (Some(QFormat::Int8), _) => Precision::Int8,
         (Some(QFormat::Int4 { .. }), _) => Precision::Int4,
         (None, DType::F32) => Precision::Fp32,
@@ -324,7 +327,9 @@ pub fn baseline_dtype(dtype: DType, quant: Option<QFormat>) -> DType {
     }
 }
 
-/// `--dtype`, where `auto` is bf16 with `--quant` (W8A16/W4A16) or on a GPU, else f32.
+/// `--dtype`, where `auto` is bf16 with `--quant` (W8A16/W4A16) or on a GPU, else f32. An
+/// explicit f32 with `--quant` keeps the unquantized tensors in f32 (costed as int8/f32 or
+/// int4/f32), which on the CPU avoids candle's slow bf16 matmul.
 pub fn dtype_of(a: &BenchArgs, device: &Device) -> Result<DType> {
     if a.dtype == "auto" && a.quant.is_some() {
         return Ok(DType::BF16);
@@ -567,13 +572,6 @@ pub fn build_model(
     let (name, full_cfg) = resolve_config(a)?;
     let cfg = random::first_layers(&full_cfg, a.layers);
     let quant = quant_of(a)?;
-    if quant.is_some() && dtype == DType::F32 {
-        return Err(Error::Input(
-            "--quant runs W8A16 / W4A16: use --dtype bf16 or f16 (analyze's int8 / int4 figures, \
-             which the report compares with, keep the unquantized tensors in 16-bit)"
-                .into(),
-        ));
-    }
     if a.baseline.is_some() {
         baseline::check(&cfg)?;
         baseline::check_dtype(baseline_dtype(dtype, quant))?;
