@@ -607,8 +607,14 @@ fn bench_with_quant_reports_quantized_memory() {
         let r = bench(&f32q).unwrap();
         let w = &r.memory.weights;
         let rel = w.measured_bytes as f64 / w.predicted_bytes as f64;
-        assert!((rel - 1.0).abs() < 0.02, "{q} with f32: measured/predicted {rel}");
-        assert_eq!(r.memory.kv_cache.measured_bytes, r.memory.kv_cache.predicted_bytes);
+        assert!(
+            (rel - 1.0).abs() < 0.02,
+            "{q} with f32: measured/predicted {rel}"
+        );
+        assert_eq!(
+            r.memory.kv_cache.measured_bytes,
+            r.memory.kv_cache.predicted_bytes
+        );
     }
     let bad = BenchArgs {
         random_weights: true,
