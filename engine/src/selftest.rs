@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use moe_kernels::selftest::{nmse, Report, Row};
+use moe_kernels::selftest::{nmse, row_or_error, Report, Row};
 
 use crate::error::{Error, Result};
 use crate::loader::embedded::TINY_KJV;
@@ -99,16 +99,9 @@ fn model_cases(device: &Device, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
             if c.dtype == DType::F32 { "f32" } else { "bf16" },
             c.prompt.len(),
         );
-        let row = model_case(&c, device, budget, &label).unwrap_or_else(|e| Row {
-            op: "model",
-            case: label.clone(),
-            dtype: c.dtype,
-            nmse: f64::INFINITY,
-            budget,
-            time_us: 0.0,
-            note: format!("error: {e}"),
-        });
-        rows.push(row);
+        let r = model_case(&c, device, budget, &label)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()));
+        rows.push(row_or_error("model", label, c.dtype, budget, r));
     }
     Ok(())
 }

@@ -96,11 +96,18 @@ pub fn mma_entry(dtype: DType, arch: Option<&str>) -> bool {
     }
 }
 
+/// [`EXPERT_PATH_ENV`], read once per process (the path is chosen per MoE layer per decode step).
+pub fn expert_path_env() -> Option<&'static str> {
+    static ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| std::env::var(EXPERT_PATH_ENV).ok())
+        .as_deref()
+}
+
 /// [`expert_path`] for N tokens with top-k over E experts, reading [`EXPERT_PATH_ENV`].
 pub fn expert_path_for(tokens: usize, top_k: usize, num_experts: usize) -> Result<ExpertPath> {
     let slots = tokens * top_k;
     let avg = slots as f64 / num_experts.min(slots).max(1) as f64;
-    expert_path(tokens, avg, std::env::var(EXPERT_PATH_ENV).ok().as_deref())
+    expert_path(tokens, avg, expert_path_env())
 }
 
 /// Runs every expert over its rows; returns `out [R, H]` (module docs). `path` picks the CUDA kernels

@@ -28,19 +28,15 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use half::f16;
 
 use crate::common::{check_act, check_dtype, host, same_device, Elem};
-use crate::experts::{expert_path, ExpertPath, EXPERT_PATH_ENV};
+use crate::experts::{expert_path, expert_path_env, ExpertPath};
 use crate::qmatmul::{dequantize_row, QFormat};
 
 const OP: &str = "qmatmul_moe";
 
 /// The CUDA path for `rows_per_expert_max` rows at most in one expert and `avg` expected rows per active
-/// expert, as [`expert_path`] decides it for the dense experts ([`EXPERT_PATH_ENV`] overrides).
+/// expert, as [`expert_path`] decides it for the dense experts ([`crate::experts::EXPERT_PATH_ENV`] overrides).
 pub fn qmm_path(rows_per_expert_max: usize, avg: f64) -> Result<ExpertPath> {
-    expert_path(
-        rows_per_expert_max,
-        avg,
-        std::env::var(EXPERT_PATH_ENV).ok().as_deref(),
-    )
+    expert_path(rows_per_expert_max, avg, expert_path_env())
 }
 
 /// `out [R, N_out]` (module docs). `row_token = None` means x is already in dispatched row order.

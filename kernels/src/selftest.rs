@@ -117,19 +117,26 @@ impl Report {
     }
 }
 
-/// The op names `filter` can select (a case runs when its op name contains `filter`).
-pub const OPS: &[&str] = &[
-    "route",
-    "dispatch",
-    "experts",
-    "combine",
-    "rms_norm",
-    "qk_norm_rope",
-    "decode_attention",
-    "qmatmul",
-    "qmatmul_moe",
-    "vs_candle",
+type CaseFn = fn(&Device, &mut Rng, &mut Vec<Row>) -> Result<()>;
+
+/// Every op family's cases, in the order they run.
+const CASES: &[(&str, CaseFn)] = &[
+    ("route", route_cases),
+    ("dispatch", dispatch_cases),
+    ("experts", experts_cases),
+    ("combine", combine_cases),
+    ("rms_norm", norm_cases),
+    ("qmatmul", qmatmul_cases),
+    ("qmatmul_moe", qmatmul_moe_cases),
+    ("qk_norm_rope", qk_norm_rope_cases),
+    ("decode_attention", decode_attention_cases),
+    ("vs_candle", vs_candle_cases),
 ];
+
+/// The op names `filter` can select (a case runs when its op name contains `filter`).
+pub fn ops() -> impl Iterator<Item = &'static str> {
+    CASES.iter().map(|(op, _)| *op)
+}
 
 /// Runs every case whose op name contains `filter` (all when `None`) on `device`.
 pub fn run(device: &Device, filter: Option<&str>) -> Result<Report> {
@@ -145,37 +152,11 @@ fn run_cases(device: &Device, filter: Option<&str>) -> Result<Report> {
         device: format!("{:?}", device.location()),
         rows: Vec::new(),
     };
-    let want = |op: &str| filter.is_none_or(|f| op.contains(f));
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
-    if want("route") {
-        route_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("dispatch") {
-        dispatch_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("experts") {
-        experts_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("combine") {
-        combine_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("rms_norm") {
-        norm_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("qmatmul") {
-        qmatmul_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("qmatmul_moe") {
-        qmatmul_moe_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("qk_norm_rope") {
-        qk_norm_rope_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("decode_attention") {
-        decode_attention_cases(device, &mut rng, &mut report.rows)?;
-    }
-    if want("vs_candle") {
-        vs_candle_cases(device, &mut rng, &mut report.rows)?;
+    for (op, cases) in CASES {
+        if filter.is_none_or(|f| op.contains(f)) {
+            cases(device, &mut rng, &mut report.rows)?;
+        }
     }
     Ok(report)
 }
@@ -262,7 +243,13 @@ fn upload(v: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<T
 }
 
 /// Catches an op's error as a failed row instead of aborting the whole self-test.
-fn row_or_error(op: &'static str, case: String, dtype: DType, budget: f64, r: Result<Row>) -> Row {
+pub fn row_or_error(
+    op: &'static str,
+    case: String,
+    dtype: DType,
+    budget: f64,
+    r: Result<Row>,
+) -> Row {
     r.unwrap_or_else(|e| Row {
         op,
         case,

@@ -38,6 +38,21 @@ pub enum Precision {
 pub const INT4_GROUP: usize = 128;
 
 impl Precision {
+    /// How the engine holds a model computed in `dtype` with weight quantization `quant`
+    /// (f16 is costed as bf16: same bytes; int4 at any group as group 128).
+    pub fn of(dtype: candle_core::DType, quant: Option<crate::quant::QFormat>) -> Precision {
+        use crate::quant::QFormat;
+        let f32 = dtype == candle_core::DType::F32;
+        match (quant, f32) {
+            (Some(QFormat::Int8), true) => Precision::Int8F32,
+            (Some(QFormat::Int4 { .. }), true) => Precision::Int4F32,
+            (Some(QFormat::Int8), false) => Precision::Int8,
+            (Some(QFormat::Int4 { .. }), false) => Precision::Int4,
+            (None, true) => Precision::Fp32,
+            (None, false) => Precision::Bf16,
+        }
+    }
+
     pub const ALL: [Precision; 4] = [
         Precision::Fp32,
         Precision::Bf16,

@@ -93,6 +93,31 @@ fn distinct_experts(t: &Trace) -> Option<f64> {
     (!layers.is_empty()).then(|| layers.iter().sum::<usize>() as f64 / layers.len() as f64)
 }
 
+/// `gen` greedy decode steps from the ids `next [B, 1]`. Untraced, each step reads back only the
+/// sampled ids (what generation does); with `on_trace` every step is traced (which reads each MoE
+/// layer's routing to the host) and the trace handed over.
+fn decode_steps(
+    model: &Model,
+    cache: &mut crate::runtime::kv_cache::KvCache,
+    mut next: Tensor,
+    gen: usize,
+    mut on_trace: Option<&mut dyn FnMut(&Trace)>,
+) -> Result<()> {
+    let mut trace = Trace::default();
+    for _ in 0..gen {
+        let tr = on_trace.is_some().then_some(&mut trace);
+        let logits = model.forward(&next, cache, false, tr)?;
+        next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+        match on_trace.as_mut() {
+            Some(f) => f(&trace),
+            None => {
+                crate::runtime::host::read_vec::<u32>(&next)?; // the sampled ids
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Prefill `ids` (`batch` rows), then `gen` greedy decode steps; times both. The timed steps read
 /// back only the sampled ids (what generation does). With `count_experts`, the same steps run once
 /// more untimed with a routing trace (which reads every MoE layer's routing to the host) to count
@@ -111,18 +136,14 @@ pub fn run_once(
     sync(&dev)?;
     let t0 = Instant::now();
     let logits = model.forward(&input, &mut cache, false, None)?;
-    let mut next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?; // [B, 1]
+    let next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?; // [B, 1]
     crate::runtime::host::read_vec::<u32>(&next)?;
     sync(&dev)?;
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let first = next.clone();
     let t1 = Instant::now();
-    for _ in 0..gen {
-        let logits = model.forward(&next, &mut cache, false, None)?;
-        next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
-        crate::runtime::host::read_vec::<u32>(&next)?; // the sampled ids, as generation reads them
-    }
+    decode_steps(model, &mut cache, next, gen, None)?;
     sync(&dev)?;
     let decode_s = t1.elapsed().as_secs_f64();
 
@@ -131,16 +152,18 @@ pub fn run_once(
         // The same greedy steps again from the prompt's cache state, traced and untimed.
         cache.reset();
         model.forward(&input, &mut cache, false, None)?;
-        let mut trace = Trace::default();
-        next = first;
-        for _ in 0..gen {
-            let logits = model.forward(&next, &mut cache, false, Some(&mut trace))?;
-            next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
-            if let Some(d) = distinct_experts(&trace) {
-                touched += d;
-                steps += 1;
-            }
-        }
+        decode_steps(
+            model,
+            &mut cache,
+            first,
+            gen,
+            Some(&mut |t| {
+                if let Some(d) = distinct_experts(t) {
+                    touched += d;
+                    steps += 1;
+                }
+            }),
+        )?;
     }
     Ok(RunSample {
         prefill_s,

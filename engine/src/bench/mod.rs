@@ -304,19 +304,6 @@ pub struct BenchReport {
     pub baseline: Option<baseline::BaselineReport>,
 }
 
-/// The cost model's precision for a compute dtype and weight quantization (f16 is costed as
-/// bf16: same bytes; int4 at any group as analyze's group 128).
-pub fn precision_of(dtype: DType, quant: Option<QFormat>) -> Precision {
-    match (quant, dtype) {
-        (Some(QFormat::Int8), DType::F32) => Precision::Int8F32,
-        (Some(QFormat::Int4 { .. }), DType::F32) => Precision::Int4F32,
-        (Some(QFormat::Int8), _) => Precision::Int8,
-        (Some(QFormat::Int4 { .. }), _) => Precision::Int4,
-        (None, DType::F32) => Precision::Fp32,
-        (None, _) => Precision::Bf16,
-    }
-}
-
 /// The dtype candle's baseline runs in: ours, or f32 on the dequantized weights when ours are
 /// quantized (candle-transformers' Mixtral is dense and, in 0.11, f32-only).
 pub fn baseline_dtype(dtype: DType, quant: Option<QFormat>) -> DType {
@@ -580,7 +567,7 @@ pub fn build_model(
     crate::runtime::memory::check_device_fits(
         device,
         &format!("the weights of {name} ({} layers)", cfg.num_layers()),
-        weight_bytes(&tensor_inventory(&cfg), precision_of(dtype, quant)),
+        weight_bytes(&tensor_inventory(&cfg), Precision::of(dtype, quant)),
     )?;
     let mut base = None;
     let (model, weights) = if a.random_weights {
@@ -743,7 +730,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         }
         None => None,
     };
-    let prec = precision_of(dtype, quant_of(a)?);
+    let prec = Precision::of(dtype, quant_of(a)?);
     let pre = predict(&cfg, prec, b, p, p as u64, bw.value, peak.value);
     let dec = predict(&cfg, prec, b, 0, (p + g / 2) as u64, bw.value, peak.value);
     let prefill_tps: Vec<f64> = samples

@@ -40,33 +40,20 @@ fn splitmix(x: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Fills `out` with N(0, std^2) (Box-Muller on splitmix64), chunk by chunk.
-fn fill_normal<T: Copy + Send>(
+/// Fills `out` chunk by chunk on all threads: chunk `c` of tensor `tensor` by `fill` from a
+/// splitmix64 state seeded by (seed, tensor, c), so the values do not depend on the thread count.
+fn fill_chunks<T: Send>(
     out: &mut [T],
     seed: u64,
     tensor: u64,
-    std: f32,
-    conv: fn(f32) -> T,
+    fill: impl Fn(&mut u64, &mut [T]) + Sync,
 ) {
     let fill_chunk = |c: usize, chunk: &mut [T]| {
         let mut s = seed
             ^ tensor.wrapping_mul(0xD1B5_4A32_D192_ED03)
             ^ (c as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
         splitmix(&mut s);
-        let mut i = 0;
-        while i < chunk.len() {
-            let r = splitmix(&mut s);
-            // Two uniforms in (0, 1] and [0, 1).
-            let u1 = ((r >> 40) as f32 + 1.0) * (1.0 / (1u64 << 24) as f32);
-            let u2 = ((r & 0xFF_FFFF) as f32) * (1.0 / (1u64 << 24) as f32);
-            let rad = (-2.0 * u1.ln()).sqrt() * std;
-            let (sn, cs) = (std::f32::consts::TAU * u2).sin_cos();
-            chunk[i] = conv(rad * cs);
-            if i + 1 < chunk.len() {
-                chunk[i + 1] = conv(rad * sn);
-            }
-            i += 2;
-        }
+        fill(&mut s, chunk);
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let n_chunks = out.len().div_ceil(CHUNK);
@@ -89,6 +76,43 @@ fn fill_normal<T: Copy + Send>(
     });
 }
 
+/// Fills `out` with N(0, std^2) (Box-Muller on splitmix64).
+fn fill_normal<T: Copy + Send>(
+    out: &mut [T],
+    seed: u64,
+    tensor: u64,
+    std: f32,
+    conv: fn(f32) -> T,
+) {
+    fill_chunks(out, seed, tensor, |s, chunk| {
+        let mut i = 0;
+        while i < chunk.len() {
+            let r = splitmix(s);
+            // Two uniforms in (0, 1] and [0, 1).
+            let u1 = ((r >> 40) as f32 + 1.0) * (1.0 / (1u64 << 24) as f32);
+            let u2 = ((r & 0xFF_FFFF) as f32) * (1.0 / (1u64 << 24) as f32);
+            let rad = (-2.0 * u1.ln()).sqrt() * std;
+            let (sn, cs) = (std::f32::consts::TAU * u2).sin_cos();
+            chunk[i] = conv(rad * cs);
+            if i + 1 < chunk.len() {
+                chunk[i + 1] = conv(rad * sn);
+            }
+            i += 2;
+        }
+    });
+}
+
+/// Fills `out` with uniform bytes, each mapped by `code` (the format's codes).
+fn fill_codes(out: &mut [u8], seed: u64, tensor: u64, code: fn(u8) -> u8) {
+    fill_chunks(out, seed, tensor, |s, chunk| {
+        for bytes in chunk.chunks_mut(8) {
+            for (b, v) in bytes.iter_mut().zip(splitmix(s).to_le_bytes()) {
+                *b = code(v);
+            }
+        }
+    });
+}
+
 /// Builds tensors in a fixed order, numbering them for their seeds.
 struct Gen<'a> {
     seed: u64,
@@ -96,36 +120,6 @@ struct Gen<'a> {
     dtype: DType,
     device: &'a Device,
     quant: Option<QFormat>,
-}
-
-/// Fills `out` with uniform bytes (splitmix64, seeded per chunk like [`fill_normal`], so the
-/// values do not depend on the number of threads), each mapped by `code` (the format's codes).
-fn fill_codes(out: &mut [u8], seed: u64, tensor: u64, code: fn(u8) -> u8) {
-    let fill_chunk = |c: usize, chunk: &mut [u8]| {
-        let mut s = seed
-            ^ tensor.wrapping_mul(0xD1B5_4A32_D192_ED03)
-            ^ (c as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
-        splitmix(&mut s);
-        for bytes in chunk.chunks_mut(8) {
-            let r = splitmix(&mut s).to_le_bytes();
-            for (b, v) in bytes.iter_mut().zip(r) {
-                *b = code(v);
-            }
-        }
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let n_chunks = out.len().div_ceil(CHUNK);
-    let per_thread = n_chunks.div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|sc| {
-        for (t, part) in out.chunks_mut(per_thread * CHUNK).enumerate() {
-            let fill_chunk = &fill_chunk;
-            sc.spawn(move || {
-                for (j, chunk) in part.chunks_mut(CHUNK).enumerate() {
-                    fill_chunk(t * per_thread + j, chunk);
-                }
-            });
-        }
-    });
 }
 
 impl Gen<'_> {

@@ -204,7 +204,7 @@ fn point(
     peak: f64,
 ) -> Result<SweepRow> {
     let quant = super::quant_of(a)?;
-    let prec = super::precision_of(dtype, quant);
+    let prec = crate::analysis::bytes::Precision::of(dtype, quant);
     let w = random::random_weights(cfg, a.seed, dtype, device, quant)?;
     let model = Model::new(cfg.clone(), w, dtype, device)?;
     let samples = timed_runs(&model, batch, a.prompt_len, a.gen, a.runs, a.warmup, a.seed)?;

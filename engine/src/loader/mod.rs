@@ -169,14 +169,7 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
 /// group 128).
 pub fn predicted_weight_bytes(cfg: &ModelConfig, opts: &LoadOptions) -> u64 {
     use crate::analysis::bytes::{weight_bytes, Precision};
-    let p = match (opts.quant, opts.dtype) {
-        (Some(crate::quant::QFormat::Int8), DType::F32) => Precision::Int8F32,
-        (Some(crate::quant::QFormat::Int4 { .. }), DType::F32) => Precision::Int4F32,
-        (Some(crate::quant::QFormat::Int8), _) => Precision::Int8,
-        (Some(crate::quant::QFormat::Int4 { .. }), _) => Precision::Int4,
-        (None, DType::F32) => Precision::Fp32,
-        (None, _) => Precision::Bf16,
-    };
+    let p = Precision::of(opts.dtype, opts.quant);
     weight_bytes(&crate::analysis::counts::tensor_inventory(cfg), p)
 }
 

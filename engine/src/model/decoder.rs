@@ -180,37 +180,37 @@ impl Model {
         self.path = path;
     }
 
-    /// `norm(x)` for a decoder-layer or final norm: the RMSNorm kernel on the kernel path.
-    fn norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
+    /// The eps of `n` when the kernel path runs it as the RMSNorm kernel (an RMSNorm whose weight
+    /// has the activations' dtype); `None` for candle's ops.
+    fn kernel_rms_eps(&self, n: &Norm, x: &Tensor) -> Option<f32> {
         match (self.path, n.kind) {
             (ExecPath::Kernels, NormKind::Rms { eps }) if n.weight.dtype() == x.dtype() => {
-                let h = x.dim(candle_core::D::Minus1)?;
-                moe_kernels::rms_norm(&x.reshape(((), h))?, &n.weight, eps as f32)?
-                    .reshape(x.shape())
+                Some(eps as f32)
             }
-            _ => n.forward(x),
+            _ => None,
         }
+    }
+
+    /// `norm(x)` for a decoder-layer or final norm: the RMSNorm kernel on the kernel path.
+    fn norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
+        let Some(eps) = self.kernel_rms_eps(n, x) else {
+            return n.forward(x);
+        };
+        let h = x.dim(candle_core::D::Minus1)?;
+        moe_kernels::rms_norm(&x.reshape(((), h))?, &n.weight, eps)?.reshape(x.shape())
     }
 
     /// `(x + h, norm(x + h))`: the residual add fused into the next RMSNorm on the kernel path.
     fn add_norm(&self, n: &Norm, x: &Tensor, h: &Tensor) -> Result<(Tensor, Tensor)> {
-        match (self.path, n.kind) {
-            (ExecPath::Kernels, NormKind::Rms { eps }) if n.weight.dtype() == x.dtype() => {
-                let d = x.dim(candle_core::D::Minus1)?;
-                let (sum, out) = moe_kernels::add_rms_norm(
-                    &h.reshape(((), d))?,
-                    &x.reshape(((), d))?,
-                    &n.weight,
-                    eps as f32,
-                )?;
-                Ok((sum.reshape(x.shape())?, out.reshape(x.shape())?))
-            }
-            _ => {
-                let sum = (x + h)?;
-                let out = n.forward(&sum)?;
-                Ok((sum, out))
-            }
-        }
+        let Some(eps) = self.kernel_rms_eps(n, x) else {
+            let sum = (x + h)?;
+            let out = n.forward(&sum)?;
+            return Ok((sum, out));
+        };
+        let d = x.dim(candle_core::D::Minus1)?;
+        let (sum, out) =
+            moe_kernels::add_rms_norm(&h.reshape(((), d))?, &x.reshape(((), d))?, &n.weight, eps)?;
+        Ok((sum.reshape(x.shape())?, out.reshape(x.shape())?))
     }
 
     pub fn dtype(&self) -> DType {
