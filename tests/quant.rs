@@ -207,7 +207,7 @@ fn saved_checkpoint_round_trip_is_bit_identical() {
         ("qwen2-moe", INT8),
     ] {
         let out = tempfile::tempdir().unwrap();
-        moe::quant::save::quantize_checkpoint(&fixture(name), out.path(), fmt).unwrap();
+        moe::quant::save::quantize_checkpoint(&fixture(name), out.path(), fmt, false).unwrap();
         let (direct, _, b1) = eval_dir(&fixture(name), Some(fmt));
         let (saved, _, b2) = eval_dir(out.path(), None);
         assert_eq!(

@@ -6,8 +6,10 @@
 
 pub mod analysis;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fsio;
 pub mod loader;
 pub mod model;
 pub mod quant;

@@ -73,6 +73,9 @@ pub struct AnalyzeArgs {
     /// Draw total vs active parameters and the decode ceilings to FILE.svg or FILE.png.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Replace an existing --plot file.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A short description of the architecture, for the report header.
@@ -309,6 +312,13 @@ pub fn compute(a: &AnalyzeArgs) -> Result<Output> {
 
 /// `moe-run analyze`: compute, print (text or JSON), and draw the plot if asked.
 pub fn run(a: &AnalyzeArgs) -> Result<()> {
+    if let Some(path) = &a.plot {
+        let mut inputs = crate::fsio::Inputs::new();
+        for p in a.config.iter().chain(&a.weights) {
+            inputs = inputs.add(p);
+        }
+        crate::fsio::check_output(path, "--plot", &inputs, a.force)?;
+    }
     let out = compute(a)?;
     if let Some(path) = &a.plot {
         let Some(report) = &out.report else {
@@ -339,7 +349,5 @@ pub fn run(a: &AnalyzeArgs) -> Result<()> {
         }
         s
     };
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{text}").map_err(|e| Error::io("stdout", e))
+    crate::fsio::print(&(text + "\n"))
 }

@@ -73,7 +73,8 @@ pub trait Chart {
     ) -> std::result::Result<(), String>;
 }
 
-/// Renders `chart` to `path` (.svg or .png) at `size` pixels, with the embedded font.
+/// Renders `chart` to `path` (.svg or .png) at `size` pixels, with the embedded font. The
+/// image is drawn in memory and written atomically (see [`crate::fsio`]).
 pub fn save_chart<C: Chart>(chart: &C, path: &Path, size: (u32, u32)) -> Result<()> {
     register_fonts();
     let ext = path
@@ -81,11 +82,15 @@ pub fn save_chart<C: Chart>(chart: &C, path: &Path, size: (u32, u32)) -> Result<
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
     let err = |e: String| Error::io(path, std::io::Error::other(e));
-    match ext.as_deref() {
+    let bytes = match ext.as_deref() {
         Some("svg") => {
-            let root = SVGBackend::new(path, size).into_drawing_area();
-            chart.draw(&root).map_err(err)?;
-            root.present().map_err(|e| err(e.to_string()))
+            let mut svg = String::new();
+            {
+                let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+                chart.draw(&root).map_err(err)?;
+                root.present().map_err(|e| err(e.to_string()))?;
+            }
+            svg.into_bytes()
         }
         Some("png") => {
             let mut buf = vec![0u8; (size.0 * size.1 * 3) as usize];
@@ -94,22 +99,27 @@ pub fn save_chart<C: Chart>(chart: &C, path: &Path, size: (u32, u32)) -> Result<
                 chart.draw(&root).map_err(err)?;
                 root.present().map_err(|e| err(e.to_string()))?;
             }
-            write_png(path, &buf, size).map_err(err)
+            encode_png(&buf, size).map_err(err)?
         }
-        _ => Err(Error::Input(format!(
-            "--plot {}: the file name must end in .svg or .png",
-            path.display()
-        ))),
-    }
+        _ => {
+            return Err(Error::Input(format!(
+                "--plot {}: the file name must end in .svg or .png",
+                path.display()
+            )))
+        }
+    };
+    crate::fsio::write_bytes(path, &bytes)
 }
 
-fn write_png(path: &Path, rgb: &[u8], (w, h): (u32, u32)) -> std::result::Result<(), String> {
-    let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let mut w = enc.write_header().map_err(|e| e.to_string())?;
-    w.write_image_data(rgb).map_err(|e| e.to_string())
+    w.write_image_data(rgb).map_err(|e| e.to_string())?;
+    w.finish().map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 fn draw<DB: DrawingBackend>(

@@ -70,8 +70,8 @@ pub struct BenchArgs {
     /// Seed of --random-weights and of the prompt ids.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Keep only the first N decoder layers.
-    #[arg(long)]
+    /// Keep only the first N decoder layers (1 to the model's layer count).
+    #[arg(long, value_parser = crate::cli::args::at_least_one)]
     pub layers: Option<usize>,
     /// Compute dtype: auto (bf16 with --quant or on a GPU, else f32), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
@@ -92,8 +92,8 @@ pub struct BenchArgs {
     /// Sequences per forward.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Timed runs (median, p10, p90 over them).
-    #[arg(long, default_value_t = 5)]
+    /// Timed runs (median, p10, p90 over them), at least 1.
+    #[arg(long, default_value_t = 5, value_parser = crate::cli::args::at_least_one)]
     pub runs: usize,
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
@@ -119,6 +119,9 @@ pub struct BenchArgs {
     /// With --sweep: draw measured vs predicted to FILE.png or FILE.svg.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Replace an existing --json-out or --plot file.
+    #[arg(long)]
+    pub force: bool,
     /// Sweep one parameter on a small random Mixtral-shaped model.
     #[arg(long, value_enum)]
     pub sweep: Option<sweep::SweepKind>,
@@ -177,6 +180,7 @@ impl Default for BenchArgs {
             json: false,
             json_out: None,
             plot: None,
+            force: false,
             sweep: None,
             points: None,
             hidden: 512,
@@ -557,17 +561,34 @@ pub fn build_model(
 ) -> Result<(Model, ModelDesc, f64, Option<baseline::BaselineWeights>)> {
     let t0 = std::time::Instant::now();
     let (name, full_cfg) = resolve_config(a)?;
+    if let Some(n) = a.layers {
+        let have = full_cfg.num_layers();
+        if n == 0 || n > have {
+            return Err(Error::Input(format!(
+                "--layers {n} is out of range: {name} has {have} decoder layers (give 1 to {have})"
+            )));
+        }
+    }
     let cfg = random::first_layers(&full_cfg, a.layers);
     let quant = quant_of(a)?;
     if a.baseline.is_some() {
         baseline::check(&cfg)?;
         baseline::check_dtype(baseline_dtype(dtype, quant))?;
     }
-    // On a GPU, refuse before allocating when analyze's weight bytes do not fit.
+    // Refuse before allocating (or drawing random weights) when analyze's weight and KV
+    // bytes do not fit in the GPU's free memory or the available RAM.
+    let kv = kv_bytes_per_sequence(
+        &cfg,
+        (a.prompt_len + a.gen) as u64,
+        dtype.size_in_bytes() as u64,
+    ) * a.batch as u64;
     crate::runtime::memory::check_device_fits(
         device,
-        &format!("the weights of {name} ({} layers)", cfg.num_layers()),
-        weight_bytes(&tensor_inventory(&cfg), Precision::of(dtype, quant)),
+        &format!(
+            "the weights and KV cache of {name} ({} layers)",
+            cfg.num_layers()
+        ),
+        weight_bytes(&tensor_inventory(&cfg), Precision::of(dtype, quant)) + kv,
     )?;
     let mut base = None;
     let (model, weights) = if a.random_weights {
@@ -672,9 +693,9 @@ pub fn timed_runs(
 }
 
 fn check_shape(a: &BenchArgs) -> Result<()> {
-    if a.prompt_len == 0 || a.gen == 0 || a.batch == 0 {
+    if a.prompt_len == 0 || a.gen == 0 || a.batch == 0 || a.runs == 0 {
         return Err(Error::Input(
-            "--prompt-len, --gen and --batch must be at least 1".into(),
+            "--prompt-len, --gen, --batch and --runs must be at least 1".into(),
         ));
     }
     Ok(())
@@ -825,6 +846,17 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
 
 /// `moe-run bench`: run, then print a table or JSON (and draw a sweep's plot).
 pub fn run(a: &BenchArgs) -> Result<()> {
+    // Refuse a bad output path before minutes of measuring, not after.
+    let inputs = a
+        .weights
+        .iter()
+        .fold(crate::fsio::Inputs::new(), |i, w| i.add(w));
+    if let Some(path) = &a.json_out {
+        crate::fsio::check_output(path, "--json-out", &inputs, a.force)?;
+    }
+    if let Some(path) = &a.plot {
+        crate::fsio::check_output(path, "--plot", &inputs, a.force)?;
+    }
     let text = if let Some(kind) = a.sweep {
         let r = sweep::sweep(a, kind)?;
         if let Some(path) = &a.plot {
@@ -846,7 +878,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
         let r = bench(a)?;
         if let Some(path) = &a.json_out {
-            std::fs::write(path, to_json(&r)? + "\n").map_err(|e| Error::io(path, e))?;
+            crate::fsio::write_bytes(path, (to_json(&r)? + "\n").as_bytes())?;
         }
         if a.json {
             to_json(&r)?
@@ -854,9 +886,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             report::bench_text(&r)
         }
     };
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").map_err(|e| Error::io("stdout", e))
+    crate::fsio::print(&(text + "\n"))
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String> {

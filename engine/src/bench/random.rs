@@ -246,9 +246,24 @@ pub fn random_weights(
     };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let inv_h = 1.0 / (h as f64).sqrt();
+    // Full-size models take minutes to draw: show a bar per layer when stderr is a terminal.
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = indicatif::ProgressBar::new(cfg.num_layers() as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "drawing random weights {bar:40} layer {pos}/{len} {elapsed}",
+        ) {
+            b.set_style(style);
+        }
+        Some(b)
+    } else {
+        None
+    };
     let embed = g.normal_as(&[v, h], inv_h, dtype)?;
     let mut layers = Vec::with_capacity(cfg.num_layers());
     for kind in &cfg.layers {
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
         let attn = match &cfg.mla {
             Some(m) => AttnWeights::Mla(mla(&mut g, cfg, m)?),
             None => gqa(&mut g, cfg)?,
@@ -263,6 +278,9 @@ pub fn random_weights(
             ffn_norm: g.ones(h)?,
             ffn,
         });
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
     }
     let final_norm = g.ones(h)?;
     let lm_head = if cfg.tie_word_embeddings {

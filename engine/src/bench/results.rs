@@ -29,9 +29,6 @@ pub struct ResultsArgs {
 
 /// Every `*.json` bench report in `dir`, by file name.
 pub fn load(dir: &Path) -> Result<Vec<(String, Value)>> {
-    if !dir.exists() {
-        return Ok(vec![]);
-    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -132,25 +129,32 @@ pub fn with_table(readme: &str, table: &str) -> Result<String> {
 
 /// `moe-run results`: check (or with --write, rewrite) the README's table.
 pub fn run(a: &ResultsArgs) -> Result<()> {
+    for (path, flag) in [(&a.dir, "--dir"), (&a.readme, "--readme")] {
+        if !path.exists() {
+            return Err(Error::Input(format!(
+                "{flag} {}: not found; run `moe-run results` from the repository root, or give \
+                 --dir and --readme",
+                path.display()
+            )));
+        }
+    }
     let results = load(&a.dir)?;
     let readme = std::fs::read_to_string(&a.readme).map_err(|e| Error::io(&a.readme, e))?;
     let want = with_table(&readme, &table(&results))?;
     if want == readme {
-        println!(
-            "{}: results table is up to date ({} results)",
+        return crate::fsio::print(&format!(
+            "{}: results table is up to date ({} results)\n",
             a.readme.display(),
             results.len()
-        );
-        return Ok(());
+        ));
     }
     if a.write {
-        std::fs::write(&a.readme, want).map_err(|e| Error::io(&a.readme, e))?;
-        println!(
-            "{}: wrote the table of {} results",
+        crate::fsio::write_bytes(&a.readme, want.as_bytes())?;
+        crate::fsio::print(&format!(
+            "{}: wrote the table of {} results\n",
             a.readme.display(),
             results.len()
-        );
-        Ok(())
+        ))
     } else {
         Err(Error::Input(format!(
             "{}: the results table is stale or edited by hand; run `moe-run results --write`",

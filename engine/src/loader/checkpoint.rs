@@ -14,10 +14,12 @@ use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
 
-/// The bytes of one safetensors file: a read-only memory map, or a buffer compiled into the binary.
+/// The bytes of one safetensors file: a read-only memory map, a buffer compiled into the binary,
+/// or one in memory.
 enum Bytes {
     Mmap(memmap2::Mmap),
     Static(&'static [u8]),
+    Owned(Vec<u8>),
 }
 
 impl std::ops::Deref for Bytes {
@@ -26,6 +28,7 @@ impl std::ops::Deref for Bytes {
         match self {
             Bytes::Mmap(m) => m,
             Bytes::Static(s) => s,
+            Bytes::Owned(v) => v,
         }
     }
 }
@@ -88,6 +91,11 @@ impl Checkpoint {
     /// A single safetensors file held in memory (the embedded model goes through here).
     pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
         Self::from_files(vec![parse_file(name.to_string(), Bytes::Static(bytes))?])
+    }
+
+    /// A single safetensors file in memory (`name` is used in messages).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_files(vec![parse_file(name.to_string(), Bytes::Owned(bytes))?])
     }
 
     fn open_sharded(dir: &Path, index_path: &Path) -> Result<Self> {
@@ -198,7 +206,12 @@ impl Checkpoint {
             });
         };
         let f = &self.files[fi];
-        let info = f.meta.info(name).expect("index built from metadata");
+        let Some(info) = f.meta.info(name) else {
+            return Err(Error::MissingTensor {
+                name: name.to_string(),
+                files: vec![f.name.clone()],
+            });
+        };
         let dtype = match info.dtype {
             StDtype::F32 => DType::F32,
             StDtype::F16 => DType::F16,
@@ -256,11 +269,12 @@ impl Checkpoint {
         device: &Device,
     ) -> Result<Tensor> {
         let total: usize = parts.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-        assert_eq!(
-            total,
-            out_shape.iter().product::<usize>(),
-            "take_concat: parts do not fill {out_shape:?}"
-        );
+        if total != out_shape.iter().product::<usize>() {
+            return Err(Error::Input(format!(
+                "internal: the parts of {:?} do not fill {out_shape:?}",
+                parts.first().map(|p| &p.0)
+            )));
+        }
         let locs = parts
             .iter()
             .map(|(n, shape)| self.locate(n, shape))
@@ -397,7 +411,9 @@ fn parse_file(name: String, bytes: Bytes) -> Result<StFile> {
             "file is {len} bytes, shorter than the 8-byte header length"
         )));
     }
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[..8]);
+    let header_len = u64::from_le_bytes(len8);
     if header_len > (len - 8) as u64 {
         return Err(bad(format!(
             "header length {header_len} runs past the end of the file ({len} bytes): truncated or not safetensors"

@@ -7,22 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::config::registry;
 use crate::error::{Error, Result};
 
-pub fn hub_cache_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(p) = env("HF_HUB_CACHE") {
-        return p;
-    }
-    if let Some(p) = env("HF_HOME") {
-        return p.join("hub");
-    }
-    env("HOME")
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join(".cache/huggingface/hub")
-}
+pub use crate::fsio::hub_cache_dir;
 
 /// Resolves `--model NAME` (a name from `configs/`, or a repository id `ORG/NAME`) to a
 /// snapshot directory holding config.json and the safetensors files.

@@ -153,8 +153,9 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
             supported: crate::config::SUPPORTED_MODEL_TYPES.to_vec(),
         });
     };
-    // On a GPU, refuse before allocating anything when analyze's prediction of the weights does
-    // not fit in the free memory (and explain a driver OOM the same way if one happens anyway).
+    // Refuse before allocating anything when analyze's prediction of the weights does not fit in
+    // the GPU's free memory or the available RAM (and explain a driver OOM the same way if one
+    // happens anyway).
     let need = predicted_weight_bytes(&cfg, opts);
     let what = format!("the weights of this {} model", cfg.model_type);
     crate::runtime::memory::check_device_fits(&opts.device, &what, need)?;
@@ -176,7 +177,7 @@ pub fn predicted_weight_bytes(cfg: &ModelConfig, opts: &LoadOptions) -> u64 {
 /// The quantization a checkpoint is stored with: `None` (dense), moe-run's own INT8/INT4, or an
 /// error for checkpoints stored pre-quantized by their publisher (DeepSeek-V3's FP8 blocks with
 /// `weight_scale_inv`, GPTQ/AWQ...), which need their own dequantization, not written yet.
-fn stored_quantization(config_path: &Path) -> Result<Option<crate::quant::QFormat>> {
+pub(crate) fn stored_quantization(config_path: &Path) -> Result<Option<crate::quant::QFormat>> {
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: config_path.to_path_buf(),

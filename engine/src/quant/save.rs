@@ -56,8 +56,51 @@ pub struct QuantizeReport {
 }
 
 /// Reads the checkpoint in `src` (quantizing its linears as `fmt`, layer by layer) and writes
-/// moe-run's quantized checkpoint to `out` (created if needed).
-pub fn quantize_checkpoint(src: &Path, out: &Path, fmt: QFormat) -> Result<QuantizeReport> {
+/// moe-run's quantized checkpoint to `out`.
+///
+/// Nothing is written until the whole output is ready: it is built in a staging folder and then
+/// put in place (see [`crate::fsio`]). `out` may not be, contain or lie in `src` (also through
+/// symlinks), nor lie in a Hugging Face cache; an existing, non-empty `out` needs `force`. A
+/// checkpoint that is already quantized is refused: dequantizing and quantizing again would
+/// compound the rounding error of both, so the dense original is the right input.
+pub fn quantize_checkpoint(
+    src: &Path,
+    out: &Path,
+    fmt: QFormat,
+    force: bool,
+) -> Result<QuantizeReport> {
+    if !src.is_dir() {
+        return Err(Error::io(
+            src,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "weights directory not found"),
+        ));
+    }
+    let cfg_path = src.join("config.json");
+    if let Some(have) = loader::stored_quantization(&cfg_path)? {
+        return Err(Error::Input(format!(
+            "{}: the checkpoint is already quantized ({}); quantize the original dense checkpoint \
+             instead (quantizing quantized weights again would add a second rounding error)",
+            src.display(),
+            format_name(have)
+        )));
+    }
+    crate::fsio::check_output(out, "--out", &crate::fsio::Inputs::new().add(src), force)?;
+    // With --force into a folder holding another checkpoint, its shards or index would be read
+    // instead of the new model.safetensors: refuse rather than delete anything.
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "model.safetensors.index.json"
+                || (name.ends_with(".safetensors") && name != "model.safetensors")
+            {
+                return Err(Error::Input(format!(
+                    "--out {}: holds {name} of another checkpoint, which would be read instead of \
+                     the new model.safetensors; remove it or choose another folder",
+                    out.display()
+                )));
+            }
+        }
+    }
     let opts = LoadOptions {
         dtype: DType::F32,
         device: Device::Cpu,
@@ -66,12 +109,16 @@ pub fn quantize_checkpoint(src: &Path, out: &Path, fmt: QFormat) -> Result<Quant
     };
     let (cfg, weights, ck) = loader::load_dir_weights(src, &opts, true)?;
     drop(weights);
-    let log = ck.quant_log().expect("recording was requested");
+    let Some(log) = ck.quant_log() else {
+        return Err(Error::Input(
+            "internal: quantization was not recorded".into(),
+        ));
+    };
     let mut replaced: BTreeSet<&str> = log.replaced.iter().map(|s| s.as_str()).collect();
     let mut tensors: Vec<(String, Raw)> = Vec::new();
     let (mut quantized_bytes, mut replaced_bytes) = (0u64, 0u64);
     for (parts, q) in &log.weights {
-        let k = *q.shape.last().unwrap();
+        let k = q.shape.last().copied().unwrap_or(0);
         let (kb, pr) = (
             fmt.row_bytes(k),
             fmt.params_shape(k).iter().product::<usize>(),
@@ -116,7 +163,12 @@ pub fn quantize_checkpoint(src: &Path, out: &Path, fmt: QFormat) -> Result<Quant
         if replaced.contains(name) {
             continue;
         }
-        let (dtype, shape, bytes) = ck.raw(name).expect("taken tensors exist");
+        let Some((dtype, shape, bytes)) = ck.raw(name) else {
+            return Err(Error::MissingTensor {
+                name: name.to_string(),
+                files: ck.file_names(),
+            });
+        };
         tensors.push((
             name.to_string(),
             Raw {
@@ -126,45 +178,56 @@ pub fn quantize_checkpoint(src: &Path, out: &Path, fmt: QFormat) -> Result<Quant
             },
         ));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let st_path = out.join("model.safetensors");
+    let staged = crate::fsio::StagedDir::new(out)?;
+    let st_path = staged.path("model.safetensors");
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("moe-run.quantization".to_string(), format_name(fmt)),
     ]);
     safetensors::serialize_to_file(tensors.iter().map(|(n, r)| (n, r)), Some(meta), &st_path)
-        .map_err(|e| Error::Input(format!("cannot write {}: {e}", st_path.display())))?;
+        .map_err(|e| {
+            Error::Input(format!(
+                "cannot write {}: {e}",
+                staged.final_path("model.safetensors").display()
+            ))
+        })?;
     let n_tensors = tensors.len();
     drop(tensors);
     loader::finish_checkpoint(ck, &cfg)?;
 
     // config.json with our quantization_config; every other non-weight file copied.
-    let cfg_path = src.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: cfg_path.clone(),
         source,
     })?;
     v["quantization_config"] = quantization_config(fmt);
-    let out_cfg = out.join("config.json");
-    std::fs::write(&out_cfg, serde_json::to_string_pretty(&v).unwrap() + "\n")
-        .map_err(|e| Error::io(&out_cfg, e))?;
+    let pretty = serde_json::to_string_pretty(&v).map_err(|source| Error::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    std::fs::write(staged.path("config.json"), pretty + "\n")
+        .map_err(|e| Error::io(staged.final_path("config.json"), e))?;
     for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let path = entry.map_err(|e| Error::io(src, e))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
         if !path.is_file()
             || name == "config.json"
             || name.ends_with(".safetensors")
             || name == "model.safetensors.index.json"
+            || name.starts_with('.')
         {
             continue;
         }
-        let dst = out.join(name);
-        std::fs::copy(&path, &dst).map_err(|e| Error::io(&dst, e))?;
+        std::fs::copy(&path, staged.path(name))
+            .map_err(|e| Error::io(staged.final_path(name), e))?;
     }
     let file_bytes = std::fs::metadata(&st_path)
         .map_err(|e| Error::io(&st_path, e))?
         .len();
+    staged.commit()?;
     Ok(QuantizeReport {
         format: fmt,
         tensors: n_tensors,

@@ -73,14 +73,15 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub fn prefill_tok_per_s(&self) -> f64 {
-        self.prompt_ids.len() as f64 / self.prefill_secs.max(1e-12)
+    /// Prompt tokens per second of the prefill pass (`None` if it was not timed).
+    pub fn prefill_tok_per_s(&self) -> Option<f64> {
+        (self.prefill_secs > 0.0).then(|| self.prompt_ids.len() as f64 / self.prefill_secs)
     }
 
     /// Tokens produced by decode steps (all but the first) per second.
     pub fn decode_tok_per_s(&self) -> Option<f64> {
         let steps = self.generated_ids.len().saturating_sub(1);
-        (steps > 0).then(|| steps as f64 / self.decode_secs.max(1e-12))
+        (steps > 0 && self.decode_secs > 0.0).then(|| steps as f64 / self.decode_secs)
     }
 }
 
@@ -127,7 +128,8 @@ pub fn next_token(sampler: &mut LogitsProcessor, greedy: bool, logits: &Tensor) 
 }
 
 /// Generates up to `p.max_new_tokens` tokens after `prompt`, calling `on_token` with each new
-/// id as soon as it is chosen, and `on_trace` with the routing of every forward pass.
+/// id as soon as it is chosen, and `on_trace` with the routing of every forward pass. With
+/// `max_new_tokens == 0` only the prompt's forward pass runs (prefill only, timed).
 pub fn generate(
     model: &Model,
     prompt: &[u32],
@@ -149,6 +151,14 @@ pub fn generate(
     let t0 = Instant::now();
     let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
     let mut prefill_secs = 0.0;
+    if p.max_new_tokens == 0 {
+        model.forward(&input, &mut cache, false, trace.as_mut())?;
+        device.synchronize()?;
+        prefill_secs = t0.elapsed().as_secs_f64();
+        if let (Some(f), Some(tr)) = (on_trace.as_mut(), trace.as_ref()) {
+            f(tr);
+        }
+    }
     while generated.len() < p.max_new_tokens {
         let logits = model.forward(&input, &mut cache, false, trace.as_mut())?; // [1, 1, V]
         let next = next_token(&mut sampler, p.sampling.temperature <= 0.0, &logits)?;

@@ -119,9 +119,56 @@ pub fn check_fits(device: &str, what: &str, need: u64, free: u64, total: u64) ->
     })
 }
 
-/// [`check_fits`] against what the driver reports for `device` now (nothing to check on the CPU).
+/// `(available, total)` bytes of host memory this process may still use: the smallest of the
+/// kernel's MemAvailable (of MemTotal), the cgroup v2 limit less its current use, and the
+/// address-space limit (`ulimit -v`) less this process's size. `None` where none is readable.
+pub fn host_memory() -> Option<(u64, u64)> {
+    let kib = |text: &str, key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    };
+    let mut best: Option<(u64, u64)> = None;
+    let mut consider = |avail: u64, total: u64| {
+        if best.is_none_or(|(a, _)| avail < a) {
+            best = Some((avail, total));
+        }
+    };
+    if let Ok(m) = std::fs::read_to_string("/proc/meminfo") {
+        if let (Some(a), Some(t)) = (kib(&m, "MemAvailable:"), kib(&m, "MemTotal:")) {
+            consider(a, t);
+        }
+    }
+    let read_u64 = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+    if let (Some(max), Some(cur)) = (
+        read_u64("/sys/fs/cgroup/memory.max"),
+        read_u64("/sys/fs/cgroup/memory.current"),
+    ) {
+        consider(max.saturating_sub(cur), max);
+    }
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            let line = l.lines().find(|l| l.starts_with("Max address space"))?;
+            line.split_whitespace().nth(3)?.parse::<u64>().ok()
+        });
+    if let Some(limit) = limit {
+        let size = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| kib(&s, "VmSize:"))
+            .unwrap_or(0);
+        consider(limit.saturating_sub(size), limit);
+    }
+    best
+}
+
+/// [`check_fits`] against what `device` has free now: the CUDA driver's free memory on a GPU,
+/// [`host_memory`] on the CPU (nothing to check where neither can be read).
 pub fn check_device_fits(device: &Device, what: &str, need: u64) -> Result<()> {
-    match device_memory(device) {
+    let free = match device {
+        Device::Cpu => host_memory(),
+        d => device_memory(d),
+    };
+    match free {
         Some((free, total)) => check_fits(&device_name(device), what, need, free, total),
         None => Ok(()),
     }
@@ -146,6 +193,7 @@ pub fn explain_oom(e: Error, device: &Device, what: &str, need: u64) -> Error {
 fn device_name(device: &Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Cpu => "cpu (RAM)".into(),
         other => format!("{other:?}"),
     }
 }
@@ -172,7 +220,13 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("--quant"), "{e}");
-        // Nothing to check without a CUDA device.
-        assert!(check_device_fits(&Device::Cpu, "weights", u64::MAX).is_ok());
+        // On the CPU, against the RAM this process may use.
+        let (avail, total) = host_memory().expect("/proc/meminfo on Linux");
+        assert!(avail > 0 && avail <= total, "{avail} of {total}");
+        assert!(check_device_fits(&Device::Cpu, "weights", 1 << 20).is_ok());
+        let e = check_device_fits(&Device::Cpu, "weights", u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cpu (RAM) out of memory"), "{e}");
     }
 }

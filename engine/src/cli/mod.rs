@@ -1,0 +1,392 @@
+//! The `moe-run` command line: clap arguments, validated where they are parsed, and the
+//! orchestration of each subcommand. Errors print as one `error: ...` line (a cause line only
+//! when it adds something) with exit status 1; usage errors exit with 2.
+
+pub mod args;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use candle_core::Tensor;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::loader::{self, LoadOptions, ModelSource};
+use crate::model::{Model, Trace};
+use crate::runtime::generate::{generate, validate_prompt, GenerateParams, SamplingParams};
+use crate::runtime::memory::{human_bytes, peak_rss_bytes};
+use crate::runtime::stats::RoutingStats;
+use crate::runtime::tokenizer::TextStream;
+
+#[derive(Parser)]
+#[command(
+    name = "moe-run",
+    version,
+    about = "Run and measure sparse Mixture-of-Experts transformers",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the model's logits for a prompt of token ids as JSON: {"ids":[..],"logits":[[..]..]}.
+    Logits(LogitsArgs),
+    /// Exact parameter, memory, KV and FLOP accounting from the config alone, decode/prefill
+    /// ceilings on GPUs, the seed articles' formulas and --claims (no weights needed).
+    Analyze(crate::analysis::AnalyzeArgs),
+    /// Measure prefill/decode tokens/s and memory next to `analyze`'s predictions and the
+    /// roofline; --random-weights builds any known model from its config; --sweep
+    /// experts|topk|batch on a small random Mixtral.
+    Bench(crate::bench::BenchArgs),
+    /// Write an INT8/INT4 weight-only quantized copy of a checkpoint (loads without re-quantizing).
+    Quantize(QuantizeArgs),
+    /// Check the CUDA kernels (or, on cpu, the harness) against their CPU references.
+    Selftest(SelftestArgs),
+    /// Check (or --write) README.md's results table against benches/results/*.json.
+    Results(crate::bench::results::ResultsArgs),
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Only the ops whose name contains this (route, dispatch, experts, combine, rms_norm,
+    /// qmatmul, qmatmul_moe, qk_norm_rope, decode_attention, or model for whole-model parity).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Parity fixtures for the whole-model cases (default: tests/fixtures when it exists here).
+    #[arg(long)]
+    fixtures: Option<PathBuf>,
+}
+
+fn selftest(a: SelftestArgs) -> Result<()> {
+    let fixtures = a.fixtures.or_else(|| {
+        let d = PathBuf::from("tests/fixtures");
+        d.is_dir().then_some(d)
+    });
+    let report = crate::selftest::run(
+        &loader::parse_device(&a.device)?,
+        a.filter.as_deref(),
+        fixtures.as_deref(),
+    )?;
+    crate::fsio::print(&report.table())?;
+    Ok(report.ensure_passed()?)
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// `tiny-kjv` (the embedded model, also the default), a known model name (see configs/)
+    /// or a Hugging Face repo id, read from the local HF cache.
+    #[arg(long, conflicts_with = "weights")]
+    model: Option<String>,
+    /// A directory with config.json, safetensors weights and (for text) tokenizer.json.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight-only quantization applied while loading: int8, int4 (group 128), int4:64, int4:32.
+    #[arg(long)]
+    quant: Option<String>,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The dense (f32/f16/bf16) checkpoint directory.
+    #[arg(long)]
+    weights: PathBuf,
+    /// int8, int4 (group 128), int4:64 or int4:32.
+    #[arg(long)]
+    quant: String,
+    /// Output directory (model.safetensors, config.json with quantization_config, tokenizer):
+    /// never the input folder or a Hugging Face cache; it appears only once complete.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace the files of an existing, non-empty output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let fmt = crate::quant::parse_quant(&a.quant)?
+        .ok_or_else(|| Error::Input("--quant none writes nothing; use int8 or int4".into()))?;
+    let r = crate::quant::save::quantize_checkpoint(&a.weights, &a.out, fmt, a.force)?;
+    eprintln!(
+        "wrote {} ({} tensors, {}): quantized linears {} (from {} dense)",
+        a.out.join("model.safetensors").display(),
+        r.tensors,
+        human_bytes(r.file_bytes),
+        human_bytes(r.quantized_bytes),
+        human_bytes(r.replaced_bytes),
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text prompt (needs tokenizer.json).
+    #[arg(long, conflicts_with = "ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    /// Tokens to generate; 0 runs the prompt's forward pass only (prefill timing).
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature, >= 0; 0 = greedy.
+    #[arg(long, default_value_t = 0.8, value_parser = args::temperature)]
+    temperature: f64,
+    /// Sample only among the K most likely tokens (K >= 1).
+    #[arg(long, value_parser = args::at_least_one)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches P (0 < P <= 1).
+    #[arg(long, default_value_t = 0.95, value_parser = args::top_p)]
+    top_p: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Keep generating past the end-of-sequence token (benchmarks, parity checks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// After generation, print per-layer expert load (token slots per expert, max/mean
+    /// imbalance) and the KV cache size per token; with --json they go into the JSON.
+    #[arg(long)]
+    stats: bool,
+    /// Print {"prompt_ids":[..],"generated_ids":[..]} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+}
+
+/// Parses the arguments, runs the command and reports its error.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Some(Cmd::Logits(a)) => logits(a),
+        Some(Cmd::Analyze(a)) => crate::analysis::run(&a),
+        Some(Cmd::Bench(a)) => crate::bench::run(&a),
+        Some(Cmd::Quantize(a)) => quantize(a),
+        Some(Cmd::Selftest(a)) => selftest(a),
+        Some(Cmd::Results(a)) => crate::bench::results::run(&a),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // `moe-run ... | head`: the reader has gone, which is not an error of ours.
+        Err(Error::Io { path, source })
+            if path.as_os_str() == "stdout" && source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}", error_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error: <what and where>`, then a `caused by:` line for each cause whose text the lines
+/// before it do not already say.
+pub fn error_text(e: &Error) -> String {
+    let mut msg = format!("error: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let line = s.to_string();
+        if !msg.contains(&line) {
+            msg.push_str(&format!("\n  caused by: {line}"));
+        }
+        src = s.source();
+    }
+    msg
+}
+
+/// Where the model comes from, and the loaded model.
+fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
+    let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
+    let device = loader::parse_device(&a.device)?;
+    let opts = LoadOptions {
+        dtype: loader::parse_dtype_on(&a.dtype, &device)?,
+        device,
+        progress: true,
+        quant: a
+            .quant
+            .as_deref()
+            .map(crate::quant::parse_quant)
+            .transpose()?
+            .flatten(),
+    };
+    let model = src.load(&opts)?;
+    Ok((src, model))
+}
+
+#[derive(Serialize)]
+struct LogitsOut {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let (_, model) = load(&a.model)?;
+    validate_prompt(&model, &a.ids)?;
+    let mut cache = model.new_cache(1, a.ids.len())?;
+    let input = Tensor::new(a.ids.as_slice(), model.device())?.unsqueeze(0)?;
+    let logits = model
+        .forward(&input, &mut cache, true, None)?
+        .squeeze(0)?
+        .to_vec2::<f32>()?;
+    print_json(&LogitsOut { ids: a.ids, logits })
+}
+
+#[derive(Serialize)]
+struct RunOut<'a> {
+    prompt_ids: &'a [u32],
+    generated_ids: &'a [u32],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing: Option<&'a RoutingStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_cache_bytes_per_token: Option<usize>,
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let (src, model) = load(&a.model)?;
+    // Text in needs the tokenizer; text out uses it when there is one (else ids are printed).
+    let tokenizer = src.tokenizer(&model.cfg)?;
+    if let (Some(_), None, ModelSource::Dir(dir)) = (&a.prompt, &tokenizer, &src) {
+        return Err(Error::Input(format!(
+            "{} has no tokenizer.json, so --prompt cannot be encoded; give token ids with --ids",
+            dir.display()
+        )));
+    }
+    let prompt_ids = match (&a.prompt, &a.ids, &tokenizer) {
+        (Some(text), _, _) if text.is_empty() => {
+            return Err(Error::Input("the prompt is empty: give some text".into()))
+        }
+        (Some(text), _, Some(tok)) => tok.encode(text)?,
+        (None, Some(ids), _) => ids.clone(),
+        _ => return Err(Error::Input("give --prompt TEXT or --ids 1,2,3".into())),
+    };
+    // Refuse a prompt that cannot run (too long, ids out of range) before echoing anything.
+    validate_prompt(&model, &prompt_ids)?;
+    let eos = match &tokenizer {
+        _ if a.ignore_eos => vec![],
+        Some(t) => t.eos.clone(),
+        None => model.cfg.eos_token_ids.clone(),
+    };
+    let params = GenerateParams {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: Some(a.top_p),
+            seed: a.seed,
+        },
+        eos,
+    };
+
+    let mut stats = a.stats.then(|| RoutingStats::new(&model.cfg));
+    let mut record = |t: &Trace| {
+        if let Some(s) = stats.as_mut() {
+            s.record(t)
+        }
+    };
+    let on_trace: Option<&mut dyn FnMut(&Trace)> = if a.stats { Some(&mut record) } else { None };
+    let mut stream = TextStream::default();
+    let mut stdout = std::io::stdout().lock();
+    if let (false, Some(text)) = (a.json, &a.prompt) {
+        // The prompt is echoed as given; the continuation streams after it.
+        write!(stdout, "{text}")
+            .and_then(|_| stdout.flush())
+            .map_err(|e| Error::io("stdout", e))?;
+    }
+    let g = generate(
+        &model,
+        &prompt_ids,
+        &params,
+        |id| {
+            let piece = match (a.json, &tokenizer) {
+                (true, _) => None,
+                (false, Some(tok)) => stream.push(tok, id)?,
+                (false, None) => Some(format!("{id} ")),
+            };
+            if let Some(piece) = piece {
+                write!(stdout, "{piece}")
+                    .and_then(|_| stdout.flush())
+                    .map_err(|e| Error::io("stdout", e))?;
+            }
+            Ok(())
+        },
+        on_trace,
+    )?;
+    let kv_per_token = a.stats.then_some(g.kv_cache_bytes_per_token);
+    if a.json {
+        drop(stdout);
+        print_json(&RunOut {
+            prompt_ids: &g.prompt_ids,
+            generated_ids: &g.generated_ids,
+            routing: stats.as_ref(),
+            kv_cache_bytes_per_token: kv_per_token,
+        })?;
+    } else {
+        writeln!(stdout).map_err(|e| Error::io("stdout", e))?;
+        drop(stdout);
+        if let (Some(st), Some(kv)) = (&stats, kv_per_token) {
+            eprint!("{}", st.table());
+            let c = &model.cfg;
+            let per_layer = match c.mla {
+                Some(m) => format!(
+                    "MLA latent {} + rope key {} per layer",
+                    m.kv_lora_rank, m.qk_rope_head_dim
+                ),
+                None => format!(
+                    "K and V of {} heads x {} dims per layer",
+                    c.num_kv_heads, c.head_dim
+                ),
+            };
+            eprintln!(
+                "KV cache: {kv} bytes per token, measured from the allocated cache ({} layers, {per_layer}, {:?})",
+                c.num_layers(),
+                model.dtype()
+            );
+        }
+    }
+    // Only measured rates are printed.
+    let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
+    eprintln!(
+        "prompt {} tokens | prefill {} | decode {} ({} tokens, stop: {:?}) | weights {} | KV cache {} | peak RSS {}",
+        g.prompt_ids.len(),
+        rate(g.prefill_tok_per_s()),
+        rate(g.decode_tok_per_s()),
+        g.generated_ids.len(),
+        g.stop,
+        human_bytes(model.weight_bytes() as u64),
+        human_bytes(g.kv_cache_bytes as u64),
+        peak_rss_bytes().map_or("n/a".into(), human_bytes),
+    );
+    Ok(())
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    let text =
+        serde_json::to_string(v).map_err(|e| Error::io("stdout", std::io::Error::other(e)))?;
+    crate::fsio::print(&(text + "\n"))
+}

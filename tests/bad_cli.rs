@@ -1,0 +1,621 @@
+//! The bad-input table for the command line and for everything that writes files: each row runs
+//! the real binary (with `RUST_BACKTRACE=1`, so a panic would show) and asserts the exit code, a
+//! message naming the file, flag or limit, no panic and no backtrace, and that every input file
+//! is byte-for-byte unchanged afterwards (symlinks still symlinks to the same target).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::fixture;
+
+/// Every file under `dir`: its bytes, or the target of a symlink (not followed).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Result<Vec<u8>, PathBuf>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.file_type().is_symlink() {
+                out.insert(p.clone(), Err(std::fs::read_link(&p).unwrap()));
+            } else if m.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), Ok(std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+fn run_in(cwd: Option<&Path>, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moe-run"));
+    c.args(args).env("RUST_BACKTRACE", "1");
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    c.output().expect("spawn moe-run")
+}
+
+/// Runs `args`, expecting exit `code` and every string of `want` in stderr, with every file under
+/// each of `inputs` unchanged. Returns (stdout, stderr).
+fn row(inputs: &[&Path], args: &[&str], code: i32, want: &[&str]) -> (String, String) {
+    row_in(None, inputs, args, code, want)
+}
+
+fn row_in(
+    cwd: Option<&Path>,
+    inputs: &[&Path],
+    args: &[&str],
+    code: i32,
+    want: &[&str],
+) -> (String, String) {
+    let before: Vec<_> = inputs.iter().map(|d| snapshot(d)).collect();
+    let out = run_in(cwd, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{args:?}: exit status; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{args:?}: panic: {stderr}"
+    );
+    for w in want {
+        assert!(stderr.contains(w), "{args:?}: stderr lacks {w:?}: {stderr}");
+    }
+    if code == 1 {
+        // One `error:` line, no cause line that repeats it.
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        for l in &lines[1..] {
+            if let Some(cause) = l.trim().strip_prefix("caused by: ") {
+                assert!(
+                    !lines[0].contains(cause),
+                    "{args:?}: repeated cause: {stderr}"
+                );
+            }
+        }
+    }
+    for (d, b) in inputs.iter().zip(before) {
+        assert!(
+            snapshot(d) == b,
+            "{args:?}: files under {} changed",
+            d.display()
+        );
+    }
+    (stdout, stderr)
+}
+
+/// A scratch copy of a fixture directory.
+fn copy_fixture(name: &str, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "expected.json" {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    to.to_path_buf()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn quantize_into_its_own_input_folder_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let d = copy_fixture("mixtral-base", &t.path().join("m"));
+    row(
+        &[&d],
+        &[
+            "quantize",
+            "--weights",
+            s(&d),
+            "--quant",
+            "int4",
+            "--out",
+            s(&d),
+        ],
+        1,
+        &["--out", s(&d), "is an input"],
+    );
+    // With --force too, and into a folder inside it, or around it.
+    row(
+        &[&d],
+        &[
+            "quantize",
+            "--weights",
+            s(&d),
+            "--quant",
+            "int4",
+            "--out",
+            s(&d),
+            "--force",
+        ],
+        1,
+        &["is an input"],
+    );
+    let inner = d.join("int4");
+    row(
+        &[&d],
+        &[
+            "quantize",
+            "--weights",
+            s(&d),
+            "--quant",
+            "int8",
+            "--out",
+            s(&inner),
+        ],
+        1,
+        &["inside the input folder"],
+    );
+    row(
+        &[&d],
+        &[
+            "quantize",
+            "--weights",
+            s(&d),
+            "--quant",
+            "int8",
+            "--out",
+            s(t.path()),
+            "--force",
+        ],
+        1,
+        &["contains the input"],
+    );
+    // Through a symlink to the input folder.
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&d, &link).unwrap();
+    row(
+        &[&d],
+        &[
+            "quantize",
+            "--weights",
+            s(&d),
+            "--quant",
+            "int4",
+            "--out",
+            s(&link),
+            "--force",
+        ],
+        1,
+        &["is an input"],
+    );
+    assert!(!inner.exists());
+}
+
+/// A Hugging Face cache laid out as the hub writes it: snapshot files are symlinks into blobs/.
+fn fake_hf_cache(root: &Path) -> (PathBuf, PathBuf) {
+    let repo = root.join("hub/models--org--tiny");
+    let blobs = repo.join("blobs");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for (i, e) in std::fs::read_dir(fixture("mixtral-base"))
+        .unwrap()
+        .enumerate()
+    {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap();
+        if name == "expected.json" {
+            continue;
+        }
+        let blob = blobs.join(format!("blob{i:02}"));
+        std::fs::copy(&p, &blob).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob{i:02}"), snap.join(name)).unwrap();
+    }
+    (repo, snap)
+}
+
+#[test]
+fn quantize_inside_a_hugging_face_cache_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (repo, snap) = fake_hf_cache(t.path());
+    // In place (the reported data loss), and into a new folder of the same cache.
+    row(
+        &[&repo],
+        &[
+            "quantize",
+            "--weights",
+            s(&snap),
+            "--quant",
+            "int4",
+            "--out",
+            s(&snap),
+            "--force",
+        ],
+        1,
+        &["Hugging Face cache"],
+    );
+    let other = repo.join("snapshots/int4");
+    row(
+        &[&repo],
+        &[
+            "quantize",
+            "--weights",
+            s(&snap),
+            "--quant",
+            "int4",
+            "--out",
+            s(&other),
+        ],
+        1,
+        &["Hugging Face cache", "never writes"],
+    );
+    // The same cache found through HF_HUB_CACHE, whatever its layout below.
+    let hub = t.path().join("hub");
+    let out = Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args([
+            "quantize",
+            "--weights",
+            s(&snap),
+            "--quant",
+            "int8",
+            "--out",
+        ])
+        .arg(hub.join("elsewhere"))
+        .env("HF_HUB_CACHE", &hub)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Hugging Face cache"), "{err}");
+    assert!(!other.exists() && !hub.join("elsewhere").exists());
+    // Reading from the cache is fine: the output goes outside it, and the cache is untouched.
+    let q = t.path().join("q");
+    row(
+        &[&repo],
+        &[
+            "quantize",
+            "--weights",
+            s(&snap),
+            "--quant",
+            "int4",
+            "--out",
+            s(&q),
+        ],
+        0,
+        &["wrote"],
+    );
+    assert!(q.join("model.safetensors").is_file());
+}
+
+#[cfg(unix)]
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn quantized_checkpoints_are_refused_as_input_and_outputs_are_not_overwritten() {
+    let t = tempfile::tempdir().unwrap();
+    let d = copy_fixture("mixtral-base", &t.path().join("m"));
+    let q = t.path().join("q");
+    row(
+        &[&d],
+        &[
+            "quantize",
+            "--weights",
+            s(&d),
+            "--quant",
+            "int4",
+            "--out",
+            s(&q),
+        ],
+        0,
+        &["wrote"],
+    );
+    // Every file it wrote has the same umask-derived mode (model.safetensors was 0600).
+    #[cfg(unix)]
+    {
+        let want = mode(&q.join("config.json"));
+        for f in [
+            "model.safetensors",
+            "tokenizer.json",
+            "generation_config.json",
+        ] {
+            assert_eq!(mode(&q.join(f)), want, "{f}");
+        }
+        assert_eq!(want & 0o044, 0o044 & want, "readable as any file is");
+    }
+    // No staging folder left beside it.
+    let names: Vec<String> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    // Re-quantizing the quantized checkpoint: refused for every format, nothing written.
+    let q2 = t.path().join("q2");
+    for fmt in ["int4", "int8", "int4:64"] {
+        row(
+            &[&d, &q],
+            &[
+                "quantize",
+                "--weights",
+                s(&q),
+                "--quant",
+                fmt,
+                "--out",
+                s(&q2),
+            ],
+            1,
+            &[
+                s(&q),
+                "already quantized (int4",
+                "original dense checkpoint",
+            ],
+        );
+        assert!(!q2.exists(), "{fmt}: an output folder was left behind");
+    }
+    // An existing output is not replaced without --force; with it, it is.
+    row(
+        &[&d, &q],
+        &[
+            "quantize",
+            "--weights",
+            s(&d),
+            "--quant",
+            "int8",
+            "--out",
+            s(&q),
+        ],
+        1,
+        &["--out", "already exists", "--force"],
+    );
+    row(
+        &[&d],
+        &[
+            "quantize",
+            "--weights",
+            s(&d),
+            "--quant",
+            "int8",
+            "--out",
+            s(&q),
+            "--force",
+        ],
+        0,
+        &["wrote"],
+    );
+    let cfg = std::fs::read_to_string(q.join("config.json")).unwrap();
+    assert!(cfg.contains("\"bits\": 8"), "{cfg}");
+    // A failing quantize (a missing tensor) leaves no output at all.
+    let bad = copy_fixture("mixtral-base", &t.path().join("bad"));
+    std::fs::write(bad.join("model.safetensors"), b"short").unwrap();
+    let q3 = t.path().join("q3");
+    row(
+        &[&bad],
+        &[
+            "quantize",
+            "--weights",
+            s(&bad),
+            "--quant",
+            "int4",
+            "--out",
+            s(&q3),
+        ],
+        1,
+        &["model.safetensors"],
+    );
+    assert!(!q3.exists());
+}
+
+#[test]
+fn sampling_flags_are_checked_where_they_are_parsed() {
+    let d = fixture("mixtral-base");
+    for (flag, value, want) in [
+        ("--top-k", "0", "at least 1"),
+        ("--top-p", "2", "0 < p <= 1"),
+        ("--top-p", "0", "0 < p <= 1"),
+        ("--temperature", "-1", ">= 0"),
+        ("--temperature", "nan", ">= 0"),
+        ("--max-new-tokens", "-3", "--max-new-tokens"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let (stdout, _) = row(
+            &[&d],
+            &["--weights", s(&d), "--prompt", "In the beginning", &arg],
+            2,
+            &[flag, want],
+        );
+        assert!(stdout.is_empty(), "{flag}: {stdout}");
+    }
+}
+
+#[test]
+fn prefill_only_reports_only_measured_rates() {
+    let d = fixture("mixtral-base");
+    let (stdout, stderr) = row(
+        &[&d],
+        &[
+            "--weights",
+            s(&d),
+            "--prompt",
+            "In the beginning",
+            "--max-new-tokens",
+            "0",
+        ],
+        0,
+        &["prompt ", "decode n/a (0 tokens"],
+    );
+    assert_eq!(stdout.trim_end(), "In the beginning");
+    // The prefill rate is a real measurement of the prompt's forward pass, not prompt / 1e-12.
+    let rate: f64 = stderr
+        .split("prefill ")
+        .nth(1)
+        .and_then(|r| r.split(" tok/s").next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no prefill rate: {stderr}"));
+    assert!(rate > 0.0 && rate < 1e8, "{rate}");
+    // The JSON interface: no generated ids.
+    let out = run_in(
+        None,
+        &[
+            "--weights",
+            s(&d),
+            "--ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "0",
+            "--json",
+        ],
+    );
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["generated_ids"], serde_json::json!([]));
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_prints_nothing_first() {
+    let d = fixture("mixtral-base");
+    let prompt = "In the beginning was the word ".repeat(200);
+    let (stdout, _) = row(
+        &[&d],
+        &["--weights", s(&d), "--prompt", &prompt],
+        1,
+        &["context of 128", "max_position_embeddings"],
+    );
+    assert!(
+        stdout.is_empty(),
+        "the prompt was echoed: {} bytes",
+        stdout.len()
+    );
+}
+
+#[test]
+fn bench_layers_and_memory_are_checked_before_allocating() {
+    let r = |args: &[&str], code, want: &[&str]| {
+        let mut a = vec!["bench", "--model", "mixtral-8x7b", "--random-weights"];
+        a.extend_from_slice(args);
+        row(&[], &a, code, want)
+    };
+    r(
+        &["--layers", "33"],
+        1,
+        &["--layers 33 is out of range", "32 decoder layers"],
+    );
+    r(&["--layers", "0"], 2, &["--layers", "at least 1"]);
+    r(&["--runs", "0"], 2, &["--runs", "at least 1"]);
+    // 32 layers in f32 are 174 GiB: refused from analyze's count, before drawing anything.
+    let t = std::time::Instant::now();
+    r(
+        &["--dtype", "f32"],
+        1,
+        &["cpu (RAM) out of memory", "mixtral-8x7b", "needs 174."],
+    );
+    assert!(t.elapsed().as_secs() < 60, "it started drawing weights");
+}
+
+#[test]
+fn results_outside_the_repository_root_says_where_to_run_it() {
+    let t = tempfile::tempdir().unwrap();
+    row_in(
+        Some(t.path()),
+        &[t.path()],
+        &["results"],
+        1,
+        &["--dir benches/results: not found", "repository root"],
+    );
+}
+
+#[test]
+fn missing_files_are_named_once() {
+    let t = tempfile::tempdir().unwrap();
+    let d = copy_fixture("mixtral-base", &t.path().join("m"));
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    let (_, err) = row(
+        &[&d],
+        &["logits", "--weights", s(&d), "--ids", "1"],
+        1,
+        &["config.json"],
+    );
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    // The reader has gone before anything is written (as `| head` does after its lines).
+    for args in [
+        &["analyze", "--model", "mixtral-8x7b", "--json"][..],
+        &["analyze", "--claims"][..],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moe-run"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn bench_and_analyze_outputs_are_checked_before_running() {
+    let t = tempfile::tempdir().unwrap();
+    let d = copy_fixture("mixtral-base", &t.path().join("m"));
+    // Into the weights folder.
+    let inside = d.join("bench.json");
+    row(
+        &[&d],
+        &[
+            "bench",
+            "--weights",
+            s(&d),
+            "--json-out",
+            s(&inside),
+            "--runs",
+            "1",
+        ],
+        1,
+        &["--json-out", "inside the input folder"],
+    );
+    // Over an existing file: only with --force.
+    let existing = t.path().join("r.json");
+    std::fs::write(&existing, "keep").unwrap();
+    row(
+        &[&d],
+        &[
+            "bench",
+            "--weights",
+            s(&d),
+            "--json-out",
+            s(&existing),
+            "--runs",
+            "1",
+        ],
+        1,
+        &["--json-out", "already exists", "--force"],
+    );
+    let plot = t.path().join("p.svg");
+    std::fs::write(&plot, "keep").unwrap();
+    row(
+        &[&d],
+        &["analyze", "--weights", s(&d), "--plot", s(&plot)],
+        1,
+        &["--plot", "already exists"],
+    );
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep");
+    assert_eq!(std::fs::read(&plot).unwrap(), b"keep");
+    row(
+        &[&d],
+        &["analyze", "--weights", s(&d), "--plot", s(&plot), "--force"],
+        0,
+        &["wrote"],
+    );
+    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+}
