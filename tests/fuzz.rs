@@ -95,7 +95,7 @@ fn apply_bytes(mut b: Vec<u8>, edits: &[ByteEdit], header_end: usize) -> Vec<u8>
     for e in edits {
         let n = b.len().max(1);
         let pos = |p: usize| {
-            if p % 4 != 0 {
+            if !p.is_multiple_of(4) {
                 p % header_end.clamp(1, n)
             } else {
                 p % n
@@ -465,7 +465,7 @@ fn fuzz_config_json() {
             let inv = moe::analysis::tensor_inventory(&cfg);
             let bytes = moe::analysis::bytes::weight_bytes(&inv, moe::analysis::Precision::Fp32);
             // ...and, when it is small, a random-weight model and a forward pass.
-            if bytes < 16 << 20 && cfg.num_layers() <= 8 {
+            if bytes < 16 << 20 && cfg.num_layers() <= 8 && cfg.max_position_embeddings <= 1 << 16 {
                 let w = moe::bench::random::random_weights(&cfg, 0, DType::F32, &Device::Cpu, None);
                 if let Ok(w) = w {
                     if let Ok(model) =
@@ -635,4 +635,59 @@ fn fuzz_command_line() {
 
 /// Inputs the fuzzers once found to fail, kept after the fix.
 #[test]
-fn regressions() {}
+fn regressions() {
+    // A header whose shape multiplies past u64 (was: overflow panic in the header diagnosis).
+    let bytes = read(&fixture("mixtral-base").join("model.safetensors"));
+    let (mut header, data) = split_safetensors(&bytes);
+    header["model.norm.weight"]["shape"] = serde_json::json!([u64::MAX, 2]);
+    let e = Checkpoint::from_bytes("x.safetensors", join_safetensors(&header, data))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("model.norm.weight") && e.contains("overflows"),
+        "{e}"
+    );
+
+    let config_err = |fixture_name: &str, key: &str, v: Value| {
+        let mut c = json(&fixture(fixture_name).join("config.json"));
+        c[key] = v;
+        ModelConfig::from_json_str(&c.to_string(), Path::new("config.json"))
+            .err()
+            .unwrap_or_else(|| panic!("{key} accepted"))
+            .to_string()
+    };
+    // A RoPE of width 0 (was: a panic inside candle's rotary embedding).
+    let e = config_err("deepseek-v2-greedy", "qk_rope_head_dim", Value::from(0));
+    assert!(e.contains("qk_rope_head_dim must be positive"), "{e}");
+    // Layer counts that would size a vector of billions of layers (was: killed for memory).
+    let e = config_err("mixtral-base", "num_hidden_layers", Value::from(1u64 << 32));
+    assert!(
+        e.contains("num_hidden_layers = 4294967296") && e.contains("limit 4096"),
+        "{e}"
+    );
+    let e = config_err("mixtral-base", "num_hidden_layers", Value::from(1u64 << 40));
+    assert!(e.contains("larger than any model's"), "{e}");
+    // A post-processor template naming a special token it does not define (was: a panic inside
+    // the tokenizers crate at the first encode).
+    let d = fixture("mixtral-base");
+    let mut t = json(&d.join("tokenizer.json"));
+    t["post_processor"]["special_tokens"] = serde_json::json!({});
+    let cfg = ModelConfig::from_file(&d.join("config.json")).unwrap();
+    let e = moe::runtime::tokenizer::TextTokenizer::from_bytes(
+        t.to_string().as_bytes(),
+        &Default::default(),
+        &cfg,
+        d.join("tokenizer.json"),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("malformed tokenizer"),
+        "{e}"
+    );
+    // Dimensions whose products overflow the cost model's 64-bit counts.
+    let e = config_err("mixtral-base", "hidden_size", Value::from(1u64 << 31));
+    assert!(e.contains("parameters") && e.contains("limit"), "{e}");
+}

@@ -10,6 +10,18 @@
 //!
 //! Errors print paths as the user gave them; the canonical forms are only compared.
 
+// User input reaches this module: no unwrap/expect/panic/unchecked indexing outside tests
+// (checked by `cargo clippy`; a proven-safe exception carries its own `allow` and reason).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -111,7 +123,7 @@ impl Inputs {
 
     /// A file, or a folder together with every file in it (each resolved on its own, so that a
     /// Hugging Face snapshot's symlinks into `blobs/` are covered).
-    pub fn add(mut self, path: &Path) -> Self {
+    pub fn with(mut self, path: &Path) -> Self {
         self.paths.push(path.to_path_buf());
         if path.is_dir() {
             if let Ok(entries) = std::fs::read_dir(path) {
@@ -391,7 +403,7 @@ mod tests {
         let d = t.path().join("model");
         std::fs::create_dir(&d).unwrap();
         std::fs::write(d.join("config.json"), "{}").unwrap();
-        let inputs = Inputs::new().add(&d);
+        let inputs = Inputs::new().with(&d);
         let msg = |out: &Path, force| {
             check_output(out, "--out", &inputs, force)
                 .unwrap_err()

@@ -315,7 +315,7 @@ pub fn run(a: &AnalyzeArgs) -> Result<()> {
     if let Some(path) = &a.plot {
         let mut inputs = crate::fsio::Inputs::new();
         for p in a.config.iter().chain(&a.weights) {
-            inputs = inputs.add(p);
+            inputs = inputs.with(p);
         }
         crate::fsio::check_output(path, "--plot", &inputs, a.force)?;
     }

@@ -850,7 +850,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let inputs = a
         .weights
         .iter()
-        .fold(crate::fsio::Inputs::new(), |i, w| i.add(w));
+        .fold(crate::fsio::Inputs::new(), |i, w| i.with(w));
     if let Some(path) = &a.json_out {
         crate::fsio::check_output(path, "--json-out", &inputs, a.force)?;
     }

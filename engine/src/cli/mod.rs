@@ -2,6 +2,18 @@
 //! orchestration of each subcommand. Errors print as one `error: ...` line (a cause line only
 //! when it adds something) with exit status 1; usage errors exit with 2.
 
+// User input reaches this module: no unwrap/expect/panic/unchecked indexing outside tests
+// (checked by `cargo clippy`; a proven-safe exception carries its own `allow` and reason).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod args;
 
 use std::io::Write;
@@ -180,6 +192,7 @@ struct LogitsArgs {
 
 /// Parses the arguments, runs the command and reports its error.
 pub fn main() -> ExitCode {
+    crate::runtime::tokenizer::quiet_guarded_panics();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Some(Cmd::Logits(a)) => logits(a),

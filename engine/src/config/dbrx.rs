@@ -17,7 +17,7 @@ use super::{
 use crate::error::{Error, Result};
 
 pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
-    let f = Fields::new(raw, path);
+    let f = Fields::new(raw, path)?;
     let attn = f.sub("attn_config")?;
     let ffn = f.sub("ffn_config")?;
     if let Some(act) = ffn
@@ -82,7 +82,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         rope: theta,
         sliding_window: None,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-        layers: vec![FfnKind::Moe(moe); f.usize("n_layers")?],
+        layers: vec![FfnKind::Moe(moe); f.layers("n_layers")?],
         bos_token_id: d_bos.first().copied(),
         eos_token_ids: f.token_ids("eos_token_id")?,
     })

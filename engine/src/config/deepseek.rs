@@ -29,11 +29,11 @@ pub(super) enum Variant {
 }
 
 pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelConfig> {
-    let f = Fields::new(raw, path);
+    let f = Fields::new(raw, path)?;
     f.require_silu("hidden_act")?;
     let hidden = f.usize("hidden_size")?;
     let heads = f.usize("num_attention_heads")?;
-    let layers_n = f.usize("num_hidden_layers")?;
+    let layers_n = f.layers("num_hidden_layers")?;
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
     let bad = |msg: String| Err(Error::config(path, msg));
 

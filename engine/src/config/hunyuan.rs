@@ -16,7 +16,7 @@ use super::{
 use crate::error::{Error, Result};
 
 pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
-    let f = Fields::new(raw, path);
+    let f = Fields::new(raw, path)?;
     f.require_silu("hidden_act")?;
     let mut d = f.llama_dims()?;
     if let Some(hd) = f.opt_usize("attention_head_dim")? {
@@ -49,15 +49,21 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         .per_layer_usize("num_shared_expert", d.layers)?
         .unwrap_or(vec![1; d.layers]);
     let layers = (0..d.layers)
-        .map(|i| {
+        .zip(
+            experts
+                .iter()
+                .zip(&top_k)
+                .zip(expert_ffn.iter().zip(&shared)),
+        )
+        .map(|(_, ((&num_experts, &top_k), (&expert_ffn, &shared)))| {
             FfnKind::Moe(MoeConfig {
-                num_experts: experts[i],
-                top_k: top_k[i],
-                expert_ffn: expert_ffn[i],
+                num_experts,
+                top_k,
+                expert_ffn,
                 router: RouterKind::Softmax { norm_p: Some(1.0) },
                 router_f32: true,
-                shared: (shared[i] > 0).then_some(SharedExperts {
-                    ffn: ffn * shared[i],
+                shared: (shared > 0).then_some(SharedExperts {
+                    ffn: ffn.saturating_mul(shared),
                     sigmoid_gate: false,
                 }),
             })

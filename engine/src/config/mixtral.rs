@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 
 /// Field names and defaults follow transformers' `MixtralConfig`.
 pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
-    let f = Fields::new(raw, path);
+    let f = Fields::new(raw, path)?;
     if let Some(act) = f.opt_str("hidden_act")? {
         if act != "silu" {
             return Err(Error::config(
@@ -40,7 +40,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         router_f32: false,
         shared: None,
     };
-    let num_layers = f.usize("num_hidden_layers")?;
+    let num_layers = f.layers("num_hidden_layers")?;
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096 * 32);
     Ok(ModelConfig {
         model_type: "mixtral".into(),

@@ -2,6 +2,18 @@
 //! the decoder and the cost model read. Each family has one file here that maps its field names
 //! onto this struct; differences between architectures are data, never separate forward passes.
 
+// User input reaches this module: no unwrap/expect/panic/unchecked indexing outside tests
+// (checked by `cargo clippy`; a proven-safe exception carries its own `allow` and reason).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 mod dbrx;
 mod deepseek;
 mod hunyuan;
@@ -289,6 +301,40 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// An over-estimate of the parameter count, in f64 so that it cannot overflow (the exact
+    /// count is `analysis::counts`, which [`MAX_PARAMS`] keeps in range).
+    fn approx_params(&self) -> f64 {
+        let f = |n: usize| n as f64;
+        let (h, hd) = (f(self.hidden_size), f(self.head_dim));
+        let attn = match &self.mla {
+            None => h * hd * f(2 * self.num_heads + 2 * self.num_kv_heads),
+            Some(m) => {
+                let q_head = f(m.qk_nope_head_dim) + f(m.qk_rope_head_dim);
+                let q = match m.q_lora_rank {
+                    Some(r) => f(r) * (h + f(self.num_heads) * q_head),
+                    None => h * f(self.num_heads) * q_head,
+                };
+                q + h * (f(m.kv_lora_rank) + f(m.qk_rope_head_dim))
+                    + f(m.kv_lora_rank)
+                        * f(self.num_heads)
+                        * (f(m.qk_nope_head_dim) + f(m.v_head_dim))
+                    + f(self.num_heads) * f(m.v_head_dim) * h
+            }
+        };
+        let ffn: f64 = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                FfnKind::Dense { intermediate } => 3.0 * h * f(*intermediate),
+                FfnKind::Moe(m) => {
+                    f(m.num_experts) * (3.0 * h * f(m.expert_ffn) + h)
+                        + m.shared.map_or(0.0, |s| 3.0 * h * f(s.ffn) + h)
+                }
+            })
+            .sum();
+        2.0 * f(self.vocab_size) * h + f(self.num_layers()) * (attn + 4.0 * h) + ffn
+    }
+
     /// Internal consistency checks that every family must pass.
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(Error::config(path, msg));
@@ -317,6 +363,24 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
+        if let Some(m) = &self.mla {
+            for (name, v) in [
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("v_head_dim", m.v_head_dim),
+                ("qk_rope_head_dim", m.qk_rope_head_dim),
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1)),
+            ] {
+                if v == 0 {
+                    return bad(format!("{name} must be positive"));
+                }
+            }
+            if !m.qk_rope_head_dim.is_multiple_of(2) {
+                return bad(format!(
+                    "qk_rope_head_dim ({}) must be even for RoPE",
+                    m.qk_rope_head_dim
+                ));
+            }
+        }
         if self.sliding_window == Some(0) {
             return bad("sliding_window must be positive or null".into());
         }
@@ -338,6 +402,12 @@ impl ModelConfig {
                 }
                 _ => {}
             }
+        }
+        let params = self.approx_params();
+        if params > MAX_PARAMS {
+            return bad(format!(
+                "describes about {params:.3e} parameters, more than any model's (limit {MAX_PARAMS:e})"
+            ));
         }
         for &id in self.bos_token_id.iter().chain(&self.eos_token_ids) {
             if id as usize >= self.vocab_size {
@@ -363,6 +433,14 @@ pub(crate) struct LlamaDims {
     pub eos: Vec<u32>,
 }
 
+/// The largest integer a config field may hold (no real dimension, id or length comes near).
+pub const MAX_FIELD: u64 = 1 << 32;
+/// The most decoder layers a config may declare (real models have at most a few hundred).
+pub const MAX_LAYERS: u64 = 4096;
+/// The most parameters a config may describe (100x the largest published model): keeps every
+/// count, byte and FLOP figure of the cost model far inside 64 bits.
+pub const MAX_PARAMS: f64 = 1e14;
+
 /// Typed access to a config.json object with errors that name the file and the field.
 pub(crate) struct Fields<'a> {
     pub obj: &'a serde_json::Map<String, Value>,
@@ -370,10 +448,13 @@ pub(crate) struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
-    pub fn new(raw: &'a Value, path: &Path) -> Self {
-        Fields {
-            obj: raw.as_object().expect("checked by from_json_str"),
-            path: path.to_path_buf(),
+    pub fn new(raw: &'a Value, path: &Path) -> Result<Self> {
+        match raw {
+            Value::Object(obj) => Ok(Fields {
+                obj,
+                path: path.to_path_buf(),
+            }),
+            _ => Err(Error::config(path, "config.json is not a JSON object")),
         }
     }
 
@@ -394,9 +475,28 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(key, "a non-negative integer", v)),
+                .ok_or_else(|| self.err(key, "a non-negative integer", v))
+                .and_then(|n| self.bounded(key, n, MAX_FIELD))
+                .map(Some),
         }
+    }
+
+    /// `n` as a usize, refused above `limit` (a lying or corrupt config, caught before anything
+    /// is sized from it).
+    fn bounded(&self, key: &str, n: u64, limit: u64) -> Result<usize> {
+        if n > limit {
+            return Err(Error::config(
+                &self.path,
+                format!("{key} = {n} is larger than any model's (limit {limit})"),
+            ));
+        }
+        Ok(n as usize)
+    }
+
+    /// The number of decoder layers in field `key` (at most [`MAX_LAYERS`]).
+    pub fn layers(&self, key: &str) -> Result<usize> {
+        let n = self.usize(key)?;
+        self.bounded(key, n as u64, MAX_LAYERS)
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
@@ -441,8 +541,8 @@ impl<'a> Fields<'a> {
                 .iter()
                 .map(|v| {
                     v.as_u64()
-                        .map(|n| n as usize)
                         .ok_or_else(|| self.err(key, "a list of integers", v))
+                        .and_then(|n| self.bounded(key, n, MAX_FIELD))
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
@@ -471,8 +571,8 @@ impl<'a> Fields<'a> {
     /// A nested object such as DBRX's `attn_config`.
     pub fn sub(&self, key: &str) -> Result<Fields<'a>> {
         match self.get(key) {
-            Some(v @ Value::Object(_)) => Ok(Fields {
-                obj: v.as_object().expect("object"),
+            Some(Value::Object(obj)) => Ok(Fields {
+                obj,
                 path: self.path.clone(),
             }),
             Some(v) => Err(self.err(key, "an object", v)),
@@ -516,7 +616,7 @@ impl<'a> Fields<'a> {
             heads,
             kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(heads),
             head_dim: self.head_dim(hidden, heads)?,
-            layers: self.usize("num_hidden_layers")?,
+            layers: self.layers("num_hidden_layers")?,
             tie: self.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             bos: self.token_ids("bos_token_id")?.first().copied(),
             eos: self.token_ids("eos_token_id")?,

@@ -10,7 +10,7 @@ use super::{AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, QkNor
 use crate::error::Result;
 
 pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
-    let f = Fields::new(raw, path);
+    let f = Fields::new(raw, path)?;
     f.require_silu("hidden_act")?;
     let d = f.llama_dims()?;
     let moe = MoeConfig {

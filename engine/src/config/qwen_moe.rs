@@ -21,7 +21,7 @@ pub(super) enum Variant {
 }
 
 pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelConfig> {
-    let f = Fields::new(raw, path);
+    let f = Fields::new(raw, path)?;
     f.require_silu("hidden_act")?;
     let d = f.llama_dims()?;
     // Published configs say `num_experts`; transformers 5 writes `num_local_experts`.

@@ -68,6 +68,10 @@ pub struct QuantLog {
 /// Float dtypes a checkpoint may store weights in.
 pub(crate) const FLOAT_DTYPES: &str = "F32, F16, BF16";
 
+// Indexing below is proven in range: file indices come from `index`, which `from_files` builds
+// from `files` itself, and every tensor's byte range was checked against its buffer by
+// `SafeTensors::read_metadata` in `parse_file` (offsets cover the data section exactly).
+#[allow(clippy::indexing_slicing)]
 impl Checkpoint {
     /// Opens `DIR/model.safetensors.index.json` (sharded) or `DIR/model.safetensors`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
@@ -412,7 +416,7 @@ fn parse_file(name: String, bytes: Bytes) -> Result<StFile> {
         )));
     }
     let mut len8 = [0u8; 8];
-    len8.copy_from_slice(&bytes[..8]);
+    len8.copy_from_slice(bytes.get(..8).unwrap_or(&[0; 8]));
     let header_len = u64::from_le_bytes(len8);
     if header_len > (len - 8) as u64 {
         return Err(bad(format!(
@@ -422,7 +426,7 @@ fn parse_file(name: String, bytes: Bytes) -> Result<StFile> {
     let data_len = len - 8 - header_len as usize;
     let (n, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| {
         // Name the tensor whose header entry lies, where we can find it.
-        let header = &bytes[8..8 + header_len as usize];
+        let header = bytes.get(8..8 + header_len as usize).unwrap_or_default();
         match diagnose_header(header, data_len) {
             Some(msg) => bad(msg),
             None if matches!(e, SafeTensorError::MetadataIncompleteBuffer) => bad(format!(
@@ -470,16 +474,23 @@ fn diagnose_header(header: &[u8], data_len: usize) -> Option<String> {
             Some("I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2") => 1,
             _ => return None,
         };
-        let numel = t.get("shape").and_then(|s| s.as_array()).map(|dims| {
-            dims.iter()
-                .map(|d| d.as_u64().unwrap_or(0))
-                .product::<u64>()
-        })?;
-        if e < s || e - s != numel * elem_bytes {
+        // Checked: a lying header may multiply its dims past u64.
+        let need = t
+            .get("shape")
+            .and_then(|s| s.as_array())?
+            .iter()
+            .try_fold(elem_bytes, |acc: u64, d| {
+                acc.checked_mul(d.as_u64().unwrap_or(0))
+            });
+        let Some(need) = need else {
             return Some(format!(
-                "tensor {name:?}: data_offsets [{s}, {e}] span {} bytes but its dtype and shape need {}",
+                "tensor {name:?}: its shape's element count overflows 64 bits"
+            ));
+        };
+        if e < s || e - s != need {
+            return Some(format!(
+                "tensor {name:?}: data_offsets [{s}, {e}] span {} bytes but its dtype and shape need {need}",
                 e.saturating_sub(s),
-                numel * elem_bytes
             ));
         }
         if s != expected_start {

@@ -35,7 +35,10 @@ fn lin(
             ck.take_concat(parts, shape, o.dtype, &o.device)?,
         ));
     };
-    let q = if ck.contains(&format!("{}.qweight", stem(&parts[0].0))) {
+    let stored = parts
+        .first()
+        .is_some_and(|(n, _)| ck.contains(&format!("{}.qweight", stem(n))));
+    let q = if stored {
         let split = |suffix: &str, f: &dyn Fn(&[usize]) -> Vec<usize>| {
             parts
                 .iter()

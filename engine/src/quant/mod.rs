@@ -6,6 +6,18 @@
 //! dtype (f32/f16/bf16): embeddings, norms, biases, routers (+ the correction bias) and lm_head.
 //! Legend: E experts, N output features, K input features.
 
+// User input reaches this module: no unwrap/expect/panic/unchecked indexing outside tests
+// (checked by `cargo clippy`; a proven-safe exception carries its own `allow` and reason).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod save;
 
 use candle_core::{DType, Device, Tensor};
@@ -66,7 +78,7 @@ pub struct QuantTensor {
 impl QuantTensor {
     /// Shapes of `qweight` and `params` for a logical `[.., N, K]` weight.
     pub fn stored_shapes(fmt: QFormat, shape: &[usize]) -> (Vec<usize>, Vec<usize>) {
-        let (&k, lead) = shape.split_last().expect("a weight has at least 2 dims");
+        let (k, lead) = shape.split_last().map_or((0, &[][..]), |(k, l)| (*k, l));
         let mut q = lead.to_vec();
         q.push(fmt.row_bytes(k));
         let mut p = lead.to_vec();
@@ -78,13 +90,15 @@ impl QuantTensor {
     /// the result on `device`.
     pub fn quantize(w: &Tensor, fmt: QFormat, device: &Device) -> Result<Self> {
         let shape = w.dims().to_vec();
-        if shape.len() < 2 {
-            return Err(Error::Input(format!(
-                "cannot quantize a tensor of shape {shape:?}"
-            )));
-        }
-        let k = shape[shape.len() - 1];
-        let rows = w.elem_count() / k.max(1);
+        let k = match shape.as_slice() {
+            [.., _, k] if *k > 0 => *k,
+            _ => {
+                return Err(Error::Input(format!(
+                    "cannot quantize a tensor of shape {shape:?}"
+                )))
+            }
+        };
+        let rows = w.elem_count() / k;
         let data = w
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
@@ -96,13 +110,12 @@ impl QuantTensor {
         );
         let mut q = vec![0u8; rows * kb];
         let mut p = vec![f16::ZERO; rows * pr];
-        for r in 0..rows {
-            quantize_row(
-                fmt,
-                &data[r * k..(r + 1) * k],
-                &mut q[r * kb..(r + 1) * kb],
-                &mut p[r * pr..(r + 1) * pr],
-            );
+        for ((row, qr), pr) in data
+            .chunks_exact(k)
+            .zip(q.chunks_exact_mut(kb))
+            .zip(p.chunks_exact_mut(pr))
+        {
+            quantize_row(fmt, row, qr, pr);
         }
         let (qs, ps) = Self::stored_shapes(fmt, &shape);
         Ok(QuantTensor {
@@ -115,30 +128,30 @@ impl QuantTensor {
 
     /// The dequantized weight `[.., N, K]` in `dtype`.
     pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
-        let k = *self.shape.last().unwrap();
+        let k = self.shape.last().copied().unwrap_or(0).max(1);
         let q = self.qweight.flatten_all()?.to_vec1::<u8>()?;
         let p = self.params.flatten_all()?.to_vec1::<f16>()?;
-        let rows = self.shape.iter().product::<usize>() / k.max(1);
+        let rows = self.shape.iter().product::<usize>() / k;
         let (kb, pr) = (
-            self.fmt.row_bytes(k),
-            self.fmt.params_shape(k).iter().product::<usize>(),
+            self.fmt.row_bytes(k).max(1),
+            self.fmt.params_shape(k).iter().product::<usize>().max(1),
         );
         let mut w = vec![0f32; rows * k];
-        for r in 0..rows {
-            dequantize_row(
-                self.fmt,
-                &q[r * kb..(r + 1) * kb],
-                &p[r * pr..(r + 1) * pr],
-                &mut w[r * k..(r + 1) * k],
-            );
+        for ((out, qr), pr) in w
+            .chunks_exact_mut(k)
+            .zip(q.chunks_exact(kb))
+            .zip(p.chunks_exact(pr))
+        {
+            dequantize_row(self.fmt, qr, pr, out);
         }
         Tensor::from_vec(w, self.shape.clone(), self.qweight.device())?.to_dtype(dtype)
     }
 
     /// `x [.., K] -> [.., N]`: `x W^T` for a `[N, K]` weight, dequantized on the fly.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (&k, lead) = x.dims().split_last().expect("x has a feature dim");
-        let n = self.shape[self.shape.len() - 2];
+        let (&[.., n, _], Some((&k, lead))) = (self.shape.as_slice(), x.dims().split_last()) else {
+            candle_core::bail!("qmatmul: weight {:?}, input {:?}", self.shape, x.dims())
+        };
         let y = moe_kernels::qmatmul(&x.reshape(((), k))?, &self.qweight, &self.params, self.fmt)?;
         let mut out = lead.to_vec();
         out.push(n);

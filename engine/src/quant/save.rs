@@ -84,7 +84,7 @@ pub fn quantize_checkpoint(
             format_name(have)
         )));
     }
-    crate::fsio::check_output(out, "--out", &crate::fsio::Inputs::new().add(src), force)?;
+    crate::fsio::check_output(out, "--out", &crate::fsio::Inputs::new().with(src), force)?;
     // With --force into a folder holding another checkpoint, its shards or index would be read
     // instead of the new model.safetensors: refuse rather than delete anything.
     if let Ok(entries) = std::fs::read_dir(out) {
@@ -131,14 +131,21 @@ pub fn quantize_checkpoint(
             if let Some((_, _, bytes)) = ck.raw(name) {
                 replaced_bytes += bytes.len() as u64;
             }
-            let rows = shape[..shape.len() - 1].iter().product::<usize>();
+            let rows = shape
+                .split_last()
+                .map_or(0, |(_, l)| l.iter().product::<usize>());
             let (qs, ps) = QuantTensor::stored_shapes(fmt, shape);
             let stem = name.strip_suffix(".weight").unwrap_or(name);
-            let data = qw[row * kb..(row + rows) * kb].to_vec();
-            let params: Vec<u8> = qp[row * pr..(row + rows) * pr]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
+            let (Some(data), Some(params)) = (
+                qw.get(row * kb..(row + rows) * kb),
+                qp.get(row * pr..(row + rows) * pr),
+            ) else {
+                return Err(Error::Input(format!(
+                    "internal: the quantized rows of {name} are out of range"
+                )));
+            };
+            let data = data.to_vec();
+            let params: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
             quantized_bytes += (data.len() + params.len()) as u64;
             tensors.push((
                 format!("{stem}.qweight"),
@@ -201,7 +208,10 @@ pub fn quantize_checkpoint(
         path: cfg_path.clone(),
         source,
     })?;
-    v["quantization_config"] = quantization_config(fmt);
+    let Some(obj) = v.as_object_mut() else {
+        return Err(Error::config(&cfg_path, "config.json is not a JSON object"));
+    };
+    obj.insert("quantization_config".into(), quantization_config(fmt));
     let pretty = serde_json::to_string_pretty(&v).map_err(|source| Error::Json {
         path: cfg_path.clone(),
         source,

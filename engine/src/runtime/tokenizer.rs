@@ -1,12 +1,51 @@
 //! Text <-> ids with a Hugging Face `tokenizer.json`, plus the special tokens that
 //! `tokenizer_config.json` / `generation_config.json` / `config.json` define.
 
+use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+
+thread_local! {
+    /// Set while this thread is inside a call into the tokenizers crate (see [`guarded`]).
+    static IN_TOKENIZER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs a call into the tokenizers crate, turning a panic inside it into an error: the crate
+/// does not validate everything it loads (a malformed `tokenizer.json`, e.g. a post-processor
+/// template naming a special token it does not define, panics at encode time).
+fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    IN_TOKENIZER.with(|c| c.set(true));
+    let r = std::panic::catch_unwind(AssertUnwindSafe(f));
+    IN_TOKENIZER.with(|c| c.set(false));
+    r.unwrap_or_else(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(Error::Tokenizer {
+            path: path.to_path_buf(),
+            msg: format!("malformed tokenizer: the tokenizers library failed while {what} ({why})"),
+        })
+    })
+}
+
+/// Installs a panic hook that stays silent for panics [`guarded`] turns into errors (so the
+/// user sees one `error:` line, not a panic message first) and reports every other panic as
+/// the default hook does. Called once by the command line.
+pub fn quiet_guarded_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !IN_TOKENIZER.with(|c| c.get()) {
+            default(info)
+        }
+    }));
+}
 
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -44,11 +83,12 @@ impl TextTokenizer {
         cfg: &ModelConfig,
         path: PathBuf,
     ) -> Result<Self> {
-        let inner =
+        let inner = guarded(&path, "reading it", || {
             tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer {
                 path: path.clone(),
                 msg: e.to_string(),
-            })?;
+            })
+        })?;
         let parse = |text: &Option<String>, name: &str| -> Result<Value> {
             match text {
                 None => Ok(Value::Null),
@@ -92,13 +132,17 @@ impl TextTokenizer {
             .get("add_bos_token")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        Ok(TextTokenizer {
+        let tok = TextTokenizer {
             inner,
             path,
             bos,
             add_bos,
             eos,
-        })
+        };
+        // Encode and decode once, so a tokenizer that cannot work fails here, naming its file.
+        let probe = tok.encode("probe")?;
+        tok.decode(&probe)?;
+        Ok(tok)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -108,7 +152,9 @@ impl TextTokenizer {
     /// Encodes with the tokenizer's special-token template, making sure BOS leads when the
     /// tokenizer config asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| self.err(e))?;
+        let enc = guarded(&self.path, "encoding", || {
+            self.inner.encode(text, true).map_err(|e| self.err(e))
+        })?;
         let mut ids = enc.get_ids().to_vec();
         if let (true, Some(bos)) = (self.add_bos, self.bos) {
             if ids.first() != Some(&bos) {
@@ -119,7 +165,9 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| self.err(e))
+        guarded(&self.path, "decoding", || {
+            self.inner.decode(ids, true).map_err(|e| self.err(e))
+        })
     }
 
     fn err(&self, e: tokenizers::Error) -> Error {
