@@ -482,10 +482,17 @@ fn cli_text_claims_plot_and_errors() {
         vec!["analyze"],
         vec!["analyze", "--model", "no-such-model"],
         vec!["analyze", "--model", "dbrx", "--gpu", "tpu"],
-        vec!["analyze", "--model", "dbrx", "--context", "0"],
     ] {
         let out = moe_run(&bad);
         assert_eq!(out.status.code(), Some(1), "{bad:?}");
         assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
     }
+    // Out-of-range numbers are usage errors, caught where clap parses them (exit 2).
+    let out = moe_run(&["analyze", "--model", "dbrx", "--context", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains("--context"),
+        "{err}"
+    );
 }

@@ -518,6 +518,94 @@ fn bench_layers_and_memory_are_checked_before_allocating() {
 }
 
 #[test]
+fn sizes_that_would_overflow_or_exhaust_memory_are_refused() {
+    for (args, code, want) in [
+        (
+            &[
+                "analyze",
+                "--model",
+                "mixtral-8x7b",
+                "--context",
+                "18446744073709551615",
+            ][..],
+            2,
+            &["--context", "1 to 67108864"][..],
+        ),
+        (
+            &["analyze", "--model", "mixtral-8x7b", "--batch", "0"][..],
+            2,
+            &["--batch"][..],
+        ),
+        (
+            &[
+                "analyze",
+                "--model",
+                "mixtral-8x7b",
+                "--bandwidth",
+                "1e400",
+                "--memory",
+                "24",
+            ][..],
+            2,
+            &["--bandwidth", "finite number > 0"][..],
+        ),
+        (
+            &["bench", "--prompt-len", "18446744073709551615"][..],
+            1,
+            &["--prompt-len", "context of 512"][..],
+        ),
+        (
+            &[
+                "bench",
+                "--sweep",
+                "batch",
+                "--points",
+                "1,100000000",
+                "--runs",
+                "1",
+            ][..],
+            1,
+            &["out of memory", "batch 100000000"][..],
+        ),
+    ] {
+        row(&[], args, code, want);
+    }
+    // Saturating, not wrapping: the largest context and batch analyze accepts.
+    let (_, err) = row(
+        &[],
+        &[
+            "analyze",
+            "--model",
+            "mixtral-8x22b",
+            "--context",
+            "67108864",
+            "--batch",
+            "1048576",
+            "--json",
+        ],
+        0,
+        &[],
+    );
+    assert!(err.is_empty(), "{err}");
+    // A generation budget past the context stops at the context, no overflow.
+    let (_, err) = row(
+        &[],
+        &[
+            "--ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "18446744073709551615",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+        0,
+        &[],
+    );
+    assert!(err.contains("ContextFull") || err.is_empty(), "{err}");
+}
+
+#[test]
 fn results_outside_the_repository_root_says_where_to_run_it() {
     let t = tempfile::tempdir().unwrap();
     row_in(

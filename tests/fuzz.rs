@@ -588,6 +588,14 @@ fn fuzz_command_line() {
         Just("logits"),
         Just("analyze"),
         Just("quantize"),
+        Just("--context"),
+        Just("--batch"),
+        Just("--gpu"),
+        Just("--bandwidth"),
+        Just("--memory"),
+        Just("--tflops"),
+        Just("--claims"),
+        Just("--json"),
     ];
     let value = prop_oneof![
         Just("1,2,3".to_string()),
@@ -601,6 +609,12 @@ fn fuzz_command_line() {
         Just("int4:0".to_string()),
         Just("int4:33".to_string()),
         Just("cuda:99999999999999999999".to_string()),
+        Just("mixtral-8x7b".to_string()),
+        Just("deepseek-v3".to_string()),
+        Just("h100".to_string()),
+        Just("67108864".to_string()),
+        Just("1048576".to_string()),
+        Just("1e-300".to_string()),
         "[0-9,]{0,12}",
         "\\PC{0,16}",
     ];
@@ -617,7 +631,18 @@ fn fuzz_command_line() {
                 argv.push(f.to_string());
                 argv.push(v);
             }
-            let _ = moe::cli::Cli::try_parse_from(&argv);
+            // `analyze` computes from its arguments alone: run it on whatever parses.
+            if let Ok(moe::cli::Cli {
+                cmd: Some(moe::cli::Cmd::Analyze(a)),
+                ..
+            }) = moe::cli::Cli::try_parse_from(&argv)
+            {
+                if a.plot.is_none() {
+                    if let Ok(out) = moe::analysis::compute(&a) {
+                        let _ = serde_json::to_string(&out);
+                    }
+                }
+            }
             // Ids and prompts as `run` takes them: parsed, encoded, checked, decoded as streamed.
             let _ = moe::cli::Cli::try_parse_from(["moe-run", "--ids", &prompt]);
             if let Ok(enc) = tok.encode(&prompt) {

@@ -243,12 +243,13 @@ pub fn attended_keys(cfg: &ModelConfig, context: u64) -> u64 {
 /// KV cache bytes of one sequence of `context` tokens, as the engine allocates it (every
 /// position, window or not).
 pub fn kv_bytes_per_sequence(cfg: &ModelConfig, context: u64, elem_bytes: u64) -> u64 {
-    kv_bytes_per_token(cfg, elem_bytes) * context
+    // Saturating: a huge context or batch reads as "more than any memory", never wraps.
+    kv_bytes_per_token(cfg, elem_bytes).saturating_mul(context)
 }
 
 /// KV bytes one decode step at position `context` reads.
 pub fn kv_read_bytes(cfg: &ModelConfig, context: u64, elem_bytes: u64) -> u64 {
-    kv_bytes_per_token(cfg, elem_bytes) * attended_keys(cfg, context)
+    kv_bytes_per_token(cfg, elem_bytes).saturating_mul(attended_keys(cfg, context))
 }
 
 /// Attention-score FLOPs per token attending to `keys` keys, summed over layers.

@@ -50,19 +50,19 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub gpu: Option<String>,
     /// Any other GPU: memory bandwidth in GB/s (with --memory).
-    #[arg(long, requires = "memory", conflicts_with = "gpu")]
+    #[arg(long, requires = "memory", conflicts_with = "gpu", value_parser = crate::cli::args::positive)]
     pub bandwidth: Option<f64>,
     /// Any other GPU: memory in GiB (with --bandwidth).
-    #[arg(long, requires = "bandwidth")]
+    #[arg(long, requires = "bandwidth", value_parser = crate::cli::args::positive)]
     pub memory: Option<f64>,
     /// Any other GPU: dense bf16 tensor peak in TFLOPS, for the prefill ceiling (tf32 = half).
-    #[arg(long, requires = "bandwidth")]
+    #[arg(long, requires = "bandwidth", value_parser = crate::cli::args::positive)]
     pub tflops: Option<f64>,
-    /// Context length for the KV cache, the attention FLOPs and the decode ceiling.
-    #[arg(long, default_value_t = 4096)]
+    /// Context length for the KV cache, the attention FLOPs and the decode ceiling (1 to 2^26).
+    #[arg(long, default_value_t = 4096, value_parser = crate::cli::args::context)]
     pub context: u64,
-    /// Sequences decoded together: expected experts touched per layer and tokens/s.
-    #[arg(long, default_value_t = 1)]
+    /// Sequences decoded together: expected experts touched per layer and tokens/s (1 to 2^20).
+    #[arg(long, default_value_t = 1, value_parser = crate::cli::args::batch)]
     pub batch: u64,
     /// Print the table of published parameter claims (no model needed).
     #[arg(long)]

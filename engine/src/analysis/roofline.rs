@@ -131,7 +131,9 @@ pub fn ceiling(
     batch: u64,
 ) -> Ceiling {
     let b = precision_bytes(cfg, inv, p, context);
-    let needed = b.weight_bytes + batch * b.kv_bytes_per_sequence;
+    let needed = b
+        .weight_bytes
+        .saturating_add(batch.saturating_mul(b.kv_bytes_per_sequence));
     let bw = gpu.bandwidth_bytes_s();
     let flops = prefill_flops_per_token(cfg, matmul_active, context);
     let peak = match p {

@@ -100,14 +100,14 @@ pub struct BenchArgs {
     pub warmup: usize,
     /// Memory bandwidth for the ceiling, GB/s (default: the --gpu table entry on CUDA, else
     /// measured: a 1 GiB device-to-device copy on CUDA, a memcpy on the CPU).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::positive)]
     pub bandwidth: Option<f64>,
     /// A built-in GPU for the CUDA ceiling (see `analyze --gpu`).
     #[arg(long)]
     pub gpu: Option<String>,
     /// Matmul peak for the compute ceiling, TFLOPS (default: the GPU table, else measured with
     /// a 1024^3 matmul in the bench dtype).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::positive)]
     pub tflops: Option<f64>,
     /// One JSON object with every number and the environment.
     #[arg(long)]
@@ -569,27 +569,21 @@ pub fn build_model(
             )));
         }
     }
+    if a.prompt_len.saturating_add(a.gen) > full_cfg.max_position_embeddings {
+        return Err(Error::Input(format!(
+            "--prompt-len {} + --gen {} exceed {name}'s context of {} (max_position_embeddings)",
+            a.prompt_len, a.gen, full_cfg.max_position_embeddings
+        )));
+    }
     let cfg = random::first_layers(&full_cfg, a.layers);
     let quant = quant_of(a)?;
     if a.baseline.is_some() {
         baseline::check(&cfg)?;
         baseline::check_dtype(baseline_dtype(dtype, quant))?;
     }
-    // Refuse before allocating (or drawing random weights) when analyze's weight and KV
-    // bytes do not fit in the GPU's free memory or the available RAM.
-    let kv = kv_bytes_per_sequence(
-        &cfg,
-        (a.prompt_len + a.gen) as u64,
-        dtype.size_in_bytes() as u64,
-    ) * a.batch as u64;
-    crate::runtime::memory::check_device_fits(
-        device,
-        &format!(
-            "the weights and KV cache of {name} ({} layers)",
-            cfg.num_layers()
-        ),
-        weight_bytes(&tensor_inventory(&cfg), Precision::of(dtype, quant)) + kv,
-    )?;
+    // Refuse before allocating (or drawing random weights) when the weights, KV cache and
+    // activations do not fit in the GPU's free memory or the available RAM.
+    check_memory(a, &cfg, &name, dtype, quant, a.batch, device)?;
     let mut base = None;
     let (model, weights) = if a.random_weights {
         let w = random::random_weights(&cfg, a.seed, dtype, device, quant)?;
@@ -660,6 +654,43 @@ pub fn build_model(
     Ok((model, desc, t0.elapsed().as_secs_f64(), base))
 }
 
+/// Errors with the out-of-memory message when analyze's weight bytes, the KV cache of `batch`
+/// sequences of prompt + gen tokens and an over-estimate of the prefill activations
+/// (`batch x prompt` rows of the logits, hidden states and widest FFN, in f32) do not fit `device`.
+pub fn check_memory(
+    a: &BenchArgs,
+    cfg: &ModelConfig,
+    name: &str,
+    dtype: DType,
+    quant: Option<QFormat>,
+    batch: usize,
+    device: &Device,
+) -> Result<()> {
+    let tokens = a.prompt_len.saturating_add(a.gen) as u64;
+    let kv = kv_bytes_per_sequence(cfg, tokens, dtype.size_in_bytes() as u64)
+        .saturating_mul(batch as u64);
+    let widest = cfg
+        .layers
+        .iter()
+        .map(|l| match l {
+            FfnKind::Dense { intermediate } => *intermediate,
+            FfnKind::Moe(m) => m.expert_ffn * m.top_k + m.shared.map_or(0, |s| s.ffn),
+        })
+        .max()
+        .unwrap_or(0);
+    let row = (cfg.vocab_size + 8 * cfg.hidden_size + 3 * widest) as u64 * 4;
+    let act = row.saturating_mul((batch as u64).saturating_mul(a.prompt_len as u64));
+    let weights = weight_bytes(&tensor_inventory(cfg), Precision::of(dtype, quant));
+    crate::runtime::memory::check_device_fits(
+        device,
+        &format!(
+            "{name} ({} layers, batch {batch}: weights, KV cache and activations)",
+            cfg.num_layers()
+        ),
+        weights.saturating_add(kv).saturating_add(act),
+    )
+}
+
 /// The config named by --model / --weights (tiny-kjv when neither is given).
 pub fn resolve_config(a: &BenchArgs) -> Result<(String, ModelConfig)> {
     let aa = crate::analysis::AnalyzeArgs {
@@ -714,12 +745,6 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     let used_loaded = used(device_memory(&device));
     reset_pool_high_water(&device);
     let cfg = model.cfg.clone();
-    if a.prompt_len + a.gen > cfg.max_position_embeddings {
-        return Err(Error::Input(format!(
-            "--prompt-len + --gen exceed max_position_embeddings {}",
-            cfg.max_position_embeddings
-        )));
-    }
     let samples = timed_runs(
         &model,
         a.batch,

@@ -205,6 +205,7 @@ fn point(
 ) -> Result<SweepRow> {
     let quant = super::quant_of(a)?;
     let prec = crate::analysis::bytes::Precision::of(dtype, quant);
+    super::check_memory(a, cfg, "the sweep model", dtype, quant, batch, device)?;
     let w = random::random_weights(cfg, a.seed, dtype, device, quant)?;
     let model = Model::new(cfg.clone(), w, dtype, device)?;
     let samples = timed_runs(&model, batch, a.prompt_len, a.gen, a.runs, a.warmup, a.seed)?;

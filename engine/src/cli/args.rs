@@ -36,6 +36,41 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A finite number > 0 (`--bandwidth`, `--memory`, `--tflops`).
+pub fn positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} is out of range: give a finite number > 0"))
+    }
+}
+
+/// The longest context `analyze` computes for (64 Mi tokens, 6x Llama-4 Scout's 10M): keeps
+/// KV bytes and attention FLOPs inside 64 bits for every config that parses.
+pub const MAX_CONTEXT: u64 = 1 << 26;
+/// The largest batch `analyze` computes for.
+pub const MAX_BATCH: u64 = 1 << 20;
+
+/// `--context`: 1 to [`MAX_CONTEXT`].
+pub fn context(s: &str) -> Result<u64, String> {
+    bounded(s, MAX_CONTEXT)
+}
+
+/// `--batch` of analyze: 1 to [`MAX_BATCH`].
+pub fn batch(s: &str) -> Result<u64, String> {
+    bounded(s, MAX_BATCH)
+}
+
+fn bounded(s: &str, max: u64) -> Result<u64, String> {
+    let n = at_least_one(s)? as u64;
+    if n <= max {
+        Ok(n)
+    } else {
+        Err(format!("{s} is out of range: give 1 to {max}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +91,12 @@ mod tests {
         for bad in ["0", "-1", "1.5", ""] {
             assert!(at_least_one(bad).is_err(), "{bad}");
         }
+        assert_eq!(positive("1e3"), Ok(1000.0));
+        for bad in ["0", "-1", "1e400", "inf", "nan"] {
+            assert!(positive(bad).is_err(), "{bad}");
+        }
+        assert_eq!(context("67108864"), Ok(1 << 26));
+        assert!(context("67108865").is_err() && context("0").is_err());
+        assert!(batch("1048577").is_err());
     }
 }

@@ -41,13 +41,13 @@ use crate::runtime::tokenizer::TextStream;
 )]
 pub struct Cli {
     #[command(subcommand)]
-    cmd: Option<Cmd>,
+    pub cmd: Option<Cmd>,
     #[command(flatten)]
     run: RunArgs,
 }
 
 #[derive(Subcommand)]
-enum Cmd {
+pub enum Cmd {
     /// Print the model's logits for a prompt of token ids as JSON: {"ids":[..],"logits":[[..]..]}.
     Logits(LogitsArgs),
     /// Exact parameter, memory, KV and FLOP accounting from the config alone, decode/prefill
@@ -66,7 +66,7 @@ enum Cmd {
 }
 
 #[derive(Args)]
-struct SelftestArgs {
+pub struct SelftestArgs {
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -94,7 +94,7 @@ fn selftest(a: SelftestArgs) -> Result<()> {
 }
 
 #[derive(Args, Clone)]
-struct ModelArgs {
+pub struct ModelArgs {
     /// `tiny-kjv` (the embedded model, also the default), a known model name (see configs/)
     /// or a Hugging Face repo id, read from the local HF cache.
     #[arg(long, conflicts_with = "weights")]
@@ -114,7 +114,7 @@ struct ModelArgs {
 }
 
 #[derive(Args)]
-struct QuantizeArgs {
+pub struct QuantizeArgs {
     /// The dense (f32/f16/bf16) checkpoint directory.
     #[arg(long)]
     weights: PathBuf,
@@ -146,7 +146,7 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
 }
 
 #[derive(Args)]
-struct RunArgs {
+pub struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Text prompt (needs tokenizer.json).
@@ -182,7 +182,7 @@ struct RunArgs {
 }
 
 #[derive(Args)]
-struct LogitsArgs {
+pub struct LogitsArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Comma-separated token ids.

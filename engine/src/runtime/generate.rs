@@ -140,11 +140,14 @@ pub fn generate(
     validate_prompt(model, prompt)?;
     let context = model.cfg.max_position_embeddings;
     // The last generated token is never fed back, so the cache needs prompt + max_new - 1.
-    let capacity = (prompt.len() + p.max_new_tokens.saturating_sub(1)).min(context);
+    let capacity = prompt
+        .len()
+        .saturating_add(p.max_new_tokens.saturating_sub(1))
+        .min(context);
     let mut cache = model.new_cache(1, capacity.max(prompt.len()))?;
     let mut sampler = p.sampling.processor();
     let mut trace = on_trace.as_ref().map(|_| Trace::default());
-    let mut generated = Vec::with_capacity(p.max_new_tokens);
+    let mut generated = Vec::with_capacity(p.max_new_tokens.min(context));
     let device = model.device();
 
     let mut stop = StopReason::MaxTokens;
