@@ -3,7 +3,7 @@
 //!
 //! - No host round trip inside a decode step: on the kernel path, `generate` makes exactly one
 //!   device-to-host read per generated token (the sampled id, or the logits when sampling), counted
-//!   by `moe::runtime::host`; expert ids and counts never leave the device. The candle path, which
+//!   by `moe::model::host`; expert ids and counts never leave the device. The candle path, which
 //!   routes on the host, makes one more read per MoE layer per forward pass, and the test says so.
 //! - bf16 and quantized (INT8/INT4) models give the same greedy tokens and close logits on both
 //!   paths. (f32 parity with transformers on both paths is in tests/parity.rs.)
@@ -18,10 +18,10 @@ use common::{expected, fixture, max_abs_diff};
 use moe::config::FfnKind;
 use moe::loader::embedded::TINY_KJV;
 use moe::loader::{load_dir, LoadOptions};
+use moe::model::host;
 use moe::model::{ExecPath, Model};
 use moe::quant::QFormat;
 use moe::runtime::generate::{generate, GenerateParams, SamplingParams};
-use moe::runtime::host;
 
 fn params(n: usize, sampling: SamplingParams) -> GenerateParams {
     GenerateParams {

@@ -293,7 +293,7 @@ fn checkpoint_seeds(tmp: &Path) -> Vec<(ModelConfig, Vec<u8>)> {
         })
         .collect();
     let q = tmp.join("q");
-    moe::quant::save::quantize_checkpoint(
+    moe::loader::save::quantize_checkpoint(
         &fixture("mixtral-base"),
         &q,
         moe::quant::parse_quant("int4:32").unwrap().unwrap(),
@@ -490,7 +490,7 @@ fn fuzz_config_json() {
 fn fuzz_quantized_checkpoint_metadata() {
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q");
-    moe::quant::save::quantize_checkpoint(
+    moe::loader::save::quantize_checkpoint(
         &fixture("mixtral-base"),
         &q,
         moe::quant::parse_quant("int8").unwrap().unwrap(),
@@ -568,7 +568,7 @@ fn fuzz_command_line() {
     use clap::Parser;
     let kjv = &loader::embedded::TINY_KJV;
     let cfg = kjv.config().unwrap();
-    let tok = kjv.tokenizer(&cfg).unwrap();
+    let tok = moe::runtime::tokenizer::TextTokenizer::embedded(kjv, &cfg).unwrap();
     let model = kjv.load(&LoadOptions::default()).unwrap();
     let flags = prop_oneof![
         Just("--ids"),

@@ -207,7 +207,7 @@ fn saved_checkpoint_round_trip_is_bit_identical() {
         ("qwen2-moe", INT8),
     ] {
         let out = tempfile::tempdir().unwrap();
-        moe::quant::save::quantize_checkpoint(&fixture(name), out.path(), fmt, false).unwrap();
+        moe::loader::save::quantize_checkpoint(&fixture(name), out.path(), fmt, false).unwrap();
         let (direct, _, b1) = eval_dir(&fixture(name), Some(fmt));
         let (saved, _, b2) = eval_dir(out.path(), None);
         assert_eq!(
@@ -286,7 +286,7 @@ fn tiny_kjv_heldout_perplexity() {
                 ..Default::default()
             })
             .unwrap();
-        let tok = TINY_KJV.tokenizer(&model.cfg).unwrap();
+        let tok = moe::runtime::tokenizer::TextTokenizer::embedded(&TINY_KJV, &model.cfg).unwrap();
         let mut ids = tok.encode(&text).unwrap();
         ids.truncate(model.cfg.max_position_embeddings);
         let mut cache = model.new_cache(1, ids.len()).unwrap();

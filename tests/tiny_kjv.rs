@@ -14,7 +14,7 @@ use moe::runtime::generate::{generate, GenerateParams, SamplingParams};
 fn parity_with_transformers() {
     let exp = expected(&fixture("tiny-kjv"));
     let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
-    let tok = TINY_KJV.tokenizer(&model.cfg).unwrap();
+    let tok = moe::runtime::tokenizer::TextTokenizer::embedded(&TINY_KJV, &model.cfg).unwrap();
     assert_eq!(
         tok.encode("And God said").unwrap(),
         exp.prompt_ids,

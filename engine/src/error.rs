@@ -79,9 +79,9 @@ pub enum Error {
     /// out-of-memory error, with the numbers that explain it).
     #[error(
         "{device} out of memory: {what} needs {} but only {} of {} is free{}",
-        crate::runtime::memory::human_bytes(*need),
-        crate::runtime::memory::human_bytes(*free),
-        crate::runtime::memory::human_bytes(*total),
+        crate::units::human_bytes(*need),
+        crate::units::human_bytes(*free),
+        crate::units::human_bytes(*total),
         if hint.is_empty() { String::new() } else { format!("; {hint}") }
     )]
     OutOfMemory {

@@ -11,9 +11,12 @@ pub mod config;
 pub mod error;
 pub mod fsio;
 pub mod loader;
+pub mod memory;
 pub mod model;
 pub mod quant;
 pub mod runtime;
 pub mod selftest;
+pub mod spec;
+pub mod units;
 
 pub use error::{Error, Result};

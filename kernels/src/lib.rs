@@ -11,7 +11,7 @@
 //! | experts   | [`experts::moe_experts`]      | `cuda/moe_experts.cu`  |
 //! | combine   | [`combine::moe_combine`]      | `cuda/moe_combine.cu`  |
 //! | rms_norm  | [`norm::rms_norm`], [`norm::add_rms_norm`] | `cuda/rms_norm.cu` |
-//! | qmatmul   | [`qmatmul::qmatmul`], [`qmatmul::qmatmul_grouped`] | `cuda/qmatmul.cu` |
+//! | qmatmul   | [`qexperts::qmatmul`], [`qexperts::qmatmul_grouped`] | `cuda/qmatmul.cu` |
 //! | qmatmul_moe | [`qexperts::qmatmul_moe`] (quantized experts on a device dispatch) | `cuda/qmatmul.cu` |
 //! | qk_norm_rope | [`rope::qk_norm_rope`]  | `cuda/qk_norm_rope.cu` |
 //! | decode_attention | [`attention::decode_attention`] | `cuda/decode_attention.cu` |
@@ -39,7 +39,8 @@ pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};
 pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};
 pub use norm::{add_rms_norm, rms_norm};
 pub use qexperts::qmatmul_moe;
-pub use qmatmul::{qmatmul, qmatmul_grouped, QFormat, QMatmul};
+pub use qexperts::{qmatmul, qmatmul_grouped};
+pub use qmatmul::{QFormat, QMatmul};
 pub use rope::{qk_norm_rope, HeadNorm};
 pub use route::{moe_route, Router};
 

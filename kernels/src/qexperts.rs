@@ -29,7 +29,7 @@ use half::f16;
 
 use crate::common::{check_act, check_dtype, host, same_device, Elem};
 use crate::experts::{expert_path, expert_path_env, ExpertPath};
-use crate::qmatmul::{dequantize_row, QFormat};
+use crate::qmatmul::{check, dequantize_row, QFormat, QMatmul, OP_GROUPED};
 
 const OP: &str = "qmatmul_moe";
 
@@ -357,6 +357,78 @@ fn cuda_qmatmul_moe(
 /// Warps (output features) per block in `cuda/qmatmul.cu` (`QMM_WARPS`).
 #[cfg(feature = "cuda")]
 const QMM_WARPS: usize = 4;
+// The dense entry points live here, not beside the format in `qmatmul.rs`, because on CUDA
+// with many rows they take this module's tiled GEMM: `qmatmul.rs` then depends on nothing above it.
+
+/// `x [M, K] -> [M, N]`, `y = x W^T` with W `[N, K]` quantized as `fmt` (qweight, params as in
+/// the module docs). Output in the dtype of x.
+pub fn qmatmul(x: &Tensor, qweight: &Tensor, params: &Tensor, fmt: QFormat) -> Result<Tensor> {
+    let d = check(
+        fmt,
+        false,
+        (x.dtype(), x.dims()),
+        (qweight.dtype(), qweight.dims()),
+        (params.dtype(), params.dims()),
+    )?;
+    if d.m == 0 || d.n == 0 {
+        return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
+    }
+    // CUDA with many rows: the tiled GEMM path ([`qmatmul_moe`] with one expert).
+    if let Some(y) = large_qmatmul(x, qweight, params, None, fmt)? {
+        return Ok(y);
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &qweight.contiguous()?,
+        &params.contiguous()?,
+        &QMatmul { fmt, offsets: None },
+    )
+}
+
+/// Grouped expert layout: `x [M, K]` whose rows `offsets[e]..offsets[e+1]` belong to expert e
+/// (expert-sorted, as dispatch leaves them), qweight `[E, N, Kb]`, params `[E, N, ..]` ->
+/// `[M, N]`. `offsets` has E + 1 entries, starts at 0 and ends at M.
+pub fn qmatmul_grouped(
+    x: &Tensor,
+    qweight: &Tensor,
+    params: &Tensor,
+    offsets: &[u32],
+    fmt: QFormat,
+) -> Result<Tensor> {
+    let d = check(
+        fmt,
+        true,
+        (x.dtype(), x.dims()),
+        (qweight.dtype(), qweight.dims()),
+        (params.dtype(), params.dims()),
+    )?;
+    if offsets.len() != d.e + 1
+        || offsets[0] != 0
+        || offsets[d.e] as usize != d.m
+        || offsets.windows(2).any(|w| w[0] > w[1])
+    {
+        bail!(
+            "{OP_GROUPED}: offsets must be E + 1 = {} non-decreasing entries from 0 to M = {}, got {offsets:?}",
+            d.e + 1,
+            d.m
+        );
+    }
+    if d.m == 0 || d.n == 0 {
+        return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
+    }
+    // CUDA with many rows per expert: the tiled GEMM path.
+    if let Some(y) = large_qmatmul(x, qweight, params, Some(offsets), fmt)? {
+        return Ok(y);
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &qweight.contiguous()?,
+        &params.contiguous()?,
+        &QMatmul {
+            fmt,
+            offsets: Some(offsets.to_vec()),
+        },
+    )
+}
+
 /// Output tile of the GEMM path (`QG_TILE_M` x `QG_TILE_N` in `cuda/qmatmul.cu`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const QG_TILE_M: usize = 64;
@@ -401,7 +473,7 @@ pub(crate) fn large_qmatmul(
 mod tests {
     use super::*;
     use crate::dispatch::dispatch_reference;
-    use crate::qmatmul::{qmatmul_grouped, quantize_row};
+    use crate::qmatmul::quantize_row;
 
     /// The gather form equals gathering x by hand and running `qmatmul_grouped` with host offsets.
     #[test]

@@ -31,7 +31,7 @@
 
 use crate::common::Elem;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape};
 use half::f16;
 
 /// A weight-only quantization format.
@@ -156,15 +156,15 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Problem sizes of one (possibly grouped) quantized matmul.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    m: usize,
-    k: usize,
-    n: usize,
+pub(crate) struct Dims {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
     /// Experts (1 for a dense linear).
-    e: usize,
+    pub e: usize,
 }
 
-fn check(
+pub(crate) fn check(
     fmt: QFormat,
     grouped: bool,
     (x_dtype, x_dims): (DType, &[usize]),
@@ -302,78 +302,9 @@ pub const QMATMUL_NMSE_BF16: f64 = 1e-4;
 pub const QMATMUL_NMSE_F16: f64 = 1e-6;
 
 const OP: &str = "qmatmul";
-const OP_GROUPED: &str = "qmatmul_grouped";
+pub(crate) const OP_GROUPED: &str = "qmatmul_grouped";
 
-/// `x [M, K] -> [M, N]`, `y = x W^T` with W `[N, K]` quantized as `fmt` (qweight, params as in
-/// the module docs). Output in the dtype of x.
-pub fn qmatmul(x: &Tensor, qweight: &Tensor, params: &Tensor, fmt: QFormat) -> Result<Tensor> {
-    let d = check(
-        fmt,
-        false,
-        (x.dtype(), x.dims()),
-        (qweight.dtype(), qweight.dims()),
-        (params.dtype(), params.dims()),
-    )?;
-    if d.m == 0 || d.n == 0 {
-        return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
-    }
-    // CUDA with many rows: the tiled GEMM path (qexperts::qmatmul_moe with one expert).
-    if let Some(y) = crate::qexperts::large_qmatmul(x, qweight, params, None, fmt)? {
-        return Ok(y);
-    }
-    x.contiguous()?.apply_op3_no_bwd(
-        &qweight.contiguous()?,
-        &params.contiguous()?,
-        &QMatmul { fmt, offsets: None },
-    )
-}
-
-/// Grouped expert layout: `x [M, K]` whose rows `offsets[e]..offsets[e+1]` belong to expert e
-/// (expert-sorted, as dispatch leaves them), qweight `[E, N, Kb]`, params `[E, N, ..]` ->
-/// `[M, N]`. `offsets` has E + 1 entries, starts at 0 and ends at M.
-pub fn qmatmul_grouped(
-    x: &Tensor,
-    qweight: &Tensor,
-    params: &Tensor,
-    offsets: &[u32],
-    fmt: QFormat,
-) -> Result<Tensor> {
-    let d = check(
-        fmt,
-        true,
-        (x.dtype(), x.dims()),
-        (qweight.dtype(), qweight.dims()),
-        (params.dtype(), params.dims()),
-    )?;
-    if offsets.len() != d.e + 1
-        || offsets[0] != 0
-        || offsets[d.e] as usize != d.m
-        || offsets.windows(2).any(|w| w[0] > w[1])
-    {
-        bail!(
-            "{OP_GROUPED}: offsets must be E + 1 = {} non-decreasing entries from 0 to M = {}, got {offsets:?}",
-            d.e + 1,
-            d.m
-        );
-    }
-    if d.m == 0 || d.n == 0 {
-        return Tensor::zeros((d.m, d.n), x.dtype(), x.device());
-    }
-    // CUDA with many rows per expert: the tiled GEMM path.
-    if let Some(y) = crate::qexperts::large_qmatmul(x, qweight, params, Some(offsets), fmt)? {
-        return Ok(y);
-    }
-    x.contiguous()?.apply_op3_no_bwd(
-        &qweight.contiguous()?,
-        &params.contiguous()?,
-        &QMatmul {
-            fmt,
-            offsets: Some(offsets.to_vec()),
-        },
-    )
-}
-
-/// The candle op behind [`qmatmul`] (`offsets: None`) and [`qmatmul_grouped`].
+/// The candle op behind [`crate::qmatmul()`] (`offsets: None`) and [`crate::qmatmul_grouped`].
 #[derive(Debug, Clone)]
 pub struct QMatmul {
     pub fmt: QFormat,

@@ -31,9 +31,9 @@ use crate::norm::{
     add_rms_norm, rms_norm, rms_norm_reference, RMS_NORM_NMSE_BF16, RMS_NORM_NMSE_F16,
     RMS_NORM_NMSE_F32,
 };
+use crate::qexperts::{qmatmul, qmatmul_grouped};
 use crate::qmatmul::{
-    qmatmul, qmatmul_grouped, quantize_row, QFormat, QMATMUL_NMSE_BF16, QMATMUL_NMSE_F16,
-    QMATMUL_NMSE_F32,
+    quantize_row, QFormat, QMATMUL_NMSE_BF16, QMATMUL_NMSE_F16, QMATMUL_NMSE_F32,
 };
 use crate::route::{moe_route, route_reference, Router, ROUTE_NMSE};
 

@@ -2,22 +2,24 @@
 //! alone, roofline ceilings on named GPUs, the seed articles' rules of thumb against the exact
 //! figures, and a table of published claims.
 //!
-//! - [`counts`]: the tensor inventory and parameter counts (equal to transformers' counts:
+//! - [`counts`] (in [`crate::spec`]): the tensor inventory and parameter counts (equal to transformers' counts:
 //!   `tests/analyze.rs` checks every config against `tests/fixtures/param_counts.json`).
-//! - [`bytes`]: weight bytes per precision (the quantization rule [`bytes::storage`]), KV
+//! - [`bytes`] (in [`crate::spec`]): weight bytes per precision (the quantization rule [`bytes::storage`]), KV
 //!   cache bytes, FLOPs per token.
 //! - [`gpus`], [`roofline`]: GPU table and the decode / prefill / batch ceilings.
 //! - [`naive`], [`claims`]: the formulas and claims side by side with the exact numbers.
 //! - [`render`], [`plot`]: text table, JSON, SVG / PNG.
 
-pub mod bytes;
 pub mod claims;
-pub mod counts;
 pub mod gpus;
 pub mod naive;
 pub mod plot;
 pub mod render;
 pub mod roofline;
+
+/// The tensor inventory and its byte rules live in [`crate::spec`]; re-exported here, where the
+/// cost model presents them.
+pub use crate::spec::{bytes, counts};
 
 use std::path::PathBuf;
 
@@ -50,19 +52,19 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub gpu: Option<String>,
     /// Any other GPU: memory bandwidth in GB/s (with --memory).
-    #[arg(long, requires = "memory", conflicts_with = "gpu", value_parser = crate::cli::args::positive)]
+    #[arg(long, requires = "memory", conflicts_with = "gpu", value_parser = crate::units::positive)]
     pub bandwidth: Option<f64>,
     /// Any other GPU: memory in GiB (with --bandwidth).
-    #[arg(long, requires = "bandwidth", value_parser = crate::cli::args::positive)]
+    #[arg(long, requires = "bandwidth", value_parser = crate::units::positive)]
     pub memory: Option<f64>,
     /// Any other GPU: dense bf16 tensor peak in TFLOPS, for the prefill ceiling (tf32 = half).
-    #[arg(long, requires = "bandwidth", value_parser = crate::cli::args::positive)]
+    #[arg(long, requires = "bandwidth", value_parser = crate::units::positive)]
     pub tflops: Option<f64>,
     /// Context length for the KV cache, the attention FLOPs and the decode ceiling (1 to 2^26).
-    #[arg(long, default_value_t = 4096, value_parser = crate::cli::args::context)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::units::context)]
     pub context: u64,
     /// Sequences decoded together: expected experts touched per layer and tokens/s (1 to 2^20).
-    #[arg(long, default_value_t = 1, value_parser = crate::cli::args::batch)]
+    #[arg(long, default_value_t = 1, value_parser = crate::units::batch)]
     pub batch: u64,
     /// Print the table of published parameter claims (no model needed).
     #[arg(long)]

@@ -3,7 +3,7 @@
 use super::claims::{fmt_b, ClaimRow, FLAG_PCT};
 use super::counts::Component;
 use super::{GpuCeilings, Report};
-use crate::runtime::memory::human_bytes;
+use crate::units::human_bytes;
 
 /// `46,702,792,704`.
 pub fn thousands(n: u64) -> String {

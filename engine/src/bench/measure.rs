@@ -98,7 +98,7 @@ fn distinct_experts(t: &Trace) -> Option<f64> {
 /// layer's routing to the host) and the trace handed over.
 fn decode_steps(
     model: &Model,
-    cache: &mut crate::runtime::kv_cache::KvCache,
+    cache: &mut crate::model::kv_cache::KvCache,
     mut next: Tensor,
     gen: usize,
     mut on_trace: Option<&mut dyn FnMut(&Trace)>,
@@ -111,7 +111,7 @@ fn decode_steps(
         match on_trace.as_mut() {
             Some(f) => f(&trace),
             None => {
-                crate::runtime::host::read_vec::<u32>(&next)?; // the sampled ids
+                crate::model::host::read_vec::<u32>(&next)?; // the sampled ids
             }
         }
     }
@@ -137,7 +137,7 @@ pub fn run_once(
     let t0 = Instant::now();
     let logits = model.forward(&input, &mut cache, false, None)?;
     let next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?; // [B, 1]
-    crate::runtime::host::read_vec::<u32>(&next)?;
+    crate::model::host::read_vec::<u32>(&next)?;
     sync(&dev)?;
     let prefill_s = t0.elapsed().as_secs_f64();
 

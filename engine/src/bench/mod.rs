@@ -71,7 +71,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep only the first N decoder layers (1 to the model's layer count).
-    #[arg(long, value_parser = crate::cli::args::at_least_one)]
+    #[arg(long, value_parser = crate::units::at_least_one)]
     pub layers: Option<usize>,
     /// Compute dtype: auto (bf16 with --quant or on a GPU, else f32), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
@@ -93,21 +93,21 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Timed runs (median, p10, p90 over them), at least 1.
-    #[arg(long, default_value_t = 5, value_parser = crate::cli::args::at_least_one)]
+    #[arg(long, default_value_t = 5, value_parser = crate::units::at_least_one)]
     pub runs: usize,
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Memory bandwidth for the ceiling, GB/s (default: the --gpu table entry on CUDA, else
     /// measured: a 1 GiB device-to-device copy on CUDA, a memcpy on the CPU).
-    #[arg(long, value_parser = crate::cli::args::positive)]
+    #[arg(long, value_parser = crate::units::positive)]
     pub bandwidth: Option<f64>,
     /// A built-in GPU for the CUDA ceiling (see `analyze --gpu`).
     #[arg(long)]
     pub gpu: Option<String>,
     /// Matmul peak for the compute ceiling, TFLOPS (default: the GPU table, else measured with
     /// a 1024^3 matmul in the bench dtype).
-    #[arg(long, value_parser = crate::cli::args::positive)]
+    #[arg(long, value_parser = crate::units::positive)]
     pub tflops: Option<f64>,
     /// One JSON object with every number and the environment.
     #[arg(long)]
@@ -681,7 +681,7 @@ pub fn check_memory(
     let row = (cfg.vocab_size + 8 * cfg.hidden_size + 3 * widest) as u64 * 4;
     let act = row.saturating_mul((batch as u64).saturating_mul(a.prompt_len as u64));
     let weights = weight_bytes(&tensor_inventory(cfg), Precision::of(dtype, quant));
-    crate::runtime::memory::check_device_fits(
+    crate::memory::check_device_fits(
         device,
         &format!(
             "{name} ({} layers, batch {batch}: weights, KV cache and activations)",
@@ -737,7 +737,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     check_shape(a)?;
     let device = crate::loader::parse_device(&a.device)?;
     let dtype = dtype_of(a, &device)?;
-    use crate::runtime::memory::{device_memory, pool_high_water, reset_pool_high_water};
+    use crate::memory::{device_memory, pool_high_water, reset_pool_high_water};
     let used = |m: Option<(u64, u64)>| m.map(|(free, total)| total.saturating_sub(free));
     let used_before = used(device_memory(&device));
     let (model, desc, load_s, base) = build_model(a, dtype, &device)?;
@@ -756,7 +756,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     )?;
     // Read the peak RSS (and the GPU pool's high-water marks) before the ceilings' own buffers
     // (memcpy, matmul) can raise them.
-    let peak_rss = crate::runtime::memory::peak_rss_bytes();
+    let peak_rss = crate::memory::peak_rss_bytes();
     let pool = pool_high_water(&device);
     let total = device_memory(&device).map(|m| m.1);
     let (bw, peak) = ceilings(a, &device, dtype)?;

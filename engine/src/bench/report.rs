@@ -10,7 +10,7 @@ use super::BenchReport;
 use crate::analysis::plot::{save_chart, Chart, FONT};
 use crate::analysis::render::table;
 use crate::error::Result;
-use crate::runtime::memory::human_bytes;
+use crate::units::human_bytes;
 
 fn tps(x: f64) -> String {
     if x >= 100.0 {

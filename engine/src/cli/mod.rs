@@ -14,8 +14,6 @@
     )
 )]
 
-pub mod args;
-
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,11 +24,12 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::loader::{self, LoadOptions, ModelSource};
+use crate::memory::peak_rss_bytes;
 use crate::model::{Model, Trace};
 use crate::runtime::generate::{generate, validate_prompt, GenerateParams, SamplingParams};
-use crate::runtime::memory::{human_bytes, peak_rss_bytes};
 use crate::runtime::stats::RoutingStats;
-use crate::runtime::tokenizer::TextStream;
+use crate::runtime::tokenizer::{TextStream, TextTokenizer};
+use crate::units::human_bytes;
 
 #[derive(Parser)]
 #[command(
@@ -133,7 +132,7 @@ pub struct QuantizeArgs {
 fn quantize(a: QuantizeArgs) -> Result<()> {
     let fmt = crate::quant::parse_quant(&a.quant)?
         .ok_or_else(|| Error::Input("--quant none writes nothing; use int8 or int4".into()))?;
-    let r = crate::quant::save::quantize_checkpoint(&a.weights, &a.out, fmt, a.force)?;
+    let r = crate::loader::save::quantize_checkpoint(&a.weights, &a.out, fmt, a.force)?;
     eprintln!(
         "wrote {} ({} tensors, {}): quantized linears {} (from {} dense)",
         a.out.join("model.safetensors").display(),
@@ -159,13 +158,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Sampling temperature, >= 0; 0 = greedy.
-    #[arg(long, default_value_t = 0.8, value_parser = args::temperature)]
+    #[arg(long, default_value_t = 0.8, value_parser = crate::units::temperature)]
     temperature: f64,
     /// Sample only among the K most likely tokens (K >= 1).
-    #[arg(long, value_parser = args::at_least_one)]
+    #[arg(long, value_parser = crate::units::at_least_one)]
     top_k: Option<usize>,
     /// Nucleus sampling: the smallest set of tokens whose probability reaches P (0 < P <= 1).
-    #[arg(long, default_value_t = 0.95, value_parser = args::top_p)]
+    #[arg(long, default_value_t = 0.95, value_parser = crate::units::top_p)]
     top_p: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -283,7 +282,7 @@ struct RunOut<'a> {
 fn run(a: RunArgs) -> Result<()> {
     let (src, model) = load(&a.model)?;
     // Text in needs the tokenizer; text out uses it when there is one (else ids are printed).
-    let tokenizer = src.tokenizer(&model.cfg)?;
+    let tokenizer = TextTokenizer::of_source(&src, &model.cfg)?;
     if let (Some(_), None, ModelSource::Dir(dir)) = (&a.prompt, &tokenizer, &src) {
         return Err(Error::Input(format!(
             "{} has no tokenizer.json, so --prompt cannot be encoded; give token ids with --ids",

@@ -9,7 +9,6 @@ use super::{load_checkpoint, Checkpoint, LoadOptions};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::Model;
-use crate::runtime::tokenizer::{TextTokenizer, TokenizerFiles};
 
 pub struct Embedded {
     pub name: &'static str,
@@ -31,7 +30,7 @@ pub static TINY_KJV: Embedded = Embedded {
 
 impl Embedded {
     /// Shown in error messages in place of a path.
-    fn path(&self, file: &str) -> PathBuf {
+    pub fn path(&self, file: &str) -> PathBuf {
         PathBuf::from(format!("<embedded {}>/{file}", self.name))
     }
 
@@ -45,18 +44,5 @@ impl Embedded {
             self.safetensors,
         )?;
         load_checkpoint(self.config()?, ck, opts)
-    }
-
-    pub fn tokenizer(&self, cfg: &ModelConfig) -> Result<TextTokenizer> {
-        let files = TokenizerFiles {
-            tokenizer_config: Some(self.tokenizer_config.to_string()),
-            generation_config: Some(self.generation_config.to_string()),
-        };
-        TextTokenizer::from_bytes(
-            self.tokenizer_json,
-            &files,
-            cfg,
-            self.path("tokenizer.json"),
-        )
     }
 }

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod embedded;
 pub mod hub;
 mod naming;
+pub mod save;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -29,7 +30,6 @@ pub use checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelWeights};
-use crate::runtime::tokenizer::TextTokenizer;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -78,15 +78,6 @@ impl ModelSource {
         match self {
             ModelSource::Dir(dir) => load_dir(dir, opts),
             ModelSource::Embedded(e) => e.load(opts),
-        }
-    }
-
-    /// The tokenizer, or `None` for a directory without `tokenizer.json`.
-    pub fn tokenizer(&self, cfg: &ModelConfig) -> Result<Option<TextTokenizer>> {
-        match self {
-            ModelSource::Dir(dir) if !dir.join("tokenizer.json").exists() => Ok(None),
-            ModelSource::Dir(dir) => TextTokenizer::from_dir(dir, cfg).map(Some),
-            ModelSource::Embedded(e) => e.tokenizer(cfg).map(Some),
         }
     }
 }
@@ -170,8 +161,8 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     // happens anyway).
     let need = predicted_weight_bytes(&cfg, opts);
     let what = format!("the weights of this {} model", cfg.model_type);
-    crate::runtime::memory::check_device_fits(&opts.device, &what, need)?;
-    let oom = |e| crate::runtime::memory::explain_oom(e, &opts.device, &what, need);
+    crate::memory::check_device_fits(&opts.device, &what, need)?;
+    let oom = |e| crate::memory::explain_oom(e, &opts.device, &what, need);
     let weights: ModelWeights = naming::weights(&mut ck, &cfg, names, opts).map_err(oom)?;
     let layers = cfg.num_layers();
     ck.finish(&cfg.model_type, |name| ignorable(name, layers))?;
@@ -181,9 +172,9 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
 /// `moe-run analyze`'s weight bytes for the dtype and quantization of `opts` (int4 counted at
 /// group 128).
 pub fn predicted_weight_bytes(cfg: &ModelConfig, opts: &LoadOptions) -> u64 {
-    use crate::analysis::bytes::{weight_bytes, Precision};
+    use crate::spec::bytes::{weight_bytes, Precision};
     let p = Precision::of(opts.dtype, opts.quant);
-    weight_bytes(&crate::analysis::counts::tensor_inventory(cfg), p)
+    weight_bytes(&crate::spec::counts::tensor_inventory(cfg), p)
 }
 
 /// The quantization a checkpoint is stored with: `None` (dense), moe-run's own INT8/INT4, or an

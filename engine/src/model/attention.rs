@@ -9,7 +9,7 @@ use super::norm::Norm;
 use super::rope::Rope;
 use super::{ExecPath, Linear};
 use crate::config::{AttnConfig, QkNorm};
-use crate::runtime::kv_cache::KvCache;
+use crate::model::kv_cache::KvCache;
 
 #[derive(Debug, Clone)]
 pub struct Attention {

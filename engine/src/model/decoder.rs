@@ -13,7 +13,7 @@ use crate::config::{FfnKind, ModelConfig, NormKind, QkNorm};
 
 /// DeepSeek's q_a_layernorm and kv_a_layernorm use a fixed eps, not `rms_norm_eps`.
 const MLA_NORM_EPS: f64 = 1e-6;
-use crate::runtime::kv_cache::KvCache;
+use crate::model::kv_cache::KvCache;
 
 enum Ffn {
     Dense(Mlp),

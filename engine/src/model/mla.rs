@@ -17,7 +17,7 @@ use super::attention::causal_mask;
 use super::norm::Norm;
 use super::rope::Rope;
 use super::Linear;
-use crate::runtime::kv_cache::KvCache;
+use crate::model::kv_cache::KvCache;
 
 /// Which MLA formulation to run for `t` new tokens. Absorbing is cheaper whenever the cache is
 /// re-read for few queries; expanding is cheaper for long prompts. `MOE_MLA_PATH=absorbed|

@@ -3,6 +3,8 @@
 
 pub mod attention;
 pub mod decoder;
+pub mod host;
+pub mod kv_cache;
 pub mod mla;
 pub mod moe;
 pub mod norm;

@@ -18,8 +18,6 @@
     )
 )]
 
-pub mod save;
-
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 

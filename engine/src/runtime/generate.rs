@@ -114,10 +114,10 @@ pub fn validate_prompt(model: &Model, ids: &[u32]) -> Result<()> {
 }
 
 /// The next token from the last position's logits `[1, 1, V]`, with exactly one device-to-host read
-/// (counted by `runtime::host`): greedy takes the argmax on the device (first maximum, as torch) and
+/// (counted by `model::host`): greedy takes the argmax on the device (first maximum, as torch) and
 /// reads back the id; sampling reads the logits and samples on the host.
 pub fn next_token(sampler: &mut LogitsProcessor, greedy: bool, logits: &Tensor) -> Result<u32> {
-    use crate::runtime::host;
+    use crate::model::host;
     let logits = logits.flatten_all()?;
     if greedy {
         return Ok(host::read_scalar::<u32>(&logits.argmax(0)?)?);

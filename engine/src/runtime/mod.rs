@@ -1,8 +1,5 @@
-//! Everything around the model at run time: KV cache, tokenizer, the generation loop, memory.
+//! What drives a model: the generation loop, sampling, routing statistics, the tokenizer.
 
 pub mod generate;
-pub mod host;
-pub mod kv_cache;
-pub mod memory;
 pub mod stats;
 pub mod tokenizer;

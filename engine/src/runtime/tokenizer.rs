@@ -145,6 +145,25 @@ impl TextTokenizer {
         Ok(tok)
     }
 
+    /// The tokenizer of a model source, or `None` for a directory without `tokenizer.json`.
+    pub fn of_source(src: &crate::loader::ModelSource, cfg: &ModelConfig) -> Result<Option<Self>> {
+        use crate::loader::ModelSource;
+        match src {
+            ModelSource::Dir(dir) if !dir.join("tokenizer.json").exists() => Ok(None),
+            ModelSource::Dir(dir) => Self::from_dir(dir, cfg).map(Some),
+            ModelSource::Embedded(e) => Self::embedded(e, cfg).map(Some),
+        }
+    }
+
+    /// The tokenizer compiled into the binary with an embedded model.
+    pub fn embedded(e: &crate::loader::embedded::Embedded, cfg: &ModelConfig) -> Result<Self> {
+        let files = TokenizerFiles {
+            tokenizer_config: Some(e.tokenizer_config.to_string()),
+            generation_config: Some(e.generation_config.to_string()),
+        };
+        Self::from_bytes(e.tokenizer_json, &files, cfg, e.path("tokenizer.json"))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -48,7 +48,7 @@ pub struct MoeBlock {
 }
 
 /// The routing of one forward pass as the kernels leave it, on the model's device: `ids [N, A]` u32 and
-/// `weights [N, A]` f32. Reading it to the host is a device-to-host copy (`runtime::host`), done only when
+/// `weights [N, A]` f32. Reading it to the host is a device-to-host copy (`model::host`), done only when
 /// routing statistics are asked for.
 #[derive(Debug, Clone)]
 pub struct DeviceRouting {
@@ -61,8 +61,8 @@ impl DeviceRouting {
     pub fn to_host(&self) -> Result<Routing> {
         Ok(Routing {
             top_k: self.ids.dim(1)?,
-            ids: crate::runtime::host::read_vec(&self.ids)?,
-            weights: crate::runtime::host::read_vec(&self.weights)?,
+            ids: crate::model::host::read_vec(&self.ids)?,
+            weights: crate::model::host::read_vec(&self.weights)?,
         })
     }
 }

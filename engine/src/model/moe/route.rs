@@ -39,7 +39,7 @@ pub fn route(
         candle_core::bail!("route: top_k {top_k} must be in 1..={e}")
     }
     // The candle path's host routing: a device-to-host read (counted; the kernel path never does this).
-    let scores: Vec<f32> = crate::runtime::host::read_vec(&logits.to_dtype(DType::F32)?)?;
+    let scores: Vec<f32> = crate::model::host::read_vec(&logits.to_dtype(DType::F32)?)?;
     let (ids, weights) = route_reference(&scores, e, router(kind), top_k, bias)?;
     Ok(Routing {
         top_k,

@@ -18,6 +18,9 @@ use serde::Serialize;
 
 use crate::config::{FfnKind, ModelConfig, MoeConfig, QkNorm};
 
+/// The inventory name of MLA's kv_b_proj (kept 16-bit by [`super::bytes::storage`]).
+pub const MLA_KV_B: &str = "self_attn.kv_b_proj";
+
 /// What a tensor belongs to. Decides its line in the breakdown and its storage under
 /// quantization ([`super::bytes::storage`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -307,7 +310,7 @@ fn attention_tensors(cfg: &ModelConfig) -> Vec<(&'static str, TensorKind)> {
         t.extend([
             ("self_attn.kv_a_proj_with_mqa", lin(kvr + dr, h)),
             ("self_attn.kv_a_layernorm", vec(kvr)),
-            (super::bytes::MLA_KV_B, lin(nh * (dn + dv), kvr)),
+            (MLA_KV_B, lin(nh * (dn + dv), kvr)),
             ("self_attn.o_proj", lin(h, nh * dv)),
         ]);
         return t;

@@ -13,20 +13,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// `1.23 GiB`, `456.0 MiB`, `789 B`.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if b < 1024 {
-        return format!("{b} B");
-    }
-    let mut v = b as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.2} {}", UNITS[u])
-}
+pub use crate::units::human_bytes;
 
 /// `(free, total)` bytes of `device` as the CUDA driver reports them (`cuMemGetInfo`); `None` on
 /// the CPU or in a build without CUDA.

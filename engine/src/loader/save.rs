@@ -17,9 +17,9 @@ use candle_core::{DType, Device};
 use half::f16;
 use safetensors::tensor::{Dtype as StDtype, View};
 
-use super::{format_name, quantization_config, QFormat, QuantTensor};
 use crate::error::{Error, Result};
 use crate::loader::{self, LoadOptions};
+use crate::quant::{format_name, quantization_config, QFormat, QuantTensor};
 
 struct Raw<'a> {
     dtype: StDtype,

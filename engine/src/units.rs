@@ -1,6 +1,22 @@
-//! Value parsers for flags whose range clap's types do not express. Each runs where clap parses
-//! the flag, so an out-of-range value is a usage error (exit 2) naming the flag and the range,
-//! before any model is loaded.
+//! Units and ranges, at the bottom of the crate (nothing here imports anything of ours):
+//! byte sizes for people, and the value parsers of numeric flags whose range clap's types do not
+//! express. Each parser runs where clap parses the flag, so an out-of-range value is a usage
+//! error (exit 2) naming the flag and the range, before any model is loaded.
+
+/// `1.23 GiB`, `456.0 MiB`, `789 B`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.2} {}", UNITS[u])
+}
 
 /// `--temperature`: a finite number >= 0 (0 = greedy).
 pub fn temperature(s: &str) -> Result<f64, String> {

@@ -15,7 +15,7 @@
 
 use serde::Serialize;
 
-use super::counts::{expert_params, Component, TensorGroup, TensorKind};
+use super::counts::{expert_params, Component, TensorGroup, TensorKind, MLA_KV_B};
 use crate::config::{FfnKind, ModelConfig};
 
 /// Weight precision of the model as a whole (see the module doc for the exact formats).
@@ -144,9 +144,6 @@ pub fn storage(t: &TensorGroup) -> Storage {
         ) => Storage::Quantized,
     }
 }
-
-/// The inventory name of MLA's kv_b_proj (kept 16-bit by [`storage`]).
-pub const MLA_KV_B: &str = "self_attn.kv_b_proj";
 
 /// Bytes per element of a tensor that is not quantized: 4 under fp32 or if kept in f32,
 /// else 2.
