@@ -224,11 +224,11 @@ fn quantized_bytes_are_exact() {
     // int8: N x K bytes + N 16-bit scales.
     assert_eq!(tensor_bytes(&w, Precision::Int8), 60_000 + 2 * 200);
     // int4: N x K/2 bytes + N x ceil(300/128) = 3 groups x (scale + zero) x 2 bytes.
-    assert_eq!(tensor_bytes(&w, Precision::Int4), 30_000 + 200 * 3 * 4);
+    assert_eq!(tensor_bytes(&w, Precision::INT4), 30_000 + 200 * 3 * 4);
     // Router and lm_head stay 16-bit; a router kept in f32 stays 4 bytes.
     let r = lin(Component::Router, 8, 300);
     assert_eq!(storage(&r), Storage::Keep16);
-    assert_eq!(tensor_bytes(&r, Precision::Int4), 2 * 2400);
+    assert_eq!(tensor_bytes(&r, Precision::INT4), 2 * 2400);
     let rf = TensorGroup { f32: true, ..r };
     assert_eq!(tensor_bytes(&rf, Precision::Bf16), 4 * 2400);
     assert_eq!(storage(&lin(Component::LmHead, 8, 300)), Storage::Keep16);
@@ -239,7 +239,7 @@ fn quantized_bytes_are_exact() {
     let total = param_counts(&cfg).total;
     assert_eq!(weight_bytes(&inv, Precision::Fp32), 4 * total);
     assert_eq!(weight_bytes(&inv, Precision::Bf16), 2 * total);
-    assert!(weight_bytes(&inv, Precision::Int4) * 3 < weight_bytes(&inv, Precision::Bf16));
+    assert!(weight_bytes(&inv, Precision::INT4) * 3 < weight_bytes(&inv, Precision::Bf16));
 }
 
 #[test]

@@ -590,14 +590,14 @@ fn bench_with_quant_reports_quantized_memory() {
         assert!(base.decode_time_ratio_candle_over_ours > 0.0);
         assert!(base.name.contains("dense f32"), "{}", base.name);
     }
-    // --dtype auto means bf16 with --quant (W8A16); an explicit f32 keeps the unquantized
-    // tensors in f32, and the prediction (int8/f32) counts them so.
+    // --dtype auto is run's rule, with --quant too: f32 on the CPU (bf16 on a GPU); f32 keeps
+    // the unquantized tensors in f32, and the prediction (int8/f32) counts them so.
     let auto = BenchArgs {
         random_weights: true,
         quant: Some("int8".into()),
         ..tiny_args()
     };
-    assert_eq!(bench(&auto).unwrap().env.dtype, "bf16");
+    assert_eq!(bench(&auto).unwrap().env.dtype, "f32");
     for q in ["int8", "int4"] {
         let f32q = BenchArgs {
             dtype: "f32".into(),

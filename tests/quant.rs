@@ -336,9 +336,15 @@ fn weight_memory_matches_analyze() {
     let formats = [
         (None, Precision::Bf16),
         (Some(QFormat::Int8), Precision::Int8),
-        (Some(QFormat::Int4 { group: 128 }), Precision::Int4),
+        (Some(QFormat::Int4 { group: 128 }), Precision::INT4),
+        // Smaller groups are costed at their own size (they were costed at 128).
+        (
+            Some(QFormat::Int4 { group: 32 }),
+            Precision::Int4 { group: 32 },
+        ),
     ];
     for (fmt, p) in formats {
+        assert_eq!(Precision::of(DType::BF16, fmt), p, "the one precision rule");
         let opts = LoadOptions {
             dtype: DType::BF16,
             quant: fmt,

@@ -30,20 +30,24 @@ pub const ROUTE_MAX_GROUPS: usize = 32;
 /// logits; they differ only by expf vs libm exp and the softmax sum order (~1e-7 relative).
 pub const ROUTE_NMSE: f64 = 1e-10;
 
-/// The router kinds of `moe::config::RouterKind`, field for field.
+/// How a MoE layer routes its tokens (the engine's `config::RouterKind`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Router {
-    /// p = softmax(x); top-k of p; with `norm_p = Some(q)` divide by their q-norm (q = 1: sum).
+    /// p = softmax_f32(x Wg^T); the top-k of p; then, with `norm_p = Some(q)`, divide by their
+    /// q-norm (q = 1: renormalise to sum 1 as Mixtral; DBRX allows any q); `None`: use p as is.
     Softmax { norm_p: Option<f64> },
-    /// DeepSeek-V2: p = softmax(x); keep the `topk_group` groups with the largest max p (others' p read 0
-    /// for selection); top-k; weight = p * scaling.
+    /// DeepSeek-V2: p = softmax_f32(x Wg^T); with `n_group` > 1, keep the `topk_group` groups
+    /// whose max p is largest (others' p set to 0 for selection); top-k of p; weight = p *
+    /// `scaling`, never renormalised.
     SoftmaxGroupLimited {
         n_group: usize,
         topk_group: usize,
         scaling: f64,
     },
-    /// DeepSeek-V3 noaux_tc: s = sigmoid(x), c = s + bias; keep the groups with the largest sum of their
-    /// top-2 c (others read -inf); ids = top-k of c; weight = s / (sum s + 1e-20 if renormalize) * scaling.
+    /// DeepSeek-V3 / dots.llm1 "noaux_tc": s = sigmoid_f32(x Wg^T), c = s + bias (the
+    /// `e_score_correction_bias`, used only to choose); keep the `topk_group` groups with the
+    /// largest sum of their top-2 c (others read -inf); ids = top-k of c; weight = s at those
+    /// ids, divided by their sum (+1e-20) if `renormalize`, times `scaling`.
     SigmoidBiasGrouped {
         n_group: usize,
         topk_group: usize,

@@ -234,7 +234,7 @@ fn ceiling_panel<DB: DrawingBackend>(r: &Report, area: &DrawingArea<DB, Shift>) 
         ),
         _ => "Decode ceiling, batch 1 (tokens/s = bandwidth / bytes per token)".into(),
     };
-    let names: Vec<&str> = r.precisions.iter().map(|p| p.precision.name()).collect();
+    let names: Vec<String> = r.precisions.iter().map(|p| p.precision.name()).collect();
     let np = names.len();
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT, 20))

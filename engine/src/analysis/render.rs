@@ -228,8 +228,9 @@ pub fn report_text(r: &Report, detailed_gpu: bool) -> String {
                 row
             })
             .collect();
+        let names: Vec<String> = r.precisions.iter().map(|p| p.precision.name()).collect();
         let mut headers = vec!["GPU"];
-        headers.extend(r.precisions.iter().map(|p| p.precision.name()));
+        headers.extend(names.iter().map(String::as_str));
         s.push_str(&table(&headers, &rows, "lrrrr"));
     }
 

@@ -14,9 +14,9 @@
 //!   synchronize, and GPU memory comes from the driver: used-memory growth over load, the
 //!   default mempool's used/reserved high-water marks over the timed runs, and the activation
 //!   peak derived from them. Peak RSS is host memory.
-//! - `--quant int8|int4` draws random weights packed (or quantizes a checkpoint on load). With
-//!   `--dtype auto` it computes in bf16 (W8A16/W4A16, as analyze costs it); with `--dtype f32`
-//!   the unquantized tensors and the KV cache are f32 and the predictions use int8/f32, int4/f32.
+//! - `--quant int8|int4` draws random weights packed (or quantizes a checkpoint on load).
+//!   `--dtype auto` is run's rule (f32 on the CPU, bf16 on a GPU); with f32 the unquantized
+//!   tensors and the KV cache are f32 and the predictions use int8/f32, int4/f32.
 //! - `--baseline candle` works for Mixtral with --random-weights, the embedded model or
 //!   `--weights DIR` (read after our timed runs; other families are refused by model_type). It
 //!   runs in f32 only (candle-transformers 0.11's Mixtral fails in bf16/f16); with --quant it
@@ -73,7 +73,7 @@ pub struct BenchArgs {
     /// Keep only the first N decoder layers (1 to the model's layer count).
     #[arg(long, value_parser = crate::units::at_least_one)]
     pub layers: Option<usize>,
-    /// Compute dtype: auto (bf16 with --quant or on a GPU, else f32), f32, bf16 or f16.
+    /// Compute dtype: auto (f32 on the CPU, bf16 on a GPU, as for run), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Weight-only quantization: int8, int4 (group 128), int4:64, int4:32. Random weights are
@@ -318,13 +318,11 @@ pub fn baseline_dtype(dtype: DType, quant: Option<QFormat>) -> DType {
     }
 }
 
-/// `--dtype`, where `auto` is bf16 with `--quant` (W8A16/W4A16) or on a GPU, else f32. An
-/// explicit f32 with `--quant` keeps the unquantized tensors in f32 (costed as int8/f32 or
-/// int4/f32), which on the CPU avoids candle's slow bf16 matmul.
+/// `--dtype` by the one rule `run` and `logits` use too ([`loader::parse_dtype_on`]): `auto` is
+/// f32 on the CPU and bf16 on a GPU, with or without `--quant` (so `moe-run --quant int4` and
+/// `moe-run bench --quant int4` compute alike). An f32 with `--quant` keeps the unquantized
+/// tensors in f32 (costed as int8/f32 or int4/f32).
 pub fn dtype_of(a: &BenchArgs, device: &Device) -> Result<DType> {
-    if a.dtype == "auto" && a.quant.is_some() {
-        return Ok(DType::BF16);
-    }
     loader::parse_dtype_on(&a.dtype, device)
 }
 

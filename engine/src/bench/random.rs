@@ -323,8 +323,12 @@ fn mla(g: &mut Gen, cfg: &ModelConfig, m: &MlaConfig) -> Result<MlaWeights> {
     let (h, nh) = (cfg.hidden_size, cfg.num_heads);
     let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
     let q = match m.q_lora_rank {
-        None => Ok(g.qlinear(&[nh * qk, h])?),
-        Some(r) => Err((g.qlinear(&[r, h])?, g.ones(r)?, g.qlinear(&[nh * qk, r])?)),
+        None => crate::model::MlaQueryWeights::Plain(g.qlinear(&[nh * qk, h])?),
+        Some(r) => crate::model::MlaQueryWeights::LowRank {
+            a: g.qlinear(&[r, h])?,
+            norm: g.ones(r)?,
+            b: g.qlinear(&[nh * qk, r])?,
+        },
     };
     let r = m.kv_lora_rank;
     Ok(MlaWeights {

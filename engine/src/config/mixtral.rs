@@ -6,32 +6,13 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, RouterKind};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Field names and defaults follow transformers' `MixtralConfig`.
 pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
     let f = Fields::new(raw, path)?;
-    if let Some(act) = f.opt_str("hidden_act")? {
-        if act != "silu" {
-            return Err(Error::config(
-                path,
-                format!("hidden_act {act:?} is not supported (Mixtral uses \"silu\")"),
-            ));
-        }
-    }
-    let hidden_size = f.usize("hidden_size")?;
-    let num_heads = f.usize("num_attention_heads")?;
-    let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-    let head_dim = match f.opt_usize("head_dim")? {
-        Some(d) => d,
-        None if num_heads > 0 && hidden_size % num_heads == 0 => hidden_size / num_heads,
-        None => {
-            return Err(Error::config(
-                path,
-                format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} and head_dim is not given"),
-            ))
-        }
-    };
+    f.require_silu("hidden_act")?;
+    let d = f.llama_dims()?;
     let moe = MoeConfig {
         num_experts: f.usize("num_local_experts")?,
         top_k: f.usize("num_experts_per_tok")?,
@@ -40,26 +21,25 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         router_f32: false,
         shared: None,
     };
-    let num_layers = f.layers("num_hidden_layers")?;
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096 * 32);
     Ok(ModelConfig {
         model_type: "mixtral".into(),
-        vocab_size: f.usize("vocab_size")?,
-        hidden_size,
-        num_heads,
-        num_kv_heads,
-        head_dim,
+        vocab_size: d.vocab,
+        hidden_size: d.hidden,
+        num_heads: d.heads,
+        num_kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
         max_position_embeddings: max_pos,
         norm: NormKind::Rms {
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5),
         },
         attn: AttnConfig::default(),
         mla: None,
-        rope: f.rope(1e6, head_dim, max_pos)?,
+        rope: f.rope(1e6, d.head_dim, max_pos)?,
         sliding_window: f.opt_usize("sliding_window")?,
-        tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-        layers: vec![FfnKind::Moe(moe); num_layers],
-        bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
-        eos_token_ids: f.token_ids("eos_token_id")?,
+        tie_word_embeddings: d.tie,
+        layers: vec![FfnKind::Moe(moe); d.layers],
+        bos_token_id: d.bos,
+        eos_token_ids: d.eos,
     })
 }

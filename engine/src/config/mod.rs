@@ -225,30 +225,9 @@ pub struct SharedExperts {
     pub sigmoid_gate: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RouterKind {
-    /// p = softmax_f32(x Wg^T); the top-k of p; then, with `norm_p = Some(q)`, divide by their
-    /// q-norm (q = 1: renormalise to sum 1 as Mixtral; DBRX allows any q); `None`: use p as is.
-    Softmax { norm_p: Option<f64> },
-    /// DeepSeek-V2: p = softmax_f32(x Wg^T); with `n_group` > 1, keep the `topk_group` groups
-    /// whose max p is largest (others' p set to 0); top-k of p; weight = p * `scaling`, never
-    /// renormalised.
-    SoftmaxGroupLimited {
-        n_group: usize,
-        topk_group: usize,
-        scaling: f64,
-    },
-    /// DeepSeek-V3 / dots.llm1 "noaux_tc": s = sigmoid_f32(x Wg^T), c = s + bias (the
-    /// `e_score_correction_bias`, used only to choose); keep the `topk_group` groups with the
-    /// largest sum of their top-2 c; ids = top-k of c; weight = s at those ids, divided by
-    /// their sum (+1e-20) if `renormalize`, times `scaling`.
-    SigmoidBiasGrouped {
-        n_group: usize,
-        topk_group: usize,
-        renormalize: bool,
-        scaling: f64,
-    },
-}
+/// How a MoE layer routes: one enum, defined beside the route kernel that implements it (the
+/// kernel's CPU reference is its specification), used as is by the config and the model.
+pub use moe_kernels::route::Router as RouterKind;
 
 impl ModelConfig {
     pub fn num_layers(&self) -> usize {

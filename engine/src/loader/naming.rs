@@ -11,7 +11,9 @@ use crate::config::{
 };
 use crate::error::{Error, Result};
 use crate::model::moe::MoeWeights;
-use crate::model::{AttnWeights, FfnWeights, LayerWeights, MlaWeights, MlpWeights, ModelWeights};
+use crate::model::{
+    AttnWeights, FfnWeights, LayerWeights, MlaQueryWeights, MlaWeights, MlpWeights, ModelWeights,
+};
 use crate::quant::{QuantTensor, Weight};
 
 /// A linear weight `shape = [.., N, K]` made of `parts` (full `.weight` names, each `[rows, K]`,
@@ -335,12 +337,12 @@ fn mla(
     let (h, nh, dt) = (cfg.hidden_size, cfg.num_heads, o.dtype);
     let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
     let q = match m.q_lora_rank {
-        None => Ok(lin1(ck, &p("self_attn.q_proj.weight"), &[nh * qk, h], o)?),
-        Some(r) => Err((
-            lin1(ck, &p("self_attn.q_a_proj.weight"), &[r, h], o)?,
-            ck.take(&p("self_attn.q_a_layernorm.weight"), &[r], dt, &o.device)?,
-            lin1(ck, &p("self_attn.q_b_proj.weight"), &[nh * qk, r], o)?,
-        )),
+        None => MlaQueryWeights::Plain(lin1(ck, &p("self_attn.q_proj.weight"), &[nh * qk, h], o)?),
+        Some(r) => MlaQueryWeights::LowRank {
+            a: lin1(ck, &p("self_attn.q_a_proj.weight"), &[r, h], o)?,
+            norm: ck.take(&p("self_attn.q_a_layernorm.weight"), &[r], dt, &o.device)?,
+            b: lin1(ck, &p("self_attn.q_b_proj.weight"), &[nh * qk, r], o)?,
+        },
     };
     let r = m.kv_lora_rank;
     let mut w = |name: &str, shape: &[usize]| lin1(ck, &p(name), shape, o);

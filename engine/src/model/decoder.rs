@@ -122,12 +122,16 @@ impl Model {
                         let (w_uk, w_uv) = MlaAttention::split_kv_b(&kv_b, nh, dn, dv)?;
                         Attn::Mla(MlaAttention {
                             q: match m.q {
-                                Ok(q) => MlaQuery::Plain(Linear::new(q)),
-                                Err((a, n, b)) => MlaQuery::LowRank {
-                                    a: Linear::new(a),
-                                    norm: rms(n, MLA_NORM_EPS),
-                                    b: Linear::new(b),
-                                },
+                                crate::model::MlaQueryWeights::Plain(q) => {
+                                    MlaQuery::Plain(Linear::new(q))
+                                }
+                                crate::model::MlaQueryWeights::LowRank { a, norm, b } => {
+                                    MlaQuery::LowRank {
+                                        a: Linear::new(a),
+                                        norm: rms(norm, MLA_NORM_EPS),
+                                        b: Linear::new(b),
+                                    }
+                                }
                             },
                             kv_a: Linear::new(m.kv_a),
                             kv_a_norm: rms(m.kv_a_norm, MLA_NORM_EPS),

@@ -130,12 +130,19 @@ pub enum AttnWeights {
 
 /// DeepSeek MLA weights (shapes in `model/mla.rs`).
 pub struct MlaWeights {
-    /// `q_proj`, or `(q_a_proj, q_a_layernorm, q_b_proj)`.
-    pub q: Result<Weight, (Weight, Tensor, Weight)>,
+    pub q: MlaQueryWeights,
     pub kv_a: Weight,
     pub kv_a_norm: Tensor,
     pub kv_b: Weight,
     pub o: Weight,
+}
+
+/// MLA's query projection as stored.
+pub enum MlaQueryWeights {
+    /// `q_proj [nh*(dn+dr), H]`.
+    Plain(Weight),
+    /// `q_a_proj [qr, H]`, `q_a_layernorm [qr]`, `q_b_proj [nh*(dn+dr), qr]`.
+    LowRank { a: Weight, norm: Tensor, b: Weight },
 }
 
 /// A SwiGLU MLP: gate_up `[2F, H]` (rows 0..F gate, F..2F up), down `[H, F]`.

@@ -19,35 +19,50 @@ use super::counts::{expert_params, Component, TensorGroup, TensorKind, MLA_KV_B}
 use crate::config::{FfnKind, ModelConfig};
 
 /// Weight precision of the model as a whole (see the module doc for the exact formats).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Precision {
     Fp32,
     Bf16,
     Int8,
-    Int4,
+    /// INT4 in groups of `group` weights along K (128 by default: [`Precision::INT4`]).
+    Int4 {
+        group: usize,
+    },
     /// INT8 weights with an f32 compute dtype: the unquantized tensors (embeddings, norms,
     /// routers, lm_head, MLA kv_b) and the KV cache are f32 (what `--quant int8 --dtype f32`
     /// holds). Not one of analyze's columns ([`Precision::ALL`]).
     Int8F32,
     /// INT4 weights with an f32 compute dtype (see [`Precision::Int8F32`]).
-    Int4F32,
+    Int4F32 {
+        group: usize,
+    },
+}
+
+/// Serialized as its name (`"int4"`, `"int4:32"`, ...).
+impl Serialize for Precision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
 }
 
 /// int4 group size along the input dimension.
 pub const INT4_GROUP: usize = 128;
 
 impl Precision {
-    /// How the engine holds a model computed in `dtype` with weight quantization `quant`
-    /// (f16 is costed as bf16: same bytes; int4 at any group as group 128).
+    /// INT4 at the default group of 128.
+    pub const INT4: Precision = Precision::Int4 { group: INT4_GROUP };
+
+    /// How the engine holds a model computed in `dtype` with weight quantization `quant`: the
+    /// one rule, used by the loader's fit check, bench and analyze alike (f16 is costed as
+    /// bf16: same bytes; int4 at its own group size).
     pub fn of(dtype: candle_core::DType, quant: Option<crate::quant::QFormat>) -> Precision {
         use crate::quant::QFormat;
         let f32 = dtype == candle_core::DType::F32;
         match (quant, f32) {
             (Some(QFormat::Int8), true) => Precision::Int8F32,
-            (Some(QFormat::Int4 { .. }), true) => Precision::Int4F32,
+            (Some(QFormat::Int4 { group }), true) => Precision::Int4F32 { group },
             (Some(QFormat::Int8), false) => Precision::Int8,
-            (Some(QFormat::Int4 { .. }), false) => Precision::Int4,
+            (Some(QFormat::Int4 { group }), false) => Precision::Int4 { group },
             (None, true) => Precision::Fp32,
             (None, false) => Precision::Bf16,
         }
@@ -57,29 +72,36 @@ impl Precision {
         Precision::Fp32,
         Precision::Bf16,
         Precision::Int8,
-        Precision::Int4,
+        Precision::INT4,
     ];
 
-    pub fn name(self) -> &'static str {
+    /// `fp32`, `bf16`, `int8`, `int4` (group 128) or `int4:G`, with `/f32` for f32 compute.
+    pub fn name(self) -> String {
+        let int4 = |group: usize| match group {
+            INT4_GROUP => "int4".to_string(),
+            g => format!("int4:{g}"),
+        };
         match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-            Precision::Int8 => "int8",
-            Precision::Int4 => "int4",
-            Precision::Int8F32 => "int8/f32",
-            Precision::Int4F32 => "int4/f32",
+            Precision::Fp32 => "fp32".into(),
+            Precision::Bf16 => "bf16".into(),
+            Precision::Int8 => "int8".into(),
+            Precision::Int4 { group } => int4(group),
+            Precision::Int8F32 => "int8/f32".into(),
+            Precision::Int4F32 { group } => int4(group) + "/f32",
         }
     }
 
     /// One line on the format, for reports.
-    pub fn format(self) -> &'static str {
+    pub fn format(self) -> String {
         match self {
-            Precision::Fp32 => "4 B/elem",
-            Precision::Bf16 => "2 B/elem",
-            Precision::Int8 => "int8, one 16-bit scale per output row",
-            Precision::Int4 => "int4, group 128 along K, 16-bit scale + 16-bit zero",
-            Precision::Int8F32 => "int8 as above, unquantized tensors and KV in f32",
-            Precision::Int4F32 => "int4 as above, unquantized tensors and KV in f32",
+            Precision::Fp32 => "4 B/elem".into(),
+            Precision::Bf16 => "2 B/elem".into(),
+            Precision::Int8 => "int8, one 16-bit scale per output row".into(),
+            Precision::Int4 { group } => {
+                format!("int4, group {group} along K, 16-bit scale + 16-bit zero")
+            }
+            Precision::Int8F32 => "int8 as above, unquantized tensors and KV in f32".into(),
+            Precision::Int4F32 { .. } => "int4 as above, unquantized tensors and KV in f32".into(),
         }
     }
 
@@ -89,15 +111,15 @@ impl Precision {
             Precision::Fp32 => 4.0,
             Precision::Bf16 => 2.0,
             Precision::Int8 | Precision::Int8F32 => 1.0,
-            Precision::Int4 | Precision::Int4F32 => 0.5,
+            Precision::Int4 { .. } | Precision::Int4F32 { .. } => 0.5,
         }
     }
 
     /// Bytes of one KV cache / activation element under this weight format.
     pub fn kv_elem_bytes(self) -> u64 {
         match self {
-            Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32 => 4,
-            Precision::Bf16 | Precision::Int8 | Precision::Int4 => 2,
+            Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32 { .. } => 4,
+            Precision::Bf16 | Precision::Int8 | Precision::Int4 { .. } => 2,
         }
     }
 
@@ -149,7 +171,8 @@ pub fn storage(t: &TensorGroup) -> Storage {
 /// else 2.
 pub fn unquantized_elem_bytes(s: Storage, p: Precision) -> u64 {
     match (s, p) {
-        (Storage::KeepF32, _) | (_, Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32) => 4,
+        (Storage::KeepF32, _)
+        | (_, Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32 { .. }) => 4,
         _ => 2,
     }
 }
@@ -172,12 +195,12 @@ pub fn tensor_bytes(t: &TensorGroup, p: Precision) -> u64 {
         }
         (
             Storage::Quantized,
-            Precision::Int4 | Precision::Int4F32,
+            Precision::Int4 { group } | Precision::Int4F32 { group },
             TensorKind::Linear { out, inp },
         ) => {
-            // Two nibbles per byte along K; per group of 128 a 16-bit scale and zero.
+            // Two nibbles per byte along K; per group a 16-bit scale and zero.
             let (n, k) = (out as u64, inp as u64);
-            n * k.div_ceil(2) + n * k.div_ceil(INT4_GROUP as u64) * 4
+            n * k.div_ceil(2) + n * k.div_ceil(group.max(1) as u64) * 4
         }
         _ => plain_bytes(t.kind.numel(), s, p),
     }

@@ -115,7 +115,7 @@ impl MoeBlock {
         // the host instead: one device-to-host read per layer rather than an error.
         let kernels = path == ExecPath::Kernels
             && moe_kernels::route::route_kernel_supports(
-                route::router(self.cfg.router),
+                self.cfg.router,
                 self.cfg.num_experts,
                 self.cfg.top_k,
             );
@@ -138,7 +138,7 @@ impl MoeBlock {
     /// The routed experts through the moe-kernels ops; nothing leaves the device. `x [N, H]`.
     fn routed_kernels(&self, x: &Tensor, logits: &Tensor) -> Result<(Tensor, DeviceRouting)> {
         let (a, e) = (self.cfg.top_k, self.cfg.num_experts);
-        let router = route::router(self.cfg.router);
+        let router = self.cfg.router;
         let (ids, weights) = moe_route(logits, router, a, self.score_bias_dev.as_ref())?;
         let d = moe_dispatch(&ids, a, e, 1)?;
         let y = match (&self.gate_up, &self.down) {

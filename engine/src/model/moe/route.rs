@@ -4,7 +4,6 @@
 use candle_core::{DType, Result, Tensor};
 
 use moe_kernels::route::route_reference;
-use moe_kernels::Router;
 
 use crate::config::RouterKind;
 
@@ -40,39 +39,12 @@ pub fn route(
     }
     // The candle path's host routing: a device-to-host read (counted; the kernel path never does this).
     let scores: Vec<f32> = crate::model::host::read_vec(&logits.to_dtype(DType::F32)?)?;
-    let (ids, weights) = route_reference(&scores, e, router(kind), top_k, bias)?;
+    let (ids, weights) = route_reference(&scores, e, kind, top_k, bias)?;
     Ok(Routing {
         top_k,
         ids,
         weights,
     })
-}
-
-/// The config's router kind as the kernels crate spells it (field for field).
-pub fn router(kind: RouterKind) -> Router {
-    match kind {
-        RouterKind::Softmax { norm_p } => Router::Softmax { norm_p },
-        RouterKind::SoftmaxGroupLimited {
-            n_group,
-            topk_group,
-            scaling,
-        } => Router::SoftmaxGroupLimited {
-            n_group,
-            topk_group,
-            scaling,
-        },
-        RouterKind::SigmoidBiasGrouped {
-            n_group,
-            topk_group,
-            renormalize,
-            scaling,
-        } => Router::SigmoidBiasGrouped {
-            n_group,
-            topk_group,
-            renormalize,
-            scaling,
-        },
-    }
 }
 
 #[cfg(test)]
