@@ -32,7 +32,6 @@ pub use gpus::{builtin_gpus, find_gpu, Gpu};
 pub use naive::{naive_formulas, NaiveRow};
 pub use roofline::{ceiling, expected_experts_touched, Ceiling, PrecisionBytes};
 
-use crate::config::registry;
 use crate::config::{FfnKind, ModelConfig};
 use crate::error::{Error, Result};
 
@@ -221,43 +220,16 @@ fn architecture(cfg: &ModelConfig) -> Architecture {
 }
 
 /// The config `analyze` reads: a known name, a repo in the local HF cache, a config.json or
-/// a checkpoint directory. Returns a display name and the parsed config.
+/// a checkpoint directory ([`crate::loader::ModelRef`]). Returns a display name and the parsed
+/// config.
 pub fn resolve_config(a: &AnalyzeArgs) -> Result<Option<(String, ModelConfig)>> {
-    if let Some(path) = &a.config {
-        return Ok(Some((
-            path.display().to_string(),
-            ModelConfig::from_file(path)?,
-        )));
-    }
-    if let Some(dir) = &a.weights {
-        let path = dir.join("config.json");
-        return Ok(Some((
-            dir.display().to_string(),
-            ModelConfig::from_file(&path)?,
-        )));
-    }
-    let Some(name) = &a.model else {
-        return Ok(None);
-    };
-    let embedded = &crate::loader::embedded::TINY_KJV;
-    if name.eq_ignore_ascii_case(embedded.name) {
-        return Ok(Some((
-            format!("{} (embedded)", embedded.name),
-            embedded.config()?,
-        )));
-    }
-    if let Some(m) = registry::find(name) {
-        let cfg =
-            ModelConfig::from_json_str(m.config_json, format!("configs ({})", m.name).as_ref())?;
-        return Ok(Some((format!("{} ({})", m.name, m.repo), cfg)));
-    }
-    // A repo id not compiled in: its config.json from the local HF cache (the error names
-    // the known models and how to download otherwise).
-    let dir = crate::loader::hub::resolve_model(name)?;
-    Ok(Some((
-        name.clone(),
-        ModelConfig::from_file(&dir.join("config.json"))?,
-    )))
+    crate::loader::ModelRef::resolve(
+        a.model.as_deref(),
+        a.weights.as_deref(),
+        a.config.as_deref(),
+    )
+    .map(|r| r.config())
+    .transpose()
 }
 
 /// The GPUs to report on: `--gpu`, or `--bandwidth/--memory`, or every built-in one.

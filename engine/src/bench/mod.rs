@@ -691,14 +691,11 @@ pub fn check_memory(
 
 /// The config named by --model / --weights (tiny-kjv when neither is given).
 pub fn resolve_config(a: &BenchArgs) -> Result<(String, ModelConfig)> {
-    let aa = crate::analysis::AnalyzeArgs {
-        model: Some(a.model.clone().unwrap_or_else(|| "tiny-kjv".into()))
-            .filter(|_| a.weights.is_none()),
-        weights: a.weights.clone(),
-        ..Default::default()
-    };
-    crate::analysis::resolve_config(&aa)?
-        .ok_or_else(|| Error::Input("give --model NAME or --weights DIR".into()))
+    crate::loader::ModelRef::resolve(a.model.as_deref(), a.weights.as_deref(), None)
+        .unwrap_or(crate::loader::ModelRef::Embedded(
+            &crate::loader::embedded::TINY_KJV,
+        ))
+        .config()
 }
 
 /// Warm-up, then `runs` timed runs.

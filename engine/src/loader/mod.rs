@@ -19,6 +19,7 @@ pub mod embedded;
 pub mod hub;
 mod naming;
 pub mod save;
+pub mod source;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 pub use checkpoint::Checkpoint;
+pub use source::ModelRef;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -62,16 +64,11 @@ pub enum ModelSource {
 
 impl ModelSource {
     /// `--weights DIR` wins; `--model tiny-kjv` or no model at all is the embedded model; any
-    /// other `--model NAME` is looked up in the local Hugging Face cache.
+    /// other `--model NAME` is looked up in the local Hugging Face cache ([`ModelRef`]).
     pub fn resolve(model: Option<&str>, weights: Option<&Path>) -> Result<Self> {
-        match (weights, model) {
-            (Some(dir), _) => Ok(ModelSource::Dir(dir.to_path_buf())),
-            (None, None) => Ok(ModelSource::Embedded(&embedded::TINY_KJV)),
-            (None, Some(name)) if name.eq_ignore_ascii_case(embedded::TINY_KJV.name) => {
-                Ok(ModelSource::Embedded(&embedded::TINY_KJV))
-            }
-            (None, Some(name)) => Ok(ModelSource::Dir(hub::resolve_model(name)?)),
-        }
+        ModelRef::resolve(model, weights, None)
+            .unwrap_or(ModelRef::Embedded(&embedded::TINY_KJV))
+            .source()
     }
 
     pub fn load(&self, opts: &LoadOptions) -> Result<Model> {
