@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 use moe::config::{MoeConfig, RouterKind};
 use moe::model::moe::{MoeBlock, MoeWeights};
-use moe::model::ExecPath;
+use moe::model::PathPlan;
 
 fn layer(h: usize, f: usize, e: usize, k: usize) -> MoeBlock {
     let dev = Device::Cpu;
@@ -43,9 +43,10 @@ fn bench(c: &mut Criterion) {
             .to_dtype(DType::F32)
             .unwrap();
         g.throughput(Throughput::Elements(tokens as u64));
-        for (name, path) in [("candle", ExecPath::Candle), ("kernels", ExecPath::Kernels)] {
+        for name in ["candle", "kernels"] {
+            let plan = PathPlan::select(&Device::Cpu, Some(name)).unwrap();
             g.bench_with_input(BenchmarkId::new(name, tokens), &x, |b, x| {
-                b.iter(|| block.forward(x, path).unwrap())
+                b.iter(|| block.forward(x, &plan).unwrap())
             });
         }
     }

@@ -228,21 +228,14 @@ fn bf16_and_quantized_models_agree_across_paths() {
 #[test]
 fn exec_path_choice() {
     use candle_core::Device;
-    use moe::model::exec_path;
-    assert_eq!(exec_path(&Device::Cpu, None).unwrap(), ExecPath::Candle);
-    assert_eq!(
-        exec_path(&Device::Cpu, Some(" kernels ")).unwrap(),
-        ExecPath::Kernels
-    );
-    assert_eq!(
-        exec_path(&Device::Cpu, Some("candle")).unwrap(),
-        ExecPath::Candle
-    );
-    assert_eq!(exec_path(&Device::Cpu, Some("")).unwrap(), ExecPath::Candle);
-    let err = exec_path(&Device::Cpu, Some("cublas"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("MOE_EXEC_PATH"), "{err}");
+    use moe::model::PathPlan;
+    let exec = |env: Option<&str>| PathPlan::select(&Device::Cpu, env).map(|p| p.exec);
+    assert_eq!(exec(None).unwrap(), ExecPath::Candle);
+    assert_eq!(exec(Some(" kernels ")).unwrap(), ExecPath::Kernels);
+    assert_eq!(exec(Some("candle")).unwrap(), ExecPath::Candle);
+    assert_eq!(exec(Some("")).unwrap(), ExecPath::Candle);
+    let err = exec(Some("cublas")).unwrap_err().to_string();
+    assert!(err.contains("MOE_PATH"), "{err}");
 }
 
 #[test]

@@ -46,32 +46,15 @@ pub const GEMV_MAX_ROWS_PER_EXPERT: usize = 8;
 /// ...or while the expected rows per active expert (S / min(E, S)) stay at or below this: with many experts
 /// (E = 256, top-8) even 64 tokens give each expert ~2 rows, still a weight-streaming problem.
 pub const GEMV_MAX_AVG_ROWS: f64 = 4.0;
-/// Environment override, `gemv` or `gemm` (for tests and benchmarks).
-pub const EXPERT_PATH_ENV: &str = "MOE_EXPERT_PATH";
-
 /// The path for a launch: `rows_per_expert_max` is the most rows any expert can get (N tokens: a token picks
 /// an expert at most once; known on the host without a sync), `avg_rows_per_expert` the expected rows per
-/// active expert, `env_override` the value of [`EXPERT_PATH_ENV`] if set. Pure.
-pub fn expert_path(
-    rows_per_expert_max: usize,
-    avg_rows_per_expert: f64,
-    env_override: Option<&str>,
-) -> Result<ExpertPath> {
-    match env_override.map(str::trim) {
-        Some("gemv") => return Ok(ExpertPath::Gemv),
-        Some("gemm") => return Ok(ExpertPath::Gemm),
-        Some("") | None => {}
-        Some(other) => bail!("{EXPERT_PATH_ENV}={other:?}: use gemv or gemm"),
+/// active expert. Pure. (The engine's one path selector, `moe::model::path`, may force either.)
+pub fn expert_path(rows_per_expert_max: usize, avg_rows_per_expert: f64) -> ExpertPath {
+    if rows_per_expert_max <= GEMV_MAX_ROWS_PER_EXPERT || avg_rows_per_expert <= GEMV_MAX_AVG_ROWS {
+        ExpertPath::Gemv
+    } else {
+        ExpertPath::Gemm
     }
-    Ok(
-        if rows_per_expert_max <= GEMV_MAX_ROWS_PER_EXPERT
-            || avg_rows_per_expert <= GEMV_MAX_AVG_ROWS
-        {
-            ExpertPath::Gemv
-        } else {
-            ExpertPath::Gemm
-        },
-    )
 }
 
 /// Warps per block of the tensor-core GEMM entries (`MMA_WARPS` in `cuda/moe_experts.cu`).
@@ -96,18 +79,11 @@ pub fn mma_entry(dtype: DType, arch: Option<&str>) -> bool {
     }
 }
 
-/// [`EXPERT_PATH_ENV`], read once per process (the path is chosen per MoE layer per decode step).
-pub fn expert_path_env() -> Option<&'static str> {
-    static ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    ENV.get_or_init(|| std::env::var(EXPERT_PATH_ENV).ok())
-        .as_deref()
-}
-
-/// [`expert_path`] for N tokens with top-k over E experts, reading [`EXPERT_PATH_ENV`].
-pub fn expert_path_for(tokens: usize, top_k: usize, num_experts: usize) -> Result<ExpertPath> {
+/// [`expert_path`] for N tokens with top-k over E experts.
+pub fn expert_path_for(tokens: usize, top_k: usize, num_experts: usize) -> ExpertPath {
     let slots = tokens * top_k;
     let avg = slots as f64 / num_experts.min(slots).max(1) as f64;
-    expert_path(tokens, avg, expert_path_env())
+    expert_path(tokens, avg)
 }
 
 /// Runs every expert over its rows; returns `out [R, H]` (module docs). `path` picks the CUDA kernels
@@ -170,7 +146,7 @@ pub fn moe_experts(
         Device::Cuda(_) => {
             let path = match path {
                 Some(p) => p,
-                None => expert_path_for(d.n, d.r / d.n.max(1), d.e)?,
+                None => expert_path_for(d.n, d.r / d.n.max(1), d.e),
             };
             cuda_experts(x, row_token, counts, offsets, gate_up, down, path, d)
         }
@@ -436,32 +412,28 @@ mod tests {
 
     #[test]
     fn path_choice() {
-        assert_eq!(expert_path(1, 1.0, None).unwrap(), ExpertPath::Gemv);
+        assert_eq!(expert_path(1, 1.0), ExpertPath::Gemv);
+        assert_eq!(expert_path(GEMV_MAX_ROWS_PER_EXPERT, 8.0), ExpertPath::Gemv);
         assert_eq!(
-            expert_path(GEMV_MAX_ROWS_PER_EXPERT, 8.0, None).unwrap(),
-            ExpertPath::Gemv
-        );
-        assert_eq!(
-            expert_path(64, 2.0, None).unwrap(),
+            expert_path(64, 2.0),
             ExpertPath::Gemv,
             "E=256 top-8 at 64 tokens"
         );
-        assert_eq!(expert_path(513, 64.0, None).unwrap(), ExpertPath::Gemm);
-        assert_eq!(expert_path(1, 1.0, Some("gemm")).unwrap(), ExpertPath::Gemm);
-        assert_eq!(
-            expert_path(513, 64.0, Some(" gemv ")).unwrap(),
-            ExpertPath::Gemv
-        );
-        assert_eq!(expert_path(513, 64.0, Some("")).unwrap(), ExpertPath::Gemm);
-        assert!(expert_path(1, 1.0, Some("tensorcore")).is_err());
+        assert_eq!(expert_path(513, 64.0), ExpertPath::Gemm);
+        // (Forcing either is the engine's path selector's job, tested there.)
         // expert_path_for: decode, E=256 top-8 prefill of 64, E=16 top-4 prefill of 513.
-        let no_env = |t, k, e| {
+        let by_formula = |t, k, e| {
             let avg = (t * k) as f64 / (e as usize).min(t * k) as f64;
-            expert_path(t, avg, None).unwrap()
+            expert_path(t, avg)
         };
-        assert_eq!(no_env(1, 8, 256), ExpertPath::Gemv);
-        assert_eq!(no_env(64, 8, 256), ExpertPath::Gemv);
-        assert_eq!(no_env(513, 4, 16), ExpertPath::Gemm);
+        for (t, k, e, want) in [
+            (1, 8, 256, ExpertPath::Gemv),
+            (64, 8, 256, ExpertPath::Gemv),
+            (513, 4, 16, ExpertPath::Gemm),
+        ] {
+            assert_eq!(by_formula(t, k, e), want);
+            assert_eq!(expert_path_for(t, k, e), want);
+        }
     }
 
     #[test]

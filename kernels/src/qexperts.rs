@@ -28,15 +28,15 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use half::f16;
 
 use crate::common::{check_act, check_dtype, host, same_device, Elem};
-use crate::experts::{expert_path, expert_path_env, ExpertPath};
+use crate::experts::{expert_path, ExpertPath};
 use crate::qmatmul::{check, dequantize_row, QFormat, QMatmul, OP_GROUPED};
 
 const OP: &str = "qmatmul_moe";
 
 /// The CUDA path for `rows_per_expert_max` rows at most in one expert and `avg` expected rows per active
-/// expert, as [`expert_path`] decides it for the dense experts ([`crate::experts::EXPERT_PATH_ENV`] overrides).
-pub fn qmm_path(rows_per_expert_max: usize, avg: f64) -> Result<ExpertPath> {
-    expert_path(rows_per_expert_max, avg, expert_path_env())
+/// expert, as [`expert_path`] decides it for the dense experts.
+pub fn qmm_path(rows_per_expert_max: usize, avg: f64) -> ExpertPath {
+    expert_path(rows_per_expert_max, avg)
 }
 
 /// `out [R, N_out]` (module docs). `row_token = None` means x is already in dispatched row order.
@@ -94,7 +94,7 @@ pub fn qmatmul_moe(
         Device::Cuda(_) => {
             let path = match path {
                 Some(p) => p,
-                None => qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64)?,
+                None => qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64),
             };
             cuda_qmatmul_moe(x, row_token, counts, offsets, qweight, params, fmt, d, path)
         }
@@ -455,7 +455,7 @@ pub(crate) fn large_qmatmul(
     let counts: Vec<u32> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
     let most = counts.iter().copied().max().unwrap_or(0) as usize;
     let active = counts.iter().filter(|&&c| c > 0).count().max(1);
-    if qmm_path(most, m as f64 / active as f64)? == ExpertPath::Gemv {
+    if qmm_path(most, m as f64 / active as f64) == ExpertPath::Gemv {
         return Ok(None);
     }
     let (qw, pw) = if grouped {

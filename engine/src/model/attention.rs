@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::norm::Norm;
 use super::rope::Rope;
-use super::{ExecPath, Linear};
+use super::{Linear, PathPlan};
 use crate::config::{AttnConfig, QkNorm};
 use crate::model::kv_cache::KvCache;
 
@@ -46,7 +46,7 @@ impl Attention {
         rope: &Rope,
         cache: &mut KvCache,
         layer: usize,
-        path: ExecPath,
+        plan: &PathPlan,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -64,7 +64,7 @@ impl Attention {
         let (q, k, v) = (clip(q)?, clip(k)?, clip(v)?);
         // [B, T, n*hd] -> [B, n, T, hd], with the per-head norms on either side of RoPE.
         let heads = |y: Tensor, n: usize, norm: &Option<Norm>, pos_emb: bool| -> Result<Tensor> {
-            if path == ExecPath::Kernels && pos_emb {
+            if plan.qk_norm_rope_kernel(pos_emb) {
                 if let Some(out) = self.fused_norm_rope(&y, (b, t, n, hd), norm, rope, pos)? {
                     return Ok(out);
                 }
@@ -82,7 +82,7 @@ impl Attention {
         let (k_all, v_all) = cache.write(layer, &k, &v, pos)?; // [B, kv, L, hd]
         let l = pos + t;
         let scale = 1.0 / (hd as f64).sqrt();
-        if path == ExecPath::Kernels && t == 1 && hd <= moe_kernels::attention::DECODE_ATTN_MAX_D {
+        if plan.decode_attention_kernel(t, hd) {
             let (kc, vc) = cache.layer(layer); // [B, kv, cap, hd]
             let out =
                 moe_kernels::decode_attention(&q, kc, vc, l, self.sliding_window, scale as f32)?;

@@ -8,7 +8,7 @@ use super::mla::{MlaAttention, MlaQuery};
 use super::moe::{Mlp, MoeBlock};
 use super::norm::Norm;
 use super::rope::Rope;
-use super::{exec_path, AttnWeights, ExecPath, FfnWeights, Linear, ModelWeights, EXEC_PATH_ENV};
+use super::{AttnWeights, ExecPath, FfnWeights, Linear, ModelWeights, PathPlan};
 use crate::config::{FfnKind, ModelConfig, NormKind, QkNorm};
 
 /// DeepSeek's q_a_layernorm and kv_a_layernorm use a fixed eps, not `rms_norm_eps`.
@@ -53,7 +53,8 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
-    path: ExecPath,
+    /// Every execution-path choice of this model ([`PathPlan`]), made once at load.
+    plan: PathPlan,
 }
 
 impl Model {
@@ -167,7 +168,7 @@ impl Model {
             lm_head: Linear::new(w.lm_head),
             rope,
             dtype,
-            path: exec_path(device, std::env::var(EXEC_PATH_ENV).ok().as_deref())?,
+            plan: PathPlan::from_env(device)?,
             device: device.clone(),
             cfg,
         })
@@ -176,19 +177,21 @@ impl Model {
     /// Which implementation runs the hot ops ([`exec_path`]: kernels on CUDA, candle on the CPU,
     /// `MOE_EXEC_PATH` overrides).
     pub fn exec_path(&self) -> ExecPath {
-        self.path
+        self.plan.exec
     }
 
     /// Switches the implementation of the hot ops (tests and the self-test compare the two).
     pub fn set_exec_path(&mut self, path: ExecPath) {
-        self.path = path;
+        self.plan.exec = path;
     }
 
     /// The eps of `n` when the kernel path runs it as the RMSNorm kernel (an RMSNorm whose weight
     /// has the activations' dtype); `None` for candle's ops.
     fn kernel_rms_eps(&self, n: &Norm, x: &Tensor) -> Option<f32> {
-        match (self.path, n.kind) {
-            (ExecPath::Kernels, NormKind::Rms { eps }) if n.weight.dtype() == x.dtype() => {
+        match n.kind {
+            NormKind::Rms { eps }
+                if self.plan.rms_norm_kernel(true, n.weight.dtype(), x.dtype()) =>
+            {
                 Some(eps as f32)
             }
             _ => None,
@@ -297,14 +300,14 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             let xn = self.norm(&layer.attn_norm, &x)?;
             let h = match &layer.attn {
-                Attn::Gqa(a) => a.forward(&xn, pos, &self.rope, cache, i, self.path)?,
-                Attn::Mla(a) => a.forward(&xn, pos, &self.rope, cache, i)?,
+                Attn::Gqa(a) => a.forward(&xn, pos, &self.rope, cache, i, &self.plan)?,
+                Attn::Mla(a) => a.forward(&xn, pos, &self.rope, cache, i, &self.plan)?,
             };
             let (sum, h) = self.add_norm(&layer.ffn_norm, &x, &h)?;
             x = sum;
             let (h, routing) = match &layer.ffn {
                 Ffn::Moe(moe) => {
-                    let (y, r) = moe.forward(&h, self.path)?;
+                    let (y, r) = moe.forward(&h, &self.plan)?;
                     (y, Some(r))
                 }
                 Ffn::Dense(mlp) => (mlp.forward(&h)?, None),

@@ -16,22 +16,8 @@ use candle_core::{DType, Result, Tensor, D};
 use super::attention::causal_mask;
 use super::norm::Norm;
 use super::rope::Rope;
-use super::Linear;
+use super::{Linear, PathPlan};
 use crate::model::kv_cache::KvCache;
-
-/// Which MLA formulation to run for `t` new tokens. Absorbing is cheaper whenever the cache is
-/// re-read for few queries; expanding is cheaper for long prompts. `MOE_MLA_PATH=absorbed|
-/// expanded` forces one (tests use it to check that both give the same answer).
-pub fn mla_absorbed(t: usize) -> bool {
-    match std::env::var("MOE_MLA_PATH").as_deref() {
-        Ok("absorbed") => true,
-        Ok("expanded") => false,
-        _ => t <= MLA_ABSORB_MAX_TOKENS,
-    }
-}
-
-/// Up to this many new tokens per sequence take the absorbed path.
-pub const MLA_ABSORB_MAX_TOKENS: usize = 1;
 
 pub enum MlaQuery {
     /// `q_proj [nh*(dn+dr), H]`
@@ -80,6 +66,7 @@ impl MlaAttention {
         rope: &Rope,
         cache: &mut KvCache,
         layer: usize,
+        plan: &PathPlan,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, dn, dr, dv, r) = (
@@ -122,7 +109,7 @@ impl MlaAttention {
             candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
         };
 
-        let out = if mla_absorbed(t) {
+        let out = if plan.mla_absorbed(t) {
             // q_lat[h] = q_nope[h] W_uk[h]: heads as the batch of one matmul.
             let per_head = |y: &Tensor, d: usize| y.transpose(0, 1)?.reshape((nh, b * t, d)); // [nh, B*T, d]
             let from_heads = |y: Tensor, d: usize| y.reshape((nh, b, t, d))?.transpose(0, 1); // [B, nh, T, d]

@@ -8,43 +8,14 @@ pub mod kv_cache;
 pub mod mla;
 pub mod moe;
 pub mod norm;
+pub mod path;
 pub mod rope;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 
 pub use crate::quant::Weight;
 pub use decoder::{Model, Trace};
-
-/// Which implementation runs the hot ops of a forward pass: the MoE stages, the decoder layers'
-/// RMSNorms (fused with the residual add) and single-token GQA attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExecPath {
-    /// The moe-kernels ops: routing and dispatch stay on the device (no device-to-host copy inside a
-    /// forward pass). On CUDA they launch the hand-written kernels; on the CPU they run the kernels'
-    /// plain-Rust references (the specification: exact, but single-threaded).
-    Kernels,
-    /// candle's composite ops, with MoE routing on the host and one matmul per active expert.
-    Candle,
-}
-
-/// Environment override of [`exec_path`]: `kernels` or `candle`.
-pub const EXEC_PATH_ENV: &str = "MOE_EXEC_PATH";
-
-/// The path for `device`: kernels on CUDA, candle on the CPU (where candle's threaded GEMM beats the
-/// single-threaded references), unless `env_override` (the value of [`EXEC_PATH_ENV`]) says otherwise.
-/// Pure.
-pub fn exec_path(device: &Device, env_override: Option<&str>) -> candle_core::Result<ExecPath> {
-    match env_override.map(str::trim) {
-        Some("kernels") => Ok(ExecPath::Kernels),
-        Some("candle") => Ok(ExecPath::Candle),
-        Some("") | None => Ok(if device.is_cpu() {
-            ExecPath::Candle
-        } else {
-            ExecPath::Kernels
-        }),
-        Some(other) => candle_core::bail!("{EXEC_PATH_ENV}={other:?}: use kernels or candle"),
-    }
-}
+pub use path::{ExecPath, PathPlan};
 
 /// y = x W^T (+ b) for W stored `[out, in]` as in every HF checkpoint, dense or quantized
 /// (INT8/INT4 weight-only, dequantized on the fly; see `crate::quant`).

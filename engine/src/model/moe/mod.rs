@@ -16,7 +16,7 @@ pub use dispatch::{dispatch, Dispatch};
 pub use experts::experts;
 pub use route::{route, Routing};
 
-use super::{ExecPath, Linear, MlpWeights, Weight};
+use super::{Linear, MlpWeights, PathPlan, Weight};
 use crate::config::MoeConfig;
 
 /// Canonical expert weights: stacked `[E, N, K]` (experts, out, in) per projection.
@@ -100,7 +100,7 @@ impl MoeBlock {
     /// dispatch on the device (moe_route -> moe_dispatch -> moe_experts or qmatmul_moe -> moe_combine, no
     /// device-to-host copy); [`ExecPath::Candle`] routes on the host and runs one candle matmul per active
     /// expert (faster on the CPU, where the kernels' references are single-threaded).
-    pub fn forward(&self, x: &Tensor, path: ExecPath) -> Result<(Tensor, DeviceRouting)> {
+    pub fn forward(&self, x: &Tensor, plan: &PathPlan) -> Result<(Tensor, DeviceRouting)> {
         let shape = x.shape().clone();
         let h = x.dim(candle_core::D::Minus1)?;
         let x = x.reshape(((), h))?; // [N, H]
@@ -113,14 +113,9 @@ impl MoeBlock {
         };
         // Beyond the router kernel's limits (E > 256, k > 8, > 32 groups) the block routes on
         // the host instead: one device-to-host read per layer rather than an error.
-        let kernels = path == ExecPath::Kernels
-            && moe_kernels::route::route_kernel_supports(
-                self.cfg.router,
-                self.cfg.num_experts,
-                self.cfg.top_k,
-            );
-        let (mut out, routing) = if kernels {
-            self.routed_kernels(&x, &logits)?
+        let on_device = plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k);
+        let (mut out, routing) = if on_device {
+            self.routed_kernels(&x, &logits, plan)?
         } else {
             self.routed_candle(&x, &logits)?
         };
@@ -136,20 +131,25 @@ impl MoeBlock {
     }
 
     /// The routed experts through the moe-kernels ops; nothing leaves the device. `x [N, H]`.
-    fn routed_kernels(&self, x: &Tensor, logits: &Tensor) -> Result<(Tensor, DeviceRouting)> {
+    fn routed_kernels(
+        &self,
+        x: &Tensor,
+        logits: &Tensor,
+        plan: &PathPlan,
+    ) -> Result<(Tensor, DeviceRouting)> {
         let (a, e) = (self.cfg.top_k, self.cfg.num_experts);
         let router = self.cfg.router;
         let (ids, weights) = moe_route(logits, router, a, self.score_bias_dev.as_ref())?;
         let d = moe_dispatch(&ids, a, e, 1)?;
+        // GEMV for decode, tiled GEMM for prefill, chosen on the host from N (no sync).
+        let path = Some(plan.expert_path(x.dim(0)?, a, e));
         let y = match (&self.gate_up, &self.down) {
             (Weight::Dense(gu), Weight::Dense(dn)) => {
-                moe_experts(x, &d.row_token, &d.counts, &d.offsets, gu, dn, None)?
+                moe_experts(x, &d.row_token, &d.counts, &d.offsets, gu, dn, path)?
             }
             (Weight::Quant(gu), Weight::Quant(dn)) => {
                 let f = dn.shape[2];
                 let (c, o) = (&d.counts, &d.offsets);
-                // GEMV for decode, tiled GEMM for prefill, chosen on the host from N (no sync).
-                let path = Some(moe_kernels::expert_path_for(x.dim(0)?, a, e)?);
                 let (qg, pg) = (&gu.qweight, &gu.params);
                 let g = qmatmul_moe(x, Some(&d.row_token), c, o, qg, pg, gu.fmt, path)?;
                 let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;

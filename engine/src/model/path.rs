@@ -1,0 +1,205 @@
+//! The one execution-path selector. Every choice of which implementation runs an op of a forward
+//! pass is made here, by pure functions of the model's device, one environment override read once
+//! per model, and the op's shape: candle's composite ops or our kernels, the MoE block's routing
+//! on the device or the host, the fused norms, decode attention, the experts' GEMV or GEMM
+//! variant, MLA's absorbed or expanded form. (The coming hybrid CPU/GPU expert placement adds its
+//! per-layer, per-expert "where" to [`PathPlan`].)
+//!
+//! Override: `MOE_PATH` = a comma-separated list of `kernels|candle`, `gemv|gemm`,
+//! `absorbed|expanded` (e.g. `MOE_PATH=kernels,gemm`); unset or empty keeps every default.
+
+use candle_core::{bail, DType, Device, Result};
+pub use moe_kernels::ExpertPath;
+use moe_kernels::Router;
+
+/// The environment variable of [`PathPlan::from_env`].
+pub const PATH_ENV: &str = "MOE_PATH";
+
+/// Which implementation runs the hot ops of a forward pass: the MoE stages, the decoder layers'
+/// RMSNorms (fused with the residual add) and single-token GQA attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecPath {
+    /// The moe-kernels ops: routing and dispatch stay on the device (no device-to-host copy inside a
+    /// forward pass). On CUDA they launch the hand-written kernels; on the CPU they run the kernels'
+    /// plain-Rust references (the specification: exact, but single-threaded).
+    Kernels,
+    /// candle's composite ops, with MoE routing on the host and one matmul per active expert.
+    Candle,
+}
+
+/// MLA's two formulations (`model/mla.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlaPath {
+    /// W_uk folded into the query and W_uv into the output: the cache is read as latents only.
+    Absorbed,
+    /// Per-head keys and values materialised with one kv_b_proj matmul.
+    Expanded,
+}
+
+/// Up to this many new tokens per sequence, MLA takes the absorbed path (decode); more tokens
+/// (prefill, compute-bound) take the expanded one.
+pub const MLA_ABSORB_MAX_TOKENS: usize = 1;
+
+/// Every path choice of one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathPlan {
+    pub exec: ExecPath,
+    /// The experts' kernel variant when forced; `None` chooses by token count.
+    pub expert: Option<ExpertPath>,
+    /// MLA's formulation when forced; `None` chooses by token count.
+    pub mla: Option<MlaPath>,
+}
+
+impl PathPlan {
+    /// The plan for `device`: kernels on CUDA, candle on the CPU (where candle's threaded GEMM
+    /// beats the single-threaded references), unless `env_override` (the value of [`PATH_ENV`])
+    /// says otherwise. Pure.
+    pub fn select(device: &Device, env_override: Option<&str>) -> Result<Self> {
+        let mut plan = PathPlan {
+            exec: if device.is_cpu() {
+                ExecPath::Candle
+            } else {
+                ExecPath::Kernels
+            },
+            expert: None,
+            mla: None,
+        };
+        for word in env_override.unwrap_or("").split(',').map(str::trim) {
+            match word {
+                "" => {}
+                "kernels" => plan.exec = ExecPath::Kernels,
+                "candle" => plan.exec = ExecPath::Candle,
+                "gemv" => plan.expert = Some(ExpertPath::Gemv),
+                "gemm" => plan.expert = Some(ExpertPath::Gemm),
+                "absorbed" => plan.mla = Some(MlaPath::Absorbed),
+                "expanded" => plan.mla = Some(MlaPath::Expanded),
+                other => bail!(
+                    "{PATH_ENV}: unknown word {other:?}; use a comma-separated list of \
+                     kernels|candle, gemv|gemm, absorbed|expanded"
+                ),
+            }
+        }
+        Ok(plan)
+    }
+
+    /// [`PathPlan::select`] with [`PATH_ENV`] as it is now (read once per model).
+    pub fn from_env(device: &Device) -> Result<Self> {
+        Self::select(device, std::env::var(PATH_ENV).ok().as_deref())
+    }
+
+    /// Whether a MoE block routes and dispatches on the device: on the kernel path, within the
+    /// route kernel's limits (E <= 256, k <= 8, <= 32 groups); beyond them the block routes on
+    /// the host (one device-to-host read per layer) rather than failing.
+    pub fn route_on_device(&self, router: Router, num_experts: usize, top_k: usize) -> bool {
+        self.exec == ExecPath::Kernels
+            && moe_kernels::route::route_kernel_supports(router, num_experts, top_k)
+    }
+
+    /// Whether a decoder norm runs as the (fused add+) RMSNorm kernel: on the kernel path, for
+    /// an RMSNorm whose weight has the activations' dtype.
+    pub fn rms_norm_kernel(&self, is_rms: bool, weight: DType, x: DType) -> bool {
+        self.exec == ExecPath::Kernels && is_rms && weight == x
+    }
+
+    /// Whether q/k take the fused per-head QK-norm + RoPE kernel (on the kernel path, for the
+    /// projections RoPE applies to).
+    pub fn qk_norm_rope_kernel(&self, rope_applies: bool) -> bool {
+        self.exec == ExecPath::Kernels && rope_applies
+    }
+
+    /// Whether GQA attention of `t` new tokens with head dim `head_dim` runs the flash-decoding
+    /// kernel over the cache: single-token steps on the kernel path, within its head-dim limit.
+    pub fn decode_attention_kernel(&self, t: usize, head_dim: usize) -> bool {
+        self.exec == ExecPath::Kernels
+            && t == 1
+            && head_dim <= moe_kernels::attention::DECODE_ATTN_MAX_D
+    }
+
+    /// Whether MLA runs absorbed for `t` new tokens per sequence.
+    pub fn mla_absorbed(&self, t: usize) -> bool {
+        match self.mla {
+            Some(p) => p == MlaPath::Absorbed,
+            None => t <= MLA_ABSORB_MAX_TOKENS,
+        }
+    }
+
+    /// The experts' kernel variant for `tokens` tokens with top-`top_k` over `num_experts`: the
+    /// forced one, else GEMV for decode and tiled GEMM for prefill ([`moe_kernels::expert_path`]'s
+    /// thresholds), chosen on the host from the token count alone (no sync).
+    pub fn expert_path(&self, tokens: usize, top_k: usize, num_experts: usize) -> ExpertPath {
+        self.expert
+            .unwrap_or_else(|| moe_kernels::expert_path_for(tokens, top_k, num_experts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let cpu = PathPlan::select(&Device::Cpu, None).unwrap();
+        assert_eq!(
+            cpu,
+            PathPlan {
+                exec: ExecPath::Candle,
+                expert: None,
+                mla: None
+            }
+        );
+        let p = PathPlan::select(&Device::Cpu, Some(" kernels , gemm,absorbed ")).unwrap();
+        assert_eq!(p.exec, ExecPath::Kernels);
+        assert_eq!(p.expert_path(1, 1, 8), ExpertPath::Gemm);
+        assert!(p.mla_absorbed(100));
+        assert_eq!(PathPlan::select(&Device::Cpu, Some("")).unwrap(), cpu);
+        let g = PathPlan::select(&Device::Cpu, Some(" gemv ")).unwrap();
+        assert_eq!(
+            g.expert_path(513, 4, 16),
+            ExpertPath::Gemv,
+            "forced over the threshold"
+        );
+        assert!(PathPlan::select(&Device::Cpu, Some("tensorcore")).is_err());
+        let e = PathPlan::select(&Device::Cpu, Some("kernels,cublas"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MOE_PATH") && e.contains("cublas"), "{e}");
+    }
+
+    #[test]
+    fn each_choice_and_its_threshold() {
+        let k = PathPlan::select(&Device::Cpu, Some("kernels")).unwrap();
+        let c = PathPlan::select(&Device::Cpu, Some("candle")).unwrap();
+        let softmax = Router::Softmax { norm_p: Some(1.0) };
+        assert!(k.route_on_device(softmax, 8, 2) && !c.route_on_device(softmax, 8, 2));
+        assert!(
+            !k.route_on_device(softmax, 257, 2),
+            "beyond the route kernel: host"
+        );
+        assert!(!k.route_on_device(softmax, 16, 9));
+        assert!(k.rms_norm_kernel(true, DType::F32, DType::F32));
+        assert!(
+            !k.rms_norm_kernel(true, DType::F32, DType::BF16),
+            "weight dtype differs"
+        );
+        assert!(
+            !k.rms_norm_kernel(false, DType::F32, DType::F32),
+            "LayerNorm"
+        );
+        assert!(!c.rms_norm_kernel(true, DType::F32, DType::F32));
+        assert!(k.qk_norm_rope_kernel(true) && !k.qk_norm_rope_kernel(false));
+        let max_d = moe_kernels::attention::DECODE_ATTN_MAX_D;
+        assert!(k.decode_attention_kernel(1, max_d));
+        assert!(!k.decode_attention_kernel(1, max_d + 1) && !k.decode_attention_kernel(2, 64));
+        assert!(!c.decode_attention_kernel(1, 64));
+        assert!(k.mla_absorbed(1) && !k.mla_absorbed(2));
+        let e = PathPlan::select(&Device::Cpu, Some("expanded")).unwrap();
+        assert!(!e.mla_absorbed(1));
+        assert_eq!(k.expert_path(1, 2, 8), ExpertPath::Gemv, "decode");
+        assert_eq!(k.expert_path(512, 2, 8), ExpertPath::Gemm, "prefill");
+        assert_eq!(
+            k.expert_path(64, 8, 256),
+            ExpertPath::Gemv,
+            "E=256 top-8 at 64 tokens"
+        );
+    }
+}
