@@ -30,283 +30,35 @@
 //! - Cost-model gap seen by the tests: sigmoid routers' `e_score_correction_bias` (a buffer, 4E
 //!   bytes per layer) is not in `weight_bytes`.
 
+mod args;
 pub mod baseline;
 pub mod measure;
+mod predict;
 pub mod random;
 pub mod report;
 pub mod results;
+mod schema;
 pub mod sweep;
 
-use std::path::PathBuf;
+pub use args::{Baseline, BenchArgs};
+pub use predict::{ceilings, predict, Prediction};
+pub use schema::{
+    device_description, env, git_commit, BenchReport, Env, GpuMemory, MemPair, Memory, ModelDesc,
+    Sourced, Throughput,
+};
 
 use candle_core::{DType, Device};
 use serde::Serialize;
 
-use crate::analysis::bytes::{
-    decode_flops_per_token, kv_bytes_per_sequence, prefill_flops_per_token, weight_bytes, Precision,
-};
-use crate::analysis::counts::{counts_of, tensor_inventory};
-use crate::analysis::roofline::{batch_step_bytes, expected_experts_touched};
+use crate::analysis::bytes::{kv_bytes_per_sequence, weight_bytes, Precision};
+use crate::analysis::counts::tensor_inventory;
+use crate::analysis::roofline::expected_experts_touched;
 use crate::config::{FfnKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::loader::{self, LoadOptions, ModelSource};
 use crate::model::Model;
 use crate::quant::QFormat;
 use measure::{RunSample, Stat};
-
-/// `moe-run bench` options.
-#[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {
-    /// `tiny-kjv` (embedded, the default), a known model name (configs/) or a HF repo id in the
-    /// local cache. With --random-weights only its config is used.
-    #[arg(long, conflicts_with = "weights")]
-    pub model: Option<String>,
-    /// A checkpoint directory (config.json + safetensors).
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// Build full-size random weights from the config alone (seeded; no download, no disk).
-    #[arg(long)]
-    pub random_weights: bool,
-    /// Seed of --random-weights and of the prompt ids.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Keep only the first N decoder layers (1 to the model's layer count).
-    #[arg(long, value_parser = crate::units::at_least_one)]
-    pub layers: Option<usize>,
-    /// Compute dtype: auto (f32 on the CPU, bf16 on a GPU, as for run), f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    /// Weight-only quantization: int8, int4 (group 128), int4:64, int4:32. Random weights are
-    /// drawn directly in the packed format; a dense checkpoint is quantized while loading.
-    #[arg(long)]
-    pub quant: Option<String>,
-    /// cpu, or cuda[:N] in a build with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Prompt tokens per sequence.
-    #[arg(long, default_value_t = 32)]
-    pub prompt_len: usize,
-    /// Decode steps per run.
-    #[arg(long, default_value_t = 32)]
-    pub gen: usize,
-    /// Sequences per forward.
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
-    /// Timed runs (median, p10, p90 over them), at least 1.
-    #[arg(long, default_value_t = 5, value_parser = crate::units::at_least_one)]
-    pub runs: usize,
-    /// Untimed warm-up runs.
-    #[arg(long, default_value_t = 1)]
-    pub warmup: usize,
-    /// Memory bandwidth for the ceiling, GB/s (default: the --gpu table entry on CUDA, else
-    /// measured: a 1 GiB device-to-device copy on CUDA, a memcpy on the CPU).
-    #[arg(long, value_parser = crate::units::positive)]
-    pub bandwidth: Option<f64>,
-    /// A built-in GPU for the CUDA ceiling (see `analyze --gpu`).
-    #[arg(long)]
-    pub gpu: Option<String>,
-    /// Matmul peak for the compute ceiling, TFLOPS (default: the GPU table, else measured with
-    /// a 1024^3 matmul in the bench dtype).
-    #[arg(long, value_parser = crate::units::positive)]
-    pub tflops: Option<f64>,
-    /// One JSON object with every number and the environment.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write that JSON object to this file (the table still goes to stdout): how a run
-    /// is recorded in benches/results/.
-    #[arg(long)]
-    pub json_out: Option<PathBuf>,
-    /// With --sweep: draw measured vs predicted to FILE.png or FILE.svg.
-    #[arg(long, value_name = "FILE")]
-    pub plot: Option<PathBuf>,
-    /// Replace an existing --json-out or --plot file.
-    #[arg(long)]
-    pub force: bool,
-    /// Sweep one parameter on a small random Mixtral-shaped model.
-    #[arg(long, value_enum)]
-    pub sweep: Option<sweep::SweepKind>,
-    /// Sweep points: one number N = the first N of the default series (experts 2,4,8,16,32..;
-    /// topk 1,2,4,8..; batch 1,2,4,8,16,32..), two or more = exactly those values (default:
-    /// the series shown).
-    #[arg(long, value_delimiter = ',')]
-    pub points: Option<Vec<usize>>,
-    /// Sweep model: hidden size.
-    #[arg(long, default_value_t = 512)]
-    pub hidden: usize,
-    /// Sweep model: expert width F.
-    #[arg(long, default_value_t = 1024)]
-    pub ffn: usize,
-    /// Sweep model: experts per layer (fixed unless sweeping experts).
-    #[arg(long, default_value_t = 8)]
-    pub experts: usize,
-    /// Sweep model: experts per token (fixed unless sweeping topk).
-    #[arg(long, default_value_t = 2)]
-    pub top_k: usize,
-    /// Sweep model: vocabulary size.
-    #[arg(long, default_value_t = 1024)]
-    pub vocab: usize,
-    /// Also time another implementation on the same weights and shapes (Mixtral only: with
-    /// --random-weights, the embedded model or --weights DIR).
-    #[arg(long, value_enum)]
-    pub baseline: Option<Baseline>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Baseline {
-    /// candle-transformers' own Mixtral.
-    Candle,
-}
-
-impl Default for BenchArgs {
-    fn default() -> Self {
-        BenchArgs {
-            model: None,
-            weights: None,
-            random_weights: false,
-            seed: 0,
-            layers: None,
-            dtype: "auto".into(),
-            quant: None,
-            device: "cpu".into(),
-            prompt_len: 32,
-            gen: 32,
-            batch: 1,
-            runs: 5,
-            warmup: 1,
-            bandwidth: None,
-            gpu: None,
-            tflops: None,
-            json: false,
-            json_out: None,
-            plot: None,
-            force: false,
-            sweep: None,
-            points: None,
-            hidden: 512,
-            ffn: 1024,
-            experts: 8,
-            top_k: 2,
-            vocab: 1024,
-            baseline: None,
-        }
-    }
-}
-
-/// Where the run happened and how it was asked for.
-#[derive(Debug, Clone, Serialize)]
-pub struct Env {
-    pub device: String,
-    /// The GPU's name and compute capability (CUDA), or the CPU model (`/proc/cpuinfo`).
-    pub device_name: String,
-    /// The CUDA driver version (`cuDriverGetVersion`), or "-" on the CPU.
-    pub driver: String,
-    pub dtype: String,
-    /// `git rev-parse HEAD` (+ "-dirty" with uncommitted changes), or "unknown".
-    pub commit: String,
-    pub command: String,
-    pub cpu_threads: usize,
-}
-
-/// A ceiling input and where it came from.
-#[derive(Debug, Clone, Serialize)]
-pub struct Sourced {
-    pub value: f64,
-    pub source: String,
-}
-
-/// What exactly ran.
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelDesc {
-    pub name: String,
-    /// "random weights (seed S)", "embedded", or the checkpoint directory.
-    pub weights: String,
-    pub layers_run: usize,
-    pub layers_in_config: usize,
-    /// e.g. "2 x MoE(E=8, k=2, F=1024)".
-    pub layer_kinds: String,
-    pub hidden: usize,
-    pub vocab: usize,
-    pub total_params: u64,
-    pub active_params: u64,
-}
-
-/// One throughput figure: measured, its roofline ceiling and the ratio.
-#[derive(Debug, Clone, Serialize)]
-pub struct Throughput {
-    /// Tokens per second over the runs.
-    pub tokens_per_s: Stat,
-    /// Tokens per forward (B*P for prefill, B for a decode step).
-    pub tokens_per_forward: usize,
-    /// Predicted bytes read per forward.
-    pub predicted_bytes_per_forward: f64,
-    pub predicted_flops_per_forward: f64,
-    /// min(bandwidth / bytes, peak / FLOPs) x tokens per forward.
-    pub ceiling_tokens_per_s: f64,
-    /// "memory" or "compute": which term sets the ceiling.
-    pub bound: String,
-    /// Median measured / ceiling, in percent.
-    pub pct_of_roofline: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct MemPair {
-    pub measured_bytes: u64,
-    pub predicted_bytes: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Memory {
-    /// Sum of the loaded tensors' bytes vs `analysis::bytes::weight_bytes`.
-    pub weights: MemPair,
-    /// Allocated KV cache (B sequences of P+G) vs `kv_bytes_per_sequence` x B.
-    pub kv_cache: MemPair,
-    /// Process peak RSS vs weights + KV predicted (activations not modelled); CPU runs only.
-    pub peak_rss: Option<MemPair>,
-    /// CUDA runs: what the driver reports.
-    pub gpu: Option<GpuMemory>,
-}
-
-/// GPU memory as the CUDA driver reports it (`cuMemGetInfo`, and the high-water marks of the
-/// default memory pool that candle's stream-ordered allocations come from).
-#[derive(Debug, Clone, Serialize)]
-pub struct GpuMemory {
-    pub total_bytes: u64,
-    /// Growth of the device's used memory (total - free) over loading vs the predicted weights.
-    pub load: MemPair,
-    /// The pool's used high-water mark over the timed runs vs predicted weights + KV
-    /// (activations are not modelled); `None` without a stream-ordered allocator.
-    pub pool_used_high: Option<MemPair>,
-    /// The pool's reserved high-water mark over the timed runs.
-    pub pool_reserved_high_bytes: Option<u64>,
-    /// Used high-water minus the measured weights and KV cache: the activations' peak.
-    pub activation_peak_bytes: Option<u64>,
-}
-
-/// `moe-run bench` without --sweep.
-#[derive(Debug, Clone, Serialize)]
-pub struct BenchReport {
-    pub env: Env,
-    pub model: ModelDesc,
-    pub prompt_len: usize,
-    pub gen: usize,
-    pub batch: usize,
-    pub runs: usize,
-    pub warmup: usize,
-    pub bandwidth_gb_s: Sourced,
-    pub peak_tflops: Sourced,
-    pub prefill: Throughput,
-    pub decode: Throughput,
-    /// Distinct experts per MoE layer per decode step: measured (router trace) and
-    /// E(1-(1-k/E)^B); absent for dense models.
-    pub experts_touched_measured: Option<f64>,
-    pub experts_touched_predicted: Option<f64>,
-    pub memory: Memory,
-    /// Seconds to build or load the weights.
-    pub load_s: f64,
-    /// `--baseline candle`: the same weights through candle-transformers' Mixtral.
-    pub baseline: Option<baseline::BaselineReport>,
-}
 
 /// The dtype candle's baseline runs in: ours, or f32 on the dequantized weights when ours are
 /// quantized (candle-transformers' Mixtral is dense and, in 0.11, f32-only).
@@ -331,84 +83,6 @@ pub fn quant_of(a: &BenchArgs) -> Result<Option<QFormat>> {
     match &a.quant {
         Some(q) => crate::quant::parse_quant(q),
         None => Ok(None),
-    }
-}
-
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "other",
-    }
-}
-
-/// `git rev-parse HEAD` of the current directory's repository, or "unknown".
-pub fn git_commit() -> String {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let mut c = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            let dirty = std::process::Command::new("git")
-                .args(["status", "--porcelain", "--untracked-files=no"])
-                .output()
-                .is_ok_and(|s| s.status.success() && !s.stdout.is_empty());
-            if dirty {
-                c.push_str("-dirty");
-            }
-            c
-        }
-        _ => "unknown".into(),
-    }
-}
-
-/// The device's name and driver version for the report (see [`Env`]).
-pub fn device_description(device: &Device) -> (String, String) {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let stream = d.cuda_stream();
-        let ctx = stream.context();
-        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let cc = ctx
-            .compute_capability()
-            .map_or(String::new(), |(a, b)| format!(" (sm_{a}{b})"));
-        let mut v: std::ffi::c_int = 0;
-        // SAFETY: writes one int.
-        let driver = match unsafe { sys::cuDriverGetVersion(&mut v) }.result() {
-            Ok(()) => format!("CUDA driver {}.{}", v / 1000, (v % 1000) / 10),
-            Err(e) => format!("unknown ({e})"),
-        };
-        return (format!("{name}{cc}"), driver);
-    }
-    let _ = device;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    (cpu, "-".into())
-}
-
-pub fn env(device: &Device, dtype: DType) -> Env {
-    let (device_name, driver) = device_description(device);
-    Env {
-        device_name,
-        driver,
-        device: match device {
-            Device::Cpu => "cpu".into(),
-            d => format!("{:?}", d.location()),
-        },
-        dtype: dtype_name(dtype).into(),
-        commit: git_commit(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
 }
 
@@ -441,113 +115,6 @@ pub fn layer_kinds(cfg: &ModelConfig) -> String {
             .collect::<Vec<_>>()
             .join(" + ")
     )
-}
-
-/// The ceilings' inputs: bandwidth (GB/s) and matmul peak (TFLOPS), with their sources.
-pub fn ceilings(a: &BenchArgs, device: &Device, dtype: DType) -> Result<(Sourced, Sourced)> {
-    let gpu = match &a.gpu {
-        Some(name) => Some(crate::analysis::gpus::find_gpu(name).ok_or_else(|| {
-            Error::Input(format!(
-                "unknown GPU {name:?}; built in: {}",
-                crate::analysis::gpus::gpu_names().join(", ")
-            ))
-        })?),
-        None => None,
-    };
-    let is_cuda = !matches!(device, Device::Cpu);
-    let bw = match (a.bandwidth, &gpu) {
-        (Some(b), _) if b > 0.0 => Sourced {
-            value: b,
-            source: "--bandwidth".into(),
-        },
-        (Some(_), _) => return Err(Error::Input("--bandwidth must be positive".into())),
-        (None, Some(g)) if is_cuda => Sourced {
-            value: g.bandwidth_gb_s,
-            source: format!("GPU table: {}", g.name),
-        },
-        _ if is_cuda => Sourced {
-            value: measure::device_copy_bandwidth_gb_s(device)?,
-            source: "measured: 1 GiB device-to-device copy, read + write bytes".into(),
-        },
-        _ => Sourced {
-            value: measure::memcpy_bandwidth_gb_s(),
-            source: "measured: 128 MiB memcpy on the CPU, read + write bytes".into(),
-        },
-    };
-    let peak_table = gpu.as_ref().filter(|_| is_cuda).and_then(|g| match dtype {
-        DType::F32 => g.tf32_tflops,
-        _ => g.bf16_tflops,
-    });
-    let peak = match (a.tflops, peak_table) {
-        (Some(t), _) => Sourced {
-            value: t,
-            source: "--tflops".into(),
-        },
-        (None, Some(t)) => Sourced {
-            value: t,
-            source: "GPU table".into(),
-        },
-        (None, None) => {
-            // A GPU needs a larger product than the CPU to approach its peak.
-            let n = if is_cuda { 8192 } else { 1024 };
-            Sourced {
-                value: measure::matmul_peak_tflops(device, dtype, n)?,
-                source: format!("measured: {n}^3 matmul in {}", dtype_name(dtype)),
-            }
-        }
-    };
-    Ok((bw, peak))
-}
-
-/// Predicted bytes, FLOPs and ceiling for one forward of `tokens` new tokens (each sequence
-/// attending to `context` keys on average).
-#[derive(Debug, Clone)]
-pub struct Prediction {
-    pub bytes: f64,
-    pub flops: f64,
-    pub experts_touched: f64,
-    pub ceiling_tokens_per_s: f64,
-    pub bound: &'static str,
-}
-
-/// `tokens` tokens in one forward of `batch` sequences; `prefill_len` > 0 for a prefill of
-/// that many tokens per sequence, else a decode step at `context`.
-pub fn predict(
-    cfg: &ModelConfig,
-    p: Precision,
-    batch: usize,
-    prefill_len: usize,
-    context: u64,
-    bw_gb_s: f64,
-    peak_tflops: f64,
-) -> Prediction {
-    let inv = tensor_inventory(cfg);
-    let counts = counts_of(&inv, cfg.tie_word_embeddings);
-    let tokens = if prefill_len > 0 {
-        batch * prefill_len
-    } else {
-        batch
-    };
-    // Bytes: the weights once for all tokens of the forward, experts as expected distinct.
-    let (mut bytes, touched) = batch_step_bytes(cfg, &inv, p, context, tokens as u64);
-    let flops = if prefill_len > 0 {
-        // KV read in a prefill is the keys just written; replace the decode KV term.
-        let kv = crate::analysis::bytes::kv_read_bytes(cfg, context, p.kv_elem_bytes()) as f64;
-        bytes -= tokens as f64 * kv;
-        bytes += batch as f64 * kv;
-        prefill_flops_per_token(cfg, counts.matmul_active, prefill_len as u64) * tokens as f64
-    } else {
-        decode_flops_per_token(cfg, counts.matmul_active, context) as f64 * tokens as f64
-    };
-    let t_mem = bytes / (bw_gb_s * 1e9);
-    let t_cmp = flops / (peak_tflops * 1e12);
-    Prediction {
-        bytes,
-        flops,
-        experts_touched: touched,
-        ceiling_tokens_per_s: tokens as f64 / t_mem.max(t_cmp),
-        bound: if t_mem >= t_cmp { "memory" } else { "compute" },
-    }
 }
 
 /// Builds the model the arguments ask for: random weights from a config, or a checkpoint.
