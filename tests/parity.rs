@@ -202,32 +202,50 @@ fn mla_cache_holds_only_the_latent() {
 
 #[test]
 fn router_weights_match() {
-    // The combine weights, not just the ids: renormalised softmax over the chosen experts.
+    // The combine weights, not just the ids: renormalised softmax over the chosen experts, on
+    // both execution paths, every layer and every slot compared (lengths asserted first, so an
+    // empty or short trace cannot pass).
     for name in FIXTURES {
         let dir = fixture(name);
         let exp = expected(&dir);
-        let model = load_dir(&dir, &LoadOptions::default()).unwrap();
-        let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
-        let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut trace = Trace::default();
-        model
-            .forward(&ids, &mut cache, true, Some(&mut trace))
-            .unwrap();
-        for (layer, want) in exp.router_weights.iter().enumerate() {
-            let want: Vec<f32> = want.iter().flatten().copied().collect();
-            let got = &trace.router_weights[layer];
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            assert!(
-                err < 1e-5,
-                "{name} layer {layer}: router weights differ by {err}"
+        for path in [ExecPath::Candle, ExecPath::Kernels] {
+            let mut model = load_dir(&dir, &LoadOptions::default()).unwrap();
+            model.set_exec_path(path);
+            let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
+            let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let mut trace = Trace::default();
+            model
+                .forward(&ids, &mut cache, true, Some(&mut trace))
+                .unwrap();
+            assert_eq!(
+                trace.router_weights.len(),
+                exp.router_weights.len(),
+                "{name} {path:?}: layers traced"
             );
+            let mut compared = 0;
+            for (layer, want) in exp.router_weights.iter().enumerate() {
+                let want: Vec<f32> = want.iter().flatten().copied().collect();
+                let got = &trace.router_weights[layer];
+                assert_eq!(
+                    got.len(),
+                    want.len(),
+                    "{name} {path:?} layer {layer}: slots"
+                );
+                compared += want.len();
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    err < 1e-5,
+                    "{name} {path:?} layer {layer}: router weights differ by {err}"
+                );
+            }
+            assert!(compared > 0, "{name}: no router weight compared");
         }
     }
 }

@@ -78,12 +78,32 @@ fn default_run_needs_no_files() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.starts_with("And God said"), "{text:?}");
-    let words = text.split_whitespace().count();
+    // Exactly transformers' greedy continuation (expected.json), streamed as text.
+    let exp = expected(&fixture("tiny-kjv"));
+    let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
+    let tok = moe::runtime::tokenizer::TextTokenizer::embedded(&TINY_KJV, &model.cfg).unwrap();
+    let want = &exp.greedy_ids[..24];
     assert!(
-        words >= 8,
-        "expected a continuation of several words: {text:?}"
+        !want.iter().any(|id| tok.eos.contains(id)),
+        "EOS inside the 24"
     );
+    assert_eq!(
+        text,
+        format!("And God said{}\n", tok.decode(want).unwrap()),
+        "the default run's text"
+    );
+    let json = moe_run(&[
+        "--prompt",
+        "And God said",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["prompt_ids"], serde_json::json!(exp.prompt_ids));
+    assert_eq!(v["generated_ids"], serde_json::json!(want));
     assert!(
         stderr.contains("imbalance") && stderr.contains("decode "),
         "{stderr}"

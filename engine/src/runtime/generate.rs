@@ -194,3 +194,85 @@ pub fn generate(
         kv_cache_bytes_per_token: cache.bytes_per_token(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` draws from `p`'s processor on fixed `logits`: how often each id came up.
+    fn draws(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut s = p.processor();
+        let t = Tensor::new(logits, &Device::Cpu).unwrap();
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            counts[s.sample(&t).unwrap() as usize] += 1;
+        }
+        counts
+    }
+
+    fn params(temperature: f64, top_k: Option<usize>, top_p: Option<f64>) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn temperature_zero_is_argmax() {
+        let logits = [0.1, 2.0, -1.0, 1.9];
+        assert_eq!(
+            draws(&params(0.0, Some(2), Some(0.5)), &logits, 50),
+            [0, 50, 0, 0]
+        );
+        // next_token's greedy path: the first maximum, as torch.
+        let t = Tensor::new(&[[[1.0f32, 3.0, 3.0, 0.0]]], &Device::Cpu).unwrap();
+        let mut s = params(0.0, None, None).processor();
+        assert_eq!(next_token(&mut s, true, &t).unwrap(), 1);
+    }
+
+    #[test]
+    fn top_k_never_leaves_the_k_largest() {
+        let logits = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let c = draws(&params(1.0, Some(3), None), &logits, 3000);
+        assert_eq!(&c[..3], &[0, 0, 0], "{c:?}");
+        assert!(c[3..].iter().all(|&n| n > 0), "{c:?}");
+        // Within the k, softmax proportions: p(5)/p(4) = e.
+        let ratio = c[5] as f64 / c[4] as f64;
+        assert!((ratio - std::f64::consts::E).abs() < 0.35, "{ratio}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // Probabilities 0.4, 0.3, 0.2, 0.1: p = 0.5 keeps {0.4, 0.3} (the token that reaches p
+        // is kept), renormalised to 4/7 and 3/7.
+        let logits: Vec<f32> = [0.4f32, 0.3, 0.2, 0.1].iter().map(|p| p.ln()).collect();
+        let n = 4000;
+        let c = draws(&params(1.0, None, Some(0.5)), &logits, n);
+        assert_eq!(&c[2..], &[0, 0], "{c:?}");
+        let f0 = c[0] as f64 / n as f64;
+        assert!((f0 - 4.0 / 7.0).abs() < 0.03, "{f0}");
+        // p = 1 keeps everything, at the softmax's frequencies.
+        let c = draws(&params(1.0, None, Some(1.0)), &logits, n);
+        for (i, want) in [0.4, 0.3, 0.2, 0.1].iter().enumerate() {
+            let f = c[i] as f64 / n as f64;
+            assert!((f - want).abs() < 0.03, "id {i}: {f} vs {want}");
+        }
+    }
+
+    #[test]
+    fn temperature_scales_the_logits() {
+        // At T = 2 the logits [0, ln 4] give p = softmax([0, ln 4] / 2) = [1/3, 2/3].
+        let logits = [0.0f32, 4f32.ln()];
+        let n = 4000;
+        let c = draws(&params(2.0, None, None), &logits, n);
+        let f1 = c[1] as f64 / n as f64;
+        assert!((f1 - 2.0 / 3.0).abs() < 0.03, "{f1}");
+        // The same seed draws the same sequence.
+        assert_eq!(
+            draws(&params(0.8, Some(2), Some(0.9)), &logits, 100),
+            draws(&params(0.8, Some(2), Some(0.9)), &logits, 100)
+        );
+    }
+}
