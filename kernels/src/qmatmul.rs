@@ -526,6 +526,22 @@ mod tests {
                         QFormat::Int8 => p[0].f32(),
                         QFormat::Int4 { group } => p[2 * (i / group)].f32(),
                     };
+                    // The step is no larger than the format needs (an oversized scale would
+                    // pass the half-step test): absmax / 127 for INT8; for INT4 the group's
+                    // range, widened to contain 0, / 15. 0.1% for the f16 rounding of the scale.
+                    let need = match fmt {
+                        QFormat::Int8 => w.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0,
+                        QFormat::Int4 { group } => {
+                            let g = &w[(i / group) * group..((i / group + 1) * group).min(k)];
+                            let hi = g.iter().fold(0f32, |m, &v| m.max(v));
+                            let lo = g.iter().fold(0f32, |m, &v| m.min(v));
+                            (hi - lo) / 15.0
+                        }
+                    };
+                    assert!(
+                        step <= need * 1.001 + 1e-12,
+                        "{fmt:?} k={k} i={i}: step {step} > {need}"
+                    );
                     // Half a step, plus the f16 rounding of the zero-point (int4).
                     assert!(
                         (a - b).abs() <= 0.5 * step * 1.02 + 1e-7,
