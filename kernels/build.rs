@@ -1,5 +1,7 @@
 //! Build script for moe-kernels.
 //!
+//! With the `emu` feature: compiles the same `.cu` files as C++ for the CPU emulator (`emu/build.rs`).
+//!
 //! Only with the `cuda` feature: compiles every `cuda/*.cu` to PTX with nvcc into OUT_DIR and writes
 //! `OUT_DIR/ptx.rs`, which `src/lib.rs` includes: one `pub const <STEM>: PtxModule` (an `include_str!` of
 //! the PTX) per `.cu` file, and `ALL`. Without the feature it does nothing, so CPU-only machines need no
@@ -15,8 +17,23 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[cfg(feature = "emu")]
+#[path = "emu/build.rs"]
+mod emu_build;
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "emu")]
+    {
+        let dirs = env::var("CARGO_MANIFEST_DIR").and_then(|m| Ok((m, env::var("OUT_DIR")?)));
+        let result = dirs
+            .map_err(|e| e.to_string())
+            .and_then(|(m, o)| emu_build::build(Path::new(&m), Path::new(&o)));
+        if let Err(msg) = result {
+            eprintln!("moe-kernels: CPU emulator build failed:\n{msg}");
+            std::process::exit(1);
+        }
+    }
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

@@ -1,0 +1,57 @@
+// test_kernels.cu: deliberately broken kernels that prove the CPU emulator can fail (kernels/tests/emu.rs).
+// Built only into the emulator's library (feature `emu`), never by nvcc.
+#include "common.cuh"
+
+// Lanes 16..31 return before the shuffle that names all 32 lanes.
+extern "C" __global__ void emu_test_divergent_shfl(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x >= 16) return;
+  v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+// Only the first warp reaches the barrier.
+extern "C" __global__ void emu_test_divergent_barrier(float* out) {
+  if (threadIdx.x < 32) __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
+// Writes one float per thread whatever n is.
+extern "C" __global__ void emu_test_oob_write(float* out, uint32_t n) {
+  out[blockIdx.x * blockDim.x + threadIdx.x] = static_cast<float>(n);
+}
+
+// Writes into its input.
+extern "C" __global__ void emu_test_write_input(const float* in, float* out) {
+  const_cast<float*>(in)[threadIdx.x] = 0.f;
+  out[threadIdx.x] = 1.f;
+}
+
+// A 128-bit load from an address 4 bytes into the buffer.
+extern "C" __global__ void emu_test_misaligned_ldg(const float* in, float* out) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(in + 1));
+  out[threadIdx.x] = __uint_as_float(v.x);
+}
+
+// A correct block reduction: out[0] = sum of in[0..n), one block of 256 threads (warp shuffles + barrier).
+extern "C" __global__ void __launch_bounds__(256) emu_test_block_sum(const float* in, float* out, uint32_t n) {
+  __shared__ float partial[8];
+  float v = 0.f;
+  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) v += in[i];
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float p = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.f;
+    p = warp_sum(p);
+    if (threadIdx.x == 0) out[blockIdx.x] = p;
+  }
+}
+
+// Reads another thread's shared write without a barrier: the emulator's alternating thread order makes one of
+// the blocks see the stale value.
+extern "C" __global__ void emu_test_missing_barrier(float* out) {
+  __shared__ float s[64];
+  s[threadIdx.x] = static_cast<float>(blockIdx.x * 100 + threadIdx.x);
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}

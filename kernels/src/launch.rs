@@ -1,0 +1,329 @@
+//! An op's kernel launches as data: which entry points, on what grid, with which arguments, reading which input
+//! tensors and writing which outputs. Each launcher builds its [`Plan`] with a pure function (the launch
+//! geometry and argument list in one place), and [`Plan::run`] executes it on the inputs' device:
+//! - CUDA (feature `cuda`): the PTX of `cuda/<module>.cu` on candle's stream;
+//! - the CPU with the emulator on (feature `emu`, [`crate::emu`]): the same `.cu` source compiled for the CPU,
+//!   so the emulator checks the launcher/kernel contract (geometry, argument order and types) too.
+//!
+//! Launches whose grid would be empty are left out of the plan by the builders, as CUDA rejects them.
+
+use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+
+/// A buffer a kernel argument points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buf {
+    /// The i-th input tensor (made contiguous).
+    In(usize),
+    /// The i-th output, allocated by the executor (poisoned when [`crate::poison_outputs`] is on).
+    Out(usize),
+    /// The i-th scratch buffer, allocated for the duration of the plan.
+    Tmp(usize),
+    /// The i-th table of u32s the host computed, uploaded before the first launch.
+    Upload(usize),
+}
+
+/// One kernel argument, in the kernel's parameter order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    Buf(Buf),
+    /// A null pointer (an optional input that is absent).
+    Null,
+    U32(u32),
+    F32(f32),
+}
+
+/// One kernel launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// File stem of the `.cu` source, e.g. `"rms_norm"`.
+    pub module: &'static str,
+    /// The `extern "C"` entry point, e.g. `"rms_norm_bf16"`.
+    pub entry: String,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub args: Vec<Arg>,
+}
+
+/// A buffer the executor allocates: an output (returned as a tensor of `shape`) or a scratch buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alloc {
+    pub name: &'static str,
+    pub dtype: DType,
+    pub shape: Shape,
+}
+
+impl Alloc {
+    pub fn new(name: &'static str, dtype: DType, shape: impl Into<Shape>) -> Self {
+        Alloc {
+            name,
+            dtype,
+            shape: shape.into(),
+        }
+    }
+}
+
+/// Everything one op launches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub op: &'static str,
+    /// Names of the input tensors, in the order [`Plan::run`] takes them.
+    pub inputs: Vec<&'static str>,
+    pub outs: Vec<Alloc>,
+    pub tmps: Vec<Alloc>,
+    pub uploads: Vec<(&'static str, Vec<u32>)>,
+    pub launches: Vec<Launch>,
+}
+
+impl Plan {
+    pub fn new(op: &'static str, inputs: &[&'static str]) -> Self {
+        Plan {
+            op,
+            inputs: inputs.to_vec(),
+            outs: Vec::new(),
+            tmps: Vec::new(),
+            uploads: Vec::new(),
+            launches: Vec::new(),
+        }
+    }
+
+    /// Adds an output; returns its argument.
+    pub fn out(&mut self, name: &'static str, dtype: DType, shape: impl Into<Shape>) -> Arg {
+        self.outs.push(Alloc::new(name, dtype, shape));
+        Arg::Buf(Buf::Out(self.outs.len() - 1))
+    }
+
+    /// Adds a scratch buffer of `len` elements; returns its argument.
+    pub fn tmp(&mut self, name: &'static str, dtype: DType, len: usize) -> Arg {
+        self.tmps.push(Alloc::new(name, dtype, len));
+        Arg::Buf(Buf::Tmp(self.tmps.len() - 1))
+    }
+
+    /// Adds a host-computed u32 table; returns its argument.
+    pub fn upload(&mut self, name: &'static str, data: Vec<u32>) -> Arg {
+        self.uploads.push((name, data));
+        Arg::Buf(Buf::Upload(self.uploads.len() - 1))
+    }
+
+    /// Adds a launch unless its grid is empty (CUDA rejects a zero grid dimension).
+    pub fn launch(
+        &mut self,
+        module: &'static str,
+        entry: String,
+        grid: [u32; 3],
+        block: [u32; 3],
+        args: Vec<Arg>,
+    ) {
+        if grid.iter().all(|&g| g > 0) {
+            self.launches.push(Launch {
+                module,
+                entry,
+                grid,
+                block,
+                args,
+            });
+        }
+    }
+
+    /// The name of a buffer argument, for error messages.
+    pub fn buf_name(&self, b: Buf) -> &'static str {
+        match b {
+            Buf::In(i) => self.inputs.get(i).copied().unwrap_or("?"),
+            Buf::Out(i) => self.outs.get(i).map_or("?", |a| a.name),
+            Buf::Tmp(i) => self.tmps.get(i).map_or("?", |a| a.name),
+            Buf::Upload(i) => self.uploads.get(i).map_or("?", |u| u.0),
+        }
+    }
+
+    /// Runs the plan on the device of `inputs` and returns the outputs.
+    pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.inputs.len() {
+            bail!(
+                "{}: plan takes {} inputs, got {}",
+                self.op,
+                self.inputs.len(),
+                inputs.len()
+            );
+        }
+        let Some(first) = inputs.first() else {
+            bail!("{}: a plan needs at least one input", self.op)
+        };
+        match first.device() {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => cuda_exec::run(self, inputs),
+            #[cfg(feature = "emu")]
+            Device::Cpu => crate::emu::run(self, inputs),
+            d => bail!(
+                "{}: no kernel executor for device {:?} in this build",
+                self.op,
+                d.location()
+            ),
+        }
+    }
+}
+
+/// Where an op runs its launch plan rather than the CPU reference: on CUDA always, on the CPU when the
+/// emulator is on for this thread.
+pub fn runs_kernels(device: &Device) -> bool {
+    match device {
+        Device::Cpu => crate::emu::active(),
+        _ => device.is_cuda(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_exec {
+    //! The CUDA executor: candle's device, its stream, and the PTX of each module loaded once per device.
+    use super::{Arg, Buf, Plan};
+    use crate::common::cuda::{alloc_out, wrap};
+    use crate::cuda_util::{contiguous, module_key};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{bail, CudaDevice, DType, Result, Storage, Tensor};
+    use half::{bf16, f16};
+
+    enum View<'a> {
+        U8(CudaView<'a, u8>),
+        U32(CudaView<'a, u32>),
+        I64(CudaView<'a, i64>),
+        F32(CudaView<'a, f32>),
+        BF16(CudaView<'a, bf16>),
+        F16(CudaView<'a, f16>),
+    }
+
+    enum Owned {
+        U8(CudaSlice<u8>),
+        U32(CudaSlice<u32>),
+        F32(CudaSlice<f32>),
+        BF16(CudaSlice<bf16>),
+        F16(CudaSlice<f16>),
+    }
+
+    fn alloc(dev: &CudaDevice, dtype: DType, len: usize, op: &str) -> Result<Owned> {
+        Ok(match dtype {
+            DType::U8 => Owned::U8(alloc_out(dev, len)?),
+            DType::U32 => Owned::U32(alloc_out(dev, len)?),
+            DType::F32 => Owned::F32(alloc_out(dev, len)?),
+            DType::BF16 => Owned::BF16(alloc_out(dev, len)?),
+            DType::F16 => Owned::F16(alloc_out(dev, len)?),
+            d => bail!("{op}: cannot allocate a kernel buffer of {d:?}"),
+        })
+    }
+
+    fn push_owned<'b>(b: &mut LaunchArgs<'b>, o: &'b Owned) {
+        match o {
+            Owned::U8(s) => b.arg(s),
+            Owned::U32(s) => b.arg(s),
+            Owned::F32(s) => b.arg(s),
+            Owned::BF16(s) => b.arg(s),
+            Owned::F16(s) => b.arg(s),
+        };
+    }
+
+    fn push_view<'b>(b: &mut LaunchArgs<'b>, v: &'b View<'b>) {
+        match v {
+            View::U8(s) => b.arg(s),
+            View::U32(s) => b.arg(s),
+            View::I64(s) => b.arg(s),
+            View::F32(s) => b.arg(s),
+            View::BF16(s) => b.arg(s),
+            View::F16(s) => b.arg(s),
+        };
+    }
+
+    pub fn run(plan: &Plan, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let op = plan.op;
+        let inputs: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<Result<_>>()?;
+        let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+        let mut views = Vec::with_capacity(guards.len());
+        let mut dev = None;
+        for ((st, l), name) in guards.iter().zip(&plan.inputs) {
+            let Storage::Cuda(cs) = &**st else {
+                bail!("{op}: {name} is not on a CUDA device")
+            };
+            dev.get_or_insert_with(|| cs.device.clone());
+            views.push(match &cs.slice {
+                CudaStorageSlice::U8(s) => View::U8(contiguous(s, l, op, name)?),
+                CudaStorageSlice::U32(s) => View::U32(contiguous(s, l, op, name)?),
+                CudaStorageSlice::I64(s) => View::I64(contiguous(s, l, op, name)?),
+                CudaStorageSlice::F32(s) => View::F32(contiguous(s, l, op, name)?),
+                CudaStorageSlice::BF16(s) => View::BF16(contiguous(s, l, op, name)?),
+                CudaStorageSlice::F16(s) => View::F16(contiguous(s, l, op, name)?),
+                _ => bail!("{op}: {name} has a dtype no kernel takes"),
+            });
+        }
+        let Some(dev) = dev else {
+            bail!("{op}: no inputs")
+        };
+        let outs: Vec<Owned> = plan
+            .outs
+            .iter()
+            .map(|a| alloc(&dev, a.dtype, a.shape.elem_count(), op))
+            .collect::<Result<_>>()?;
+        let tmps: Vec<Owned> = plan
+            .tmps
+            .iter()
+            .map(|a| alloc(&dev, a.dtype, a.shape.elem_count(), op))
+            .collect::<Result<_>>()?;
+        let uploads: Vec<CudaSlice<u32>> = plan
+            .uploads
+            .iter()
+            .map(|(_, v)| dev.clone_htod(v))
+            .collect::<Result<_>>()?;
+        let null = 0u64;
+        for l in &plan.launches {
+            let Some(m) = crate::ptx::ALL.iter().find(|m| m.name == l.module) else {
+                bail!("{op}: no compiled module {}", l.module)
+            };
+            let func = dev.get_or_load_custom_func(&l.entry, &module_key(m), m.ptx)?;
+            let mut b = func.builder();
+            for a in &l.args {
+                match a {
+                    Arg::Buf(Buf::In(i)) => push_view(&mut b, &views[*i]),
+                    Arg::Buf(Buf::Out(i)) => push_owned(&mut b, &outs[*i]),
+                    Arg::Buf(Buf::Tmp(i)) => push_owned(&mut b, &tmps[*i]),
+                    Arg::Buf(Buf::Upload(i)) => {
+                        b.arg(&uploads[*i]);
+                    }
+                    Arg::Null => {
+                        b.arg(&null);
+                    }
+                    Arg::U32(v) => {
+                        b.arg(v);
+                    }
+                    Arg::F32(v) => {
+                        b.arg(v);
+                    }
+                }
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
+                block_dim: (l.block[0], l.block[1], l.block[2]),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the plan's builder lists the entry point's parameters in order with buffers of the sizes
+            // the kernel reads and writes for this geometry; the emulator (feature `emu`) runs the same plan
+            // against the kernel's own source with every argument checked against its parameter list.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        drop(tmps);
+        Ok(outs
+            .into_iter()
+            .zip(&plan.outs)
+            .map(|(o, a)| {
+                let slice = match o {
+                    Owned::U8(s) => CudaStorageSlice::U8(s),
+                    Owned::U32(s) => CudaStorageSlice::U32(s),
+                    Owned::F32(s) => CudaStorageSlice::F32(s),
+                    Owned::BF16(s) => CudaStorageSlice::BF16(s),
+                    Owned::F16(s) => CudaStorageSlice::F16(s),
+                };
+                wrap(slice, &dev, a.shape.clone())
+            })
+            .collect())
+    }
+}
