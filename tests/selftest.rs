@@ -9,7 +9,12 @@ use common::{fixture, FIXTURES};
 #[test]
 fn model_cases_pass_on_the_cpu() {
     let root = fixture("");
-    let report = moe::selftest::run(&Device::Cpu, Some("model"), Some(&root)).unwrap();
+    let report = moe::selftest::run(
+        &moe_kernels::selftest::Target::Device(Device::Cpu),
+        Some("model"),
+        Some(&root),
+    )
+    .unwrap();
     println!("{}", report.table());
     assert!(report.rows.iter().all(|r| r.op == "model"));
     // tiny-kjv f32, bf16 and int4, then one row per fixture.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use moe_kernels::selftest::{nmse, row_or_error, Report, Row};
+use moe_kernels::selftest::{nmse, row_or_error, Report, Row, Target};
 
 use crate::error::{Error, Result};
 use crate::loader::embedded::TINY_KJV;
@@ -32,10 +32,10 @@ pub const MODEL_DECODE_STEPS: usize = 8;
 /// The kernel cases (as `moe_kernels::selftest::run`) followed by the model cases when `filter` selects
 /// `model`. `fixtures`: a directory of parity fixtures (each a subdirectory with config.json and
 /// expected.json); `None` skips them.
-pub fn run(device: &Device, filter: Option<&str>, fixtures: Option<&Path>) -> Result<Report> {
-    let mut report = moe_kernels::selftest::run(device, filter)?;
+pub fn run(target: &Target, filter: Option<&str>, fixtures: Option<&Path>) -> Result<Report> {
+    let mut report = moe_kernels::selftest::run(target, filter)?;
     if filter.is_none_or(|f| "model".contains(f)) {
-        model_cases(device, fixtures, &mut report.rows)?;
+        model_cases(target, fixtures, &mut report.rows)?;
     }
     Ok(report)
 }
@@ -52,7 +52,7 @@ struct ModelCase {
     quant: Option<QFormat>,
 }
 
-fn model_cases(device: &Device, fixtures: Option<&Path>, rows: &mut Vec<Row>) -> Result<()> {
+fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) -> Result<()> {
     let kjv_prompt = vec![5u32, 77, 300, 12, 9, 41, 1000];
     let mut cases = vec![];
     for (dtype, quant) in [
@@ -99,14 +99,15 @@ fn model_cases(device: &Device, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
             if c.dtype == DType::F32 { "f32" } else { "bf16" },
             c.prompt.len(),
         );
-        let r = model_case(&c, device, budget, &label)
+        let r = model_case(&c, target, budget, &label)
             .map_err(|e| candle_core::Error::Msg(e.to_string()));
         rows.push(row_or_error("model", label, c.dtype, budget, r));
     }
     Ok(())
 }
 
-fn model_case(c: &ModelCase, device: &Device, budget: f64, label: &str) -> Result<Row> {
+fn model_case(c: &ModelCase, on: &Target, budget: f64, label: &str) -> Result<Row> {
+    let device = &on.device();
     let opts = |device: &Device| LoadOptions {
         dtype: c.dtype,
         device: device.clone(),
@@ -128,7 +129,12 @@ fn model_case(c: &ModelCase, device: &Device, budget: f64, label: &str) -> Resul
 
     let mut want = rows(reference.forward(&ids(&reference, &c.prompt)?, &mut rc, true, None)?)?;
     let t0 = Instant::now();
-    let mut got = rows(target.forward(&ids(&target, &c.prompt)?, &mut tc, true, None)?)?;
+    // The emulator (when the target is `emu`) is on only around the target's own forward passes.
+    let mut run_target = |ids: &Tensor, prefill: bool| -> Result<Vec<Vec<f32>>> {
+        let _scope = on.scope()?;
+        rows(target.forward(ids, &mut tc, prefill, None)?)
+    };
+    let mut got = run_target(&ids(&reference, &c.prompt)?.to_device(device)?, true)?;
     for _ in 0..MODEL_DECODE_STEPS {
         let next = argmax(want.last().expect("logits")) as u32;
         want.extend(rows(reference.forward(
@@ -137,12 +143,10 @@ fn model_case(c: &ModelCase, device: &Device, budget: f64, label: &str) -> Resul
             false,
             None,
         )?)?);
-        got.extend(rows(target.forward(
-            &ids(&target, &[next])?,
-            &mut tc,
+        got.extend(run_target(
+            &ids(&reference, &[next])?.to_device(device)?,
             false,
-            None,
-        )?)?);
+        )?);
     }
     let time_us = t0.elapsed().as_secs_f64() * 1e6;
     let agree = want

@@ -70,6 +70,25 @@ pub(crate) fn same_device(op: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
     Ok(())
 }
 
+/// The kernel-name suffix of an activation dtype: `f32`, `bf16` or `f16`.
+pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => bail!("no kernel instantiation for {d:?}"),
+    })
+}
+
+/// `n` as a grid dimension, or an error naming the op, what `n` counts and the limit (2^31-1 for x, 65535 for y
+/// and z).
+pub(crate) fn grid_dim(op: &str, what: &str, n: usize, limit: u32) -> Result<u32> {
+    match u32::try_from(n) {
+        Ok(v) if v <= limit => Ok(v),
+        _ => bail!("{op}: {n} {what} exceed the launch grid's limit of {limit}"),
+    }
+}
+
 /// Host copy of a tensor's elements (row-major), for the CPU references.
 pub(crate) fn host<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()

@@ -423,7 +423,7 @@ mod tests {
         // (Forcing either is the engine's path selector's job, tested there.)
         // expert_path_for: decode, E=256 top-8 prefill of 64, E=16 top-4 prefill of 513.
         let by_formula = |t, k, e| {
-            let avg = (t * k) as f64 / (e as usize).min(t * k) as f64;
+            let avg = (t * k) as f64 / e.min(t * k) as f64;
             expert_path(t, avg)
         };
         for (t, k, e, want) in [

@@ -14,7 +14,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, host, same_device, Elem};
+use crate::common::{check_act, grid_dim, host, same_device, suffix, Elem};
+use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "rms_norm";
 
@@ -69,6 +70,9 @@ fn norm(
         }
         same_device(OP, &[("x", x), ("residual", r)])?;
     }
+    if crate::launch::runs_kernels(x.device()) {
+        return run_plan(x, residual, weight, eps, t, h);
+    }
     match x.device() {
         Device::Cpu => {
             fn run<T: Elem>(
@@ -93,8 +97,6 @@ fn norm(
                 _ => run::<half::f16>(x, residual, weight, eps, t, h),
             }
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda_norm(x, residual, weight, eps, t, h),
         d => bail!("{OP}: unsupported device {:?}", d.location()),
     }
 }
@@ -127,8 +129,42 @@ pub fn rms_norm_reference<T: Elem>(
     (hv, out)
 }
 
-#[cfg(feature = "cuda")]
-fn cuda_norm(
+/// Threads per block of `rms_norm_<dtype>` (NORM_THREADS in rms_norm.cu).
+pub const NORM_THREADS: u32 = 256;
+
+/// The launch of `rms_norm_<dtype>` on `x [T, H]`: one block of [`NORM_THREADS`] per row. Inputs `x`,
+/// `residual` (when fused), `weight`; outputs `h` (a 1-element placeholder unless fused) and `out`.
+pub fn norm_plan(dtype: DType, t: usize, h: usize, fused: bool, eps: f32) -> Result<Plan> {
+    let inputs: &[&'static str] = if fused {
+        &["x", "residual", "weight"]
+    } else {
+        &["x", "weight"]
+    };
+    let mut p = Plan::new(OP, inputs);
+    let hout = p.out("h", dtype, if fused { (t, h) } else { (1, 1) });
+    let out = p.out("out", dtype, (t, h));
+    let (x, r, w) = if fused {
+        (
+            Arg::Buf(Buf::In(0)),
+            Arg::Buf(Buf::In(1)),
+            Arg::Buf(Buf::In(2)),
+        )
+    } else {
+        (Arg::Buf(Buf::In(0)), Arg::Null, Arg::Buf(Buf::In(1)))
+    };
+    if h > 0 {
+        p.launch(
+            "rms_norm",
+            format!("rms_norm_{}", suffix(dtype)?),
+            [grid_dim(OP, "rows", t, u32::MAX >> 1)?, 1, 1],
+            [NORM_THREADS, 1, 1],
+            vec![x, r, w, hout, out, Arg::U32(h as u32), Arg::F32(eps)],
+        );
+    }
+    Ok(p)
+}
+
+fn run_plan(
     x: &Tensor,
     residual: Option<&Tensor>,
     weight: &Tensor,
@@ -136,73 +172,16 @@ fn cuda_norm(
     t: usize,
     h: usize,
 ) -> Result<(Option<Tensor>, Tensor)> {
-    use crate::common::cuda::{alloc_out, wrap};
-    use crate::common::cuda_act::ActView;
-    use crate::cuda_util::module_key;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::Storage;
-
-    let x = x.contiguous()?;
-    let w = weight.contiguous()?;
-    let r = residual.map(|r| r.contiguous()).transpose()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let rg = r.as_ref().map(|r| r.storage_and_layout());
-    let (Storage::Cuda(xc), Storage::Cuda(wc)) = (&*xs, &*ws) else {
-        bail!("{OP}: inputs are not on a CUDA device")
+    let plan = norm_plan(x.dtype(), t, h, residual.is_some(), eps)?;
+    let mut outs = match residual {
+        Some(r) => plan.run(&[x, r, weight])?,
+        None => plan.run(&[x, weight])?,
     };
-    let dev = xc.device.clone();
-    let xv = ActView::new(xc, xl, OP, "x")?;
-    let wv = ActView::new(wc, wl, OP, "weight")?;
-    let rv = match &rg {
-        Some((rs, rl)) => {
-            let Storage::Cuda(rc) = &**rs else {
-                bail!("{OP}: residual is not on a CUDA device")
-            };
-            Some(ActView::new(rc, rl, OP, "residual")?)
-        }
-        None => None,
-    };
-    let m = &crate::ptx::RMS_NORM;
-    let func =
-        dev.get_or_load_custom_func(&format!("rms_norm_{}", xv.suffix()), &module_key(m), m.ptx)?;
-    let cfg = LaunchConfig {
-        grid_dim: (t as u32, 1, 1),
-        block_dim: (256, 1, 1), // NORM_THREADS in rms_norm.cu
-        shared_mem_bytes: 0,
-    };
-    let fused = rv.is_some();
-    let null = 0usize;
-    macro_rules! run_dtype {
-        ($ty:ty, $variant:ident) => {{
-            let hout = alloc_out::<$ty>(&dev, if fused { t * h } else { 1 })?;
-            let out = alloc_out::<$ty>(&dev, t * h)?;
-            if t > 0 && h > 0 {
-                let mut b = func.builder();
-                xv.push(&mut b);
-                match &rv {
-                    Some(v) => v.push(&mut b),
-                    None => {
-                        b.arg(&null);
-                    }
-                }
-                wv.push(&mut b);
-                b.arg(&hout);
-                b.arg(&out);
-                candle_core::builder_arg!(b, h as u32, eps);
-                // SAFETY: matches rms_norm_<dtype>: one block per row reads x (and residual) [T,H], weight [H],
-                // writes out [T,H] and, when residual is not null, h_out [T,H].
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            let hv = fused.then(|| wrap(CudaStorageSlice::$variant(hout), &dev, (t, h)));
-            Ok((hv, wrap(CudaStorageSlice::$variant(out), &dev, (t, h))))
-        }};
-    }
-    match xv {
-        ActView::F32(_) => run_dtype!(f32, F32),
-        ActView::BF16(_) => run_dtype!(half::bf16, BF16),
-        ActView::F16(_) => run_dtype!(half::f16, F16),
+    let out = outs.pop();
+    let hv = outs.pop();
+    match (hv, out) {
+        (Some(hv), Some(out)) => Ok((residual.is_some().then_some(hv), out)),
+        _ => bail!("{OP}: the plan returned too few outputs"),
     }
 }
 

@@ -138,18 +138,65 @@ pub fn ops() -> impl Iterator<Item = &'static str> {
     CASES.iter().map(|(op, _)| *op)
 }
 
-/// Runs every case whose op name contains `filter` (all when `None`) on `device`.
-pub fn run(device: &Device, filter: Option<&str>) -> Result<Report> {
+/// What the ops run on: a candle device (the CPU runs the plain-Rust references, CUDA the kernels), or the
+/// kernels' own CUDA source compiled for the CPU ([`crate::emu`], feature `emu`).
+#[derive(Debug, Clone)]
+pub enum Target {
+    Device(Device),
+    Emu,
+}
+
+impl Target {
+    /// `emu`, else a device as `parse_device` reads it.
+    pub fn parse(s: &str, parse_device: impl Fn(&str) -> Result<Device>) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("emu") {
+            if !crate::emu::available() {
+                candle_core::bail!(
+                    "--device emu: this build has no kernel emulator (build with `--features emu`, needs g++)"
+                );
+            }
+            return Ok(Target::Emu);
+        }
+        Ok(Target::Device(parse_device(s)?))
+    }
+
+    /// The candle device the tensors live on (the CPU for the emulator).
+    pub fn device(&self) -> Device {
+        match self {
+            Target::Device(d) => d.clone(),
+            Target::Emu => Device::Cpu,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Target::Device(d) => format!("{:?}", d.location()),
+            Target::Emu => "emu (the CUDA kernels' source compiled for the CPU)".to_string(),
+        }
+    }
+
+    /// Turns the emulator on for this thread while the guard lives (nothing for a device).
+    pub fn scope(&self) -> Result<Option<crate::emu::Scope>> {
+        match self {
+            Target::Device(_) => Ok(None),
+            Target::Emu => crate::emu::enable().map(Some),
+        }
+    }
+}
+
+/// Runs every case whose op name contains `filter` (all when `None`) on `target`.
+pub fn run(target: &Target, filter: Option<&str>) -> Result<Report> {
     let was = crate::poison_outputs();
     crate::set_poison_outputs(true);
-    let result = run_cases(device, filter);
+    let result = target.scope().and_then(|_scope| run_cases(target, filter));
     crate::set_poison_outputs(was);
     result
 }
 
-fn run_cases(device: &Device, filter: Option<&str>) -> Result<Report> {
+fn run_cases(target: &Target, filter: Option<&str>) -> Result<Report> {
+    let device = &target.device();
     let mut report = Report {
-        device: format!("{:?}", device.location()),
+        device: target.name(),
         rows: Vec::new(),
     };
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
@@ -218,8 +265,11 @@ pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Runs `f` twice (the first call loads the PTX and fills caches), returns the second result and its time.
+/// Under the emulator (where the time says nothing) it runs once.
 fn timed<T>(device: &Device, mut f: impl FnMut() -> Result<T>) -> Result<(T, f64)> {
-    let _ = f()?;
+    if !crate::emu::active() {
+        let _ = f()?;
+    }
     device.synchronize()?;
     let t0 = Instant::now();
     let out = f()?;

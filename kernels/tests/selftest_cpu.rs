@@ -7,7 +7,9 @@ use candle_core::Device;
 
 #[test]
 fn cpu_selftest_passes() {
-    let report = moe_kernels::selftest::run(&Device::Cpu, None).unwrap();
+    let report =
+        moe_kernels::selftest::run(&moe_kernels::selftest::Target::Device(Device::Cpu), None)
+            .unwrap();
     println!("{}", report.table());
     for op in moe_kernels::selftest::ops() {
         assert!(report.rows.iter().any(|r| r.op == op), "no case for {op}");
@@ -28,7 +30,11 @@ fn cpu_selftest_passes() {
 
 #[test]
 fn filter_selects_one_op() {
-    let report = moe_kernels::selftest::run(&Device::Cpu, Some("dispatch")).unwrap();
+    let report = moe_kernels::selftest::run(
+        &moe_kernels::selftest::Target::Device(Device::Cpu),
+        Some("dispatch"),
+    )
+    .unwrap();
     assert!(!report.rows.is_empty());
     assert!(report.rows.iter().all(|r| r.op == "dispatch"));
 }

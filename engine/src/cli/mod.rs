@@ -58,7 +58,8 @@ pub enum Cmd {
     Bench(crate::bench::BenchArgs),
     /// Write an INT8/INT4 weight-only quantized copy of a checkpoint (loads without re-quantizing).
     Quantize(QuantizeArgs),
-    /// Check the CUDA kernels (or, on cpu, the harness) against their CPU references.
+    /// Check the CUDA kernels (on cuda, or their source on the CPU with emu; on cpu, the harness) against
+    /// their CPU references.
     Selftest(SelftestArgs),
     /// Check (or --write) README.md's results table against benches/results/*.json.
     Results(crate::bench::results::ResultsArgs),
@@ -66,7 +67,8 @@ pub enum Cmd {
 
 #[derive(Args)]
 pub struct SelftestArgs {
-    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    /// cpu, cuda[:N] (a build with the `cuda` feature), or emu: the kernels' own CUDA source
+    /// compiled for the CPU (a build with the `emu` feature, needs g++).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Only the ops whose name contains this (route, dispatch, experts, combine, rms_norm,
@@ -83,11 +85,10 @@ fn selftest(a: SelftestArgs) -> Result<()> {
         let d = PathBuf::from("tests/fixtures");
         d.is_dir().then_some(d)
     });
-    let report = crate::selftest::run(
-        &loader::parse_device(&a.device)?,
-        a.filter.as_deref(),
-        fixtures.as_deref(),
-    )?;
+    let target = moe_kernels::selftest::Target::parse(&a.device, |d| {
+        loader::parse_device(d).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    })?;
+    let report = crate::selftest::run(&target, a.filter.as_deref(), fixtures.as_deref())?;
     crate::fsio::print(&report.table())?;
     Ok(report.ensure_passed()?)
 }
