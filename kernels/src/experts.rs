@@ -422,7 +422,7 @@ mod tests {
         assert_eq!(expert_path(513, 64.0), ExpertPath::Gemm);
         // (Forcing either is the engine's path selector's job, tested there.)
         // expert_path_for: decode, E=256 top-8 prefill of 64, E=16 top-4 prefill of 513.
-        let by_formula = |t, k, e| {
+        let by_formula = |t: usize, k: usize, e: usize| {
             let avg = (t * k) as f64 / e.min(t * k) as f64;
             expert_path(t, avg)
         };

@@ -191,17 +191,34 @@ mod tests {
 
     #[test]
     fn matches_engine_formula() {
-        let x = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.0, -1.0, 0.5]], &Device::Cpu).unwrap();
-        let w = Tensor::new(&[1.0f32, 0.5, 2.0], &Device::Cpu).unwrap();
-        let got: Vec<Vec<f32>> = rms_norm(&x, &w, 1e-6).unwrap().to_vec2().unwrap();
-        let r = ((1.0f32 + 4.0 + 9.0) / 3.0 + 1e-6).sqrt();
-        assert!((got[0][2] - 2.0 * 3.0 / r).abs() < 1e-6);
-        let (hsum, out) = add_rms_norm(&x, &x, &w, 1e-6).unwrap();
-        assert_eq!(hsum.to_vec2::<f32>().unwrap()[0], vec![2.0, 4.0, 6.0]);
-        let same = rms_norm(&(&x * 2.0).unwrap(), &w, 1e-6).unwrap();
-        assert_eq!(
-            out.to_vec2::<f32>().unwrap(),
-            same.to_vec2::<f32>().unwrap()
-        );
+        // Every output against an independent f64 evaluation of x / sqrt(mean(x^2) + eps) * w.
+        let xs = [[1.0f32, 2.0, 3.0], [0.0, -1.0, 0.5]];
+        let ws = [1.0f32, 0.5, 2.0];
+        let eps = 1e-6;
+        let formula = |rows: &[[f32; 3]; 2]| -> Vec<Vec<f64>> {
+            rows.iter()
+                .map(|r| {
+                    let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 3.0;
+                    let d = (ms + eps as f64).sqrt();
+                    r.iter().zip(&ws).map(|(&v, &w)| v as f64 / d * w as f64).collect()
+                })
+                .collect()
+        };
+        let close = |got: &[Vec<f32>], want: &[Vec<f64>]| {
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((*g as f64 - w).abs() < 1e-6 * w.abs().max(1.0), "{g} vs {w}");
+            }
+            assert_eq!(got.iter().flatten().count(), 6);
+        };
+        let x = Tensor::new(&xs, &Device::Cpu).unwrap();
+        let w = Tensor::new(&ws, &Device::Cpu).unwrap();
+        let got: Vec<Vec<f32>> = rms_norm(&x, &w, eps).unwrap().to_vec2().unwrap();
+        close(&got, &formula(&xs));
+        // Fused: h = x + residual exactly, out = norm(h).
+        let r = Tensor::new(&[[0.5f32, -2.0, 1.0], [4.0, 1.0, -0.5]], &Device::Cpu).unwrap();
+        let (hsum, out) = add_rms_norm(&x, &r, &w, eps).unwrap();
+        let hs = [[1.5f32, 0.0, 4.0], [4.0, 0.0, 0.0]];
+        assert_eq!(hsum.to_vec2::<f32>().unwrap(), hs.map(|r| r.to_vec()).to_vec());
+        close(&out.to_vec2::<f32>().unwrap(), &formula(&hs));
     }
 }
