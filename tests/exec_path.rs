@@ -127,6 +127,36 @@ fn routing_statistics_are_the_only_extra_reads() {
     assert_eq!(reads, n as u64 * (1 + 2 * moe_layers(&model)));
 }
 
+/// Logits `[T + steps][V]` on `path`: the prompt's rows, then one row per decode step fed `forced` (teacher
+/// forcing, so both paths see the same tokens even where a bf16 near-tie would flip a greedy pick).
+fn forced_logits(
+    model: &mut Model,
+    path: ExecPath,
+    prompt: &[u32],
+    forced: &[u32],
+) -> Vec<Vec<f32>> {
+    model.set_exec_path(path);
+    let mut cache = model.new_cache(1, prompt.len() + forced.len()).unwrap();
+    let step = |model: &Model, cache: &mut _, ids: &[u32], prefill: bool| -> Vec<Vec<f32>> {
+        let t = Tensor::new(ids, model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        model
+            .forward(&t, cache, prefill, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let mut rows = step(model, &mut cache, prompt, true);
+    for &id in forced {
+        rows.extend(step(model, &mut cache, &[id], false));
+    }
+    rows
+}
+
 /// Prompt logits `[T][V]` and `n` greedy ids on `path`.
 fn run(model: &mut Model, path: ExecPath, prompt: &[u32], n: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
     model.set_exec_path(path);
@@ -205,6 +235,24 @@ fn bf16_and_quantized_models_agree_across_paths() {
             diff < bound,
             "{name}: logits differ by {diff} (bound {bound})"
         );
+        // The decode steps too (the GEMV experts and the decode attention kernel), fed the candle path's
+        // greedy tokens on both paths.
+        let fa = forced_logits(&mut model, ExecPath::Candle, &prompt, &ga);
+        let fb = forced_logits(&mut model, ExecPath::Kernels, &prompt, &ga);
+        assert_eq!(fa.len(), prompt.len() + ga.len());
+        assert_eq!(
+            &fa[..prompt.len()],
+            &la[..],
+            "{name}: forced prefill differs from the plain one"
+        );
+        for (i, (ra, rb)) in fa.iter().zip(&fb).enumerate().skip(prompt.len()) {
+            let d = max_abs_diff(std::slice::from_ref(ra), std::slice::from_ref(rb));
+            assert!(
+                d < bound,
+                "{name}: decode step {} logits differ by {d} (bound {bound})",
+                i - prompt.len()
+            );
+        }
         println!("{name}: greedy candle {ga:?} kernels {gb:?}");
         if model.dtype() == DType::F32 {
             assert_eq!(ga, gb, "{name}: greedy ids differ between the paths");

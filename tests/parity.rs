@@ -252,8 +252,9 @@ fn router_weights_match() {
 
 #[test]
 fn bf16_compute_stays_close() {
-    // bf16 activations and weights: not bit-parity, but the logits must stay near f32's.
-    // The bound is set from measurement (see the assert message) with headroom.
+    // bf16 activations and weights: not bit-parity, but the logits must stay near f32's. Measured:
+    // max |diff| 0.089 and top-1 12/12 here (transformers' own bf16 run of this fixture: 0.107, 12/12);
+    // the bound leaves ~2x headroom over both.
     let dir = fixture("mixtral-base");
     let exp = expected(&dir);
     let opts = LoadOptions {
@@ -279,9 +280,14 @@ fn bf16_compute_stays_close() {
         .zip(&exp.logits)
         .filter(|(a, b)| argmax(a) == argmax(b))
         .count();
-    assert!(diff < 0.5, "bf16 logits differ from f32 by {diff}");
-    assert!(
-        agree * 10 >= logits.len() * 8,
+    println!(
+        "bf16 vs f32: max |diff| {diff}, top-1 {agree}/{}",
+        logits.len()
+    );
+    assert!(diff < 0.2, "bf16 logits differ from f32 by {diff}");
+    assert_eq!(
+        agree,
+        logits.len(),
         "bf16 top-1 agrees on only {agree}/{}",
         logits.len()
     );
