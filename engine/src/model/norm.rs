@@ -43,26 +43,46 @@ mod tests {
 
     #[test]
     fn rms_and_layer_norm() {
-        let x = Tensor::new(&[[1f32, 2., 3., 6.]], &Device::Cpu).unwrap();
-        let w = Tensor::new(&[1f32, 1., 2., 1.], &Device::Cpu).unwrap();
-        let rms: Vec<f32> = Norm::new(w.clone(), NormKind::Rms { eps: 0.0 })
-            .forward(&x)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let r = (50f32 / 4.0).sqrt();
-        assert!((rms[2] - 2.0 * 3.0 / r).abs() < 1e-6);
-        let ln: Vec<f32> = Norm::new(w, NormKind::LayerNorm { eps: 0.0 })
-            .forward(&x)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        // mean 3, var (4+1+0+9)/4 = 3.5
-        assert!((ln[0] + 2.0 / 3.5f32.sqrt()).abs() < 1e-6);
-        assert!(ln[2].abs() < 1e-6);
+        // Every element of two rows against an independent f64 evaluation of each formula.
+        let rows = [[1f32, 2., 3., 6.], [-0.5, 4., 0.25, -3.]];
+        let ws = [1f32, 0.5, 2., -1.];
+        let x = Tensor::new(&rows, &Device::Cpu).unwrap();
+        let w = Tensor::new(&ws, &Device::Cpu).unwrap();
+        let eps = 1e-5;
+        let run = |kind| -> Vec<Vec<f32>> {
+            Norm::new(w.clone(), kind)
+                .forward(&x)
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        let check = |got: Vec<Vec<f32>>, f: &dyn Fn(&[f32; 4]) -> Vec<f64>| {
+            assert_eq!(got.len(), 2);
+            for (g, r) in got.iter().zip(&rows) {
+                let want = f(r);
+                assert_eq!(g.len(), 4);
+                for (a, b) in g.iter().zip(&want) {
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0),
+                        "{a} vs {b}"
+                    );
+                }
+            }
+        };
+        let scaled =
+            |v: Vec<f64>| -> Vec<f64> { v.iter().zip(&ws).map(|(a, &w)| a * w as f64).collect() };
+        check(run(NormKind::Rms { eps }), &|r| {
+            let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 4.0;
+            scaled(r.iter().map(|&v| v as f64 / (ms + eps).sqrt()).collect())
+        });
+        check(run(NormKind::LayerNorm { eps }), &|r| {
+            let mean = r.iter().map(|&v| v as f64).sum::<f64>() / 4.0;
+            let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 4.0;
+            scaled(
+                r.iter()
+                    .map(|&v| (v as f64 - mean) / (var + eps).sqrt())
+                    .collect(),
+            )
+        });
     }
 }

@@ -141,6 +141,19 @@ mod tests {
         );
         let yarn = inv_freq(&cfg, 64);
         assert_eq!(yarn[0], plain[0], "highest frequency untouched");
+        // The whole ramp, against values worked out by hand: the correction dims are
+        // 64 ln(4096 / (32 * 2pi)) / (2 ln 1e4) = 10.47 -> floor 10 and 64 ln(4096 / 2pi) / (2 ln 1e4)
+        // = 22.51 -> ceil 23, so pair i keeps its frequency for i <= 10, is divided by 40 for i >= 23,
+        // and mixes the two linearly with weight r = (i - 10) / 13 in between.
+        for i in 0..32 {
+            let r = ((i as f64 - 10.0) / 13.0).clamp(0.0, 1.0);
+            let want = plain[i] as f64 * ((1.0 - r) + r / 40.0);
+            assert!(
+                (yarn[i] as f64 - want).abs() <= 1e-6 * want,
+                "pair {i}: {} vs {want}",
+                yarn[i]
+            );
+        }
         assert!(
             (yarn[31] - plain[31] / 40.0).abs() < 1e-12,
             "lowest frequency divided by the factor"
