@@ -182,7 +182,10 @@ fn every_kernel_case_passes_on_the_emulator() {
     let report = moe_kernels::selftest::run(&moe_kernels::selftest::Target::Emu, None).unwrap();
     println!("{}", report.table());
     for op in moe_kernels::selftest::ops() {
-        assert!(report.rows.iter().any(|r| r.op == op), "no emulated case for {op}");
+        assert!(
+            report.rows.iter().any(|r| r.op == op),
+            "no emulated case for {op}"
+        );
     }
     report.ensure_passed().unwrap();
 }
@@ -193,11 +196,26 @@ fn every_kernel_case_passes_on_the_emulator() {
 #[test]
 fn whole_model_parity_on_emulated_kernels() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let report = moe::selftest::run(&moe_kernels::selftest::Target::Emu, Some("model"), Some(&root)).unwrap();
+    let report = moe::selftest::run(
+        &moe_kernels::selftest::Target::Emu,
+        Some("model"),
+        Some(&root),
+    )
+    .unwrap();
     println!("{}", report.table());
-    for name in ["tiny-kjv", "deepseek-v3", "deepseek-v2-group", "mixtral-base", "qwen3-moe", "dbrx"] {
+    for name in [
+        "tiny-kjv",
+        "deepseek-v3",
+        "deepseek-v2-group",
+        "mixtral-base",
+        "qwen3-moe",
+        "dbrx",
+    ] {
         assert!(
-            report.rows.iter().any(|r| r.case.starts_with(&format!("{name} "))),
+            report
+                .rows
+                .iter()
+                .any(|r| r.case.starts_with(&format!("{name} "))),
             "no emulated model case for {name}"
         );
     }

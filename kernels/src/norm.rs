@@ -200,13 +200,19 @@ mod tests {
                 .map(|r| {
                     let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 3.0;
                     let d = (ms + eps as f64).sqrt();
-                    r.iter().zip(&ws).map(|(&v, &w)| v as f64 / d * w as f64).collect()
+                    r.iter()
+                        .zip(&ws)
+                        .map(|(&v, &w)| v as f64 / d * w as f64)
+                        .collect()
                 })
                 .collect()
         };
         let close = |got: &[Vec<f32>], want: &[Vec<f64>]| {
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-                assert!((*g as f64 - w).abs() < 1e-6 * w.abs().max(1.0), "{g} vs {w}");
+                assert!(
+                    (*g as f64 - w).abs() < 1e-6 * w.abs().max(1.0),
+                    "{g} vs {w}"
+                );
             }
             assert_eq!(got.iter().flatten().count(), 6);
         };
@@ -218,7 +224,10 @@ mod tests {
         let r = Tensor::new(&[[0.5f32, -2.0, 1.0], [4.0, 1.0, -0.5]], &Device::Cpu).unwrap();
         let (hsum, out) = add_rms_norm(&x, &r, &w, eps).unwrap();
         let hs = [[1.5f32, 0.0, 4.0], [4.0, 0.0, 0.0]];
-        assert_eq!(hsum.to_vec2::<f32>().unwrap(), hs.map(|r| r.to_vec()).to_vec());
+        assert_eq!(
+            hsum.to_vec2::<f32>().unwrap(),
+            hs.map(|r| r.to_vec()).to_vec()
+        );
         close(&out.to_vec2::<f32>().unwrap(), &formula(&hs));
     }
 }
