@@ -638,7 +638,7 @@ fn fuzz_command_line() {
             }) = moe::cli::Cli::try_parse_from(&argv)
             {
                 if a.plot.is_none() {
-                    if let Ok(out) = moe::analysis::compute(&a) {
+                    if let Ok(out) = moe::cli::analyze::compute(&a) {
                         let _ = serde_json::to_string(&out);
                     }
                 }

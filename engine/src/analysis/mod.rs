@@ -1,4 +1,4 @@
-//! `moe-run analyze`: exact parameter, memory, KV and FLOP accounting from a [`ModelConfig`]
+//! The cost model behind `moe-run analyze` (the command itself is `crate::cli::analyze`): exact parameter, memory, KV and FLOP accounting from a [`ModelConfig`]
 //! alone, roofline ceilings on named GPUs, the seed articles' rules of thumb against the exact
 //! figures, and a table of published claims.
 //!
@@ -21,8 +21,6 @@ pub mod roofline;
 /// cost model presents them.
 pub use crate::spec::{bytes, counts};
 
-use std::path::PathBuf;
-
 use serde::Serialize;
 
 pub use bytes::{storage, Precision, Storage};
@@ -34,50 +32,6 @@ pub use roofline::{ceiling, expected_experts_touched, Ceiling, PrecisionBytes};
 
 use crate::config::{FfnKind, ModelConfig};
 use crate::error::{Error, Result};
-
-/// `moe-run analyze` options.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct AnalyzeArgs {
-    /// A known model name (see configs/; no download), or ORG/NAME from the local HF cache.
-    #[arg(long, conflicts_with_all = ["config", "weights"])]
-    pub model: Option<String>,
-    /// A config.json file.
-    #[arg(long, conflicts_with = "weights")]
-    pub config: Option<PathBuf>,
-    /// A checkpoint directory (only its config.json is read).
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// A built-in GPU (rtx4090, rtx3090, a100, h100, h100-pcie, h200); default: all of them.
-    #[arg(long)]
-    pub gpu: Option<String>,
-    /// Any other GPU: memory bandwidth in GB/s (with --memory).
-    #[arg(long, requires = "memory", conflicts_with = "gpu", value_parser = crate::units::positive)]
-    pub bandwidth: Option<f64>,
-    /// Any other GPU: memory in GiB (with --bandwidth).
-    #[arg(long, requires = "bandwidth", value_parser = crate::units::positive)]
-    pub memory: Option<f64>,
-    /// Any other GPU: dense bf16 tensor peak in TFLOPS, for the prefill ceiling (tf32 = half).
-    #[arg(long, requires = "bandwidth", value_parser = crate::units::positive)]
-    pub tflops: Option<f64>,
-    /// Context length for the KV cache, the attention FLOPs and the decode ceiling (1 to 2^26).
-    #[arg(long, default_value_t = 4096, value_parser = crate::units::context)]
-    pub context: u64,
-    /// Sequences decoded together: expected experts touched per layer and tokens/s (1 to 2^20).
-    #[arg(long, default_value_t = 1, value_parser = crate::units::batch)]
-    pub batch: u64,
-    /// Print the table of published parameter claims (no model needed).
-    #[arg(long)]
-    pub claims: bool,
-    /// Print one JSON object instead of tables.
-    #[arg(long)]
-    pub json: bool,
-    /// Draw total vs active parameters and the decode ceilings to FILE.svg or FILE.png.
-    #[arg(long, value_name = "FILE")]
-    pub plot: Option<PathBuf>,
-    /// Replace an existing --plot file.
-    #[arg(long)]
-    pub force: bool,
-}
 
 /// A short description of the architecture, for the report header.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -219,40 +173,6 @@ fn architecture(cfg: &ModelConfig) -> Architecture {
     }
 }
 
-/// The config `analyze` reads: a known name, a repo in the local HF cache, a config.json or
-/// a checkpoint directory ([`crate::loader::ModelRef`]). Returns a display name and the parsed
-/// config.
-pub fn resolve_config(a: &AnalyzeArgs) -> Result<Option<(String, ModelConfig)>> {
-    crate::loader::ModelRef::resolve(
-        a.model.as_deref(),
-        a.weights.as_deref(),
-        a.config.as_deref(),
-    )
-    .map(|r| r.config())
-    .transpose()
-}
-
-/// The GPUs to report on: `--gpu`, or `--bandwidth/--memory`, or every built-in one.
-pub fn selected_gpus(a: &AnalyzeArgs) -> Result<Vec<Gpu>> {
-    if let (Some(bw), Some(mem)) = (a.bandwidth, a.memory) {
-        if !(bw > 0.0 && mem > 0.0) {
-            return Err(Error::Input(
-                "--bandwidth and --memory must be positive".into(),
-            ));
-        }
-        return Ok(vec![Gpu::custom(bw, mem, a.tflops)]);
-    }
-    match &a.gpu {
-        None => Ok(builtin_gpus()),
-        Some(name) => find_gpu(name).map(|g| vec![g]).ok_or_else(|| {
-            Error::Input(format!(
-                "unknown GPU {name:?}; built in: {} (or give --bandwidth GB/s --memory GiB)",
-                gpus::gpu_names().join(", ")
-            ))
-        }),
-    }
-}
-
 /// What `moe-run analyze` prints: the report (if a model was given), the claims (if asked).
 #[derive(Debug, Clone, Serialize)]
 pub struct Output {
@@ -262,66 +182,27 @@ pub struct Output {
     pub claims: Option<Vec<ClaimRow>>,
 }
 
-/// Computes what the arguments ask for (no printing, no files).
-pub fn compute(a: &AnalyzeArgs) -> Result<Output> {
-    if a.context == 0 || a.batch == 0 {
-        return Err(Error::Input(
-            "--context and --batch must be at least 1".into(),
-        ));
-    }
-    let model = resolve_config(a)?;
-    if model.is_none() && !a.claims {
-        return Err(Error::Input(
-            "give --model NAME (e.g. mixtral-8x7b), --config PATH or --weights DIR, or --claims"
-                .into(),
-        ));
-    }
-    let gpus = selected_gpus(a)?;
-    let report = model.map(|(name, cfg)| analyze(&name, &cfg, a.context, a.batch, &gpus));
-    Ok(Output {
-        report,
-        claims: a.claims.then(claims_table),
-    })
-}
-
-/// `moe-run analyze`: compute, print (text or JSON), and draw the plot if asked.
-pub fn run(a: &AnalyzeArgs) -> Result<()> {
-    if let Some(path) = &a.plot {
-        let mut inputs = crate::fsio::Inputs::new();
-        for p in a.config.iter().chain(&a.weights) {
-            inputs = inputs.with(p);
-        }
-        crate::fsio::check_output(path, "--plot", &inputs, a.force)?;
-    }
-    let out = compute(a)?;
-    if let Some(path) = &a.plot {
-        let Some(report) = &out.report else {
+/// The GPUs to report on: a custom one (bandwidth GB/s, memory GiB, optional TFLOPS), a built-in one by
+/// name, or every built-in one.
+pub fn select_gpus(
+    custom: Option<(f64, f64, Option<f64>)>,
+    name: Option<&str>,
+) -> Result<Vec<Gpu>> {
+    if let Some((bw, mem, tflops)) = custom {
+        if !(bw > 0.0 && mem > 0.0) {
             return Err(Error::Input(
-                "--plot needs a model (--model, --config or --weights)".into(),
+                "--bandwidth and --memory must be positive".into(),
             ));
-        };
-        plot::plot(report, path)?;
-        if !a.json {
-            eprintln!("wrote {}", path.display());
         }
+        return Ok(vec![Gpu::custom(bw, mem, tflops)]);
     }
-    let text = if a.json {
-        serde_json::to_string(&out).map_err(|e| Error::io("stdout", std::io::Error::other(e)))?
-    } else {
-        let mut s = String::new();
-        if let Some(r) = &out.report {
-            s.push_str(&render::report_text(
-                r,
-                a.gpu.is_some() || a.bandwidth.is_some(),
-            ));
-        }
-        if let Some(c) = &out.claims {
-            if !s.is_empty() {
-                s.push('\n');
-            }
-            s.push_str(&render::claims_text(c));
-        }
-        s
-    };
-    crate::fsio::print(&(text + "\n"))
+    match name {
+        None => Ok(builtin_gpus()),
+        Some(name) => find_gpu(name).map(|g| vec![g]).ok_or_else(|| {
+            Error::Input(format!(
+                "unknown GPU {name:?}; built in: {} (or give --bandwidth GB/s --memory GiB)",
+                gpus::gpu_names().join(", ")
+            ))
+        }),
+    }
 }

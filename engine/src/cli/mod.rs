@@ -14,6 +14,8 @@
     )
 )]
 
+pub mod analyze;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,7 +53,7 @@ pub enum Cmd {
     Logits(LogitsArgs),
     /// Exact parameter, memory, KV and FLOP accounting from the config alone, decode/prefill
     /// ceilings on GPUs, the seed articles' formulas and --claims (no weights needed).
-    Analyze(crate::analysis::AnalyzeArgs),
+    Analyze(analyze::AnalyzeArgs),
     /// Measure prefill/decode tokens/s and memory next to `analyze`'s predictions and the
     /// roofline; --random-weights builds any known model from its config; --sweep
     /// experts|topk|batch on a small random Mixtral.
@@ -196,7 +198,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Some(Cmd::Logits(a)) => logits(a),
-        Some(Cmd::Analyze(a)) => crate::analysis::run(&a),
+        Some(Cmd::Analyze(a)) => analyze::run(&a),
         Some(Cmd::Bench(a)) => crate::bench::run(&a),
         Some(Cmd::Quantize(a)) => quantize(a),
         Some(Cmd::Selftest(a)) => selftest(a),
