@@ -66,7 +66,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
     };
     let d_bos = f.token_ids("bos_token_id")?;
     Ok(ModelConfig {
-        model_type: "dbrx".into(),
+        model_type: String::new(), // set from the family table (`ModelConfig::from_json_str`)
         vocab_size: f.usize("vocab_size")?,
         hidden_size: hidden,
         num_heads: heads,

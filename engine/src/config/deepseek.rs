@@ -146,13 +146,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
     if variant == Variant::Dots1 && f.opt_bool("use_sliding_window")?.unwrap_or(false) {
         return bad("use_sliding_window = true is not supported yet".into());
     }
-    let model_type = match variant {
-        Variant::V2 => "deepseek_v2",
-        Variant::V3 => "deepseek_v3",
-        Variant::Dots1 => "dots1",
-    };
     Ok(ModelConfig {
-        model_type: model_type.into(),
+        model_type: String::new(), // set from the family table (`ModelConfig::from_json_str`)
         vocab_size: f.usize("vocab_size")?,
         hidden_size: hidden,
         num_heads: heads,

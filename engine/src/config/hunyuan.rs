@@ -71,7 +71,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         .collect();
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(2048);
     Ok(ModelConfig {
-        model_type: "hunyuan_v1_moe".into(), // both spellings load with the same names
+        model_type: String::new(), // set from the family table (`ModelConfig::from_json_str`)
         vocab_size: d.vocab,
         hidden_size: d.hidden,
         num_heads: d.heads,

@@ -23,7 +23,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
     };
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096 * 32);
     Ok(ModelConfig {
-        model_type: "mixtral".into(),
+        model_type: String::new(), // set from the family table (`ModelConfig::from_json_str`)
         vocab_size: d.vocab,
         hidden_size: d.hidden,
         num_heads: d.heads,

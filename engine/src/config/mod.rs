@@ -19,6 +19,7 @@ mod deepseek;
 mod fields;
 mod hunyuan;
 mod mixtral;
+pub mod naming;
 mod olmoe;
 mod qwen_moe;
 pub mod registry;
@@ -29,27 +30,104 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+pub use naming::Naming;
+
 pub(crate) use fields::Fields;
 pub use fields::{MAX_FIELD, MAX_LAYERS, MAX_PARAMS};
 
-/// The `model_type` values this build understands.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
-    "mixtral",
-    "dbrx",
-    "qwen3_moe",
-    "qwen2_moe",
-    "olmoe",
-    "hunyuan_v1_moe",
-    "hunyuan",
-    "deepseek_v2",
-    "deepseek_v3",
-    "dots1",
+/// One supported architecture: the `model_type` values that select it, how its config.json
+/// parses and how its checkpoint names its tensors.
+pub struct Family {
+    /// The `model_type` every config of this family carries once parsed.
+    pub model_type: &'static str,
+    /// Other spellings of `model_type` that select this family (read as `model_type`).
+    pub aliases: &'static [&'static str],
+    /// config.json -> [`ModelConfig`] (its `model_type` is set from this row).
+    parse: fn(&Value, &Path) -> Result<ModelConfig>,
+    /// The checkpoint's tensor names (read by the loader).
+    pub naming: &'static Naming,
+}
+
+/// THE `model_type` table: parsing, checkpoint naming and the supported list all come from it,
+/// so a family is added here once.
+pub const FAMILIES: &[Family] = &[
+    Family {
+        model_type: "mixtral",
+        aliases: &[],
+        parse: mixtral::parse,
+        naming: &naming::MIXTRAL,
+    },
+    Family {
+        model_type: "dbrx",
+        aliases: &[],
+        parse: dbrx::parse,
+        naming: &naming::DBRX,
+    },
+    Family {
+        model_type: "qwen3_moe",
+        aliases: &[],
+        parse: |raw, path| qwen_moe::parse(raw, path, qwen_moe::Variant::Qwen3),
+        naming: &naming::QWEN,
+    },
+    Family {
+        model_type: "qwen2_moe",
+        aliases: &[],
+        parse: |raw, path| qwen_moe::parse(raw, path, qwen_moe::Variant::Qwen2),
+        naming: &naming::QWEN,
+    },
+    Family {
+        model_type: "olmoe",
+        aliases: &[],
+        parse: olmoe::parse,
+        naming: &naming::QWEN,
+    },
+    Family {
+        model_type: "hunyuan_v1_moe",
+        // The release-time remote-code spelling; both load with the same names.
+        aliases: &["hunyuan"],
+        parse: hunyuan::parse,
+        naming: &naming::HUNYUAN,
+    },
+    Family {
+        model_type: "deepseek_v2",
+        aliases: &[],
+        parse: |raw, path| deepseek::parse(raw, path, deepseek::Variant::V2),
+        naming: &naming::DEEPSEEK,
+    },
+    Family {
+        model_type: "deepseek_v3",
+        aliases: &[],
+        parse: |raw, path| deepseek::parse(raw, path, deepseek::Variant::V3),
+        naming: &naming::DEEPSEEK,
+    },
+    Family {
+        model_type: "dots1",
+        aliases: &[],
+        parse: |raw, path| deepseek::parse(raw, path, deepseek::Variant::Dots1),
+        naming: &naming::DEEPSEEK,
+    },
 ];
+
+/// The family a `model_type` (or one of its aliases) selects.
+pub fn family(model_type: &str) -> Option<&'static Family> {
+    FAMILIES
+        .iter()
+        .find(|f| f.model_type == model_type || f.aliases.contains(&model_type))
+}
+
+/// Every `model_type` this build understands, aliases after their family's name.
+pub fn supported_model_types() -> Vec<&'static str> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| std::iter::once(f.model_type).chain(f.aliases.iter().copied()))
+        .collect()
+}
 
 /// Everything the engine needs to know about a decoder-only MoE transformer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// HF `model_type`, e.g. "mixtral". Selects the checkpoint naming map in the loader.
+    /// The family's HF `model_type`, e.g. "mixtral" (an alias such as "hunyuan" reads as its
+    /// family's name): selects the checkpoint naming through [`family`].
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -262,23 +340,16 @@ impl ModelConfig {
                 ))
             }
         };
-        let cfg = match model_type.as_str() {
-            "mixtral" => mixtral::parse(&raw, path)?,
-            "dbrx" => dbrx::parse(&raw, path)?,
-            "qwen3_moe" => qwen_moe::parse(&raw, path, qwen_moe::Variant::Qwen3)?,
-            "qwen2_moe" => qwen_moe::parse(&raw, path, qwen_moe::Variant::Qwen2)?,
-            "olmoe" => olmoe::parse(&raw, path)?,
-            "hunyuan_v1_moe" | "hunyuan" => hunyuan::parse(&raw, path)?,
-            "deepseek_v2" => deepseek::parse(&raw, path, deepseek::Variant::V2)?,
-            "deepseek_v3" => deepseek::parse(&raw, path, deepseek::Variant::V3)?,
-            "dots1" => deepseek::parse(&raw, path, deepseek::Variant::Dots1)?,
-            _ => {
-                return Err(Error::UnsupportedModelType {
-                    path: path.to_path_buf(),
-                    model_type,
-                    supported: SUPPORTED_MODEL_TYPES.to_vec(),
-                })
-            }
+        let Some(family) = family(&model_type) else {
+            return Err(Error::UnsupportedModelType {
+                path: path.to_path_buf(),
+                model_type,
+                supported: supported_model_types(),
+            });
+        };
+        let cfg = ModelConfig {
+            model_type: family.model_type.to_string(),
+            ..(family.parse)(&raw, path)?
         };
         cfg.validate(path)?;
         Ok(cfg)

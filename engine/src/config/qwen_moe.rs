@@ -77,9 +77,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             "use_sliding_window = true is not supported yet",
         ));
     }
-    let (model_type, default_theta, attn) = match variant {
+    let (default_theta, attn) = match variant {
         Variant::Qwen3 => (
-            "qwen3_moe",
             10_000.0,
             AttnConfig {
                 qk_norm: QkNorm::PerHeadBeforeRope,
@@ -87,7 +86,6 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             },
         ),
         Variant::Qwen2 => (
-            "qwen2_moe",
             10_000.0,
             AttnConfig {
                 qkv_bias: f.opt_bool("qkv_bias")?.unwrap_or(true),
@@ -97,7 +95,7 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
     };
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(32768);
     Ok(ModelConfig {
-        model_type: model_type.into(),
+        model_type: String::new(), // set from the family table (`ModelConfig::from_json_str`)
         vocab_size: d.vocab,
         hidden_size: d.hidden,
         num_heads: d.heads,

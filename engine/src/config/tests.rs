@@ -90,3 +90,53 @@ fn errors_name_the_problem() {
     .to_string();
     assert!(e.contains("longrope"), "{e}");
 }
+
+#[test]
+fn one_model_type_table() {
+    // The supported list (error messages) is the table's names, aliases after their family.
+    assert_eq!(
+        supported_model_types(),
+        [
+            "mixtral",
+            "dbrx",
+            "qwen3_moe",
+            "qwen2_moe",
+            "olmoe",
+            "hunyuan_v1_moe",
+            "hunyuan",
+            "deepseek_v2",
+            "deepseek_v3",
+            "dots1",
+        ]
+    );
+    // Every name selects exactly one family.
+    let all = supported_model_types();
+    for t in &all {
+        assert_eq!(all.iter().filter(|x| *x == t).count(), 1, "{t}");
+        assert!(family(t).is_some(), "{t}");
+    }
+    assert!(family("llama").is_none());
+    // A parsed config carries its family's name: an alias reads as the family.
+    let known = |n: &str| registry::find(n).unwrap().config_json;
+    let h = ModelConfig::from_json_str(known("hunyuan-a13b"), Path::new("h")).unwrap();
+    assert_eq!(h.model_type, "hunyuan_v1_moe");
+    for (name, want) in [
+        ("mixtral-8x7b", "mixtral"),
+        ("dbrx", "dbrx"),
+        ("qwen3-30b-a3b", "qwen3_moe"),
+        ("olmoe-1b-7b", "olmoe"),
+        ("deepseek-v2-lite", "deepseek_v2"),
+        ("deepseek-v3", "deepseek_v3"),
+        ("dots-llm1", "dots1"),
+    ] {
+        let c = ModelConfig::from_json_str(known(name), Path::new(name)).unwrap();
+        assert_eq!(c.model_type, want, "{name}");
+    }
+    let q2 = parse(
+        r#"{"model_type":"qwen2_moe","vocab_size":100,"hidden_size":64,"intermediate_size":96,
+        "moe_intermediate_size":32,"shared_expert_intermediate_size":64,"num_hidden_layers":2,
+        "num_attention_heads":4,"num_key_value_heads":2,"num_experts":8,"num_experts_per_tok":2}"#,
+    )
+    .unwrap();
+    assert_eq!(q2.model_type, "qwen2_moe");
+}

@@ -1,6 +1,7 @@
 //! Checkpoint loading: config.json + safetensors -> canonical [`ModelWeights`] -> [`Model`].
-//! Each family has a naming map here that turns its published tensor names into the canonical
-//! layout (stacked `[E, N, K]` experts); nothing downstream knows a checkpoint's naming.
+//! Each family's published tensor names (`config::naming`, chosen by the family table) are read
+//! here into the canonical layout (stacked `[E, N, K]` experts); nothing downstream knows a
+//! checkpoint's naming.
 
 // User input reaches this module: no unwrap/expect/panic/unchecked indexing outside tests
 // (checked by `cargo clippy`; a proven-safe exception carries its own `allow` and reason).
@@ -129,11 +130,11 @@ pub fn load_dir_weights(
     if record {
         ck.record_quantization();
     }
-    let Some(names) = naming::naming(&cfg.model_type) else {
+    let Some(names) = crate::config::family(&cfg.model_type).map(|f| f.naming) else {
         return Err(Error::UnsupportedModelType {
             path: config_path,
             model_type: cfg.model_type.clone(),
-            supported: crate::config::SUPPORTED_MODEL_TYPES.to_vec(),
+            supported: crate::config::supported_model_types(),
         });
     };
     let weights = naming::weights(&mut ck, &cfg, names, &opts)?;
@@ -146,11 +147,11 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     if opts.progress && std::io::stderr().is_terminal() {
         ck.show_progress();
     }
-    let Some(names) = naming::naming(&cfg.model_type) else {
+    let Some(names) = crate::config::family(&cfg.model_type).map(|f| f.naming) else {
         return Err(Error::UnsupportedModelType {
             path: "config.json".into(),
             model_type: cfg.model_type.clone(),
-            supported: crate::config::SUPPORTED_MODEL_TYPES.to_vec(),
+            supported: crate::config::supported_model_types(),
         });
     };
     // Refuse before allocating anything when analyze's prediction of the weights does not fit in

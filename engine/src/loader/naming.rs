@@ -1,11 +1,13 @@
-//! Each family's published tensor names, as data, and the one function that reads any of them
-//! into the canonical layout: fused q/k/v `[q+2kv, H]`, stacked experts `gate_up [E, 2F, H]`
-//! (gate rows then up rows) and `down [E, H, F]`, dense MLPs as `gate_up [2F, H]`, `down [H, F]`.
-//! Which optional tensors must exist (biases, QK-norms, shared experts) follows the config.
+//! The one function that reads any family's published tensor names ([`Naming`], chosen by the
+//! family table in `config`) into the canonical layout: fused q/k/v `[q+2kv, H]`, stacked experts
+//! `gate_up [E, 2F, H]` (gate rows then up rows) and `down [E, H, F]`, dense MLPs as
+//! `gate_up [2F, H]`, `down [H, F]`. Which optional tensors must exist (biases, QK-norms, shared
+//! experts) follows the config.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::{Checkpoint, LoadOptions};
+use crate::config::naming::{AttnNames as Attn, ExpertNames as Experts, Naming};
 use crate::config::{
     FfnKind, MlaConfig, ModelConfig, MoeConfig, QkNorm, RouterKind, SharedExperts,
 };
@@ -67,146 +69,6 @@ fn lin(
 /// [`lin`] for a single tensor.
 fn lin1(ck: &mut Checkpoint, name: &str, shape: &[usize], o: &LoadOptions) -> Result<Weight> {
     lin(ck, &[(name.to_string(), shape.to_vec())], shape, o)
-}
-
-enum Attn {
-    /// `{q,k,v,o}` projection names without `.weight` (biases are `.bias`).
-    Separate {
-        q: &'static str,
-        k: &'static str,
-        v: &'static str,
-        o: &'static str,
-    },
-    /// One `[q+2kv, H]` projection (DBRX `Wqkv`).
-    Fused { qkv: &'static str, o: &'static str },
-}
-
-enum Experts {
-    /// `{prefix}.{e}.{gate|up|down}.weight`, each `[F, H]` / `[F, H]` / `[H, F]`.
-    PerExpert {
-        prefix: &'static str,
-        gate: &'static str,
-        up: &'static str,
-        down: &'static str,
-    },
-    /// DBRX: `w1`, `v1`, `w2` each `[E*F, H]`; expert e is rows e*F..(e+1)*F and `w2` is the
-    /// down projection transposed.
-    Fused {
-        w1: &'static str,
-        v1: &'static str,
-        w2: &'static str,
-    },
-}
-
-/// Where one family keeps each weight. Layer names are relative to `{layer_prefix}{i}.`.
-pub(super) struct Naming {
-    embed: &'static str,
-    final_norm: &'static str,
-    lm_head: &'static str,
-    layer_prefix: &'static str,
-    attn_norm: &'static str,
-    ffn_norm: &'static str,
-    attn: Attn,
-    q_norm: &'static str,
-    k_norm: &'static str,
-    router: &'static str,
-    experts: Experts,
-    /// Shared-expert MLP prefix (`{shared}.{gate,up,down}_proj`) and its sigmoid gate.
-    shared: &'static str,
-    shared_gate: &'static str,
-    /// Dense-layer MLP prefix (`{dense}.{gate,up,down}_proj`).
-    dense: &'static str,
-    /// The selection bias of sigmoid routers (`[E]`, f32).
-    score_bias: &'static str,
-}
-
-const LLAMA_ATTN: Attn = Attn::Separate {
-    q: "self_attn.q_proj",
-    k: "self_attn.k_proj",
-    v: "self_attn.v_proj",
-    o: "self_attn.o_proj",
-};
-
-const QWEN_EXPERTS: Experts = Experts::PerExpert {
-    prefix: "mlp.experts",
-    gate: "gate_proj",
-    up: "up_proj",
-    down: "down_proj",
-};
-
-/// Qwen2/3-MoE, OLMoE (and the DeepSeek family's MoE parts).
-const QWEN: Naming = Naming {
-    embed: "model.embed_tokens.weight",
-    final_norm: "model.norm.weight",
-    lm_head: "lm_head.weight",
-    layer_prefix: "model.layers.",
-    attn_norm: "input_layernorm.weight",
-    ffn_norm: "post_attention_layernorm.weight",
-    attn: LLAMA_ATTN,
-    q_norm: "self_attn.q_norm.weight",
-    k_norm: "self_attn.k_norm.weight",
-    router: "mlp.gate.weight",
-    experts: QWEN_EXPERTS,
-    shared: "mlp.shared_expert",
-    shared_gate: "mlp.shared_expert_gate.weight",
-    dense: "mlp",
-    score_bias: "mlp.gate.e_score_correction_bias",
-};
-
-/// DeepSeek-V2/V3 and dots.llm1 (MLA names are fixed, see `mla`).
-const DEEPSEEK: Naming = Naming {
-    shared: "mlp.shared_experts",
-    ..QWEN
-};
-
-const MIXTRAL: Naming = Naming {
-    router: "block_sparse_moe.gate.weight",
-    experts: Experts::PerExpert {
-        prefix: "block_sparse_moe.experts",
-        gate: "w1",
-        up: "w3",
-        down: "w2",
-    },
-    ..QWEN
-};
-
-const HUNYUAN: Naming = Naming {
-    q_norm: "self_attn.query_layernorm.weight",
-    k_norm: "self_attn.key_layernorm.weight",
-    router: "mlp.gate.wg.weight",
-    shared: "mlp.shared_mlp",
-    ..QWEN
-};
-
-const DBRX: Naming = Naming {
-    embed: "transformer.wte.weight",
-    final_norm: "transformer.norm_f.weight",
-    lm_head: "lm_head.weight",
-    layer_prefix: "transformer.blocks.",
-    attn_norm: "norm_attn_norm.norm_1.weight",
-    ffn_norm: "norm_attn_norm.norm_2.weight",
-    attn: Attn::Fused {
-        qkv: "norm_attn_norm.attn.Wqkv",
-        o: "norm_attn_norm.attn.out_proj",
-    },
-    router: "ffn.router.layer.weight",
-    experts: Experts::Fused {
-        w1: "ffn.experts.mlp.w1",
-        v1: "ffn.experts.mlp.v1",
-        w2: "ffn.experts.mlp.w2",
-    },
-    ..QWEN
-};
-
-pub(super) fn naming(model_type: &str) -> Option<&'static Naming> {
-    Some(match model_type {
-        "mixtral" => &MIXTRAL,
-        "qwen3_moe" | "qwen2_moe" | "olmoe" => &QWEN,
-        "hunyuan_v1_moe" => &HUNYUAN,
-        "dbrx" => &DBRX,
-        "deepseek_v2" | "deepseek_v3" | "dots1" => &DEEPSEEK,
-        _ => return None,
-    })
 }
 
 /// Reads every weight `cfg` calls for under `names`, validating names, shapes and dtypes.
