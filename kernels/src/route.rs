@@ -17,7 +17,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, check_dtype, host, same_device};
+use crate::common::{check_act, check_dtype, grid_dim, host, same_device, suffix};
+use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "moe_route";
 
@@ -114,6 +115,9 @@ pub fn moe_route(
         }
         _ => None,
     };
+    if crate::launch::runs_kernels(logits.device()) {
+        return run_plan(logits, router, top_k, bias, n, e);
+    }
     match logits.device() {
         Device::Cpu => {
             let scores: Vec<f32> = host(&logits.to_dtype(DType::F32)?)?;
@@ -124,8 +128,6 @@ pub fn moe_route(
                 Tensor::from_vec(w, (n, top_k), &Device::Cpu)?,
             ))
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda_route(logits, router, top_k, bias, n, e),
         d => bail!("{OP}: unsupported device {:?}", d.location()),
     }
 }
@@ -259,27 +261,14 @@ fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-#[cfg(feature = "cuda")]
-fn cuda_route(
-    logits: &Tensor,
-    router: Router,
-    top_k: usize,
-    bias: Option<&Tensor>,
-    n: usize,
-    e: usize,
-) -> Result<(Tensor, Tensor)> {
-    use crate::common::cuda::{alloc_out, wrap};
-    use crate::cuda_util::{contiguous, module_key};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::Storage;
+/// Warps (tokens) per block of `moe_route_<dtype>` (ROUTE_WARPS in moe_route.cu).
+pub const ROUTE_WARPS: u32 = 4;
 
-    if !route_kernel_supports(router, e, top_k) {
-        bail!("{OP}: the CUDA kernel supports E <= {ROUTE_MAX_EXPERTS}, top_k <= {ROUTE_MAX_TOP_K} and n_group <= {ROUTE_MAX_GROUPS}, got E = {e}, top_k = {top_k}, {router:?}");
-    }
-    let (kind, n_group, topk_group, norm_mode, norm_p, scaling) = match router {
+/// The kernel's `kind`, `n_group`, `topk_group`, `norm_mode`, `norm_p` and `scaling` arguments for `router`.
+fn route_params(router: Router) -> (u32, u32, u32, u32, f32, f32) {
+    match router {
         Router::Softmax { norm_p } => match norm_p {
-            None => (0u32, 1u32, 1u32, 0u32, 1f32, 1f32),
+            None => (0, 1, 1, 0, 1.0, 1.0),
             Some(1.0) => (0, 1, 1, 1, 1.0, 1.0),
             Some(p) => (0, 1, 1, 2, p as f32, 1.0),
         },
@@ -301,87 +290,88 @@ fn cuda_route(
             1.0,
             scaling as f32,
         ),
-    };
-    let logits = logits.contiguous()?;
-    let (st, l) = logits.storage_and_layout();
-    let Storage::Cuda(cs) = &*st else {
-        bail!("{OP}: logits are not on a CUDA device")
-    };
-    let dev = cs.device.clone();
-    let ids = alloc_out::<u32>(&dev, n * top_k)?;
-    let weights = alloc_out::<f32>(&dev, n * top_k)?;
-    if n > 0 {
-        let bias_c = bias.map(|b| b.contiguous()).transpose()?;
-        let bias_guard = bias_c.as_ref().map(|b| b.storage_and_layout());
-        const WARPS: usize = 4; // ROUTE_WARPS in moe_route.cu
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(WARPS) as u32, 1, 1),
-            block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let m = &crate::ptx::MOE_ROUTE;
-        let fn_name = match &cs.slice {
-            CudaStorageSlice::F32(_) => "moe_route_f32",
-            CudaStorageSlice::BF16(_) => "moe_route_bf16",
-            CudaStorageSlice::F16(_) => "moe_route_f16",
-            _ => bail!("{OP}: logits must be f32, bf16 or f16"),
-        };
-        let func = dev.get_or_load_custom_func(fn_name, &module_key(m), m.ptx)?;
-        let mut b = func.builder();
-        let xv_f32;
-        let xv_bf16;
-        let xv_f16;
-        match &cs.slice {
-            CudaStorageSlice::F32(s) => {
-                xv_f32 = contiguous(s, l, OP, "logits")?;
-                b.arg(&xv_f32);
-            }
-            CudaStorageSlice::BF16(s) => {
-                xv_bf16 = contiguous(s, l, OP, "logits")?;
-                b.arg(&xv_bf16);
-            }
-            CudaStorageSlice::F16(s) => {
-                xv_f16 = contiguous(s, l, OP, "logits")?;
-                b.arg(&xv_f16);
-            }
-            _ => unreachable!("checked above"),
-        }
-        let bias_view;
-        let null = 0usize;
-        match &bias_guard {
-            Some((bst, bl)) => {
-                let Storage::Cuda(bcs) = &**bst else {
-                    bail!("{OP}: bias is not on a CUDA device")
-                };
-                bias_view = contiguous(bcs.as_cuda_slice::<f32>()?, bl, OP, "bias")?;
-                b.arg(&bias_view);
-            }
-            None => {
-                b.arg(&null);
-            }
-        }
-        b.arg(&ids);
-        b.arg(&weights);
-        candle_core::builder_arg!(
-            b,
-            n as u32,
-            e as u32,
-            top_k as u32,
-            kind,
-            n_group,
-            topk_group,
-            norm_mode,
-            norm_p,
-            scaling
-        );
-        // SAFETY: argument order and types match `moe_route_<dtype>`; the kernel writes all N*K ids and
-        // weights and reads N*E logits and E bias values.
-        unsafe { b.launch(cfg) }.w()?;
     }
-    Ok((
-        wrap(CudaStorageSlice::U32(ids), &dev, (n, top_k)),
-        wrap(CudaStorageSlice::F32(weights), &dev, (n, top_k)),
-    ))
+}
+
+/// The launch of `moe_route_<dtype>` on `logits [N, E]`: one warp per token, [`ROUTE_WARPS`] tokens per block.
+/// Inputs `logits` and, for [`Router::SigmoidBiasGrouped`], `bias` (the kernel gets a null pointer otherwise);
+/// outputs `ids [N, K]` u32 and `weights [N, K]` f32. An error where the kernel's limits are exceeded.
+pub fn route_plan(dtype: DType, n: usize, e: usize, router: Router, top_k: usize) -> Result<Plan> {
+    if !route_kernel_supports(router, e, top_k) {
+        bail!("{OP}: the CUDA kernel supports E <= {ROUTE_MAX_EXPERTS}, top_k <= {ROUTE_MAX_TOP_K} and n_group <= {ROUTE_MAX_GROUPS}, got E = {e}, top_k = {top_k}, {router:?}");
+    }
+    let has_bias = matches!(router, Router::SigmoidBiasGrouped { .. });
+    let inputs: &[&'static str] = if has_bias {
+        &["logits", "bias"]
+    } else {
+        &["logits"]
+    };
+    let mut p = Plan::new(OP, inputs);
+    let ids = p.out("ids", DType::U32, (n, top_k));
+    let weights = p.out("weights", DType::F32, (n, top_k));
+    let bias = if has_bias {
+        Arg::Buf(Buf::In(1))
+    } else {
+        Arg::Null
+    };
+    let (kind, n_group, topk_group, norm_mode, norm_p, scaling) = route_params(router);
+    let tokens = u32::try_from(n).map_err(|_| {
+        candle_core::Error::Msg(format!("{OP}: {n} tokens exceed the kernel's u32 count"))
+    })?;
+    // SAFETY (of the executor's launch): argument order and types match `moe_route_<dtype>`; the kernel writes
+    // all N*K ids and weights and reads N*E logits and E bias values (bias only for kind 2).
+    p.launch(
+        "moe_route",
+        format!("moe_route_{}", suffix(dtype)?),
+        [
+            grid_dim(
+                OP,
+                "token blocks",
+                n.div_ceil(ROUTE_WARPS as usize),
+                u32::MAX >> 1,
+            )?,
+            1,
+            1,
+        ],
+        [32 * ROUTE_WARPS, 1, 1],
+        vec![
+            Arg::Buf(Buf::In(0)),
+            bias,
+            ids,
+            weights,
+            Arg::U32(tokens),
+            Arg::U32(e as u32),
+            Arg::U32(top_k as u32),
+            Arg::U32(kind),
+            Arg::U32(n_group),
+            Arg::U32(topk_group),
+            Arg::U32(norm_mode),
+            Arg::F32(norm_p),
+            Arg::F32(scaling),
+        ],
+    );
+    Ok(p)
+}
+
+fn run_plan(
+    logits: &Tensor,
+    router: Router,
+    top_k: usize,
+    bias: Option<&Tensor>,
+    n: usize,
+    e: usize,
+) -> Result<(Tensor, Tensor)> {
+    let plan = route_plan(logits.dtype(), n, e, router, top_k)?;
+    let mut outs = match bias {
+        Some(b) if plan.inputs.len() == 2 => plan.run(&[logits, b])?,
+        _ => plan.run(&[logits])?,
+    };
+    let weights = outs.pop();
+    let ids = outs.pop();
+    match (ids, weights) {
+        (Some(ids), Some(weights)) => Ok((ids, weights)),
+        _ => bail!("{OP}: the plan returned too few outputs"),
+    }
 }
 
 #[cfg(test)]
@@ -411,6 +401,83 @@ mod tests {
             scaling: 1.0,
         };
         assert!(!route_kernel_supports(grouped, 256, 8));
+    }
+
+    #[test]
+    fn plan_geometry() {
+        use Arg::{F32, U32};
+        let src = include_str!("../cuda/moe_route.cu");
+        assert!(src.contains(&format!("#define ROUTE_WARPS {ROUTE_WARPS}\n")));
+        assert!(src.contains("__launch_bounds__(32 * ROUTE_WARPS)"));
+        // 7 tokens, 4 per block: a partial last block (its idle warps exit together).
+        let p = route_plan(DType::BF16, 7, 64, Router::Softmax { norm_p: Some(2.0) }, 4).unwrap();
+        assert_eq!(p.inputs, vec!["logits"]);
+        assert_eq!(
+            p.outs
+                .iter()
+                .map(|a| (a.name, a.dtype, a.shape.dims().to_vec()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("ids", DType::U32, vec![7, 4]),
+                ("weights", DType::F32, vec![7, 4])
+            ]
+        );
+        assert_eq!(p.launches.len(), 1);
+        let l = &p.launches[0];
+        assert_eq!(
+            (l.module, l.entry.as_str()),
+            ("moe_route", "moe_route_bf16")
+        );
+        assert_eq!((l.grid, l.block), ([2, 1, 1], [128, 1, 1]));
+        assert_eq!(
+            l.args,
+            vec![
+                Arg::Buf(Buf::In(0)),
+                Arg::Null,
+                Arg::Buf(Buf::Out(0)),
+                Arg::Buf(Buf::Out(1)),
+                U32(7),
+                U32(64),
+                U32(4),
+                U32(0),
+                U32(1),
+                U32(1),
+                U32(2),
+                F32(2.0),
+                F32(1.0)
+            ]
+        );
+        // The sigmoid router reads its bias; 8 tokens fill exactly two blocks.
+        let v3 = Router::SigmoidBiasGrouped {
+            n_group: 8,
+            topk_group: 4,
+            renormalize: true,
+            scaling: 2.5,
+        };
+        let p = route_plan(DType::F32, 8, 256, v3, 8).unwrap();
+        assert_eq!(p.inputs, vec!["logits", "bias"]);
+        let l = &p.launches[0];
+        assert_eq!((l.entry.as_str(), l.grid), ("moe_route_f32", [2, 1, 1]));
+        assert_eq!(l.args[1], Arg::Buf(Buf::In(1)));
+        assert_eq!(
+            &l.args[4..],
+            &[
+                U32(8),
+                U32(256),
+                U32(8),
+                U32(2),
+                U32(8),
+                U32(4),
+                U32(1),
+                F32(1.0),
+                F32(2.5)
+            ]
+        );
+        // No tokens: no launch, empty outputs; past the kernel's limits: an error.
+        let p = route_plan(DType::F16, 0, 16, Router::Softmax { norm_p: None }, 2).unwrap();
+        assert!(p.launches.is_empty());
+        assert_eq!(p.outs[0].shape.dims(), &[0, 2]);
+        assert!(route_plan(DType::F32, 1, 384, Router::Softmax { norm_p: None }, 8).is_err());
     }
 
     #[test]
