@@ -22,7 +22,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, check_dtype, host, same_device, Elem};
+use crate::common::{check_act, check_dtype, grid_dim, host, same_device, suffix, Elem};
+use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "moe_experts";
 
@@ -58,7 +59,6 @@ pub fn expert_path(rows_per_expert_max: usize, avg_rows_per_expert: f64) -> Expe
 }
 
 /// Warps per block of the tensor-core GEMM entries (`MMA_WARPS` in `cuda/moe_experts.cu`).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const MMA_WARPS: u32 = 4;
 
 /// Whether the GEMM path of `dtype` runs the tensor-core (WMMA) entries `moe_{gate_up,down}_mma_*` on a build
@@ -86,8 +86,8 @@ pub fn expert_path_for(tokens: usize, top_k: usize, num_experts: usize) -> Exper
     expert_path(tokens, avg)
 }
 
-/// Runs every expert over its rows; returns `out [R, H]` (module docs). `path` picks the CUDA kernels
-/// (`None`: [`expert_path_for`] with N = `x`'s rows, K = R / N); the CPU always runs the reference.
+/// Runs every expert over its rows; returns `out [R, H]` (module docs). `path` picks the kernels (`None`:
+/// [`expert_path_for`] with N = `x`'s rows, K = R / N); the CPU runs the reference unless the emulator is on.
 pub fn moe_experts(
     x: &Tensor,
     row_token: &Tensor,
@@ -97,7 +97,23 @@ pub fn moe_experts(
     down: &Tensor,
     path: Option<ExpertPath>,
 ) -> Result<Tensor> {
-    let d = Dims::check(x, row_token, counts, offsets, gate_up, down)?;
+    moe_experts_with(x, row_token, counts, offsets, gate_up, down, path, true)
+}
+
+/// [`moe_experts`], with `tensor_cores = false` keeping the FMA GEMM entries for bf16/f16 even where the target
+/// has tensor cores (the self-test covers both).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts_with(
+    x: &Tensor,
+    row_token: &Tensor,
+    counts: &Tensor,
+    offsets: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    path: Option<ExpertPath>,
+    tensor_cores: bool,
+) -> Result<Tensor> {
+    let d = ExpertsDims::check(x, row_token, counts, offsets, gate_up, down)?;
     same_device(
         OP,
         &[
@@ -109,6 +125,15 @@ pub fn moe_experts(
             ("down", down),
         ],
     )?;
+    if crate::launch::runs_kernels(x.device()) {
+        let path = path.unwrap_or_else(|| expert_path_for(d.n, d.r / d.n.max(1), d.e));
+        let arch = if tensor_cores {
+            kernel_arch(x.device())
+        } else {
+            None
+        };
+        return run_plan(x, row_token, counts, offsets, gate_up, down, path, arch, d);
+    }
     match x.device() {
         Device::Cpu => {
             let rt = host::<u32>(row_token)?;
@@ -121,7 +146,7 @@ pub fn moe_experts(
                 rt: &[u32],
                 c: &[u32],
                 o: &[u32],
-                d: Dims,
+                d: ExpertsDims,
             ) -> Result<Tensor> {
                 let out = experts_reference::<T>(
                     &host(x)?,
@@ -142,32 +167,21 @@ pub fn moe_experts(
                 _ => run::<half::f16>(x, gate_up, down, &rt, &c, &o, d),
             }
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => {
-            let path = match path {
-                Some(p) => p,
-                None => expert_path_for(d.n, d.r / d.n.max(1), d.e),
-            };
-            cuda_experts(x, row_token, counts, offsets, gate_up, down, path, d)
-        }
-        dv => {
-            let _ = path;
-            bail!("{OP}: unsupported device {:?}", dv.location())
-        }
+        dv => bail!("{OP}: unsupported device {:?}", dv.location()),
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-#[allow(dead_code)] // `e` is read by the CUDA launcher only
-struct Dims {
-    n: usize,
-    h: usize,
-    f: usize,
-    e: usize,
-    r: usize,
+/// The sizes of one `moe_experts` call: N tokens, H hidden, F expert ffn width, E experts, R dispatched rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertsDims {
+    pub n: usize,
+    pub h: usize,
+    pub f: usize,
+    pub e: usize,
+    pub r: usize,
 }
 
-impl Dims {
+impl ExpertsDims {
     fn check(
         x: &Tensor,
         row_token: &Tensor,
@@ -214,7 +228,7 @@ impl Dims {
         {
             bail!("{OP}: sizes exceed the kernels' u32 indices");
         }
-        Ok(Dims { n, h, f, e, r })
+        Ok(ExpertsDims { n, h, f, e, r })
     }
 }
 
@@ -271,9 +285,112 @@ pub fn experts_reference<T: Elem>(
     Ok(out)
 }
 
-#[cfg(feature = "cuda")]
+/// Warps per block of the GEMV entries (`GEMV_WARPS` in `cuda/moe_experts.cu`).
+const GEMV_WARPS: u32 = 8;
+/// Rows per tile of the GEMM entries (`TILE_M`), f columns per gate_up tile (`GU_TILE_F`), h columns per down
+/// tile (`DN_TILE_H`), threads per block of the FMA GEMM entries (their `__launch_bounds__`).
+const TILE_M: usize = 64;
+const GU_TILE_F: u32 = 32;
+const DN_TILE_H: u32 = 64;
+const GEMM_THREADS: u32 = 256;
+
+/// The target whose kernel choice ([`mma_entry`]) the emulator follows: a Hopper build, so the tensor-core
+/// entries run there for bf16/f16 as they would on the GPU.
+pub const EMU_ARCH: &str = "sm_90";
+
+/// The architecture the kernels on `device` were built for: the PTX's on CUDA, [`EMU_ARCH`] on the CPU (the
+/// emulator).
+pub fn kernel_arch(device: &Device) -> Option<&'static str> {
+    if device.is_cuda() {
+        crate::cuda_arch()
+    } else {
+        Some(EMU_ARCH)
+    }
+}
+
+/// The launches of `moe_experts` for `dtype` on a build for `arch` ([`mma_entry`] picks the GEMM kernels):
+/// `moe_gate_up_<kind>_<dtype>` into the scratch `act [R, F]`, then `moe_down_<kind>_<dtype>` into `out [R, H]`.
+/// Inputs `x`, `row_token`, `counts`, `offsets`, `gate_up`, `down`; grid.y is one block per active expert
+/// (GEMV, `min(E, R)`) or per row tile (GEMM, `ceil(R / 64) + min(E, R)`), at most 65535. Pure.
+pub fn experts_plan(
+    dtype: DType,
+    d: ExpertsDims,
+    path: ExpertPath,
+    arch: Option<&str>,
+) -> Result<Plan> {
+    let sfx = suffix(dtype)?;
+    let active = d.e.min(d.r);
+    let tiles = d.r.div_ceil(TILE_M) + active;
+    let y = grid_dim(
+        OP,
+        "row tiles",
+        match path {
+            ExpertPath::Gemm => tiles,
+            ExpertPath::Gemv => active,
+        },
+        65535,
+    )?;
+    let mut p = Plan::new(
+        OP,
+        &["x", "row_token", "counts", "offsets", "gate_up", "down"],
+    );
+    let out = p.out("out", dtype, (d.r, d.h));
+    let act = p.tmp("act", dtype, d.r * d.f);
+    if d.r == 0 || d.h == 0 || d.f == 0 {
+        return Ok(p);
+    }
+    let (kind, threads, gu_cols, dn_cols) = match path {
+        ExpertPath::Gemv => ("gemv", 32 * GEMV_WARPS, GEMV_WARPS, GEMV_WARPS),
+        // Tensor cores (WMMA, 4 warps) for bf16/f16 where the target has them.
+        ExpertPath::Gemm if mma_entry(dtype, arch) => ("mma", 32 * MMA_WARPS, GU_TILE_F, DN_TILE_H),
+        ExpertPath::Gemm => ("gemm", GEMM_THREADS, GU_TILE_F, DN_TILE_H),
+    };
+    let x_blocks = |n: usize, cols: u32| {
+        grid_dim(
+            OP,
+            "column blocks",
+            n.div_ceil(cols as usize),
+            u32::MAX >> 1,
+        )
+    };
+    let (e, h, f) = (
+        Arg::U32(d.e as u32),
+        Arg::U32(d.h as u32),
+        Arg::U32(d.f as u32),
+    );
+    let input = |i| Arg::Buf(Buf::In(i));
+    // moe_gate_up_<kind>_<dtype>: reads x [N,H], R row tokens, E counts, E+1 offsets, gate_up [E,2F,H]; writes the
+    // act rows of live dispatched rows (< R by the dispatch).
+    p.launch(
+        "moe_experts",
+        format!("moe_gate_up_{kind}_{sfx}"),
+        [x_blocks(d.f, gu_cols)?, y, 1],
+        [threads, 1, 1],
+        vec![
+            input(0),
+            input(1),
+            input(2),
+            input(3),
+            input(4),
+            act,
+            e,
+            h,
+            f,
+        ],
+    );
+    // moe_down_<kind>_<dtype>: reads act [R,F], counts, offsets, down [E,H,F]; writes out [R,H] (live rows).
+    p.launch(
+        "moe_experts",
+        format!("moe_down_{kind}_{sfx}"),
+        [x_blocks(d.h, dn_cols)?, y, 1],
+        [threads, 1, 1],
+        vec![act, input(2), input(3), input(5), out, e, h, f],
+    );
+    Ok(p)
+}
+
 #[allow(clippy::too_many_arguments)]
-fn cuda_experts(
+fn run_plan(
     x: &Tensor,
     row_token: &Tensor,
     counts: &Tensor,
@@ -281,112 +398,16 @@ fn cuda_experts(
     gate_up: &Tensor,
     down: &Tensor,
     path: ExpertPath,
-    d: Dims,
+    arch: Option<&str>,
+    d: ExpertsDims,
 ) -> Result<Tensor> {
-    use crate::common::cuda::{alloc_out, wrap};
-    use crate::common::cuda_act::ActView;
-    use crate::cuda_util::{contiguous, module_key};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::Storage;
-
-    let (x, row_token, counts, offsets, gate_up, down) = (
-        x.contiguous()?,
-        row_token.contiguous()?,
-        counts.contiguous()?,
-        offsets.contiguous()?,
-        gate_up.contiguous()?,
-        down.contiguous()?,
-    );
-    let guards =
-        [&x, &row_token, &counts, &offsets, &gate_up, &down].map(|t| t.storage_and_layout());
-    let mut cs = Vec::with_capacity(6);
-    for (st, l) in &guards {
-        let Storage::Cuda(c) = &**st else {
-            bail!("{OP}: an input is not on a CUDA device")
-        };
-        cs.push((c, *l));
-    }
-    let dev = cs[0].0.device.clone();
-    let xv = ActView::new(cs[0].0, cs[0].1, OP, "x")?;
-    let rtv = contiguous(cs[1].0.as_cuda_slice::<u32>()?, cs[1].1, OP, "row_token")?;
-    let cv = contiguous(cs[2].0.as_cuda_slice::<u32>()?, cs[2].1, OP, "counts")?;
-    let ov = contiguous(cs[3].0.as_cuda_slice::<u32>()?, cs[3].1, OP, "offsets")?;
-    let guv = ActView::new(cs[4].0, cs[4].1, OP, "gate_up")?;
-    let dnv = ActView::new(cs[5].0, cs[5].1, OP, "down")?;
-    let sfx = xv.suffix();
-    let m = &crate::ptx::MOE_EXPERTS;
-    let (e32, h32, f32_) = (d.e as u32, d.h as u32, d.f as u32);
-    // grid.y is one block per row tile (GEMM) or active expert (GEMV): the launch limit is 65535.
-    let y = match path {
-        ExpertPath::Gemm => d.r.div_ceil(64) + d.e.min(d.r),
-        ExpertPath::Gemv => d.e.min(d.r),
-    };
-    if y > 65535 {
-        bail!(
-            "{OP}: {y} row tiles exceed the grid's 65535 (R = {} rows)",
-            d.r
-        );
-    }
-
-    macro_rules! run_dtype {
-        ($ty:ty, $variant:ident) => {{
-            let act = alloc_out::<$ty>(&dev, d.r * d.f)?;
-            let out = alloc_out::<$ty>(&dev, d.r * d.h)?;
-            if d.r > 0 && d.h > 0 && d.f > 0 {
-                const GEMV_WARPS: u32 = 8; // moe_experts.cu
-                const TILE_M: usize = 64;
-                let active = d.e.min(d.r) as u32;
-                let tiles = (d.r.div_ceil(TILE_M) + d.e.min(d.r)) as u32;
-                let (k1, k2, c1, c2) = match path {
-                    ExpertPath::Gemv => (
-                        format!("moe_gate_up_gemv_{sfx}"),
-                        format!("moe_down_gemv_{sfx}"),
-                        LaunchConfig { grid_dim: (f32_.div_ceil(GEMV_WARPS), active, 1), block_dim: (32 * GEMV_WARPS, 1, 1), shared_mem_bytes: 0 },
-                        LaunchConfig { grid_dim: (h32.div_ceil(GEMV_WARPS), active, 1), block_dim: (32 * GEMV_WARPS, 1, 1), shared_mem_bytes: 0 },
-                    ),
-                    ExpertPath::Gemm => {
-                        // Tensor cores (WMMA, 4 warps) for bf16/f16 where the target has them.
-                        let (kind, threads) = if mma_entry(x.dtype(), crate::cuda_arch()) { ("mma", 32 * MMA_WARPS) } else { ("gemm", 256) };
-                        (
-                            format!("moe_gate_up_{kind}_{sfx}"),
-                            format!("moe_down_{kind}_{sfx}"),
-                            LaunchConfig { grid_dim: (f32_.div_ceil(32), tiles, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 },
-                            LaunchConfig { grid_dim: (h32.div_ceil(64), tiles, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 },
-                        )
-                    }
-                };
-                let f1 = dev.get_or_load_custom_func(&k1, &module_key(m), m.ptx)?;
-                let mut b = f1.builder();
-                xv.push(&mut b);
-                b.arg(&rtv);
-                b.arg(&cv);
-                b.arg(&ov);
-                guv.push(&mut b);
-                b.arg(&act);
-                candle_core::builder_arg!(b, e32, h32, f32_);
-                // SAFETY: matches moe_gate_up_{gemv,gemm}_<dtype>: reads x [N,H], R row tokens, E counts,
-                // E+1 offsets, gate_up [E,2F,H]; writes act rows of live dispatched rows (< R by the dispatch).
-                unsafe { b.launch(c1) }.w()?;
-                let f2 = dev.get_or_load_custom_func(&k2, &module_key(m), m.ptx)?;
-                let mut b = f2.builder();
-                b.arg(&act);
-                b.arg(&cv);
-                b.arg(&ov);
-                dnv.push(&mut b);
-                b.arg(&out);
-                candle_core::builder_arg!(b, e32, h32, f32_);
-                // SAFETY: matches moe_down_{gemv,gemm}_<dtype>: reads act [R,F], down [E,H,F]; writes out [R,H].
-                unsafe { b.launch(c2) }.w()?;
-            }
-            drop(act);
-            Ok(wrap(CudaStorageSlice::$variant(out), &dev, (d.r, d.h)))
-        }};
-    }
-    match xv {
-        ActView::F32(_) => run_dtype!(f32, F32),
-        ActView::BF16(_) => run_dtype!(half::bf16, BF16),
-        ActView::F16(_) => run_dtype!(half::f16, F16),
+    let plan = experts_plan(x.dtype(), d, path, arch)?;
+    match plan
+        .run(&[x, row_token, counts, offsets, gate_up, down])?
+        .pop()
+    {
+        Some(out) => Ok(out),
+        None => bail!("{OP}: the plan returned no output"),
     }
 }
 
@@ -404,10 +425,100 @@ mod tests {
         assert!(!mma_entry(DType::F16, None));
         let src = include_str!("../cuda/moe_experts.cu");
         assert!(src.contains(&format!("#define MMA_WARPS {MMA_WARPS}\n")));
+        assert!(src.contains(&format!("#define GEMV_WARPS {GEMV_WARPS}\n")));
+        assert!(src.contains(&format!("#define TILE_M {TILE_M}\n")));
+        assert!(src.contains(&format!("#define GU_TILE_F {GU_TILE_F} ")));
+        assert!(src.contains(&format!("#define DN_TILE_H {DN_TILE_H}\n")));
+        assert!(src.contains(&format!(
+            "__launch_bounds__({GEMM_THREADS}) moe_gate_up_gemm_"
+        )));
         assert!(
             src.contains("MMA_ENTRIES(f16, __half)")
                 && src.contains("MMA_ENTRIES(bf16, __nv_bfloat16)")
         );
+    }
+
+    #[test]
+    fn plan_geometry() {
+        let input = |i| Arg::Buf(Buf::In(i));
+        let (act, out) = (Arg::Buf(Buf::Tmp(0)), Arg::Buf(Buf::Out(0)));
+        // 7 tokens top-2 over 8 experts: R = 14 rows, F = 37 and H = 129 leave partial column blocks.
+        let d = ExpertsDims {
+            n: 7,
+            h: 129,
+            f: 37,
+            e: 8,
+            r: 14,
+        };
+        let dims = [Arg::U32(8), Arg::U32(129), Arg::U32(37)];
+        let p = experts_plan(DType::F32, d, ExpertPath::Gemv, Some("sm_90")).unwrap();
+        assert_eq!(p.inputs.len(), 6);
+        assert_eq!(
+            (p.outs[0].shape.dims(), p.outs[0].dtype),
+            (&[14, 129][..], DType::F32)
+        );
+        assert_eq!(p.tmps[0].shape.elem_count(), 14 * 37);
+        let [gu, dn] = &p.launches[..] else {
+            panic!("{:?}", p.launches)
+        };
+        assert_eq!(
+            (gu.module, gu.entry.as_str()),
+            ("moe_experts", "moe_gate_up_gemv_f32")
+        );
+        assert_eq!((gu.grid, gu.block), ([5, 8, 1], [256, 1, 1]));
+        let mut want = vec![input(0), input(1), input(2), input(3), input(4), act];
+        want.extend(dims);
+        assert_eq!(gu.args, want);
+        assert_eq!(dn.entry, "moe_down_gemv_f32");
+        assert_eq!((dn.grid, dn.block), ([17, 8, 1], [256, 1, 1]));
+        let mut want = vec![act, input(2), input(3), input(5), out];
+        want.extend(dims);
+        assert_eq!(dn.args, want);
+        // GEMM: one block per 64-row tile plus one per active expert (a partial tile each), 32 f / 64 h columns.
+        for (dtype, arch, kind, threads) in [
+            (DType::BF16, Some("sm_90"), "mma_bf16", 128),
+            (DType::F16, Some("sm_75"), "mma_f16", 128),
+            (DType::BF16, Some("sm_75"), "gemm_bf16", 256),
+            (DType::BF16, None, "gemm_bf16", 256),
+            (DType::F32, Some("sm_90"), "gemm_f32", 256),
+        ] {
+            let p = experts_plan(dtype, d, ExpertPath::Gemm, arch).unwrap();
+            let [gu, dn] = &p.launches[..] else {
+                panic!("{:?}", p.launches)
+            };
+            assert_eq!(gu.entry, format!("moe_gate_up_{kind}"));
+            assert_eq!(dn.entry, format!("moe_down_{kind}"));
+            assert_eq!((gu.grid, dn.grid), ([2, 9, 1], [3, 9, 1]), "{kind}");
+            assert_eq!((gu.block, dn.block), ([threads, 1, 1], [threads, 1, 1]));
+            assert_eq!((gu.args.len(), dn.args.len()), (9, 8));
+        }
+        // 513 tokens top-4 over 16 experts: 33 row tiles + 16; F = 64 and H = 128 fill their column blocks.
+        let big = ExpertsDims {
+            n: 513,
+            h: 128,
+            f: 64,
+            e: 16,
+            r: 2052,
+        };
+        let p = experts_plan(DType::F16, big, ExpertPath::Gemm, Some("sm_90")).unwrap();
+        assert_eq!(
+            (p.launches[0].grid, p.launches[1].grid),
+            ([2, 49, 1], [2, 49, 1])
+        );
+        let p = experts_plan(DType::F16, big, ExpertPath::Gemv, Some("sm_90")).unwrap();
+        assert_eq!(
+            (p.launches[0].grid, p.launches[1].grid),
+            ([8, 16, 1], [16, 16, 1])
+        );
+        // Nothing to do: the outputs, no launch. Too many row tiles for grid.y: an error.
+        let empty = ExpertsDims { r: 0, ..d };
+        let p = experts_plan(DType::F32, empty, ExpertPath::Gemm, None).unwrap();
+        assert!(p.launches.is_empty());
+        assert_eq!(p.outs[0].shape.dims(), &[0, 129]);
+        let huge = ExpertsDims { r: 64 * 65535, ..d };
+        assert!(experts_plan(DType::F32, huge, ExpertPath::Gemm, None).is_err());
+        assert!(experts_plan(DType::F32, huge, ExpertPath::Gemv, None).is_ok());
+        assert!(experts_plan(DType::U8, d, ExpertPath::Gemv, None).is_err());
     }
 
     #[test]

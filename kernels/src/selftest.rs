@@ -24,8 +24,8 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::dispatch::{check_dispatch, dispatch_reference, moe_dispatch};
 use crate::experts::{
-    experts_reference, moe_experts, ExpertPath, EXPERTS_NMSE_BF16, EXPERTS_NMSE_F16,
-    EXPERTS_NMSE_F32,
+    experts_reference, moe_experts, moe_experts_with, ExpertPath, EXPERTS_NMSE_BF16,
+    EXPERTS_NMSE_F16, EXPERTS_NMSE_F32,
 };
 use crate::norm::{
     add_rms_norm, rms_norm, rms_norm_reference, RMS_NORM_NMSE_BF16, RMS_NORM_NMSE_F16,
@@ -456,8 +456,14 @@ fn experts_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<
                 rounded(&dn0, dtype)?,
             );
             let want = reference_experts_f32(dtype, &x, &d, &gu, &dn, n, h, f)?;
-            for path in [ExpertPath::Gemv, ExpertPath::Gemm] {
-                let case = format!("{path:?} N={n} k={k} E={e} H={h} F={f} B={block}");
+            // bf16/f16 GEMM: the tensor-core entries where the target has them, and the FMA entries as well.
+            let fma = (dtype != DType::F32).then_some((ExpertPath::Gemm, false, "Gemm(fma)"));
+            let paths = [
+                (ExpertPath::Gemv, true, "Gemv"),
+                (ExpertPath::Gemm, true, "Gemm"),
+            ];
+            for (path, tensor_cores, name) in paths.into_iter().chain(fma) {
+                let case = format!("{name} N={n} k={k} E={e} H={h} F={f} B={block}");
                 let budget = experts_budget(dtype);
                 let r = (|| {
                     let xt = upload(&x, &[n, h], dtype, device)?;
@@ -467,7 +473,7 @@ fn experts_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<
                     let ct = Tensor::from_slice(&d.counts, e, device)?;
                     let ot = Tensor::from_slice(&d.offsets, e + 1, device)?;
                     let (out, time_us) = timed(device, || {
-                        moe_experts(&xt, &rt, &ct, &ot, &gt, &dt, Some(path))
+                        moe_experts_with(&xt, &rt, &ct, &ot, &gt, &dt, Some(path), tensor_cores)
                     })?;
                     let got = live_rows(&f32s(&out)?, &d.row_token, h);
                     Ok(Row {
