@@ -23,6 +23,7 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::common::{check_dtype, host};
+use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "moe_dispatch";
 
@@ -81,6 +82,9 @@ pub fn moe_dispatch(
     if r > u32::MAX as usize {
         bail!("{OP}: {r} rows exceed u32");
     }
+    if crate::launch::runs_kernels(ids.device()) {
+        return run_plan(ids, top_k, num_experts, block, s);
+    }
     match ids.device() {
         Device::Cpu => {
             let d = dispatch_reference(&host::<u32>(ids)?, top_k, num_experts, block)?;
@@ -92,8 +96,6 @@ pub fn moe_dispatch(
                 slot_row: Tensor::from_vec(d.slot_row, s, &dev)?,
             })
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda_dispatch(ids, top_k, num_experts, block, s, r),
         d => bail!("{OP}: unsupported device {:?}", d.location()),
     }
 }
@@ -198,58 +200,58 @@ pub fn check_dispatch(
     Ok(())
 }
 
-#[cfg(feature = "cuda")]
-fn cuda_dispatch(
-    ids: &Tensor,
-    top_k: usize,
-    e: usize,
-    block: usize,
-    s: usize,
-    r: usize,
-) -> Result<Dispatched> {
-    use crate::common::cuda::{alloc_out, wrap};
-    use crate::cuda_util::{contiguous, module_key};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::Storage;
-
+/// The launch of `moe_dispatch` on `S` ids over `E` experts padded to `block`: one block (its stride loops
+/// cover any sizes) of `max(S, R, E + 1)` threads rounded up to a warp, at most 1024 (`__launch_bounds__`).
+/// Input `ids`; outputs `counts [E]`, `offsets [E+1]`, `row_token [R]`, `slot_row [S]` (all u32). An error
+/// where E exceeds the kernel's shared-memory table or a size exceeds u32.
+pub fn dispatch_plan(s: usize, top_k: usize, e: usize, block: usize) -> Result<Plan> {
     if e > DISPATCH_MAX_EXPERTS {
         bail!("{OP}: the CUDA kernel supports E <= {DISPATCH_MAX_EXPERTS}, got {e}");
     }
-    let ids = ids.contiguous()?;
-    let (st, l) = ids.storage_and_layout();
-    let Storage::Cuda(cs) = &*st else {
-        bail!("{OP}: ids are not on a CUDA device")
+    let r = dispatch_rows(s, e, block);
+    let u = |v: usize, what: &str| {
+        u32::try_from(v).map_err(|_| {
+            candle_core::Error::Msg(format!("{OP}: {what} = {v} exceeds the kernel's u32"))
+        })
     };
-    let dev = cs.device.clone();
-    let idv = contiguous(cs.as_cuda_slice::<u32>()?, l, OP, "ids")?;
-    let counts = alloc_out::<u32>(&dev, e)?;
-    let offsets = alloc_out::<u32>(&dev, e + 1)?;
-    let row_token = alloc_out::<u32>(&dev, r)?;
-    let slot_row = alloc_out::<u32>(&dev, s)?;
-    let m = &crate::ptx::MOE_DISPATCH;
-    let func = dev.get_or_load_custom_func("moe_dispatch", &module_key(m), m.ptx)?;
+    let sizes = [
+        u(s, "S")?,
+        u(top_k, "top_k")?,
+        u(e, "E")?,
+        u(block, "block")?,
+        u(r, "R")?,
+    ];
+    let mut p = Plan::new(OP, &["ids"]);
+    let counts = p.out("counts", DType::U32, e);
+    let offsets = p.out("offsets", DType::U32, e + 1);
+    let row_token = p.out("row_token", DType::U32, r);
+    let slot_row = p.out("slot_row", DType::U32, s);
     let threads = s.max(r).max(e + 1).next_multiple_of(32).min(1024) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
+    let mut args = vec![Arg::Buf(Buf::In(0)), counts, offsets, row_token, slot_row];
+    args.extend(sizes.map(Arg::U32));
+    // SAFETY (of the executor's launch): argument order and types match `moe_dispatch`; it writes E counts,
+    // E+1 offsets, R row_token and S slot_row entries (one block, stride loops) and reads S ids.
+    p.launch(
+        "moe_dispatch",
+        "moe_dispatch".to_string(),
+        [1, 1, 1],
+        [threads, 1, 1],
+        args,
+    );
+    Ok(p)
+}
+
+fn run_plan(ids: &Tensor, top_k: usize, e: usize, block: usize, s: usize) -> Result<Dispatched> {
+    let plan = dispatch_plan(s, top_k, e, block)?;
+    let outs = plan.run(&[ids])?;
+    let Ok([counts, offsets, row_token, slot_row]) = <[Tensor; 4]>::try_from(outs) else {
+        bail!("{OP}: the plan returned the wrong number of outputs")
     };
-    let mut b = func.builder();
-    b.arg(&idv);
-    b.arg(&counts);
-    b.arg(&offsets);
-    b.arg(&row_token);
-    b.arg(&slot_row);
-    candle_core::builder_arg!(b, s as u32, top_k as u32, e as u32, block as u32, r as u32);
-    // SAFETY: argument order and types match `moe_dispatch`; it writes E counts, E+1 offsets, R row_token and
-    // S slot_row entries (one block, stride loops) and reads S ids.
-    unsafe { b.launch(cfg) }.w()?;
     Ok(Dispatched {
-        counts: wrap(CudaStorageSlice::U32(counts), &dev, e),
-        offsets: wrap(CudaStorageSlice::U32(offsets), &dev, e + 1),
-        row_token: wrap(CudaStorageSlice::U32(row_token), &dev, r),
-        slot_row: wrap(CudaStorageSlice::U32(slot_row), &dev, s),
+        counts,
+        offsets,
+        row_token,
+        slot_row,
     })
 }
 
@@ -280,6 +282,65 @@ mod tests {
         bad.row_token[0] = 2;
         assert!(check_dispatch(&ids, 2, 4, 1, &bad).is_err());
         assert!(dispatch_reference(&[4], 1, 4, 1).is_err());
+    }
+
+    #[test]
+    fn plan_geometry() {
+        let src = include_str!("../cuda/moe_dispatch.cu");
+        assert!(src.contains(&format!("#define DISPATCH_MAX_E {DISPATCH_MAX_EXPERTS}\n")));
+        assert!(src.contains("__launch_bounds__(1024)"));
+        let shape = |p: &Plan| {
+            p.outs
+                .iter()
+                .map(|a| (a.name, a.shape.dims().to_vec()))
+                .collect::<Vec<_>>()
+        };
+        // Decode, top-8 over 256 experts: E + 1 = 257 threads rounded up to a warp.
+        let p = dispatch_plan(8, 8, 256, 1).unwrap();
+        assert_eq!(p.inputs, vec!["ids"]);
+        assert_eq!(
+            shape(&p),
+            vec![
+                ("counts", vec![256]),
+                ("offsets", vec![257]),
+                ("row_token", vec![8]),
+                ("slot_row", vec![8])
+            ]
+        );
+        let l = &p.launches[0];
+        assert_eq!(
+            (l.module, l.entry.as_str()),
+            ("moe_dispatch", "moe_dispatch")
+        );
+        assert_eq!((l.grid, l.block), ([1, 1, 1], [288, 1, 1]));
+        assert_eq!(
+            l.args,
+            vec![
+                Arg::Buf(Buf::In(0)),
+                Arg::Buf(Buf::Out(0)),
+                Arg::Buf(Buf::Out(1)),
+                Arg::Buf(Buf::Out(2)),
+                Arg::Buf(Buf::Out(3)),
+                Arg::U32(8),
+                Arg::U32(8),
+                Arg::U32(256),
+                Arg::U32(1),
+                Arg::U32(8)
+            ]
+        );
+        // Padding: R = 7*2 + 3*15 = 59 rows -> 64 threads; a prefill past 1024 slots keeps 1024 threads.
+        let p = dispatch_plan(14, 2, 3, 16).unwrap();
+        assert_eq!(p.outs[2].shape.dims(), &[59]);
+        assert_eq!(p.launches[0].block, [64, 1, 1]);
+        assert_eq!(p.launches[0].args[9], Arg::U32(59));
+        assert_eq!(
+            dispatch_plan(4104, 8, 64, 1).unwrap().launches[0].block,
+            [1024, 1, 1]
+        );
+        // No slots still launches (counts and offsets are written) with a warp.
+        let p = dispatch_plan(0, 2, 4, 1).unwrap();
+        assert_eq!((p.launches.len(), p.launches[0].block), (1, [32, 1, 1]));
+        assert!(dispatch_plan(8, 8, DISPATCH_MAX_EXPERTS + 1, 1).is_err());
     }
 
     #[test]
