@@ -16,9 +16,11 @@
 //!   round-to-nearest-even conversion to the activation dtype; f32 results therefore match bit for bit;
 //! - a choice whose weight is exactly 0 is skipped and its row never read, so padding rows or rows of
 //!   dropped tokens may hold anything, even NaN;
-//! - a slot >= R is an error on the CPU; on CUDA it contributes nothing (checking would need a sync).
+//! - a slot >= R is an error on the CPU reference; the kernel (on CUDA, or the emulator) skips it (checking
+//!   would need a sync).
 
-use crate::common::Elem;
+use crate::common::{grid_dim, suffix, Elem};
+use crate::launch::{Arg, Buf, Plan};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -48,6 +50,14 @@ pub fn moe_combine(expert_out: &Tensor, slot_of: &Tensor, weights: &Tensor) -> R
     if d.t == 0 || d.h == 0 {
         return Tensor::zeros((d.t, d.h), expert_out.dtype(), expert_out.device());
     }
+    if crate::launch::runs_kernels(expert_out.device()) {
+        let plan = combine_plan(expert_out.dtype(), d.t, d.a, d.h, d.r)?;
+        let mut outs = plan.run(&[expert_out, slot_of, weights])?;
+        return match outs.pop() {
+            Some(out) => Ok(out),
+            None => bail!("{OP}: the plan returned no output"),
+        };
+    }
     expert_out.contiguous()?.apply_op3_no_bwd(
         &slot_of.contiguous()?,
         &weights.contiguous()?,
@@ -55,8 +65,9 @@ pub fn moe_combine(expert_out: &Tensor, slot_of: &Tensor, weights: &Tensor) -> R
     )
 }
 
-/// The candle op behind [`moe_combine`]. Applied directly it requires contiguous inputs (it reports an
-/// error otherwise) and T, H > 0 on CUDA.
+/// The CPU reference behind [`moe_combine`] as a candle op (CPU only: on CUDA, and on the CPU with the emulator
+/// on, [`moe_combine`] runs [`combine_plan`] instead). Applied directly it requires contiguous inputs (it reports
+/// an error otherwise) and always runs the reference.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MoeCombine;
 
@@ -198,123 +209,56 @@ impl CustomOp3 for MoeCombine {
         };
         Ok((out, Shape::from((d.t, d.h))))
     }
+}
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda_util::{contiguous, module_key};
-        use candle_core::cuda_backend::cudarc::driver::{
-            CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-        };
-        use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-        use candle_core::CudaDevice;
-
-        let d = Dims::check(
-            (s1.dtype(), l1.dims()),
-            (s2.dtype(), l2.dims()),
-            (s3.dtype(), l3.dims()),
-        )?;
-        let dev = s1.device();
-        let slot_of = contiguous(s2.as_cuda_slice::<u32>()?, l2, OP, "slot_of")?;
-        let weights = contiguous(s3.as_cuda_slice::<f32>()?, l3, OP, "weights")?;
-
-        fn launch<T: DeviceRepr>(
-            dev: &CudaDevice,
-            fn_name: &str,
-            x: &CudaSlice<T>,
-            lx: &Layout,
-            slot_of: &CudaView<'_, u32>,
-            weights: &CudaView<'_, f32>,
-            d: Dims,
-        ) -> Result<CudaSlice<T>> {
-            if d.t == 0 || d.h == 0 {
-                bail!(
-                    "{OP}: empty output [{}, {}]: use moe_combine(), which handles it",
-                    d.t,
-                    d.h
-                );
-            }
-            let x = contiguous(x, lx, OP, "expert_out")?;
-            let m = &crate::ptx::MOE_COMBINE;
-            let func = dev.get_or_load_custom_func(fn_name, &module_key(m), m.ptx)?;
-            // Work items per row: 16-byte vectors when H allows (the kernel re-checks alignment and falls
-            // back to scalars; its stride loops make any grid correct). 128 threads, and the grid's y
-            // dimension spreads one row over several blocks so decode (T = 1) is not a single block.
-            let per_vec = 16 / std::mem::size_of::<T>();
-            let work = if d.h.is_multiple_of(per_vec) {
-                d.h / per_vec
-            } else {
-                d.h
-            };
-            let threads = work.next_multiple_of(32).min(128);
-            let blocks_y = work.div_ceil(threads).min(65535);
-            let cfg = LaunchConfig {
-                grid_dim: (d.t as u32, blocks_y as u32, 1),
-                block_dim: (threads as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the kernel writes every one of the T*H elements.
-            let out = unsafe { dev.alloc::<T>(d.t * d.h)? };
-            let mut builder = func.builder();
-            builder.arg(&x);
-            builder.arg(slot_of);
-            builder.arg(weights);
-            builder.arg(&out);
-            // Slots are u32, so clamping R to u32::MAX changes nothing.
-            let r = d.r.min(u32::MAX as usize) as u32;
-            candle_core::builder_arg!(builder, d.a as u32, d.h as u32, r);
-            // SAFETY: argument types and order match `moe_combine_<dtype>` in cuda/moe_combine.cu; every
-            // index the kernel forms is < T*A (slots, weights), < R*H (expert_out) or < T*H (out).
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(out)
-        }
-
-        let slice = match &s1.slice {
-            CudaStorageSlice::F32(x) => CudaStorageSlice::F32(launch(
-                dev,
-                "moe_combine_f32",
-                x,
-                l1,
-                &slot_of,
-                &weights,
-                d,
-            )?),
-            CudaStorageSlice::BF16(x) => CudaStorageSlice::BF16(launch(
-                dev,
-                "moe_combine_bf16",
-                x,
-                l1,
-                &slot_of,
-                &weights,
-                d,
-            )?),
-            CudaStorageSlice::F16(x) => CudaStorageSlice::F16(launch(
-                dev,
-                "moe_combine_f16",
-                x,
-                l1,
-                &slot_of,
-                &weights,
-                d,
-            )?),
-            _ => bail!(
-                "{OP}: expert_out must be f32, bf16 or f16, got {:?}",
-                s1.dtype()
-            ),
-        };
-        let out = candle_core::CudaStorage {
-            slice,
-            device: dev.clone(),
-        };
-        Ok((out, Shape::from((d.t, d.h))))
+/// The launch of `moe_combine_<dtype>` on `expert_out [R, H]`, `slot_of [T*A]`, `weights [T, A]`: grid (T, Y),
+/// block B. A work item is a 16-byte vector when H is a multiple of its width (the kernel re-checks alignment and
+/// falls back to scalars; its stride loops make any grid correct), else one element; B = the items of a row
+/// rounded up to a warp, at most 128, and Y = ceil(items / B) (at most 65535) spreads a row over several blocks
+/// so decode (T = 1) is not a single block. Output `out [T, H]`. No launch when T*H = 0.
+pub fn combine_plan(dtype: DType, t: usize, a: usize, h: usize, r: usize) -> Result<Plan> {
+    let sfx = suffix(dtype)?;
+    let mut p = Plan::new(OP, &["expert_out", "slot_of", "weights"]);
+    let out = p.out("out", dtype, (t, h));
+    if t == 0 || h == 0 {
+        return Ok(p);
     }
+    let (Ok(a32), Ok(h32)) = (u32::try_from(a), u32::try_from(h)) else {
+        bail!("{OP}: A = {a} or H = {h} exceeds the kernel's u32");
+    };
+    let per_vec = 16 / dtype.size_in_bytes();
+    let work = if h.is_multiple_of(per_vec) {
+        h / per_vec
+    } else {
+        h
+    };
+    let threads = work.next_multiple_of(32).min(128);
+    let blocks_y = work.div_ceil(threads).min(65535);
+    // Slots are u32, so clamping R to u32::MAX changes nothing.
+    let r32 = r.min(u32::MAX as usize) as u32;
+    // SAFETY (of the executor's launch): argument types and order match `moe_combine_<dtype>` in
+    // cuda/moe_combine.cu; every index the kernel forms is < T*A (slots, weights), < R*H (expert_out) or < T*H
+    // (out), and it writes every one of the T*H elements.
+    p.launch(
+        "moe_combine",
+        format!("moe_combine_{sfx}"),
+        [
+            grid_dim(OP, "tokens", t, u32::MAX >> 1)?,
+            blocks_y as u32,
+            1,
+        ],
+        [threads as u32, 1, 1],
+        vec![
+            Arg::Buf(Buf::In(0)),
+            Arg::Buf(Buf::In(1)),
+            Arg::Buf(Buf::In(2)),
+            out,
+            Arg::U32(a32),
+            Arg::U32(h32),
+            Arg::U32(r32),
+        ],
+    );
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -559,6 +503,62 @@ mod tests {
         let w = Tensor::zeros((2, 0), DType::F32, &dev).unwrap();
         let out = moe_combine(&x, &s, &w).unwrap();
         assert_eq!(out.to_vec2::<f32>().unwrap(), vec![vec![0.0; 4]; 2]);
+    }
+
+    #[test]
+    fn plan_geometry() {
+        let geom = |dtype, t, a, h, r| {
+            let p = combine_plan(dtype, t, a, h, r).unwrap();
+            assert_eq!(p.inputs, vec!["expert_out", "slot_of", "weights"]);
+            assert_eq!((p.outs.len(), p.outs[0].dtype), (1, dtype));
+            assert_eq!(p.outs[0].shape.dims(), &[t, h]);
+            p.launches
+                .iter()
+                .map(|l| (l.entry.clone(), l.grid, l.block))
+                .collect::<Vec<_>>()
+        };
+        let one = |e: &str, grid, block| vec![(e.to_string(), grid, block)];
+        // Odd H: scalar items, a full block of 128 and a partial second one along y.
+        assert_eq!(
+            geom(DType::F32, 1, 8, 129, 8),
+            one("moe_combine_f32", [1, 2, 1], [128, 1, 1])
+        );
+        // H a multiple of 8 bf16: 4096 / 8 = 512 vectors over 4 blocks per token.
+        assert_eq!(
+            geom(DType::BF16, 7, 2, 4096, 14),
+            one("moe_combine_bf16", [7, 4, 1], [128, 1, 1])
+        );
+        // 24 f16 = 3 vectors: one warp; 24 f32 = 6 vectors.
+        assert_eq!(
+            geom(DType::F16, 3, 3, 24, 9),
+            one("moe_combine_f16", [3, 1, 1], [32, 1, 1])
+        );
+        assert_eq!(
+            geom(DType::F32, 3, 3, 24, 9),
+            one("moe_combine_f32", [3, 1, 1], [32, 1, 1])
+        );
+        // Very long rows: y is capped at 65535 (the stride loop covers the rest).
+        assert_eq!(
+            geom(DType::F32, 1, 1, 128 * 70000 + 1, 1)[0].1,
+            [1, 65535, 1]
+        );
+        // Empty outputs: nothing to launch.
+        assert!(geom(DType::F32, 0, 2, 8, 0).is_empty());
+        assert!(geom(DType::F32, 2, 2, 0, 4).is_empty());
+        let p = combine_plan(DType::BF16, 2, 3, 16, 7).unwrap();
+        assert_eq!(
+            p.launches[0].args,
+            vec![
+                Arg::Buf(Buf::In(0)),
+                Arg::Buf(Buf::In(1)),
+                Arg::Buf(Buf::In(2)),
+                Arg::Buf(Buf::Out(0)),
+                Arg::U32(3),
+                Arg::U32(16),
+                Arg::U32(7)
+            ]
+        );
+        assert!(combine_plan(DType::U32, 1, 1, 1, 1).is_err());
     }
 
     #[test]
