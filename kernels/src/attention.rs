@@ -20,7 +20,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, host, same_device, Elem};
+use crate::common::{check_act, grid_dim, host, same_device, suffix, Elem};
+use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "decode_attention";
 
@@ -77,6 +78,14 @@ pub fn decode_attention(
     }
     same_device(OP, &[("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])?;
     let dims = (b, h, kv, cap, d);
+    if crate::launch::runs_kernels(q.device()) {
+        let plan = decode_attention_plan(q.dtype(), dims, len, window, scale)?;
+        let mut outs = plan.run(&[q, k_cache, v_cache])?;
+        return match outs.pop() {
+            Some(out) => Ok(out),
+            None => bail!("{OP}: the plan returned no output"),
+        };
+    }
     match q.device() {
         Device::Cpu => {
             fn run<T: Elem>(
@@ -105,14 +114,13 @@ pub fn decode_attention(
                 _ => run::<half::f16>(q, k_cache, v_cache, dims, len, window, scale),
             }
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda_decode_attention(q, k_cache, v_cache, dims, len, window, scale),
         dev => bail!("{OP}: unsupported device {:?}", dev.location()),
     }
 }
 
 /// The specification. `q [B*H*D]`, `k`, `v [B*KV*CAP*D]`, `dims = (B, H, KV, CAP, D)`; returns `[B*H*D]`.
-/// Reads only rows `window_start(len, window)..len` of the caches.
+/// Reads only rows `window_start(len, window)..len` of the caches. That range must not be empty (the op
+/// requires len >= 1 and a window >= 1): over no keys every output would be 0 / 0 = NaN.
 pub fn decode_attention_reference<T: Elem>(
     q: &[T],
     k: &[T],
@@ -155,108 +163,102 @@ pub fn decode_attention_reference<T: Elem>(
     out
 }
 
-#[cfg(feature = "cuda")]
-fn cuda_decode_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+/// Threads per block of both decode attention kernels (`DA_THREADS` in `cuda/decode_attention.cu`).
+pub const DECODE_ATTN_THREADS: u32 = 128;
+
+/// The launches of one decode attention step, `dims = (B, H, KV, CAP, D)`: `decode_attention_chunk_<dtype>` on
+/// grid (chunks, H, B), chunks = ceil((L - start) / [`DECODE_ATTN_CHUNK`]), writing f32 scratch partials
+/// `part_m`, `part_s [B, H, chunks]` and `part_o [B, H, chunks, D]`, then `decode_attention_reduce_<dtype>` on
+/// grid (H, B) combining them into `out [B, H, 1, D]`; both with [`DECODE_ATTN_THREADS`] threads. Inputs `q`,
+/// `k_cache`, `v_cache`. Nothing is launched when B*H*D = 0. An error for shapes past the kernel's limits and
+/// for an empty key range (`start == L`: a softmax over no keys is undefined; the op rejects it up front).
+pub fn decode_attention_plan(
+    dtype: DType,
     dims: (usize, usize, usize, usize, usize),
     len: usize,
     window: Option<usize>,
     scale: f32,
-) -> Result<Tensor> {
-    use crate::common::cuda::{alloc_out, wrap};
-    use crate::common::cuda_act::ActView;
-    use crate::cuda_util::module_key;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::Storage;
-
+) -> Result<Plan> {
     let (b, h, kv, cap, d) = dims;
+    let sfx = suffix(dtype)?;
+    if kv == 0 || h % kv != 0 {
+        bail!("{OP}: {h} query heads cannot share {kv} kv heads");
+    }
     if d > DECODE_ATTN_MAX_D {
         bail!("{OP}: the CUDA kernel takes head dims up to {DECODE_ATTN_MAX_D}, got {d}");
     }
-    if b > 65535 || h > 65535 {
-        bail!("{OP}: the CUDA grid takes B, H <= 65535, got B = {b}, H = {h}");
-    }
     let start = window_start(len, window);
+    if len > cap || start >= len {
+        bail!("{OP}: no key to attend to: keys {start}..{len} of a cache of {cap} rows (need 1 <= len <= cap and a window >= 1)");
+    }
     let chunks = (len - start).div_ceil(DECODE_ATTN_CHUNK);
-    let q = q.contiguous()?;
-    let k = k.contiguous()?;
-    let v = v.contiguous()?;
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cuda(qc), Storage::Cuda(kc), Storage::Cuda(vc)) = (&*qs, &*ks, &*vs) else {
-        bail!("{OP}: inputs are not on a CUDA device")
+    let u = |v: usize, what: &str| {
+        u32::try_from(v).map_err(|_| {
+            candle_core::Error::Msg(format!("{OP}: {what} = {v} exceeds the kernel's u32"))
+        })
     };
-    let dev = qc.device.clone();
-    let qv = ActView::new(qc, ql, OP, "q")?;
-    let kvw = ActView::new(kc, kl, OP, "k_cache")?;
-    let vv = ActView::new(vc, vl, OP, "v_cache")?;
-    let m = &crate::ptx::DECODE_ATTENTION;
-    let sfx = qv.suffix();
-    let chunk_fn = dev.get_or_load_custom_func(
-        &format!("decode_attention_chunk_{sfx}"),
-        &module_key(m),
-        m.ptx,
-    )?;
-    let reduce_fn = dev.get_or_load_custom_func(
-        &format!("decode_attention_reduce_{sfx}"),
-        &module_key(m),
-        m.ptx,
-    )?;
+    let (h32, kv32, cap32, d32) = (u(h, "H")?, u(kv, "KV")?, u(cap, "CAP")?, u(d, "D")?);
+    let (start32, len32) = (u(start, "start")?, u(len, "len")?);
+    let chunks32 = grid_dim(OP, "key chunks", chunks, u32::MAX >> 1)?;
+    let hy = grid_dim(OP, "heads", h, 65535)?;
+    let bz = grid_dim(OP, "sequences", b, 65535)?;
+    let mut p = Plan::new(OP, &["q", "k_cache", "v_cache"]);
+    let out = p.out("out", dtype, (b, h, 1, d));
+    if b * h * d == 0 {
+        return Ok(p);
+    }
     // Partials: max and exp-sum [B, H, chunks], unnormalised output [B, H, chunks, D], all f32.
-    let part_m = alloc_out::<f32>(&dev, b * h * chunks)?;
-    let part_s = alloc_out::<f32>(&dev, b * h * chunks)?;
-    let part_o = alloc_out::<f32>(&dev, b * h * chunks * d)?;
-    const THREADS: u32 = 128; // DA_THREADS in decode_attention.cu
-    let (b32, h32, kv32, cap32, d32) = (b as u32, h as u32, kv as u32, cap as u32, d as u32);
-    let (start32, len32, chunks32) = (start as u32, len as u32, chunks as u32);
-    macro_rules! run_dtype {
-        ($ty:ty, $variant:ident) => {{
-            let out = alloc_out::<$ty>(&dev, b * h * d)?;
-            if b * h * d > 0 {
-                let mut lb = chunk_fn.builder();
-                qv.push(&mut lb);
-                kvw.push(&mut lb);
-                vv.push(&mut lb);
-                lb.arg(&part_m);
-                lb.arg(&part_s);
-                lb.arg(&part_o);
-                candle_core::builder_arg!(lb, h32, kv32, cap32, d32, start32, len32, chunks32, scale);
-                let cfg = LaunchConfig {
-                    grid_dim: (chunks32, h32, b32),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: matches decode_attention_chunk_<dtype>: block (c, h, b) reads q [B,H,D] and cache
-                // rows start + c*CHUNK .. min(len, start + (c+1)*CHUNK) of kv head h / (H/KV), writes
-                // part_m/part_s [B,H,chunks] and part_o [B,H,chunks,D] at (b, h, c).
-                unsafe { lb.launch(cfg) }.w()?;
-                let mut rb = reduce_fn.builder();
-                rb.arg(&part_m);
-                rb.arg(&part_s);
-                rb.arg(&part_o);
-                rb.arg(&out);
-                candle_core::builder_arg!(rb, h32, d32, chunks32);
-                let cfg = LaunchConfig {
-                    grid_dim: (h32, b32, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: matches decode_attention_reduce_<dtype>: block (h, b) reads the chunk partials of
-                // (b, h) written above on the same stream and writes out [B,H,D] at (b, h).
-                unsafe { rb.launch(cfg) }.w()?;
-            }
-            Ok(wrap(CudaStorageSlice::$variant(out), &dev, (b, h, 1, d)))
-        }};
-    }
-    match qv {
-        ActView::F32(_) => run_dtype!(f32, F32),
-        ActView::BF16(_) => run_dtype!(half::bf16, BF16),
-        ActView::F16(_) => run_dtype!(half::f16, F16),
-    }
+    let part_m = p.tmp("part_m", DType::F32, b * h * chunks);
+    let part_s = p.tmp("part_s", DType::F32, b * h * chunks);
+    let part_o = p.tmp("part_o", DType::F32, b * h * chunks * d);
+    let (q, k, v) = (
+        Arg::Buf(Buf::In(0)),
+        Arg::Buf(Buf::In(1)),
+        Arg::Buf(Buf::In(2)),
+    );
+    // SAFETY (of the executor's launch): matches decode_attention_chunk_<dtype>: block (c, h, b) reads q [B,H,D]
+    // and cache rows start + c*CHUNK .. min(len, start + (c+1)*CHUNK) of kv head h / (H/KV), writes
+    // part_m/part_s [B,H,chunks] and part_o [B,H,chunks,D] at (b, h, c).
+    p.launch(
+        "decode_attention",
+        format!("decode_attention_chunk_{sfx}"),
+        [chunks32, hy, bz],
+        [DECODE_ATTN_THREADS, 1, 1],
+        vec![
+            q,
+            k,
+            v,
+            part_m,
+            part_s,
+            part_o,
+            Arg::U32(h32),
+            Arg::U32(kv32),
+            Arg::U32(cap32),
+            Arg::U32(d32),
+            Arg::U32(start32),
+            Arg::U32(len32),
+            Arg::U32(chunks32),
+            Arg::F32(scale),
+        ],
+    );
+    // SAFETY (of the executor's launch): matches decode_attention_reduce_<dtype>: block (h, b) reads the chunk
+    // partials of (b, h) written above on the same stream and writes out [B,H,D] at (b, h).
+    p.launch(
+        "decode_attention",
+        format!("decode_attention_reduce_{sfx}"),
+        [hy, bz, 1],
+        [DECODE_ATTN_THREADS, 1, 1],
+        vec![
+            part_m,
+            part_s,
+            part_o,
+            out,
+            Arg::U32(h32),
+            Arg::U32(d32),
+            Arg::U32(chunks32),
+        ],
+    );
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -269,12 +271,136 @@ mod tests {
         let src = include_str!("../cuda/decode_attention.cu");
         assert!(src.contains(&format!("#define DA_CHUNK {DECODE_ATTN_CHUNK}\n")));
         assert!(src.contains(&format!("#define DA_MAX_D {DECODE_ATTN_MAX_D}\n")));
-        assert!(src.contains("#define DA_THREADS 128\n")); // THREADS in cuda_decode_attention
+        assert!(src.contains(&format!("#define DA_THREADS {DECODE_ATTN_THREADS}\n")));
+        assert!(src.contains("__launch_bounds__(DA_THREADS)"));
         for dt in ["f32", "bf16", "f16"] {
             assert!(src.contains(&format!("DA_ENTRY({dt},")));
         }
         assert!(src.contains("decode_attention_chunk_##SUFFIX("));
         assert!(src.contains("decode_attention_reduce_##SUFFIX("));
+    }
+
+    #[test]
+    fn plan_geometry() {
+        let summary = |p: &Plan| {
+            p.launches
+                .iter()
+                .map(|l| (l.entry.clone(), l.grid, l.block))
+                .collect::<Vec<_>>()
+        };
+        let t = DECODE_ATTN_THREADS;
+        // B=2, H=12 over KV=4, 7 keys: one chunk per head.
+        let p = decode_attention_plan(DType::BF16, (2, 12, 4, 20, 128), 7, None, 0.5).unwrap();
+        assert_eq!(p.inputs, vec!["q", "k_cache", "v_cache"]);
+        assert_eq!(p.outs[0].shape.dims(), &[2, 12, 1, 128]);
+        assert_eq!(p.outs[0].dtype, DType::BF16);
+        assert_eq!(
+            p.tmps
+                .iter()
+                .map(|a| (a.name, a.dtype, a.shape.elem_count()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("part_m", DType::F32, 24),
+                ("part_s", DType::F32, 24),
+                ("part_o", DType::F32, 24 * 128)
+            ]
+        );
+        assert_eq!(
+            summary(&p),
+            vec![
+                (
+                    "decode_attention_chunk_bf16".to_string(),
+                    [1, 12, 2],
+                    [t, 1, 1]
+                ),
+                (
+                    "decode_attention_reduce_bf16".to_string(),
+                    [12, 2, 1],
+                    [t, 1, 1]
+                )
+            ]
+        );
+        let (m, s, o) = (
+            Arg::Buf(Buf::Tmp(0)),
+            Arg::Buf(Buf::Tmp(1)),
+            Arg::Buf(Buf::Tmp(2)),
+        );
+        assert_eq!(
+            p.launches[0].args,
+            vec![
+                Arg::Buf(Buf::In(0)),
+                Arg::Buf(Buf::In(1)),
+                Arg::Buf(Buf::In(2)),
+                m,
+                s,
+                o,
+                Arg::U32(12),
+                Arg::U32(4),
+                Arg::U32(20),
+                Arg::U32(128),
+                Arg::U32(0),
+                Arg::U32(7),
+                Arg::U32(1),
+                Arg::F32(0.5)
+            ]
+        );
+        assert_eq!(
+            p.launches[1].args,
+            vec![
+                m,
+                s,
+                o,
+                Arg::Buf(Buf::Out(0)),
+                Arg::U32(12),
+                Arg::U32(128),
+                Arg::U32(1)
+            ]
+        );
+        // 513 keys: two full chunks and a partial one of a single key.
+        let p = decode_attention_plan(DType::F32, (1, 7, 1, 600, 80), 513, None, 1.0).unwrap();
+        assert_eq!(p.launches[0].grid, [3, 7, 1]);
+        assert_eq!(p.tmps[2].shape.elem_count(), 7 * 3 * 80);
+        // A window of 257 over 513 keys starts at 256: 257 keys in 2 chunks; a window of 256 fits one.
+        let p = decode_attention_plan(DType::F16, (1, 7, 1, 600, 80), 513, Some(257), 1.0).unwrap();
+        assert_eq!(p.launches[0].grid, [2, 7, 1]);
+        assert_eq!(
+            &p.launches[0].args[10..13],
+            &[Arg::U32(256), Arg::U32(513), Arg::U32(2)]
+        );
+        let p = decode_attention_plan(DType::F16, (1, 7, 1, 600, 80), 513, Some(256), 1.0).unwrap();
+        assert_eq!(p.launches[0].grid, [1, 7, 1]);
+        // D = 0: nothing to compute, nothing launched.
+        let p = decode_attention_plan(DType::F32, (1, 2, 1, 4, 0), 3, None, 1.0).unwrap();
+        assert!(p.launches.is_empty() && p.tmps.is_empty());
+        // Past the kernel's limits.
+        let plan = |dims, len, window| decode_attention_plan(DType::F32, dims, len, window, 1.0);
+        assert!(plan((1, 2, 1, 8, DECODE_ATTN_MAX_D + 1), 3, None).is_err());
+        assert!(plan((1, 65536, 1, 8, 64), 3, None).is_err());
+        assert!(plan((65536, 2, 1, 8, 64), 3, None).is_err());
+        assert!(plan((1, 3, 2, 8, 64), 3, None).is_err());
+    }
+
+    #[test]
+    fn empty_key_range_is_an_error() {
+        // start == len (no cache yet, or a window of 0): a softmax over no keys. The reference would give
+        // 0 / 0 = NaN and the kernels would launch only the reduce (the chunk grid is empty) and give NaN too,
+        // so the op and the plan both reject it before anything runs (the engine's config already rejects a
+        // sliding window of 0, and its decode step always has len >= 1).
+        let plan =
+            |len, window| decode_attention_plan(DType::F32, (1, 2, 1, 8, 4), len, window, 1.0);
+        for (len, window) in [(0, None), (0, Some(4)), (3, Some(0)), (9, None)] {
+            let e = plan(len, window).unwrap_err().to_string();
+            assert!(e.contains("no key to attend to"), "{e}");
+        }
+        assert!(plan(1, Some(1)).is_ok() && plan(8, Some(1)).is_ok());
+        let q = Tensor::zeros((1, 2, 1, 4), DType::F32, &Device::Cpu).unwrap();
+        let k = Tensor::zeros((1, 1, 8, 4), DType::F32, &Device::Cpu).unwrap();
+        for (len, window) in [(0, None), (3, Some(0))] {
+            let e = decode_attention(&q, &k, &k, len, window, 1.0)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("need 1 <= len <= cap"), "{e}");
+        }
     }
 
     #[test]
