@@ -421,8 +421,8 @@ MMA_ENTRIES(bf16, __nv_bfloat16)
 #endif
 #endif  // __CUDA_ARCH__ >= 700
 
-#define EXPERTS_ENTRIES(SUFFIX, T)                                                                                \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS) moe_gate_up_gemv_##SUFFIX(                         \
+#define EXPERTS_ENTRIES(SUFFIX, T, ...)                                                                              \
+  extern "C" __global__ void __launch_bounds__(__VA_ARGS__) moe_gate_up_gemv_##SUFFIX(                         \
       const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts,       \
       const uint32_t* __restrict__ offsets, const T* __restrict__ gate_up, T* __restrict__ act, uint32_t E,       \
       uint32_t H, uint32_t F) {                                                                                   \
@@ -433,7 +433,7 @@ MMA_ENTRIES(bf16, __nv_bfloat16)
       const T* __restrict__ down, T* __restrict__ out, uint32_t E, uint32_t H, uint32_t F) {                      \
     down_gemv_impl<T>(act, counts, offsets, down, out, E, H, F);                                                  \
   }                                                                                                               \
-  extern "C" __global__ void __launch_bounds__(256) moe_gate_up_gemm_##SUFFIX(                                    \
+  extern "C" __global__ void __launch_bounds__(256, 4) moe_gate_up_gemm_##SUFFIX(                                    \
       const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts,       \
       const uint32_t* __restrict__ offsets, const T* __restrict__ gate_up, T* __restrict__ act, uint32_t E,       \
       uint32_t H, uint32_t F) {                                                                                   \
@@ -445,6 +445,10 @@ MMA_ENTRIES(bf16, __nv_bfloat16)
     down_gemm_impl<T>(act, counts, offsets, down, out, E, H, F);                                                  \
   }
 
-EXPERTS_ENTRIES(f32, float)
-EXPERTS_ENTRIES(bf16, __nv_bfloat16)
-EXPERTS_ENTRIES(f16, __half)
+// The trailing arguments are gate_up_gemv's __launch_bounds__. Register budgets (ptxas -v, sm_90 and sm_89, see
+// kernels/tools/resource-usage.sh): without a minimum-blocks hint ptxas squeezes the bf16/f16 GEMV and the gate_up
+// GEMM into 48 registers and spills a few bytes to local memory; 4 resident blocks (<= 64 registers) fits them
+// without spilling. The f32 GEMV keeps ptxas' own choice (80 registers, no spill).
+EXPERTS_ENTRIES(f32, float, 32 * GEMV_WARPS)
+EXPERTS_ENTRIES(bf16, __nv_bfloat16, 32 * GEMV_WARPS, 4)
+EXPERTS_ENTRIES(f16, __half, 32 * GEMV_WARPS, 4)
