@@ -188,8 +188,11 @@ pub fn decode_attention_plan(
         bail!("{OP}: the CUDA kernel takes head dims up to {DECODE_ATTN_MAX_D}, got {d}");
     }
     let start = window_start(len, window);
-    if len > cap || start >= len {
-        bail!("{OP}: no key to attend to: keys {start}..{len} of a cache of {cap} rows (need 1 <= len <= cap and a window >= 1)");
+    if len > cap {
+        bail!("{OP}: {len} keys exceed the cache's {cap} rows");
+    }
+    if start >= len {
+        bail!("{OP}: no key to attend to: keys {start}..{len} (need len >= 1 and a window >= 1)");
     }
     let chunks = (len - start).div_ceil(DECODE_ATTN_CHUNK);
     let u = |v: usize, what: &str| {
@@ -388,10 +391,14 @@ mod tests {
         // sliding window of 0, and its decode step always has len >= 1).
         let plan =
             |len, window| decode_attention_plan(DType::F32, (1, 2, 1, 8, 4), len, window, 1.0);
-        for (len, window) in [(0, None), (0, Some(4)), (3, Some(0)), (9, None)] {
+        for (len, window) in [(0, None), (0, Some(4)), (3, Some(0))] {
             let e = plan(len, window).unwrap_err().to_string();
             assert!(e.contains("no key to attend to"), "{e}");
         }
+        assert!(plan(9, None)
+            .unwrap_err()
+            .to_string()
+            .contains("exceed the cache"));
         assert!(plan(1, Some(1)).is_ok() && plan(8, Some(1)).is_ok());
         let q = Tensor::zeros((1, 2, 1, 4), DType::F32, &Device::Cpu).unwrap();
         let k = Tensor::zeros((1, 1, 8, 4), DType::F32, &Device::Cpu).unwrap();
