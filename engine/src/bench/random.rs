@@ -1,5 +1,6 @@
 //! Full-size canonical weights drawn from a seeded generator, from the config alone: no
-//! download, no disk. Used by `moe-run bench --random-weights`.
+//! download, no disk. Used by `moe-run bench --random-weights`. Which tensors, their shapes and
+//! classes are the tensor spec's (`spec::tensors`), in its order.
 //!
 //! Scales (chosen so activations stay O(1) and routing is non-degenerate):
 //! - every linear `[out, in]` (and each expert's) ~ N(0, 1/sqrt(in));
@@ -11,7 +12,7 @@
 //! [`CHUNK`] elements, chunk `c` from a generator seeded by (seed, i, c), so the values do not
 //! depend on the number of threads. Values are drawn in f32 and rounded to the dtype.
 //!
-//! With a quantization format, every tensor the format quantizes (`analysis::bytes::storage`:
+//! With a quantization format, every tensor the format quantizes (`spec::bytes::storage`:
 //! attention and MLP linears, experts; not MLA's kv_b, routers, embeddings, lm_head) is drawn
 //! directly packed, never as a dense tensor: uniform codes (int8 in -127..=127; int4 in 0..=15
 //! with zero-point 7.5) and one f16 scale per row or group chosen so the dequantized weights have
@@ -21,13 +22,13 @@
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
-use crate::config::{FfnKind, MlaConfig, ModelConfig, MoeConfig, QkNorm, RouterKind};
+use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::moe::MoeWeights;
-use crate::model::{
-    AttnWeights, FfnWeights, LayerWeights, MlaWeights, MlpWeights, ModelWeights, Weight,
-};
+use crate::model::assemble::build_weights;
+use crate::model::{ModelWeights, Weight};
 use crate::quant::{QFormat, QuantTensor};
+use crate::spec::bytes::Storage;
+use crate::spec::tensors::{Class, Role, TensorSpec};
 
 /// Elements per independently seeded chunk.
 pub const CHUNK: usize = 1 << 16;
@@ -153,18 +154,30 @@ impl Gen<'_> {
         Ok(t.to_device(self.device)?)
     }
 
-    /// A linear weight `[.., out, in]` ~ N(0, 1/sqrt(in)).
-    fn linear(&mut self, shape: &[usize]) -> Result<Tensor> {
-        let fan_in = *shape.last().expect("non-empty shape");
-        self.normal_as(shape, 1.0 / (fan_in as f64).sqrt(), self.dtype)
+    /// One tensor of the spec: a matrix (or stack of them) `[.., out, in]` ~ N(0, 1/sqrt(in)),
+    /// drawn packed when the quantization format applies to it; norm weights 1; biases 0.
+    fn tensor(&mut self, t: &TensorSpec) -> Result<Weight> {
+        let dtype = if t.f32 { DType::F32 } else { self.dtype };
+        let device = self.device;
+        match t.class {
+            Class::Norm => Ok(Tensor::ones(t.shape.as_slice(), dtype, device)?.into()),
+            Class::Bias | Class::Buffer => {
+                Ok(Tensor::zeros(t.shape.as_slice(), dtype, device)?.into())
+            }
+            Class::Lookup | Class::Linear | Class::Experts { .. } | Class::Tied => {
+                let fan_in = t.shape.last().copied().unwrap_or(1);
+                match (self.quant, t.storage()) {
+                    (Some(fmt), Storage::Quantized) => self.qlinear(&t.shape, fmt),
+                    _ => Ok(self
+                        .normal_as(&t.shape, 1.0 / (fan_in as f64).sqrt(), dtype)?
+                        .into()),
+                }
+            }
+        }
     }
 
-    /// A linear weight the quantization format applies to: dense as [`Self::linear`], or drawn
-    /// packed in the format with the same standard deviation.
-    fn qlinear(&mut self, shape: &[usize]) -> Result<Weight> {
-        let Some(fmt) = self.quant else {
-            return Ok(self.linear(shape)?.into());
-        };
+    /// A linear weight drawn packed in `fmt`, with the dense draw's standard deviation.
+    fn qlinear(&mut self, shape: &[usize], fmt: QFormat) -> Result<Weight> {
         let k = *shape.last().expect("non-empty shape");
         let std = 1.0 / (k as f32).sqrt();
         let (qs, ps) = QuantTensor::stored_shapes(fmt, shape);
@@ -208,14 +221,6 @@ impl Gen<'_> {
             params: Tensor::from_vec(params, ps, self.device)?,
         }))
     }
-
-    fn ones(&self, len: usize) -> Result<Tensor> {
-        Ok(Tensor::ones(len, self.dtype, self.device)?)
-    }
-
-    fn zeros(&self, len: usize, dtype: DType) -> Result<Tensor> {
-        Ok(Tensor::zeros(len, dtype, self.device)?)
-    }
 }
 
 /// `cfg` restricted to its first `n` layers (all of them if `n` is `None` or too large).
@@ -227,8 +232,8 @@ pub fn first_layers(cfg: &ModelConfig, n: Option<usize>) -> ModelConfig {
     c
 }
 
-/// Every weight `cfg` calls for, in the canonical layout and shapes of the loader
-/// (`loader/naming.rs`), drawn from `seed` directly in `dtype` (and, with `quant`, the packed
+/// Every weight `cfg` calls for: the tensors of the spec (`spec::tensors`), as the loader builds
+/// them, drawn from `seed` directly in `dtype` (and, with `quant`, the packed
 /// format for the tensors it applies to) on `device`.
 pub fn random_weights(
     cfg: &ModelConfig,
@@ -244,8 +249,6 @@ pub fn random_weights(
         device,
         quant,
     };
-    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-    let inv_h = 1.0 / (h as f64).sqrt();
     // Full-size models take minutes to draw: show a bar per layer when stderr is a terminal.
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = indicatif::ProgressBar::new(cfg.num_layers() as u64);
@@ -258,124 +261,43 @@ pub fn random_weights(
     } else {
         None
     };
-    let embed = g.normal_as(&[v, h], inv_h, dtype)?;
-    let mut layers = Vec::with_capacity(cfg.num_layers());
-    for kind in &cfg.layers {
-        if let Some(b) = &bar {
-            b.inc(1);
+    let w = build_weights(cfg, |t| {
+        if let (Some(b), Role::AttnNorm) = (&bar, t.role) {
+            b.inc(1); // the first tensor of each layer
         }
-        let attn = match &cfg.mla {
-            Some(m) => AttnWeights::Mla(mla(&mut g, cfg, m)?),
-            None => gqa(&mut g, cfg)?,
-        };
-        let ffn = match kind {
-            FfnKind::Dense { intermediate } => FfnWeights::Dense(mlp(&mut g, *intermediate, h)?),
-            FfnKind::Moe(m) => FfnWeights::Moe(moe(&mut g, m, h)?),
-        };
-        layers.push(LayerWeights {
-            attn_norm: g.ones(h)?,
-            attn,
-            ffn_norm: g.ones(h)?,
-            ffn,
-        });
-    }
+        g.tensor(t)
+    })?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let final_norm = g.ones(h)?;
-    let lm_head = if cfg.tie_word_embeddings {
-        embed.clone()
-    } else {
-        g.normal_as(&[v, h], inv_h, dtype)?
-    };
-    Ok(ModelWeights {
-        embed,
-        layers,
-        final_norm,
-        lm_head,
-    })
+    Ok(w)
 }
 
-fn gqa(g: &mut Gen, cfg: &ModelConfig) -> Result<AttnWeights> {
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let qkv = g.qlinear(&[q_out + 2 * kv_out, h])?;
-    let qkv_bias = if cfg.attn.qkv_bias {
-        Some(g.zeros(q_out + 2 * kv_out, g.dtype)?)
-    } else {
-        None
-    };
-    let (qn, kn) = match cfg.attn.qk_norm {
-        QkNorm::None => (None, None),
-        QkNorm::Whole => (Some(q_out), Some(kv_out)),
-        QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope => (Some(hd), Some(hd)),
-    };
-    Ok(AttnWeights::Gqa {
-        qkv,
-        qkv_bias,
-        q_norm: qn.map(|n| g.ones(n)).transpose()?,
-        k_norm: kn.map(|n| g.ones(n)).transpose()?,
-        o: g.qlinear(&[h, q_out])?,
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::assemble::{expected, layout};
+    use crate::spec::tensors::{every_config, tensors};
 
-fn mla(g: &mut Gen, cfg: &ModelConfig, m: &MlaConfig) -> Result<MlaWeights> {
-    let (h, nh) = (cfg.hidden_size, cfg.num_heads);
-    let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
-    let q = match m.q_lora_rank {
-        None => crate::model::MlaQueryWeights::Plain(g.qlinear(&[nh * qk, h])?),
-        Some(r) => crate::model::MlaQueryWeights::LowRank {
-            a: g.qlinear(&[r, h])?,
-            norm: g.ones(r)?,
-            b: g.qlinear(&[nh * qk, r])?,
-        },
-    };
-    let r = m.kv_lora_rank;
-    Ok(MlaWeights {
-        q,
-        kv_a: g.qlinear(&[r + m.qk_rope_head_dim, h])?,
-        kv_a_norm: g.ones(r)?,
-        kv_b: g
-            .linear(&[nh * (m.qk_nope_head_dim + m.v_head_dim), r])?
-            .into(),
-        o: g.qlinear(&[h, nh * m.v_head_dim])?,
-    })
-}
-
-fn mlp(g: &mut Gen, f: usize, h: usize) -> Result<MlpWeights> {
-    Ok(MlpWeights {
-        gate_up: g.qlinear(&[2 * f, h])?,
-        down: g.qlinear(&[h, f])?,
-    })
-}
-
-fn moe(g: &mut Gen, m: &MoeConfig, h: usize) -> Result<MoeWeights> {
-    let (e, f) = (m.num_experts, m.expert_ffn);
-    let router_dtype = if m.router_f32 { DType::F32 } else { g.dtype };
-    let router = g.normal_as(&[e, h], 1.0 / (h as f64).sqrt(), router_dtype)?;
-    let gate_up = g.qlinear(&[e, 2 * f, h])?;
-    let down = g.qlinear(&[e, h, f])?;
-    let (shared, shared_gate) = match m.shared {
-        None => (None, None),
-        Some(s) => {
-            let gate = if s.sigmoid_gate {
-                Some(g.linear(&[1, h])?)
-            } else {
-                None
-            };
-            (Some(mlp(g, s.ffn, h)?), gate)
+    /// Random weights are the spec's tensors, packed exactly where the quantization rule says,
+    /// for every config small enough to draw.
+    #[test]
+    fn random_weights_are_the_spec() {
+        let mut n = 0;
+        for (name, cfg) in every_config() {
+            if tensors(&cfg).iter().map(TensorSpec::numel).sum::<u64>() > 4 << 20 {
+                continue;
+            }
+            for quant in [None, Some(QFormat::Int8), Some(QFormat::Int4 { group: 32 })] {
+                let w = random_weights(&cfg, 1, DType::F32, &Device::Cpu, quant).unwrap();
+                assert_eq!(
+                    layout(&w),
+                    expected(&cfg, quant.is_some()),
+                    "{name} {quant:?}"
+                );
+            }
+            n += 1;
         }
-    };
-    let score_bias = match m.router {
-        RouterKind::SigmoidBiasGrouped { .. } => Some(g.zeros(e, DType::F32)?),
-        _ => None,
-    };
-    Ok(MoeWeights {
-        router,
-        score_bias,
-        gate_up,
-        down,
-        shared,
-        shared_gate,
-    })
+        assert!(n >= 16, "only {n} configs");
+    }
 }

@@ -1,22 +1,24 @@
-//! The one function that reads any family's published tensor names ([`Naming`], chosen by the
-//! family table in `config`) into the canonical layout: fused q/k/v `[q+2kv, H]`, stacked experts
-//! `gate_up [E, 2F, H]` (gate rows then up rows) and `down [E, H, F]`, dense MLPs as
-//! `gate_up [2F, H]`, `down [H, F]`. Which optional tensors must exist (biases, QK-norms, shared
-//! experts) follows the config.
+//! Reads any family's published tensor names ([`Naming`], chosen by the family table in
+//! `config`) into the canonical layout of the tensor spec ([`crate::spec::tensors`]): fused q/k/v
+//! `[q+2kv, H]`, stacked experts `gate_up [E, 2F, H]` (gate rows then up rows) and
+//! `down [E, H, F]`, dense MLPs as `gate_up [2F, H]`, `down [H, F]`. Which tensors must exist
+//! (biases, QK-norms, shared experts...) and their shapes come from the spec alone: [`published`]
+//! names the checkpoint tensors of each canonical one, [`tensor`] reads them.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::{Checkpoint, LoadOptions};
-use crate::config::naming::{AttnNames as Attn, ExpertNames as Experts, Naming};
-use crate::config::{
-    FfnKind, MlaConfig, ModelConfig, MoeConfig, QkNorm, RouterKind, SharedExperts,
-};
+use crate::config::naming::{AttnNames, ExpertNames, Naming};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::moe::MoeWeights;
-use crate::model::{
-    AttnWeights, FfnWeights, LayerWeights, MlaQueryWeights, MlaWeights, MlpWeights, ModelWeights,
-};
+use crate::model::assemble::build_weights;
+use crate::model::ModelWeights;
 use crate::quant::{QuantTensor, Weight};
+use crate::spec::bytes::Storage;
+use crate::spec::tensors::{Role, TensorSpec};
+
+/// A checkpoint tensor: full name and shape.
+type Part = (String, Vec<usize>);
 
 /// A linear weight `shape = [.., N, K]` made of `parts` (full `.weight` names, each `[rows, K]`,
 /// stacked along rows). Three cases:
@@ -66,11 +68,6 @@ fn lin(
     Ok(Weight::Quant(q))
 }
 
-/// [`lin`] for a single tensor.
-fn lin1(ck: &mut Checkpoint, name: &str, shape: &[usize], o: &LoadOptions) -> Result<Weight> {
-    lin(ck, &[(name.to_string(), shape.to_vec())], shape, o)
-}
-
 /// Reads every weight `cfg` calls for under `names`, validating names, shapes and dtypes.
 pub(super) fn weights(
     ck: &mut Checkpoint,
@@ -78,269 +75,307 @@ pub(super) fn weights(
     names: &Naming,
     o: &LoadOptions,
 ) -> Result<ModelWeights> {
-    let (h, v, dt) = (cfg.hidden_size, cfg.vocab_size, o.dtype);
-    let embed = ck.take(names.embed, &[v, h], dt, &o.device)?;
-    let mut layers = Vec::with_capacity(cfg.num_layers());
-    for (i, kind) in cfg.layers.iter().enumerate() {
-        let p = |n: &str| format!("{}{i}.{n}", names.layer_prefix);
-        let attn = match cfg.mla {
-            Some(m) => AttnWeights::Mla(mla(ck, &p, cfg, &m, o)?),
-            None => gqa(ck, &p, cfg, names, o)?,
-        };
-        let ffn = match kind {
-            FfnKind::Dense { intermediate } => {
-                FfnWeights::Dense(mlp(ck, &p(names.dense), *intermediate, h, o)?)
-            }
-            FfnKind::Moe(m) => FfnWeights::Moe(moe(ck, &p, names, m, h, o)?),
-        };
-        layers.push(LayerWeights {
-            attn_norm: ck.take(&p(names.attn_norm), &[h], dt, &o.device)?,
-            attn,
-            ffn_norm: ck.take(&p(names.ffn_norm), &[h], dt, &o.device)?,
-            ffn,
-        });
+    let w = build_weights(cfg, |t| tensor(ck, names, t, o))?;
+    if cfg.tie_word_embeddings && ck.contains(names.lm_head) {
+        // Some exporters write the tied copy too; it must still have the right shape.
+        let shape = [cfg.vocab_size, cfg.hidden_size];
+        ck.take(names.lm_head, &shape, o.dtype, &o.device)?;
     }
-    let final_norm = ck.take(names.final_norm, &[h], dt, &o.device)?;
-    let lm_head = if cfg.tie_word_embeddings {
-        if ck.contains(names.lm_head) {
-            // Some exporters write the tied copy too; it must still have the right shape.
-            ck.take(names.lm_head, &[v, h], dt, &o.device)?;
-        }
-        embed.clone()
-    } else {
-        ck.take(names.lm_head, &[v, h], dt, &o.device)?
-    };
-    Ok(ModelWeights {
-        embed,
-        layers,
-        final_norm,
-        lm_head,
-    })
+    Ok(w)
 }
 
-/// Grouped-query attention: q/k/v fused into one `[q + 2kv, H]` projection (+ bias), the
-/// QK-norm weights the config calls for, and the output projection.
-fn gqa(
-    ck: &mut Checkpoint,
-    p: &dyn Fn(&str) -> String,
-    cfg: &ModelConfig,
-    names: &Naming,
-    o: &LoadOptions,
-) -> Result<AttnWeights> {
-    let (h, hd, dt) = (cfg.hidden_size, cfg.head_dim, o.dtype);
-    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let part = |n: &str, shape: &[usize]| (p(n), shape.to_vec());
-    let (qkv, qkv_bias, o_name) = match names.attn {
-        Attn::Separate { q, k, v, o: out } => {
-            let w = |n: &str, rows| part(&format!("{n}.weight"), &[rows, h]);
-            let qkv = lin(
-                ck,
-                &[w(q, q_out), w(k, kv_out), w(v, kv_out)],
-                &[q_out + 2 * kv_out, h],
-                o,
-            )?;
-            let bias = if cfg.attn.qkv_bias {
-                let b = |n: &str, rows| part(&format!("{n}.bias"), &[rows]);
-                Some(ck.take_concat(
-                    &[b(q, q_out), b(k, kv_out), b(v, kv_out)],
-                    &[q_out + 2 * kv_out],
-                    dt,
-                    &o.device,
-                )?)
+/// `name` of `t`'s layer (`{layer_prefix}{i}.{name}`), or `name` itself for a model-wide tensor.
+fn at(names: &Naming, t: &TensorSpec, name: &str) -> String {
+    match t.layer {
+        Some(i) => format!("{}{i}.{name}", names.layer_prefix),
+        None => name.to_string(),
+    }
+}
+
+/// The tensors of a dense (published) checkpoint that canonical tensor `t` is read from, under
+/// `names`, in row order: one per part of `t` (q, k, v; gate, up), per expert for per-expert
+/// names. DBRX's fused experts are `w1`, `v1` (gate_up) or `w2` (down), each `[E*F, H]`, which
+/// [`dbrx_experts`] re-lays out.
+fn published(names: &Naming, t: &TensorSpec) -> Result<Vec<Part>> {
+    let p = |n: &str| at(names, t, n);
+    let one = |n: String| vec![(n, t.shape.clone())];
+    // Row blocks of a matrix `[rows, K]` (or of a vector) named `{stem}{suffix}`, one per part.
+    let rows = |stems: &[String], suffix: &str| -> Vec<Part> {
+        let k = (t.shape.len() > 1).then(|| t.dim(t.shape.len() - 1));
+        stems
+            .iter()
+            .zip(&t.parts)
+            .map(|(n, &r)| (format!("{n}{suffix}"), [r].into_iter().chain(k).collect()))
+            .collect()
+    };
+    let mlp = |prefix: &str| {
+        [
+            p(&format!("{prefix}.gate_proj")),
+            p(&format!("{prefix}.up_proj")),
+        ]
+    };
+    let (e, h) = (t.dim(0), t.dim(t.shape.len().saturating_sub(1)));
+    Ok(match t.role {
+        Role::Embed => one(names.embed.to_string()),
+        Role::FinalNorm => one(names.final_norm.to_string()),
+        Role::LmHead => one(names.lm_head.to_string()),
+        Role::AttnNorm => one(p(names.attn_norm)),
+        Role::FfnNorm => one(p(names.ffn_norm)),
+        Role::Qkv | Role::QkvBias => {
+            let suffix = if t.role == Role::Qkv {
+                ".weight"
             } else {
-                None
+                ".bias"
             };
-            (qkv, bias, out)
-        }
-        Attn::Fused { qkv, o: out } => {
-            if cfg.attn.qkv_bias {
-                return Err(Error::config(
-                    "config.json",
-                    "this family has no q/k/v biases",
-                ));
-            }
-            let w = lin1(
-                ck,
-                &p(&format!("{qkv}.weight")),
-                &[q_out + 2 * kv_out, h],
-                o,
-            )?;
-            (w, None, out)
-        }
-    };
-    let (qn, kn) = match cfg.attn.qk_norm {
-        QkNorm::None => (None, None),
-        QkNorm::Whole => (Some(q_out), Some(kv_out)),
-        QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope => (Some(hd), Some(hd)),
-    };
-    let mut norm = |name: &str, len: Option<usize>| {
-        len.map(|n| ck.take(&p(name), &[n], dt, &o.device))
-            .transpose()
-    };
-    let q_norm = norm(names.q_norm, qn)?;
-    let k_norm = norm(names.k_norm, kn)?;
-    Ok(AttnWeights::Gqa {
-        qkv,
-        qkv_bias,
-        q_norm,
-        k_norm,
-        o: lin1(ck, &p(&format!("{o_name}.weight")), &[h, q_out], o)?,
-    })
-}
-
-/// DeepSeek multi-head latent attention, under the names every DeepSeek checkpoint uses.
-fn mla(
-    ck: &mut Checkpoint,
-    p: &dyn Fn(&str) -> String,
-    cfg: &ModelConfig,
-    m: &MlaConfig,
-    o: &LoadOptions,
-) -> Result<MlaWeights> {
-    let (h, nh, dt) = (cfg.hidden_size, cfg.num_heads, o.dtype);
-    let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
-    let q = match m.q_lora_rank {
-        None => MlaQueryWeights::Plain(lin1(ck, &p("self_attn.q_proj.weight"), &[nh * qk, h], o)?),
-        Some(r) => MlaQueryWeights::LowRank {
-            a: lin1(ck, &p("self_attn.q_a_proj.weight"), &[r, h], o)?,
-            norm: ck.take(&p("self_attn.q_a_layernorm.weight"), &[r], dt, &o.device)?,
-            b: lin1(ck, &p("self_attn.q_b_proj.weight"), &[nh * qk, r], o)?,
-        },
-    };
-    let r = m.kv_lora_rank;
-    let mut w = |name: &str, shape: &[usize]| lin1(ck, &p(name), shape, o);
-    let kv_a = w(
-        "self_attn.kv_a_proj_with_mqa.weight",
-        &[r + m.qk_rope_head_dim, h],
-    )?;
-    let out = w("self_attn.o_proj.weight", &[h, nh * m.v_head_dim])?;
-    // kv_b_proj stays dense in the compute dtype under int8/int4 (like norms and routers; see
-    // `analysis::bytes::storage`): the absorbed decode multiplies by it per head on both sides,
-    // which the quantized layout cannot do, so one dense copy serves both MLA paths. A checkpoint
-    // that stores it quantized is still read as stored (the model dequantizes it once).
-    let kv_b_name = p("self_attn.kv_b_proj.weight");
-    let kv_b_shape = [nh * (m.qk_nope_head_dim + m.v_head_dim), r];
-    let stem = kv_b_name.strip_suffix(".weight").unwrap_or(&kv_b_name);
-    let kv_b = if o.quant.is_some() && ck.contains(&format!("{stem}.qweight")) {
-        lin1(ck, &kv_b_name, &kv_b_shape, o)?
-    } else {
-        Weight::Dense(ck.take(&kv_b_name, &kv_b_shape, dt, &o.device)?)
-    };
-    Ok(MlaWeights {
-        q,
-        kv_a,
-        kv_a_norm: ck.take(&p("self_attn.kv_a_layernorm.weight"), &[r], dt, &o.device)?,
-        kv_b,
-        o: out,
-    })
-}
-
-/// A dense SwiGLU MLP `{prefix}.{gate,up,down}_proj` of width `f`.
-fn mlp(
-    ck: &mut Checkpoint,
-    prefix: &str,
-    f: usize,
-    h: usize,
-    o: &LoadOptions,
-) -> Result<MlpWeights> {
-    let parts = [
-        (format!("{prefix}.gate_proj.weight"), vec![f, h]),
-        (format!("{prefix}.up_proj.weight"), vec![f, h]),
-    ];
-    Ok(MlpWeights {
-        gate_up: lin(ck, &parts, &[2 * f, h], o)?,
-        down: lin1(ck, &format!("{prefix}.down_proj.weight"), &[h, f], o)?,
-    })
-}
-
-fn moe(
-    ck: &mut Checkpoint,
-    p: &dyn Fn(&str) -> String,
-    names: &Naming,
-    m: &MoeConfig,
-    h: usize,
-    o: &LoadOptions,
-) -> Result<MoeWeights> {
-    let (e, f, dt) = (m.num_experts, m.expert_ffn, o.dtype);
-    let router_dtype = if m.router_f32 { DType::F32 } else { dt };
-    let router = ck.take(&p(names.router), &[e, h], router_dtype, &o.device)?;
-    let (gate_up, down) = match names.experts {
-        Experts::PerExpert {
-            prefix,
-            gate,
-            up,
-            down,
-        } => {
-            let name = |x: usize, w: &str| p(&format!("{prefix}.{x}.{w}.weight"));
-            let gu: Vec<_> = (0..e)
-                .flat_map(|x| [(name(x, gate), vec![f, h]), (name(x, up), vec![f, h])])
-                .collect();
-            let dn: Vec<_> = (0..e).map(|x| (name(x, down), vec![h, f])).collect();
-            (
-                lin(ck, &gu, &[e, 2 * f, h], o)?,
-                lin(ck, &dn, &[e, h, f], o)?,
-            )
-        }
-        Experts::Fused { w1, v1, w2 } => {
-            // Quantized: read in f32 on the host, quantize after the re-layout. moe-run's own
-            // quantized DBRX checkpoints store w1/v1 per expert (`{w1}.{e}`, `[F, H]`; gate_up
-            // interleaves them per expert) and w2 already transposed to the canonical `[E*H, F]`.
-            let (ld, dev) = match o.quant {
-                None => (dt, o.device.clone()),
-                Some(_) => (DType::F32, Device::Cpu),
-            };
-            let take = |ck: &mut Checkpoint, n: &str| -> Result<Tensor> {
-                Ok(ck.take(&p(n), &[e * f, h], ld, &dev)?.reshape((e, f, h))?)
-            };
-            let gparts: Vec<_> = (0..e)
-                .flat_map(|x| {
-                    [
-                        (p(&format!("{w1}.{x}.weight")), vec![f, h]),
-                        (p(&format!("{v1}.{x}.weight")), vec![f, h]),
-                    ]
-                })
-                .collect();
-            let dparts = [(p(&format!("{w2}.weight")), vec![e * h, f])];
-            if o.quant.is_some() && ck.contains(&p(&format!("{w2}.qweight"))) {
-                (
-                    lin(ck, &gparts, &[e, 2 * f, h], o)?,
-                    lin(ck, &dparts, &[e, h, f], o)?,
-                )
-            } else {
-                let gate = take(ck, w1)?;
-                let up = take(ck, v1)?;
-                let down = take(ck, w2)?.transpose(1, 2)?.contiguous()?; // [E, H, F]
-                let gate_up = Weight::new(Tensor::cat(&[gate, up], 1)?, o.quant, &o.device)?;
-                let down = Weight::new(down, o.quant, &o.device)?;
-                if let (Weight::Quant(gu), Weight::Quant(dn)) = (&gate_up, &down) {
-                    ck.log_quantized(&gparts, gu);
-                    ck.log_quantized(&dparts, dn);
-                    ck.log_replaced(&[p(w1), p(v1), p(w2)]);
+            match names.attn {
+                AttnNames::Separate { q, k, v, .. } => rows(&[p(q), p(k), p(v)], suffix),
+                AttnNames::Fused { .. } if t.role == Role::QkvBias => {
+                    return Err(Error::config(
+                        "config.json",
+                        "this family has no q/k/v biases",
+                    ))
                 }
-                (gate_up, down)
+                AttnNames::Fused { qkv, .. } => one(p(&format!("{qkv}.weight"))),
             }
         }
-    };
-    let (shared, shared_gate) = match m.shared {
-        None => (None, None),
-        Some(SharedExperts { ffn, sigmoid_gate }) => {
-            let gate = sigmoid_gate
-                .then(|| ck.take(&p(names.shared_gate), &[1, h], dt, &o.device))
-                .transpose()?;
-            (Some(mlp(ck, &p(names.shared), ffn, h, o)?), gate)
+        Role::QNorm => one(p(names.q_norm)),
+        Role::KNorm => one(p(names.k_norm)),
+        Role::O => match names.attn {
+            AttnNames::Separate { o, .. } | AttnNames::Fused { o, .. } => {
+                one(p(&format!("{o}.weight")))
+            }
+        },
+        Role::MlaQ => one(p("self_attn.q_proj.weight")),
+        Role::MlaQA => one(p("self_attn.q_a_proj.weight")),
+        Role::MlaQANorm => one(p("self_attn.q_a_layernorm.weight")),
+        Role::MlaQB => one(p("self_attn.q_b_proj.weight")),
+        Role::MlaKvA => one(p("self_attn.kv_a_proj_with_mqa.weight")),
+        Role::MlaKvANorm => one(p("self_attn.kv_a_layernorm.weight")),
+        Role::MlaKvB => one(p("self_attn.kv_b_proj.weight")),
+        Role::DenseGateUp => rows(&mlp(names.dense), ".weight"),
+        Role::DenseDown => one(p(&format!("{}.down_proj.weight", names.dense))),
+        Role::Router => one(p(names.router)),
+        Role::ScoreBias => one(p(names.score_bias)),
+        Role::SharedGate => one(p(names.shared_gate)),
+        Role::SharedGateUp => rows(&mlp(names.shared), ".weight"),
+        Role::SharedDown => one(p(&format!("{}.down_proj.weight", names.shared))),
+        Role::ExpertsGateUp | Role::ExpertsDown => {
+            let gate_up = t.role == Role::ExpertsGateUp;
+            match names.experts {
+                ExpertNames::PerExpert {
+                    prefix,
+                    gate,
+                    up,
+                    down,
+                } => {
+                    let matrix: Vec<usize> = t.shape.iter().skip(1).copied().collect();
+                    let name = |x: usize, w: &str| p(&format!("{prefix}.{x}.{w}.weight"));
+                    (0..e)
+                        .flat_map(|x| match gate_up {
+                            true => rows(&[name(x, gate), name(x, up)], ""),
+                            false => vec![(name(x, down), matrix.clone())],
+                        })
+                        .collect()
+                }
+                ExpertNames::Fused { w1, v1, w2 } => {
+                    // [E*F, H] each; H is the gate_up's input, the down's output.
+                    let (ef, hh) = match gate_up {
+                        true => (e * t.dim(1) / 2, h),
+                        false => (e * t.dim(2), t.dim(1)),
+                    };
+                    let stems: &[&str] = if gate_up { &[w1, v1] } else { &[w2] };
+                    stems.iter().map(|n| (p(n), vec![ef, hh])).collect()
+                }
+            }
         }
-    };
-    let score_bias = match m.router {
-        RouterKind::SigmoidBiasGrouped { .. } => {
-            Some(ck.take(&p(names.score_bias), &[e], DType::F32, &o.device)?)
-        }
-        _ => None,
-    };
-    Ok(MoeWeights {
-        router,
-        score_bias,
-        gate_up,
-        down,
-        shared,
-        shared_gate,
     })
+}
+
+/// Reads canonical tensor `t`: a linear the quantization formats apply to through [`lin`], any
+/// other tensor dense (in f32 where the spec keeps it so).
+fn tensor(ck: &mut Checkpoint, names: &Naming, t: &TensorSpec, o: &LoadOptions) -> Result<Weight> {
+    let parts = published(names, t)?;
+    if let (Role::ExpertsGateUp | Role::ExpertsDown, ExpertNames::Fused { w1, v1, w2 }) =
+        (t.role, &names.experts)
+    {
+        return dbrx_experts(ck, names, t, &parts, [w1, v1, w2], o);
+    }
+    // kv_b_proj stays dense in the compute dtype under int8/int4 (like norms and routers; see
+    // `spec::bytes::storage`): the absorbed decode multiplies by it per head on both sides,
+    // which the quantized layout cannot do, so one dense copy serves both MLA paths. A
+    // checkpoint that stores it quantized is still read as stored (the model dequantizes it once).
+    let stored_quantized = t.role == Role::MlaKvB
+        && o.quant.is_some()
+        && parts
+            .first()
+            .is_some_and(|(n, _)| ck.contains(&format!("{}.qweight", stem(n))));
+    if t.storage() == Storage::Quantized || stored_quantized {
+        return lin(ck, &parts, &t.shape, o);
+    }
+    let dt = if t.f32 { DType::F32 } else { o.dtype };
+    Ok(Weight::Dense(match parts.as_slice() {
+        [(name, shape)] => ck.take(name, shape, dt, &o.device)?,
+        _ => ck.take_concat(&parts, &t.shape, dt, &o.device)?,
+    }))
+}
+
+fn stem(name: &str) -> &str {
+    name.strip_suffix(".weight").unwrap_or(name)
+}
+
+/// DBRX's fused experts (`parts` from [`published`]) -> gate_up `[E, 2F, H]` (per expert: w1
+/// rows, then v1 rows) or down `[E, H, F]` (w2 transposed per expert). Quantized: read in f32 on
+/// the host, quantized after the re-layout. moe-run's own quantized DBRX checkpoints (told by
+/// `w2.qweight`) store w1/v1 per expert (`{w1}.{e}`, `[F, H]`) and w2 already transposed to the
+/// canonical `[E*H, F]`.
+fn dbrx_experts(
+    ck: &mut Checkpoint,
+    names: &Naming,
+    t: &TensorSpec,
+    parts: &[Part],
+    [w1, v1, w2]: [&str; 3],
+    o: &LoadOptions,
+) -> Result<Weight> {
+    let p = |n: &str| at(names, t, n);
+    let (e, n, k) = (t.dim(0), t.dim(1), t.dim(2));
+    let gate_up = t.role == Role::ExpertsGateUp;
+    let stored_quantized = o.quant.is_some() && ck.contains(&p(&format!("{w2}.qweight")));
+    let qparts: Vec<Part> = match gate_up {
+        true => (0..e)
+            .flat_map(|x| [w1, v1].map(|w| (p(&format!("{w}.{x}.weight")), vec![n / 2, k])))
+            .collect(),
+        false => vec![(p(&format!("{w2}.weight")), vec![e * n, k])],
+    };
+    if stored_quantized {
+        return lin(ck, &qparts, &t.shape, o);
+    }
+    let (ld, dev) = match o.quant {
+        None => (o.dtype, o.device.clone()),
+        Some(_) => (DType::F32, Device::Cpu),
+    };
+    let mut take = |(name, shape): &Part, rows: usize, cols: usize| -> Result<Tensor> {
+        Ok(ck.take(name, shape, ld, &dev)?.reshape((e, rows, cols))?)
+    };
+    let w = match (parts, gate_up) {
+        ([a, b], true) => {
+            let (gate, up) = (take(a, n / 2, k)?, take(b, n / 2, k)?);
+            Tensor::cat(&[gate, up], 1)?
+        }
+        ([d], false) => take(d, k, n)?.transpose(1, 2)?.contiguous()?,
+        _ => {
+            return Err(Error::Input(format!(
+                "internal: DBRX experts read from {} tensors",
+                parts.len()
+            )))
+        }
+    };
+    let w = Weight::new(w, o.quant, &o.device)?;
+    if let Weight::Quant(q) = &w {
+        ck.log_quantized(&qparts, q);
+        ck.log_replaced(&parts.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    }
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::assemble::{expected, layout};
+    use crate::spec::tensors::{every_config, tensors, Class};
+
+    fn fixtures() -> Vec<std::path::PathBuf> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut v: Vec<_> = std::fs::read_dir(root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("config.json").exists())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn naming_of(cfg: &ModelConfig) -> &'static Naming {
+        crate::config::family(&cfg.model_type).unwrap().naming
+    }
+
+    /// Every published tensor the loader asks for, from the spec.
+    fn expected_checkpoint(cfg: &ModelConfig) -> Vec<Part> {
+        let names = naming_of(cfg);
+        let mut v: Vec<Part> = tensors(cfg)
+            .iter()
+            .filter(|t| t.class != Class::Tied)
+            .flat_map(|t| published(names, t).unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_spec_names_every_tensor_of_each_fixture_checkpoint() {
+        let dirs = fixtures();
+        assert!(dirs.len() >= 16);
+        let mut checkpoints: Vec<(String, ModelConfig, Checkpoint)> = dirs
+            .iter()
+            .map(|d| {
+                let cfg = ModelConfig::from_file(&d.join("config.json")).unwrap();
+                (
+                    d.display().to_string(),
+                    cfg,
+                    Checkpoint::open_dir(d).unwrap(),
+                )
+            })
+            .collect();
+        let kjv = &super::super::embedded::TINY_KJV;
+        let ck = Checkpoint::from_static(kjv.name, kjv.safetensors).unwrap();
+        checkpoints.push((kjv.name.into(), kjv.config().unwrap(), ck));
+        for (name, cfg, ck) in checkpoints {
+            let mut on_disk: Vec<Part> = ck
+                .names()
+                .filter(|n| !super::super::ignorable(n, cfg.num_layers()))
+                .filter(|n| !(cfg.tie_word_embeddings && *n == naming_of(&cfg).lm_head))
+                .map(|n| (n.to_string(), ck.raw(n).unwrap().1))
+                .collect();
+            on_disk.sort();
+            assert_eq!(expected_checkpoint(&cfg), on_disk, "{name}");
+        }
+    }
+
+    #[test]
+    fn published_parts_fill_each_tensor_for_every_config() {
+        for (name, cfg) in every_config() {
+            let names = naming_of(&cfg);
+            for t in tensors(&cfg).iter().filter(|t| t.class != Class::Tied) {
+                let parts = published(names, t).unwrap();
+                let n: u64 = parts
+                    .iter()
+                    .map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>())
+                    .sum();
+                assert_eq!(n, t.numel(), "{name}: {t:?} from {parts:?}");
+            }
+            let all = expected_checkpoint(&cfg);
+            let mut unique: Vec<_> = all.iter().map(|(n, _)| n).collect();
+            unique.dedup();
+            assert_eq!(unique.len(), all.len(), "{name}: a name read twice");
+        }
+    }
+
+    #[test]
+    fn loaded_weights_are_the_spec() {
+        for dir in fixtures() {
+            for quant in [None, Some(crate::quant::QFormat::Int8)] {
+                let o = LoadOptions {
+                    quant,
+                    ..LoadOptions::default()
+                };
+                let (cfg, w, _) = super::super::load_dir_weights(&dir, &o, false).unwrap();
+                assert_eq!(
+                    layout(&w),
+                    expected(&cfg, quant.is_some()),
+                    "{} {quant:?}",
+                    dir.display()
+                );
+            }
+        }
+    }
 }

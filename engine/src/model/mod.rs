@@ -1,6 +1,7 @@
 //! The one generic decoder. Legend used in shapes: B batch, T new tokens, L cached + new tokens,
 //! H hidden, V vocab, E experts, A active experts per token (top-k), F expert width.
 
+pub mod assemble;
 pub mod attention;
 pub mod decoder;
 pub mod host;

@@ -16,6 +16,7 @@
 use serde::Serialize;
 
 use super::counts::{expert_params, Component, TensorGroup, TensorKind, MLA_KV_B};
+use super::tensors::{layer_tensors, Class, TensorSpec};
 use crate::config::{FfnKind, ModelConfig};
 
 /// Weight precision of the model as a whole (see the module doc for the exact formats).
@@ -149,11 +150,12 @@ pub enum Storage {
 /// So does MLA's kv_b_proj: the absorbed decode multiplies by it per head from both sides
 /// (q_nope W_uk and (P c) W_uv^T), so the engine holds it dense once for both MLA paths
 /// (`model/mla.rs`); it is 0.15% of DeepSeek-V3's weights (1.0B of 671B).
+/// A tensor the engine keeps in f32 (a router, the selection bias) stays f32.
 pub fn storage(t: &TensorGroup) -> Storage {
     match (t.component, t.kind) {
+        _ if t.f32 => Storage::KeepF32,
         (_, TensorKind::Lookup { .. } | TensorKind::Vector { .. }) => Storage::Keep16,
         (Component::Attention, _) if t.name == MLA_KV_B => Storage::Keep16,
-        (Component::Router, _) if t.f32 => Storage::KeepF32,
         (Component::Router | Component::LmHead | Component::Embedding | Component::Norms, _) => {
             Storage::Keep16
         }
@@ -164,6 +166,13 @@ pub fn storage(t: &TensorGroup) -> Storage {
             | Component::DenseFfn,
             TensorKind::Linear { .. },
         ) => Storage::Quantized,
+    }
+}
+
+impl TensorSpec {
+    /// How this tensor is stored under int8 / int4: [`storage`] of its inventory entry.
+    pub fn storage(&self) -> Storage {
+        storage(&self.group())
     }
 }
 
@@ -223,22 +232,21 @@ pub fn decode_weight_bytes(inv: &[TensorGroup], p: Precision) -> u64 {
         .sum()
 }
 
-/// Bytes of one routed expert (gate, up, down) of an MoE layer at precision `p`.
+/// Bytes of one routed expert (gate, up, down) of an MoE layer at precision `p` (0 for a dense
+/// layer): one matrix of each stacked expert tensor of the layer.
 pub fn expert_bytes(cfg: &ModelConfig, layer: usize, p: Precision) -> u64 {
-    let FfnKind::Moe(m) = &cfg.layers[layer] else {
-        return 0;
-    };
-    let (h, f) = (cfg.hidden_size, m.expert_ffn);
-    let t = |out, inp| TensorGroup {
-        name: "expert",
-        component: Component::RoutedExperts,
-        kind: TensorKind::Linear { out, inp },
-        stored: 1,
-        active: 1,
-        f32: false,
-    };
-    let b = tensor_bytes(&t(f, h), p) * 2 + tensor_bytes(&t(h, f), p);
-    debug_assert!(p != Precision::Bf16 || b == 2 * expert_params(m, h));
+    let b = layer_tensors(cfg, layer)
+        .iter()
+        .filter(|t| matches!(t.class, Class::Experts { .. }))
+        .map(|t| tensor_bytes(&t.group(), p))
+        .sum();
+    debug_assert!(
+        p != Precision::Bf16
+            || match cfg.layers.get(layer) {
+                Some(FfnKind::Moe(m)) => b == 2 * expert_params(m, cfg.hidden_size),
+                _ => b == 0,
+            }
+    );
     b
 }
 

@@ -1,8 +1,10 @@
-//! What a model is made of, from its [`ModelConfig`](crate::config::ModelConfig) alone: the
-//! inventory of its tensors (shape, component, how many are stored and how many a token uses)
+//! What a model is made of, from its [`ModelConfig`](crate::config::ModelConfig) alone: its
+//! canonical tensors ([`tensors`]: role, shape, class; what the loader reads and random weights
+//! draw), the inventory of them (shape, component, how many are stored and how many a token uses)
 //! and the storage rule of each precision, hence its exact parameter counts, weight and KV
 //! bytes, and FLOPs per token. The loader's fit check, the cost model (`analysis`) and bench's
 //! predictions all read it, so it sits below them (it uses only `config` and `quant`).
 
 pub mod bytes;
 pub mod counts;
+pub mod tensors;
