@@ -16,7 +16,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, host, same_device, Elem};
+use crate::common::{check_act, grid_dim, host, same_device, suffix, Elem};
+use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "qk_norm_rope";
 
@@ -79,6 +80,9 @@ pub fn qk_norm_rope(
         }
         same_device(OP, &[("x", x), ("weight", n.weight)])?;
     }
+    if crate::launch::runs_kernels(x.device()) {
+        return run_plan(x, norm, cos, sin, pos, interleaved);
+    }
     match x.device() {
         Device::Cpu => {
             fn run<T: Elem>(
@@ -111,8 +115,6 @@ pub fn qk_norm_rope(
                 _ => run::<half::f16>(x, norm, cos, sin, pos, interleaved),
             }
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda_qk_norm_rope(x, norm, cos, sin, x.dims4()?, pos, interleaved),
         dev => bail!("{OP}: unsupported device {:?}", dev.location()),
     }
 }
@@ -171,109 +173,102 @@ pub fn qk_norm_rope_reference<T: Elem>(
     out
 }
 
-#[cfg(feature = "cuda")]
-fn cuda_qk_norm_rope(
-    x: &Tensor,
-    norm: Option<HeadNorm<'_>>,
-    cos: &Tensor,
-    sin: &Tensor,
+/// Warps per block of `qk_norm_rope_<dtype>` (`QKR_WARPS` in `cuda/qk_norm_rope.cu`), one per (b, t, head) row.
+pub const QKR_WARPS: usize = 4;
+
+/// The launch of `qk_norm_rope_<dtype>` on `x [B, T, H, D]` (`dims`): one warp per (b, t, head) row,
+/// [`QKR_WARPS`] per block. Inputs `x`, `weight` (with a norm), `cos`, `sin`; output `out [B, H, T, D]`.
+/// `norm`: `(eps, after_rope)`. Pure.
+pub fn qk_norm_rope_plan(
+    dtype: DType,
     dims: (usize, usize, usize, usize),
+    norm: Option<(f32, bool)>,
     pos: usize,
     interleaved: bool,
-) -> Result<Tensor> {
-    use crate::common::cuda::{alloc_out, wrap};
-    use crate::common::cuda_act::ActView;
-    use crate::cuda_util::module_key;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::Storage;
-
+) -> Result<Plan> {
     let (b, t, h, d) = dims;
     if d > QK_NORM_ROPE_MAX_D {
         bail!("{OP}: the CUDA kernel takes head dims up to {QK_NORM_ROPE_MAX_D}, got {d}");
     }
-    let x = x.contiguous()?;
-    let cos = cos.contiguous()?;
-    let sin = sin.contiguous()?;
-    let w = norm.map(|n| n.weight.contiguous()).transpose()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (cs, cl) = cos.storage_and_layout();
-    let (ss, sl) = sin.storage_and_layout();
-    let wg = w.as_ref().map(|w| w.storage_and_layout());
-    let (Storage::Cuda(xc), Storage::Cuda(cc), Storage::Cuda(sc)) = (&*xs, &*cs, &*ss) else {
-        bail!("{OP}: inputs are not on a CUDA device")
+    let u32_of = |what: &str, v: usize| {
+        u32::try_from(v)
+            .map_err(|_| candle_core::Error::Msg(format!("{OP}: {what} = {v} exceeds u32")))
     };
-    let dev = xc.device.clone();
-    let xv = ActView::new(xc, xl, OP, "x")?;
-    let cv = ActView::new(cc, cl, OP, "cos")?;
-    let sv = ActView::new(sc, sl, OP, "sin")?;
-    let wv = match &wg {
-        Some((ws, wl)) => {
-            let Storage::Cuda(wc) = &**ws else {
-                bail!("{OP}: weight is not on a CUDA device")
-            };
-            Some(ActView::new(wc, wl, OP, "weight")?)
-        }
-        None => None,
+    let inputs: &[&'static str] = if norm.is_some() {
+        &["x", "weight", "cos", "sin"]
+    } else {
+        &["x", "cos", "sin"]
+    };
+    let mut p = Plan::new(OP, inputs);
+    let out = p.out("out", dtype, (b, h, t, d));
+    let rows = b * t * h;
+    if rows == 0 || d == 0 {
+        return Ok(p);
+    }
+    let input = |i| Arg::Buf(Buf::In(i));
+    let (weight, tables) = match norm {
+        Some(_) => (input(1), 2),
+        None => (Arg::Null, 1),
     };
     // 0 none, 1 before RoPE, 2 after RoPE.
-    let mode: u32 = match norm {
+    let mode = match norm {
         None => 0,
-        Some(n) if n.after_rope => 2,
-        Some(_) => 1,
+        Some((_, true)) => 2,
+        Some((_, false)) => 1,
     };
-    let eps = norm.map_or(0.0, |n| n.eps);
-    let rows = b * t * h;
-    let m = &crate::ptx::QK_NORM_ROPE;
-    let func = dev.get_or_load_custom_func(
-        &format!("qk_norm_rope_{}", xv.suffix()),
-        &module_key(m),
-        m.ptx,
+    let eps = norm.map_or(0.0, |n| n.0);
+    // One warp per (b, t, head) row reads x [B,T,H,D], weight [D] (when mode != 0) and cos/sin rows pos..pos+T
+    // of [P, D/2] (the caller checked pos + T <= P); writes out [B,H,T,D].
+    p.launch(
+        "qk_norm_rope",
+        format!("qk_norm_rope_{}", suffix(dtype)?),
+        [
+            grid_dim(OP, "row groups", rows.div_ceil(QKR_WARPS), u32::MAX >> 1)?,
+            1,
+            1,
+        ],
+        [32 * QKR_WARPS as u32, 1, 1],
+        vec![
+            input(0),
+            weight,
+            input(tables),
+            input(tables + 1),
+            out,
+            Arg::U32(u32_of("B", b)?),
+            Arg::U32(u32_of("T", t)?),
+            Arg::U32(u32_of("H", h)?),
+            Arg::U32(d as u32),
+            Arg::U32(u32_of("pos", pos)?),
+            Arg::U32(interleaved as u32),
+            Arg::U32(mode),
+            Arg::F32(eps),
+        ],
+    );
+    Ok(p)
+}
+
+fn run_plan(
+    x: &Tensor,
+    norm: Option<HeadNorm<'_>>,
+    cos: &Tensor,
+    sin: &Tensor,
+    pos: usize,
+    interleaved: bool,
+) -> Result<Tensor> {
+    let plan = qk_norm_rope_plan(
+        x.dtype(),
+        x.dims4()?,
+        norm.map(|n| (n.eps, n.after_rope)),
+        pos,
+        interleaved,
     )?;
-    const WARPS: usize = 4; // QKR_WARPS in qk_norm_rope.cu
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(WARPS).max(1) as u32, 1, 1),
-        block_dim: (32 * WARPS as u32, 1, 1),
-        shared_mem_bytes: 0,
+    let mut outs = match norm {
+        Some(n) => plan.run(&[x, n.weight, cos, sin])?,
+        None => plan.run(&[x, cos, sin])?,
     };
-    let null = 0usize;
-    macro_rules! run_dtype {
-        ($ty:ty, $variant:ident) => {{
-            let out = alloc_out::<$ty>(&dev, rows * d)?;
-            if rows > 0 && d > 0 {
-                let mut lb = func.builder();
-                xv.push(&mut lb);
-                match &wv {
-                    Some(v) => v.push(&mut lb),
-                    None => {
-                        lb.arg(&null);
-                    }
-                }
-                cv.push(&mut lb);
-                sv.push(&mut lb);
-                lb.arg(&out);
-                candle_core::builder_arg!(
-                    lb,
-                    b as u32,
-                    t as u32,
-                    h as u32,
-                    d as u32,
-                    pos as u32,
-                    interleaved as u32,
-                    mode,
-                    eps
-                );
-                // SAFETY: matches qk_norm_rope_<dtype>: one warp per (b, t, head) row reads x [B,T,H,D],
-                // weight [D] (when mode != 0), cos/sin rows pos..pos+T of [P, D/2], writes out [B,H,T,D].
-                unsafe { lb.launch(cfg) }.w()?;
-            }
-            Ok(wrap(CudaStorageSlice::$variant(out), &dev, (b, h, t, d)))
-        }};
-    }
-    match xv {
-        ActView::F32(_) => run_dtype!(f32, F32),
-        ActView::BF16(_) => run_dtype!(half::bf16, BF16),
-        ActView::F16(_) => run_dtype!(half::f16, F16),
+    match outs.pop() {
+        Some(out) => Ok(out),
+        None => bail!("{OP}: the plan returned no output"),
     }
 }
 
@@ -286,11 +281,68 @@ mod tests {
         // No GPU here: at least keep the launcher's constants and entry names in step with the kernel.
         let src = include_str!("../cuda/qk_norm_rope.cu");
         assert!(src.contains(&format!("#define QKR_MAX_D {QK_NORM_ROPE_MAX_D}\n")));
-        assert!(src.contains("#define QKR_WARPS 4\n")); // WARPS in cuda_qk_norm_rope
+        assert!(src.contains(&format!("#define QKR_WARPS {QKR_WARPS}\n")));
         for dt in ["f32", "bf16", "f16"] {
             assert!(src.contains(&format!("QKR_ENTRY({dt},")));
         }
         assert!(src.contains("qk_norm_rope_##SUFFIX("));
+    }
+
+    #[test]
+    fn plan_geometry() {
+        let input = |i| Arg::Buf(Buf::In(i));
+        // B=2, T=3, H=5: 30 rows, 8 blocks of 4 warps (the last one half full); norm before RoPE.
+        let p =
+            qk_norm_rope_plan(DType::BF16, (2, 3, 5, 128), Some((1e-6, false)), 7, true).unwrap();
+        assert_eq!(p.inputs, ["x", "weight", "cos", "sin"]);
+        assert_eq!(p.outs[0].shape.dims(), &[2, 5, 3, 128]);
+        let [l] = &p.launches[..] else {
+            panic!("{:?}", p.launches)
+        };
+        assert_eq!(
+            (l.module, l.entry.as_str()),
+            ("qk_norm_rope", "qk_norm_rope_bf16")
+        );
+        assert_eq!((l.grid, l.block), ([8, 1, 1], [128, 1, 1]));
+        let dims = [2, 3, 5, 128, 7, 1, 1].map(Arg::U32);
+        let mut want = vec![
+            input(0),
+            input(1),
+            input(2),
+            input(3),
+            Arg::Buf(Buf::Out(0)),
+        ];
+        want.extend(dims);
+        want.push(Arg::F32(1e-6));
+        assert_eq!(l.args, want);
+        // No norm: a null weight, the tables are inputs 1 and 2; 32 rows fill 8 blocks; norm after RoPE is mode 2.
+        let p = qk_norm_rope_plan(DType::F32, (1, 8, 4, 64), None, 0, false).unwrap();
+        assert_eq!(p.inputs, ["x", "cos", "sin"]);
+        let l = &p.launches[0];
+        assert_eq!((l.entry.as_str(), l.grid), ("qk_norm_rope_f32", [8, 1, 1]));
+        assert_eq!(
+            &l.args[..5],
+            &[
+                input(0),
+                Arg::Null,
+                input(1),
+                input(2),
+                Arg::Buf(Buf::Out(0))
+            ]
+        );
+        assert_eq!(
+            (l.args[10], l.args[11], l.args[12]),
+            (Arg::U32(0), Arg::U32(0), Arg::F32(0.0))
+        );
+        let p = qk_norm_rope_plan(DType::F16, (1, 1, 1, 2), Some((1e-5, true)), 0, false).unwrap();
+        assert_eq!(
+            (p.launches[0].grid, p.launches[0].args[11]),
+            ([1, 1, 1], Arg::U32(2))
+        );
+        // No rows: the output, no launch; head dims past the shared-memory stage: an error.
+        let p = qk_norm_rope_plan(DType::F32, (1, 0, 4, 64), None, 0, false).unwrap();
+        assert!(p.launches.is_empty());
+        assert!(qk_norm_rope_plan(DType::F32, (1, 1, 1, 514), None, 0, false).is_err());
     }
 
     fn tables(p: usize, half: usize) -> (Tensor, Tensor) {
