@@ -29,6 +29,7 @@ pub mod experts;
 pub mod launch;
 pub mod norm;
 pub mod qexperts;
+pub mod qformat;
 pub mod qmatmul;
 pub mod rope;
 pub mod route;

@@ -20,16 +20,19 @@
 //! `cuda/qmatmul.cu` have two paths, chosen like the dense experts' ([`crate::expert_path`]): GEMV for decode
 //! (`qmatmul_moe_*`, the body of `qmatmul`'s kernel with 8-row chunks found by `nth_row_tile` over the counts)
 //! and a shared-memory tiled GEMM for prefill (`qmatmul_gemm_*`, 64 x 64 output tiles, weights dequantized
-//! into shared memory, f32 FMA, no tensor cores yet). On CUDA, `qmatmul` and `qmatmul_grouped` with more
-//! than a few rows per expert also run the GEMM through [`qmatmul_moe`]. NOT YET RUN ON A GPU. Self-test
-//! budgets are `qmatmul`'s.
+//! into shared memory, f32 FMA, no tensor cores yet). On CUDA (and under the emulator), `qmatmul` and
+//! `qmatmul_grouped` with more than a few rows per expert also run the GEMM through [`qmatmul_moe`]. NOT YET
+//! RUN ON A GPU. Self-test budgets are `qmatmul`'s.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 use half::f16;
 
-use crate::common::{check_act, check_dtype, host, same_device, Elem};
+use crate::common::{check_act, check_dtype, grid_dim, host, same_device, suffix, Elem};
 use crate::experts::{expert_path, ExpertPath};
-use crate::qmatmul::{check, dequantize_row, QFormat, QMatmul, OP_GROUPED};
+use crate::launch::{Arg, Buf, Plan};
+use crate::qmatmul::{
+    check, dequantize_row, kind_and_group, QFormat, QMatmul, OP_GROUPED, QMM_ROWS, QMM_WARPS,
+};
 
 const OP: &str = "qmatmul_moe";
 
@@ -40,8 +43,8 @@ pub fn qmm_path(rows_per_expert_max: usize, avg: f64) -> ExpertPath {
 }
 
 /// `out [R, N_out]` (module docs). `row_token = None` means x is already in dispatched row order.
-/// `path` picks the CUDA kernels (`None`: [`qmm_path`] with R rows as the worst case per expert); the
-/// CPU always runs the reference.
+/// `path` picks the kernels (`None`: [`qmm_path`] with R rows as the worst case per expert); the CPU runs
+/// the reference unless the emulator is on.
 #[allow(clippy::too_many_arguments)]
 pub fn qmatmul_moe(
     x: &Tensor,
@@ -53,7 +56,7 @@ pub fn qmatmul_moe(
     fmt: QFormat,
     path: Option<ExpertPath>,
 ) -> Result<Tensor> {
-    let d = Dims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
+    let d = QmoeDims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
     let mut devs = vec![
         ("x", x),
         ("counts", counts),
@@ -65,6 +68,21 @@ pub fn qmatmul_moe(
         devs.push(("row_token", rt));
     }
     same_device(OP, &devs)?;
+    if crate::launch::runs_kernels(x.device()) {
+        let path = match path {
+            Some(p) => p,
+            None => qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64),
+        };
+        let plan = qmatmul_moe_plan(x.dtype(), fmt, d, row_token.is_some(), path)?;
+        let mut outs = match row_token {
+            Some(rt) => plan.run(&[x, rt, counts, offsets, qweight, params])?,
+            None => plan.run(&[x, counts, offsets, qweight, params])?,
+        };
+        return match outs.pop() {
+            Some(out) => Ok(out),
+            None => bail!("{OP}: the plan returned no output"),
+        };
+    }
     match x.device() {
         Device::Cpu => {
             let rt = row_token.map(host::<u32>).transpose()?;
@@ -78,7 +96,7 @@ pub fn qmatmul_moe(
                 q: &[u8],
                 p: &[f16],
                 fmt: QFormat,
-                d: Dims,
+                d: QmoeDims,
             ) -> Result<Tensor> {
                 let out =
                     qmatmul_moe_reference::<T>(&host(x)?, rt, c, o, q, p, fmt, d.r, d.n, d.k)?;
@@ -90,32 +108,21 @@ pub fn qmatmul_moe(
                 _ => run::<f16>(x, rt.as_deref(), &c, &o, &q, &p, fmt, d),
             }
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => {
-            let path = match path {
-                Some(p) => p,
-                None => qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64),
-            };
-            cuda_qmatmul_moe(x, row_token, counts, offsets, qweight, params, fmt, d, path)
-        }
-        dv => {
-            let _ = path;
-            bail!("{OP}: unsupported device {:?}", dv.location())
-        }
+        dv => bail!("{OP}: unsupported device {:?}", dv.location()),
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-#[allow(dead_code)] // `e` is read by the CUDA launcher only
-struct Dims {
-    /// Dispatched rows (the output's rows).
-    r: usize,
-    n: usize,
-    k: usize,
-    e: usize,
+/// The sizes of one `qmatmul_moe` call: R dispatched rows (the output's rows), N_out features, K in features,
+/// E experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QmoeDims {
+    pub r: usize,
+    pub n: usize,
+    pub k: usize,
+    pub e: usize,
 }
 
-impl Dims {
+impl QmoeDims {
     fn check(
         x: &Tensor,
         row_token: Option<&Tensor>,
@@ -171,7 +178,7 @@ impl Dims {
         {
             bail!("{OP}: sizes exceed the kernel's u32 indices");
         }
-        Ok(Dims { r, n, k, e })
+        Ok(QmoeDims { r, n, k, e })
     }
 }
 
@@ -237,69 +244,30 @@ pub fn qmatmul_moe_reference<T: Elem>(
     Ok(out.into_iter().map(T::of).collect())
 }
 
-#[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
-fn cuda_qmatmul_moe(
-    x: &Tensor,
-    row_token: Option<&Tensor>,
-    counts: &Tensor,
-    offsets: &Tensor,
-    qweight: &Tensor,
-    params: &Tensor,
+/// The launch of `qmatmul_{moe,gemm}_<fmt>_<dtype>` for `path` (GEMV: 8-row chunks, 4 output features per
+/// block of 128 threads, grid y striding over the chunks; GEMM: 64 x 64 output tiles, 256 threads), the row
+/// tiles of all experts together found on the device (`ceil(R / rows) + min(E, R)`, an upper bound the kernel
+/// trims). Inputs `x`, `row_token` (when `gather`), `counts`, `offsets`, `qweight`, `params`; output
+/// `out [R, N_out]`. A null `row_token` tells the kernel that x is already in dispatched row order. Pure.
+pub fn qmatmul_moe_plan(
+    dtype: DType,
     fmt: QFormat,
-    d: Dims,
+    d: QmoeDims,
+    gather: bool,
     path: ExpertPath,
-) -> Result<Tensor> {
-    use crate::common::cuda::{alloc_out, wrap};
-    use crate::common::cuda_act::ActView;
-    use crate::cuda_util::{contiguous, module_key};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::Storage;
-
-    let (x, counts, offsets, qweight, params) = (
-        x.contiguous()?,
-        counts.contiguous()?,
-        offsets.contiguous()?,
-        qweight.contiguous()?,
-        params.contiguous()?,
-    );
-    let row_token = row_token.map(Tensor::contiguous).transpose()?;
-    let guards = [&x, &counts, &offsets, &qweight, &params].map(|t| t.storage_and_layout());
-    let rt_guard = row_token.as_ref().map(|t| t.storage_and_layout());
-    let mut cs = Vec::with_capacity(6);
-    for (st, l) in guards.iter().chain(rt_guard.iter()) {
-        let Storage::Cuda(c) = &**st else {
-            bail!("{OP}: an input is not on a CUDA device")
-        };
-        cs.push((c, *l));
-    }
-    let dev = cs[0].0.device.clone();
-    let xv = ActView::new(cs[0].0, cs[0].1, OP, "x")?;
-    let cv = contiguous(cs[1].0.as_cuda_slice::<u32>()?, cs[1].1, OP, "counts")?;
-    let ov = contiguous(cs[2].0.as_cuda_slice::<u32>()?, cs[2].1, OP, "offsets")?;
-    let qv = contiguous(cs[3].0.as_cuda_slice::<u8>()?, cs[3].1, OP, "qweight")?;
-    let pv = contiguous(cs[4].0.as_cuda_slice::<f16>()?, cs[4].1, OP, "params")?;
-    let rtv = match cs.get(5) {
-        Some((c, l)) => Some(contiguous(c.as_cuda_slice::<u32>()?, l, OP, "row_token")?),
-        None => None,
+) -> Result<Plan> {
+    let (kind, group) = kind_and_group(fmt);
+    let sfx = suffix(dtype)?;
+    let inputs: &[&'static str] = if gather {
+        &["x", "row_token", "counts", "offsets", "qweight", "params"]
+    } else {
+        &["x", "counts", "offsets", "qweight", "params"]
     };
-    // A null row_token pointer selects "x is already in row order" in the kernel.
-    let null: u64 = 0;
-    let (kind, group) = match fmt {
-        QFormat::Int8 => ("int8", 0u32),
-        QFormat::Int4 { group } => ("int4", group.min(u32::MAX as usize) as u32),
-    };
-    let m = &crate::ptx::QMATMUL;
+    let mut p = Plan::new(OP, inputs);
     let (entry, rows, cols, threads) = match path {
-        ExpertPath::Gemv => ("moe", crate::qmatmul::QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
+        ExpertPath::Gemv => ("moe", QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
         ExpertPath::Gemm => ("gemm", QG_TILE_M, QG_TILE_N, 256),
     };
-    let func = dev.get_or_load_custom_func(
-        &format!("qmatmul_{entry}_{kind}_{}", xv.suffix()),
-        &module_key(m),
-        m.ptx,
-    )?;
     // Row tiles (GEMV: chunks of QMM_ROWS) of all experts together, an upper bound the device trims.
     let chunks = d.r.div_ceil(rows) + d.e.min(d.r);
     if path == ExpertPath::Gemm && chunks > 65535 {
@@ -311,52 +279,46 @@ fn cuda_qmatmul_moe(
     // The GEMV kernel strides over all C tiles with grid y; only the grid is clamped.
     let grid_y = chunks.clamp(1, 65535) as u32;
     let chunks = chunks.min(u32::MAX as usize) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (d.n.div_ceil(cols) as u32, grid_y, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: 0,
+    let out = p.out("out", dtype, (d.r, d.n));
+    if d.r == 0 || d.n == 0 {
+        return Ok(p);
+    }
+    let input = |i| Arg::Buf(Buf::In(i));
+    let (row_token, rest) = if gather {
+        (input(1), 2)
+    } else {
+        (Arg::Null, 1)
     };
-    let (e32, n32, k32) = (d.e as u32, d.n as u32, d.k as u32);
-    macro_rules! go {
-        ($ty:ty, $variant:ident) => {{
-            let out = alloc_out::<$ty>(&dev, d.r * d.n)?;
-            if d.r > 0 && d.n > 0 {
-                let mut b = func.builder();
-                xv.push(&mut b);
-                match &rtv {
-                    Some(v) => b.arg(v),
-                    None => b.arg(&null),
-                };
-                b.arg(&cv);
-                b.arg(&ov);
-                b.arg(&qv);
-                b.arg(&pv);
-                b.arg(&out);
-                b.arg(&e32);
-                if path == ExpertPath::Gemv {
-                    b.arg(&chunks);
-                }
-                b.arg(&n32);
-                b.arg(&k32);
-                b.arg(&group);
-                // SAFETY: argument types and order match `qmatmul_{moe,gemm}_<fmt>_<dtype>` in cuda/qmatmul.cu;
-                // shapes were checked by Dims::check, and a valid dispatch keeps every live row < R and
-                // every row_token < the rows of x.
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            Ok(wrap(CudaStorageSlice::$variant(out), &dev, (d.r, d.n)))
-        }};
+    let mut args = vec![
+        input(0),
+        row_token,
+        input(rest),
+        input(rest + 1),
+        input(rest + 2),
+        input(rest + 3),
+        out,
+        Arg::U32(d.e as u32),
+    ];
+    if path == ExpertPath::Gemv {
+        args.push(Arg::U32(chunks));
     }
-    match xv {
-        ActView::F32(_) => go!(f32, F32),
-        ActView::BF16(_) => go!(half::bf16, BF16),
-        ActView::F16(_) => go!(f16, F16),
-    }
+    args.extend([d.n as u32, d.k as u32, group].map(Arg::U32));
+    // Shapes were checked by QmoeDims::check, and a valid dispatch keeps every live row < R and every
+    // row_token < the rows of x.
+    p.launch(
+        "qmatmul",
+        format!("qmatmul_{entry}_{kind}_{sfx}"),
+        [
+            grid_dim(OP, "feature blocks", d.n.div_ceil(cols), u32::MAX >> 1)?,
+            grid_y,
+            1,
+        ],
+        [threads as u32, 1, 1],
+        args,
+    );
+    Ok(p)
 }
 
-/// Warps (output features) per block in `cuda/qmatmul.cu` (`QMM_WARPS`).
-#[cfg(feature = "cuda")]
-const QMM_WARPS: usize = 4;
 // The dense entry points live here, not beside the format in `qmatmul.rs`, because on CUDA
 // with many rows they take this module's tiled GEMM: `qmatmul.rs` then depends on nothing above it.
 
@@ -376,6 +338,9 @@ pub fn qmatmul(x: &Tensor, qweight: &Tensor, params: &Tensor, fmt: QFormat) -> R
     // CUDA with many rows: the tiled GEMM path ([`qmatmul_moe`] with one expert).
     if let Some(y) = large_qmatmul(x, qweight, params, None, fmt)? {
         return Ok(y);
+    }
+    if crate::launch::runs_kernels(x.device()) {
+        return crate::qmatmul::run_plan(x, qweight, params, fmt, None);
     }
     x.contiguous()?.apply_op3_no_bwd(
         &qweight.contiguous()?,
@@ -419,6 +384,9 @@ pub fn qmatmul_grouped(
     if let Some(y) = large_qmatmul(x, qweight, params, Some(offsets), fmt)? {
         return Ok(y);
     }
+    if crate::launch::runs_kernels(x.device()) {
+        return crate::qmatmul::run_plan(x, qweight, params, fmt, Some(offsets));
+    }
     x.contiguous()?.apply_op3_no_bwd(
         &qweight.contiguous()?,
         &params.contiguous()?,
@@ -430,14 +398,13 @@ pub fn qmatmul_grouped(
 }
 
 /// Output tile of the GEMM path (`QG_TILE_M` x `QG_TILE_N` in `cuda/qmatmul.cu`).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const QG_TILE_M: usize = 64;
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const QG_TILE_N: usize = 64;
 
-/// `qmatmul` / `qmatmul_grouped` on CUDA with more rows than the GEMV path is for: the same product through
-/// the GEMM path of [`qmatmul_moe`] (a dense linear is one expert). `None` when the GEMV path applies (or
-/// not on CUDA). `offsets`: the grouped layout's host offsets, `None` for a dense `qweight [N, Kb]`.
+/// `qmatmul` / `qmatmul_grouped` on CUDA (or the emulator) with more rows than the GEMV path is for: the same
+/// product through the GEMM path of [`qmatmul_moe`] (a dense linear is one expert). `None` when the GEMV path
+/// applies (or the CPU runs the reference). `offsets`: the grouped layout's host offsets, `None` for a dense
+/// `qweight [N, Kb]`.
 pub(crate) fn large_qmatmul(
     x: &Tensor,
     qweight: &Tensor,
@@ -445,7 +412,7 @@ pub(crate) fn large_qmatmul(
     offsets: Option<&[u32]>,
     fmt: QFormat,
 ) -> Result<Option<Tensor>> {
-    if x.device().is_cpu() {
+    if !crate::launch::runs_kernels(x.device()) {
         return Ok(None);
     }
     let m = x.dim(0)?;
@@ -543,9 +510,9 @@ mod tests {
 
     #[test]
     fn launcher_matches_the_cuda_source() {
-        // No GPU here: keep the launcher's entry names and argument order in step with cuda/qmatmul.cu.
+        // Keep the plan's constants, entry names and argument order in step with cuda/qmatmul.cu.
         let src = include_str!("../cuda/qmatmul.cu");
-        assert!(src.contains("#define QMM_WARPS 4\n"));
+        assert!(src.contains(&format!("#define QMM_WARPS {QMM_WARPS}\n")));
         assert!(src.contains(&format!("#define QG_TILE_M {QG_TILE_M}\n")));
         assert!(src.contains(&format!("#define QG_TILE_N {QG_TILE_N}\n")));
         assert!(src.contains(&format!("#define QMM_ROWS {}\n", crate::qmatmul::QMM_ROWS)));
@@ -557,6 +524,69 @@ mod tests {
         }
         let args = "const T* __restrict__ x, const uint32_t* __restrict__ row_token,";
         assert!(src.contains(args), "argument order of qmatmul_moe_*");
+    }
+
+    #[test]
+    fn plan_geometry() {
+        let input = |i| Arg::Buf(Buf::In(i));
+        let out = Arg::Buf(Buf::Out(0));
+        // R = 20 dispatched rows over E = 4 experts, N = 37 features, K = 96.
+        let dims = |r, n, k, e| QmoeDims { r, n, k, e };
+        let d = dims(20, 37, 96, 4);
+        // GEMV with the gather: C = ceil(20 / 8) + 4 = 7 chunks, 10 blocks of 4 features (the last partial).
+        let int4 = QFormat::Int4 { group: 32 };
+        let p = qmatmul_moe_plan(DType::BF16, int4, d, true, ExpertPath::Gemv).unwrap();
+        assert_eq!(p.inputs.len(), 6);
+        assert_eq!(p.outs[0].shape.dims(), &[20, 37]);
+        let [l] = &p.launches[..] else {
+            panic!("{:?}", p.launches)
+        };
+        assert_eq!(
+            (l.module, l.entry.as_str()),
+            ("qmatmul", "qmatmul_moe_int4_bf16")
+        );
+        assert_eq!((l.grid, l.block), ([10, 7, 1], [128, 1, 1]));
+        let mut want = vec![
+            input(0),
+            input(1),
+            input(2),
+            input(3),
+            input(4),
+            input(5),
+            out,
+        ];
+        want.extend([4, 7, 37, 96, 32].map(Arg::U32));
+        assert_eq!(l.args, want);
+        // GEMM without the gather (x in row order): a null row_token, no C argument; ceil(20 / 64) + 4 = 5 row
+        // tiles, one 64-feature tile.
+        let p = qmatmul_moe_plan(DType::F32, QFormat::Int8, d, false, ExpertPath::Gemm).unwrap();
+        assert_eq!(p.inputs.len(), 5);
+        let l = &p.launches[0];
+        assert_eq!(l.entry, "qmatmul_gemm_int8_f32");
+        assert_eq!((l.grid, l.block), ([1, 5, 1], [256, 1, 1]));
+        let mut want = vec![
+            input(0),
+            Arg::Null,
+            input(1),
+            input(2),
+            input(3),
+            input(4),
+            out,
+        ];
+        want.extend([4, 37, 96, 0].map(Arg::U32));
+        assert_eq!(l.args, want);
+        // GEMV grids clamp at 65535 (the kernel strides), the GEMM's are an error; no rows: no launch.
+        let many = dims(8 * 70000, 37, 96, 4);
+        let p = qmatmul_moe_plan(DType::F16, QFormat::Int8, many, true, ExpertPath::Gemv).unwrap();
+        assert_eq!(
+            (p.launches[0].grid[1], p.launches[0].args[8]),
+            (65535, Arg::U32(70004))
+        );
+        let huge = dims(64 * 65535, 37, 96, 4);
+        assert!(qmatmul_moe_plan(DType::F16, QFormat::Int8, huge, true, ExpertPath::Gemm).is_err());
+        let none = dims(0, 37, 96, 4);
+        let p = qmatmul_moe_plan(DType::F16, QFormat::Int8, none, true, ExpertPath::Gemm).unwrap();
+        assert!(p.launches.is_empty());
     }
 
     #[test]

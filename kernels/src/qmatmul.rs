@@ -1,141 +1,29 @@
-//! Weight-only quantized matmuls (W8A16, W4A16): `y = x W^T` with W stored quantized and
-//! dequantized on the fly. This file is the specification of both formats (quantize, dequantize)
-//! and of the two ops that use them: a dense linear and the grouped expert layout.
+//! Weight-only quantized matmuls (W8A16, W4A16): `y = x W^T` with W stored quantized in one of the formats of
+//! [`crate::qformat`] (re-exported here: [`QFormat`], [`quantize_row`], [`dequantize_row`]) and dequantized on
+//! the fly. This file is the specification of the two ops that use them, a dense linear and the grouped expert
+//! layout ([`QMatmul`]'s CPU reference), and the launch plan of their GEMV kernel ([`qmatmul_plan`]).
 //!
 //! Legend: M activation rows, K input features (the reduction dim), N output features,
 //! E experts, G = ceil(K / group) groups per row, Kb bytes per packed row.
 //!
 //! ```text
-//! INT8 (per output channel, symmetric):
-//!   qweight [.., N, K]   u8 = two's-complement i8 q in -127..=127
-//!   params  [.., N]      f16 scale s;           w[n, k] = s[n] * q[n, k]
-//! INT4 (group-wise along K, asymmetric):
-//!   qweight [.., N, Kb]  u8, Kb = ceil(K / 2): byte j of a row = q[2j] | q[2j+1] << 4 (low nibble
-//!                        first; a pad nibble of 0 when K is odd). Rows are contiguous along K, so
-//!                        a 16-byte load is 32 consecutive weights of one row (coalesced when the
-//!                        threads of a warp walk K, as the GEMV kernel does).
-//!   params  [.., N, G, 2] f16 (scale s, zero z) per group of `group` consecutive k (the last
-//!                        group may be partial);  w[n, k] = s[n, g] * (q[n, k] - z[n, g]), g = k / group
+//! x       [M, K]              f32 | bf16 | f16
+//! qweight [N, Kb] | [E, N, Kb] u8, params [N, ..] | [E, N, ..] f16   (the formats of crate::qformat)
+//! out     [M, N]              y = x W^T; grouped: rows offsets[e]..offsets[e+1] of x use expert e's W
 //! ```
-//!
-//! Quantization (host side, from f32): INT8 s = f16(absmax / 127), q = clamp(round(w / s)).
-//! INT4: the group's range [lo, hi] is widened to contain 0, s = f16((hi - lo) / 15),
-//! z = f16(-lo / s) in [0, 15] (a real zero-point, so both ends of the range are hit exactly),
-//! q = clamp(round(w / s + z), 0, 15). Scales are rounded to f16 *before* q is computed, so the
-//! stored scale is the one the weights were rounded against. A zero scale (all-zero row or group)
-//! stores q = 0 and dequantizes to exactly 0.
 //!
 //! Matmul semantics shared by the CPU reference and `cuda/qmatmul.cu`: accumulate in f32 over k,
 //! output rounded once (nearest even) to the activation dtype (f32, bf16 or f16). The summation
 //! order is unspecified (the GPU splits K over threads): results are compared by NMSE.
 
-use crate::common::Elem;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::f16;
 
-/// A weight-only quantization format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QFormat {
-    /// Per-output-channel symmetric int8.
-    Int8,
-    /// Asymmetric int4 in groups of `group` consecutive input features (a multiple of 2).
-    Int4 { group: usize },
-}
+use crate::common::{grid_dim, suffix, Elem};
+use crate::launch::{Arg, Buf, Plan};
 
-impl QFormat {
-    /// Bytes of one packed row of `k` weights.
-    pub fn row_bytes(self, k: usize) -> usize {
-        match self {
-            QFormat::Int8 => k,
-            QFormat::Int4 { .. } => k.div_ceil(2),
-        }
-    }
-
-    /// The f16 params of one row: `[]` + 1 scale (int8) or `[G, 2]` (int4).
-    pub fn params_shape(self, k: usize) -> Vec<usize> {
-        match self {
-            QFormat::Int8 => vec![],
-            QFormat::Int4 { group } => vec![k.div_ceil(group), 2],
-        }
-    }
-
-    fn params_per_row(self, k: usize) -> usize {
-        self.params_shape(k).iter().product::<usize>()
-    }
-}
-
-/// Quantizes one row `w [K]` into `q [row_bytes(K)]` and `p [params_per_row]` (see module docs).
-pub fn quantize_row(fmt: QFormat, w: &[f32], q: &mut [u8], p: &mut [f16]) {
-    match fmt {
-        QFormat::Int8 => {
-            let absmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = f16::from_f32(absmax / 127.0);
-            p[0] = s;
-            let s = s.f32();
-            for (q, &v) in q.iter_mut().zip(w) {
-                let x = if s > 0.0 {
-                    (v / s).round().clamp(-127.0, 127.0)
-                } else {
-                    0.0
-                };
-                *q = (x as i8) as u8;
-            }
-        }
-        QFormat::Int4 { group } => {
-            q.fill(0);
-            for (g, chunk) in w.chunks(group).enumerate() {
-                let lo = chunk.iter().fold(0f32, |m, &v| m.min(v));
-                let hi = chunk.iter().fold(0f32, |m, &v| m.max(v));
-                let s = f16::from_f32((hi - lo) / 15.0);
-                let sf = s.f32();
-                let z = if sf > 0.0 {
-                    f16::from_f32(-lo / sf)
-                } else {
-                    f16::ZERO
-                };
-                let zf = z.f32();
-                p[2 * g] = s;
-                p[2 * g + 1] = z;
-                for (i, &v) in chunk.iter().enumerate() {
-                    let x = if sf > 0.0 {
-                        (v / sf + zf).round().clamp(0.0, 15.0) as u8
-                    } else {
-                        0
-                    };
-                    let k = g * group + i;
-                    q[k / 2] |= x << (4 * (k % 2));
-                }
-            }
-        }
-    }
-}
-
-/// Dequantizes one row into `w [K]` (the inverse of [`quantize_row`] up to rounding).
-pub fn dequantize_row(fmt: QFormat, q: &[u8], p: &[f16], w: &mut [f32]) {
-    match fmt {
-        QFormat::Int8 => {
-            let s = p[0].f32();
-            for (w, &q) in w.iter_mut().zip(q) {
-                *w = s * (q as i8) as f32;
-            }
-        }
-        QFormat::Int4 { group } => {
-            // Per group (even size, so it starts on a byte): convert (s, z) once, then one byte =
-            // two weights, low nibble first. Same f32 ops per weight as the one-at-a-time form.
-            for (g, wg) in w.chunks_mut(group).enumerate() {
-                let (s, z) = (p[2 * g].f32(), p[2 * g + 1].f32());
-                let qg = &q[g * group / 2..];
-                for (pair, &b) in wg.chunks_mut(2).zip(qg) {
-                    pair[0] = s * ((b & 0xf) as f32 - z);
-                    if let Some(hi) = pair.get_mut(1) {
-                        *hi = s * ((b >> 4) as f32 - z);
-                    }
-                }
-            }
-        }
-    }
-}
+pub use crate::qformat::{dequantize_row, quantize_row, QFormat};
 
 /// f32 dot product with 8 independent partial sums (so it vectorizes).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -155,8 +43,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Problem sizes of one (possibly grouped) quantized matmul.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QmmDims {
     pub m: usize,
     pub k: usize,
     pub n: usize,
@@ -170,7 +58,7 @@ pub(crate) fn check(
     (x_dtype, x_dims): (DType, &[usize]),
     (q_dtype, q_dims): (DType, &[usize]),
     (p_dtype, p_dims): (DType, &[usize]),
-) -> Result<Dims> {
+) -> Result<QmmDims> {
     let op = if grouped { OP_GROUPED } else { OP };
     if !matches!(x_dtype, DType::F32 | DType::BF16 | DType::F16) {
         bail!("{op}: x must be f32, bf16 or f16, got {x_dtype:?}");
@@ -208,7 +96,7 @@ pub(crate) fn check(
     if p_dims != want.as_slice() {
         bail!("{op}: params must be {want:?}, got {p_dims:?}");
     }
-    Ok(Dims { m, k, n, e })
+    Ok(QmmDims { m, k, n, e })
 }
 
 fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
@@ -237,7 +125,7 @@ fn reference<T: Elem>(
     x: &[T],
     q: &[u8],
     p: &[f16],
-    d: Dims,
+    d: QmmDims,
     rows: &[std::ops::Range<usize>],
 ) -> Vec<T> {
     use rayon::prelude::*;
@@ -304,7 +192,9 @@ pub const QMATMUL_NMSE_F16: f64 = 1e-6;
 const OP: &str = "qmatmul";
 pub(crate) const OP_GROUPED: &str = "qmatmul_grouped";
 
-/// The candle op behind [`crate::qmatmul()`] (`offsets: None`) and [`crate::qmatmul_grouped`].
+/// The candle op behind [`crate::qmatmul()`] (`offsets: None`) and [`crate::qmatmul_grouped`] on the CPU: the
+/// reference. On CUDA (and under the emulator) those functions run the kernels through [`qmatmul_plan`] (or
+/// the tiled GEMM of `crate::qexperts`) instead, so this op has no `cuda_fwd`.
 #[derive(Debug, Clone)]
 pub struct QMatmul {
     pub fmt: QFormat,
@@ -364,118 +254,17 @@ impl CustomOp3 for QMatmul {
         };
         Ok((out, Shape::from((d.m, d.n))))
     }
-
-    /// Launches `cuda/qmatmul.cu` (GEMV-style, one warp per output feature and chunk of up to
-    /// [`QMM_ROWS`] activation rows). `qmatmul`/`qmatmul_grouped` send launches with many rows per
-    /// expert on CUDA to the tiled GEMM (`qexperts::large_qmatmul`) instead. Written and
-    /// compiled without a GPU: NOT YET RUN on one (`moe-run selftest --device cuda --filter qmatmul`).
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::common::cuda::alloc_out;
-        use crate::common::cuda_act::ActView;
-        use crate::cuda_util::{contiguous, module_key};
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-
-        let op = self.name_();
-        let d = check(
-            self.fmt,
-            self.offsets.is_some(),
-            (s1.dtype(), l1.dims()),
-            (s2.dtype(), l2.dims()),
-            (s3.dtype(), l3.dims()),
-        )?;
-        if d.m == 0 || d.n == 0 {
-            bail!(
-                "{op}: empty output [{}, {}]: use qmatmul(), which handles it",
-                d.m,
-                d.n
-            );
-        }
-        if d.m > u32::MAX as usize || d.n > u32::MAX as usize || d.k > u32::MAX as usize {
-            bail!(
-                "{op}: sizes must fit in u32, got M = {}, N = {}, K = {}",
-                d.m,
-                d.n,
-                d.k
-            );
-        }
-        let dev = s1.device().clone();
-        let x = ActView::new(s1, l1, op, "x")?;
-        let q = contiguous(s2.as_cuda_slice::<u8>()?, l2, op, "qweight")?;
-        let p = contiguous(s3.as_cuda_slice::<f16>()?, l3, op, "params")?;
-        let chunks = chunk_table(self.offsets.as_deref(), d.m);
-        let n_chunks = chunks.len() / 3;
-        let chunks = dev.clone_htod(&chunks)?;
-        let (kind, group) = match self.fmt {
-            QFormat::Int8 => ("int8", 0u32),
-            QFormat::Int4 { group } => ("int4", group.min(u32::MAX as usize) as u32),
-        };
-        let fn_name = format!("qmatmul_{kind}_{}", x.suffix());
-        let m = &crate::ptx::QMATMUL;
-        let func = dev.get_or_load_custom_func(&fn_name, &module_key(m), m.ptx)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                d.n.div_ceil(QMM_WARPS) as u32,
-                n_chunks.clamp(1, 65535) as u32,
-                1,
-            ),
-            block_dim: (QMM_WARPS as u32 * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        macro_rules! go {
-            ($ty:ty, $variant:ident) => {{
-                let out = alloc_out::<$ty>(&dev, d.m * d.n)?;
-                let mut b = func.builder();
-                x.push(&mut b);
-                b.arg(&q);
-                b.arg(&p);
-                b.arg(&chunks);
-                b.arg(&out);
-                candle_core::builder_arg!(
-                    b,
-                    n_chunks as u32,
-                    d.n as u32,
-                    d.k as u32,
-                    group
-                );
-                // SAFETY: argument types and order match `qmatmul_<fmt>_<dtype>` in cuda/qmatmul.cu;
-                // `check` validated every shape, and the chunk table covers rows 0..M with experts < E,
-                // so every index is < M*K (x), E*N*Kb (qweight), E*N*params (params) or M*N (out).
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(out)
-            }};
-        }
-        let slice = match &x {
-            ActView::F32(_) => go!(f32, F32),
-            ActView::BF16(_) => go!(half::bf16, BF16),
-            ActView::F16(_) => go!(f16, F16),
-        };
-        Ok((
-            candle_core::CudaStorage { slice, device: dev },
-            Shape::from((d.m, d.n)),
-        ))
-    }
 }
 
 /// Activation rows per warp in `cuda/qmatmul.cu` (`QMM_ROWS`): each packed weight row is read once per
 /// chunk of this many rows.
 pub const QMM_ROWS: usize = 8;
 /// Warps (output features) per block in `cuda/qmatmul.cu` (`QMM_WARPS`).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const QMM_WARPS: usize = 4;
+pub(crate) const QMM_WARPS: usize = 4;
 
-/// The CUDA kernel's work list, flattened `[C, 3]` u32: (expert, first row, rows <= [`QMM_ROWS`]) for
-/// every expert's rows (`offsets`, or all M rows as expert 0), in row order; empty experts get no chunk.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// The kernel work list of `qmatmul_<fmt>_<dtype>`, flattened `[C, 3]` u32: (expert, first row, rows <=
+/// [`QMM_ROWS`]) for every expert's rows (`offsets`, or all M rows as expert 0), in row order; empty experts get
+/// no chunk.
 fn chunk_table(offsets: Option<&[u32]>, m: usize) -> Vec<u32> {
     let whole = [0u32, m as u32];
     let offsets = offsets.unwrap_or(&whole);
@@ -491,71 +280,103 @@ fn chunk_table(offsets: Option<&[u32]>, m: usize) -> Vec<u32> {
     out
 }
 
+/// The kernel-name part of a format and the kernels' `group` argument (0 for int8).
+pub(crate) fn kind_and_group(fmt: QFormat) -> (&'static str, u32) {
+    match fmt {
+        QFormat::Int8 => ("int8", 0),
+        QFormat::Int4 { group } => ("int4", group.min(u32::MAX as usize) as u32),
+    }
+}
+
+/// The launch of `qmatmul_<fmt>_<dtype>` (GEMV-style: one warp per output feature and chunk of up to
+/// [`QMM_ROWS`] activation rows, [`QMM_WARPS`] features per block, grid y striding over the chunks) for `x [M, K]`
+/// against `d.n` features of `d.e` experts; `offsets`: the grouped layout's host offsets (checked by the caller),
+/// `None` for a dense `qweight [N, Kb]`. Inputs `x`, `qweight`, `params`; the chunk table ([`chunk_table`]) is
+/// uploaded; output `out [M, N]`. An error for an empty output (`qmatmul()` handles it) or sizes past u32. Pure.
+pub fn qmatmul_plan(
+    dtype: DType,
+    fmt: QFormat,
+    d: QmmDims,
+    offsets: Option<&[u32]>,
+) -> Result<Plan> {
+    let op = if offsets.is_some() { OP_GROUPED } else { OP };
+    if d.m == 0 || d.n == 0 {
+        bail!(
+            "{op}: empty output [{}, {}]: use qmatmul(), which handles it",
+            d.m,
+            d.n
+        );
+    }
+    if d.m > u32::MAX as usize || d.n > u32::MAX as usize || d.k > u32::MAX as usize {
+        bail!(
+            "{op}: sizes must fit in u32, got M = {}, N = {}, K = {}",
+            d.m,
+            d.n,
+            d.k
+        );
+    }
+    let (kind, group) = kind_and_group(fmt);
+    let mut p = Plan::new(op, &["x", "qweight", "params"]);
+    let table = chunk_table(offsets, d.m);
+    let n_chunks = table.len() / 3;
+    let chunks = p.upload("chunks", table);
+    let out = p.out("out", dtype, (d.m, d.n));
+    // `check` validated every shape, and the chunk table covers rows 0..M with experts < E, so every index is
+    // < M*K (x), E*N*Kb (qweight), E*N*params (params) or M*N (out).
+    p.launch(
+        "qmatmul",
+        format!("qmatmul_{kind}_{}", suffix(dtype)?),
+        [
+            grid_dim(op, "feature blocks", d.n.div_ceil(QMM_WARPS), u32::MAX >> 1)?,
+            n_chunks.clamp(1, 65535) as u32,
+            1,
+        ],
+        [QMM_WARPS as u32 * 32, 1, 1],
+        vec![
+            Arg::Buf(Buf::In(0)),
+            Arg::Buf(Buf::In(1)),
+            Arg::Buf(Buf::In(2)),
+            chunks,
+            out,
+            Arg::U32(n_chunks as u32),
+            Arg::U32(d.n as u32),
+            Arg::U32(d.k as u32),
+            Arg::U32(group),
+        ],
+    );
+    Ok(p)
+}
+
+/// `qmatmul` (`offsets: None`) or `qmatmul_grouped` through [`qmatmul_plan`], on CUDA or the emulator.
+pub(crate) fn run_plan(
+    x: &Tensor,
+    qweight: &Tensor,
+    params: &Tensor,
+    fmt: QFormat,
+    offsets: Option<&[u32]>,
+) -> Result<Tensor> {
+    let d = check(
+        fmt,
+        offsets.is_some(),
+        (x.dtype(), x.dims()),
+        (qweight.dtype(), qweight.dims()),
+        (params.dtype(), params.dims()),
+    )?;
+    let plan = qmatmul_plan(x.dtype(), fmt, d, offsets)?;
+    match plan.run(&[x, qweight, params])?.pop() {
+        Some(out) => Ok(out),
+        None => bail!("{}: the plan returned no output", plan.op),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    #[test]
-    fn roundtrip_error_is_within_half_a_step() {
-        for fmt in [
-            QFormat::Int8,
-            QFormat::Int4 { group: 32 },
-            QFormat::Int4 { group: 128 },
-        ] {
-            for k in [1usize, 7, 32, 33, 200] {
-                let w = lcg(k, k as u64);
-                let mut q = vec![0u8; fmt.row_bytes(k)];
-                let mut p = vec![f16::ZERO; fmt.params_per_row(k)];
-                quantize_row(fmt, &w, &mut q, &mut p);
-                let mut back = vec![0f32; k];
-                dequantize_row(fmt, &q, &p, &mut back);
-                for (i, (a, b)) in w.iter().zip(&back).enumerate() {
-                    let step = match fmt {
-                        QFormat::Int8 => p[0].f32(),
-                        QFormat::Int4 { group } => p[2 * (i / group)].f32(),
-                    };
-                    // The step is no larger than the format needs (an oversized scale would
-                    // pass the half-step test): absmax / 127 for INT8; for INT4 the group's
-                    // range, widened to contain 0, / 15. 0.1% for the f16 rounding of the scale.
-                    let need = match fmt {
-                        QFormat::Int8 => w.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0,
-                        QFormat::Int4 { group } => {
-                            let g = &w[(i / group) * group..((i / group + 1) * group).min(k)];
-                            let hi = g.iter().fold(0f32, |m, &v| m.max(v));
-                            let lo = g.iter().fold(0f32, |m, &v| m.min(v));
-                            (hi - lo) / 15.0
-                        }
-                    };
-                    assert!(
-                        step <= need * 1.001 + 1e-12,
-                        "{fmt:?} k={k} i={i}: step {step} > {need}"
-                    );
-                    // Half a step, plus the f16 rounding of the zero-point (int4).
-                    assert!(
-                        (a - b).abs() <= 0.5 * step * 1.02 + 1e-7,
-                        "{fmt:?} k={k} i={i}: {a} vs {b}, step {step}"
-                    );
-                }
-            }
-        }
-    }
+    use crate::qformat::tests::lcg;
 
     #[test]
     fn launcher_matches_the_cuda_source() {
-        // The kernel cannot run here (no GPU); at least keep the launcher's constants and entry names in
-        // step with cuda/qmatmul.cu.
+        // Keep the plan's constants and entry names in step with cuda/qmatmul.cu.
         let src = include_str!("../cuda/qmatmul.cu");
         assert!(src.contains(&format!("#define QMM_ROWS {QMM_ROWS}\n")));
         assert!(src.contains(&format!("#define QMM_WARPS {QMM_WARPS}\n")));
@@ -564,6 +385,55 @@ mod tests {
                 assert!(src.contains(&format!("QMATMUL_ENTRY(qmatmul_{fmt}_{dt},")));
             }
         }
+    }
+
+    #[test]
+    fn plan_geometry() {
+        let input = |i| Arg::Buf(Buf::In(i));
+        let dims = |m, k, n, e| QmmDims { m, k, n, e };
+        // Dense: 10 rows in chunks of 8 + 2, N = 37 features in 10 blocks of 4 warps (the last one partial).
+        let d = dims(10, 64, 37, 1);
+        let p = qmatmul_plan(DType::BF16, QFormat::Int8, d, None).unwrap();
+        assert_eq!((p.op, &p.inputs[..]), (OP, &["x", "qweight", "params"][..]));
+        assert_eq!(p.uploads, vec![("chunks", vec![0, 0, 8, 0, 8, 2])]);
+        assert_eq!(p.outs[0].shape.dims(), &[10, 37]);
+        let [l] = &p.launches[..] else {
+            panic!("{:?}", p.launches)
+        };
+        assert_eq!(
+            (l.module, l.entry.as_str()),
+            ("qmatmul", "qmatmul_int8_bf16")
+        );
+        assert_eq!((l.grid, l.block), ([10, 2, 1], [128, 1, 1]));
+        let tail = [2, 37, 64, 0].map(Arg::U32);
+        let mut want = vec![input(0), input(1), input(2), Arg::Buf(Buf::Upload(0))];
+        want.push(Arg::Buf(Buf::Out(0)));
+        want.extend(tail);
+        assert_eq!(l.args, want);
+        // Grouped, int4 in groups of 32: experts of 3, 0 and 9 rows give 3 chunks; N = 64 fills 16 blocks.
+        let d = dims(12, 96, 64, 3);
+        let p = qmatmul_plan(
+            DType::F16,
+            QFormat::Int4 { group: 32 },
+            d,
+            Some(&[0, 3, 3, 12]),
+        )
+        .unwrap();
+        assert_eq!(p.op, OP_GROUPED);
+        let l = &p.launches[0];
+        assert_eq!(l.entry, "qmatmul_int4_f16");
+        assert_eq!((l.grid, l.block), ([16, 3, 1], [128, 1, 1]));
+        assert_eq!(&l.args[5..], &[3, 64, 96, 32].map(Arg::U32));
+        // More chunks than grid.y takes: the grid is clamped, C is not (the kernel strides).
+        let d = dims(8 * 70000, 16, 4, 1);
+        let l = qmatmul_plan(DType::F32, QFormat::Int8, d, None)
+            .unwrap()
+            .launches[0]
+            .clone();
+        assert_eq!((l.grid, l.args[5]), ([1, 65535, 1], Arg::U32(70000)));
+        // An empty output is the caller's to handle.
+        let d = dims(0, 16, 4, 1);
+        assert!(qmatmul_plan(DType::F32, QFormat::Int8, d, None).is_err());
     }
 
     #[test]
@@ -584,7 +454,7 @@ mod tests {
         x: &[f32],
         q: &[u8],
         p: &[f16],
-        d: Dims,
+        d: QmmDims,
         rows: &[std::ops::Range<usize>],
     ) -> Vec<f32> {
         let (k, n) = (d.k, d.n);
@@ -651,7 +521,7 @@ mod tests {
                 }
                 let x = lcg(m * k, 7 + m as u64);
                 let rows: Vec<_> = offsets.windows(2).map(|o| o[0]..o[1]).collect();
-                let d = Dims { m, k, n, e };
+                let d = QmmDims { m, k, n, e };
                 let want = serial_reference(fmt, &x, &q, &p, d, &rows);
                 let got = reference(fmt, &x, &q, &p, d, &rows);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -698,7 +568,7 @@ mod tests {
                 }
                 let x = lcg(m * k, 2);
                 let rows: Vec<_> = std::iter::once(0..m).collect();
-                let d = Dims { m, k, n, e: 1 };
+                let d = QmmDims { m, k, n, e: 1 };
                 let reps = if m == 1 { 200 } else { 10 };
                 let (mut ts, mut t1, mut tn) = (vec![], vec![], vec![]);
                 for _ in 0..reps {
@@ -721,24 +591,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn zero_rows_and_constant_groups() {
-        let fmt = QFormat::Int4 { group: 4 };
-        let w = [0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5];
-        let mut q = vec![0u8; 4];
-        let mut p = vec![f16::ZERO; 4];
-        quantize_row(fmt, &w, &mut q, &mut p);
-        let mut back = vec![1f32; 8];
-        dequantize_row(fmt, &q, &p, &mut back);
-        assert_eq!(&back[..4], &[0.0; 4]);
-        assert!(back[4..].iter().all(|v| (v - 0.5).abs() < 1e-3), "{back:?}");
-        let mut q8 = vec![0u8; 3];
-        let mut p8 = vec![f16::ZERO; 1];
-        quantize_row(QFormat::Int8, &[0.0; 3], &mut q8, &mut p8);
-        let mut back = vec![1f32; 3];
-        dequantize_row(QFormat::Int8, &q8, &p8, &mut back);
-        assert_eq!(back, [0.0; 3]);
     }
 }
