@@ -429,8 +429,9 @@ mod tests {
         assert!(src.contains(&format!("#define TILE_M {TILE_M}\n")));
         assert!(src.contains(&format!("#define GU_TILE_F {GU_TILE_F} ")));
         assert!(src.contains(&format!("#define DN_TILE_H {DN_TILE_H}\n")));
+        assert!(src.contains(&format!("__launch_bounds__({GEMM_THREADS}) moe_down_gemm_")));
         assert!(src.contains(&format!(
-            "__launch_bounds__({GEMM_THREADS}) moe_gate_up_gemm_"
+            "__launch_bounds__({GEMM_THREADS}, 4) moe_gate_up_gemm_"
         )));
         assert!(
             src.contains("MMA_ENTRIES(f16, __half)")
