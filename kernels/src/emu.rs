@@ -17,6 +17,19 @@ use candle_core::{bail, Result};
 
 thread_local! {
     static ACTIVE: Cell<bool> = const { Cell::new(false) };
+    static LAUNCHES: std::cell::RefCell<std::collections::BTreeMap<String, u64>> =
+        const { std::cell::RefCell::new(std::collections::BTreeMap::new()) };
+}
+
+/// How many times each entry point was launched through the emulator on this thread (so a test can prove
+/// which kernels a forward pass really ran).
+pub fn launch_counts() -> std::collections::BTreeMap<String, u64> {
+    LAUNCHES.with(|l| l.borrow().clone())
+}
+
+#[cfg(feature = "emu")]
+fn count_launch(entry: &str) {
+    LAUNCHES.with(|l| *l.borrow_mut().entry(entry.to_string()).or_default() += 1);
 }
 
 /// Whether this build contains the emulator (feature `emu`).
@@ -36,6 +49,14 @@ pub fn enable() -> Result<Scope> {
     }
     let prev = ACTIVE.with(|a| a.replace(true));
     Ok(Scope { prev })
+}
+
+/// Runs `f` with the emulator off on this thread: what the self-test uses to compute the expected side of a
+/// case with the CPU reference while the ops under test run emulated.
+pub fn without<T>(f: impl FnOnce() -> T) -> T {
+    let prev = ACTIVE.with(|a| a.replace(false));
+    let _restore = Scope { prev };
+    f()
 }
 
 /// Restores the previous emulator state of the thread when dropped.
@@ -209,6 +230,7 @@ mod imp {
                 ERR_LEN,
             )
         };
+        super::count_launch(entry);
         if rc != 0 {
             bail!("emulated kernel {}", message(&err));
         }

@@ -1,0 +1,219 @@
+//! Self-test cases: Quantized matmuls: dense, grouped (expert-stacked) and on a device dispatch (qmatmul_moe), INT8 / INT4 g128 / g32.
+
+use super::experts::live_rows;
+use super::*;
+use crate::dispatch::dispatch_reference;
+use crate::experts::ExpertPath;
+use crate::qexperts::{qmatmul, qmatmul_grouped};
+use crate::qmatmul::{
+    quantize_row, QFormat, QMATMUL_NMSE_BF16, QMATMUL_NMSE_F16, QMATMUL_NMSE_F32,
+};
+
+/// Quantizes `w [rows, k]` row by row: (qweight bytes, f16 params).
+pub(super) fn quantize(
+    fmt: QFormat,
+    w: &[f32],
+    rows: usize,
+    k: usize,
+) -> (Vec<u8>, Vec<half::f16>) {
+    let (kb, pr) = (
+        fmt.row_bytes(k),
+        fmt.params_shape(k).iter().product::<usize>(),
+    );
+    let mut q = vec![0u8; rows * kb];
+    let mut p = vec![half::f16::ZERO; rows * pr];
+    for r in 0..rows {
+        quantize_row(
+            fmt,
+            &w[r * k..(r + 1) * k],
+            &mut q[r * kb..(r + 1) * kb],
+            &mut p[r * pr..(r + 1) * pr],
+        );
+    }
+    (q, p)
+}
+
+pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    let fmts = [
+        ("int8", QFormat::Int8),
+        ("int4-g128", QFormat::Int4 { group: 128 }),
+        ("int4-g32", QFormat::Int4 { group: 32 }),
+    ];
+    // (M, N, K, experts, offsets): dense (E = 0 means qmatmul) for decode, small and larger prefill with odd
+    // N; grouped with an empty expert and an expert spanning several 8-row chunks; int8 K = 200 (not a
+    // multiple of 16) takes the kernel's scalar path.
+    // On CUDA, M = 64 and 513 (and the grouped 64-row case) take the tiled GEMM path, the rest GEMV.
+    let shapes: [(usize, usize, usize, Vec<u32>); 8] = [
+        (1, 129, 256, vec![]),
+        (7, 257, 512, vec![]),
+        (64, 67, 384, vec![]),
+        (513, 130, 256, vec![]),
+        (1, 33, 256, vec![0, 0, 1, 1]),
+        (7, 129, 256, vec![0, 2, 2, 7]),
+        (64, 65, 384, vec![0, 9, 9, 30, 64]),
+        (7, 31, 200, vec![]),
+    ];
+    for (fname, fmt) in fmts {
+        for (m, n, k, offsets) in &shapes {
+            let (m, n, k) = (*m, *n, *k);
+            if let QFormat::Int4 { group } = fmt {
+                if k % group != 0 {
+                    continue;
+                }
+            }
+            let e = offsets.len().saturating_sub(1).max(1);
+            let grouped = !offsets.is_empty();
+            let w0 = rng.vec(e * n * k, 1.0 / (k as f32).sqrt());
+            let (q, p) = quantize(fmt, &w0, e * n, k);
+            let x0 = rng.vec(m * k, 1.0);
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                if dtype == DType::F16 && m != 7 {
+                    continue;
+                }
+                let case = if grouped {
+                    format!("{fname} grouped E={e} M={m} N={n} K={k}")
+                } else {
+                    format!("{fname} M={m} N={n} K={k}")
+                };
+                let budget = match dtype {
+                    DType::F32 => QMATMUL_NMSE_F32,
+                    DType::F16 => QMATMUL_NMSE_F16,
+                    _ => QMATMUL_NMSE_BF16,
+                };
+                let r = (|| {
+                    let mut qdims = if grouped { vec![e, n] } else { vec![n] };
+                    let mut pdims = qdims.clone();
+                    qdims.push(fmt.row_bytes(k));
+                    pdims.extend(fmt.params_shape(k));
+                    let run = |dev: &Device| -> Result<(Tensor, Tensor, Tensor)> {
+                        Ok((
+                            upload(&x0, &[m, k], dtype, dev)?,
+                            Tensor::from_slice(&q, qdims.as_slice(), dev)?,
+                            Tensor::from_slice(&p, pdims.as_slice(), dev)?,
+                        ))
+                    };
+                    let call = |x: &Tensor, qt: &Tensor, pt: &Tensor| {
+                        if grouped {
+                            qmatmul_grouped(x, qt, pt, offsets, fmt)
+                        } else {
+                            qmatmul(x, qt, pt, fmt)
+                        }
+                    };
+                    let (xc, qc, pc) = run(&Device::Cpu)?;
+                    // The CPU reference, with the emulator off.
+                    let want = crate::emu::without(|| f32s(&call(&xc, &qc, &pc)?))?;
+                    let (xt, qt, pt) = run(device)?;
+                    let (out, time_us) = timed(device, || call(&xt, &qt, &pt))?;
+                    Ok(Row {
+                        op: "qmatmul",
+                        case: case.clone(),
+                        dtype,
+                        nmse: nmse(&f32s(&out)?, &want),
+                        budget,
+                        time_us,
+                        note: String::new(),
+                    })
+                })();
+                rows.push(row_or_error("qmatmul", case, dtype, budget, r));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    let fmts = [
+        ("int8", QFormat::Int8),
+        ("int4-g128", QFormat::Int4 { group: 128 }),
+        ("int4-g32", QFormat::Int4 { group: 32 }),
+    ];
+    // (tokens, top-k, E, used, N_out, K, block, gather): decode over many experts, a prefill with idle experts
+    // and rows spanning several 8-row chunks, padding, the un-gathered (down projection) form, and int8 with
+    // K = 200 (scalar path).
+    let cases = [
+        (
+            1usize, 8usize, 64usize, 64usize, 96usize, 256usize, 1usize, true,
+        ),
+        (7, 2, 8, 5, 129, 256, 1, true),
+        (64, 8, 256, 256, 40, 128, 1, true),
+        (64, 2, 8, 6, 33, 384, 16, false),
+        (513, 4, 16, 16, 72, 128, 1, true),
+        (7, 2, 8, 8, 31, 200, 1, true),
+    ];
+    for (fname, fmt) in fmts {
+        for &(n_tok, k_top, e, pool, n, k, block, gather) in &cases {
+            if let QFormat::Int4 { group } = fmt {
+                if k % group != 0 {
+                    continue;
+                }
+            }
+            let ids = rng.ids(n_tok, k_top, pool);
+            let d = dispatch_reference(&ids, k_top, e, block)?;
+            let r = d.row_token.len();
+            let x_rows = if gather { n_tok } else { r };
+            let x0 = rng.vec(x_rows * k, 1.0);
+            let w0 = rng.vec(e * n * k, 1.0 / (k as f32).sqrt());
+            let (q, p) = quantize(fmt, &w0, e * n, k);
+            let mut pdims = vec![e, n];
+            pdims.extend(fmt.params_shape(k));
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                if dtype == DType::F16 && n_tok != 7 {
+                    continue;
+                }
+                for path in [ExpertPath::Gemv, ExpertPath::Gemm] {
+                    let case = format!(
+                        "{path:?} {fname} N={n_tok} k={k_top} E={e} O={n} K={k} B={block}{}",
+                        if gather { "" } else { " rows" }
+                    );
+                    let budget = match dtype {
+                        DType::F32 => QMATMUL_NMSE_F32,
+                        DType::F16 => QMATMUL_NMSE_F16,
+                        _ => QMATMUL_NMSE_BF16,
+                    };
+                    let r = (|| {
+                        let run = |dev: &Device| -> Result<[Tensor; 6]> {
+                            Ok([
+                                upload(&x0, &[x_rows, k], dtype, dev)?,
+                                Tensor::from_slice(&d.row_token, r, dev)?,
+                                Tensor::from_slice(&d.counts, e, dev)?,
+                                Tensor::from_slice(&d.offsets, e + 1, dev)?,
+                                Tensor::from_slice(&q, (e, n, fmt.row_bytes(k)), dev)?,
+                                Tensor::from_slice(&p, pdims.as_slice(), dev)?,
+                            ])
+                        };
+                        let call = |t: &[Tensor; 6]| {
+                            crate::qmatmul_moe(
+                                &t[0],
+                                gather.then_some(&t[1]),
+                                &t[2],
+                                &t[3],
+                                &t[4],
+                                &t[5],
+                                fmt,
+                                Some(path),
+                            )
+                        };
+                        // The CPU reference, with the emulator off.
+                        let want = crate::emu::without(|| f32s(&call(&run(&Device::Cpu)?)?))?;
+                        let dt = run(device)?;
+                        let (out, time_us) = timed(device, || call(&dt))?;
+                        Ok(Row {
+                            op: "qmatmul_moe",
+                            case: case.clone(),
+                            dtype,
+                            nmse: nmse(
+                                &live_rows(&f32s(&out)?, &d.row_token, n),
+                                &live_rows(&want, &d.row_token, n),
+                            ),
+                            budget,
+                            time_us,
+                            note: String::new(),
+                        })
+                    })();
+                    rows.push(row_or_error("qmatmul_moe", case, dtype, budget, r));
+                }
+            }
+        }
+    }
+    Ok(())
+}

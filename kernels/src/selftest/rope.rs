@@ -1,0 +1,119 @@
+//! Self-test cases: QK-norm + RoPE: `out [B, H, T, D]` without norm, norm before and norm after RoPE.
+
+use super::*;
+
+pub(super) fn qk_norm_rope_cases(
+    device: &Device,
+    rng: &mut Rng,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    use crate::rope::{
+        qk_norm_rope, HeadNorm, QK_NORM_ROPE_NMSE_BF16, QK_NORM_ROPE_NMSE_F16,
+        QK_NORM_ROPE_NMSE_F32,
+    };
+    // (B, T, heads, D, pos, interleaved): decode and a small prefill, rotate-half and interleaved (MLA's 64),
+    // a head dim that is not a multiple of 64 (lanes idle in the last pass) and one of 256.
+    let cases = [
+        (1, 1, 32, 128, 700, false),
+        (2, 7, 8, 128, 5, false),
+        (2, 1, 16, 64, 33, true),
+        (1, 7, 3, 80, 0, true),
+        (1, 7, 4, 256, 100, false),
+    ];
+    for &(b, t, h, d, pos, interleaved) in &cases {
+        let p = pos + t + 3;
+        let x0 = rng.vec(b * t * h * d, 2.0);
+        let w0: Vec<f32> = (0..d).map(|_| 1.0 + 0.5 * rng.f32()).collect();
+        let (mut c0, mut s0) = (Vec::new(), Vec::new());
+        for q in 0..p {
+            for i in 0..d / 2 {
+                let a = q as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32);
+                c0.push(a.cos());
+                s0.push(a.sin());
+            }
+        }
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let budget = match dtype {
+                DType::F32 => QK_NORM_ROPE_NMSE_F32,
+                DType::F16 => QK_NORM_ROPE_NMSE_F16,
+                _ => QK_NORM_ROPE_NMSE_BF16,
+            };
+            let (x, w, c, s) = (
+                rounded(&x0, dtype)?,
+                rounded(&w0, dtype)?,
+                rounded(&c0, dtype)?,
+                rounded(&s0, dtype)?,
+            );
+            for mode in 0..3u8 {
+                let case = format!(
+                    "{}{} B={b} T={t} H={h} D={d} pos={pos}",
+                    ["rope", "norm+rope", "rope+norm"][mode as usize],
+                    if interleaved { "(i)" } else { "" }
+                );
+                let r = (|| {
+                    let nr = (mode > 0).then_some((&w[..], 1e-6f32, mode == 2));
+                    let want =
+                        ref_qk_norm_rope_f32(dtype, &x, nr, &c, &s, (b, t, h, d), pos, interleaved);
+                    let xt = upload(&x, &[b, t, h, d], dtype, device)?;
+                    let wt = upload(&w, &[d], dtype, device)?;
+                    let ct = upload(&c, &[p, d / 2], dtype, device)?;
+                    let st = upload(&s, &[p, d / 2], dtype, device)?;
+                    let norm = (mode > 0).then_some(HeadNorm {
+                        weight: &wt,
+                        eps: 1e-6,
+                        after_rope: mode == 2,
+                    });
+                    let (out, time_us) = timed(device, || {
+                        qk_norm_rope(&xt, norm, &ct, &st, pos, interleaved)
+                    })?;
+                    Ok(Row {
+                        op: "qk_norm_rope",
+                        case: case.clone(),
+                        dtype,
+                        nmse: nmse(&f32s(&out)?, &want),
+                        budget,
+                        time_us,
+                        note: String::new(),
+                    })
+                })();
+                rows.push(row_or_error("qk_norm_rope", case, dtype, budget, r));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ref_qk_norm_rope_f32(
+    dtype: DType,
+    x: &[f32],
+    norm: Option<(&[f32], f32, bool)>,
+    c: &[f32],
+    s: &[f32],
+    dims: (usize, usize, usize, usize),
+    pos: usize,
+    interleaved: bool,
+) -> Vec<f32> {
+    fn go<T: crate::common::Elem>(
+        x: &[f32],
+        norm: Option<(&[f32], f32, bool)>,
+        c: &[f32],
+        s: &[f32],
+        dims: (usize, usize, usize, usize),
+        pos: usize,
+        interleaved: bool,
+    ) -> Vec<f32> {
+        let cv = |v: &[f32]| v.iter().map(|&a| T::of(a)).collect::<Vec<T>>();
+        let w = norm.map(|(w, _, _)| cv(w));
+        let nr = norm.zip(w.as_deref()).map(|((_, e, a), w)| (w, e, a));
+        crate::rope::qk_norm_rope_reference::<T>(&cv(x), nr, &cv(c), &cv(s), dims, pos, interleaved)
+            .iter()
+            .map(|v| v.f32())
+            .collect()
+    }
+    match dtype {
+        DType::F32 => go::<f32>(x, norm, c, s, dims, pos, interleaved),
+        DType::BF16 => go::<half::bf16>(x, norm, c, s, dims, pos, interleaved),
+        _ => go::<half::f16>(x, norm, c, s, dims, pos, interleaved),
+    }
+}
