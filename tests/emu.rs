@@ -149,6 +149,25 @@ fn missing_barrier_reads_stale_shared_memory() {
 }
 
 #[test]
+fn missing_barrier_between_warps_reads_the_next_tile() {
+    // Correct would be out[t] = (0 + u) + (1000 + u) with u = (t + 32) % 64; without the loop's trailing barrier
+    // one warp stages step 1 before the other has read step 0.
+    let out = EmuBuf::new(64 * 4, 4, "out").unwrap();
+    launch_raw(
+        "emu_test_missing_loop_barrier",
+        [1, 1, 1],
+        [64, 1, 1],
+        &[EmuArg::Buf(&out)],
+    )
+    .unwrap();
+    let got = read(&out);
+    let want: Vec<f32> = (0..64)
+        .map(|t| (2 * ((t + 32) % 64) + 1000) as f32)
+        .collect();
+    assert_ne!(got, want, "the race between warps went unnoticed");
+}
+
+#[test]
 fn launch_contract_is_checked() {
     let out = EmuBuf::new(4, 4, "out").unwrap();
     // Wrong argument list.

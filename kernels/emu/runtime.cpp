@@ -7,6 +7,8 @@
 // is divergence and aborts the launch with the kernel, block, site and lanes: a barrier or collective that part
 // of the block / warp reaches while the rest exited or waits elsewhere. Odd blocks run their threads in reverse
 // order, so a read of another thread's write without a barrier in between sees stale data in one of the orders.
+// Warp collectives complete one warp at a time (resolve_warps), so a warp runs ahead of the others up to the
+// next __syncthreads, as it may on a GPU.
 //
 // Buffers handed to a kernel (moe_emu_buf_new) sit at the end of their own mapping, right before a PROT_NONE page
 // and after canary bytes: an access far out of bounds faults (SIGSEGV, caught and reported with the argument it
@@ -242,11 +244,17 @@ const char* state_text(const Fiber& f) {
   }
 }
 
-// Completes the warp collectives whose every lane has arrived. Returns whether any completed.
-bool resolve_warps(Launch& l) {
+// Completes the warp collectives whose every lane has arrived, in the first warp (in warp order, or reverse
+// order when `reverse`) that has one. Returns whether any completed. Releasing one warp at a time lets that warp
+// run ahead through every later collective until it reaches a __syncthreads or exits, before any other warp
+// moves: a legal GPU schedule, and the one that exposes a missing barrier between warps (one warp overwrites
+// shared memory that another has not read yet). Within the warp, lanes still run in thread order.
+bool resolve_warps(Launch& l, bool reverse) {
   const unsigned n = static_cast<unsigned>(l.fibers.size());
+  const unsigned nwarps = (n + 31) / 32;
   bool released = false;
-  for (unsigned w = 0; w * 32 < n && !l.failed; ++w) {
+  for (unsigned ww = 0; ww < nwarps && !l.failed && !released; ++ww) {
+    const unsigned w = reverse ? nwarps - 1 - ww : ww;
     Fiber* lanes[32] = {};
     for (unsigned i = 0; i < 32 && w * 32 + i < n; ++i) lanes[i] = &l.fibers[w * 32 + i];
     unsigned handled = 0;
@@ -408,7 +416,7 @@ void run_block(Launch& l, bool reverse) {
     bool all_done = true;
     for (const Fiber& f : l.fibers) all_done &= f.state == State::Done;
     if (all_done) return;
-    const bool warps = resolve_warps(l);
+    const bool warps = resolve_warps(l, reverse);
     if (l.failed) return;
     const bool barrier = !warps && resolve_barrier(l);
     if (l.failed) return;

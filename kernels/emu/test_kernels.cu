@@ -50,6 +50,22 @@ extern "C" __global__ void __launch_bounds__(256) emu_test_block_sum(const float
 
 // Reads another thread's shared write without a barrier: the emulator's alternating thread order makes one of
 // the blocks see the stale value.
+// A two-step tile loop with the barrier after the reads missing (the WAR race of a GEMM's k loop): every thread
+// stages its step value, a barrier, then each warp meets at a warp collective, reads the other warp's slot and
+// loops straight into the next staging. Correct needs a __syncthreads at the end of the loop body; without it the
+// emulator lets warp 0 run on into step 1's staging while warp 1 has not read step 0 yet.
+extern "C" __global__ void emu_test_missing_loop_barrier(float* out) {
+  __shared__ float s[64];
+  float acc = 0.f;
+  for (int step = 0; step < 2; ++step) {
+    s[threadIdx.x] = static_cast<float>(step * 1000 + threadIdx.x);
+    __syncthreads();
+    __syncwarp();  // a warp collective (as wmma::load_matrix_sync is): where the schedule may switch warps
+    acc += s[(threadIdx.x + 32) % 64];
+  }
+  out[threadIdx.x] = acc;
+}
+
 extern "C" __global__ void emu_test_missing_barrier(float* out) {
   __shared__ float s[64];
   s[threadIdx.x] = static_cast<float>(blockIdx.x * 100 + threadIdx.x);

@@ -269,6 +269,18 @@ mod tests {
         let c = draws(&params(2.0, None, None), &logits, n);
         let f1 = c[1] as f64 / n as f64;
         assert!((f1 - 2.0 / 3.0).abs() < 0.03, "{f1}");
+        // Every filtered branch applies it too (top-k, top-p, top-k then top-p): the third logit is cut by
+        // k = 2 and by p = 0.999 (its probability is ~1e-5 at T = 2); at T = 1 id 1 would come up 4/5 of the time.
+        let logits3 = [0.0f32, 4f32.ln(), -20.0];
+        for (k, p) in [(Some(2), None), (None, Some(0.999)), (Some(2), Some(0.999))] {
+            let c = draws(&params(2.0, k, p), &logits3, n);
+            let f1 = c[1] as f64 / n as f64;
+            assert!(
+                (f1 - 2.0 / 3.0).abs() < 0.03,
+                "top_k {k:?} top_p {p:?}: {f1}"
+            );
+            assert_eq!(c[2], 0, "top_k {k:?} top_p {p:?}: {c:?}");
+        }
         // The same seed draws the same sequence.
         assert_eq!(
             draws(&params(0.8, Some(2), Some(0.9)), &logits, 100),
