@@ -60,6 +60,25 @@ fn check_report(r: &moe::bench::BenchReport) {
     assert!(r.experts_touched_measured.unwrap() > 0.0);
     assert!(r.experts_touched_predicted.unwrap() > 0.0);
     assert_eq!(r.bandwidth_gb_s.source, "--bandwidth");
+    // The ceilings come from the stated bandwidth and peak: tokens per forward over the slower of
+    // bytes / bandwidth and FLOPs / peak, and % of roofline is the median over that.
+    let (bw, peak) = (r.bandwidth_gb_s.value, r.peak_tflops.value);
+    assert_eq!((bw, peak), (10.0, 0.05));
+    for t in [&r.prefill, &r.decode] {
+        let (t_mem, t_cmp) = (
+            t.predicted_bytes_per_forward / (bw * 1e9),
+            t.predicted_flops_per_forward / (peak * 1e12),
+        );
+        let ceiling = t.tokens_per_forward as f64 / t_mem.max(t_cmp);
+        assert!(
+            (t.ceiling_tokens_per_s / ceiling - 1.0).abs() < 1e-12,
+            "{} vs {ceiling}",
+            t.ceiling_tokens_per_s
+        );
+        assert_eq!(t.bound, if t_mem >= t_cmp { "memory" } else { "compute" });
+        let pct = 100.0 * t.tokens_per_s.median / ceiling;
+        assert!((t.pct_of_roofline / pct - 1.0).abs() < 1e-12);
+    }
     let text = moe::bench::report::bench_text(r);
     for needle in [
         "prefill",
@@ -97,10 +116,26 @@ fn check_report(r: &moe::bench::BenchReport) {
 
 #[test]
 fn bench_embedded_model() {
-    let r = bench(&tiny_args()).unwrap();
+    let a = tiny_args();
+    let r = bench(&a).unwrap();
     assert_eq!(r.model.layers_run, r.model.layers_in_config);
     assert!(r.model.weights.contains("embedded"));
     check_report(&r);
+    // A batch-1 decode step reads what `analyze` says a token reads at the run's mean context
+    // (prompt + half the generated tokens), in the run's precision (f32 on the CPU).
+    let (_, cfg) = moe::bench::resolve_config(&a).unwrap();
+    let context = (a.prompt_len + a.gen / 2) as u64;
+    let an = moe::analysis::analyze("tiny-kjv", &cfg, context, 1, &[]);
+    let fp32 = an
+        .precisions
+        .iter()
+        .find(|p| p.precision == moe::analysis::Precision::Fp32)
+        .unwrap();
+    assert_eq!(r.decode.tokens_per_forward, 1);
+    assert_eq!(
+        r.decode.predicted_bytes_per_forward,
+        fp32.decode_bytes_per_token as f64
+    );
 }
 
 #[test]
@@ -338,10 +373,7 @@ fn baseline_candle_on_the_same_random_weights() {
         ..tiny_args()
     };
     let r = bench(&a).unwrap();
-    let b = r.baseline.as_ref().expect("baseline report");
-    assert!(b.decode_tokens_per_s.median > 0.0 && b.prefill_tokens_per_s.median > 0.0);
-    assert!(b.decode_time_ratio_candle_over_ours > 0.0);
-    assert!(moe::bench::report::bench_text(&r).contains("candle/ours"));
+    check_baseline(&r);
     // Another family is refused with a clear message.
     let a = BenchArgs {
         weights: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe")),
@@ -369,6 +401,14 @@ fn check_baseline(r: &moe::bench::BenchReport) {
         assert!(x > 0.0 && x.is_finite(), "ratio {x}");
     }
     assert!(moe::bench::report::bench_text(r).contains("candle/ours"));
+    // Both engines produced the same greedy ids at every step (f32, the same weights): the time
+    // ratio compares the same work.
+    assert_eq!(b.tokens_compared, r.batch * (r.gen + 1));
+    assert_eq!(b.tokens_equal, b.tokens_compared, "greedy ids differ");
+    assert!(moe::bench::report::bench_text(r).contains(&format!(
+        "greedy tokens equal to ours: {0}/{0}\n",
+        b.tokens_compared
+    )));
     let v = serde_json::to_value(r).unwrap();
     assert!(
         v["baseline"]["decode_time_ratio_candle_over_ours"]

@@ -113,6 +113,10 @@ pub struct BaselineReport {
     pub prefill_time_ratio_candle_over_ours: f64,
     /// candle's median time / ours, decode.
     pub decode_time_ratio_candle_over_ours: f64,
+    /// Greedy ids (prefill's, then each decode step's, `(gen + 1) x B`) equal to ours, of those
+    /// compared: the two engines timed the same work only if they agree (in f32 they should all).
+    pub tokens_equal: usize,
+    pub tokens_compared: usize,
 }
 
 /// The weight as candle's dense model needs it: itself, or a quantized weight dequantized (f32,
@@ -225,6 +229,7 @@ pub fn run(
     runs: usize,
     warmup: usize,
     ours: (f64, f64),
+    our_tokens: &[u32],
 ) -> Result<BaselineReport> {
     check(cfg)?;
     check_dtype(dtype)?;
@@ -253,6 +258,7 @@ pub fn run(
     let input = Tensor::from_slice(ids, (batch, p), device)?;
     let mut pre = Vec::new();
     let mut dec = Vec::new();
+    let mut tokens = Vec::new();
     for r in 0..warmup + runs.max(1) {
         // candle's model keeps its KV cache inside; a fresh model per run (weights shared).
         let mut model = mixtral::Model::new(&ccfg, vb()?)?;
@@ -260,14 +266,14 @@ pub fn run(
         let t0 = Instant::now();
         let logits = model.forward(&input, 0)?;
         let mut next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
-        let _ = next.to_vec2::<u32>()?;
+        let mut run_tokens = next.flatten_all()?.to_vec1::<u32>()?;
         device.synchronize()?;
         let tp = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for s in 0..gen {
             let logits = model.forward(&next, p + s)?;
             next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
-            let _ = next.to_vec2::<u32>()?;
+            run_tokens.extend(next.flatten_all()?.to_vec1::<u32>()?);
         }
         device.synchronize()?;
         let td = t1.elapsed().as_secs_f64();
@@ -275,6 +281,7 @@ pub fn run(
             pre.push(tp);
             dec.push(td);
         }
+        tokens = run_tokens;
     }
     let pre_t = Stat::of(&pre).median;
     let dec_t = Stat::of(&dec).median;
@@ -288,5 +295,11 @@ pub fn run(
         decode_tokens_per_s: tps(&dec, batch * gen),
         prefill_time_ratio_candle_over_ours: pre_t / ours.0,
         decode_time_ratio_candle_over_ours: dec_t / ours.1,
+        tokens_equal: tokens
+            .iter()
+            .zip(our_tokens)
+            .filter(|(a, b)| a == b)
+            .count(),
+        tokens_compared: tokens.len().max(our_tokens.len()),
     })
 }

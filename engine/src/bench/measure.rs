@@ -58,6 +58,9 @@ pub struct RunSample {
     pub experts_touched: Option<f64>,
     /// Bytes of the KV cache allocated for the run.
     pub kv_bytes: usize,
+    /// The greedy ids the timed run read back, step by step (prefill's, then each decode step's):
+    /// `(gen + 1) x B`, what `--baseline` compares token for token.
+    pub tokens: Vec<u32>,
 }
 
 fn sync(device: &Device) -> Result<()> {
@@ -94,14 +97,15 @@ fn distinct_experts(t: &Trace) -> Option<f64> {
 }
 
 /// `gen` greedy decode steps from the ids `next [B, 1]`. Untraced, each step reads back only the
-/// sampled ids (what generation does); with `on_trace` every step is traced (which reads each MoE
-/// layer's routing to the host) and the trace handed over.
+/// sampled ids (what generation does) and appends them to `tokens`; with `on_trace` every step is
+/// traced (which reads each MoE layer's routing to the host) and the trace handed over.
 fn decode_steps(
     model: &Model,
     cache: &mut crate::model::kv_cache::KvCache,
     mut next: Tensor,
     gen: usize,
     mut on_trace: Option<&mut dyn FnMut(&Trace)>,
+    tokens: &mut Vec<u32>,
 ) -> Result<()> {
     let mut trace = Trace::default();
     for _ in 0..gen {
@@ -110,9 +114,7 @@ fn decode_steps(
         next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
         match on_trace.as_mut() {
             Some(f) => f(&trace),
-            None => {
-                crate::model::host::read_vec::<u32>(&next)?; // the sampled ids
-            }
+            None => tokens.extend(crate::model::host::read_vec::<u32>(&next)?), // the sampled ids
         }
     }
     Ok(())
@@ -137,13 +139,13 @@ pub fn run_once(
     let t0 = Instant::now();
     let logits = model.forward(&input, &mut cache, false, None)?;
     let next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?; // [B, 1]
-    crate::model::host::read_vec::<u32>(&next)?;
+    let mut tokens = crate::model::host::read_vec::<u32>(&next)?;
     sync(&dev)?;
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let first = next.clone();
     let t1 = Instant::now();
-    decode_steps(model, &mut cache, next, gen, None)?;
+    decode_steps(model, &mut cache, next, gen, None, &mut tokens)?;
     sync(&dev)?;
     let decode_s = t1.elapsed().as_secs_f64();
 
@@ -163,6 +165,7 @@ pub fn run_once(
                     steps += 1;
                 }
             }),
+            &mut Vec::new(),
         )?;
     }
     Ok(RunSample {
@@ -170,6 +173,7 @@ pub fn run_once(
         decode_s,
         experts_touched: (steps > 0).then(|| touched / steps as f64),
         kv_bytes: cache.bytes(),
+        tokens,
     })
 }
 

@@ -333,7 +333,17 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             let ids = measure::prompt_ids(cfg.vocab_size, b, p, a.seed);
             let bd = baseline_dtype(dtype, quant_of(a)?);
             Some(baseline::run(
-                &cfg, w, bd, &device, &ids, b, g, a.runs, a.warmup, ours,
+                &cfg,
+                w,
+                bd,
+                &device,
+                &ids,
+                b,
+                g,
+                a.runs,
+                a.warmup,
+                ours,
+                &samples[0].tokens,
             )?)
         }
         None => None,

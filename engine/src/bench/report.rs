@@ -110,6 +110,16 @@ pub fn bench_text(r: &BenchReport) -> String {
             b.prefill_time_ratio_candle_over_ours,
             b.decode_time_ratio_candle_over_ours,
         ));
+        s.push_str(&format!(
+            "  greedy tokens equal to ours: {}/{}{}\n",
+            b.tokens_equal,
+            b.tokens_compared,
+            if b.tokens_equal == b.tokens_compared {
+                ""
+            } else {
+                " (the engines diverged: the time ratio compares different work)"
+            }
+        ));
     }
     s.push('\n');
     let mem = &r.memory;
