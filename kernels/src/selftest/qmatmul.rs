@@ -39,7 +39,7 @@ pub(super) fn quantize(
 fn skip_shape(fmt: QFormat, k: usize, seven_rows: bool) -> bool {
     match fmt {
         QFormat::Int4 { group: 16 } => !seven_rows,
-        QFormat::Int4 { group } => k % group != 0,
+        QFormat::Int4 { group } => !k.is_multiple_of(group),
         QFormat::Int8 => false,
     }
 }
