@@ -669,14 +669,14 @@ fn bench_with_quant_reports_quantized_memory() {
 #[test]
 fn readme_results_table_is_generated_from_the_results() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let a = moe::bench::results::ResultsArgs {
+    let a = moe::cli::results::ResultsArgs {
         dir: root.join("benches/results"),
         readme: root.join("README.md"),
         write: false,
     };
-    moe::bench::results::run(&a).unwrap();
+    moe::cli::results::run(&a).unwrap();
     // Every result names its device, commit and command.
-    for (name, v) in moe::bench::results::load(&a.dir).unwrap() {
+    for (name, v) in moe::cli::results::load(&a.dir).unwrap() {
         for key in [
             "/env/device",
             "/env/device_name",

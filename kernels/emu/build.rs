@@ -22,7 +22,9 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) -> Result<(), String> {
     for f in [
         "emu.h",
         "entry.h",
+        "internal.h",
         "runtime.cpp",
+        "buffers.cpp",
         "test_kernels.cu",
         "build.rs",
     ] {
@@ -129,6 +131,7 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) -> Result<(), String> {
     base.files(&units)
         .file(&reg)
         .file(emu_dir.join("runtime.cpp"))
+        .file(emu_dir.join("buffers.cpp"))
         .try_compile("moe_kernels_emu")
         .map_err(|e| format!("compiling the kernels for the CPU emulator failed: {e}"))?;
     Ok(())

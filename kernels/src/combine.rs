@@ -183,25 +183,17 @@ impl CustomOp3 for MoeCombine {
                 d.r
             );
         }
+        let (s, w) = (slot_of, weights);
         let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(combine_reference(
-                contiguous(x, l1, "expert_out")?,
-                slot_of,
-                weights,
-                d,
-            )),
-            CpuStorage::BF16(x) => CpuStorage::BF16(combine_reference(
-                contiguous(x, l1, "expert_out")?,
-                slot_of,
-                weights,
-                d,
-            )),
-            CpuStorage::F16(x) => CpuStorage::F16(combine_reference(
-                contiguous(x, l1, "expert_out")?,
-                slot_of,
-                weights,
-                d,
-            )),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(combine_reference(contiguous(x, l1, "expert_out")?, s, w, d))
+            }
+            CpuStorage::BF16(x) => {
+                CpuStorage::BF16(combine_reference(contiguous(x, l1, "expert_out")?, s, w, d))
+            }
+            CpuStorage::F16(x) => {
+                CpuStorage::F16(combine_reference(contiguous(x, l1, "expert_out")?, s, w, d))
+            }
             other => bail!(
                 "{OP}: expert_out must be f32, bf16 or f16, got {:?}",
                 other.dtype()

@@ -36,7 +36,6 @@ pub mod measure;
 mod predict;
 pub mod random;
 pub mod report;
-pub mod results;
 mod schema;
 pub mod sweep;
 

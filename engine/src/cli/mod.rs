@@ -15,6 +15,7 @@
 )]
 
 pub mod analyze;
+pub mod results;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -64,7 +65,7 @@ pub enum Cmd {
     /// their CPU references.
     Selftest(SelftestArgs),
     /// Check (or --write) README.md's results table against benches/results/*.json.
-    Results(crate::bench::results::ResultsArgs),
+    Results(crate::cli::results::ResultsArgs),
 }
 
 #[derive(Args)]
@@ -202,7 +203,7 @@ pub fn main() -> ExitCode {
         Some(Cmd::Bench(a)) => crate::bench::run(&a),
         Some(Cmd::Quantize(a)) => quantize(a),
         Some(Cmd::Selftest(a)) => selftest(a),
-        Some(Cmd::Results(a)) => crate::bench::results::run(&a),
+        Some(Cmd::Results(a)) => crate::cli::results::run(&a),
         None => run(cli.run),
     };
     match result {
