@@ -22,6 +22,7 @@
 
 pub mod attention;
 pub mod combine;
+pub mod cpu;
 pub mod common;
 pub mod dispatch;
 pub mod emu;

@@ -1,0 +1,477 @@
+//! Dot products of weight rows (f32, bf16, f16, INT8, INT4 groups) with f32 activation rows: the inner loop of
+//! the CPU expert and linear kernels. One weight row is read (and decoded) once for up to [`MAX_ROWS`]
+//! activation rows, in f32 FMAs, with the scale of an INT8 row or an INT4 group applied once per row or group
+//! instead of once per weight.
+//!
+//! Two implementations of the same arithmetic, chosen per call by [`Level`] (detected once, forced through the
+//! engine's path selector): AVX2 + FMA + F16C with `std::arch` intrinsics, and a portable one. `std::arch`
+//! rather than a SIMD crate (pulp, multiversion): the kernels need a handful of intrinsics (nibble unpacking,
+//! widening loads) that the crates would wrap without simplifying, and one runtime check picks the level.
+//!
+//! INT4 (`w = s * (q - z)` per group of `group` weights): `sum_k x_k w_k = sum_g s_g (sum_{k in g} x_k q_k -
+//! z_g X_g)` with `X_g` the group's activation sum, computed once per activation row ([`group_sums`]).
+//! Results equal the reference [`crate::qformat::dequantize_row`] + f32 dot up to f32 summation order.
+
+// Index loops over rows r and lanes mirror the vector code beside them.
+#![allow(clippy::needless_range_loop)]
+
+use half::{bf16, f16};
+
+use crate::qformat::QFormat;
+
+/// Activation rows one weight row is decoded for at a time.
+pub const MAX_ROWS: usize = 4;
+
+/// The instruction set of the CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+    /// Plain Rust (what the compiler vectorises on its own): every other CPU, or when forced.
+    Portable,
+}
+
+impl Level {
+    /// The best level this CPU supports (checked once).
+    pub fn detect() -> Level {
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+                {
+                    return Level::Avx2;
+                }
+            }
+            Level::Portable
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Avx2 => "avx2+fma",
+            Level::Portable => "portable",
+        }
+    }
+}
+
+/// Rows of a weight matrix `[rows, k]` in one storage format (stacked experts are consecutive rows).
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+    /// `q [rows, k]` i8 as u8, `s [rows]` f16.
+    Int8 {
+        q: &'a [u8],
+        s: &'a [f16],
+    },
+    /// `q [rows, ceil(k/2)]` nibbles (low first), `p [rows, G, 2]` f16 (scale, zero).
+    Int4 {
+        q: &'a [u8],
+        p: &'a [f16],
+        group: usize,
+    },
+}
+
+/// A weight matrix: `rows` rows of `k` features.
+#[derive(Debug, Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: Rows<'a>,
+    pub rows: usize,
+    pub k: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A quantized matrix from its packed bytes and f16 params (the layouts of [`crate::qformat`]).
+    pub fn quant(fmt: QFormat, q: &'a [u8], p: &'a [f16], rows: usize, k: usize) -> Mat<'a> {
+        let data = match fmt {
+            QFormat::Int8 => Rows::Int8 { q, s: p },
+            QFormat::Int4 { group } => Rows::Int4 { q, p, group },
+        };
+        Mat { data, rows, k }
+    }
+
+    /// Checks that the storage holds `rows x k` in its format. Returns a message naming what is short.
+    pub fn check(&self) -> Result<(), String> {
+        let (rows, k) = (self.rows, self.k);
+        let need = |what: &str, have: usize, want: usize| {
+            if have < want {
+                Err(format!(
+                    "{what}: {have} elements, a [{rows}, {k}] matrix needs {want}"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self.data {
+            Rows::F32(w) => need("f32 weights", w.len(), rows * k),
+            Rows::Bf16(w) => need("bf16 weights", w.len(), rows * k),
+            Rows::F16(w) => need("f16 weights", w.len(), rows * k),
+            Rows::Int8 { q, s } => {
+                need("int8 weights", q.len(), rows * k)?;
+                need("int8 scales", s.len(), rows)
+            }
+            Rows::Int4 { q, p, group } => {
+                if group == 0 || group % 2 != 0 {
+                    return Err(format!("int4 group {group} must be even and positive"));
+                }
+                need("int4 weights", q.len(), rows * k.div_ceil(2))?;
+                need("int4 params", p.len(), rows * 2 * k.div_ceil(group))
+            }
+        }
+    }
+
+    /// The INT4 group size, if any.
+    pub fn group(&self) -> Option<usize> {
+        match self.data {
+            Rows::Int4 { group, .. } => Some(group),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one row in memory (weights and their params).
+    pub fn row_bytes(&self) -> usize {
+        let k = self.k;
+        match self.data {
+            Rows::F32(_) => 4 * k,
+            Rows::Bf16(_) | Rows::F16(_) => 2 * k,
+            Rows::Int8 { .. } => k + 2,
+            Rows::Int4 { group, .. } => k.div_ceil(2) + 4 * k.div_ceil(group),
+        }
+    }
+}
+
+/// Per-group activation sums `X_g` of one activation row (INT4 only; empty otherwise), into `out`.
+pub fn group_sums(m: &Mat, x: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    if let Some(group) = m.group() {
+        out.extend(x.chunks(group).map(|c| c.iter().sum::<f32>()));
+    }
+}
+
+/// `out[i] = x_i . W[row]` for `n = xs.len() <= MAX_ROWS` activation rows (each `k` long, with `sums[i]` from
+/// [`group_sums`] for INT4).
+pub fn dots(level: Level, m: &Mat, row: usize, xs: &[&[f32]], sums: &[&[f32]], out: &mut [f32]) {
+    debug_assert!(xs.len() <= MAX_ROWS && out.len() >= xs.len() && row < m.rows);
+    match xs.len() {
+        1 => dots_n::<1>(level, m, row, xs, sums, out),
+        2 => dots_n::<2>(level, m, row, xs, sums, out),
+        3 => dots_n::<3>(level, m, row, xs, sums, out),
+        4 => dots_n::<4>(level, m, row, xs, sums, out),
+        _ => {}
+    }
+}
+
+fn dots_n<const R: usize>(
+    level: Level,
+    m: &Mat,
+    row: usize,
+    xs: &[&[f32]],
+    sums: &[&[f32]],
+    out: &mut [f32],
+) {
+    let x: [&[f32]; R] = std::array::from_fn(|i| &xs[i][..m.k]);
+    let k = m.k;
+    let mut o = [0f32; R];
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 {
+        // SAFETY: Level::Avx2 is only chosen when the CPU has AVX2, FMA and F16C (Level::detect), and every
+        // slice below is `k` long (or holds the row's packed bytes and params), as the kernels read.
+        unsafe {
+            match m.data {
+                Rows::F32(w) => avx2::dense(&avx2::F32(&w[row * k..][..k]), &x, &mut o),
+                Rows::Bf16(w) => avx2::dense(&avx2::Bf16(&w[row * k..][..k]), &x, &mut o),
+                Rows::F16(w) => avx2::dense(&avx2::F16(&w[row * k..][..k]), &x, &mut o),
+                Rows::Int8 { q, s } => {
+                    avx2::dense(&avx2::I8(&q[row * k..][..k]), &x, &mut o);
+                    let s = s[row].to_f32();
+                    o.iter_mut().for_each(|v| *v *= s);
+                }
+                Rows::Int4 { q, p, group } if group % 32 == 0 && k.is_multiple_of(32) => {
+                    let g = k.div_ceil(group);
+                    let sm: [&[f32]; R] = std::array::from_fn(|i| &sums[i][..g]);
+                    avx2::int4(
+                        &q[row * (k / 2)..][..k / 2],
+                        &p[row * 2 * g..][..2 * g],
+                        group,
+                        &x,
+                        &sm,
+                        &mut o,
+                    );
+                }
+                Rows::Int4 { .. } => portable::dots(m, row, &x, sums, &mut o),
+            }
+            out[..R].copy_from_slice(&o);
+            return;
+        }
+    }
+    let _ = level;
+    portable::dots(m, row, &x, sums, &mut o);
+    out[..R].copy_from_slice(&o);
+}
+
+/// The portable kernels: 8 partial sums per row so the compiler can vectorise the dense formats.
+mod portable {
+    use super::{Mat, Rows};
+
+    fn dense<const R: usize>(
+        w: impl Fn(usize) -> f32,
+        k: usize,
+        x: &[&[f32]; R],
+        o: &mut [f32; R],
+    ) {
+        let mut acc = [[0f32; 8]; R];
+        let k8 = k / 8 * 8;
+        for c in (0..k8).step_by(8) {
+            let wv: [f32; 8] = std::array::from_fn(|l| w(c + l));
+            for r in 0..R {
+                for l in 0..8 {
+                    acc[r][l] += x[r][c + l] * wv[l];
+                }
+            }
+        }
+        for r in 0..R {
+            let mut s: f32 = acc[r].iter().sum();
+            for j in k8..k {
+                s += x[r][j] * w(j);
+            }
+            o[r] = s;
+        }
+    }
+
+    pub fn dots<const R: usize>(
+        m: &Mat,
+        row: usize,
+        x: &[&[f32]; R],
+        sums: &[&[f32]],
+        o: &mut [f32; R],
+    ) {
+        let k = m.k;
+        match m.data {
+            Rows::F32(w) => {
+                let w = &w[row * k..][..k];
+                dense(|i| w[i], k, x, o)
+            }
+            Rows::Bf16(w) => {
+                let w = &w[row * k..][..k];
+                dense(|i| w[i].to_f32(), k, x, o)
+            }
+            Rows::F16(w) => {
+                let w = &w[row * k..][..k];
+                dense(|i| w[i].to_f32(), k, x, o)
+            }
+            Rows::Int8 { q, s } => {
+                let q = &q[row * k..][..k];
+                dense(|i| q[i] as i8 as f32, k, x, o);
+                let s = s[row].to_f32();
+                o.iter_mut().for_each(|v| *v *= s);
+            }
+            Rows::Int4 { q, p, group } => {
+                let (kb, g) = (k.div_ceil(2), k.div_ceil(group));
+                let (q, p) = (&q[row * kb..][..kb], &p[row * 2 * g..][..2 * g]);
+                *o = [0f32; R];
+                for gi in 0..g {
+                    let (s, z) = (p[2 * gi].to_f32(), p[2 * gi + 1].to_f32());
+                    let (lo, hi) = (gi * group, ((gi + 1) * group).min(k));
+                    // A group starts on a byte (group is even).
+                    let qg = &q[lo / 2..hi.div_ceil(2)];
+                    let nib = |i: usize| ((qg[i / 2] >> (4 * (i % 2))) & 0xf) as f32;
+                    let mut part = [0f32; R];
+                    dense(
+                        nib,
+                        hi - lo,
+                        &std::array::from_fn(|r| &x[r][lo..hi]),
+                        &mut part,
+                    );
+                    for r in 0..R {
+                        o[r] += s * (part[r] - z * sums[r][gi]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::{bf16, f16};
+
+    /// Dense weights decoded 16 at a time into two f32 vectors.
+    pub trait Load16 {
+        fn len(&self) -> usize;
+        /// Weights `i..i + 16` (`i + 16 <= len`).
+        unsafe fn load16(&self, i: usize) -> (__m256, __m256);
+        fn at(&self, i: usize) -> f32;
+    }
+    pub struct F32<'a>(pub &'a [f32]);
+    pub struct Bf16<'a>(pub &'a [bf16]);
+    pub struct F16<'a>(pub &'a [f16]);
+    pub struct I8<'a>(pub &'a [u8]);
+
+    impl Load16 for F32<'_> {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load16(&self, i: usize) -> (__m256, __m256) {
+            let p = self.0.as_ptr().add(i);
+            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+        fn at(&self, i: usize) -> f32 {
+            self.0[i]
+        }
+    }
+    impl Load16 for Bf16<'_> {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load16(&self, i: usize) -> (__m256, __m256) {
+            // bf16 is the high half of an f32: widen to 32 bits and shift into place.
+            let v = _mm256_loadu_si256(self.0.as_ptr().add(i) as *const __m256i);
+            let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v));
+            let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1));
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)),
+                _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)),
+            )
+        }
+        fn at(&self, i: usize) -> f32 {
+            self.0[i].to_f32()
+        }
+    }
+    impl Load16 for F16<'_> {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load16(&self, i: usize) -> (__m256, __m256) {
+            let p = self.0.as_ptr().add(i) as *const __m128i;
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+            )
+        }
+        fn at(&self, i: usize) -> f32 {
+            self.0[i].to_f32()
+        }
+    }
+    impl Load16 for I8<'_> {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load16(&self, i: usize) -> (__m256, __m256) {
+            let v = _mm_loadu_si128(self.0.as_ptr().add(i) as *const __m128i);
+            (
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))),
+            )
+        }
+        fn at(&self, i: usize) -> f32 {
+            self.0[i] as i8 as f32
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `o[r] = x[r] . w` over the whole row: two accumulator chains per activation row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dense<const R: usize, W: Load16>(w: &W, x: &[&[f32]; R], o: &mut [f32; R]) {
+        let k = w.len();
+        let k16 = k / 16 * 16;
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut i = 0;
+        while i < k16 {
+            let (w0, w1) = w.load16(i);
+            for r in 0..R {
+                let p = x[r].as_ptr().add(i);
+                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), w1, acc[r][1]);
+            }
+            i += 16;
+        }
+        for r in 0..R {
+            let mut s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+            for j in k16..k {
+                s += x[r][j] * w.at(j);
+            }
+            o[r] = s;
+        }
+    }
+
+    /// INT4 rows with `group % 32 == 0` and `k % 32 == 0`: per 16 packed bytes, 32 nibbles widened to f32 and
+    /// multiplied into the group's partial sums; at the group's end the partial sums are scaled by `s_g` into
+    /// the row's accumulators and `s_g z_g X_g` is subtracted.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn int4<const R: usize>(
+        q: &[u8],
+        p: &[f16],
+        group: usize,
+        x: &[&[f32]; R],
+        sums: &[&[f32]; R],
+        o: &mut [f32; R],
+    ) {
+        let k = 2 * q.len();
+        let mask = _mm_set1_epi8(0x0f);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut zterm = [0f32; R];
+        let mut lo = 0;
+        let mut gi = 0;
+        while lo < k {
+            let hi = (lo + group).min(k);
+            let mut part = [[_mm256_setzero_ps(); 2]; R];
+            let mut i = lo;
+            while i < hi {
+                let b = _mm_loadu_si128(q.as_ptr().add(i / 2) as *const __m128i);
+                let l = _mm_and_si128(b, mask);
+                let h = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+                // Weights i..i+16 and i+16..i+32 in order (low nibble first).
+                let a = _mm_unpacklo_epi8(l, h);
+                let c = _mm_unpackhi_epi8(l, h);
+                let w = [
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))),
+                ];
+                for r in 0..R {
+                    let px = x[r].as_ptr().add(i);
+                    part[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px), w[0], part[r][0]);
+                    part[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(8)), w[1], part[r][1]);
+                    part[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(16)), w[2], part[r][0]);
+                    part[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(24)), w[3], part[r][1]);
+                }
+                i += 32;
+            }
+            let (s, z) = (p[2 * gi].to_f32(), p[2 * gi + 1].to_f32());
+            let sv = _mm256_set1_ps(s);
+            for r in 0..R {
+                acc[r][0] = _mm256_fmadd_ps(part[r][0], sv, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(part[r][1], sv, acc[r][1]);
+                zterm[r] += s * z * sums[r][gi];
+            }
+            lo = hi;
+            gi += 1;
+        }
+        for r in 0..R {
+            o[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - zterm[r];
+        }
+    }
+}
