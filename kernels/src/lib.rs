@@ -22,8 +22,8 @@
 
 pub mod attention;
 pub mod combine;
-pub mod cpu;
 pub mod common;
+pub mod cpu;
 pub mod dispatch;
 pub mod emu;
 pub mod experts;

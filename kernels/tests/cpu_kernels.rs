@@ -158,6 +158,9 @@ fn experts_match_the_f64_reference_in_every_format() {
         (7, 2, 6, 128, 70, 6),
         (13, 4, 5, 200, 48, 5),
         (9, 8, 8, 64, 32, 8),
+        // Prefill: 16+ rows per expert take the dequantize + GEMM path, next to an expert below it.
+        (40, 2, 5, 96, 40, 4),
+        (33, 3, 3, 130, 50, 3),
     ];
     for &(t, k_top, e, h, f, pool) in &cases {
         let x = rng.vec(t * h, 1.0);
@@ -231,6 +234,9 @@ fn linear_matches_the_f64_reference_in_every_format_and_activation_dtype() {
         (5, 31, 100),
         (9, 16, 33),
         (2, 130, 512),
+        // 16+ rows: the dequantize + GEMM path.
+        (17, 65, 256),
+        (24, 70, 100),
     ] {
         let x = rng.vec(m * k, 1.0);
         let w = rng.vec(n * k, 1.0 / (k as f32).sqrt());

@@ -37,7 +37,7 @@ fn ratio(m: u64, p: u64) -> String {
 pub fn bench_text(r: &BenchReport) -> String {
     let m = &r.model;
     let mut s = format!(
-        "moe-run bench: {} [{}]\n  ran {} of {} layers: {}; H={}, vocab {}; {:.3}B params ({:.3}B active)\n  device {} ({}, {}) {} | commit {} | {} CPU threads | load {:.2}s\n  batch {} x prompt {} + {} decode steps | {} warm-up, {} timed runs\n  bandwidth {:.1} GB/s ({}) | matmul peak {:.3} TFLOPS ({})\n\n",
+        "moe-run bench: {} [{}]\n  ran {} of {} layers: {}; H={}, vocab {}; {:.3}B params ({:.3}B active)\n  device {} ({}, {}) {} | commit {} | {} CPU threads, CPU kernels {} | load {:.2}s\n  batch {} x prompt {} + {} decode steps | {} warm-up, {} timed runs\n  bandwidth {:.1} GB/s ({}) | matmul peak {:.3} TFLOPS ({})\n\n",
         m.name,
         m.weights,
         m.layers_run,
@@ -53,6 +53,7 @@ pub fn bench_text(r: &BenchReport) -> String {
         r.env.dtype,
         r.env.commit,
         r.env.cpu_threads,
+        r.env.cpu_kernels,
         r.load_s,
         r.batch,
         r.prompt_len,

@@ -18,7 +18,11 @@ pub struct Env {
     /// `git rev-parse HEAD` (+ "-dirty" with uncommitted changes), or "unknown".
     pub commit: String,
     pub command: String,
+    /// Threads of the compute pool (`--threads`, else `RAYON_NUM_THREADS`, else the physical cores).
     pub cpu_threads: usize,
+    /// The CPU kernels' instruction set ("avx2+fma", "portable"), or "reference" when the plain
+    /// references run instead (`MOE_PATH=reference`); "-" on a GPU.
+    pub cpu_kernels: String,
 }
 
 /// A ceiling input and where it came from.
@@ -195,6 +199,10 @@ pub fn env(device: &Device, dtype: DType) -> Env {
         dtype: dtype_name(dtype).into(),
         commit: git_commit(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_threads: rayon::current_num_threads(),
+        cpu_kernels: match crate::model::PathPlan::from_env(device) {
+            Ok(p) if device.is_cpu() => p.cpu.map_or("reference", |l| l.name()).into(),
+            _ => "-".into(),
+        },
     }
 }

@@ -46,6 +46,10 @@ pub struct Cli {
     pub cmd: Option<Cmd>,
     #[command(flatten)]
     run: RunArgs,
+    /// Compute threads on the CPU, for every command (default: RAYON_NUM_THREADS, else the
+    /// physical cores this process may use). One pool, sized once.
+    #[arg(long, global = true, value_parser = crate::units::at_least_one)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -197,6 +201,11 @@ pub struct LogitsArgs {
 pub fn main() -> ExitCode {
     crate::runtime::tokenizer::quiet_guarded_panics();
     let cli = Cli::parse();
+    // Before anything else starts a thread.
+    if let Err(e) = moe_kernels::cpu::configure_threads(cli.threads) {
+        eprintln!("error: --threads: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.cmd {
         Some(Cmd::Logits(a)) => logits(a),
         Some(Cmd::Analyze(a)) => analyze::run(&a),

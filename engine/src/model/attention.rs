@@ -51,7 +51,7 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
-        let qkv = self.qkv.forward(x)?; // [B, T, (nh + 2 nkv) hd]
+        let qkv = self.qkv.forward_on(x, plan)?; // [B, T, (nh + 2 nkv) hd]
         let q = qkv.narrow(D::Minus1, 0, nh * hd)?;
         let k = qkv.narrow(D::Minus1, nh * hd, nkv * hd)?;
         let v = qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?;
@@ -86,7 +86,7 @@ impl Attention {
             let (kc, vc) = cache.layer(layer); // [B, kv, cap, hd]
             let out =
                 moe_kernels::decode_attention(&q, kc, vc, l, self.sliding_window, scale as f32)?;
-            return self.o.forward(&out.reshape((b, 1, nh * hd))?); // [B, nh, 1, hd] -> [B, 1, nh*hd]
+            return self.o.forward_on(&out.reshape((b, 1, nh * hd))?, plan); // [B, nh, 1, hd] -> [B, 1, nh*hd]
         }
 
         // Keys older than the window of the first new query are invisible to every new query.
@@ -110,7 +110,7 @@ impl Attention {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        self.o.forward(&out)
+        self.o.forward_on(&out, plan)
     }
 
     /// The per-head QK-norm (if this model has one around RoPE) and RoPE in one kernel,

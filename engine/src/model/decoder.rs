@@ -310,7 +310,7 @@ impl Model {
                     let (y, r) = moe.forward(&h, &self.plan)?;
                     (y, Some(r))
                 }
-                Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
+                Ffn::Dense(mlp) => (mlp.forward(&h, &self.plan)?, None),
             };
             if let Some(tr) = trace.as_deref_mut() {
                 // Routing statistics are the one thing that reads routing back to the host.
@@ -333,6 +333,8 @@ impl Model {
             x.narrow(1, t - 1, 1)?
         };
         let x = self.norm(&self.final_norm, &x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        self.lm_head
+            .forward_on(&x, &self.plan)?
+            .to_dtype(DType::F32)
     }
 }

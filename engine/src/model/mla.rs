@@ -77,14 +77,16 @@ impl MlaAttention {
             self.latent_dim,
         );
         let q = match &self.q {
-            MlaQuery::Plain(q) => q.forward(x)?,
-            MlaQuery::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+            MlaQuery::Plain(q) => q.forward_on(x, plan)?,
+            MlaQuery::LowRank { a, norm, b } => {
+                b.forward_on(&norm.forward(&a.forward_on(x, plan)?)?, plan)?
+            }
         };
         let q = q.reshape((b, t, nh, dn + dr))?.transpose(1, 2)?; // [B, nh, T, dn+dr]
         let q_nope = q.narrow(D::Minus1, 0, dn)?.contiguous()?;
         let q_pe = rope.apply(&q.narrow(D::Minus1, dn, dr)?, pos)?;
 
-        let kv = self.kv_a.forward(x)?; // [B, T, r+dr]
+        let kv = self.kv_a.forward_on(x, plan)?; // [B, T, r+dr]
         let c = self
             .kv_a_norm
             .forward(&kv.narrow(D::Minus1, 0, r)?)?
@@ -128,7 +130,7 @@ impl MlaAttention {
             let out = per_head(&lat, r)?.matmul(&self.w_uv.t()?)?; // [nh, B*T, dv]
             from_heads(out, dv)? // [B, nh, T, dv]
         } else {
-            let kv = self.kv_b.forward(&c_all.squeeze(1)?)?; // [B, L, nh*(dn+dv)]
+            let kv = self.kv_b.forward_on(&c_all.squeeze(1)?, plan)?; // [B, L, nh*(dn+dv)]
             let kv = kv.reshape((b, l, nh, dn + dv))?.transpose(1, 2)?; // [B, nh, L, dn+dv]
             let k_nope = kv.narrow(D::Minus1, 0, dn)?.contiguous()?;
             let v = kv.narrow(D::Minus1, dn, dv)?.contiguous()?;
@@ -136,6 +138,6 @@ impl MlaAttention {
             probs.matmul(&v)? // [B, nh, T, dv]
         };
         let out = out.transpose(1, 2)?.reshape((b, t, nh * dv))?;
-        self.o.forward(&out)
+        self.o.forward_on(&out, plan)
     }
 }

@@ -55,6 +55,30 @@ impl Linear {
         }
     }
 
+    /// [`Linear::forward`] through the path plan: on the CPU, the CPU linear kernel where
+    /// [`PathPlan::cpu_linear`] picks it (bf16/f16/quantized weights read in place), else as
+    /// [`Linear::forward`].
+    pub fn forward_on(&self, x: &Tensor, plan: &PathPlan) -> candle_core::Result<Tensor> {
+        let dims = self.weight.dims();
+        let (Some(&k), Some(&n)) = (
+            x.dims().last(),
+            dims.len().checked_sub(2).and_then(|i| dims.get(i)),
+        ) else {
+            return self.forward(x);
+        };
+        let rows = x.elem_count() / k.max(1);
+        match plan.cpu_linear(&self.weight, rows) {
+            Some(level) if x.device().is_cpu() => {
+                let y = moe_kernels::cpu::linear_cpu(level, x, self.weight.kernel_ref(), n)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            _ => self.forward(x),
+        }
+    }
+
     /// Bytes of weight and bias in memory.
     pub fn bytes(&self) -> usize {
         self.weight.bytes() + self.bias.as_ref().map_or(0, tensor_bytes)

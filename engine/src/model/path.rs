@@ -2,15 +2,20 @@
 //! pass is made here, by pure functions of the model's device, one environment override read once
 //! per model, and the op's shape: candle's composite ops or our kernels, the MoE block's routing
 //! on the device or the host, the fused norms, decode attention, the experts' GEMV or GEMM
-//! variant, MLA's absorbed or expanded form. (The coming hybrid CPU/GPU expert placement adds its
-//! per-layer, per-expert "where" to [`PathPlan`].)
+//! variant, MLA's absorbed or expanded form, and on the CPU the SIMD level of the CPU kernels
+//! (`moe_kernels::cpu`). (The coming hybrid CPU/GPU expert placement adds its per-layer,
+//! per-expert "where" to [`PathPlan`].)
 //!
 //! Override: `MOE_PATH` = a comma-separated list of `kernels|candle`, `gemv|gemm`,
-//! `absorbed|expanded` (e.g. `MOE_PATH=kernels,gemm`); unset or empty keeps every default.
+//! `absorbed|expanded`, `simd|portable|reference` (e.g. `MOE_PATH=kernels,gemm` or
+//! `MOE_PATH=portable`); unset or empty keeps every default.
 
 use candle_core::{bail, DType, Device, Result};
+use moe_kernels::cpu::Level;
 pub use moe_kernels::ExpertPath;
 use moe_kernels::Router;
+
+use crate::quant::Weight;
 
 /// The environment variable of [`PathPlan::from_env`].
 pub const PATH_ENV: &str = "MOE_PATH";
@@ -48,7 +53,16 @@ pub struct PathPlan {
     pub expert: Option<ExpertPath>,
     /// MLA's formulation when forced; `None` chooses by token count.
     pub mla: Option<MlaPath>,
+    /// On the CPU's candle path: the instruction set of the CPU expert and linear kernels
+    /// (`moe_kernels::cpu`), or `None` for the plain references and candle's own ops
+    /// (`MOE_PATH=reference`). Always `None` on a GPU.
+    pub cpu: Option<Level>,
 }
+
+/// Up to this many activation rows, an f32 linear on the CPU takes the CPU GEMV kernel; more
+/// take candle's GEMM (bf16, f16 and quantized weights always take the CPU kernels, which read
+/// them in place instead of widening the whole weight to f32 on every call).
+pub const CPU_F32_LINEAR_MAX_ROWS: usize = 16;
 
 impl PathPlan {
     /// The plan for `device`: kernels on CUDA, candle on the CPU (where candle's threaded GEMM
@@ -63,6 +77,7 @@ impl PathPlan {
             },
             expert: None,
             mla: None,
+            cpu: device.is_cpu().then(Level::detect),
         };
         for word in env_override.unwrap_or("").split(',').map(str::trim) {
             match word {
@@ -73,9 +88,13 @@ impl PathPlan {
                 "gemm" => plan.expert = Some(ExpertPath::Gemm),
                 "absorbed" => plan.mla = Some(MlaPath::Absorbed),
                 "expanded" => plan.mla = Some(MlaPath::Expanded),
+                "simd" if device.is_cpu() => plan.cpu = Some(Level::detect()),
+                "portable" if device.is_cpu() => plan.cpu = Some(Level::Portable),
+                "reference" => plan.cpu = None,
+                "simd" | "portable" => {}
                 other => bail!(
                     "{PATH_ENV}: unknown word {other:?}; use a comma-separated list of \
-                     kernels|candle, gemv|gemm, absorbed|expanded"
+                     kernels|candle, gemv|gemm, absorbed|expanded, simd|portable|reference"
                 ),
             }
         }
@@ -115,6 +134,21 @@ impl PathPlan {
             && head_dim <= moe_kernels::attention::DECODE_ATTN_MAX_D
     }
 
+    /// The CPU kernels' level for a MoE block's experts: on the CPU's candle path, unless the
+    /// references are forced.
+    pub fn cpu_experts(&self) -> Option<Level> {
+        self.cpu.filter(|_| self.exec == ExecPath::Candle)
+    }
+
+    /// The CPU kernels' level for a linear with `weight` over `rows` activation rows: bf16, f16
+    /// and quantized weights always, f32 up to [`CPU_F32_LINEAR_MAX_ROWS`] rows (candle's GEMM
+    /// beyond).
+    pub fn cpu_linear(&self, weight: &Weight, rows: usize) -> Option<Level> {
+        let dense_f32 = matches!(weight, Weight::Dense(w) if w.dtype() == DType::F32);
+        self.cpu_experts()
+            .filter(|_| !dense_f32 || rows <= CPU_F32_LINEAR_MAX_ROWS)
+    }
+
     /// Whether MLA runs absorbed for `t` new tokens per sequence.
     pub fn mla_absorbed(&self, t: usize) -> bool {
         match self.mla {
@@ -144,9 +178,32 @@ mod tests {
             PathPlan {
                 exec: ExecPath::Candle,
                 expert: None,
-                mla: None
+                mla: None,
+                cpu: Some(Level::detect()),
             }
         );
+        assert_eq!(cpu.cpu_experts(), Some(Level::detect()));
+        let portable = PathPlan::select(&Device::Cpu, Some("portable")).unwrap();
+        assert_eq!(portable.cpu_experts(), Some(Level::Portable));
+        let reference = PathPlan::select(&Device::Cpu, Some("reference")).unwrap();
+        assert_eq!(reference.cpu_experts(), None);
+        // The CPU kernels belong to the CPU's candle path: the kernel path keeps its references.
+        let kern = PathPlan::select(&Device::Cpu, Some("kernels")).unwrap();
+        assert_eq!(kern.cpu_experts(), None);
+        let f32w =
+            Weight::Dense(candle_core::Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap());
+        let bf16w =
+            Weight::Dense(candle_core::Tensor::zeros((4, 4), DType::BF16, &Device::Cpu).unwrap());
+        assert!(cpu.cpu_linear(&f32w, CPU_F32_LINEAR_MAX_ROWS).is_some());
+        assert!(
+            cpu.cpu_linear(&f32w, CPU_F32_LINEAR_MAX_ROWS + 1).is_none(),
+            "candle's GEMM"
+        );
+        assert!(
+            cpu.cpu_linear(&bf16w, 4096).is_some(),
+            "bf16 is never widened"
+        );
+        assert!(reference.cpu_linear(&bf16w, 1).is_none());
         let p = PathPlan::select(&Device::Cpu, Some(" kernels , gemm,absorbed ")).unwrap();
         assert_eq!(p.exec, ExecPath::Kernels);
         assert_eq!(p.expert_path(1, 1, 8), ExpertPath::Gemm);

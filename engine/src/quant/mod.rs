@@ -204,6 +204,18 @@ impl Weight {
         }
     }
 
+    /// The weight as the CPU kernels read it (in place, no copy).
+    pub fn kernel_ref(&self) -> moe_kernels::cpu::WeightRef<'_> {
+        match self {
+            Weight::Dense(t) => moe_kernels::cpu::WeightRef::Dense(t),
+            Weight::Quant(q) => moe_kernels::cpu::WeightRef::Quant {
+                qweight: &q.qweight,
+                params: &q.params,
+                fmt: q.fmt,
+            },
+        }
+    }
+
     /// Bytes in memory.
     pub fn bytes(&self) -> usize {
         match self {

@@ -13,11 +13,21 @@
 
 use rayon::prelude::*;
 
-use super::simd::{dots, group_sums, Level, Mat, Rows, MAX_ROWS};
+use super::simd::{decode_row, dots, group_sums, Level, Mat, Rows, MAX_ROWS};
 
 /// Multiply-adds a task aims for: big enough that rayon's per-task cost is noise, small enough that a
 /// decode step over 2 experts still splits over every thread.
 const TASK_MACS: usize = 1 << 15;
+
+/// Below this many multiply-adds a phase runs on the calling thread: waking the pool costs more.
+const SERIAL_MACS: usize = 1 << 17;
+
+/// From this many rows per expert (prefill), a task dequantizes its block of weight rows to f32 once and
+/// multiplies with the `gemm` crate's cache-blocked kernel; fewer rows take the dot kernels of [`dots`].
+pub const GEMM_MIN_ROWS: usize = 16;
+
+/// Output features per task on the GEMM path.
+const GEMM_BLOCK: usize = 64;
 
 /// A raw pointer that tasks writing disjoint parts of one buffer share.
 #[derive(Clone, Copy)]
@@ -35,24 +45,124 @@ impl Out {
     }
 }
 
-/// The tasks of one phase: `(expert, first feature, features)` over the experts with rows.
-fn tasks(offsets: &[u32], n_out: usize, k: usize) -> Vec<(usize, usize, usize)> {
+/// One task: rows `lo..hi` (one expert's), output features `j0..j0 + nj`.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    e: usize,
+    lo: usize,
+    hi: usize,
+    j0: usize,
+    nj: usize,
+}
+
+/// The tasks of one phase over the experts with rows, and the phase's multiply-adds.
+fn tasks(offsets: &[u32], n_out: usize, k: usize) -> (Vec<Task>, usize) {
     let mut t = Vec::new();
+    let mut macs = 0;
     for (e, w) in offsets.windows(2).enumerate() {
-        let rows = (w[1] - w[0]) as usize;
-        if rows == 0 {
+        let (lo, hi) = (w[0] as usize, w[1] as usize);
+        if hi == lo {
             continue;
         }
-        let block = (TASK_MACS / (rows.min(MAX_ROWS) * k).max(1))
-            .max(4)
-            .min(n_out.max(1));
-        t.extend(
-            (0..n_out)
-                .step_by(block)
-                .map(|j| (e, j, block.min(n_out - j))),
-        );
+        macs += (hi - lo) * n_out * k;
+        let block = if hi - lo >= GEMM_MIN_ROWS {
+            GEMM_BLOCK
+        } else {
+            (TASK_MACS / ((hi - lo).min(MAX_ROWS) * k).max(1)).max(4)
+        }
+        .min(n_out.max(1));
+        t.extend((0..n_out).step_by(block).map(|j0| Task {
+            e,
+            lo,
+            hi,
+            j0,
+            nj: block.min(n_out - j0),
+        }));
     }
-    t
+    (t, macs)
+}
+
+/// Runs `f` on every task: on the pool, or on this thread when the phase is small.
+fn run(tasks: &[Task], macs: usize, f: impl Fn(&Task) + Sync + Send) {
+    if macs < SERIAL_MACS {
+        tasks.iter().for_each(f);
+    } else {
+        tasks.par_iter().for_each(f);
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch of the tasks: dequantized weight block, and two output blocks.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = Default::default();
+}
+
+/// `y [n, nj] = x [n, k] . W[w0 .. w0 + nj]^T` for `n = x.len() / k` contiguous activation rows: the dot
+/// kernels for few rows, dequantize-once + `gemm` for many. `wbuf` is scratch.
+fn block(
+    level: Level,
+    w: &Mat,
+    w0: usize,
+    nj: usize,
+    x: &[f32],
+    y: &mut [f32],
+    wbuf: &mut Vec<f32>,
+) {
+    let k = w.k;
+    let n = x.len() / k.max(1);
+    if n >= GEMM_MIN_ROWS {
+        let wt: &[f32] = match w.data {
+            Rows::F32(d) => &d[w0 * k..(w0 + nj) * k],
+            _ => {
+                wbuf.resize(nj * k, 0.0);
+                for j in 0..nj {
+                    decode_row(w, w0 + j, &mut wbuf[j * k..(j + 1) * k]);
+                }
+                &wbuf[..nj * k]
+            }
+        };
+        // SAFETY: y is n x nj (row stride nj), x n x k (row stride k), wt nj x k read as its transpose
+        // (k x nj: row stride 1, column stride k); every extent is within the slices.
+        unsafe {
+            gemm::gemm(
+                n,
+                nj,
+                k,
+                y.as_mut_ptr(),
+                1,
+                nj as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                wt.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        return;
+    }
+    let mut sums: [Vec<f32>; MAX_ROWS] = Default::default();
+    for r0 in (0..n).step_by(MAX_ROWS) {
+        let c = (n - r0).min(MAX_ROWS);
+        let xs: [&[f32]; MAX_ROWS] = std::array::from_fn(|i| &x[(r0 + i.min(c - 1)) * k..][..k]);
+        for i in 0..c {
+            group_sums(w, xs[i], &mut sums[i]);
+        }
+        let sm: [&[f32]; MAX_ROWS] = std::array::from_fn(|i| sums[i].as_slice());
+        let mut o = [0f32; MAX_ROWS];
+        for j in 0..nj {
+            dots(level, w, w0 + j, &xs[..c], &sm[..c], &mut o);
+            for i in 0..c {
+                y[(r0 + i) * nj + j] = o[i];
+            }
+        }
+    }
 }
 
 /// Checks the shapes; returns `(E, F, H)`.
@@ -103,7 +213,8 @@ pub fn check(
     Ok((e, f, h))
 }
 
-/// The expert MLPs (see the module docs). Shapes must have passed [`check`]. `act` is scratch, resized here.
+/// The expert MLPs (see the module docs). Shapes must have passed [`check`]. `xg` and `act` are scratch,
+/// resized here.
 #[allow(clippy::too_many_arguments)]
 pub fn experts(
     level: Level,
@@ -113,72 +224,65 @@ pub fn experts(
     offsets: &[u32],
     gate_up: &Mat,
     down: &Mat,
+    xg: &mut Vec<f32>,
     act: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let r_total = row_token.len();
     let f = down.k;
+    // The dispatched rows' activations, gathered once: every expert's rows are then contiguous.
+    xg.clear();
+    for &t in row_token {
+        xg.extend_from_slice(&x[t as usize * h..][..h]);
+    }
     act.clear();
-    act.resize(r_total * f, 0.0);
+    act.resize(row_token.len() * f, 0.0);
     // Phase 1: act = silu(gate) * up, tasks over (expert, block of F).
     let a = Out(act.as_mut_ptr());
-    tasks(offsets, f, 2 * h)
-        .par_iter()
-        .for_each(|&(e, j0, nj)| {
-            let (lo, hi) = (offsets[e] as usize, offsets[e + 1] as usize);
-            let mut sums: [Vec<f32>; MAX_ROWS] = Default::default();
-            for r0 in (lo..hi).step_by(MAX_ROWS) {
-                let n = (hi - r0).min(MAX_ROWS);
-                let xs: [&[f32]; MAX_ROWS] = std::array::from_fn(|i| {
-                    let t = row_token[r0 + i.min(n - 1)] as usize;
-                    &x[t * h..(t + 1) * h]
-                });
-                for i in 0..n {
-                    group_sums(gate_up, xs[i], &mut sums[i]);
-                }
-                let sm: [&[f32]; MAX_ROWS] = std::array::from_fn(|i| sums[i].as_slice());
-                let (mut g, mut u) = ([0f32; MAX_ROWS], [0f32; MAX_ROWS]);
-                for j in j0..j0 + nj {
-                    dots(level, gate_up, e * 2 * f + j, &xs[..n], &sm[..n], &mut g);
-                    dots(
-                        level,
-                        gate_up,
-                        e * 2 * f + f + j,
-                        &xs[..n],
-                        &sm[..n],
-                        &mut u,
-                    );
-                    for i in 0..n {
-                        let v = g[i] / (1.0 + (-g[i]).exp()) * u[i];
-                        // SAFETY: row r0 + i belongs to expert e and feature j to this task's block only.
-                        unsafe { a.write((r0 + i) * f + j, v) };
-                    }
+    let xg = &xg[..];
+    let (t1, macs1) = tasks(offsets, f, 2 * h);
+    run(&t1, macs1, |t| {
+        SCRATCH.with(|s| {
+            let [wbuf, g, u] = &mut *s.borrow_mut();
+            let n = t.hi - t.lo;
+            g.resize(n * t.nj, 0.0);
+            u.resize(n * t.nj, 0.0);
+            let xs = &xg[t.lo * h..t.hi * h];
+            block(level, gate_up, t.e * 2 * f + t.j0, t.nj, xs, g, wbuf);
+            block(level, gate_up, t.e * 2 * f + f + t.j0, t.nj, xs, u, wbuf);
+            for r in 0..n {
+                for j in 0..t.nj {
+                    let (gv, uv) = (g[r * t.nj + j], u[r * t.nj + j]);
+                    // SAFETY: row t.lo + r belongs to this task's expert, feature t.j0 + j to its block.
+                    unsafe { a.write((t.lo + r) * f + t.j0 + j, gv / (1.0 + (-gv).exp()) * uv) };
                 }
             }
-        });
+        })
+    });
     // Phase 2: out = act . Wd^T, tasks over (expert, block of H).
     let o = Out(out.as_mut_ptr());
     let act = &act[..];
-    tasks(offsets, h, f).par_iter().for_each(|&(e, i0, ni)| {
-        let (lo, hi) = (offsets[e] as usize, offsets[e + 1] as usize);
-        let mut sums: [Vec<f32>; MAX_ROWS] = Default::default();
-        for r0 in (lo..hi).step_by(MAX_ROWS) {
-            let n = (hi - r0).min(MAX_ROWS);
-            let xs: [&[f32]; MAX_ROWS] =
-                std::array::from_fn(|i| &act[(r0 + i.min(n - 1)) * f..][..f]);
-            for i in 0..n {
-                group_sums(down, xs[i], &mut sums[i]);
-            }
-            let sm: [&[f32]; MAX_ROWS] = std::array::from_fn(|i| sums[i].as_slice());
-            let mut y = [0f32; MAX_ROWS];
-            for c in i0..i0 + ni {
-                dots(level, down, e * h + c, &xs[..n], &sm[..n], &mut y);
-                for (i, &v) in y.iter().enumerate().take(n) {
+    let (t2, macs2) = tasks(offsets, h, f);
+    run(&t2, macs2, |t| {
+        SCRATCH.with(|s| {
+            let [wbuf, y, _] = &mut *s.borrow_mut();
+            let n = t.hi - t.lo;
+            y.resize(n * t.nj, 0.0);
+            block(
+                level,
+                down,
+                t.e * h + t.j0,
+                t.nj,
+                &act[t.lo * f..t.hi * f],
+                y,
+                wbuf,
+            );
+            for r in 0..n {
+                for j in 0..t.nj {
                     // SAFETY: as in phase 1.
-                    unsafe { o.write((r0 + i) * h + c, v) };
+                    unsafe { o.write((t.lo + r) * h + t.j0 + j, y[r * t.nj + j]) };
                 }
             }
-        }
+        })
     });
 }
 
@@ -186,27 +290,20 @@ pub fn experts(
 pub fn linear(level: Level, x: &[f32], w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.k, w.rows);
     let m = x.len() / k.max(1);
-    let offsets = [0, m as u32];
     let o = Out(out.as_mut_ptr());
-    tasks(&offsets, n, k).par_iter().for_each(|&(_, j0, nj)| {
-        let mut sums: [Vec<f32>; MAX_ROWS] = Default::default();
-        for r0 in (0..m).step_by(MAX_ROWS) {
-            let cnt = (m - r0).min(MAX_ROWS);
-            let xs: [&[f32]; MAX_ROWS] =
-                std::array::from_fn(|i| &x[(r0 + i.min(cnt - 1)) * k..][..k]);
-            for i in 0..cnt {
-                group_sums(w, xs[i], &mut sums[i]);
-            }
-            let sm: [&[f32]; MAX_ROWS] = std::array::from_fn(|i| sums[i].as_slice());
-            let mut y = [0f32; MAX_ROWS];
-            for j in j0..j0 + nj {
-                dots(level, w, j, &xs[..cnt], &sm[..cnt], &mut y);
-                for (i, &v) in y.iter().enumerate().take(cnt) {
+    let (ts, macs) = tasks(&[0, m as u32], n, k);
+    run(&ts, macs, |t| {
+        SCRATCH.with(|s| {
+            let [wbuf, y, _] = &mut *s.borrow_mut();
+            y.resize(m * t.nj, 0.0);
+            block(level, w, t.j0, t.nj, x, y, wbuf);
+            for r in 0..m {
+                for j in 0..t.nj {
                     // SAFETY: each task owns its block of output features.
-                    unsafe { o.write((r0 + i) * n + j, v) };
+                    unsafe { o.write(r * n + t.j0 + j, y[r * t.nj + j]) };
                 }
             }
-        }
+        })
     });
 }
 

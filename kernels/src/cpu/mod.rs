@@ -159,9 +159,9 @@ pub fn moe_experts_cpu(
         with_mat(down, f, "moe_experts_cpu: down", |dn| {
             experts::check(xs.len(), h, row_token, offsets, gu, dn)
                 .map_err(|e| candle_core::Error::Msg(format!("moe_experts_cpu: {e}")))?;
-            let mut act = Vec::new();
+            let (mut xg, mut act) = (Vec::new(), Vec::new());
             experts::experts(
-                level, &xs, h, row_token, offsets, gu, dn, &mut act, &mut out,
+                level, &xs, h, row_token, offsets, gu, dn, &mut xg, &mut act, &mut out,
             );
             Ok(())
         })

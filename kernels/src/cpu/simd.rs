@@ -152,6 +152,34 @@ pub fn group_sums(m: &Mat, x: &[f32], out: &mut Vec<f32>) {
     }
 }
 
+/// Weight row `row` decoded to f32 into `out` (`k` long): the exact values the dot kernels use.
+pub fn decode_row(m: &Mat, row: usize, out: &mut [f32]) {
+    let k = m.k;
+    match m.data {
+        Rows::F32(w) => out.copy_from_slice(&w[row * k..][..k]),
+        Rows::Bf16(w) => out
+            .iter_mut()
+            .zip(&w[row * k..][..k])
+            .for_each(|(o, v)| *o = v.to_f32()),
+        Rows::F16(w) => out
+            .iter_mut()
+            .zip(&w[row * k..][..k])
+            .for_each(|(o, v)| *o = v.to_f32()),
+        Rows::Int8 { q, s } => {
+            crate::qformat::dequantize_row(QFormat::Int8, &q[row * k..][..k], &s[row..row + 1], out)
+        }
+        Rows::Int4 { q, p, group } => {
+            let (kb, pr) = (k.div_ceil(2), 2 * k.div_ceil(group));
+            crate::qformat::dequantize_row(
+                QFormat::Int4 { group },
+                &q[row * kb..][..kb],
+                &p[row * pr..][..pr],
+                out,
+            )
+        }
+    }
+}
+
 /// `out[i] = x_i . W[row]` for `n = xs.len() <= MAX_ROWS` activation rows (each `k` long, with `sums[i]` from
 /// [`group_sums`] for INT4).
 pub fn dots(level: Level, m: &Mat, row: usize, xs: &[&[f32]], sums: &[&[f32]], out: &mut [f32]) {

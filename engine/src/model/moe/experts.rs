@@ -9,7 +9,26 @@ use crate::quant::Weight;
 /// [`experts`] for dense or quantized weights. Quantized experts run the grouped layout: the
 /// dispatched rows gathered once into expert-sorted `[N*A, H]`, then one grouped W8A16/W4A16
 /// matmul per projection (`moe_kernels::qmatmul_grouped`, dequantizing on the fly).
-pub fn experts_w(x: &Tensor, d: &Dispatch, gate_up: &Weight, down: &Weight) -> Result<Tensor> {
+///
+/// With `cpu` (the CPU kernels' level from the path plan) any format runs the fused CPU expert
+/// kernel instead (`moe_kernels::cpu::moe_experts_cpu`).
+pub fn experts_w(
+    x: &Tensor,
+    d: &Dispatch,
+    gate_up: &Weight,
+    down: &Weight,
+    cpu: Option<moe_kernels::cpu::Level>,
+) -> Result<Tensor> {
+    if let Some(level) = cpu.filter(|_| x.device().is_cpu()) {
+        return moe_kernels::cpu::moe_experts_cpu(
+            level,
+            x,
+            &d.row_token,
+            &d.offsets,
+            gate_up.kernel_ref(),
+            down.kernel_ref(),
+        );
+    }
     match (gate_up, down) {
         (Weight::Dense(gu), Weight::Dense(dn)) => experts(x, d, gu, dn),
         (Weight::Quant(gu), Weight::Quant(dn)) => {

@@ -107,9 +107,9 @@ impl MoeBlock {
                                      // Router logits [N, E] in the activation dtype as transformers computes them, or in f32
                                      // for families that keep the router in f32.
         let logits = if self.cfg.router_f32 {
-            self.router.forward(&x.to_dtype(DType::F32)?)?
+            self.router.forward_on(&x.to_dtype(DType::F32)?, plan)?
         } else {
-            self.router.forward(&x)?
+            self.router.forward_on(&x, plan)?
         };
         // Beyond the router kernel's limits (E > 256, k > 8, > 32 groups) the block routes on
         // the host instead: one device-to-host read per layer rather than an error.
@@ -117,12 +117,12 @@ impl MoeBlock {
         let (mut out, routing) = if on_device {
             self.routed_kernels(&x, &logits, plan)?
         } else {
-            self.routed_candle(&x, &logits)?
+            self.routed_candle(&x, &logits, plan)?
         };
         if let Some(shared) = &self.shared {
-            let s = shared.forward(&x)?;
+            let s = shared.forward(&x, plan)?;
             let s = match &self.shared_gate {
-                Some(g) => s.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward(&x)?)?)?,
+                Some(g) => s.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward_on(&x, plan)?)?)?,
                 None => s,
             };
             out = (out + s)?;
@@ -165,7 +165,12 @@ impl MoeBlock {
     }
 
     /// The routed experts with host routing and candle matmuls. `x [N, H]`.
-    fn routed_candle(&self, x: &Tensor, logits: &Tensor) -> Result<(Tensor, DeviceRouting)> {
+    fn routed_candle(
+        &self,
+        x: &Tensor,
+        logits: &Tensor,
+        plan: &PathPlan,
+    ) -> Result<(Tensor, DeviceRouting)> {
         let routing = route(
             logits,
             self.cfg.router,
@@ -173,7 +178,7 @@ impl MoeBlock {
             self.score_bias.as_deref(),
         )?;
         let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts)?;
-        let y = experts::experts_w(x, &d, &self.gate_up, &self.down)?; // [N*A, H], expert-sorted
+        let y = experts::experts_w(x, &d, &self.gate_up, &self.down, plan.cpu_experts())?; // [N*A, H], expert-sorted
         let out = combine(&y, &d, &routing)?; // [N, H]
         let (n, dev) = (routing.num_tokens(), x.device());
         let ids = Tensor::from_vec(routing.ids, (n, self.cfg.top_k), dev)?;
@@ -202,11 +207,11 @@ impl Mlp {
         self.gate_up.bytes() + self.down.bytes()
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = self.gate_up.forward(x)?;
+    pub fn forward(&self, x: &Tensor, plan: &PathPlan) -> Result<Tensor> {
+        let gu = self.gate_up.forward_on(x, plan)?;
         let f = gu.dim(candle_core::D::Minus1)? / 2;
         let act = (candle_nn::ops::silu(&gu.narrow(candle_core::D::Minus1, 0, f)?)?
             * gu.narrow(candle_core::D::Minus1, f, f)?)?;
-        self.down.forward(&act)
+        self.down.forward_on(&act, plan)
     }
 }
