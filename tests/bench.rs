@@ -60,6 +60,13 @@ fn check_report(r: &moe::bench::BenchReport) {
     assert!(r.experts_touched_measured.unwrap() > 0.0);
     assert!(r.experts_touched_predicted.unwrap() > 0.0);
     assert_eq!(r.bandwidth_gb_s.source, "--bandwidth");
+    // The CPU expert kernel timed alone, against the read bandwidth measured in the same run.
+    if let Some(x) = &r.expert_stream {
+        assert!(x.bytes_per_call > 0 && x.median_s > 0.0 && x.read_bandwidth_gb_s > 0.0);
+        let gb_s = x.bytes_per_call as f64 / x.median_s / 1e9;
+        assert!((x.weight_gb_s / gb_s - 1.0).abs() < 1e-9);
+        assert!((x.pct_of_read_bandwidth - 100.0 * gb_s / x.read_bandwidth_gb_s).abs() < 1e-6);
+    }
     // The ceilings come from the stated bandwidth and peak: tokens per forward over the slower of
     // bytes / bandwidth and FLOPs / peak, and % of roofline is the median over that.
     let (bw, peak) = (r.bandwidth_gb_s.value, r.peak_tflops.value);
@@ -118,6 +125,17 @@ fn check_report(r: &moe::bench::BenchReport) {
 fn bench_embedded_model() {
     let a = tiny_args();
     let r = bench(&a).unwrap();
+    // tiny-kjv is MoE and the CPU runs the CPU kernels: the expert kernel is timed alone, the
+    // bytes of a call are top-k = 2 of its 8 experts of one layer.
+    let x = r.expert_stream.as_ref().expect("expert kernel timed");
+    let (_, cfg0) = moe::bench::resolve_config(&a).unwrap();
+    let moe::config::FfnKind::Moe(m) = &cfg0.layers[0] else {
+        panic!("tiny-kjv is MoE")
+    };
+    assert_eq!(
+        x.bytes_per_call,
+        (2 * 3 * m.expert_ffn * cfg0.hidden_size * 4) as u64
+    );
     assert_eq!(r.model.layers_run, r.model.layers_in_config);
     assert!(r.model.weights.contains("embedded"));
     check_report(&r);

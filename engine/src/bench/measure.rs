@@ -230,3 +230,76 @@ pub fn matmul_peak_tflops(device: &Device, dtype: DType, n: usize) -> Result<f64
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e12)
 }
+
+/// Host read bandwidth: a parallel streaming read (a sum) of a 256 MiB buffer on the compute pool,
+/// median of 5 passes after one untimed, in GB/s (bytes read only: the ceiling of a kernel that
+/// streams weights once).
+pub fn read_bandwidth_gb_s() -> f64 {
+    use rayon::prelude::*;
+    const N: usize = 256 << 20;
+    let buf: Vec<u64> = (0..N / 8).map(|i| i as u64).collect();
+    let mut times = Vec::new();
+    for i in 0..6 {
+        let t = Instant::now();
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(s);
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    N as f64 / Stat::of(&times).median / 1e9
+}
+
+/// The CPU expert kernel alone at a decode step: one token through `top_k` experts (gate/up +
+/// SwiGLU + down), median of 30 calls after 3 untimed, each call on the next group of `top_k`
+/// experts of the next MoE layer, so that the weights come from memory and not from a cache the
+/// previous call filled; the weight bytes of those experts over that time, in GB/s. `None` off the
+/// CPU kernels or without MoE layers. Returns (GB/s, median seconds, bytes per call).
+pub fn expert_stream(model: &Model) -> Result<Option<(f64, f64, u64)>> {
+    let blocks: Vec<_> = model.moe_blocks().collect();
+    let (Some(first), Some(level)) = (blocks.first(), model.plan().cpu_experts()) else {
+        return Ok(None);
+    };
+    if !model.device().is_cpu() {
+        return Ok(None);
+    }
+    let (e, k) = (first.cfg.num_experts, first.cfg.top_k);
+    let h = model.cfg.hidden_size;
+    let x = Tensor::randn(0f32, 1f32, (1, h), &Device::Cpu)?;
+    let row_token = vec![0u32; k];
+    // Every (layer, group of k experts); offsets give group g's experts one row each.
+    let calls: Vec<(usize, Vec<u32>)> = (0..blocks.len())
+        .flat_map(|b| {
+            (0..e / k.max(1)).map(move |g| {
+                let offsets = (0..=e)
+                    .map(|i| i.clamp(g * k, g * k + k) as u32 - (g * k) as u32)
+                    .collect();
+                (b, offsets)
+            })
+        })
+        .collect();
+    let bytes = ((first.gate_up.bytes() + first.down.bytes()) / e * k) as u64;
+    let mut times = Vec::new();
+    for i in 0..33 {
+        let (b, offsets) = &calls[i % calls.len()];
+        let moe = blocks[*b];
+        let t = Instant::now();
+        let y = moe_kernels::cpu::moe_experts_cpu(
+            level,
+            &x,
+            &row_token,
+            offsets,
+            moe.gate_up.kernel_ref(),
+            moe.down.kernel_ref(),
+        )?;
+        std::hint::black_box(y);
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let t = Stat::of(&times).median;
+    Ok(Some((bytes as f64 / t / 1e9, t, bytes)))
+}

@@ -419,6 +419,19 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             _ => None,
         },
     };
+    let expert_stream = match measure::expert_stream(&model)? {
+        Some((gb_s, t, bytes)) => {
+            let read = measure::read_bandwidth_gb_s();
+            Some(schema::ExpertStream {
+                bytes_per_call: bytes,
+                median_s: t,
+                weight_gb_s: gb_s,
+                read_bandwidth_gb_s: read,
+                pct_of_read_bandwidth: 100.0 * gb_s / read,
+            })
+        }
+        None => None,
+    };
     Ok(BenchReport {
         env: env(&device, dtype),
         model: desc,
@@ -437,6 +450,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         memory,
         load_s,
         baseline,
+        expert_stream,
     })
 }
 

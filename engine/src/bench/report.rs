@@ -98,6 +98,17 @@ pub fn bench_text(r: &BenchReport) -> String {
             "  distinct experts per MoE layer per decode step: measured {me:.2}, predicted {pe:.2} (uniform routing)\n"
         ));
     }
+    if let Some(x) = &r.expert_stream {
+        s.push_str(&format!(
+            "  expert kernel alone (decode, first MoE layer's top-k experts, {} per call): median {:.1} us = {:.2} GB/s of weights, {:.0}% of the {:.2} GB/s read bandwidth measured now (parallel streaming read, {} threads)\n",
+            human_bytes(x.bytes_per_call),
+            x.median_s * 1e6,
+            x.weight_gb_s,
+            x.pct_of_read_bandwidth,
+            x.read_bandwidth_gb_s,
+            r.env.cpu_threads
+        ));
+    }
     if let Some(b) = &r.baseline {
         s.push_str(&format!(
             "  baseline {}: prefill {} tok/s (p10 {}, p90 {}), decode {} tok/s (p10 {}, p90 {})\n  time ratio candle/ours: prefill {:.2}x, decode {:.2}x (> 1: ours is faster)\n",

@@ -123,6 +123,23 @@ pub struct BenchReport {
     pub load_s: f64,
     /// `--baseline candle`: the same weights through candle-transformers' Mixtral.
     pub baseline: Option<super::baseline::BaselineReport>,
+    /// The CPU expert kernel alone at a decode step, against the read bandwidth measured in the
+    /// same run on the same threads; absent off the CPU kernels or without MoE layers.
+    pub expert_stream: Option<ExpertStream>,
+}
+
+/// Weight bytes the CPU expert kernel streams per second at a decode step (one token, top-k experts of
+/// the first MoE layer) next to the machine's read bandwidth.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertStream {
+    /// Weight bytes of the k experts one decode step reads (gate, up, down with their params).
+    pub bytes_per_call: u64,
+    /// Median seconds per call.
+    pub median_s: f64,
+    pub weight_gb_s: f64,
+    /// A parallel streaming read of 256 MiB on the same pool (bytes read only).
+    pub read_bandwidth_gb_s: f64,
+    pub pct_of_read_bandwidth: f64,
 }
 
 pub(crate) fn dtype_name(d: DType) -> &'static str {

@@ -180,6 +180,19 @@ impl Model {
         self.plan.exec
     }
 
+    /// Every execution-path choice of this model.
+    pub fn plan(&self) -> &PathPlan {
+        &self.plan
+    }
+
+    /// The MoE layers' blocks in layer order (what `bench` times the expert kernel on).
+    pub fn moe_blocks(&self) -> impl Iterator<Item = &super::moe::MoeBlock> {
+        self.layers.iter().filter_map(|l| match &l.ffn {
+            Ffn::Moe(m) => Some(&**m),
+            Ffn::Dense(_) => None,
+        })
+    }
+
     /// Switches the implementation of the hot ops (tests and the self-test compare the two).
     pub fn set_exec_path(&mut self, path: ExecPath) {
         self.plan.exec = path;
