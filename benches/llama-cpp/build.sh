@@ -53,21 +53,40 @@ COMMIT="$(awk -v v="## [$LLAMA_PY_VERSION]" '
 sed -i "s/^set(BUILD_COMMIT \"unknown\")/set(BUILD_COMMIT \"$COMMIT\")/" "$LLAMA_SRC/cmake/build-info.cmake"
 
 # 5. configure + build only the targets the benches use
+#    AMX: with -march=native on a CPU whose cpuid lists AMX (amx_tile), ggml compiles its AMX
+#    path and uses it for Q4_0/Q8_0 weights. On the machine these scripts were written on (a
+#    KVM guest of an Intel Xeon with AMX) that path dies in ggml_backend_amx_mul_mat at its
+#    first ldtilecfg (SIGILL; SIGSEGV under gdb), although amx_probe.c's tile load/zero/release
+#    runs, on the main thread and on another. So by default the compiler is wrapped to append
+#    -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 after ggml's -march=native (the rest of native
+#    stays: AVX2/AVX-512/VNNI/BF16 where present). LLAMA_AMX=1 keeps AMX. On CPUs without AMX
+#    (e.g. AMD Zen 3) the flags change nothing.
+LLAMA_AMX="${LLAMA_AMX:-0}"
+LAUNCHER=""
+if [ "$LLAMA_AMX" != 1 ]; then
+    LAUNCHER="$CACHE/cc-no-amx.sh"
+    printf '#!/bin/sh\n# compiler launcher from benches/llama-cpp/build.sh: no AMX after -march=native\nexec "$@" -mno-amx-tile -mno-amx-int8 -mno-amx-bf16\n' > "$LAUNCHER"
+    chmod +x "$LAUNCHER"
+fi
+CONFIG=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+        -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=ON
+        -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=ON
+        "-DCMAKE_C_COMPILER_LAUNCHER=$LAUNCHER" "-DCMAKE_CXX_COMPILER_LAUNCHER=$LAUNCHER")
 TARGETS=(llama-bench llama-tokenize llama-quantize test-backend-ops llama-simple)
+STAMP="$LLAMA_BUILD/.moe-run-config"
 need=0
 for t in "${TARGETS[@]}"; do [ -x "$LLAMA_BIN/$t" ] || need=1; done
+[ "$(cat "$STAMP" 2>/dev/null)" = "${CONFIG[*]}" ] || need=1
 if [ "$need" = 1 ]; then
-    if [ ! -f "$LLAMA_BUILD/build.ninja" ]; then
+    if [ ! -f "$LLAMA_BUILD/build.ninja" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${CONFIG[*]}" ]; then
         log "cmake configure -> $LLAMA_BUILD"
-        cmake -S "$LLAMA_SRC" -B "$LLAMA_BUILD" -G Ninja \
-            -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-            -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=ON \
-            -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=ON >&2
+        cmake -S "$LLAMA_SRC" -B "$LLAMA_BUILD" -G Ninja "${CONFIG[@]}" >&2
     fi
     log "building ${TARGETS[*]} with $JOBS jobs (nice)"
     t0=$(date +%s)
     nice -n 10 cmake --build "$LLAMA_BUILD" -j "$JOBS" --target "${TARGETS[@]}" >&2
     log "llama.cpp build took $(( $(date +%s) - t0 )) s"
+    echo "${CONFIG[*]}" > "$STAMP"
 fi
 for t in "${TARGETS[@]}"; do [ -x "$LLAMA_BIN/$t" ] || die "missing $LLAMA_BIN/$t after build"; done
 
@@ -97,7 +116,9 @@ fi
     echo "llama_cpp_python_version=$LLAMA_PY_VERSION"
     echo "llama_cpp_commit=$COMMIT"
     echo "sdist_sha256=$(sha256sum "$SDIST" | cut -d' ' -f1)"
-    echo "cmake_flags=-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=ON"
+    echo "cmake_flags=${CONFIG[*]}"
+    echo "amx=$([ "$LLAMA_AMX" = 1 ] && echo "as -march=native gives" || echo "off (-mno-amx-tile -mno-amx-int8 -mno-amx-bf16 appended)")"
+    echo "cpu_amx_flags=$(grep -m1 -o -w 'amx_tile\|amx_int8\|amx_bf16' /proc/cpuinfo | tr '\n' ' ')"
     echo "compiler=$("${CXX:-c++}" --version | head -1)"
     echo "llama_bench_build=$("$LLAMA_BIN/llama-bench" --version 2>&1 | tr '\n' ' ')"
 } > "$CACHE/llama-version.txt.tmp"

@@ -178,7 +178,7 @@ fi
 if [ "$BACKEND_OPS" = 1 ]; then
     TBO="$LLAMA_BIN/test-backend-ops"
     f="$RUN/backend-ops-builtin.txt"
-    cmd=("$TBO" perf -o MUL_MAT_ID -b CPU -p 'type_a=(f32|bf16|q8_0|q4_0),')
+    cmd=("$TBO" perf -o MUL_MAT_ID -b CPU -p 'type_a=(f32|bf16|q8_0|q4_0),.*,n=(1|512),')
     record backend-ops-builtin "$f" "${cmd[*]}"
     log "test-backend-ops perf (built-in MUL_MAT_ID cases)"
     measured "$f" timeout "${BACKEND_OPS_TIMEOUT:-900}" "${cmd[@]}" || log "test-backend-ops (built-in) exited $? (output kept)"

@@ -17,6 +17,7 @@ PREC_LABEL = {
     "int8": ("int8", "Q8_0"),
     "int4": ("int4:32", "Q4_0"),
 }
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RUN_RE = re.compile(r"^r(\d+)-(.+)-(f32|bf16|int8|int4)-(llama-prefill|llama-decode|moe-run)\.json$")
 
 
@@ -135,8 +136,8 @@ def main() -> None:
     for name in ("builtin", "shapes"):
         f = run / f"backend-ops-{name}.txt"
         if f.exists():
-            lines = [l.strip() for l in f.read_text().splitlines() if "MUL_MAT_ID" in l and ("us/run" in l or "runs" in l or "not supported" in l)]
-            backend_ops[name] = {"lines": lines, "tail": f.read_text().splitlines()[-3:]}
+            lines = [ANSI.sub("", l).strip() for l in f.read_text().splitlines() if "MUL_MAT_ID" in l and ("us/run" in l or "runs" in l or "not supported" in l)]
+            backend_ops[name] = {"lines": lines, "tail": [ANSI.sub("", l) for l in f.read_text().splitlines()[-3:]]}
 
     # samples during which other processes used > 10% of the machine
     noisy = []
@@ -246,7 +247,8 @@ def main() -> None:
         lines += ["GGUF tensor types from llama-quantize's defaults: " + "; ".join(f"{k}: {v}" for k, v in lq.items())
                   + ". moe-run --quant keeps embeddings, lm_head, routers and norms in the compute dtype (README, Quantization)."]
     if backend_ops:
-        lines += ["", "test-backend-ops perf -o MUL_MAT_ID -b CPU (expert shapes via --test-file; built-in cases in the JSON):", "", "```"]
+        lines += ["", "test-backend-ops perf -o MUL_MAT_ID -b CPU at expert shapes (--test-file; built-in cases in the JSON). "
+                  "Its kB/run and GB/s count the whole `as` tensor (all experts), not the experts the ids select:", "", "```"]
         lines += backend_ops.get("shapes", {}).get("lines", []) or ["(no lines)"]
         lines += ["```"]
     lines += ["", f"Commands and every sample: {out.name}.json"]
