@@ -123,9 +123,21 @@ impl W {
 fn levels() -> Vec<Level> {
     let mut v = vec![Level::Portable];
     if Level::detect() != Level::Portable {
-        v.push(Level::detect());
+        v.extend([Level::detect(), Level::Avx2Q8]);
     }
     v
+}
+
+/// Int8 activations (per block of 32, llama.cpp's q8 scheme) against the f64 reference on f32
+/// activations: measured max nmse 1.4e-4 over the expert cases (two quantized stages: x into
+/// gate/up, the SwiGLU output into down; rounding of 1/254 of a block's largest value); budget 5e-4.
+const NMSE_Q8: f64 = 5e-4;
+
+fn budget(level: Level, fmt: Fmt) -> f64 {
+    match (level, fmt) {
+        (Level::Avx2Q8, Fmt::Q(_)) => NMSE_Q8,
+        _ => NMSE,
+    }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -218,7 +230,7 @@ fn experts_match_the_f64_reference_in_every_format() {
                 let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
                 let e_ = nmse(&got, &want);
                 assert!(
-                    e_ < NMSE,
+                    e_ < budget(level, fmt),
                     "{fmt:?} {level:?} T={t} k={k_top} E={e} H={h} F={f}: nmse {e_:e}"
                 );
             }
@@ -268,7 +280,11 @@ fn linear_matches_the_f64_reference_in_every_format_and_activation_dtype() {
                         .to_vec1()
                         .unwrap();
                     // bf16 outputs: one rounding of each result (relative 2^-9).
-                    let budget = if dt == DType::F32 { NMSE } else { 1e-5 };
+                    let budget = if dt == DType::F32 {
+                        budget(level, fmt)
+                    } else {
+                        1e-5f64.max(budget(level, fmt))
+                    };
                     let e_ = nmse(&got, &want);
                     assert!(
                         e_ < budget,

@@ -7,7 +7,7 @@
 //! per-expert "where" to [`PathPlan`].)
 //!
 //! Override: `MOE_PATH` = a comma-separated list of `kernels|candle`, `gemv|gemm`,
-//! `absorbed|expanded`, `simd|portable|reference` (e.g. `MOE_PATH=kernels,gemm` or
+//! `absorbed|expanded`, `simd|q8act|portable|reference` (e.g. `MOE_PATH=kernels,gemm` or
 //! `MOE_PATH=portable`); unset or empty keeps every default.
 
 use candle_core::{bail, DType, Device, Result};
@@ -90,11 +90,17 @@ impl PathPlan {
                 "expanded" => plan.mla = Some(MlaPath::Expanded),
                 "simd" if device.is_cpu() => plan.cpu = Some(Level::detect()),
                 "portable" if device.is_cpu() => plan.cpu = Some(Level::Portable),
+                "q8act" if device.is_cpu() => {
+                    plan.cpu = Some(match Level::detect() {
+                        Level::Portable => Level::Portable,
+                        _ => Level::Avx2Q8,
+                    })
+                }
                 "reference" => plan.cpu = None,
-                "simd" | "portable" => {}
+                "simd" | "portable" | "q8act" => {}
                 other => bail!(
                     "{PATH_ENV}: unknown word {other:?}; use a comma-separated list of \
-                     kernels|candle, gemv|gemm, absorbed|expanded, simd|portable|reference"
+                     kernels|candle, gemv|gemm, absorbed|expanded, simd|q8act|portable|reference"
                 ),
             }
         }

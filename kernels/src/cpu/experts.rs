@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{decode_row, dots, group_sums, Level, Mat, Rows, MAX_ROWS};
+use super::simd::{decode_row, dots, dots_q8, group_sums, Level, Mat, Q8Rows, Rows, MAX_ROWS};
 
 /// Multiply-adds a task aims for: big enough that rayon's per-task cost is noise, small enough that a
 /// decode step over 2 experts still splits over every thread.
@@ -82,6 +82,12 @@ fn tasks(offsets: &[u32], n_out: usize, k: usize) -> (Vec<Task>, usize) {
     (t, macs)
 }
 
+/// A number unique to one kernel call (the key of the per-thread quantized activations).
+fn next_epoch() -> u64 {
+    static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Runs `f` on every task: on the pool, or on this thread when the phase is small.
 fn run(tasks: &[Task], macs: usize, f: impl Fn(&Task) + Sync + Send) {
     if macs < SERIAL_MACS {
@@ -94,11 +100,14 @@ fn run(tasks: &[Task], macs: usize, f: impl Fn(&Task) + Sync + Send) {
 thread_local! {
     /// Per-thread scratch of the tasks: dequantized weight block, and two output blocks.
     static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = Default::default();
+    /// Per-thread quantized activations of [`Level::Avx2Q8`].
+    static Q8: std::cell::RefCell<Q8Rows> = Default::default();
 }
 
 /// `y [n, nj] = x [n, k] . W[w0 .. w0 + nj]^T` for `n = x.len() / k` contiguous activation rows: the dot
 /// kernels for few rows, dequantize-once + `gemm` for many. `wbuf` is scratch.
 fn block(
+    epoch: u64,
     level: Level,
     w: &Mat,
     w0: usize,
@@ -146,6 +155,28 @@ fn block(
             );
         }
         return;
+    }
+    if level == Level::Avx2Q8 {
+        let done = Q8.with(|q8| {
+            let xq = &mut *q8.borrow_mut();
+            if !xq.quantize(w, x, epoch) {
+                return false;
+            }
+            let mut o = [0f32; MAX_ROWS];
+            for r0 in (0..n).step_by(MAX_ROWS) {
+                let c = (n - r0).min(MAX_ROWS);
+                for j in 0..nj {
+                    dots_q8(w, w0 + j, xq, r0, c, &mut o);
+                    for i in 0..c {
+                        y[(r0 + i) * nj + j] = o[i];
+                    }
+                }
+            }
+            true
+        });
+        if done {
+            return;
+        }
     }
     let mut sums: [Vec<f32>; MAX_ROWS] = Default::default();
     for r0 in (0..n).step_by(MAX_ROWS) {
@@ -229,6 +260,7 @@ pub fn experts(
     out: &mut [f32],
 ) {
     let f = down.k;
+    let epoch = next_epoch();
     // The dispatched rows' activations, gathered once: every expert's rows are then contiguous.
     xg.clear();
     for &t in row_token {
@@ -247,8 +279,17 @@ pub fn experts(
             g.resize(n * t.nj, 0.0);
             u.resize(n * t.nj, 0.0);
             let xs = &xg[t.lo * h..t.hi * h];
-            block(level, gate_up, t.e * 2 * f + t.j0, t.nj, xs, g, wbuf);
-            block(level, gate_up, t.e * 2 * f + f + t.j0, t.nj, xs, u, wbuf);
+            block(epoch, level, gate_up, t.e * 2 * f + t.j0, t.nj, xs, g, wbuf);
+            block(
+                epoch,
+                level,
+                gate_up,
+                t.e * 2 * f + f + t.j0,
+                t.nj,
+                xs,
+                u,
+                wbuf,
+            );
             for r in 0..n {
                 for j in 0..t.nj {
                     let (gv, uv) = (g[r * t.nj + j], u[r * t.nj + j]);
@@ -268,6 +309,7 @@ pub fn experts(
             let n = t.hi - t.lo;
             y.resize(n * t.nj, 0.0);
             block(
+                epoch,
                 level,
                 down,
                 t.e * h + t.j0,
@@ -290,13 +332,14 @@ pub fn experts(
 pub fn linear(level: Level, x: &[f32], w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.k, w.rows);
     let m = x.len() / k.max(1);
+    let epoch = next_epoch();
     let o = Out(out.as_mut_ptr());
     let (ts, macs) = tasks(&[0, m as u32], n, k);
     run(&ts, macs, |t| {
         SCRATCH.with(|s| {
             let [wbuf, y, _] = &mut *s.borrow_mut();
             y.resize(m * t.nj, 0.0);
-            block(level, w, t.j0, t.nj, x, y, wbuf);
+            block(epoch, level, w, t.j0, t.nj, x, y, wbuf);
             for r in 0..m {
                 for j in 0..t.nj {
                     // SAFETY: each task owns its block of output features.

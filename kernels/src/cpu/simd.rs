@@ -27,6 +27,11 @@ pub const MAX_ROWS: usize = 4;
 pub enum Level {
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
+    /// [`Level::Avx2`], and INT8/INT4 weights multiply int8 activations in integer dot products
+    /// (`maddubs`): each activation row quantized per block of 32 to int8 with an f32 scale, as
+    /// llama.cpp's q8 activations ([`Q8Rows`]). Not exact against f32 activations: within the
+    /// budget the tests measure.
+    Avx2Q8,
     /// Plain Rust (what the compiler vectorises on its own): every other CPU, or when forced.
     Portable,
 }
@@ -52,6 +57,7 @@ impl Level {
     pub fn name(self) -> &'static str {
         match self {
             Level::Avx2 => "avx2+fma",
+            Level::Avx2Q8 => "avx2+fma, int8 activations",
             Level::Portable => "portable",
         }
     }
@@ -205,7 +211,7 @@ fn dots_n<const R: usize>(
     let k = m.k;
     let mut o = [0f32; R];
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx2 {
+    if level != Level::Portable {
         // SAFETY: Level::Avx2 is only chosen when the CPU has AVX2, FMA and F16C (Level::detect), and every
         // slice below is `k` long (or holds the row's packed bytes and params), as the kernels read.
         unsafe {
@@ -238,6 +244,129 @@ fn dots_n<const R: usize>(
     }
     let _ = level;
     portable::dots(m, row, &x, sums, &mut o);
+    out[..R].copy_from_slice(&o);
+}
+
+/// Activation rows quantized to int8 in blocks of 32 for the integer kernels of [`Level::Avx2Q8`]:
+/// `x ~ d_b * q` per block, `q` in -127..=127. For INT4 each block is stored even elements first
+/// (`x0, x2, .., x30, x1, x3, .., x31`), the order of a 16-byte load of nibbles split into low and
+/// high halves. `gsum[r][g]` = the group's `sum_b d_b sum q` (the quantized activations' sum, for
+/// INT4's zero-point term).
+#[derive(Default)]
+pub struct Q8Rows {
+    /// What the rows were last quantized from: (call epoch, data address, length, k, group), so
+    /// the tasks of one call that share rows quantize them once per thread.
+    key: (u64, usize, usize, usize, usize),
+    q: Vec<i8>,
+    d: Vec<f32>,
+    gsum: Vec<f32>,
+    k: usize,
+    groups: usize,
+}
+
+impl Q8Rows {
+    /// Quantizes the `x.len() / k` rows of `x` for weights `m` (or keeps them when this thread
+    /// already quantized the same rows in the same `epoch`, a number unique to one kernel call);
+    /// `false` (nothing done) when `m` has no integer kernel: a float format, `k % 32 != 0`, or an INT4 group that is not a multiple of 32.
+    pub fn quantize(&mut self, m: &Mat, x: &[f32], epoch: u64) -> bool {
+        let k = m.k;
+        let int4 = match m.data {
+            Rows::Int8 { .. } => false,
+            Rows::Int4 { group, .. } if group % 32 == 0 => true,
+            _ => return false,
+        };
+        if k == 0 || k % 32 != 0 {
+            return false;
+        }
+        let n = x.len() / k;
+        let group = m.group().unwrap_or(k);
+        let groups = k.div_ceil(group);
+        let key = (
+            epoch,
+            x.as_ptr() as usize,
+            x.len(),
+            k,
+            if int4 { group } else { 0 },
+        );
+        if key == self.key {
+            return true;
+        }
+        self.key = key;
+        self.k = k;
+        self.groups = groups;
+        self.q.clear();
+        self.q.resize(n * k, 0);
+        self.d.clear();
+        self.gsum.clear();
+        self.gsum.resize(n * groups, 0.0);
+        for r in 0..n {
+            for b in 0..k / 32 {
+                let xb = &x[r * k + 32 * b..][..32];
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let qb = &mut self.q[r * k + 32 * b..][..32];
+                let mut sum = 0i32;
+                for (i, &v) in xb.iter().enumerate() {
+                    // Round half away from zero without a libm call; |v * inv| <= 127.
+                    let t = v * inv;
+                    let qv = (t + 0.5f32.copysign(t)) as i32 as i8;
+                    sum += qv as i32;
+                    let at = if int4 { i / 2 + 16 * (i % 2) } else { i };
+                    qb[at] = qv;
+                }
+                self.d.push(d);
+                self.gsum[r * groups + 32 * b / group] += d * sum as f32;
+            }
+        }
+        true
+    }
+}
+
+/// [`dots`] on quantized activations: rows `r0..r0 + n` of `xq` (`n <= MAX_ROWS`) against weight row
+/// `row` of an INT8/INT4 matrix that [`Q8Rows::quantize`] accepted. AVX2 only (callers check the level).
+pub fn dots_q8(m: &Mat, row: usize, xq: &Q8Rows, r0: usize, n: usize, out: &mut [f32]) {
+    match n {
+        1 => dots_q8_n::<1>(m, row, xq, r0, out),
+        2 => dots_q8_n::<2>(m, row, xq, r0, out),
+        3 => dots_q8_n::<3>(m, row, xq, r0, out),
+        4 => dots_q8_n::<4>(m, row, xq, r0, out),
+        _ => {}
+    }
+}
+
+fn dots_q8_n<const R: usize>(m: &Mat, row: usize, xq: &Q8Rows, r0: usize, out: &mut [f32]) {
+    let (k, nb, g) = (xq.k, xq.k / 32, xq.groups);
+    let q: [&[i8]; R] = std::array::from_fn(|i| &xq.q[(r0 + i) * k..][..k]);
+    let d: [&[f32]; R] = std::array::from_fn(|i| &xq.d[(r0 + i) * nb..][..nb]);
+    let mut o = [0f32; R];
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: Level::Avx2Q8 is only chosen where Level::detect found AVX2 (callers check); the slices
+    // hold the row's bytes and params and R rows of k quantized activations.
+    unsafe {
+        match m.data {
+            Rows::Int8 { q: w, s } => {
+                avx2::int8_q8(&w[row * k..][..k], &q, &d, &mut o);
+                let s = s[row].to_f32();
+                o.iter_mut().for_each(|v| *v *= s);
+            }
+            Rows::Int4 { q: w, p, group } => {
+                let gs: [&[f32]; R] = std::array::from_fn(|i| &xq.gsum[(r0 + i) * g..][..g]);
+                avx2::int4_q8(
+                    &w[row * (k / 2)..][..k / 2],
+                    &p[row * 2 * g..][..2 * g],
+                    group,
+                    &q,
+                    &d,
+                    &gs,
+                    &mut o,
+                );
+            }
+            _ => {}
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (m, row, q, d);
     out[..R].copy_from_slice(&o);
 }
 
@@ -335,6 +464,9 @@ mod avx2 {
         /// Weights `i..i + 16` (`i + 16 <= len`).
         unsafe fn load16(&self, i: usize) -> (__m256, __m256);
         fn at(&self, i: usize) -> f32;
+        /// Asks for the line holding weight `i` (which may lie past this row: the next rows of the
+        /// task follow in memory); never faults.
+        fn prefetch(&self, i: usize);
     }
     pub struct F32<'a>(pub &'a [f32]);
     pub struct Bf16<'a>(pub &'a [bf16]);
@@ -344,6 +476,12 @@ mod avx2 {
     impl Load16 for F32<'_> {
         fn len(&self) -> usize {
             self.0.len()
+        }
+        #[inline(always)]
+        fn prefetch(&self, i: usize) {
+            // SAFETY: a prefetch is a hint that never faults; wrapping_add keeps the address
+            // computation defined past the slice.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.0.as_ptr().wrapping_add(i) as *const i8) }
         }
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -358,6 +496,12 @@ mod avx2 {
     impl Load16 for Bf16<'_> {
         fn len(&self) -> usize {
             self.0.len()
+        }
+        #[inline(always)]
+        fn prefetch(&self, i: usize) {
+            // SAFETY: a prefetch is a hint that never faults; wrapping_add keeps the address
+            // computation defined past the slice.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.0.as_ptr().wrapping_add(i) as *const i8) }
         }
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -379,6 +523,12 @@ mod avx2 {
         fn len(&self) -> usize {
             self.0.len()
         }
+        #[inline(always)]
+        fn prefetch(&self, i: usize) {
+            // SAFETY: a prefetch is a hint that never faults; wrapping_add keeps the address
+            // computation defined past the slice.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.0.as_ptr().wrapping_add(i) as *const i8) }
+        }
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn load16(&self, i: usize) -> (__m256, __m256) {
@@ -396,6 +546,12 @@ mod avx2 {
         fn len(&self) -> usize {
             self.0.len()
         }
+        #[inline(always)]
+        fn prefetch(&self, i: usize) {
+            // SAFETY: a prefetch is a hint that never faults; wrapping_add keeps the address
+            // computation defined past the slice.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.0.as_ptr().wrapping_add(i) as *const i8) }
+        }
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn load16(&self, i: usize) -> (__m256, __m256) {
@@ -409,6 +565,12 @@ mod avx2 {
             self.0[i] as i8 as f32
         }
     }
+
+    /// How far ahead of the current weight the kernels prefetch, in bytes: a task walks consecutive
+    /// rows, and one core needs about this much in flight to stream at memory (or large-L3) speed.
+    const PREFETCH_BYTES: usize = 1024;
+    /// The same distance in weights of a dense row (f32 is 4 bytes, the 16-bit formats 2).
+    const PREFETCH_WEIGHTS: usize = 384;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -427,6 +589,7 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut i = 0;
         while i < k16 {
+            w.prefetch(i + PREFETCH_WEIGHTS);
             let (w0, w1) = w.load16(i);
             for r in 0..R {
                 let p = x[r].as_ptr().add(i);
@@ -467,6 +630,9 @@ mod avx2 {
             let mut part = [[_mm256_setzero_ps(); 2]; R];
             let mut i = lo;
             while i < hi {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    q.as_ptr().wrapping_add(i / 2 + PREFETCH_BYTES) as *const i8
+                );
                 let b = _mm_loadu_si128(q.as_ptr().add(i / 2) as *const __m128i);
                 let l = _mm_and_si128(b, mask);
                 let h = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
@@ -488,7 +654,7 @@ mod avx2 {
                 }
                 i += 32;
             }
-            let (s, z) = (p[2 * gi].to_f32(), p[2 * gi + 1].to_f32());
+            let (s, z) = scale_zero(p, gi);
             let sv = _mm256_set1_ps(s);
             for r in 0..R {
                 acc[r][0] = _mm256_fmadd_ps(part[r][0], sv, acc[r][0]);
@@ -500,6 +666,105 @@ mod avx2 {
         }
         for r in 0..R {
             o[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - zterm[r];
+        }
+    }
+    /// Group `g`'s (scale, zero) from the f16 params `[G, 2]`, converted with F16C (one 32-bit load).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale_zero(p: &[f16], g: usize) -> (f32, f32) {
+        let pair = std::ptr::read_unaligned(p.as_ptr().add(2 * g) as *const i32);
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(pair));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    }
+
+    /// Sums of adjacent u8 x i8 products (`maddubs`), widened to 8 i32 and then to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(w, x);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    }
+
+    /// INT8 weights x q8 activations: per block of 32, `|w| * (x sign(w))` in `maddubs` (|w| <= 127,
+    /// so no i16 saturation), scaled by the block's `d`. The row scale is applied by the caller.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn int8_q8<const R: usize>(
+        w: &[u8],
+        x: &[&[i8]; R],
+        d: &[&[f32]; R],
+        o: &mut [f32; R],
+    ) {
+        let nb = w.len() / 32;
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..nb {
+            _mm_prefetch::<_MM_HINT_T0>(
+                w.as_ptr().wrapping_add(32 * b + PREFETCH_BYTES) as *const i8
+            );
+            let wv = _mm256_loadu_si256(w.as_ptr().add(32 * b) as *const __m256i);
+            let aw = _mm256_sign_epi8(wv, wv);
+            for r in 0..R {
+                let xv = _mm256_loadu_si256(x[r].as_ptr().add(32 * b) as *const __m256i);
+                let p = dot_u8_i8(aw, _mm256_sign_epi8(xv, wv));
+                let c = b & 1;
+                acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r][b]), acc[r][c]);
+            }
+        }
+        for r in 0..R {
+            o[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+        }
+    }
+
+    /// INT4 weights (groups a multiple of 32) x q8 activations stored even-first per block: 16 packed
+    /// bytes split into low nibbles (even k) and high nibbles (odd k) form 32 unsigned weights in the
+    /// activations' order; `maddubs` per block, scaled by `d_b`, summed per group, then
+    /// `s_g (sum) - s_g z_g gsum_g`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn int4_q8<const R: usize>(
+        q: &[u8],
+        p: &[f16],
+        group: usize,
+        x: &[&[i8]; R],
+        d: &[&[f32]; R],
+        gsum: &[&[f32]; R],
+        o: &mut [f32; R],
+    ) {
+        let k = 2 * q.len();
+        let mask = _mm_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut zterm = [0f32; R];
+        let (mut lo, mut gi) = (0, 0);
+        while lo < k {
+            let hi = (lo + group).min(k);
+            let mut part = [[_mm256_setzero_ps(); 2]; R];
+            let mut i = lo;
+            while i < hi {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    q.as_ptr().wrapping_add(i / 2 + PREFETCH_BYTES) as *const i8
+                );
+                let b = _mm_loadu_si128(q.as_ptr().add(i / 2) as *const __m128i);
+                let l = _mm_and_si128(b, mask);
+                let h = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+                let wv = _mm256_set_m128i(h, l);
+                let blk = i / 32;
+                for r in 0..R {
+                    let xv = _mm256_loadu_si256(x[r].as_ptr().add(i) as *const __m256i);
+                    let c = blk & 1;
+                    part[r][c] =
+                        _mm256_fmadd_ps(dot_u8_i8(wv, xv), _mm256_set1_ps(d[r][blk]), part[r][c]);
+                }
+                i += 32;
+            }
+            let (s, z) = scale_zero(p, gi);
+            let sv = _mm256_set1_ps(s);
+            for r in 0..R {
+                acc[r] = _mm256_fmadd_ps(_mm256_add_ps(part[r][0], part[r][1]), sv, acc[r]);
+                zterm[r] += s * z * gsum[r][gi];
+            }
+            lo = hi;
+            gi += 1;
+        }
+        for r in 0..R {
+            o[r] = hsum(acc[r]) - zterm[r];
         }
     }
 }
