@@ -142,10 +142,13 @@ def main() -> None:
     # samples during which other processes used > 10% of the machine
     noisy = []
     for (model, prec), e in pairs.items():
-        for side, key in (("moe_run", "other_cpu_frac"), ("llama_cpp", "prefill_other_cpu_frac"), ("llama_cpp", "decode_other_cpu_frac")):
+        for side, key, what in (("moe_run", "other_cpu_frac", "bench (prefill + decode)"),
+                                ("llama_cpp", "prefill_other_cpu_frac", "prefill"),
+                                ("llama_cpp", "decode_other_cpu_frac", "decode")):
             for i, x in enumerate(e[side].get(key, [])):
                 if x is not None and x > 0.10:
-                    noisy.append(f"{model} {prec} {side} {key.replace('_other_cpu_frac', '') or 'bench'} sample {i + 1}: {x:.0%}")
+                    rnd = e[side]["rounds"][i] if side == "moe_run" else e[side]["rounds_" + what][i]
+                    noisy.append(f"{model} {prec} {side} {what} round {rnd}: other processes {x:.0%}")
 
     rows = []
     for (model, prec), e in pairs.items():
