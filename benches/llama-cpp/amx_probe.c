@@ -1,6 +1,9 @@
 // Does AMX work here? cpuid can advertise AMX (amx_tile in /proc/cpuinfo) in a VM that does not
 // let it run: llama.cpp built with -march=native then dies on the first Q4_0/Q8_0 matmul
-// (ldtilecfg: SIGILL/SIGSEGV). build.sh runs this before configuring; exit 0 = AMX usable.
+// (ldtilecfg: SIGILL/SIGSEGV). Kept as a record: on the machine where that crash was seen this
+// probe prints "AMX ok" (also when the tile ops run on a second thread), so it cannot tell;
+// build.sh does not run it and turns AMX off unless LLAMA_AMX=1.
+//   gcc -O1 -mamx-tile amx_probe.c -o amx_probe && ./amx_probe
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>

@@ -56,8 +56,8 @@ sed -i "s/^set(BUILD_COMMIT \"unknown\")/set(BUILD_COMMIT \"$COMMIT\")/" "$LLAMA
 #    AMX: with -march=native on a CPU whose cpuid lists AMX (amx_tile), ggml compiles its AMX
 #    path and uses it for Q4_0/Q8_0 weights. On the machine these scripts were written on (a
 #    KVM guest of an Intel Xeon with AMX) that path dies in ggml_backend_amx_mul_mat at its
-#    first ldtilecfg (SIGILL; SIGSEGV under gdb), although amx_probe.c's tile load/zero/release
-#    runs, on the main thread and on another. So by default the compiler is wrapped to append
+#    first ldtilecfg (SIGILL; SIGSEGV under gdb), although a standalone tile load/zero/release
+#    (amx_probe.c) runs there. So by default the compiler is wrapped to append
 #    -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 after ggml's -march=native (the rest of native
 #    stays: AVX2/AVX-512/VNNI/BF16 where present). LLAMA_AMX=1 keeps AMX. On CPUs without AMX
 #    (e.g. AMD Zen 3) the flags change nothing.
