@@ -116,6 +116,8 @@ fn model_case(c: &ModelCase, on: &Target, budget: f64, label: &str) -> Result<Ro
     };
     let mut reference = (c.load)(&opts(&Device::Cpu))?;
     reference.set_exec_path(ExecPath::Candle);
+    // The specification side: candle's ops and the plain references (no int8 activations).
+    reference.set_cpu_kernels(None);
     let mut target = (c.load)(&opts(device))?;
     target.set_exec_path(ExecPath::Kernels);
 

@@ -193,6 +193,12 @@ impl Model {
         })
     }
 
+    /// Sets the CPU kernels' level (`None`: the plain references and candle's own ops), as
+    /// `MOE_PATH=simd|q8act|portable|reference` would at load.
+    pub fn set_cpu_kernels(&mut self, level: Option<moe_kernels::cpu::Level>) {
+        self.plan.cpu = level;
+    }
+
     /// Switches the implementation of the hot ops (tests and the self-test compare the two).
     pub fn set_exec_path(&mut self, path: ExecPath) {
         self.plan.exec = path;

@@ -77,7 +77,7 @@ impl PathPlan {
             },
             expert: None,
             mla: None,
-            cpu: device.is_cpu().then(Level::detect),
+            cpu: device.is_cpu().then(Level::default_for_cpu),
         };
         for word in env_override.unwrap_or("").split(',').map(str::trim) {
             match word {
@@ -90,12 +90,7 @@ impl PathPlan {
                 "expanded" => plan.mla = Some(MlaPath::Expanded),
                 "simd" if device.is_cpu() => plan.cpu = Some(Level::detect()),
                 "portable" if device.is_cpu() => plan.cpu = Some(Level::Portable),
-                "q8act" if device.is_cpu() => {
-                    plan.cpu = Some(match Level::detect() {
-                        Level::Portable => Level::Portable,
-                        _ => Level::Avx2Q8,
-                    })
-                }
+                "q8act" if device.is_cpu() => plan.cpu = Some(Level::default_for_cpu()),
                 "reference" => plan.cpu = None,
                 "simd" | "portable" | "q8act" => {}
                 other => bail!(
@@ -185,10 +180,16 @@ mod tests {
                 exec: ExecPath::Candle,
                 expert: None,
                 mla: None,
-                cpu: Some(Level::detect()),
+                cpu: Some(Level::default_for_cpu()),
             }
         );
-        assert_eq!(cpu.cpu_experts(), Some(Level::detect()));
+        assert_eq!(cpu.cpu_experts(), Some(Level::default_for_cpu()));
+        let simd = PathPlan::select(&Device::Cpu, Some("simd")).unwrap();
+        assert_eq!(
+            simd.cpu_experts(),
+            Some(Level::detect()),
+            "exact f32 activations"
+        );
         let portable = PathPlan::select(&Device::Cpu, Some("portable")).unwrap();
         assert_eq!(portable.cpu_experts(), Some(Level::Portable));
         let reference = PathPlan::select(&Device::Cpu, Some("reference")).unwrap();

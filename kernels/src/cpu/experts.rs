@@ -106,6 +106,7 @@ thread_local! {
 
 /// `y [n, nj] = x [n, k] . W[w0 .. w0 + nj]^T` for `n = x.len() / k` contiguous activation rows: the dot
 /// kernels for few rows, dequantize-once + `gemm` for many. `wbuf` is scratch.
+#[allow(clippy::too_many_arguments)]
 fn block(
     epoch: u64,
     level: Level,

@@ -37,7 +37,16 @@ pub enum Level {
 }
 
 impl Level {
-    /// The best level this CPU supports (checked once).
+    /// The default: [`Level::Avx2Q8`] where the CPU has AVX2 (the integer kernels are faster and
+    /// within their measured budget), else [`Level::Portable`].
+    pub fn default_for_cpu() -> Level {
+        match Level::detect() {
+            Level::Portable => Level::Portable,
+            _ => Level::Avx2Q8,
+        }
+    }
+
+    /// The best level with exact f32 activations this CPU supports (checked once).
     pub fn detect() -> Level {
         static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
         *LEVEL.get_or_init(|| {
@@ -275,7 +284,7 @@ impl Q8Rows {
             Rows::Int4 { group, .. } if group % 32 == 0 => true,
             _ => return false,
         };
-        if k == 0 || k % 32 != 0 {
+        if k == 0 || !k.is_multiple_of(32) {
             return false;
         }
         let n = x.len() / k;
