@@ -15,9 +15,16 @@ use rayon::prelude::*;
 
 use super::simd::{decode_row, dots, dots_q8, group_sums, Level, Mat, Q8Rows, Rows, MAX_ROWS};
 
-/// Multiply-adds a task aims for: big enough that rayon's per-task cost is noise, small enough that a
-/// decode step over 2 experts still splits over every thread.
-const TASK_MACS: usize = 1 << 15;
+/// Multiply-adds a task aims for: a phase's work over [`TASKS_PER_THREAD`] tasks per thread (so that
+/// an uneven start or a busy core still balances), within these bounds: the lower keeps rayon's
+/// per-task cost (~1 us) small, the upper keeps tasks many when the phase is big. Measured on
+/// Mixtral-8x7B's expert shapes (`cargo bench -p moe-kernels --bench cpu_expert_stream`, 2 threads):
+/// fixed 2^15-MAC tasks streamed bf16 at 80% and q8 INT8 at 76% of the read bandwidth, 2^21 at 95%
+/// and 87%.
+const TASK_MACS: (usize, usize) = (1 << 15, 1 << 21);
+
+/// See [`TASK_MACS`].
+const TASKS_PER_THREAD: usize = 8;
 
 /// Below this many multiply-adds a phase runs on the calling thread: waking the pool costs more.
 const SERIAL_MACS: usize = 1 << 17;
@@ -58,17 +65,18 @@ struct Task {
 /// The tasks of one phase over the experts with rows, and the phase's multiply-adds.
 fn tasks(offsets: &[u32], n_out: usize, k: usize) -> (Vec<Task>, usize) {
     let mut t = Vec::new();
-    let mut macs = 0;
+    let macs = offsets[offsets.len() - 1] as usize * n_out * k;
+    let task_macs =
+        (macs / (TASKS_PER_THREAD * rayon::current_num_threads())).clamp(TASK_MACS.0, TASK_MACS.1);
     for (e, w) in offsets.windows(2).enumerate() {
         let (lo, hi) = (w[0] as usize, w[1] as usize);
         if hi == lo {
             continue;
         }
-        macs += (hi - lo) * n_out * k;
         let block = if hi - lo >= GEMM_MIN_ROWS {
             GEMM_BLOCK
         } else {
-            (TASK_MACS / ((hi - lo).min(MAX_ROWS) * k).max(1)).max(4)
+            (task_macs / ((hi - lo).min(MAX_ROWS) * k).max(1)).max(4)
         }
         .min(n_out.max(1));
         t.extend((0..n_out).step_by(block).map(|j0| Task {

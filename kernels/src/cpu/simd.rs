@@ -256,11 +256,23 @@ fn dots_n<const R: usize>(
     out[..R].copy_from_slice(&o);
 }
 
+/// Where element `c` of an activation row (`nb` blocks of 32) is stored for the INT4 integer kernel:
+/// the order of nibbles split into low (even k) and high (odd k) halves. Blocks go in pairs,
+/// `[evens of b, evens of b+1, odds of b, odds of b+1]` (one 32-byte load of packed weights splits into
+/// the two halves); a last unpaired block is `[evens, odds]`.
+pub fn int4_q8_position(c: usize, nb: usize) -> usize {
+    let (b, i) = (c / 32, c % 32);
+    if b % 2 == 0 && b + 1 == nb {
+        32 * b + i / 2 + 16 * (i % 2)
+    } else {
+        32 * (b - b % 2) + 16 * (b % 2) + i / 2 + 32 * (i % 2)
+    }
+}
+
 /// Activation rows quantized to int8 in blocks of 32 for the integer kernels of [`Level::Avx2Q8`]:
-/// `x ~ d_b * q` per block, `q` in -127..=127. For INT4 each block is stored even elements first
-/// (`x0, x2, .., x30, x1, x3, .., x31`), the order of a 16-byte load of nibbles split into low and
-/// high halves. `gsum[r][g]` = the group's `sum_b d_b sum q` (the quantized activations' sum, for
-/// INT4's zero-point term).
+/// `x ~ d_b * q` per block, `q` in -127..=127, in k order for INT8 and in [`int4_q8_position`]'s
+/// order for INT4. `bsum[r][b]` = block b's `d_b sum q` (the quantized activations' sum, for INT4's
+/// zero-point term).
 #[derive(Default)]
 pub struct Q8Rows {
     /// What the rows were last quantized from: (call epoch, data address, length, k, group), so
@@ -268,9 +280,8 @@ pub struct Q8Rows {
     key: (u64, usize, usize, usize, usize),
     q: Vec<i8>,
     d: Vec<f32>,
-    gsum: Vec<f32>,
+    bsum: Vec<f32>,
     k: usize,
-    groups: usize,
 }
 
 impl Q8Rows {
@@ -289,7 +300,6 @@ impl Q8Rows {
         }
         let n = x.len() / k;
         let group = m.group().unwrap_or(k);
-        let groups = k.div_ceil(group);
         let key = (
             epoch,
             x.as_ptr() as usize,
@@ -302,30 +312,28 @@ impl Q8Rows {
         }
         self.key = key;
         self.k = k;
-        self.groups = groups;
         self.q.clear();
         self.q.resize(n * k, 0);
         self.d.clear();
-        self.gsum.clear();
-        self.gsum.resize(n * groups, 0.0);
+        self.bsum.clear();
         for r in 0..n {
             for b in 0..k / 32 {
                 let xb = &x[r * k + 32 * b..][..32];
                 let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let d = amax / 127.0;
                 let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let qb = &mut self.q[r * k + 32 * b..][..32];
+                let qr = &mut self.q[r * k..][..k];
                 let mut sum = 0i32;
                 for (i, &v) in xb.iter().enumerate() {
                     // Round half away from zero without a libm call; |v * inv| <= 127.
                     let t = v * inv;
                     let qv = (t + 0.5f32.copysign(t)) as i32 as i8;
                     sum += qv as i32;
-                    let at = if int4 { i / 2 + 16 * (i % 2) } else { i };
-                    qb[at] = qv;
+                    let c = 32 * b + i;
+                    qr[if int4 { int4_q8_position(c, k / 32) } else { c }] = qv;
                 }
                 self.d.push(d);
-                self.gsum[r * groups + 32 * b / group] += d * sum as f32;
+                self.bsum.push(d * sum as f32);
             }
         }
         true
@@ -345,7 +353,7 @@ pub fn dots_q8(m: &Mat, row: usize, xq: &Q8Rows, r0: usize, n: usize, out: &mut 
 }
 
 fn dots_q8_n<const R: usize>(m: &Mat, row: usize, xq: &Q8Rows, r0: usize, out: &mut [f32]) {
-    let (k, nb, g) = (xq.k, xq.k / 32, xq.groups);
+    let (k, nb) = (xq.k, xq.k / 32);
     let q: [&[i8]; R] = std::array::from_fn(|i| &xq.q[(r0 + i) * k..][..k]);
     let d: [&[f32]; R] = std::array::from_fn(|i| &xq.d[(r0 + i) * nb..][..nb]);
     let mut o = [0f32; R];
@@ -360,14 +368,15 @@ fn dots_q8_n<const R: usize>(m: &Mat, row: usize, xq: &Q8Rows, r0: usize, out: &
                 o.iter_mut().for_each(|v| *v *= s);
             }
             Rows::Int4 { q: w, p, group } => {
-                let gs: [&[f32]; R] = std::array::from_fn(|i| &xq.gsum[(r0 + i) * g..][..g]);
+                let g = k.div_ceil(group);
+                let bs: [&[f32]; R] = std::array::from_fn(|i| &xq.bsum[(r0 + i) * nb..][..nb]);
                 avx2::int4_q8(
                     &w[row * (k / 2)..][..k / 2],
                     &p[row * 2 * g..][..2 * g],
                     group,
                     &q,
                     &d,
-                    &gs,
+                    &bs,
                     &mut o,
                 );
             }
@@ -705,28 +714,37 @@ mod avx2 {
     ) {
         let nb = w.len() / 32;
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for b in 0..nb {
+        let mut b = 0;
+        while b < nb {
+            // One prefetch per 64-byte line: two blocks.
             _mm_prefetch::<_MM_HINT_T0>(
                 w.as_ptr().wrapping_add(32 * b + PREFETCH_BYTES) as *const i8
             );
-            let wv = _mm256_loadu_si256(w.as_ptr().add(32 * b) as *const __m256i);
-            let aw = _mm256_sign_epi8(wv, wv);
-            for r in 0..R {
-                let xv = _mm256_loadu_si256(x[r].as_ptr().add(32 * b) as *const __m256i);
-                let p = dot_u8_i8(aw, _mm256_sign_epi8(xv, wv));
-                let c = b & 1;
-                acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r][b]), acc[r][c]);
+            for c in 0..2.min(nb - b) {
+                let wv = _mm256_loadu_si256(w.as_ptr().add(32 * (b + c)) as *const __m256i);
+                let aw = _mm256_sign_epi8(wv, wv);
+                for r in 0..R {
+                    let xv = _mm256_loadu_si256(x[r].as_ptr().add(32 * (b + c)) as *const __m256i);
+                    let p = dot_u8_i8(aw, _mm256_sign_epi8(xv, wv));
+                    acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r][b + c]), acc[r][c]);
+                }
             }
+            b += 2;
         }
         for r in 0..R {
             o[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
         }
     }
 
-    /// INT4 weights (groups a multiple of 32) x q8 activations stored even-first per block: 16 packed
-    /// bytes split into low nibbles (even k) and high nibbles (odd k) form 32 unsigned weights in the
-    /// activations' order; `maddubs` per block, scaled by `d_b`, summed per group, then
-    /// `s_g (sum) - s_g z_g gsum_g`.
+    /// INT4 weights (groups a multiple of 32) x q8 activations in [`super::int4_q8_position`]'s order:
+    /// a 32-byte load of two blocks' packed bytes, split into low nibbles (even k) and high nibbles
+    /// (odd k), meets the two blocks' activations in two `maddubs` (sums <= 4 x 15 x 127, no i16
+    /// saturation), giving block b's partial sums in the low 128-bit lane and b+1's in the high one.
+    /// Per block b in group g: `acc += (w_b . q_b) d_b s_g`; the zero-point term `s_g z_g bsum_b` is
+    /// subtracted at the end. Where a window of 8 blocks takes its (scale, zero) pairs in a fixed
+    /// pattern (`group / 32` a divisor or a multiple of 8), the window's pairs are converted with one
+    /// vector load and the factors `d_b s_g` and the zero-point term computed 8 blocks at a time; other
+    /// groups and the last blocks take the pairs one block at a time.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn int4_q8<const R: usize>(
         q: &[u8],
@@ -734,46 +752,196 @@ mod avx2 {
         group: usize,
         x: &[&[i8]; R],
         d: &[&[f32]; R],
-        gsum: &[&[f32]; R],
+        bsum: &[&[f32]; R],
         o: &mut [f32; R],
     ) {
-        let k = 2 * q.len();
-        let mask = _mm_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); R];
+        let nb = q.len() / 16;
+        let m = group / 32; // blocks per group
+        let mask = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut zacc = [_mm256_setzero_ps(); R];
         let mut zterm = [0f32; R];
-        let (mut lo, mut gi) = (0, 0);
-        while lo < k {
-            let hi = (lo + group).min(k);
-            let mut part = [[_mm256_setzero_ps(); 2]; R];
-            let mut i = lo;
-            while i < hi {
-                _mm_prefetch::<_MM_HINT_T0>(
-                    q.as_ptr().wrapping_add(i / 2 + PREFETCH_BYTES) as *const i8
-                );
-                let b = _mm_loadu_si128(q.as_ptr().add(i / 2) as *const __m128i);
-                let l = _mm_and_si128(b, mask);
-                let h = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-                let wv = _mm256_set_m128i(h, l);
-                let blk = i / 32;
-                for r in 0..R {
-                    let xv = _mm256_loadu_si256(x[r].as_ptr().add(i) as *const __m256i);
-                    let c = blk & 1;
-                    part[r][c] =
-                        _mm256_fmadd_ps(dot_u8_i8(wv, xv), _mm256_set1_ps(d[r][blk]), part[r][c]);
-                }
-                i += 32;
-            }
-            let (s, z) = scale_zero(p, gi);
-            let sv = _mm256_set1_ps(s);
+        // Blocks b and b+1, scaled by fac[r] (b's factor in the low four lanes, b+1's in the high).
+        let pair = |b: usize, c: usize, fac: &[__m256; R], acc: &mut [[__m256; 2]; R]| {
+            let v = _mm256_loadu_si256(q.as_ptr().add(16 * b) as *const __m256i);
+            let l = _mm256_and_si256(v, mask);
+            let h = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
             for r in 0..R {
-                acc[r] = _mm256_fmadd_ps(_mm256_add_ps(part[r][0], part[r][1]), sv, acc[r]);
-                zterm[r] += s * z * gsum[r][gi];
+                let xe = _mm256_loadu_si256(x[r].as_ptr().add(32 * b) as *const __m256i);
+                let xo = _mm256_loadu_si256(x[r].as_ptr().add(32 * b + 32) as *const __m256i);
+                let s16 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(l, xe), _mm256_maddubs_epi16(h, xo));
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                acc[r][c] = _mm256_fmadd_ps(f, fac[r], acc[r][c]);
             }
-            lo = hi;
-            gi += 1;
+        };
+        let mut b = 0;
+        if m > 0 && (8 % m == 0 || m.is_multiple_of(8)) {
+            // Window lane i takes pair i / m of the window's first pair (b / m).
+            let pairs = if m <= 8 { 8 / m } else { 1 } as i32;
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let pmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(pairs), lanes);
+            let pidx = _mm256_setr_epi32(
+                0,
+                (1 / m) as i32,
+                (2 / m) as i32,
+                (3 / m) as i32,
+                (4 / m) as i32,
+                (5 / m) as i32,
+                (6 / m) as i32,
+                (7 / m) as i32,
+            );
+            // Scales (low f16 of each pair) to bytes 0..8 of each 128-bit lane, zeros to bytes 8..16.
+            let split = _mm256_setr_epi8(
+                0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2,
+                3, 6, 7, 10, 11, 14, 15,
+            );
+            // Factor lanes of the window's pairs of blocks: (0,1), (2,3), (4,5), (6,7).
+            let spread =
+                [0, 2, 4, 6].map(|i| _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1));
+            while b + 8 <= nb {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    q.as_ptr().wrapping_add(16 * b + PREFETCH_BYTES) as *const i8
+                );
+                _mm_prefetch::<_MM_HINT_T0>(
+                    q.as_ptr().wrapping_add(16 * b + 64 + PREFETCH_BYTES) as *const i8
+                );
+                let raw = _mm256_maskload_epi32(p.as_ptr().add(2 * (b / m)) as *const i32, pmask);
+                let sz = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(
+                    _mm256_permutevar8x32_epi32(raw, pidx),
+                    split,
+                ));
+                let s = _mm256_cvtph_ps(_mm256_castsi256_si128(sz));
+                let z = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(sz));
+                let s_z = _mm256_mul_ps(s, z);
+                let mut f8 = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    f8[r] = _mm256_mul_ps(_mm256_loadu_ps(d[r].as_ptr().add(b)), s);
+                    let bs = _mm256_loadu_ps(bsum[r].as_ptr().add(b));
+                    zacc[r] = _mm256_fmadd_ps(s_z, bs, zacc[r]);
+                }
+                for (i, idx) in spread.iter().enumerate() {
+                    let fac = f8.map(|f| _mm256_permutevar8x32_ps(f, *idx));
+                    pair(b + 2 * i, i & 1, &fac, &mut acc);
+                }
+                b += 8;
+            }
+        }
+        // The rest a pair (then a block) at a time, the (scale, zero) pairs read one by one.
+        let mut fac1 = |b: usize| -> [f32; R] {
+            let (s, z) = scale_zero(p, b / m);
+            std::array::from_fn(|r| {
+                zterm[r] += s * z * bsum[r][b];
+                d[r][b] * s
+            })
+        };
+        while b + 2 <= nb {
+            let (f0, f1) = (fac1(b), fac1(b + 1));
+            let fac: [__m256; R] =
+                std::array::from_fn(|r| _mm256_set_m128(_mm_set1_ps(f1[r]), _mm_set1_ps(f0[r])));
+            pair(b, 0, &fac, &mut acc);
+            b += 2;
+        }
+        if b < nb {
+            let f0 = fac1(b);
+            let v = _mm_loadu_si128(q.as_ptr().add(16 * b) as *const __m128i);
+            let m4 = _mm_set1_epi8(0x0f);
+            let wv = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(v, 4), m4),
+                _mm_and_si128(v, m4),
+            );
+            for r in 0..R {
+                let xv = _mm256_loadu_si256(x[r].as_ptr().add(32 * b) as *const __m256i);
+                acc[r][1] = _mm256_fmadd_ps(dot_u8_i8(wv, xv), _mm256_set1_ps(f0[r]), acc[r][1]);
+            }
         }
         for r in 0..R {
-            o[r] = hsum(acc[r]) - zterm[r];
+            o[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - hsum(zacc[r]) - zterm[r];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qformat::quantize_row;
+
+    /// The integer kernels equal, to f32 rounding, the f64 dot of the dequantized weights with the
+    /// dequantized activations `d_b q` (their specification; the error of quantizing activations is
+    /// budgeted separately in tests/cpu_kernels.rs): every group (the 8-block window path where
+    /// `group / 32` divides 8 or is a multiple of 8, one block at a time for 96 and 160), K with and
+    /// without a tail after the windows, 1 to 4 rows.
+    #[test]
+    fn q8_kernels_equal_the_dot_of_dequantized_operands() {
+        if Level::detect() == Level::Portable {
+            return; // no integer kernels on this CPU; cpu_kernels.rs covers the portable level
+        }
+        let mut s = 0x2545f4914f6cdd1du64;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let fmts = [32, 64, 96, 128, 160, 256, 512]
+            .map(|group| QFormat::Int4 { group })
+            .into_iter()
+            .chain([QFormat::Int8]);
+        for fmt in fmts {
+            for k in [32usize, 96, 256, 320, 512, 800, 1024] {
+                let rows = 3;
+                let w: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
+                let pr: usize = fmt.params_shape(k).iter().product();
+                let (mut q, mut p) = (
+                    vec![0u8; rows * fmt.row_bytes(k)],
+                    vec![f16::ZERO; rows * pr],
+                );
+                for r in 0..rows {
+                    quantize_row(
+                        fmt,
+                        &w[r * k..][..k],
+                        &mut q[r * fmt.row_bytes(k)..][..fmt.row_bytes(k)],
+                        &mut p[r * pr..][..pr],
+                    );
+                }
+                let m = Mat::quant(fmt, &q, &p, rows, k);
+                for n in 1..=MAX_ROWS {
+                    let x: Vec<f32> = (0..n * k).map(|_| 3.0 * rnd()).collect();
+                    let mut xq = Q8Rows::default();
+                    assert!(xq.quantize(&m, &x, 1), "{fmt:?} k={k}");
+                    let int4 = matches!(fmt, QFormat::Int4 { .. });
+                    // The activations the kernel sees, back in k order.
+                    let xhat: Vec<f64> = (0..n * k)
+                        .map(|i| {
+                            let (r, c) = (i / k, i % k);
+                            let at = if int4 { int4_q8_position(c, k / 32) } else { c };
+                            xq.d[r * k / 32 + c / 32] as f64 * xq.q[r * k + at] as f64
+                        })
+                        .collect();
+                    let mut wrow = vec![0f32; k];
+                    let mut out = [0f32; MAX_ROWS];
+                    for row in 0..rows {
+                        decode_row(&m, row, &mut wrow);
+                        dots_q8(&m, row, &xq, 0, n, &mut out);
+                        for i in 0..n {
+                            let xr = &xhat[i * k..][..k];
+                            let want: f64 = xr.iter().zip(&wrow).map(|(a, &b)| a * b as f64).sum();
+                            let scale: f64 = xr
+                                .iter()
+                                .zip(&wrow)
+                                .map(|(a, &b)| (a * b as f64).abs())
+                                .sum();
+                            let err = (out[i] as f64 - want).abs();
+                            assert!(
+                                err <= 1e-5 * scale,
+                                "{fmt:?} k={k} rows={n} row {row} x{i}: {} vs {want} (|terms| {scale})",
+                                out[i]
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }
