@@ -707,3 +707,28 @@ fn bench_and_analyze_outputs_are_checked_before_running() {
     );
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
 }
+
+#[test]
+fn threads_goes_on_either_side_of_a_subcommand_and_run_flags_do_not() {
+    let d = fixture("mixtral-base");
+    for args in [
+        &["--threads", "1", "analyze", "--weights", s(&d), "--json"][..],
+        &["analyze", "--threads", "1", "--weights", s(&d), "--json"][..],
+    ] {
+        let (stdout, _) = row(&[&d], args, 0, &[]);
+        assert!(stdout.contains("\"total"), "{args:?}: {stdout}");
+    }
+    let (stdout, _) = row(
+        &[&d],
+        &["--prompt", "x", "analyze", "--weights", s(&d)],
+        2,
+        &["--prompt", "cannot be used with `analyze`"],
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    row(
+        &[&d],
+        &["--threads", "0", "analyze", "--weights", s(&d)],
+        2,
+        &["--threads"],
+    );
+}

@@ -38,8 +38,7 @@ use crate::units::human_bytes;
 #[command(
     name = "moe-run",
     version,
-    about = "Run and measure sparse Mixture-of-Experts transformers",
-    args_conflicts_with_subcommands = true
+    about = "Run and measure sparse Mixture-of-Experts transformers"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -197,10 +196,32 @@ pub struct LogitsArgs {
     ids: Vec<u32>,
 }
 
+/// The command line, where the generation flags (`--model`, `--prompt`, ..) are refused next to a
+/// subcommand, and the global `--threads` is taken on either side of one. (clap's
+/// `args_conflicts_with_subcommands` would also refuse `moe-run --threads 2 bench`.)
+fn parse_cli() -> Cli {
+    use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    if let Some((sub, _)) = matches.subcommand() {
+        let given = matches.ids().map(|id| id.as_str()).find(|id| {
+            *id != "threads" && matches.value_source(id) == Some(ValueSource::CommandLine)
+        });
+        if let Some(id) = given {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("--{id} is an option of `moe-run` without a subcommand; it cannot be used with `{sub}`"),
+                )
+                .exit();
+        }
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// Parses the arguments, runs the command and reports its error.
 pub fn main() -> ExitCode {
     crate::runtime::tokenizer::quiet_guarded_panics();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     // Before anything else starts a thread.
     if let Err(e) = moe_kernels::cpu::configure_threads(cli.threads) {
         eprintln!("error: --threads: {e}");
