@@ -227,7 +227,7 @@ pub fn main() -> ExitCode {
         eprintln!("error: --threads: {e}");
         return ExitCode::FAILURE;
     }
-    let result = match cli.cmd {
+    let result = moe_kernels::cpu::on_pool(move || match cli.cmd {
         Some(Cmd::Logits(a)) => logits(a),
         Some(Cmd::Analyze(a)) => analyze::run(&a),
         Some(Cmd::Bench(a)) => crate::bench::run(&a),
@@ -235,7 +235,7 @@ pub fn main() -> ExitCode {
         Some(Cmd::Selftest(a)) => selftest(a),
         Some(Cmd::Results(a)) => crate::cli::results::run(&a),
         None => run(cli.run),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // `moe-run ... | head`: the reader has gone, which is not an error of ours.
