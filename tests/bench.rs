@@ -17,7 +17,7 @@ fn dense(w: &Weight) -> Tensor {
     }
 }
 
-/// Tiny everything, fixed ceilings (no memcpy / matmul measurement in tests).
+/// Tiny everything, fixed ceilings (no bandwidth / matmul measurement in tests).
 fn tiny_args() -> BenchArgs {
     BenchArgs {
         prompt_len: 4,

@@ -51,7 +51,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Memory bandwidth for the ceiling, GB/s (default: the --gpu table entry on CUDA, else
-    /// measured: a 1 GiB device-to-device copy on CUDA, a memcpy on the CPU).
+    /// measured: a 1 GiB device-to-device copy on CUDA, a parallel streaming read on the CPU).
     #[arg(long, value_parser = crate::units::positive)]
     pub bandwidth: Option<f64>,
     /// A built-in GPU for the CUDA ceiling (see `analyze --gpu`).

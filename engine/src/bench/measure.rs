@@ -1,5 +1,5 @@
 //! Timing of prefill and decode through [`Model::forward`], and the machine's own ceilings
-//! (memcpy bandwidth, matmul peak) when no figure is given.
+//! (read bandwidth, matmul peak) when no figure is given.
 //!
 //! A result is read back to the host (argmax ids) before the clock is read, and on CUDA the
 //! device is synchronized first, so asynchronous work is never timed as done.
@@ -177,28 +177,12 @@ pub fn run_once(
     })
 }
 
-/// Host memory bandwidth from a large memcpy: best of several copies of a 128 MiB buffer,
-/// counting the bytes read plus the bytes written (as STREAM's copy does), in GB/s.
-pub fn memcpy_bandwidth_gb_s() -> f64 {
-    const N: usize = 128 << 20;
-    let src: Vec<u8> = (0..N).map(|i| (i * 31 + 7) as u8).collect();
-    let mut dst = vec![1u8; N];
-    let mut best = f64::MAX;
-    for _ in 0..4 {
-        let t = Instant::now();
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&mut dst);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    2.0 * N as f64 / best / 1e9
-}
-
-/// Matmul throughput of `device` in `dtype`: best of a few `[n, n] x [n, n]` products, TFLOPS.
 /// Device memory bandwidth from a device-to-device copy: best of several copies of a 1 GiB
-/// tensor, counting the bytes read plus the bytes written, in GB/s (the CPU: a memcpy).
+/// tensor, counting the bytes read plus the bytes written, in GB/s (the CPU: the pool's streaming
+/// read, bytes read only).
 pub fn device_copy_bandwidth_gb_s(device: &Device) -> Result<f64> {
     if device.is_cpu() {
-        return Ok(memcpy_bandwidth_gb_s());
+        return Ok(read_bandwidth_gb_s());
     }
     let n = 1usize << 28; // 2^28 f32 = 1 GiB
     let src = Tensor::zeros(n, DType::F32, device)?;
@@ -215,6 +199,7 @@ pub fn device_copy_bandwidth_gb_s(device: &Device) -> Result<f64> {
     Ok(2.0 * (4 * n) as f64 / best / 1e9)
 }
 
+/// Matmul throughput of `device` in `dtype`: best of a few `[n, n] x [n, n]` products, TFLOPS.
 pub fn matmul_peak_tflops(device: &Device, dtype: DType, n: usize) -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;

@@ -316,7 +316,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         a.seed,
     )?;
     // Read the peak RSS (and the GPU pool's high-water marks) before the ceilings' own buffers
-    // (memcpy, matmul) can raise them.
+    // (read bandwidth, matmul) can raise them.
     let peak_rss = crate::memory::peak_rss_bytes();
     let pool = pool_high_water(&device);
     let total = device_memory(&device).map(|m| m.1);
