@@ -12,7 +12,6 @@ use std::time::Instant;
 use half::f16;
 use moe_kernels::cpu::{experts, Level, Mat, Rows};
 use moe_kernels::qformat::QFormat;
-use rayon::prelude::*;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -30,24 +29,6 @@ fn bytes(n: usize, seed: u64) -> Vec<u8> {
             (s >> 56) as u8
         })
         .collect()
-}
-
-/// A parallel streaming read (a sum) of a 1 GiB buffer: median of 5 passes after one, in GB/s.
-fn read_bandwidth() -> f64 {
-    let buf: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
-    let times = (0..6)
-        .map(|_| {
-            let t = Instant::now();
-            let s: u64 = buf
-                .par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
-                .reduce(|| 0, u64::wrapping_add);
-            std::hint::black_box(s);
-            t.elapsed().as_secs_f64()
-        })
-        .skip(1)
-        .collect();
-    (8usize << 27) as f64 / median(times) / 1e9
 }
 
 /// Storage of one format: packed bytes (or bf16 bits) and f16 params.
@@ -111,7 +92,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let (e, top_k) = (8usize, 2usize);
-    let bw = read_bandwidth();
+    let bw = moe_kernels::cpu::read_bandwidth_gb_s(1 << 30);
     println!(
         "threads {}, H {h}, F {f}, {e} experts top-{top_k}; streaming read {bw:.1} GB/s",
         rayon::current_num_threads()

@@ -2,7 +2,7 @@
 //! `emu/emu.h` (one fiber per GPU thread; barriers and warp collectives are meeting points where divergence is
 //! reported; buffers fenced by guard pages and canaries; read-only inputs write-protected). With the emulator
 //! on for a thread ([`enable`]), every op called on the CPU from that thread runs its launch plan
-//! ([`crate::launch::Plan`]) through the emulated kernels instead of the plain-Rust reference, so the self-test
+//! ([`crate::launch::plan::Plan`]) through the emulated kernels instead of the plain-Rust reference, so the self-test
 //! (`moe-run selftest --device emu`) and the model's kernel path execute the kernels' own source.
 //!
 //! What it proves: indexing, bounds, barriers and warp-collective convergence, launch geometry and the
@@ -83,7 +83,7 @@ mod imp {
 
     use candle_core::{bail, DType, Device, Result, Tensor};
 
-    use crate::launch::{Arg, Buf, Plan};
+    use crate::launch::plan::{Arg, Buf, Plan};
 
     extern "C" {
         fn moe_emu_buf_new(bytes: usize, name: *const c_char) -> *mut c_void;
@@ -288,7 +288,7 @@ mod imp {
                 EmuBuf::from_bytes(&tensor_bytes(t)?, t.dtype().size_in_bytes(), name, true)
             })
             .collect::<Result<_>>()?;
-        let alloc = |a: &crate::launch::Alloc| -> Result<EmuBuf> {
+        let alloc = |a: &crate::launch::plan::Alloc| -> Result<EmuBuf> {
             let elem = a.dtype.size_in_bytes();
             let mut b = EmuBuf::new(a.shape.elem_count() * elem, elem, a.name)?;
             b.fill(0xff);

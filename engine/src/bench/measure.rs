@@ -216,26 +216,10 @@ pub fn matmul_peak_tflops(device: &Device, dtype: DType, n: usize) -> Result<f64
     Ok(2.0 * (n as f64).powi(3) / best / 1e12)
 }
 
-/// Host read bandwidth: a parallel streaming read (a sum) of a 256 MiB buffer on the compute pool,
-/// median of 5 passes after one untimed, in GB/s (bytes read only: the ceiling of a kernel that
-/// streams weights once).
+/// Host read bandwidth: [`moe_kernels::cpu::read_bandwidth_gb_s`] over 256 MiB on the compute pool
+/// (bytes read only: the ceiling of a kernel that streams weights once).
 pub fn read_bandwidth_gb_s() -> f64 {
-    use rayon::prelude::*;
-    const N: usize = 256 << 20;
-    let buf: Vec<u64> = (0..N / 8).map(|i| i as u64).collect();
-    let mut times = Vec::new();
-    for i in 0..6 {
-        let t = Instant::now();
-        let s: u64 = buf
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
-            .reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(s);
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    N as f64 / Stat::of(&times).median / 1e9
+    moe_kernels::cpu::read_bandwidth_gb_s(256 << 20)
 }
 
 /// The CPU expert kernel alone at a decode step: one token through `top_k` experts (gate/up +

@@ -13,7 +13,8 @@
 
 use rayon::prelude::*;
 
-use super::simd::{decode_row, dots, dots_q8, group_sums, Level, Mat, Q8Rows, Rows, MAX_ROWS};
+use super::q8::{dots_q8, Q8Rows};
+use super::simd::{decode_row, dots, group_sums, Level, Mat, Rows, MAX_ROWS};
 
 /// Multiply-adds a task aims for: a phase's work over [`TASKS_PER_THREAD`] tasks per thread (so that
 /// an uneven start or a busy core still balances), within these bounds: the lower keeps rayon's

@@ -4,7 +4,10 @@
 //! ([`configure_threads`]). The plain references (`QMatmul`'s CPU op, the candle composite path) stay the
 //! specification that the tests compare these with.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod experts;
+pub mod q8;
 pub mod simd;
 
 use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
@@ -52,6 +55,28 @@ pub fn configure_threads(requested: Option<usize>) -> std::result::Result<usize,
 /// model (perf on tiny-kjv, 1 thread: ~30% of samples in the scheduler).
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
+}
+
+/// The pool's streaming read bandwidth: a parallel sum over a `bytes`-long buffer, median of 5 passes
+/// after one untimed, in GB/s of bytes read. The ceiling of a kernel that streams each weight once,
+/// measured with the threads the kernels use.
+pub fn read_bandwidth_gb_s(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let mut times: Vec<f64> = (0..6)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let s: u64 = buf
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                .reduce(|| 0, u64::wrapping_add);
+            std::hint::black_box(s);
+            t.elapsed().as_secs_f64()
+        })
+        .skip(1)
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (8 * buf.len()) as f64 / times[times.len() / 2] / 1e9
 }
 
 /// A weight as the kernels read it: a dense `[.., N, K]` tensor, or packed bytes with their f16 params.
