@@ -253,7 +253,8 @@ fn router_weights_match() {
 #[test]
 fn bf16_compute_stays_close() {
     // bf16 activations and weights: not bit-parity, but the logits must stay near f32's. Measured:
-    // max |diff| 0.107 and top-1 12/12 here (0.089 before CPU prefill attention ran in f32) (transformers' own bf16 run of this fixture: 0.107, 12/12);
+    // max |diff| 0.107 and top-1 12/12 here (0.089 before the CPU prefill attention ran in f32;
+    // transformers' own bf16 run of this fixture: 0.107, 12/12);
     // the bound leaves ~2x headroom over both.
     let dir = fixture("mixtral-base");
     let exp = expected(&dir);
