@@ -177,13 +177,10 @@ pub fn run_once(
     })
 }
 
-/// Device memory bandwidth from a device-to-device copy: best of several copies of a 1 GiB
-/// tensor, counting the bytes read plus the bytes written, in GB/s (the CPU: the pool's streaming
-/// read, bytes read only).
+/// GPU memory bandwidth from a device-to-device copy: best of several copies of a 1 GiB tensor,
+/// counting the bytes read plus the bytes written, in GB/s (the CPU's ceiling is
+/// [`read_bandwidth_gb_s`]).
 pub fn device_copy_bandwidth_gb_s(device: &Device) -> Result<f64> {
-    if device.is_cpu() {
-        return Ok(read_bandwidth_gb_s());
-    }
     let n = 1usize << 28; // 2^28 f32 = 1 GiB
     let src = Tensor::zeros(n, DType::F32, device)?;
     let _ = src.copy()?; // warm-up

@@ -27,9 +27,9 @@ pub fn int4_q8_position(c: usize, nb: usize) -> usize {
 /// zero-point term).
 #[derive(Default)]
 pub struct Q8Rows {
-    /// What the rows were last quantized from: (call epoch, data address, length, k, group), so
+    /// What the rows were last quantized from: (call epoch, data address, length, k, INT4 order), so
     /// the tasks of one call that share rows quantize them once per thread.
-    key: (u64, usize, usize, usize, usize),
+    key: (u64, usize, usize, usize, bool),
     q: Vec<i8>,
     d: Vec<f32>,
     bsum: Vec<f32>,
@@ -51,14 +51,7 @@ impl Q8Rows {
             return false;
         }
         let n = x.len() / k;
-        let group = m.group().unwrap_or(k);
-        let key = (
-            epoch,
-            x.as_ptr() as usize,
-            x.len(),
-            k,
-            if int4 { group } else { 0 },
-        );
+        let key = (epoch, x.as_ptr() as usize, x.len(), k, int4);
         if key == self.key {
             return true;
         }
