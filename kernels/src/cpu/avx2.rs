@@ -374,3 +374,75 @@ pub unsafe fn int4_q8<const R: usize>(
         o[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - hsum(zacc[r]) - zterm[r];
     }
 }
+
+/// A dense row decoded to f32 (bit for bit the scalar conversion).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn decode_dense<W: Load16>(w: &W, out: &mut [f32]) {
+    let k = w.len();
+    let k16 = k / 16 * 16;
+    let mut i = 0;
+    while i < k16 {
+        let (a, b) = w.load16(i);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), a);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i + 8), b);
+        i += 16;
+    }
+    for j in k16..k {
+        out[j] = w.at(j);
+    }
+}
+
+/// An INT8 row `s * q` decoded to f32, as [`crate::qformat::dequantize_row`] computes it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn decode_int8(q: &[u8], s: f32, out: &mut [f32]) {
+    let (w, sv) = (I8(q), _mm256_set1_ps(s));
+    let k16 = q.len() / 16 * 16;
+    let mut i = 0;
+    while i < k16 {
+        let (a, b) = w.load16(i);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(sv, a));
+        _mm256_storeu_ps(out.as_mut_ptr().add(i + 8), _mm256_mul_ps(sv, b));
+        i += 16;
+    }
+    for j in k16..q.len() {
+        out[j] = s * w.at(j);
+    }
+}
+
+/// An INT4 row `s_g (q - z_g)` (any even group) decoded to f32, as
+/// [`crate::qformat::dequantize_row`] computes it: 32 weights per 16-byte load inside a group, the
+/// rest one at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn decode_int4(q: &[u8], p: &[f16], group: usize, out: &mut [f32]) {
+    let k = out.len();
+    let mask = _mm_set1_epi8(0x0f);
+    let (mut lo, mut g) = (0, 0);
+    while lo < k {
+        let hi = (lo + group).min(k);
+        let (s, z) = scale_zero(p, g);
+        let (sv, zv) = (_mm256_set1_ps(s), _mm256_set1_ps(z));
+        let mut i = lo;
+        while i + 32 <= hi {
+            let b = _mm_loadu_si128(q.as_ptr().add(i / 2) as *const __m128i);
+            let l = _mm_and_si128(b, mask);
+            let h = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+            let (a, c) = (_mm_unpacklo_epi8(l, h), _mm_unpackhi_epi8(l, h));
+            for (n, v) in [a, _mm_srli_si128(a, 8), c, _mm_srli_si128(c, 8)]
+                .into_iter()
+                .enumerate()
+            {
+                let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                let o = _mm256_mul_ps(sv, _mm256_sub_ps(f, zv));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * n), o);
+            }
+            i += 32;
+        }
+        while i < hi {
+            let b = q[i / 2];
+            out[i] = s * ((if i % 2 == 0 { b & 0xf } else { b >> 4 }) as f32 - z);
+            i += 1;
+        }
+        lo = hi;
+        g += 1;
+    }
+}

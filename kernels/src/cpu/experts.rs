@@ -134,7 +134,7 @@ fn block(
             _ => {
                 wbuf.resize(nj * k, 0.0);
                 for j in 0..nj {
-                    decode_row(w, w0 + j, &mut wbuf[j * k..(j + 1) * k]);
+                    decode_row(level, w, w0 + j, &mut wbuf[j * k..(j + 1) * k]);
                 }
                 &wbuf[..nj * k]
             }

@@ -195,7 +195,7 @@ mod tests {
                     let mut wrow = vec![0f32; k];
                     let mut out = [0f32; MAX_ROWS];
                     for row in 0..rows {
-                        decode_row(&m, row, &mut wrow);
+                        decode_row(Level::Portable, &m, row, &mut wrow);
                         dots_q8(&m, row, &xq, 0, n, &mut out);
                         for i in 0..n {
                             let xr = &xhat[i * k..][..k];
