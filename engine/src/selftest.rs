@@ -110,6 +110,7 @@ fn model_case(c: &ModelCase, on: &Target, budget: f64, label: &str) -> Result<Ro
     let device = &on.device();
     let opts = |device: &Device| LoadOptions {
         dtype: c.dtype,
+        weight_dtype: None,
         device: device.clone(),
         progress: false,
         quant: c.quant,

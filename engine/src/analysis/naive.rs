@@ -72,6 +72,7 @@ pub fn naive_formulas(
                 Precision::Int8 => "misses one 16-bit scale per row and the 16-bit embeddings, norms, routers, lm_head",
                 Precision::Int4 { .. } => "misses scale + zero per 128 and the 16-bit embeddings, norms, routers, lm_head",
                 Precision::Int8F32 | Precision::Int4F32 { .. } => "also misses the f32 embeddings, norms, routers, lm_head",
+                Precision::Bf16F32 => "misses the f32 embeddings, norms, routers, lm_head",
             },
         ));
     }

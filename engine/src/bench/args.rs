@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// Compute dtype: auto (f32 on the CPU, bf16 on a GPU, as for run), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Dtype of the linear and expert weights when it differs from the compute dtype (as for
+    /// run): `--dtype f32 --weight-dtype bf16` keeps them 16-bit, read in place by the CPU kernels.
+    #[arg(long)]
+    pub weight_dtype: Option<String>,
     /// Weight-only quantization: int8, int4 (group 128), int4:64, int4:32. Random weights are
     /// drawn directly in the packed format; a dense checkpoint is quantized while loading.
     #[arg(long)]
@@ -119,6 +123,7 @@ impl Default for BenchArgs {
             seed: 0,
             layers: None,
             dtype: "auto".into(),
+            weight_dtype: None,
             quant: None,
             device: "cpu".into(),
             prompt_len: 32,

@@ -77,6 +77,28 @@ pub fn dtype_of(a: &BenchArgs, device: &Device) -> Result<DType> {
     loader::parse_dtype_on(&a.dtype, device)
 }
 
+/// `--weight-dtype` by run's rule ([`loader::parse_weight_dtype`]); `None` when it equals the
+/// compute dtype. Refused with `--baseline` (candle's Mixtral computes in its weights' dtype).
+pub fn weight_dtype_of(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Option<DType>> {
+    let w = loader::parse_weight_dtype(a.weight_dtype.as_deref(), dtype, device, quant_of(a)?)?;
+    if w.is_some() && a.baseline.is_some() {
+        return Err(Error::Input(
+            "--baseline with --weight-dtype: candle's Mixtral takes one dtype for weights and compute".into(),
+        ));
+    }
+    Ok(w)
+}
+
+/// The precision the bench holds the model in: [`Precision::with_weights`] of `--dtype`,
+/// `--weight-dtype` and `--quant`.
+pub fn precision_of(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Precision> {
+    Ok(Precision::with_weights(
+        dtype,
+        weight_dtype_of(a, dtype, device)?,
+        quant_of(a)?,
+    ))
+}
+
 /// `--quant` parsed (`None` without it).
 pub fn quant_of(a: &BenchArgs) -> Result<Option<QFormat>> {
     match &a.quant {
@@ -147,10 +169,11 @@ pub fn build_model(
     }
     // Refuse before allocating (or drawing random weights) when the weights, KV cache and
     // activations do not fit in the GPU's free memory or the available RAM.
-    check_memory(a, &cfg, &name, dtype, quant, a.batch, device)?;
+    check_memory(a, &cfg, &name, dtype, a.batch, device)?;
     let mut base = None;
     let (model, weights) = if a.random_weights {
-        let w = random::random_weights(&cfg, a.seed, dtype, device, quant)?;
+        let wdt = weight_dtype_of(a, dtype, device)?;
+        let w = random::random_weights_as(&cfg, a.seed, dtype, wdt, device, quant)?;
         if a.baseline.is_some() {
             base = Some(match quant {
                 // Dense weights are shared with candle as views (no copy).
@@ -174,6 +197,7 @@ pub fn build_model(
     } else {
         let opts = LoadOptions {
             dtype,
+            weight_dtype: weight_dtype_of(a, dtype, device)?,
             device: device.clone(),
             quant,
             ..Default::default()
@@ -226,7 +250,6 @@ pub fn check_memory(
     cfg: &ModelConfig,
     name: &str,
     dtype: DType,
-    quant: Option<QFormat>,
     batch: usize,
     device: &Device,
 ) -> Result<()> {
@@ -244,7 +267,7 @@ pub fn check_memory(
         .unwrap_or(0);
     let row = (cfg.vocab_size + 8 * cfg.hidden_size + 3 * widest) as u64 * 4;
     let act = row.saturating_mul((batch as u64).saturating_mul(a.prompt_len as u64));
-    let weights = weight_bytes(&tensor_inventory(cfg), Precision::of(dtype, quant));
+    let weights = weight_bytes(&tensor_inventory(cfg), precision_of(a, dtype, device)?);
     crate::memory::check_device_fits(
         device,
         &format!(
@@ -347,7 +370,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         }
         None => None,
     };
-    let prec = Precision::of(dtype, quant_of(a)?);
+    let prec = precision_of(a, dtype, &device)?;
     let pre = predict(&cfg, prec, b, p, p as u64, bw.value, peak.value);
     let dec = predict(&cfg, prec, b, 0, (p + g / 2) as u64, bw.value, peak.value);
     let prefill_tps: Vec<f64> = samples
@@ -437,8 +460,12 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         }
         None => None,
     };
+    let mut env = env(&device, dtype);
+    if let Some(w) = weight_dtype_of(a, dtype, &device)? {
+        env.dtype = format!("{}, {} weights", env.dtype, schema::dtype_name(w));
+    }
     Ok(BenchReport {
-        env: env(&device, dtype),
+        env,
         model: desc,
         prompt_len: p,
         gen: g,

@@ -119,6 +119,8 @@ struct Gen<'a> {
     seed: u64,
     next: u64,
     dtype: DType,
+    /// `--weight-dtype`: the tensors `quant` would pack, drawn in this dtype instead of `dtype`.
+    weight_dtype: Option<DType>,
     device: &'a Device,
     quant: Option<QFormat>,
 }
@@ -166,6 +168,10 @@ impl Gen<'_> {
             }
             Class::Lookup | Class::Linear | Class::Experts { .. } | Class::Tied => {
                 let fan_in = t.shape.last().copied().unwrap_or(1);
+                let dtype = match (self.weight_dtype, t.storage()) {
+                    (Some(w), Storage::Quantized) => w,
+                    _ => dtype,
+                };
                 match (self.quant, t.storage()) {
                     (Some(fmt), Storage::Quantized) => self.qlinear(&t.shape, fmt),
                     _ => Ok(self
@@ -242,10 +248,24 @@ pub fn random_weights(
     device: &Device,
     quant: Option<QFormat>,
 ) -> Result<ModelWeights> {
+    random_weights_as(cfg, seed, dtype, None, device, quant)
+}
+
+/// [`random_weights`] with the linear and expert weights in `weight_dtype` (`--weight-dtype`;
+/// `None`: `dtype`). The values are the same draws, rounded to the storage dtype.
+pub fn random_weights_as(
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+    weight_dtype: Option<DType>,
+    device: &Device,
+    quant: Option<QFormat>,
+) -> Result<ModelWeights> {
     let mut g = Gen {
         seed,
         next: 0,
         dtype,
+        weight_dtype,
         device,
         quant,
     };

@@ -111,6 +111,11 @@ pub struct ModelArgs {
     /// Compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Dtype of the linear and expert weights when it differs from the compute dtype: on the CPU,
+    /// `--dtype f32 --weight-dtype bf16` keeps them 16-bit in memory, read in place by the CPU
+    /// kernels (half the bytes per token of f32; what llama.cpp does with a bf16 GGUF).
+    #[arg(long)]
+    weight_dtype: Option<String>,
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -270,16 +275,19 @@ pub fn error_text(e: &Error) -> String {
 fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
     let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
     let device = loader::parse_device(&a.device)?;
+    let dtype = loader::parse_dtype_on(&a.dtype, &device)?;
+    let quant = a
+        .quant
+        .as_deref()
+        .map(crate::quant::parse_quant)
+        .transpose()?
+        .flatten();
     let opts = LoadOptions {
-        dtype: loader::parse_dtype_on(&a.dtype, &device)?,
+        dtype,
+        weight_dtype: loader::parse_weight_dtype(a.weight_dtype.as_deref(), dtype, &device, quant)?,
         device,
         progress: true,
-        quant: a
-            .quant
-            .as_deref()
-            .map(crate::quant::parse_quant)
-            .transpose()?
-            .flatten(),
+        quant,
     };
     let model = src.load(&opts)?;
     Ok((src, model))

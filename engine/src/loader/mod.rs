@@ -36,8 +36,12 @@ use crate::model::{Model, ModelWeights};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Compute dtype; weights stored as f32/f16/bf16 are converted to it.
+    /// Compute dtype; weights stored as f32/f16/bf16 are converted to it (but see `weight_dtype`).
     pub dtype: DType,
+    /// `--weight-dtype`: the dtype of the linear and expert weights (the tensors `--quant` would
+    /// quantize) when it differs from `dtype`: bf16/f16 weights read in place by the CPU kernels
+    /// under f32 compute, as llama.cpp runs a bf16 GGUF. `None`: `dtype`. Dense models only.
+    pub weight_dtype: Option<DType>,
     pub device: Device,
     /// Show a progress bar (only ever drawn when stderr is a terminal).
     pub progress: bool,
@@ -50,6 +54,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             dtype: DType::F32,
+            weight_dtype: None,
             device: Device::Cpu,
             progress: false,
             quant: None,
@@ -167,11 +172,10 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     Model::new(cfg, weights, opts.dtype, &opts.device).map_err(|e| oom(e.into()))
 }
 
-/// `moe-run analyze`'s weight bytes for the dtype and quantization of `opts` (int4 counted at
-/// group 128).
+/// `moe-run analyze`'s weight bytes for the dtypes and quantization of `opts` (int4 at its group).
 pub fn predicted_weight_bytes(cfg: &ModelConfig, opts: &LoadOptions) -> u64 {
     use crate::spec::bytes::{weight_bytes, Precision};
-    let p = Precision::of(opts.dtype, opts.quant);
+    let p = Precision::with_weights(opts.dtype, opts.weight_dtype, opts.quant);
     weight_bytes(&crate::spec::counts::tensor_inventory(cfg), p)
 }
 
@@ -264,9 +268,74 @@ pub fn parse_dtype_on(s: &str, device: &Device) -> Result<DType> {
     }
 }
 
+/// `--weight-dtype` (`None` when not given): the [`LoadOptions::weight_dtype`] for compute `dtype`
+/// on `device` with quantization `quant`. `None` back when it equals `dtype`. Refused: on a GPU, with
+/// `--quant`, and under a compute dtype other than f32 (the CPU kernels read 16-bit weights under
+/// f32 activations; candle's ops and the GPU kernels take one dtype).
+pub fn parse_weight_dtype(
+    s: Option<&str>,
+    dtype: DType,
+    device: &Device,
+    quant: Option<crate::quant::QFormat>,
+) -> Result<Option<DType>> {
+    let Some(s) = s else { return Ok(None) };
+    let w = parse_dtype(s).map_err(|_| {
+        Error::Input(format!(
+            "--weight-dtype {s:?}: unknown dtype; use f32, bf16 or f16"
+        ))
+    })?;
+    if w == dtype {
+        return Ok(None);
+    }
+    let why = if !device.is_cpu() {
+        "only the CPU kernels read weights in a dtype other than the compute dtype"
+    } else if quant.is_some() {
+        "--quant already sets the format of those weights"
+    } else if dtype != DType::F32 {
+        "16-bit weights are read under f32 compute only (add --dtype f32)"
+    } else {
+        return Ok(Some(w));
+    };
+    Err(Error::Input(format!(
+        "--weight-dtype {s} with --dtype {dtype:?}{}: {why}",
+        quant.map_or(String::new(), |q| format!(" --quant {}", crate::quant::format_name(q)))
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weight_dtype_rules() {
+        let (cpu, f32_, bf16_) = (Device::Cpu, DType::F32, DType::BF16);
+        assert_eq!(parse_weight_dtype(None, f32_, &cpu, None).unwrap(), None);
+        assert_eq!(parse_weight_dtype(Some("f32"), f32_, &cpu, None).unwrap(), None);
+        assert_eq!(parse_weight_dtype(Some("bf16"), bf16_, &cpu, None).unwrap(), None);
+        assert_eq!(
+            parse_weight_dtype(Some("bf16"), f32_, &cpu, None).unwrap(),
+            Some(bf16_)
+        );
+        assert_eq!(
+            parse_weight_dtype(Some("f16"), f32_, &cpu, None).unwrap(),
+            Some(DType::F16)
+        );
+        for (s, dt, q, want) in [
+            ("int8", f32_, None, "unknown dtype"),
+            ("bf16", DType::F16, None, "--dtype f32"),
+            (
+                "bf16",
+                f32_,
+                Some(crate::quant::QFormat::Int8),
+                "--quant already",
+            ),
+        ] {
+            let e = parse_weight_dtype(Some(s), dt, &cpu, q)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--weight-dtype") && e.contains(want), "{e}");
+        }
+    }
 
     #[test]
     fn dtype_names() {

@@ -26,7 +26,7 @@ type Part = (String, Vec<usize>);
 ///   split exactly like the dense parts): read as is, never re-quantized;
 /// - `o.quant` set on a dense checkpoint: read in f32 on the host and quantized here, one
 ///   tensor at a time, so peak host memory stays near one layer beyond the result;
-/// - otherwise dense in the compute dtype.
+/// - otherwise dense in `o.weight_dtype` (`--weight-dtype`), else the compute dtype.
 ///
 /// Quantized weights are recorded in `ck`'s quantization log when `moe-run quantize` asked for it.
 fn lin(
@@ -37,9 +37,8 @@ fn lin(
 ) -> Result<Weight> {
     let stem = |n: &str| n.strip_suffix(".weight").unwrap_or(n).to_string();
     let Some(fmt) = o.quant else {
-        return Ok(Weight::Dense(
-            ck.take_concat(parts, shape, o.dtype, &o.device)?,
-        ));
+        let dt = o.weight_dtype.unwrap_or(o.dtype);
+        return Ok(Weight::Dense(ck.take_concat(parts, shape, dt, &o.device)?));
     };
     let stored = parts
         .first()
@@ -250,7 +249,7 @@ fn dbrx_experts(
         return lin(ck, &qparts, &t.shape, o);
     }
     let (ld, dev) = match o.quant {
-        None => (o.dtype, o.device.clone()),
+        None => (o.weight_dtype.unwrap_or(o.dtype), o.device.clone()),
         Some(_) => (DType::F32, Device::Cpu),
     };
     let mut take = |(name, shape): &Part, rows: usize, cols: usize| -> Result<Tensor> {

@@ -44,6 +44,11 @@ impl Linear {
     /// `x [.., in] -> [.., out]`
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
+            // 16-bit weights under f32 compute (`--weight-dtype`) off the CPU kernels' path
+            // (`MOE_PATH=reference`): widened per call, correct but slow.
+            Weight::Dense(w) if w.dtype() != x.dtype() => {
+                candle_nn::Linear::new(w.to_dtype(x.dtype())?, self.bias.clone()).forward(x)
+            }
             Weight::Dense(w) => candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(x),
             Weight::Quant(q) => {
                 let y = q.forward(x)?;

@@ -37,6 +37,9 @@ pub enum Precision {
     Int4F32 {
         group: usize,
     },
+    /// bf16 (or f16) linear and expert weights -- the tensors int8/int4 would quantize -- with an
+    /// f32 compute dtype: the rest and the KV cache f32 (`--dtype f32 --weight-dtype bf16`).
+    Bf16F32,
 }
 
 /// Serialized as its name (`"int4"`, `"int4:32"`, ...).
@@ -57,9 +60,21 @@ impl Precision {
     /// one rule, used by the loader's fit check, bench and analyze alike (f16 is costed as
     /// bf16: same bytes; int4 at its own group size).
     pub fn of(dtype: candle_core::DType, quant: Option<crate::quant::QFormat>) -> Precision {
+        Precision::with_weights(dtype, None, quant)
+    }
+
+    /// [`Precision::of`] with `--weight-dtype` (`weight_dtype`, `None` = `dtype`): 16-bit linears
+    /// under f32 compute are [`Precision::Bf16F32`].
+    pub fn with_weights(
+        dtype: candle_core::DType,
+        weight_dtype: Option<candle_core::DType>,
+        quant: Option<crate::quant::QFormat>,
+    ) -> Precision {
         use crate::quant::QFormat;
         let f32 = dtype == candle_core::DType::F32;
+        let w16 = weight_dtype.is_some_and(|w| w.size_in_bytes() == 2);
         match (quant, f32) {
+            (None, true) if w16 => Precision::Bf16F32,
             (Some(QFormat::Int8), true) => Precision::Int8F32,
             (Some(QFormat::Int4 { group }), true) => Precision::Int4F32 { group },
             (Some(QFormat::Int8), false) => Precision::Int8,
@@ -89,6 +104,7 @@ impl Precision {
             Precision::Int4 { group } => int4(group),
             Precision::Int8F32 => "int8/f32".into(),
             Precision::Int4F32 { group } => int4(group) + "/f32",
+            Precision::Bf16F32 => "bf16/f32".into(),
         }
     }
 
@@ -103,6 +119,7 @@ impl Precision {
             }
             Precision::Int8F32 => "int8 as above, unquantized tensors and KV in f32".into(),
             Precision::Int4F32 { .. } => "int4 as above, unquantized tensors and KV in f32".into(),
+            Precision::Bf16F32 => "2 B/elem linears and experts, other tensors and KV in f32".into(),
         }
     }
 
@@ -110,7 +127,7 @@ impl Precision {
     pub fn nominal_bytes(self) -> f64 {
         match self {
             Precision::Fp32 => 4.0,
-            Precision::Bf16 => 2.0,
+            Precision::Bf16 | Precision::Bf16F32 => 2.0,
             Precision::Int8 | Precision::Int8F32 => 1.0,
             Precision::Int4 { .. } | Precision::Int4F32 { .. } => 0.5,
         }
@@ -119,7 +136,10 @@ impl Precision {
     /// Bytes of one KV cache / activation element under this weight format.
     pub fn kv_elem_bytes(self) -> u64 {
         match self {
-            Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32 { .. } => 4,
+            Precision::Fp32
+            | Precision::Int8F32
+            | Precision::Int4F32 { .. }
+            | Precision::Bf16F32 => 4,
             Precision::Bf16 | Precision::Int8 | Precision::Int4 { .. } => 2,
         }
     }
@@ -176,12 +196,16 @@ impl TensorSpec {
     }
 }
 
-/// Bytes per element of a tensor that is not quantized: 4 under fp32 or if kept in f32,
-/// else 2.
+/// Bytes per element of a tensor that is not quantized: 4 under fp32 or if kept in f32, and
+/// under f32 compute except the 16-bit linears of [`Precision::Bf16F32`]; else 2.
 pub fn unquantized_elem_bytes(s: Storage, p: Precision) -> u64 {
     match (s, p) {
+        (Storage::Quantized, Precision::Bf16F32) => 2,
         (Storage::KeepF32, _)
-        | (_, Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32 { .. }) => 4,
+        | (
+            _,
+            Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32 { .. } | Precision::Bf16F32,
+        ) => 4,
         _ => 2,
     }
 }

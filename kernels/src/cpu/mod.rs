@@ -19,10 +19,20 @@ use crate::qformat::QFormat;
 /// The environment variable rayon and candle read for their thread count.
 pub const THREADS_ENV: &str = "RAYON_NUM_THREADS";
 
+/// candle 0.11 runs its elementwise CPU ops of 64K+ elements on a pool of its own (`n - 1` threads
+/// beside the caller) whose threads spin this many times after each op before they sleep.
+pub const SPIN_ENV: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
+/// What [`configure_threads`] sets [`SPIN_ENV`] to unless the user set it. candle's default (25,000
+/// spins, ~50-100 us) keeps a spinning thread on a core while the next op (one of our kernels, on
+/// the rayon pool) needs every core: tiny-kjv prefill 384 tokens on 2 threads ran ~5000 tok/s at the
+/// default and ~7200 at 100 (moe-run bench, interleaved). 100 spins still catch back-to-back ops.
+pub const SPIN_LIMIT: &str = "100";
+
 /// Sizes the process's one thread pool, before any other thread starts: `requested` (`--threads`), else
 /// `RAYON_NUM_THREADS`, else candle's default (the physical cores this process may run on). Also sets
 /// `RAYON_NUM_THREADS`, which candle's CPU matmul reads on every call: without it candle recounts the cores
-/// from /proc/cpuinfo each time. Returns the thread count.
+/// from /proc/cpuinfo each time; and [`SPIN_ENV`] (see [`SPIN_LIMIT`]). Returns the thread count.
 pub fn configure_threads(requested: Option<usize>) -> std::result::Result<usize, String> {
     let from_env = std::env::var(THREADS_ENV)
         .ok()
@@ -35,6 +45,10 @@ pub fn configure_threads(requested: Option<usize>) -> std::result::Result<usize,
     if std::env::var(THREADS_ENV).ok().as_deref() != Some(n.to_string().as_str()) {
         // Single-threaded at this point (called first thing in main), which set_var requires.
         std::env::set_var(THREADS_ENV, n.to_string());
+    }
+    if std::env::var_os(SPIN_ENV).is_none() {
+        // Same reason as above.
+        std::env::set_var(SPIN_ENV, SPIN_LIMIT);
     }
     match rayon::ThreadPoolBuilder::new()
         .num_threads(n)

@@ -48,7 +48,11 @@ pub fn experts_w(
 /// view `w[e]` is all E experts. Widening only expert e's slice gives the same numbers (f32
 /// products rounded back to bf16) with E times less transient memory and conversion work.
 fn expert_matmul(x: &Tensor, w: &Tensor, e: usize) -> Result<Tensor> {
-    let we = w.get(e)?;
+    let mut we = w.get(e)?;
+    if we.dtype() != x.dtype() {
+        // 16-bit experts under f32 compute (`--weight-dtype`) off the CPU kernels' path.
+        we = we.to_dtype(x.dtype())?;
+    }
     if x.device().is_cpu() && x.dtype() == DType::BF16 {
         let y = x
             .to_dtype(DType::F32)?

@@ -144,6 +144,11 @@ impl MoeBlock {
         // GEMV for decode, tiled GEMM for prefill, chosen on the host from N (no sync).
         let path = Some(plan.expert_path(x.dim(0)?, a, e));
         let y = match (&self.gate_up, &self.down) {
+            (Weight::Dense(gu), Weight::Dense(dn)) if gu.dtype() != x.dtype() => {
+                // 16-bit experts under f32 compute (`--weight-dtype`): widened per call.
+                let (gu, dn) = (gu.to_dtype(x.dtype())?, dn.to_dtype(x.dtype())?);
+                moe_experts(x, &d.row_token, &d.counts, &d.offsets, &gu, &dn, path)?
+            }
             (Weight::Dense(gu), Weight::Dense(dn)) => {
                 moe_experts(x, &d.row_token, &d.counts, &d.offsets, gu, dn, path)?
             }
