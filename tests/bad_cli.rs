@@ -434,6 +434,30 @@ fn sampling_flags_are_checked_where_they_are_parsed() {
 }
 
 #[test]
+fn weight_dtype_combinations_that_cannot_run_are_refused() {
+    let d = fixture("mixtral-base");
+    for (extra, want) in [
+        (&["--weight-dtype", "int4"][..], "unknown dtype"),
+        (&["--weight-dtype", "bf16", "--dtype", "f16"], "--dtype f32"),
+        (
+            &["--weight-dtype", "bf16", "--quant", "int8"],
+            "--quant already",
+        ),
+    ] {
+        for cmd in [
+            &["--prompt", "In the"][..],
+            &["bench", "--gen", "1", "--runs", "1"],
+        ] {
+            let mut a: Vec<&str> = cmd.to_vec();
+            a.extend(["--weights", s(&d)]);
+            a.extend_from_slice(extra);
+            let (stdout, _) = row(&[&d], &a, 1, &["--weight-dtype", want]);
+            assert!(stdout.is_empty(), "{a:?}: {stdout}");
+        }
+    }
+}
+
+#[test]
 fn prefill_only_reports_only_measured_rates() {
     let d = fixture("mixtral-base");
     let (stdout, stderr) = row(

@@ -3,17 +3,36 @@
 
 mod common;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use common::{expected, fixture, max_abs_diff, moe_run};
 use moe::loader::embedded::TINY_KJV;
 use moe::loader::LoadOptions;
 use moe::model::Trace;
 use moe::runtime::generate::{generate, GenerateParams, SamplingParams};
 
+/// f32 compute on f32 weights (the default), and on the stored bf16 weights kept 16-bit
+/// (`--weight-dtype bf16`, read in place by the CPU kernels): the checkpoint is bf16, so both hold
+/// the same values and must both match transformers' f32 run.
 #[test]
 fn parity_with_transformers() {
+    let bf16_weights = LoadOptions {
+        weight_dtype: Some(DType::BF16),
+        ..Default::default()
+    };
+    for (what, opts) in [
+        ("f32", LoadOptions::default()),
+        ("bf16 weights", bf16_weights),
+    ] {
+        parity_with_transformers_as(what, &opts);
+    }
+}
+
+fn parity_with_transformers_as(what: &str, opts: &LoadOptions) {
     let exp = expected(&fixture("tiny-kjv"));
-    let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
+    let model = TINY_KJV.load(opts).unwrap();
+    // The loaded bytes are analyze's for the precision (bf16 linears: well under the f32 model's).
+    let want = moe::loader::predicted_weight_bytes(&model.cfg, opts);
+    assert_eq!(model.weight_bytes() as u64, want, "{what}: weight bytes");
     let tok = moe::runtime::tokenizer::TextTokenizer::embedded(&TINY_KJV, &model.cfg).unwrap();
     assert_eq!(
         tok.encode("And God said").unwrap(),
@@ -35,12 +54,12 @@ fn parity_with_transformers() {
         .to_vec2()
         .unwrap();
     let diff = max_abs_diff(&logits, &exp.logits);
-    assert!(diff < 1e-4, "prompt logits differ by {diff}");
+    assert!(diff < 1e-4, "{what}: prompt logits differ by {diff}");
     for (layer, want) in exp.router_ids.iter().enumerate() {
         let want: Vec<u32> = want.iter().flatten().copied().collect();
         assert_eq!(
             trace.router_ids[layer], want,
-            "router choices of layer {layer}"
+            "{what}: router choices of layer {layer}"
         );
     }
 
@@ -52,7 +71,7 @@ fn parity_with_transformers() {
     let g = generate(&model, &exp.prompt_ids, &params, |_| Ok(()), None).unwrap();
     assert_eq!(
         g.generated_ids, exp.greedy_ids,
-        "greedy ids (HF margins {:?})",
+        "{what}: greedy ids (HF margins {:?})",
         exp.greedy_margins
     );
 }

@@ -11,9 +11,12 @@
 #   T            threads for both engines (2): llama-bench -t T; moe-run RAYON_NUM_THREADS=T and
 #                --threads T when `moe-run bench --help` lists it
 #   MODELS_SEL   "tiny-kjv random-mixtral"
-#   PRECS        "f32 bf16 int8 int4" (moe-run f32 / bf16 / --quant int8 / --quant int4:32 against
+#   PRECS        "f32 bf16 int8 int4" (moe-run f32 / BF16_ARGS / --quant int8 / --quant int4:32 against
 #                GGUF f32 / bf16 / Q8_0 / Q4_0; tiny-kjv has only f32 and bf16 GGUFs)
 #   QUANT_DTYPE  moe-run --dtype for the int8/int4 rows (auto: what moe-run picks on the CPU)
+#   BF16_ARGS    moe-run flags of the bf16 rows ("--dtype f32 --weight-dtype bf16": bf16 weights
+#                read in place under f32 compute, as llama.cpp runs a bf16 GGUF; "--dtype bf16"
+#                computes in bf16 too)
 #   MOE_RUN      moe-run binary (target/release/moe-run); MOE_RUN_COMMIT: the commit it was
 #                built from (default: git rev-parse HEAD, "-dirty" with tracked changes)
 #   GREEDY       1: greedy-token agreement in f32 (128 tokens tiny-kjv, 32 random Mixtral)
@@ -36,6 +39,7 @@ T="${T:-2}"
 MODELS_SEL="${MODELS_SEL:-tiny-kjv random-mixtral}"
 PRECS="${PRECS:-f32 bf16 int8 int4}"
 QUANT_DTYPE="${QUANT_DTYPE:-auto}"
+BF16_ARGS="${BF16_ARGS:---dtype f32 --weight-dtype bf16}"
 MOE_RUN="${MOE_RUN:-target/release/moe-run}"
 GREEDY="${GREEDY:-1}"
 IDLE_FRAC="${IDLE_FRAC:-0.15}"
@@ -82,7 +86,7 @@ gguf_of()    { # model prec
 moe_args_of() { # prec
     case "$1" in
         f32) echo "--dtype f32";;
-        bf16) echo "--dtype bf16";;
+        bf16) echo "$BF16_ARGS";;
         int8) echo "--dtype $QUANT_DTYPE --quant int8";;
         int4) echo "--dtype $QUANT_DTYPE --quant int4:32";;
     esac

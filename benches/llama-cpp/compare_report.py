@@ -227,7 +227,12 @@ def main() -> None:
     for e in rows:
         mr, lc = e["moe_run"], e["llama_cpp"]
         dt = mr.get("dtype")
-        prec = f"{e['moe_run_format']}{'' if e['precision'] in ('f32', 'bf16') or not dt else ' (' + dt + ' compute)'} vs {e['llama_cpp_format']}"
+        if e["precision"] == "bf16" and dt:
+            # "f32, bf16 weights" (--weight-dtype) or "bf16" (bf16 compute too)
+            compute, _, weights = dt.partition(", ")
+            prec = f"{weights or 'bf16'} ({compute} compute) vs bf16"
+        else:
+            prec = f"{e['moe_run_format']}{'' if e['precision'] == 'f32' or not dt else ' (' + dt + ' compute)'} vs {e['llama_cpp_format']}"
         g = greedy.get(e["model"]) if e["precision"] == "f32" else None
         gtxt = f"{g['equal_positions']}/{g['n']} (prefix {g['equal_prefix']})" if g else "-"
         rp = e["ratio_prefill_moe_over_llama"]

@@ -77,10 +77,18 @@ pub fn dtype_of(a: &BenchArgs, device: &Device) -> Result<DType> {
     loader::parse_dtype_on(&a.dtype, device)
 }
 
-/// `--weight-dtype` by run's rule ([`loader::parse_weight_dtype`]); `None` when it equals the
-/// compute dtype. Refused with `--baseline` (candle's Mixtral computes in its weights' dtype).
+/// `--weight-dtype` by run's rules ([`loader::parse_weight_dtype`], and without it
+/// [`ModelSource::auto_weight_dtype`] for a checkpoint); `None` when it equals the compute dtype.
+/// Refused with `--baseline` (candle's Mixtral computes in its weights' dtype), where `auto`
+/// keeps the compute dtype.
 pub fn weight_dtype_of(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Option<DType>> {
-    let w = loader::parse_weight_dtype(a.weight_dtype.as_deref(), dtype, device, quant_of(a)?)?;
+    let quant = quant_of(a)?;
+    let w = match a.weight_dtype.as_deref() {
+        None if a.random_weights || a.baseline.is_some() => None,
+        None => ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?
+            .auto_weight_dtype(&a.dtype, device, quant)?,
+        w => loader::parse_weight_dtype(w, dtype, device, quant)?,
+    };
     if w.is_some() && a.baseline.is_some() {
         return Err(Error::Input(
             "--baseline with --weight-dtype: candle's Mixtral takes one dtype for weights and compute".into(),

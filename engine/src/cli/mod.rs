@@ -108,12 +108,15 @@ pub struct ModelArgs {
     /// A directory with config.json, safetensors weights and (for text) tokenizer.json.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32, bf16 or f16.
+    /// Compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32, bf16 or f16. On the CPU, auto
+    /// also keeps the linear and expert weights of a checkpoint stored in bf16 (or f16) 16-bit
+    /// (as `--weight-dtype bf16`).
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// Dtype of the linear and expert weights when it differs from the compute dtype: on the CPU,
     /// `--dtype f32 --weight-dtype bf16` keeps them 16-bit in memory, read in place by the CPU
     /// kernels (half the bytes per token of f32; what llama.cpp does with a bf16 GGUF).
+    /// `--weight-dtype f32` widens them under `--dtype auto`.
     #[arg(long)]
     weight_dtype: Option<String>,
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
@@ -284,7 +287,10 @@ fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
         .flatten();
     let opts = LoadOptions {
         dtype,
-        weight_dtype: loader::parse_weight_dtype(a.weight_dtype.as_deref(), dtype, &device, quant)?,
+        weight_dtype: match a.weight_dtype.as_deref() {
+            None => src.auto_weight_dtype(&a.dtype, &device, quant)?,
+            w => loader::parse_weight_dtype(w, dtype, &device, quant)?,
+        },
         device,
         progress: true,
         quant,

@@ -200,6 +200,27 @@ impl Checkpoint {
         self.files.iter().map(|f| f.name.clone()).collect()
     }
 
+    /// The one 16-bit float dtype every float tensor of the checkpoint is stored in (bf16 or f16),
+    /// or `None` when some are f32 or they mix: what `--dtype auto` keeps the linears in on the CPU.
+    pub fn half_dtype(&self) -> Option<DType> {
+        let mut found = None;
+        for f in &self.files {
+            for (_, info) in f.meta.tensors() {
+                let d = match info.dtype {
+                    StDtype::BF16 => DType::BF16,
+                    StDtype::F16 => DType::F16,
+                    StDtype::U8 => continue, // moe-run's packed quantized weights
+                    _ => return None,
+                };
+                if found.is_some_and(|x| x != d) {
+                    return None;
+                }
+                found = Some(d);
+            }
+        }
+        found
+    }
+
     /// Looks up `name`, checks that it is a float tensor of `shape`, marks it taken, and returns
     /// its on-disk dtype, file index and byte range.
     fn locate(&mut self, name: &str, shape: &[usize]) -> Result<(DType, usize, Range<usize>)> {

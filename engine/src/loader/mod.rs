@@ -83,6 +83,32 @@ impl ModelSource {
             ModelSource::Embedded(e) => e.load(opts),
         }
     }
+
+    /// [`Checkpoint::half_dtype`] of this model's checkpoint (headers only).
+    pub fn half_dtype(&self) -> Result<Option<DType>> {
+        Ok(match self {
+            ModelSource::Dir(dir) => Checkpoint::open_dir(dir)?.half_dtype(),
+            ModelSource::Embedded(e) => {
+                Checkpoint::from_static(e.name, e.safetensors)?.half_dtype()
+            }
+        })
+    }
+
+    /// The linears' dtype when `--weight-dtype` is not given: under `--dtype auto` on the CPU
+    /// without `--quant`, a checkpoint stored in one 16-bit dtype keeps its linear and expert
+    /// weights in it, read in place by the CPU kernels under f32 compute (half the memory and
+    /// bytes per decoded token of widening them, the same values); otherwise the compute dtype.
+    pub fn auto_weight_dtype(
+        &self,
+        dtype_arg: &str,
+        device: &Device,
+        quant: Option<crate::quant::QFormat>,
+    ) -> Result<Option<DType>> {
+        if dtype_arg != "auto" || !device.is_cpu() || quant.is_some() {
+            return Ok(None);
+        }
+        self.half_dtype()
+    }
 }
 
 /// Loads `DIR/config.json` and its safetensors checkpoint.
@@ -298,7 +324,10 @@ pub fn parse_weight_dtype(
     };
     Err(Error::Input(format!(
         "--weight-dtype {s} with --dtype {dtype:?}{}: {why}",
-        quant.map_or(String::new(), |q| format!(" --quant {}", crate::quant::format_name(q)))
+        quant.map_or(String::new(), |q| format!(
+            " --quant {}",
+            crate::quant::format_name(q)
+        ))
     )))
 }
 
@@ -310,8 +339,14 @@ mod tests {
     fn weight_dtype_rules() {
         let (cpu, f32_, bf16_) = (Device::Cpu, DType::F32, DType::BF16);
         assert_eq!(parse_weight_dtype(None, f32_, &cpu, None).unwrap(), None);
-        assert_eq!(parse_weight_dtype(Some("f32"), f32_, &cpu, None).unwrap(), None);
-        assert_eq!(parse_weight_dtype(Some("bf16"), bf16_, &cpu, None).unwrap(), None);
+        assert_eq!(
+            parse_weight_dtype(Some("f32"), f32_, &cpu, None).unwrap(),
+            None
+        );
+        assert_eq!(
+            parse_weight_dtype(Some("bf16"), bf16_, &cpu, None).unwrap(),
+            None
+        );
         assert_eq!(
             parse_weight_dtype(Some("bf16"), f32_, &cpu, None).unwrap(),
             Some(bf16_)

@@ -119,7 +119,9 @@ impl Precision {
             }
             Precision::Int8F32 => "int8 as above, unquantized tensors and KV in f32".into(),
             Precision::Int4F32 { .. } => "int4 as above, unquantized tensors and KV in f32".into(),
-            Precision::Bf16F32 => "2 B/elem linears and experts, other tensors and KV in f32".into(),
+            Precision::Bf16F32 => {
+                "2 B/elem linears and experts, other tensors and KV in f32".into()
+            }
         }
     }
 
