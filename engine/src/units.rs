@@ -52,6 +52,18 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A memory size (`--gpu-memory`): `24GiB`, `24 GB` (decimal), `20000MiB`, or plain bytes; > 0.
+pub fn byte_size(s: &str) -> Result<u64, String> {
+    let b: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a size ({e}); e.g. 24GiB or 24000MB"))?;
+    if b.as_u64() == 0 {
+        return Err(format!("{s} is out of range: give a size > 0"));
+    }
+    Ok(b.as_u64())
+}
+
 /// A finite number > 0 (`--bandwidth`, `--memory`, `--tflops`).
 pub fn positive(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;

@@ -13,6 +13,7 @@
 pub mod claims;
 pub mod gpus;
 pub mod naive;
+pub mod placement;
 pub mod plot;
 pub mod render;
 pub mod roofline;
@@ -180,6 +181,21 @@ pub struct Output {
     pub report: Option<Report>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub claims: Option<Vec<ClaimRow>>,
+    /// With one GPU: the hybrid GPU/CPU placement at the plan's precision and its prediction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementReport>,
+}
+
+/// `analyze`'s placement section (see [`placement`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlacementReport {
+    pub gpu: String,
+    /// Where the budget came from ("24 GiB - 768 MiB margin", "--gpu-memory").
+    pub budget_source: String,
+    pub plan: placement::Plan,
+    pub prediction: placement::PlanPrediction,
+    /// The profile's file and its hottest-quarter share (routing concentration), if one was given.
+    pub profile: Option<(String, f64)>,
 }
 
 /// The GPUs to report on: a custom one (bandwidth GB/s, memory GiB, optional TFLOPS), a built-in one by

@@ -390,3 +390,80 @@ pub fn claims_text(rows: &[ClaimRow]) -> String {
     }
     s
 }
+
+/// `analyze`'s placement section: the plan (bytes each side, which experts stay on the host),
+/// the prediction, and the host figures it assumed.
+pub fn placement_text(p: &super::PlacementReport) -> String {
+    use super::placement::Policy;
+    let plan = &p.plan;
+    let pr = &p.prediction;
+    let mut s = format!(
+        "Placement on {} at {} (budget {}: {}), {} x {} tokens of context:\n",
+        p.gpu,
+        plan.precision.name(),
+        human_bytes(plan.budget_bytes),
+        p.budget_source,
+        plan.batch,
+        thousands(plan.context),
+    );
+    s.push_str(&format!(
+        "  GPU   {}: weights other than routed experts {}, KV cache {}, workspace {}, routed experts {} ({} of {})\n",
+        human_bytes(plan.gpu_bytes()),
+        human_bytes(plan.fixed_weight_bytes),
+        human_bytes(plan.kv_bytes),
+        human_bytes(plan.workspace_bytes),
+        human_bytes(plan.gpu_expert_bytes),
+        plan.experts_total() - plan.experts_on_cpu(),
+        plan.experts_total(),
+    ));
+    let policy = match plan.policy {
+        Policy::Profile => "hottest experts first from the routing profile".to_string(),
+        Policy::NCpuMoe(n) => format!("--n-cpu-moe {n}: the first {n} MoE layers' routed experts"),
+        Policy::LayersFromLast => "whole MoE layers from the last, as many as fit".to_string(),
+    };
+    s.push_str(&format!(
+        "  host  {}: routed experts {} of {} ({policy})\n",
+        human_bytes(plan.host_expert_bytes),
+        plan.experts_on_cpu(),
+        plan.experts_total(),
+    ));
+    let per_layer: Vec<String> = plan
+        .layers
+        .iter()
+        .filter(|l| l.cpu_experts() > 0)
+        .map(|l| format!("{}:{}", l.layer, l.cpu_experts()))
+        .collect();
+    if !per_layer.is_empty() {
+        s.push_str(&format!(
+            "  routed experts on the host per layer (layer:count): {}\n",
+            per_layer.join(" ")
+        ));
+    }
+    if let Some((file, q)) = &p.profile {
+        s.push_str(&format!(
+            "  profile {file}: the hottest 25% of experts serve {:.0}% of routed tokens (25% if uniform)\n",
+            100.0 * q
+        ));
+    }
+    s.push_str(&format!(
+        "  predicted (not measured) decode {:.1} tok/s at batch 1 ({:.1} if everything fit the GPU); the host serves {:.0}% of routed tokens; per token GPU {:.2} ms, host experts {:.2} ms, round trips {:.2} ms, overlapped per layer\n",
+        pr.decode_tokens_per_s,
+        pr.decode_tokens_per_s_all_on_gpu,
+        100.0 * pr.cpu_token_share,
+        pr.decode_gpu_ms,
+        pr.decode_cpu_ms,
+        pr.decode_link_ms,
+    ));
+    match pr.prefill_tokens_per_s {
+        Some(t) => s.push_str(&format!(
+            "  predicted (not measured) prefill {t:.0} tok/s for a {}-token prompt\n",
+            pr.prefill_tokens
+        )),
+        None => s.push_str("  prefill: no prediction without the GPU's matmul peak (--tflops)\n"),
+    }
+    s.push_str(&format!(
+        "  host assumed: {} GB/s memory (--host-bandwidth), {} TFLOPS (--host-tflops), link {} GB/s (--pcie), {} us per round trip\n",
+        pr.host.bandwidth_gb_s, pr.host.tflops, pr.host.pcie_gb_s, pr.host.round_trip_us
+    ));
+    s
+}

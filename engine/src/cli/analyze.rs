@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use crate::analysis::{analyze, claims_table, plot, render, select_gpus, Gpu, Output};
+use crate::analysis::{
+    analyze, claims_table, plot, render, select_gpus, Gpu, Output, PlacementReport,
+};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
@@ -37,6 +39,29 @@ pub struct AnalyzeArgs {
     /// Sequences decoded together: expected experts touched per layer and tokens/s (1 to 2^20).
     #[arg(long, default_value_t = 1, value_parser = crate::units::batch)]
     pub batch: u64,
+    /// With one GPU (--gpu or --bandwidth/--memory): the precision of the GPU/CPU placement plan
+    /// (int8, int4, int4:64, int4:32; default bf16).
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// The plan's GPU memory budget, e.g. 24GiB or 20000MB (default: the GPU's memory minus
+    /// 768 MiB for the CUDA context and allocator).
+    #[arg(long, value_parser = crate::units::byte_size)]
+    pub gpu_memory: Option<u64>,
+    /// Keep the routed experts of the first N MoE layers on the CPU (the rest on the GPU).
+    #[arg(long, value_name = "N")]
+    pub n_cpu_moe: Option<usize>,
+    /// A routing profile from `moe-run profile`: the hottest experts go on the GPU first.
+    #[arg(long, value_name = "FILE", conflicts_with = "n_cpu_moe")]
+    pub profile: Option<PathBuf>,
+    /// Host memory bandwidth the CPU experts stream at, GB/s (default 60: dual-channel DDR5).
+    #[arg(long, value_parser = crate::units::positive)]
+    pub host_bandwidth: Option<f64>,
+    /// Host matmul peak for the CPU experts at prefill, TFLOPS (default 1).
+    #[arg(long, value_parser = crate::units::positive)]
+    pub host_tflops: Option<f64>,
+    /// Host <-> GPU link, GB/s (default 25: PCIe 4.0 x16).
+    #[arg(long, value_parser = crate::units::positive)]
+    pub pcie: Option<f64>,
     /// Print the table of published parameter claims (no model needed).
     #[arg(long)]
     pub claims: bool,
@@ -88,10 +113,84 @@ pub fn compute(a: &AnalyzeArgs) -> Result<Output> {
         ));
     }
     let gpus = selected_gpus(a)?;
+    let placement = match (&model, gpus.as_slice()) {
+        (Some((_, cfg)), [gpu]) => Some(placement_report(a, cfg, gpu)?),
+        _ if a.quant.is_some() || a.gpu_memory.is_some() || a.n_cpu_moe.is_some() || a.profile.is_some() => {
+            return Err(Error::Input(
+                "--quant, --gpu-memory, --n-cpu-moe and --profile plan a placement on one GPU: add --gpu NAME (or --bandwidth/--memory) and a model".into(),
+            ))
+        }
+        _ => None,
+    };
     let report = model.map(|(name, cfg)| analyze(&name, &cfg, a.context, a.batch, &gpus));
     Ok(Output {
         report,
         claims: a.claims.then(claims_table),
+        placement,
+    })
+}
+
+/// The placement of `cfg` on `gpu` by the arguments, and its prediction.
+fn placement_report(a: &AnalyzeArgs, cfg: &ModelConfig, gpu: &Gpu) -> Result<PlacementReport> {
+    use crate::analysis::placement::{self, HostSpec, PlanRequest, RoutingProfile};
+    use crate::analysis::Precision;
+    let quant = a
+        .quant
+        .as_deref()
+        .map(crate::quant::parse_quant)
+        .transpose()?
+        .flatten();
+    let precision = Precision::of(candle_core::DType::BF16, quant);
+    let (budget_bytes, budget_source) = match a.gpu_memory {
+        Some(b) => (b, "--gpu-memory".to_string()),
+        None => {
+            let mem = gpu.memory_bytes() as u64;
+            (
+                mem.saturating_sub(placement::SAFETY_MARGIN_BYTES),
+                format!(
+                    "{} - {} margin",
+                    crate::units::human_bytes(mem),
+                    crate::units::human_bytes(placement::SAFETY_MARGIN_BYTES)
+                ),
+            )
+        }
+    };
+    let profile = match &a.profile {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let p: RoutingProfile = serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: path.clone(),
+                source,
+            })?;
+            Some((path.display().to_string(), p))
+        }
+        None => None,
+    };
+    let plan = placement::plan(
+        cfg,
+        &PlanRequest {
+            precision,
+            budget_bytes,
+            context: a.context,
+            batch: a.batch,
+            n_cpu_moe: a.n_cpu_moe,
+            profile: profile.as_ref().map(|(_, p)| p),
+        },
+    )?;
+    let d = HostSpec::default();
+    let host = HostSpec {
+        bandwidth_gb_s: a.host_bandwidth.unwrap_or(d.bandwidth_gb_s),
+        tflops: a.host_tflops.unwrap_or(d.tflops),
+        pcie_gb_s: a.pcie.unwrap_or(d.pcie_gb_s),
+        ..d
+    };
+    let prediction = placement::predict(cfg, &plan, gpu, &host, a.context);
+    Ok(PlacementReport {
+        gpu: gpu.name.clone(),
+        budget_source,
+        plan,
+        prediction,
+        profile: profile.map(|(f, p)| (f, p.hottest_quarter_share())),
     })
 }
 
@@ -125,6 +224,10 @@ pub fn run(a: &AnalyzeArgs) -> Result<()> {
                 r,
                 a.gpu.is_some() || a.bandwidth.is_some(),
             ));
+        }
+        if let Some(p) = &out.placement {
+            s.push('\n');
+            s.push_str(&render::placement_text(p));
         }
         if let Some(c) = &out.claims {
             if !s.is_empty() {
