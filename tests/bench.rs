@@ -126,7 +126,9 @@ fn bench_embedded_model() {
     let a = tiny_args();
     let r = bench(&a).unwrap();
     // tiny-kjv is MoE and the CPU runs the CPU kernels: the expert kernel is timed alone, the
-    // bytes of a call are top-k = 2 of its 8 experts of one layer.
+    // bytes of a call are top-k = 2 of its 8 experts of one layer, in bf16 (the checkpoint's
+    // dtype, which `--dtype auto` keeps on the CPU under f32 compute).
+    assert_eq!(r.env.dtype, "f32, bf16 weights");
     let x = r.expert_stream.as_ref().expect("expert kernel timed");
     let (_, cfg0) = moe::bench::resolve_config(&a).unwrap();
     let moe::config::FfnKind::Moe(m) = &cfg0.layers[0] else {
@@ -134,25 +136,26 @@ fn bench_embedded_model() {
     };
     assert_eq!(
         x.bytes_per_call,
-        (2 * 3 * m.expert_ffn * cfg0.hidden_size * 4) as u64
+        (2 * 3 * m.expert_ffn * cfg0.hidden_size * 2) as u64
     );
     assert_eq!(r.model.layers_run, r.model.layers_in_config);
     assert!(r.model.weights.contains("embedded"));
     check_report(&r);
     // A batch-1 decode step reads what `analyze` says a token reads at the run's mean context
-    // (prompt + half the generated tokens), in the run's precision (f32 on the CPU).
+    // (prompt + half the generated tokens), in the run's precision (bf16 linears, the rest f32).
     let (_, cfg) = moe::bench::resolve_config(&a).unwrap();
     let context = (a.prompt_len + a.gen / 2) as u64;
-    let an = moe::analysis::analyze("tiny-kjv", &cfg, context, 1, &[]);
-    let fp32 = an
-        .precisions
-        .iter()
-        .find(|p| p.precision == moe::analysis::Precision::Fp32)
-        .unwrap();
+    let inv = moe::analysis::tensor_inventory(&cfg);
+    let p = moe::analysis::roofline::precision_bytes(
+        &cfg,
+        &inv,
+        moe::analysis::Precision::Bf16F32,
+        context,
+    );
     assert_eq!(r.decode.tokens_per_forward, 1);
     assert_eq!(
         r.decode.predicted_bytes_per_forward,
-        fp32.decode_bytes_per_token as f64
+        p.decode_bytes_per_token as f64
     );
 }
 

@@ -84,14 +84,15 @@ impl ModelSource {
         }
     }
 
-    /// [`Checkpoint::half_dtype`] of this model's checkpoint (headers only).
-    pub fn half_dtype(&self) -> Result<Option<DType>> {
-        Ok(match self {
-            ModelSource::Dir(dir) => Checkpoint::open_dir(dir)?.half_dtype(),
-            ModelSource::Embedded(e) => {
-                Checkpoint::from_static(e.name, e.safetensors)?.half_dtype()
-            }
-        })
+    /// [`Checkpoint::half_dtype`] of this model's checkpoint (headers only); `None` when they
+    /// cannot be read (loading then names the problem).
+    pub fn half_dtype(&self) -> Option<DType> {
+        match self {
+            ModelSource::Dir(dir) => Checkpoint::open_dir(dir).ok()?.half_dtype(),
+            ModelSource::Embedded(e) => Checkpoint::from_static(e.name, e.safetensors)
+                .ok()?
+                .half_dtype(),
+        }
     }
 
     /// The linears' dtype when `--weight-dtype` is not given: under `--dtype auto` on the CPU
@@ -107,7 +108,7 @@ impl ModelSource {
         if dtype_arg != "auto" || !device.is_cpu() || quant.is_some() {
             return Ok(None);
         }
-        self.half_dtype()
+        Ok(self.half_dtype())
     }
 }
 
