@@ -111,6 +111,7 @@ fn model_case(c: &ModelCase, on: &Target, budget: f64, label: &str) -> Result<Ro
     let opts = |device: &Device| LoadOptions {
         dtype: c.dtype,
         weight_dtype: None,
+        placement: None,
         device: device.clone(),
         progress: false,
         quant: c.quant,

@@ -73,6 +73,15 @@ pub struct RoutingProfile {
 }
 
 impl RoutingProfile {
+    /// Reads a profile written by `moe-run profile`.
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
     /// Checks that the profile has `cfg`'s layers and experts.
     pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
         if self.layers.len() != cfg.num_layers() {

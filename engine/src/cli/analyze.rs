@@ -156,14 +156,7 @@ fn placement_report(a: &AnalyzeArgs, cfg: &ModelConfig, gpu: &Gpu) -> Result<Pla
         }
     };
     let profile = match &a.profile {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let p: RoutingProfile = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: path.clone(),
-                source,
-            })?;
-            Some((path.display().to_string(), p))
-        }
+        Some(path) => Some((path.display().to_string(), RoutingProfile::read(path)?)),
         None => None,
     };
     let plan = placement::plan(

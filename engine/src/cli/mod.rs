@@ -15,6 +15,7 @@
 )]
 
 pub mod analyze;
+pub mod profile;
 pub mod results;
 
 use std::io::Write;
@@ -69,6 +70,9 @@ pub enum Cmd {
     Selftest(SelftestArgs),
     /// Check (or --write) README.md's results table against benches/results/*.json.
     Results(crate::cli::results::ResultsArgs),
+    /// Count which routed experts a text's tokens choose, per layer (JSON), for the hybrid
+    /// placement's --profile; reports how concentrated routing is.
+    Profile(profile::ProfileArgs),
 }
 
 #[derive(Args)]
@@ -125,6 +129,17 @@ pub struct ModelArgs {
     /// Weight-only quantization applied while loading: int8, int4 (group 128), int4:64, int4:32.
     #[arg(long)]
     quant: Option<String>,
+    /// Hybrid placement: keep the routed experts of the first N MoE layers in host memory, run
+    /// by the CPU kernels (on `--device cpu` this exercises the split itself).
+    #[arg(long, value_name = "N")]
+    n_cpu_moe: Option<usize>,
+    /// Hybrid placement: the device memory budget, e.g. 24GiB; routed experts that do not fit
+    /// stay in host memory (default without it: the device's free memory minus a margin).
+    #[arg(long, value_parser = crate::units::byte_size)]
+    gpu_memory: Option<u64>,
+    /// Hybrid placement from a routing profile (`moe-run profile`): hottest experts on the device.
+    #[arg(long, value_name = "FILE", conflicts_with = "n_cpu_moe")]
+    profile: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -242,6 +257,7 @@ pub fn main() -> ExitCode {
         Some(Cmd::Quantize(a)) => quantize(a),
         Some(Cmd::Selftest(a)) => selftest(a),
         Some(Cmd::Results(a)) => crate::cli::results::run(&a),
+        Some(Cmd::Profile(a)) => profile::run(a),
         None => run(cli.run),
     });
     match result {
@@ -285,18 +301,70 @@ fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
         .map(crate::quant::parse_quant)
         .transpose()?
         .flatten();
+    let weight_dtype = match a.weight_dtype.as_deref() {
+        None => src.auto_weight_dtype(&a.dtype, &device, quant)?,
+        w => loader::parse_weight_dtype(w, dtype, &device, quant)?,
+    };
+    let placement = placement_of(a, &src, &device, dtype, weight_dtype, quant)?;
     let opts = LoadOptions {
         dtype,
-        weight_dtype: match a.weight_dtype.as_deref() {
-            None => src.auto_weight_dtype(&a.dtype, &device, quant)?,
-            w => loader::parse_weight_dtype(w, dtype, &device, quant)?,
-        },
+        weight_dtype,
+        placement,
         device,
         progress: true,
         quant,
     };
     let model = src.load(&opts)?;
     Ok((src, model))
+}
+
+/// The hybrid placement `--n-cpu-moe`, `--gpu-memory` or `--profile` ask for
+/// ([`crate::analysis::placement::plan`] for the context the model's KV cache would hold at
+/// most, capped at 4096), announced on stderr; `None` without them.
+fn placement_of(
+    a: &ModelArgs,
+    src: &ModelSource,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    weight_dtype: Option<candle_core::DType>,
+    quant: Option<crate::quant::QFormat>,
+) -> Result<Option<Vec<Option<Vec<bool>>>>> {
+    use crate::analysis::placement::{self, PlanRequest, RoutingProfile};
+    if a.n_cpu_moe.is_none() && a.gpu_memory.is_none() && a.profile.is_none() {
+        return Ok(None);
+    }
+    let cfg = src.config()?;
+    let profile = a.profile.as_deref().map(RoutingProfile::read).transpose()?;
+    let budget_bytes = match (a.gpu_memory, crate::memory::device_memory(device)) {
+        (Some(b), _) => b,
+        (None, Some((free, _))) => free.saturating_sub(placement::SAFETY_MARGIN_BYTES),
+        // The CPU as the "device": no budget of its own (--n-cpu-moe / --profile split alone).
+        (None, None) => u64::MAX / 4,
+    };
+    let plan = placement::plan(
+        &cfg,
+        &PlanRequest {
+            precision: crate::analysis::Precision::with_weights(dtype, weight_dtype, quant),
+            budget_bytes,
+            context: (cfg.max_position_embeddings as u64).min(4096),
+            batch: 1,
+            n_cpu_moe: a.n_cpu_moe,
+            profile: profile.as_ref(),
+        },
+    )?;
+    eprintln!(
+        "placement: {} of {} routed experts in host memory ({}), {} of routed experts on {}",
+        plan.experts_on_cpu(),
+        plan.experts_total(),
+        crate::units::human_bytes(plan.host_expert_bytes),
+        crate::units::human_bytes(plan.gpu_expert_bytes),
+        if device.is_cpu() {
+            "the device (the CPU)"
+        } else {
+            "the GPU"
+        },
+    );
+    Ok(Some(plan.per_layer(cfg.num_layers())))
 }
 
 #[derive(Serialize)]

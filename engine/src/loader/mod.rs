@@ -42,6 +42,10 @@ pub struct LoadOptions {
     /// quantize) when it differs from `dtype`: bf16/f16 weights read in place by the CPU kernels
     /// under f32 compute, as llama.cpp runs a bf16 GGUF. `None`: `dtype`. Dense models only.
     pub weight_dtype: Option<DType>,
+    /// Hybrid placement (`analysis::placement::Plan::per_layer`): per decoder layer, which routed
+    /// experts live on `device`; the others are loaded into host memory and run on the CPU
+    /// kernels. `None`: everything on `device`.
+    pub placement: Option<Vec<Option<Vec<bool>>>>,
     pub device: Device,
     /// Show a progress bar (only ever drawn when stderr is a terminal).
     pub progress: bool,
@@ -55,6 +59,7 @@ impl Default for LoadOptions {
         LoadOptions {
             dtype: DType::F32,
             weight_dtype: None,
+            placement: None,
             device: Device::Cpu,
             progress: false,
             quant: None,
@@ -81,6 +86,14 @@ impl ModelSource {
         match self {
             ModelSource::Dir(dir) => load_dir(dir, opts),
             ModelSource::Embedded(e) => e.load(opts),
+        }
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> Result<ModelConfig> {
+        match self {
+            ModelSource::Dir(dir) => ModelConfig::from_file(&dir.join("config.json")),
+            ModelSource::Embedded(e) => e.config(),
         }
     }
 
@@ -189,14 +202,39 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     // Refuse before allocating anything when analyze's prediction of the weights does not fit in
     // the GPU's free memory or the available RAM (and explain a driver OOM the same way if one
     // happens anyway).
-    let need = predicted_weight_bytes(&cfg, opts);
+    let host = host_expert_bytes(&cfg, opts);
+    let need = predicted_weight_bytes(&cfg, opts) - host;
     let what = format!("the weights of this {} model", cfg.model_type);
     crate::memory::check_device_fits(&opts.device, &what, need)?;
+    if host > 0 && !opts.device.is_cpu() {
+        crate::memory::check_device_fits(
+            &Device::Cpu,
+            "the routed experts placed in host memory",
+            host,
+        )?;
+    }
     let oom = |e| crate::memory::explain_oom(e, &opts.device, &what, need);
     let weights: ModelWeights = naming::weights(&mut ck, &cfg, names, opts).map_err(oom)?;
     let layers = cfg.num_layers();
     ck.finish(&cfg.model_type, |name| ignorable(name, layers))?;
-    Model::new(cfg, weights, opts.dtype, &opts.device).map_err(|e| oom(e.into()))
+    let mut model =
+        Model::new(cfg, weights, opts.dtype, &opts.device).map_err(|e| oom(e.into()))?;
+    if let Some(p) = &opts.placement {
+        model.place_experts(p).map_err(|e| oom(e.into()))?;
+    }
+    Ok(model)
+}
+
+/// Bytes of the routed experts `opts.placement` keeps in host memory (analyze's count).
+pub fn host_expert_bytes(cfg: &ModelConfig, opts: &LoadOptions) -> u64 {
+    use crate::spec::bytes::{expert_bytes, Precision};
+    let Some(pl) = &opts.placement else { return 0 };
+    let p = Precision::with_weights(opts.dtype, opts.weight_dtype, opts.quant);
+    pl.iter()
+        .enumerate()
+        .filter_map(|(i, on)| on.as_ref().map(|on| (i, on)))
+        .map(|(i, on)| on.iter().filter(|&&g| !g).count() as u64 * expert_bytes(cfg, i, p))
+        .sum()
 }
 
 /// `moe-run analyze`'s weight bytes for the dtypes and quantization of `opts` (int4 at its group).

@@ -194,6 +194,19 @@ fn published(names: &Naming, t: &TensorSpec) -> Result<Vec<Part>> {
 /// other tensor dense (in f32 where the spec keeps it so).
 fn tensor(ck: &mut Checkpoint, names: &Naming, t: &TensorSpec, o: &LoadOptions) -> Result<Weight> {
     let parts = published(names, t)?;
+    // Under a hybrid placement the routed experts are read into host memory; the model then
+    // copies the resident ones to the device (`Model::place_experts`).
+    let host;
+    let o = match (&o.placement, t.role) {
+        (Some(_), Role::ExpertsGateUp | Role::ExpertsDown) => {
+            host = LoadOptions {
+                device: Device::Cpu,
+                ..o.clone()
+            };
+            &host
+        }
+        _ => o,
+    };
     if let (Role::ExpertsGateUp | Role::ExpertsDown, ExpertNames::Fused { w1, v1, w2 }) =
         (t.role, &names.experts)
     {

@@ -104,6 +104,7 @@ pub fn quantize_checkpoint(
     let opts = LoadOptions {
         dtype: DType::F32,
         weight_dtype: None,
+        placement: None,
         device: Device::Cpu,
         progress: true,
         quant: Some(fmt),

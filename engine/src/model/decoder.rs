@@ -193,6 +193,29 @@ impl Model {
         })
     }
 
+    /// Hybrid placement: `per_layer[i]` (for MoE layers) says which routed experts of layer i stay
+    /// on the model's device; the others move to host memory and run on the CPU kernels
+    /// ([`MoeBlock::place`]). `None` entries and dense layers are left as they are.
+    pub fn place_experts(&mut self, per_layer: &[Option<Vec<bool>>]) -> Result<()> {
+        if per_layer.len() != self.layers.len() {
+            candle_core::bail!(
+                "expert placement for {} layers, the model has {}",
+                per_layer.len(),
+                self.layers.len()
+            );
+        }
+        for (i, (l, p)) in self.layers.iter_mut().zip(per_layer).enumerate() {
+            match (&mut l.ffn, p) {
+                (Ffn::Moe(m), Some(on)) => m.place(on, &self.device)?,
+                (Ffn::Dense(_), Some(_)) => {
+                    candle_core::bail!("expert placement for layer {i}, a dense layer")
+                }
+                (_, None) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Sets the CPU kernels' level (`None`: the plain references and candle's own ops), as
     /// `MOE_PATH=simd|q8act|portable|reference` would at load.
     pub fn set_cpu_kernels(&mut self, level: Option<moe_kernels::cpu::Level>) {

@@ -204,6 +204,33 @@ impl Weight {
         }
     }
 
+    /// Experts `ids` (in that order) of a stacked `[E, ..]` weight, copied onto `device`.
+    pub fn select_experts(&self, ids: &[usize], device: &Device) -> candle_core::Result<Weight> {
+        let pick = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if ids.is_empty() {
+                return t.narrow(0, 0, 0)?.to_device(device);
+            }
+            let idx: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+            let idx = Tensor::from_vec(idx, ids.len(), t.device())?;
+            t.index_select(&idx, 0)?.to_device(device)
+        };
+        Ok(match self {
+            Weight::Dense(t) => Weight::Dense(pick(t)?),
+            Weight::Quant(q) => {
+                let mut shape = q.shape.clone();
+                if let Some(e) = shape.first_mut() {
+                    *e = ids.len();
+                }
+                Weight::Quant(QuantTensor {
+                    fmt: q.fmt,
+                    shape,
+                    qweight: pick(&q.qweight)?,
+                    params: pick(&q.params)?,
+                })
+            }
+        })
+    }
+
     /// The weight as the CPU kernels read it (in place, no copy).
     pub fn kernel_ref(&self) -> moe_kernels::cpu::WeightRef<'_> {
         match self {

@@ -19,6 +19,32 @@ pub struct Dispatch {
     pub slot_row: Vec<u32>,
 }
 
+impl Dispatch {
+    /// The rows of experts `ids` (in that order) as a dispatch over `ids.len()` experts (expert
+    /// `ids[i]` becomes expert i; `slot_row` is left empty), and those rows' positions in this
+    /// dispatch's row order: how a hybrid placement hands each executor its experts' rows.
+    pub fn subset(&self, ids: &[usize]) -> (Dispatch, Vec<u32>) {
+        let mut offsets = vec![0u32];
+        let (mut row_token, mut rows, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+        for &e in ids {
+            let (lo, hi) = (self.offsets[e], self.offsets[e + 1]);
+            row_token.extend_from_slice(&self.row_token[lo as usize..hi as usize]);
+            rows.extend(lo..hi);
+            counts.push(self.counts[e]);
+            offsets.push(row_token.len() as u32);
+        }
+        let d = Dispatch {
+            num_experts: ids.len(),
+            top_k: self.top_k,
+            counts,
+            offsets,
+            row_token,
+            slot_row: Vec::new(),
+        };
+        (d, rows)
+    }
+}
+
 /// `ids [N*A]` token-major expert ids (as in [`super::Routing`]). The sort is
 /// `moe_kernels::dispatch::dispatch_reference` with no padding (block 1), the specification the
 /// CUDA dispatch kernel is checked against. An id >= `num_experts` is an error.

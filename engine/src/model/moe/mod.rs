@@ -45,6 +45,21 @@ pub struct MoeBlock {
     pub score_bias: Option<Vec<f32>>,
     /// ...and on the device (f32 `[E]`), for the router kernel.
     pub score_bias_dev: Option<Tensor>,
+    /// Hybrid placement: the routed experts kept in host memory and run by the CPU kernels
+    /// (`gate_up`/`down` then hold only the resident ones, in [`HostExperts::resident`] order).
+    pub host: Option<HostExperts>,
+}
+
+/// A MoE layer's routed experts split between the model's device and host memory
+/// ([`MoeBlock::place`]).
+pub struct HostExperts {
+    /// Global ids of the experts on the device: `MoeBlock::gate_up[i]` is expert `resident[i]`.
+    pub resident: Vec<usize>,
+    /// Global ids of the experts in host memory: `gate_up[i]` here is expert `host[i]`.
+    pub host: Vec<usize>,
+    /// `[E_host, 2F, H]` and `[E_host, H, F]` on the CPU, in the format they were loaded in.
+    pub gate_up: Weight,
+    pub down: Weight,
 }
 
 /// The routing of one forward pass as the kernels leave it, on the model's device: `ids [N, A]` u32 and
@@ -83,7 +98,33 @@ impl MoeBlock {
             shared_gate: w.shared_gate.map(Linear::new),
             score_bias,
             score_bias_dev,
+            host: None,
         })
+    }
+
+    /// Splits the routed experts: `on_device[e]` stays on `device` (copied there if it is not),
+    /// the rest move to host memory, run by the CPU kernels. Once per block.
+    pub fn place(&mut self, on_device: &[bool], device: &candle_core::Device) -> Result<()> {
+        if self.host.is_some() || on_device.len() != self.cfg.num_experts {
+            candle_core::bail!(
+                "expert placement: {} flags for {} experts (or placed twice)",
+                on_device.len(),
+                self.cfg.num_experts
+            );
+        }
+        let (resident, host): (Vec<usize>, Vec<usize>) =
+            (0..on_device.len()).partition(|&e| on_device[e]);
+        let cpu = candle_core::Device::Cpu;
+        let h = HostExperts {
+            gate_up: self.gate_up.select_experts(&host, &cpu)?,
+            down: self.down.select_experts(&host, &cpu)?,
+            resident,
+            host,
+        };
+        self.gate_up = self.gate_up.select_experts(&h.resident, device)?;
+        self.down = self.down.select_experts(&h.resident, device)?;
+        self.host = Some(h);
+        Ok(())
     }
 
     /// Bytes of weights in memory (router, experts, shared experts).
@@ -92,6 +133,10 @@ impl MoeBlock {
             + self.gate_up.bytes()
             + self.down.bytes()
             + self.shared.as_ref().map_or(0, Mlp::bytes)
+            + self
+                .host
+                .as_ref()
+                .map_or(0, |h| h.gate_up.bytes() + h.down.bytes())
             + self.shared_gate.as_ref().map_or(0, Linear::bytes)
             + self.score_bias.as_ref().map_or(0, |b| 4 * b.len())
     }
@@ -113,7 +158,10 @@ impl MoeBlock {
         };
         // Beyond the router kernel's limits (E > 256, k > 8, > 32 groups) the block routes on
         // the host instead: one device-to-host read per layer rather than an error.
-        let on_device = plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k);
+        // A layer with experts in host memory routes on the host: the host needs the rows of
+        // its experts anyway (one device-to-host read per layer either way).
+        let on_device = self.host.is_none()
+            && plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k);
         let (mut out, routing) = if on_device {
             self.routed_kernels(&x, &logits, plan)?
         } else {
@@ -183,12 +231,71 @@ impl MoeBlock {
             self.score_bias.as_deref(),
         )?;
         let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts)?;
-        let y = experts::experts_w(x, &d, &self.gate_up, &self.down, plan.cpu_experts())?; // [N*A, H], expert-sorted
+        let y = match &self.host {
+            None => experts::experts_w(x, &d, &self.gate_up, &self.down, plan.cpu_experts())?,
+            Some(h) => self.split_experts(x, &d, h, plan)?,
+        }; // [N*A, H], expert-sorted
         let out = combine(&y, &d, &routing)?; // [N, H]
         let (n, dev) = (routing.num_tokens(), x.device());
         let ids = Tensor::from_vec(routing.ids, (n, self.cfg.top_k), dev)?;
         let weights = Tensor::from_vec(routing.weights, (n, self.cfg.top_k), dev)?;
         Ok((out, DeviceRouting { ids, weights }))
+    }
+}
+
+impl MoeBlock {
+    /// The routed experts of a placed layer: the device's experts through the device's own
+    /// executor (on a GPU its kernels; on the CPU candle's ops and the references, not the CPU
+    /// kernels), the host's through the CPU kernels on the host copies of their rows' hidden
+    /// states; the two outputs put back in `d`'s row order. `[N*A, H]`.
+    fn split_experts(
+        &self,
+        x: &Tensor,
+        d: &Dispatch,
+        h: &HostExperts,
+        plan: &PathPlan,
+    ) -> Result<Tensor> {
+        let dev = x.device();
+        let (dr, rows_r) = d.subset(&h.resident);
+        let (dh, rows_h) = d.subset(&h.host);
+        let (mut parts, mut order) = (Vec::new(), Vec::new());
+        if !rows_r.is_empty() {
+            parts.push(experts::experts_w(x, &dr, &self.gate_up, &self.down, None)?);
+            order.extend(rows_r);
+        }
+        if !rows_h.is_empty() {
+            let xh = x.to_device(&candle_core::Device::Cpu)?;
+            // On the CPU the plan's level (None: references forced, so candle's ops); beside a
+            // GPU the CPU's best.
+            let level = if dev.is_cpu() {
+                plan.cpu_experts()
+            } else {
+                Some(moe_kernels::cpu::Level::default_for_cpu())
+            };
+            let y = match level {
+                Some(l) => moe_kernels::cpu::moe_experts_cpu(
+                    l,
+                    &xh,
+                    &dh.row_token,
+                    &dh.offsets,
+                    h.gate_up.kernel_ref(),
+                    h.down.kernel_ref(),
+                )?,
+                None => experts::experts_w(&xh, &dh, &h.gate_up, &h.down, None)?,
+            };
+            parts.push(y.to_device(dev)?);
+            order.extend(rows_h);
+        }
+        if parts.is_empty() {
+            return Tensor::zeros((0, x.dim(1)?), x.dtype(), dev);
+        }
+        // parts are in `order`'s rows; row r of the result is part row pos[r].
+        let mut pos = vec![0u32; order.len()];
+        for (i, &r) in order.iter().enumerate() {
+            pos[r as usize] = i as u32;
+        }
+        let n = pos.len();
+        Tensor::cat(&parts, 0)?.index_select(&Tensor::from_vec(pos, n, dev)?, 0)
     }
 }
 
