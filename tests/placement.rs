@@ -172,3 +172,99 @@ fn cli_n_cpu_moe_matches_the_unsplit_logits() {
     };
     assert!(max_abs_diff(&l(&all), &l(&base)) <= F32_BOUND);
 }
+
+#[test]
+fn profile_counts_every_routed_slot_and_drives_the_plan() {
+    use moe::analysis::placement::RoutingProfile;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("kjv.json");
+    let o = moe_run(&["profile", "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("hottest 25% of experts serve"), "{err}");
+    let p = RoutingProfile::read(&out).unwrap();
+    let cfg = moe::loader::embedded::TINY_KJV.config().unwrap();
+    p.check(&cfg).unwrap();
+    assert!(p.tokens > 100, "{} tokens", p.tokens);
+    for (i, l) in cfg.layers.iter().enumerate() {
+        let FfnKind::Moe(m) = l else { continue };
+        let sum: u64 = p.layers[i].iter().sum();
+        assert_eq!(
+            sum,
+            p.tokens * m.top_k as u64,
+            "layer {i}: every routed slot counted"
+        );
+    }
+    // Written whole, never replaced without --force.
+    let before = std::fs::read(&out).unwrap();
+    let again = moe_run(&["profile", "--out", out.to_str().unwrap()]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+
+    // analyze plans from it: on a budget with room for a few experts, the hottest ones go first.
+    let a = moe_run(&[
+        "analyze",
+        "--model",
+        "tiny-kjv",
+        "--bandwidth",
+        "100",
+        "--memory",
+        "1",
+        "--gpu-memory",
+        "26MiB",
+        "--context",
+        "512",
+        "--profile",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+    let plan = &v["placement"]["plan"];
+    assert_eq!(plan["policy"], "profile");
+    let layers = plan["layers"].as_array().unwrap();
+    let on_gpu: usize = layers
+        .iter()
+        .flat_map(|l| l["on_gpu"].as_array().unwrap())
+        .filter(|g| g.as_bool().unwrap())
+        .count();
+    assert!(
+        on_gpu > 0 && on_gpu < 40,
+        "{on_gpu} of 40 experts on the GPU"
+    );
+    // Every expert on the GPU is at least as hot as every one left on the host (shares).
+    let share = |i: usize, e: usize| p.shares(i)[e];
+    let (mut min_gpu, mut max_cpu) = (f64::MAX, 0f64);
+    for l in layers {
+        let i = l["layer"].as_u64().unwrap() as usize;
+        for (e, g) in l["on_gpu"].as_array().unwrap().iter().enumerate() {
+            if g.as_bool().unwrap() {
+                min_gpu = min_gpu.min(share(i, e));
+            } else {
+                max_cpu = max_cpu.max(share(i, e));
+            }
+        }
+    }
+    assert!(min_gpu >= max_cpu, "hottest first: {min_gpu} < {max_cpu}");
+    assert!(
+        v["placement"]["prediction"]["decode_tokens_per_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    // run with the same plan on the CPU: the split run generates the unsplit tokens.
+    let gen = |extra: &[&str]| {
+        let mut a = vec!["--ids", "1,298,389,390", "--max-new-tokens", "12", "--json"];
+        a.extend_from_slice(extra);
+        let o = moe_run(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["generated_ids"].clone()
+    };
+    assert_eq!(
+        gen(&["--profile", out.to_str().unwrap(), "--gpu-memory", "26MiB"]),
+        gen(&[])
+    );
+}

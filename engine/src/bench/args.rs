@@ -39,6 +39,16 @@ pub struct BenchArgs {
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Hybrid placement (as for run): the routed experts of the first N MoE layers in host memory.
+    #[arg(long, value_name = "N")]
+    pub n_cpu_moe: Option<usize>,
+    /// Hybrid placement: the device memory budget, e.g. 24GiB (on a bigger GPU: emulates that
+    /// card's placement; on the CPU, exercises the split).
+    #[arg(long, value_parser = crate::units::byte_size)]
+    pub gpu_memory: Option<u64>,
+    /// Hybrid placement from a routing profile (`moe-run profile`).
+    #[arg(long, value_name = "FILE", conflicts_with = "n_cpu_moe")]
+    pub profile: Option<std::path::PathBuf>,
     /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
@@ -126,6 +136,9 @@ impl Default for BenchArgs {
             weight_dtype: None,
             quant: None,
             device: "cpu".into(),
+            n_cpu_moe: None,
+            gpu_memory: None,
+            profile: None,
             prompt_len: 32,
             gen: 32,
             batch: 1,

@@ -225,7 +225,8 @@ pub fn read_bandwidth_gb_s() -> f64 {
 /// previous call filled; the weight bytes of those experts over that time, in GB/s. `None` off the
 /// CPU kernels or without MoE layers. Returns (GB/s, median seconds, bytes per call).
 pub fn expert_stream(model: &Model) -> Result<Option<(f64, f64, u64)>> {
-    let blocks: Vec<_> = model.moe_blocks().collect();
+    // Layers split by a hybrid placement hold only their resident experts: left out.
+    let blocks: Vec<_> = model.moe_blocks().filter(|b| b.host.is_none()).collect();
     let (Some(first), Some(level)) = (blocks.first(), model.plan().cpu_experts()) else {
         return Ok(None);
     };

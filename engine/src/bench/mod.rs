@@ -178,8 +178,26 @@ pub fn build_model(
     // Refuse before allocating (or drawing random weights) when the weights, KV cache and
     // activations do not fit in the GPU's free memory or the available RAM.
     check_memory(a, &cfg, &name, dtype, a.batch, device)?;
+    let plan = loader::placement_for(
+        &cfg,
+        precision_of(a, dtype, device)?,
+        device,
+        &loader::PlacementArgs {
+            n_cpu_moe: a.n_cpu_moe,
+            gpu_memory: a.gpu_memory,
+            profile: a.profile.as_deref(),
+        },
+        a.prompt_len.saturating_add(a.gen) as u64,
+        a.batch as u64,
+    )?;
+    if plan.is_some() && a.baseline.is_some() {
+        return Err(Error::Input(
+            "--baseline with a hybrid placement: candle's Mixtral has no host experts".into(),
+        ));
+    }
+    let placement = plan.as_ref().map(|p| p.per_layer(cfg.num_layers()));
     let mut base = None;
-    let (model, weights) = if a.random_weights {
+    let (mut model, weights) = if a.random_weights {
         let wdt = weight_dtype_of(a, dtype, device)?;
         let w = random::random_weights_as(&cfg, a.seed, dtype, wdt, device, quant)?;
         if a.baseline.is_some() {
@@ -206,6 +224,7 @@ pub fn build_model(
         let opts = LoadOptions {
             dtype,
             weight_dtype: weight_dtype_of(a, dtype, device)?,
+            placement: placement.clone(),
             device: device.clone(),
             quant,
             ..Default::default()
@@ -235,6 +254,18 @@ pub fn build_model(
         };
         (model, w)
     };
+    let mut weights = weights;
+    if let Some(p) = &plan {
+        if a.random_weights {
+            model.place_experts(&p.per_layer(cfg.num_layers()))?;
+        }
+        weights.push_str(&format!(
+            "; hybrid placement: {} of {} routed experts in host memory ({}) on the CPU kernels",
+            p.experts_on_cpu(),
+            p.experts_total(),
+            crate::units::human_bytes(p.host_expert_bytes)
+        ));
+    }
     let counts = crate::analysis::counts::param_counts(&cfg);
     let desc = ModelDesc {
         name,

@@ -319,8 +319,7 @@ fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
 }
 
 /// The hybrid placement `--n-cpu-moe`, `--gpu-memory` or `--profile` ask for
-/// ([`crate::analysis::placement::plan`] for the context the model's KV cache would hold at
-/// most, capped at 4096), announced on stderr; `None` without them.
+/// ([`loader::placement_for`]), announced on stderr; `None` without them.
 fn placement_of(
     a: &ModelArgs,
     src: &ModelSource,
@@ -329,42 +328,18 @@ fn placement_of(
     weight_dtype: Option<candle_core::DType>,
     quant: Option<crate::quant::QFormat>,
 ) -> Result<Option<Vec<Option<Vec<bool>>>>> {
-    use crate::analysis::placement::{self, PlanRequest, RoutingProfile};
-    if a.n_cpu_moe.is_none() && a.gpu_memory.is_none() && a.profile.is_none() {
-        return Ok(None);
-    }
-    let cfg = src.config()?;
-    let profile = a.profile.as_deref().map(RoutingProfile::read).transpose()?;
-    let budget_bytes = match (a.gpu_memory, crate::memory::device_memory(device)) {
-        (Some(b), _) => b,
-        (None, Some((free, _))) => free.saturating_sub(placement::SAFETY_MARGIN_BYTES),
-        // The CPU as the "device": no budget of its own (--n-cpu-moe / --profile split alone).
-        (None, None) => u64::MAX / 4,
+    let req = loader::PlacementArgs {
+        n_cpu_moe: a.n_cpu_moe,
+        gpu_memory: a.gpu_memory,
+        profile: a.profile.as_deref(),
     };
-    let plan = placement::plan(
-        &cfg,
-        &PlanRequest {
-            precision: crate::analysis::Precision::with_weights(dtype, weight_dtype, quant),
-            budget_bytes,
-            context: (cfg.max_position_embeddings as u64).min(4096),
-            batch: 1,
-            n_cpu_moe: a.n_cpu_moe,
-            profile: profile.as_ref(),
-        },
-    )?;
-    eprintln!(
-        "placement: {} of {} routed experts in host memory ({}), {} of routed experts on {}",
-        plan.experts_on_cpu(),
-        plan.experts_total(),
-        crate::units::human_bytes(plan.host_expert_bytes),
-        crate::units::human_bytes(plan.gpu_expert_bytes),
-        if device.is_cpu() {
-            "the device (the CPU)"
-        } else {
-            "the GPU"
-        },
-    );
-    Ok(Some(plan.per_layer(cfg.num_layers())))
+    let cfg = src.config()?;
+    let precision = crate::analysis::Precision::with_weights(dtype, weight_dtype, quant);
+    let context = (cfg.max_position_embeddings as u64).min(4096);
+    Ok(
+        loader::placement_for(&cfg, precision, device, &req, context, 1)?
+            .map(|plan| plan.per_layer(cfg.num_layers())),
+    )
 }
 
 #[derive(Serialize)]

@@ -225,6 +225,65 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     Ok(model)
 }
 
+/// The hybrid-placement flags of run, logits and bench.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlacementArgs<'a> {
+    /// `--n-cpu-moe N`
+    pub n_cpu_moe: Option<usize>,
+    /// `--gpu-memory SIZE` (bytes)
+    pub gpu_memory: Option<u64>,
+    /// `--profile FILE`
+    pub profile: Option<&'a Path>,
+}
+
+/// The placement the flags ask for on `device` ([`crate::analysis::placement::plan`]), announced
+/// on stderr; `None` without any of them. The budget: `--gpu-memory`, else the device's free
+/// memory minus [`crate::analysis::placement::SAFETY_MARGIN_BYTES`]; the CPU as the device has
+/// none of its own (`--n-cpu-moe` / `--profile` split alone, which exercises the split path).
+pub fn placement_for(
+    cfg: &ModelConfig,
+    precision: crate::analysis::Precision,
+    device: &Device,
+    a: &PlacementArgs,
+    context: u64,
+    batch: u64,
+) -> Result<Option<crate::analysis::placement::Plan>> {
+    use crate::analysis::placement::{self, PlanRequest, RoutingProfile};
+    if a.n_cpu_moe.is_none() && a.gpu_memory.is_none() && a.profile.is_none() {
+        return Ok(None);
+    }
+    let profile = a.profile.map(RoutingProfile::read).transpose()?;
+    let budget_bytes = match (a.gpu_memory, crate::memory::device_memory(device)) {
+        (Some(b), _) => b,
+        (None, Some((free, _))) => free.saturating_sub(placement::SAFETY_MARGIN_BYTES),
+        (None, None) => u64::MAX / 4,
+    };
+    let plan = placement::plan(
+        cfg,
+        &PlanRequest {
+            precision,
+            budget_bytes,
+            context,
+            batch,
+            n_cpu_moe: a.n_cpu_moe,
+            profile: profile.as_ref(),
+        },
+    )?;
+    eprintln!(
+        "placement: {} of {} routed experts in host memory ({}), {} of routed experts on {}",
+        plan.experts_on_cpu(),
+        plan.experts_total(),
+        crate::units::human_bytes(plan.host_expert_bytes),
+        crate::units::human_bytes(plan.gpu_expert_bytes),
+        if device.is_cpu() {
+            "the device (the CPU)"
+        } else {
+            "the GPU"
+        },
+    );
+    Ok(Some(plan))
+}
+
 /// Bytes of the routed experts `opts.placement` keeps in host memory (analyze's count).
 pub fn host_expert_bytes(cfg: &ModelConfig, opts: &LoadOptions) -> u64 {
     use crate::spec::bytes::{expert_bytes, Precision};
