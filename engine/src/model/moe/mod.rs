@@ -258,13 +258,19 @@ impl MoeBlock {
         let dev = x.device();
         let (dr, rows_r) = d.subset(&h.resident);
         let (dh, rows_h) = d.subset(&h.host);
+        // The hidden states go to the host first (a device-to-host copy waits for the work
+        // queued before it): then the device's experts are queued and run while the CPU kernels
+        // work on the host's.
+        let xh = match rows_h.is_empty() {
+            true => None,
+            false => Some(x.to_device(&candle_core::Device::Cpu)?),
+        };
         let (mut parts, mut order) = (Vec::new(), Vec::new());
         if !rows_r.is_empty() {
             parts.push(experts::experts_w(x, &dr, &self.gate_up, &self.down, None)?);
             order.extend(rows_r);
         }
-        if !rows_h.is_empty() {
-            let xh = x.to_device(&candle_core::Device::Cpu)?;
+        if let Some(xh) = xh {
             // On the CPU the plan's level (None: references forced, so candle's ops); beside a
             // GPU the CPU's best.
             let level = if dev.is_cpu() {
