@@ -333,6 +333,9 @@ fn placement_of(
         gpu_memory: a.gpu_memory,
         profile: a.profile.as_deref(),
     };
+    if req.n_cpu_moe.is_none() && req.gpu_memory.is_none() && req.profile.is_none() {
+        return Ok(None);
+    }
     let cfg = src.config()?;
     let precision = crate::analysis::Precision::with_weights(dtype, weight_dtype, quant);
     let context = (cfg.max_position_embeddings as u64).min(4096);

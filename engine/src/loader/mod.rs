@@ -42,7 +42,7 @@ pub struct LoadOptions {
     /// quantize) when it differs from `dtype`: bf16/f16 weights read in place by the CPU kernels
     /// under f32 compute, as llama.cpp runs a bf16 GGUF. `None`: `dtype`. Dense models only.
     pub weight_dtype: Option<DType>,
-    /// Hybrid placement (`analysis::placement::Plan::per_layer`): per decoder layer, which routed
+    /// Hybrid placement (`spec::placement::Plan::per_layer`): per decoder layer, which routed
     /// experts live on `device`; the others are loaded into host memory and run on the CPU
     /// kernels. `None`: everything on `device`.
     pub placement: Option<Vec<Option<Vec<bool>>>>,
@@ -236,19 +236,19 @@ pub struct PlacementArgs<'a> {
     pub profile: Option<&'a Path>,
 }
 
-/// The placement the flags ask for on `device` ([`crate::analysis::placement::plan`]), announced
+/// The placement the flags ask for on `device` ([`crate::spec::placement::plan`]), announced
 /// on stderr; `None` without any of them. The budget: `--gpu-memory`, else the device's free
-/// memory minus [`crate::analysis::placement::SAFETY_MARGIN_BYTES`]; the CPU as the device has
+/// memory minus [`crate::spec::placement::SAFETY_MARGIN_BYTES`]; the CPU as the device has
 /// none of its own (`--n-cpu-moe` / `--profile` split alone, which exercises the split path).
 pub fn placement_for(
     cfg: &ModelConfig,
-    precision: crate::analysis::Precision,
+    precision: crate::spec::bytes::Precision,
     device: &Device,
     a: &PlacementArgs,
     context: u64,
     batch: u64,
-) -> Result<Option<crate::analysis::placement::Plan>> {
-    use crate::analysis::placement::{self, PlanRequest, RoutingProfile};
+) -> Result<Option<crate::spec::placement::Plan>> {
+    use crate::spec::placement::{self, PlanRequest, RoutingProfile};
     if a.n_cpu_moe.is_none() && a.gpu_memory.is_none() && a.profile.is_none() {
         return Ok(None);
     }
