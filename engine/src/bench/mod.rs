@@ -109,10 +109,7 @@ pub fn precision_of(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Prec
 
 /// `--quant` parsed (`None` without it).
 pub fn quant_of(a: &BenchArgs) -> Result<Option<QFormat>> {
-    match &a.quant {
-        Some(q) => crate::quant::parse_quant(q),
-        None => Ok(None),
-    }
+    crate::quant::parse_quant_flag(a.quant.as_deref())
 }
 
 /// "2 x MoE(E=8, k=2, F=1024)" or "1 x Dense(F=..) + 26 x MoE(..)".
@@ -295,16 +292,7 @@ pub fn check_memory(
     let tokens = a.prompt_len.saturating_add(a.gen) as u64;
     let kv = kv_bytes_per_sequence(cfg, tokens, dtype.size_in_bytes() as u64)
         .saturating_mul(batch as u64);
-    let widest = cfg
-        .layers
-        .iter()
-        .map(|l| match l {
-            FfnKind::Dense { intermediate } => *intermediate,
-            FfnKind::Moe(m) => m.expert_ffn * m.top_k + m.shared.map_or(0, |s| s.ffn),
-        })
-        .max()
-        .unwrap_or(0);
-    let row = (cfg.vocab_size + 8 * cfg.hidden_size + 3 * widest) as u64 * 4;
+    let row = crate::spec::placement::activation_row_bytes(cfg);
     let act = row.saturating_mul((batch as u64).saturating_mul(a.prompt_len as u64));
     let weights = weight_bytes(&tensor_inventory(cfg), precision_of(a, dtype, device)?);
     crate::memory::check_device_fits(

@@ -134,12 +134,7 @@ pub fn compute(a: &AnalyzeArgs) -> Result<Output> {
 fn placement_report(a: &AnalyzeArgs, cfg: &ModelConfig, gpu: &Gpu) -> Result<PlacementReport> {
     use crate::analysis::placement::{self, HostSpec, PlanRequest, RoutingProfile};
     use crate::analysis::Precision;
-    let quant = a
-        .quant
-        .as_deref()
-        .map(crate::quant::parse_quant)
-        .transpose()?
-        .flatten();
+    let quant = crate::quant::parse_quant_flag(a.quant.as_deref())?;
     let precision = Precision::of(candle_core::DType::BF16, quant);
     let (budget_bytes, budget_source) = match a.gpu_memory {
         Some(b) => (b, "--gpu-memory".to_string()),

@@ -295,12 +295,7 @@ fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
     let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
     let device = loader::parse_device(&a.device)?;
     let dtype = loader::parse_dtype_on(&a.dtype, &device)?;
-    let quant = a
-        .quant
-        .as_deref()
-        .map(crate::quant::parse_quant)
-        .transpose()?
-        .flatten();
+    let quant = crate::quant::parse_quant_flag(a.quant.as_deref())?;
     let weight_dtype = match a.weight_dtype.as_deref() {
         None => src.auto_weight_dtype(&a.dtype, &device, quant)?,
         w => loader::parse_weight_dtype(w, dtype, &device, quant)?,

@@ -29,6 +29,11 @@ use crate::error::{Error, Result};
 pub const DEFAULT_GROUP: usize = 128;
 
 /// Parses `int8`, `int4` (group 128) or `int4:G` with G in 32, 64, 128 (`none` -> `None`).
+/// An optional `--quant` flag ([`parse_quant`]; `None` without it or with `none`).
+pub fn parse_quant_flag(s: Option<&str>) -> Result<Option<QFormat>> {
+    Ok(s.map(parse_quant).transpose()?.flatten())
+}
+
 pub fn parse_quant(s: &str) -> Result<Option<QFormat>> {
     let bad = || {
         Error::Input(format!(

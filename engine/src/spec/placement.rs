@@ -187,6 +187,13 @@ impl Plan {
 /// per token the logits row, ~8 hidden-size rows and 3 rows of the widest FFN, in f32 (the same
 /// over-estimate as bench's memory check).
 pub fn workspace_bytes(cfg: &ModelConfig, context: u64, batch: u64) -> u64 {
+    activation_row_bytes(cfg).saturating_mul(batch.saturating_mul(context.min(WORKSPACE_TOKENS)))
+}
+
+/// Activation bytes one prefill token may hold at once (an over-estimate): its f32 logits row,
+/// ~8 hidden-size rows and 3 rows of the widest FFN (a dense MLP, or k experts plus the shared
+/// ones).
+pub fn activation_row_bytes(cfg: &ModelConfig) -> u64 {
     let widest = cfg
         .layers
         .iter()
@@ -196,8 +203,7 @@ pub fn workspace_bytes(cfg: &ModelConfig, context: u64, batch: u64) -> u64 {
         })
         .max()
         .unwrap_or(0);
-    let row = (cfg.vocab_size + 8 * cfg.hidden_size + 3 * widest) as u64 * 4;
-    row.saturating_mul(batch.saturating_mul(context.min(WORKSPACE_TOKENS)))
+    (cfg.vocab_size + 8 * cfg.hidden_size + 3 * widest) as u64 * 4
 }
 
 /// What the planner needs besides the config.
