@@ -95,6 +95,36 @@ fn split_runs_give_the_unsplit_logits_in_every_family() {
     assert!(families >= 9, "{families} families");
 }
 
+/// The kernel path (a GPU's default; on the CPU the kernels' references): the device's experts
+/// go through the moe-kernels ops on the sub-dispatch of their rows, dense and INT4.
+#[test]
+fn split_runs_on_the_kernel_path_give_the_unsplit_logits() {
+    use moe::model::ExecPath;
+    for name in ["mixtral-base", "qwen3-moe", "deepseek-v2-greedy", "dbrx", "qwen2-moe"] {
+        let dir = fixture(name);
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let ids = expected(&dir).prompt_ids;
+        for quant in [None, Some(QFormat::Int4 { group: 32 })] {
+            let base = LoadOptions {
+                quant,
+                ..Default::default()
+            };
+            let mut unsplit = load_dir(&dir, &base).unwrap();
+            unsplit.set_exec_path(ExecPath::Kernels);
+            let want = logits(&unsplit, &ids);
+            let opts = LoadOptions {
+                placement: Some(masks(&cfg, |i, e| (0..e).map(|x| (x + i) % 2 == 0).collect())),
+                ..base
+            };
+            let mut split = load_dir(&dir, &opts).unwrap();
+            split.set_exec_path(ExecPath::Kernels);
+            let d = max_abs_diff(&logits(&split, &ids), &want);
+            let bound = if quant.is_some() { 1e-4 } else { F32_BOUND };
+            assert!(d <= bound, "{name} {quant:?} kernel path: max |diff| {d}");
+        }
+    }
+}
+
 /// Quantized experts stay packed on both sides (the host copy is the same INT4 bytes). With the
 /// CPU kernels on exact f32 activations (`simd`), the split again differs only by summation
 /// order; with the default int8 activations the host experts see quantized activations where

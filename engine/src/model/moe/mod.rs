@@ -191,27 +191,13 @@ impl MoeBlock {
         let d = moe_dispatch(&ids, a, e, 1)?;
         // GEMV for decode, tiled GEMM for prefill, chosen on the host from N (no sync).
         let path = Some(plan.expert_path(x.dim(0)?, a, e));
-        let y = match (&self.gate_up, &self.down) {
-            (Weight::Dense(gu), Weight::Dense(dn)) if gu.dtype() != x.dtype() => {
-                // 16-bit experts under f32 compute (`--weight-dtype`): widened per call.
-                let (gu, dn) = (gu.to_dtype(x.dtype())?, dn.to_dtype(x.dtype())?);
-                moe_experts(x, &d.row_token, &d.counts, &d.offsets, &gu, &dn, path)?
-            }
-            (Weight::Dense(gu), Weight::Dense(dn)) => {
-                moe_experts(x, &d.row_token, &d.counts, &d.offsets, gu, dn, path)?
-            }
-            (Weight::Quant(gu), Weight::Quant(dn)) => {
-                let f = dn.shape[2];
-                let (c, o) = (&d.counts, &d.offsets);
-                let (qg, pg) = (&gu.qweight, &gu.params);
-                let g = qmatmul_moe(x, Some(&d.row_token), c, o, qg, pg, gu.fmt, path)?;
-                let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;
-                qmatmul_moe(&h, None, c, o, &dn.qweight, &dn.params, dn.fmt, path)?
-            }
-            _ => {
-                candle_core::bail!("experts: gate_up and down must both be dense or both quantized")
-            }
-        }; // [N*A, H], expert-sorted
+        let y = kernel_experts(
+            x,
+            [&d.row_token, &d.counts, &d.offsets],
+            &self.gate_up,
+            &self.down,
+            path,
+        )?; // [N*A, H], expert-sorted
         let n = x.dim(0)?;
         let out = moe_combine(&y, &d.slot_row.reshape((n, a))?, &weights)?;
         Ok((out, DeviceRouting { ids, weights }))
@@ -245,9 +231,10 @@ impl MoeBlock {
 
 impl MoeBlock {
     /// The routed experts of a placed layer: the device's experts through the device's own
-    /// executor (on a GPU its kernels; on the CPU candle's ops and the references, not the CPU
-    /// kernels), the host's through the CPU kernels on the host copies of their rows' hidden
-    /// states; the two outputs put back in `d`'s row order. `[N*A, H]`.
+    /// executor (on the kernel path, a GPU's default, the moe-kernels ops; on the CPU's candle
+    /// path candle's ops and the references, not the CPU kernels), the host's through the CPU
+    /// kernels on host copies of the hidden states of the tokens routed to them; the two outputs
+    /// put back in `d`'s row order. `[N*A, H]`.
     fn split_experts(
         &self,
         x: &Tensor,
@@ -257,17 +244,43 @@ impl MoeBlock {
     ) -> Result<Tensor> {
         let dev = x.device();
         let (dr, rows_r) = d.subset(&h.resident);
-        let (dh, rows_h) = d.subset(&h.host);
-        // The hidden states go to the host first (a device-to-host copy waits for the work
-        // queued before it): then the device's experts are queued and run while the CPU kernels
-        // work on the host's.
+        let (mut dh, rows_h) = d.subset(&h.host);
+        // Only the hidden states of the tokens routed to host experts go to the host, first
+        // (a device-to-host copy waits for the work queued before it): then the device's experts
+        // are queued and run while the CPU kernels work on the host's.
         let xh = match rows_h.is_empty() {
             true => None,
-            false => Some(x.to_device(&candle_core::Device::Cpu)?),
+            false => {
+                let mut tokens = dh.row_token.clone();
+                tokens.sort_unstable();
+                tokens.dedup();
+                let mut local = vec![0u32; x.dim(0)?];
+                for (i, &t) in tokens.iter().enumerate() {
+                    local[t as usize] = i as u32;
+                }
+                dh.row_token
+                    .iter_mut()
+                    .for_each(|t| *t = local[*t as usize]);
+                let n = tokens.len();
+                let idx = Tensor::from_vec(tokens, n, dev)?;
+                Some(
+                    x.index_select(&idx, 0)?
+                        .to_device(&candle_core::Device::Cpu)?,
+                )
+            }
         };
         let (mut parts, mut order) = (Vec::new(), Vec::new());
         if !rows_r.is_empty() {
-            parts.push(experts::experts_w(x, &dr, &self.gate_up, &self.down, None)?);
+            let y = if plan.exec == super::ExecPath::Kernels {
+                // The device's kernels (on the CPU, their references).
+                let t = |v: &[u32]| Tensor::from_slice(v, v.len(), dev);
+                let (rt, c, o) = (t(&dr.row_token)?, t(&dr.counts)?, t(&dr.offsets)?);
+                let path = Some(plan.expert_path(x.dim(0)?, self.cfg.top_k, dr.num_experts));
+                kernel_experts(x, [&rt, &c, &o], &self.gate_up, &self.down, path)?
+            } else {
+                experts::experts_w(x, &dr, &self.gate_up, &self.down, None)?
+            };
+            parts.push(y);
             order.extend(rows_r);
         }
         if let Some(xh) = xh {
@@ -302,6 +315,45 @@ impl MoeBlock {
         }
         let n = pos.len();
         Tensor::cat(&parts, 0)?.index_select(&Tensor::from_vec(pos, n, dev)?, 0)
+    }
+}
+
+/// The experts of `gate_up`/`down` through the moe-kernels ops (`moe_experts`, or `qmatmul_moe`
+/// twice with SwiGLU between) over a dispatch's device tensors `[row_token, counts, offsets]`.
+/// `[rows, H]` in the dispatch's (expert-sorted) row order.
+fn kernel_experts(
+    x: &Tensor,
+    [row_token, counts, offsets]: [&Tensor; 3],
+    gate_up: &Weight,
+    down: &Weight,
+    path: Option<moe_kernels::ExpertPath>,
+) -> Result<Tensor> {
+    match (gate_up, down) {
+        (Weight::Dense(gu), Weight::Dense(dn)) if gu.dtype() != x.dtype() => {
+            // 16-bit experts under f32 compute (`--weight-dtype`): widened per call.
+            let (gu, dn) = (gu.to_dtype(x.dtype())?, dn.to_dtype(x.dtype())?);
+            moe_experts(x, row_token, counts, offsets, &gu, &dn, path)
+        }
+        (Weight::Dense(gu), Weight::Dense(dn)) => {
+            moe_experts(x, row_token, counts, offsets, gu, dn, path)
+        }
+        (Weight::Quant(gu), Weight::Quant(dn)) => {
+            let f = dn.shape[2];
+            let (qg, pg) = (&gu.qweight, &gu.params);
+            let g = qmatmul_moe(x, Some(row_token), counts, offsets, qg, pg, gu.fmt, path)?;
+            let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;
+            qmatmul_moe(
+                &h,
+                None,
+                counts,
+                offsets,
+                &dn.qweight,
+                &dn.params,
+                dn.fmt,
+                path,
+            )
+        }
+        _ => candle_core::bail!("experts: gate_up and down must both be dense or both quantized"),
     }
 }
 
