@@ -100,7 +100,13 @@ fn split_runs_give_the_unsplit_logits_in_every_family() {
 #[test]
 fn split_runs_on_the_kernel_path_give_the_unsplit_logits() {
     use moe::model::ExecPath;
-    for name in ["mixtral-base", "qwen3-moe", "deepseek-v2-greedy", "dbrx", "qwen2-moe"] {
+    for name in [
+        "mixtral-base",
+        "qwen3-moe",
+        "deepseek-v2-greedy",
+        "dbrx",
+        "qwen2-moe",
+    ] {
         let dir = fixture(name);
         let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         let ids = expected(&dir).prompt_ids;
@@ -113,7 +119,9 @@ fn split_runs_on_the_kernel_path_give_the_unsplit_logits() {
             unsplit.set_exec_path(ExecPath::Kernels);
             let want = logits(&unsplit, &ids);
             let opts = LoadOptions {
-                placement: Some(masks(&cfg, |i, e| (0..e).map(|x| (x + i) % 2 == 0).collect())),
+                placement: Some(masks(&cfg, |i, e| {
+                    (0..e).map(|x| (x + i) % 2 == 0).collect()
+                })),
                 ..base
             };
             let mut split = load_dir(&dir, &opts).unwrap();

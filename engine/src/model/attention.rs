@@ -109,13 +109,24 @@ impl Attention {
         };
         let q = q.reshape((b, nkv, g * t, hd))?.to_dtype(core)?;
         let (k_all, v_all) = (k_all.to_dtype(core)?, v_all.to_dtype(core)?);
-        let scores = (q.matmul(&k_all.t()?)? * scale)?; // [B, kv, g*T, L']
-        let scores = match causal_mask(t, g, pos, start, l, self.sliding_window, x.device())? {
-            Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
-            None => scores,
+        let raw = q.matmul(&k_all.t()?)?; // [B, kv, g*T, L']
+        let probs = if x.device().is_cpu() && core == DType::F32 {
+            let (window, cols) = (self.sliding_window, l - start);
+            causal_softmax_cpu(&raw, scale as f32, cols, |r| {
+                // Row r is query pos + (r % T) (rows run (kv, group, token)); it sees keys
+                // max(start, p + 1 - window) ..= p.
+                let p = pos + r % t;
+                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)).max(start);
+                (lo - start, (p + 1).min(l) - start)
+            })?
+        } else {
+            let scores = (raw * scale)?;
+            let scores = match causal_mask(t, g, pos, start, l, self.sliding_window, x.device())? {
+                Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
+                None => scores,
+            };
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(core)?
         };
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(core)?;
         let out = probs.matmul(&v_all.contiguous()?)?.to_dtype(x.dtype())?; // [B, kv, g*T, hd]
         let out = out
             .reshape((b, nh, t, hd))?
@@ -164,6 +175,45 @@ impl Attention {
 /// Additive mask `[g*T, L-start]` (0 or -inf) for queries at `pos..pos+T` over keys
 /// `start..L`; row r is query `r % T` (the g heads of a group are stacked). A query at p sees
 /// key j iff j <= p and, with a window w, p - j < w. `None` when nothing is masked.
+/// `softmax(scale * raw)` over each row's visible keys `visible(row) = (lo, hi)` (columns
+/// `lo..hi` of `cols`), zero elsewhere: the CPU prefill's scale, causal (and sliding-window) mask
+/// and softmax in one pass over f32 scores, computing exp only where a key is visible. The same
+/// arithmetic as scaling, adding a -inf mask and `softmax_last_dim` (max, exp(x - max), sum,
+/// divide), on rows in parallel.
+fn causal_softmax_cpu(
+    raw: &Tensor,
+    scale: f32,
+    cols: usize,
+    visible: impl Fn(usize) -> (usize, usize) + Sync,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let shape = raw.shape().clone();
+    let mut v: Vec<f32> = raw.flatten_all()?.to_vec1()?;
+    if cols == 0 {
+        return Tensor::from_vec(v, shape, raw.device());
+    }
+    v.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+        let (lo, hi) = visible(r);
+        let (lo, hi) = (lo.min(cols), hi.min(cols));
+        let mut max = f32::NEG_INFINITY;
+        for x in &mut row[lo..hi] {
+            *x *= scale;
+            max = max.max(*x);
+        }
+        let mut sum = 0f32;
+        for x in &mut row[lo..hi] {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        for x in &mut row[lo..hi] {
+            *x /= sum;
+        }
+        row[..lo].fill(0.0);
+        row[hi..].fill(0.0);
+    });
+    Tensor::from_vec(v, shape, raw.device())
+}
+
 pub(crate) fn causal_mask(
     t: usize,
     g: usize,
@@ -207,6 +257,47 @@ mod tests {
         assert_eq!(m[0], vec![0., 0., inf, inf]); // q=2 sees keys 1,2
         assert_eq!(m[1], vec![inf, 0., 0., inf]); // q=3 sees 2,3
         assert_eq!(m[2], vec![inf, inf, 0., 0.]); // q=4 sees 3,4
+    }
+
+    /// The fused CPU softmax equals scaling, adding the mask and candle's softmax: causal and
+    /// windowed, several kv groups, a cached prefix (pos > 0).
+    #[test]
+    fn fused_causal_softmax_equals_mask_then_softmax() {
+        for (t, g, pos, window) in [
+            (5usize, 2usize, 0usize, None),
+            (4, 3, 6, None),
+            (6, 2, 3, Some(4usize)),
+        ] {
+            let l = pos + t;
+            let start = window.map_or(0, |w: usize| (pos + 1).saturating_sub(w));
+            let cols = l - start;
+            let raw = Tensor::randn(0f32, 3.0, (2, 1, g * t, cols), &Device::Cpu).unwrap();
+            let scale = 0.37f32;
+            let want = {
+                let s = (&raw * scale as f64).unwrap();
+                let s = match causal_mask(t, g, pos, start, l, window, &Device::Cpu).unwrap() {
+                    Some(m) => s.broadcast_add(&m).unwrap(),
+                    None => s,
+                };
+                candle_nn::ops::softmax_last_dim(&s).unwrap()
+            };
+            let got = causal_softmax_cpu(&raw, scale, cols, |r| {
+                let p = pos + r % t;
+                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)).max(start);
+                (lo - start, (p + 1).min(l) - start)
+            })
+            .unwrap();
+            let (w, gt): (Vec<f32>, Vec<f32>) = (
+                want.flatten_all().unwrap().to_vec1().unwrap(),
+                got.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            for (a, b) in w.iter().zip(&gt) {
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "t {t} g {g} pos {pos} window {window:?}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
