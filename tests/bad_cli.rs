@@ -434,6 +434,71 @@ fn sampling_flags_are_checked_where_they_are_parsed() {
 }
 
 #[test]
+fn placement_flags_are_checked() {
+    let d = fixture("mixtral-base");
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope.json");
+    let wrong = tmp.path().join("wrong.json");
+    // A profile of another model: 5 layers where mixtral-base has 2.
+    std::fs::write(
+        &wrong,
+        r#"{"model":"other","tokens":1,"layers":[[1,1],[1,1],[1,1],[1,1],[1,1]]}"#,
+    )
+    .unwrap();
+    let (m, w) = (missing.to_str().unwrap(), wrong.to_str().unwrap());
+    let run = ["--weights", s(&d), "--ids", "1,2"];
+    for (extra, code, want) in [
+        (
+            &["--gpu-memory", "0"][..],
+            2,
+            &["--gpu-memory", "size > 0"][..],
+        ),
+        (&["--gpu-memory", "12XB"], 2, &["--gpu-memory", "24GiB"]),
+        (&["--profile", m], 1, &["nope.json"]),
+        (
+            &["--profile", w],
+            1,
+            &["routing profile", "5 layers", "has 2"],
+        ),
+        (
+            &["--n-cpu-moe", "1", "--profile", w],
+            2,
+            &["--n-cpu-moe", "--profile"],
+        ),
+    ] {
+        let mut a = run.to_vec();
+        a.extend_from_slice(extra);
+        let (stdout, _) = row(&[&d, tmp.path()], &a, code, want);
+        assert!(stdout.is_empty(), "{a:?}: {stdout}");
+    }
+    for (args, want) in [
+        (
+            &["analyze", "--model", "mixtral-8x7b", "--quant", "int4"][..],
+            &["add --gpu"][..],
+        ),
+        (
+            &[
+                "analyze",
+                "--model",
+                "mixtral-8x7b",
+                "--gpu",
+                "rtx4090",
+                "--gpu-memory",
+                "1GiB",
+            ],
+            &[
+                "every routed expert on the CPU",
+                "KV cache",
+                "budget is 1.00 GiB",
+            ],
+        ),
+        (&["profile", "--prompts", m], &["nope.json"]),
+    ] {
+        row(&[tmp.path()], args, 1, want);
+    }
+}
+
+#[test]
 fn weight_dtype_combinations_that_cannot_run_are_refused() {
     let d = fixture("mixtral-base");
     for (extra, want) in [
