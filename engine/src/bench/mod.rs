@@ -42,8 +42,8 @@ pub mod sweep;
 pub use args::{Baseline, BenchArgs};
 pub use predict::{ceilings, predict, Prediction};
 pub use schema::{
-    device_description, env, git_commit, BenchReport, Env, GpuMemory, MemPair, Memory, ModelDesc,
-    Sourced, Throughput,
+    device_description, env, git_commit, BenchPlacement, BenchReport, Env, GpuMemory, MemPair,
+    Memory, ModelDesc, Sourced, Throughput,
 };
 
 use candle_core::{DType, Device};
@@ -144,12 +144,18 @@ pub fn layer_kinds(cfg: &ModelConfig) -> String {
 }
 
 /// Builds the model the arguments ask for: random weights from a config, or a checkpoint.
-/// Returns the model, its description and the seconds it took.
-pub fn build_model(
-    a: &BenchArgs,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Model, ModelDesc, f64, Option<baseline::BaselineWeights>)> {
+/// What [`build_model`] returns: the model, its description, the seconds it took, candle's
+/// baseline weights (`--baseline`) and the hybrid placement (`--n-cpu-moe` ...).
+pub type Built = (
+    Model,
+    ModelDesc,
+    f64,
+    Option<baseline::BaselineWeights>,
+    Option<crate::spec::placement::Plan>,
+);
+
+/// Builds (random weights) or loads the model the arguments name; see [`Built`].
+pub fn build_model(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Built> {
     let t0 = std::time::Instant::now();
     let (name, full_cfg) = resolve_config(a)?;
     if let Some(n) = a.layers {
@@ -275,7 +281,7 @@ pub fn build_model(
         total_params: counts.total,
         active_params: counts.active,
     };
-    Ok((model, desc, t0.elapsed().as_secs_f64(), base))
+    Ok((model, desc, t0.elapsed().as_secs_f64(), base, plan))
 }
 
 /// Errors with the out-of-memory message when analyze's weight bytes, the KV cache of `batch`
@@ -334,6 +340,46 @@ pub fn timed_runs(
         .collect()
 }
 
+/// The placement of the run, and on a GPU its prediction: the run's GPU (`--gpu`, else its
+/// measured bandwidth, peak and memory), the host's streaming read bandwidth measured now, the
+/// other host figures at analyze's defaults.
+fn bench_placement(
+    a: &BenchArgs,
+    cfg: &ModelConfig,
+    plan: &crate::spec::placement::Plan,
+    device: &Device,
+    bw: &Sourced,
+    peak: &Sourced,
+    total_memory: Option<u64>,
+) -> Result<BenchPlacement> {
+    use crate::analysis::placement::{predict, HostSpec};
+    let prediction = if device.is_cpu() {
+        None
+    } else {
+        let gpu = match a.gpu.as_deref().and_then(crate::analysis::find_gpu) {
+            Some(g) => g,
+            None => crate::analysis::Gpu::custom(
+                bw.value,
+                total_memory.unwrap_or(0) as f64 / (1u64 << 30) as f64,
+                Some(peak.value),
+            ),
+        };
+        let host = HostSpec {
+            bandwidth_gb_s: moe_kernels::cpu::read_bandwidth_gb_s(256 << 20),
+            ..HostSpec::default()
+        };
+        let context = a.prompt_len.saturating_add(a.gen / 2) as u64;
+        Some(predict(cfg, plan, &gpu, &host, context))
+    };
+    Ok(BenchPlacement {
+        experts_on_host: plan.experts_on_cpu(),
+        experts_total: plan.experts_total(),
+        host_expert_bytes: plan.host_expert_bytes,
+        device_expert_bytes: plan.gpu_expert_bytes,
+        prediction,
+    })
+}
+
 fn check_shape(a: &BenchArgs) -> Result<()> {
     if a.prompt_len == 0 || a.gen == 0 || a.batch == 0 || a.runs == 0 {
         return Err(Error::Input(
@@ -351,7 +397,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     use crate::memory::{device_memory, pool_high_water, reset_pool_high_water};
     let used = |m: Option<(u64, u64)>| m.map(|(free, total)| total.saturating_sub(free));
     let used_before = used(device_memory(&device));
-    let (model, desc, load_s, base) = build_model(a, dtype, &device)?;
+    let (model, desc, load_s, base, plan) = build_model(a, dtype, &device)?;
     device.synchronize()?;
     let used_loaded = used(device_memory(&device));
     reset_pool_high_water(&device);
@@ -395,6 +441,10 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
                 &samples[0].tokens,
             )?)
         }
+        None => None,
+    };
+    let placement = match &plan {
+        Some(plan) => Some(bench_placement(a, &cfg, plan, &device, &bw, &peak, total)?),
         None => None,
     };
     let prec = precision_of(a, dtype, &device)?;
@@ -510,6 +560,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         load_s,
         baseline,
         expert_stream,
+        placement,
     })
 }
 

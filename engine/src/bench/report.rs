@@ -109,6 +109,27 @@ pub fn bench_text(r: &BenchReport) -> String {
             r.env.cpu_threads
         ));
     }
+    if let Some(pl) = &r.placement {
+        s.push_str(&format!(
+            "  hybrid placement: {} of {} routed experts in host memory ({}) on the CPU kernels, {} of routed experts on the device\n",
+            pl.experts_on_host,
+            pl.experts_total,
+            human_bytes(pl.host_expert_bytes),
+            human_bytes(pl.device_expert_bytes),
+        ));
+        match &pl.prediction {
+            Some(p) => s.push_str(&format!(
+                "  placement predicted (analyze's model; host {:.1} GB/s read measured now): decode {:.1} tok/s (GPU {:.2} ms, host experts {:.2} ms, round trips {:.2} ms per token){}\n",
+                p.host.bandwidth_gb_s,
+                p.decode_tokens_per_s,
+                p.decode_gpu_ms,
+                p.decode_cpu_ms,
+                p.decode_link_ms,
+                p.prefill_tokens_per_s.map_or(String::new(), |t| format!(", prefill {t:.0} tok/s for {} tokens", p.prefill_tokens)),
+            )),
+            None => s.push_str("  placement: on the CPU both sides run on the CPU (the split path is exercised, no GPU/host prediction applies)\n"),
+        }
+    }
     if let Some(b) = &r.baseline {
         s.push_str(&format!(
             "  baseline {}: prefill {} tok/s (p10 {}, p90 {}), decode {} tok/s (p10 {}, p90 {})\n  time ratio candle/ours: prefill {:.2}x, decode {:.2}x (> 1: ours is faster)\n",

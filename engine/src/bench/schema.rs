@@ -126,6 +126,20 @@ pub struct BenchReport {
     /// The CPU expert kernel alone at a decode step, against the read bandwidth measured in the
     /// same run on the same threads; absent off the CPU kernels or without MoE layers.
     pub expert_stream: Option<ExpertStream>,
+    /// `--n-cpu-moe` / `--gpu-memory` / `--profile`: the hybrid placement the run used.
+    pub placement: Option<BenchPlacement>,
+}
+
+/// The hybrid placement of a bench run, and on a GPU the speed `analyze` predicts for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchPlacement {
+    pub experts_on_host: usize,
+    pub experts_total: usize,
+    pub host_expert_bytes: u64,
+    pub device_expert_bytes: u64,
+    /// On a GPU: the prediction from the run's GPU bandwidth and peak and the host's read
+    /// bandwidth measured now; `None` on the CPU (both sides are the CPU there).
+    pub prediction: Option<crate::analysis::placement::PlanPrediction>,
 }
 
 /// Weight bytes the CPU expert kernel streams per second at a decode step (one token, top-k experts of
