@@ -246,6 +246,7 @@ pub fn main() -> ExitCode {
     crate::runtime::tokenizer::quiet_guarded_panics();
     let cli = parse_cli();
     // Before anything else starts a thread.
+    crate::memory::configure_allocator();
     if let Err(e) = moe_kernels::cpu::configure_threads(cli.threads) {
         eprintln!("error: --threads: {e}");
         return ExitCode::FAILURE;
