@@ -81,6 +81,10 @@ fn split_runs_give_the_unsplit_logits_in_every_family() {
                 masks(&cfg, |_, e| vec![false; e]),
             ),
             ("none on the host", masks(&cfg, |_, e| vec![true; e])),
+            (
+                "no entries (all on the device)",
+                vec![None; cfg.num_layers()],
+            ),
         ];
         for (what, m) in cases {
             let opts = LoadOptions {

@@ -195,7 +195,7 @@ impl Model {
 
     /// Hybrid placement: `per_layer[i]` (for MoE layers) says which routed experts of layer i stay
     /// on the model's device; the others move to host memory and run on the CPU kernels
-    /// ([`MoeBlock::place`]). `None` entries and dense layers are left as they are.
+    /// ([`MoeBlock::place`]). A `None` entry keeps every expert of that layer on the device.
     pub fn place_experts(&mut self, per_layer: &[Option<Vec<bool>>]) -> Result<()> {
         if per_layer.len() != self.layers.len() {
             candle_core::bail!(
@@ -207,10 +207,13 @@ impl Model {
         for (i, (l, p)) in self.layers.iter_mut().zip(per_layer).enumerate() {
             match (&mut l.ffn, p) {
                 (Ffn::Moe(m), Some(on)) => m.place(on, &self.device)?,
+                // No entry: every expert on the device (moved there if a placed load read it
+                // into host memory).
+                (Ffn::Moe(m), None) => m.place(&vec![true; m.cfg.num_experts], &self.device)?,
                 (Ffn::Dense(_), Some(_)) => {
                     candle_core::bail!("expert placement for layer {i}, a dense layer")
                 }
-                (_, None) => {}
+                (Ffn::Dense(_), None) => {}
             }
         }
         Ok(())

@@ -201,6 +201,14 @@ impl Weight {
         }
     }
 
+    /// Where the weight lives.
+    pub fn device(&self) -> &Device {
+        match self {
+            Weight::Dense(t) => t.device(),
+            Weight::Quant(q) => q.qweight.device(),
+        }
+    }
+
     /// The weight as a dense tensor in `dtype` (dequantized if quantized).
     pub fn to_dense(&self, dtype: DType) -> candle_core::Result<Tensor> {
         match self {

@@ -114,6 +114,15 @@ impl MoeBlock {
         }
         let (resident, host): (Vec<usize>, Vec<usize>) =
             (0..on_device.len()).partition(|&e| on_device[e]);
+        if host.is_empty() {
+            // Nothing stays on the host: the experts move to the device (where a placed load
+            // read them into host memory) and the layer runs unsplit.
+            if !self.gate_up.device().same_device(device) {
+                self.gate_up = self.gate_up.select_experts(&resident, device)?;
+                self.down = self.down.select_experts(&resident, device)?;
+            }
+            return Ok(());
+        }
         let cpu = candle_core::Device::Cpu;
         let h = HostExperts {
             gate_up: self.gate_up.select_experts(&host, &cpu)?,
