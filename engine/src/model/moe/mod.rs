@@ -167,10 +167,9 @@ impl MoeBlock {
         };
         // Beyond the router kernel's limits (E > 256, k > 8, > 32 groups) the block routes on
         // the host instead: one device-to-host read per layer rather than an error.
-        // A layer with experts in host memory routes on the host: the host needs the rows of
-        // its experts anyway (one device-to-host read per layer either way).
-        let on_device = self.host.is_none()
-            && plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k);
+        // A layer with experts in host memory routes on the device too; it then reads the
+        // dispatch to the host (one device-to-host read per placed layer).
+        let on_device = plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k);
         let (mut out, routing) = if on_device {
             self.routed_kernels(&x, &logits, plan)?
         } else {
@@ -200,13 +199,29 @@ impl MoeBlock {
         let d = moe_dispatch(&ids, a, e, 1)?;
         // GEMV for decode, tiled GEMM for prefill, chosen on the host from N (no sync).
         let path = Some(plan.expert_path(x.dim(0)?, a, e));
-        let y = kernel_experts(
-            x,
-            [&d.row_token, &d.counts, &d.offsets],
-            &self.gate_up,
-            &self.down,
-            path,
-        )?; // [N*A, H], expert-sorted
+        let y = match &self.host {
+            None => kernel_experts(
+                x,
+                [&d.row_token, &d.counts, &d.offsets],
+                &self.gate_up,
+                &self.down,
+                path,
+            )?,
+            // A placed layer: the dispatch (not the router logits) comes to the host, where the
+            // rows are split between the device's experts and the host's.
+            Some(h) => {
+                let read = crate::model::host::read_vec::<u32>;
+                let hd = Dispatch {
+                    num_experts: e,
+                    top_k: a,
+                    counts: read(&d.counts)?,
+                    offsets: read(&d.offsets)?,
+                    row_token: read(&d.row_token)?,
+                    slot_row: Vec::new(),
+                };
+                self.split_experts(x, &hd, h, plan)?
+            }
+        }; // [N*A, H], expert-sorted
         let n = x.dim(0)?;
         let out = moe_combine(&y, &d.slot_row.reshape((n, a))?, &weights)?;
         Ok((out, DeviceRouting { ids, weights }))
