@@ -496,6 +496,35 @@ fn placement_flags_are_checked() {
     ] {
         row(&[tmp.path()], args, 1, want);
     }
+    // profile --out never lands on its inputs (the text, the checkpoint folder); the inputs are
+    // byte-for-byte unchanged afterwards (row() snapshots them).
+    let text = tmp.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "In the beginning God created the heaven and the earth.",
+    )
+    .unwrap();
+    let t = text.to_str().unwrap();
+    let inside = d.join("profile.json");
+    for (args, want) in [
+        (
+            vec!["profile", "--prompts", t, "--out", t, "--force"],
+            &["--out", "is an input"][..],
+        ),
+        (
+            vec![
+                "profile",
+                "--weights",
+                s(&d),
+                "--out",
+                inside.to_str().unwrap(),
+            ],
+            &["--out", "inside the input folder"],
+        ),
+    ] {
+        row(&[&d, tmp.path()], &args, 1, want);
+    }
+    assert!(!inside.exists());
 }
 
 #[test]

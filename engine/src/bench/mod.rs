@@ -97,14 +97,10 @@ pub fn weight_dtype_of(a: &BenchArgs, dtype: DType, device: &Device) -> Result<O
     Ok(w)
 }
 
-/// The precision the bench holds the model in: [`Precision::with_weights`] of `--dtype`,
-/// `--weight-dtype` and `--quant`.
-pub fn precision_of(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Precision> {
-    Ok(Precision::with_weights(
-        dtype,
-        weight_dtype_of(a, dtype, device)?,
-        quant_of(a)?,
-    ))
+/// The precision the bench holds the model in: [`Precision::with_weights`] of `--dtype`, the
+/// weight dtype ([`weight_dtype_of`], resolved once per run) and `--quant`.
+pub fn precision_of(a: &BenchArgs, dtype: DType, wdt: Option<DType>) -> Result<Precision> {
+    Ok(Precision::with_weights(dtype, wdt, quant_of(a)?))
 }
 
 /// `--quant` parsed (`None` without it).
@@ -155,7 +151,13 @@ pub type Built = (
 );
 
 /// Builds (random weights) or loads the model the arguments name; see [`Built`].
-pub fn build_model(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Built> {
+/// `wdt` is [`weight_dtype_of`].
+pub fn build_model(
+    a: &BenchArgs,
+    dtype: DType,
+    wdt: Option<DType>,
+    device: &Device,
+) -> Result<Built> {
     let t0 = std::time::Instant::now();
     let (name, full_cfg) = resolve_config(a)?;
     if let Some(n) = a.layers {
@@ -180,10 +182,10 @@ pub fn build_model(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Built
     }
     // Refuse before allocating (or drawing random weights) when the weights, KV cache and
     // activations do not fit in the GPU's free memory or the available RAM.
-    check_memory(a, &cfg, &name, dtype, a.batch, device)?;
+    check_memory(a, &cfg, &name, dtype, wdt, a.batch, device)?;
     let plan = loader::placement_for(
         &cfg,
-        precision_of(a, dtype, device)?,
+        precision_of(a, dtype, wdt)?,
         device,
         &loader::PlacementArgs {
             n_cpu_moe: a.n_cpu_moe,
@@ -201,7 +203,6 @@ pub fn build_model(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Built
     let placement = plan.as_ref().map(|p| p.per_layer(cfg.num_layers()));
     let mut base = None;
     let (mut model, weights) = if a.random_weights {
-        let wdt = weight_dtype_of(a, dtype, device)?;
         let w = random::random_weights_as(&cfg, a.seed, dtype, wdt, device, quant)?;
         if a.baseline.is_some() {
             base = Some(match quant {
@@ -226,7 +227,7 @@ pub fn build_model(a: &BenchArgs, dtype: DType, device: &Device) -> Result<Built
     } else {
         let opts = LoadOptions {
             dtype,
-            weight_dtype: weight_dtype_of(a, dtype, device)?,
+            weight_dtype: wdt,
             placement: placement.clone(),
             device: device.clone(),
             quant,
@@ -292,6 +293,7 @@ pub fn check_memory(
     cfg: &ModelConfig,
     name: &str,
     dtype: DType,
+    wdt: Option<DType>,
     batch: usize,
     device: &Device,
 ) -> Result<()> {
@@ -300,7 +302,7 @@ pub fn check_memory(
         .saturating_mul(batch as u64);
     let row = crate::spec::placement::activation_row_bytes(cfg);
     let act = row.saturating_mul((batch as u64).saturating_mul(a.prompt_len as u64));
-    let weights = weight_bytes(&tensor_inventory(cfg), precision_of(a, dtype, device)?);
+    let weights = weight_bytes(&tensor_inventory(cfg), precision_of(a, dtype, wdt)?);
     crate::memory::check_device_fits(
         device,
         &format!(
@@ -397,7 +399,9 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     use crate::memory::{device_memory, pool_high_water, reset_pool_high_water};
     let used = |m: Option<(u64, u64)>| m.map(|(free, total)| total.saturating_sub(free));
     let used_before = used(device_memory(&device));
-    let (model, desc, load_s, base, plan) = build_model(a, dtype, &device)?;
+    // Resolved once: without --weight-dtype it reads the checkpoint's headers.
+    let wdt = weight_dtype_of(a, dtype, &device)?;
+    let (model, desc, load_s, base, plan) = build_model(a, dtype, wdt, &device)?;
     device.synchronize()?;
     let used_loaded = used(device_memory(&device));
     reset_pool_high_water(&device);
@@ -447,7 +451,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         Some(plan) => Some(bench_placement(a, &cfg, plan, &device, &bw, &peak, total)?),
         None => None,
     };
-    let prec = precision_of(a, dtype, &device)?;
+    let prec = precision_of(a, dtype, wdt)?;
     let pre = predict(&cfg, prec, b, p, p as u64, bw.value, peak.value);
     let dec = predict(&cfg, prec, b, 0, (p + g / 2) as u64, bw.value, peak.value);
     let prefill_tps: Vec<f64> = samples
@@ -538,7 +542,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         None => None,
     };
     let mut env = env(&device, dtype);
-    if let Some(w) = weight_dtype_of(a, dtype, &device)? {
+    if let Some(w) = wdt {
         env.dtype = format!("{}, {} weights", env.dtype, schema::dtype_name(w));
     }
     Ok(BenchReport {

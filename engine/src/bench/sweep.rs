@@ -204,9 +204,9 @@ fn point(
     peak: f64,
 ) -> Result<SweepRow> {
     let quant = super::quant_of(a)?;
-    let prec = super::precision_of(a, dtype, device)?;
-    super::check_memory(a, cfg, "the sweep model", dtype, batch, device)?;
     let wdt = super::weight_dtype_of(a, dtype, device)?;
+    let prec = super::precision_of(a, dtype, wdt)?;
+    super::check_memory(a, cfg, "the sweep model", dtype, wdt, batch, device)?;
     let w = random::random_weights_as(cfg, a.seed, dtype, wdt, device, quant)?;
     let model = Model::new(cfg.clone(), w, dtype, device)?;
     let samples = timed_runs(&model, batch, a.prompt_len, a.gen, a.runs, a.warmup, a.seed)?;

@@ -106,24 +106,15 @@ fn dots_q8_n<const R: usize>(m: &Mat, row: usize, xq: &Q8Rows, r0: usize, out: &
     // SAFETY: Level::Avx2Q8 is only chosen where Level::detect found AVX2 (callers check); the slices
     // hold the row's bytes and params and R rows of k quantized activations.
     unsafe {
-        match m.data {
+        match m.row(row) {
             Rows::Int8 { q: w, s } => {
-                avx2::int8_q8(&w[row * k..][..k], &q, &d, &mut o);
-                let s = s[row].to_f32();
+                avx2::int8_q8(w, &q, &d, &mut o);
+                let s = s[0].to_f32();
                 o.iter_mut().for_each(|v| *v *= s);
             }
             Rows::Int4 { q: w, p, group } => {
-                let g = k.div_ceil(group);
                 let bs: [&[f32]; R] = std::array::from_fn(|i| &xq.bsum[(r0 + i) * nb..][..nb]);
-                avx2::int4_q8(
-                    &w[row * (k / 2)..][..k / 2],
-                    &p[row * 2 * g..][..2 * g],
-                    group,
-                    &q,
-                    &d,
-                    &bs,
-                    &mut o,
-                );
+                avx2::int4_q8(w, p, group, &q, &d, &bs, &mut o);
             }
             _ => {}
         }

@@ -141,6 +141,29 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Row `r` alone, in the same format: its `k` weights (packed bytes for INT4) and its scale
+    /// (INT8) or group params (INT4). What every kernel of a single weight row reads.
+    pub fn row(&self, r: usize) -> Rows<'a> {
+        let k = self.k;
+        match self.data {
+            Rows::F32(w) => Rows::F32(&w[r * k..][..k]),
+            Rows::Bf16(w) => Rows::Bf16(&w[r * k..][..k]),
+            Rows::F16(w) => Rows::F16(&w[r * k..][..k]),
+            Rows::Int8 { q, s } => Rows::Int8 {
+                q: &q[r * k..][..k],
+                s: &s[r..r + 1],
+            },
+            Rows::Int4 { q, p, group } => {
+                let (kb, pr) = (k.div_ceil(2), 2 * k.div_ceil(group));
+                Rows::Int4 {
+                    q: &q[r * kb..][..kb],
+                    p: &p[r * pr..][..pr],
+                    group,
+                }
+            }
+        }
+    }
+
     /// The INT4 group size, if any.
     pub fn group(&self) -> Option<usize> {
         match self.data {
@@ -172,54 +195,30 @@ pub fn group_sums(m: &Mat, x: &[f32], out: &mut Vec<f32>) {
 /// Weight row `row` decoded to f32 into `out` (`k` long): the exact values the dot kernels use, bit
 /// for bit [`crate::qformat::dequantize_row`]'s at every level.
 pub fn decode_row(level: Level, m: &Mat, row: usize, out: &mut [f32]) {
-    let k = m.k;
+    let out = &mut out[..m.k];
     #[cfg(target_arch = "x86_64")]
     if level != Level::Portable {
-        // SAFETY: a level other than Portable means AVX2, FMA and F16C (Level::detect); `out` is `k` long and the slices hold
-        // the row's weights and params.
+        // SAFETY: a level other than Portable means AVX2, FMA and F16C (Level::detect); `out` is
+        // `k` long and `m.row` holds the row's weights and params.
         unsafe {
-            match m.data {
-                Rows::F32(w) => out.copy_from_slice(&w[row * k..][..k]),
-                Rows::Bf16(w) => avx2::decode_dense(&avx2::Bf16(&w[row * k..][..k]), &mut out[..k]),
-                Rows::F16(w) => avx2::decode_dense(&avx2::F16(&w[row * k..][..k]), &mut out[..k]),
-                Rows::Int8 { q, s } => {
-                    avx2::decode_int8(&q[row * k..][..k], s[row].to_f32(), &mut out[..k])
-                }
-                Rows::Int4 { q, p, group } => {
-                    let (kb, pr) = (k.div_ceil(2), 2 * k.div_ceil(group));
-                    avx2::decode_int4(
-                        &q[row * kb..][..kb],
-                        &p[row * pr..][..pr],
-                        group,
-                        &mut out[..k],
-                    )
-                }
+            match m.row(row) {
+                Rows::F32(w) => out.copy_from_slice(w),
+                Rows::Bf16(w) => avx2::decode_dense(&avx2::Bf16(w), out),
+                Rows::F16(w) => avx2::decode_dense(&avx2::F16(w), out),
+                Rows::Int8 { q, s } => avx2::decode_int8(q, s[0].to_f32(), out),
+                Rows::Int4 { q, p, group } => avx2::decode_int4(q, p, group, out),
             }
         }
         return;
     }
     let _ = level;
-    match m.data {
-        Rows::F32(w) => out.copy_from_slice(&w[row * k..][..k]),
-        Rows::Bf16(w) => out
-            .iter_mut()
-            .zip(&w[row * k..][..k])
-            .for_each(|(o, v)| *o = v.to_f32()),
-        Rows::F16(w) => out
-            .iter_mut()
-            .zip(&w[row * k..][..k])
-            .for_each(|(o, v)| *o = v.to_f32()),
-        Rows::Int8 { q, s } => {
-            crate::qformat::dequantize_row(QFormat::Int8, &q[row * k..][..k], &s[row..row + 1], out)
-        }
+    match m.row(row) {
+        Rows::F32(w) => out.copy_from_slice(w),
+        Rows::Bf16(w) => out.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32()),
+        Rows::F16(w) => out.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32()),
+        Rows::Int8 { q, s } => crate::qformat::dequantize_row(QFormat::Int8, q, s, out),
         Rows::Int4 { q, p, group } => {
-            let (kb, pr) = (k.div_ceil(2), 2 * k.div_ceil(group));
-            crate::qformat::dequantize_row(
-                QFormat::Int4 { group },
-                &q[row * kb..][..kb],
-                &p[row * pr..][..pr],
-                out,
-            )
+            crate::qformat::dequantize_row(QFormat::Int4 { group }, q, p, out)
         }
     }
 }
@@ -253,26 +252,19 @@ fn dots_n<const R: usize>(
         // SAFETY: Level::Avx2 is only chosen when the CPU has AVX2, FMA and F16C (Level::detect), and every
         // slice below is `k` long (or holds the row's packed bytes and params), as the kernels read.
         unsafe {
-            match m.data {
-                Rows::F32(w) => avx2::dense(&avx2::F32(&w[row * k..][..k]), &x, &mut o),
-                Rows::Bf16(w) => avx2::dense(&avx2::Bf16(&w[row * k..][..k]), &x, &mut o),
-                Rows::F16(w) => avx2::dense(&avx2::F16(&w[row * k..][..k]), &x, &mut o),
+            match m.row(row) {
+                Rows::F32(w) => avx2::dense(&avx2::F32(w), &x, &mut o),
+                Rows::Bf16(w) => avx2::dense(&avx2::Bf16(w), &x, &mut o),
+                Rows::F16(w) => avx2::dense(&avx2::F16(w), &x, &mut o),
                 Rows::Int8 { q, s } => {
-                    avx2::dense(&avx2::I8(&q[row * k..][..k]), &x, &mut o);
-                    let s = s[row].to_f32();
+                    avx2::dense(&avx2::I8(q), &x, &mut o);
+                    let s = s[0].to_f32();
                     o.iter_mut().for_each(|v| *v *= s);
                 }
                 Rows::Int4 { q, p, group } if group % 32 == 0 && k.is_multiple_of(32) => {
                     let g = k.div_ceil(group);
                     let sm: [&[f32]; R] = std::array::from_fn(|i| &sums[i][..g]);
-                    avx2::int4(
-                        &q[row * (k / 2)..][..k / 2],
-                        &p[row * 2 * g..][..2 * g],
-                        group,
-                        &x,
-                        &sm,
-                        &mut o,
-                    );
+                    avx2::int4(q, p, group, &x, &sm, &mut o);
                 }
                 Rows::Int4 { .. } => portable::dots(m, row, &x, sums, &mut o),
             }
@@ -322,28 +314,17 @@ mod portable {
         o: &mut [f32; R],
     ) {
         let k = m.k;
-        match m.data {
-            Rows::F32(w) => {
-                let w = &w[row * k..][..k];
-                dense(|i| w[i], k, x, o)
-            }
-            Rows::Bf16(w) => {
-                let w = &w[row * k..][..k];
-                dense(|i| w[i].to_f32(), k, x, o)
-            }
-            Rows::F16(w) => {
-                let w = &w[row * k..][..k];
-                dense(|i| w[i].to_f32(), k, x, o)
-            }
+        match m.row(row) {
+            Rows::F32(w) => dense(|i| w[i], k, x, o),
+            Rows::Bf16(w) => dense(|i| w[i].to_f32(), k, x, o),
+            Rows::F16(w) => dense(|i| w[i].to_f32(), k, x, o),
             Rows::Int8 { q, s } => {
-                let q = &q[row * k..][..k];
                 dense(|i| q[i] as i8 as f32, k, x, o);
-                let s = s[row].to_f32();
+                let s = s[0].to_f32();
                 o.iter_mut().for_each(|v| *v *= s);
             }
             Rows::Int4 { q, p, group } => {
-                let (kb, g) = (k.div_ceil(2), k.div_ceil(group));
-                let (q, p) = (&q[row * kb..][..kb], &p[row * 2 * g..][..2 * g]);
+                let g = k.div_ceil(group);
                 *o = [0f32; R];
                 for gi in 0..g {
                     let (s, z) = (p[2 * gi].to_f32(), p[2 * gi + 1].to_f32());
@@ -377,17 +358,10 @@ mod tests {
     /// and without tails, odd groups' neighbours included.
     #[test]
     fn decode_row_is_the_reference_bit_for_bit() {
-        let mut s = 0x853c49e6748fea9bu64;
-        let mut rnd = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
         let level = Level::detect();
         for k in [1usize, 2, 15, 16, 31, 32, 33, 64, 100, 130, 257, 512] {
             let rows = 3;
-            let w: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
+            let w = crate::qformat::tests::lcg(rows * k, k as u64);
             let mut got = vec![0f32; k];
             let mut want = vec![0f32; k];
             let bf: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
