@@ -850,3 +850,36 @@ fn threads_goes_on_either_side_of_a_subcommand_and_run_flags_do_not() {
         &["--threads"],
     );
 }
+
+#[test]
+fn serve_and_chat_flags_are_checked() {
+    let d = fixture("mixtral-base");
+    for (args, code, want) in [
+        (&["serve", "--port", "70000"][..], 2, &["--port"][..]),
+        (&["serve", "--max-batch", "0"], 2, &["--max-batch", "at least 1"]),
+        (&["serve", "--prefill-chunk", "0"], 2, &["--prefill-chunk"]),
+        (&["serve", "--host", "not-an-ip"], 2, &["--host"]),
+        (&["serve", "--kv-memory", "900TB"], 1, &["--kv-memory", "free"]),
+        (&["serve", "--kv-memory", "0"], 2, &["--kv-memory", "> 0"]),
+        // The fixture has a tokenizer but no chat template.
+        (&["chat", "--weights", s(&d)], 1, &["no chat template"]),
+    ] {
+        row(&[&d], args, code, want);
+    }
+    // A port already taken is named, with the address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    row(
+        &[],
+        &["serve", "--port", &port],
+        1,
+        &["--host/--port", &format!("127.0.0.1:{port}")],
+    );
+    // `chat` with its input closed at once ends cleanly.
+    let out = Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .arg("chat")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}

@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("runtime", 8),
     ("selftest", 8),
     ("bench", 9),
+    ("serve", 9),
     ("cli", 10),
 ];
 

@@ -2,7 +2,7 @@
 //!
 //! config (HF config.json -> [`config::ModelConfig`]) -> loader (safetensors -> canonical
 //! weights) -> model (one generic decoder; MoE as route / dispatch / experts / combine) ->
-//! runtime (KV cache, generation, tokenizer).
+//! runtime (KV cache, generation, continuous batching, tokenizer) -> serve (the OpenAI API).
 
 pub mod analysis;
 pub mod bench;
@@ -16,6 +16,7 @@ pub mod model;
 pub mod quant;
 pub mod runtime;
 pub mod selftest;
+pub mod serve;
 pub mod spec;
 pub mod units;
 

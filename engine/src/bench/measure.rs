@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::{Model, Trace};
+use crate::model::kv_cache::KvCache;
+use crate::model::{Model, SeqStep, Trace};
 
 /// Median, 10th and 90th percentile of samples (nearest rank on the sorted samples).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -96,13 +97,33 @@ fn distinct_experts(t: &Trace) -> Option<f64> {
     (!layers.is_empty()).then(|| layers.iter().sum::<usize>() as f64 / layers.len() as f64)
 }
 
-/// `gen` greedy decode steps from the ids `next [B, 1]`. Untraced, each step reads back only the
-/// sampled ids (what generation does) and appends them to `tokens`; with `on_trace` every step is
-/// traced (which reads each MoE layer's routing to the host) and the trace handed over.
+/// One step of `caches.len()` sequences, each with its own cache, through
+/// [`Model::forward_batch`] (the ragged batch `moe-run serve`'s continuous batching runs):
+/// `inputs[s]` are sequence s's new ids. Returns each sequence's greedy next id, read back in one
+/// device-to-host copy.
+fn batch_step(
+    model: &Model,
+    caches: &mut [KvCache],
+    inputs: &[&[u32]],
+    trace: Option<&mut Trace>,
+) -> Result<Vec<u32>> {
+    let mut steps: Vec<SeqStep> = caches
+        .iter_mut()
+        .zip(inputs)
+        .map(|(cache, ids)| SeqStep { ids, cache })
+        .collect();
+    let logits = model.forward_batch(&mut steps, trace)?; // [B, V]
+    let next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+    Ok(crate::model::host::read_vec::<u32>(&next)?)
+}
+
+/// `gen` greedy decode steps from the ids `next` (one per sequence). Untraced, each step's ids are
+/// appended to `tokens`; with `on_trace` every step is traced (which reads each MoE layer's
+/// routing to the host) and the trace handed over.
 fn decode_steps(
     model: &Model,
-    cache: &mut crate::model::kv_cache::KvCache,
-    mut next: Tensor,
+    caches: &mut [KvCache],
+    mut next: Vec<u32>,
     gen: usize,
     mut on_trace: Option<&mut dyn FnMut(&Trace)>,
     tokens: &mut Vec<u32>,
@@ -110,20 +131,22 @@ fn decode_steps(
     let mut trace = Trace::default();
     for _ in 0..gen {
         let tr = on_trace.is_some().then_some(&mut trace);
-        let logits = model.forward(&next, cache, false, tr)?;
-        next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+        let inputs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let inputs: Vec<&[u32]> = inputs.iter().map(|t| &t[..]).collect();
+        next = batch_step(model, caches, &inputs, tr)?;
         match on_trace.as_mut() {
             Some(f) => f(&trace),
-            None => tokens.extend(crate::model::host::read_vec::<u32>(&next)?), // the sampled ids
+            None => tokens.extend_from_slice(&next),
         }
     }
     Ok(())
 }
 
-/// Prefill `ids` (`batch` rows), then `gen` greedy decode steps; times both. The timed steps read
-/// back only the sampled ids (what generation does). With `count_experts`, the same steps run once
-/// more untimed with a routing trace (which reads every MoE layer's routing to the host) to count
-/// the distinct experts per step.
+/// Prefill `ids` (`batch` rows), then `gen` greedy decode steps; times both. Each row is its own
+/// sequence with its own KV cache, all advanced together in one forward pass per step (the
+/// serving engine's batch). The timed steps read back only the sampled ids (what generation
+/// does). With `count_experts`, the same steps run once more untimed with a routing trace (which
+/// reads every MoE layer's routing to the host) to count the distinct experts per step.
 pub fn run_once(
     model: &Model,
     ids: &[u32],
@@ -132,32 +155,32 @@ pub fn run_once(
     count_experts: bool,
 ) -> Result<RunSample> {
     let dev = model.device().clone();
-    let p = ids.len() / batch;
-    let mut cache = model.new_cache(batch, p + gen)?;
-    let input = Tensor::from_slice(ids, (batch, p), &dev)?;
+    let p = ids.len() / batch.max(1);
+    let prompts: Vec<&[u32]> = ids.chunks(p.max(1)).take(batch).collect();
+    let mut caches = (0..batch)
+        .map(|_| model.new_cache(1, p + gen))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     sync(&dev)?;
     let t0 = Instant::now();
-    let logits = model.forward(&input, &mut cache, false, None)?;
-    let next = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?; // [B, 1]
-    let mut tokens = crate::model::host::read_vec::<u32>(&next)?;
+    let next = batch_step(model, &mut caches, &prompts, None)?;
+    let mut tokens = next.clone();
     sync(&dev)?;
     let prefill_s = t0.elapsed().as_secs_f64();
 
-    let first = next.clone();
     let t1 = Instant::now();
-    decode_steps(model, &mut cache, next, gen, None, &mut tokens)?;
+    decode_steps(model, &mut caches, next.clone(), gen, None, &mut tokens)?;
     sync(&dev)?;
     let decode_s = t1.elapsed().as_secs_f64();
 
     let (mut touched, mut steps) = (0.0, 0usize);
     if count_experts {
         // The same greedy steps again from the prompt's cache state, traced and untimed.
-        cache.reset();
-        model.forward(&input, &mut cache, false, None)?;
+        caches.iter_mut().for_each(KvCache::reset);
+        batch_step(model, &mut caches, &prompts, None)?;
         decode_steps(
             model,
-            &mut cache,
-            first,
+            &mut caches,
+            next,
             gen,
             Some(&mut |t| {
                 if let Some(d) = distinct_experts(t) {
@@ -172,7 +195,7 @@ pub fn run_once(
         prefill_s,
         decode_s,
         experts_touched: (steps > 0).then(|| touched / steps as f64),
-        kv_bytes: cache.bytes(),
+        kv_bytes: caches.iter().map(KvCache::bytes).sum(),
         tokens,
     })
 }

@@ -15,8 +15,10 @@
 )]
 
 pub mod analyze;
+pub mod chat;
 pub mod profile;
 pub mod results;
+pub mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -73,6 +75,12 @@ pub enum Cmd {
     /// Count which routed experts a text's tokens choose, per layer (JSON), for the hybrid
     /// placement's --profile; reports how concentrated routing is.
     Profile(profile::ProfileArgs),
+    /// Serve the OpenAI API (/v1/completions, /v1/chat/completions, streaming) with continuous
+    /// batching; with no --model, the embedded tiny-kjv.
+    Serve(serve::ServeArgs),
+    /// Chat in the terminal through the model's chat template (history kept; /reset; Ctrl-D
+    /// exits).
+    Chat(chat::ChatArgs),
 }
 
 #[derive(Args)]
@@ -251,16 +259,22 @@ pub fn main() -> ExitCode {
         eprintln!("error: --threads: {e}");
         return ExitCode::FAILURE;
     }
-    let result = moe_kernels::cpu::on_pool(move || match cli.cmd {
-        Some(Cmd::Logits(a)) => logits(a),
-        Some(Cmd::Analyze(a)) => analyze::run(&a),
-        Some(Cmd::Bench(a)) => crate::bench::run(&a),
-        Some(Cmd::Quantize(a)) => quantize(a),
-        Some(Cmd::Selftest(a)) => selftest(a),
-        Some(Cmd::Results(a)) => crate::cli::results::run(&a),
-        Some(Cmd::Profile(a)) => profile::run(a),
-        None => run(cli.run),
-    });
+    let result = match cli.cmd {
+        // The server runs its own threads: the engine's on the compute pool, HTTP on tokio.
+        Some(Cmd::Serve(a)) => serve::run(a),
+        cmd => moe_kernels::cpu::on_pool(move || match cmd {
+            Some(Cmd::Logits(a)) => logits(a),
+            Some(Cmd::Analyze(a)) => analyze::run(&a),
+            Some(Cmd::Bench(a)) => crate::bench::run(&a),
+            Some(Cmd::Quantize(a)) => quantize(a),
+            Some(Cmd::Selftest(a)) => selftest(a),
+            Some(Cmd::Results(a)) => crate::cli::results::run(&a),
+            Some(Cmd::Profile(a)) => profile::run(a),
+            Some(Cmd::Serve(a)) => serve::run(a),
+            Some(Cmd::Chat(a)) => chat::run(a),
+            None => run(cli.run),
+        }),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // `moe-run ... | head`: the reader has gone, which is not an error of ours.
@@ -292,7 +306,7 @@ pub fn error_text(e: &Error) -> String {
 }
 
 /// Where the model comes from, and the loaded model.
-fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
+pub(crate) fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
     let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
     let device = loader::parse_device(&a.device)?;
     let dtype = loader::parse_dtype_on(&a.dtype, &device)?;

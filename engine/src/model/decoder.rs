@@ -32,6 +32,13 @@ struct Layer {
     ffn: Ffn,
 }
 
+/// One sequence of a [`Model::forward_batch`] step: its new token ids and its own KV cache
+/// (batch 1, sized for that sequence alone).
+pub struct SeqStep<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
 /// What a forward pass reports besides logits.
 #[derive(Debug, Default, Clone)]
 pub struct Trace {
@@ -321,33 +328,122 @@ impl Model {
         ids: &Tensor,
         cache: &mut KvCache,
         all_logits: bool,
-        mut trace: Option<&mut Trace>,
+        trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let pos = cache.len();
-        if pos + t > cache.capacity() || pos + t > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "{} tokens exceed the context ({} in the cache, max_position_embeddings {})",
-                pos + t,
-                cache.capacity(),
-                self.cfg.max_position_embeddings
-            )
-        }
-        if let Some(tr) = trace.as_deref_mut() {
-            tr.tokens = ids.elem_count();
-            tr.router_ids.clear();
-            tr.router_weights.clear();
-        }
-        let mut x = self
+        self.check_fits(pos, t, cache.capacity())?;
+        let x = self
             .embed
             .embedding(&ids.flatten_all()?)?
             .reshape((ids.dim(0)?, t, ()))?;
+        let x = self.run_layers(x, |i, attn, xn| self.attend(attn, xn, pos, cache, i), trace)?;
+        cache.advance(t);
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?
+        };
+        self.logits(&x)
+    }
+
+    /// One step of a ragged batch: every sequence's new tokens (a prompt chunk or one decoded
+    /// token) at its own positions `cache.len()..`, attending only to its own cache, while the
+    /// norms, projections and MoE stages see all `N = sum T_s` tokens at once (the experts read
+    /// their weights once for the whole batch). Returns f32 logits `[S, V]` of each sequence's
+    /// last new token. Each row is computed as a batch-1 [`Model::forward`] of that sequence
+    /// would compute it, up to the kernels' summation order for N rows.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut last = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            if s.ids.is_empty() {
+                candle_core::bail!("a sequence in the batch has no new tokens");
+            }
+            self.check_fits(s.cache.len(), s.ids.len(), s.cache.capacity())?;
+            ids.extend_from_slice(s.ids);
+            last.push((ids.len() - 1) as u32);
+        }
+        let n = ids.len();
+        let x = self
+            .embed
+            .embedding(&Tensor::from_vec(ids, n, &self.device)?)?
+            .unsqueeze(0)?; // [1, N, H]
+        let x = self.run_layers(
+            x,
+            |i, attn, xn| {
+                if let [s] = &mut *seqs {
+                    let pos = s.cache.len();
+                    return self.attend(attn, xn, pos, &mut *s.cache, i);
+                }
+                let mut parts = Vec::with_capacity(seqs.len());
+                let mut off = 0;
+                for s in seqs.iter_mut() {
+                    let t = s.ids.len();
+                    let pos = s.cache.len();
+                    parts.push(self.attend(attn, &xn.narrow(1, off, t)?, pos, &mut *s.cache, i)?);
+                    off += t;
+                }
+                Tensor::cat(&parts, 1)
+            },
+            trace,
+        )?;
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.ids.len());
+        }
+        let s = last.len();
+        let x = x.index_select(&Tensor::from_vec(last, s, &self.device)?, 1)?; // [1, S, H]
+        self.logits(&x)?.squeeze(0)
+    }
+
+    /// Refuses `t` new tokens after `pos` cached ones beyond the cache or the context.
+    fn check_fits(&self, pos: usize, t: usize, capacity: usize) -> Result<()> {
+        if pos + t > capacity || pos + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "{} tokens exceed the context ({} in the cache, max_position_embeddings {})",
+                pos + t,
+                capacity,
+                self.cfg.max_position_embeddings
+            )
+        }
+        Ok(())
+    }
+
+    /// The attention of layer `i` for `xn [B, T, H]` at positions `pos..pos+T` of `cache`.
+    fn attend(
+        &self,
+        attn: &Attn,
+        xn: &Tensor,
+        pos: usize,
+        cache: &mut KvCache,
+        i: usize,
+    ) -> Result<Tensor> {
+        match attn {
+            Attn::Gqa(a) => a.forward(xn, pos, &self.rope, cache, i, &self.plan),
+            Attn::Mla(a) => a.forward(xn, pos, &self.rope, cache, i, &self.plan),
+        }
+    }
+
+    /// The decoder layers over the embedded `x [B, T, H]`, attention through `attend(layer,
+    /// attention, normed x)`; fills `trace` with every MoE layer's routing.
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        mut attend: impl FnMut(usize, &Attn, &Tensor) -> Result<Tensor>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.tokens = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+            tr.router_ids.clear();
+            tr.router_weights.clear();
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let xn = self.norm(&layer.attn_norm, &x)?;
-            let h = match &layer.attn {
-                Attn::Gqa(a) => a.forward(&xn, pos, &self.rope, cache, i, &self.plan)?,
-                Attn::Mla(a) => a.forward(&xn, pos, &self.rope, cache, i, &self.plan)?,
-            };
+            let h = attend(i, &layer.attn, &xn)?;
             let (sum, h) = self.add_norm(&layer.ffn_norm, &x, &h)?;
             x = sum;
             let (h, routing) = match &layer.ffn {
@@ -371,13 +467,12 @@ impl Model {
             }
             x = (x + h)?;
         }
-        cache.advance(t);
-        let x = if all_logits {
-            x
-        } else {
-            x.narrow(1, t - 1, 1)?
-        };
-        let x = self.norm(&self.final_norm, &x)?;
+        Ok(x)
+    }
+
+    /// Final norm and lm_head: `[.., H] -> [.., V]` f32.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm(&self.final_norm, x)?;
         self.lm_head
             .forward_on(&x, &self.plan)?
             .to_dtype(DType::F32)

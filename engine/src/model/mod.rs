@@ -15,7 +15,7 @@ pub mod rope;
 use candle_core::{Module, Tensor};
 
 pub use crate::quant::Weight;
-pub use decoder::{Model, Trace};
+pub use decoder::{Model, SeqStep, Trace};
 pub use path::{ExecPath, PathPlan};
 
 /// y = x W^T (+ b) for W stored `[out, in]` as in every HF checkpoint, dense or quantized

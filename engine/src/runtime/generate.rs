@@ -28,7 +28,7 @@ impl SamplingParams {
         }
     }
 
-    fn processor(&self) -> LogitsProcessor {
+    pub(crate) fn processor(&self) -> LogitsProcessor {
         let temperature = self.temperature;
         let top_p = self.top_p.filter(|p| *p < 1.0);
         let sampling = match (temperature <= 0.0, self.top_k, top_p) {

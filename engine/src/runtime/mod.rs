@@ -1,5 +1,7 @@
-//! What drives a model: the generation loop, sampling, routing statistics, the tokenizer.
+//! What drives a model: the generation loop, sampling, continuous batching, routing statistics,
+//! the tokenizer.
 
+pub mod batch;
 pub mod chat;
 pub mod generate;
 pub mod stats;

@@ -183,6 +183,15 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Encodes without adding any special token: for text that already carries them, such as a
+    /// rendered chat template (as transformers' `apply_chat_template` tokenizes).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = guarded(&self.path, "encoding", || {
+            self.inner.encode(text, false).map_err(|e| self.err(e))
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         guarded(&self.path, "decoding", || {
             self.inner.decode(ids, true).map_err(|e| self.err(e))

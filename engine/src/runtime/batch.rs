@@ -1,0 +1,529 @@
+//! Continuous batching: requests join and leave between steps of one ragged forward pass
+//! ([`Model::forward_batch`]), on one engine thread that owns the model.
+//!
+//! Each step takes every running sequence's next token (decode) plus prompt chunks of sequences
+//! still being prefilled, at most [`BatchConfig::prefill_chunk`] prompt tokens per step, so a long
+//! prompt joins without stalling the running sequences for a whole prefill. The MoE stages see all
+//! the step's tokens at once: each expert's weights are read once per step for the whole batch.
+//!
+//! KV memory is per sequence: each admitted sequence gets its own contiguous cache sized for its
+//! prompt plus its `max_new_tokens` (capped at the context), freed when it finishes or its client
+//! goes away. A paged cache would pack sequences more tightly, but needs a paged attention kernel on
+//! every path; per-sequence caches keep the decode-attention kernel and the CPU attention as they
+//! are, and a request's whole KV is reserved at admission, so a running sequence never runs out.
+//! Admission is bounded by `max_batch` and by the KV budget, costed as analyze costs it
+//! ([`kv_bytes_per_sequence`]); the waiting queue is bounded by `max_waiting` and a submission past
+//! it is refused ([`SubmitError::QueueFull`]), never queued without bound.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use candle_transformers::generation::LogitsProcessor;
+
+use super::generate::{validate_prompt, GenerateParams, StopReason};
+use super::stats::RoutingStats;
+use crate::error::{Error, Result};
+use crate::model::kv_cache::KvCache;
+use crate::model::{Model, SeqStep, Trace};
+use crate::spec::bytes::kv_bytes_per_sequence;
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// Sequences advanced together in one step at most.
+    pub max_batch: usize,
+    /// Requests waiting for a slot at most; one more is refused.
+    pub max_waiting: usize,
+    /// Bytes of KV cache all running sequences may hold together.
+    pub kv_budget: u64,
+    /// Prompt tokens prefilled per step at most (across sequences), >= 1.
+    pub prefill_chunk: usize,
+    /// Count routed experts per layer for the metrics (reads routing to the host every layer).
+    pub expert_stats: bool,
+}
+
+/// What a request hears from the engine, in order: tokens, then exactly one `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(u32),
+    Done {
+        stop: StopReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// Receives a request's events; returns false once nobody listens (the client went away), which
+/// cancels the sequence and frees its KV cache.
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+pub struct Submission {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    pub sink: Sink,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {waiting} requests are already waiting (--max-waiting {limit}); retry later")]
+    QueueFull { waiting: usize, limit: usize },
+    #[error("the request needs {need} bytes of KV cache ({tokens} tokens), more than the whole KV budget of {budget} bytes (--kv-memory)")]
+    TooLarge {
+        need: u64,
+        tokens: usize,
+        budget: u64,
+    },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Counters the server's /metrics reads (updated by the engine thread).
+#[derive(Default)]
+pub struct EngineStats {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_used_bytes: AtomicU64,
+    pub kv_budget_bytes: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub cancelled_total: AtomicU64,
+    pub prompt_tokens_total: AtomicU64,
+    pub generated_tokens_total: AtomicU64,
+    pub steps_total: AtomicU64,
+    /// Wall time spent in forward passes, microseconds.
+    pub busy_micros: AtomicU64,
+    /// Generated tokens per second over the last second of steps (f64 bits); 0 when idle.
+    pub recent_tok_per_s_bits: AtomicU64,
+    /// Routed token slots per expert per MoE layer (with `expert_stats`).
+    pub experts: Mutex<Option<RoutingStats>>,
+}
+
+impl EngineStats {
+    pub fn recent_tok_per_s(&self) -> f64 {
+        f64::from_bits(self.recent_tok_per_s_bits.load(Relaxed))
+    }
+}
+
+enum Msg {
+    Submit(Box<Submission>),
+    Shutdown,
+}
+
+/// The engine thread and its queue.
+pub struct Engine {
+    tx: mpsc::Sender<Msg>,
+    stats: Arc<EngineStats>,
+    cfg: BatchConfig,
+    kv_per_token: u64,
+    context: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A running sequence.
+struct Seq {
+    sink: Sink,
+    cache: KvCache,
+    kv_bytes: u64,
+    prompt_len: usize,
+    /// Prompt tokens not yet prefilled (front first).
+    pending: Vec<u32>,
+    /// The last sampled token, fed at the next step.
+    next: Option<u32>,
+    generated: usize,
+    params: GenerateParams,
+    sampler: LogitsProcessor,
+}
+
+impl Engine {
+    /// Starts the engine thread with `model` (moved there), on the CPU compute pool.
+    pub fn start(model: Model, cfg: BatchConfig) -> Result<Engine> {
+        if cfg.max_batch == 0 || cfg.prefill_chunk == 0 {
+            return Err(Error::Input(
+                "--max-batch and the prefill chunk must be at least 1".into(),
+            ));
+        }
+        let kv_per_token =
+            kv_bytes_per_sequence(&model.cfg, 1, model.dtype().size_in_bytes() as u64);
+        let stats = Arc::new(EngineStats::default());
+        stats.kv_budget_bytes.store(cfg.kv_budget, Relaxed);
+        if cfg.expert_stats {
+            if let Ok(mut e) = stats.experts.lock() {
+                *e = Some(RoutingStats::new(&model.cfg));
+            }
+        }
+        let context = model.cfg.max_position_embeddings;
+        let (tx, rx) = mpsc::channel();
+        let (st, c) = (stats.clone(), cfg.clone());
+        let thread = std::thread::Builder::new()
+            .name("moe-engine".into())
+            .spawn(move || {
+                moe_kernels::cpu::on_pool(move || {
+                    Scheduler::new(model, c, st, kv_per_token).run(rx)
+                })
+            })
+            .map_err(|e| Error::io("engine thread", e))?;
+        Ok(Engine {
+            tx,
+            stats,
+            cfg,
+            kv_per_token,
+            context,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &BatchConfig {
+        &self.cfg
+    }
+
+    /// KV bytes a request reserves: its prompt plus `max_new_tokens - 1` (the last token is never
+    /// fed back), capped at the context.
+    pub fn kv_need(&self, prompt: usize, max_new_tokens: usize) -> (u64, usize) {
+        let tokens = capacity(prompt, max_new_tokens, self.context);
+        (self.kv_per_token.saturating_mul(tokens as u64), tokens)
+    }
+
+    /// Queues a request (its prompt already validated by the caller against the model). Refused
+    /// when the queue is full or the request could never fit the KV budget.
+    pub fn submit(&self, s: Submission) -> std::result::Result<(), SubmitError> {
+        let (need, tokens) = self.kv_need(s.prompt.len(), s.params.max_new_tokens);
+        if need > self.cfg.kv_budget {
+            return Err(SubmitError::TooLarge {
+                need,
+                tokens,
+                budget: self.cfg.kv_budget,
+            });
+        }
+        // Reserve a waiting place first, so concurrent submissions cannot overfill the queue.
+        let waiting = self.stats.waiting.fetch_add(1, Relaxed);
+        if waiting >= self.cfg.max_waiting {
+            self.stats.waiting.fetch_sub(1, Relaxed);
+            return Err(SubmitError::QueueFull {
+                waiting,
+                limit: self.cfg.max_waiting,
+            });
+        }
+        self.tx.send(Msg::Submit(Box::new(s))).map_err(|_| {
+            self.stats.waiting.fetch_sub(1, Relaxed);
+            SubmitError::Stopped
+        })
+    }
+
+    /// Stops taking requests, lets the engine finish every queued and running one, and waits for
+    /// its thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Cache positions a sequence needs: prompt + max_new - 1, at least the prompt, at most the context.
+fn capacity(prompt: usize, max_new: usize, context: usize) -> usize {
+    prompt
+        .saturating_add(max_new.saturating_sub(1))
+        .min(context)
+        .max(prompt)
+}
+
+/// The engine thread's state.
+struct Scheduler {
+    model: Model,
+    cfg: BatchConfig,
+    stats: Arc<EngineStats>,
+    kv_per_token: u64,
+    waiting: VecDeque<Box<Submission>>,
+    running: Vec<Seq>,
+    kv_used: u64,
+    /// (time, tokens) of recent steps, for the recent rate.
+    recent: VecDeque<(Instant, usize)>,
+}
+
+impl Scheduler {
+    fn new(model: Model, cfg: BatchConfig, stats: Arc<EngineStats>, kv_per_token: u64) -> Self {
+        Scheduler {
+            model,
+            cfg,
+            stats,
+            kv_per_token,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv_used: 0,
+            recent: VecDeque::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut open = true;
+        loop {
+            // Idle: block for work; busy: take what has arrived and go on stepping.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                if !open {
+                    return;
+                }
+                match rx.recv() {
+                    Ok(m) => open &= self.take(m),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(m) = rx.try_recv() {
+                open &= self.take(m);
+            }
+            self.admit();
+            if let Err(e) = self.step() {
+                // A failed step (out of memory, a kernel error) fails the sequences in it, not
+                // the server.
+                let msg = e.to_string();
+                for mut s in self.running.drain(..) {
+                    (s.sink)(Event::Failed(msg.clone()));
+                }
+                self.kv_used = 0;
+            }
+            self.publish();
+        }
+    }
+
+    /// Files a message; false on shutdown.
+    fn take(&mut self, m: Msg) -> bool {
+        match m {
+            Msg::Submit(s) => {
+                self.waiting.push_back(s);
+                true
+            }
+            Msg::Shutdown => false,
+        }
+    }
+
+    /// Moves waiting requests into the batch while a slot and their KV fit.
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_batch {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let tokens = capacity(
+                front.prompt.len(),
+                front.params.max_new_tokens,
+                self.model.cfg.max_position_embeddings,
+            );
+            let need = self.kv_per_token.saturating_mul(tokens as u64);
+            if self.kv_used.saturating_add(need) > self.cfg.kv_budget && !self.running.is_empty() {
+                break; // waits for a running sequence to free its KV
+            }
+            let Some(mut sub) = self.waiting.pop_front() else {
+                break;
+            };
+            self.stats.waiting.fetch_sub(1, Relaxed);
+            self.stats.requests_total.fetch_add(1, Relaxed);
+            let admitted = validate_prompt(&self.model, &sub.prompt)
+                .and_then(|_| Ok(self.model.new_cache(1, tokens)?));
+            let cache = match admitted {
+                Ok(c) => c,
+                Err(e) => {
+                    (sub.sink)(Event::Failed(e.to_string()));
+                    continue;
+                }
+            };
+            self.kv_used += need;
+            let sampler = sub.params.sampling.processor();
+            let Submission {
+                prompt,
+                params,
+                sink,
+            } = *sub;
+            self.running.push(Seq {
+                sink,
+                cache,
+                kv_bytes: need,
+                prompt_len: prompt.len(),
+                pending: prompt,
+                next: None,
+                generated: 0,
+                params,
+                sampler,
+            });
+        }
+    }
+
+    /// One forward pass over the batch; samples, streams and retires sequences.
+    fn step(&mut self) -> Result<()> {
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        // Each sequence's input this step: its sampled token, or the next chunk of its prompt.
+        let mut budget = self.cfg.prefill_chunk;
+        // (seq, ids, is a prompt chunk, samples after it)
+        let mut inputs: Vec<(usize, Vec<u32>, bool, bool)> = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if let Some(t) = s.next.take() {
+                inputs.push((i, vec![t], false, true));
+            } else if !s.pending.is_empty() && budget > 0 {
+                let n = s.pending.len().min(budget);
+                budget -= n;
+                let chunk: Vec<u32> = s.pending.drain(..n).collect();
+                inputs.push((i, chunk, true, s.pending.is_empty()));
+            }
+        }
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let mut trace = self.cfg.expert_stats.then(Trace::default);
+        let logits = {
+            // Borrow each input's sequence cache mutably, in running order.
+            let mut caches: Vec<Option<&mut KvCache>> = self
+                .running
+                .iter_mut()
+                .map(|s| Some(&mut s.cache))
+                .collect();
+            let mut steps = Vec::with_capacity(inputs.len());
+            for (i, ids, _, _) in &inputs {
+                let cache = caches
+                    .get_mut(*i)
+                    .and_then(Option::take)
+                    .ok_or_else(|| Error::Input("a sequence appears twice in a step".into()))?;
+                steps.push(SeqStep { ids, cache });
+            }
+            self.model.forward_batch(&mut steps, trace.as_mut())?
+        };
+        let logits: Vec<f32> = crate::model::host::read_vec(&logits.flatten_all()?)?;
+        let vocab = logits.len() / inputs.len().max(1);
+        let elapsed = t0.elapsed();
+        self.stats.steps_total.fetch_add(1, Relaxed);
+        self.stats
+            .busy_micros
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+        if let (Some(tr), Ok(mut e)) = (&trace, self.stats.experts.lock()) {
+            if let Some(e) = e.as_mut() {
+                e.record(tr);
+            }
+        }
+        let mut finished = Vec::new();
+        let mut produced = 0;
+        for (row, (i, ids, prefill, samples)) in inputs.iter().enumerate() {
+            let Some(s) = self.running.get_mut(*i) else {
+                continue;
+            };
+            if *prefill {
+                self.stats
+                    .prompt_tokens_total
+                    .fetch_add(ids.len() as u64, Relaxed);
+            }
+            if !samples {
+                continue;
+            }
+            let Some(row) = logits.get(row * vocab..(row + 1) * vocab) else {
+                continue;
+            };
+            let next = sample(&mut s.sampler, s.params.sampling.temperature <= 0.0, row)?;
+            s.generated += 1;
+            produced += 1;
+            if !(s.sink)(Event::Token(next)) {
+                self.stats.cancelled_total.fetch_add(1, Relaxed);
+                finished.push((*i, None));
+                continue;
+            }
+            let context = self.model.cfg.max_position_embeddings;
+            let stop = if s.params.eos.contains(&next) {
+                Some(StopReason::Eos)
+            } else if s.generated >= s.params.max_new_tokens {
+                Some(StopReason::MaxTokens)
+            } else if s.cache.len() >= context || s.cache.len() >= s.cache.capacity() {
+                Some(StopReason::ContextFull)
+            } else {
+                s.next = Some(next);
+                None
+            };
+            if let Some(stop) = stop {
+                finished.push((*i, Some(stop)));
+            }
+        }
+        self.stats
+            .generated_tokens_total
+            .fetch_add(produced as u64, Relaxed);
+        let now = Instant::now();
+        self.recent.push_back((now, produced));
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t).as_secs_f64() > 1.0)
+        {
+            self.recent.pop_front();
+        }
+        // Retire from the back so indices stay valid.
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, stop) in finished {
+            if i >= self.running.len() {
+                continue;
+            }
+            let mut s = self.running.swap_remove(i);
+            self.kv_used = self.kv_used.saturating_sub(s.kv_bytes);
+            // Published before the request hears it is done.
+            self.stats.kv_used_bytes.store(self.kv_used, Relaxed);
+            self.stats.running.store(self.running.len(), Relaxed);
+            if let Some(stop) = stop {
+                (s.sink)(Event::Done {
+                    stop,
+                    prompt_tokens: s.prompt_len,
+                    completion_tokens: s.generated,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the gauges.
+    fn publish(&mut self) {
+        let st = &self.stats;
+        st.running.store(self.running.len(), Relaxed);
+        st.kv_used_bytes.store(self.kv_used, Relaxed);
+        let rate = match (self.recent.front(), self.recent.back()) {
+            (Some((a, _)), Some((b, _))) if self.recent.len() > 1 => {
+                let secs = b.duration_since(*a).as_secs_f64();
+                let tokens: usize = self.recent.iter().skip(1).map(|(_, n)| n).sum();
+                if secs > 0.0 {
+                    tokens as f64 / secs
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
+        };
+        let rate = if self.running.is_empty() { 0.0 } else { rate };
+        st.recent_tok_per_s_bits.store(rate.to_bits(), Relaxed);
+    }
+}
+
+/// The next token from one row of logits: greedy is the first maximum (as torch's argmax and
+/// [`super::generate::next_token`]); otherwise the sequence's own sampler.
+fn sample(sampler: &mut LogitsProcessor, greedy: bool, row: &[f32]) -> Result<u32> {
+    if greedy {
+        let mut best = 0usize;
+        let mut max = f32::NEG_INFINITY;
+        for (i, &v) in row.iter().enumerate() {
+            if v > max {
+                max = v;
+                best = i;
+            }
+        }
+        return Ok(best as u32);
+    }
+    let t = candle_core::Tensor::from_slice(row, row.len(), &candle_core::Device::Cpu)?;
+    Ok(sampler.sample(&t)?)
+}

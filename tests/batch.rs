@@ -1,0 +1,252 @@
+//! The continuous-batching engine (`runtime::batch`) on tiny-kjv: a sequence's greedy output does
+//! not depend on what else is in the batch, the KV budget and the waiting queue bound what runs,
+//! and a sequence whose client goes away is cancelled and frees its KV.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use candle_core::DType;
+use moe::loader::embedded::TINY_KJV;
+use moe::loader::LoadOptions;
+use moe::model::Model;
+use moe::runtime::batch::{BatchConfig, Engine, Event, Submission, SubmitError};
+use moe::runtime::generate::{generate, GenerateParams, SamplingParams, StopReason};
+use moe::runtime::tokenizer::TextTokenizer;
+
+/// 16 different prompts of different lengths (KJV-like text).
+fn prompts(model: &Model) -> Vec<Vec<u32>> {
+    let tok = TextTokenizer::embedded(&TINY_KJV, &model.cfg).unwrap();
+    let starts = [
+        "And God said",
+        "In the beginning",
+        "And it came to pass, when",
+        "The LORD is my shepherd",
+        "Blessed are the",
+        "And Moses spake unto",
+        "Then said Jesus unto them,",
+        "For God so loved",
+        "And the earth was",
+        "Honour thy father",
+        "And he said unto them, Go ye into all the world, and",
+        "Behold,",
+        "And Abraham",
+        "Now the serpent was more subtil than any beast of the field",
+        "I am the",
+        "And there was",
+    ];
+    starts.iter().map(|s| tok.encode(s).unwrap()).collect()
+}
+
+fn greedy(max_new: usize) -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: max_new,
+        sampling: SamplingParams::greedy(),
+        eos: vec![],
+    }
+}
+
+fn config(max_batch: usize, kv_budget: u64) -> BatchConfig {
+    BatchConfig {
+        max_batch,
+        max_waiting: 64,
+        kv_budget,
+        prefill_chunk: 512,
+        expert_stats: true,
+    }
+}
+
+/// Submits every prompt at once and collects each one's ids and stop reason.
+fn run_batched(
+    engine: &Engine,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+) -> Vec<(Vec<u32>, StopReason)> {
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (tx, rx) = mpsc::channel();
+            engine
+                .submit(Submission {
+                    prompt: p.clone(),
+                    params: params.clone(),
+                    sink: Box::new(move |e| tx.send(e).is_ok()),
+                })
+                .unwrap();
+            rx
+        })
+        .collect();
+    rxs.into_iter()
+        .map(|rx| {
+            let mut ids = Vec::new();
+            loop {
+                match rx.recv_timeout(Duration::from_secs(120)).unwrap() {
+                    Event::Token(t) => ids.push(t),
+                    Event::Done { stop, .. } => return (ids, stop),
+                    Event::Failed(m) => panic!("failed: {m}"),
+                }
+            }
+        })
+        .collect()
+}
+
+/// 16 sequences in one batch give exactly the ids each gives alone (f32), and with the stored bf16
+/// weights kept 16-bit (the CLI's default for tiny-kjv on the CPU) too.
+#[test]
+fn greedy_output_does_not_depend_on_the_batch() {
+    let bf16 = LoadOptions {
+        weight_dtype: Some(DType::BF16),
+        ..Default::default()
+    };
+    for (what, opts) in [("f32", LoadOptions::default()), ("bf16 weights", bf16)] {
+        let model = TINY_KJV.load(&opts).unwrap();
+        let prompts = prompts(&model);
+        let params = greedy(24);
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                generate(&model, p, &params, |_| Ok(()), None)
+                    .unwrap()
+                    .generated_ids
+            })
+            .collect();
+        let engine = Engine::start(model, config(16, u64::MAX)).unwrap();
+        let batched = run_batched(&engine, &prompts, &params);
+        for (i, ((ids, stop), want)) in batched.iter().zip(&alone).enumerate() {
+            assert_eq!(*stop, StopReason::MaxTokens);
+            assert_eq!(ids, want, "{what}: prompt {i} batched vs alone");
+        }
+        let st = engine.stats();
+        assert_eq!(st.requests_total.load(Relaxed), 16);
+        assert_eq!(st.generated_tokens_total.load(Relaxed), 16 * 24);
+        // Every step after the prefills advanced all 16 at once: far fewer steps than tokens.
+        assert!(st.steps_total.load(Relaxed) < 16 * 24 / 4, "{what}: steps");
+        let experts = st.experts.lock().unwrap();
+        let tokens = experts.as_ref().unwrap().tokens;
+        let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+        assert_eq!(
+            tokens as usize,
+            prompt_tokens + 16 * 23,
+            "{what}: routed tokens"
+        );
+    }
+}
+
+/// A prompt prefilled in chunks (several steps, interleaved with running sequences) gives the
+/// same greedy ids as one prefill pass.
+#[test]
+fn chunked_prefill_gives_the_same_ids() {
+    let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
+    let prompts = prompts(&model);
+    let params = greedy(12);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            generate(&model, p, &params, |_| Ok(()), None)
+                .unwrap()
+                .generated_ids
+        })
+        .collect();
+    let mut cfg = config(8, u64::MAX);
+    cfg.prefill_chunk = 3;
+    let engine = Engine::start(model, cfg).unwrap();
+    let batched = run_batched(&engine, &prompts, &params);
+    let same = batched
+        .iter()
+        .zip(&alone)
+        .filter(|((ids, _), want)| ids == *want)
+        .count();
+    assert_eq!(same, prompts.len(), "chunked prefill changed greedy ids");
+}
+
+/// With room for two sequences' KV, 6 requests all finish (the others wait for KV to be freed)
+/// and every reservation is returned; a request larger than the whole budget is refused at once.
+#[test]
+fn the_kv_budget_bounds_the_batch() {
+    let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = prompts(&model).into_iter().take(6).collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap();
+    let params = greedy(10);
+    let per_token = moe::spec::bytes::kv_bytes_per_token(&model.cfg, 4);
+    // Two of the longest sequences fit, a third does not.
+    let budget = 2 * per_token * (longest + 9) as u64 + per_token;
+    let engine = Engine::start(model, config(16, budget)).unwrap();
+    let (need, _) = engine.kv_need(longest, 10);
+    assert!(need * 3 > budget && need * 2 <= budget);
+    let out = run_batched(&engine, &prompts, &params);
+    assert!(out.iter().all(|(ids, _)| ids.len() == 10));
+    assert_eq!(engine.stats().kv_used_bytes.load(Relaxed), 0);
+    let too_big = engine.submit(Submission {
+        prompt: vec![1; 100],
+        params: greedy(400),
+        sink: Box::new(|_| true),
+    });
+    assert!(
+        matches!(too_big, Err(SubmitError::TooLarge { .. })),
+        "{too_big:?}"
+    );
+}
+
+/// The waiting queue is bounded: past `max_waiting`, submissions are refused, not queued.
+#[test]
+fn a_full_queue_refuses() {
+    let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
+    let prompt = prompts(&model).remove(0);
+    let mut cfg = config(1, u64::MAX);
+    cfg.max_waiting = 2;
+    let engine = Engine::start(model, cfg).unwrap();
+    let mut refused = 0;
+    let mut rxs = Vec::new();
+    for _ in 0..8 {
+        let (tx, rx) = mpsc::channel();
+        match engine.submit(Submission {
+            prompt: prompt.clone(),
+            params: greedy(200),
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+        }) {
+            Ok(()) => rxs.push(rx),
+            Err(SubmitError::QueueFull { limit, .. }) => {
+                assert_eq!(limit, 2);
+                refused += 1
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // At most one running and two waiting can have been accepted by the time the loop ends.
+    assert!(rxs.len() <= 3, "{} accepted", rxs.len());
+    assert_eq!(refused + rxs.len(), 8);
+}
+
+/// A client that stops listening has its sequence cancelled and its KV freed; the others go on.
+#[test]
+fn a_gone_client_is_cancelled_and_frees_its_kv() {
+    let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
+    let prompt = prompts(&model).remove(1);
+    let engine = Engine::start(model, config(4, u64::MAX)).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let mut seen = 0;
+    engine
+        .submit(Submission {
+            prompt: prompt.clone(),
+            params: greedy(300),
+            sink: Box::new(move |e| {
+                seen += 1;
+                seen <= 3 && tx.send(e).is_ok()
+            }),
+        })
+        .unwrap();
+    let kept = run_batched(&engine, std::slice::from_ref(&prompt), &greedy(20));
+    assert_eq!(kept[0].0.len(), 20);
+    let got: Vec<Event> = rx.iter().collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let st = engine.stats();
+    for _ in 0..100 {
+        if st.running.load(Relaxed) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(st.cancelled_total.load(Relaxed), 1);
+    assert_eq!(st.kv_used_bytes.load(Relaxed), 0);
+    assert_eq!(st.running.load(Relaxed), 0);
+}
