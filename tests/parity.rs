@@ -11,7 +11,7 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::{expected, fixture, max_abs_diff, FIXTURES};
 use moe::loader::{load_dir, LoadOptions};
-use moe::model::{ExecPath, Trace};
+use moe::model::{ExecPath, SeqStep, Trace};
 use moe::runtime::generate::{generate, GenerateParams, SamplingParams};
 
 const LOGIT_TOL: f32 = 1e-4;
@@ -69,6 +69,66 @@ fn check_path(fixture_name: &str, path: ExecPath) {
         "{name}: greedy ids (HF margins {:?})",
         exp.greedy_margins
     );
+    check_ragged_batch(name, &model, &exp);
+}
+
+/// One ragged [`Model::forward_batch`] step mixing a whole-prompt prefill, a one-token decode
+/// after a cached prefix and a prefill of a different prompt, then two steps decoding all three
+/// together: every sequence's logits equal its batch-1 [`Model::forward`] (and transformers' for
+/// the prompt's last position) within [`LOGIT_TOL`].
+fn check_ragged_batch(name: &str, model: &moe::model::Model, exp: &common::Expected) {
+    let p = &exp.prompt_ids;
+    let t = p.len();
+    let other: Vec<u32> = p.iter().rev().copied().collect();
+    let cap = t + 2;
+    let alone = |ids: &[u32], cache: &mut moe::model::kv_cache::KvCache| -> Vec<f32> {
+        let ids = Tensor::new(ids, model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let l = model.forward(&ids, cache, false, None).unwrap();
+        l.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let mut caches: Vec<_> = (0..3).map(|_| model.new_cache(1, cap).unwrap()).collect();
+    let mut refs: Vec<_> = (0..3).map(|_| model.new_cache(1, cap).unwrap()).collect();
+    alone(&p[..t - 1], &mut caches[1]); // sequence 1 joins with its prefix cached
+    let mut want = [
+        alone(p, &mut refs[0]),
+        Vec::new(),
+        alone(&other, &mut refs[2]),
+    ];
+    alone(p, &mut refs[1]);
+    want[1] = want[0].clone();
+    let mut step: Vec<Vec<u32>> = vec![p.clone(), vec![p[t - 1]], other.clone()];
+    for round in 0..3 {
+        let mut seqs: Vec<SeqStep> = step
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ids, cache)| SeqStep { ids, cache })
+            .collect();
+        let got: Vec<Vec<f32>> = model
+            .forward_batch(&mut seqs, None)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff < LOGIT_TOL,
+            "{name}: ragged batch step {round}: logits differ by {diff} from batch 1"
+        );
+        if round == 0 {
+            let d = max_abs_diff(&got[..1], &exp.logits[t - 1..]);
+            assert!(d < LOGIT_TOL, "{name}: ragged batch vs transformers: {d}");
+        }
+        if round == 2 {
+            break;
+        }
+        for s in 0..3 {
+            let next = argmax(&want[s]) as u32;
+            step[s] = vec![next];
+            want[s] = alone(&[next], &mut refs[s]);
+        }
+    }
 }
 
 #[test]

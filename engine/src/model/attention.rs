@@ -48,10 +48,33 @@ impl Attention {
         layer: usize,
         plan: &PathPlan,
     ) -> Result<Tensor> {
+        let qkv = self.project(x, plan)?;
+        let y = self.core(&qkv, pos, rope, cache, layer, plan)?;
+        self.o.forward_on(&y, plan)
+    }
+
+    /// The fused q/k/v projection of `x [B, T, H]`: `[B, T, (heads + 2 kv) hd]`. Per token, so a
+    /// ragged batch runs it once over all its sequences' tokens.
+    pub fn project(&self, x: &Tensor, plan: &PathPlan) -> Result<Tensor> {
+        self.qkv.forward_on(x, plan)
+    }
+
+    /// Everything between the projections for one sequence: QK-norm, RoPE, the cache write and
+    /// the attention of `qkv [B, T, ..]` ([`Self::project`]'s output) at positions `pos..pos+T`;
+    /// returns `[B, T, heads*hd]`, the input of the output projection `o`.
+    pub fn core(
+        &self,
+        qkv: &Tensor,
+        pos: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        plan: &PathPlan,
+    ) -> Result<Tensor> {
+        let x = qkv;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
-        let qkv = self.qkv.forward_on(x, plan)?; // [B, T, (nh + 2 nkv) hd]
         let q = qkv.narrow(D::Minus1, 0, nh * hd)?;
         let k = qkv.narrow(D::Minus1, nh * hd, nkv * hd)?;
         let v = qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?;
@@ -86,7 +109,7 @@ impl Attention {
             let (kc, vc) = cache.layer(layer); // [B, kv, cap, hd]
             let out =
                 moe_kernels::decode_attention(&q, kc, vc, l, self.sliding_window, scale as f32)?;
-            return self.o.forward_on(&out.reshape((b, 1, nh * hd))?, plan); // [B, nh, 1, hd] -> [B, 1, nh*hd]
+            return out.reshape((b, 1, nh * hd)); // [B, nh, 1, hd] -> [B, 1, nh*hd]
         }
 
         // Keys older than the window of the first new query are invisible to every new query.
@@ -128,11 +151,9 @@ impl Attention {
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(core)?
         };
         let out = probs.matmul(&v_all.contiguous()?)?.to_dtype(x.dtype())?; // [B, kv, g*T, hd]
-        let out = out
-            .reshape((b, nh, t, hd))?
+        out.reshape((b, nh, t, hd))?
             .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        self.o.forward_on(&out, plan)
+            .reshape((b, t, nh * hd))
     }
 
     /// The per-head QK-norm (if this model has one around RoPE) and RoPE in one kernel,

@@ -380,15 +380,34 @@ impl Model {
                     let pos = s.cache.len();
                     return self.attend(attn, xn, pos, &mut *s.cache, i);
                 }
+                // The projections are per token: once over all N tokens, so each weight row is
+                // read once per step, not once per sequence; only the attention core is per
+                // sequence.
+                let (rope, plan) = (&self.rope, &self.plan);
                 let mut parts = Vec::with_capacity(seqs.len());
                 let mut off = 0;
-                for s in seqs.iter_mut() {
-                    let t = s.ids.len();
-                    let pos = s.cache.len();
-                    parts.push(self.attend(attn, &xn.narrow(1, off, t)?, pos, &mut *s.cache, i)?);
-                    off += t;
+                match attn {
+                    Attn::Gqa(a) => {
+                        let qkv = a.project(xn, plan)?;
+                        for s in seqs.iter_mut() {
+                            let (t, pos) = (s.ids.len(), s.cache.len());
+                            let qkv = qkv.narrow(1, off, t)?;
+                            parts.push(a.core(&qkv, pos, rope, &mut *s.cache, i, plan)?);
+                            off += t;
+                        }
+                        a.o.forward_on(&Tensor::cat(&parts, 1)?, plan)
+                    }
+                    Attn::Mla(a) => {
+                        let (q, kv) = a.project(xn, plan)?;
+                        for s in seqs.iter_mut() {
+                            let (t, pos) = (s.ids.len(), s.cache.len());
+                            let (q, kv) = (q.narrow(1, off, t)?, kv.narrow(1, off, t)?);
+                            parts.push(a.core(&q, &kv, pos, rope, &mut *s.cache, i, plan)?);
+                            off += t;
+                        }
+                        a.o.forward_on(&Tensor::cat(&parts, 1)?, plan)
+                    }
                 }
-                Tensor::cat(&parts, 1)
             },
             trace,
         )?;

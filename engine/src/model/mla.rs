@@ -68,6 +68,38 @@ impl MlaAttention {
         layer: usize,
         plan: &PathPlan,
     ) -> Result<Tensor> {
+        let (q, kv) = self.project(x, plan)?;
+        let y = self.core(&q, &kv, pos, rope, cache, layer, plan)?;
+        self.o.forward_on(&y, plan)
+    }
+
+    /// The per-token projections of `x [B, T, H]`: the query `[B, T, nh*(dn+dr)]` (through the
+    /// low-rank path if any) and the compressed KV `[B, T, r+dr]`. A ragged batch runs them once
+    /// over all its sequences' tokens.
+    pub fn project(&self, x: &Tensor, plan: &PathPlan) -> Result<(Tensor, Tensor)> {
+        let q = match &self.q {
+            MlaQuery::Plain(q) => q.forward_on(x, plan)?,
+            MlaQuery::LowRank { a, norm, b } => {
+                b.forward_on(&norm.forward(&a.forward_on(x, plan)?)?, plan)?
+            }
+        };
+        Ok((q, self.kv_a.forward_on(x, plan)?))
+    }
+
+    /// The attention of one sequence from [`Self::project`]'s `q` and `kv` at positions
+    /// `pos..pos+T`, writing the cache; returns `[B, T, nh*dv]`, the input of `o`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn core(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        pos: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        plan: &PathPlan,
+    ) -> Result<Tensor> {
+        let x = kv;
         let (b, t, _) = x.dims3()?;
         let (nh, dn, dr, dv, r) = (
             self.num_heads,
@@ -76,17 +108,10 @@ impl MlaAttention {
             self.v_dim,
             self.latent_dim,
         );
-        let q = match &self.q {
-            MlaQuery::Plain(q) => q.forward_on(x, plan)?,
-            MlaQuery::LowRank { a, norm, b } => {
-                b.forward_on(&norm.forward(&a.forward_on(x, plan)?)?, plan)?
-            }
-        };
         let q = q.reshape((b, t, nh, dn + dr))?.transpose(1, 2)?; // [B, nh, T, dn+dr]
         let q_nope = q.narrow(D::Minus1, 0, dn)?.contiguous()?;
         let q_pe = rope.apply(&q.narrow(D::Minus1, dn, dr)?, pos)?;
 
-        let kv = self.kv_a.forward_on(x, plan)?; // [B, T, r+dr]
         let c = self
             .kv_a_norm
             .forward(&kv.narrow(D::Minus1, 0, r)?)?
@@ -137,7 +162,6 @@ impl MlaAttention {
             let probs = softmax(q_nope.matmul(&k_nope.t()?)?)?;
             probs.matmul(&v)? // [B, nh, T, dv]
         };
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * dv))?;
-        self.o.forward_on(&out, plan)
+        out.transpose(1, 2)?.reshape((b, t, nh * dv))
     }
 }
