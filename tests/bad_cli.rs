@@ -856,10 +856,18 @@ fn serve_and_chat_flags_are_checked() {
     let d = fixture("mixtral-base");
     for (args, code, want) in [
         (&["serve", "--port", "70000"][..], 2, &["--port"][..]),
-        (&["serve", "--max-batch", "0"], 2, &["--max-batch", "at least 1"]),
+        (
+            &["serve", "--max-batch", "0"],
+            2,
+            &["--max-batch", "at least 1"],
+        ),
         (&["serve", "--prefill-chunk", "0"], 2, &["--prefill-chunk"]),
         (&["serve", "--host", "not-an-ip"], 2, &["--host"]),
-        (&["serve", "--kv-memory", "900TB"], 1, &["--kv-memory", "free"]),
+        (
+            &["serve", "--kv-memory", "900TB"],
+            1,
+            &["--kv-memory", "free"],
+        ),
         (&["serve", "--kv-memory", "0"], 2, &["--kv-memory", "> 0"]),
         // The fixture has a tokenizer but no chat template.
         (&["chat", "--weights", s(&d)], 1, &["no chat template"]),
