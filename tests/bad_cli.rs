@@ -720,7 +720,10 @@ fn sizes_that_would_overflow_or_exhaust_memory_are_refused() {
         0,
         &[],
     );
-    assert!(err.contains("ContextFull") || err.is_empty(), "{err}");
+    assert!(
+        err.contains("stop: context full") || err.is_empty(),
+        "{err}"
+    );
 }
 
 #[test]
@@ -890,4 +893,51 @@ fn serve_and_chat_flags_are_checked() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+}
+
+/// The llama.cpp-style flags of a run: out-of-range values are usage errors (exit 2) naming the
+/// flag; impossible combinations are refused before anything runs.
+#[test]
+fn run_habit_flags_are_checked() {
+    let d = fixture("mixtral-base");
+    let missing = std::env::temp_dir().join("moe-run-no-such-prompt-file.txt");
+    for (args, code, want) in [
+        (&["-p", "x", "--min-p", "0"][..], 2, &["--min-p"][..]),
+        (&["-p", "x", "--min-p", "1.5"], 2, &["--min-p"]),
+        (
+            &["-p", "x", "--repeat-penalty=-1"],
+            2,
+            &["--repeat-penalty", "> 0"],
+        ),
+        (
+            &["-p", "x", "--repeat-last-n", "0"],
+            2,
+            &["--repeat-last-n"],
+        ),
+        (&["-p", "x", "--ctx-size", "0"], 2, &["--ctx-size"]),
+        (
+            &["-p", "x", "-c", "100000"],
+            1,
+            &["--ctx-size 100000", "512", "max_position_embeddings"],
+        ),
+        (&["-p", "x", "--chat", "y"], 2, &["--chat"]),
+        (&["-p", "x", "--system", "y"], 1, &["--system", "--chat"]),
+        (
+            &["--prompt-file", s(&missing)],
+            1,
+            &["--prompt-file", "moe-run-no-such-prompt-file"],
+        ),
+        (
+            &["-p", "x", "--device", "tpu"],
+            1,
+            &["unknown device", "auto, cpu or cuda"],
+        ),
+        (
+            &["--weights", s(&d), "--chat", "hi"],
+            1,
+            &["--chat", "no chat template"],
+        ),
+    ] {
+        row(&[&d], args, code, want);
+    }
 }

@@ -171,3 +171,111 @@ fn stats_report_routing_and_latent_kv_size() {
     );
     assert!(stderr.contains("imbalance"), "{stderr}");
 }
+
+/// The short flags and aliases users bring from llama.cpp give the same run as the long ones;
+/// `--prompt-file -` reads stdin; `--chat` renders the template (tiny-kjv's: BOS, then one line per
+/// message) and prints only the reply; the stop reason is a word.
+#[test]
+fn short_flags_prompt_file_and_chat() {
+    let ids = |out: &std::process::Output| -> Vec<u32> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_value(v["generated_ids"].clone()).unwrap()
+    };
+    let long = moe_run(&[
+        "--model",
+        "tiny-kjv",
+        "--prompt",
+        "And God said",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "5",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let short = moe_run(&[
+        "-m",
+        "tiny-kjv",
+        "-p",
+        "And God said",
+        "-n",
+        "12",
+        "--temp",
+        "0.7",
+        "-s",
+        "5",
+        "-t",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(ids(&long), ids(&short));
+    assert_eq!(ids(&long).len(), 12);
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args(["--prompt-file", "-", "-n", "8", "--temp", "0", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"And God said")
+        .unwrap();
+    let from_stdin = child.wait_with_output().unwrap();
+    let plain = moe_run(&["-p", "And God said", "-n", "8", "--temp", "0", "--json"]);
+    assert_eq!(ids(&from_stdin), ids(&plain));
+
+    // --chat's prompt is the rendered template, encoded without adding a second BOS.
+    let chat = moe_run(&[
+        "--chat",
+        "Who made the earth?",
+        "--system",
+        "Answer briefly.",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&chat.stdout).unwrap();
+    let prompt: Vec<u32> = serde_json::from_value(v["prompt_ids"].clone()).unwrap();
+    let rendered = moe_run(&[
+        "-p",
+        "Answer briefly.\nWho made the earth?",
+        "-n",
+        "1",
+        "--temp",
+        "0",
+        "--json",
+    ]);
+    let r: Value = serde_json::from_slice(&rendered.stdout).unwrap();
+    let want: Vec<u32> = serde_json::from_value(r["prompt_ids"].clone()).unwrap();
+    assert_eq!(
+        prompt, want,
+        "--chat prompt vs the template rendered by hand"
+    );
+    // transformers 5.x: apply_chat_template([system, user], add_generation_prompt=True) on
+    // engine/assets/tiny-kjv.
+    let hf = [
+        1, 35, 80, 763, 269, 3923, 757, 432, 16, 201, 1273, 539, 261, 614, 33,
+    ];
+    assert_eq!(prompt, hf, "--chat prompt vs transformers");
+
+    // -c bounds prompt + generated tokens; the stop reason is printed as words.
+    let out = moe_run(&["-p", "And God said", "-n", "50", "-c", "10", "--temp", "0"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(6 tokens, stop: max tokens)"), "{err}");
+}

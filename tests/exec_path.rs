@@ -54,6 +54,7 @@ fn sampled() -> SamplingParams {
         top_k: Some(20),
         top_p: Some(0.9),
         seed: 7,
+        ..Default::default()
     }
 }
 

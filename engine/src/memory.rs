@@ -177,7 +177,7 @@ pub fn explain_oom(e: Error, device: &Device, what: &str, need: u64) -> Error {
     }
 }
 
-fn device_name(device: &Device) -> String {
+pub fn device_name(device: &Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Cpu => "cpu (RAM)".into(),

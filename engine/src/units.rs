@@ -40,6 +40,16 @@ pub fn top_p(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A factor that must be a finite number > 0 (`--repeat-penalty`).
+pub fn positive_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} is out of range: give a number > 0"))
+    }
+}
+
 /// A count that must be at least 1 (`--top-k`, `--layers`, `--runs`...).
 pub fn at_least_one(s: &str) -> Result<usize, String> {
     let n: usize = s

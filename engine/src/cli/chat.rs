@@ -110,6 +110,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 top_k: a.top_k,
                 top_p: Some(a.top_p),
                 seed: a.seed.wrapping_add(turn),
+                ..Default::default()
             },
             eos: tok.eos.clone(),
         };

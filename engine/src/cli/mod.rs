@@ -32,7 +32,9 @@ use crate::error::{Error, Result};
 use crate::loader::{self, LoadOptions, ModelSource};
 use crate::memory::peak_rss_bytes;
 use crate::model::{Model, Trace};
-use crate::runtime::generate::{generate, validate_prompt, GenerateParams, SamplingParams};
+use crate::runtime::generate::{
+    generate, validate_prompt, GenerateParams, RepeatPenalty, SamplingParams,
+};
 use crate::runtime::stats::RoutingStats;
 use crate::runtime::tokenizer::{TextStream, TextTokenizer};
 use crate::units::human_bytes;
@@ -50,7 +52,7 @@ pub struct Cli {
     run: RunArgs,
     /// Compute threads on the CPU, for every command (default: RAYON_NUM_THREADS, else the
     /// physical cores this process may use). One pool, sized once.
-    #[arg(long, global = true, value_parser = crate::units::at_least_one)]
+    #[arg(short = 't', long, global = true, value_parser = crate::units::at_least_one)]
     threads: Option<usize>,
 }
 
@@ -115,7 +117,7 @@ fn selftest(a: SelftestArgs) -> Result<()> {
 pub struct ModelArgs {
     /// `tiny-kjv` (the embedded model, also the default), a known model name (see configs/)
     /// or a Hugging Face repo id, read from the local HF cache.
-    #[arg(long, conflicts_with = "weights")]
+    #[arg(short = 'm', long, conflicts_with = "weights")]
     model: Option<String>,
     /// A directory with config.json, safetensors weights and (for text) tokenizer.json.
     #[arg(long)]
@@ -131,8 +133,9 @@ pub struct ModelArgs {
     /// `--weight-dtype f32` widens them under `--dtype auto`.
     #[arg(long)]
     weight_dtype: Option<String>,
-    /// cpu, or cuda[:N] in a build with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
+    /// auto (the first GPU when this build has CUDA and one is present, else the CPU; a line
+    /// on stderr says which), cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "auto")]
     device: String,
     /// Weight-only quantization applied while loading: int8, int4 (group 128), int4:64, int4:32.
     #[arg(long)]
@@ -187,24 +190,47 @@ pub struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Text prompt (needs tokenizer.json).
-    #[arg(long, conflicts_with = "ids")]
+    #[arg(short = 'p', long, group = "input")]
     prompt: Option<String>,
+    /// The prompt's text from a file; `-` reads standard input.
+    #[arg(short = 'f', long, value_name = "FILE", group = "input")]
+    prompt_file: Option<PathBuf>,
+    /// One user message, rendered through the model's chat template (with --system) and
+    /// answered until the template's end-of-turn token.
+    #[arg(long = "chat", value_name = "MESSAGE", group = "input")]
+    chat_message: Option<String>,
+    /// The system message of --chat.
+    #[arg(long)]
+    system: Option<String>,
     /// Prompt as comma-separated token ids, e.g. 1,2,3.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', group = "input")]
     ids: Option<Vec<u32>>,
     /// Tokens to generate; 0 runs the prompt's forward pass only (prefill timing).
-    #[arg(long, default_value_t = 64)]
+    #[arg(short = 'n', long, visible_alias = "n-predict", default_value_t = 64)]
     max_new_tokens: usize,
     /// Sampling temperature, >= 0; 0 = greedy.
-    #[arg(long, default_value_t = 0.8, value_parser = crate::units::temperature)]
+    #[arg(long, visible_alias = "temp", default_value_t = 0.8, value_parser = crate::units::temperature)]
     temperature: f64,
+    /// Min-p sampling: drop tokens less likely than P times the most likely one (0 < P <= 1).
+    #[arg(long, value_parser = crate::units::top_p)]
+    min_p: Option<f64>,
+    /// Repetition penalty on the last --repeat-last-n tokens (> 0; 1 = off), as llama.cpp.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::units::positive_f32)]
+    repeat_penalty: f32,
+    /// Tokens the repetition penalty looks back over (prompt included).
+    #[arg(long, default_value_t = 64, value_parser = crate::units::at_least_one)]
+    repeat_last_n: usize,
+    /// Context size: prompt plus generated tokens at most (default and maximum: the model's
+    /// max_position_embeddings). The KV cache is sized for what the run needs, never more.
+    #[arg(short = 'c', long, value_parser = crate::units::at_least_one)]
+    ctx_size: Option<usize>,
     /// Sample only among the K most likely tokens (K >= 1).
     #[arg(long, value_parser = crate::units::at_least_one)]
     top_k: Option<usize>,
     /// Nucleus sampling: the smallest set of tokens whose probability reaches P (0 < P <= 1).
     #[arg(long, default_value_t = 0.95, value_parser = crate::units::top_p)]
     top_p: f64,
-    #[arg(long, default_value_t = 42)]
+    #[arg(short = 's', long, default_value_t = 42)]
     seed: u64,
     /// Keep generating past the end-of-sequence token (benchmarks, parity checks).
     #[arg(long)]
@@ -309,6 +335,18 @@ pub fn error_text(e: &Error) -> String {
 pub(crate) fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
     let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
     let device = loader::parse_device(&a.device)?;
+    // Only a CUDA build has a choice to report; a CPU-only build always runs on the CPU.
+    if a.device == "auto" && cfg!(feature = "cuda") {
+        let why = if device.is_cpu() {
+            " (no CUDA device answered)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "device: {}{why} (--device auto)",
+            crate::memory::device_name(&device)
+        );
+    }
     let dtype = loader::parse_dtype_on(&a.dtype, &device)?;
     let quant = crate::quant::parse_quant_flag(a.quant.as_deref())?;
     let weight_dtype = match a.weight_dtype.as_deref() {
@@ -384,37 +422,84 @@ struct RunOut<'a> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    if a.system.is_some() && a.chat_message.is_none() {
+        return Err(Error::Input(
+            "--system is the system message of --chat MESSAGE; give --chat too".into(),
+        ));
+    }
+    // Read before the model loads, so a missing file fails at once.
+    let file = match &a.prompt_file {
+        None => None,
+        Some(f) if f.as_os_str() == "-" => {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+                .map_err(|e| Error::io("--prompt-file - (stdin)", e))?;
+            Some(t)
+        }
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| Error::Input(format!("--prompt-file {}: {e}", f.display())))?,
+        ),
+    };
     let (src, model) = load(&a.model)?;
     // Text in needs the tokenizer; text out uses it when there is one (else ids are printed).
     let tokenizer = TextTokenizer::of_source(&src, &model.cfg)?;
-    if let (Some(_), None, ModelSource::Dir(dir)) = (&a.prompt, &tokenizer, &src) {
+    let (prompt, echo) = prompt_text(&a, file, &src)?;
+    if let (Some(_), None, ModelSource::Dir(dir)) = (&prompt, &tokenizer, &src) {
         return Err(Error::Input(format!(
-            "{} has no tokenizer.json, so --prompt cannot be encoded; give token ids with --ids",
+            "{} has no tokenizer.json, so a text prompt cannot be encoded; give token ids with --ids",
             dir.display()
         )));
     }
-    let prompt_ids = match (&a.prompt, &a.ids, &tokenizer) {
+    let prompt_ids = match (&prompt, &a.ids, &tokenizer) {
         (Some(text), _, _) if text.is_empty() => {
             return Err(Error::Input("the prompt is empty: give some text".into()))
         }
+        // A rendered chat template carries its own special tokens.
+        (Some(text), _, Some(tok)) if a.chat_message.is_some() => tok.encode_plain(text)?,
         (Some(text), _, Some(tok)) => tok.encode(text)?,
         (None, Some(ids), _) => ids.clone(),
-        _ => return Err(Error::Input("give --prompt TEXT or --ids 1,2,3".into())),
+        _ => {
+            return Err(Error::Input(
+                "give --prompt TEXT, --prompt-file FILE, --chat MESSAGE or --ids 1,2,3".into(),
+            ))
+        }
     };
     // Refuse a prompt that cannot run (too long, ids out of range) before echoing anything.
     validate_prompt(&model, &prompt_ids)?;
+    let context = model.cfg.max_position_embeddings;
+    let max_new_tokens = match a.ctx_size {
+        Some(c) if c > context => {
+            return Err(Error::Input(format!(
+                "--ctx-size {c} is larger than the model's context of {context} tokens (max_position_embeddings)"
+            )))
+        }
+        Some(c) if prompt_ids.len() > c => {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens, more than --ctx-size {c}",
+                prompt_ids.len()
+            )))
+        }
+        Some(c) => a.max_new_tokens.min(c - prompt_ids.len()),
+        None => a.max_new_tokens,
+    };
     let eos = match &tokenizer {
         _ if a.ignore_eos => vec![],
         Some(t) => t.eos.clone(),
         None => model.cfg.eos_token_ids.clone(),
     };
     let params = GenerateParams {
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens,
         sampling: SamplingParams {
             temperature: a.temperature,
             top_k: a.top_k,
             top_p: Some(a.top_p),
             seed: a.seed,
+            min_p: a.min_p,
+            repeat: (a.repeat_penalty != 1.0).then_some(RepeatPenalty {
+                penalty: a.repeat_penalty,
+                last_n: a.repeat_last_n,
+            }),
         },
         eos,
     };
@@ -428,7 +513,7 @@ fn run(a: RunArgs) -> Result<()> {
     let on_trace: Option<&mut dyn FnMut(&Trace)> = if a.stats { Some(&mut record) } else { None };
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
-    if let (false, Some(text)) = (a.json, &a.prompt) {
+    if let (false, true, Some(text)) = (a.json, echo, &prompt) {
         // The prompt is echoed as given; the continuation streams after it.
         write!(stdout, "{text}")
             .and_then(|_| stdout.flush())
@@ -441,6 +526,8 @@ fn run(a: RunArgs) -> Result<()> {
         |id| {
             let piece = match (a.json, &tokenizer) {
                 (true, _) => None,
+                // A chat reply ends at its end-of-turn token, which is not printed.
+                (false, Some(tok)) if a.chat_message.is_some() && tok.eos.contains(&id) => None,
                 (false, Some(tok)) => stream.push(tok, id)?,
                 (false, None) => Some(format!("{id} ")),
             };
@@ -488,7 +575,7 @@ fn run(a: RunArgs) -> Result<()> {
     // Only measured rates are printed.
     let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
     eprintln!(
-        "prompt {} tokens | prefill {} | decode {} ({} tokens, stop: {:?}) | weights {} | KV cache {} | peak RSS {}",
+        "prompt {} tokens | prefill {} | decode {} ({} tokens, stop: {}) | weights {} | KV cache {} | peak RSS {}",
         g.prompt_ids.len(),
         rate(g.prefill_tok_per_s()),
         rate(g.decode_tok_per_s()),
@@ -499,6 +586,41 @@ fn run(a: RunArgs) -> Result<()> {
         peak_rss_bytes().map_or("n/a".into(), human_bytes),
     );
     Ok(())
+}
+
+/// The text prompt of a run and whether it is echoed: `--prompt`, `--prompt-file`'s text or `--chat` rendered through the model's template (not echoed); `None` with `--ids`.
+fn prompt_text(
+    a: &RunArgs,
+    file: Option<String>,
+    src: &ModelSource,
+) -> Result<(Option<String>, bool)> {
+    if let Some(p) = &a.prompt {
+        return Ok((Some(p.clone()), true));
+    }
+    if let Some(text) = file {
+        return Ok((Some(text), true));
+    }
+    let Some(msg) = &a.chat_message else {
+        return Ok((None, false));
+    };
+    let template = chat::template_of(src)?.ok_or_else(|| {
+        Error::Input(
+            "--chat: this model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja); use --prompt".into(),
+        )
+    })?;
+    let mut messages: Vec<_> = a
+        .system
+        .iter()
+        .map(|s| crate::runtime::chat::ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        })
+        .collect();
+    messages.push(crate::runtime::chat::ChatMessage {
+        role: "user".into(),
+        content: msg.clone(),
+    });
+    Ok((Some(template.render(&messages, true)?), false))
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {

@@ -351,6 +351,9 @@ fn ignorable(name: &str, num_layers: usize) -> bool {
 pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
+        // The first GPU when this build has CUDA and a device answers, else the CPU.
+        "auto" if cfg!(feature = "cuda") => Ok(Device::new_cuda(0).unwrap_or(Device::Cpu)),
+        "auto" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = match s.strip_prefix("cuda:") {
                 Some(n) => n
@@ -367,7 +370,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             }
         }
         s => Err(Error::Input(format!(
-            "unknown device {s:?}; use cpu or cuda[:N]"
+            "unknown device {s:?}; use auto, cpu or cuda[:N]"
         ))),
     }
 }

@@ -20,9 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use candle_transformers::generation::LogitsProcessor;
-
-use super::generate::{validate_prompt, GenerateParams, StopReason};
+use super::generate::{validate_prompt, GenerateParams, Sampler, StopReason};
 use super::stats::RoutingStats;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
@@ -133,7 +131,7 @@ struct Seq {
     next: Option<u32>,
     generated: usize,
     params: GenerateParams,
-    sampler: LogitsProcessor,
+    sampler: Sampler,
 }
 
 impl Engine {
@@ -341,7 +339,7 @@ impl Scheduler {
                 }
             };
             self.kv_used += need;
-            let sampler = sub.params.sampling.processor();
+            let sampler = Sampler::new(&sub.params.sampling, &sub.prompt);
             let Submission {
                 prompt,
                 params,
@@ -402,7 +400,7 @@ impl Scheduler {
             }
             self.model.forward_batch(&mut steps, trace.as_mut())?
         };
-        let logits: Vec<f32> = crate::model::host::read_vec(&logits.flatten_all()?)?;
+        let mut logits: Vec<f32> = crate::model::host::read_vec(&logits.flatten_all()?)?;
         let vocab = logits.len() / inputs.len().max(1);
         let elapsed = t0.elapsed();
         self.stats.steps_total.fetch_add(1, Relaxed);
@@ -428,10 +426,10 @@ impl Scheduler {
             if !samples {
                 continue;
             }
-            let Some(row) = logits.get(row * vocab..(row + 1) * vocab) else {
+            let Some(row) = logits.get_mut(row * vocab..(row + 1) * vocab) else {
                 continue;
             };
-            let next = sample(&mut s.sampler, s.params.sampling.temperature <= 0.0, row)?;
+            let next = s.sampler.pick(row)?;
             s.generated += 1;
             produced += 1;
             if !(s.sink)(Event::Token(next)) {
@@ -508,22 +506,4 @@ impl Scheduler {
         let rate = if self.running.is_empty() { 0.0 } else { rate };
         st.recent_tok_per_s_bits.store(rate.to_bits(), Relaxed);
     }
-}
-
-/// The next token from one row of logits: greedy is the first maximum (as torch's argmax and
-/// [`super::generate::next_token`]); otherwise the sequence's own sampler.
-fn sample(sampler: &mut LogitsProcessor, greedy: bool, row: &[f32]) -> Result<u32> {
-    if greedy {
-        let mut best = 0usize;
-        let mut max = f32::NEG_INFINITY;
-        for (i, &v) in row.iter().enumerate() {
-            if v > max {
-                max = v;
-                best = i;
-            }
-        }
-        return Ok(best as u32);
-    }
-    let t = candle_core::Tensor::from_slice(row, row.len(), &candle_core::Device::Cpu)?;
-    Ok(sampler.sample(&t)?)
 }

@@ -9,23 +9,36 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use crate::error::{Error, Result};
 use crate::model::{Model, Trace};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SamplingParams {
     /// <= 0 means greedy (argmax).
     pub temperature: f64,
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
     pub seed: u64,
+    /// Drop tokens whose probability is below `min_p` times the most likely one's (on the
+    /// penalised logits, before temperature, as llama.cpp's min-p), 0 < min_p <= 1.
+    pub min_p: Option<f64>,
+    /// llama.cpp's repetition penalty over the last `last_n` tokens (prompt included).
+    pub repeat: Option<RepeatPenalty>,
+}
+
+/// A logit of a token seen in the last `last_n` ids is divided by `penalty` when positive and
+/// multiplied by it when negative (CTRL's penalty, as llama.cpp and transformers apply it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RepeatPenalty {
+    pub penalty: f32,
+    pub last_n: usize,
 }
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            seed: 0,
-        }
+        SamplingParams::default()
+    }
+
+    /// True when the next token is the plain argmax of the logits (no penalty or filter moves it).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0 && self.repeat.is_none()
     }
 
     pub(crate) fn processor(&self) -> LogitsProcessor {
@@ -42,6 +55,84 @@ impl SamplingParams {
     }
 }
 
+/// Picks tokens from a sequence's logits: the repetition penalty over its recent ids, min-p, then
+/// greedy (the first maximum, as torch's argmax) or candle's sampler (temperature, top-k, top-p).
+pub struct Sampler {
+    params: SamplingParams,
+    inner: LogitsProcessor,
+    /// The last `repeat.last_n` ids, oldest first.
+    recent: std::collections::VecDeque<u32>,
+}
+
+impl Sampler {
+    /// A sampler for a sequence that starts with `prompt` (the penalty's first history).
+    pub fn new(params: &SamplingParams, prompt: &[u32]) -> Self {
+        let mut s = Sampler {
+            inner: params.processor(),
+            params: params.clone(),
+            recent: Default::default(),
+        };
+        prompt.iter().for_each(|&t| s.accept(t));
+        s
+    }
+
+    /// Records `id` as generated (the device-side greedy path picks without [`Self::pick`]).
+    pub fn accept(&mut self, id: u32) {
+        if let Some(r) = self.params.repeat {
+            self.recent.push_back(id);
+            while self.recent.len() > r.last_n {
+                self.recent.pop_front();
+            }
+        }
+    }
+
+    /// The next token from one row of logits (modified in place), recorded in the history.
+    pub fn pick(&mut self, row: &mut [f32]) -> Result<u32> {
+        if let Some(r) = self.params.repeat {
+            let mut seen: Vec<u32> = self.recent.iter().copied().collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for t in seen {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / r.penalty
+                    } else {
+                        *l * r.penalty
+                    };
+                }
+            }
+        }
+        let id = if self.params.temperature <= 0.0 {
+            first_max(row)
+        } else {
+            if let Some(min_p) = self.params.min_p {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let floor = max + (min_p as f32).ln();
+                row.iter_mut()
+                    .filter(|l| **l < floor)
+                    .for_each(|l| *l = f32::NEG_INFINITY);
+            }
+            let t = Tensor::from_slice(row, row.len(), &Device::Cpu)?;
+            self.inner.sample(&t)?
+        };
+        self.accept(id);
+        Ok(id)
+    }
+}
+
+/// The index of the first maximum (torch's argmax).
+fn first_max(row: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut max = f32::NEG_INFINITY;
+    for (i, &v) in row.iter().enumerate() {
+        if v > max {
+            max = v;
+            best = i;
+        }
+    }
+    best as u32
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
     pub max_new_tokens: usize,
@@ -55,6 +146,16 @@ pub enum StopReason {
     MaxTokens,
     Eos,
     ContextFull,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::MaxTokens => "max tokens",
+            StopReason::Eos => "eos",
+            StopReason::ContextFull => "context full",
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -116,15 +217,15 @@ pub fn validate_prompt(model: &Model, ids: &[u32]) -> Result<()> {
 /// The next token from the last position's logits `[1, 1, V]`, with exactly one device-to-host read
 /// (counted by `model::host`): greedy takes the argmax on the device (first maximum, as torch) and
 /// reads back the id; sampling reads the logits and samples on the host.
-pub fn next_token(sampler: &mut LogitsProcessor, greedy: bool, logits: &Tensor) -> Result<u32> {
+pub fn next_token(sampler: &mut Sampler, logits: &Tensor) -> Result<u32> {
     use crate::model::host;
     let logits = logits.flatten_all()?;
-    if greedy {
-        return Ok(host::read_scalar::<u32>(&logits.argmax(0)?)?);
+    if sampler.params.is_plain_greedy() {
+        let id = host::read_scalar::<u32>(&logits.argmax(0)?)?;
+        sampler.accept(id);
+        return Ok(id);
     }
-    let v = logits.dim(0)?;
-    let cpu = Tensor::from_vec(host::read_vec::<f32>(&logits)?, v, &Device::Cpu)?;
-    Ok(sampler.sample(&cpu)?)
+    sampler.pick(&mut host::read_vec::<f32>(&logits)?)
 }
 
 /// Generates up to `p.max_new_tokens` tokens after `prompt`, calling `on_token` with each new
@@ -145,7 +246,7 @@ pub fn generate(
         .saturating_add(p.max_new_tokens.saturating_sub(1))
         .min(context);
     let mut cache = model.new_cache(1, capacity.max(prompt.len()))?;
-    let mut sampler = p.sampling.processor();
+    let mut sampler = Sampler::new(&p.sampling, prompt);
     let mut trace = on_trace.as_ref().map(|_| Trace::default());
     let mut generated = Vec::with_capacity(p.max_new_tokens.min(context));
     let device = model.device();
@@ -164,7 +265,7 @@ pub fn generate(
     }
     while generated.len() < p.max_new_tokens {
         let logits = model.forward(&input, &mut cache, false, trace.as_mut())?; // [1, 1, V]
-        let next = next_token(&mut sampler, p.sampling.temperature <= 0.0, &logits)?;
+        let next = next_token(&mut sampler, &logits)?;
         if generated.is_empty() {
             prefill_secs = t0.elapsed().as_secs_f64();
         }
@@ -216,6 +317,7 @@ mod tests {
             top_k,
             top_p,
             seed: 7,
+            ..Default::default()
         }
     }
 
@@ -228,8 +330,8 @@ mod tests {
         );
         // next_token's greedy path: the first maximum, as torch.
         let t = Tensor::new(&[[[1.0f32, 3.0, 3.0, 0.0]]], &Device::Cpu).unwrap();
-        let mut s = params(0.0, None, None).processor();
-        assert_eq!(next_token(&mut s, true, &t).unwrap(), 1);
+        let mut s = Sampler::new(&params(0.0, None, None), &[]);
+        assert_eq!(next_token(&mut s, &t).unwrap(), 1);
     }
 
     #[test]
@@ -286,5 +388,45 @@ mod tests {
             draws(&params(0.8, Some(2), Some(0.9)), &logits, 100),
             draws(&params(0.8, Some(2), Some(0.9)), &logits, 100)
         );
+    }
+
+    #[test]
+    fn repeat_penalty_divides_positive_and_multiplies_negative_logits_of_recent_ids() {
+        let p = SamplingParams {
+            repeat: Some(RepeatPenalty {
+                penalty: 2.0,
+                last_n: 2,
+            }),
+            ..SamplingParams::greedy()
+        };
+        // History [0, 1, 3] keeps the last 2: {1, 3}. Id 1: 4 -> 2, id 3: -1 -> -2; 0 untouched.
+        let mut s = Sampler::new(&p, &[0, 1, 3]);
+        let mut row = [3.0f32, 4.0, 2.5, -1.0];
+        assert_eq!(s.pick(&mut row).unwrap(), 0);
+        assert_eq!(row, [3.0, 2.0, 2.5, -2.0]);
+        // The pick joins the history (now {3, 0}): 0 is penalised next, 1 is not any more.
+        let mut row = [3.0f32, 2.9, 0.0, 0.0];
+        assert_eq!(s.pick(&mut row).unwrap(), 1);
+        assert_eq!(row, [1.5, 2.9, 0.0, 0.0]);
+        // Without a penalty greedy is the device-side argmax path.
+        assert!(SamplingParams::greedy().is_plain_greedy() && !p.is_plain_greedy());
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_a_share_of_the_top_probability() {
+        // Probabilities 0.5, 0.3, 0.15, 0.05: min_p 0.5 keeps ids whose p >= 0.25.
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let p = SamplingParams {
+            min_p: Some(0.5),
+            ..params(1.0, None, None)
+        };
+        let mut s = Sampler::new(&p, &[]);
+        let mut c = [0usize; 4];
+        for _ in 0..2000 {
+            c[s.pick(&mut logits.clone()).unwrap() as usize] += 1;
+        }
+        assert_eq!(&c[2..], &[0, 0], "{c:?}");
+        let f0 = c[0] as f64 / 2000.0;
+        assert!((f0 - 0.625).abs() < 0.04, "{f0}");
     }
 }

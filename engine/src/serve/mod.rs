@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::runtime::batch::{BatchConfig, Engine, Event, Submission, SubmitError};
 use crate::runtime::chat::ChatTemplate;
-use crate::runtime::generate::{GenerateParams, SamplingParams};
+use crate::runtime::generate::{GenerateParams, RepeatPenalty, SamplingParams};
 use crate::runtime::tokenizer::TextTokenizer;
 use openai::{ApiError, Kind, Limits, Usage};
 use text::StopText;
@@ -455,6 +455,11 @@ fn start(
             top_k: limits.top_k,
             top_p: limits.top_p,
             seed: limits.seed,
+            min_p: limits.min_p,
+            repeat: limits.repetition_penalty.map(|penalty| RepeatPenalty {
+                penalty,
+                last_n: s.context,
+            }),
         },
         eos: if limits.ignore_eos {
             vec![]

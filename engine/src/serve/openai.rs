@@ -87,6 +87,10 @@ pub struct Common {
     pub top_p: Option<f64>,
     /// Not in OpenAI's API; vLLM and llama.cpp take it. -1 or 0: off.
     pub top_k: Option<i64>,
+    /// vLLM's and llama.cpp's min-p (0 < min_p <= 1; 0 = off).
+    pub min_p: Option<f64>,
+    /// vLLM's repetition penalty over the prompt and the generated tokens (> 0; 1 = off).
+    pub repetition_penalty: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<StopInput>,
     pub n: Option<i64>,
@@ -155,6 +159,8 @@ pub struct Limits {
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub top_k: Option<usize>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f32>,
     pub seed: u64,
     pub stops: Vec<String>,
     pub stream: bool,
@@ -224,6 +230,28 @@ impl Common {
                 ))
             }
         };
+        let min_p = match self.min_p {
+            None => None,
+            Some(0.0) => None,
+            Some(p) if p > 0.0 && p <= 1.0 => Some(p),
+            Some(p) => {
+                return Err(ApiError::bad(
+                    format!("min_p = {p}: it must be between 0 and 1"),
+                    Some("min_p"),
+                ))
+            }
+        };
+        let repetition_penalty = match self.repetition_penalty {
+            None => None,
+            Some(1.0) => None,
+            Some(r) if r > 0.0 && r.is_finite() => Some(r as f32),
+            Some(r) => {
+                return Err(ApiError::bad(
+                    format!("repetition_penalty = {r}: it must be greater than 0 (1 = off)"),
+                    Some("repetition_penalty"),
+                ))
+            }
+        };
         let stops = match &self.stop {
             None => vec![],
             Some(StopInput::One(s)) => vec![s.clone()],
@@ -244,6 +272,8 @@ impl Common {
             temperature,
             top_p: self.top_p,
             top_k,
+            min_p,
+            repetition_penalty,
             seed,
             stops,
             stream: self.stream,
@@ -429,6 +459,11 @@ mod tests {
             (r#"{"prompt":"a","max_tokens":0}"#, "max_tokens"),
             (r#"{"prompt":"a","n":2}"#, "n"),
             (r#"{"prompt":"a","top_k":-3}"#, "top_k"),
+            (r#"{"prompt":"a","min_p":1.5}"#, "min_p"),
+            (
+                r#"{"prompt":"a","repetition_penalty":0}"#,
+                "repetition_penalty",
+            ),
             (r#"{"prompt":"a","stop":["1","2","3","4","5"]}"#, "stop"),
             (r#"{"prompt":"a","logprobs":2}"#, "logprobs"),
         ] {
