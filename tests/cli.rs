@@ -279,3 +279,42 @@ fn short_flags_prompt_file_and_chat() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("(6 tokens, stop: max tokens)"), "{err}");
 }
+
+/// `moe-run chat`, driven as a user would: each turn re-renders the whole history (the prompt
+/// grows by the previous turn and its reply), `/reset` starts over (the prompt is back to one
+/// message), and the end of input exits cleanly.
+#[test]
+fn chat_keeps_history_and_resets() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args(["chat", "--max-new-tokens", "6", "--temperature", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"And God said\nLet there be light\n/reset\nAnd God said\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let prompts: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("(prompt "))
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(prompts.len(), 3, "{err}");
+    assert!(prompts[1] > prompts[0] + 6, "history kept: {prompts:?}");
+    assert_eq!(prompts[2], prompts[0], "after /reset: {prompts:?}");
+    assert!(err.contains("(history cleared)"), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Three prompts answered, then the prompt at which input ended.
+    assert_eq!(text.matches("> ").count(), 5, "{text}");
+    // Greedy: the same first message gets the same reply after /reset.
+    let replies: Vec<&str> = text.split("> ").filter(|r| !r.trim().is_empty()).collect();
+    assert_eq!(replies[0], replies[2], "{text}");
+}

@@ -134,9 +134,15 @@ pub fn run(a: ChatArgs) -> Result<()> {
             None,
         )?;
         out("\n")?;
-        if let Some(r) = g.decode_tok_per_s() {
-            eprintln!("({} tokens, {r:.1} tok/s)", g.generated_ids.len());
-        }
+        let rate = g
+            .decode_tok_per_s()
+            .map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
+        eprintln!(
+            "(prompt {} tokens with the history | reply {} tokens, stop: {} | decode {rate})",
+            ids.len(),
+            g.generated_ids.len(),
+            g.stop
+        );
         history.push(ChatMessage {
             role: "assistant".into(),
             content: reply,
