@@ -81,7 +81,11 @@ fn moe_layers(cfg: &ModelConfig) -> Vec<HfMoeLayers> {
 #[test]
 fn counts_equal_transformers_for_every_config() {
     let hf = hf_counts();
-    assert!(hf.transformers_version.starts_with("5.23"));
+    // 5.23 wrote the first counts; 5.25 (which added the glm4-moe fixture) gives every earlier
+    // entry unchanged.
+    assert!(["5.23", "5.25"]
+        .iter()
+        .any(|v| hf.transformers_version.starts_with(v)));
     // Every listed config must be present and parse: configs/ and the fixtures are in the repository, and
     // CI runs with ../shared beside it. No skip.
     for e in &hf.models {

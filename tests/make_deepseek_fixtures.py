@@ -5,8 +5,10 @@ Companion of tests/make_fixtures.py (Mixtral): same directory layout, same
 expected.json schema, same "reload from disk in f32, eager kernels" rule. This
 script covers the DeepSeek family: MLA attention (DeepSeek-V2 / V3), shared
 experts, grouped routers (group_limited_greedy, noaux_tc with
-e_score_correction_bias) and dots.llm1 (dots1: V3 router + GQA with per-head
-q/k RMSNorm).
+e_score_correction_bias), dots.llm1 (dots1: V3 router + GQA with per-head
+q/k RMSNorm) and GLM-4.5 MoE (glm4_moe: dots1's layout with q/k/v biases, an
+explicit head_dim, optional QK-norm and RoPE on part of each head; the glm4-moe
+fixture was written with transformers 5.25.0).
 
 How to run (from the repository root, CPU only, about a minute):
 
@@ -16,7 +18,7 @@ How to run (from the repository root, CPU only, about a minute):
     python tests/make_deepseek_fixtures.py --out /tmp/fx --seed 7   # other seeds/dir
 
 Fresh checkpoints the committed tests never saw. --family is a family
-(deepseek_v2, deepseek_v3, dots1) or one of the fixture names below, used as
+(deepseek_v2, deepseek_v3, dots1, glm4_moe) or one of the fixture names below, used as
 the preset; every other flag overrides one field of it:
 
     python tests/make_deepseek_fixtures.py --custom --family deepseek_v3 \
@@ -126,6 +128,8 @@ from transformers import (
     DeepseekV3ForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -151,6 +155,7 @@ FAMILY_CLASSES = {
     "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
     "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
     "dots1": (Dots1Config, Dots1ForCausalLM),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
 }
 
 
@@ -189,6 +194,10 @@ class Spec:
     prompt_len: int = 12
     dtype: str = "float32"
     legacy_config: bool = False  # rewrite config.json in the published (pre-v5) form
+    head_dim: int | None = None  # glm4_moe: explicit head_dim (GQA default: hidden // heads)
+    partial_rotary: float = 1.0  # glm4_moe: RoPE on the first head_dim * this dims
+    attention_bias: bool = False  # glm4_moe: q/k/v biases
+    use_qk_norm: bool = True  # glm4_moe's flag (dots1 always has the norms)
 
 
 FIXTURES: dict[str, Spec] = {
@@ -210,9 +219,17 @@ FIXTURES: dict[str, Spec] = {
         family="dots1", vocab=272, heads=4, kv_heads=2, experts=16, top_k=4, shared=2,
         scaling=2.5, n_group=1, topk_group=1, norm_topk_prob=True, rms_eps=1e-5,
         legacy_config=True),
+    # GLM-4.5: head_dim set apart from hidden / heads, RoPE on half of each head, q/k/v
+    # biases, per-head QK-norm, grouped V3 router; the published config form.
+    "glm4-moe": Spec(
+        family="glm4_moe", vocab=264, heads=4, kv_heads=2, head_dim=24, experts=16, top_k=4,
+        shared=1, scaling=2.5, n_group=2, topk_group=1, norm_topk_prob=True, rms_eps=1e-5,
+        partial_rotary=0.5, attention_bias=True, use_qk_norm=True, legacy_config=True),
 }
-DEFAULT_SEEDS = {"deepseek-v2-greedy": 4000, "deepseek-v2-group": 5000, "deepseek-v3": 6000, "dots1": 7000}
-FAMILY_PRESETS = {"deepseek_v2": "deepseek-v2-group", "deepseek_v3": "deepseek-v3", "dots1": "dots1"}
+DEFAULT_SEEDS = {"deepseek-v2-greedy": 4000, "deepseek-v2-group": 5000, "deepseek-v3": 6000, "dots1": 7000,
+                 "glm4-moe": 8000}
+FAMILY_PRESETS = {"deepseek_v2": "deepseek-v2-group", "deepseek_v3": "deepseek-v3", "dots1": "dots1",
+                  "glm4_moe": "glm4-moe"}
 
 
 def is_mla(spec: Spec) -> bool:
@@ -220,7 +237,7 @@ def is_mla(spec: Spec) -> bool:
 
 
 def uses_bias(spec: Spec) -> bool:
-    return spec.family in ("deepseek_v3", "dots1")
+    return spec.family in ("deepseek_v3", "dots1", "glm4_moe")
 
 
 def is_grouped(spec: Spec) -> bool:
@@ -238,6 +255,8 @@ def make_config(spec: Spec):
     cfg_cls, _ = FAMILY_CLASSES[spec.family]
     if spec.yarn is None:
         rope = {"rope_type": "default", "rope_theta": float(spec.rope_theta)}
+        if spec.family == "glm4_moe":
+            rope["partial_rotary_factor"] = float(spec.partial_rotary)
     else:
         factor, mscale, mscale_all_dim, orig = spec.yarn
         rope = {"rope_type": "yarn", "rope_theta": float(spec.rope_theta), "factor": float(factor),
@@ -260,8 +279,13 @@ def make_config(spec: Spec):
                       kv_lora_rank=spec.kv_lora_rank, qk_nope_head_dim=spec.qk_nope,
                       qk_rope_head_dim=spec.qk_rope, v_head_dim=spec.v_head_dim)
     else:
-        common.update(num_key_value_heads=spec.kv_heads or spec.heads, sliding_window=None)
-        assert spec.yarn is None, "dots1 fixtures use plain RoPE"
+        common.update(num_key_value_heads=spec.kv_heads or spec.heads)
+        if spec.family == "dots1":
+            common.update(sliding_window=None)
+        assert spec.yarn is None, "GQA fixtures use plain RoPE"
+    if spec.family == "glm4_moe":
+        common.update(head_dim=spec.head_dim or spec.hidden // spec.heads,
+                      attention_bias=spec.attention_bias, use_qk_norm=spec.use_qk_norm)
     if spec.family == "deepseek_v2":
         common.update(topk_method=spec.topk_method)
         if spec.topk_method == "greedy":
@@ -327,14 +351,19 @@ def published_names(spec: Spec) -> dict[str, tuple[int, ...]]:
             names[a + "kv_b_proj.weight"] = (nh * (spec.qk_nope + spec.v_head_dim), spec.kv_lora_rank)
             names[a + "o_proj.weight"] = (H, nh * spec.v_head_dim)
         else:
-            hd = H // spec.heads
+            hd = spec.head_dim or H // spec.heads
             kvh = spec.kv_heads or spec.heads
             names[a + "q_proj.weight"] = (spec.heads * hd, H)
             names[a + "k_proj.weight"] = (kvh * hd, H)
             names[a + "v_proj.weight"] = (kvh * hd, H)
             names[a + "o_proj.weight"] = (H, spec.heads * hd)
-            names[a + "q_norm.weight"] = (hd,)
-            names[a + "k_norm.weight"] = (hd,)
+            if spec.attention_bias:
+                names[a + "q_proj.bias"] = (spec.heads * hd,)
+                names[a + "k_proj.bias"] = (kvh * hd,)
+                names[a + "v_proj.bias"] = (kvh * hd,)
+            if spec.family == "dots1" or spec.use_qk_norm:
+                names[a + "q_norm.weight"] = (hd,)
+                names[a + "k_norm.weight"] = (hd,)
         m = p + "mlp."
         if i < spec.dense_layers:
             names[m + "gate_proj.weight"] = (spec.ffn, H)
@@ -420,6 +449,11 @@ def rewrite_config_legacy(out: Path, spec: Spec) -> None:
     if spec.family == "dots1":
         cfg.pop("layer_types", None)
         cfg.update(scoring_func="sigmoid")
+    if spec.family == "glm4_moe":
+        # GLM-4.5's repos: top-level partial_rotary_factor, no rope_scaling key.
+        cfg["partial_rotary_factor"] = float((cfg.get("rope_scaling") or {}).pop("partial_rotary_factor", spec.partial_rotary))
+        if not cfg.get("rope_scaling"):
+            cfg.pop("rope_scaling")
     path.write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
 
 
@@ -564,6 +598,10 @@ def family_notes(spec: Spec) -> str:
     attn = ("MLA; rope on the last qk_rope_head_dim dims of each q head and on the single shared "
             "k_pe; adjacent-pair RoPE" if is_mla(spec) else
             "GQA; per-head RMSNorm q_norm/k_norm before NeoX rotate_half RoPE")
+    if spec.family == "glm4_moe":
+        attn = (f"GQA, head_dim {spec.head_dim}; q/k/v biases {spec.attention_bias}; per-head "
+                f"RMSNorm q_norm/k_norm {spec.use_qk_norm} before NeoX rotate_half RoPE on the first "
+                f"head_dim * {spec.partial_rotary} dims of each head (the rest pass through)")
     return (f"{spec.family}: {attn}. {router}. Shared experts (width moe_intermediate_size * "
             f"n_shared_experts) added unweighted. Layers < first_k_dense_replace "
             f"({spec.dense_layers}) are dense (router_ids []).")
@@ -638,6 +676,7 @@ def np_rope_tables(cfg: dict):
         dim = cfg["qk_rope_head_dim"]
     else:
         dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        dim = int(dim * (rp.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0))
     pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if rtype == "default":
         return 1.0 / pos_freqs, 1.0, 1.0
@@ -746,13 +785,23 @@ def numpy_forward(path: Path, ids: list[int]):
             qq = np.concatenate([q_nope, q_pe], -1)
             kk = np.concatenate([k_nope, np.broadcast_to(k_pe, (T, nh, dr))], -1)
             o = np_causal_attention(qq, kk, v, (dn + dr) ** -0.5 * softmax_mult)
-        else:  # dots1
+        else:  # dots1, glm4_moe
             hd = cfg.get("head_dim") or H // nh
             kvh = cfg["num_key_value_heads"]
-            q = np_rms((h @ W[a + "q_proj.weight"].T).reshape(T, nh, hd), W[a + "q_norm.weight"], eps)
-            kk = np_rms((h @ W[a + "k_proj.weight"].T).reshape(T, kvh, hd), W[a + "k_norm.weight"], eps)
-            v = (h @ W[a + "v_proj.weight"].T).reshape(T, kvh, hd)
-            q, kk = np_rope_half(q, cos, sin), np_rope_half(kk, cos, sin)
+
+            def proj(n, heads):
+                y = h @ W[a + n + "_proj.weight"].T
+                if a + n + "_proj.bias" in W:
+                    y = y + W[a + n + "_proj.bias"]
+                return y.reshape(T, heads, hd)
+
+            q, kk, v = proj("q", nh), proj("k", kvh), proj("v", kvh)
+            if a + "q_norm.weight" in W:
+                q = np_rms(q, W[a + "q_norm.weight"], eps)
+                kk = np_rms(kk, W[a + "k_norm.weight"], eps)
+            rd = 2 * cos.shape[-1]  # rotated dims (partial RoPE: the first rd, rest unchanged)
+            q = np.concatenate([np_rope_half(q[..., :rd], cos, sin), q[..., rd:]], -1)
+            kk = np.concatenate([np_rope_half(kk[..., :rd], cos, sin), kk[..., rd:]], -1)
             rep = nh // kvh  # query head j uses kv head j // rep
             o = np_causal_attention(q, np.repeat(kk, rep, axis=1), np.repeat(v, rep, axis=1), hd ** -0.5)
         x = x + o @ W[a + "o_proj.weight"].T

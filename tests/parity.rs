@@ -214,6 +214,11 @@ fn dots1_qk_norm_v3_router() {
 }
 
 #[test]
+fn glm4_moe_partial_rotary_qkv_bias_grouped_v3_router() {
+    check("glm4-moe");
+}
+
+#[test]
 fn mla_absorbed_and_expanded_paths_agree() {
     // The same prompt through the absorbed path (the decode formulation, forced for every
     // position here) matches transformers like the expanded one does.

@@ -25,6 +25,7 @@ pub const FIXTURES: &[&str] = &[
     "deepseek-v2-group",
     "deepseek-v3",
     "dots1",
+    "glm4-moe",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

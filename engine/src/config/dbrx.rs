@@ -47,6 +47,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             theta: t,
             scaling: RopeScaling::None,
             interleaved: false,
+            rotary_dim: None,
         },
         None => f.rope(10_000.0, head_dim, max_pos)?,
     };

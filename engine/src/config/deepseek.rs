@@ -6,6 +6,10 @@
 //!   times `routed_scaling_factor`, never renormalised (HF ignores `norm_topk_prob` for V2).
 //! - V3: MLA attention; sigmoid router with `e_score_correction_bias` (noaux_tc).
 //! - dots1: GQA attention with per-head QK-norm before RoPE (rotate-half), the V3 router.
+//! - GLM-4.5 (`glm4_moe`): dots1's layout with an explicit `head_dim`, q/k/v biases
+//!   (`attention_bias`), the per-head QK-norm only with `use_qk_norm`, and RoPE (rotate-half)
+//!   on the first `head_dim * partial_rotary_factor` dims of each head (transformers' default
+//!   factor 0.5 when the config has none).
 //!
 //! MLA RoPE rotates adjacent pairs. V3's `rope_interleave = false` selects rotate-half; true
 //! (its default, and the only V2 form) permutes the output back to halves, which leaves every
@@ -26,6 +30,7 @@ pub(super) enum Variant {
     V2,
     V3,
     Dots1,
+    Glm4Moe,
 }
 
 pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelConfig> {
@@ -37,8 +42,9 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
     let bad = |msg: String| Err(Error::config(path, msg));
 
+    let gqa = matches!(variant, Variant::Dots1 | Variant::Glm4Moe);
     let mla = match variant {
-        Variant::Dots1 => None,
+        Variant::Dots1 | Variant::Glm4Moe => None,
         Variant::V2 | Variant::V3 => Some(MlaConfig {
             q_lora_rank: f.opt_usize("q_lora_rank")?,
             kv_lora_rank: f.usize("kv_lora_rank")?,
@@ -51,6 +57,9 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
     // q/k head dim (nope + rope).
     let head_dim = match mla {
         Some(m) => m.qk_nope_head_dim + m.qk_rope_head_dim,
+        None if variant == Variant::Glm4Moe && f.opt_usize("head_dim")?.is_some() => {
+            f.usize("head_dim")?
+        }
         None if hidden.is_multiple_of(heads.max(1)) => hidden / heads.max(1),
         None => {
             return bad(format!(
@@ -63,8 +72,17 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
     rope.interleaved = match variant {
         Variant::V2 => true,
         Variant::V3 => f.opt_bool("rope_interleave")?.unwrap_or(true),
-        Variant::Dots1 => false,
+        Variant::Dots1 | Variant::Glm4Moe => false,
     };
+    if variant == Variant::Glm4Moe
+        && f.opt_f64("partial_rotary_factor")?.is_none()
+        && raw
+            .get("rope_parameters")
+            .or_else(|| raw.get("rope_scaling"))
+            .is_none_or(|r| r.get("partial_rotary_factor").is_none())
+    {
+        rope.rotary_dim = Some(head_dim / 2);
+    }
 
     let num_experts = f.opt_usize("n_routed_experts")?.unwrap_or(0);
     let n_group = f.opt_usize("n_group")?.unwrap_or(1);
@@ -88,14 +106,14 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             ))
             }
         },
-        Variant::V3 | Variant::Dots1 => {
+        Variant::V3 | Variant::Dots1 | Variant::Glm4Moe => {
             if let Some(m) = f.opt_str("topk_method")?.filter(|m| *m != "noaux_tc") {
                 return bad(format!(
                     "{variant_name} topk_method {m:?} is not supported (noaux_tc)",
-                    variant_name = if variant == Variant::V3 {
-                        "deepseek_v3"
-                    } else {
-                        "dots1"
+                    variant_name = match variant {
+                        Variant::V3 => "deepseek_v3",
+                        Variant::Glm4Moe => "glm4_moe",
+                        _ => "dots1",
                     }
                 ));
             }
@@ -140,7 +158,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    if f.opt_bool("attention_bias")?.unwrap_or(false) {
+    let qkv_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
+    if qkv_bias && variant != Variant::Glm4Moe {
         return bad("attention_bias = true is not supported".into());
     }
     if variant == Variant::Dots1 && f.opt_bool("use_sliding_window")?.unwrap_or(false) {
@@ -152,7 +171,7 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         hidden_size: hidden,
         num_heads: heads,
         // MLA has no KV heads (one shared latent); dots1 is GQA.
-        num_kv_heads: if mla.is_some() {
+        num_kv_heads: if !gqa {
             heads
         } else {
             f.opt_usize("num_key_value_heads")?.unwrap_or(heads)
@@ -163,11 +182,14 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
         },
         attn: AttnConfig {
-            qk_norm: if variant == Variant::Dots1 {
-                QkNorm::PerHeadBeforeRope
-            } else {
-                QkNorm::None
+            qk_norm: match variant {
+                Variant::Dots1 => QkNorm::PerHeadBeforeRope,
+                Variant::Glm4Moe if f.opt_bool("use_qk_norm")?.unwrap_or(false) => {
+                    QkNorm::PerHeadBeforeRope
+                }
+                _ => QkNorm::None,
             },
+            qkv_bias,
             ..Default::default()
         },
         mla,

@@ -307,20 +307,36 @@ impl<'a> Fields<'a> {
                 ))
             }
         };
-        if num("partial_rotary_factor").is_some_and(|f| f != 1.0)
-            || self
-                .opt_f64("partial_rotary_factor")?
-                .is_some_and(|f| f != 1.0)
-        {
-            return Err(Error::config(
-                &self.path,
-                "partial_rotary_factor != 1 is not supported yet",
-            ));
-        }
+        let partial = match num("partial_rotary_factor") {
+            Some(f) => Some(f),
+            None => self.opt_f64("partial_rotary_factor")?,
+        };
+        let rotary_dim = match partial {
+            None => None,
+            Some(1.0) => None,
+            Some(f) => {
+                // transformers: int(head_dim * partial_rotary_factor) dims rotate.
+                let d = (head_dim as f64 * f) as usize;
+                if !(f > 0.0 && f < 1.0) || d == 0 || d % 2 == 1 {
+                    return Err(Error::config(
+                        &self.path,
+                        format!("partial_rotary_factor {f} of head_dim {head_dim} does not give an even number of rotated dims in 2..{head_dim}"),
+                    ));
+                }
+                if scaling != RopeScaling::None {
+                    return Err(Error::config(
+                        &self.path,
+                        "partial_rotary_factor with rope scaling is not supported yet",
+                    ));
+                }
+                Some(d)
+            }
+        };
         Ok(RopeConfig {
             theta,
             scaling,
             interleaved: false,
+            rotary_dim,
         })
     }
 }

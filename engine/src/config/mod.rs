@@ -106,6 +106,12 @@ pub const FAMILIES: &[Family] = &[
         parse: |raw, path| deepseek::parse(raw, path, deepseek::Variant::Dots1),
         naming: &naming::DEEPSEEK,
     },
+    Family {
+        model_type: "glm4_moe",
+        aliases: &[],
+        parse: |raw, path| deepseek::parse(raw, path, deepseek::Variant::Glm4Moe),
+        naming: &naming::DEEPSEEK,
+    },
 ];
 
 /// The family a `model_type` (or one of its aliases) selects.
@@ -209,6 +215,9 @@ pub struct RopeConfig {
     pub scaling: RopeScaling,
     /// Rotate adjacent pairs (x0,x1),(x2,x3).. (DeepSeek MLA) instead of the two halves.
     pub interleaved: bool,
+    /// Rotate only the first `d` dims of each head, the rest pass through (GLM's
+    /// `partial_rotary_factor`); `None`: all of them.
+    pub rotary_dim: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

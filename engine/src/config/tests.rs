@@ -107,6 +107,7 @@ fn one_model_type_table() {
             "deepseek_v2",
             "deepseek_v3",
             "dots1",
+            "glm4_moe",
         ]
     );
     // Every name selects exactly one family.
@@ -139,4 +140,29 @@ fn one_model_type_table() {
     )
     .unwrap();
     assert_eq!(q2.model_type, "qwen2_moe");
+}
+
+/// GLM-4.5's partial rotary: the fixture's 0.5 of head_dim 24 rotates 12 dims; with no factor at
+/// all transformers' glm4_moe default 0.5 applies; a factor giving an odd count is refused.
+#[test]
+fn glm4_moe_partial_rotary() {
+    let text = include_str!("../../../tests/fixtures/glm4-moe/config.json");
+    let c = ModelConfig::from_json_str(text, Path::new("glm")).unwrap();
+    assert_eq!((c.head_dim, c.rope.rotary_dim), (24, Some(12)));
+    assert!(c.attn.qkv_bias && c.attn.qk_norm == QkNorm::PerHeadBeforeRope);
+    let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.remove("partial_rotary_factor");
+    o.insert("use_qk_norm".into(), false.into());
+    let c = ModelConfig::from_json_str(&v.to_string(), Path::new("glm")).unwrap();
+    assert_eq!(c.rope.rotary_dim, Some(12), "transformers' default 0.5");
+    assert_eq!(c.attn.qk_norm, QkNorm::None);
+    v["partial_rotary_factor"] = 0.25.into(); // 6 of 24: fine
+    let c = ModelConfig::from_json_str(&v.to_string(), Path::new("glm")).unwrap();
+    assert_eq!(c.rope.rotary_dim, Some(6));
+    v["partial_rotary_factor"] = 0.3.into(); // 7.2 -> 7: odd
+    let e = ModelConfig::from_json_str(&v.to_string(), Path::new("glm"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("partial_rotary_factor 0.3"), "{e}");
 }

@@ -185,7 +185,8 @@ impl Attention {
             _ => None,
         };
         let (cos, sin, interleaved) = rope.tables();
-        if cos.dtype() != y.dtype() {
+        // The kernel rotates whole heads: partial rotary takes the candle ops.
+        if cos.dtype() != y.dtype() || 2 * cos.dim(1)? != hd {
             return Ok(None);
         }
         let x = y.reshape((b, t, n, hd))?;

@@ -70,7 +70,11 @@ impl Model {
         let norm = cfg.norm;
         // QK-norms use the model's eps; MLA's latent norms use a fixed 1e-6 (as DeepSeek does).
         let rms = |w: Tensor, eps: f64| Norm::new(w, NormKind::Rms { eps });
-        let rope_dim = cfg.mla.map_or(cfg.head_dim, |m| m.qk_rope_head_dim);
+        let rope_dim = cfg
+            .mla
+            .map_or(cfg.rope.rotary_dim.unwrap_or(cfg.head_dim), |m| {
+                m.qk_rope_head_dim
+            });
         let rope = Rope::new(
             &cfg.rope,
             rope_dim,

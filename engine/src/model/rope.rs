@@ -98,11 +98,18 @@ impl Rope {
         (&self.cos, &self.sin, self.interleaved)
     }
 
-    /// `x [B, heads, T, d]` at positions `pos..pos+T` -> same shape.
+    /// `x [B, heads, T, d]` at positions `pos..pos+T` -> same shape. When `d` is wider than
+    /// the tables (partial rotary), the first `2 * cos.dim(1)` dims rotate and the rest pass
+    /// through.
     pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
+        let (d, rd) = (x.dim(3)?, 2 * self.cos.dim(1)?);
+        if d > rd {
+            let rot = self.apply(&x.narrow(3, 0, rd)?, pos)?;
+            return Tensor::cat(&[rot, x.narrow(3, rd, d - rd)?.contiguous()?], 3);
+        }
         let x = x.contiguous()?;
         if self.interleaved {
             candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
@@ -131,6 +138,7 @@ mod tests {
                 truncate: true,
             },
             interleaved: true,
+            rotary_dim: None,
         };
         let plain = inv_freq(
             &RopeConfig {
