@@ -32,8 +32,26 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Result<Vec<u8>, PathBuf>> {
 }
 
 fn run_in(cwd: Option<&Path>, args: &[&str]) -> Output {
+    run_env(cwd, &[], args)
+}
+
+/// [`run_in`] with extra environment variables (the Hugging Face ones are cleared first, and
+/// HF_HOME and HF_ENDPOINT point at nothing real unless `env` sets them).
+fn run_env(cwd: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_moe-run"));
     c.args(args).env("RUST_BACKTRACE", "1");
+    if !env.is_empty() {
+        for k in [
+            "HF_HUB_CACHE",
+            "HF_TOKEN",
+            "HF_TOKEN_PATH",
+            "HF_HUB_OFFLINE",
+        ] {
+            c.env_remove(k);
+        }
+        c.env("HF_ENDPOINT", "http://127.0.0.1:1");
+        c.envs(env.iter().copied());
+    }
     if let Some(d) = cwd {
         c.current_dir(d);
     }
@@ -53,8 +71,19 @@ fn row_in(
     code: i32,
     want: &[&str],
 ) -> (String, String) {
+    row_env(cwd, &[], inputs, args, code, want)
+}
+
+fn row_env(
+    cwd: Option<&Path>,
+    env: &[(&str, &str)],
+    inputs: &[&Path],
+    args: &[&str],
+    code: i32,
+    want: &[&str],
+) -> (String, String) {
     let before: Vec<_> = inputs.iter().map(|d| snapshot(d)).collect();
-    let out = run_in(cwd, args);
+    let out = run_env(cwd, env, args);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(
@@ -736,6 +765,103 @@ fn results_outside_the_repository_root_says_where_to_run_it() {
         1,
         &["--dir benches/results: not found", "repository root"],
     );
+}
+
+#[test]
+fn hub_flags_and_offline_without_a_cache() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("hf");
+    std::fs::create_dir(&home).unwrap();
+    let d = fixture("mixtral-base");
+    let env = [("HF_HOME", s(&home))];
+    let offline = [("HF_HOME", s(&home)), ("HF_HUB_OFFLINE", "1")];
+    fn with<'a>(head: &[&'a str]) -> Vec<&'a str> {
+        let run: [&'a str; 4] = ["--ids", "1,2", "--max-new-tokens", "1"];
+        head.iter().chain(&run).copied().collect()
+    }
+    // --revision nonsense: refused where it is parsed, before anything is read or written.
+    for rev in ["", "../../etc", "a b", "x.lock", "/main", "a//b", "-main"] {
+        let arg = format!("--revision={rev}");
+        let mut args = with(&["--model", "org/tiny"]);
+        args.push(&arg);
+        row_env(
+            None,
+            &env,
+            &[&home],
+            &args,
+            2,
+            &["--revision", "not a branch, tag or commit"],
+        );
+    }
+    // --revision without a Hub model, or with a local folder or the embedded model.
+    row_env(
+        None,
+        &env,
+        &[&d],
+        &[&with(&["--weights", s(&d)])[..], &["--revision", "main"]].concat(),
+        1,
+        &["--revision main", "local folder"],
+    );
+    row_env(
+        None,
+        &env,
+        &[&d],
+        &[&with(&["--model", s(&d)])[..], &["--revision", "main"]].concat(),
+        1,
+        &["--revision main", "local folder"],
+    );
+    row_env(
+        None,
+        &env,
+        &[],
+        &[&with(&["--model", "tiny-kjv"])[..], &["--revision", "v1"]].concat(),
+        1,
+        &["--revision v1", "embedded"],
+    );
+    // Neither a folder nor a repo id.
+    row_env(
+        None,
+        &env,
+        &[],
+        &with(&["--model", "./no/such/folder"]),
+        1,
+        &["neither a folder nor a Hugging Face repo id"],
+    );
+    // HF_HUB_OFFLINE with nothing cached: refused, naming the repo, the cache and the variable.
+    let (_, err) = row_env(
+        None,
+        &offline,
+        &[&home],
+        &with(&["--model", "org/tiny", "--revision", "v1.0"]),
+        1,
+        &[
+            "org/tiny",
+            "HF_HUB_OFFLINE is set",
+            "revision v1.0",
+            "models--org--tiny",
+        ],
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+    // A known model by its repo id is the same model, offline too.
+    row_env(
+        None,
+        &offline,
+        &[&home],
+        &with(&["--model", "MistralAI/Mixtral-8x7B-v0.1"]),
+        1,
+        &["mixtral-8x7b", "HF_HUB_OFFLINE is set"],
+    );
+    // HF_ENDPOINT that is not a URL.
+    row_env(
+        None,
+        &[("HF_HOME", s(&home)), ("HF_ENDPOINT", "ftp://x")],
+        &[&home],
+        &with(&["--model", "org/tiny"]),
+        1,
+        &["HF_ENDPOINT=\"ftp://x\"", "http://"],
+    );
+    // Nothing was written in the cache by any of these.
+    assert!(std::fs::read_dir(&home).unwrap().next().is_none());
 }
 
 #[test]

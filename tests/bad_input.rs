@@ -315,12 +315,15 @@ fn unknown_model_name_and_model_not_in_cache() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
         .args(["--model", "mixtral-8x7b", "--prompt", "hi"])
         .env("HF_HUB_CACHE", empty.path())
+        // Not in the cache, it would be downloaded: offline, it is refused (tests/hub.rs
+        // downloads from a local mock Hub).
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !err.contains("panicked"));
     assert!(
-        err.contains("mistralai/Mixtral-8x7B-v0.1") && err.contains("huggingface-cli download"),
+        err.contains("mistralai/Mixtral-8x7B-v0.1") && err.contains("HF_HUB_OFFLINE is set"),
         "{err}"
     );
     assert!(

@@ -75,6 +75,10 @@ pub enum Error {
         hint: String,
     },
 
+    /// A download from the Hugging Face Hub (`what`: the repo, revision and file) that failed.
+    #[error("Hugging Face Hub, {what}: {msg}")]
+    Hub { what: String, msg: String },
+
     /// A device allocation that cannot succeed, caught before it is tried (or the driver's
     /// out-of-memory error, with the numbers that explain it).
     #[error(

@@ -9,10 +9,14 @@ use super::sweep;
 /// `moe-run bench` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// `tiny-kjv` (embedded, the default), a known model name (configs/) or a HF repo id in the
-    /// local cache. With --random-weights only its config is used.
+    /// `tiny-kjv` (embedded, the default), a known model name (configs/), a HF repo id (the
+    /// local cache, else downloaded) or a local folder. With --random-weights only its config is
+    /// used.
     #[arg(long, conflicts_with = "weights")]
     pub model: Option<String>,
+    /// The Hub revision of --model: a branch, tag or commit (default main).
+    #[arg(long, requires = "model", value_parser = crate::loader::hub::parse_revision)]
+    pub revision: Option<String>,
     /// A checkpoint directory (config.json + safetensors).
     #[arg(long)]
     pub weights: Option<PathBuf>,
@@ -128,6 +132,7 @@ impl Default for BenchArgs {
     fn default() -> Self {
         BenchArgs {
             model: None,
+            revision: None,
             weights: None,
             random_weights: false,
             seed: 0,

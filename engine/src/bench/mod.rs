@@ -85,8 +85,12 @@ pub fn weight_dtype_of(a: &BenchArgs, dtype: DType, device: &Device) -> Result<O
     let quant = quant_of(a)?;
     let w = match a.weight_dtype.as_deref() {
         None if a.random_weights || a.baseline.is_some() => None,
-        None => ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?
-            .auto_weight_dtype(&a.dtype, device, quant)?,
+        None => ModelSource::resolve_at(
+            a.model.as_deref(),
+            a.weights.as_deref(),
+            a.revision.as_deref(),
+        )?
+        .auto_weight_dtype(&a.dtype, device, quant)?,
         w => loader::parse_weight_dtype(w, dtype, device, quant)?,
     };
     if w.is_some() && a.baseline.is_some() {
@@ -233,7 +237,11 @@ pub fn build_model(
             quant,
             ..Default::default()
         };
-        let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
+        let src = ModelSource::resolve_at(
+            a.model.as_deref(),
+            a.weights.as_deref(),
+            a.revision.as_deref(),
+        )?;
         if a.baseline.is_some() {
             base = Some(match &src {
                 ModelSource::Embedded(e) => baseline::BaselineWeights::Tensors(
@@ -319,7 +327,7 @@ pub fn resolve_config(a: &BenchArgs) -> Result<(String, ModelConfig)> {
         .unwrap_or(crate::loader::ModelRef::Embedded(
             &crate::loader::embedded::TINY_KJV,
         ))
-        .config()
+        .config_at(a.revision.as_deref())
 }
 
 /// Warm-up, then `runs` timed runs.

@@ -12,9 +12,14 @@ use crate::error::{Error, Result};
 /// `moe-run analyze` options.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AnalyzeArgs {
-    /// A known model name (see configs/; no download), or ORG/NAME from the local HF cache.
+    /// A known model name (see configs/) or its repo id, or ORG/NAME: the config.json of its
+    /// snapshot in the local HF cache when there is one, else (known models) the built-in copy;
+    /// nothing is downloaded.
     #[arg(long, conflicts_with_all = ["config", "weights"])]
     pub model: Option<String>,
+    /// The cached snapshot of --model to read: a branch, tag or commit (default main).
+    #[arg(long, requires = "model", value_parser = crate::loader::hub::parse_revision)]
+    pub revision: Option<String>,
     /// A config.json file.
     #[arg(long, conflicts_with = "weights")]
     pub config: Option<PathBuf>,
@@ -76,8 +81,8 @@ pub struct AnalyzeArgs {
     pub force: bool,
 }
 
-/// The config `analyze` reads: a known name, a repo in the local HF cache, a config.json or
-/// a checkpoint directory ([`crate::loader::ModelRef`]). Returns a display name and the parsed
+/// The config `analyze` reads: a known name or repo in the local HF cache (else a known model's
+/// built-in config), a config.json or a checkpoint directory ([`crate::loader::ModelRef`]). Returns a display name and the parsed
 /// config.
 pub fn resolve_config(a: &AnalyzeArgs) -> Result<Option<(String, ModelConfig)>> {
     crate::loader::ModelRef::resolve(
@@ -85,7 +90,7 @@ pub fn resolve_config(a: &AnalyzeArgs) -> Result<Option<(String, ModelConfig)>> 
         a.weights.as_deref(),
         a.config.as_deref(),
     )
-    .map(|r| r.config())
+    .map(|r| r.config_at(a.revision.as_deref()))
     .transpose()
 }
 

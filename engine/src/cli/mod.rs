@@ -115,10 +115,14 @@ fn selftest(a: SelftestArgs) -> Result<()> {
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// `tiny-kjv` (the embedded model, also the default), a known model name (see configs/)
-    /// or a Hugging Face repo id, read from the local HF cache.
+    /// `tiny-kjv` (the embedded model, also the default), a known model name (see configs/),
+    /// a Hugging Face repo id ORG/NAME (the local HF cache, else downloaded into it; HF_TOKEN,
+    /// HF_ENDPOINT, HF_HUB_OFFLINE apply) or a local folder (read as --weights).
     #[arg(short = 'm', long, conflicts_with = "weights")]
     model: Option<String>,
+    /// The Hub revision of --model: a branch, tag or commit (default main).
+    #[arg(long, requires = "model", value_parser = crate::loader::hub::parse_revision)]
+    revision: Option<String>,
     /// A directory with config.json, safetensors weights and (for text) tokenizer.json.
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -333,7 +337,11 @@ pub fn error_text(e: &Error) -> String {
 
 /// Where the model comes from, and the loaded model.
 pub(crate) fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
-    let src = ModelSource::resolve(a.model.as_deref(), a.weights.as_deref())?;
+    let src = ModelSource::resolve_at(
+        a.model.as_deref(),
+        a.weights.as_deref(),
+        a.revision.as_deref(),
+    )?;
     let device = loader::parse_device(&a.device)?;
     // Only a CUDA build has a choice to report; a CPU-only build always runs on the CPU.
     if a.device == "auto" && cfg!(feature = "cuda") {

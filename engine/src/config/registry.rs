@@ -56,10 +56,12 @@ pub static KNOWN_MODELS: &[KnownModel] = &[
     },
 ];
 
+/// A known model by its name or by its repo id (both case-insensitive: `mixtral-8x7b` and
+/// `mistralai/Mixtral-8x7B-v0.1` are one model).
 pub fn find(name: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS
         .iter()
-        .find(|m| m.name.eq_ignore_ascii_case(name))
+        .find(|m| m.name.eq_ignore_ascii_case(name) || m.repo.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]

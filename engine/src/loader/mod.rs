@@ -75,11 +75,20 @@ pub enum ModelSource {
 
 impl ModelSource {
     /// `--weights DIR` wins; `--model tiny-kjv` or no model at all is the embedded model; any
-    /// other `--model NAME` is looked up in the local Hugging Face cache ([`ModelRef`]).
+    /// other `--model NAME` is the local Hugging Face cache's snapshot, else downloaded ([`ModelRef`]).
     pub fn resolve(model: Option<&str>, weights: Option<&Path>) -> Result<Self> {
+        Self::resolve_at(model, weights, None)
+    }
+
+    /// [`ModelSource::resolve`] at `--revision` (a Hub model's branch, tag or commit).
+    pub fn resolve_at(
+        model: Option<&str>,
+        weights: Option<&Path>,
+        revision: Option<&str>,
+    ) -> Result<Self> {
         ModelRef::resolve(model, weights, None)
             .unwrap_or(ModelRef::Embedded(&embedded::TINY_KJV))
-            .source()
+            .source_at(revision)
     }
 
     pub fn load(&self, opts: &LoadOptions) -> Result<Model> {

@@ -1,8 +1,8 @@
 //! The one resolver of `--model` / `--weights` / `--config`, for every command: [`ModelRef`]
 //! says what the user named; `analyze` reads only its config ([`ModelRef::config`]: known
 //! models' configs are compiled in, no download needed), the commands that run a model need its
-//! weights ([`ModelRef::source`]: a directory given or found in the local Hugging Face cache, or
-//! the embedded model).
+//! weights ([`ModelRef::source_at`]: a directory given, a snapshot in the local Hugging Face
+//! cache or downloaded into it, or the embedded model).
 
 use std::path::{Path, PathBuf};
 
@@ -17,9 +17,9 @@ use crate::error::{Error, Result};
 pub enum ModelRef {
     /// `--model tiny-kjv` (also the default of the commands that run a model).
     Embedded(&'static Embedded),
-    /// A name from `configs/` (`--model mixtral-8x7b`).
+    /// A name from `configs/` (`--model mixtral-8x7b`), or its repo id.
     Known(&'static KnownModel),
-    /// Any other `--model`: a Hugging Face repo id `ORG/NAME`, read from the local cache.
+    /// Any other `--model`: a Hugging Face repo id `ORG/NAME`, from the local cache or downloaded.
     Repo(String),
     /// `--weights DIR`: config.json, safetensors, tokenizer.
     Dir(PathBuf),
@@ -41,6 +41,11 @@ impl ModelRef {
             return Some(ModelRef::Dir(d.to_path_buf()));
         }
         let name = model?;
+        // A local folder given to --model is read as --weights (as transformers'
+        // from_pretrained does: an existing directory wins over a Hub name).
+        if Path::new(name).is_dir() {
+            return Some(ModelRef::Dir(PathBuf::from(name)));
+        }
         Some(if name.eq_ignore_ascii_case(TINY_KJV.name) {
             ModelRef::Embedded(&TINY_KJV)
         } else if let Some(m) = registry::find(name) {
@@ -50,23 +55,41 @@ impl ModelRef {
         })
     }
 
-    /// A display name and the parsed config. Known models use their compiled-in config; a repo
-    /// id reads config.json from the local Hugging Face cache (the error names the known models
-    /// and how to download).
+    /// A display name and the parsed config, with nothing downloaded: [`ModelRef::config_at`]
+    /// the default revision.
     pub fn config(&self) -> Result<(String, ModelConfig)> {
+        self.config_at(None)
+    }
+
+    /// A display name and the parsed config, with nothing downloaded. One rule for a known model
+    /// by either spelling (`mixtral-8x7b`, `mistralai/Mixtral-8x7B-v0.1`): the config.json of its
+    /// snapshot in the local Hugging Face cache (at `revision`, default main) when there is one
+    /// (what `--model` would run), else the built-in copy from `configs/` (not with
+    /// `--revision`, which names a snapshot). Any other repo id needs its snapshot in the cache.
+    pub fn config_at(&self, revision: Option<&str>) -> Result<(String, ModelConfig)> {
+        let cached = |repo: &str| hub::cached(repo, revision);
         match self {
             ModelRef::Embedded(e) => Ok((format!("{} (embedded)", e.name), e.config()?)),
-            ModelRef::Known(m) => Ok((
-                format!("{} ({})", m.name, m.repo),
-                ModelConfig::from_json_str(
-                    m.config_json,
-                    format!("configs ({})", m.name).as_ref(),
-                )?,
-            )),
+            ModelRef::Known(m) => match cached(m.repo) {
+                Some((dir, commit)) => Ok((
+                    format!("{} ({}, cached snapshot {commit})", m.name, m.repo),
+                    ModelConfig::from_file(&dir.join("config.json"))?,
+                )),
+                None if revision.is_some() => Err(not_cached(m.name, m.repo, revision)),
+                None => Ok((
+                    format!("{} ({}, built-in config)", m.name, m.repo),
+                    ModelConfig::from_json_str(
+                        m.config_json,
+                        format!("configs ({})", m.name).as_ref(),
+                    )?,
+                )),
+            },
             ModelRef::Repo(name) => {
-                let dir = hub::resolve_model(name)?;
+                let repo = hub::repo_of(name)?;
+                let (dir, commit) =
+                    cached(&repo).ok_or_else(|| not_cached(name, &repo, revision))?;
                 Ok((
-                    name.clone(),
+                    format!("{name} (cached snapshot {commit})"),
                     ModelConfig::from_file(&dir.join("config.json"))?,
                 ))
             }
@@ -80,19 +103,46 @@ impl ModelRef {
         }
     }
 
-    /// Where the weights are: the directory given, the snapshot in the local Hugging Face cache
-    /// (an error saying how to download it when absent), or the embedded model.
+    /// Where the weights are at the default revision ([`ModelRef::source_at`]).
     pub fn source(&self) -> Result<ModelSource> {
+        self.source_at(None)
+    }
+
+    /// Where the weights are: the directory given, the snapshot of `revision` (default main) in
+    /// the local Hugging Face cache or downloaded into it ([`hub::resolve_model`]), or the
+    /// embedded model.
+    pub fn source_at(&self, revision: Option<&str>) -> Result<ModelSource> {
+        if let (Some(r), ModelRef::Embedded(_) | ModelRef::Dir(_) | ModelRef::ConfigFile(_)) =
+            (revision, self)
+        {
+            return Err(Error::Input(format!(
+                "--revision {r} names a snapshot of a Hugging Face repo; it does not apply to a local folder or the embedded model"
+            )));
+        }
         match self {
             ModelRef::Embedded(e) => Ok(ModelSource::Embedded(e)),
-            ModelRef::Known(m) => Ok(ModelSource::Dir(hub::resolve_model(m.name)?)),
-            ModelRef::Repo(name) => Ok(ModelSource::Dir(hub::resolve_model(name)?)),
+            ModelRef::Known(m) => Ok(ModelSource::Dir(hub::resolve_model(m.name, revision)?)),
+            ModelRef::Repo(name) => Ok(ModelSource::Dir(hub::resolve_model(name, revision)?)),
             ModelRef::Dir(dir) => Ok(ModelSource::Dir(dir.clone())),
             ModelRef::ConfigFile(path) => Err(Error::Input(format!(
                 "--config {} has no weights; give --weights DIR or --model NAME",
                 path.display()
             ))),
         }
+    }
+}
+
+/// A repo whose config is not in the local cache, for the commands that read only a config.
+fn not_cached(name: &str, repo: &str, revision: Option<&str>) -> Error {
+    let rev = revision.unwrap_or("main");
+    Error::ModelNotFound {
+        name: name.to_string(),
+        repo: repo.to_string(),
+        looked_in: hub::hub_cache_dir().join(format!("models--{}", repo.replace('/', "--"))),
+        hint: format!(
+            "Only reading a config, this command downloads nothing: `moe-run --model {repo} --revision {rev} --max-new-tokens 0 --ids 1` \
+             downloads the model, or pass --config FILE."
+        ),
     }
 }
 
