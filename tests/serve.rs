@@ -339,6 +339,17 @@ fn full_queue_disconnect_and_shutdown() {
     let mut first = [0u8; 64];
     let n = holder.read(&mut first).unwrap();
     assert!(n > 0);
+    // The stream's headers can arrive before the engine admits it: wait until it runs, or it
+    // would itself be the waiting request below.
+    let mut running = false;
+    for _ in 0..200 {
+        if srv.metric("moe_sequences_running") == 1.0 {
+            running = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(running, "the long stream never ran");
     // One waits...
     let port = srv.port;
     let waiter = std::thread::spawn(move || {
@@ -384,6 +395,33 @@ fn full_queue_disconnect_and_shutdown() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(freed, "the disconnected stream was not cancelled");
+    // A non-streaming request whose client goes away is cancelled too (hyper drops the
+    // handler, which drops the receiver the engine sends to).
+    let mut body = completion("And God said", 500);
+    body["ignore_eos"] = json!(true);
+    let mut quitter = srv.connect();
+    send(
+        &mut quitter,
+        "POST",
+        "/v1/completions",
+        Some(&body.to_string()),
+    );
+    std::thread::sleep(Duration::from_millis(30));
+    drop(quitter);
+    let mut freed = false;
+    for _ in 0..300 {
+        if srv.metric("moe_requests_cancelled_total") == 2.0
+            && srv.metric("moe_kv_cache_used_bytes") == 0.0
+        {
+            freed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        freed,
+        "the disconnected non-streaming request was not cancelled"
+    );
     assert!(srv.metric("moe_requests_rejected_queue_full_total") >= 1.0);
     let (_, _, m) = srv.request("GET", "/metrics", None);
     assert!(
