@@ -1,6 +1,6 @@
 //! `--model ORG/NAME` against a local mock of the Hugging Face Hub on 127.0.0.1 (never the real
 //! network): the endpoints hf-hub and huggingface_hub call (`/api/models/ORG/NAME/revision/REV`
-//! with siblings, `/ORG/NAME/resolve/REV/FILE` with ranges, ETag, X-Repo-Commit and the LFS
+//! with siblings, `/api/models/ORG/NAME/tree/REV`, `/ORG/NAME/resolve/REV/FILE` with ranges, ETag, X-Repo-Commit and the LFS
 //! headers X-Linked-Etag / X-Linked-Size), serving the committed tiny fixtures. Every run gets
 //! its own HF_HOME in a temporary folder.
 //!
@@ -149,9 +149,10 @@ async fn handle(
             .or_else(|| repo.commits.contains_key(rev).then(|| rev.to_string()))
     };
     if api {
-        // /api/models/ORG/NAME[/revision/REV]
+        // /api/models/ORG/NAME[/revision/REV] (model info), /api/models/ORG/NAME/tree/REV (files)
+        let tree = rest.get(2).map(String::as_str) == Some("tree");
         let rev = match rest.get(2).map(String::as_str) {
-            Some("revision") => rest[3..].join("/"),
+            Some("revision") | Some("tree") => rest[3..].join("/"),
             _ => "main".into(),
         };
         let Some(sha) = resolve_rev(&rev) else {
@@ -161,6 +162,24 @@ async fn handle(
                 &format!("Invalid rev id: {rev}"),
             );
         };
+        if tree {
+            let entries: Vec<serde_json::Value> = repo.commits[&sha]
+                .iter()
+                .map(|(name, f)| {
+                    let mut e = serde_json::json!({
+                        "type": "file", "path": name, "size": f.size, "oid": &f.sha256[..40],
+                    });
+                    if f.lfs {
+                        e["lfs"] = serde_json::json!({"oid": f.sha256, "size": f.size, "pointerSize": 134});
+                    }
+                    e
+                })
+                .collect();
+            return Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::Value::from(entries).to_string()))
+                .unwrap();
+        }
         let blobs = uri.query().is_some_and(|q| q.contains("blobs=true"));
         let siblings: Vec<serde_json::Value> = repo.commits[&sha]
             .iter()
