@@ -120,7 +120,15 @@ async fn handle(
     headers: HeaderMap,
 ) -> Response {
     let path = uri.path().to_string();
-    st.log.lock().unwrap().push(format!("{method} {path}"));
+    let range = headers
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .map(|r| format!(" {r}"))
+        .unwrap_or_default();
+    st.log
+        .lock()
+        .unwrap()
+        .push(format!("{method} {path}{range}"));
     let segs: Vec<String> = path
         .trim_start_matches('/')
         .split('/')
@@ -544,6 +552,36 @@ fn downloads_then_runs_from_the_cache_offline() {
         err.contains("cannot reach") && err.contains(&hub.url),
         "{err}"
     );
+}
+
+/// A download interrupted earlier (hf-hub's `blobs/<etag>.part`) resumes where it stopped.
+#[test]
+fn partial_download_resumes() {
+    let hub = MockHub::start(repos());
+    let home = tempfile::tempdir().unwrap();
+    let weights = std::fs::read(fixture("mixtral-base").join("model.safetensors")).unwrap();
+    let blobs = repo_dir(home.path(), "org/tiny").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let half = weights.len() / 2;
+    std::fs::write(
+        blobs.join(format!("{}.part", sha256_hex(&weights))),
+        &weights[..half],
+    )
+    .unwrap();
+    let (out, err) = ok(&run(
+        home.path(),
+        &hub.url,
+        &[],
+        &with_ids(&["--model", "org/tiny"]),
+    ));
+    assert_eq!(out, with_weights(&fixture("mixtral-base")), "{err}");
+    let log = hub.requests();
+    assert!(
+        log.iter()
+            .any(|r| r.ends_with(&format!("model.safetensors bytes={half}-"))),
+        "{log:?}"
+    );
+    assert!(names(&blobs).iter().all(|n| !n.ends_with(".part")));
 }
 
 #[test]
