@@ -2,6 +2,8 @@
 //! not depend on what else is in the batch, the KV budget and the waiting queue bound what runs,
 //! and a sequence whose client goes away is cancelled and frees its KV.
 
+mod common;
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -17,25 +19,10 @@ use moe::runtime::tokenizer::TextTokenizer;
 /// 16 different prompts of different lengths (KJV-like text).
 fn prompts(model: &Model) -> Vec<Vec<u32>> {
     let tok = TextTokenizer::embedded(&TINY_KJV, &model.cfg).unwrap();
-    let starts = [
-        "And God said",
-        "In the beginning",
-        "And it came to pass, when",
-        "The LORD is my shepherd",
-        "Blessed are the",
-        "And Moses spake unto",
-        "Then said Jesus unto them,",
-        "For God so loved",
-        "And the earth was",
-        "Honour thy father",
-        "And he said unto them, Go ye into all the world, and",
-        "Behold,",
-        "And Abraham",
-        "Now the serpent was more subtil than any beast of the field",
-        "I am the",
-        "And there was",
-    ];
-    starts.iter().map(|s| tok.encode(s).unwrap()).collect()
+    common::KJV_PROMPTS
+        .iter()
+        .map(|s| tok.encode(s).unwrap())
+        .collect()
 }
 
 fn greedy(max_new: usize) -> GenerateParams {

@@ -219,21 +219,10 @@ fn short_flags_prompt_file_and_chat() {
     assert_eq!(ids(&long), ids(&short));
     assert_eq!(ids(&long).len(), 12);
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
-        .args(["--prompt-file", "-", "-n", "8", "--temp", "0", "--json"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"And God said")
-        .unwrap();
-    let from_stdin = child.wait_with_output().unwrap();
+    let from_stdin = common::moe_run_stdin(
+        &["--prompt-file", "-", "-n", "8", "--temp", "0", "--json"],
+        b"And God said",
+    );
     let plain = moe_run(&["-p", "And God said", "-n", "8", "--temp", "0", "--json"]);
     assert_eq!(ids(&from_stdin), ids(&plain));
 
@@ -285,21 +274,10 @@ fn short_flags_prompt_file_and_chat() {
 /// message), and the end of input exits cleanly.
 #[test]
 fn chat_keeps_history_and_resets() {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
-        .args(["chat", "--max-new-tokens", "6", "--temperature", "0"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"And God said\nLet there be light\n/reset\nAnd God said\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = common::moe_run_stdin(
+        &["chat", "--max-new-tokens", "6", "--temperature", "0"],
+        b"And God said\nLet there be light\n/reset\nAnd God said\n",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let prompts: Vec<usize> = err

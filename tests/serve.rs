@@ -3,6 +3,8 @@
 //! queue, a client that disconnects mid-stream, /metrics, and a clean exit on SIGTERM.
 //! (The official `openai` Python client is exercised by tests/openai_client.py from `.ci/run`.)
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -128,24 +130,7 @@ fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
-const PROMPTS: [&str; 16] = [
-    "And God said",
-    "In the beginning",
-    "And it came to pass, when",
-    "The LORD is my shepherd",
-    "Blessed are the",
-    "And Moses spake unto",
-    "Then said Jesus unto them,",
-    "For God so loved",
-    "And the earth was",
-    "Honour thy father",
-    "And he said unto them, Go ye into all the world, and",
-    "Behold,",
-    "And Abraham",
-    "Now the serpent was more subtil than any beast of the field",
-    "I am the",
-    "And there was",
-];
+use common::KJV_PROMPTS as PROMPTS;
 
 fn completion(prompt: &str, max_tokens: u32) -> Value {
     json!({"model": "tiny-kjv", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})

@@ -70,9 +70,46 @@ pub fn moe_run(args: &[&str]) -> Output {
         .expect("spawn moe-run")
 }
 
+/// Runs moe-run with `input` on its standard input (then closed).
+pub fn moe_run_stdin(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn moe-run");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("wait for moe-run")
+}
+
 pub fn ids_arg(ids: &[u32]) -> String {
     ids.iter()
         .map(|i| i.to_string())
         .collect::<Vec<_>>()
         .join(",")
 }
+
+/// 16 KJV-like prompts of different lengths (the batching and serving tests).
+pub const KJV_PROMPTS: [&str; 16] = [
+    "And God said",
+    "In the beginning",
+    "And it came to pass, when",
+    "The LORD is my shepherd",
+    "Blessed are the",
+    "And Moses spake unto",
+    "Then said Jesus unto them,",
+    "For God so loved",
+    "And the earth was",
+    "Honour thy father",
+    "And he said unto them, Go ye into all the world, and",
+    "Behold,",
+    "And Abraham",
+    "Now the serpent was more subtil than any beast of the field",
+    "I am the",
+    "And there was",
+];
