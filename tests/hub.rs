@@ -632,6 +632,16 @@ fn revision_by_tag() {
         &with_ids(&["--model", "org/tiny", "--revision", COMMIT_B]),
     ));
     assert_eq!(by_commit, out, "{err}");
+    // Downloading by commit writes no ref named by the commit.
+    let home2 = tempfile::tempdir().unwrap();
+    ok(&run(
+        home2.path(),
+        &hub.url,
+        &[],
+        &with_ids(&["--model", "org/tiny", "--revision", COMMIT_B]),
+    ));
+    let refs = repo_dir(home2.path(), "org/tiny").join("refs");
+    assert!(names(&refs).is_empty(), "{:?}", names(&refs));
     // A revision the repo does not have.
     let err = failed(&run(
         home.path(),

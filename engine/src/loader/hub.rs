@@ -449,6 +449,12 @@ impl Fetch<'_> {
             Vec::new()
         };
         self.fetch_all(&weights, &mut got)?;
+        if self.rev == self.info.sha {
+            // hf-hub writes a ref named by the commit itself; huggingface_hub writes none.
+            if let Some(repo_dir) = self.snapshot.ancestors().nth(2) {
+                let _ = std::fs::remove_file(repo_dir.join("refs").join(self.rev));
+            }
+        }
         eprintln!(
             "snapshot: {} revision {} commit {} (downloaded {} files, {} in {:.1}s, into {})",
             self.repo,
