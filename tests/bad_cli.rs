@@ -793,7 +793,19 @@ fn hub_flags_and_offline_without_a_cache() {
             &["--revision", "not a branch, tag or commit"],
         );
     }
-    // --revision without a Hub model, or with a local folder or the embedded model.
+    // --revision without --model is a usage error, on every command that takes it.
+    for cmd in [&[][..], &["logits"][..], &["analyze"][..], &["bench"][..]] {
+        let args = [cmd, &["--revision", "main", "--ids", "1"][..]].concat();
+        let args: Vec<&str> = if cmd == ["analyze"] || cmd == ["bench"] {
+            args.into_iter()
+                .filter(|a| *a != "--ids" && *a != "1")
+                .collect()
+        } else {
+            args
+        };
+        row_env(None, &env, &[&home], &args, 2, &["--model"]);
+    }
+    // --revision with a local folder (as --weights or --model) or the embedded model.
     row_env(
         None,
         &env,
