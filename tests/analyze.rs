@@ -247,12 +247,15 @@ fn kv_and_attention_flops() {
         kv_bytes_per_token(&ds, 2),
         ds.num_layers() as u64 * (m.kv_lora_rank + m.qk_rope_head_dim) as u64 * 2
     );
-    // A sliding window caps the keys a decode step reads, not the allocation.
+    // A sliding window caps the keys a decode step reads and, the cache being a ring of W
+    // positions, the allocation too.
     let swa = tiny_cfg(r#", "sliding_window": 100"#);
     let r = analyze("swa", &swa, 1000, 1, &[]);
     let bf16 = &r.precisions[1];
     assert_eq!(bf16.kv_read_bytes, 100 * 1024);
-    assert_eq!(bf16.kv_bytes_per_sequence, 1000 * 1024);
+    assert_eq!(bf16.kv_bytes_per_sequence, 100 * 1024);
+    let r = analyze("swa", &swa, 60, 1, &[]);
+    assert_eq!(r.precisions[1].kv_bytes_per_sequence, 60 * 1024);
 }
 
 #[test]

@@ -102,13 +102,13 @@ impl Attention {
         let q = heads(q, nh, &self.q_norm, true)?;
         let k = heads(k, nkv, &self.k_norm, true)?;
         let v = heads(v, nkv, &None, false)?;
-        let (k_all, v_all) = cache.write(layer, &k, &v, pos)?; // [B, kv, L, hd]
         let l = pos + t;
         let scale = 1.0 / (hd as f64).sqrt();
         if plan.decode_attention_kernel(t, hd) {
-            let (kc, vc) = cache.layer(layer); // [B, kv, cap, hd]
-            let out =
-                moe_kernels::decode_attention(&q, kc, vc, l, self.sliding_window, scale as f32)?;
+            cache.store(layer, &k, &v, pos)?;
+            let (kc, vc) = cache.layer(layer); // [B, kv, slots, hd]
+            let (keys, window) = cache.attended(l, self.sliding_window);
+            let out = moe_kernels::decode_attention(&q, kc, vc, keys, window, scale as f32)?;
             return out.reshape((b, 1, nh * hd)); // [B, nh, 1, hd] -> [B, 1, nh*hd]
         }
 
@@ -116,8 +116,7 @@ impl Attention {
         let start = self
             .sliding_window
             .map_or(0, |w| (pos + 1).saturating_sub(w));
-        let k_all = k_all.narrow(2, start, l - start)?;
-        let v_all = v_all.narrow(2, start, l - start)?;
+        let (k_all, v_all) = cache.write(layer, &k, &v, pos, start)?; // [B, kv, l - start, hd]
 
         // [B, heads, T, hd] -> [B, kv, g*T, hd]: heads h = j*g + i share kv head j.
         // A CPU prefill computes the scores and the weighted sum in f32 whatever the model's dtype:

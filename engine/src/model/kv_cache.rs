@@ -1,7 +1,11 @@
-//! The KV cache: per layer two tensors allocated once for the whole context and written in
-//! place; nothing is concatenated or reallocated while decoding.
-//! GQA: K and V `[B, kv, cap, hd]`. MLA: the compressed latent `[B, 1, cap, kv_lora_rank]` and
-//! the shared rotated key `[B, 1, cap, qk_rope_head_dim]`; per-head K/V are never stored.
+//! The KV cache: per layer two tensors allocated once and written in place; nothing is
+//! reallocated while decoding.
+//! GQA: K and V `[B, kv, slots, hd]`. MLA: the compressed latent `[B, 1, slots, kv_lora_rank]`
+//! and the shared rotated key `[B, 1, slots, qk_rope_head_dim]`; per-head K/V are never stored.
+//!
+//! Without a sliding window a slot is a position (`slots` = capacity). With a window W the cache
+//! is a ring of `min(capacity, W)` slots: position p lives in slot `p % W`, so a sequence of any
+//! length holds at most W positions, which is all a query can see (it attends to p - W + 1..=p).
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -12,6 +16,9 @@ pub struct KvCache {
     /// Tokens already stored (the same for every layer between forward passes).
     len: usize,
     capacity: usize,
+    /// The sliding window that makes this a ring buffer of `slots` positions, if any.
+    ring: Option<usize>,
+    slots: usize,
 }
 
 impl KvCache {
@@ -22,13 +29,16 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        // MLA models have no window; a GQA window bounds what is kept.
+        let ring = cfg.sliding_window.filter(|_| cfg.mla.is_none());
+        let slots = ring.map_or(capacity, |w| capacity.min(w));
         let (k_shape, v_shape) = match cfg.mla {
             Some(m) => (
-                (batch, 1, capacity, m.kv_lora_rank),
-                (batch, 1, capacity, m.qk_rope_head_dim),
+                (batch, 1, slots, m.kv_lora_rank),
+                (batch, 1, slots, m.qk_rope_head_dim),
             ),
             None => {
-                let s = (batch, cfg.num_kv_heads, capacity, cfg.head_dim);
+                let s = (batch, cfg.num_kv_heads, slots, cfg.head_dim);
                 (s, s)
             }
         };
@@ -44,6 +54,8 @@ impl KvCache {
             layers,
             len: 0,
             capacity,
+            ring,
+            slots,
         })
     }
 
@@ -67,24 +79,33 @@ impl KvCache {
             .sum()
     }
 
-    /// Bytes one token occupies across all layers.
+    /// Bytes one cached position occupies across all layers.
     pub fn bytes_per_token(&self) -> usize {
         self.bytes()
-            / self.capacity.max(1)
+            / self.slots.max(1)
             / self
                 .layers
                 .first()
                 .map_or(1, |(k, _)| k.dim(0).unwrap_or(1))
     }
 
+    /// Positions the cache holds at most (the capacity, or the window of a ring).
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
     /// Writes `k, v [B, heads, T, d]` (GQA K and V, or MLA latent and rope key) for positions
-    /// `pos..pos+T` of `layer` and returns views of positions `0..pos+T`.
+    /// `pos..pos+T` of `layer` and returns the keys and values of positions `from..pos+T` in
+    /// position order (`from` >= `pos + 1 - W` with a window W: older ones are gone). Without a
+    /// window these are views of the cache; a ring gathers the old positions before the new ones
+    /// overwrite their slots, then appends the new ones.
     pub fn write(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
         pos: usize,
+        from: usize,
     ) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         if pos + t > self.capacity {
@@ -94,10 +115,77 @@ impl KvCache {
                 self.capacity
             )
         }
+        let Some(w) = self.ring else {
+            self.store(layer, k, v, pos)?;
+            let (kc, vc) = &self.layers[layer];
+            return Ok((
+                kc.narrow(2, from, pos + t - from)?,
+                vc.narrow(2, from, pos + t - from)?,
+            ));
+        };
+        if from + w <= pos {
+            candle_core::bail!("positions {from}..{pos} are older than the window of {w}")
+        }
         let (kc, vc) = &self.layers[layer];
-        kc.slice_set(k, 2, pos)?;
-        vc.slice_set(v, 2, pos)?;
-        Ok((kc.narrow(2, 0, pos + t)?, vc.narrow(2, 0, pos + t)?))
+        let old = |c: &Tensor, new: &Tensor| -> Result<Tensor> {
+            let mut parts = self.ring_runs(from, pos, w, |s, n| c.narrow(2, s, n))?;
+            parts.push(new.clone());
+            Tensor::cat(&parts, 2)
+        };
+        let (k_all, v_all) = (old(kc, k)?, old(vc, v)?);
+        self.store(layer, k, v, pos)?;
+        Ok((k_all, v_all))
+    }
+
+    /// Writes positions `pos..pos+T` of `layer` without reading anything back (a decode kernel
+    /// reads the cache in place; see [`Self::attended`]).
+    pub fn store(&mut self, layer: usize, k: &Tensor, v: &Tensor, pos: usize) -> Result<()> {
+        let t = k.dim(2)?;
+        let (kc, vc) = &self.layers[layer];
+        let Some(w) = self.ring else {
+            kc.slice_set(k, 2, pos)?;
+            return vc.slice_set(v, 2, pos);
+        };
+        // Only the last W new positions survive; each run of slots is one contiguous write.
+        let keep = t.min(w);
+        let first = pos + t - keep;
+        let mut done = 0;
+        for (slot, n) in self.ring_runs(first, pos + t, w, |s, n| Ok((s, n)))? {
+            let src = first - pos + done;
+            kc.slice_set(&k.narrow(2, src, n)?, 2, slot)?;
+            vc.slice_set(&v.narrow(2, src, n)?, 2, slot)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// `f(slot, n)` for the (at most two) runs of ring slots holding positions `lo..hi`.
+    fn ring_runs<T>(
+        &self,
+        lo: usize,
+        hi: usize,
+        w: usize,
+        mut f: impl FnMut(usize, usize) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(2);
+        let mut p = lo;
+        while p < hi {
+            let slot = p % w;
+            let n = (hi - p).min(self.slots - slot);
+            out.push(f(slot, n)?);
+            p += n;
+        }
+        Ok(out)
+    }
+
+    /// Slots a decode step at `len` stored positions (the new one included) attends to in place,
+    /// and the window it must still apply: a ring holds exactly the visible positions (in slot
+    /// order, which attention does not depend on), so no window is left to apply.
+    pub fn attended(&self, len: usize, window: Option<usize>) -> (usize, Option<usize>) {
+        match self.ring {
+            Some(_) => (len.min(self.slots), None),
+            None => (len, window),
+        }
     }
 
     /// The whole preallocated K and V (or latent and rope key) of `layer`, `[B, heads, cap, d]`;
@@ -114,5 +202,67 @@ impl KvCache {
 
     pub fn reset(&mut self) {
         self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[1, kv, t, hd]` whose every element is its position.
+    fn at(cfg: &ModelConfig, positions: std::ops::Range<usize>) -> Tensor {
+        let (kv, hd) = (cfg.num_kv_heads, cfg.head_dim);
+        let t = positions.len();
+        let v: Vec<f32> = (0..kv)
+            .flat_map(|_| {
+                positions
+                    .clone()
+                    .flat_map(|p| std::iter::repeat_n(p as f32, hd))
+            })
+            .collect();
+        Tensor::from_vec(v, (1, kv, t, hd), &Device::Cpu).unwrap()
+    }
+
+    /// The positions a returned `[1, kv, n, hd]` holds, in order.
+    fn positions(t: &Tensor) -> Vec<usize> {
+        let v: Vec<Vec<Vec<f32>>> = t.squeeze(0).unwrap().to_vec3().unwrap();
+        v[0].iter().map(|row| row[0] as usize).collect()
+    }
+
+    #[test]
+    fn a_sliding_window_keeps_a_ring_of_w_positions() {
+        let text = include_str!("../../../tests/fixtures/mixtral-swa/config.json");
+        let cfg = ModelConfig::from_json_str(text, std::path::Path::new("swa")).unwrap();
+        let w = cfg.sliding_window.unwrap(); // 5
+        let mut c = KvCache::new(&cfg, 1, 40, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(c.slots(), w);
+        let ring = KvCache::new(&cfg, 1, 40, DType::F32, &Device::Cpu).unwrap();
+        let plain = {
+            let mut p = cfg.clone();
+            p.sliding_window = None;
+            KvCache::new(&p, 1, 40, DType::F32, &Device::Cpu).unwrap()
+        };
+        assert_eq!(ring.bytes() * 40, plain.bytes() * w);
+        // A prompt longer than the window: every position comes back, the ring keeps the last W.
+        let (k, v) = c.write(0, &at(&cfg, 0..7), &at(&cfg, 0..7), 0, 0).unwrap();
+        assert_eq!(positions(&k), (0..7).collect::<Vec<_>>());
+        assert_eq!(positions(&v), (0..7).collect::<Vec<_>>());
+        let (kc, _) = c.layer(0);
+        // Slots hold 5, 6, 2, 3, 4 (position p in slot p % 5).
+        assert_eq!(positions(kc), [5, 6, 2, 3, 4]);
+        // A chunk that wraps: positions 3..9 in order, read before 7 and 8 overwrite 2 and 3.
+        let (k, _) = c.write(0, &at(&cfg, 7..9), &at(&cfg, 7..9), 7, 3).unwrap();
+        assert_eq!(positions(&k), [3, 4, 5, 6, 7, 8]);
+        assert_eq!(positions(c.layer(0).0), [5, 6, 7, 8, 4]);
+        // A decode step reads the ring in place: all W slots, no window left to apply.
+        c.store(0, &at(&cfg, 9..10), &at(&cfg, 9..10), 9).unwrap();
+        assert_eq!(positions(c.layer(0).0), [5, 6, 7, 8, 9]);
+        assert_eq!(c.attended(10, Some(w)), (w, None));
+        assert_eq!(c.attended(3, Some(w)), (3, None));
+        assert_eq!(plain.attended(10, Some(w)), (10, Some(w)));
+        // Positions older than the window cannot be asked for.
+        assert!(c
+            .write(0, &at(&cfg, 10..11), &at(&cfg, 10..11), 10, 2)
+            .is_err());
     }
 }

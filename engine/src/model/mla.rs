@@ -118,7 +118,7 @@ impl MlaAttention {
             .unsqueeze(1)?
             .contiguous()?;
         let k_pe = rope.apply(&kv.narrow(D::Minus1, r, dr)?.unsqueeze(1)?, pos)?; // [B, 1, T, dr]
-        let (c_all, pe_all) = cache.write(layer, &c, &k_pe, pos)?; // [B, 1, L, r], [B, 1, L, dr]
+        let (c_all, pe_all) = cache.write(layer, &c, &k_pe, pos, 0)?; // [B, 1, L, r], [B, 1, L, dr]
         let l = pos + t;
 
         // Rope part, shared key for every head: [B, 1, nh*T, dr] x [B, 1, dr, L].

@@ -288,17 +288,16 @@ pub fn kv_bytes_per_token(cfg: &ModelConfig, elem_bytes: u64) -> u64 {
 }
 
 /// Keys one decode step at position `context` attends to: the sliding window caps them.
-/// (The engine's cache still allocates the whole context: see [`kv_bytes_per_sequence`].)
 pub fn attended_keys(cfg: &ModelConfig, context: u64) -> u64 {
     cfg.sliding_window
         .map_or(context, |w| context.min(w as u64))
 }
 
-/// KV cache bytes of one sequence of `context` tokens, as the engine allocates it (every
-/// position, window or not).
+/// KV cache bytes of one sequence of `context` tokens, as the engine allocates it: every
+/// position, or with a sliding window W a ring of `min(context, W)` positions.
 pub fn kv_bytes_per_sequence(cfg: &ModelConfig, context: u64, elem_bytes: u64) -> u64 {
     // Saturating: a huge context or batch reads as "more than any memory", never wraps.
-    kv_bytes_per_token(cfg, elem_bytes).saturating_mul(context)
+    kv_bytes_per_token(cfg, elem_bytes).saturating_mul(attended_keys(cfg, context))
 }
 
 /// KV bytes one decode step at position `context` reads.
