@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 const COMMIT_A: &str = "a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0";
 const COMMIT_B: &str = "b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1";
+const COMMIT_C: &str = "c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2";
 const TOKEN: &str = "hf_good";
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -367,7 +368,12 @@ impl Drop for MockHub {
 fn repos() -> Vec<(&'static str, MockRepo)> {
     let tiny = MockRepo::default()
         .with("main", COMMIT_A, &fixture("mixtral-base"))
-        .with("v1.0", COMMIT_B, &fixture("mixtral-odd"));
+        .with("v1.0", COMMIT_B, &fixture("mixtral-odd"))
+        // The same weights as main, a newer config.json.
+        .with("v1.1", COMMIT_C, &fixture("mixtral-base"))
+        .edit(COMMIT_C, "config.json", |f| {
+            *f = MockFile::new([f.served.clone(), b"\n".to_vec()].concat(), false)
+        });
     let gated = MockRepo {
         token: Some(TOKEN.into()),
         ..MockRepo::default().with("main", COMMIT_A, &fixture("mixtral-base"))
@@ -642,6 +648,31 @@ fn revision_by_tag() {
     ));
     let refs = repo_dir(home2.path(), "org/tiny").join("refs");
     assert!(names(&refs).is_empty(), "{:?}", names(&refs));
+    // A revision whose weights are a blob main already brought: linked, not downloaded again.
+    ok(&run(
+        home.path(),
+        &hub.url,
+        &[],
+        &with_ids(&["--model", "org/tiny"]),
+    ));
+    let before = hub.requests().len();
+    let (out_c, err) = ok(&run(
+        home.path(),
+        &hub.url,
+        &[],
+        &with_ids(&["--model", "org/tiny", "--revision", "v1.1"]),
+    ));
+    assert_eq!(out_c, with_weights(&fixture("mixtral-base")), "{err}");
+    let log = hub.requests()[before..].to_vec();
+    assert!(
+        log.iter().any(|r| r.contains("/resolve/v1.1/config.json"))
+            && !log.iter().any(|r| r.contains("model.safetensors")),
+        "{log:?} {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/v1.1")).unwrap(),
+        COMMIT_C
+    );
     // A revision the repo does not have.
     let err = failed(&run(
         home.path(),

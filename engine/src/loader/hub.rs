@@ -181,8 +181,8 @@ fn is_commit(s: &str) -> bool {
 }
 
 /// The cached snapshot of `revision` (default main): through `refs/<revision>`, or the snapshot
-/// folder itself for a commit; without `--revision` and without `refs/main`, the newest snapshot
-/// that has a config.json. Returns the folder and its commit.
+/// folder itself for a commit; without `--revision`, in a cache without refs, the newest
+/// snapshot that has a config.json. Returns the folder and its commit.
 pub fn cached_snapshot(repo_dir: &Path, revision: Option<&str>) -> Option<(PathBuf, String)> {
     let snaps = repo_dir.join("snapshots");
     let rev = revision.unwrap_or("main");
@@ -202,7 +202,10 @@ pub fn cached_snapshot(repo_dir: &Path, revision: Option<&str>) -> Option<(PathB
             return Some(found);
         }
     }
-    if revision.is_some() {
+    // The newest snapshot stands for main only in a cache without refs (copied by hand): where
+    // other revisions have refs, it may be one of them.
+    let has_refs = std::fs::read_dir(repo_dir.join("refs")).is_ok_and(|mut d| d.next().is_some());
+    if revision.is_some() || has_refs {
         return None;
     }
     let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&snaps)
@@ -449,10 +452,17 @@ impl Fetch<'_> {
             Vec::new()
         };
         self.fetch_all(&weights, &mut got)?;
-        if self.rev == self.info.sha {
-            // hf-hub writes a ref named by the commit itself; huggingface_hub writes none.
-            if let Some(repo_dir) = self.snapshot.ancestors().nth(2) {
-                let _ = std::fs::remove_file(repo_dir.join("refs").join(self.rev));
+        if let Some(repo_dir) = self.snapshot.ancestors().nth(2) {
+            let r = repo_dir.join("refs").join(self.rev);
+            if self.rev == self.info.sha {
+                // hf-hub writes a ref named by the commit itself; huggingface_hub writes none.
+                let _ = std::fs::remove_file(r);
+            } else if let Some(parent) = r.parent() {
+                // hf-hub writes the ref with each file; when every file was already a blob, no
+                // download wrote it.
+                std::fs::create_dir_all(parent)
+                    .and_then(|_| std::fs::write(&r, &self.info.sha))
+                    .map_err(|e| Error::io(&r, e))?;
             }
         }
         eprintln!(
@@ -472,7 +482,7 @@ impl Fetch<'_> {
     fn fetch_all(&self, files: &[String], got: &mut (usize, u64)) -> Result<()> {
         let todo: Vec<&String> = files
             .iter()
-            .filter(|f| !self.snapshot.join(f).exists())
+            .filter(|f| !self.snapshot.join(f).exists() && !self.link_cached_blob(f))
             .collect();
         if todo.is_empty() {
             return Ok(());
@@ -520,6 +530,43 @@ impl Fetch<'_> {
         }
         bars.finish();
         Ok(())
+    }
+
+    /// An LFS file whose blob another revision already brought (`blobs/<sha256>`): linked into
+    /// this snapshot as huggingface_hub does, instead of downloaded again. False when it is not
+    /// there (or the link cannot be made: the download then does it).
+    fn link_cached_blob(&self, file: &str) -> bool {
+        let Some(sha) = self
+            .sibling(file)
+            .and_then(|s| s.lfs.as_ref())
+            .map(|l| &l.sha256)
+        else {
+            return false;
+        };
+        let Some(repo_dir) = self.snapshot.ancestors().nth(2) else {
+            return false;
+        };
+        let plain = !file.contains(['/', '\\']) && !file.starts_with('.');
+        if !plain || !repo_dir.join("blobs").join(sha).is_file() {
+            eprintln!(
+                "DEBUG no blob {}",
+                repo_dir.join("blobs").join(sha).display()
+            );
+            return false;
+        }
+        #[cfg(unix)]
+        {
+            std::fs::create_dir_all(&self.snapshot).is_ok()
+                && std::os::unix::fs::symlink(
+                    Path::new("../../blobs").join(sha),
+                    self.snapshot.join(file),
+                )
+                .is_ok()
+        }
+        #[cfg(not(unix))]
+        {
+            false
+        }
     }
 
     /// Checks the blob behind `pointer` against its sha256: the repo's LFS sha256, else the blob's
@@ -821,6 +868,12 @@ mod tests {
         // A commit is its own snapshot folder; an unknown revision is not the newest snapshot.
         assert_eq!(snap(Some(a.as_str())).unwrap().1, a);
         assert!(snap(Some("v2")).is_none());
+        // Without refs/main, another revision's snapshot is not main's; without any ref, the
+        // newest snapshot is.
+        std::fs::remove_file(repo.join("refs/main")).unwrap();
+        assert!(snap(None).is_none());
+        std::fs::remove_file(repo.join("refs/v1")).unwrap();
+        assert!(snap(None).is_some());
         assert!(cached_snapshot(&tmp.path().join("models--none--x"), None).is_none());
     }
 
