@@ -60,6 +60,8 @@ struct MockRepo {
     commits: BTreeMap<String, BTreeMap<String, MockFile>>,
     /// A gated repo's files need `Authorization: Bearer <this>`.
     token: Option<String>,
+    /// Files answer a redirect without a Location (a broken server).
+    broken_redirect: bool,
 }
 
 impl MockRepo {
@@ -246,6 +248,14 @@ async fn handle(
     let Some(sha) = resolve_rev(&rest[3]) else {
         return error(StatusCode::NOT_FOUND, "RevisionNotFound", "Invalid rev id");
     };
+    if repo.broken_redirect {
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header("x-repo-commit", &sha)
+            .header("etag", "\"abc\"")
+            .body(Body::empty())
+            .unwrap();
+    }
     let file = rest[4..].join("/");
     let Some(f) = repo.commits[&sha].get(&file) else {
         return error(StatusCode::NOT_FOUND, "EntryNotFound", "Entry not found");
@@ -394,6 +404,13 @@ fn repos() -> Vec<(&'static str, MockRepo)> {
             MockRepo::default().with("main", COMMIT_A, &fixture("mixtral-swa")),
         ),
         ("org/gated", gated),
+        (
+            "org/broken",
+            MockRepo {
+                broken_redirect: true,
+                ..MockRepo::default().with("main", COMMIT_A, &fixture("mixtral-base"))
+            },
+        ),
         ("org/corrupt", corrupt),
         ("org/huge", huge),
     ]
@@ -787,6 +804,19 @@ fn missing_repo_and_local_folder_as_model() {
         err.contains("org/none") && err.contains("no such repository"),
         "{err}"
     );
+    // A server whose answer makes hf-hub panic (a redirect without a Location): an error line.
+    let err = failed(&run(
+        home.path(),
+        &hub.url,
+        &[],
+        &with_ids(&["--model", "org/broken"]),
+    ));
+    assert!(
+        err.contains("org/broken (revision main) file config.json")
+            && err.contains("the hf-hub client failed")
+            && !err.contains("panicked"),
+        "{err}"
+    );
     // A folder given to --model is read as --weights, with nothing asked of the Hub.
     let dir = fixture("mixtral-base");
     let (out, _) = ok(&run(
@@ -796,7 +826,7 @@ fn missing_repo_and_local_folder_as_model() {
         &with_ids(&["--model", dir.to_str().unwrap()]),
     ));
     assert_eq!(out, with_weights(&dir));
-    assert_eq!(hub.requests().len(), 1, "{:?}", hub.requests());
+    assert_eq!(hub.requests().len(), 3, "{:?}", hub.requests());
 }
 
 /// `analyze` reads a known model's config by one rule for both spellings: its cached snapshot's

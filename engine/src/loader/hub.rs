@@ -511,16 +511,27 @@ impl Fetch<'_> {
             let size = self.sibling(f).and_then(|s| s.size).unwrap_or(0);
             let progress = bars.file(f, self.repo);
             let api = &self.api;
+            // hf-hub unwraps a few things a misbehaving server controls (a redirect without a
+            // Location): its panic becomes this file's error, without the panic message.
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 api.download_with_progress(f, progress)
             }));
+            std::panic::set_hook(hook);
             let pointer = match r {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => return Err(self.ctx(Some(f)).error(e)),
-                Err(_) => {
-                    return Err(self
-                        .ctx(Some(f))
-                        .msg("the hf-hub client failed (see the message above)".into()))
+                Err(payload) => {
+                    let why = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown failure".into());
+                    return Err(self.ctx(Some(f)).msg(format!(
+                        "the hf-hub client failed on the server's answer ({why}); is {} a Hugging Face Hub?",
+                        self.endpoint
+                    )));
                 }
             };
             self.verify(f, &pointer)?;
