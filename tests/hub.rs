@@ -605,6 +605,23 @@ fn partial_download_resumes() {
         "{log:?}"
     );
     assert!(names(&blobs).iter().all(|n| !n.ends_with(".part")));
+
+    // A .part longer than the file cannot be resumed: the error says what to delete.
+    let home = tempfile::tempdir().unwrap();
+    let blobs = repo_dir(home.path(), "org/tiny").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let long = [&weights[..], b"extra"].concat();
+    std::fs::write(blobs.join(format!("{}.part", sha256_hex(&weights))), long).unwrap();
+    let err = failed(&run(
+        home.path(),
+        &hub.url,
+        &[],
+        &with_ids(&["--model", "org/tiny"]),
+    ));
+    assert!(
+        err.contains("file model.safetensors") && err.contains("delete that .part file"),
+        "{err}"
+    );
 }
 
 #[test]

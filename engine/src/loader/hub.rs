@@ -685,6 +685,13 @@ impl HubCtx<'_> {
                 "the server's answer lacks the {h} header: is {} (HF_ENDPOINT) a Hugging Face Hub?",
                 self.endpoint
             ),
+            ApiError::InvalidResume => "a partial download of it (blobs/<etag>.part in the cache) \
+                 is longer than the file: delete that .part file and run again"
+                .to_string(),
+            ApiError::LockAcquisition(p) => format!(
+                "another download holds {} (waited 5 s); run again once it is done",
+                p.display()
+            ),
             other => other.to_string(),
         };
         self.msg(text)
