@@ -176,6 +176,7 @@ class Spec:
     max_pos: int = 128
     prompt_len: int = 12
     dtype: str = "float32"
+    sliding_window: int | None = None  # qwen3 only: use_sliding_window with this window
 
     @property
     def hd(self) -> int:
@@ -203,6 +204,11 @@ FIXTURES: dict[str, Spec] = {
     "qwen3-moe": Spec(family="qwen3_moe", hidden=64, heads=4, kv_heads=2, head_dim=24, layers=3,
                       experts=8, top_k=(2,), ffn=32, dense_ffn=80, vocab=288, mlp_only_layers=(1,),
                       sparse_step=1, norm_topk=True, rope_theta=1e6, config_form="published"),
+    # use_sliding_window: every layer attends to the last 5 positions (the 12-token prompt and
+    # the 16 greedy tokens cross it).
+    "qwen3-moe-swa": Spec(family="qwen3_moe", hidden=64, heads=4, kv_heads=2, head_dim=16,
+                          layers=3, experts=8, top_k=(2,), ffn=32, dense_ffn=64, vocab=276,
+                          norm_topk=True, rope_theta=1e6, sliding_window=5),
     "qwen3-moe-nonorm": Spec(family="qwen3_moe", hidden=64, heads=4, kv_heads=2, head_dim=16,
                              layers=4, experts=8, top_k=(3,), ffn=24, dense_ffn=56, vocab=260,
                              sparse_step=2, norm_topk=False, rope_theta=1e4),
@@ -216,6 +222,7 @@ FIXTURES: dict[str, Spec] = {
                       mlp_only_layers=(1,), norm_topk=False, rope_theta=1e6),
 }
 DEFAULT_SEEDS = {"dbrx": 4000, "dbrx-pnorm2": 4100, "qwen3-moe": 5000, "qwen3-moe-nonorm": 5100,
+                 "qwen3-moe-swa": 5200,
                  "olmoe": 6000, "hunyuan-moe": 7000, "qwen2-moe": 8000}
 MODEL_CLASSES = {"dbrx": DbrxForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
                  "olmoe": OlmoeForCausalLM, "hunyuan_v1_moe": HunYuanMoEV1ForCausalLM,
@@ -247,7 +254,8 @@ def make_config(s: Spec):
             intermediate_size=s.dense_ffn, mlp_only_layers=list(s.mlp_only_layers),
             decoder_sparse_step=s.sparse_step, norm_topk_prob=s.norm_topk,
             max_position_embeddings=s.max_pos, rms_norm_eps=s.rms_eps, rope_parameters=rope,
-            use_sliding_window=False, **common)
+            use_sliding_window=s.sliding_window is not None,
+            sliding_window=s.sliding_window or 4096, **common)
     if s.family == "olmoe":
         assert s.head_dim in (None, s.hidden // s.heads), "OLMoE q_norm assumes heads*hd == hidden"
         return OlmoeConfig(
@@ -942,12 +950,14 @@ def _np_rope(x, base, pos):  # x [n, T, hd]; rotate_half convention
     return x * cos + rot * sin
 
 
-def _np_attention(q, k, v, hd):  # q [n, T, hd], k/v [kv, T, hd]; causal
+def _np_attention(q, k, v, hd, window=None):  # q [n, T, hd], k/v [kv, T, hd]; causal
     n, T = q.shape[0], q.shape[1]
     rep = n // k.shape[0]
     k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)  # head h uses kv head h // rep
     sc = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
     sc = sc + np.triu(np.full((T, T), -np.inf), 1)
+    if window:  # query i sees keys j with i - j < window
+        sc = sc + np.tril(np.full((T, T), -np.inf), -window)
     return (_np_softmax(sc) @ v).transpose(1, 0, 2).reshape(T, -1)
 
 
@@ -1033,7 +1043,8 @@ def numpy_forward(path: Path, prompt: list[int]):
         if mt == "hunyuan_v1_moe":  # per-head QK-norm after RoPE
             q = _np_rms(q, W[a + "query_layernorm.weight"], eps)
             k = _np_rms(k, W[a + "key_layernorm.weight"], eps)
-        x = x + _np_attention(q, k, v, hd) @ W[a + "o_proj.weight"].T
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+        x = x + _np_attention(q, k, v, hd, window) @ W[a + "o_proj.weight"].T
         h = _np_rms(x, W[p + "post_attention_layernorm.weight"], eps)
         sparse = True
         if mt in ("qwen3_moe", "qwen2_moe"):

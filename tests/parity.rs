@@ -179,6 +179,11 @@ fn qwen3_moe_unnormalised_router_sparse_step() {
 }
 
 #[test]
+fn qwen3_moe_sliding_window_ring_cache() {
+    check("qwen3-moe-swa");
+}
+
+#[test]
 fn olmoe_whole_qk_norm_and_clip() {
     check("olmoe");
 }

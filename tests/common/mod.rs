@@ -18,6 +18,7 @@ pub const FIXTURES: &[&str] = &[
     "dbrx-pnorm2",
     "qwen3-moe",
     "qwen3-moe-nonorm",
+    "qwen3-moe-swa",
     "olmoe",
     "hunyuan-moe",
     "qwen2-moe",

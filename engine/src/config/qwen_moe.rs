@@ -1,8 +1,9 @@
 //! Qwen3-MoE (`qwen3_moe`) and Qwen2-MoE (`qwen2_moe`). Shared: softmax router renormalised
 //! only with `norm_topk_prob`, expert width `moe_intermediate_size`, dense layers (width
 //! `intermediate_size`) chosen by `mlp_only_layers` / `decoder_sparse_step`, a window only when
-//! `use_sliding_window`. Qwen3 adds per-head QK-norm before RoPE and an explicit `head_dim`;
-//! Qwen2 adds q/k/v biases and a sigmoid-gated shared expert.
+//! `use_sliding_window` (Qwen3: every layer; Qwen2's per-layer pattern is refused). Qwen3 adds
+//! per-head QK-norm before RoPE and an explicit `head_dim`; Qwen2 adds q/k/v biases and a
+//! sigmoid-gated shared expert.
 
 use std::path::Path;
 
@@ -70,13 +71,19 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    if f.opt_bool("use_sliding_window")?.unwrap_or(false) {
-        // Qwen windows only the layers from `max_window_layers` on; no released MoE uses it.
-        return Err(Error::config(
-            path,
-            "use_sliding_window = true is not supported yet",
-        ));
-    }
+    // Qwen3-MoE windows every layer (transformers keeps `sliding_window` only with
+    // `use_sliding_window`); Qwen2-MoE windows some layers only (odd ones below
+    // `max_window_layers`), which the one global window cannot say yet.
+    let sliding_window = match (f.opt_bool("use_sliding_window")?.unwrap_or(false), variant) {
+        (false, _) => None,
+        (true, Variant::Qwen3) => Some(f.usize("sliding_window")?),
+        (true, Variant::Qwen2) => {
+            return Err(Error::config(
+                path,
+                "qwen2_moe use_sliding_window = true (a window on some layers only) is not supported yet",
+            ))
+        }
+    };
     let (default_theta, attn) = match variant {
         Variant::Qwen3 => (
             10_000.0,
@@ -108,7 +115,7 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         attn,
         mla: None,
         rope: f.rope(default_theta, d.head_dim, max_pos)?,
-        sliding_window: None,
+        sliding_window,
         tie_word_embeddings: d.tie,
         layers,
         bos_token_id: d.bos,

@@ -152,8 +152,8 @@ impl KvCache {
         let mut done = 0;
         for (slot, n) in self.ring_runs(first, pos + t, w, |s, n| Ok((s, n)))? {
             let src = first - pos + done;
-            kc.slice_set(&k.narrow(2, src, n)?, 2, slot)?;
-            vc.slice_set(&v.narrow(2, src, n)?, 2, slot)?;
+            kc.slice_set(&k.narrow(2, src, n)?.contiguous()?, 2, slot)?;
+            vc.slice_set(&v.narrow(2, src, n)?.contiguous()?, 2, slot)?;
             done += n;
         }
         Ok(())
@@ -232,7 +232,10 @@ mod tests {
     #[test]
     fn a_sliding_window_keeps_a_ring_of_w_positions() {
         let text = include_str!("../../../tests/fixtures/mixtral-swa/config.json");
-        let cfg = ModelConfig::from_json_str(text, std::path::Path::new("swa")).unwrap();
+        let mut cfg = ModelConfig::from_json_str(text, std::path::Path::new("swa")).unwrap();
+        // Two KV heads, so a run of positions is a strided view of a chunk (one head would hide
+        // a missing copy to contiguous memory).
+        cfg.num_kv_heads = 2;
         let w = cfg.sliding_window.unwrap(); // 5
         let mut c = KvCache::new(&cfg, 1, 40, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(c.slots(), w);
