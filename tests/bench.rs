@@ -708,3 +708,27 @@ fn readme_results_table_is_generated_from_the_results() {
         }
     }
 }
+
+/// The launch counter (issue: launches per decoded token tracked in CI without a GPU): on the
+/// emulated kernel path every decoded token of tiny-kjv costs the same number of moe-kernels
+/// launches whatever the generation length, 56 today (11.2 per layer over its 5 layers): a change
+/// in the kernels' launch plans shows here. The CPU path launches none and reports none.
+#[test]
+fn kernel_launches_per_decoded_token_on_the_emulator() {
+    let per_token = |gen: usize| {
+        let a = BenchArgs {
+            device: "emu".into(),
+            gen,
+            runs: 1,
+            warmup: 0,
+            ..tiny_args()
+        };
+        bench(&a).unwrap().kernel_launches_per_token
+    };
+    assert_eq!(per_token(2), Some(56.0));
+    assert_eq!(per_token(5), Some(56.0));
+    let cpu = bench(&tiny_args()).unwrap();
+    assert_eq!(cpu.kernel_launches_per_token, None);
+    let v = serde_json::to_value(&cpu).unwrap();
+    assert!(v.get("kernel_launches_per_token").is_none());
+}

@@ -40,7 +40,9 @@ pub struct BenchArgs {
     /// drawn directly in the packed format; a dense checkpoint is quantized while loading.
     #[arg(long)]
     pub quant: Option<String>,
-    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    /// cpu, cuda[:N] in a build with the `cuda` feature, or emu: the CPU with every op through
+    /// its CUDA kernel's own source, emulated (a build with the `emu` feature; slow: for the
+    /// launch count, not for speed).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Hybrid placement (as for run): the routed experts of the first N MoE layers in host memory.

@@ -59,6 +59,8 @@ pub struct RunSample {
     pub experts_touched: Option<f64>,
     /// Bytes of the KV cache allocated for the run.
     pub kv_bytes: usize,
+    /// moe-kernels launches of the timed decode steps (0 where the ops ran their CPU references).
+    pub decode_launches: u64,
     /// The greedy ids the timed run read back, step by step (prefill's, then each decode step's):
     /// `(gen + 1) x B`, what `--baseline` compares token for token.
     pub tokens: Vec<u32>,
@@ -167,10 +169,12 @@ pub fn run_once(
     sync(&dev)?;
     let prefill_s = t0.elapsed().as_secs_f64();
 
+    let launched = moe_kernels::launch::launched();
     let t1 = Instant::now();
     decode_steps(model, &mut caches, next.clone(), gen, None, &mut tokens)?;
     sync(&dev)?;
     let decode_s = t1.elapsed().as_secs_f64();
+    let decode_launches = moe_kernels::launch::launched() - launched;
 
     let (mut touched, mut steps) = (0.0, 0usize);
     if count_experts {
@@ -192,6 +196,7 @@ pub fn run_once(
         )?;
     }
     Ok(RunSample {
+        decode_launches,
         prefill_s,
         decode_s,
         experts_touched: (steps > 0).then(|| touched / steps as f64),

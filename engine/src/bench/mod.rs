@@ -402,14 +402,23 @@ fn check_shape(a: &BenchArgs) -> Result<()> {
 /// Runs the benchmark (no printing).
 pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     check_shape(a)?;
-    let device = crate::loader::parse_device(&a.device)?;
+    // `emu`: the CPU, every op through its kernel plan, run by the emulator on this thread.
+    let emu = a.device == "emu";
+    let _emu = emu.then(moe_kernels::emu::enable).transpose()?;
+    let device = match emu {
+        true => Device::Cpu,
+        false => crate::loader::parse_device(&a.device)?,
+    };
     let dtype = dtype_of(a, &device)?;
     use crate::memory::{device_memory, pool_high_water, reset_pool_high_water};
     let used = |m: Option<(u64, u64)>| m.map(|(free, total)| total.saturating_sub(free));
     let used_before = used(device_memory(&device));
     // Resolved once: without --weight-dtype it reads the checkpoint's headers.
     let wdt = weight_dtype_of(a, dtype, &device)?;
-    let (model, desc, load_s, base, plan) = build_model(a, dtype, wdt, &device)?;
+    let (mut model, desc, load_s, base, plan) = build_model(a, dtype, wdt, &device)?;
+    if emu {
+        model.set_exec_path(crate::model::ExecPath::Kernels);
+    }
     device.synchronize()?;
     let used_loaded = used(device_memory(&device));
     reset_pool_high_water(&device);
@@ -568,6 +577,10 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         experts_touched_measured: (is_moe && !touched.is_empty())
             .then(|| touched.iter().sum::<f64>() / touched.len() as f64),
         experts_touched_predicted: moe_mean,
+        kernel_launches_per_token: samples
+            .first()
+            .filter(|s| s.decode_launches > 0)
+            .map(|s| s.decode_launches as f64 / (b * g).max(1) as f64),
         memory,
         load_s,
         baseline,

@@ -98,6 +98,13 @@ pub fn bench_text(r: &BenchReport) -> String {
             "  distinct experts per MoE layer per decode step: measured {me:.2}, predicted {pe:.2} (uniform routing)\n"
         ));
     }
+    if let Some(n) = r.kernel_launches_per_token {
+        s.push_str(&format!(
+            "  kernel launches per decoded token: {n:.1} ({:.1} per layer; moe-kernels' own, counted on the executor; candle's ops in the step are not counted)
+",
+            n / r.model.layers_run.max(1) as f64
+        ));
+    }
     if let Some(x) = &r.expert_stream {
         s.push_str(&format!(
             "  expert kernel alone (decode, first MoE layer's top-k experts, {} per call): median {:.1} us = {:.2} GB/s of weights, {:.0}% of the {:.2} GB/s read bandwidth measured now (parallel streaming read, {} threads)\n",

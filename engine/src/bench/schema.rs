@@ -118,6 +118,10 @@ pub struct BenchReport {
     /// E(1-(1-k/E)^B); absent for dense models.
     pub experts_touched_measured: Option<f64>,
     pub experts_touched_predicted: Option<f64>,
+    /// moe-kernels launches per decoded token (on CUDA or `--device emu`; absent where the ops
+    /// ran their CPU references). candle's own ops in the step are not counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_launches_per_token: Option<f64>,
     pub memory: Memory,
     /// Seconds to build or load the weights.
     pub load_s: f64,

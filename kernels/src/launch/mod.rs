@@ -13,9 +13,21 @@ pub use plan::{Alloc, Arg, Buf, Launch, Plan};
 
 use candle_core::{bail, Device, Result, Tensor};
 
+thread_local! {
+    /// Kernel launches made by plans on this thread (CUDA or the emulator).
+    static LAUNCHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Kernel launches this thread's plans have made so far, on CUDA or the emulator: the launches
+/// of moe-kernels' own ops (candle's ops, which a CUDA step also launches, are not counted).
+pub fn launched() -> u64 {
+    LAUNCHED.with(std::cell::Cell::get)
+}
+
 impl Plan {
     /// Runs the plan on the device of `inputs` and returns the outputs.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        LAUNCHED.with(|c| c.set(c.get() + self.launches.len() as u64));
         if inputs.len() != self.inputs.len() {
             bail!(
                 "{}: plan takes {} inputs, got {}",
