@@ -136,6 +136,16 @@ fn completion(prompt: &str, max_tokens: u32) -> Value {
     json!({"model": "tiny-kjv", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
 }
 
+/// Polls `cond` every 10 ms for up to 3 s.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    (0..300).any(|_| {
+        cond() || {
+            std::thread::sleep(Duration::from_millis(10));
+            false
+        }
+    })
+}
+
 #[test]
 fn endpoints_streaming_and_errors() {
     let srv = Server::start(&["--dtype", "f32", "--weight-dtype", "f32"]);
@@ -326,15 +336,10 @@ fn full_queue_disconnect_and_shutdown() {
     assert!(n > 0);
     // The stream's headers can arrive before the engine admits it: wait until it runs, or it
     // would itself be the waiting request below.
-    let mut running = false;
-    for _ in 0..200 {
-        if srv.metric("moe_sequences_running") == 1.0 {
-            running = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(running, "the long stream never ran");
+    assert!(
+        eventually(|| srv.metric("moe_sequences_running") == 1.0),
+        "the long stream never ran"
+    );
     // One waits...
     let port = srv.port;
     let waiter = std::thread::spawn(move || {
@@ -349,15 +354,10 @@ fn full_queue_disconnect_and_shutdown() {
         s.read_to_end(&mut raw).unwrap();
         parse_response(&raw).0
     });
-    let mut waited = false;
-    for _ in 0..200 {
-        if srv.metric("moe_sequences_waiting") >= 1.0 {
-            waited = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(waited, "the second request never waited");
+    assert!(
+        eventually(|| srv.metric("moe_sequences_waiting") >= 1.0),
+        "the second request never waited"
+    );
     // ...and the next is refused.
     let (s, _, text) = srv.request(
         "POST",
@@ -369,17 +369,11 @@ fn full_queue_disconnect_and_shutdown() {
     // The holder goes away: its slot and KV are freed, and the waiter runs.
     drop(holder);
     assert_eq!(waiter.join().unwrap(), 200);
-    let mut freed = false;
-    for _ in 0..200 {
-        if srv.metric("moe_requests_cancelled_total") == 1.0
-            && srv.metric("moe_kv_cache_used_bytes") == 0.0
-        {
-            freed = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(freed, "the disconnected stream was not cancelled");
+    assert!(
+        eventually(|| srv.metric("moe_requests_cancelled_total") == 1.0
+            && srv.metric("moe_kv_cache_used_bytes") == 0.0),
+        "the disconnected stream was not cancelled"
+    );
     // A non-streaming request whose client goes away is cancelled too (hyper drops the
     // handler, which drops the receiver the engine sends to).
     let mut body = completion("And God said", 500);
@@ -393,18 +387,9 @@ fn full_queue_disconnect_and_shutdown() {
     );
     std::thread::sleep(Duration::from_millis(30));
     drop(quitter);
-    let mut freed = false;
-    for _ in 0..300 {
-        if srv.metric("moe_requests_cancelled_total") == 2.0
-            && srv.metric("moe_kv_cache_used_bytes") == 0.0
-        {
-            freed = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
     assert!(
-        freed,
+        eventually(|| srv.metric("moe_requests_cancelled_total") == 2.0
+            && srv.metric("moe_kv_cache_used_bytes") == 0.0),
         "the disconnected non-streaming request was not cancelled"
     );
     assert!(srv.metric("moe_requests_rejected_queue_full_total") >= 1.0);
