@@ -166,3 +166,20 @@ fn glm4_moe_partial_rotary() {
         .to_string();
     assert!(e.contains("partial_rotary_factor 0.3"), "{e}");
 }
+
+/// dots1 windows some layers (from `max_window_layers` on, or as `layer_types` says): such a
+/// config is refused, never run without its windows; the release's form (no layer slides) loads.
+#[test]
+fn dots1_sliding_layers_are_refused_not_ignored() {
+    let text = include_str!("../../../tests/fixtures/dots1/config.json");
+    let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let parse = |v: &serde_json::Value| ModelConfig::from_json_str(&v.to_string(), Path::new("d"));
+    v["sliding_window"] = 4096.into(); // max_window_layers 62 >= 3 layers: none slides
+    assert!(parse(&v).is_ok());
+    v["max_window_layers"] = 1.into();
+    let e = parse(&v).unwrap_err().to_string();
+    assert!(e.contains("2 layer(s) (1..=2"), "{e}");
+    v["layer_types"] = serde_json::json!(["full_attention", "full_attention", "sliding_attention"]);
+    let e = parse(&v).unwrap_err().to_string();
+    assert!(e.contains("1 layer(s) (2..=2"), "{e}");
+}
