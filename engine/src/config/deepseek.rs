@@ -171,8 +171,11 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         // layer count, so no layer of the release slides). Per-layer windows are not supported
         // yet: refuse rather than run such a config without its windows.
         let sliding: Vec<usize> = match raw.get("layer_types").and_then(Value::as_array) {
-            Some(types) => (0..types.len())
-                .filter(|&i| types[i].as_str() == Some("sliding_attention"))
+            Some(types) => types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.as_str() == Some("sliding_attention"))
+                .map(|(i, _)| i)
                 .collect(),
             None => match raw.get("sliding_window").filter(|v| !v.is_null()) {
                 None => vec![],
