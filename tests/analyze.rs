@@ -256,6 +256,17 @@ fn kv_and_attention_flops() {
     assert_eq!(bf16.kv_bytes_per_sequence, 100 * 1024);
     let r = analyze("swa", &swa, 60, 1, &[]);
     assert_eq!(r.precisions[1].kv_bytes_per_sequence, 60 * 1024);
+    // Windows on some layers only (Qwen2-MoE: layers 0 and 2 of 4 slide, window 5): each layer
+    // keeps its own count of positions.
+    let q2 = ModelConfig::from_file(&root().join("tests/fixtures/qwen2-moe-swa/config.json"))
+        .expect("the qwen2-moe-swa fixture parses");
+    let per_layer = kv_bytes_per_token(&q2, 2) / 4;
+    let r = analyze("q2", &q2, 100, 1, &[]);
+    assert_eq!(
+        r.precisions[1].kv_bytes_per_sequence,
+        per_layer * (5 + 100 + 5 + 100)
+    );
+    assert_eq!(r.precisions[1].kv_read_bytes, per_layer * 210);
 }
 
 #[test]

@@ -198,6 +198,8 @@ class Spec:
     partial_rotary: float = 1.0  # glm4_moe: RoPE on the first head_dim * this dims
     attention_bias: bool = False  # glm4_moe: q/k/v biases
     use_qk_norm: bool = True  # glm4_moe's flag (dots1 always has the norms)
+    sliding_window: int | None = None  # dots1: the window of the layers from max_window_layers on
+    max_window_layers: int = 62  # dots1
 
 
 FIXTURES: dict[str, Spec] = {
@@ -219,6 +221,12 @@ FIXTURES: dict[str, Spec] = {
         family="dots1", vocab=272, heads=4, kv_heads=2, experts=16, top_k=4, shared=2,
         scaling=2.5, n_group=1, topk_group=1, norm_topk_prob=True, rms_eps=1e-5,
         legacy_config=True),
+    # dots1 with windows: layers 1 and 2 of 3 (from max_window_layers = 1 on) see the last 5
+    # positions; the published config form, so the rule (not layer_types) says which.
+    "dots1-swa": Spec(
+        family="dots1", vocab=268, heads=4, kv_heads=2, experts=16, top_k=4, shared=2,
+        scaling=2.5, n_group=1, topk_group=1, norm_topk_prob=True, rms_eps=1e-5,
+        legacy_config=True, sliding_window=5, max_window_layers=1),
     # GLM-4.5: head_dim set apart from hidden / heads, RoPE on half of each head, q/k/v
     # biases, per-head QK-norm, grouped V3 router; the published config form.
     "glm4-moe": Spec(
@@ -227,7 +235,7 @@ FIXTURES: dict[str, Spec] = {
         partial_rotary=0.5, attention_bias=True, use_qk_norm=True, legacy_config=True),
 }
 DEFAULT_SEEDS = {"deepseek-v2-greedy": 4000, "deepseek-v2-group": 5000, "deepseek-v3": 6000, "dots1": 7000,
-                 "glm4-moe": 8000}
+                 "glm4-moe": 8000, "dots1-swa": 7100}
 FAMILY_PRESETS = {"deepseek_v2": "deepseek-v2-group", "deepseek_v3": "deepseek-v3", "dots1": "dots1",
                   "glm4_moe": "glm4-moe"}
 
@@ -281,7 +289,8 @@ def make_config(spec: Spec):
     else:
         common.update(num_key_value_heads=spec.kv_heads or spec.heads)
         if spec.family == "dots1":
-            common.update(sliding_window=None)
+            common.update(sliding_window=spec.sliding_window,
+                          max_window_layers=spec.max_window_layers)
         assert spec.yarn is None, "GQA fixtures use plain RoPE"
     if spec.family == "glm4_moe":
         common.update(head_dim=spec.head_dim or spec.hidden // spec.heads,
@@ -736,11 +745,15 @@ def np_rope_half(x, cos, sin):
     return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
 
 
-def np_causal_attention(q, k, v, scale):
-    """q [T,h,d], k [T,h,d], v [T,h,dv] -> [T, h*dv]."""
+def np_causal_attention(q, k, v, scale, window=None):
+    """q [T,h,d], k [T,h,d], v [T,h,dv] -> [T, h*dv]; with a window, query i sees keys
+    i - window < j <= i."""
     T = q.shape[0]
     s = np.einsum("thd,shd->hts", q, k) * scale
-    s = np.where(np.tril(np.ones((T, T), dtype=bool))[None], s, -np.inf)
+    visible = np.tril(np.ones((T, T), dtype=bool))
+    if window:
+        visible &= ~np.tril(np.ones((T, T), dtype=bool), -window)
+    s = np.where(visible[None], s, -np.inf)
     s = np.exp(s - s.max(-1, keepdims=True))
     p = s / s.sum(-1, keepdims=True)
     return np.einsum("hts,shd->thd", p, v).reshape(T, -1)
@@ -803,7 +816,12 @@ def numpy_forward(path: Path, ids: list[int]):
             q = np.concatenate([np_rope_half(q[..., :rd], cos, sin), q[..., rd:]], -1)
             kk = np.concatenate([np_rope_half(kk[..., :rd], cos, sin), kk[..., rd:]], -1)
             rep = nh // kvh  # query head j uses kv head j // rep
-            o = np_causal_attention(q, np.repeat(kk, rep, axis=1), np.repeat(v, rep, axis=1), hd ** -0.5)
+            types = cfg.get("layer_types")
+            slides = cfg.get("sliding_window") and (
+                types[i] == "sliding_attention" if types else i >= cfg.get("max_window_layers", 62))
+            window = cfg["sliding_window"] if slides else None
+            o = np_causal_attention(q, np.repeat(kk, rep, axis=1), np.repeat(v, rep, axis=1), hd ** -0.5,
+                                    window)
         x = x + o @ W[a + "o_proj.weight"].T
 
         h = np_rms(x, W[p + "post_attention_layernorm.weight"], eps)

@@ -176,7 +176,8 @@ class Spec:
     max_pos: int = 128
     prompt_len: int = 12
     dtype: str = "float32"
-    sliding_window: int | None = None  # qwen3 only: use_sliding_window with this window
+    sliding_window: int | None = None  # qwen3/qwen2: use_sliding_window with this window
+    max_window_layers: int = 28  # qwen2: the window applies to even layers below this
 
     @property
     def hd(self) -> int:
@@ -220,9 +221,14 @@ FIXTURES: dict[str, Spec] = {
     "qwen2-moe": Spec(family="qwen2_moe", hidden=64, heads=4, kv_heads=2, layers=3, experts=8,
                       top_k=(3,), ffn=24, shared_ffn=48, dense_ffn=80, vocab=300,
                       mlp_only_layers=(1,), norm_topk=False, rope_theta=1e6),
+    # use_sliding_window on the even layers below max_window_layers = 3: layers 0 and 2 of 4
+    # slide (window 5), 1 and 3 attend to everything.
+    "qwen2-moe-swa": Spec(family="qwen2_moe", hidden=64, heads=4, kv_heads=2, layers=4, experts=8,
+                          top_k=(2,), ffn=24, shared_ffn=48, dense_ffn=80, vocab=284,
+                          norm_topk=True, rope_theta=1e6, sliding_window=5, max_window_layers=3),
 }
 DEFAULT_SEEDS = {"dbrx": 4000, "dbrx-pnorm2": 4100, "qwen3-moe": 5000, "qwen3-moe-nonorm": 5100,
-                 "qwen3-moe-swa": 5200,
+                 "qwen3-moe-swa": 5200, "qwen2-moe-swa": 8100,
                  "olmoe": 6000, "hunyuan-moe": 7000, "qwen2-moe": 8000}
 MODEL_CLASSES = {"dbrx": DbrxForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
                  "olmoe": OlmoeForCausalLM, "hunyuan_v1_moe": HunYuanMoEV1ForCausalLM,
@@ -286,7 +292,9 @@ def make_config(s: Spec):
             intermediate_size=s.dense_ffn, mlp_only_layers=list(s.mlp_only_layers),
             decoder_sparse_step=s.sparse_step, norm_topk_prob=s.norm_topk, qkv_bias=True,
             max_position_embeddings=s.max_pos, rms_norm_eps=s.rms_eps, rope_parameters=rope,
-            use_sliding_window=False, **common)
+            use_sliding_window=s.sliding_window is not None,
+            sliding_window=s.sliding_window or 4096, max_window_layers=s.max_window_layers,
+            **common)
     raise ValueError(s.family)
 
 
@@ -1043,7 +1051,9 @@ def numpy_forward(path: Path, prompt: list[int]):
         if mt == "hunyuan_v1_moe":  # per-head QK-norm after RoPE
             q = _np_rms(q, W[a + "query_layernorm.weight"], eps)
             k = _np_rms(k, W[a + "key_layernorm.weight"], eps)
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+        types = cfg.get("layer_types")  # qwen2 writes one per layer; qwen3 windows every layer
+        slides = cfg.get("use_sliding_window") and (types is None or types[i] == "sliding_attention")
+        window = cfg.get("sliding_window") if slides else None
         x = x + _np_attention(q, k, v, hd, window) @ W[a + "o_proj.weight"].T
         h = _np_rms(x, W[p + "post_attention_layernorm.weight"], eps)
         sparse = True

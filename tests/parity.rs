@@ -184,6 +184,16 @@ fn qwen3_moe_sliding_window_ring_cache() {
 }
 
 #[test]
+fn qwen2_moe_sliding_window_on_some_layers() {
+    check("qwen2-moe-swa");
+}
+
+#[test]
+fn dots1_sliding_window_from_max_window_layers() {
+    check("dots1-swa");
+}
+
+#[test]
 fn olmoe_whole_qk_norm_and_clip() {
     check("olmoe");
 }

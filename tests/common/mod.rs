@@ -19,6 +19,8 @@ pub const FIXTURES: &[&str] = &[
     "qwen3-moe",
     "qwen3-moe-nonorm",
     "qwen3-moe-swa",
+    "qwen2-moe-swa",
+    "dots1-swa",
     "olmoe",
     "hunyuan-moe",
     "qwen2-moe",

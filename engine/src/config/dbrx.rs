@@ -82,6 +82,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         mla: None,
         rope: theta,
         sliding_window: None,
+        window_layers: None,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         layers: vec![FfnKind::Moe(moe); f.layers("n_layers")?],
         bos_token_id: d_bos.first().copied(),

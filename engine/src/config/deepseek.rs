@@ -165,33 +165,21 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
     if variant == Variant::Dots1 && f.opt_bool("use_sliding_window")?.unwrap_or(false) {
         return bad("use_sliding_window = true is not supported yet".into());
     }
-    if variant == Variant::Dots1 {
-        // transformers' dots1: layer i slides iff `layer_types[i]` says so, or (without the
-        // list) `sliding_window` is set and i >= `max_window_layers` (default 62, the release's
-        // layer count, so no layer of the release slides). Per-layer windows are not supported
-        // yet: refuse rather than run such a config without its windows.
-        let sliding: Vec<usize> = match raw.get("layer_types").and_then(Value::as_array) {
-            Some(types) => types
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.as_str() == Some("sliding_attention"))
-                .map(|(i, _)| i)
-                .collect(),
-            None => match raw.get("sliding_window").filter(|v| !v.is_null()) {
-                None => vec![],
-                Some(_) => {
-                    let from = f.opt_usize("max_window_layers")?.unwrap_or(62);
-                    (from..layers_n).collect()
-                }
-            },
-        };
-        if let (Some(first), Some(last)) = (sliding.first(), sliding.last()) {
-            return bad(format!(
-                "dots1 sliding-window attention on {} layer(s) ({first}..={last}, from layer_types / max_window_layers) is not supported yet",
-                sliding.len()
-            ));
+    // dots1: layer i slides iff `layer_types[i]` says so, or (without the list) `sliding_window`
+    // is set and i >= `max_window_layers` (default 62, the release's layer count, so no layer of
+    // the release slides).
+    let (sliding_window, window_layers) = match variant {
+        Variant::Dots1 => {
+            let window = f.opt_usize("sliding_window")?;
+            let from = f.opt_usize("max_window_layers")?.unwrap_or(62);
+            let on = f.sliding_layers(layers_n, |i| window.is_some() && i >= from)?;
+            match (window, on.iter().any(|&b| b)) {
+                (Some(w), true) => (Some(w), Some(on)),
+                _ => (None, None),
+            }
         }
-    }
+        _ => (None, None),
+    };
     Ok(ModelConfig {
         model_type: String::new(), // set from the family table (`ModelConfig::from_json_str`)
         vocab_size: f.usize("vocab_size")?,
@@ -221,7 +209,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         },
         mla,
         rope,
-        sliding_window: None,
+        sliding_window,
+        window_layers,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         layers,
         bos_token_id: f.token_ids("bos_token_id")?.first().copied(),

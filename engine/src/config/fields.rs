@@ -58,6 +58,26 @@ impl<'a> Fields<'a> {
         )
     }
 
+    /// Which of `n` layers slide: `layer_types` ("sliding_attention" / "full_attention", as
+    /// transformers writes it) when the config has it, else `default(i)`.
+    pub fn sliding_layers(&self, n: usize, default: impl Fn(usize) -> bool) -> Result<Vec<bool>> {
+        let Some(v) = self.get("layer_types") else {
+            return Ok((0..n).map(default).collect());
+        };
+        let want = "a list of \"sliding_attention\" / \"full_attention\"";
+        let types = v
+            .as_array()
+            .ok_or_else(|| self.err("layer_types", want, v))?;
+        types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(self.err("layer_types", want, t)),
+            })
+            .collect()
+    }
+
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),

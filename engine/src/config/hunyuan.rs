@@ -93,6 +93,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         mla: None,
         rope: f.rope(10_000.0, d.head_dim, max_pos)?,
         sliding_window: None,
+        window_layers: None,
         tie_word_embeddings: d.tie,
         layers,
         bos_token_id: d.bos,

@@ -37,6 +37,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         mla: None,
         rope: f.rope(1e6, d.head_dim, max_pos)?,
         sliding_window: f.opt_usize("sliding_window")?,
+        window_layers: None,
         tie_word_embeddings: d.tie,
         layers: vec![FfnKind::Moe(moe); d.layers],
         bos_token_id: d.bos,

@@ -148,6 +148,8 @@ pub struct ModelConfig {
     pub rope: RopeConfig,
     /// Each query sees at most this many keys (itself included), or all earlier keys if `None`.
     pub sliding_window: Option<usize>,
+    /// The layers the window applies to (one flag per layer); `None`: every layer.
+    pub window_layers: Option<Vec<bool>>,
     pub tie_word_embeddings: bool,
     /// One entry per decoder layer: what its feed-forward block is.
     pub layers: Vec<FfnKind>,
@@ -325,6 +327,15 @@ impl ModelConfig {
         self.layers.len()
     }
 
+    /// The sliding window of layer `i`, if it has one.
+    pub fn window_of(&self, i: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| {
+            self.window_layers
+                .as_ref()
+                .is_none_or(|v| v.get(i).copied().unwrap_or(false))
+        })
+    }
+
     /// Reads and parses `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -446,6 +457,17 @@ impl ModelConfig {
         }
         if self.sliding_window == Some(0) {
             return bad("sliding_window must be positive or null".into());
+        }
+        if let Some(v) = self
+            .window_layers
+            .as_ref()
+            .filter(|v| v.len() != self.num_layers())
+        {
+            return bad(format!(
+                "layer_types has {} entries for {} layers",
+                v.len(),
+                self.num_layers()
+            ));
         }
         for (i, ffn) in self.layers.iter().enumerate() {
             match ffn {

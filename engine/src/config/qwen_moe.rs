@@ -1,7 +1,7 @@
 //! Qwen3-MoE (`qwen3_moe`) and Qwen2-MoE (`qwen2_moe`). Shared: softmax router renormalised
 //! only with `norm_topk_prob`, expert width `moe_intermediate_size`, dense layers (width
 //! `intermediate_size`) chosen by `mlp_only_layers` / `decoder_sparse_step`, a window only when
-//! `use_sliding_window` (Qwen3: every layer; Qwen2's per-layer pattern is refused). Qwen3 adds
+//! `use_sliding_window` (Qwen3: every layer; Qwen2: the layers `layer_types` names). Qwen3 adds
 //! per-head QK-norm before RoPE and an explicit `head_dim`; Qwen2 adds q/k/v biases and a
 //! sigmoid-gated shared expert.
 
@@ -71,18 +71,20 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    // Qwen3-MoE windows every layer (transformers keeps `sliding_window` only with
-    // `use_sliding_window`); Qwen2-MoE windows some layers only (odd ones below
-    // `max_window_layers`), which the one global window cannot say yet.
-    let sliding_window = match (f.opt_bool("use_sliding_window")?.unwrap_or(false), variant) {
-        (false, _) => None,
-        (true, Variant::Qwen3) => Some(f.usize("sliding_window")?),
+    // A window only with `use_sliding_window` (transformers drops it otherwise). Qwen3-MoE
+    // windows every layer; Qwen2-MoE the layers `layer_types` names, by default the even ones
+    // below `max_window_layers` (28).
+    let use_window = f.opt_bool("use_sliding_window")?.unwrap_or(false);
+    let sliding_window = match use_window {
+        false => None,
+        true => Some(f.usize("sliding_window")?),
+    };
+    let window_layers = match (use_window, variant) {
         (true, Variant::Qwen2) => {
-            return Err(Error::config(
-                path,
-                "qwen2_moe use_sliding_window = true (a window on some layers only) is not supported yet",
-            ))
+            let below = f.opt_usize("max_window_layers")?.unwrap_or(28);
+            Some(f.sliding_layers(layers.len(), |i| i % 2 == 0 && i < below)?)
         }
+        _ => None,
     };
     let (default_theta, attn) = match variant {
         Variant::Qwen3 => (
@@ -116,6 +118,7 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         mla: None,
         rope: f.rope(default_theta, d.head_dim, max_pos)?,
         sliding_window,
+        window_layers,
         tie_word_embeddings: d.tie,
         layers,
         bos_token_id: d.bos,

@@ -167,19 +167,44 @@ fn glm4_moe_partial_rotary() {
     assert!(e.contains("partial_rotary_factor 0.3"), "{e}");
 }
 
-/// dots1 windows some layers (from `max_window_layers` on, or as `layer_types` says): such a
-/// config is refused, never run without its windows; the release's form (no layer slides) loads.
+/// Per-layer windows as transformers reads them: dots1 from `max_window_layers` on (or as
+/// `layer_types` says), Qwen2-MoE the even layers below `max_window_layers` (or `layer_types`);
+/// the release's dots1 form (max_window_layers 62) slides nowhere.
 #[test]
-fn dots1_sliding_layers_are_refused_not_ignored() {
+fn sliding_layers_follow_layer_types_and_max_window_layers() {
+    let parse = |v: &serde_json::Value| ModelConfig::from_json_str(&v.to_string(), Path::new("d"));
     let text = include_str!("../../../tests/fixtures/dots1/config.json");
     let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
-    let parse = |v: &serde_json::Value| ModelConfig::from_json_str(&v.to_string(), Path::new("d"));
     v["sliding_window"] = 4096.into(); // max_window_layers 62 >= 3 layers: none slides
-    assert!(parse(&v).is_ok());
+    let c = parse(&v).unwrap();
+    assert_eq!((c.sliding_window, c.window_layers), (None, None));
     v["max_window_layers"] = 1.into();
-    let e = parse(&v).unwrap_err().to_string();
-    assert!(e.contains("2 layer(s) (1..=2"), "{e}");
+    let c = parse(&v).unwrap();
+    assert_eq!(c.window_layers, Some(vec![false, true, true]));
+    assert_eq!((c.window_of(0), c.window_of(2)), (None, Some(4096)));
     v["layer_types"] = serde_json::json!(["full_attention", "full_attention", "sliding_attention"]);
+    assert_eq!(
+        parse(&v).unwrap().window_layers,
+        Some(vec![false, false, true])
+    );
+    v["layer_types"] = serde_json::json!(["full_attention", "sliding_attention"]);
     let e = parse(&v).unwrap_err().to_string();
-    assert!(e.contains("1 layer(s) (2..=2"), "{e}");
+    assert!(e.contains("layer_types has 2 entries for 3 layers"), "{e}");
+    v["layer_types"] = serde_json::json!(["full_attention", "chunked", "full_attention"]);
+    let e = parse(&v).unwrap_err().to_string();
+    assert!(e.contains("layer_types"), "{e}");
+
+    let text = include_str!("../../../tests/fixtures/qwen2-moe-swa/config.json");
+    let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let c = parse(&v).unwrap();
+    assert_eq!(c.window_layers, Some(vec![true, false, true, false]));
+    v.as_object_mut().unwrap().remove("layer_types");
+    v["max_window_layers"] = 2.into(); // even layers below 2: layer 0 only
+    assert_eq!(
+        parse(&v).unwrap().window_layers,
+        Some(vec![true, false, false, false])
+    );
+    v["use_sliding_window"] = false.into();
+    let c = parse(&v).unwrap();
+    assert_eq!((c.sliding_window, c.window_of(0)), (None, None));
 }

@@ -107,7 +107,7 @@ impl Attention {
         if plan.decode_attention_kernel(t, hd) {
             cache.store(layer, &k, &v, pos)?;
             let (kc, vc) = cache.layer(layer); // [B, kv, slots, hd]
-            let (keys, window) = cache.attended(l, self.sliding_window);
+            let (keys, window) = cache.attended(layer, l, self.sliding_window);
             let out = moe_kernels::decode_attention(&q, kc, vc, keys, window, scale as f32)?;
             return out.reshape((b, 1, nh * hd)); // [B, nh, 1, hd] -> [B, 1, nh*hd]
         }

@@ -86,7 +86,8 @@ impl Model {
             .layers
             .into_iter()
             .zip(&cfg.layers)
-            .map(|(lw, kind)| {
+            .enumerate()
+            .map(|(i, (lw, kind))| {
                 let ffn = match (lw.ffn, kind) {
                     (FfnWeights::Moe(mw), FfnKind::Moe(mc)) => {
                         Ffn::Moe(Box::new(MoeBlock::new(mc.clone(), mw)?))
@@ -117,7 +118,7 @@ impl Model {
                             num_heads: cfg.num_heads,
                             num_kv_heads: cfg.num_kv_heads,
                             head_dim: cfg.head_dim,
-                            sliding_window: cfg.sliding_window,
+                            sliding_window: cfg.window_of(i),
                         })
                     }
                     (AttnWeights::Mla(m), Some(mc)) => {

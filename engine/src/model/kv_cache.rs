@@ -12,11 +12,16 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::config::ModelConfig;
 
 pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
+    layers: Vec<Layer>,
     /// Tokens already stored (the same for every layer between forward passes).
     len: usize,
     capacity: usize,
-    /// The sliding window that makes this a ring buffer of `slots` positions, if any.
+}
+
+struct Layer {
+    k: Tensor,
+    v: Tensor,
+    /// The sliding window that makes this layer a ring of `slots` positions, if any.
     ring: Option<usize>,
     slots: usize,
 }
@@ -29,33 +34,33 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        // MLA models have no window; a GQA window bounds what is kept.
-        let ring = cfg.sliding_window.filter(|_| cfg.mla.is_none());
-        let slots = ring.map_or(capacity, |w| capacity.min(w));
-        let (k_shape, v_shape) = match cfg.mla {
-            Some(m) => (
-                (batch, 1, slots, m.kv_lora_rank),
-                (batch, 1, slots, m.qk_rope_head_dim),
-            ),
-            None => {
-                let s = (batch, cfg.num_kv_heads, slots, cfg.head_dim);
-                (s, s)
-            }
-        };
         let layers = (0..cfg.num_layers())
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(k_shape, dtype, device)?,
-                    Tensor::zeros(v_shape, dtype, device)?,
-                ))
+            .map(|i| {
+                // MLA models have no window; a GQA layer's window bounds what it keeps.
+                let ring = cfg.window_of(i).filter(|_| cfg.mla.is_none());
+                let slots = ring.map_or(capacity, |w| capacity.min(w));
+                let (k_shape, v_shape) = match cfg.mla {
+                    Some(m) => (
+                        (batch, 1, slots, m.kv_lora_rank),
+                        (batch, 1, slots, m.qk_rope_head_dim),
+                    ),
+                    None => {
+                        let s = (batch, cfg.num_kv_heads, slots, cfg.head_dim);
+                        (s, s)
+                    }
+                };
+                Ok(Layer {
+                    k: Tensor::zeros(k_shape, dtype, device)?,
+                    v: Tensor::zeros(v_shape, dtype, device)?,
+                    ring,
+                    slots,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,
             len: 0,
             capacity,
-            ring,
-            slots,
         })
     }
 
@@ -75,23 +80,25 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
             .sum()
     }
 
     /// Bytes one cached position occupies across all layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.bytes()
-            / self.slots.max(1)
-            / self
-                .layers
-                .first()
-                .map_or(1, |(k, _)| k.dim(0).unwrap_or(1))
+        self.layers
+            .iter()
+            .map(|l| {
+                (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes()
+                    / l.slots.max(1)
+                    / l.k.dim(0).unwrap_or(1).max(1)
+            })
+            .sum()
     }
 
-    /// Positions the cache holds at most (the capacity, or the window of a ring).
-    pub fn slots(&self) -> usize {
-        self.slots
+    /// Positions `layer` holds at most (the capacity, or its window when it is a ring).
+    pub fn slots(&self, layer: usize) -> usize {
+        self.layers[layer].slots
     }
 
     /// Writes `k, v [B, heads, T, d]` (GQA K and V, or MLA latent and rope key) for positions
@@ -115,20 +122,21 @@ impl KvCache {
                 self.capacity
             )
         }
-        let Some(w) = self.ring else {
+        let Some(w) = self.layers[layer].ring else {
             self.store(layer, k, v, pos)?;
-            let (kc, vc) = &self.layers[layer];
+            let l = &self.layers[layer];
             return Ok((
-                kc.narrow(2, from, pos + t - from)?,
-                vc.narrow(2, from, pos + t - from)?,
+                l.k.narrow(2, from, pos + t - from)?,
+                l.v.narrow(2, from, pos + t - from)?,
             ));
         };
         if from + w <= pos {
             candle_core::bail!("positions {from}..{pos} are older than the window of {w}")
         }
-        let (kc, vc) = &self.layers[layer];
+        let l = &self.layers[layer];
+        let (kc, vc) = (&l.k, &l.v);
         let old = |c: &Tensor, new: &Tensor| -> Result<Tensor> {
-            let mut parts = self.ring_runs(from, pos, w, |s, n| c.narrow(2, s, n))?;
+            let mut parts = ring_runs(l.slots, from, pos, w, |s, n| c.narrow(2, s, n))?;
             parts.push(new.clone());
             Tensor::cat(&parts, 2)
         };
@@ -141,8 +149,9 @@ impl KvCache {
     /// reads the cache in place; see [`Self::attended`]).
     pub fn store(&mut self, layer: usize, k: &Tensor, v: &Tensor, pos: usize) -> Result<()> {
         let t = k.dim(2)?;
-        let (kc, vc) = &self.layers[layer];
-        let Some(w) = self.ring else {
+        let l = &self.layers[layer];
+        let (kc, vc) = (&l.k, &l.v);
+        let Some(w) = l.ring else {
             kc.slice_set(k, 2, pos)?;
             return vc.slice_set(v, 2, pos);
         };
@@ -150,7 +159,7 @@ impl KvCache {
         let keep = t.min(w);
         let first = pos + t - keep;
         let mut done = 0;
-        for (slot, n) in self.ring_runs(first, pos + t, w, |s, n| Ok((s, n)))? {
+        for (slot, n) in ring_runs(l.slots, first, pos + t, w, |s, n| Ok((s, n)))? {
             let src = first - pos + done;
             kc.slice_set(&k.narrow(2, src, n)?.contiguous()?, 2, slot)?;
             vc.slice_set(&v.narrow(2, src, n)?.contiguous()?, 2, slot)?;
@@ -159,31 +168,18 @@ impl KvCache {
         Ok(())
     }
 
-    /// `f(slot, n)` for the (at most two) runs of ring slots holding positions `lo..hi`.
-    fn ring_runs<T>(
-        &self,
-        lo: usize,
-        hi: usize,
-        w: usize,
-        mut f: impl FnMut(usize, usize) -> Result<T>,
-    ) -> Result<Vec<T>> {
-        let mut out = Vec::with_capacity(2);
-        let mut p = lo;
-        while p < hi {
-            let slot = p % w;
-            let n = (hi - p).min(self.slots - slot);
-            out.push(f(slot, n)?);
-            p += n;
-        }
-        Ok(out)
-    }
-
     /// Slots a decode step at `len` stored positions (the new one included) attends to in place,
     /// and the window it must still apply: a ring holds exactly the visible positions (in slot
     /// order, which attention does not depend on), so no window is left to apply.
-    pub fn attended(&self, len: usize, window: Option<usize>) -> (usize, Option<usize>) {
-        match self.ring {
-            Some(_) => (len.min(self.slots), None),
+    pub fn attended(
+        &self,
+        layer: usize,
+        len: usize,
+        window: Option<usize>,
+    ) -> (usize, Option<usize>) {
+        let l = &self.layers[layer];
+        match l.ring {
+            Some(_) => (len.min(l.slots), None),
             None => (len, window),
         }
     }
@@ -191,8 +187,8 @@ impl KvCache {
     /// The whole preallocated K and V (or latent and rope key) of `layer`, `[B, heads, cap, d]`;
     /// only positions below the stored length are meaningful.
     pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
-        let (k, v) = &self.layers[layer];
-        (k, v)
+        let l = &self.layers[layer];
+        (&l.k, &l.v)
     }
 
     /// Marks `t` more tokens as stored (after every layer has written them).
@@ -203,6 +199,26 @@ impl KvCache {
     pub fn reset(&mut self) {
         self.len = 0;
     }
+}
+
+/// `f(slot, n)` for the (at most two) runs of a `slots`-slot ring (window `w`) holding positions
+/// `lo..hi`.
+fn ring_runs<T>(
+    slots: usize,
+    lo: usize,
+    hi: usize,
+    w: usize,
+    mut f: impl FnMut(usize, usize) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity(2);
+    let mut p = lo;
+    while p < hi {
+        let slot = p % w;
+        let n = (hi - p).min(slots - slot);
+        out.push(f(slot, n)?);
+        p += n;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -238,7 +254,7 @@ mod tests {
         cfg.num_kv_heads = 2;
         let w = cfg.sliding_window.unwrap(); // 5
         let mut c = KvCache::new(&cfg, 1, 40, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(c.slots(), w);
+        assert_eq!(c.slots(0), w);
         let ring = KvCache::new(&cfg, 1, 40, DType::F32, &Device::Cpu).unwrap();
         let plain = {
             let mut p = cfg.clone();
@@ -260,12 +276,29 @@ mod tests {
         // A decode step reads the ring in place: all W slots, no window left to apply.
         c.store(0, &at(&cfg, 9..10), &at(&cfg, 9..10), 9).unwrap();
         assert_eq!(positions(c.layer(0).0), [5, 6, 7, 8, 9]);
-        assert_eq!(c.attended(10, Some(w)), (w, None));
-        assert_eq!(c.attended(3, Some(w)), (3, None));
-        assert_eq!(plain.attended(10, Some(w)), (10, Some(w)));
+        assert_eq!(c.attended(0, 10, Some(w)), (w, None));
+        assert_eq!(c.attended(0, 3, Some(w)), (3, None));
+        assert_eq!(plain.attended(0, 10, Some(w)), (10, Some(w)));
         // Positions older than the window cannot be asked for.
         assert!(c
             .write(0, &at(&cfg, 10..11), &at(&cfg, 10..11), 10, 2)
             .is_err());
+    }
+
+    /// Windows on some layers (Qwen2-MoE: layers 0 and 2 of 4): those layers are rings, the others
+    /// keep every position, and the bytes are what analyze predicts.
+    #[test]
+    fn windowed_layers_are_rings_and_the_others_are_not() {
+        let text = include_str!("../../../tests/fixtures/qwen2-moe-swa/config.json");
+        let cfg = ModelConfig::from_json_str(text, std::path::Path::new("q2")).unwrap();
+        let c = KvCache::new(&cfg, 1, 40, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            (0..4).map(|l| c.slots(l)).collect::<Vec<_>>(),
+            [5, 40, 5, 40]
+        );
+        let want = crate::spec::bytes::kv_bytes_per_sequence(&cfg, 40, 4);
+        assert_eq!(c.bytes() as u64, want);
+        assert_eq!(c.attended(1, 30, Some(5)), (30, Some(5)));
+        assert_eq!(c.attended(2, 30, Some(5)), (5, None));
     }
 }

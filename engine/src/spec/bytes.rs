@@ -287,22 +287,31 @@ pub fn kv_bytes_per_token(cfg: &ModelConfig, elem_bytes: u64) -> u64 {
     }
 }
 
-/// Keys one decode step at position `context` attends to: the sliding window caps them.
-pub fn attended_keys(cfg: &ModelConfig, context: u64) -> u64 {
-    cfg.sliding_window
-        .map_or(context, |w| context.min(w as u64))
+/// Keys one decode step at position `context` attends to, summed over the layers: a layer with
+/// a sliding window W sees `min(context, W)`, the others `context`. It is also the number of
+/// (layer, position) entries a sequence of `context` tokens keeps in the KV cache, whose windowed
+/// layers are rings of W positions.
+pub fn layer_keys(cfg: &ModelConfig, context: u64) -> u64 {
+    (0..cfg.num_layers())
+        .map(|i| cfg.window_of(i).map_or(context, |w| context.min(w as u64)))
+        .fold(0u64, u64::saturating_add)
+}
+
+/// KV bytes of one position in one layer.
+fn kv_bytes_per_layer_token(cfg: &ModelConfig, elem_bytes: u64) -> u64 {
+    kv_bytes_per_token(cfg, elem_bytes) / (cfg.num_layers() as u64).max(1)
 }
 
 /// KV cache bytes of one sequence of `context` tokens, as the engine allocates it: every
-/// position, or with a sliding window W a ring of `min(context, W)` positions.
+/// position, or in a layer with a sliding window W a ring of `min(context, W)` positions.
 pub fn kv_bytes_per_sequence(cfg: &ModelConfig, context: u64, elem_bytes: u64) -> u64 {
     // Saturating: a huge context or batch reads as "more than any memory", never wraps.
-    kv_bytes_per_token(cfg, elem_bytes).saturating_mul(attended_keys(cfg, context))
+    kv_bytes_per_layer_token(cfg, elem_bytes).saturating_mul(layer_keys(cfg, context))
 }
 
 /// KV bytes one decode step at position `context` reads.
 pub fn kv_read_bytes(cfg: &ModelConfig, context: u64, elem_bytes: u64) -> u64 {
-    kv_bytes_per_token(cfg, elem_bytes).saturating_mul(attended_keys(cfg, context))
+    kv_bytes_per_layer_token(cfg, elem_bytes).saturating_mul(layer_keys(cfg, context))
 }
 
 /// Attention-score FLOPs per token attending to `keys` keys, summed over layers.
@@ -321,13 +330,18 @@ pub fn attention_flops(cfg: &ModelConfig, keys: u64) -> u64 {
 /// FLOPs to decode one token at position `context`: 2 x active matmul parameters (lm_head
 /// in, embedding lookup out) + the attention term over the attended keys.
 pub fn decode_flops_per_token(cfg: &ModelConfig, matmul_active: u64, context: u64) -> u64 {
-    2 * matmul_active + attention_flops(cfg, attended_keys(cfg, context))
+    2 * matmul_active + attention_flops_per_layer_key(cfg) * layer_keys(cfg, context)
+}
+
+/// [`attention_flops`] of one key in one layer.
+fn attention_flops_per_layer_key(cfg: &ModelConfig) -> u64 {
+    attention_flops(cfg, 1) / (cfg.num_layers() as u64).max(1)
 }
 
 /// Mean FLOPs per token of a causal prefill of `prompt` tokens: token i attends to i + 1 keys
 /// (window-capped), so the attention term is averaged over the prompt.
 pub fn prefill_flops_per_token(cfg: &ModelConfig, matmul_active: u64, prompt: u64) -> f64 {
-    let keys: u64 = (1..=prompt).map(|i| attended_keys(cfg, i)).sum();
+    let keys: u64 = (1..=prompt).map(|i| layer_keys(cfg, i)).sum();
     let mean_keys = keys as f64 / prompt.max(1) as f64;
-    2.0 * matmul_active as f64 + attention_flops(cfg, 1) as f64 * mean_keys
+    2.0 * matmul_active as f64 + attention_flops_per_layer_key(cfg) as f64 * mean_keys
 }
