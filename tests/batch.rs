@@ -43,6 +43,18 @@ fn config(max_batch: usize, kv_budget: u64) -> BatchConfig {
     }
 }
 
+/// Each prompt's greedy ids generated alone (batch 1).
+fn alone(model: &Model, prompts: &[Vec<u32>], params: &GenerateParams) -> Vec<Vec<u32>> {
+    prompts
+        .iter()
+        .map(|p| {
+            generate(model, p, params, |_| Ok(()), None)
+                .unwrap()
+                .generated_ids
+        })
+        .collect()
+}
+
 /// Submits every prompt at once and collects each one's ids and stop reason.
 fn run_batched(
     engine: &Engine,
@@ -89,14 +101,7 @@ fn greedy_output_does_not_depend_on_the_batch() {
         let model = TINY_KJV.load(&opts).unwrap();
         let prompts = prompts(&model);
         let params = greedy(24);
-        let alone: Vec<Vec<u32>> = prompts
-            .iter()
-            .map(|p| {
-                generate(&model, p, &params, |_| Ok(()), None)
-                    .unwrap()
-                    .generated_ids
-            })
-            .collect();
+        let alone = alone(&model, &prompts, &params);
         let engine = Engine::start(model, config(16, u64::MAX)).unwrap();
         let batched = run_batched(&engine, &prompts, &params);
         for (i, ((ids, stop), want)) in batched.iter().zip(&alone).enumerate() {
@@ -126,14 +131,7 @@ fn chunked_prefill_gives_the_same_ids() {
     let model = TINY_KJV.load(&LoadOptions::default()).unwrap();
     let prompts = prompts(&model);
     let params = greedy(12);
-    let alone: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            generate(&model, p, &params, |_| Ok(()), None)
-                .unwrap()
-                .generated_ids
-        })
-        .collect();
+    let alone = alone(&model, &prompts, &params);
     let mut cfg = config(8, u64::MAX);
     cfg.prefill_chunk = 3;
     let engine = Engine::start(model, cfg).unwrap();

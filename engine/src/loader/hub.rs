@@ -388,21 +388,26 @@ impl Fetch<'_> {
         }
     }
 
+    /// The repo's file names, for messages.
+    fn file_list(&self) -> String {
+        let names: Vec<&str> = self
+            .info
+            .siblings
+            .iter()
+            .map(|s| s.rfilename.as_str())
+            .collect();
+        names.join(", ")
+    }
+
     fn sibling(&self, f: &str) -> Option<&Sibling> {
         self.info.siblings.iter().find(|s| s.rfilename == f)
     }
 
     fn run(&self) -> Result<PathBuf> {
         if self.sibling("config.json").is_none() {
-            let names: Vec<&str> = self
-                .info
-                .siblings
-                .iter()
-                .map(|s| s.rfilename.as_str())
-                .collect();
             return Err(self.ctx(None).msg(format!(
                 "the repo has no config.json, so it is not a transformers checkpoint (files: {})",
-                names.join(", ")
+                self.file_list()
             )));
         }
         let mut first: Vec<String> = vec!["config.json".into()];
@@ -416,15 +421,9 @@ impl Fetch<'_> {
         if sharded {
             first.push(INDEX.into());
         } else if self.sibling(SINGLE).is_none() {
-            let names: Vec<&str> = self
-                .info
-                .siblings
-                .iter()
-                .map(|s| s.rfilename.as_str())
-                .collect();
             return Err(self.ctx(None).msg(format!(
                 "the repo has neither {SINGLE} nor {INDEX}; moe-run reads safetensors only (files: {})",
-                names.join(", ")
+                self.file_list()
             )));
         }
         if !sharded {

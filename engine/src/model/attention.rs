@@ -35,24 +35,6 @@ impl Attention {
         }
     }
 
-    /// Attends the `T` new tokens at positions `pos..pos+T` to everything cached for `layer`
-    /// plus themselves, writing their K/V into the cache. On [`ExecPath::Kernels`] a single new
-    /// token per sequence runs the flash-decoding kernel (`moe_kernels::decode_attention`) over
-    /// the whole cache in place.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        pos: usize,
-        rope: &Rope,
-        cache: &mut KvCache,
-        layer: usize,
-        plan: &PathPlan,
-    ) -> Result<Tensor> {
-        let qkv = self.project(x, plan)?;
-        let y = self.core(&qkv, pos, rope, cache, layer, plan)?;
-        self.o.forward_on(&y, plan)
-    }
-
     /// The fused q/k/v projection of `x [B, T, H]`: `[B, T, (heads + 2 kv) hd]`. Per token, so a
     /// ragged batch runs it once over all its sequences' tokens.
     pub fn project(&self, x: &Tensor, plan: &PathPlan) -> Result<Tensor> {
@@ -60,8 +42,10 @@ impl Attention {
     }
 
     /// Everything between the projections for one sequence: QK-norm, RoPE, the cache write and
-    /// the attention of `qkv [B, T, ..]` ([`Self::project`]'s output) at positions `pos..pos+T`;
-    /// returns `[B, T, heads*hd]`, the input of the output projection `o`.
+    /// the attention of `qkv [B, T, ..]` ([`Self::project`]'s output) at positions `pos..pos+T`
+    /// to everything cached for `layer` plus themselves; returns `[B, T, heads*hd]`, the input of
+    /// the output projection `o`. On [`ExecPath::Kernels`] a single new token per sequence runs
+    /// the flash-decoding kernel (`moe_kernels::decode_attention`) over the cache in place.
     pub fn core(
         &self,
         qkv: &Tensor,

@@ -25,6 +25,45 @@ enum Attn {
     Mla(MlaAttention),
 }
 
+impl Attn {
+    /// The per-token projections of `x [B, T, H]` (GQA: the fused qkv; MLA: q and the compressed
+    /// KV), each `[B, T, ..]`.
+    fn project(&self, x: &Tensor, plan: &PathPlan) -> Result<Vec<Tensor>> {
+        Ok(match self {
+            Attn::Gqa(a) => vec![a.project(x, plan)?],
+            Attn::Mla(a) => {
+                let (q, kv) = a.project(x, plan)?;
+                vec![q, kv]
+            }
+        })
+    }
+
+    /// One sequence's attention from its rows of [`Attn::project`], writing `cache`; returns the
+    /// input of the output projection.
+    fn core(
+        &self,
+        p: &[Tensor],
+        pos: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        plan: &PathPlan,
+    ) -> Result<Tensor> {
+        match (self, p) {
+            (Attn::Gqa(a), [qkv]) => a.core(qkv, pos, rope, cache, layer, plan),
+            (Attn::Mla(a), [q, kv]) => a.core(q, kv, pos, rope, cache, layer, plan),
+            _ => candle_core::bail!("attention projections do not match the attention kind"),
+        }
+    }
+
+    fn out(&self) -> &Linear {
+        match self {
+            Attn::Gqa(a) => &a.o,
+            Attn::Mla(a) => &a.o,
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Norm,
     attn: Attn,
@@ -389,30 +428,19 @@ impl Model {
                 // read once per step, not once per sequence; only the attention core is per
                 // sequence.
                 let (rope, plan) = (&self.rope, &self.plan);
+                let proj = attn.project(xn, plan)?;
                 let mut parts = Vec::with_capacity(seqs.len());
                 let mut off = 0;
-                match attn {
-                    Attn::Gqa(a) => {
-                        let qkv = a.project(xn, plan)?;
-                        for s in seqs.iter_mut() {
-                            let (t, pos) = (s.ids.len(), s.cache.len());
-                            let qkv = qkv.narrow(1, off, t)?;
-                            parts.push(a.core(&qkv, pos, rope, &mut *s.cache, i, plan)?);
-                            off += t;
-                        }
-                        a.o.forward_on(&Tensor::cat(&parts, 1)?, plan)
-                    }
-                    Attn::Mla(a) => {
-                        let (q, kv) = a.project(xn, plan)?;
-                        for s in seqs.iter_mut() {
-                            let (t, pos) = (s.ids.len(), s.cache.len());
-                            let (q, kv) = (q.narrow(1, off, t)?, kv.narrow(1, off, t)?);
-                            parts.push(a.core(&q, &kv, pos, rope, &mut *s.cache, i, plan)?);
-                            off += t;
-                        }
-                        a.o.forward_on(&Tensor::cat(&parts, 1)?, plan)
-                    }
+                for s in seqs.iter_mut() {
+                    let (t, pos) = (s.ids.len(), s.cache.len());
+                    let rows = proj
+                        .iter()
+                        .map(|p| p.narrow(1, off, t))
+                        .collect::<Result<Vec<_>>>()?;
+                    parts.push(attn.core(&rows, pos, rope, &mut *s.cache, i, plan)?);
+                    off += t;
                 }
+                attn.out().forward_on(&Tensor::cat(&parts, 1)?, plan)
             },
             trace,
         )?;
@@ -446,10 +474,9 @@ impl Model {
         cache: &mut KvCache,
         i: usize,
     ) -> Result<Tensor> {
-        match attn {
-            Attn::Gqa(a) => a.forward(xn, pos, &self.rope, cache, i, &self.plan),
-            Attn::Mla(a) => a.forward(xn, pos, &self.rope, cache, i, &self.plan),
-        }
+        let proj = attn.project(xn, &self.plan)?;
+        let y = attn.core(&proj, pos, &self.rope, cache, i, &self.plan)?;
+        attn.out().forward_on(&y, &self.plan)
     }
 
     /// The decoder layers over the embedded `x [B, T, H]`, attention through `attend(layer,

@@ -58,21 +58,6 @@ impl MlaAttention {
         Ok((per_head.narrow(1, 0, dn)?, per_head.narrow(1, dn, dv)?))
     }
 
-    /// `x [B, T, H]` at positions `pos..pos+T` -> `[B, T, H]`, appending (c, k_pe) to the cache.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        pos: usize,
-        rope: &Rope,
-        cache: &mut KvCache,
-        layer: usize,
-        plan: &PathPlan,
-    ) -> Result<Tensor> {
-        let (q, kv) = self.project(x, plan)?;
-        let y = self.core(&q, &kv, pos, rope, cache, layer, plan)?;
-        self.o.forward_on(&y, plan)
-    }
-
     /// The per-token projections of `x [B, T, H]`: the query `[B, T, nh*(dn+dr)]` (through the
     /// low-rank path if any) and the compressed KV `[B, T, r+dr]`. A ragged batch runs them once
     /// over all its sequences' tokens.
@@ -87,7 +72,7 @@ impl MlaAttention {
     }
 
     /// The attention of one sequence from [`Self::project`]'s `q` and `kv` at positions
-    /// `pos..pos+T`, writing the cache; returns `[B, T, nh*dv]`, the input of `o`.
+    /// `pos..pos+T`, appending (c, k_pe) to the cache; returns `[B, T, nh*dv]`, the input of `o`.
     #[allow(clippy::too_many_arguments)]
     pub fn core(
         &self,
