@@ -21,11 +21,13 @@ Config translations (the only ones; each is recorded in the entry's "note"):
     uses one `intermediate_size` for the routed experts and for the shared MLP, so we require
     moe_intermediate_size[i] == intermediate_size and num_shared_expert[i] == 1 for all layers
     (true for A13B) and keep moe_topk / num_experts as given.
+  * model_type "llama4" (a multimodal checkpoint's config) is counted as its language model
+    only: its `text_config` as `llama4_text` (Llama4ForCausalLM), as moe-run loads it.
   * `auto_map` (remote code) and `quantization_config` (DeepSeek-V3's FP8 block format, which
     does not change the parameter count) are dropped.
 
 Usage: python tests/hf_param_counts.py [--out tests/fixtures/param_counts.json]
-(pip install torch transformers==5.23.0; CPU only, runs in seconds.)
+(pip install torch transformers==5.25.0; CPU only, runs in seconds.)
 """
 
 import argparse
@@ -58,6 +60,10 @@ def translate(raw: dict) -> tuple[dict, list[str]]:
         if key in d:
             d.pop(key)
             notes.append(f"dropped {key}")
+    if d.get("model_type") == "llama4":
+        d = dict(d["text_config"])
+        d["model_type"] = "llama4_text"
+        notes.append("multimodal llama4: the language model only (text_config as llama4_text)")
     if d.get("model_type") == "hunyuan":
         layers = d["num_hidden_layers"]
         ffn = d["intermediate_size"]

@@ -234,6 +234,78 @@ fn glm4_moe_partial_rotary_qkv_bias_grouped_v3_router() {
 }
 
 #[test]
+fn llama4_scout_chunked_nope_temperature_unit_qk_norm_llama3_rope_input_scaled_top1() {
+    check("llama4-scout");
+}
+
+#[test]
+fn llama4_maverick_interleaved_dense_and_moe_layers() {
+    check("llama4-maverick");
+}
+
+/// A multimodal `llama4` checkpoint (the release form: `text_config`, the language model's
+/// tensors under `language_model.`, a vision tower beside them) loads its language model and
+/// gives the text-only fixture's logits; the vision tensors are left unread.
+#[test]
+fn llama4_multimodal_checkpoint_runs_its_language_model() {
+    use safetensors::tensor::TensorView;
+    let src = fixture("llama4-scout");
+    let exp = expected(&src);
+    let dir = tempfile::tempdir().unwrap();
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let cfg = serde_json::json!({
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": text,
+        "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 8},
+        "tie_word_embeddings": false,
+    });
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let vision = [0u8; 32];
+    let mut views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let n = match n.strip_prefix("model.") {
+                Some(rest) => format!("language_model.model.{rest}"),
+                None => format!("language_model.{n}"),
+            };
+            (n, v)
+        })
+        .collect();
+    for name in [
+        "vision_model.patch_embedding.linear.weight",
+        "multi_modal_projector.linear_1.weight",
+    ] {
+        let v = TensorView::new(safetensors::Dtype::F32, vec![2, 4], &vision).unwrap();
+        views.push((name.to_string(), v));
+    }
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let model = load_dir(dir.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(model.cfg.model_type, "llama4");
+    let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
+    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<Vec<f32>> = model
+        .forward(&ids, &mut cache, true, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let diff = max_abs_diff(&logits, &exp.logits);
+    assert!(
+        diff < LOGIT_TOL,
+        "multimodal llama4: logits differ by {diff}"
+    );
+}
+
+#[test]
 fn mla_absorbed_and_expanded_paths_agree() {
     // The same prompt through the absorbed path (the decode formulation, forced for every
     // position here) matches transformers like the expanded one does.

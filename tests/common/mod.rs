@@ -29,6 +29,8 @@ pub const FIXTURES: &[&str] = &[
     "deepseek-v3",
     "dots1",
     "glm4-moe",
+    "llama4-scout",
+    "llama4-maverick",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -107,6 +107,26 @@ pub static CLAIMS: &[Claim] = &[
         },
     },
     Claim {
+        model: "Llama-4 Scout",
+        claimed_total: 109.0 * B,
+        claimed_active: Some(17.0 * B),
+        source: "Meta Llama-4 model card (\"17B active, 109B total\"), via SOURCES.md (from memory there, unverified)",
+        basis: Basis::Config {
+            repos: &["meta-llama/Llama-4-Scout-17B-16E-Instruct"],
+            stated: Some((16, 1, 1)),
+        },
+    },
+    Claim {
+        model: "Llama-4 Maverick",
+        claimed_total: 400.0 * B,
+        claimed_active: Some(17.0 * B),
+        source: "Meta Llama-4 model card (\"17B active, 400B total\"), via SOURCES.md (from memory there, unverified)",
+        basis: Basis::Config {
+            repos: &["meta-llama/Llama-4-Maverick-17B-128E-Instruct"],
+            stated: Some((128, 1, 1)),
+        },
+    },
+    Claim {
         model: "Qwen3-30B-A3B",
         claimed_total: 30.5 * B,
         claimed_active: Some(3.3 * B),

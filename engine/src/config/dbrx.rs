@@ -63,6 +63,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             },
         },
         router_f32: false,
+        scale_input: false,
+        correction_bias: false,
         shared: None,
     };
     let d_bos = f.token_ids("bos_token_id")?;
@@ -83,6 +85,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         rope: theta,
         sliding_window: None,
         window_layers: None,
+        chunked_window: false,
+        nope: None,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         layers: vec![FfnKind::Moe(moe); f.layers("n_layers")?],
         bos_token_id: d_bos.first().copied(),

@@ -149,6 +149,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
                     expert_ffn: f.usize("moe_intermediate_size")?,
                     router,
                     router_f32: true,
+                    scale_input: false,
+                    correction_bias: matches!(router, RouterKind::SigmoidBiasGrouped { .. }),
                     shared,
                 }))
             } else {
@@ -211,6 +213,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         rope,
         sliding_window,
         window_layers,
+        chunked_window: false,
+        nope: None,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         layers,
         bos_token_id: f.token_ids("bos_token_id")?.first().copied(),

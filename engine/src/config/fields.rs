@@ -51,7 +51,7 @@ impl<'a> Fields<'a> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn err(&self, key: &str, want: &str, v: &Value) -> Error {
+    pub fn err(&self, key: &str, want: &str, v: &Value) -> Error {
         Error::config(
             &self.path,
             format!("field {key:?} should be {want}, found {v}"),
@@ -294,6 +294,27 @@ impl<'a> Fields<'a> {
                     .ok_or_else(|| Error::config(&self.path, "linear rope scaling needs a numeric \"factor\""))?;
                 RopeScaling::Linear { factor }
             }
+            "llama3" => {
+                let need = |k: &str| {
+                    num(k).ok_or_else(|| {
+                        Error::config(&self.path, format!("llama3 rope scaling needs a numeric {k:?}"))
+                    })
+                };
+                let (factor, low, high) = (need("factor")?, need("low_freq_factor")?, need("high_freq_factor")?);
+                let original = need("original_max_position_embeddings")?;
+                if factor <= 0.0 || low <= 0.0 || high < low || original < 1.0 {
+                    return Err(Error::config(
+                        &self.path,
+                        format!("llama3 rope scaling needs factor > 0 and 0 < low_freq_factor <= high_freq_factor (found {factor}, {low}, {high})"),
+                    ));
+                }
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position: original as usize,
+                }
+            }
             // HunYuan labels a fixed NTK-alpha base change "dynamic": base * alpha^(d/(d-2)),
             // independent of the sequence length.
             "dynamic" | "ntk_alpha" if num("alpha").is_some() => {
@@ -323,7 +344,7 @@ impl<'a> Fields<'a> {
             other => {
                 return Err(Error::config(
                     &self.path,
-                    format!("rope type {other:?} is not supported for this model yet (supported: default, linear, yarn, NTK alpha)"),
+                    format!("rope type {other:?} is not supported for this model yet (supported: default, linear, llama3, yarn, NTK alpha)"),
                 ))
             }
         };

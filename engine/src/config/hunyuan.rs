@@ -62,6 +62,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
                 expert_ffn,
                 router: RouterKind::Softmax { norm_p: Some(1.0) },
                 router_f32: true,
+                scale_input: false,
+                correction_bias: false,
                 shared: (shared > 0).then_some(SharedExperts {
                     ffn: ffn.saturating_mul(shared),
                     sigmoid_gate: false,
@@ -94,6 +96,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         rope: f.rope(10_000.0, d.head_dim, max_pos)?,
         sliding_window: None,
         window_layers: None,
+        chunked_window: false,
+        nope: None,
         tie_word_embeddings: d.tie,
         layers,
         bos_token_id: d.bos,

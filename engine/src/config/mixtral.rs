@@ -19,6 +19,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         expert_ffn: f.usize("intermediate_size")?,
         router: RouterKind::Softmax { norm_p: Some(1.0) },
         router_f32: false,
+        scale_input: false,
+        correction_bias: false,
         shared: None,
     };
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096 * 32);
@@ -38,6 +40,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         rope: f.rope(1e6, d.head_dim, max_pos)?,
         sliding_window: f.opt_usize("sliding_window")?,
         window_layers: None,
+        chunked_window: false,
+        nope: None,
         tie_word_embeddings: d.tie,
         layers: vec![FfnKind::Moe(moe); d.layers],
         bos_token_id: d.bos,

@@ -18,6 +18,7 @@ mod dbrx;
 mod deepseek;
 mod fields;
 mod hunyuan;
+mod llama4;
 mod mixtral;
 pub mod naming;
 mod olmoe;
@@ -112,6 +113,18 @@ pub const FAMILIES: &[Family] = &[
         parse: |raw, path| deepseek::parse(raw, path, deepseek::Variant::Glm4Moe),
         naming: &naming::DEEPSEEK,
     },
+    Family {
+        model_type: "llama4_text",
+        aliases: &[],
+        parse: |raw, path| llama4::parse(raw, path, false),
+        naming: &naming::LLAMA4,
+    },
+    Family {
+        model_type: "llama4",
+        aliases: &[],
+        parse: |raw, path| llama4::parse(raw, path, true),
+        naming: &naming::LLAMA4_MULTIMODAL,
+    },
 ];
 
 /// The family a `model_type` (or one of its aliases) selects.
@@ -150,6 +163,12 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// The layers the window applies to (one flag per layer); `None`: every layer.
     pub window_layers: Option<Vec<bool>>,
+    /// The window is Llama-4's chunked attention: a query at p sees the keys of its own chunk,
+    /// `floor(p / W) * W ..= p`, instead of the last W positions. Either way a windowed layer's
+    /// cache is a ring of W positions.
+    pub chunked_window: bool,
+    /// Layers without RoPE (Llama-4's NoPE layers), and how their queries are scaled.
+    pub nope: Option<NoRope>,
     pub tie_word_embeddings: bool,
     /// One entry per decoder layer: what its feed-forward block is.
     pub layers: Vec<FfnKind>,
@@ -198,6 +217,51 @@ pub struct MlaConfig {
     pub v_head_dim: usize,
 }
 
+/// Llama-4's global layers without position embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoRope {
+    /// One flag per layer: `true` = this layer applies no RoPE (and no QK-norm).
+    pub layers: Vec<bool>,
+    /// Attention temperature tuning on those layers: a query at position p is multiplied by
+    /// `ln(1 + floor((p + 1) / floor_scale)) * attn_scale + 1`.
+    pub temperature: Option<AttnTemperature>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnTemperature {
+    pub floor_scale: f64,
+    pub attn_scale: f64,
+}
+
+impl AttnTemperature {
+    /// The query scale at position `p`.
+    pub fn scale(&self, p: usize) -> f64 {
+        ((p as f64 + 1.0) / self.floor_scale).floor().ln_1p() * self.attn_scale + 1.0
+    }
+}
+
+/// Which earlier keys a query of one layer sees.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Span {
+    /// Every earlier key.
+    Full,
+    /// The last `w` positions (itself included).
+    Sliding(usize),
+    /// The keys of its own chunk of `c` positions (Llama-4).
+    Chunked(usize),
+}
+
+impl Span {
+    /// The first key position a query at `p` sees (it sees every key from there to `p`).
+    pub fn first_visible(self, p: usize) -> usize {
+        match self {
+            Span::Full => 0,
+            Span::Sliding(w) => (p + 1).saturating_sub(w),
+            Span::Chunked(c) => p - p % c,
+        }
+    }
+}
+
 /// RMSNorm on queries and keys, with the same eps as the model's norms.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum QkNorm {
@@ -209,6 +273,9 @@ pub enum QkNorm {
     PerHeadBeforeRope,
     /// Per head over hd, after RoPE (HunYuan).
     PerHeadAfterRope,
+    /// Per head over hd, after RoPE, without weights (Llama-4's L2 norm `x / sqrt(mean(x^2) +
+    /// eps)`), on the layers that apply RoPE.
+    UnitAfterRope,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +295,15 @@ pub enum RopeScaling {
     /// Positions divided by `factor` (HF "linear").
     Linear {
         factor: f64,
+    },
+    /// Llama 3.1: frequencies whose wavelength exceeds `original_max_position /
+    /// low_freq_factor` divided by `factor`, those under `original_max_position /
+    /// high_freq_factor` kept, a smooth ramp between (HF "llama3").
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position: usize,
     },
     /// YaRN: frequencies interpolated by `factor` outside the band [beta_slow, beta_fast]
     /// rotations over `original_max_position` tokens, and cos/sin scaled by the attention
@@ -308,6 +384,12 @@ pub struct MoeConfig {
     pub router_f32: bool,
     /// Always-on experts added to the routed output.
     pub shared: Option<SharedExperts>,
+    /// The routing weight scales the expert's *input* and the outputs are summed unweighted
+    /// (Llama-4, top-1 only), instead of weighting the outputs.
+    pub scale_input: bool,
+    /// The sigmoid router's selection bias is a checkpoint tensor (`e_score_correction_bias`);
+    /// without one (Llama-4) it is zero.
+    pub correction_bias: bool,
 }
 
 /// Shared experts: one SwiGLU MLP of width `ffn` (several shared experts are one wider MLP).
@@ -327,7 +409,23 @@ impl ModelConfig {
         self.layers.len()
     }
 
-    /// The sliding window of layer `i`, if it has one.
+    /// Which keys the queries of layer `i` see.
+    pub fn span_of(&self, i: usize) -> Span {
+        match (self.window_of(i), self.chunked_window) {
+            (None, _) => Span::Full,
+            (Some(w), false) => Span::Sliding(w),
+            (Some(c), true) => Span::Chunked(c),
+        }
+    }
+
+    /// Whether layer `i` applies RoPE.
+    pub fn rope_on(&self, i: usize) -> bool {
+        self.nope
+            .as_ref()
+            .is_none_or(|n| !n.layers.get(i).copied().unwrap_or(false))
+    }
+
+    /// The window (or chunk) of layer `i`, if it has one: its cache keeps that many positions.
     pub fn window_of(&self, i: usize) -> Option<usize> {
         self.sliding_window.filter(|_| {
             self.window_layers
@@ -458,6 +556,17 @@ impl ModelConfig {
         if self.sliding_window == Some(0) {
             return bad("sliding_window must be positive or null".into());
         }
+        if let Some(n) = self
+            .nope
+            .as_ref()
+            .filter(|n| n.layers.len() != self.num_layers())
+        {
+            return bad(format!(
+                "no_rope_layers has {} entries for {} layers",
+                n.layers.len(),
+                self.num_layers()
+            ));
+        }
         if let Some(v) = self
             .window_layers
             .as_ref()
@@ -477,6 +586,12 @@ impl ModelConfig {
                 FfnKind::Moe(m) if m.num_experts == 0 || m.expert_ffn == 0 => {
                     return bad(format!(
                         "layer {i}: experts and expert width must be positive"
+                    ))
+                }
+                FfnKind::Moe(m) if m.scale_input && m.top_k != 1 => {
+                    return bad(format!(
+                        "layer {i}: router scores that scale the expert input are supported with num_experts_per_tok 1 only (found {})",
+                        m.top_k
                     ))
                 }
                 FfnKind::Moe(m) if m.top_k == 0 || m.top_k > m.num_experts => {

@@ -31,6 +31,12 @@ pub enum ExpertNames {
         v1: &'static str,
         w2: &'static str,
     },
+    /// Llama-4: one tensor per projection (no `.weight`), transposed: `gate_up [E, H, 2F]`
+    /// (columns 0..F the gate, F..2F up) and `down [E, F, H]`.
+    Stacked {
+        gate_up: &'static str,
+        down: &'static str,
+    },
 }
 
 /// Where one family keeps each weight. Layer names are relative to `{layer_prefix}{i}.`.
@@ -132,4 +138,26 @@ pub const DBRX: Naming = Naming {
         w2: "ffn.experts.mlp.w2",
     },
     ..QWEN
+};
+
+/// Llama-4's language model (`llama4_text`).
+pub const LLAMA4: Naming = Naming {
+    router: "feed_forward.router.weight",
+    experts: ExpertNames::Stacked {
+        gate_up: "feed_forward.experts.gate_up_proj",
+        down: "feed_forward.experts.down_proj",
+    },
+    shared: "feed_forward.shared_expert",
+    dense: "feed_forward",
+    ..QWEN
+};
+
+/// The language model inside a multimodal `llama4` checkpoint (`language_model.` before the
+/// text model's names; the vision tower's tensors are not read).
+pub const LLAMA4_MULTIMODAL: Naming = Naming {
+    embed: "language_model.model.embed_tokens.weight",
+    final_norm: "language_model.model.norm.weight",
+    lm_head: "language_model.lm_head.weight",
+    layer_prefix: "language_model.model.layers.",
+    ..LLAMA4
 };

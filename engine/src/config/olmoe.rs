@@ -24,6 +24,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
                 .then_some(1.0),
         },
         router_f32: false,
+        scale_input: false,
+        correction_bias: false,
         shared: None,
     };
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
@@ -47,6 +49,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         rope: f.rope(10_000.0, d.head_dim, max_pos)?,
         sliding_window: None,
         window_layers: None,
+        chunked_window: false,
+        nope: None,
         tie_word_embeddings: d.tie,
         layers: vec![FfnKind::Moe(moe); d.layers],
         bos_token_id: d.bos,

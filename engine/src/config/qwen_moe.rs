@@ -51,6 +51,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
                 .then_some(1.0),
         },
         router_f32: false,
+        scale_input: false,
+        correction_bias: false,
         shared,
     };
     let mlp_only = f.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
@@ -119,6 +121,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         rope: f.rope(default_theta, d.head_dim, max_pos)?,
         sliding_window,
         window_layers,
+        chunked_window: false,
+        nope: None,
         tie_word_embeddings: d.tie,
         layers,
         bos_token_id: d.bos,

@@ -50,6 +50,16 @@ pub static KNOWN_MODELS: &[KnownModel] = &[
         config_json: include_str!("../../../configs/deepseek-v3.json"),
     },
     KnownModel {
+        name: "llama-4-scout",
+        repo: "meta-llama/Llama-4-Scout-17B-16E-Instruct",
+        config_json: include_str!("../../../configs/llama-4-scout.TRIMMED.json"),
+    },
+    KnownModel {
+        name: "llama-4-maverick",
+        repo: "meta-llama/Llama-4-Maverick-17B-128E-Instruct",
+        config_json: include_str!("../../../configs/llama-4-maverick.TRIMMED.json"),
+    },
+    KnownModel {
         name: "dots-llm1",
         repo: "rednote-hilab/dots.llm1.inst",
         config_json: include_str!("../../../configs/dots-llm1.PARTIAL.json"),

@@ -224,8 +224,12 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     }
     let oom = |e| crate::memory::explain_oom(e, &opts.device, &what, need);
     let weights: ModelWeights = naming::weights(&mut ck, &cfg, names, opts).map_err(oom)?;
-    let layers = cfg.num_layers();
-    ck.finish(&cfg.model_type, |name| ignorable(name, layers))?;
+    if cfg.model_type == "llama4" {
+        eprintln!(
+            "llama4: loaded the language model only (text in, text out); the checkpoint's vision tower is not supported and was not read"
+        );
+    }
+    ck.finish(&cfg.model_type, |name| ignorable(name, &cfg))?;
     let mut model =
         Model::new(cfg, weights, opts.dtype, &opts.device).map_err(|e| oom(e.into()))?;
     if let Some(p) = &opts.placement {
@@ -340,20 +344,22 @@ pub(crate) fn stored_quantization(config_path: &Path) -> Result<Option<crate::qu
 
 /// Fails on any checkpoint tensor `cfg` did not use (after [`load_dir_weights`]).
 pub(crate) fn finish_checkpoint(ck: Checkpoint, cfg: &ModelConfig) -> Result<()> {
-    let layers = cfg.num_layers();
-    ck.finish(&cfg.model_type, |name| ignorable(name, layers))
+    ck.finish(&cfg.model_type, |name| ignorable(name, cfg))
 }
 
 /// Tensors we deliberately do not load: recomputed RoPE tables some exporters write, and
 /// DeepSeek-V3's multi-token-prediction layers stored after the last decoder layer (used only
-/// for speculative decoding; transformers skips them too).
-fn ignorable(name: &str, num_layers: usize) -> bool {
+/// for speculative decoding; transformers skips them too), and a multimodal Llama-4's vision
+/// tower and projector (only its language model is supported).
+fn ignorable(name: &str, cfg: &ModelConfig) -> bool {
     let extra_layer = name
         .strip_prefix("model.layers.")
         .and_then(|rest| rest.split('.').next())
         .and_then(|i| i.parse::<usize>().ok())
-        .is_some_and(|i| i >= num_layers);
-    name.ends_with("rotary_emb.inv_freq") || extra_layer
+        .is_some_and(|i| i >= cfg.num_layers());
+    let vision = cfg.model_type == "llama4"
+        && (name.starts_with("vision_model.") || name.starts_with("multi_modal_projector."));
+    name.ends_with("rotary_emb.inv_freq") || extra_layer || vision
 }
 
 /// Parses `cpu` / `cuda[:N]`.

@@ -176,6 +176,11 @@ fn published(names: &Naming, t: &TensorSpec) -> Result<Vec<Part>> {
                         })
                         .collect()
                 }
+                ExpertNames::Stacked { gate_up: gu, down } => {
+                    // [E, H, 2F] and [E, F, H]: each canonical shape with its matrix transposed.
+                    let (n, k) = (t.dim(1), t.dim(2));
+                    vec![(p(if gate_up { gu } else { down }), vec![e, k, n])]
+                }
                 ExpertNames::Fused { w1, v1, w2 } => {
                     // [E*F, H] each; H is the gate_up's input, the down's output.
                     let (ef, hh) = match gate_up {
@@ -207,10 +212,14 @@ fn tensor(ck: &mut Checkpoint, names: &Naming, t: &TensorSpec, o: &LoadOptions) 
         }
         _ => o,
     };
-    if let (Role::ExpertsGateUp | Role::ExpertsDown, ExpertNames::Fused { w1, v1, w2 }) =
-        (t.role, &names.experts)
-    {
-        return dbrx_experts(ck, names, t, &parts, [w1, v1, w2], o);
+    if matches!(t.role, Role::ExpertsGateUp | Role::ExpertsDown) {
+        match names.experts {
+            ExpertNames::Fused { w1, v1, w2 } => {
+                return dbrx_experts(ck, names, t, &parts, [w1, v1, w2], o)
+            }
+            ExpertNames::Stacked { .. } => return stacked_experts(ck, t, &parts, o),
+            ExpertNames::PerExpert { .. } => {}
+        }
     }
     // kv_b_proj stays dense in the compute dtype under int8/int4 (like norms and routers; see
     // `spec::bytes::storage`): the absorbed decode multiplies by it per head on both sides,
@@ -233,6 +242,42 @@ fn tensor(ck: &mut Checkpoint, names: &Naming, t: &TensorSpec, o: &LoadOptions) 
 
 fn stem(name: &str) -> &str {
     name.strip_suffix(".weight").unwrap_or(name)
+}
+
+/// Llama-4's stacked, transposed experts (`parts` from [`published`]: one `[E, K, N]` tensor)
+/// -> the canonical `[E, N, K]`. Quantized: read in f32 on the host and quantized after the
+/// transpose; moe-run's own quantized checkpoints store `{name}.qweight`/`.qparams` in the
+/// canonical layout, read as stored.
+fn stacked_experts(
+    ck: &mut Checkpoint,
+    t: &TensorSpec,
+    parts: &[Part],
+    o: &LoadOptions,
+) -> Result<Weight> {
+    let [(name, shape)] = parts else {
+        return Err(Error::Input(format!(
+            "internal: stacked experts read from {} tensors",
+            parts.len()
+        )));
+    };
+    let qparts = vec![(name.clone(), t.shape.clone())];
+    if o.quant.is_some() && ck.contains(&format!("{name}.qweight")) {
+        return lin(ck, &qparts, &t.shape, o);
+    }
+    let (ld, dev) = match o.quant {
+        None => (o.weight_dtype.unwrap_or(o.dtype), o.device.clone()),
+        Some(_) => (DType::F32, Device::Cpu),
+    };
+    let w = ck
+        .take(name, shape, ld, &dev)?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let w = Weight::new(w, o.quant, &o.device)?;
+    if let Weight::Quant(q) = &w {
+        ck.log_quantized(&qparts, q);
+        ck.log_replaced(std::slice::from_ref(name));
+    }
+    Ok(w)
 }
 
 /// DBRX's fused experts (`parts` from [`published`]) -> gate_up `[E, 2F, H]` (per expert: w1
@@ -344,7 +389,7 @@ mod tests {
         for (name, cfg, ck) in checkpoints {
             let mut on_disk: Vec<Part> = ck
                 .names()
-                .filter(|n| !super::super::ignorable(n, cfg.num_layers()))
+                .filter(|n| !super::super::ignorable(n, &cfg))
                 .filter(|n| !(cfg.tie_word_embeddings && *n == naming_of(&cfg).lm_head))
                 .map(|n| (n.to_string(), ck.raw(n).unwrap().1))
                 .collect();

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::norm::Norm;
 use super::rope::Rope;
 use super::{Linear, PathPlan};
-use crate::config::{AttnConfig, QkNorm};
+use crate::config::{AttnConfig, AttnTemperature, QkNorm, Span};
 use crate::model::kv_cache::KvCache;
 
 #[derive(Debug, Clone)]
@@ -23,7 +23,12 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    pub sliding_window: Option<usize>,
+    /// Which earlier keys a query sees (all, a sliding window, its chunk).
+    pub span: Span,
+    /// Whether this layer applies RoPE (Llama-4's NoPE layers do not).
+    pub rope: bool,
+    /// Llama-4's query scaling by position on NoPE layers.
+    pub temperature: Option<AttnTemperature>,
 }
 
 impl Attention {
@@ -83,23 +88,29 @@ impl Attention {
             }
             self.qk_norm(rope.apply(&y, pos)?, norm, QkNorm::PerHeadAfterRope)
         };
-        let q = heads(q, nh, &self.q_norm, true)?;
-        let k = heads(k, nkv, &self.k_norm, true)?;
+        let q = heads(q, nh, &self.q_norm, self.rope)?;
+        let k = heads(k, nkv, &self.k_norm, self.rope)?;
+        let q = match self.temperature {
+            None => q,
+            Some(temp) => {
+                let s: Vec<f32> = (pos..pos + t).map(|p| temp.scale(p) as f32).collect();
+                let s = Tensor::from_vec(s, (1, 1, t, 1), q.device())?.to_dtype(q.dtype())?;
+                q.broadcast_mul(&s)?
+            }
+        };
         let v = heads(v, nkv, &None, false)?;
         let l = pos + t;
         let scale = 1.0 / (hd as f64).sqrt();
         if plan.decode_attention_kernel(t, hd) {
             cache.store(layer, &k, &v, pos)?;
             let (kc, vc) = cache.layer(layer); // [B, kv, slots, hd]
-            let (keys, window) = cache.attended(layer, l, self.sliding_window);
+            let (keys, window) = cache.attended(layer, l, self.span);
             let out = moe_kernels::decode_attention(&q, kc, vc, keys, window, scale as f32)?;
             return out.reshape((b, 1, nh * hd)); // [B, nh, 1, hd] -> [B, 1, nh*hd]
         }
 
-        // Keys older than the window of the first new query are invisible to every new query.
-        let start = self
-            .sliding_window
-            .map_or(0, |w| (pos + 1).saturating_sub(w));
+        // Keys before the first new query's first visible key are invisible to every new query.
+        let start = self.span.first_visible(pos);
         let (k_all, v_all) = cache.write(layer, &k, &v, pos, start)?; // [B, kv, l - start, hd]
 
         // [B, heads, T, hd] -> [B, kv, g*T, hd]: heads h = j*g + i share kv head j.
@@ -117,17 +128,17 @@ impl Attention {
         let (k_all, v_all) = (k_all.to_dtype(core)?, v_all.to_dtype(core)?);
         let raw = q.matmul(&k_all.t()?)?; // [B, kv, g*T, L']
         let probs = if x.device().is_cpu() && core == DType::F32 {
-            let (window, cols) = (self.sliding_window, l - start);
+            let (span, cols) = (self.span, l - start);
             causal_softmax_cpu(&raw, scale as f32, cols, |r| {
                 // Row r is query pos + (r % T) (rows run (kv, group, token)); it sees keys
-                // max(start, p + 1 - window) ..= p.
+                // max(start, first visible) ..= p.
                 let p = pos + r % t;
-                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)).max(start);
+                let lo = span.first_visible(p).max(start);
                 (lo - start, (p + 1).min(l) - start)
             })?
         } else {
             let scores = (raw * scale)?;
-            let scores = match causal_mask(t, g, pos, start, l, self.sliding_window, x.device())? {
+            let scores = match causal_mask(t, g, pos, start, l, self.span, x.device())? {
                 Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
                 None => scores,
             };
@@ -179,7 +190,7 @@ impl Attention {
 
 /// Additive mask `[g*T, L-start]` (0 or -inf) for queries at `pos..pos+T` over keys
 /// `start..L`; row r is query `r % T` (the g heads of a group are stacked). A query at p sees
-/// key j iff j <= p and, with a window w, p - j < w. `None` when nothing is masked.
+/// key j iff `span.first_visible(p) <= j <= p`. `None` when nothing is masked.
 /// `softmax(scale * raw)` over each row's visible keys `visible(row) = (lo, hi)` (columns
 /// `lo..hi` of `cols`), zero elsewhere: the CPU prefill's scale, causal (and sliding-window) mask
 /// and softmax in one pass over f32 scores, computing exp only where a key is visible. The same
@@ -225,10 +236,10 @@ pub(crate) fn causal_mask(
     pos: usize,
     start: usize,
     l: usize,
-    window: Option<usize>,
+    span: Span,
     device: &Device,
 ) -> Result<Option<Tensor>> {
-    let visible = |p: usize, j: usize| j <= p && window.is_none_or(|w| p - j < w);
+    let visible = |p: usize, j: usize| j <= p && j >= span.first_visible(p);
     let width = l - start;
     let mut mask = Vec::with_capacity(g * t * width);
     let mut any = false;
@@ -254,7 +265,7 @@ mod tests {
     #[test]
     fn mask_is_causal_and_windowed() {
         // 3 new queries at positions 2,3,4 over keys 0..5, window 2 -> start = 1.
-        let m = causal_mask(3, 1, 2, 1, 5, Some(2), &Device::Cpu)
+        let m = causal_mask(3, 1, 2, 1, 5, Span::Sliding(2), &Device::Cpu)
             .unwrap()
             .unwrap();
         let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
@@ -268,19 +279,21 @@ mod tests {
     /// windowed, several kv groups, a cached prefix (pos > 0).
     #[test]
     fn fused_causal_softmax_equals_mask_then_softmax() {
-        for (t, g, pos, window) in [
-            (5usize, 2usize, 0usize, None),
-            (4, 3, 6, None),
-            (6, 2, 3, Some(4usize)),
+        for (t, g, pos, span) in [
+            (5usize, 2usize, 0usize, Span::Full),
+            (4, 3, 6, Span::Full),
+            (6, 2, 3, Span::Sliding(4)),
+            (7, 2, 3, Span::Chunked(4)),
+            (3, 1, 9, Span::Chunked(4)),
         ] {
             let l = pos + t;
-            let start = window.map_or(0, |w: usize| (pos + 1).saturating_sub(w));
+            let start = span.first_visible(pos);
             let cols = l - start;
             let raw = Tensor::randn(0f32, 3.0, (2, 1, g * t, cols), &Device::Cpu).unwrap();
             let scale = 0.37f32;
             let want = {
                 let s = (&raw * scale as f64).unwrap();
-                let s = match causal_mask(t, g, pos, start, l, window, &Device::Cpu).unwrap() {
+                let s = match causal_mask(t, g, pos, start, l, span, &Device::Cpu).unwrap() {
                     Some(m) => s.broadcast_add(&m).unwrap(),
                     None => s,
                 };
@@ -288,7 +301,7 @@ mod tests {
             };
             let got = causal_softmax_cpu(&raw, scale, cols, |r| {
                 let p = pos + r % t;
-                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)).max(start);
+                let lo = span.first_visible(p).max(start);
                 (lo - start, (p + 1).min(l) - start)
             })
             .unwrap();
@@ -299,7 +312,7 @@ mod tests {
             for (a, b) in w.iter().zip(&gt) {
                 assert!(
                     (a - b).abs() <= 1e-6,
-                    "t {t} g {g} pos {pos} window {window:?}: {a} vs {b}"
+                    "t {t} g {g} pos {pos} span {span:?}: {a} vs {b}"
                 );
             }
         }
@@ -307,18 +320,18 @@ mod tests {
 
     #[test]
     fn single_decode_step_needs_no_mask() {
-        assert!(causal_mask(1, 4, 7, 0, 8, None, &Device::Cpu)
+        assert!(causal_mask(1, 4, 7, 0, 8, Span::Full, &Device::Cpu)
             .unwrap()
             .is_none());
         // With a window, the narrowing to `start` already hides the old keys.
-        assert!(causal_mask(1, 4, 7, 4, 8, Some(4), &Device::Cpu)
+        assert!(causal_mask(1, 4, 7, 4, 8, Span::Sliding(4), &Device::Cpu)
             .unwrap()
             .is_none());
     }
 
     #[test]
     fn mask_rows_repeat_per_group() {
-        let m = causal_mask(2, 3, 0, 0, 2, None, &Device::Cpu)
+        let m = causal_mask(2, 3, 0, 0, 2, Span::Full, &Device::Cpu)
             .unwrap()
             .unwrap();
         let m: Vec<Vec<f32>> = m.to_vec2().unwrap();

@@ -15,6 +15,9 @@ use crate::config::{FfnKind, ModelConfig, NormKind, QkNorm};
 const MLA_NORM_EPS: f64 = 1e-6;
 use crate::model::kv_cache::KvCache;
 
+/// The most positions the RoPE tables cover (1M: 256 MiB of f32 cos/sin at head_dim 128).
+pub const ROPE_TABLE_POSITIONS: usize = 1 << 20;
+
 enum Ffn {
     Dense(Mlp),
     Moe(Box<MoeBlock>),
@@ -114,10 +117,12 @@ impl Model {
             .map_or(cfg.rope.rotary_dim.unwrap_or(cfg.head_dim), |m| {
                 m.qk_rope_head_dim
             });
+        // Tables for every position up to the context, or up to ROPE_TABLE_POSITIONS for the
+        // multi-million-token contexts (Llama-4 Scout's 10M would be gigabytes of cos/sin).
         let rope = Rope::new(
             &cfg.rope,
             rope_dim,
-            cfg.max_position_embeddings,
+            cfg.max_position_embeddings.min(ROPE_TABLE_POSITIONS),
             dtype,
             device,
         )?;
@@ -145,19 +150,43 @@ impl Model {
                         },
                         None,
                     ) => {
-                        if (cfg.attn.qk_norm == QkNorm::None) != q_norm.is_none() {
+                        let unit = cfg.attn.qk_norm == QkNorm::UnitAfterRope;
+                        if (cfg.attn.qk_norm == QkNorm::None || unit) != q_norm.is_none() {
                             candle_core::bail!("QK-norm weights do not match the config's qk_norm");
+                        }
+                        let rope_on = cfg.rope_on(i);
+                        // Llama-4's weightless QK-norm is an RMSNorm with unit weights, after
+                        // RoPE, on the layers that apply RoPE only.
+                        let (mut layer_cfg, mut q_norm, mut k_norm) = (
+                            cfg.attn,
+                            q_norm.map(|w| rms(w, norm.eps())),
+                            k_norm.map(|w| rms(w, norm.eps())),
+                        );
+                        if unit {
+                            layer_cfg.qk_norm = QkNorm::None;
+                            if rope_on {
+                                let ones = Tensor::ones(cfg.head_dim, dtype, device)?;
+                                layer_cfg.qk_norm = QkNorm::PerHeadAfterRope;
+                                q_norm = Some(rms(ones.clone(), norm.eps()));
+                                k_norm = Some(rms(ones, norm.eps()));
+                            }
                         }
                         Attn::Gqa(Attention {
                             qkv: Linear::with_bias(qkv, qkv_bias),
                             o: Linear::new(o),
-                            q_norm: q_norm.map(|w| rms(w, norm.eps())),
-                            k_norm: k_norm.map(|w| rms(w, norm.eps())),
-                            cfg: cfg.attn,
+                            q_norm,
+                            k_norm,
+                            cfg: layer_cfg,
                             num_heads: cfg.num_heads,
                             num_kv_heads: cfg.num_kv_heads,
                             head_dim: cfg.head_dim,
-                            sliding_window: cfg.window_of(i),
+                            span: cfg.span_of(i),
+                            rope: rope_on,
+                            temperature: cfg
+                                .nope
+                                .as_ref()
+                                .and_then(|n| n.temperature)
+                                .filter(|_| !rope_on),
                         })
                     }
                     (AttnWeights::Mla(m), Some(mc)) => {
@@ -454,6 +483,12 @@ impl Model {
 
     /// Refuses `t` new tokens after `pos` cached ones beyond the cache or the context.
     fn check_fits(&self, pos: usize, t: usize, capacity: usize) -> Result<()> {
+        if pos + t > ROPE_TABLE_POSITIONS {
+            candle_core::bail!(
+                "{} tokens exceed the {ROPE_TABLE_POSITIONS} positions this build tabulates RoPE for",
+                pos + t
+            )
+        }
         if pos + t > capacity || pos + t > self.cfg.max_position_embeddings {
             candle_core::bail!(
                 "{} tokens exceed the context ({} in the cache, max_position_embeddings {})",

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Span};
 
 pub struct KvCache {
     layers: Vec<Layer>,
@@ -168,19 +168,18 @@ impl KvCache {
         Ok(())
     }
 
-    /// Slots a decode step at `len` stored positions (the new one included) attends to in place,
-    /// and the window it must still apply: a ring holds exactly the visible positions (in slot
-    /// order, which attention does not depend on), so no window is left to apply.
-    pub fn attended(
-        &self,
-        layer: usize,
-        len: usize,
-        window: Option<usize>,
-    ) -> (usize, Option<usize>) {
+    /// Slots a decode step at `len` stored positions (the new one included) attends to in place
+    /// (slots `0..keys`), and the window of last keys it must still apply. A sliding window's
+    /// ring holds exactly the visible positions (in slot order, which attention does not depend
+    /// on); a chunk starts at a multiple of the ring's size, so the query's chunk is slots
+    /// `0..=p % c`. Either way no window is left to apply.
+    pub fn attended(&self, layer: usize, len: usize, span: Span) -> (usize, Option<usize>) {
         let l = &self.layers[layer];
-        match l.ring {
-            Some(_) => (len.min(l.slots), None),
-            None => (len, window),
+        match (l.ring, span) {
+            (_, Span::Full) => (len, None),
+            (Some(_), Span::Chunked(c)) => ((len - 1) % c + 1, None),
+            (Some(_), Span::Sliding(_)) => (len.min(l.slots), None),
+            (None, s) => (len, Some(len - s.first_visible(len - 1))),
         }
     }
 
@@ -276,9 +275,9 @@ mod tests {
         // A decode step reads the ring in place: all W slots, no window left to apply.
         c.store(0, &at(&cfg, 9..10), &at(&cfg, 9..10), 9).unwrap();
         assert_eq!(positions(c.layer(0).0), [5, 6, 7, 8, 9]);
-        assert_eq!(c.attended(0, 10, Some(w)), (w, None));
-        assert_eq!(c.attended(0, 3, Some(w)), (3, None));
-        assert_eq!(plain.attended(0, 10, Some(w)), (10, Some(w)));
+        assert_eq!(c.attended(0, 10, Span::Sliding(w)), (w, None));
+        assert_eq!(c.attended(0, 3, Span::Sliding(w)), (3, None));
+        assert_eq!(plain.attended(0, 10, Span::Sliding(w)), (10, Some(w)));
         // Positions older than the window cannot be asked for.
         assert!(c
             .write(0, &at(&cfg, 10..11), &at(&cfg, 10..11), 10, 2)
@@ -298,7 +297,41 @@ mod tests {
         );
         let want = crate::spec::bytes::kv_bytes_per_sequence(&cfg, 40, 4);
         assert_eq!(c.bytes() as u64, want);
-        assert_eq!(c.attended(1, 30, Some(5)), (30, Some(5)));
-        assert_eq!(c.attended(2, 30, Some(5)), (5, None));
+        assert_eq!(c.attended(1, 30, Span::Sliding(5)), (30, Some(5)));
+        assert_eq!(c.attended(2, 30, Span::Sliding(5)), (5, None));
+    }
+
+    /// Llama-4's chunked attention: a ring of C slots where a chunk (starting at a multiple of C)
+    /// fills slots from 0, so a decode step reads slots `0..=p % C`.
+    #[test]
+    fn a_chunk_is_the_first_slots_of_its_ring() {
+        let text = include_str!("../../../tests/fixtures/mixtral-swa/config.json");
+        let mut cfg = ModelConfig::from_json_str(text, std::path::Path::new("swa")).unwrap();
+        cfg.sliding_window = Some(4);
+        cfg.chunked_window = true;
+        let span = cfg.span_of(0);
+        assert_eq!(span, Span::Chunked(4));
+        let mut c = KvCache::new(&cfg, 1, 40, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(c.slots(0), 4);
+        let (k, _) = c.write(0, &at(&cfg, 0..7), &at(&cfg, 0..7), 0, 0).unwrap();
+        assert_eq!(positions(&k), (0..7).collect::<Vec<_>>());
+        c.store(0, &at(&cfg, 7..8), &at(&cfg, 7..8), 7).unwrap();
+        assert_eq!(positions(c.layer(0).0), [4, 5, 6, 7]);
+        assert_eq!(c.attended(0, 8, span), (4, None));
+        // Position 8 opens the next chunk in slot 0: it sees itself only.
+        c.store(0, &at(&cfg, 8..9), &at(&cfg, 8..9), 8).unwrap();
+        assert_eq!(positions(c.layer(0).0)[0], 8);
+        assert_eq!(c.attended(0, 9, span), (1, None));
+        // A prompt chunk at 9..11 gathers its chunk's keys from position 8.
+        let (k, _) = c
+            .write(
+                0,
+                &at(&cfg, 9..11),
+                &at(&cfg, 9..11),
+                9,
+                span.first_visible(9),
+            )
+            .unwrap();
+        assert_eq!(positions(&k), [8, 9, 10]);
     }
 }

@@ -111,7 +111,7 @@ impl MlaAttention {
             .reshape((b, 1, nh * t, dr))?
             .matmul(&pe_all.t()?)?
             .reshape((b, nh, t, l))?;
-        let mask = causal_mask(t, 1, pos, 0, l, None, x.device())?;
+        let mask = causal_mask(t, 1, pos, 0, l, crate::config::Span::Full, x.device())?;
         let softmax = |nope_scores: Tensor| -> Result<Tensor> {
             let s = ((nope_scores + &pe_scores)? * self.scale)?;
             let s = match &mask {

@@ -25,6 +25,38 @@ pub fn inv_freq(cfg: &RopeConfig, dim: usize) -> Vec<f32> {
     match cfg.scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => {
+            // transformers' `_compute_llama3_parameters`, in f32 like its tensors.
+            let old = original_max_position as f32;
+            let (factor, low, high) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+            );
+            let (low_wavelen, high_wavelen) = (old / low, old / high);
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else if high > low {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    } else {
+                        // low == high and the wavelength exactly at it: transformers divides
+                        // 0 by 0 here; keep the frequency instead.
+                        f
+                    }
+                })
+                .collect()
+        }
         RopeScaling::Yarn {
             factor,
             original_max_position,

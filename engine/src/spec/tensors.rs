@@ -316,7 +316,7 @@ fn moe(out: &mut Vec<TensorSpec>, t: &Make, m: &MoeConfig, h: usize) {
         }
         swiglu(out, t, [Role::SharedGateUp, Role::SharedDown], h, s.ffn);
     }
-    if let RouterKind::SigmoidBiasGrouped { .. } = m.router {
+    if m.correction_bias {
         out.push(t(Role::ScoreBias, vec![e], Class::Buffer).in_f32(true));
     }
 }
@@ -359,7 +359,7 @@ fn attention(cfg: &ModelConfig, out: &mut Vec<TensorSpec>, t: &Make) {
         out.push(t(Role::QkvBias, vec![q + 2 * kv], Class::Bias).fused(vec![q, kv, kv]));
     }
     let qk_norm = match cfg.attn.qk_norm {
-        QkNorm::None => None,
+        QkNorm::None | QkNorm::UnitAfterRope => None,
         QkNorm::Whole => Some((q, kv)),
         QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope => Some((cfg.head_dim, cfg.head_dim)),
     };

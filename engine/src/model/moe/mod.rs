@@ -84,7 +84,15 @@ impl DeviceRouting {
 
 impl MoeBlock {
     pub fn new(cfg: MoeConfig, w: MoeWeights) -> Result<Self> {
-        let score_bias_dev = w.score_bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let score_bias_dev =
+            match (w.score_bias, cfg.router) {
+                (Some(b), _) => Some(b.to_dtype(DType::F32)?),
+                // A sigmoid router without a checkpoint bias (Llama-4) selects on the scores alone.
+                (None, crate::config::RouterKind::SigmoidBiasGrouped { .. }) => Some(
+                    Tensor::zeros(cfg.num_experts, DType::F32, w.router.device())?,
+                ),
+                (None, _) => None,
+            };
         let score_bias = score_bias_dev
             .as_ref()
             .map(|b| b.to_vec1::<f32>())
@@ -197,6 +205,14 @@ impl MoeBlock {
         let router = self.cfg.router;
         let (ids, weights) = moe_route(logits, router, a, self.score_bias_dev.as_ref())?;
         let d = moe_dispatch(&ids, a, e, 1)?;
+        // Llama-4 (top-1): the score scales the expert's input, the output is taken as is.
+        let (x, mix) = match self.cfg.scale_input {
+            true => (
+                &x.broadcast_mul(&weights.to_dtype(x.dtype())?)?,
+                weights.ones_like()?,
+            ),
+            false => (x, weights.clone()),
+        };
         // GEMV for decode, tiled GEMM for prefill, chosen on the host from N (no sync).
         let path = Some(plan.expert_path(x.dim(0)?, a, e));
         let y = match &self.host {
@@ -223,7 +239,7 @@ impl MoeBlock {
             }
         }; // [N*A, H], expert-sorted
         let n = x.dim(0)?;
-        let out = moe_combine(&y, &d.slot_row.reshape((n, a))?, &weights)?;
+        let out = moe_combine(&y, &d.slot_row.reshape((n, a))?, &mix)?;
         Ok((out, DeviceRouting { ids, weights }))
     }
 
@@ -241,11 +257,26 @@ impl MoeBlock {
             self.score_bias.as_deref(),
         )?;
         let d = dispatch(&routing.ids, self.cfg.top_k, self.cfg.num_experts)?;
+        // Llama-4 (top-1): the score scales the expert's input, the output is taken as is.
+        let scaled;
+        let (x, mix) = match self.cfg.scale_input {
+            true => {
+                let w =
+                    Tensor::from_slice(&routing.weights, (routing.num_tokens(), 1), x.device())?;
+                scaled = x.broadcast_mul(&w.to_dtype(x.dtype())?)?;
+                let unit = Routing {
+                    weights: vec![1.0; routing.weights.len()],
+                    ..routing.clone()
+                };
+                (&scaled, std::borrow::Cow::Owned(unit))
+            }
+            false => (x, std::borrow::Cow::Borrowed(&routing)),
+        };
         let y = match &self.host {
             None => experts::experts_w(x, &d, &self.gate_up, &self.down, plan.cpu_experts())?,
             Some(h) => self.split_experts(x, &d, h, plan)?,
         }; // [N*A, H], expert-sorted
-        let out = combine(&y, &d, &routing)?; // [N, H]
+        let out = combine(&y, &d, &mix)?; // [N, H]
         let (n, dev) = (routing.num_tokens(), x.device());
         let ids = Tensor::from_vec(routing.ids, (n, self.cfg.top_k), dev)?;
         let weights = Tensor::from_vec(routing.weights, (n, self.cfg.top_k), dev)?;
