@@ -94,6 +94,7 @@ fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
             match c.quant {
                 Some(QFormat::Int8) => "int8 ",
                 Some(QFormat::Int4 { .. }) => "int4 ",
+                Some(QFormat::Mxfp4) => "mxfp4 ",
                 None => "",
             },
             if c.dtype == DType::F32 { "f32" } else { "bf16" },

@@ -31,15 +31,17 @@ fn bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Storage of one format: packed bytes (or bf16 bits) and f16 params.
+/// Storage of one format: packed bytes (or bf16 bits) and f16 params (u8 exponents for MXFP4).
 struct Store {
     fmt: Option<QFormat>,
     q: Vec<u8>,
     p: Vec<f16>,
+    e: Vec<u8>,
 }
 
 impl Store {
     fn new(fmt: Option<QFormat>, rows: usize, k: usize, seed: u64) -> Store {
+        let mut e = Vec::new();
         let (q, p) = match fmt {
             None => {
                 // bf16 of small normal-ish values: exponent bytes near 0x3c.
@@ -50,6 +52,15 @@ impl Store {
                     .for_each(|v| *v = 0x3c | (*v & 0x81));
                 (b, Vec::new())
             }
+            Some(QFormat::Mxfp4) => {
+                // Exponents 118..=121: scales 2^-9..2^-6, weights of the size gpt-oss's are.
+                let pr: usize = QFormat::Mxfp4.params_shape(k).iter().product();
+                e = bytes(rows * pr, seed + 7)
+                    .iter()
+                    .map(|b| 118 + b % 4)
+                    .collect();
+                (bytes(rows * QFormat::Mxfp4.row_bytes(k), seed), Vec::new())
+            }
             Some(f) => {
                 let pr: usize = f.params_shape(k).iter().product();
                 let p = (0..rows * pr)
@@ -58,7 +69,12 @@ impl Store {
                 (bytes(rows * f.row_bytes(k), seed), p)
             }
         };
-        Store { fmt, q, p }
+        Store { fmt, q, p, e }
+    }
+
+    /// Bytes stored: weights and params.
+    fn bytes(&self) -> usize {
+        self.q.len() + 2 * self.p.len() + self.e.len()
     }
 
     fn mat(&self, rows: usize, k: usize) -> Mat<'_> {
@@ -74,6 +90,7 @@ impl Store {
                 rows,
                 k,
             },
+            Some(QFormat::Mxfp4) => Mat::quant(QFormat::Mxfp4, &self.q, &self.e, rows, k),
             Some(f) => Mat::quant(f, &self.q, &self.p, rows, k),
         }
     }
@@ -103,12 +120,13 @@ fn main() {
         ("int8", Some(QFormat::Int8)),
         ("int4:32", Some(QFormat::Int4 { group: 32 })),
         ("int4:128", Some(QFormat::Int4 { group: 128 })),
+        ("mxfp4", Some(QFormat::Mxfp4)),
     ];
     for (name, fmt) in formats {
         let gu = Store::new(fmt, e * 2 * f, h, 1);
         let dn = Store::new(fmt, e * h, f, 2);
         let (gum, dnm) = (gu.mat(e * 2 * f, h), dn.mat(e * h, f));
-        let per_call = (gu.q.len() + 2 * gu.p.len() + dn.q.len() + 2 * dn.p.len()) / e * top_k;
+        let per_call = (gu.bytes() + dn.bytes()) / e * top_k;
         let x: Vec<f32> = bytes(h, 3)
             .iter()
             .map(|&b| b as f32 / 128.0 - 1.0)

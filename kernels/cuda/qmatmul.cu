@@ -1,14 +1,17 @@
-// qmatmul.cu: weight-only quantized matmuls, y = x W^T with W dequantized in registers (W8A16, W4A16).
+// qmatmul.cu: weight-only quantized matmuls, y = x W^T with W dequantized in registers (W8A16, W4A16,
+// MXFP4-A16).
 // The formats and the matmul semantics are specified in src/qmatmul.rs (module docs + reference()).
 //
 // WRITTEN AND COMPILED WITHOUT A GPU: this kernel has not yet run on one. `moe-run selftest --device cuda
 // --filter qmatmul` is its first check.
 //
 // Legend: M activation rows, K input features, N output features, E experts (1 for a dense linear),
-//         Kb bytes per packed row (K for int8, ceil(K/2) for int4), G = ceil(K / group).
+//         Kb bytes per packed row (K for int8, ceil(K/2) for int4 and mxfp4), G = ceil(K / group) (group = 32
+//         for mxfp4).
 //   x       [M, K]        act dtype (f32 / bf16 / f16)
 //   qweight [E, N, Kb]    u8
 //   params  [E, N]        f16 scale (int8)      | [E, N, G, 2] f16 (scale, zero) (int4)
+//                         | [E, N, G] u8 E8M0 exponent (mxfp4)
 //   chunks  [C, 3]        u32 (expert, first row, rows <= QMM_ROWS): built on the host from the op's offsets;
 //                         every row of x is in exactly one chunk, and a chunk's rows all use one expert
 //   out     [M, N]        act dtype
@@ -21,7 +24,14 @@
 // tiled GEMM at the end of this file instead (no tensor cores yet).
 //
 // Vector path (uniform per launch, decided on the device): int8 needs K % 16 == 0, int4 K % 32 == 0 and
-// group % 32 == 0 (one (scale, zero) per 16-byte load), plus 16-byte aligned qweight. Otherwise a scalar
+// group % 32 == 0 (one (scale, zero) per 16-byte load), mxfp4 K % 32 == 0 (one exponent per 16-byte load),
+// plus 16-byte aligned qweight.
+//
+// MXFP4 decode, exactly as the reference: w = (2 fp4(q)) * 2^(e - 128). The doubled E2M1 magnitudes
+// {0, 1, 2, 3, 4, 6, 8, 12} are bytes, so the LUT lives in two registers and one __byte_perm looks up four
+// nibbles at once (selector = their low 3 bits); the sign (nibble bit 3) is OR-ed into the float's bit 31,
+// and the scale 2^(e - 128) is built from its exponent bits (2^-128 and 2^-127 as subnormals). Every
+// product is exact (or overflows to inf, as ldexp does for e = 255). Otherwise a scalar
 // path walks K one weight per lane step. Activations are read with 16-byte loads when x is aligned (K is a
 // multiple of 16 on the vector path, so every row stays aligned).
 //
@@ -38,6 +48,39 @@
 
 #define QMM_ROWS 8
 #define QMM_WARPS 4
+
+// The weight formats (template argument F) and the element type of their params.
+#define QF_INT8 0
+#define QF_INT4 1
+#define QF_MXFP4 2
+template <int F> struct QParamT { using type = __half; };
+template <> struct QParamT<QF_MXFP4> { using type = uint8_t; };
+
+// 2^(e - 128) for an E8M0 byte e, exactly (see the MXFP4 notes above).
+__device__ __forceinline__ float mx_half_scale(uint32_t e) {
+  return e >= 2u ? __uint_as_float((e - 1u) << 23) : __uint_as_float(0x00400000u >> (1u - e));
+}
+
+// The doubled E2M1 magnitudes as bytes: nibble codes 0..3 in MX_LUT_LO, 4..7 in MX_LUT_HI.
+#define MX_LUT_LO 0x03020100u
+#define MX_LUT_HI 0x0C080604u
+
+// Four doubled E2M1 values from the four nibbles of `q16` (low nibble first), unscaled.
+__device__ __forceinline__ void mx_decode4(uint32_t q16, float (&w)[4]) {
+  const uint32_t mags = __byte_perm(MX_LUT_LO, MX_LUT_HI, q16 & 0x7777u);
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const float m = static_cast<float>((mags >> (8 * t)) & 0xffu);
+    w[t] = __uint_as_float(__float_as_uint(m) | (((q16 >> (4 * t + 3)) & 1u) << 31));
+  }
+}
+
+// One doubled E2M1 value of nibble `nib`, unscaled.
+__device__ __forceinline__ float mx_decode1(uint32_t nib) {
+  float w[4];
+  mx_decode4(nib & 0xfu, w);
+  return w[0];
+}
 
 __device__ __forceinline__ float f16_at(const __half* p, size_t i) { return __half2float(p[i]); }
 
@@ -58,11 +101,12 @@ __device__ __forceinline__ void load_x16(const T* __restrict__ xr, uint32_t k, b
   }
 }
 
-// INT4 = false: int8 weights, params [E, N]. INT4 = true: packed nibbles, params [E, N, G, 2].
+// F = QF_INT8: int8 weights, params [E, N]. QF_INT4: packed nibbles, params [E, N, G, 2]. QF_MXFP4: packed
+// E2M1 nibbles, params [E, N, K/32] u8.
 // MOE = false: chunks from the host table. MOE = true: chunks from (counts, offsets, row_token), see above.
-template <typename T, bool INT4, bool MOE>
+template <typename T, int F, bool MOE>
 __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
-                                             const __half* __restrict__ params,
+                                             const typename QParamT<F>::type* __restrict__ params,
                                              const uint32_t* __restrict__ chunks,
                                              const uint32_t* __restrict__ row_token,
                                              const uint32_t* __restrict__ counts,
@@ -72,9 +116,13 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
   const uint32_t lane = threadIdx.x & 31u;
   const uint32_t n = blockIdx.x * QMM_WARPS + (threadIdx.x >> 5);
   if (n >= N) return;  // whole warps exit together: the warp sums below stay full-warp
-  const size_t Kb = INT4 ? (K + 1) / 2 : K;
-  const uint32_t G = INT4 ? (K + group - 1) / group : 1;
-  const bool vec = (INT4 ? (K % 32u == 0 && group % 32u == 0) : (K % 16u == 0)) && is_aligned16(qweight);
+  constexpr bool INT4 = F == QF_INT4, NIB = F != QF_INT8;
+  const size_t Kb = NIB ? (K + 1) / 2 : K;
+  const uint32_t G = NIB ? (K + group - 1) / group : 1;
+  const bool vec = (F == QF_INT4   ? (K % 32u == 0 && group % 32u == 0)
+                    : F == QF_MXFP4 ? (K % 32u == 0)
+                                    : (K % 16u == 0)) &&
+                   is_aligned16(qweight);
   const bool xvec = vec && is_aligned16(x);
 
   for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
@@ -93,7 +141,7 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
     }
     const size_t row = static_cast<size_t>(e) * N + n;
     const uint8_t* wrow = qweight + row * Kb;
-    const __half* prow = params + row * (INT4 ? 2 * static_cast<size_t>(G) : 1);
+    const auto* prow = params + row * (INT4 ? 2 * static_cast<size_t>(G) : NIB ? static_cast<size_t>(G) : 1);
     // The activation row of each of the chunk's rows (gathered through row_token in MoE mode).
     const T* xrow[QMM_ROWS];
 #pragma unroll
@@ -108,14 +156,25 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
     for (int i = 0; i < QMM_ROWS; ++i) acc[i] = 0.f;
 
     if (vec) {
-      constexpr uint32_t PER = INT4 ? 32 : 16;  // weights per 16-byte load
-      const float s8 = INT4 ? 0.f : f16_at(prow, 0);
+      constexpr uint32_t PER = NIB ? 32 : 16;  // weights per 16-byte load
+      float s8 = 0.f;
+      if constexpr (F == QF_INT8) s8 = f16_at(prow, 0);
       for (uint32_t k0 = lane * PER; k0 < K; k0 += 32 * PER) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(wrow + (INT4 ? k0 / 2 : k0)));
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(wrow + (NIB ? k0 / 2 : k0)));
         uint8_t b[16];
         memcpy(b, &raw, 16);
         float w[PER];
-        if constexpr (INT4) {
+        if constexpr (F == QF_MXFP4) {
+          // One group of 32 per load: its scale, then 4 nibbles (2 bytes) per LUT lookup.
+          const float s = mx_half_scale(prow[k0 / 32]);
+#pragma unroll
+          for (int j = 0; j < 16; j += 2) {
+            float v[4];
+            mx_decode4(static_cast<uint32_t>(b[j]) | (static_cast<uint32_t>(b[j + 1]) << 8), v);
+#pragma unroll
+            for (int t = 0; t < 4; ++t) w[2 * j + t] = v[t] * s;
+          }
+        } else if constexpr (INT4) {
           const uint32_t g = k0 / group;
           const float s = f16_at(prow, 2 * g), z = f16_at(prow, 2 * g + 1);
 #pragma unroll
@@ -142,10 +201,14 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
         }
       }
     } else {
-      const float s8 = INT4 ? 0.f : f16_at(prow, 0);
+      float s8 = 0.f;
+      if constexpr (F == QF_INT8) s8 = f16_at(prow, 0);
       for (uint32_t k = lane; k < K; k += 32) {
         float w;
-        if constexpr (INT4) {
+        if constexpr (F == QF_MXFP4) {
+          const uint8_t byte = wrow[k / 2];
+          w = mx_decode1((k & 1u) ? (byte >> 4) : (byte & 0xf)) * mx_half_scale(prow[k / 32]);
+        } else if constexpr (INT4) {
           const uint32_t g = k / group;
           const uint8_t byte = wrow[k / 2];
           const float q = static_cast<float>((k & 1u) ? (byte >> 4) : (byte & 0xf));
@@ -169,42 +232,50 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
   }
 }
 
-#define QMATMUL_ENTRY(NAME, T, INT4)                                                                          \
+#define QMATMUL_ENTRY(NAME, T, F)                                                                             \
   extern "C" __global__ void NAME(const T* __restrict__ x, const uint8_t* __restrict__ qweight,               \
-                                  const __half* __restrict__ params, const uint32_t* __restrict__ chunks,     \
-                                  T* __restrict__ out, uint32_t C, uint32_t N, uint32_t K, uint32_t group) {  \
-    qmatmul_impl<T, INT4, false>(x, qweight, params, chunks, nullptr, nullptr, nullptr, 0, out, C, N, K, group); \
+                                  const QParamT<F>::type* __restrict__ params,                                \
+                                  const uint32_t* __restrict__ chunks, T* __restrict__ out, uint32_t C,       \
+                                  uint32_t N, uint32_t K, uint32_t group) {                                   \
+    qmatmul_impl<T, F, false>(x, qweight, params, chunks, nullptr, nullptr, nullptr, 0, out, C, N, K, group);   \
   }
 
 // MoE mode: out [R, N] for the live dispatched rows; row_token may be null (x already in row order).
-#define QMATMUL_MOE_ENTRY(NAME, T, INT4)                                                                      \
+#define QMATMUL_MOE_ENTRY(NAME, T, F)                                                                         \
   extern "C" __global__ void NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token,           \
                                   const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets, \
-                                  const uint8_t* __restrict__ qweight, const __half* __restrict__ params,    \
-                                  T* __restrict__ out, uint32_t E, uint32_t C, uint32_t N, uint32_t K,       \
-                                  uint32_t group) {                                                          \
-    qmatmul_impl<T, INT4, true>(x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K,      \
-                                group);                                                                      \
+                                  const uint8_t* __restrict__ qweight,                                       \
+                                  const QParamT<F>::type* __restrict__ params, T* __restrict__ out,          \
+                                  uint32_t E, uint32_t C, uint32_t N, uint32_t K, uint32_t group) {          \
+    qmatmul_impl<T, F, true>(x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K,         \
+                             group);                                                                         \
   }
 
-QMATMUL_ENTRY(qmatmul_int8_f32, float, false)
-QMATMUL_ENTRY(qmatmul_int8_bf16, __nv_bfloat16, false)
-QMATMUL_ENTRY(qmatmul_int8_f16, __half, false)
-QMATMUL_ENTRY(qmatmul_int4_f32, float, true)
-QMATMUL_ENTRY(qmatmul_int4_bf16, __nv_bfloat16, true)
-QMATMUL_ENTRY(qmatmul_int4_f16, __half, true)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f32, float, false)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int8_bf16, __nv_bfloat16, false)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f16, __half, false)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f32, float, true)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int4_bf16, __nv_bfloat16, true)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f16, __half, true)
+QMATMUL_ENTRY(qmatmul_int8_f32, float, QF_INT8)
+QMATMUL_ENTRY(qmatmul_int8_bf16, __nv_bfloat16, QF_INT8)
+QMATMUL_ENTRY(qmatmul_int8_f16, __half, QF_INT8)
+QMATMUL_ENTRY(qmatmul_int4_f32, float, QF_INT4)
+QMATMUL_ENTRY(qmatmul_int4_bf16, __nv_bfloat16, QF_INT4)
+QMATMUL_ENTRY(qmatmul_int4_f16, __half, QF_INT4)
+QMATMUL_ENTRY(qmatmul_mxfp4_f32, float, QF_MXFP4)
+QMATMUL_ENTRY(qmatmul_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
+QMATMUL_ENTRY(qmatmul_mxfp4_f16, __half, QF_MXFP4)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f32, float, QF_INT8)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_bf16, __nv_bfloat16, QF_INT8)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f16, __half, QF_INT8)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f32, float, QF_INT4)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_bf16, __nv_bfloat16, QF_INT4)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f16, __half, QF_INT4)
+QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_f32, float, QF_MXFP4)
+QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
+QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_f16, __half, QF_MXFP4)
 
 // ---- prefill: tiled GEMM -------------------------------------------------------------------------------------
 // qmatmul_gemm_<fmt>_<dtype>: the same product (and the same dispatch-driven row tiles as the MoE mode) for many
 // rows per expert, where the GEMV chunks above would re-read every weight row once per 8 activation rows. Each
 // block computes a QG_TILE_M x QG_TILE_N output tile: per QG_TILE_K step it stages the (gathered) activation
-// tile and the weight tile, dequantized to f32 exactly as the reference (w = s * q, or s * (q - z)), in shared
+// tile and the weight tile, dequantized to f32 exactly as the reference (w = s * q, s * (q - z), or the MXFP4
+// LUT value times 2^(e - 128)), in shared
 // memory, and each thread accumulates a 4 x 4 block in f32. No tensor cores yet (plain f32 FMA): a correct
 // baseline that reads each packed weight once per 64 rows, not a fast one.
 //
@@ -214,10 +285,11 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f16, __half, true)
 #define QG_TILE_N 64
 #define QG_TILE_K 32
 
-template <typename T, bool INT4>
+template <typename T, int F>
 __device__ void qmatmul_gemm_impl(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
                                   const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,
-                                  const uint8_t* __restrict__ qweight, const __half* __restrict__ params,
+                                  const uint8_t* __restrict__ qweight,
+                                  const typename QParamT<F>::type* __restrict__ params,
                                   T* __restrict__ out, uint32_t E, uint32_t N, uint32_t K, uint32_t group) {
   __shared__ float xs[QG_TILE_M][QG_TILE_K + 1];  // +1: rows start in different banks
   __shared__ float ws[QG_TILE_N][QG_TILE_K + 1];
@@ -228,10 +300,12 @@ __device__ void qmatmul_gemm_impl(const T* __restrict__ x, const uint32_t* __res
   const uint32_t lo = offsets[e], cnt = counts[e];
   const uint32_t n0 = blockIdx.x * QG_TILE_N;
   const uint32_t tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const size_t Kb = INT4 ? (K + 1) / 2 : K;
-  const uint32_t G = INT4 ? (K + group - 1) / group : 1;
+  constexpr bool INT4 = F == QF_INT4, NIB = F != QF_INT8;
+  const size_t Kb = NIB ? (K + 1) / 2 : K;
+  const uint32_t G = NIB ? (K + group - 1) / group : 1;
+  const size_t PR = INT4 ? 2 * static_cast<size_t>(G) : NIB ? static_cast<size_t>(G) : 1;  // params per row
   const uint8_t* wbase = qweight + static_cast<size_t>(e) * N * Kb;
-  const __half* pbase = params + static_cast<size_t>(e) * N * (INT4 ? 2 * static_cast<size_t>(G) : 1);
+  const auto* pbase = params + static_cast<size_t>(e) * N * PR;
   if (tid < QG_TILE_M) {
     const uint32_t r = lo + m0 + tid;
     src[tid] = (m0 + tid < cnt) ? (row_token != nullptr ? row_token[r] : r) : 0u;
@@ -249,7 +323,11 @@ __device__ void qmatmul_gemm_impl(const T* __restrict__ x, const uint32_t* __res
       float w = 0.f;
       if (n0 + n < N && kk < K) {
         const uint8_t* wrow = wbase + static_cast<size_t>(n0 + n) * Kb;
-        if constexpr (INT4) {
+        if constexpr (F == QF_MXFP4) {
+          const uint8_t byte = wrow[kk / 2];
+          w = mx_decode1((kk & 1u) ? (byte >> 4) : (byte & 0xf)) *
+              mx_half_scale(pbase[static_cast<size_t>(n0 + n) * PR + kk / 32]);
+        } else if constexpr (INT4) {
           const __half* prow = pbase + static_cast<size_t>(n0 + n) * 2 * G;
           const uint32_t g = kk / group;
           const uint8_t byte = wrow[kk / 2];
@@ -274,18 +352,21 @@ __device__ void qmatmul_gemm_impl(const T* __restrict__ x, const uint32_t* __res
     }
 }
 
-#define QMATMUL_GEMM_ENTRY(NAME, T, INT4)                                                                     \
+#define QMATMUL_GEMM_ENTRY(NAME, T, F)                                                                        \
   extern "C" __global__ void __launch_bounds__(256)                                                          \
       NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts, \
            const uint32_t* __restrict__ offsets, const uint8_t* __restrict__ qweight,                        \
-           const __half* __restrict__ params, T* __restrict__ out, uint32_t E, uint32_t N, uint32_t K,       \
-           uint32_t group) {                                                                                  \
-    qmatmul_gemm_impl<T, INT4>(x, row_token, counts, offsets, qweight, params, out, E, N, K, group);          \
+           const QParamT<F>::type* __restrict__ params, T* __restrict__ out, uint32_t E, uint32_t N,         \
+           uint32_t K, uint32_t group) {                                                                      \
+    qmatmul_gemm_impl<T, F>(x, row_token, counts, offsets, qweight, params, out, E, N, K, group);             \
   }
 
-QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_f32, float, false)
-QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_bf16, __nv_bfloat16, false)
-QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_f16, __half, false)
-QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_f32, float, true)
-QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_bf16, __nv_bfloat16, true)
-QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_f16, __half, true)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_f32, float, QF_INT8)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_bf16, __nv_bfloat16, QF_INT8)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int8_f16, __half, QF_INT8)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_f32, float, QF_INT4)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_bf16, __nv_bfloat16, QF_INT4)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_int4_f16, __half, QF_INT4)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_mxfp4_f32, float, QF_MXFP4)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
+QMATMUL_GEMM_ENTRY(qmatmul_gemm_mxfp4_f16, __half, QF_MXFP4)

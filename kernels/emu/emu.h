@@ -189,6 +189,19 @@ inline int __float_as_int(float a) { return ::moe_emu::from_bits<int>(::moe_emu:
 inline unsigned __float_as_uint(float a) { return ::moe_emu::from_bits<unsigned>(::moe_emu::to_bits(a)); }
 inline float __int_as_float(int a) { return ::moe_emu::from_bits<float>(::moe_emu::to_bits(a)); }
 inline float __uint_as_float(unsigned a) { return ::moe_emu::from_bits<float>(::moe_emu::to_bits(a)); }
+// PRMT's default mode: result byte n is byte (s >> 4n) & 7 of the 8 bytes {y:x}; with bit 3 of that selector
+// nibble set, the selected byte's sign bit replicated instead. The upper 16 bits of s are not used.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const unsigned long long v = (static_cast<unsigned long long>(y) << 32) | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) {
+    const unsigned sel = (s >> (4 * n)) & 0xfu;
+    unsigned b = static_cast<unsigned>(v >> (8 * (sel & 7u))) & 0xffu;
+    if (sel & 8u) b = (b & 0x80u) ? 0xffu : 0u;
+    r |= b << (8 * n);
+  }
+  return r;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }

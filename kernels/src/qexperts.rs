@@ -8,7 +8,7 @@
 //! row_token [R]  u32 (optional)  with it, dispatched row r reads x[row_token[r]] (the gate/up gather);
 //!                                without it, x is already in dispatched row order (the down projection)
 //! counts    [E]  u32, offsets [E+1] u32: a dispatch (moe_dispatch; any block size)
-//! qweight   [E, N_out, Kb] u8, params [E, N_out, ..] f16: the formats of `qmatmul`
+//! qweight   [E, N_out, Kb] u8, params [E, N_out, ..] f16 (int8, int4) | u8 (mxfp4): the formats of `qmatmul`
 //! out       [R, N_out]  row r = offsets[e] + i (i < counts[e]) is  x_r W_e^T ;  rows that belong to no
 //!                       expert (padding, or past offsets[E]) are unspecified (the reference writes zeros)
 //! ```
@@ -31,7 +31,8 @@ use crate::common::{check_act, check_dtype, grid_dim, host, same_device, suffix,
 use crate::experts::{expert_path, ExpertPath};
 use crate::launch::{Arg, Buf, Plan};
 use crate::qmatmul::{
-    check, dequantize_row, kind_and_group, QFormat, QMatmul, OP_GROUPED, QMM_ROWS, QMM_WARPS,
+    check, dequantize_row, kind_and_group, QFormat, QMatmul, QParam, OP_GROUPED, QMM_ROWS,
+    QMM_WARPS,
 };
 
 const OP: &str = "qmatmul_moe";
@@ -87,25 +88,41 @@ pub fn qmatmul_moe(
         Device::Cpu => {
             let rt = row_token.map(host::<u32>).transpose()?;
             let (c, o) = (host::<u32>(counts)?, host::<u32>(offsets)?);
-            let (q, p) = (host::<u8>(qweight)?, host::<f16>(params)?);
-            fn run<T: Elem>(
+            let q = host::<u8>(qweight)?;
+            #[allow(clippy::too_many_arguments)]
+            fn run<T: Elem, P: QParam>(
                 x: &Tensor,
                 rt: Option<&[u32]>,
                 c: &[u32],
                 o: &[u32],
                 q: &[u8],
-                p: &[f16],
+                p: &[P],
                 fmt: QFormat,
                 d: QmoeDims,
             ) -> Result<Tensor> {
                 let out =
-                    qmatmul_moe_reference::<T>(&host(x)?, rt, c, o, q, p, fmt, d.r, d.n, d.k)?;
+                    qmatmul_moe_reference::<T, P>(&host(x)?, rt, c, o, q, p, fmt, d.r, d.n, d.k)?;
                 Tensor::from_vec(out, (d.r, d.n), &Device::Cpu)
             }
-            match x.dtype() {
-                DType::F32 => run::<f32>(x, rt.as_deref(), &c, &o, &q, &p, fmt, d),
-                DType::BF16 => run::<half::bf16>(x, rt.as_deref(), &c, &o, &q, &p, fmt, d),
-                _ => run::<f16>(x, rt.as_deref(), &c, &o, &q, &p, fmt, d),
+            fn by_act<P: QParam>(
+                x: &Tensor,
+                (rt, c, o): (Option<&[u32]>, &[u32], &[u32]),
+                q: &[u8],
+                p: &[P],
+                fmt: QFormat,
+                d: QmoeDims,
+            ) -> Result<Tensor> {
+                match x.dtype() {
+                    DType::F32 => run::<f32, P>(x, rt, c, o, q, p, fmt, d),
+                    DType::BF16 => run::<half::bf16, P>(x, rt, c, o, q, p, fmt, d),
+                    _ => run::<f16, P>(x, rt, c, o, q, p, fmt, d),
+                }
+            }
+            let idx = (rt.as_deref(), &c[..], &o[..]);
+            // QmoeDims::check matched the params dtype to the format.
+            match params.dtype() {
+                DType::U8 => by_act(x, idx, &q, &host::<u8>(params)?, fmt, d),
+                _ => by_act(x, idx, &q, &host::<f16>(params)?, fmt, d),
             }
         }
         dv => bail!("{OP}: unsupported device {:?}", dv.location()),
@@ -134,7 +151,7 @@ impl QmoeDims {
     ) -> Result<Self> {
         check_act(OP, "x", x.dtype())?;
         check_dtype(OP, "qweight", qweight, DType::U8)?;
-        check_dtype(OP, "params", params, DType::F16)?;
+        check_dtype(OP, "params", params, fmt.params_dtype())?;
         check_dtype(OP, "counts", counts, DType::U32)?;
         check_dtype(OP, "offsets", offsets, DType::U32)?;
         if let QFormat::Int4 { group } = fmt {
@@ -185,13 +202,13 @@ impl QmoeDims {
 /// The specification (module docs): `x` row-major `[rows, K]`, returns `[R * N_out]` with rows outside
 /// every expert's live range zero. Errors on a dispatch that does not fit (rows or tokens out of range).
 #[allow(clippy::too_many_arguments)]
-pub fn qmatmul_moe_reference<T: Elem>(
+pub fn qmatmul_moe_reference<T: Elem, P: QParam>(
     x: &[T],
     row_token: Option<&[u32]>,
     counts: &[u32],
     offsets: &[u32],
     q: &[u8],
-    p: &[f16],
+    p: &[P],
     fmt: QFormat,
     r: usize,
     n: usize,
@@ -440,7 +457,7 @@ pub(crate) fn large_qmatmul(
 mod tests {
     use super::*;
     use crate::dispatch::dispatch_reference;
-    use crate::qmatmul::quantize_row;
+    use crate::qformat::quantize_rows;
 
     /// The gather form equals gathering x by hand and running `qmatmul_grouped` with host offsets.
     #[test]
@@ -454,26 +471,14 @@ mod tests {
         let w: Vec<f32> = (0..e * n * k)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 400.0)
             .collect();
-        for fmt in [QFormat::Int8, QFormat::Int4 { group: 32 }] {
-            let (kb, pr) = (
-                fmt.row_bytes(k),
-                fmt.params_shape(k).iter().product::<usize>(),
-            );
-            let mut q = vec![0u8; e * n * kb];
-            let mut p = vec![f16::ZERO; e * n * pr];
-            for r in 0..e * n {
-                quantize_row(
-                    fmt,
-                    &w[r * k..(r + 1) * k],
-                    &mut q[r * kb..(r + 1) * kb],
-                    &mut p[r * pr..(r + 1) * pr],
-                );
-            }
+        for fmt in [QFormat::Int8, QFormat::Int4 { group: 32 }, QFormat::Mxfp4] {
+            let kb = fmt.row_bytes(k);
+            let (q, p) = quantize_rows(fmt, &w, k);
             let dev = Device::Cpu;
             let mut pdims = vec![e, n];
             pdims.extend(fmt.params_shape(k));
             let qt = Tensor::from_slice(&q, (e, n, kb), &dev).unwrap();
-            let pt = Tensor::from_slice(&p, pdims.as_slice(), &dev).unwrap();
+            let pt = p.to_tensor(&pdims, &dev).unwrap();
             let xt = Tensor::from_slice(&x, (n_tok, k), &dev).unwrap();
             let rt = Tensor::from_slice(&d.row_token, d.row_token.len(), &dev).unwrap();
             let ct = Tensor::from_slice(&d.counts, e, &dev).unwrap();

@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! x       [M, K]              f32 | bf16 | f16
-//! qweight [N, Kb] | [E, N, Kb] u8, params [N, ..] | [E, N, ..] f16   (the formats of crate::qformat)
+//! qweight [N, Kb] | [E, N, Kb] u8, params [N, ..] | [E, N, ..] f16 (int8, int4) | u8 (mxfp4)
+//!                             (the formats of crate::qformat)
 //! out     [M, N]              y = x W^T; grouped: rows offsets[e]..offsets[e+1] of x use expert e's W
 //! ```
 //!
@@ -23,7 +24,7 @@ use half::f16;
 use crate::common::{grid_dim, suffix, Elem};
 use crate::launch::{Arg, Buf, Plan};
 
-pub use crate::qformat::{dequantize_row, quantize_row, QFormat};
+pub use crate::qformat::{dequantize_row, quantize_row, QFormat, QParam};
 
 /// f32 dot product with 8 independent partial sums (so it vectorizes).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -63,8 +64,11 @@ pub(crate) fn check(
     if !matches!(x_dtype, DType::F32 | DType::BF16 | DType::F16) {
         bail!("{op}: x must be f32, bf16 or f16, got {x_dtype:?}");
     }
-    if q_dtype != DType::U8 || p_dtype != DType::F16 {
-        bail!("{op}: qweight must be u8 and params f16, got {q_dtype:?} and {p_dtype:?}");
+    if q_dtype != DType::U8 || p_dtype != fmt.params_dtype() {
+        bail!(
+            "{op}: {fmt:?} needs qweight u8 and params {:?}, got {q_dtype:?} and {p_dtype:?}",
+            fmt.params_dtype()
+        );
     }
     if let QFormat::Int4 { group } = fmt {
         if group == 0 || group % 2 != 0 {
@@ -120,11 +124,11 @@ const CPU_MIN_BLOCK_N: usize = 16;
 /// Threads (rayon) split the work by (expert, block of output features), so
 /// every weight row is dequantized once; each output is still one [`dot`] over the whole of K,
 /// so results do not depend on the thread count.
-fn reference<T: Elem>(
+fn reference<T: Elem, P: QParam>(
     fmt: QFormat,
     x: &[T],
     q: &[u8],
-    p: &[f16],
+    p: &[P],
     d: QmmDims,
     rows: &[std::ops::Range<usize>],
 ) -> Vec<T> {
@@ -235,22 +239,47 @@ impl CustomOp3 for QMatmul {
             (s3.dtype(), l3.dims()),
         )?;
         let q = slice(s2.as_slice::<u8>()?, l2, op, "qweight")?;
-        let p = slice(s3.as_slice::<f16>()?, l3, op, "params")?;
         let rows: Vec<_> = match &self.offsets {
             None => std::iter::once(0..d.m).collect(),
             Some(o) => o.windows(2).map(|w| w[0] as usize..w[1] as usize).collect(),
         };
-        let out = match s1 {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(reference(self.fmt, slice(x, l1, op, "x")?, q, p, d, &rows))
+        fn run<P: QParam>(
+            fmt: QFormat,
+            (s1, l1): (&CpuStorage, &Layout),
+            q: &[u8],
+            p: &[P],
+            d: QmmDims,
+            rows: &[std::ops::Range<usize>],
+            op: &str,
+        ) -> Result<CpuStorage> {
+            Ok(match s1 {
+                CpuStorage::F32(x) => {
+                    CpuStorage::F32(reference(fmt, slice(x, l1, op, "x")?, q, p, d, rows))
+                }
+                CpuStorage::BF16(x) => {
+                    CpuStorage::BF16(reference(fmt, slice(x, l1, op, "x")?, q, p, d, rows))
+                }
+                CpuStorage::F16(x) => {
+                    CpuStorage::F16(reference(fmt, slice(x, l1, op, "x")?, q, p, d, rows))
+                }
+                other => bail!("{op}: x must be f32, bf16 or f16, got {:?}", other.dtype()),
+            })
+        }
+        // `check` matched the params dtype to the format.
+        let out = match s3 {
+            CpuStorage::U8(p) => run(
+                self.fmt,
+                (s1, l1),
+                q,
+                slice(p, l3, op, "params")?,
+                d,
+                &rows,
+                op,
+            )?,
+            _ => {
+                let p = slice(s3.as_slice::<f16>()?, l3, op, "params")?;
+                run(self.fmt, (s1, l1), q, p, d, &rows, op)?
             }
-            CpuStorage::BF16(x) => {
-                CpuStorage::BF16(reference(self.fmt, slice(x, l1, op, "x")?, q, p, d, &rows))
-            }
-            CpuStorage::F16(x) => {
-                CpuStorage::F16(reference(self.fmt, slice(x, l1, op, "x")?, q, p, d, &rows))
-            }
-            other => bail!("{op}: x must be f32, bf16 or f16, got {:?}", other.dtype()),
         };
         Ok((out, Shape::from((d.m, d.n))))
     }
@@ -280,11 +309,12 @@ fn chunk_table(offsets: Option<&[u32]>, m: usize) -> Vec<u32> {
     out
 }
 
-/// The kernel-name part of a format and the kernels' `group` argument (0 for int8).
+/// The kernel-name part of a format and the kernels' `group` argument (0 for int8, 32 for mxfp4).
 pub(crate) fn kind_and_group(fmt: QFormat) -> (&'static str, u32) {
     match fmt {
         QFormat::Int8 => ("int8", 0),
         QFormat::Int4 { group } => ("int4", group.min(u32::MAX as usize) as u32),
+        QFormat::Mxfp4 => ("mxfp4", crate::qformat::MXFP4_GROUP as u32),
     }
 }
 
@@ -436,11 +466,11 @@ mod tests {
     /// The single-threaded reference as it was before threading (its `dequantize_row` included:
     /// int4 converted (s, z) per weight; outputs in (expert, feature, row) order): the threaded one must match it bit
     /// for bit (`moe-run quantize`'s round trip compares logits exactly).
-    fn serial_reference(
+    fn serial_reference<P: QParam>(
         fmt: QFormat,
         x: &[f32],
         q: &[u8],
-        p: &[f16],
+        p: &[P],
         d: QmmDims,
         rows: &[std::ops::Range<usize>],
     ) -> Vec<f32> {
@@ -453,13 +483,23 @@ mod tests {
                 let row = e * n + j;
                 let (qr, pp) = (&q[row * kb..(row + 1) * kb], &p[row * pr..(row + 1) * pr]);
                 match fmt {
+                    QFormat::Mxfp4 => {
+                        let e = P::u8s(pp).unwrap();
+                        for (kk, w) in w.iter_mut().enumerate() {
+                            let nib = (qr[kk / 2] >> (4 * (kk % 2))) & 0xf;
+                            *w = crate::qformat::MXFP4_DOUBLED[nib as usize]
+                                * crate::qformat::mxfp4_half_scale(e[kk / 32]);
+                        }
+                    }
                     QFormat::Int8 => {
+                        let pp = P::f16s(pp).unwrap();
                         let s = pp[0].f32();
                         for (w, &q) in w.iter_mut().zip(qr) {
                             *w = s * (q as i8) as f32;
                         }
                     }
                     QFormat::Int4 { group } => {
+                        let pp = P::f16s(pp).unwrap();
                         for (kk, w) in w.iter_mut().enumerate() {
                             let g = kk / group;
                             let (s, z) = (pp[2 * g].f32(), pp[2 * g + 1].f32());
@@ -478,10 +518,35 @@ mod tests {
 
     #[test]
     fn threaded_reference_is_bit_identical_to_serial() {
+        fn compare<P: QParam>(
+            fmt: QFormat,
+            q: &[u8],
+            p: &[P],
+            (e, n, k): (usize, usize, usize),
+            offsets: &[usize],
+        ) {
+            let m = *offsets.last().unwrap();
+            let x = lcg(m * k, 7 + m as u64);
+            let rows: Vec<_> = offsets.windows(2).map(|o| o[0]..o[1]).collect();
+            let d = QmmDims { m, k, n, e };
+            let want = serial_reference(fmt, &x, q, p, d, &rows);
+            let got = reference(fmt, &x, q, p, d, &rows);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{fmt:?} E={e} N={n} K={k}");
+            // bf16 activations: the same f32 results, rounded once.
+            let xb: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let want: Vec<half::bf16> = serial_reference(fmt, &xr, q, p, d, &rows)
+                .into_iter()
+                .map(half::bf16::from_f32)
+                .collect();
+            assert_eq!(reference(fmt, &xb, q, p, d, &rows), want, "{fmt:?} bf16");
+        }
         for fmt in [
             QFormat::Int8,
             QFormat::Int4 { group: 32 },
             QFormat::Int4 { group: 128 },
+            QFormat::Mxfp4,
         ] {
             // (E, N, K, offsets): odd N and K, N not a multiple of the task block, empty experts.
             for (e, n, k, offsets) in [
@@ -493,34 +558,15 @@ mod tests {
                 (2, 300, 512, vec![0, 40, 100]),
                 (1, 1000, 128, vec![0, 1]),
             ] {
-                let m = *offsets.last().unwrap();
                 let w = lcg(e * n * k, (n * k) as u64);
-                let (kb, pr) = (fmt.row_bytes(k), fmt.params_per_row(k));
-                let mut q = vec![0u8; e * n * kb];
-                let mut p = vec![f16::ZERO; e * n * pr];
-                for row in 0..e * n {
-                    quantize_row(
-                        fmt,
-                        &w[row * k..(row + 1) * k],
-                        &mut q[row * kb..(row + 1) * kb],
-                        &mut p[row * pr..(row + 1) * pr],
-                    );
+                match crate::qformat::quantize_rows(fmt, &w, k) {
+                    (q, crate::qformat::QParams::F16(p)) => {
+                        compare(fmt, &q, &p, (e, n, k), &offsets)
+                    }
+                    (q, crate::qformat::QParams::U8(p)) => {
+                        compare(fmt, &q, &p, (e, n, k), &offsets)
+                    }
                 }
-                let x = lcg(m * k, 7 + m as u64);
-                let rows: Vec<_> = offsets.windows(2).map(|o| o[0]..o[1]).collect();
-                let d = QmmDims { m, k, n, e };
-                let want = serial_reference(fmt, &x, &q, &p, d, &rows);
-                let got = reference(fmt, &x, &q, &p, d, &rows);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{fmt:?} E={e} N={n} K={k}");
-                // bf16 activations: the same f32 results, rounded once.
-                let xb: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
-                let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-                let want: Vec<half::bf16> = serial_reference(fmt, &xr, &q, &p, d, &rows)
-                    .into_iter()
-                    .map(half::bf16::from_f32)
-                    .collect();
-                assert_eq!(reference(fmt, &xb, &q, &p, d, &rows), want, "{fmt:?} bf16");
             }
         }
     }

@@ -1,13 +1,12 @@
 //! The CPU expert and linear kernels (`moe_kernels::cpu`) against an independent f64 reference on the
-//! dequantized weights: every weight format (f32, bf16, f16, INT8, INT4 in groups of 16/32/64/128), odd
+//! dequantized weights: every weight format (f32, bf16, f16, INT8, INT4 in groups of 16/32/64/128, MXFP4), odd
 //! shapes (K not a multiple of the vector width or of the group, one row, experts without tokens, every
 //! expert used, more rows per expert than one kernel pass takes), on this CPU's SIMD level and on the
 //! portable fallback. No timing here: speed lives in `benches/` and `moe-run bench`.
 
 use candle_core::{DType, Device, Tensor};
-use half::f16;
 use moe_kernels::cpu::{linear_cpu, moe_experts_cpu, Level, WeightRef};
-use moe_kernels::qformat::{dequantize_row, quantize_row, QFormat};
+use moe_kernels::qformat::{dequantize_tensors, quantize_rows, QFormat};
 
 struct Rng(u64);
 impl Rng {
@@ -33,7 +32,7 @@ enum Fmt {
     Q(QFormat),
 }
 
-const FORMATS: [Fmt; 8] = [
+const FORMATS: [Fmt; 9] = [
     Fmt::F32,
     Fmt::Bf16,
     Fmt::F16,
@@ -42,6 +41,7 @@ const FORMATS: [Fmt; 8] = [
     Fmt::Q(QFormat::Int4 { group: 32 }),
     Fmt::Q(QFormat::Int4 { group: 64 }),
     Fmt::Q(QFormat::Int4 { group: 128 }),
+    Fmt::Q(QFormat::Mxfp4),
 ];
 
 /// A weight `[rows, k]` (`dims` = its logical dims) in `fmt`, and the f32 values the kernels must use.
@@ -78,29 +78,18 @@ impl W {
             Fmt::Bf16 => dense(DType::BF16),
             Fmt::F16 => dense(DType::F16),
             Fmt::Q(f) => {
-                let (kb, pr) = (
-                    f.row_bytes(k),
-                    f.params_shape(k).iter().product::<usize>().max(1),
-                );
-                let mut q = vec![0u8; rows * kb];
-                let mut p = vec![f16::ZERO; rows * pr];
-                let mut values = vec![0f32; rows * k];
-                for r in 0..rows {
-                    let (qr, pp) = (&mut q[r * kb..(r + 1) * kb], &mut p[r * pr..(r + 1) * pr]);
-                    quantize_row(f, &w[r * k..(r + 1) * k], qr, pp);
-                    dequantize_row(f, qr, pp, &mut values[r * k..(r + 1) * k]);
-                }
+                let kb = f.row_bytes(k);
+                let (q, p) = quantize_rows(f, &w[..rows * k], k);
                 let mut qd = dims[..dims.len() - 1].to_vec();
                 let mut pd = qd.clone();
                 qd.push(kb);
                 pd.extend(f.params_shape(k));
+                let qt = Tensor::from_vec(q, qd, &Device::Cpu).unwrap();
+                let pt = p.to_tensor(&pd, &Device::Cpu).unwrap();
+                let values = dequantize_tensors(f, &qt, &pt, k).unwrap();
                 W {
                     dense: None,
-                    q: Some((
-                        Tensor::from_vec(q, qd, &Device::Cpu).unwrap(),
-                        Tensor::from_vec(p, pd, &Device::Cpu).unwrap(),
-                        f,
-                    )),
+                    q: Some((qt, pt, f)),
                     values,
                 }
             }
@@ -173,6 +162,9 @@ fn experts_match_the_f64_reference_in_every_format() {
         // Prefill: 16+ rows per expert take the dequantize + GEMM path, next to an expert below it.
         (40, 2, 5, 96, 40, 4),
         (33, 3, 3, 130, 50, 3),
+        // gpt-oss-like routing (top-4 of 16), K = 288 = 9 groups of 32 (an odd count: the q8 kernels'
+        // unpaired last block).
+        (2, 4, 16, 288, 96, 16),
     ];
     for &(t, k_top, e, h, f, pool) in &cases {
         let x = rng.vec(t * h, 1.0);

@@ -73,6 +73,8 @@ pub fn naive_formulas(
                 Precision::Int4 { .. } => "misses scale + zero per 128 and the 16-bit embeddings, norms, routers, lm_head",
                 Precision::Int8F32 | Precision::Int4F32 { .. } => "also misses the f32 embeddings, norms, routers, lm_head",
                 Precision::Bf16F32 => "misses the f32 embeddings, norms, routers, lm_head",
+                Precision::Mxfp4 => "exact for the weights (4.25 bits); misses the 16-bit embeddings, norms, routers, lm_head",
+                Precision::Mxfp4F32 => "also misses the f32 embeddings, norms, routers, lm_head",
             },
         ));
     }

@@ -197,6 +197,25 @@ impl Gen<'_> {
                 fill_codes(&mut q, seed, id, |b| if b == 0x80 { 0 } else { b });
                 (((255f32 * 255.0 - 1.0) / 12.0).sqrt(), None)
             }
+            QFormat::Mxfp4 => {
+                // Uniform codes: E2M1 values with E[v^2] = 68.5 / 8, one power-of-two scale per 32
+                // nearest to std / sqrt(68.5 / 8) (the pad nibble of an odd row 0, as above).
+                fill_codes(&mut q, seed, id, |b| b);
+                if k % 2 == 1 {
+                    let kb = fmt.row_bytes(k);
+                    for row in q.chunks_mut(kb) {
+                        row[kb - 1] &= 0x0f;
+                    }
+                }
+                let e = ((std / (68.5f32 / 8.0).sqrt()).log2().round() as i32 + 127).clamp(0, 254);
+                let params = vec![e as u8; ps.iter().product()];
+                return Ok(Weight::Quant(QuantTensor {
+                    fmt,
+                    shape: shape.to_vec(),
+                    qweight: Tensor::from_vec(q, qs, self.device)?,
+                    params: Tensor::from_vec(params, ps, self.device)?,
+                }));
+            }
             QFormat::Int4 { .. } => {
                 fill_codes(&mut q, seed, id, |b| b);
                 if k % 2 == 1 {

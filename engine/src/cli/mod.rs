@@ -141,7 +141,7 @@ pub struct ModelArgs {
     /// on stderr says which), cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight-only quantization applied while loading: int8, int4 (group 128), int4:64, int4:32.
+    /// Weight-only quantization applied while loading: int8, int4 (group 128), int4:64, int4:32, mxfp4.
     #[arg(long)]
     quant: Option<String>,
     /// Hybrid placement: keep the routed experts of the first N MoE layers in host memory, run
@@ -177,6 +177,13 @@ pub struct QuantizeArgs {
 fn quantize(a: QuantizeArgs) -> Result<()> {
     let fmt = crate::quant::parse_quant(&a.quant)?
         .ok_or_else(|| Error::Input("--quant none writes nothing; use int8 or int4".into()))?;
+    if fmt == crate::quant::QFormat::Mxfp4 {
+        // The moe-run checkpoint format stores f16 params; MXFP4's are u8 exponents.
+        return Err(Error::Input(
+            "moe-run quantize writes int8 or int4; mxfp4 is quantize-on-load only (--quant mxfp4)"
+                .into(),
+        ));
+    }
     let r = crate::loader::save::quantize_checkpoint(&a.weights, &a.out, fmt, a.force)?;
     eprintln!(
         "wrote {} ({} tensors, {}): quantized linears {} (from {} dense)",

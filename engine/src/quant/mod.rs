@@ -1,4 +1,4 @@
-//! Weight-only INT8 / INT4 quantization: formats (specified in `moe_kernels::qmatmul`), the
+//! Weight-only INT8 / INT4 / MXFP4 quantization: formats (specified in `moe_kernels::qmatmul`), the
 //! quantized tensor type, quantize-on-load and the moe-run quantized checkpoint format.
 //!
 //! What is quantized: every linear weight of attention (fused q/k/v and o, or the MLA
@@ -19,7 +19,6 @@
 )]
 
 use candle_core::{DType, Device, Tensor};
-use half::f16;
 
 pub use moe_kernels::qmatmul::{dequantize_row, quantize_row, QFormat};
 
@@ -28,7 +27,7 @@ use crate::error::{Error, Result};
 /// The default INT4 group along K.
 pub const DEFAULT_GROUP: usize = 128;
 
-/// Parses `int8`, `int4` (group 128) or `int4:G` with G in 32, 64, 128 (`none` -> `None`).
+/// Parses `int8`, `int4` (group 128), `int4:G` with G in 32, 64, 128, or `mxfp4` (`none` -> `None`).
 /// An optional `--quant` flag ([`parse_quant`]; `None` without it or with `none`).
 pub fn parse_quant_flag(s: Option<&str>) -> Result<Option<QFormat>> {
     Ok(s.map(parse_quant).transpose()?.flatten())
@@ -37,12 +36,13 @@ pub fn parse_quant_flag(s: Option<&str>) -> Result<Option<QFormat>> {
 pub fn parse_quant(s: &str) -> Result<Option<QFormat>> {
     let bad = || {
         Error::Input(format!(
-            "unknown quantization {s:?}; use int8, int4, int4:64, int4:32 or none"
+            "unknown quantization {s:?}; use int8, int4, int4:64, int4:32, mxfp4 or none"
         ))
     };
     Ok(Some(match s {
         "none" => return Ok(None),
         "int8" => QFormat::Int8,
+        "mxfp4" => QFormat::Mxfp4,
         "int4" => QFormat::Int4 {
             group: DEFAULT_GROUP,
         },
@@ -59,16 +59,18 @@ pub fn parse_quant(s: &str) -> Result<Option<QFormat>> {
     }))
 }
 
-/// `int8` or `int4:G`, the inverse of [`parse_quant`].
+/// `int8`, `int4:G` or `mxfp4`, the inverse of [`parse_quant`].
 pub fn format_name(fmt: QFormat) -> String {
     match fmt {
         QFormat::Int8 => "int8".into(),
         QFormat::Int4 { group } => format!("int4:{group}"),
+        QFormat::Mxfp4 => "mxfp4".into(),
     }
 }
 
 /// A quantized weight `[.., N, K]` (a linear `[N, K]` or stacked experts `[E, N, K]`):
-/// `qweight [.., N, row_bytes(K)]` u8 and `params [.., N, ..]` f16, as in `moe_kernels::qmatmul`.
+/// `qweight [.., N, row_bytes(K)]` u8 and `params [.., N, ..]` in `fmt.params_dtype()` (f16; u8 for
+/// MXFP4), as in `moe_kernels::qmatmul`.
 #[derive(Debug, Clone)]
 pub struct QuantTensor {
     pub fmt: QFormat,
@@ -101,30 +103,17 @@ impl QuantTensor {
                 )))
             }
         };
-        let rows = w.elem_count() / k;
         let data = w
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let (kb, pr) = (
-            fmt.row_bytes(k),
-            fmt.params_shape(k).iter().product::<usize>(),
-        );
-        let mut q = vec![0u8; rows * kb];
-        let mut p = vec![f16::ZERO; rows * pr];
-        for ((row, qr), pr) in data
-            .chunks_exact(k)
-            .zip(q.chunks_exact_mut(kb))
-            .zip(p.chunks_exact_mut(pr))
-        {
-            quantize_row(fmt, row, qr, pr);
-        }
+        let (q, p) = moe_kernels::qformat::quantize_rows(fmt, &data, k);
         let (qs, ps) = Self::stored_shapes(fmt, &shape);
         Ok(QuantTensor {
             fmt,
             qweight: Tensor::from_vec(q, qs, device)?,
-            params: Tensor::from_vec(p, ps, device)?,
+            params: p.to_tensor(&ps, device)?,
             shape,
         })
     }
@@ -132,21 +121,7 @@ impl QuantTensor {
     /// The dequantized weight `[.., N, K]` in `dtype`.
     pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
         let k = self.shape.last().copied().unwrap_or(0).max(1);
-        let q = self.qweight.flatten_all()?.to_vec1::<u8>()?;
-        let p = self.params.flatten_all()?.to_vec1::<f16>()?;
-        let rows = self.shape.iter().product::<usize>() / k;
-        let (kb, pr) = (
-            self.fmt.row_bytes(k).max(1),
-            self.fmt.params_shape(k).iter().product::<usize>().max(1),
-        );
-        let mut w = vec![0f32; rows * k];
-        for ((out, qr), pr) in w
-            .chunks_exact_mut(k)
-            .zip(q.chunks_exact(kb))
-            .zip(p.chunks_exact(pr))
-        {
-            dequantize_row(self.fmt, qr, pr, out);
-        }
+        let w = moe_kernels::qformat::dequantize_tensors(self.fmt, &self.qweight, &self.params, k)?;
         Tensor::from_vec(w, self.shape.clone(), self.qweight.device())?.to_dtype(dtype)
     }
 
@@ -168,7 +143,7 @@ impl QuantTensor {
     }
 
     pub fn bytes(&self) -> usize {
-        self.qweight.elem_count() + 2 * self.params.elem_count()
+        self.qweight.elem_count() + self.params.elem_count() * self.params.dtype().size_in_bytes()
     }
 }
 
@@ -275,6 +250,12 @@ pub fn quantization_config(fmt: QFormat) -> serde_json::Value {
         QFormat::Int4 { group } => serde_json::json!({
             "quant_method": "moe-run", "format": "int4", "bits": 4, "group_size": group,
             "symmetric": false, "scale_dtype": "float16"
+        }),
+        // Described, but not read back by `parse_quantization_config` (the checkpoint writer stores
+        // f16 params only): `moe-run quantize` refuses mxfp4.
+        QFormat::Mxfp4 => serde_json::json!({
+            "quant_method": "moe-run", "format": "mxfp4", "bits": 4, "group_size": 32,
+            "scale_dtype": "e8m0"
         }),
     }
 }

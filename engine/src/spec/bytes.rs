@@ -40,6 +40,10 @@ pub enum Precision {
     /// bf16 (or f16) linear and expert weights -- the tensors int8/int4 would quantize -- with an
     /// f32 compute dtype: the rest and the KV cache f32 (`--dtype f32 --weight-dtype bf16`).
     Bf16F32,
+    /// MXFP4 (OCP): 4-bit E2M1 weights and one 8-bit exponent per 32 along K, 4.25 bits per weight.
+    Mxfp4,
+    /// MXFP4 weights with an f32 compute dtype (see [`Precision::Int8F32`]).
+    Mxfp4F32,
 }
 
 /// Serialized as its name (`"int4"`, `"int4:32"`, ...).
@@ -79,6 +83,8 @@ impl Precision {
             (Some(QFormat::Int4 { group }), true) => Precision::Int4F32 { group },
             (Some(QFormat::Int8), false) => Precision::Int8,
             (Some(QFormat::Int4 { group }), false) => Precision::Int4 { group },
+            (Some(QFormat::Mxfp4), true) => Precision::Mxfp4F32,
+            (Some(QFormat::Mxfp4), false) => Precision::Mxfp4,
             (None, true) => Precision::Fp32,
             (None, false) => Precision::Bf16,
         }
@@ -105,6 +111,8 @@ impl Precision {
             Precision::Int8F32 => "int8/f32".into(),
             Precision::Int4F32 { group } => int4(group) + "/f32",
             Precision::Bf16F32 => "bf16/f32".into(),
+            Precision::Mxfp4 => "mxfp4".into(),
+            Precision::Mxfp4F32 => "mxfp4/f32".into(),
         }
     }
 
@@ -122,6 +130,8 @@ impl Precision {
             Precision::Bf16F32 => {
                 "2 B/elem linears and experts, other tensors and KV in f32".into()
             }
+            Precision::Mxfp4 => "mxfp4, E2M1 + an 8-bit exponent per 32 along K".into(),
+            Precision::Mxfp4F32 => "mxfp4 as above, unquantized tensors and KV in f32".into(),
         }
     }
 
@@ -132,6 +142,8 @@ impl Precision {
             Precision::Bf16 | Precision::Bf16F32 => 2.0,
             Precision::Int8 | Precision::Int8F32 => 1.0,
             Precision::Int4 { .. } | Precision::Int4F32 { .. } => 0.5,
+            // 4 + 8 / 32 bits.
+            Precision::Mxfp4 | Precision::Mxfp4F32 => 4.25 / 8.0,
         }
     }
 
@@ -141,8 +153,9 @@ impl Precision {
             Precision::Fp32
             | Precision::Int8F32
             | Precision::Int4F32 { .. }
-            | Precision::Bf16F32 => 4,
-            Precision::Bf16 | Precision::Int8 | Precision::Int4 { .. } => 2,
+            | Precision::Bf16F32
+            | Precision::Mxfp4F32 => 4,
+            Precision::Bf16 | Precision::Int8 | Precision::Int4 { .. } | Precision::Mxfp4 => 2,
         }
     }
 
@@ -206,7 +219,11 @@ pub fn unquantized_elem_bytes(s: Storage, p: Precision) -> u64 {
         (Storage::KeepF32, _)
         | (
             _,
-            Precision::Fp32 | Precision::Int8F32 | Precision::Int4F32 { .. } | Precision::Bf16F32,
+            Precision::Fp32
+            | Precision::Int8F32
+            | Precision::Int4F32 { .. }
+            | Precision::Bf16F32
+            | Precision::Mxfp4F32,
         ) => 4,
         _ => 2,
     }
@@ -236,6 +253,15 @@ pub fn tensor_bytes(t: &TensorGroup, p: Precision) -> u64 {
             // Two nibbles per byte along K; per group a 16-bit scale and zero.
             let (n, k) = (out as u64, inp as u64);
             n * k.div_ceil(2) + n * k.div_ceil(group.max(1) as u64) * 4
+        }
+        (
+            Storage::Quantized,
+            Precision::Mxfp4 | Precision::Mxfp4F32,
+            TensorKind::Linear { out, inp },
+        ) => {
+            // Two nibbles per byte along K; per 32 a one-byte exponent.
+            let (n, k) = (out as u64, inp as u64);
+            n * k.div_ceil(2) + n * k.div_ceil(32)
         }
         _ => plain_bytes(t.kind.numel(), s, p),
     }

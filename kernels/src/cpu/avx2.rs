@@ -446,3 +446,139 @@ pub unsafe fn decode_int4(q: &[u8], p: &[f16], group: usize, out: &mut [f32]) {
         g += 1;
     }
 }
+
+/// The doubled E2M1 values of the 16 nibbles as i8 ([`crate::qformat::MXFP4_DOUBLED`]), a `pshufb` table.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mxfp4_table() -> __m128i {
+    _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+}
+
+/// An MXFP4 row (`k = 2 q.len()` rounded to `out.len()`) decoded to f32 bit for bit as
+/// [`crate::qformat::dequantize_row`]: per 8 nibbles, the magnitude from an 8-float table
+/// (`permutevar8x32`, which reads the low 3 bits), the sign bit (nibble bit 3) moved to bit 31 (so nibble 8
+/// is -0.0), times the group's `2^(e - 128)`. Whole groups of 32 vectorised, a partial last group scalar.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn decode_mxfp4(q: &[u8], e: &[u8], out: &mut [f32]) {
+    let k = out.len();
+    let mags = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0);
+    let mask = _mm_set1_epi8(0x0f);
+    let eight = _mm256_set1_epi32(8);
+    let full = k / 32;
+    for g in 0..full {
+        let sv = _mm256_set1_ps(crate::qformat::mxfp4_half_scale(e[g]));
+        let b = _mm_loadu_si128(q.as_ptr().add(16 * g) as *const __m128i);
+        let l = _mm_and_si128(b, mask);
+        let h = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+        let (a, c) = (_mm_unpacklo_epi8(l, h), _mm_unpackhi_epi8(l, h));
+        for (n, v) in [a, _mm_srli_si128(a, 8), c, _mm_srli_si128(c, 8)]
+            .into_iter()
+            .enumerate()
+        {
+            let idx = _mm256_cvtepu8_epi32(v);
+            let mag = _mm256_permutevar8x32_ps(mags, idx);
+            let sign = _mm256_slli_epi32(_mm256_and_si256(idx, eight), 28);
+            let w = _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+            _mm256_storeu_ps(out.as_mut_ptr().add(32 * g + 8 * n), _mm256_mul_ps(w, sv));
+        }
+    }
+    if full * 32 < k {
+        crate::qformat::dequantize_mxfp4_row(&q[16 * full..], &e[full..], &mut out[32 * full..]);
+    }
+}
+
+/// MXFP4 rows with `k % 32 == 0` against f32 activations: per group (16 packed bytes), the 32 nibbles in
+/// k order looked up as i8 doubled values with one `pshufb`, widened to f32, scaled by the group's
+/// `2^(e - 128)` (exact) and multiplied into two accumulators per activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn mxfp4<const R: usize>(q: &[u8], e: &[u8], x: &[&[f32]; R], o: &mut [f32; R]) {
+    let nb = q.len() / 16;
+    let mask = _mm_set1_epi8(0x0f);
+    let lut = mxfp4_table();
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add(16 * b + PREFETCH_BYTES) as *const i8);
+        let v = _mm_loadu_si128(q.as_ptr().add(16 * b) as *const __m128i);
+        let l = _mm_and_si128(v, mask);
+        let h = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        // Weights 32b..32b+16 and 32b+16..32b+32 (low nibble first), as i8.
+        let a = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(l, h));
+        let c = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(l, h));
+        let sv = _mm256_set1_ps(crate::qformat::mxfp4_half_scale(e[b]));
+        let w = [a, _mm_srli_si128(a, 8), c, _mm_srli_si128(c, 8)]
+            .map(|v| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sv));
+        let i = 32 * b;
+        for r in 0..R {
+            let px = x[r].as_ptr().add(i);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px), w[0], acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(8)), w[1], acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(16)), w[2], acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(24)), w[3], acc[r][1]);
+        }
+    }
+    for r in 0..R {
+        o[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    }
+}
+
+/// MXFP4 weights x q8 activations in [`super::q8::int4_q8_position`]'s order (INT4's: a 32-byte load of two
+/// groups splits into low nibbles = even k and high nibbles = odd k): `pshufb` turns the nibbles into i8
+/// doubled values in -12..=12, and `maddubs(|w|, sign(x, w))` sums their products with the activations
+/// (<= 4 x 12 x 127 per i16, no saturation). Block b's sums land in the low 128-bit lane, b+1's in the high
+/// one, each scaled by `d_b 2^(e_b - 128)`. No zero-point term.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn mxfp4_q8<const R: usize>(
+    q: &[u8],
+    e: &[u8],
+    x: &[&[i8]; R],
+    d: &[&[f32]; R],
+    o: &mut [f32; R],
+) {
+    use crate::qformat::mxfp4_half_scale;
+    let nb = q.len() / 16;
+    let mask = _mm256_set1_epi8(0x0f);
+    let lut = _mm256_broadcastsi128_si256(mxfp4_table());
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut b = 0;
+    while b + 2 <= nb {
+        _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add(16 * b + PREFETCH_BYTES) as *const i8);
+        let v = _mm256_loadu_si256(q.as_ptr().add(16 * b) as *const __m256i);
+        let l = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, mask));
+        let h = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+        let (al, ah) = (_mm256_sign_epi8(l, l), _mm256_sign_epi8(h, h));
+        let (s0, s1) = (mxfp4_half_scale(e[b]), mxfp4_half_scale(e[b + 1]));
+        for r in 0..R {
+            let xe = _mm256_loadu_si256(x[r].as_ptr().add(32 * b) as *const __m256i);
+            let xo = _mm256_loadu_si256(x[r].as_ptr().add(32 * b + 32) as *const __m256i);
+            let s16 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(al, _mm256_sign_epi8(xe, l)),
+                _mm256_maddubs_epi16(ah, _mm256_sign_epi8(xo, h)),
+            );
+            let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+            let fac = _mm256_set_m128(_mm_set1_ps(d[r][b + 1] * s1), _mm_set1_ps(d[r][b] * s0));
+            acc[r][(b / 2) & 1] = _mm256_fmadd_ps(f, fac, acc[r][(b / 2) & 1]);
+        }
+        b += 2;
+    }
+    if b < nb {
+        // A last unpaired block: its activations are [evens, odds].
+        let v = _mm_loadu_si128(q.as_ptr().add(16 * b) as *const __m128i);
+        let m4 = _mm_set1_epi8(0x0f);
+        let codes = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16(v, 4), m4),
+            _mm_and_si128(v, m4),
+        );
+        let wv = _mm256_shuffle_epi8(lut, codes);
+        let aw = _mm256_sign_epi8(wv, wv);
+        let s = mxfp4_half_scale(e[b]);
+        for r in 0..R {
+            let xv = _mm256_loadu_si256(x[r].as_ptr().add(32 * b) as *const __m256i);
+            let p = dot_u8_i8(aw, _mm256_sign_epi8(xv, wv));
+            acc[r][1] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r][b] * s), acc[r][1]);
+        }
+    }
+    for r in 0..R {
+        o[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    }
+}

@@ -1,5 +1,5 @@
 //! The CPU kernels of the engine's hot path: the expert MLPs of an MoE layer ([`moe_experts_cpu`]) and
-//! single linears ([`linear_cpu`]) over f32, bf16, f16, INT8 and INT4 weights, read in place (never widened to
+//! single linears ([`linear_cpu`]) over f32, bf16, f16, INT8, INT4 and MXFP4 weights, read in place (never widened to
 //! an f32 copy), explicit SIMD where the CPU has it ([`simd`]), on one rayon pool sized once
 //! ([`configure_threads`]). The plain references (`QMatmul`'s CPU op, the candle composite path) stay the
 //! specification that the tests compare these with.
@@ -93,7 +93,8 @@ pub fn read_bandwidth_gb_s(bytes: usize) -> f64 {
     (8 * buf.len()) as f64 / times[times.len() / 2] / 1e9
 }
 
-/// A weight as the kernels read it: a dense `[.., N, K]` tensor, or packed bytes with their f16 params.
+/// A weight as the kernels read it: a dense `[.., N, K]` tensor, or packed bytes with their params (f16, or u8
+/// for MXFP4: [`QFormat::params_dtype`]).
 #[derive(Clone, Copy)]
 pub enum WeightRef<'a> {
     Dense(&'a Tensor),
@@ -158,13 +159,18 @@ pub fn with_mat<R>(
             let rows = qweight.elem_count() / kb;
             let (qs, ql) = qweight.storage_and_layout();
             let (ps, pl) = params.storage_and_layout();
-            let m = Mat::quant(
-                fmt,
-                cpu_slice(&qs, ql, what)?,
-                cpu_slice(&ps, pl, what)?,
-                rows,
-                k,
-            );
+            if params.dtype() != fmt.params_dtype() {
+                bail!(
+                    "{what}: {fmt:?} params must be {:?}, got {:?}",
+                    fmt.params_dtype(),
+                    params.dtype()
+                )
+            }
+            let q = cpu_slice(&qs, ql, what)?;
+            let m = match fmt.params_dtype() {
+                DType::U8 => Mat::quant(fmt, q, cpu_slice::<u8>(&ps, pl, what)?, rows, k),
+                _ => Mat::quant(fmt, q, cpu_slice::<half::f16>(&ps, pl, what)?, rows, k),
+            };
             m.check()
                 .map_err(|e| candle_core::Error::Msg(format!("{what}: {e}")))?;
             f(&m)

@@ -1,5 +1,5 @@
-//! Activations quantized to int8 per block of 32 ([`Q8Rows`]) and the integer dot products of INT8 and
-//! INT4 weight rows with them ([`dots_q8`], [`super::Level::Avx2Q8`]), as llama.cpp's q8 activations.
+//! Activations quantized to int8 per block of 32 ([`Q8Rows`]) and the integer dot products of INT8,
+//! INT4 and MXFP4 weight rows with them ([`dots_q8`], [`super::Level::Avx2Q8`]), as llama.cpp's q8 activations.
 
 // Index loops over rows r and lanes mirror the vector code beside them.
 #![allow(clippy::needless_range_loop)]
@@ -44,7 +44,9 @@ impl Q8Rows {
         let k = m.k;
         let int4 = match m.data {
             Rows::Int8 { .. } => false,
+            // MXFP4 reads its activations in INT4's order (one 32-byte load = two groups' nibbles).
             Rows::Int4 { group, .. } if group % 32 == 0 => true,
+            Rows::Mxfp4 { .. } => true,
             _ => return false,
         };
         if k == 0 || !k.is_multiple_of(32) {
@@ -116,6 +118,7 @@ fn dots_q8_n<const R: usize>(m: &Mat, row: usize, xq: &Q8Rows, r0: usize, out: &
                 let bs: [&[f32]; R] = std::array::from_fn(|i| &xq.bsum[(r0 + i) * nb..][..nb]);
                 avx2::int4_q8(w, p, group, &q, &d, &bs, &mut o);
             }
+            Rows::Mxfp4 { q: w, e } => avx2::mxfp4_q8(w, e, &q, &d, &mut o),
             _ => {}
         }
     }
@@ -128,8 +131,7 @@ fn dots_q8_n<const R: usize>(m: &Mat, row: usize, xq: &Q8Rows, r0: usize, out: &
 mod tests {
     use super::*;
     use crate::cpu::simd::{decode_row, Level, MAX_ROWS};
-    use crate::qformat::{quantize_row, QFormat};
-    use half::f16;
+    use crate::qformat::{quantize_rows, QFormat, QParams};
 
     /// The integer kernels equal, to f32 rounding, the f64 dot of the dequantized weights with the
     /// dequantized activations `d_b q` (their specification; the error of quantizing activations is
@@ -151,30 +153,21 @@ mod tests {
         let fmts = [32, 64, 96, 128, 160, 256, 512]
             .map(|group| QFormat::Int4 { group })
             .into_iter()
-            .chain([QFormat::Int8]);
+            .chain([QFormat::Int8, QFormat::Mxfp4]);
         for fmt in fmts {
             for k in [32usize, 96, 256, 320, 512, 800, 1024] {
                 let rows = 3;
                 let w: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
-                let pr: usize = fmt.params_shape(k).iter().product();
-                let (mut q, mut p) = (
-                    vec![0u8; rows * fmt.row_bytes(k)],
-                    vec![f16::ZERO; rows * pr],
-                );
-                for r in 0..rows {
-                    quantize_row(
-                        fmt,
-                        &w[r * k..][..k],
-                        &mut q[r * fmt.row_bytes(k)..][..fmt.row_bytes(k)],
-                        &mut p[r * pr..][..pr],
-                    );
-                }
-                let m = Mat::quant(fmt, &q, &p, rows, k);
+                let (q, p) = quantize_rows(fmt, &w, k);
+                let m = match &p {
+                    QParams::F16(p) => Mat::quant(fmt, &q, p, rows, k),
+                    QParams::U8(p) => Mat::quant(fmt, &q, p, rows, k),
+                };
                 for n in 1..=MAX_ROWS {
                     let x: Vec<f32> = (0..n * k).map(|_| 3.0 * rnd()).collect();
                     let mut xq = Q8Rows::default();
                     assert!(xq.quantize(&m, &x, 1), "{fmt:?} k={k}");
-                    let int4 = matches!(fmt, QFormat::Int4 { .. });
+                    let int4 = matches!(fmt, QFormat::Int4 { .. } | QFormat::Mxfp4);
                     // The activations the kernel sees, back in k order.
                     let xhat: Vec<f64> = (0..n * k)
                         .map(|i| {

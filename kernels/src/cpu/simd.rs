@@ -1,4 +1,4 @@
-//! Dot products of weight rows (f32, bf16, f16, INT8, INT4 groups) with f32 activation rows: the inner loop of
+//! Dot products of weight rows (f32, bf16, f16, INT8, INT4 groups, MXFP4) with f32 activation rows: the inner loop of
 //! the CPU expert and linear kernels. One weight row is read (and decoded) once for up to [`MAX_ROWS`]
 //! activation rows, in f32 FMAs, with the scale of an INT8 row or an INT4 group applied once per row or group
 //! instead of once per weight.
@@ -10,6 +10,10 @@
 //!
 //! INT4 (`w = s * (q - z)` per group of `group` weights): `sum_k x_k w_k = sum_g s_g (sum_{k in g} x_k q_k -
 //! z_g X_g)` with `X_g` the group's activation sum, computed once per activation row ([`group_sums`]).
+//! MXFP4 (`w = (2 fp4(q)) * 2^(e - 128)` per group of 32): the doubled E2M1 values are the integers
+//! ±{0, 1, 2, 3, 4, 6, 8, 12}, looked up 16 (AVX2: 32 with `pshufb`) at a time and scaled by the group's
+//! power of two ([`crate::qformat::mxfp4_half_scale`]), exactly.
+//!
 //! Results equal the reference [`crate::qformat::dequantize_row`] + f32 dot up to f32 summation order.
 
 // Index loops over rows r and lanes mirror the vector code beside them.
@@ -19,7 +23,7 @@ use half::{bf16, f16};
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
-use crate::qformat::QFormat;
+use crate::qformat::{mxfp4_half_scale, QFormat, QParam, MXFP4_DOUBLED, MXFP4_GROUP};
 
 /// Activation rows one weight row is decoded for at a time.
 pub const MAX_ROWS: usize = 4;
@@ -91,6 +95,11 @@ pub enum Rows<'a> {
         p: &'a [f16],
         group: usize,
     },
+    /// `q [rows, ceil(k/2)]` E2M1 nibbles (low first), `e [rows, ceil(k/32)]` E8M0 exponents.
+    Mxfp4 {
+        q: &'a [u8],
+        e: &'a [u8],
+    },
 }
 
 /// A weight matrix: `rows` rows of `k` features.
@@ -102,11 +111,36 @@ pub struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    /// A quantized matrix from its packed bytes and f16 params (the layouts of [`crate::qformat`]).
-    pub fn quant(fmt: QFormat, q: &'a [u8], p: &'a [f16], rows: usize, k: usize) -> Mat<'a> {
+    /// A quantized matrix from its packed bytes and params (the layouts of [`crate::qformat`]; `p` f16 or
+    /// u8 as [`QFormat::params_dtype`] says: panics on the other).
+    pub fn quant<P: QParam>(
+        fmt: QFormat,
+        q: &'a [u8],
+        p: &'a [P],
+        rows: usize,
+        k: usize,
+    ) -> Mat<'a> {
+        let wrong = || -> ! {
+            panic!(
+                "Mat::quant: {fmt:?} params are {:?}, got {:?}",
+                fmt.params_dtype(),
+                P::DTYPE
+            )
+        };
         let data = match fmt {
-            QFormat::Int8 => Rows::Int8 { q, s: p },
-            QFormat::Int4 { group } => Rows::Int4 { q, p, group },
+            QFormat::Int8 => Rows::Int8 {
+                q,
+                s: P::f16s(p).unwrap_or_else(|| wrong()),
+            },
+            QFormat::Int4 { group } => Rows::Int4 {
+                q,
+                p: P::f16s(p).unwrap_or_else(|| wrong()),
+                group,
+            },
+            QFormat::Mxfp4 => Rows::Mxfp4 {
+                q,
+                e: P::u8s(p).unwrap_or_else(|| wrong()),
+            },
         };
         Mat { data, rows, k }
     }
@@ -138,6 +172,10 @@ impl<'a> Mat<'a> {
                 need("int4 weights", q.len(), rows * k.div_ceil(2))?;
                 need("int4 params", p.len(), rows * 2 * k.div_ceil(group))
             }
+            Rows::Mxfp4 { q, e } => {
+                need("mxfp4 weights", q.len(), rows * k.div_ceil(2))?;
+                need("mxfp4 scales", e.len(), rows * k.div_ceil(MXFP4_GROUP))
+            }
         }
     }
 
@@ -161,6 +199,13 @@ impl<'a> Mat<'a> {
                     group,
                 }
             }
+            Rows::Mxfp4 { q, e } => {
+                let (kb, g) = (k.div_ceil(2), k.div_ceil(MXFP4_GROUP));
+                Rows::Mxfp4 {
+                    q: &q[r * kb..][..kb],
+                    e: &e[r * g..][..g],
+                }
+            }
         }
     }
 
@@ -180,6 +225,7 @@ impl<'a> Mat<'a> {
             Rows::Bf16(_) | Rows::F16(_) => 2 * k,
             Rows::Int8 { .. } => k + 2,
             Rows::Int4 { group, .. } => k.div_ceil(2) + 4 * k.div_ceil(group),
+            Rows::Mxfp4 { .. } => k.div_ceil(2) + k.div_ceil(MXFP4_GROUP),
         }
     }
 }
@@ -207,6 +253,7 @@ pub fn decode_row(level: Level, m: &Mat, row: usize, out: &mut [f32]) {
                 Rows::F16(w) => avx2::decode_dense(&avx2::F16(w), out),
                 Rows::Int8 { q, s } => avx2::decode_int8(q, s[0].to_f32(), out),
                 Rows::Int4 { q, p, group } => avx2::decode_int4(q, p, group, out),
+                Rows::Mxfp4 { q, e } => avx2::decode_mxfp4(q, e, out),
             }
         }
         return;
@@ -220,6 +267,7 @@ pub fn decode_row(level: Level, m: &Mat, row: usize, out: &mut [f32]) {
         Rows::Int4 { q, p, group } => {
             crate::qformat::dequantize_row(QFormat::Int4 { group }, q, p, out)
         }
+        Rows::Mxfp4 { q, e } => crate::qformat::dequantize_mxfp4_row(q, e, out),
     }
 }
 
@@ -267,6 +315,8 @@ fn dots_n<const R: usize>(
                     avx2::int4(q, p, group, &x, &sm, &mut o);
                 }
                 Rows::Int4 { .. } => portable::dots(m, row, &x, sums, &mut o),
+                Rows::Mxfp4 { q, e } if k.is_multiple_of(32) => avx2::mxfp4(q, e, &x, &mut o),
+                Rows::Mxfp4 { .. } => portable::dots(m, row, &x, sums, &mut o),
             }
             out[..R].copy_from_slice(&o);
             return;
@@ -279,7 +329,7 @@ fn dots_n<const R: usize>(
 
 /// The portable kernels: 8 partial sums per row so the compiler can vectorise the dense formats.
 mod portable {
-    use super::{Mat, Rows};
+    use super::{mxfp4_half_scale, Mat, Rows, MXFP4_DOUBLED, MXFP4_GROUP};
 
     fn dense<const R: usize>(
         w: impl Fn(usize) -> f32,
@@ -344,6 +394,25 @@ mod portable {
                     }
                 }
             }
+            Rows::Mxfp4 { q, e } => {
+                *o = [0f32; R];
+                for (gi, &eg) in e.iter().enumerate() {
+                    let (lo, hi) = (gi * MXFP4_GROUP, ((gi + 1) * MXFP4_GROUP).min(k));
+                    let qg = &q[lo / 2..hi.div_ceil(2)];
+                    let w = |i: usize| MXFP4_DOUBLED[((qg[i / 2] >> (4 * (i % 2))) & 0xf) as usize];
+                    let mut part = [0f32; R];
+                    dense(
+                        w,
+                        hi - lo,
+                        &std::array::from_fn(|r| &x[r][lo..hi]),
+                        &mut part,
+                    );
+                    let s = mxfp4_half_scale(eg);
+                    for r in 0..R {
+                        o[r] += s * part[r];
+                    }
+                }
+            }
         }
     }
 }
@@ -351,7 +420,7 @@ mod portable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qformat::{dequantize_row, quantize_row};
+    use crate::qformat::{dequantize_row, quantize_rows, QParams};
 
     /// The vectorised row decoders (the GEMM path's dequantization) equal the reference
     /// `dequantize_row` and the scalar 16-bit conversions bit for bit: every format and group, K with
@@ -393,35 +462,50 @@ mod tests {
                         .all(|(a, b)| (a - b).abs() <= 0.01 * b.abs()));
                 }
             }
-            for fmt in [2, 6, 32, 64, 96, 128]
-                .map(|group| QFormat::Int4 { group })
-                .into_iter()
-                .chain([QFormat::Int8])
-            {
+            fn check<P: QParam>(
+                fmt: QFormat,
+                (q, p): (&[u8], &[P]),
+                (rows, k): (usize, usize),
+                levels: [Level; 2],
+                (got, want): (&mut [f32], &mut [f32]),
+            ) {
                 let (rb, pr): (usize, usize) =
                     (fmt.row_bytes(k), fmt.params_shape(k).iter().product());
-                let mut q = vec![0u8; rows * rb];
-                let mut p = vec![f16::ZERO; rows * pr];
-                for r in 0..rows {
-                    quantize_row(
-                        fmt,
-                        &w[r * k..][..k],
-                        &mut q[r * rb..][..rb],
-                        &mut p[r * pr..][..pr],
-                    );
-                }
-                let m = Mat::quant(fmt, &q, &p, rows, k);
+                let m = Mat::quant(fmt, q, p, rows, k);
                 for row in 0..rows {
-                    dequantize_row(fmt, &q[row * rb..][..rb], &p[row * pr..][..pr], &mut want);
-                    for lv in [level, Level::Portable] {
+                    dequantize_row(fmt, &q[row * rb..][..rb], &p[row * pr..][..pr], want);
+                    for lv in levels {
                         got.fill(f32::NAN);
-                        decode_row(lv, &m, row, &mut got);
+                        decode_row(lv, &m, row, got);
                         assert_eq!(
                             got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                             want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                             "{fmt:?} {lv:?} k={k} row {row}"
                         );
                     }
+                }
+            }
+            for fmt in [2, 6, 32, 64, 96, 128]
+                .map(|group| QFormat::Int4 { group })
+                .into_iter()
+                .chain([QFormat::Int8, QFormat::Mxfp4])
+            {
+                // MXFP4 also with every nibble and a spread of exponents (-0.0, e = 0, 1 and 255 included).
+                let mut wq = quantize_rows(fmt, &w, k);
+                if let QParams::U8(e) = &mut wq.1 {
+                    wq.0.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, b)| *b = (i * 37 % 256) as u8);
+                    e.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = [0, 1, 127, 200, 255][i % 5]);
+                }
+                let lv = [level, Level::Portable];
+                match &wq {
+                    (q, QParams::F16(p)) => {
+                        check(fmt, (q, p), (rows, k), lv, (&mut got, &mut want))
+                    }
+                    (q, QParams::U8(p)) => check(fmt, (q, p), (rows, k), lv, (&mut got, &mut want)),
                 }
             }
         }

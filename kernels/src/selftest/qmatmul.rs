@@ -1,36 +1,21 @@
-//! Self-test cases: Quantized matmuls: dense, grouped (expert-stacked) and on a device dispatch (qmatmul_moe), INT8 / INT4 g128 / g32 / g16.
+//! Self-test cases: Quantized matmuls: dense, grouped (expert-stacked) and on a device dispatch (qmatmul_moe), INT8 / INT4 g128 / g32 / g16 /
+//! MXFP4.
 
 use super::experts::live_rows;
 use super::*;
 use crate::dispatch::dispatch_reference;
 use crate::experts::ExpertPath;
 use crate::qexperts::{qmatmul, qmatmul_grouped};
-use crate::qmatmul::{
-    quantize_row, QFormat, QMATMUL_NMSE_BF16, QMATMUL_NMSE_F16, QMATMUL_NMSE_F32,
-};
+use crate::qmatmul::{QFormat, QMATMUL_NMSE_BF16, QMATMUL_NMSE_F16, QMATMUL_NMSE_F32};
 
-/// Quantizes `w [rows, k]` row by row: (qweight bytes, f16 params).
+/// Quantizes `w [rows, k]` row by row: (qweight bytes, params in the format's dtype).
 pub(super) fn quantize(
     fmt: QFormat,
     w: &[f32],
     rows: usize,
     k: usize,
-) -> (Vec<u8>, Vec<half::f16>) {
-    let (kb, pr) = (
-        fmt.row_bytes(k),
-        fmt.params_shape(k).iter().product::<usize>(),
-    );
-    let mut q = vec![0u8; rows * kb];
-    let mut p = vec![half::f16::ZERO; rows * pr];
-    for r in 0..rows {
-        quantize_row(
-            fmt,
-            &w[r * k..(r + 1) * k],
-            &mut q[r * kb..(r + 1) * kb],
-            &mut p[r * pr..(r + 1) * pr],
-        );
-    }
-    (q, p)
+) -> (Vec<u8>, crate::qformat::QParams) {
+    crate::qformat::quantize_rows(fmt, &w[..rows * k], k)
 }
 
 /// INT4 with a group of 16 (not a multiple of 32) takes the kernels' scalar INT4 path; it runs on the 7-row
@@ -41,7 +26,22 @@ fn skip_shape(fmt: QFormat, k: usize, seven_rows: bool) -> bool {
         QFormat::Int4 { group: 16 } => !seven_rows,
         QFormat::Int4 { group } => !k.is_multiple_of(group),
         QFormat::Int8 => false,
+        // K = 200 (the 7-row shape) ends in a partial group and takes the scalar path.
+        QFormat::Mxfp4 => false,
     }
+}
+
+/// MXFP4's own shapes beside the shared ones, (M, N, K, offsets) as in [`qmatmul_cases`]: K = 32 (one group),
+/// 64, gpt-oss's 2880 and 4096; decode and a few rows; odd N; several experts with empty ones; a grouped
+/// prefill that takes the GEMM path on CUDA.
+fn mxfp4_shapes() -> Vec<(usize, usize, usize, Vec<u32>)> {
+    vec![
+        (1, 33, 32, vec![]),
+        (5, 17, 64, vec![0, 2, 2, 5]),
+        (1, 45, 4096, vec![]),
+        (2, 31, 2880, vec![0, 1, 1, 1, 2]),
+        (80, 33, 64, vec![0, 0, 70, 80]),
+    ]
 }
 
 pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
@@ -50,6 +50,7 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         ("int4-g128", QFormat::Int4 { group: 128 }),
         ("int4-g32", QFormat::Int4 { group: 32 }),
         ("int4-g16", QFormat::Int4 { group: 16 }),
+        ("mxfp4", QFormat::Mxfp4),
     ];
     // (M, N, K, experts, offsets): dense (E = 0 means qmatmul) for decode, small and larger prefill with odd
     // N; grouped with an empty expert and an expert spanning several 8-row chunks; int8 K = 200 (not a
@@ -66,7 +67,12 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         (7, 31, 200, vec![]),
     ];
     for (fname, fmt) in fmts {
-        for (m, n, k, offsets) in &shapes {
+        let extra = if fmt == QFormat::Mxfp4 {
+            mxfp4_shapes()
+        } else {
+            vec![]
+        };
+        for (m, n, k, offsets) in shapes.iter().chain(&extra) {
             let (m, n, k) = (*m, *n, *k);
             if skip_shape(fmt, k, m == 7) {
                 continue;
@@ -99,7 +105,7 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
                         Ok((
                             upload(&x0, &[m, k], dtype, dev)?,
                             Tensor::from_slice(&q, qdims.as_slice(), dev)?,
-                            Tensor::from_slice(&p, pdims.as_slice(), dev)?,
+                            p.to_tensor(&pdims, dev)?,
                         ))
                     };
                     let call = |x: &Tensor, qt: &Tensor, pt: &Tensor| {
@@ -137,6 +143,7 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
         ("int4-g128", QFormat::Int4 { group: 128 }),
         ("int4-g32", QFormat::Int4 { group: 32 }),
         ("int4-g16", QFormat::Int4 { group: 16 }),
+        ("mxfp4", QFormat::Mxfp4),
     ];
     // (tokens, top-k, E, used, N_out, K, block, gather): decode over many experts, a prefill with idle experts
     // and rows spanning several 8-row chunks, padding, the un-gathered (down projection) form, and int8 with
@@ -151,8 +158,22 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
         (513, 4, 16, 16, 72, 128, 1, true),
         (7, 2, 8, 8, 31, 200, 1, true),
     ];
+    // MXFP4's own: gpt-oss-like decode (top-4 of 32 experts, K = 2880), K = 32 over a few tokens, K = 4096
+    // un-gathered.
+    let mxfp4_cases = [
+        (
+            1usize, 4usize, 32usize, 32usize, 45usize, 2880usize, 1usize, true,
+        ),
+        (5, 2, 8, 4, 17, 32, 1, true),
+        (3, 2, 4, 4, 33, 4096, 1, false),
+    ];
     for (fname, fmt) in fmts {
-        for &(n_tok, k_top, e, pool, n, k, block, gather) in &cases {
+        let extra: &[_] = if fmt == QFormat::Mxfp4 {
+            &mxfp4_cases
+        } else {
+            &[]
+        };
+        for &(n_tok, k_top, e, pool, n, k, block, gather) in cases.iter().chain(extra) {
             if skip_shape(fmt, k, n_tok == 7) {
                 continue;
             }
@@ -187,7 +208,7 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
                                 Tensor::from_slice(&d.counts, e, dev)?,
                                 Tensor::from_slice(&d.offsets, e + 1, dev)?,
                                 Tensor::from_slice(&q, (e, n, fmt.row_bytes(k)), dev)?,
-                                Tensor::from_slice(&p, pdims.as_slice(), dev)?,
+                                p.to_tensor(&pdims, dev)?,
                             ])
                         };
                         let call = |t: &[Tensor; 6]| {

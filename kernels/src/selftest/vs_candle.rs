@@ -170,36 +170,33 @@ pub(super) fn vs_candle_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row
 
     // qmatmul: the dequantized weight through candle's matmul.
     let (m, nn, kk) = (7usize, 65usize, 256usize);
-    let fmt = QFormat::Int4 { group: 32 };
-    let (q, p) = quantize(fmt, &rng.vec(nn * kk, 0.06), nn, kk);
-    let x0 = rng.vec(m * kk, 1.0);
-    let r = (|| {
-        let mut wd = vec![0f32; nn * kk];
-        let (kb, pr) = (
-            fmt.row_bytes(kk),
-            fmt.params_shape(kk).iter().product::<usize>(),
-        );
-        for row in 0..nn {
-            crate::qmatmul::dequantize_row(
-                fmt,
-                &q[row * kb..][..kb],
-                &p[row * pr..][..pr],
-                &mut wd[row * kk..][..kk],
+    for (fname, fmt) in [
+        ("int4-g32", QFormat::Int4 { group: 32 }),
+        ("mxfp4", QFormat::Mxfp4),
+    ] {
+        let (q, p) = quantize(fmt, &rng.vec(nn * kk, 0.06), nn, kk);
+        let x0 = rng.vec(m * kk, 1.0);
+        let r = (|| {
+            let kb = fmt.row_bytes(kk);
+            let mut pdims = vec![nn];
+            pdims.extend(fmt.params_shape(kk));
+            let (qc, pc) = (
+                Tensor::from_slice(&q, (nn, kb), &Device::Cpu)?,
+                p.to_tensor(&pdims, &Device::Cpu)?,
             );
-        }
-        let want = t(&x0, &[m, kk])?.matmul(&t(&wd, &[nn, kk])?.t()?)?;
-        let xt = upload(&x0, &[m, kk], DType::F32, device)?;
-        let qt = Tensor::from_slice(&q, (nn, kb), device)?;
-        let mut pdims = vec![nn];
-        pdims.extend(fmt.params_shape(kk));
-        let pt = Tensor::from_slice(&p, pdims.as_slice(), device)?;
-        let (out, us) = timed(device, || qmatmul(&xt, &qt, &pt, fmt))?;
-        Ok((nmse(&f32s(&out)?, &f32s(&want)?), us, String::new()))
-    })();
-    rows.push(vs_candle_row(
-        &format!("qmatmul int4-g32 M={m} N={nn} K={kk}"),
-        r,
-    ));
+            let wd = crate::qformat::dequantize_tensors(fmt, &qc, &pc, kk)?;
+            let want = t(&x0, &[m, kk])?.matmul(&t(&wd, &[nn, kk])?.t()?)?;
+            let xt = upload(&x0, &[m, kk], DType::F32, device)?;
+            let qt = Tensor::from_slice(&q, (nn, kb), device)?;
+            let pt = p.to_tensor(&pdims, device)?;
+            let (out, us) = timed(device, || qmatmul(&xt, &qt, &pt, fmt))?;
+            Ok((nmse(&f32s(&out)?, &f32s(&want)?), us, String::new()))
+        })();
+        rows.push(vs_candle_row(
+            &format!("qmatmul {fname} M={m} N={nn} K={kk}"),
+            r,
+        ));
+    }
 
     // QK-norm (per head, before RoPE) + rotate-half RoPE + the head transpose.
     let (b, tq, hh, dd, pos, eps) = (2usize, 5usize, 3usize, 64usize, 9usize, 1e-6f32);
