@@ -58,7 +58,7 @@ fn moe_layers(cfg: &ModelConfig) -> Vec<HfMoeLayers> {
     let mut out: Vec<HfMoeLayers> = Vec::new();
     for l in &cfg.layers {
         if let FfnKind::Moe(m) = l {
-            let per = 3 * (m.expert_ffn * cfg.hidden_size) as u64;
+            let per = moe::spec::counts::expert_params(m, cfg.hidden_size);
             match out.last_mut() {
                 Some(x)
                     if (x.experts, x.top_k, x.per_expert_params)
@@ -207,6 +207,7 @@ fn quantized_bytes_are_exact() {
         stored: 1,
         active: 1,
         f32: false,
+        mxfp4: false,
     };
     let w = lin(Component::RoutedExperts, 200, 300);
     assert_eq!(storage(&w), Storage::Quantized);
@@ -342,6 +343,8 @@ fn claims_table_checks_and_flags() {
         "OLMoE",
         "Hunyuan-A13B",
         "Grok-1",
+        "Llama-4 Scout",
+        "Llama-4 Maverick",
     ] {
         let r = get(m);
         assert!(
@@ -349,11 +352,23 @@ fn claims_table_checks_and_flags() {
             "{m}: {r:?}"
         );
     }
+    // gpt-oss-20b's 3.6B active leaves out the input embedding only (4.19B with it, 3.03B
+    // without embedding and unembedding): flagged, explained.
+    let go = get("gpt-oss-20b");
+    assert_eq!(go.computed_total_params, Some(20_914_757_184));
+    assert!(
+        go.flagged
+            && go
+                .notes
+                .iter()
+                .any(|n| n.contains("without the input embedding")),
+        "{go:?}"
+    );
     // MiniMax's 45.9B is active without embedding and lm_head: flagged, explained.
     let mm = get("MiniMax");
     assert!(mm.flagged && mm.notes.iter().any(|n| n.contains("without embedding")));
     assert_eq!(get("ERNIE").basis, "not computable");
-    assert!(get("Llama-4").notes[0].contains("114.13B"));
+    assert!(get("Llama-4 Behemoth").notes[0].contains("114.13B"));
     assert!(get("\"a 136B").notes[0].contains("1.52 bits"));
     // DeepSeek-V3 / dots.llm1: computed from their configs, equal to transformers' counts
     // (tests/fixtures/param_counts.json).

@@ -239,6 +239,31 @@ fn llama4_scout_chunked_nope_temperature_unit_qk_norm_llama3_rope_input_scaled_t
 }
 
 #[test]
+fn gpt_oss_sinks_biases_clamped_swiglu_yarn_alternating_windows() {
+    check("gpt-oss");
+}
+
+/// The experts as gpt-oss publishes them, MXFP4 blocks and scales: read without a 16-bit copy
+/// (the loaded experts are the packed bytes, 4.25 bits per weight, as analyze predicts) and
+/// run through the MXFP4 matmuls, matching transformers on the dequantized values.
+#[test]
+fn gpt_oss_mxfp4_experts_as_published() {
+    check("gpt-oss-mxfp4");
+    let dir = fixture("gpt-oss-mxfp4");
+    let model = load_dir(&dir, &LoadOptions::default()).unwrap();
+    let cfg = &model.cfg;
+    assert!(cfg.experts_mxfp4);
+    let want = moe::loader::predicted_weight_bytes(cfg, &LoadOptions::default());
+    assert_eq!(model.weight_bytes() as u64, want);
+    let p = moe::spec::bytes::Precision::of(DType::F32, None);
+    // Experts at 4.25 bits per weight: two FP4 per byte plus one exponent byte per 32.
+    let (e, f, h) = (8u64, 32u64, 64u64);
+    let per_layer = e * (2 * f * h + h * f) * 17 / 32;
+    let experts = moe::spec::bytes::expert_bytes(cfg, 0, p) * e;
+    assert_eq!(experts, per_layer);
+}
+
+#[test]
 fn llama4_maverick_interleaved_dense_and_moe_layers() {
     check("llama4-maverick");
 }

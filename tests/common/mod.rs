@@ -31,6 +31,7 @@ pub const FIXTURES: &[&str] = &[
     "glm4-moe",
     "llama4-scout",
     "llama4-maverick",
+    "gpt-oss",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

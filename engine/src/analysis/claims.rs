@@ -107,6 +107,16 @@ pub static CLAIMS: &[Claim] = &[
         },
     },
     Claim {
+        model: "gpt-oss-20b",
+        claimed_total: 21.0 * B,
+        claimed_active: Some(3.6 * B),
+        source: "OpenAI gpt-oss model card (\"21B total, 3.6B active\"; 20.9B), via SOURCES.md",
+        basis: Basis::Config {
+            repos: &["openai/gpt-oss-20b"],
+            stated: Some((32, 4, 0)),
+        },
+    },
+    Claim {
         model: "Llama-4 Scout",
         claimed_total: 109.0 * B,
         claimed_active: Some(17.0 * B),
@@ -262,12 +272,20 @@ fn check(c: &Claim) -> ClaimRow {
             .any(|d| d.abs() > FLAG_PCT);
         // Claims often quote active without embedding and lm_head (Qwen's "non-embedding").
         let non_emb = non_embedding_active(k);
+        // OpenAI's gpt-oss counts drop the input embedding but keep the unembedding.
+        let no_input = k.active - component_active(k, Component::Embedding);
         if let Some(a) = c.claimed_active {
             if (pct(non_emb as f64, a)).abs() <= FLAG_PCT && row.flagged {
                 row.notes.push(format!(
                     "the claimed active matches active without embedding and lm_head: {} ({:+.1}%)",
                     fmt_b(non_emb as f64),
                     pct(non_emb as f64, a)
+                ));
+            } else if (pct(no_input as f64, a)).abs() <= FLAG_PCT && row.flagged {
+                row.notes.push(format!(
+                    "the claimed active matches active without the input embedding (the lm_head counted): {} ({:+.1}%)",
+                    fmt_b(no_input as f64),
+                    pct(no_input as f64, a)
                 ));
             }
         }
@@ -335,15 +353,17 @@ fn check(c: &Claim) -> ClaimRow {
     row
 }
 
+/// Active parameters of one component.
+fn component_active(k: &ParamCounts, c: Component) -> u64 {
+    k.by_component
+        .iter()
+        .find(|x| x.component == c)
+        .map_or(0, |x| x.active)
+}
+
 /// Active parameters without the input embedding and a separate lm_head.
 fn non_embedding_active(k: &ParamCounts) -> u64 {
-    let of = |c: Component| {
-        k.by_component
-            .iter()
-            .find(|x| x.component == c)
-            .map_or(0, |x| x.active)
-    };
-    k.active - of(Component::Embedding) - of(Component::LmHead)
+    k.active - component_active(k, Component::Embedding) - component_active(k, Component::LmHead)
 }
 
 fn check_structure(cfg: &ModelConfig, e: usize, k: usize, shared: usize) -> Vec<String> {
@@ -383,6 +403,7 @@ fn lin(name: &'static str, c: Component, out: usize, inp: usize, n: u64, act: u6
         stored: n,
         active: act,
         f32: false,
+        mxfp4: false,
     }
 }
 
@@ -394,6 +415,7 @@ fn vector(name: &'static str, c: Component, len: usize, n: u64) -> TensorGroup {
         stored: n,
         active: n,
         f32: false,
+        mxfp4: false,
     }
 }
 
@@ -460,6 +482,7 @@ fn minimax_text_01() -> Computed {
             stored: 1,
             active: 1,
             f32: false,
+            mxfp4: false,
         },
         // Lightning attention: fused qkv, a sigmoid output gate, out_proj, a norm over q.
         lin(

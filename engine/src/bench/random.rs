@@ -163,7 +163,7 @@ impl Gen<'_> {
         let device = self.device;
         match t.class {
             Class::Norm => Ok(Tensor::ones(t.shape.as_slice(), dtype, device)?.into()),
-            Class::Bias | Class::Buffer => {
+            Class::Bias | Class::Buffer | Class::ExpertBias { .. } => {
                 Ok(Tensor::zeros(t.shape.as_slice(), dtype, device)?.into())
             }
             Class::Lookup | Class::Linear | Class::Experts { .. } | Class::Tied => {
@@ -174,6 +174,7 @@ impl Gen<'_> {
                 };
                 match (self.quant, t.storage()) {
                     (Some(fmt), Storage::Quantized) => self.qlinear(&t.shape, fmt),
+                    (_, Storage::Mxfp4) => self.qlinear(&t.shape, QFormat::Mxfp4),
                     _ => Ok(self
                         .normal_as(&t.shape, 1.0 / (fan_in as f64).sqrt(), dtype)?
                         .into()),

@@ -11,8 +11,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, RopeConfig, RopeScaling,
-    RouterKind,
+    AttnConfig, ExpertAct, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, RopeConfig,
+    RopeScaling, RouterKind,
 };
 use crate::error::{Error, Result};
 
@@ -65,6 +65,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         router_f32: false,
         scale_input: false,
         correction_bias: false,
+        act: ExpertAct::SwiGlu,
+        biases: false,
         shared: None,
     };
     let d_bos = f.token_ids("bos_token_id")?;
@@ -86,6 +88,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         sliding_window: None,
         window_layers: None,
         chunked_window: false,
+        experts_mxfp4: false,
         nope: None,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         layers: vec![FfnKind::Moe(moe); f.layers("n_layers")?],

@@ -20,8 +20,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    AttnConfig, FfnKind, Fields, MlaConfig, ModelConfig, MoeConfig, NormKind, QkNorm, RouterKind,
-    SharedExperts,
+    AttnConfig, ExpertAct, FfnKind, Fields, MlaConfig, ModelConfig, MoeConfig, NormKind, QkNorm,
+    RouterKind, SharedExperts,
 };
 use crate::error::{Error, Result};
 
@@ -151,6 +151,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
                     router_f32: true,
                     scale_input: false,
                     correction_bias: matches!(router, RouterKind::SigmoidBiasGrouped { .. }),
+                    act: ExpertAct::SwiGlu,
+                    biases: false,
                     shared,
                 }))
             } else {
@@ -214,6 +216,7 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         sliding_window,
         window_layers,
         chunked_window: false,
+        experts_mxfp4: false,
         nope: None,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         layers,

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, QkNorm, RouterKind,
+    AttnConfig, ExpertAct, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, QkNorm, RouterKind,
     SharedExperts,
 };
 use crate::error::{Error, Result};
@@ -64,6 +64,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
                 router_f32: true,
                 scale_input: false,
                 correction_bias: false,
+                act: ExpertAct::SwiGlu,
+                biases: false,
                 shared: (shared > 0).then_some(SharedExperts {
                     ffn: ffn.saturating_mul(shared),
                     sigmoid_gate: false,
@@ -91,12 +93,14 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             },
             clip_qkv: None,
             qkv_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
+            ..Default::default()
         },
         mla: None,
         rope: f.rope(10_000.0, d.head_dim, max_pos)?,
         sliding_window: None,
         window_layers: None,
         chunked_window: false,
+        experts_mxfp4: false,
         nope: None,
         tie_word_embeddings: d.tie,
         layers,

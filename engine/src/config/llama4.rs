@@ -19,8 +19,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    AttnConfig, AttnTemperature, FfnKind, Fields, ModelConfig, MoeConfig, NoRope, NormKind, QkNorm,
-    RouterKind, SharedExperts,
+    AttnConfig, AttnTemperature, ExpertAct, FfnKind, Fields, ModelConfig, MoeConfig, NoRope,
+    NormKind, QkNorm, RouterKind, SharedExperts,
 };
 use crate::error::{Error, Result};
 
@@ -61,6 +61,8 @@ pub(super) fn parse(raw: &Value, path: &Path, multimodal: bool) -> Result<ModelC
         }),
         scale_input: true,
         correction_bias: false,
+        act: ExpertAct::SwiGlu,
+        biases: false,
     };
     let moe_layers = match f.opt_usize_list("moe_layers")? {
         Some(v) => v,
@@ -149,6 +151,7 @@ pub(super) fn parse(raw: &Value, path: &Path, multimodal: bool) -> Result<ModelC
         sliding_window: chunk.filter(|_| any_chunked),
         window_layers: any_chunked.then_some(chunked),
         chunked_window: true,
+        experts_mxfp4: false,
         nope: Some(NoRope {
             layers: rope_layers.iter().map(|&r| !r).collect(),
             temperature,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, RouterKind};
+use super::{AttnConfig, ExpertAct, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, RouterKind};
 use crate::error::Result;
 
 /// Field names and defaults follow transformers' `MixtralConfig`.
@@ -21,6 +21,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         router_f32: false,
         scale_input: false,
         correction_bias: false,
+        act: ExpertAct::SwiGlu,
+        biases: false,
         shared: None,
     };
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096 * 32);
@@ -41,6 +43,7 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         sliding_window: f.opt_usize("sliding_window")?,
         window_layers: None,
         chunked_window: false,
+        experts_mxfp4: false,
         nope: None,
         tie_word_embeddings: d.tie,
         layers: vec![FfnKind::Moe(moe); d.layers],

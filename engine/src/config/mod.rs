@@ -17,6 +17,7 @@
 mod dbrx;
 mod deepseek;
 mod fields;
+mod gpt_oss;
 mod hunyuan;
 mod llama4;
 mod mixtral;
@@ -114,6 +115,12 @@ pub const FAMILIES: &[Family] = &[
         naming: &naming::DEEPSEEK,
     },
     Family {
+        model_type: "gpt_oss",
+        aliases: &[],
+        parse: gpt_oss::parse,
+        naming: &naming::GPT_OSS,
+    },
+    Family {
         model_type: "llama4_text",
         aliases: &[],
         parse: |raw, path| llama4::parse(raw, path, false),
@@ -169,6 +176,10 @@ pub struct ModelConfig {
     pub chunked_window: bool,
     /// Layers without RoPE (Llama-4's NoPE layers), and how their queries are scaled.
     pub nope: Option<NoRope>,
+    /// The checkpoint stores the routed experts in MXFP4 as published (gpt-oss's
+    /// `quantization_config.quant_method` "mxfp4": `*_blocks` and `*_scales`); they are loaded
+    /// and run in that format whatever `--quant` says.
+    pub experts_mxfp4: bool,
     pub tie_word_embeddings: bool,
     /// One entry per decoder layer: what its feed-forward block is.
     pub layers: Vec<FfnKind>,
@@ -202,6 +213,11 @@ pub struct AttnConfig {
     pub clip_qkv: Option<f64>,
     /// q/k/v projections carry a bias (Qwen2-MoE).
     pub qkv_bias: bool,
+    /// The output projection carries a bias (gpt-oss).
+    pub o_bias: bool,
+    /// A learned logit per head joins each softmax's denominator and is dropped (gpt-oss's
+    /// attention sinks, `self_attn.sinks [heads]`).
+    pub sinks: bool,
 }
 
 /// DeepSeek's multi-head latent attention. Per head, q and k are `qk_nope_head_dim` (no
@@ -390,6 +406,21 @@ pub struct MoeConfig {
     /// The sigmoid router's selection bias is a checkpoint tensor (`e_score_correction_bias`);
     /// without one (Llama-4) it is zero.
     pub correction_bias: bool,
+    /// The experts' activation between gate_up and down.
+    pub act: ExpertAct,
+    /// The router and both expert projections carry biases (gpt-oss).
+    pub biases: bool,
+}
+
+/// What an expert computes from its gate and up projections `g`, `u`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ExpertAct {
+    /// `silu(g) * u`.
+    #[default]
+    SwiGlu,
+    /// gpt-oss: `g' = min(g, limit)`, `u' = clamp(u, -limit, limit)`, `(u' + 1) * g' *
+    /// sigmoid(alpha * g')`.
+    ClampedSwiGlu { alpha: f64, limit: f64 },
 }
 
 /// Shared experts: one SwiGLU MLP of width `ffn` (several shared experts are one wider MLP).

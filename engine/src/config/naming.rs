@@ -31,11 +31,15 @@ pub enum ExpertNames {
         v1: &'static str,
         w2: &'static str,
     },
-    /// Llama-4: one tensor per projection (no `.weight`), transposed: `gate_up [E, H, 2F]`
-    /// (columns 0..F the gate, F..2F up) and `down [E, F, H]`.
+    /// Llama-4, gpt-oss: one tensor per projection (no `.weight`), transposed: `gate_up [E, H,
+    /// 2F]` (columns 0..F the gate, F..2F up; with `interleaved`, even columns the gate, odd
+    /// up) and `down [E, F, H]`; biases (gpt-oss) `{gate_up}_bias [E, 2F]`, `{down}_bias [E,
+    /// H]`; MXFP4 as published (gpt-oss) `{name}_blocks [E, out, in/32, 16]` and
+    /// `{name}_scales [E, out, in/32]`, not transposed.
     Stacked {
         gate_up: &'static str,
         down: &'static str,
+        interleaved: bool,
     },
 }
 
@@ -60,6 +64,10 @@ pub struct Naming {
     pub dense: &'static str,
     /// The selection bias of sigmoid routers (`[E]`, f32).
     pub score_bias: &'static str,
+    /// The router's bias (gpt-oss, `[E]`).
+    pub router_bias: &'static str,
+    /// The attention sinks (gpt-oss, `[heads]`).
+    pub sinks: &'static str,
 }
 
 const LLAMA_ATTN: AttnNames = AttnNames::Separate {
@@ -93,6 +101,8 @@ pub const QWEN: Naming = Naming {
     shared_gate: "mlp.shared_expert_gate.weight",
     dense: "mlp",
     score_bias: "mlp.gate.e_score_correction_bias",
+    router_bias: "mlp.gate.bias",
+    sinks: "self_attn.sinks",
 };
 
 /// DeepSeek-V2/V3 and dots.llm1.
@@ -146,6 +156,7 @@ pub const LLAMA4: Naming = Naming {
     experts: ExpertNames::Stacked {
         gate_up: "feed_forward.experts.gate_up_proj",
         down: "feed_forward.experts.down_proj",
+        interleaved: false,
     },
     shared: "feed_forward.shared_expert",
     dense: "feed_forward",
@@ -160,4 +171,16 @@ pub const LLAMA4_MULTIMODAL: Naming = Naming {
     lm_head: "language_model.lm_head.weight",
     layer_prefix: "language_model.model.layers.",
     ..LLAMA4
+};
+
+/// gpt-oss.
+pub const GPT_OSS: Naming = Naming {
+    router: "mlp.router.weight",
+    router_bias: "mlp.router.bias",
+    experts: ExpertNames::Stacked {
+        gate_up: "mlp.experts.gate_up_proj",
+        down: "mlp.experts.down_proj",
+        interleaved: true,
+    },
+    ..QWEN
 };

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, QkNorm, RouterKind};
+use super::{
+    AttnConfig, ExpertAct, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, QkNorm, RouterKind,
+};
 use crate::error::Result;
 
 pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
@@ -26,6 +28,8 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
         router_f32: false,
         scale_input: false,
         correction_bias: false,
+        act: ExpertAct::SwiGlu,
+        biases: false,
         shared: None,
     };
     let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
@@ -44,12 +48,14 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             qk_norm: QkNorm::Whole,
             clip_qkv: f.opt_f64("clip_qkv")?,
             qkv_bias: false,
+            ..Default::default()
         },
         mla: None,
         rope: f.rope(10_000.0, d.head_dim, max_pos)?,
         sliding_window: None,
         window_layers: None,
         chunked_window: false,
+        experts_mxfp4: false,
         nope: None,
         tie_word_embeddings: d.tie,
         layers: vec![FfnKind::Moe(moe); d.layers],

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    sparse_layer, AttnConfig, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, QkNorm,
+    sparse_layer, AttnConfig, ExpertAct, FfnKind, Fields, ModelConfig, MoeConfig, NormKind, QkNorm,
     RouterKind, SharedExperts,
 };
 use crate::error::{Error, Result};
@@ -53,6 +53,8 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         router_f32: false,
         scale_input: false,
         correction_bias: false,
+        act: ExpertAct::SwiGlu,
+        biases: false,
         shared,
     };
     let mlp_only = f.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
@@ -122,6 +124,7 @@ pub(super) fn parse(raw: &Value, path: &Path, variant: Variant) -> Result<ModelC
         sliding_window,
         window_layers,
         chunked_window: false,
+        experts_mxfp4: false,
         nope: None,
         tie_word_embeddings: d.tie,
         layers,

@@ -50,6 +50,11 @@ pub static KNOWN_MODELS: &[KnownModel] = &[
         config_json: include_str!("../../../configs/deepseek-v3.json"),
     },
     KnownModel {
+        name: "gpt-oss-20b",
+        repo: "openai/gpt-oss-20b",
+        config_json: include_str!("../../../configs/gpt-oss-20b.json"),
+    },
+    KnownModel {
         name: "llama-4-scout",
         repo: "meta-llama/Llama-4-Scout-17B-16E-Instruct",
         config_json: include_str!("../../../configs/llama-4-scout.TRIMMED.json"),

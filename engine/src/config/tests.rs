@@ -108,6 +108,9 @@ fn one_model_type_table() {
             "deepseek_v3",
             "dots1",
             "glm4_moe",
+            "gpt_oss",
+            "llama4_text",
+            "llama4",
         ]
     );
     // Every name selects exactly one family.

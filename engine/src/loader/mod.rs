@@ -328,6 +328,12 @@ pub(crate) fn stored_quantization(config_path: &Path) -> Result<Option<crate::qu
     let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else {
         return Ok(None);
     };
+    // gpt-oss's published MXFP4 experts are read per tensor (`ModelConfig::experts_mxfp4`);
+    // nothing else of the checkpoint is quantized.
+    let gpt_oss = v.get("model_type").and_then(|t| t.as_str()) == Some("gpt_oss");
+    if gpt_oss && q.get("quant_method").and_then(|m| m.as_str()) == Some("mxfp4") {
+        return Ok(None);
+    }
     crate::quant::parse_quantization_config(q)
         .map(Some)
         .map_err(|method| {

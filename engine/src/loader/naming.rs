@@ -155,6 +155,33 @@ fn published(names: &Naming, t: &TensorSpec) -> Result<Vec<Part>> {
         Role::DenseDown => one(p(&format!("{}.down_proj.weight", names.dense))),
         Role::Router => one(p(names.router)),
         Role::ScoreBias => one(p(names.score_bias)),
+        Role::RouterBias => one(p(names.router_bias)),
+        Role::Sinks => one(p(names.sinks)),
+        Role::OBias => match names.attn {
+            AttnNames::Separate { o, .. } => one(p(&format!("{o}.bias"))),
+            AttnNames::Fused { .. } => {
+                return Err(Error::config(
+                    "config.json",
+                    "this family has no output-projection bias",
+                ))
+            }
+        },
+        Role::ExpertsGateUpBias | Role::ExpertsDownBias => match names.experts {
+            ExpertNames::Stacked { gate_up, down, .. } => {
+                let stem = if t.role == Role::ExpertsGateUpBias {
+                    gate_up
+                } else {
+                    down
+                };
+                one(p(&format!("{stem}_bias")))
+            }
+            _ => {
+                return Err(Error::config(
+                    "config.json",
+                    "expert biases are read only from stacked expert tensors",
+                ))
+            }
+        },
         Role::SharedGate => one(p(names.shared_gate)),
         Role::SharedGateUp => rows(&mlp(names.shared), ".weight"),
         Role::SharedDown => one(p(&format!("{}.down_proj.weight", names.shared))),
@@ -176,10 +203,21 @@ fn published(names: &Naming, t: &TensorSpec) -> Result<Vec<Part>> {
                         })
                         .collect()
                 }
-                ExpertNames::Stacked { gate_up: gu, down } => {
-                    // [E, H, 2F] and [E, F, H]: each canonical shape with its matrix transposed.
+                ExpertNames::Stacked {
+                    gate_up: gu, down, ..
+                } => {
                     let (n, k) = (t.dim(1), t.dim(2));
-                    vec![(p(if gate_up { gu } else { down }), vec![e, k, n])]
+                    let stem = p(if gate_up { gu } else { down });
+                    match t.mxfp4 {
+                        // As published in MXFP4: not transposed, [E, N, K/32] blocks of 16
+                        // bytes and one exponent byte per block.
+                        true => vec![
+                            (format!("{stem}_blocks"), vec![e, n, k / 32, 16]),
+                            (format!("{stem}_scales"), vec![e, n, k / 32]),
+                        ],
+                        // [E, H, 2F] and [E, F, H]: each canonical shape transposed.
+                        false => vec![(stem, vec![e, k, n])],
+                    }
                 }
                 ExpertNames::Fused { w1, v1, w2 } => {
                     // [E*F, H] each; H is the gate_up's input, the down's output.
@@ -217,7 +255,9 @@ fn tensor(ck: &mut Checkpoint, names: &Naming, t: &TensorSpec, o: &LoadOptions) 
             ExpertNames::Fused { w1, v1, w2 } => {
                 return dbrx_experts(ck, names, t, &parts, [w1, v1, w2], o)
             }
-            ExpertNames::Stacked { .. } => return stacked_experts(ck, t, &parts, o),
+            ExpertNames::Stacked { interleaved, .. } => {
+                return stacked_experts(ck, t, &parts, interleaved, o)
+            }
             ExpertNames::PerExpert { .. } => {}
         }
     }
@@ -234,9 +274,21 @@ fn tensor(ck: &mut Checkpoint, names: &Naming, t: &TensorSpec, o: &LoadOptions) 
         return lin(ck, &parts, &t.shape, o);
     }
     let dt = if t.f32 { DType::F32 } else { o.dtype };
-    Ok(Weight::Dense(match parts.as_slice() {
+    let w = match parts.as_slice() {
         [(name, shape)] => ck.take(name, shape, dt, &o.device)?,
         _ => ck.take_concat(&parts, &t.shape, dt, &o.device)?,
+    };
+    // gpt-oss interleaves the gate and up columns of its expert biases like their weights.
+    let interleaved = matches!(
+        names.experts,
+        ExpertNames::Stacked {
+            interleaved: true,
+            ..
+        }
+    );
+    Ok(Weight::Dense(match t.role {
+        Role::ExpertsGateUpBias if interleaved => deinterleave(&w, 1)?,
+        _ => w,
     }))
 }
 
@@ -244,16 +296,21 @@ fn stem(name: &str) -> &str {
     name.strip_suffix(".weight").unwrap_or(name)
 }
 
-/// Llama-4's stacked, transposed experts (`parts` from [`published`]: one `[E, K, N]` tensor)
-/// -> the canonical `[E, N, K]`. Quantized: read in f32 on the host and quantized after the
+/// Llama-4's and gpt-oss's stacked, transposed experts (`parts` from [`published`]: one `[E,
+/// K, N]` tensor) -> the canonical `[E, N, K]` (gpt-oss's interleaved gate/up rows
+/// de-interleaved). Quantized: read in f32 on the host and quantized after the
 /// transpose; moe-run's own quantized checkpoints store `{name}.qweight`/`.qparams` in the
 /// canonical layout, read as stored.
 fn stacked_experts(
     ck: &mut Checkpoint,
     t: &TensorSpec,
     parts: &[Part],
+    interleaved: bool,
     o: &LoadOptions,
 ) -> Result<Weight> {
+    if let [(blocks, bshape), (scales, sshape)] = parts {
+        return mxfp4_experts(ck, t, [blocks, scales], [bshape, sshape], interleaved, o);
+    }
     let [(name, shape)] = parts else {
         return Err(Error::Input(format!(
             "internal: stacked experts read from {} tensors",
@@ -268,16 +325,65 @@ fn stacked_experts(
         None => (o.weight_dtype.unwrap_or(o.dtype), o.device.clone()),
         Some(_) => (DType::F32, Device::Cpu),
     };
-    let w = ck
+    let mut w = ck
         .take(name, shape, ld, &dev)?
         .transpose(1, 2)?
         .contiguous()?;
+    if interleaved && t.role == Role::ExpertsGateUp {
+        w = deinterleave(&w, 1)?;
+    }
     let w = Weight::new(w, o.quant, &o.device)?;
     if let Weight::Quant(q) = &w {
         ck.log_quantized(&qparts, q);
         ck.log_replaced(std::slice::from_ref(name));
     }
     Ok(w)
+}
+
+/// Published MXFP4 experts (gpt-oss: `blocks [E, N, K/32, 16]`, `scales [E, N, K/32]`, u8)
+/// read as they are, into the MXFP4 format of the kernels (`qweight [E, N, K/2]`, `params [E, N,
+/// K/32]`) without any 16-bit copy; gpt-oss's interleaved gate/up rows are reordered as whole
+/// packed rows. Whatever `--quant` says, they stay MXFP4.
+fn mxfp4_experts(
+    ck: &mut Checkpoint,
+    t: &TensorSpec,
+    [blocks, scales]: [&String; 2],
+    [bshape, sshape]: [&Vec<usize>; 2],
+    interleaved: bool,
+    o: &LoadOptions,
+) -> Result<Weight> {
+    let (e, n, k) = (t.dim(0), t.dim(1), t.dim(2));
+    if !k.is_multiple_of(32) {
+        return Err(Error::Input(format!(
+            "{blocks}: MXFP4 needs the input width to be a multiple of 32, found {k}"
+        )));
+    }
+    let mut qweight = ck
+        .take(blocks, bshape, DType::U8, &o.device)?
+        .reshape((e, n, k / 2))?;
+    let mut params = ck.take(scales, sshape, DType::U8, &o.device)?;
+    if interleaved && t.role == Role::ExpertsGateUp {
+        qweight = deinterleave(&qweight, 1)?;
+        params = deinterleave(&params, 1)?;
+    }
+    Ok(Weight::Quant(QuantTensor {
+        fmt: crate::quant::QFormat::Mxfp4,
+        shape: t.shape.clone(),
+        qweight,
+        params,
+    }))
+}
+
+/// Rows (or columns) `0, 2, 4, ..` then `1, 3, 5, ..` of `w` along `dim`: gpt-oss's
+/// interleaved gate/up into the canonical gate block, then the up block.
+fn deinterleave(w: &Tensor, dim: usize) -> Result<Tensor> {
+    let n = w.dim(dim)?;
+    let order: Vec<u32> = (0..n as u32)
+        .step_by(2)
+        .chain((1..n as u32).step_by(2))
+        .collect();
+    let idx = Tensor::from_vec(order, n, w.device())?;
+    Ok(w.index_select(&idx, dim)?)
 }
 
 /// DBRX's fused experts (`parts` from [`published`]) -> gate_up `[E, 2F, H]` (per expert: w1
@@ -404,11 +510,15 @@ mod tests {
             let names = naming_of(&cfg);
             for t in tensors(&cfg).iter().filter(|t| t.class != Class::Tied) {
                 let parts = published(names, t).unwrap();
-                let n: u64 = parts
+                let n: Vec<u64> = parts
                     .iter()
                     .map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>())
-                    .sum();
-                assert_eq!(n, t.numel(), "{name}: {t:?} from {parts:?}");
+                    .collect();
+                match t.mxfp4 {
+                    // Published MXFP4: a byte per two weights, an exponent byte per 32.
+                    true => assert_eq!(n, [t.numel() / 2, t.numel() / 32], "{name}: {t:?}"),
+                    false => assert_eq!(n.iter().sum::<u64>(), t.numel(), "{name}: {t:?}"),
+                }
             }
             let all = expected_checkpoint(&cfg);
             let mut unique: Vec<_> = all.iter().map(|(n, _)| n).collect();

@@ -136,6 +136,8 @@ fn layer(mut s: Slots) -> Result<LayerWeights> {
             q_norm: s.opt_tensor(Role::QNorm)?,
             k_norm: s.opt_tensor(Role::KNorm)?,
             o: s.need(Role::O)?,
+            o_bias: s.opt_tensor(Role::OBias)?,
+            sinks: s.opt_tensor(Role::Sinks)?,
         },
     };
     let ffn = match s.opt(Role::Router) {
@@ -154,6 +156,9 @@ fn layer(mut s: Slots) -> Result<LayerWeights> {
                 down: s.need(Role::ExpertsDown)?,
                 shared,
                 shared_gate: s.opt_tensor(Role::SharedGate)?,
+                router_bias: s.opt_tensor(Role::RouterBias)?,
+                gate_up_bias: s.opt_tensor(Role::ExpertsGateUpBias)?,
+                down_bias: s.opt_tensor(Role::ExpertsDownBias)?,
             })
         }
         None => FfnWeights::Dense(MlpWeights {
@@ -188,12 +193,16 @@ pub(crate) fn layout(w: &ModelWeights) -> Vec<(Role, Option<usize>, Vec<usize>, 
                 q_norm,
                 k_norm,
                 o,
+                o_bias,
+                sinks,
             } => {
                 ws.extend([(Role::Qkv, qkv), (Role::O, o)]);
                 for (r, x) in [
                     (Role::QkvBias, qkv_bias),
                     (Role::QNorm, q_norm),
                     (Role::KNorm, k_norm),
+                    (Role::OBias, o_bias),
+                    (Role::Sinks, sinks),
                 ] {
                     ts.extend(x.iter().map(|x| (r, x)));
                 }
@@ -233,6 +242,13 @@ pub(crate) fn layout(w: &ModelWeights) -> Vec<(Role, Option<usize>, Vec<usize>, 
                     ]);
                 }
                 ts.extend(m.score_bias.iter().map(|x| (Role::ScoreBias, x)));
+                for (r, x) in [
+                    (Role::RouterBias, &m.router_bias),
+                    (Role::ExpertsGateUpBias, &m.gate_up_bias),
+                    (Role::ExpertsDownBias, &m.down_bias),
+                ] {
+                    ts.extend(x.iter().map(|x| (r, x)));
+                }
             }
         }
         let mut layer: Vec<_> = ws
@@ -265,7 +281,7 @@ pub(crate) fn expected(
         .into_iter()
         .filter(|t| t.class != Class::Tied)
         .map(|t| {
-            let q = quant && t.storage() == Storage::Quantized;
+            let q = t.mxfp4 || (quant && t.storage() == Storage::Quantized);
             (t.role, t.layer, t.shape, q)
         })
         .collect();
@@ -287,12 +303,20 @@ mod tests {
         let mut n = 0;
         for (name, cfg) in every_config().iter().filter(|(_, c)| small(c)) {
             let w = build_weights(cfg, |t| {
-                Ok(Tensor::zeros(
+                let z = Tensor::zeros(
                     t.shape.as_slice(),
                     candle_core::DType::F32,
                     &candle_core::Device::Cpu,
-                )?
-                .into())
+                )?;
+                // Published MXFP4 experts are always held packed.
+                Ok(match t.mxfp4 {
+                    true => Weight::Quant(crate::quant::QuantTensor::quantize(
+                        &z,
+                        crate::quant::QFormat::Mxfp4,
+                        &candle_core::Device::Cpu,
+                    )?),
+                    false => z.into(),
+                })
             })
             .unwrap();
             assert_eq!(layout(&w), expected(cfg, false), "{name}");

@@ -29,6 +29,9 @@ pub struct Attention {
     pub rope: bool,
     /// Llama-4's query scaling by position on NoPE layers.
     pub temperature: Option<AttnTemperature>,
+    /// gpt-oss's sink logit per head, on the host and as an f32 `[heads]` tensor on the device:
+    /// one more logit in each softmax's denominator, with no value.
+    pub sinks: Option<(Vec<f32>, Tensor)>,
 }
 
 impl Attention {
@@ -101,7 +104,8 @@ impl Attention {
         let v = heads(v, nkv, &None, false)?;
         let l = pos + t;
         let scale = 1.0 / (hd as f64).sqrt();
-        if plan.decode_attention_kernel(t, hd) {
+        // The decode kernel has no sinks: a sink model's decode takes the general path.
+        if plan.decode_attention_kernel(t, hd) && self.sinks.is_none() {
             cache.store(layer, &k, &v, pos)?;
             let (kc, vc) = cache.layer(layer); // [B, kv, slots, hd]
             let (keys, window) = cache.attended(layer, l, self.span);
@@ -129,12 +133,14 @@ impl Attention {
         let raw = q.matmul(&k_all.t()?)?; // [B, kv, g*T, L']
         let probs = if x.device().is_cpu() && core == DType::F32 {
             let (span, cols) = (self.span, l - start);
+            let sinks = self.sinks.as_ref().map(|(h, _)| h.as_slice());
             causal_softmax_cpu(&raw, scale as f32, cols, |r| {
-                // Row r is query pos + (r % T) (rows run (kv, group, token)); it sees keys
-                // max(start, first visible) ..= p.
+                // Row r is query pos + (r % T) of head (r / T) % heads (rows run (batch, kv,
+                // group, token)); it sees keys max(start, first visible) ..= p.
                 let p = pos + r % t;
                 let lo = span.first_visible(p).max(start);
-                (lo - start, (p + 1).min(l) - start)
+                let sink = sinks.and_then(|s| s.get((r / t) % nh).copied());
+                (lo - start, (p + 1).min(l) - start, sink)
             })?
         } else {
             let scores = (raw * scale)?;
@@ -142,7 +148,24 @@ impl Attention {
                 Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
                 None => scores,
             };
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(core)?
+            let scores = scores.to_dtype(DType::F32)?;
+            match &self.sinks {
+                None => candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(core)?,
+                Some((_, s)) => {
+                    // One more column per row, the row's head's sink, softmaxed with the
+                    // scores and dropped.
+                    let (bb, _, rows, cols) = scores.dims4()?;
+                    let col = s
+                        .reshape((nkv, g, 1))?
+                        .broadcast_as((nkv, g, t))?
+                        .reshape((1, nkv, rows, 1))?
+                        .broadcast_as((bb, nkv, rows, 1))?;
+                    let all = Tensor::cat(&[&scores, &col.to_device(scores.device())?], 3)?;
+                    candle_nn::ops::softmax_last_dim(&all)?
+                        .narrow(3, 0, cols)?
+                        .to_dtype(core)?
+                }
+            }
         };
         let out = probs.matmul(&v_all.contiguous()?)?.to_dtype(x.dtype())?; // [B, kv, g*T, hd]
         out.reshape((b, nh, t, hd))?
@@ -191,16 +214,16 @@ impl Attention {
 /// Additive mask `[g*T, L-start]` (0 or -inf) for queries at `pos..pos+T` over keys
 /// `start..L`; row r is query `r % T` (the g heads of a group are stacked). A query at p sees
 /// key j iff `span.first_visible(p) <= j <= p`. `None` when nothing is masked.
-/// `softmax(scale * raw)` over each row's visible keys `visible(row) = (lo, hi)` (columns
+/// `softmax(scale * raw)` over each row's visible keys `visible(row) = (lo, hi, sink)` (columns
 /// `lo..hi` of `cols`), zero elsewhere: the CPU prefill's scale, causal (and sliding-window) mask
 /// and softmax in one pass over f32 scores, computing exp only where a key is visible. The same
 /// arithmetic as scaling, adding a -inf mask and `softmax_last_dim` (max, exp(x - max), sum,
-/// divide), on rows in parallel.
+/// divide), on rows in parallel. A `sink` logit joins the max and the denominator only.
 fn causal_softmax_cpu(
     raw: &Tensor,
     scale: f32,
     cols: usize,
-    visible: impl Fn(usize) -> (usize, usize) + Sync,
+    visible: impl Fn(usize) -> (usize, usize, Option<f32>) + Sync,
 ) -> Result<Tensor> {
     use rayon::prelude::*;
     let shape = raw.shape().clone();
@@ -209,14 +232,14 @@ fn causal_softmax_cpu(
         return Tensor::from_vec(v, shape, raw.device());
     }
     v.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
-        let (lo, hi) = visible(r);
+        let (lo, hi, sink) = visible(r);
         let (lo, hi) = (lo.min(cols), hi.min(cols));
-        let mut max = f32::NEG_INFINITY;
+        let mut max = sink.unwrap_or(f32::NEG_INFINITY);
         for x in &mut row[lo..hi] {
             *x *= scale;
             max = max.max(*x);
         }
-        let mut sum = 0f32;
+        let mut sum = sink.map_or(0.0, |s| (s - max).exp());
         for x in &mut row[lo..hi] {
             *x = (*x - max).exp();
             sum += *x;
@@ -302,7 +325,7 @@ mod tests {
             let got = causal_softmax_cpu(&raw, scale, cols, |r| {
                 let p = pos + r % t;
                 let lo = span.first_visible(p).max(start);
-                (lo - start, (p + 1).min(l) - start)
+                (lo - start, (p + 1).min(l) - start, None)
             })
             .unwrap();
             let (w, gt): (Vec<f32>, Vec<f32>) = (

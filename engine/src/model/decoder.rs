@@ -147,6 +147,8 @@ impl Model {
                             q_norm,
                             k_norm,
                             o,
+                            o_bias,
+                            sinks,
                         },
                         None,
                     ) => {
@@ -173,7 +175,12 @@ impl Model {
                         }
                         Attn::Gqa(Attention {
                             qkv: Linear::with_bias(qkv, qkv_bias),
-                            o: Linear::new(o),
+                            o: Linear::with_bias(o, o_bias),
+                            sinks: sinks
+                                .map(|s| -> Result<_> {
+                                    Ok((s.to_vec1::<f32>()?, s.to_dtype(DType::F32)?))
+                                })
+                                .transpose()?,
                             q_norm,
                             k_norm,
                             cfg: layer_cfg,
@@ -360,14 +367,18 @@ impl Model {
         if !tied {
             total += self.lm_head.bytes();
         }
+        // Llama-4's weightless QK-norm holds unit weights the checkpoint does not have.
+        let unit = self.cfg.attn.qk_norm == QkNorm::UnitAfterRope;
         for l in &self.layers {
             total += norm(&l.attn_norm) + norm(&l.ffn_norm);
             total += match &l.attn {
+                Attn::Gqa(a) if unit => a.qkv.bytes() + a.o.bytes(),
                 Attn::Gqa(a) => {
                     a.qkv.bytes()
                         + a.o.bytes()
                         + a.q_norm.as_ref().map_or(0, norm)
                         + a.k_norm.as_ref().map_or(0, norm)
+                        + a.sinks.as_ref().map_or(0, |(_, s)| tensor_bytes(s))
                 }
                 Attn::Mla(a) => {
                     let q = match &a.q {

@@ -125,6 +125,10 @@ pub enum AttnWeights {
         k_norm: Option<Tensor>,
         /// `[H, heads*hd]`
         o: Weight,
+        /// `[H]` (gpt-oss).
+        o_bias: Option<Tensor>,
+        /// One sink logit per head `[heads]` (gpt-oss).
+        sinks: Option<Tensor>,
     },
     Mla(MlaWeights),
 }

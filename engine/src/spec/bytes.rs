@@ -176,6 +176,8 @@ pub enum Storage {
     Keep16,
     /// Stays f32 always (a router the engine keeps in f32).
     KeepF32,
+    /// MXFP4 as the checkpoint publishes it, whatever the precision (gpt-oss's experts).
+    Mxfp4,
 }
 
 /// THE quantization rule: which tensors int8 / int4 apply to. Every linear weight of
@@ -189,6 +191,7 @@ pub enum Storage {
 pub fn storage(t: &TensorGroup) -> Storage {
     match (t.component, t.kind) {
         _ if t.f32 => Storage::KeepF32,
+        (_, TensorKind::Linear { .. }) if t.mxfp4 => Storage::Mxfp4,
         (_, TensorKind::Lookup { .. } | TensorKind::Vector { .. }) => Storage::Keep16,
         (Component::Attention, _) if t.name == MLA_KV_B => Storage::Keep16,
         (Component::Router | Component::LmHead | Component::Embedding | Component::Norms, _) => {
@@ -258,7 +261,8 @@ pub fn tensor_bytes(t: &TensorGroup, p: Precision) -> u64 {
             Storage::Quantized,
             Precision::Mxfp4 | Precision::Mxfp4F32,
             TensorKind::Linear { out, inp },
-        ) => {
+        )
+        | (Storage::Mxfp4, _, TensorKind::Linear { out, inp }) => {
             // Two nibbles per byte along K; per 32 a one-byte exponent.
             let (n, k) = (out as u64, inp as u64);
             n * k.div_ceil(2) + n * k.div_ceil(32)
@@ -285,15 +289,16 @@ pub fn decode_weight_bytes(inv: &[TensorGroup], p: Precision) -> u64 {
 }
 
 /// Bytes of one routed expert (gate, up, down) of an MoE layer at precision `p` (0 for a dense
-/// layer): one matrix of each stacked expert tensor of the layer.
+/// layer): one matrix of each stacked expert tensor of the layer (and its biases, if any).
 pub fn expert_bytes(cfg: &ModelConfig, layer: usize, p: Precision) -> u64 {
     let b = layer_tensors(cfg, layer)
         .iter()
-        .filter(|t| matches!(t.class, Class::Experts { .. }))
+        .filter(|t| matches!(t.class, Class::Experts { .. } | Class::ExpertBias { .. }))
         .map(|t| tensor_bytes(&t.group(), p))
         .sum();
     debug_assert!(
         p != Precision::Bf16
+            || cfg.experts_mxfp4
             || match cfg.layers.get(layer) {
                 Some(FfnKind::Moe(m)) => b == 2 * expert_params(m, cfg.hidden_size),
                 _ => b == 0,

@@ -47,6 +47,8 @@ pub struct TensorGroup {
     pub active: u64,
     /// Kept in f32 whatever the model dtype (`MoeConfig::router_f32`, HunYuan's `wg`).
     pub f32: bool,
+    /// Stored in MXFP4 as the checkpoint publishes it, whatever the precision.
+    pub mxfp4: bool,
 }
 
 impl TensorGroup {
@@ -79,16 +81,7 @@ impl TensorGroup {
 pub fn tensor_inventory(cfg: &ModelConfig) -> Vec<TensorGroup> {
     let mut out: Vec<TensorGroup> = Vec::new();
     for t in tensors(cfg).iter().filter(|t| t.class != Class::Buffer) {
-        let g = t.group();
-        push_group(
-            &mut out,
-            g.name,
-            g.component,
-            g.kind,
-            g.stored,
-            g.active,
-            g.f32,
-        );
+        push_group(&mut out, t.group());
     }
     out
 }
@@ -109,6 +102,10 @@ impl TensorSpec {
             // A tied lm_head is used (a matmul) but not stored: stored 0, active 1.
             Class::Tied => (TensorKind::Linear { out: d0, inp: d1 }, 0, 1),
             Class::Norm | Class::Bias | Class::Buffer => (TensorKind::Vector { len: d0 }, 1, 1),
+            // E bias vectors stored, k used per token.
+            Class::ExpertBias { top_k } => {
+                (TensorKind::Vector { len: d1 }, d0 as u64, top_k as u64)
+            }
         };
         TensorGroup {
             name: self.role.name(),
@@ -117,35 +114,25 @@ impl TensorSpec {
             stored,
             active,
             f32: self.f32,
+            mxfp4: self.mxfp4,
         }
     }
 }
 
-fn push_group(
-    out: &mut Vec<TensorGroup>,
-    name: &'static str,
-    component: Component,
-    kind: TensorKind,
-    stored: u64,
-    active: u64,
-    f32: bool,
-) {
-    match out
-        .iter_mut()
-        .find(|g| g.name == name && g.kind == kind && g.component == component && g.f32 == f32)
-    {
+/// Adds `t` to the group of the same name, shape, component and storage, or as a new group.
+fn push_group(out: &mut Vec<TensorGroup>, t: TensorGroup) {
+    match out.iter_mut().find(|g| {
+        g.name == t.name
+            && g.kind == t.kind
+            && g.component == t.component
+            && g.f32 == t.f32
+            && g.mxfp4 == t.mxfp4
+    }) {
         Some(g) => {
-            g.stored += stored;
-            g.active += active;
+            g.stored += t.stored;
+            g.active += t.active;
         }
-        None => out.push(TensorGroup {
-            name,
-            component,
-            kind,
-            stored,
-            active,
-            f32,
-        }),
+        None => out.push(t),
     }
 }
 
@@ -216,5 +203,10 @@ pub fn counts_of(inv: &[TensorGroup], tied_embeddings: bool) -> ParamCounts {
 
 /// Parameters of one routed expert of an MoE layer: 3 x F x H (gate, up, down).
 pub fn expert_params(m: &MoeConfig, hidden: usize) -> u64 {
-    3 * m.expert_ffn as u64 * hidden as u64
+    let biases = if m.biases {
+        2 * m.expert_ffn + hidden
+    } else {
+        0
+    };
+    3 * m.expert_ffn as u64 * hidden as u64 + biases as u64
 }

@@ -24,7 +24,7 @@
 
 use serde::Serialize;
 
-use crate::config::{FfnKind, ModelConfig, MoeConfig, QkNorm, RouterKind};
+use crate::config::{FfnKind, ModelConfig, MoeConfig, QkNorm};
 
 /// The inventory name of MLA's kv_b_proj (kept 16-bit by [`super::bytes::storage`]).
 pub const MLA_KV_B: &str = "self_attn.kv_b_proj";
@@ -108,6 +108,13 @@ pub enum Role {
     SharedDown,
     /// Sigmoid routers' selection bias `[E]` (`e_score_correction_bias`).
     ScoreBias,
+    /// gpt-oss: the output projection's bias `[H]`, the per-head sink logits `[heads]`, the
+    /// router's bias `[E]` and the experts' biases `[E, 2F]` (gate rows, then up) and `[E, H]`.
+    OBias,
+    Sinks,
+    RouterBias,
+    ExpertsGateUpBias,
+    ExpertsDownBias,
     FinalNorm,
     LmHead,
 }
@@ -137,6 +144,11 @@ impl Role {
             Role::ExpertsGateUp => "mlp.experts.gate_up_proj",
             Role::ExpertsDown => "mlp.experts.down_proj",
             Role::SharedGate => "mlp.shared_expert_gate",
+            Role::OBias => "self_attn.o_proj.bias",
+            Role::Sinks => "self_attn.sinks",
+            Role::RouterBias => "mlp.router.bias",
+            Role::ExpertsGateUpBias => "mlp.experts.gate_up_proj_bias",
+            Role::ExpertsDownBias => "mlp.experts.down_proj_bias",
             Role::SharedGateUp => "mlp.shared_experts.gate_up_proj",
             Role::SharedDown => "mlp.shared_experts.down_proj",
             Role::ScoreBias => "mlp.gate.e_score_correction_bias",
@@ -160,10 +172,17 @@ impl Role {
             | Role::MlaQB
             | Role::MlaKvA
             | Role::MlaKvANorm
-            | Role::MlaKvB => Component::Attention,
+            | Role::MlaKvB
+            | Role::OBias
+            | Role::Sinks => Component::Attention,
             Role::DenseGateUp | Role::DenseDown => Component::DenseFfn,
-            Role::Router | Role::SharedGate | Role::ScoreBias => Component::Router,
-            Role::ExpertsGateUp | Role::ExpertsDown => Component::RoutedExperts,
+            Role::Router | Role::SharedGate | Role::ScoreBias | Role::RouterBias => {
+                Component::Router
+            }
+            Role::ExpertsGateUp
+            | Role::ExpertsDown
+            | Role::ExpertsGateUpBias
+            | Role::ExpertsDownBias => Component::RoutedExperts,
             Role::SharedGateUp | Role::SharedDown => Component::SharedExperts,
             Role::LmHead => Component::LmHead,
         }
@@ -187,6 +206,8 @@ pub enum Class {
     Norm,
     /// A bias `[len]` (zeros when drawn at random).
     Bias,
+    /// E stacked biases `[E, len]` of the routed experts, `top_k` of which a token uses.
+    ExpertBias { top_k: usize },
     /// A buffer, not a parameter in transformers' count (so not in the cost model's inventory):
     /// the sigmoid routers' selection bias `[E]` (zeros when drawn at random).
     Buffer,
@@ -207,6 +228,8 @@ pub struct TensorSpec {
     pub parts: Vec<usize>,
     /// Kept in f32 whatever the compute dtype (`MoeConfig::router_f32`, the selection bias).
     pub f32: bool,
+    /// Stored in MXFP4 as the checkpoint publishes it (`ModelConfig::experts_mxfp4`).
+    pub mxfp4: bool,
 }
 
 impl TensorSpec {
@@ -220,6 +243,7 @@ impl TensorSpec {
             shape,
             class,
             f32: false,
+            mxfp4: false,
         }
     }
 
@@ -289,6 +313,9 @@ pub fn layer_tensors(cfg: &ModelConfig, i: usize) -> Vec<TensorSpec> {
         ),
         FfnKind::Moe(m) => moe(&mut out, &t, m, h),
     }
+    for t in out.iter_mut() {
+        t.mxfp4 = cfg.experts_mxfp4 && matches!(t.class, Class::Experts { .. });
+    }
     out
 }
 
@@ -309,6 +336,12 @@ fn moe(out: &mut Vec<TensorSpec>, t: &Make, m: &MoeConfig, h: usize) {
     let experts = Class::Experts { top_k: m.top_k };
     out.push(t(Role::ExpertsGateUp, vec![e, 2 * f, h], experts).fused(vec![f, f]));
     out.push(t(Role::ExpertsDown, vec![e, h, f], experts));
+    if m.biases {
+        let b = Class::ExpertBias { top_k: m.top_k };
+        out.push(t(Role::RouterBias, vec![e], Class::Bias));
+        out.push(t(Role::ExpertsGateUpBias, vec![e, 2 * f], b).fused(vec![f, f]));
+        out.push(t(Role::ExpertsDownBias, vec![e, h], b).fused(vec![h]));
+    }
     if let Some(s) = m.shared {
         if s.sigmoid_gate {
             // Qwen2-MoE: sigmoid(x g^T) scales the shared expert; g is `[1, H]`.
@@ -367,6 +400,13 @@ fn attention(cfg: &ModelConfig, out: &mut Vec<TensorSpec>, t: &Make) {
         out.extend([norm(Role::QNorm, qn), norm(Role::KNorm, kn)]);
     }
     out.push(lin(Role::O, h, q));
+    if cfg.attn.o_bias {
+        out.push(t(Role::OBias, vec![h], Class::Bias));
+    }
+    if cfg.attn.sinks {
+        // Kept in f32: they enter an f32 softmax.
+        out.push(t(Role::Sinks, vec![cfg.num_heads], Class::Bias).in_f32(true));
+    }
 }
 
 /// Every config the tests know: the built-in models (`configs/`), the parity fixtures
@@ -443,6 +483,7 @@ mod tests {
                         (t.dim(1), 3)
                     }
                     Class::Norm | Class::Bias | Class::Buffer => (t.dim(0), 1),
+                    Class::ExpertBias { .. } => (t.dim(1), 2),
                     _ => (t.dim(0), 2),
                 };
                 assert_eq!(t.shape.len(), rank, "{name} {t:?}");
@@ -450,16 +491,23 @@ mod tests {
                 assert_eq!(t.f32, t.storage() == Storage::KeepF32, "{name} {t:?}");
             }
             // The inventory is the spec's tensors (the buffer aside), nothing else: every stored
-            // tensor's elements are its parameters, and fp32 bytes are 4 per element.
-            let stored: u64 = spec
-                .iter()
-                .filter(|t| !matches!(t.class, Class::Tied | Class::Buffer))
-                .map(TensorSpec::numel)
-                .sum();
+            // tensor's elements are its parameters, and fp32 bytes are 4 per element (published
+            // MXFP4 experts 17 bytes per 32 weights whatever the precision).
+            let stored = |mxfp4: bool| -> u64 {
+                spec.iter()
+                    .filter(|t| !matches!(t.class, Class::Tied | Class::Buffer))
+                    .filter(|t| t.mxfp4 == mxfp4)
+                    .map(TensorSpec::numel)
+                    .sum()
+            };
             let counts = param_counts(cfg);
-            assert_eq!(counts.total, stored, "{name}");
+            assert_eq!(counts.total, stored(false) + stored(true), "{name}");
             let inv = tensor_inventory(cfg);
-            assert_eq!(weight_bytes(&inv, Precision::Fp32), 4 * stored, "{name}");
+            assert_eq!(
+                weight_bytes(&inv, Precision::Fp32),
+                4 * stored(false) + stored(true) * 17 / 32,
+                "{name}"
+            );
         }
     }
 

@@ -4,7 +4,105 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::Dispatch;
+use crate::config::ExpertAct;
 use crate::quant::Weight;
+
+/// What an expert does beyond `down(silu(gate) * up)`: gpt-oss's clamped activation and biases
+/// after both projections (`gate_up_bias [E, 2F]`, gate then up; `down_bias [E, H]`).
+#[derive(Clone, Copy, Default)]
+pub struct ExpertExtras<'a> {
+    pub act: ExpertAct,
+    pub gate_up_bias: Option<&'a Tensor>,
+    pub down_bias: Option<&'a Tensor>,
+}
+
+impl ExpertExtras<'_> {
+    /// Plain SwiGLU without biases: what the fused expert kernels compute.
+    pub fn plain(&self) -> bool {
+        self.act == ExpertAct::SwiGlu && self.gate_up_bias.is_none() && self.down_bias.is_none()
+    }
+}
+
+/// The activation of `gu [n, 2F]` (gate columns, then up) -> `[n, F]`.
+pub fn activate(gu: &Tensor, act: ExpertAct) -> Result<Tensor> {
+    let f = gu.dim(1)? / 2;
+    let (g, u) = (gu.narrow(1, 0, f)?, gu.narrow(1, f, f)?);
+    match act {
+        ExpertAct::SwiGlu => candle_nn::ops::silu(&g)? * u,
+        ExpertAct::ClampedSwiGlu { alpha, limit } => {
+            let g = g.minimum(limit)?;
+            let u = u.clamp(-limit, limit)?;
+            let glu = (&g * candle_nn::ops::sigmoid(&(&g * alpha)?)?)?;
+            (u + 1.0)? * glu
+        }
+    }
+}
+
+/// `y + bias[e]` for the rows of each expert: `offsets` (host, `[E + 1]`) give expert e rows
+/// `offsets[e]..offsets[e + 1]` of `y [rows, N]`; `bias [E, N]`.
+fn add_expert_bias(y: &Tensor, bias: Option<&Tensor>, offsets: &[u32]) -> Result<Tensor> {
+    let Some(b) = bias else {
+        return Ok(y.clone());
+    };
+    let rows: Vec<u32> = offsets
+        .windows(2)
+        .enumerate()
+        .flat_map(|(e, w)| std::iter::repeat_n(e as u32, (w[1] - w[0]) as usize))
+        .collect();
+    let n = rows.len();
+    let idx = Tensor::from_vec(rows, n, y.device())?;
+    y + b.to_dtype(y.dtype())?.index_select(&idx, 0)?
+}
+
+/// [`experts_w`] with gpt-oss's extras ([`ExpertExtras`]); plain SwiGLU takes [`experts_w`]'s
+/// fast paths (the CPU kernels fuse SwiGLU alone).
+pub fn experts_with(
+    x: &Tensor,
+    d: &Dispatch,
+    gate_up: &Weight,
+    down: &Weight,
+    cpu: Option<moe_kernels::cpu::Level>,
+    extras: ExpertExtras,
+) -> Result<Tensor> {
+    if extras.plain() {
+        return experts_w(x, d, gate_up, down, cpu);
+    }
+    match (gate_up, down) {
+        (Weight::Dense(gu), Weight::Dense(dn)) => {
+            let mut outs = Vec::new();
+            for e in 0..d.num_experts {
+                let (lo, hi) = (d.offsets[e] as usize, d.offsets[e + 1] as usize);
+                if lo == hi {
+                    continue;
+                }
+                let rows = Tensor::from_slice(&d.row_token[lo..hi], hi - lo, x.device())?;
+                let xe = x.index_select(&rows, 0)?; // [n, H]
+                let mut g = expert_matmul(&xe, gu, e)?; // [n, 2F]
+                if let Some(b) = extras.gate_up_bias {
+                    g = g.broadcast_add(&b.get(e)?.to_dtype(g.dtype())?)?;
+                }
+                let mut y = expert_matmul(&activate(&g, extras.act)?, dn, e)?;
+                if let Some(b) = extras.down_bias {
+                    y = y.broadcast_add(&b.get(e)?.to_dtype(y.dtype())?)?;
+                }
+                outs.push(y);
+            }
+            if outs.is_empty() {
+                return Tensor::zeros((0, x.dim(1)?), x.dtype(), x.device());
+            }
+            Tensor::cat(&outs, 0)
+        }
+        (Weight::Quant(gu), Weight::Quant(dn)) => {
+            let rows = Tensor::from_slice(&d.row_token, d.row_token.len(), x.device())?;
+            let xs = x.index_select(&rows, 0)?; // [N*A, H], expert-sorted
+            let g = gu.forward_grouped(&xs, &d.offsets)?; // [N*A, 2F]
+            let g = add_expert_bias(&g, extras.gate_up_bias, &d.offsets)?;
+            let y = dn.forward_grouped(&activate(&g, extras.act)?, &d.offsets)?;
+            add_expert_bias(&y, extras.down_bias, &d.offsets)
+        }
+        _ => candle_core::bail!("experts: gate_up and down must both be dense or both quantized"),
+    }
+}
 
 /// [`experts`] for dense or quantized weights. Quantized experts run the grouped layout: the
 /// dispatched rows gathered once into expert-sorted `[N*A, H]`, then one grouped W8A16/W4A16

@@ -32,6 +32,11 @@ pub struct MoeWeights {
     /// Always-on shared experts (one MLP) and, for sigmoid gating, the gate `[1, H]`.
     pub shared: Option<MlpWeights>,
     pub shared_gate: Option<Tensor>,
+    /// gpt-oss: the router's bias `[E]` and the experts' `[E, 2F]` (gate rows, then up) and
+    /// `[E, H]`.
+    pub router_bias: Option<Tensor>,
+    pub gate_up_bias: Option<Tensor>,
+    pub down_bias: Option<Tensor>,
 }
 
 pub struct MoeBlock {
@@ -48,6 +53,9 @@ pub struct MoeBlock {
     /// Hybrid placement: the routed experts kept in host memory and run by the CPU kernels
     /// (`gate_up`/`down` then hold only the resident ones, in [`HostExperts::resident`] order).
     pub host: Option<HostExperts>,
+    /// gpt-oss: the experts' biases `[E, 2F]` (gate, then up) and `[E, H]`.
+    pub gate_up_bias: Option<Tensor>,
+    pub down_bias: Option<Tensor>,
 }
 
 /// A MoE layer's routed experts split between the model's device and host memory
@@ -99,11 +107,13 @@ impl MoeBlock {
             .transpose()?;
         Ok(MoeBlock {
             cfg,
-            router: Linear::new(w.router),
+            router: Linear::with_bias(w.router, w.router_bias),
             gate_up: w.gate_up,
             down: w.down,
             shared: w.shared.map(Mlp::new),
             shared_gate: w.shared_gate.map(Linear::new),
+            gate_up_bias: w.gate_up_bias,
+            down_bias: w.down_bias,
             score_bias,
             score_bias_dev,
             host: None,
@@ -113,6 +123,11 @@ impl MoeBlock {
     /// Splits the routed experts: `on_device[e]` stays on `device` (copied there if it is not),
     /// the rest move to host memory, run by the CPU kernels. Once per block.
     pub fn place(&mut self, on_device: &[bool], device: &candle_core::Device) -> Result<()> {
+        if !self.extras().plain() {
+            candle_core::bail!(
+                "expert placement: experts with biases or a clamped activation (gpt-oss) cannot be split between GPU and CPU yet"
+            );
+        }
         if self.host.is_some() || on_device.len() != self.cfg.num_experts {
             candle_core::bail!(
                 "expert placement: {} flags for {} experts (or placed twice)",
@@ -144,9 +159,21 @@ impl MoeBlock {
         Ok(())
     }
 
+    /// The experts' activation and biases beyond plain SwiGLU.
+    pub fn extras(&self) -> experts::ExpertExtras<'_> {
+        experts::ExpertExtras {
+            act: self.cfg.act,
+            gate_up_bias: self.gate_up_bias.as_ref(),
+            down_bias: self.down_bias.as_ref(),
+        }
+    }
+
     /// Bytes of weights in memory (router, experts, shared experts).
     pub fn bytes(&self) -> usize {
-        self.router.bytes()
+        let bias = |b: &Option<Tensor>| b.as_ref().map_or(0, super::tensor_bytes);
+        bias(&self.gate_up_bias)
+            + bias(&self.down_bias)
+            + self.router.bytes()
             + self.gate_up.bytes()
             + self.down.bytes()
             + self.shared.as_ref().map_or(0, Mlp::bytes)
@@ -177,7 +204,10 @@ impl MoeBlock {
         // the host instead: one device-to-host read per layer rather than an error.
         // A layer with experts in host memory routes on the device too; it then reads the
         // dispatch to the host (one device-to-host read per placed layer).
-        let on_device = plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k);
+        // So do experts the fused kernels do not compute (gpt-oss's biases and clamped
+        // activation): they run per expert with candle's ops, on whatever device.
+        let on_device = plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k)
+            && self.extras().plain();
         let (mut out, routing) = if on_device {
             self.routed_kernels(&x, &logits, plan)?
         } else {
@@ -273,7 +303,14 @@ impl MoeBlock {
             false => (x, std::borrow::Cow::Borrowed(&routing)),
         };
         let y = match &self.host {
-            None => experts::experts_w(x, &d, &self.gate_up, &self.down, plan.cpu_experts())?,
+            None => experts::experts_with(
+                x,
+                &d,
+                &self.gate_up,
+                &self.down,
+                plan.cpu_experts(),
+                self.extras(),
+            )?,
             Some(h) => self.split_experts(x, &d, h, plan)?,
         }; // [N*A, H], expert-sorted
         let out = combine(&y, &d, &mix)?; // [N, H]
