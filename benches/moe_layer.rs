@@ -21,6 +21,10 @@ fn layer(h: usize, f: usize, e: usize, k: usize) -> MoeBlock {
         router: RouterKind::Softmax { norm_p: Some(1.0) },
         router_f32: false,
         shared: None,
+        scale_input: false,
+        correction_bias: false,
+        act: Default::default(),
+        biases: false,
     };
     let w = MoeWeights {
         router: r(&[e, h], 2.0 / (h as f64).sqrt()),
@@ -29,6 +33,9 @@ fn layer(h: usize, f: usize, e: usize, k: usize) -> MoeBlock {
         score_bias: None,
         shared: None,
         shared_gate: None,
+        router_bias: None,
+        gate_up_bias: None,
+        down_bias: None,
     };
     MoeBlock::new(cfg, w).unwrap()
 }

@@ -256,9 +256,10 @@ fn gpt_oss_mxfp4_experts_as_published() {
     let want = moe::loader::predicted_weight_bytes(cfg, &LoadOptions::default());
     assert_eq!(model.weight_bytes() as u64, want);
     let p = moe::spec::bytes::Precision::of(DType::F32, None);
-    // Experts at 4.25 bits per weight: two FP4 per byte plus one exponent byte per 32.
+    // Experts at 4.25 bits per weight: two FP4 per byte plus one exponent byte per 32; their
+    // biases in f32.
     let (e, f, h) = (8u64, 32u64, 64u64);
-    let per_layer = e * (2 * f * h + h * f) * 17 / 32;
+    let per_layer = e * (2 * f * h + h * f) * 17 / 32 + e * (2 * f + h) * 4;
     let experts = moe::spec::bytes::expert_bytes(cfg, 0, p) * e;
     assert_eq!(experts, per_layer);
 }

@@ -32,6 +32,7 @@ pub const FIXTURES: &[&str] = &[
     "llama4-scout",
     "llama4-maverick",
     "gpt-oss",
+    "gpt-oss-mxfp4",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -57,7 +57,7 @@ fn lin(
             fmt,
             shape: shape.to_vec(),
             qweight: ck.take_concat(&qparts, &qs, DType::U8, &o.device)?,
-            params: ck.take_concat(&pparts, &ps, DType::F16, &o.device)?,
+            params: ck.take_concat(&pparts, &ps, fmt.params_dtype(), &o.device)?,
         }
     } else {
         let w = ck.take_concat(parts, shape, DType::F32, &Device::Cpu)?;

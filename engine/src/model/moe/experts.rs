@@ -14,6 +14,9 @@ pub struct ExpertExtras<'a> {
     pub act: ExpertAct,
     pub gate_up_bias: Option<&'a Tensor>,
     pub down_bias: Option<&'a Tensor>,
+    /// The global id of each local expert, when the weights hold a subset of the experts (a
+    /// placed layer's device or host share): the biases are indexed by global id.
+    pub experts: Option<&'a [usize]>,
 }
 
 impl ExpertExtras<'_> {
@@ -40,14 +43,19 @@ pub fn activate(gu: &Tensor, act: ExpertAct) -> Result<Tensor> {
 
 /// `y + bias[e]` for the rows of each expert: `offsets` (host, `[E + 1]`) give expert e rows
 /// `offsets[e]..offsets[e + 1]` of `y [rows, N]`; `bias [E, N]`.
-fn add_expert_bias(y: &Tensor, bias: Option<&Tensor>, offsets: &[u32]) -> Result<Tensor> {
+fn add_expert_bias(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    offsets: &[u32],
+    global: impl Fn(usize) -> usize,
+) -> Result<Tensor> {
     let Some(b) = bias else {
         return Ok(y.clone());
     };
     let rows: Vec<u32> = offsets
         .windows(2)
         .enumerate()
-        .flat_map(|(e, w)| std::iter::repeat_n(e as u32, (w[1] - w[0]) as usize))
+        .flat_map(|(e, w)| std::iter::repeat_n(global(e) as u32, (w[1] - w[0]) as usize))
         .collect();
     let n = rows.len();
     let idx = Tensor::from_vec(rows, n, y.device())?;
@@ -67,6 +75,7 @@ pub fn experts_with(
     if extras.plain() {
         return experts_w(x, d, gate_up, down, cpu);
     }
+    let global = |e: usize| extras.experts.map_or(e, |ids| ids[e]);
     match (gate_up, down) {
         (Weight::Dense(gu), Weight::Dense(dn)) => {
             let mut outs = Vec::new();
@@ -79,11 +88,11 @@ pub fn experts_with(
                 let xe = x.index_select(&rows, 0)?; // [n, H]
                 let mut g = expert_matmul(&xe, gu, e)?; // [n, 2F]
                 if let Some(b) = extras.gate_up_bias {
-                    g = g.broadcast_add(&b.get(e)?.to_dtype(g.dtype())?)?;
+                    g = g.broadcast_add(&b.get(global(e))?.to_dtype(g.dtype())?)?;
                 }
                 let mut y = expert_matmul(&activate(&g, extras.act)?, dn, e)?;
                 if let Some(b) = extras.down_bias {
-                    y = y.broadcast_add(&b.get(e)?.to_dtype(y.dtype())?)?;
+                    y = y.broadcast_add(&b.get(global(e))?.to_dtype(y.dtype())?)?;
                 }
                 outs.push(y);
             }
@@ -96,9 +105,9 @@ pub fn experts_with(
             let rows = Tensor::from_slice(&d.row_token, d.row_token.len(), x.device())?;
             let xs = x.index_select(&rows, 0)?; // [N*A, H], expert-sorted
             let g = gu.forward_grouped(&xs, &d.offsets)?; // [N*A, 2F]
-            let g = add_expert_bias(&g, extras.gate_up_bias, &d.offsets)?;
+            let g = add_expert_bias(&g, extras.gate_up_bias, &d.offsets, global)?;
             let y = dn.forward_grouped(&activate(&g, extras.act)?, &d.offsets)?;
-            add_expert_bias(&y, extras.down_bias, &d.offsets)
+            add_expert_bias(&y, extras.down_bias, &d.offsets, global)
         }
         _ => candle_core::bail!("experts: gate_up and down must both be dense or both quantized"),
     }

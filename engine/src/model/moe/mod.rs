@@ -68,6 +68,9 @@ pub struct HostExperts {
     /// `[E_host, 2F, H]` and `[E_host, H, F]` on the CPU, in the format they were loaded in.
     pub gate_up: Weight,
     pub down: Weight,
+    /// gpt-oss: every expert's biases (indexed by global id), copied to the CPU.
+    pub gate_up_bias: Option<Tensor>,
+    pub down_bias: Option<Tensor>,
 }
 
 /// The routing of one forward pass as the kernels leave it, on the model's device: `ids [N, A]` u32 and
@@ -123,11 +126,6 @@ impl MoeBlock {
     /// Splits the routed experts: `on_device[e]` stays on `device` (copied there if it is not),
     /// the rest move to host memory, run by the CPU kernels. Once per block.
     pub fn place(&mut self, on_device: &[bool], device: &candle_core::Device) -> Result<()> {
-        if !self.extras().plain() {
-            candle_core::bail!(
-                "expert placement: experts with biases or a clamped activation (gpt-oss) cannot be split between GPU and CPU yet"
-            );
-        }
         if self.host.is_some() || on_device.len() != self.cfg.num_experts {
             candle_core::bail!(
                 "expert placement: {} flags for {} experts (or placed twice)",
@@ -147,9 +145,12 @@ impl MoeBlock {
             return Ok(());
         }
         let cpu = candle_core::Device::Cpu;
+        let on_cpu = |b: &Option<Tensor>| b.as_ref().map(|b| b.to_device(&cpu)).transpose();
         let h = HostExperts {
             gate_up: self.gate_up.select_experts(&host, &cpu)?,
             down: self.down.select_experts(&host, &cpu)?,
+            gate_up_bias: on_cpu(&self.gate_up_bias)?,
+            down_bias: on_cpu(&self.down_bias)?,
             resident,
             host,
         };
@@ -165,6 +166,7 @@ impl MoeBlock {
             act: self.cfg.act,
             gate_up_bias: self.gate_up_bias.as_ref(),
             down_bias: self.down_bias.as_ref(),
+            experts: None,
         }
     }
 
@@ -362,8 +364,16 @@ impl MoeBlock {
             }
         };
         let (mut parts, mut order) = (Vec::new(), Vec::new());
+        let extras = self.extras();
         if !rows_r.is_empty() {
-            let y = if plan.exec == super::ExecPath::Kernels {
+            let y = if !extras.plain() {
+                // gpt-oss's experts: candle's ops on the device's share.
+                let ex = experts::ExpertExtras {
+                    experts: Some(&h.resident),
+                    ..extras
+                };
+                experts::experts_with(x, &dr, &self.gate_up, &self.down, None, ex)?
+            } else if plan.exec == super::ExecPath::Kernels {
                 // The device's kernels (on the CPU, their references).
                 let t = |v: &[u32]| Tensor::from_slice(v, v.len(), dev);
                 let (rt, c, o) = (t(&dr.row_token)?, t(&dr.counts)?, t(&dr.offsets)?);
@@ -383,7 +393,17 @@ impl MoeBlock {
             } else {
                 Some(moe_kernels::cpu::Level::default_for_cpu())
             };
+            let host_extras = experts::ExpertExtras {
+                gate_up_bias: h.gate_up_bias.as_ref(),
+                down_bias: h.down_bias.as_ref(),
+                experts: Some(&h.host),
+                ..extras
+            };
             let y = match level {
+                // The CPU kernels fuse plain SwiGLU only.
+                _ if !host_extras.plain() => {
+                    experts::experts_with(&xh, &dh, &h.gate_up, &h.down, None, host_extras)?
+                }
                 Some(l) => moe_kernels::cpu::moe_experts_cpu(
                     l,
                     &xh,
