@@ -208,8 +208,10 @@ impl MoeBlock {
         // dispatch to the host (one device-to-host read per placed layer).
         // So do experts the fused kernels do not compute (gpt-oss's biases and clamped
         // activation): they run per expert with candle's ops, on whatever device.
+        // (Quantized ones, gpt-oss's published MXFP4 among them, stay on the device: two grouped
+        // quantized matmuls with the biases and the activation between them.)
         let on_device = plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k)
-            && self.extras().plain();
+            && (self.extras().plain() || matches!(self.gate_up, Weight::Quant(_)));
         let (mut out, routing) = if on_device {
             self.routed_kernels(&x, &logits, plan)?
         } else {
@@ -254,6 +256,7 @@ impl MoeBlock {
                 &self.gate_up,
                 &self.down,
                 path,
+                Some((self.extras(), &ids, &d.slot_row)),
             )?,
             // A placed layer: the dispatch (not the router logits) comes to the host, where the
             // rows are split between the device's experts and the host's.
@@ -378,7 +381,7 @@ impl MoeBlock {
                 let t = |v: &[u32]| Tensor::from_slice(v, v.len(), dev);
                 let (rt, c, o) = (t(&dr.row_token)?, t(&dr.counts)?, t(&dr.offsets)?);
                 let path = Some(plan.expert_path(x.dim(0)?, self.cfg.top_k, dr.num_experts));
-                kernel_experts(x, [&rt, &c, &o], &self.gate_up, &self.down, path)?
+                kernel_experts(x, [&rt, &c, &o], &self.gate_up, &self.down, path, None)?
             } else {
                 experts::experts_w(x, &dr, &self.gate_up, &self.down, None)?
             };
@@ -432,14 +435,20 @@ impl MoeBlock {
 
 /// The experts of `gate_up`/`down` through the moe-kernels ops (`moe_experts`, or `qmatmul_moe`
 /// twice with SwiGLU between) over a dispatch's device tensors `[row_token, counts, offsets]`.
-/// `[rows, H]` in the dispatch's (expert-sorted) row order.
+/// `[rows, H]` in the dispatch's (expert-sorted) row order. `extras` (with the routing's `ids
+/// [N, A]` and the dispatch's `slot_row [N*A]`) adds gpt-oss's activation and biases to the
+/// quantized form (the fused dense kernel computes plain SwiGLU only).
 fn kernel_experts(
     x: &Tensor,
     [row_token, counts, offsets]: [&Tensor; 3],
     gate_up: &Weight,
     down: &Weight,
     path: Option<moe_kernels::ExpertPath>,
+    extras: Option<(experts::ExpertExtras, &Tensor, &Tensor)>,
 ) -> Result<Tensor> {
+    if extras.is_some_and(|(ex, _, _)| !ex.plain()) && !matches!(gate_up, Weight::Quant(_)) {
+        candle_core::bail!("experts: the fused dense expert kernels compute plain SwiGLU only");
+    }
     match (gate_up, down) {
         (Weight::Dense(gu), Weight::Dense(dn)) if gu.dtype() != x.dtype() => {
             // 16-bit experts under f32 compute (`--weight-dtype`): widened per call.
@@ -453,8 +462,33 @@ fn kernel_experts(
             let f = dn.shape[2];
             let (qg, pg) = (&gu.qweight, &gu.params);
             let g = qmatmul_moe(x, Some(row_token), counts, offsets, qg, pg, gu.fmt, path)?;
-            let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;
-            qmatmul_moe(
+            let Some((ex, ids, slot_row)) = extras.filter(|(ex, _, _)| !ex.plain()) else {
+                let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;
+                return qmatmul_moe(
+                    &h,
+                    None,
+                    counts,
+                    offsets,
+                    &dn.qweight,
+                    &dn.params,
+                    dn.fmt,
+                    path,
+                );
+            };
+            // Each row's expert bias, placed by the dispatch's slot -> row map: nothing leaves
+            // the device.
+            let row_bias = |y: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
+                let Some(b) = bias else {
+                    return Ok(y.clone());
+                };
+                let per_slot = b
+                    .to_dtype(y.dtype())?
+                    .index_select(&ids.flatten_all()?, 0)?;
+                y.index_add(&slot_row.flatten_all()?, &per_slot, 0)
+            };
+            let g = row_bias(&g, ex.gate_up_bias)?;
+            let h = experts::activate(&g, ex.act)?;
+            let y = qmatmul_moe(
                 &h,
                 None,
                 counts,
@@ -463,7 +497,8 @@ fn kernel_experts(
                 &dn.params,
                 dn.fmt,
                 path,
-            )
+            )?;
+            row_bias(&y, ex.down_bias)
         }
         _ => candle_core::bail!("experts: gate_up and down must both be dense or both quantized"),
     }
