@@ -9,7 +9,9 @@
 //   part_m   [B, H, chunks]     f32: max score of the chunk
 //   part_s   [B, H, chunks]     f32: sum of exp(score - part_m)
 //   part_o   [B, H, chunks, D]  f32: sum of exp(score - part_m) * v  (unnormalised)
-//   out      [B, H, D]          act dtype = T(sum_c e_c part_o / sum_c e_c part_s), e_c = exp(part_m_c - max)
+//   sinks    [H]                f32 or null: one more logit per head in the softmax's denominator (gpt-oss)
+//   out      [B, H, D]          act dtype = T(sum_c e_c part_o / (sum_c e_c part_s + exp(sink - max))),
+//                               e_c = exp(part_m_c - max), max over the chunks' maxima and the sink
 // the specification is kernels/src/attention.rs (decode_attention_reference).
 //
 // Chunk kernel: grid (chunks, H, B), DA_THREADS threads; chunk c covers keys start + c*DA_CHUNK .. (clipped to
@@ -89,15 +91,16 @@ __device__ void decode_attention_chunk_impl(const T* __restrict__ q, const T* __
 
 template <typename T>
 __device__ void decode_attention_reduce_impl(const float* __restrict__ part_m, const float* __restrict__ part_s,
-                                             const float* __restrict__ part_o, T* __restrict__ out, uint32_t H,
-                                             uint32_t D, uint32_t chunks) {
+                                             const float* __restrict__ part_o, const float* __restrict__ sinks,
+                                             T* __restrict__ out, uint32_t H, uint32_t D, uint32_t chunks) {
   const size_t bh = static_cast<size_t>(blockIdx.y) * H + blockIdx.x;
   const float* pm = part_m + bh * chunks;
   const float* ps = part_s + bh * chunks;
   const float* po = part_o + bh * chunks * D;
-  float m = -INFINITY;
+  const float sink = sinks != nullptr ? sinks[blockIdx.x] : -INFINITY;
+  float m = sink;
   for (uint32_t c = 0; c < chunks; ++c) m = fmaxf(m, pm[c]);
-  float total = 0.f;
+  float total = sinks != nullptr ? expf(sink - m) : 0.f;
   for (uint32_t c = 0; c < chunks; ++c) total += ps[c] * expf(pm[c] - m);
   for (uint32_t d = threadIdx.x; d < D; d += DA_THREADS) {
     float acc = 0.f;
@@ -115,8 +118,8 @@ __device__ void decode_attention_reduce_impl(const float* __restrict__ part_m, c
   }                                                                                                              \
   extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention_reduce_##SUFFIX(                     \
       const float* __restrict__ part_m, const float* __restrict__ part_s, const float* __restrict__ part_o,      \
-      T* __restrict__ out, uint32_t H, uint32_t D, uint32_t chunks) {                                            \
-    decode_attention_reduce_impl<T>(part_m, part_s, part_o, out, H, D, chunks);                                  \
+      const float* __restrict__ sinks, T* __restrict__ out, uint32_t H, uint32_t D, uint32_t chunks) {           \
+    decode_attention_reduce_impl<T>(part_m, part_s, part_o, sinks, out, H, D, chunks);                           \
   }
 
 DA_ENTRY(f32, float)

@@ -20,7 +20,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, grid_dim, host, same_device, suffix, Elem};
+use crate::common::{check_act, check_dtype, grid_dim, host, same_device, suffix, Elem};
 use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "decode_attention";
@@ -42,7 +42,8 @@ pub fn window_start(len: usize, window: Option<usize>) -> usize {
 }
 
 /// `softmax(q K[start..L]^T * scale) V[start..L]` for one new token per sequence: q `[B, H, 1, D]`, caches
-/// `[B, KV, CAP, D]` -> `[B, H, 1, D]`.
+/// `[B, KV, CAP, D]` -> `[B, H, 1, D]`. `sinks` (f32 `[H]`, gpt-oss) adds one logit per head to each
+/// softmax's denominator, with no value.
 pub fn decode_attention(
     q: &Tensor,
     k_cache: &Tensor,
@@ -50,6 +51,7 @@ pub fn decode_attention(
     len: usize,
     window: Option<usize>,
     scale: f32,
+    sinks: Option<&Tensor>,
 ) -> Result<Tensor> {
     check_act(OP, "q", q.dtype())?;
     let (b, h, one, d) = q.dims4()?;
@@ -77,10 +79,19 @@ pub fn decode_attention(
         bail!("{OP}: need 1 <= len <= cap ({cap}) and a window >= 1, got len {len}, window {window:?}");
     }
     same_device(OP, &[("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])?;
+    if let Some(s) = sinks {
+        check_dtype(OP, "sinks", s, DType::F32)?;
+        if s.dims() != [h] {
+            bail!("{OP}: sinks must be [{h}], got {:?}", s.dims());
+        }
+        same_device(OP, &[("q", q), ("sinks", s)])?;
+    }
     let dims = (b, h, kv, cap, d);
     if crate::launch::runs_kernels(q.device()) {
-        let plan = decode_attention_plan(q.dtype(), dims, len, window, scale)?;
-        let mut outs = plan.run(&[q, k_cache, v_cache])?;
+        let plan = decode_attention_plan(q.dtype(), dims, len, window, scale, sinks.is_some())?;
+        let mut inputs = vec![q, k_cache, v_cache];
+        inputs.extend(sinks);
+        let mut outs = plan.run(&inputs)?;
         return match outs.pop() {
             Some(out) => Ok(out),
             None => bail!("{OP}: the plan returned no output"),
@@ -93,25 +104,25 @@ pub fn decode_attention(
                 k: &Tensor,
                 v: &Tensor,
                 dims: (usize, usize, usize, usize, usize),
-                len: usize,
-                window: Option<usize>,
-                scale: f32,
+                (len, window, scale): (usize, Option<usize>, f32),
+                sinks: Option<&[f32]>,
             ) -> Result<Tensor> {
                 let out = decode_attention_reference::<T>(
                     &host(q)?,
                     &host(k)?,
                     &host(v)?,
                     dims,
-                    len,
-                    window,
-                    scale,
+                    (len, window, scale),
+                    sinks,
                 );
                 Tensor::from_vec(out, (dims.0, dims.1, 1, dims.4), &Device::Cpu)
             }
+            let s = sinks.map(host::<f32>).transpose()?;
+            let (s, a) = (s.as_deref(), (len, window, scale));
             match q.dtype() {
-                DType::F32 => run::<f32>(q, k_cache, v_cache, dims, len, window, scale),
-                DType::BF16 => run::<half::bf16>(q, k_cache, v_cache, dims, len, window, scale),
-                _ => run::<half::f16>(q, k_cache, v_cache, dims, len, window, scale),
+                DType::F32 => run::<f32>(q, k_cache, v_cache, dims, a, s),
+                DType::BF16 => run::<half::bf16>(q, k_cache, v_cache, dims, a, s),
+                _ => run::<half::f16>(q, k_cache, v_cache, dims, a, s),
             }
         }
         dev => bail!("{OP}: unsupported device {:?}", dev.location()),
@@ -120,15 +131,15 @@ pub fn decode_attention(
 
 /// The specification. `q [B*H*D]`, `k`, `v [B*KV*CAP*D]`, `dims = (B, H, KV, CAP, D)`; returns `[B*H*D]`.
 /// Reads only rows `window_start(len, window)..len` of the caches. That range must not be empty (the op
-/// requires len >= 1 and a window >= 1): over no keys every output would be 0 / 0 = NaN.
+/// requires len >= 1 and a window >= 1): over no keys every output would be 0 / 0 = NaN. `sinks [H]`:
+/// head h's softmax gets one more logit `sinks[h]` (in its max and its sum) that weighs no value.
 pub fn decode_attention_reference<T: Elem>(
     q: &[T],
     k: &[T],
     v: &[T],
     dims: (usize, usize, usize, usize, usize),
-    len: usize,
-    window: Option<usize>,
-    scale: f32,
+    (len, window, scale): (usize, Option<usize>, f32),
+    sinks: Option<&[f32]>,
 ) -> Vec<T> {
     let (b, h, kv, cap, d) = dims;
     let g = h / kv;
@@ -148,9 +159,13 @@ pub fn decode_attention_reference<T: Elem>(
                         .map(|(a, b)| a.f32() * b.f32())
                         .sum::<f32>();
             }
-            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sink = sinks.and_then(|s| s.get(hi).copied());
+            let m = s
+                .iter()
+                .copied()
+                .fold(sink.unwrap_or(f32::NEG_INFINITY), f32::max);
             acc.iter_mut().for_each(|a| *a = 0.0);
-            let mut total = 0f32;
+            let mut total = sink.map_or(0.0, |s| (s - m).exp());
             for (j, &sj) in (start..len).zip(&s) {
                 let p = (sj - m).exp();
                 total += p;
@@ -170,7 +185,8 @@ pub const DECODE_ATTN_THREADS: u32 = 128;
 /// grid (chunks, H, B), chunks = ceil((L - start) / [`DECODE_ATTN_CHUNK`]), writing f32 scratch partials
 /// `part_m`, `part_s [B, H, chunks]` and `part_o [B, H, chunks, D]`, then `decode_attention_reduce_<dtype>` on
 /// grid (H, B) combining them into `out [B, H, 1, D]`; both with [`DECODE_ATTN_THREADS`] threads. Inputs `q`,
-/// `k_cache`, `v_cache`. Nothing is launched when B*H*D = 0. An error for shapes past the kernel's limits and
+/// `k_cache`, `v_cache` and, with `sinks`, `sinks [H]` (f32; the reduce kernel gets a null pointer
+/// otherwise). Nothing is launched when B*H*D = 0. An error for shapes past the kernel's limits and
 /// for an empty key range (`start == L`: a softmax over no keys is undefined; the op rejects it up front).
 pub fn decode_attention_plan(
     dtype: DType,
@@ -178,6 +194,7 @@ pub fn decode_attention_plan(
     len: usize,
     window: Option<usize>,
     scale: f32,
+    sinks: bool,
 ) -> Result<Plan> {
     let (b, h, kv, cap, d) = dims;
     let sfx = suffix(dtype)?;
@@ -205,7 +222,11 @@ pub fn decode_attention_plan(
     let chunks32 = grid_dim(OP, "key chunks", chunks, u32::MAX >> 1)?;
     let hy = grid_dim(OP, "heads", h, 65535)?;
     let bz = grid_dim(OP, "sequences", b, 65535)?;
-    let mut p = Plan::new(OP, &["q", "k_cache", "v_cache"]);
+    let inputs: &[&str] = match sinks {
+        true => &["q", "k_cache", "v_cache", "sinks"],
+        false => &["q", "k_cache", "v_cache"],
+    };
+    let mut p = Plan::new(OP, inputs);
     let out = p.out("out", dtype, (b, h, 1, d));
     if b * h * d == 0 {
         return Ok(p);
@@ -255,6 +276,10 @@ pub fn decode_attention_plan(
             part_m,
             part_s,
             part_o,
+            match sinks {
+                true => Arg::Buf(Buf::In(3)),
+                false => Arg::Null,
+            },
             out,
             Arg::U32(h32),
             Arg::U32(d32),
@@ -278,7 +303,8 @@ mod tests {
         };
         let t = DECODE_ATTN_THREADS;
         // B=2, H=12 over KV=4, 7 keys: one chunk per head.
-        let p = decode_attention_plan(DType::BF16, (2, 12, 4, 20, 128), 7, None, 0.5).unwrap();
+        let p =
+            decode_attention_plan(DType::BF16, (2, 12, 4, 20, 128), 7, None, 0.5, false).unwrap();
         assert_eq!(p.inputs, vec!["q", "k_cache", "v_cache"]);
         assert_eq!(p.outs[0].shape.dims(), &[2, 12, 1, 128]);
         assert_eq!(p.outs[0].dtype, DType::BF16);
@@ -338,6 +364,7 @@ mod tests {
                 m,
                 s,
                 o,
+                Arg::Null,
                 Arg::Buf(Buf::Out(0)),
                 Arg::U32(12),
                 Arg::U32(128),
@@ -345,23 +372,27 @@ mod tests {
             ]
         );
         // 513 keys: two full chunks and a partial one of a single key.
-        let p = decode_attention_plan(DType::F32, (1, 7, 1, 600, 80), 513, None, 1.0).unwrap();
+        let p =
+            decode_attention_plan(DType::F32, (1, 7, 1, 600, 80), 513, None, 1.0, false).unwrap();
         assert_eq!(p.launches[0].grid, [3, 7, 1]);
         assert_eq!(p.tmps[2].shape.elem_count(), 7 * 3 * 80);
         // A window of 257 over 513 keys starts at 256: 257 keys in 2 chunks; a window of 256 fits one.
-        let p = decode_attention_plan(DType::F16, (1, 7, 1, 600, 80), 513, Some(257), 1.0).unwrap();
+        let p = decode_attention_plan(DType::F16, (1, 7, 1, 600, 80), 513, Some(257), 1.0, false)
+            .unwrap();
         assert_eq!(p.launches[0].grid, [2, 7, 1]);
         assert_eq!(
             &p.launches[0].args[10..13],
             &[Arg::U32(256), Arg::U32(513), Arg::U32(2)]
         );
-        let p = decode_attention_plan(DType::F16, (1, 7, 1, 600, 80), 513, Some(256), 1.0).unwrap();
+        let p = decode_attention_plan(DType::F16, (1, 7, 1, 600, 80), 513, Some(256), 1.0, false)
+            .unwrap();
         assert_eq!(p.launches[0].grid, [1, 7, 1]);
         // D = 0: nothing to compute, nothing launched.
-        let p = decode_attention_plan(DType::F32, (1, 2, 1, 4, 0), 3, None, 1.0).unwrap();
+        let p = decode_attention_plan(DType::F32, (1, 2, 1, 4, 0), 3, None, 1.0, false).unwrap();
         assert!(p.launches.is_empty() && p.tmps.is_empty());
         // Past the kernel's limits.
-        let plan = |dims, len, window| decode_attention_plan(DType::F32, dims, len, window, 1.0);
+        let plan =
+            |dims, len, window| decode_attention_plan(DType::F32, dims, len, window, 1.0, false);
         assert!(plan((1, 2, 1, 8, DECODE_ATTN_MAX_D + 1), 3, None).is_err());
         assert!(plan((1, 65536, 1, 8, 64), 3, None).is_err());
         assert!(plan((65536, 2, 1, 8, 64), 3, None).is_err());
@@ -374,8 +405,9 @@ mod tests {
         // 0 / 0 = NaN and the kernels would launch only the reduce (the chunk grid is empty) and give NaN too,
         // so the op and the plan both reject it before anything runs (the engine's config already rejects a
         // sliding window of 0, and its decode step always has len >= 1).
-        let plan =
-            |len, window| decode_attention_plan(DType::F32, (1, 2, 1, 8, 4), len, window, 1.0);
+        let plan = |len, window| {
+            decode_attention_plan(DType::F32, (1, 2, 1, 8, 4), len, window, 1.0, false)
+        };
         for (len, window) in [(0, None), (0, Some(4)), (3, Some(0))] {
             let e = plan(len, window).unwrap_err().to_string();
             assert!(e.contains("no key to attend to"), "{e}");
@@ -388,7 +420,7 @@ mod tests {
         let q = Tensor::zeros((1, 2, 1, 4), DType::F32, &Device::Cpu).unwrap();
         let k = Tensor::zeros((1, 1, 8, 4), DType::F32, &Device::Cpu).unwrap();
         for (len, window) in [(0, None), (3, Some(0))] {
-            let e = decode_attention(&q, &k, &k, len, window, 1.0)
+            let e = decode_attention(&q, &k, &k, len, window, 1.0, None)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("need 1 <= len <= cap"), "{e}");
@@ -410,7 +442,7 @@ mod tests {
         .reshape((1, 1, 4, 2))
         .unwrap();
         let v = (&k * 10.0).unwrap();
-        let out: Vec<f32> = decode_attention(&q, &k, &v, 3, Some(1), 0.5)
+        let out: Vec<f32> = decode_attention(&q, &k, &v, 3, Some(1), 0.5, None)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -418,7 +450,7 @@ mod tests {
             .unwrap();
         assert_eq!(out, vec![50.0, 60.0, 50.0, 60.0]);
         // No window: head 0 scores 0.5*[1, 3, 5].
-        let out: Vec<f32> = decode_attention(&q, &k, &v, 3, None, 0.5)
+        let out: Vec<f32> = decode_attention(&q, &k, &v, 3, None, 0.5, None)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -428,6 +460,27 @@ mod tests {
         let tot: f32 = e.iter().sum();
         let want0 = (e[0] * 10.0 + e[1] * 30.0 + e[2] * 50.0) / tot;
         assert!((out[0] - want0).abs() < 1e-4, "{} vs {want0}", out[0]);
-        assert!(decode_attention(&q, &k, &v, 5, None, 0.5).is_err());
+        assert!(decode_attention(&q, &k, &v, 5, None, 0.5, None).is_err());
+        // A sink logit per head joins the denominator only: head 0's sink of 2.0 beside scores
+        // 0.5*[1, 3, 5]; head 1's sink of -inf changes nothing.
+        let sinks = Tensor::new(&[2.0f32, f32::NEG_INFINITY], &Device::Cpu).unwrap();
+        let out: Vec<f32> = decode_attention(&q, &k, &v, 3, None, 0.5, Some(&sinks))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let sink0 = want0 * tot / (tot + (2.0f32 - 2.5).exp());
+        assert!((out[0] - sink0).abs() < 1e-4, "{} vs {sink0}", out[0]);
+        let plain: Vec<f32> = decode_attention(&q, &k, &v, 3, None, 0.5, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!((out[2] - plain[2]).abs() < 1e-6 && (out[3] - plain[3]).abs() < 1e-6);
+        let wrong = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+        let e = decode_attention(&q, &k, &v, 3, None, 0.5, Some(&wrong)).unwrap_err();
+        assert!(e.to_string().contains("sinks"), "{e}");
     }
 }

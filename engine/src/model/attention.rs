@@ -104,12 +104,12 @@ impl Attention {
         let v = heads(v, nkv, &None, false)?;
         let l = pos + t;
         let scale = 1.0 / (hd as f64).sqrt();
-        // The decode kernel has no sinks: a sink model's decode takes the general path.
-        if plan.decode_attention_kernel(t, hd) && self.sinks.is_none() {
+        if plan.decode_attention_kernel(t, hd) {
             cache.store(layer, &k, &v, pos)?;
             let (kc, vc) = cache.layer(layer); // [B, kv, slots, hd]
             let (keys, window) = cache.attended(layer, l, self.span);
-            let out = moe_kernels::decode_attention(&q, kc, vc, keys, window, scale as f32)?;
+            let sinks = self.sinks.as_ref().map(|(_, s)| s);
+            let out = moe_kernels::decode_attention(&q, kc, vc, keys, window, scale as f32, sinks)?;
             return out.reshape((b, 1, nh * hd)); // [B, nh, 1, hd] -> [B, 1, nh*hd]
         }
 

@@ -11,21 +11,26 @@ pub(super) fn decode_attention_cases(
         decode_attention, decode_attention_reference, window_start, DECODE_ATTN_NMSE_BF16,
         DECODE_ATTN_NMSE_F16, DECODE_ATTN_NMSE_F32,
     };
-    // (B, H, KV, D, L, window): one key, a few, one chunk, a chunk boundary + 1, many chunks; GQA groups of
-    // 1, 3, 5, 7 and 8; windows shorter than L (rows before the window are NaN, as are rows >= L, so a
-    // kernel reading them fails).
+    // (B, H, KV, D, L, window, sinks): one key, a few, one chunk, a chunk boundary + 1, many chunks; GQA
+    // groups of 1, 3, 5, 7 and 8; windows shorter than L (rows before the window are NaN, as are rows >=
+    // L, so a kernel reading them fails); gpt-oss's per-head sink logits (N(0, 2): some above every
+    // score, some below) over one key, a window and several chunks.
     let cases = [
-        (1, 8, 8, 128, 1, None),
-        (2, 12, 4, 128, 7, None),
-        (2, 12, 4, 128, 7, Some(3)),
-        (1, 10, 2, 64, 64, None),
-        (1, 10, 2, 64, 64, Some(40)),
-        (2, 7, 1, 80, 513, None),
-        (2, 7, 1, 80, 513, Some(257)),
-        (1, 32, 4, 128, 4096, None),
-        (1, 32, 4, 128, 4096, Some(1000)),
+        (1, 8, 8, 128, 1, None, false),
+        (1, 8, 8, 128, 1, None, true),
+        (2, 12, 4, 128, 7, None, false),
+        (2, 12, 4, 128, 7, Some(3), false),
+        (2, 12, 4, 64, 7, Some(3), true),
+        (1, 10, 2, 64, 64, None, false),
+        (1, 10, 2, 64, 64, Some(40), false),
+        (2, 7, 1, 80, 513, None, false),
+        (2, 7, 1, 80, 513, Some(257), false),
+        (2, 8, 2, 64, 600, Some(128), true),
+        (1, 32, 4, 128, 4096, None, false),
+        (1, 32, 4, 128, 4096, Some(1000), false),
     ];
-    for &(b, h, kv, d, len, window) in &cases {
+    for &(b, h, kv, d, len, window, with_sinks) in &cases {
+        let sinks = with_sinks.then(|| rng.vec(h, 2.0));
         let cap = len + 5;
         let start = window_start(len, window);
         let q0 = rng.vec(b * h * d, 1.0);
@@ -49,7 +54,8 @@ pub(super) fn decode_attention_cases(
                 _ => DECODE_ATTN_NMSE_BF16,
             };
             let w = window.map_or(String::new(), |w| format!(" w={w}"));
-            let case = format!("B={b} H={h} KV={kv} D={d} L={len}{w}");
+            let s = if with_sinks { " sinks" } else { "" };
+            let case = format!("B={b} H={h} KV={kv} D={d} L={len}{w}{s}");
             let (q, k, v) = (
                 rounded(&q0, dtype)?,
                 rounded(&k0, dtype)?,
@@ -57,31 +63,30 @@ pub(super) fn decode_attention_cases(
             );
             let r = (|| {
                 fn go<T: crate::common::Elem>(
-                    q: &[f32],
-                    k: &[f32],
-                    v: &[f32],
+                    [q, k, v]: [&[f32]; 3],
                     dims: (usize, usize, usize, usize, usize),
-                    len: usize,
-                    window: Option<usize>,
-                    scale: f32,
+                    args: (usize, Option<usize>, f32),
+                    sinks: Option<&[f32]>,
                 ) -> Vec<f32> {
                     let c = |x: &[f32]| x.iter().map(|&a| T::of(a)).collect::<Vec<T>>();
-                    decode_attention_reference::<T>(&c(q), &c(k), &c(v), dims, len, window, scale)
+                    decode_attention_reference::<T>(&c(q), &c(k), &c(v), dims, args, sinks)
                         .iter()
                         .map(|x| x.f32())
                         .collect()
                 }
                 let dims = (b, h, kv, cap, d);
+                let (qkv, args, s) = ([&q[..], &k, &v], (len, window, scale), sinks.as_deref());
                 let want = match dtype {
-                    DType::F32 => go::<f32>(&q, &k, &v, dims, len, window, scale),
-                    DType::BF16 => go::<half::bf16>(&q, &k, &v, dims, len, window, scale),
-                    _ => go::<half::f16>(&q, &k, &v, dims, len, window, scale),
+                    DType::F32 => go::<f32>(qkv, dims, args, s),
+                    DType::BF16 => go::<half::bf16>(qkv, dims, args, s),
+                    _ => go::<half::f16>(qkv, dims, args, s),
                 };
                 let qt = upload(&q, &[b, h, 1, d], dtype, device)?;
                 let kt = upload(&k, &[b, kv, cap, d], dtype, device)?;
                 let vt = upload(&v, &[b, kv, cap, d], dtype, device)?;
+                let st = s.map(|s| upload(s, &[h], DType::F32, device)).transpose()?;
                 let (out, time_us) = timed(device, || {
-                    decode_attention(&qt, &kt, &vt, len, window, scale)
+                    decode_attention(&qt, &kt, &vt, len, window, scale, st.as_ref())
                 })?;
                 Ok(Row {
                     op: "decode_attention",

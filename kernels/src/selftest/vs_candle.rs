@@ -273,7 +273,7 @@ pub(super) fn vs_candle_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row
             dev(&v0, &[b, kv, cap, d])?,
         );
         let (out, us) = timed(device, || {
-            crate::decode_attention(&qt, &kt, &vt, len, None, scale)
+            crate::decode_attention(&qt, &kt, &vt, len, None, scale, None)
         })?;
         Ok((nmse(&f32s(&out)?, &f32s(&want)?), us, String::new()))
     })();
