@@ -51,6 +51,8 @@ pub struct Architecture {
     pub tied_embeddings: bool,
     /// One line per distinct FFN kind, e.g. "32 MoE layers: 8 experts (F 14336), top-2".
     pub ffn: Vec<String>,
+    /// The routed experts are MXFP4 as published (gpt-oss), at every precision.
+    pub experts_mxfp4: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -159,6 +161,7 @@ fn architecture(cfg: &ModelConfig) -> Architecture {
         .filter(|l| matches!(l, FfnKind::Moe(_)))
         .count();
     Architecture {
+        experts_mxfp4: cfg.experts_mxfp4,
         model_type: cfg.model_type.clone(),
         layers: cfg.num_layers(),
         hidden_size: cfg.hidden_size,

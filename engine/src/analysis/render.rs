@@ -190,6 +190,11 @@ pub fn report_text(r: &Report, detailed_gpu: bool) -> String {
     s.push_str(
         "  (int8: one 16-bit scale per output row; int4: group 128 along K, 16-bit scale + 16-bit zero;\n   both quantize the linear weights of attention and FFNs, while embeddings, norms, routers and\n   lm_head stay 16-bit; KV and activations bf16 (fp32 under fp32); read/token = active weights +\n   1 embedding row; decode bytes/token = read/token + KV read at the context)\n",
     );
+    if r.architecture.experts_mxfp4 {
+        s.push_str(
+            "  (this checkpoint publishes its routed experts in MXFP4: they are 4.25 bits per weight in every\n   row, loaded and run packed; the row's precision applies to the other tensors)\n",
+        );
+    }
     s.push_str(&format!(
         "\nFLOPs per token: decode at {} = {} (2 x {} matmul params + attention {}); prefill of {} tokens: {} per token on average\n",
         r.context,
