@@ -153,6 +153,7 @@ fn main() {
                         &offsets,
                         &gum,
                         &dnm,
+                        &Default::default(),
                         &mut xg,
                         &mut act,
                         &mut out,

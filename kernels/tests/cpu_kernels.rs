@@ -5,7 +5,9 @@
 //! portable fallback. No timing here: speed lives in `benches/` and `moe-run bench`.
 
 use candle_core::{DType, Device, Tensor};
-use moe_kernels::cpu::{linear_cpu, moe_experts_cpu, Level, WeightRef};
+use moe_kernels::cpu::{
+    linear_cpu, moe_experts_cpu, moe_experts_cpu_with, Activation, Epilogue, Level, WeightRef,
+};
 use moe_kernels::qformat::{dequantize_tensors, quantize_rows, QFormat};
 
 struct Rng(u64);
@@ -224,6 +226,51 @@ fn experts_match_the_f64_reference_in_every_format() {
                 assert!(
                     e_ < budget(level, fmt),
                     "{fmt:?} {level:?} T={t} k={k_top} E={e} H={h} F={f}: nmse {e_:e}"
+                );
+            }
+            // gpt-oss's epilogue: biases after both projections, indexed through global expert ids
+            // (reversed here, as a placed share's would be), and the clamped SwiGLU with a limit
+            // these activations cross.
+            let (alpha, limit) = (1.702f32, 0.8f32);
+            let bg = rng.vec(e * 2 * f, 0.5);
+            let bd = rng.vec(e * h, 0.5);
+            let ids: Vec<usize> = (0..e).rev().collect();
+            let mut want = vec![0f64; row_token.len() * h];
+            for ex in 0..e {
+                let gx = ids[ex];
+                for r in offsets[ex] as usize..offsets[ex + 1] as usize {
+                    let xr = &x[row_token[r] as usize * h..][..h];
+                    let act: Vec<f32> = (0..f)
+                        .map(|j| {
+                            let g = dot(xr, &gu.values[(ex * 2 * f + j) * h..][..h])
+                                + bg[gx * 2 * f + j] as f64;
+                            let u = dot(xr, &gu.values[(ex * 2 * f + f + j) * h..][..h])
+                                + bg[gx * 2 * f + f + j] as f64;
+                            let (l, a) = (limit as f64, alpha as f64);
+                            let g = g.min(l);
+                            ((u.clamp(-l, l) + 1.0) * g / (1.0 + (-a * g).exp())) as f32
+                        })
+                        .collect();
+                    for c in 0..h {
+                        want[r * h + c] =
+                            dot(&act, &dn.values[(ex * h + c) * f..][..f]) + bd[gx * h + c] as f64;
+                    }
+                }
+            }
+            let ep = Epilogue {
+                act: Activation::ClampedSwiGlu { alpha, limit },
+                gate_up_bias: Some(&bg),
+                down_bias: Some(&bd),
+                experts: Some(&ids),
+            };
+            for level in levels() {
+                let y = moe_experts_cpu_with(level, &xt, &row_token, &offsets, gu.r(), dn.r(), &ep)
+                    .unwrap();
+                let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                let e_ = nmse(&got, &want);
+                assert!(
+                    e_ < budget(level, fmt),
+                    "epilogue {fmt:?} {level:?} T={t} k={k_top} E={e} H={h} F={f}: nmse {e_:e}"
                 );
             }
         }

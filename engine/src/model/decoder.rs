@@ -317,6 +317,14 @@ impl Model {
         self.plan.exec = path;
     }
 
+    /// Overrides the CPU kernels' level (`MOE_PATH=simd|q8act|portable|reference` in-process; no
+    /// effect on a GPU): e.g. f32 activations for quantized weights instead of the default int8.
+    pub fn set_cpu_level(&mut self, level: Option<moe_kernels::cpu::Level>) {
+        if self.device.is_cpu() {
+            self.plan.cpu = level;
+        }
+    }
+
     /// The eps of `n` when the kernel path runs it as the RMSNorm kernel (an RMSNorm whose weight
     /// has the activations' dtype); `None` for candle's ops.
     fn kernel_rms_eps(&self, n: &Norm, x: &Tensor) -> Option<f32> {

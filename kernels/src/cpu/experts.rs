@@ -5,6 +5,9 @@
 //! out[r, i] = act[r] . Wd[e, i]                                  i < H
 //! ```
 //!
+//! With [`Epilogue`] (gpt-oss): `g += bg[e]`, `u += bu[e]` before the activation, which may be the clamped
+//! SwiGLU `(clamp(u, ±l) + 1) * g' * sigmoid(a * g')`, `g' = min(g, l)`, and `out += bd[e]`.
+//!
 //! `gate_up` is `[E, 2F, H]` (gate rows first, then up), `down` `[E, H, F]`, in any [`Rows`] format; `x` is
 //! `[T, H]` f32, `out` `[R, H]` f32 in dispatch (expert-sorted) row order. Two parallel phases on the rayon
 //! pool, each split into tasks of (expert, block of output features); a task decodes each weight row once for
@@ -50,6 +53,73 @@ impl Out {
     /// `i` is in the buffer and no other task writes element `i`.
     unsafe fn write(&self, i: usize, v: f32) {
         *self.0.add(i) = v;
+    }
+}
+
+/// What an expert computes between gate_up and down (the activation of gate `g` and up `u`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Activation {
+    /// `silu(g) * u`.
+    #[default]
+    SwiGlu,
+    /// gpt-oss: `g' = min(g, limit)`, `(clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')`.
+    ClampedSwiGlu { alpha: f32, limit: f32 },
+}
+
+impl Activation {
+    #[inline]
+    pub fn apply(self, g: f32, u: f32) -> f32 {
+        match self {
+            Activation::SwiGlu => g / (1.0 + (-g).exp()) * u,
+            Activation::ClampedSwiGlu { alpha, limit } => {
+                let g = g.min(limit);
+                (u.clamp(-limit, limit) + 1.0) * g / (1.0 + (-alpha * g).exp())
+            }
+        }
+    }
+}
+
+/// The activation and the per-expert biases of gpt-oss's experts: `gate_up_bias [E', 2F]` (gate, then up)
+/// and `down_bias [E', H]`, f32, indexed by `bias_index(e)` for the weights' expert `e` (the identity, or a
+/// placed share's global ids).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub act: Activation,
+    pub gate_up_bias: Option<&'a [f32]>,
+    pub down_bias: Option<&'a [f32]>,
+    /// The global id of each of the weights' experts (`None`: the same ids).
+    pub experts: Option<&'a [usize]>,
+}
+
+impl Epilogue<'_> {
+    fn bias_expert(&self, e: usize) -> usize {
+        self.experts
+            .and_then(|ids| ids.get(e).copied())
+            .unwrap_or(e)
+    }
+
+    /// Checks the bias lengths against `e` experts (global ids in range), `f` and `h`.
+    pub fn check(&self, e: usize, f: usize, h: usize) -> Result<(), String> {
+        let n = match self.experts {
+            Some(ids) if ids.len() != e => {
+                return Err(format!("{} expert ids for {e} experts", ids.len()))
+            }
+            Some(ids) => ids.iter().max().map_or(0, |m| m + 1),
+            None => e,
+        };
+        for (name, b, w) in [
+            ("gate_up_bias", self.gate_up_bias, 2 * f),
+            ("down_bias", self.down_bias, h),
+        ] {
+            if let Some(b) = b.filter(|b| b.len() < n * w) {
+                return Err(format!(
+                    "{name} has {} values, {n} experts need {}",
+                    b.len(),
+                    n * w
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -254,8 +324,8 @@ pub fn check(
     Ok((e, f, h))
 }
 
-/// The expert MLPs (see the module docs). Shapes must have passed [`check`]. `xg` and `act` are scratch,
-/// resized here.
+/// The expert MLPs (see the module docs). Shapes must have passed [`check`] (and `ep` its own check).
+/// `xg` and `act` are scratch, resized here.
 #[allow(clippy::too_many_arguments)]
 pub fn experts(
     level: Level,
@@ -265,6 +335,7 @@ pub fn experts(
     offsets: &[u32],
     gate_up: &Mat,
     down: &Mat,
+    ep: &Epilogue,
     xg: &mut Vec<f32>,
     act: &mut Vec<f32>,
     out: &mut [f32],
@@ -300,11 +371,18 @@ pub fn experts(
                 u,
                 wbuf,
             );
+            let bias = ep
+                .gate_up_bias
+                .map(|b| &b[ep.bias_expert(t.e) * 2 * f..][..2 * f]);
             for r in 0..n {
                 for j in 0..t.nj {
-                    let (gv, uv) = (g[r * t.nj + j], u[r * t.nj + j]);
+                    let (mut gv, mut uv) = (g[r * t.nj + j], u[r * t.nj + j]);
+                    if let Some(b) = bias {
+                        gv += b[t.j0 + j];
+                        uv += b[f + t.j0 + j];
+                    }
                     // SAFETY: row t.lo + r belongs to this task's expert, feature t.j0 + j to its block.
-                    unsafe { a.write((t.lo + r) * f + t.j0 + j, gv / (1.0 + (-gv).exp()) * uv) };
+                    unsafe { a.write((t.lo + r) * f + t.j0 + j, ep.act.apply(gv, uv)) };
                 }
             }
         })
@@ -328,10 +406,12 @@ pub fn experts(
                 y,
                 wbuf,
             );
+            let bias = ep.down_bias.map(|b| &b[ep.bias_expert(t.e) * h..][..h]);
             for r in 0..n {
                 for j in 0..t.nj {
+                    let b = bias.map_or(0.0, |b| b[t.j0 + j]);
                     // SAFETY: as in phase 1.
-                    unsafe { o.write((t.lo + r) * h + t.j0 + j, y[r * t.nj + j]) };
+                    unsafe { o.write((t.lo + r) * h + t.j0 + j, y[r * t.nj + j] + b) };
                 }
             }
         })

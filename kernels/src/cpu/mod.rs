@@ -12,6 +12,7 @@ pub mod simd;
 
 use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
 
+pub use experts::{Activation, Epilogue};
 pub use simd::{Level, Mat, Rows};
 
 use crate::qformat::QFormat;
@@ -194,6 +195,20 @@ pub fn moe_experts_cpu(
     gate_up: WeightRef,
     down: WeightRef,
 ) -> Result<Tensor> {
+    let ep = experts::Epilogue::default();
+    moe_experts_cpu_with(level, x, row_token, offsets, gate_up, down, &ep)
+}
+
+/// [`moe_experts_cpu`] with gpt-oss's activation and biases ([`experts::Epilogue`]).
+pub fn moe_experts_cpu_with(
+    level: Level,
+    x: &Tensor,
+    row_token: &[u32],
+    offsets: &[u32],
+    gate_up: WeightRef,
+    down: WeightRef,
+    ep: &experts::Epilogue,
+) -> Result<Tensor> {
     let (_, h) = x.dims2()?;
     let xs = f32_rows(x)?;
     let f = match down {
@@ -213,11 +228,13 @@ pub fn moe_experts_cpu(
     let mut out = vec![0f32; row_token.len() * h];
     with_mat(gate_up, h, "moe_experts_cpu: gate_up", |gu| {
         with_mat(down, f, "moe_experts_cpu: down", |dn| {
-            experts::check(xs.len(), h, row_token, offsets, gu, dn)
+            let (e, f, _) = experts::check(xs.len(), h, row_token, offsets, gu, dn)
+                .map_err(|e| candle_core::Error::Msg(format!("moe_experts_cpu: {e}")))?;
+            ep.check(e, f, h)
                 .map_err(|e| candle_core::Error::Msg(format!("moe_experts_cpu: {e}")))?;
             let (mut xg, mut act) = (Vec::new(), Vec::new());
             experts::experts(
-                level, &xs, h, row_token, offsets, gu, dn, &mut xg, &mut act, &mut out,
+                level, &xs, h, row_token, offsets, gu, dn, ep, &mut xg, &mut act, &mut out,
             );
             Ok(())
         })

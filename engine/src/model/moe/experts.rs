@@ -17,6 +17,32 @@ pub struct ExpertExtras<'a> {
     /// The global id of each local expert, when the weights hold a subset of the experts (a
     /// placed layer's device or host share): the biases are indexed by global id.
     pub experts: Option<&'a [usize]>,
+    /// The same biases as f32 on the host, for the CPU expert kernels.
+    pub host_biases: (Option<&'a [f32]>, Option<&'a [f32]>),
+}
+
+impl ExpertExtras<'_> {
+    /// The CPU expert kernels' form of these extras, when it has everything they need.
+    fn cpu_epilogue(&self) -> Option<moe_kernels::cpu::Epilogue<'_>> {
+        let (gb, db) = self.host_biases;
+        if gb.is_none() != self.gate_up_bias.is_none() || db.is_none() != self.down_bias.is_none() {
+            return None;
+        }
+        Some(moe_kernels::cpu::Epilogue {
+            act: match self.act {
+                ExpertAct::SwiGlu => moe_kernels::cpu::Activation::SwiGlu,
+                ExpertAct::ClampedSwiGlu { alpha, limit } => {
+                    moe_kernels::cpu::Activation::ClampedSwiGlu {
+                        alpha: alpha as f32,
+                        limit: limit as f32,
+                    }
+                }
+            },
+            gate_up_bias: gb,
+            down_bias: db,
+            experts: self.experts,
+        })
+    }
 }
 
 impl ExpertExtras<'_> {
@@ -62,8 +88,9 @@ fn add_expert_bias(
     y + b.to_dtype(y.dtype())?.index_select(&idx, 0)?
 }
 
-/// [`experts_w`] with gpt-oss's extras ([`ExpertExtras`]); plain SwiGLU takes [`experts_w`]'s
-/// fast paths (the CPU kernels fuse SwiGLU alone).
+/// [`experts_w`] with gpt-oss's extras ([`ExpertExtras`]): with `cpu` the CPU expert kernels
+/// (their epilogue adds the biases and the activation), else candle's ops per expert or the
+/// grouped quantized matmul.
 pub fn experts_with(
     x: &Tensor,
     d: &Dispatch,
@@ -74,6 +101,17 @@ pub fn experts_with(
 ) -> Result<Tensor> {
     if extras.plain() {
         return experts_w(x, d, gate_up, down, cpu);
+    }
+    if let (Some(level), Some(ep)) = (cpu.filter(|_| x.device().is_cpu()), extras.cpu_epilogue()) {
+        return moe_kernels::cpu::moe_experts_cpu_with(
+            level,
+            x,
+            &d.row_token,
+            &d.offsets,
+            gate_up.kernel_ref(),
+            down.kernel_ref(),
+            &ep,
+        );
     }
     let global = |e: usize| extras.experts.map_or(e, |ids| ids[e]);
     match (gate_up, down) {

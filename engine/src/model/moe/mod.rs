@@ -53,9 +53,11 @@ pub struct MoeBlock {
     /// Hybrid placement: the routed experts kept in host memory and run by the CPU kernels
     /// (`gate_up`/`down` then hold only the resident ones, in [`HostExperts::resident`] order).
     pub host: Option<HostExperts>,
-    /// gpt-oss: the experts' biases `[E, 2F]` (gate, then up) and `[E, H]`.
+    /// gpt-oss: the experts' biases `[E, 2F]` (gate, then up) and `[E, H]`...
     pub gate_up_bias: Option<Tensor>,
     pub down_bias: Option<Tensor>,
+    /// ...and the same in f32 on the host, for the CPU expert kernels.
+    bias_host: (Option<Vec<f32>>, Option<Vec<f32>>),
 }
 
 /// A MoE layer's routed experts split between the model's device and host memory
@@ -115,6 +117,7 @@ impl MoeBlock {
             down: w.down,
             shared: w.shared.map(Mlp::new),
             shared_gate: w.shared_gate.map(Linear::new),
+            bias_host: (host_f32(&w.gate_up_bias)?, host_f32(&w.down_bias)?),
             gate_up_bias: w.gate_up_bias,
             down_bias: w.down_bias,
             score_bias,
@@ -167,6 +170,7 @@ impl MoeBlock {
             gate_up_bias: self.gate_up_bias.as_ref(),
             down_bias: self.down_bias.as_ref(),
             experts: None,
+            host_biases: (self.bias_host.0.as_deref(), self.bias_host.1.as_deref()),
         }
     }
 
@@ -403,9 +407,8 @@ impl MoeBlock {
                 ..extras
             };
             let y = match level {
-                // The CPU kernels fuse plain SwiGLU only.
                 _ if !host_extras.plain() => {
-                    experts::experts_with(&xh, &dh, &h.gate_up, &h.down, None, host_extras)?
+                    experts::experts_with(&xh, &dh, &h.gate_up, &h.down, level, host_extras)?
                 }
                 Some(l) => moe_kernels::cpu::moe_experts_cpu(
                     l,
@@ -431,6 +434,13 @@ impl MoeBlock {
         let n = pos.len();
         Tensor::cat(&parts, 0)?.index_select(&Tensor::from_vec(pos, n, dev)?, 0)
     }
+}
+
+/// A bias as f32 on the host (`None` stays `None`).
+fn host_f32(b: &Option<Tensor>) -> Result<Option<Vec<f32>>> {
+    b.as_ref()
+        .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+        .transpose()
 }
 
 /// The experts of `gate_up`/`down` through the moe-kernels ops (`moe_experts`, or `qmatmul_moe`
