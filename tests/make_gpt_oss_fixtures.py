@@ -52,12 +52,11 @@ from safetensors.torch import save_file
 from transformers import GptOssConfig, GptOssForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_search import generate  # noqa: E402
 from make_fixtures import (  # noqa: E402  (shared helpers of the Mixtral generator)
-    MAX_SEED_TRIES,
     MIN_DISTINCT_GREEDY,
     MIN_MARGIN,
     MIN_ROUTER_GAP,
-    dump_expected,
     greedy,
     greedy_no_cache,
     make_prompt,
@@ -305,24 +304,6 @@ def cross_check(path: Path, s: Spec, exp: dict) -> None:
     assert greedy_no_cache(load(path), prompt) == exp["greedy_ids"], "cached != uncached greedy"
 
 
-def search_seed(name: str, s: Spec, start: int, root: Path) -> dict:
-    for seed in range(start, start + MAX_SEED_TRIES):
-        exp = write_fixture(s, seed, root / name)
-        ok, why = acceptable(s, exp)
-        print(f"  {name} seed {seed}: {'ok' if ok else 'rejected'} ({why})", flush=True)
-        if ok:
-            return exp
-    raise SystemExit(f"no acceptable seed in [{start}, {start + MAX_SEED_TRIES})")
-
-
-def finish(name: str, s: Spec, exp: dict, out: Path) -> None:
-    cross_check(out, s, exp)
-    dump_expected(out, exp)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"{name}: seed {exp['seed']}, logits std {exp['_logits_std']:.2f}, min margin "
-          f"{min(exp['greedy_margins']):.4f}, {size / 1e6:.2f} MB", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -339,24 +320,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     transformers.utils.logging.disable_progress_bar()
-    if args.custom:
-        changes = {f.name: getattr(args, f.name) for f in fields(Spec)
-                   if getattr(args, f.name, None) is not None}
-        s = replace(FIXTURES["gpt-oss"], **changes)
-        with tempfile.TemporaryDirectory() as tmp:
-            exp = search_seed("custom", s, 0 if args.seed is None else args.seed, Path(tmp))
-            finish("custom", s, exp, Path(tmp) / "custom")
-            if args.out.exists():
-                shutil.rmtree(args.out)
-            shutil.copytree(Path(tmp) / "custom", args.out)
-        print(f"wrote {args.out}")
-        return
-    names = [args.only] if args.only else list(FIXTURES)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        start = args.seed if args.seed is not None else DEFAULT_SEEDS[name]
-        exp = search_seed(name, FIXTURES[name], start, args.out)
-        finish(name, FIXTURES[name], exp, args.out / name)
+    changes = {f.name: getattr(args, f.name) for f in fields(Spec)
+               if getattr(args, f.name, None) is not None}
+    custom = replace(FIXTURES["gpt-oss"], **changes)
+    generate(args, FIXTURES, DEFAULT_SEEDS, custom, write_fixture, acceptable, cross_check,
+             lambda exp: f"router gap {exp['_gap']:.2e}")
 
 
 if __name__ == "__main__":

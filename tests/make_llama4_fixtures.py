@@ -42,7 +42,6 @@ import copy
 import math
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -51,13 +50,12 @@ import transformers
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_search import generate  # noqa: E402
 from make_fixtures import (  # noqa: E402  (shared helpers of the Mixtral generator)
     DTYPES,
-    MAX_SEED_TRIES,
     MIN_DISTINCT_GREEDY,
     MIN_MARGIN,
     MIN_ROUTER_GAP,
-    dump_expected,
     greedy,
     greedy_no_cache,
     make_prompt,
@@ -294,25 +292,6 @@ def cross_check(path: Path, s: Spec, exp: dict) -> None:
     assert greedy_no_cache(load(path), prompt) == exp["greedy_ids"], "cached != uncached greedy"
 
 
-def search_seed(name: str, s: Spec, start: int, root: Path) -> dict:
-    for seed in range(start, start + MAX_SEED_TRIES):
-        exp = write_fixture(s, seed, root / name)
-        ok, why = acceptable(s, exp)
-        print(f"  {name} seed {seed}: {'ok' if ok else 'rejected'} ({why})", flush=True)
-        if ok:
-            return exp
-    raise SystemExit(f"no acceptable seed in [{start}, {start + MAX_SEED_TRIES})")
-
-
-def finish(name: str, s: Spec, exp: dict, out: Path) -> None:
-    cross_check(out, s, exp)
-    dump_expected(out, exp)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"{name}: seed {exp['seed']}, logits std {exp['_logits_std']:.2f}, "
-          f"min margin {min(exp['greedy_margins']):.4f}, router gap {exp['_gap']:.2e}, "
-          f"{size / 1e6:.2f} MB", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -334,27 +313,13 @@ def main() -> None:
     torch.set_grad_enabled(False)
     transformers.utils.logging.disable_progress_bar()
 
-    if args.custom:
-        changes = {f.name: getattr(args, f.name) for f in fields(Spec)
-                   if getattr(args, f.name, None) is not None}
-        if args.no_llama3:
-            changes["llama3"] = None
-        s = replace(FIXTURES[args.family], **changes)
-        with tempfile.TemporaryDirectory() as tmp:
-            exp = search_seed("custom", s, 0 if args.seed is None else args.seed, Path(tmp))
-            finish("custom", s, exp, Path(tmp) / "custom")
-            if args.out.exists():
-                shutil.rmtree(args.out)
-            shutil.copytree(Path(tmp) / "custom", args.out)
-        print(f"wrote {args.out}")
-        return
-
-    names = [args.only] if args.only else list(FIXTURES)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        start = args.seed if args.seed is not None else DEFAULT_SEEDS[name]
-        exp = search_seed(name, FIXTURES[name], start, args.out)
-        finish(name, FIXTURES[name], exp, args.out / name)
+    changes = {f.name: getattr(args, f.name) for f in fields(Spec)
+               if getattr(args, f.name, None) is not None}
+    if args.no_llama3:
+        changes["llama3"] = None
+    custom = replace(FIXTURES[args.family], **changes)
+    generate(args, FIXTURES, DEFAULT_SEEDS, custom, write_fixture, acceptable, cross_check,
+             lambda exp: f"router gap {exp['_gap']:.2e}")
 
 
 if __name__ == "__main__":

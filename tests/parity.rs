@@ -34,22 +34,10 @@ fn check_path(fixture_name: &str, path: ExecPath) {
         // `gpt_oss_mxfp4_experts_as_published`.
         model.set_cpu_level(Some(moe_kernels::cpu::Level::detect()));
     }
-    let t = exp.prompt_ids.len();
 
     // Prompt logits and router choices from one full forward pass.
-    let mut cache = model.new_cache(1, t).unwrap();
     let mut trace = Trace::default();
-    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<Vec<f32>> = model
-        .forward(&ids, &mut cache, true, Some(&mut trace))
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let logits = prompt_logits(&model, &exp.prompt_ids, Some(&mut trace));
     let diff = max_abs_diff(&logits, &exp.logits);
     assert!(diff < LOGIT_TOL, "{name}: prompt logits differ by {diff}");
 
@@ -260,18 +248,7 @@ fn gpt_oss_mxfp4_experts_as_published() {
     // The CPU default (int8 activations against the MXFP4 experts): close to transformers, the same
     // top-1 at every prompt position (measured max |diff| 0.099).
     let exp = expected(&dir);
-    let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
-    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let q8: Vec<Vec<f32>> = model
-        .forward(&ids, &mut cache, true, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let q8 = prompt_logits(&model, &exp.prompt_ids, None);
     let diff = max_abs_diff(&q8, &exp.logits);
     assert!(diff < 0.25, "int8 activations: logits differ by {diff}");
     for (a, b) in q8.iter().zip(&exp.logits) {
@@ -338,18 +315,7 @@ fn llama4_multimodal_checkpoint_runs_its_language_model() {
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     let model = load_dir(dir.path(), &LoadOptions::default()).unwrap();
     assert_eq!(model.cfg.model_type, "llama4");
-    let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
-    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<Vec<f32>> = model
-        .forward(&ids, &mut cache, true, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let logits = prompt_logits(&model, &exp.prompt_ids, None);
     let diff = max_abs_diff(&logits, &exp.logits);
     assert!(
         diff < LOGIT_TOL,
@@ -419,15 +385,8 @@ fn router_weights_match() {
                 // f32 activations, as in `check_path`.
                 model.set_cpu_level(Some(moe_kernels::cpu::Level::detect()));
             }
-            let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
-            let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
             let mut trace = Trace::default();
-            model
-                .forward(&ids, &mut cache, true, Some(&mut trace))
-                .unwrap();
+            prompt_logits(&model, &exp.prompt_ids, Some(&mut trace));
             assert_eq!(
                 trace.router_weights.len(),
                 exp.router_weights.len(),
@@ -471,18 +430,7 @@ fn bf16_compute_stays_close() {
         ..Default::default()
     };
     let model = load_dir(&dir, &opts).unwrap();
-    let mut cache = model.new_cache(1, exp.prompt_ids.len()).unwrap();
-    let ids = Tensor::new(exp.prompt_ids.as_slice(), model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<Vec<f32>> = model
-        .forward(&ids, &mut cache, true, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let logits = prompt_logits(&model, &exp.prompt_ids, None);
     let diff = max_abs_diff(&logits, &exp.logits);
     let agree = logits
         .iter()
@@ -500,6 +448,26 @@ fn bf16_compute_stays_close() {
         "bf16 top-1 agrees on only {agree}/{}",
         logits.len()
     );
+}
+
+/// One forward pass of `ids` from an empty cache: the logits `[T, V]` (and the router trace).
+fn prompt_logits(
+    model: &moe::model::Model,
+    ids: &[u32],
+    trace: Option<&mut Trace>,
+) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    let t = Tensor::new(ids, model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&t, &mut cache, true, trace)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 fn argmax(v: &[f32]) -> usize {
