@@ -44,6 +44,11 @@
 // With `row_token` non-null, activation row of dispatched row r is x[row_token[r]] (the gather of the
 // gate/up projection); with it null, x is already in dispatched row order (the down projection). Output
 // rows are dispatched rows: out [R, N]; rows that belong to no expert are not written.
+//
+// SwiGLU epilogue (entries qmatmul_moe_swiglu_*, decode's gate/up projection): qweight holds 2N rows per
+// expert (gate rows 0..N, up rows N..2N); each warp computes feature n of both, and writes
+// out [R, N] = silu(gate) * up from the f32 sums, rounded once: the [R, 2N] intermediate, its two strided
+// views and the two elementwise kernels of the unfused form are gone.
 #include "common.cuh"
 
 #define QMM_ROWS 8
@@ -104,7 +109,7 @@ __device__ __forceinline__ void load_x16(const T* __restrict__ xr, uint32_t k, b
 // F = QF_INT8: int8 weights, params [E, N]. QF_INT4: packed nibbles, params [E, N, G, 2]. QF_MXFP4: packed
 // E2M1 nibbles, params [E, N, K/32] u8.
 // MOE = false: chunks from the host table. MOE = true: chunks from (counts, offsets, row_token), see above.
-template <typename T, int F, bool MOE>
+template <typename T, int F, bool MOE, bool SWIGLU = false>
 __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
                                              const typename QParamT<F>::type* __restrict__ params,
                                              const uint32_t* __restrict__ chunks,
@@ -139,9 +144,6 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
       r0 = __ldg(chunks + 3 * c + 1);
       cnt = __ldg(chunks + 3 * c + 2);
     }
-    const size_t row = static_cast<size_t>(e) * N + n;
-    const uint8_t* wrow = qweight + row * Kb;
-    const auto* prow = params + row * (INT4 ? 2 * static_cast<size_t>(G) : NIB ? static_cast<size_t>(G) : 1);
     // The activation row of each of the chunk's rows (gathered through row_token in MoE mode).
     const T* xrow[QMM_ROWS];
 #pragma unroll
@@ -151,7 +153,10 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
       xrow[i] = x + static_cast<size_t>(static_cast<uint32_t>(i) < cnt ? src : r0) * K;
     }
 
-    float acc[QMM_ROWS];
+    // acc[i] += x[i] . W[row] for the chunk's rows: the weight row read once for all of them.
+    auto accumulate = [&](size_t row, float (&acc)[QMM_ROWS]) {
+    const uint8_t* wrow = qweight + row * Kb;
+    const auto* prow = params + row * (INT4 ? 2 * static_cast<size_t>(G) : NIB ? static_cast<size_t>(G) : 1);
 #pragma unroll
     for (int i = 0; i < QMM_ROWS; ++i) acc[i] = 0.f;
 
@@ -221,12 +226,29 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
           if (static_cast<uint32_t>(i) < cnt) acc[i] = fmaf(to_float(xrow[i][k]), w, acc[i]);
       }
     }
+    };
 
+    float acc[QMM_ROWS];
+    if constexpr (SWIGLU) {
+      // Gate row n and up row N + n of expert e's 2N rows.
+      float up[QMM_ROWS];
+      accumulate(static_cast<size_t>(e) * 2 * N + n, acc);
+      accumulate(static_cast<size_t>(e) * 2 * N + N + n, up);
 #pragma unroll
-    for (int i = 0; i < QMM_ROWS; ++i) {
-      if (static_cast<uint32_t>(i) < cnt) {  // cnt is warp-uniform: every lane joins the shuffle
-        const float sum = warp_sum(acc[i]);
-        if (lane == 0) out[static_cast<size_t>(r0 + i) * N + n] = from_float<T>(sum);
+      for (int i = 0; i < QMM_ROWS; ++i) {
+        if (static_cast<uint32_t>(i) < cnt) {  // cnt is warp-uniform: every lane joins the shuffles
+          const float g = warp_sum(acc[i]), u = warp_sum(up[i]);
+          if (lane == 0) out[static_cast<size_t>(r0 + i) * N + n] = from_float<T>(g / (1.f + expf(-g)) * u);
+        }
+      }
+    } else {
+      accumulate(static_cast<size_t>(e) * N + n, acc);
+#pragma unroll
+      for (int i = 0; i < QMM_ROWS; ++i) {
+        if (static_cast<uint32_t>(i) < cnt) {  // cnt is warp-uniform: every lane joins the shuffle
+          const float sum = warp_sum(acc[i]);
+          if (lane == 0) out[static_cast<size_t>(r0 + i) * N + n] = from_float<T>(sum);
+        }
       }
     }
   }
@@ -251,6 +273,17 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
                              group);                                                                         \
   }
 
+// MoE mode with the SwiGLU epilogue: qweight [E, 2N, Kb], out [R, N] = silu(x Wg^T) * (x Wu^T).
+#define QMATMUL_MOE_SWIGLU_ENTRY(NAME, T, F)                                                                  \
+  extern "C" __global__ void NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token,           \
+                                  const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets, \
+                                  const uint8_t* __restrict__ qweight,                                       \
+                                  const QParamT<F>::type* __restrict__ params, T* __restrict__ out,          \
+                                  uint32_t E, uint32_t C, uint32_t N, uint32_t K, uint32_t group) {          \
+    qmatmul_impl<T, F, true, true>(x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K,   \
+                                   group);                                                                   \
+  }
+
 QMATMUL_ENTRY(qmatmul_int8_f32, float, QF_INT8)
 QMATMUL_ENTRY(qmatmul_int8_bf16, __nv_bfloat16, QF_INT8)
 QMATMUL_ENTRY(qmatmul_int8_f16, __half, QF_INT8)
@@ -269,6 +302,15 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f16, __half, QF_INT4)
 QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_f32, float, QF_MXFP4)
 QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
 QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_f16, __half, QF_MXFP4)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int8_f32, float, QF_INT8)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int8_bf16, __nv_bfloat16, QF_INT8)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int8_f16, __half, QF_INT8)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int4_f32, float, QF_INT4)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int4_bf16, __nv_bfloat16, QF_INT4)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int4_f16, __half, QF_INT4)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f32, float, QF_MXFP4)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
+QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4)
 
 // ---- prefill: tiled GEMM -------------------------------------------------------------------------------------
 // qmatmul_gemm_<fmt>_<dtype>: the same product (and the same dispatch-driven row tiles as the MoE mode) for many

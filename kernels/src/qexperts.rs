@@ -129,6 +129,66 @@ pub fn qmatmul_moe(
     }
 }
 
+/// `silu(x Wg^T) * (x Wu^T)` of the experts whose `qweight [E, 2F, Kb]` holds the gate rows, then the up
+/// rows (the engine's canonical gate_up): `out [R, F]`, the quantized gate/up projection with SwiGLU fused.
+/// On CUDA (and the emulator) the GEMV path is one kernel (`qmatmul_moe_swiglu_*`: each warp sums both rows
+/// of its feature and writes the product from the f32 sums); the GEMM path runs [`qmatmul_moe`] and the
+/// activation after it. The specification (the CPU): the product in f32, the activation, one rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_moe_swiglu(
+    x: &Tensor,
+    row_token: Option<&Tensor>,
+    counts: &Tensor,
+    offsets: &Tensor,
+    qweight: &Tensor,
+    params: &Tensor,
+    fmt: QFormat,
+    path: Option<ExpertPath>,
+) -> Result<Tensor> {
+    let d = QmoeDims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
+    if d.n % 2 != 0 {
+        bail!(
+            "{OP}: gate_up has {} rows per expert, not gate and up halves",
+            d.n
+        );
+    }
+    let path = path.unwrap_or_else(|| qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64));
+    let kernels = crate::launch::runs_kernels(x.device());
+    if kernels && path == ExpertPath::Gemv {
+        same_device(OP, &[("x", x), ("counts", counts), ("qweight", qweight)])?;
+        let plan = moe_plan(x.dtype(), fmt, d, row_token.is_some(), path, true)?;
+        let mut outs = match row_token {
+            Some(rt) => plan.run(&[x, rt, counts, offsets, qweight, params])?,
+            None => plan.run(&[x, counts, offsets, qweight, params])?,
+        };
+        return match outs.pop() {
+            Some(out) => Ok(out),
+            None => bail!("{OP}: the plan returned no output"),
+        };
+    }
+    // The unfused form: in x's dtype on a device; in f32 with one rounding on the CPU (the
+    // specification the fused kernel is checked against).
+    let xc = if kernels {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
+    let g = qmatmul_moe(
+        &xc,
+        row_token,
+        counts,
+        offsets,
+        qweight,
+        params,
+        fmt,
+        Some(path),
+    )?;
+    let f = d.n / 2;
+    let (gate, up) = (g.narrow(1, 0, f)?, g.narrow(1, f, f)?);
+    let silu = (&gate / (gate.neg()?.exp()? + 1.0)?)?;
+    (silu * up)?.to_dtype(x.dtype())
+}
+
 /// The sizes of one `qmatmul_moe` call: R dispatched rows (the output's rows), N_out features, K in features,
 /// E experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +333,23 @@ pub fn qmatmul_moe_plan(
     gather: bool,
     path: ExpertPath,
 ) -> Result<Plan> {
+    moe_plan(dtype, fmt, d, gather, path, false)
+}
+
+/// [`qmatmul_moe_plan`], or with `swiglu` the GEMV entry `qmatmul_moe_swiglu_<fmt>_<dtype>` of
+/// [`qmatmul_moe_swiglu`]: `d.n` = 2F weight rows per expert, output `[R, F]`, F features over the grid.
+fn moe_plan(
+    dtype: DType,
+    fmt: QFormat,
+    d: QmoeDims,
+    gather: bool,
+    path: ExpertPath,
+    swiglu: bool,
+) -> Result<Plan> {
+    if swiglu && (path != ExpertPath::Gemv || d.n % 2 != 0) {
+        bail!("{OP}: the SwiGLU epilogue is a GEMV entry over 2F weight rows");
+    }
+    let n_out = if swiglu { d.n / 2 } else { d.n };
     let (kind, group) = kind_and_group(fmt);
     let sfx = suffix(dtype)?;
     let inputs: &[&'static str] = if gather {
@@ -282,6 +359,7 @@ pub fn qmatmul_moe_plan(
     };
     let mut p = Plan::new(OP, inputs);
     let (entry, rows, cols, threads) = match path {
+        ExpertPath::Gemv if swiglu => ("moe_swiglu", QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
         ExpertPath::Gemv => ("moe", QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
         ExpertPath::Gemm => ("gemm", QG_TILE_M, QG_TILE_N, 256),
     };
@@ -296,8 +374,8 @@ pub fn qmatmul_moe_plan(
     // The GEMV kernel strides over all C tiles with grid y; only the grid is clamped.
     let grid_y = chunks.clamp(1, 65535) as u32;
     let chunks = chunks.min(u32::MAX as usize) as u32;
-    let out = p.out("out", dtype, (d.r, d.n));
-    if d.r == 0 || d.n == 0 {
+    let out = p.out("out", dtype, (d.r, n_out));
+    if d.r == 0 || n_out == 0 {
         return Ok(p);
     }
     let input = |i| Arg::Buf(Buf::In(i));
@@ -319,14 +397,14 @@ pub fn qmatmul_moe_plan(
     if path == ExpertPath::Gemv {
         args.push(Arg::U32(chunks));
     }
-    args.extend([d.n as u32, d.k as u32, group].map(Arg::U32));
+    args.extend([n_out as u32, d.k as u32, group].map(Arg::U32));
     // Shapes were checked by QmoeDims::check, and a valid dispatch keeps every live row < R and every
     // row_token < the rows of x.
     p.launch(
         "qmatmul",
         format!("qmatmul_{entry}_{kind}_{sfx}"),
         [
-            grid_dim(OP, "feature blocks", d.n.div_ceil(cols), u32::MAX >> 1)?,
+            grid_dim(OP, "feature blocks", n_out.div_ceil(cols), u32::MAX >> 1)?,
             grid_y,
             1,
         ],

@@ -157,6 +157,8 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
         (64, 2, 8, 6, 33, 384, 16, false),
         (513, 4, 16, 16, 72, 128, 1, true),
         (7, 2, 8, 8, 31, 200, 1, true),
+        // An even O with K = 200 (the scalar path) for the SwiGLU epilogue.
+        (5, 2, 8, 6, 48, 200, 1, true),
     ];
     // MXFP4's own: gpt-oss-like decode (top-4 of 32 experts, K = 2880), K = 32 over a few tokens, K = 4096
     // un-gathered.
@@ -166,6 +168,8 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
         ),
         (5, 2, 8, 4, 17, 32, 1, true),
         (3, 2, 4, 4, 33, 4096, 1, false),
+        // gpt-oss's gate_up shape (K = 2880, top-4 of 32) with even O for the SwiGLU epilogue.
+        (2, 4, 32, 32, 64, 2880, 1, true),
     ];
     for (fname, fmt) in fmts {
         let extra: &[_] = if fmt == QFormat::Mxfp4 {
@@ -234,6 +238,59 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
                             nmse: nmse(
                                 &live_rows(&f32s(&out)?, &d.row_token, n),
                                 &live_rows(&want, &d.row_token, n),
+                            ),
+                            budget,
+                            time_us,
+                            note: String::new(),
+                        })
+                    })();
+                    rows.push(row_or_error("qmatmul_moe", case, dtype, budget, r));
+                    // The gate/up projection with SwiGLU fused (decode's GEMV entry), the O rows
+                    // read as gate then up halves.
+                    if path != ExpertPath::Gemv || n % 2 != 0 || !gather {
+                        continue;
+                    }
+                    let case = format!(
+                        "Gemv swiglu {fname} N={n_tok} k={k_top} E={e} O={n} K={k} B={block}"
+                    );
+                    let r = (|| {
+                        let args = [
+                            upload(&x0, &[x_rows, k], dtype, device)?,
+                            Tensor::from_slice(&d.row_token, d.row_token.len(), device)?,
+                            Tensor::from_slice(&d.counts, e, device)?,
+                            Tensor::from_slice(&d.offsets, e + 1, device)?,
+                            Tensor::from_slice(&q, (e, n, fmt.row_bytes(k)), device)?,
+                            p.to_tensor(&pdims, device)?,
+                        ];
+                        let call = |t: &[Tensor; 6]| {
+                            crate::qmatmul_moe_swiglu(
+                                &t[0],
+                                Some(&t[1]),
+                                &t[2],
+                                &t[3],
+                                &t[4],
+                                &t[5],
+                                fmt,
+                                Some(ExpertPath::Gemv),
+                            )
+                        };
+                        let cpu = [
+                            upload(&x0, &[x_rows, k], dtype, &Device::Cpu)?,
+                            Tensor::from_slice(&d.row_token, d.row_token.len(), &Device::Cpu)?,
+                            Tensor::from_slice(&d.counts, e, &Device::Cpu)?,
+                            Tensor::from_slice(&d.offsets, e + 1, &Device::Cpu)?,
+                            Tensor::from_slice(&q, (e, n, fmt.row_bytes(k)), &Device::Cpu)?,
+                            p.to_tensor(&pdims, &Device::Cpu)?,
+                        ];
+                        let want = crate::emu::without(|| f32s(&call(&cpu)?))?;
+                        let (out, time_us) = timed(device, || call(&args))?;
+                        Ok(Row {
+                            op: "qmatmul_moe",
+                            case: case.clone(),
+                            dtype,
+                            nmse: nmse(
+                                &live_rows(&f32s(&out)?, &d.row_token, n / 2),
+                                &live_rows(&want, &d.row_token, n / 2),
                             ),
                             budget,
                             time_us,

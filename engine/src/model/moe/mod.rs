@@ -469,11 +469,19 @@ fn kernel_experts(
             moe_experts(x, row_token, counts, offsets, gu, dn, path)
         }
         (Weight::Quant(gu), Weight::Quant(dn)) => {
-            let f = dn.shape[2];
             let (qg, pg) = (&gu.qweight, &gu.params);
-            let g = qmatmul_moe(x, Some(row_token), counts, offsets, qg, pg, gu.fmt, path)?;
             let Some((ex, ids, slot_row)) = extras.filter(|(ex, _, _)| !ex.plain()) else {
-                let h = (candle_nn::ops::silu(&g.narrow(1, 0, f)?)? * g.narrow(1, f, f)?)?;
+                // Plain SwiGLU: fused into the gate/up kernel on decode's GEMV path.
+                let h = moe_kernels::qmatmul_moe_swiglu(
+                    x,
+                    Some(row_token),
+                    counts,
+                    offsets,
+                    qg,
+                    pg,
+                    gu.fmt,
+                    path,
+                )?;
                 return qmatmul_moe(
                     &h,
                     None,
@@ -485,6 +493,7 @@ fn kernel_experts(
                     path,
                 );
             };
+            let g = qmatmul_moe(x, Some(row_token), counts, offsets, qg, pg, gu.fmt, path)?;
             // Each row's expert bias, placed by the dispatch's slot -> row map: nothing leaves
             // the device.
             let row_bias = |y: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
