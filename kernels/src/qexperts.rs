@@ -146,7 +146,7 @@ pub fn qmatmul_moe_swiglu(
     path: Option<ExpertPath>,
 ) -> Result<Tensor> {
     let d = QmoeDims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
-    if d.n % 2 != 0 {
+    if !d.n.is_multiple_of(2) {
         bail!(
             "{OP}: gate_up has {} rows per expert, not gate and up halves",
             d.n
@@ -346,7 +346,7 @@ fn moe_plan(
     path: ExpertPath,
     swiglu: bool,
 ) -> Result<Plan> {
-    if swiglu && (path != ExpertPath::Gemv || d.n % 2 != 0) {
+    if swiglu && (path != ExpertPath::Gemv || !d.n.is_multiple_of(2)) {
         bail!("{OP}: the SwiGLU epilogue is a GEMV entry over 2F weight rows");
     }
     let n_out = if swiglu { d.n / 2 } else { d.n };
