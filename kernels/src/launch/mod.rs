@@ -74,6 +74,38 @@ mod cuda_exec {
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{bail, CudaDevice, DType, Result, Storage, Tensor};
     use half::{bf16, f16};
+    use std::collections::HashMap;
+    use std::rc::Rc;
+
+    /// Device copies of the host tables plans upload ([`Plan::upload`]), per device and content. A
+    /// decode step's tables repeat (a dense quantized linear's chunk table for M = 1 is always
+    /// `[0, 0, 1]`), so each distinct table crosses from pageable host memory once instead of on every
+    /// call. Bounded: past [`UPLOAD_CACHE_MAX`] tables the cache starts over (a freed slice's
+    /// `cudaFreeAsync` is ordered after the kernels already queued on the stream).
+    const UPLOAD_CACHE_MAX: usize = 4096;
+
+    type UploadKey = (candle_core::cuda_backend::DeviceId, Vec<u32>);
+
+    thread_local! {
+        static UPLOADED: std::cell::RefCell<HashMap<UploadKey, Rc<CudaSlice<u32>>>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+
+    fn uploaded(dev: &CudaDevice, table: &[u32]) -> Result<Rc<CudaSlice<u32>>> {
+        UPLOADED.with(|c| {
+            let mut c = c.borrow_mut();
+            let key = (dev.id(), table.to_vec());
+            if let Some(s) = c.get(&key) {
+                return Ok(s.clone());
+            }
+            if c.len() >= UPLOAD_CACHE_MAX {
+                c.clear();
+            }
+            let s = Rc::new(dev.clone_htod(table)?);
+            c.insert(key, s.clone());
+            Ok(s)
+        })
+    }
 
     enum View<'a> {
         U8(CudaView<'a, u8>),
@@ -161,10 +193,10 @@ mod cuda_exec {
             .iter()
             .map(|a| alloc(&dev, a.dtype, a.shape.elem_count(), op))
             .collect::<Result<_>>()?;
-        let uploads: Vec<CudaSlice<u32>> = plan
+        let uploads: Vec<Rc<CudaSlice<u32>>> = plan
             .uploads
             .iter()
-            .map(|(_, v)| dev.clone_htod(v))
+            .map(|(_, v)| uploaded(&dev, v))
             .collect::<Result<_>>()?;
         let null = 0u64;
         for l in &plan.launches {
@@ -179,7 +211,7 @@ mod cuda_exec {
                     Arg::Buf(Buf::Out(i)) => push_owned(&mut b, &outs[*i]),
                     Arg::Buf(Buf::Tmp(i)) => push_owned(&mut b, &tmps[*i]),
                     Arg::Buf(Buf::Upload(i)) => {
-                        b.arg(&uploads[*i]);
+                        b.arg(&*uploads[*i]);
                     }
                     Arg::Null => {
                         b.arg(&null);
