@@ -6,6 +6,8 @@
 //   slot_of    [T*A]    u32: row of expert_out holding the output of token t's j-th choice, at t*A + j
 //   weights    [T, A]   f32 routing weights
 //   out        [T, H]   act dtype: out[t, :] = sum_j weights[t, j] * expert_out[slot_of[t*A + j], :]
+//   add        [T, H]   act dtype or null: added to the f32 sum before its one rounding (the shared experts'
+//                       output, so their separate add kernel and its rounding are gone)
 //
 // Why it is written this way:
 //  - Gather, not scatter: each out element is owned by one thread, so there are no atomics and the result is
@@ -26,8 +28,9 @@
 template <typename T>
 __device__ __forceinline__ void moe_combine_impl(const T* __restrict__ expert_out,
                                                  const uint32_t* __restrict__ slot_of,
-                                                 const float* __restrict__ weights, T* __restrict__ out,
-                                                 uint32_t A, uint32_t H, uint32_t R) {
+                                                 const float* __restrict__ weights,
+                                                 const T* __restrict__ add, T* __restrict__ out, uint32_t A,
+                                                 uint32_t H, uint32_t R) {
   const size_t t = blockIdx.x;
   const uint32_t* slots = slot_of + t * A;
   const float* w = weights + t * A;
@@ -36,7 +39,8 @@ __device__ __forceinline__ void moe_combine_impl(const T* __restrict__ expert_ou
   const uint32_t stride = gridDim.y * blockDim.x;
 
   constexpr int N = Vec16<T>::N;
-  if (H % N == 0 && is_aligned16(expert_out) && is_aligned16(out)) {
+  const T* add_row = add != nullptr ? add + t * H : nullptr;
+  if (H % N == 0 && is_aligned16(expert_out) && is_aligned16(out) && (add == nullptr || is_aligned16(add))) {
     const uint32_t nvec = H / N;
     for (uint32_t v = first; v < nvec; v += stride) {
       float acc[N];
@@ -49,6 +53,11 @@ __device__ __forceinline__ void moe_combine_impl(const T* __restrict__ expert_ou
         const Vec16<T> x = load_vec16_ro(expert_out + static_cast<size_t>(s) * H + static_cast<size_t>(v) * N);
 #pragma unroll
         for (int i = 0; i < N; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(wj, to_float(x.v[i])));
+      }
+      if (add_row != nullptr) {
+        const Vec16<T> s = load_vec16_ro(add_row + static_cast<size_t>(v) * N);
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc[i] = __fadd_rn(acc[i], to_float(s.v[i]));
       }
       Vec16<T> y;
 #pragma unroll
@@ -64,6 +73,7 @@ __device__ __forceinline__ void moe_combine_impl(const T* __restrict__ expert_ou
         if (wj == 0.f || s >= R) continue;
         acc = __fadd_rn(acc, __fmul_rn(wj, to_float(expert_out[static_cast<size_t>(s) * H + h])));
       }
+      if (add_row != nullptr) acc = __fadd_rn(acc, to_float(add_row[h]));
       out_row[h] = from_float<T>(acc);
     }
   }
@@ -71,9 +81,9 @@ __device__ __forceinline__ void moe_combine_impl(const T* __restrict__ expert_ou
 
 #define MOE_COMBINE_ENTRY(NAME, T)                                                                              \
   extern "C" __global__ void NAME(const T* __restrict__ expert_out, const uint32_t* __restrict__ slot_of,       \
-                                  const float* __restrict__ weights, T* __restrict__ out, uint32_t A, uint32_t H, \
-                                  uint32_t R) {                                                                 \
-    moe_combine_impl<T>(expert_out, slot_of, weights, out, A, H, R);                                            \
+                                  const float* __restrict__ weights, const T* __restrict__ add,                 \
+                                  T* __restrict__ out, uint32_t A, uint32_t H, uint32_t R) {                    \
+    moe_combine_impl<T>(expert_out, slot_of, weights, add, out, A, H, R);                                       \
   }
 
 MOE_COMBINE_ENTRY(moe_combine_f32, float)

@@ -7,13 +7,15 @@
 //! expert_out [R, H]          f32 | bf16 | f16, rows in expert-sorted slot order
 //! slot_of    [T*A] or [T, A] u32: row of expert_out holding token t's j-th choice, at t*A + j
 //! weights    [T, A]          f32 routing weights
+//! add        [T, H]          dtype of expert_out, optional (moe_combine_add)
 //! out        [T, H]          dtype of expert_out
-//! out[t, :] = sum_{j=0..A} weights[t, j] * expert_out[slot_of[t*A + j], :]
+//! out[t, :] = sum_{j=0..A} weights[t, j] * expert_out[slot_of[t*A + j], :]  (+ add[t, :])
 //! ```
 //!
 //! Semantics shared by the CPU reference and `cuda/moe_combine.cu`:
-//! - the sum runs j = 0..A-1 in f32, multiply and add each rounded (no fused multiply-add), then one
-//!   round-to-nearest-even conversion to the activation dtype; f32 results therefore match bit for bit;
+//! - the sum runs j = 0..A-1 in f32, multiply and add each rounded (no fused multiply-add), then `add` (in
+//!   f32), then one round-to-nearest-even conversion to the activation dtype; f32 results therefore match
+//!   bit for bit;
 //! - a choice whose weight is exactly 0 is skipped and its row never read, so padding rows or rows of
 //!   dropped tokens may hold anything, even NaN;
 //! - a slot >= R is an error on the CPU reference; the kernel (on CUDA, or the emulator) skips it (checking
@@ -32,6 +34,17 @@ const OP: &str = "moe_combine";
 /// returns `[T, H]` in the dtype of `expert_out`. Non-contiguous inputs are copied to contiguous ones.
 /// Shape, dtype and device mismatches are errors, never panics.
 pub fn moe_combine(expert_out: &Tensor, slot_of: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    moe_combine_add(expert_out, slot_of, weights, None)
+}
+
+/// [`moe_combine`] with `add [T, H]` (the dtype of `expert_out`) added to each token's f32 sum before its
+/// one rounding: the MoE block's shared experts folded into combine.
+pub fn moe_combine_add(
+    expert_out: &Tensor,
+    slot_of: &Tensor,
+    weights: &Tensor,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
     let d = Dims::check(
         (expert_out.dtype(), expert_out.dims()),
         (slot_of.dtype(), slot_of.dims()),
@@ -47,22 +60,47 @@ pub fn moe_combine(expert_out: &Tensor, slot_of: &Tensor, weights: &Tensor) -> R
             weights.device().location()
         );
     }
+    if let Some(s) = add {
+        if s.dims() != [d.t, d.h] || s.dtype() != expert_out.dtype() {
+            bail!(
+                "{OP}: add must be {:?} [{}, {}], got {:?} {:?}",
+                expert_out.dtype(),
+                d.t,
+                d.h,
+                s.dtype(),
+                s.dims()
+            );
+        }
+        if !s.device().same_device(expert_out.device()) {
+            bail!("{OP}: add is on another device");
+        }
+    }
     if d.t == 0 || d.h == 0 {
         return Tensor::zeros((d.t, d.h), expert_out.dtype(), expert_out.device());
     }
     if crate::launch::runs_kernels(expert_out.device()) {
-        let plan = combine_plan(expert_out.dtype(), d.t, d.a, d.h, d.r)?;
-        let mut outs = plan.run(&[expert_out, slot_of, weights])?;
+        let plan = combine_plan_with(expert_out.dtype(), d.t, d.a, d.h, d.r, add.is_some())?;
+        let mut inputs = vec![expert_out, slot_of, weights];
+        inputs.extend(add);
+        let mut outs = plan.run(&inputs)?;
         return match outs.pop() {
             Some(out) => Ok(out),
             None => bail!("{OP}: the plan returned no output"),
         };
     }
-    expert_out.contiguous()?.apply_op3_no_bwd(
-        &slot_of.contiguous()?,
-        &weights.contiguous()?,
-        &MoeCombine,
-    )
+    let Some(s) = add else {
+        return expert_out.contiguous()?.apply_op3_no_bwd(
+            &slot_of.contiguous()?,
+            &weights.contiguous()?,
+            &MoeCombine,
+        );
+    };
+    // The reference in f32 (its products and sum are f32 whatever the dtype), plus `add`, one rounding.
+    let sum = expert_out
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op3_no_bwd(&slot_of.contiguous()?, &weights.contiguous()?, &MoeCombine)?;
+    (sum + s.to_dtype(DType::F32)?)?.to_dtype(expert_out.dtype())
 }
 
 /// The CPU reference behind [`moe_combine`] as a candle op (CPU only: on CUDA, and on the CPU with the emulator
@@ -209,8 +247,24 @@ impl CustomOp3 for MoeCombine {
 /// rounded up to a warp, at most 128, and Y = ceil(items / B) (at most 65535) spreads a row over several blocks
 /// so decode (T = 1) is not a single block. Output `out [T, H]`. No launch when T*H = 0.
 pub fn combine_plan(dtype: DType, t: usize, a: usize, h: usize, r: usize) -> Result<Plan> {
+    combine_plan_with(dtype, t, a, h, r, false)
+}
+
+/// [`combine_plan`], with `add` a fourth input `add [T, H]` (a null pointer otherwise).
+pub fn combine_plan_with(
+    dtype: DType,
+    t: usize,
+    a: usize,
+    h: usize,
+    r: usize,
+    add: bool,
+) -> Result<Plan> {
     let sfx = suffix(dtype)?;
-    let mut p = Plan::new(OP, &["expert_out", "slot_of", "weights"]);
+    let inputs: &[&str] = match add {
+        true => &["expert_out", "slot_of", "weights", "add"],
+        false => &["expert_out", "slot_of", "weights"],
+    };
+    let mut p = Plan::new(OP, inputs);
     let out = p.out("out", dtype, (t, h));
     if t == 0 || h == 0 {
         return Ok(p);
@@ -244,6 +298,10 @@ pub fn combine_plan(dtype: DType, t: usize, a: usize, h: usize, r: usize) -> Res
             Arg::Buf(Buf::In(0)),
             Arg::Buf(Buf::In(1)),
             Arg::Buf(Buf::In(2)),
+            match add {
+                true => Arg::Buf(Buf::In(3)),
+                false => Arg::Null,
+            },
             out,
             Arg::U32(a32),
             Arg::U32(h32),
@@ -544,6 +602,7 @@ mod tests {
                 Arg::Buf(Buf::In(0)),
                 Arg::Buf(Buf::In(1)),
                 Arg::Buf(Buf::In(2)),
+                Arg::Null,
                 Arg::Buf(Buf::Out(0)),
                 Arg::U32(3),
                 Arg::U32(16),

@@ -37,7 +37,7 @@ pub mod route;
 pub mod selftest;
 
 pub use attention::decode_attention;
-pub use combine::{moe_combine, MoeCombine};
+pub use combine::{moe_combine, moe_combine_add, MoeCombine};
 pub use common::{poison_outputs, set_poison_outputs};
 pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};
 pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};

@@ -34,8 +34,10 @@ pub(super) fn combine_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         for row in t * a..r {
             x0[row * h..(row + 1) * h].fill(f32::NAN);
         }
+        let add0 = rng.vec(t * h, 1.0);
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let case = format!("T={t} k={a} H={h} pad={pad}");
+            let plus = if t != 513 { " +add" } else { "" };
+            let case = format!("T={t} k={a} H={h} pad={pad}{plus}");
             let r2 = (|| {
                 let run = |dev: &Device| -> Result<[Tensor; 3]> {
                     Ok([
@@ -45,10 +47,24 @@ pub(super) fn combine_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
                     ])
                 };
                 let [xc, sc, wc] = run(&Device::Cpu)?;
+                // With `add` (but at T = 513): the shared experts' output added before the rounding,
+                // on the vector path (H = 4096) and the scalar one (odd H).
+                let add = (t != 513).then(|| add0.clone());
+                let a_at = |dev: &Device| {
+                    add.as_ref()
+                        .map(|v| upload(v, &[t, h], dtype, dev))
+                        .transpose()
+                };
+                let ac = a_at(&Device::Cpu)?;
                 // The CPU reference, with the emulator off (the expected side never runs the op under test).
-                let want = crate::emu::without(|| f32s(&crate::moe_combine(&xc, &sc, &wc)?))?;
+                let want = crate::emu::without(|| {
+                    f32s(&crate::moe_combine_add(&xc, &sc, &wc, ac.as_ref())?)
+                })?;
                 let [xt, st, wt] = run(device)?;
-                let (out, time_us) = timed(device, || crate::moe_combine(&xt, &st, &wt))?;
+                let at = a_at(device)?;
+                let (out, time_us) = timed(device, || {
+                    crate::moe_combine_add(&xt, &st, &wt, at.as_ref())
+                })?;
                 Ok(Row {
                     op: "combine",
                     case: case.clone(),

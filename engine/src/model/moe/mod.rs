@@ -9,7 +9,7 @@ pub mod experts;
 pub mod route;
 
 use candle_core::{DType, Result, Tensor};
-use moe_kernels::{moe_combine, moe_dispatch, moe_experts, moe_route, qmatmul_moe};
+use moe_kernels::{moe_combine_add, moe_dispatch, moe_experts, moe_route, qmatmul_moe};
 
 pub use combine::combine;
 pub use dispatch::{dispatch, Dispatch};
@@ -216,28 +216,40 @@ impl MoeBlock {
         // quantized matmuls with the biases and the activation between them.)
         let on_device = plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k)
             && (self.extras().plain() || matches!(self.gate_up, Weight::Quant(_)));
-        let (mut out, routing) = if on_device {
-            self.routed_kernels(&x, &logits, plan)?
-        } else {
-            self.routed_candle(&x, &logits, plan)?
+        // The shared experts' output: folded into the combine kernel on the device path, added
+        // after the routed experts on the host one.
+        let shared = match &self.shared {
+            None => None,
+            Some(shared) => {
+                let s = shared.forward(&x, plan)?;
+                Some(match &self.shared_gate {
+                    Some(g) => {
+                        s.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward_on(&x, plan)?)?)?
+                    }
+                    None => s,
+                })
+            }
         };
-        if let Some(shared) = &self.shared {
-            let s = shared.forward(&x, plan)?;
-            let s = match &self.shared_gate {
-                Some(g) => s.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward_on(&x, plan)?)?)?,
-                None => s,
-            };
-            out = (out + s)?;
-        }
+        let (out, routing) = if on_device {
+            self.routed_kernels(&x, &logits, plan, shared.as_ref())?
+        } else {
+            let (out, routing) = self.routed_candle(&x, &logits, plan)?;
+            match shared {
+                Some(s) => ((out + s)?, routing),
+                None => (out, routing),
+            }
+        };
         Ok((out.reshape(shape)?, routing))
     }
 
-    /// The routed experts through the moe-kernels ops; nothing leaves the device. `x [N, H]`.
+    /// The routed experts through the moe-kernels ops; nothing leaves the device. `x [N, H]`;
+    /// `shared [N, H]` is added inside the combine kernel.
     fn routed_kernels(
         &self,
         x: &Tensor,
         logits: &Tensor,
         plan: &PathPlan,
+        shared: Option<&Tensor>,
     ) -> Result<(Tensor, DeviceRouting)> {
         let (a, e) = (self.cfg.top_k, self.cfg.num_experts);
         let router = self.cfg.router;
@@ -278,7 +290,7 @@ impl MoeBlock {
             }
         }; // [N*A, H], expert-sorted
         let n = x.dim(0)?;
-        let out = moe_combine(&y, &d.slot_row.reshape((n, a))?, &mix)?;
+        let out = moe_combine_add(&y, &d.slot_row.reshape((n, a))?, &mix, shared)?;
         Ok((out, DeviceRouting { ids, weights }))
     }
 
