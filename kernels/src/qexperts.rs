@@ -58,31 +58,11 @@ pub fn qmatmul_moe(
     path: Option<ExpertPath>,
 ) -> Result<Tensor> {
     let d = QmoeDims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
-    let mut devs = vec![
-        ("x", x),
-        ("counts", counts),
-        ("offsets", offsets),
-        ("qweight", qweight),
-        ("params", params),
-    ];
-    if let Some(rt) = row_token {
-        devs.push(("row_token", rt));
-    }
-    same_device(OP, &devs)?;
+    let inputs = same_device_inputs(x, row_token, [counts, offsets, qweight, params])?;
     if crate::launch::runs_kernels(x.device()) {
-        let path = match path {
-            Some(p) => p,
-            None => qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64),
-        };
+        let path = path.unwrap_or_else(|| default_path(d));
         let plan = qmatmul_moe_plan(x.dtype(), fmt, d, row_token.is_some(), path)?;
-        let mut outs = match row_token {
-            Some(rt) => plan.run(&[x, rt, counts, offsets, qweight, params])?,
-            None => plan.run(&[x, counts, offsets, qweight, params])?,
-        };
-        return match outs.pop() {
-            Some(out) => Ok(out),
-            None => bail!("{OP}: the plan returned no output"),
-        };
+        return run_one(&plan, &inputs);
     }
     match x.device() {
         Device::Cpu => {
@@ -152,19 +132,12 @@ pub fn qmatmul_moe_swiglu(
             d.n
         );
     }
-    let path = path.unwrap_or_else(|| qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64));
+    let path = path.unwrap_or_else(|| default_path(d));
     let kernels = crate::launch::runs_kernels(x.device());
     if kernels && path == ExpertPath::Gemv {
-        same_device(OP, &[("x", x), ("counts", counts), ("qweight", qweight)])?;
+        let inputs = same_device_inputs(x, row_token, [counts, offsets, qweight, params])?;
         let plan = moe_plan(x.dtype(), fmt, d, row_token.is_some(), path, true)?;
-        let mut outs = match row_token {
-            Some(rt) => plan.run(&[x, rt, counts, offsets, qweight, params])?,
-            None => plan.run(&[x, counts, offsets, qweight, params])?,
-        };
-        return match outs.pop() {
-            Some(out) => Ok(out),
-            None => bail!("{OP}: the plan returned no output"),
-        };
+        return run_one(&plan, &inputs);
     }
     // The unfused form: in x's dtype on a device; in f32 with one rounding on the CPU (the
     // specification the fused kernel is checked against).
@@ -187,6 +160,43 @@ pub fn qmatmul_moe_swiglu(
     let (gate, up) = (g.narrow(1, 0, f)?, g.narrow(1, f, f)?);
     let silu = (&gate / (gate.neg()?.exp()? + 1.0)?)?;
     (silu * up)?.to_dtype(x.dtype())
+}
+
+/// The GEMV/GEMM choice for `d` when the caller gives none: R rows as the worst case per expert.
+fn default_path(d: QmoeDims) -> ExpertPath {
+    qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64)
+}
+
+/// The plan inputs in order (`x`, `row_token` if any, `counts`, `offsets`, `qweight`, `params`), checked
+/// to share one device.
+fn same_device_inputs<'a>(
+    x: &'a Tensor,
+    row_token: Option<&'a Tensor>,
+    [counts, offsets, qweight, params]: [&'a Tensor; 4],
+) -> Result<Vec<&'a Tensor>> {
+    let mut devs = vec![
+        ("x", x),
+        ("counts", counts),
+        ("offsets", offsets),
+        ("qweight", qweight),
+        ("params", params),
+    ];
+    if let Some(rt) = row_token {
+        devs.push(("row_token", rt));
+    }
+    same_device(OP, &devs)?;
+    let mut inputs = vec![x];
+    inputs.extend(row_token);
+    inputs.extend([counts, offsets, qweight, params]);
+    Ok(inputs)
+}
+
+/// Runs a one-output plan.
+fn run_one(plan: &Plan, inputs: &[&Tensor]) -> Result<Tensor> {
+    match plan.run(inputs)?.pop() {
+        Some(out) => Ok(out),
+        None => bail!("{OP}: the plan returned no output"),
+    }
 }
 
 /// The sizes of one `qmatmul_moe` call: R dispatched rows (the output's rows), N_out features, K in features,
