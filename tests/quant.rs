@@ -205,6 +205,10 @@ fn saved_checkpoint_round_trip_is_bit_identical() {
         ("dbrx", INT8),
         ("deepseek-v2-greedy", INT4_G32),
         ("qwen2-moe", INT8),
+        // MXFP4's u8 exponents stored as such.
+        ("mixtral-base", QFormat::Mxfp4),
+        // gpt-oss's published MXFP4 experts copied as they are beside INT8 attention.
+        ("gpt-oss-mxfp4", INT8),
     ] {
         let out = tempfile::tempdir().unwrap();
         moe::loader::save::quantize_checkpoint(&fixture(name), out.path(), fmt, false).unwrap();

@@ -67,7 +67,7 @@ pub enum Cmd {
     /// roofline; --random-weights builds any known model from its config; --sweep
     /// experts|topk|batch on a small random Mixtral.
     Bench(crate::bench::BenchArgs),
-    /// Write an INT8/INT4 weight-only quantized copy of a checkpoint (loads without re-quantizing).
+    /// Write an INT8/INT4/MXFP4 weight-only quantized copy of a checkpoint (loads without re-quantizing).
     Quantize(QuantizeArgs),
     /// Check the CUDA kernels (on cuda, or their source on the CPU with emu; on cpu, the harness) against
     /// their CPU references.
@@ -162,7 +162,7 @@ pub struct QuantizeArgs {
     /// The dense (f32/f16/bf16) checkpoint directory.
     #[arg(long)]
     weights: PathBuf,
-    /// int8, int4 (group 128), int4:64 or int4:32.
+    /// int8, int4 (group 128), int4:64, int4:32 or mxfp4.
     #[arg(long)]
     quant: String,
     /// Output directory (model.safetensors, config.json with quantization_config, tokenizer):
@@ -177,13 +177,6 @@ pub struct QuantizeArgs {
 fn quantize(a: QuantizeArgs) -> Result<()> {
     let fmt = crate::quant::parse_quant(&a.quant)?
         .ok_or_else(|| Error::Input("--quant none writes nothing; use int8 or int4".into()))?;
-    if fmt == crate::quant::QFormat::Mxfp4 {
-        // The moe-run checkpoint format stores f16 params; MXFP4's are u8 exponents.
-        return Err(Error::Input(
-            "moe-run quantize writes int8 or int4; mxfp4 is quantize-on-load only (--quant mxfp4)"
-                .into(),
-        ));
-    }
     let r = crate::loader::save::quantize_checkpoint(&a.weights, &a.out, fmt, a.force)?;
     eprintln!(
         "wrote {} ({} tensors, {}): quantized linears {} (from {} dense)",

@@ -101,10 +101,15 @@ pub(super) fn parse(raw: &Value, path: &Path) -> Result<ModelConfig> {
             None => false,
             Some(q) => match q.get("quant_method").and_then(Value::as_str) {
                 Some("mxfp4") => true,
+                // moe-run's own quantized copy: its experts are still the published MXFP4 when
+                // it says so.
+                Some("moe-run") => {
+                    q.get("published_experts").and_then(Value::as_str) == Some("mxfp4")
+                }
                 other => {
                     return Err(Error::config(
                         path,
-                        format!("gpt-oss stored quantized as {other:?}: only its published MXFP4 experts (quant_method \"mxfp4\") or a 16/32-bit export load"),
+                        format!("gpt-oss stored quantized as {other:?}: only its published MXFP4 experts (quant_method \"mxfp4\"), moe-run's own quantized copies or a 16/32-bit export load"),
                     ))
                 }
             },

@@ -126,7 +126,18 @@ pub fn quantize_checkpoint(
             fmt.params_shape(k).iter().product::<usize>(),
         );
         let qw = q.qweight.flatten_all()?.to_vec1::<u8>()?;
-        let qp = q.params.flatten_all()?.to_vec1::<f16>()?;
+        // The params as stored: f16 (int8, int4) or u8 exponents (mxfp4), little-endian bytes.
+        let (pdtype, pbytes): (StDtype, Vec<u8>) = match q.params.dtype() {
+            candle_core::DType::U8 => (StDtype::U8, q.params.flatten_all()?.to_vec1::<u8>()?),
+            _ => {
+                let p = q.params.flatten_all()?.to_vec1::<f16>()?;
+                (
+                    StDtype::F16,
+                    p.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            }
+        };
+        let pw = if pdtype == StDtype::U8 { 1 } else { 2 };
         let mut row = 0;
         for (name, shape) in parts {
             replaced.insert(name.as_str());
@@ -140,14 +151,13 @@ pub fn quantize_checkpoint(
             let stem = name.strip_suffix(".weight").unwrap_or(name);
             let (Some(data), Some(params)) = (
                 qw.get(row * kb..(row + rows) * kb),
-                qp.get(row * pr..(row + rows) * pr),
+                pbytes.get(row * pr * pw..(row + rows) * pr * pw),
             ) else {
                 return Err(Error::Input(format!(
                     "internal: the quantized rows of {name} are out of range"
                 )));
             };
-            let data = data.to_vec();
-            let params: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let (data, params) = (data.to_vec(), params.to_vec());
             quantized_bytes += (data.len() + params.len()) as u64;
             tensors.push((
                 format!("{stem}.qweight"),
@@ -160,7 +170,7 @@ pub fn quantize_checkpoint(
             tensors.push((
                 format!("{stem}.qparams"),
                 Raw {
-                    dtype: StDtype::F16,
+                    dtype: pdtype,
                     shape: ps,
                     data: Cow::Owned(params),
                 },
@@ -213,7 +223,12 @@ pub fn quantize_checkpoint(
     let Some(obj) = v.as_object_mut() else {
         return Err(Error::config(&cfg_path, "config.json is not a JSON object"));
     };
-    obj.insert("quantization_config".into(), quantization_config(fmt));
+    let mut qc = quantization_config(fmt);
+    if let (true, Some(q)) = (cfg.experts_mxfp4, qc.as_object_mut()) {
+        // The published MXFP4 experts were copied as they are (`*_blocks`, `*_scales`).
+        q.insert("published_experts".into(), "mxfp4".into());
+    }
+    obj.insert("quantization_config".into(), qc);
     let pretty = serde_json::to_string_pretty(&v).map_err(|source| Error::Json {
         path: cfg_path.clone(),
         source,

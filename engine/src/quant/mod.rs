@@ -251,8 +251,6 @@ pub fn quantization_config(fmt: QFormat) -> serde_json::Value {
             "quant_method": "moe-run", "format": "int4", "bits": 4, "group_size": group,
             "symmetric": false, "scale_dtype": "float16"
         }),
-        // Described, but not read back by `parse_quantization_config` (the checkpoint writer stores
-        // f16 params only): `moe-run quantize` refuses mxfp4.
         QFormat::Mxfp4 => serde_json::json!({
             "quant_method": "moe-run", "format": "mxfp4", "bits": 4, "group_size": 32,
             "scale_dtype": "e8m0"
@@ -276,6 +274,7 @@ pub fn parse_quantization_config(q: &serde_json::Value) -> std::result::Result<Q
             Some(g) if g > 0 && g % 2 == 0 => Ok(QFormat::Int4 { group: g as usize }),
             _ => Err("moe-run int4 without a valid group_size".into()),
         },
+        Some("mxfp4") => Ok(QFormat::Mxfp4),
         other => Err(format!("moe-run with unknown format {other:?}")),
     }
 }
