@@ -68,6 +68,9 @@ pub struct Naming {
     pub router_bias: &'static str,
     /// The attention sinks (gpt-oss, `[heads]`).
     pub sinks: &'static str,
+    /// Prefixes of checkpoint tensors this build does not read (a multimodal checkpoint's other
+    /// towers): left in the file, said once on stderr.
+    pub unread: &'static [&'static str],
 }
 
 const LLAMA_ATTN: AttnNames = AttnNames::Separate {
@@ -103,6 +106,7 @@ pub const QWEN: Naming = Naming {
     score_bias: "mlp.gate.e_score_correction_bias",
     router_bias: "mlp.gate.bias",
     sinks: "self_attn.sinks",
+    unread: &[],
 };
 
 /// DeepSeek-V2/V3 and dots.llm1.
@@ -170,6 +174,7 @@ pub const LLAMA4_MULTIMODAL: Naming = Naming {
     final_norm: "language_model.model.norm.weight",
     lm_head: "language_model.lm_head.weight",
     layer_prefix: "language_model.model.layers.",
+    unread: &["vision_model.", "multi_modal_projector."],
     ..LLAMA4
 };
 

@@ -144,7 +144,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     }
     let config_path = dir.join("config.json");
     let cfg = ModelConfig::from_file(&config_path)?;
-    let stored = stored_quantization(&config_path)?;
+    let stored = stored_quantization(&config_path, &cfg)?;
     let ck = Checkpoint::open_dir(dir)?;
     load_checkpoint(cfg, ck, &with_stored_quant(opts, stored)?)
 }
@@ -179,7 +179,7 @@ pub fn load_dir_weights(
 ) -> Result<(ModelConfig, ModelWeights, Checkpoint)> {
     let config_path = dir.join("config.json");
     let cfg = ModelConfig::from_file(&config_path)?;
-    let opts = with_stored_quant(opts, stored_quantization(&config_path)?)?;
+    let opts = with_stored_quant(opts, stored_quantization(&config_path, &cfg)?)?;
     let mut ck = Checkpoint::open_dir(dir)?;
     if record {
         ck.record_quantization();
@@ -224,9 +224,12 @@ pub fn load_checkpoint(cfg: ModelConfig, mut ck: Checkpoint, opts: &LoadOptions)
     }
     let oom = |e| crate::memory::explain_oom(e, &opts.device, &what, need);
     let weights: ModelWeights = naming::weights(&mut ck, &cfg, names, opts).map_err(oom)?;
-    if cfg.model_type == "llama4" {
+    let unread = |n: &str| names.unread.iter().any(|p| n.starts_with(p));
+    if ck.names().any(unread) {
         eprintln!(
-            "llama4: loaded the language model only (text in, text out); the checkpoint's vision tower is not supported and was not read"
+            "{}: loaded the language model only (text in, text out); the checkpoint's tensors under {} (its vision tower) are not supported and were not read",
+            cfg.model_type,
+            names.unread.join(", ")
         );
     }
     ck.finish(&cfg.model_type, |name| ignorable(name, &cfg))?;
@@ -319,7 +322,10 @@ pub fn predicted_weight_bytes(cfg: &ModelConfig, opts: &LoadOptions) -> u64 {
 /// The quantization a checkpoint is stored with: `None` (dense), moe-run's own INT8/INT4, or an
 /// error for checkpoints stored pre-quantized by their publisher (DeepSeek-V3's FP8 blocks with
 /// `weight_scale_inv`, GPTQ/AWQ...), which need their own dequantization, not written yet.
-pub(crate) fn stored_quantization(config_path: &Path) -> Result<Option<crate::quant::QFormat>> {
+pub(crate) fn stored_quantization(
+    config_path: &Path,
+    cfg: &ModelConfig,
+) -> Result<Option<crate::quant::QFormat>> {
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: config_path.to_path_buf(),
@@ -328,10 +334,9 @@ pub(crate) fn stored_quantization(config_path: &Path) -> Result<Option<crate::qu
     let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else {
         return Ok(None);
     };
-    // gpt-oss's published MXFP4 experts are read per tensor (`ModelConfig::experts_mxfp4`);
-    // nothing else of the checkpoint is quantized.
-    let gpt_oss = v.get("model_type").and_then(|t| t.as_str()) == Some("gpt_oss");
-    if gpt_oss && q.get("quant_method").and_then(|m| m.as_str()) == Some("mxfp4") {
+    // Published MXFP4 experts (gpt-oss) are read per tensor (`ModelConfig::experts_mxfp4`, which
+    // the family's parser set from this same field); nothing else of the checkpoint is quantized.
+    if cfg.experts_mxfp4 && q.get("quant_method").and_then(|m| m.as_str()) == Some("mxfp4") {
         return Ok(None);
     }
     crate::quant::parse_quantization_config(q)
@@ -355,17 +360,17 @@ pub(crate) fn finish_checkpoint(ck: Checkpoint, cfg: &ModelConfig) -> Result<()>
 
 /// Tensors we deliberately do not load: recomputed RoPE tables some exporters write, and
 /// DeepSeek-V3's multi-token-prediction layers stored after the last decoder layer (used only
-/// for speculative decoding; transformers skips them too), and a multimodal Llama-4's vision
-/// tower and projector (only its language model is supported).
+/// for speculative decoding; transformers skips them too), and the prefixes the family's naming
+/// does not read (`Naming::unread`: a multimodal Llama-4's vision tower and projector).
 fn ignorable(name: &str, cfg: &ModelConfig) -> bool {
     let extra_layer = name
         .strip_prefix("model.layers.")
         .and_then(|rest| rest.split('.').next())
         .and_then(|i| i.parse::<usize>().ok())
         .is_some_and(|i| i >= cfg.num_layers());
-    let vision = cfg.model_type == "llama4"
-        && (name.starts_with("vision_model.") || name.starts_with("multi_modal_projector."));
-    name.ends_with("rotary_emb.inv_freq") || extra_layer || vision
+    let unread = crate::config::family(&cfg.model_type)
+        .is_some_and(|f| f.naming.unread.iter().any(|p| name.starts_with(p)));
+    name.ends_with("rotary_emb.inv_freq") || extra_layer || unread
 }
 
 /// Parses `cpu` / `cuda[:N]`.

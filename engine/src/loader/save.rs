@@ -76,7 +76,8 @@ pub fn quantize_checkpoint(
         ));
     }
     let cfg_path = src.join("config.json");
-    if let Some(have) = loader::stored_quantization(&cfg_path)? {
+    let src_cfg = crate::config::ModelConfig::from_file(&cfg_path)?;
+    if let Some(have) = loader::stored_quantization(&cfg_path, &src_cfg)? {
         return Err(Error::Input(format!(
             "{}: the checkpoint is already quantized ({}); quantize the original dense checkpoint \
              instead (quantizing quantized weights again would add a second rounding error)",

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::norm::Norm;
 use super::rope::Rope;
 use super::{Linear, PathPlan};
-use crate::config::{AttnConfig, AttnTemperature, QkNorm, Span};
+use crate::config::{AttnConfig, QkNorm, Span};
 use crate::model::kv_cache::KvCache;
 
 #[derive(Debug, Clone)]
@@ -27,8 +27,9 @@ pub struct Attention {
     pub span: Span,
     /// Whether this layer applies RoPE (Llama-4's NoPE layers do not).
     pub rope: bool,
-    /// Llama-4's query scaling by position on NoPE layers.
-    pub temperature: Option<AttnTemperature>,
+    /// Llama-4's query scale by position on NoPE layers, tabulated `[positions]` in the activation
+    /// dtype (`AttnTemperature::scale`).
+    pub temperature: Option<Tensor>,
     /// gpt-oss's sink logit per head, on the host and as an f32 `[heads]` tensor on the device:
     /// one more logit in each softmax's denominator, with no value.
     pub sinks: Option<(Vec<f32>, Tensor)>,
@@ -93,13 +94,9 @@ impl Attention {
         };
         let q = heads(q, nh, &self.q_norm, self.rope)?;
         let k = heads(k, nkv, &self.k_norm, self.rope)?;
-        let q = match self.temperature {
+        let q = match &self.temperature {
             None => q,
-            Some(temp) => {
-                let s: Vec<f32> = (pos..pos + t).map(|p| temp.scale(p) as f32).collect();
-                let s = Tensor::from_vec(s, (1, 1, t, 1), q.device())?.to_dtype(q.dtype())?;
-                q.broadcast_mul(&s)?
-            }
+            Some(table) => q.broadcast_mul(&table.narrow(0, pos, t)?.reshape((1, 1, t, 1))?)?,
         };
         let v = heads(v, nkv, &None, false)?;
         let l = pos + t;
@@ -160,7 +157,7 @@ impl Attention {
                         .broadcast_as((nkv, g, t))?
                         .reshape((1, nkv, rows, 1))?
                         .broadcast_as((bb, nkv, rows, 1))?;
-                    let all = Tensor::cat(&[&scores, &col.to_device(scores.device())?], 3)?;
+                    let all = Tensor::cat(&[&scores, &col], 3)?;
                     candle_nn::ops::softmax_last_dim(&all)?
                         .narrow(3, 0, cols)?
                         .to_dtype(core)?

@@ -119,13 +119,21 @@ impl Model {
             });
         // Tables for every position up to the context, or up to ROPE_TABLE_POSITIONS for the
         // multi-million-token contexts (Llama-4 Scout's 10M would be gigabytes of cos/sin).
-        let rope = Rope::new(
-            &cfg.rope,
-            rope_dim,
-            cfg.max_position_embeddings.min(ROPE_TABLE_POSITIONS),
-            dtype,
-            device,
-        )?;
+        let positions = cfg.max_position_embeddings.min(ROPE_TABLE_POSITIONS);
+        let rope = Rope::new(&cfg.rope, rope_dim, positions, dtype, device)?;
+        // Llama-4's weightless QK-norm: one unit weight shared by every RoPE layer.
+        let unit_weight = (cfg.attn.qk_norm == QkNorm::UnitAfterRope)
+            .then(|| Tensor::ones(cfg.head_dim, dtype, device))
+            .transpose()?;
+        // Llama-4's query scale of NoPE layers per position, tabulated once like RoPE's cos/sin
+        // (a decode step narrows it instead of uploading a new one).
+        let temperature = match cfg.nope.as_ref().and_then(|n| n.temperature) {
+            None => None,
+            Some(t) => {
+                let v: Vec<f32> = (0..positions).map(|p| t.scale(p) as f32).collect();
+                Some(Tensor::from_vec(v, positions, device)?.to_dtype(dtype)?)
+            }
+        };
         let layers = w
             .layers
             .into_iter()
@@ -152,8 +160,9 @@ impl Model {
                         },
                         None,
                     ) => {
-                        let unit = cfg.attn.qk_norm == QkNorm::UnitAfterRope;
-                        if (cfg.attn.qk_norm == QkNorm::None || unit) != q_norm.is_none() {
+                        if (cfg.attn.qk_norm == QkNorm::None || unit_weight.is_some())
+                            != q_norm.is_none()
+                        {
                             candle_core::bail!("QK-norm weights do not match the config's qk_norm");
                         }
                         let rope_on = cfg.rope_on(i);
@@ -164,13 +173,12 @@ impl Model {
                             q_norm.map(|w| rms(w, norm.eps())),
                             k_norm.map(|w| rms(w, norm.eps())),
                         );
-                        if unit {
+                        if let Some(ones) = &unit_weight {
                             layer_cfg.qk_norm = QkNorm::None;
                             if rope_on {
-                                let ones = Tensor::ones(cfg.head_dim, dtype, device)?;
                                 layer_cfg.qk_norm = QkNorm::PerHeadAfterRope;
                                 q_norm = Some(rms(ones.clone(), norm.eps()));
-                                k_norm = Some(rms(ones, norm.eps()));
+                                k_norm = Some(rms(ones.clone(), norm.eps()));
                             }
                         }
                         Attn::Gqa(Attention {
@@ -189,11 +197,7 @@ impl Model {
                             head_dim: cfg.head_dim,
                             span: cfg.span_of(i),
                             rope: rope_on,
-                            temperature: cfg
-                                .nope
-                                .as_ref()
-                                .and_then(|n| n.temperature)
-                                .filter(|_| !rope_on),
+                            temperature: temperature.clone().filter(|_| !rope_on),
                         })
                     }
                     (AttnWeights::Mla(m), Some(mc)) => {
@@ -380,12 +384,16 @@ impl Model {
         for l in &self.layers {
             total += norm(&l.attn_norm) + norm(&l.ffn_norm);
             total += match &l.attn {
-                Attn::Gqa(a) if unit => a.qkv.bytes() + a.o.bytes(),
                 Attn::Gqa(a) => {
+                    let qk = match unit {
+                        true => 0,
+                        false => {
+                            a.q_norm.as_ref().map_or(0, norm) + a.k_norm.as_ref().map_or(0, norm)
+                        }
+                    };
                     a.qkv.bytes()
                         + a.o.bytes()
-                        + a.q_norm.as_ref().map_or(0, norm)
-                        + a.k_norm.as_ref().map_or(0, norm)
+                        + qk
                         + a.sinks.as_ref().map_or(0, |(_, s)| tensor_bytes(s))
                 }
                 Attn::Mla(a) => {

@@ -482,9 +482,21 @@ fn kernel_experts(
         }
         (Weight::Quant(gu), Weight::Quant(dn)) => {
             let (qg, pg) = (&gu.qweight, &gu.params);
-            let Some((ex, ids, slot_row)) = extras.filter(|(ex, _, _)| !ex.plain()) else {
+            let extras = extras.filter(|(ex, _, _)| !ex.plain());
+            // Each row's expert bias, placed by the dispatch's slot -> row map: nothing leaves
+            // the device.
+            let row_bias = |y: Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
+                let (Some(b), Some((_, ids, slot_row))) = (bias, extras) else {
+                    return Ok(y);
+                };
+                let per_slot = b
+                    .to_dtype(y.dtype())?
+                    .index_select(&ids.flatten_all()?, 0)?;
+                y.index_add(&slot_row.flatten_all()?, &per_slot, 0)
+            };
+            let h = match extras {
                 // Plain SwiGLU: fused into the gate/up kernel on decode's GEMV path.
-                let h = moe_kernels::qmatmul_moe_swiglu(
+                None => moe_kernels::qmatmul_moe_swiglu(
                     x,
                     Some(row_token),
                     counts,
@@ -493,43 +505,15 @@ fn kernel_experts(
                     pg,
                     gu.fmt,
                     path,
-                )?;
-                return qmatmul_moe(
-                    &h,
-                    None,
-                    counts,
-                    offsets,
-                    &dn.qweight,
-                    &dn.params,
-                    dn.fmt,
-                    path,
-                );
+                )?,
+                Some((ex, _, _)) => {
+                    let g = qmatmul_moe(x, Some(row_token), counts, offsets, qg, pg, gu.fmt, path)?;
+                    experts::activate(&row_bias(g, ex.gate_up_bias)?, ex.act)?
+                }
             };
-            let g = qmatmul_moe(x, Some(row_token), counts, offsets, qg, pg, gu.fmt, path)?;
-            // Each row's expert bias, placed by the dispatch's slot -> row map: nothing leaves
-            // the device.
-            let row_bias = |y: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
-                let Some(b) = bias else {
-                    return Ok(y.clone());
-                };
-                let per_slot = b
-                    .to_dtype(y.dtype())?
-                    .index_select(&ids.flatten_all()?, 0)?;
-                y.index_add(&slot_row.flatten_all()?, &per_slot, 0)
-            };
-            let g = row_bias(&g, ex.gate_up_bias)?;
-            let h = experts::activate(&g, ex.act)?;
-            let y = qmatmul_moe(
-                &h,
-                None,
-                counts,
-                offsets,
-                &dn.qweight,
-                &dn.params,
-                dn.fmt,
-                path,
-            )?;
-            row_bias(&y, ex.down_bias)
+            let (qd, pd) = (&dn.qweight, &dn.params);
+            let y = qmatmul_moe(&h, None, counts, offsets, qd, pd, dn.fmt, path)?;
+            row_bias(y, extras.and_then(|(ex, _, _)| ex.down_bias))
         }
         _ => candle_core::bail!("experts: gate_up and down must both be dense or both quantized"),
     }
