@@ -317,3 +317,63 @@ fn profile_counts_every_routed_slot_and_drives_the_plan() {
         gen(&[])
     );
 }
+
+/// The device-to-host traffic of a split decode step on the kernel path (a GPU's default): each
+/// placed layer reads its dispatch once (counts, offsets and row_token in one copy) and, when a
+/// token routes to a host expert, the hidden states of those tokens once; the host experts' output
+/// goes back in one counted upload. Nothing else leaves the device (the logits stay there).
+#[test]
+fn split_decode_step_reads_the_dispatch_once_per_placed_layer() {
+    use moe::model::{host, ExecPath};
+    for name in ["mixtral-base", "qwen3-moe", "deepseek-v2-greedy"] {
+        let dir = fixture(name);
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let prompt = expected(&dir).prompt_ids;
+        let placed = cfg
+            .layers
+            .iter()
+            .filter(|l| matches!(l, FfnKind::Moe(_)))
+            .count() as u64;
+        for (what, m, whole) in [
+            // Whole layers on the host: every token reaches a host expert.
+            (
+                "every routed expert on the host",
+                masks(&cfg, |_, e| vec![false; e]),
+                true,
+            ),
+            (
+                "odd experts on the host",
+                masks(&cfg, |_, e| (0..e).map(|x| x % 2 == 0).collect()),
+                false,
+            ),
+        ] {
+            let opts = LoadOptions {
+                placement: Some(m),
+                ..Default::default()
+            };
+            let mut model = load_dir(&dir, &opts).unwrap();
+            model.set_exec_path(ExecPath::Kernels);
+            let mut cache = model.new_cache(1, prompt.len() + 1).unwrap();
+            let ids = |v: &[u32]| {
+                Tensor::new(v, model.device())
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap()
+            };
+            model
+                .forward(&ids(&prompt), &mut cache, false, None)
+                .unwrap();
+            let (r, u) = (host::reads(), host::uploads());
+            model
+                .forward(&ids(&prompt[..1]), &mut cache, false, None)
+                .unwrap();
+            let (reads, uploads) = (host::reads() - r, host::uploads() - u);
+            // One hidden-state read and one upload per layer whose token reached a host expert.
+            assert!(uploads <= placed, "{name}, {what}: {uploads} uploads");
+            assert_eq!(reads, placed + uploads, "{name}, {what}: {reads} reads");
+            if whole {
+                assert_eq!(uploads, placed, "{name}, {what}");
+            }
+        }
+    }
+}

@@ -275,15 +275,21 @@ impl MoeBlock {
                 Some((self.extras(), &ids, &d.slot_row)),
             )?,
             // A placed layer: the dispatch (not the router logits) comes to the host, where the
-            // rows are split between the device's experts and the host's.
+            // rows are split between the device's experts and the host's. One read: counts,
+            // offsets and row_token put side by side on the device, split again on the host.
             Some(h) => {
-                let read = crate::model::host::read_vec::<u32>;
+                let (nc, no) = (d.counts.elem_count(), d.offsets.elem_count());
+                let flat = |t: &Tensor| t.flatten_all();
+                let all = [flat(&d.counts)?, flat(&d.offsets)?, flat(&d.row_token)?];
+                let mut all = crate::model::host::read_vec::<u32>(&Tensor::cat(&all, 0)?)?;
+                let row_token = all.split_off(nc + no);
+                let offsets = all.split_off(nc);
                 let hd = Dispatch {
                     num_experts: e,
                     top_k: a,
-                    counts: read(&d.counts)?,
-                    offsets: read(&d.offsets)?,
-                    row_token: read(&d.row_token)?,
+                    counts: all,
+                    offsets,
+                    row_token,
                     slot_row: Vec::new(),
                 };
                 self.split_experts(x, &hd, h, plan)?
@@ -376,10 +382,7 @@ impl MoeBlock {
                     .for_each(|t| *t = local[*t as usize]);
                 let n = tokens.len();
                 let idx = Tensor::from_vec(tokens, n, dev)?;
-                Some(
-                    x.index_select(&idx, 0)?
-                        .to_device(&candle_core::Device::Cpu)?,
-                )
+                Some(crate::model::host::to_host(&x.index_select(&idx, 0)?)?)
             }
         };
         let (mut parts, mut order) = (Vec::new(), Vec::new());
@@ -432,7 +435,7 @@ impl MoeBlock {
                 )?,
                 None => experts::experts_w(&xh, &dh, &h.gate_up, &h.down, None)?,
             };
-            parts.push(y.to_device(dev)?);
+            parts.push(crate::model::host::to_device(&y, dev)?);
             order.extend(rows_h);
         }
         if parts.is_empty() {
