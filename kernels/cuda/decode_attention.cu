@@ -12,6 +12,11 @@
 //   sinks    [H]                f32 or null: one more logit per head in the softmax's denominator (gpt-oss)
 //   out      [B, H, D]          act dtype = T(sum_c e_c part_o / (sum_c e_c part_s + exp(sink - max))),
 //                               e_c = exp(part_m_c - max), max over the chunks' maxima and the sink
+//   step     [rows, 4]          u32 or null: a decode step's table (position, first key, keys, cache slot per
+//                               row); when given, both kernels read start and len from row `row` as they run,
+//                               the grid is sized for at most `chunks` chunks, the blocks past the step's keys
+//                               leave at once and the reduce reads only the chunks that ran, so one launch
+//                               serves every step up to that bound (a CUDA graph per bound)
 // the specification is kernels/src/attention.rs (decode_attention_reference).
 //
 // Chunk kernel: grid (chunks, H, B), DA_THREADS threads; chunk c covers keys start + c*DA_CHUNK .. (clipped to
@@ -40,12 +45,22 @@ __device__ __forceinline__ float da_block_reduce(float v, bool is_max, float* sc
   return r;
 }
 
+// With a step table: start and len of row `row`, len clipped to the cache and start to len (chunk and reduce
+// kernels derive the same chunk count from them).
+__device__ __forceinline__ void da_step_range(const uint32_t* __restrict__ step, uint32_t row, uint32_t CAP,
+                                              uint32_t& start, uint32_t& len) {
+  if (step == nullptr) return;
+  len = min(step[4 * row + 2], CAP);
+  start = min(step[4 * row + 1], len);
+}
+
 template <typename T>
 __device__ void decode_attention_chunk_impl(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, float* __restrict__ part_m,
                                             float* __restrict__ part_s, float* __restrict__ part_o, uint32_t H,
                                             uint32_t KV, uint32_t CAP, uint32_t D, uint32_t start, uint32_t len,
-                                            uint32_t chunks, float scale) {
+                                            uint32_t chunks, float scale, const uint32_t* __restrict__ step,
+                                            uint32_t row) {
   __shared__ float q_s[DA_MAX_D];
   __shared__ float p_s[DA_CHUNK];
   __shared__ float scratch[DA_WARPS];
@@ -53,6 +68,8 @@ __device__ void decode_attention_chunk_impl(const T* __restrict__ q, const T* __
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t g = H / KV;
   const size_t bh = static_cast<size_t>(b) * H + h;
+  da_step_range(step, row, CAP, start, len);
+  if (start + c * DA_CHUNK >= len) return;  // past the step's keys: the reduce skips it (the block leaves together)
   const T* qr = q + bh * D;
   for (uint32_t d = threadIdx.x; d < D; d += DA_THREADS) q_s[d] = to_float(qr[d]);
   __syncthreads();
@@ -92,11 +109,17 @@ __device__ void decode_attention_chunk_impl(const T* __restrict__ q, const T* __
 template <typename T>
 __device__ void decode_attention_reduce_impl(const float* __restrict__ part_m, const float* __restrict__ part_s,
                                              const float* __restrict__ part_o, const float* __restrict__ sinks,
-                                             T* __restrict__ out, uint32_t H, uint32_t D, uint32_t chunks) {
+                                             T* __restrict__ out, uint32_t H, uint32_t D, uint32_t chunks,
+                                             const uint32_t* __restrict__ step, uint32_t row, uint32_t CAP) {
   const size_t bh = static_cast<size_t>(blockIdx.y) * H + blockIdx.x;
   const float* pm = part_m + bh * chunks;
   const float* ps = part_s + bh * chunks;
   const float* po = part_o + bh * chunks * D;
+  if (step != nullptr) {  // the partials above are laid out by the grid's chunks; fewer of them ran
+    uint32_t start = 0, len = 0;
+    da_step_range(step, row, CAP, start, len);
+    chunks = min(chunks, (len - start + DA_CHUNK - 1) / DA_CHUNK);
+  }
   const float sink = sinks != nullptr ? sinks[blockIdx.x] : -INFINITY;
   float m = sink;
   for (uint32_t c = 0; c < chunks; ++c) m = fmaxf(m, pm[c]);
@@ -113,15 +136,51 @@ __device__ void decode_attention_reduce_impl(const float* __restrict__ part_m, c
   extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention_chunk_##SUFFIX(                      \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, float* __restrict__ part_m,     \
       float* __restrict__ part_s, float* __restrict__ part_o, uint32_t H, uint32_t KV, uint32_t CAP, uint32_t D, \
-      uint32_t start, uint32_t len, uint32_t chunks, float scale) {                                              \
-    decode_attention_chunk_impl<T>(q, k, v, part_m, part_s, part_o, H, KV, CAP, D, start, len, chunks, scale);   \
+      uint32_t start, uint32_t len, uint32_t chunks, float scale, const uint32_t* __restrict__ step, uint32_t row) { \
+    decode_attention_chunk_impl<T>(q, k, v, part_m, part_s, part_o, H, KV, CAP, D, start, len, chunks, scale, step, \
+                                   row);                                                                         \
   }                                                                                                              \
   extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention_reduce_##SUFFIX(                     \
       const float* __restrict__ part_m, const float* __restrict__ part_s, const float* __restrict__ part_o,      \
-      const float* __restrict__ sinks, T* __restrict__ out, uint32_t H, uint32_t D, uint32_t chunks) {           \
-    decode_attention_reduce_impl<T>(part_m, part_s, part_o, sinks, out, H, D, chunks);                           \
+      const float* __restrict__ sinks, T* __restrict__ out, uint32_t H, uint32_t D, uint32_t chunks,             \
+      const uint32_t* __restrict__ step, uint32_t row, uint32_t CAP) {                                           \
+    decode_attention_reduce_impl<T>(part_m, part_s, part_o, sinks, out, H, D, chunks, step, row, CAP);           \
   }
 
 DA_ENTRY(f32, float)
 DA_ENTRY(bf16, __nv_bfloat16)
 DA_ENTRY(f16, __half)
+
+// kv_store: a decode step's new keys and values into the cache, in place.
+//   k, v     [B, KV, 1, D]    act dtype
+//   k_cache, v_cache [B, KV, CAP, D]: row `slot` (or, with `step`, step[4 * row + 3]) of every (b, kv head) is
+//                             overwritten; a slot >= CAP writes nothing
+// Grid (KV, B), DA_THREADS threads over D. The specification is kernels/src/attention.rs (kv_store).
+template <typename T>
+__device__ void kv_store_impl(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,
+                              T* __restrict__ v_cache, uint32_t KV, uint32_t CAP, uint32_t D, uint32_t slot,
+                              const uint32_t* __restrict__ step, uint32_t row) {
+  const uint32_t s = step != nullptr ? step[4 * row + 3] : slot;
+  if (s >= CAP) return;
+  const size_t head = static_cast<size_t>(blockIdx.y) * KV + blockIdx.x;
+  const T* kr = k + head * D;
+  const T* vr = v + head * D;
+  T* kd = k_cache + (head * CAP + s) * D;
+  T* vd = v_cache + (head * CAP + s) * D;
+  for (uint32_t d = threadIdx.x; d < D; d += DA_THREADS) {
+    kd[d] = kr[d];
+    vd[d] = vr[d];
+  }
+}
+
+#define KV_STORE_ENTRY(SUFFIX, T)                                                                               \
+  extern "C" __global__ void __launch_bounds__(DA_THREADS)                                                      \
+      kv_store_##SUFFIX(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,              \
+                        T* __restrict__ v_cache, uint32_t KV, uint32_t CAP, uint32_t D, uint32_t slot,          \
+                        const uint32_t* __restrict__ step, uint32_t row) {                                      \
+    kv_store_impl<T>(k, v, k_cache, v_cache, KV, CAP, D, slot, step, row);                                      \
+  }
+
+KV_STORE_ENTRY(f32, float)
+KV_STORE_ENTRY(bf16, __nv_bfloat16)
+KV_STORE_ENTRY(f16, __half)

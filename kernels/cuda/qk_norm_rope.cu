@@ -7,6 +7,9 @@
 //   x        [B, T, H, D]  act dtype (f32/bf16/f16)
 //   weight   [D]           act dtype, null when mode == 0
 //   cos, sin [P, D/2]      act dtype, token t at row pos + t
+//   step     [rows, 4]     u32 or null: a decode step's table; when given, pos is row `step_row`'s first element,
+//                          read as the kernel runs (one launch serves every step: a CUDA graph); rows past P
+//                          are never read (pos + T > P writes nothing)
 //   out      [B, H, T, D]
 //   mode 0: rope(x); 1: rope(norm(x)); 2: norm(rope(x)), with
 //   norm(r) = T(f32(T(r / sqrt(mean(r^2) + eps))) * f32(weight))
@@ -40,11 +43,13 @@ template <typename T>
 __device__ void qk_norm_rope_impl(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ cos,
                                   const T* __restrict__ sin, T* __restrict__ out, uint32_t B, uint32_t Tn,
                                   uint32_t H, uint32_t D, uint32_t pos, uint32_t interleaved, uint32_t mode,
-                                  float eps) {
+                                  float eps, const uint32_t* __restrict__ step, uint32_t step_row, uint32_t P) {
   __shared__ float stage[QKR_WARPS][QKR_MAX_D];
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const size_t row = static_cast<size_t>(blockIdx.x) * QKR_WARPS + warp;  // (b * T + t) * H + h
   if (row >= static_cast<size_t>(B) * Tn * H) return;  // whole warp leaves together
+  if (step != nullptr) pos = step[4 * step_row];
+  if (static_cast<size_t>(pos) + Tn > P) return;  // past the tables (the host checks this before it writes step)
   const uint32_t h = row % H;
   const size_t bt = row / H;
   const uint32_t t = bt % Tn;
@@ -76,8 +81,8 @@ __device__ void qk_norm_rope_impl(const T* __restrict__ x, const T* __restrict__
       qk_norm_rope_##SUFFIX(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ cos,   \
                             const T* __restrict__ sin, T* __restrict__ out, uint32_t B, uint32_t Tn,          \
                             uint32_t H, uint32_t D, uint32_t pos, uint32_t interleaved, uint32_t mode,        \
-                            float eps) {                                                                       \
-    qk_norm_rope_impl<T>(x, weight, cos, sin, out, B, Tn, H, D, pos, interleaved, mode, eps);                  \
+                            float eps, const uint32_t* __restrict__ step, uint32_t step_row, uint32_t P) {      \
+    qk_norm_rope_impl<T>(x, weight, cos, sin, out, B, Tn, H, D, pos, interleaved, mode, eps, step, step_row, P); \
   }
 
 QKR_ENTRY(f32, float)

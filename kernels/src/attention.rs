@@ -20,7 +20,10 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, check_dtype, grid_dim, host, same_device, suffix, Elem};
+use crate::common::{
+    check_act, check_dtype, grid_dim, host, same_device, suffix, At, Elem, StepRow, STEP_KEYS,
+    STEP_SLOT, STEP_START,
+};
 use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "decode_attention";
@@ -53,6 +56,54 @@ pub fn decode_attention(
     scale: f32,
     sinks: Option<&Tensor>,
 ) -> Result<Tensor> {
+    decode_attention_keys(
+        q,
+        k_cache,
+        v_cache,
+        Keys::Host { len, window },
+        scale,
+        sinks,
+    )
+}
+
+/// The cache rows a decode step attends to.
+#[derive(Debug, Clone, Copy)]
+pub enum Keys<'a> {
+    /// Rows `window_start(len, window)..len`.
+    Host { len: usize, window: Option<usize> },
+    /// Rows `first..keys` of a decode step's table row (columns [`STEP_START`], [`STEP_KEYS`]), read by the
+    /// kernels as they run; the launch is sized for up to `max` rows (<= CAP), the same at every step.
+    Step { row: StepRow<'a>, max: usize },
+}
+
+/// [`decode_attention`] over the rows `keys` names.
+pub fn decode_attention_keys(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    keys: Keys<'_>,
+    scale: f32,
+    sinks: Option<&Tensor>,
+) -> Result<Tensor> {
+    let runs_kernels = crate::launch::runs_kernels(q.device());
+    // (len, window) for the checks and the reference; the kernels read a step table themselves.
+    let (len, window, step) = match keys {
+        Keys::Host { len, window } => (len, window, None),
+        Keys::Step { row, max } => {
+            same_device(OP, &[("q", q), ("step table", row.table)])?;
+            let r = row.check(OP)?;
+            match runs_kernels {
+                true => (max, None, Some((row.table, r))),
+                false => {
+                    let (first, keys) = (row.read(STEP_START)?, row.read(STEP_KEYS)?);
+                    if keys > max {
+                        bail!("{OP}: the step table names {keys} keys, past the bound of {max}");
+                    }
+                    (keys, Some(keys.saturating_sub(first)), None)
+                }
+            }
+        }
+    };
     check_act(OP, "q", q.dtype())?;
     let (b, h, one, d) = q.dims4()?;
     let (kb, kv, cap, kd) = k_cache.dims4()?;
@@ -87,10 +138,17 @@ pub fn decode_attention(
         same_device(OP, &[("q", q), ("sinks", s)])?;
     }
     let dims = (b, h, kv, cap, d);
-    if crate::launch::runs_kernels(q.device()) {
-        let plan = decode_attention_plan(q.dtype(), dims, len, window, scale, sinks.is_some())?;
+    if runs_kernels {
+        let plan = decode_attention_plan(
+            q.dtype(),
+            dims,
+            (len, window, step.map(|s| s.1)),
+            scale,
+            sinks.is_some(),
+        )?;
         let mut inputs = vec![q, k_cache, v_cache];
         inputs.extend(sinks);
+        inputs.extend(step.map(|s| s.0));
         let mut outs = plan.run(&inputs)?;
         return match outs.pop() {
             Some(out) => Ok(out),
@@ -188,11 +246,13 @@ pub const DECODE_ATTN_THREADS: u32 = 128;
 /// `k_cache`, `v_cache` and, with `sinks`, `sinks [H]` (f32; the reduce kernel gets a null pointer
 /// otherwise). Nothing is launched when B*H*D = 0. An error for shapes past the kernel's limits and
 /// for an empty key range (`start == L`: a softmax over no keys is undefined; the op rejects it up front).
+/// With `step = Some(row)` the last input is a decode step's table whose row `row` gives start and L as
+/// the kernels run; `len` is then the bound the grid is sized for (`window` must be `None`), the chunk and
+/// reduce launches are the same at every step and the chunks past the step's keys write neutral partials.
 pub fn decode_attention_plan(
     dtype: DType,
     dims: (usize, usize, usize, usize, usize),
-    len: usize,
-    window: Option<usize>,
+    (len, window, step): (usize, Option<usize>, Option<u32>),
     scale: f32,
     sinks: bool,
 ) -> Result<Plan> {
@@ -211,6 +271,9 @@ pub fn decode_attention_plan(
     if start >= len {
         bail!("{OP}: no key to attend to: keys {start}..{len} (need len >= 1 and a window >= 1)");
     }
+    if step.is_some() && window.is_some() {
+        bail!("{OP}: a step table gives the first key itself; no window goes with it");
+    }
     let chunks = (len - start).div_ceil(DECODE_ATTN_CHUNK);
     let u = |v: usize, what: &str| {
         u32::try_from(v).map_err(|_| {
@@ -222,11 +285,18 @@ pub fn decode_attention_plan(
     let chunks32 = grid_dim(OP, "key chunks", chunks, u32::MAX >> 1)?;
     let hy = grid_dim(OP, "heads", h, 65535)?;
     let bz = grid_dim(OP, "sequences", b, 65535)?;
-    let inputs: &[&str] = match sinks {
-        true => &["q", "k_cache", "v_cache", "sinks"],
-        false => &["q", "k_cache", "v_cache"],
+    let mut inputs = vec!["q", "k_cache", "v_cache"];
+    if sinks {
+        inputs.push("sinks");
+    }
+    let (step_arg, step_row) = match step {
+        Some(row) => {
+            inputs.push("step");
+            (Arg::Buf(Buf::In(inputs.len() - 1)), row)
+        }
+        None => (Arg::Null, 0),
     };
-    let mut p = Plan::new(OP, inputs);
+    let mut p = Plan::new(OP, &inputs);
     let out = p.out("out", dtype, (b, h, 1, d));
     if b * h * d == 0 {
         return Ok(p);
@@ -263,6 +333,8 @@ pub fn decode_attention_plan(
             Arg::U32(len32),
             Arg::U32(chunks32),
             Arg::F32(scale),
+            step_arg,
+            Arg::U32(step_row),
         ],
     );
     // SAFETY (of the executor's launch): matches decode_attention_reduce_<dtype>: block (h, b) reads the chunk
@@ -284,6 +356,145 @@ pub fn decode_attention_plan(
             Arg::U32(h32),
             Arg::U32(d32),
             Arg::U32(chunks32),
+            step_arg,
+            Arg::U32(step_row),
+            Arg::U32(cap32),
+        ],
+    );
+    Ok(p)
+}
+
+const KV_OP: &str = "kv_store";
+
+/// Writes a decode step's keys and values `k`, `v [B, KV, 1, D]` into row `slot` of `k_cache`, `v_cache
+/// [B, KV, CAP, D]` (contiguous) in place. The slot is fixed, or read by the kernel from a step table's
+/// column [`STEP_SLOT`] (then one launch serves every step); a slot >= CAP writes nothing.
+pub fn kv_store(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    slot: At<'_>,
+) -> Result<()> {
+    check_act(KV_OP, "k", k.dtype())?;
+    let (b, kv, one, d) = k.dims4()?;
+    let (cb, ckv, cap, cd) = k_cache.dims4()?;
+    if one != 1 || (cb, ckv, cd) != (b, kv, d) {
+        bail!(
+            "{KV_OP}: k [B, KV, 1, D] must match k_cache [B, KV, CAP, D], got {:?} and {:?}",
+            k.dims(),
+            k_cache.dims()
+        );
+    }
+    for (n, t, want) in [("v", v, k), ("v_cache", v_cache, k_cache)] {
+        if t.dims() != want.dims() || t.dtype() != k.dtype() {
+            bail!(
+                "{KV_OP}: {n} must be {:?} {:?}, got {:?} {:?}",
+                want.dims(),
+                k.dtype(),
+                t.dims(),
+                t.dtype()
+            );
+        }
+    }
+    if k_cache.dtype() != k.dtype() {
+        bail!(
+            "{KV_OP}: k_cache must be {:?}, got {:?}",
+            k.dtype(),
+            k_cache.dtype()
+        );
+    }
+    if !k_cache.is_contiguous() || !v_cache.is_contiguous() {
+        bail!("{KV_OP}: the caches are written in place and must be contiguous");
+    }
+    same_device(
+        KV_OP,
+        &[
+            ("k", k),
+            ("v", v),
+            ("k_cache", k_cache),
+            ("v_cache", v_cache),
+        ],
+    )?;
+    let step = match slot {
+        At::Step(s) => {
+            same_device(KV_OP, &[("k", k), ("step table", s.table)])?;
+            Some((s.table, s.check(KV_OP)?))
+        }
+        At::Host(_) => None,
+    };
+    if crate::launch::runs_kernels(k.device()) {
+        let host_slot = match slot {
+            At::Host(s) => s,
+            At::Step(_) => 0,
+        };
+        let plan = kv_store_plan(k.dtype(), (b, kv, cap, d), (host_slot, step.map(|s| s.1)))?;
+        let mut inputs = vec![k, v, k_cache, v_cache];
+        inputs.extend(step.map(|s| s.0));
+        plan.run(&inputs)?;
+        return Ok(());
+    }
+    let slot = slot.value(STEP_SLOT)?;
+    if slot < cap {
+        k_cache.slice_set(&k.contiguous()?, 2, slot)?;
+        v_cache.slice_set(&v.contiguous()?, 2, slot)?;
+    }
+    Ok(())
+}
+
+/// The launch of `kv_store_<dtype>` on grid (KV, B) with [`DECODE_ATTN_THREADS`] threads: inputs `k`, `v`,
+/// `k_cache`, `v_cache` (the last two written in place) and with `step = Some(row)` the step table, whose
+/// row gives the slot (`slot` is then unused). `dims = (B, KV, CAP, D)`. Pure.
+pub fn kv_store_plan(
+    dtype: DType,
+    (b, kv, cap, d): (usize, usize, usize, usize),
+    (slot, step): (usize, Option<u32>),
+) -> Result<Plan> {
+    let mut inputs = vec!["k", "v", "k_cache", "v_cache"];
+    let (step_arg, step_row) = match step {
+        Some(row) => {
+            inputs.push("step");
+            (Arg::Buf(Buf::In(4)), row)
+        }
+        None => (Arg::Null, 0),
+    };
+    let mut p = Plan::new(KV_OP, &inputs);
+    p.write_in_place(2);
+    p.write_in_place(3);
+    let u = |v: usize, what: &str| {
+        u32::try_from(v).map_err(|_| {
+            candle_core::Error::Msg(format!("{KV_OP}: {what} = {v} exceeds the kernel's u32"))
+        })
+    };
+    let (kv32, cap32, d32) = (u(kv, "KV")?, u(cap, "CAP")?, u(d, "D")?);
+    // A fixed slot past the cache writes nothing: u32::MAX says so to the kernel.
+    let slot32 = u32::try_from(slot).unwrap_or(u32::MAX);
+    if d == 0 {
+        return Ok(p);
+    }
+    let input = |i| Arg::Buf(Buf::In(i));
+    // SAFETY (of the executor's launch): matches kv_store_<dtype>: block (h, b) reads k, v [B,KV,1,D] at (b, h)
+    // and writes row slot < CAP of k_cache, v_cache [B,KV,CAP,D] at (b, h).
+    p.launch(
+        "decode_attention",
+        format!("kv_store_{}", suffix(dtype)?),
+        [
+            grid_dim(KV_OP, "kv heads", kv, u32::MAX >> 1)?,
+            grid_dim(KV_OP, "sequences", b, 65535)?,
+            1,
+        ],
+        [DECODE_ATTN_THREADS, 1, 1],
+        vec![
+            input(0),
+            input(1),
+            input(2),
+            input(3),
+            Arg::U32(kv32),
+            Arg::U32(cap32),
+            Arg::U32(d32),
+            Arg::U32(slot32),
+            step_arg,
+            Arg::U32(step_row),
         ],
     );
     Ok(p)
@@ -303,8 +514,14 @@ mod tests {
         };
         let t = DECODE_ATTN_THREADS;
         // B=2, H=12 over KV=4, 7 keys: one chunk per head.
-        let p =
-            decode_attention_plan(DType::BF16, (2, 12, 4, 20, 128), 7, None, 0.5, false).unwrap();
+        let p = decode_attention_plan(
+            DType::BF16,
+            (2, 12, 4, 20, 128),
+            (7, None, None),
+            0.5,
+            false,
+        )
+        .unwrap();
         assert_eq!(p.inputs, vec!["q", "k_cache", "v_cache"]);
         assert_eq!(p.outs[0].shape.dims(), &[2, 12, 1, 128]);
         assert_eq!(p.outs[0].dtype, DType::BF16);
@@ -355,7 +572,9 @@ mod tests {
                 Arg::U32(0),
                 Arg::U32(7),
                 Arg::U32(1),
-                Arg::F32(0.5)
+                Arg::F32(0.5),
+                Arg::Null,
+                Arg::U32(0)
             ]
         );
         assert_eq!(
@@ -368,31 +587,85 @@ mod tests {
                 Arg::Buf(Buf::Out(0)),
                 Arg::U32(12),
                 Arg::U32(128),
-                Arg::U32(1)
+                Arg::U32(1),
+                Arg::Null,
+                Arg::U32(0),
+                Arg::U32(20)
             ]
         );
         // 513 keys: two full chunks and a partial one of a single key.
-        let p =
-            decode_attention_plan(DType::F32, (1, 7, 1, 600, 80), 513, None, 1.0, false).unwrap();
+        let p = decode_attention_plan(
+            DType::F32,
+            (1, 7, 1, 600, 80),
+            (513, None, None),
+            1.0,
+            false,
+        )
+        .unwrap();
         assert_eq!(p.launches[0].grid, [3, 7, 1]);
         assert_eq!(p.tmps[2].shape.elem_count(), 7 * 3 * 80);
         // A window of 257 over 513 keys starts at 256: 257 keys in 2 chunks; a window of 256 fits one.
-        let p = decode_attention_plan(DType::F16, (1, 7, 1, 600, 80), 513, Some(257), 1.0, false)
-            .unwrap();
+        let p = decode_attention_plan(
+            DType::F16,
+            (1, 7, 1, 600, 80),
+            (513, Some(257), None),
+            1.0,
+            false,
+        )
+        .unwrap();
         assert_eq!(p.launches[0].grid, [2, 7, 1]);
         assert_eq!(
             &p.launches[0].args[10..13],
             &[Arg::U32(256), Arg::U32(513), Arg::U32(2)]
         );
-        let p = decode_attention_plan(DType::F16, (1, 7, 1, 600, 80), 513, Some(256), 1.0, false)
-            .unwrap();
+        let p = decode_attention_plan(
+            DType::F16,
+            (1, 7, 1, 600, 80),
+            (513, Some(256), None),
+            1.0,
+            false,
+        )
+        .unwrap();
         assert_eq!(p.launches[0].grid, [1, 7, 1]);
+        // A step table (row 5) bounded by 600 keys: three chunks at every step, start and L read by the
+        // kernels (the scalars are the bound's); the table is the last input, after the sinks.
+        let p = decode_attention_plan(
+            DType::F32,
+            (1, 7, 1, 600, 80),
+            (600, None, Some(5)),
+            1.0,
+            true,
+        )
+        .unwrap();
+        assert_eq!(p.inputs, ["q", "k_cache", "v_cache", "sinks", "step"]);
+        assert_eq!(p.launches[0].grid, [3, 7, 1]);
+        assert_eq!(
+            &p.launches[0].args[10..],
+            &[
+                Arg::U32(0),
+                Arg::U32(600),
+                Arg::U32(3),
+                Arg::F32(1.0),
+                Arg::Buf(Buf::In(4)),
+                Arg::U32(5)
+            ]
+        );
+        assert!(decode_attention_plan(
+            DType::F32,
+            (1, 7, 1, 600, 80),
+            (600, Some(4), Some(5)),
+            1.0,
+            true
+        )
+        .is_err());
         // D = 0: nothing to compute, nothing launched.
-        let p = decode_attention_plan(DType::F32, (1, 2, 1, 4, 0), 3, None, 1.0, false).unwrap();
+        let p = decode_attention_plan(DType::F32, (1, 2, 1, 4, 0), (3, None, None), 1.0, false)
+            .unwrap();
         assert!(p.launches.is_empty() && p.tmps.is_empty());
         // Past the kernel's limits.
-        let plan =
-            |dims, len, window| decode_attention_plan(DType::F32, dims, len, window, 1.0, false);
+        let plan = |dims, len, window| {
+            decode_attention_plan(DType::F32, dims, (len, window, None), 1.0, false)
+        };
         assert!(plan((1, 2, 1, 8, DECODE_ATTN_MAX_D + 1), 3, None).is_err());
         assert!(plan((1, 65536, 1, 8, 64), 3, None).is_err());
         assert!(plan((65536, 2, 1, 8, 64), 3, None).is_err());
@@ -406,7 +679,7 @@ mod tests {
         // so the op and the plan both reject it before anything runs (the engine's config already rejects a
         // sliding window of 0, and its decode step always has len >= 1).
         let plan = |len, window| {
-            decode_attention_plan(DType::F32, (1, 2, 1, 8, 4), len, window, 1.0, false)
+            decode_attention_plan(DType::F32, (1, 2, 1, 8, 4), (len, window, None), 1.0, false)
         };
         for (len, window) in [(0, None), (0, Some(4)), (3, Some(0))] {
             let e = plan(len, window).unwrap_err().to_string();

@@ -41,6 +41,65 @@ impl Elem for f16 {
     }
 }
 
+/// Columns of a decode step's table (u32 `[rows, 4]`, one row per layer): the new token's position, the
+/// first cached key it attends to, the number of cache rows it reads (`first..keys`) and the cache row its
+/// key and value go to.
+pub const STEP_POS: usize = 0;
+pub const STEP_START: usize = 1;
+pub const STEP_KEYS: usize = 2;
+pub const STEP_SLOT: usize = 3;
+pub const STEP_COLS: usize = 4;
+
+/// Row `row` of a decode step's table (u32 `[rows, STEP_COLS]`, contiguous, on the op's device), which the
+/// kernels read as they run. A launch whose per-step numbers come from here is the same launch at every
+/// step: a captured CUDA graph replays it while the host rewrites the table in place between steps.
+#[derive(Debug, Clone, Copy)]
+pub struct StepRow<'a> {
+    pub table: &'a Tensor,
+    pub row: usize,
+}
+
+impl StepRow<'_> {
+    /// Checks the table's dtype, shape and row; `op` names the caller in the error.
+    pub(crate) fn check(&self, op: &str) -> Result<u32> {
+        check_dtype(op, "step table", self.table, DType::U32)?;
+        match self.table.dims() {
+            [rows, STEP_COLS] if self.row < *rows && self.table.is_contiguous() => {
+                u32::try_from(self.row).map_err(|_| {
+                    candle_core::Error::Msg(format!("{op}: step row {} exceeds u32", self.row))
+                })
+            }
+            d => bail!(
+                "{op}: the step table must be a contiguous u32 [rows, {STEP_COLS}] with row {} in it, got {d:?}",
+                self.row
+            ),
+        }
+    }
+
+    /// Column `col` of the row, read to the host (the CPU reference's path).
+    pub(crate) fn read(&self, col: usize) -> Result<usize> {
+        let v: Vec<u32> = host(&self.table.narrow(0, self.row, 1)?)?;
+        Ok(v[col] as usize)
+    }
+}
+
+/// A per-step number an op takes: fixed in the launch, or read by the kernel from a step table's column.
+#[derive(Debug, Clone, Copy)]
+pub enum At<'a> {
+    Host(usize),
+    Step(StepRow<'a>),
+}
+
+impl At<'_> {
+    /// The number on the host (reads the table for [`At::Step`]).
+    pub(crate) fn value(&self, col: usize) -> Result<usize> {
+        match self {
+            At::Host(v) => Ok(*v),
+            At::Step(s) => s.read(col),
+        }
+    }
+}
+
 /// f32, bf16 or f16, else an error naming `op` and `what`.
 pub(crate) fn check_act(op: &str, what: &str, dtype: DType) -> Result<()> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {

@@ -284,8 +284,15 @@ mod imp {
         let ins: Vec<EmuBuf> = inputs
             .iter()
             .zip(&plan.inputs)
-            .map(|(t, name)| {
-                EmuBuf::from_bytes(&tensor_bytes(t)?, t.dtype().size_in_bytes(), name, true)
+            .enumerate()
+            .map(|(i, (t, name))| {
+                let read_only = !plan.writes.contains(&i);
+                EmuBuf::from_bytes(
+                    &tensor_bytes(t)?,
+                    t.dtype().size_in_bytes(),
+                    name,
+                    read_only,
+                )
             })
             .collect::<Result<_>>()?;
         let alloc = |a: &crate::launch::plan::Alloc| -> Result<EmuBuf> {
@@ -328,6 +335,12 @@ mod imp {
                 .collect::<Result<_>>()?;
             launch_raw(&l.entry, l.grid, l.block, &args)
                 .map_err(|e| candle_core::Error::Msg(format!("{op}: {e}")))?;
+        }
+        // Inputs written in place go back into the caller's (contiguous: checked by Plan::run) tensors.
+        for &i in &plan.writes {
+            let (t, b) = (inputs[i], &ins[i]);
+            let back = Tensor::from_raw_buffer(&b.bytes(), t.dtype(), t.dims(), &Device::Cpu)?;
+            t.slice_set(&back, 0, 0)?;
         }
         outs.iter()
             .zip(&plan.outs)

@@ -14,7 +14,7 @@
 //! | qmatmul   | [`qexperts::qmatmul`], [`qexperts::qmatmul_grouped`] | `cuda/qmatmul.cu` |
 //! | qmatmul_moe | [`qexperts::qmatmul_moe`] (quantized experts on a device dispatch) | `cuda/qmatmul.cu` |
 //! | qk_norm_rope | [`rope::qk_norm_rope`]  | `cuda/qk_norm_rope.cu` |
-//! | decode_attention | [`attention::decode_attention`] | `cuda/decode_attention.cu` |
+//! | decode_attention | [`attention::decode_attention`], [`attention::kv_store`] | `cuda/decode_attention.cu` |
 //!
 //! route, dispatch, experts and rms_norm are free functions rather than CustomOps (several outputs or more
 //! than three inputs; see `common`). Their kernels were written and compiled without a GPU and have NOT YET
@@ -36,16 +36,16 @@ pub mod rope;
 pub mod route;
 pub mod selftest;
 
-pub use attention::decode_attention;
+pub use attention::{decode_attention, decode_attention_keys, kv_store, Keys};
 pub use combine::{moe_combine, moe_combine_add, MoeCombine};
-pub use common::{poison_outputs, set_poison_outputs};
+pub use common::{poison_outputs, set_poison_outputs, At, StepRow};
 pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};
 pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};
 pub use norm::{add_rms_norm, rms_norm};
 pub use qexperts::{qmatmul, qmatmul_grouped};
 pub use qexperts::{qmatmul_moe, qmatmul_moe_swiglu};
 pub use qmatmul::{QFormat, QMatmul};
-pub use rope::{qk_norm_rope, HeadNorm};
+pub use rope::{qk_norm_rope, qk_norm_rope_at, HeadNorm};
 pub use route::{moe_route, Router};
 
 /// One PTX module compiled by `build.rs` from `cuda/<name>.cu`.

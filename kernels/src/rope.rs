@@ -16,7 +16,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, grid_dim, host, same_device, suffix, Elem};
+use crate::common::{check_act, grid_dim, host, same_device, suffix, At, Elem, STEP_POS};
 use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "qk_norm_rope";
@@ -50,17 +50,44 @@ pub fn qk_norm_rope(
     pos: usize,
     interleaved: bool,
 ) -> Result<Tensor> {
+    qk_norm_rope_at(x, norm, cos, sin, At::Host(pos), interleaved)
+}
+
+/// [`qk_norm_rope`] with the position fixed or read from a decode step's table (column
+/// [`STEP_POS`]) as the kernel runs. The caller checks a table's position against the cos/sin rows
+/// (the kernel writes nothing for a position past them).
+pub fn qk_norm_rope_at(
+    x: &Tensor,
+    norm: Option<HeadNorm<'_>>,
+    cos: &Tensor,
+    sin: &Tensor,
+    pos: At<'_>,
+    interleaved: bool,
+) -> Result<Tensor> {
     check_act(OP, "x", x.dtype())?;
     let (_, t, _, d) = x.dims4()?;
     if d % 2 != 0 {
         bail!("{OP}: head dim must be even, got {d}");
     }
+    let step = match pos {
+        At::Step(s) => {
+            same_device(OP, &[("x", x), ("step table", s.table)])?;
+            Some((s.table, s.check(OP)?))
+        }
+        At::Host(_) => None,
+    };
+    let runs_kernels = crate::launch::runs_kernels(x.device());
+    // The reference reads a table's position on the host; the kernel reads it itself.
+    let host_pos = match (pos, runs_kernels) {
+        (At::Step(_), true) => 0,
+        _ => pos.value(STEP_POS)?,
+    };
     for (name, tab) in [("cos", cos), ("sin", sin)] {
         let (p, half) = tab.dims2()?;
-        if half != d / 2 || tab.dtype() != x.dtype() || pos + t > p {
+        if half != d / 2 || tab.dtype() != x.dtype() || host_pos + t > p {
             bail!(
                 "{OP}: {name} must be [>= {}, {}] {:?}, got {:?} {:?}",
-                pos + t,
+                host_pos + t,
                 d / 2,
                 x.dtype(),
                 tab.dims(),
@@ -80,9 +107,10 @@ pub fn qk_norm_rope(
         }
         same_device(OP, &[("x", x), ("weight", n.weight)])?;
     }
-    if crate::launch::runs_kernels(x.device()) {
-        return run_plan(x, norm, cos, sin, pos, interleaved);
+    if runs_kernels {
+        return run_plan(x, norm, cos, sin, (host_pos, step), interleaved);
     }
+    let pos = host_pos;
     match x.device() {
         Device::Cpu => {
             fn run<T: Elem>(
@@ -177,13 +205,15 @@ pub fn qk_norm_rope_reference<T: Elem>(
 pub const QKR_WARPS: usize = 4;
 
 /// The launch of `qk_norm_rope_<dtype>` on `x [B, T, H, D]` (`dims`): one warp per (b, t, head) row,
-/// [`QKR_WARPS`] per block. Inputs `x`, `weight` (with a norm), `cos`, `sin`; output `out [B, H, T, D]`.
-/// `norm`: `(eps, after_rope)`. Pure.
+/// [`QKR_WARPS`] per block. Inputs `x`, `weight` (with a norm), `cos`, `sin` (`[P, D/2]`: `rows` = P), and
+/// with `step = Some(row)` the step table (the kernel reads the position from it; `pos` is then unused);
+/// output `out [B, H, T, D]`. `norm`: `(eps, after_rope)`. Pure.
 pub fn qk_norm_rope_plan(
     dtype: DType,
     dims: (usize, usize, usize, usize),
     norm: Option<(f32, bool)>,
-    pos: usize,
+    (pos, step): (usize, Option<u32>),
+    rows_p: usize,
     interleaved: bool,
 ) -> Result<Plan> {
     let (b, t, h, d) = dims;
@@ -194,12 +224,18 @@ pub fn qk_norm_rope_plan(
         u32::try_from(v)
             .map_err(|_| candle_core::Error::Msg(format!("{OP}: {what} = {v} exceeds u32")))
     };
-    let inputs: &[&'static str] = if norm.is_some() {
-        &["x", "weight", "cos", "sin"]
-    } else {
-        &["x", "cos", "sin"]
+    let mut inputs = match norm {
+        Some(_) => vec!["x", "weight", "cos", "sin"],
+        None => vec!["x", "cos", "sin"],
     };
-    let mut p = Plan::new(OP, inputs);
+    let (step_arg, step_row) = match step {
+        Some(row) => {
+            inputs.push("step");
+            (Arg::Buf(Buf::In(inputs.len() - 1)), row)
+        }
+        None => (Arg::Null, 0),
+    };
+    let mut p = Plan::new(OP, &inputs);
     let out = p.out("out", dtype, (b, h, t, d));
     let rows = b * t * h;
     if rows == 0 || d == 0 {
@@ -218,7 +254,8 @@ pub fn qk_norm_rope_plan(
     };
     let eps = norm.map_or(0.0, |n| n.0);
     // One warp per (b, t, head) row reads x [B,T,H,D], weight [D] (when mode != 0) and cos/sin rows pos..pos+T
-    // of [P, D/2] (the caller checked pos + T <= P); writes out [B,H,T,D].
+    // of [P, D/2] (the caller checked pos + T <= P; with a step table the kernel reads pos from it and checks
+    // it against P itself); writes out [B,H,T,D].
     p.launch(
         "qk_norm_rope",
         format!("qk_norm_rope_{}", suffix(dtype)?),
@@ -242,6 +279,9 @@ pub fn qk_norm_rope_plan(
             Arg::U32(interleaved as u32),
             Arg::U32(mode),
             Arg::F32(eps),
+            step_arg,
+            Arg::U32(step_row),
+            Arg::U32(u32_of("P", rows_p)?),
         ],
     );
     Ok(p)
@@ -252,20 +292,22 @@ fn run_plan(
     norm: Option<HeadNorm<'_>>,
     cos: &Tensor,
     sin: &Tensor,
-    pos: usize,
+    (pos, step): (usize, Option<(&Tensor, u32)>),
     interleaved: bool,
 ) -> Result<Tensor> {
     let plan = qk_norm_rope_plan(
         x.dtype(),
         x.dims4()?,
         norm.map(|n| (n.eps, n.after_rope)),
-        pos,
+        (pos, step.map(|s| s.1)),
+        cos.dim(0)?,
         interleaved,
     )?;
-    let mut outs = match norm {
-        Some(n) => plan.run(&[x, n.weight, cos, sin])?,
-        None => plan.run(&[x, cos, sin])?,
-    };
+    let mut inputs = vec![x];
+    inputs.extend(norm.map(|n| n.weight));
+    inputs.extend([cos, sin]);
+    inputs.extend(step.map(|s| s.0));
+    let mut outs = plan.run(&inputs)?;
     match outs.pop() {
         Some(out) => Ok(out),
         None => bail!("{OP}: the plan returned no output"),
@@ -280,8 +322,15 @@ mod tests {
     fn plan_geometry() {
         let input = |i| Arg::Buf(Buf::In(i));
         // B=2, T=3, H=5: 30 rows, 8 blocks of 4 warps (the last one half full); norm before RoPE.
-        let p =
-            qk_norm_rope_plan(DType::BF16, (2, 3, 5, 128), Some((1e-6, false)), 7, true).unwrap();
+        let p = qk_norm_rope_plan(
+            DType::BF16,
+            (2, 3, 5, 128),
+            Some((1e-6, false)),
+            (7, None),
+            10,
+            true,
+        )
+        .unwrap();
         assert_eq!(p.inputs, ["x", "weight", "cos", "sin"]);
         assert_eq!(p.outs[0].shape.dims(), &[2, 5, 3, 128]);
         let [l] = &p.launches[..] else {
@@ -301,10 +350,18 @@ mod tests {
             Arg::Buf(Buf::Out(0)),
         ];
         want.extend(dims);
-        want.push(Arg::F32(1e-6));
+        want.extend([Arg::F32(1e-6), Arg::Null, Arg::U32(0), Arg::U32(10)]);
         assert_eq!(l.args, want);
+        // With a step table: one more input, read at row 3; the host's position is not passed on.
+        let p =
+            qk_norm_rope_plan(DType::BF16, (1, 1, 5, 128), None, (0, Some(3)), 10, true).unwrap();
+        assert_eq!(p.inputs, ["x", "cos", "sin", "step"]);
+        assert_eq!(
+            &p.launches[0].args[13..],
+            &[input(3), Arg::U32(3), Arg::U32(10)]
+        );
         // No norm: a null weight, the tables are inputs 1 and 2; 32 rows fill 8 blocks; norm after RoPE is mode 2.
-        let p = qk_norm_rope_plan(DType::F32, (1, 8, 4, 64), None, 0, false).unwrap();
+        let p = qk_norm_rope_plan(DType::F32, (1, 8, 4, 64), None, (0, None), 8, false).unwrap();
         assert_eq!(p.inputs, ["x", "cos", "sin"]);
         let l = &p.launches[0];
         assert_eq!((l.entry.as_str(), l.grid), ("qk_norm_rope_f32", [8, 1, 1]));
@@ -322,15 +379,23 @@ mod tests {
             (l.args[10], l.args[11], l.args[12]),
             (Arg::U32(0), Arg::U32(0), Arg::F32(0.0))
         );
-        let p = qk_norm_rope_plan(DType::F16, (1, 1, 1, 2), Some((1e-5, true)), 0, false).unwrap();
+        let p = qk_norm_rope_plan(
+            DType::F16,
+            (1, 1, 1, 2),
+            Some((1e-5, true)),
+            (0, None),
+            1,
+            false,
+        )
+        .unwrap();
         assert_eq!(
             (p.launches[0].grid, p.launches[0].args[11]),
             ([1, 1, 1], Arg::U32(2))
         );
         // No rows: the output, no launch; head dims past the shared-memory stage: an error.
-        let p = qk_norm_rope_plan(DType::F32, (1, 0, 4, 64), None, 0, false).unwrap();
+        let p = qk_norm_rope_plan(DType::F32, (1, 0, 4, 64), None, (0, None), 1, false).unwrap();
         assert!(p.launches.is_empty());
-        assert!(qk_norm_rope_plan(DType::F32, (1, 1, 1, 514), None, 0, false).is_err());
+        assert!(qk_norm_rope_plan(DType::F32, (1, 1, 1, 514), None, (0, None), 1, false).is_err());
     }
 
     fn tables(p: usize, half: usize) -> (Tensor, Tensor) {

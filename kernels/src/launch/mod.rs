@@ -39,6 +39,16 @@ impl Plan {
         let Some(first) = inputs.first() else {
             bail!("{}: a plan needs at least one input", self.op)
         };
+        for &i in &self.writes {
+            match inputs.get(i) {
+                Some(t) if t.is_contiguous() => {}
+                _ => bail!(
+                    "{}: {} is written in place and must be a contiguous input",
+                    self.op,
+                    self.buf_name(Buf::In(i))
+                ),
+            }
+        }
         match first.device() {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => cuda_exec::run(self, inputs),

@@ -66,6 +66,9 @@ pub struct Plan {
     pub tmps: Vec<Alloc>,
     pub uploads: Vec<(&'static str, Vec<u32>)>,
     pub launches: Vec<Launch>,
+    /// Inputs the kernels write in place (a KV cache): they must be contiguous, and the emulator
+    /// leaves them writable and copies them back into the caller's tensor.
+    pub writes: Vec<usize>,
 }
 
 impl Plan {
@@ -77,6 +80,7 @@ impl Plan {
             tmps: Vec::new(),
             uploads: Vec::new(),
             launches: Vec::new(),
+            writes: Vec::new(),
         }
     }
 
@@ -84,6 +88,11 @@ impl Plan {
     pub fn out(&mut self, name: &'static str, dtype: DType, shape: impl Into<Shape>) -> Arg {
         self.outs.push(Alloc::new(name, dtype, shape));
         Arg::Buf(Buf::Out(self.outs.len() - 1))
+    }
+
+    /// Marks input `i` as written in place by the kernels.
+    pub fn write_in_place(&mut self, i: usize) {
+        self.writes.push(i);
     }
 
     /// Adds a scratch buffer of `len` elements; returns its argument.

@@ -1,6 +1,7 @@
 //! Self-test cases: Decode attention: `out [B, H, 1, D]`; cache rows outside the visible range are NaN.
 
 use super::*;
+use crate::common::{At, StepRow};
 
 pub(super) fn decode_attention_cases(
     device: &Device,
@@ -8,8 +9,8 @@ pub(super) fn decode_attention_cases(
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     use crate::attention::{
-        decode_attention, decode_attention_reference, window_start, DECODE_ATTN_NMSE_BF16,
-        DECODE_ATTN_NMSE_F16, DECODE_ATTN_NMSE_F32,
+        decode_attention, decode_attention_keys, decode_attention_reference, window_start, Keys,
+        DECODE_ATTN_NMSE_BF16, DECODE_ATTN_NMSE_F16, DECODE_ATTN_NMSE_F32,
     };
     // (B, H, KV, D, L, window, sinks): one key, a few, one chunk, a chunk boundary + 1, many chunks; GQA
     // groups of 1, 3, 5, 7 and 8; windows shorter than L (rows before the window are NaN, as are rows >=
@@ -31,7 +32,8 @@ pub(super) fn decode_attention_cases(
     ];
     for &(b, h, kv, d, len, window, with_sinks) in &cases {
         let sinks = with_sinks.then(|| rng.vec(h, 2.0));
-        let cap = len + 5;
+        // Rows past L up to CAP: a step-table launch sized for the whole cache has chunks that must not run.
+        let cap = len + 300;
         let start = window_start(len, window);
         let q0 = rng.vec(b * h * d, 1.0);
         let mut k0 = rng.vec(b * kv * cap * d, 1.0);
@@ -88,17 +90,108 @@ pub(super) fn decode_attention_cases(
                 let (out, time_us) = timed(device, || {
                     decode_attention(&qt, &kt, &vt, len, window, scale, st.as_ref())
                 })?;
+                // The same keys read from row 1 of a decode step's table, the launch sized for the
+                // whole cache (the chunks past the keys write neutral partials).
+                let table = step_table(1, [len - 1, start, len, len - 1], device)?;
+                let keys = Keys::Step {
+                    row: StepRow {
+                        table: &table,
+                        row: 1,
+                    },
+                    max: cap,
+                };
+                let stepped = decode_attention_keys(&qt, &kt, &vt, keys, scale, st.as_ref())?;
+                let stepped = nmse(&f32s(&stepped)?, &want);
+                let plain = nmse(&f32s(&out)?, &want);
                 Ok(Row {
                     op: "decode_attention",
                     case: case.clone(),
                     dtype,
-                    nmse: nmse(&f32s(&out)?, &want),
+                    nmse: plain.max(stepped),
                     budget,
                     time_us,
                     note: String::new(),
                 })
             })();
             rows.push(row_or_error("decode_attention", case, dtype, budget, r));
+        }
+    }
+    Ok(())
+}
+
+/// A u32 step table `[3, 4]` whose row `row` is `values` (the other rows hold numbers no kernel may use:
+/// a kernel reading the wrong row fails its case).
+pub(super) fn step_table(row: usize, values: [usize; 4], device: &Device) -> Result<Tensor> {
+    let mut t = vec![u32::MAX / 2; 3 * 4];
+    for (c, v) in values.iter().enumerate() {
+        t[row * 4 + c] = *v as u32;
+    }
+    Tensor::from_vec(t, (3, 4), device)
+}
+
+/// kv_store: the whole caches after the write vs the expected caches, for a fixed slot and a slot read from a
+/// step table; a slot past the cache leaves it as it was.
+pub(super) fn kv_store_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    use crate::attention::kv_store;
+    // (B, KV, CAP, D, slot)
+    let cases = [
+        (1, 8, 16, 128, 5),
+        (2, 4, 7, 64, 6),
+        (1, 2, 9, 80, 0),
+        (2, 1, 4, 96, 4),
+    ];
+    for &(b, kv, cap, d, slot) in &cases {
+        let k0 = rng.vec(b * kv * d, 1.0);
+        let v0 = rng.vec(b * kv * d, 1.0);
+        let kc0 = rng.vec(b * kv * cap * d, 1.0);
+        let vc0 = rng.vec(b * kv * cap * d, 1.0);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for from_table in [false, true] {
+                let how = if from_table { " (step table)" } else { "" };
+                let case = format!("B={b} KV={kv} CAP={cap} D={d} slot={slot}{how}");
+                let r = (|| {
+                    let (k, v) = (rounded(&k0, dtype)?, rounded(&v0, dtype)?);
+                    let (kc, vc) = (rounded(&kc0, dtype)?, rounded(&vc0, dtype)?);
+                    let expect = |cache: &[f32], new: &[f32]| -> Vec<f32> {
+                        let mut c = cache.to_vec();
+                        if slot < cap {
+                            for head in 0..b * kv {
+                                c[(head * cap + slot) * d..][..d]
+                                    .copy_from_slice(&new[head * d..][..d]);
+                            }
+                        }
+                        c
+                    };
+                    let (want_k, want_v) = (expect(&kc, &k), expect(&vc, &v));
+                    let kt = upload(&k, &[b, kv, 1, d], dtype, device)?;
+                    let vt = upload(&v, &[b, kv, 1, d], dtype, device)?;
+                    let kct = upload(&kc, &[b, kv, cap, d], dtype, device)?;
+                    let vct = upload(&vc, &[b, kv, cap, d], dtype, device)?;
+                    let table = step_table(2, [0, 0, 0, slot], device)?;
+                    let at = match from_table {
+                        true => At::Step(StepRow {
+                            table: &table,
+                            row: 2,
+                        }),
+                        false => At::Host(slot),
+                    };
+                    let ((), time_us) = timed(device, || kv_store(&kct, &vct, &kt, &vt, at))?;
+                    let mut got = f32s(&kct)?;
+                    got.extend(f32s(&vct)?);
+                    let mut want = want_k;
+                    want.extend(want_v);
+                    Ok(Row {
+                        op: "kv_store",
+                        case: case.clone(),
+                        dtype,
+                        nmse: nmse(&got, &want),
+                        budget: 0.0,
+                        time_us,
+                        note: String::new(),
+                    })
+                })();
+                rows.push(row_or_error("kv_store", case, dtype, 0.0, r));
+            }
         }
     }
     Ok(())

@@ -10,8 +10,12 @@
 //!   its nmse column is 0 when valid;
 //! - experts: the live rows of `out` (padding rows are unspecified), one case per forced path;
 //! - rms_norm: `out`, and `h` of the fused variant;
-//! - qk_norm_rope: `out [B, H, T, D]`, each case without norm, norm before and norm after RoPE;
-//! - decode_attention: `out [B, H, 1, D]`; cache rows outside the visible range are NaN.
+//! - qk_norm_rope: `out [B, H, T, D]`, each case without norm, norm before and norm after RoPE, each also with
+//!   its position read from a decode step's table (the worse nmse counts);
+//! - decode_attention: `out [B, H, 1, D]`; cache rows outside the visible range are NaN; each case also with
+//!   its keys read from a decode step's table, the launch sized for the whole cache (the worse nmse counts);
+//! - kv_store: both whole caches after the in-place write, exactly (budget 0), for a fixed slot and one read
+//!   from a step table;
 //! - qmatmul: `out` of the dense and grouped (expert-stacked) quantized matmuls vs the CPU reference on the
 //!   same quantized weights (int8, int4 g128/g32).
 //!
@@ -130,6 +134,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("qmatmul_moe", qmatmul::qmatmul_moe_cases),
     ("qk_norm_rope", rope::qk_norm_rope_cases),
     ("decode_attention", attention::decode_attention_cases),
+    ("kv_store", attention::kv_store_cases),
     ("vs_candle", vs_candle::vs_candle_cases),
 ];
 

@@ -7,8 +7,9 @@ pub(super) fn qk_norm_rope_cases(
     rng: &mut Rng,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
+    use crate::common::{At, StepRow};
     use crate::rope::{
-        qk_norm_rope, HeadNorm, QK_NORM_ROPE_NMSE_BF16, QK_NORM_ROPE_NMSE_F16,
+        qk_norm_rope, qk_norm_rope_at, HeadNorm, QK_NORM_ROPE_NMSE_BF16, QK_NORM_ROPE_NMSE_F16,
         QK_NORM_ROPE_NMSE_F32,
     };
     // (B, T, heads, D, pos, interleaved): decode and a small prefill, rotate-half and interleaved (MLA's 64),
@@ -66,11 +67,19 @@ pub(super) fn qk_norm_rope_cases(
                     let (out, time_us) = timed(device, || {
                         qk_norm_rope(&xt, norm, &ct, &st, pos, interleaved)
                     })?;
+                    // The position read from row 0 of a decode step's table.
+                    let table = super::attention::step_table(0, [pos, 0, 0, 0], device)?;
+                    let at = At::Step(StepRow {
+                        table: &table,
+                        row: 0,
+                    });
+                    let stepped = qk_norm_rope_at(&xt, norm, &ct, &st, at, interleaved)?;
+                    let stepped = nmse(&f32s(&stepped)?, &want);
                     Ok(Row {
                         op: "qk_norm_rope",
                         case: case.clone(),
                         dtype,
-                        nmse: nmse(&f32s(&out)?, &want),
+                        nmse: nmse(&f32s(&out)?, &want).max(stepped),
                         budget,
                         time_us,
                         note: String::new(),
