@@ -30,6 +30,7 @@ fn greedy(max_new: usize) -> GenerateParams {
         max_new_tokens: max_new,
         sampling: SamplingParams::greedy(),
         eos: vec![],
+        cuda_graph: false,
     }
 }
 

@@ -240,3 +240,140 @@ fn whole_model_parity_on_emulated_kernels() {
     }
     report.ensure_passed().unwrap();
 }
+
+/// The decode step on the kernel path launches the same moe-kernels plans at every position up to its key
+/// bound: the attention kernels read position, key range and cache slot from the step table, so the entry
+/// points, grids, scalars and input offsets of step p and step p + 1 are identical (what replaying one
+/// captured CUDA graph for both needs; candle's own ops in the step are not recorded). Crossing a key bound
+/// (256 -> 257 keys) changes exactly the decode attention launches (their grid), nothing else.
+#[test]
+fn decode_steps_launch_the_same_kernels_at_every_position() {
+    use candle_core::{DType, Device, Tensor};
+    use moe::loader::{embedded::TINY_KJV, LoadOptions};
+    use moe::model::ExecPath;
+    use moe_kernels::launch::record;
+
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        weight_dtype: None,
+        placement: None,
+        device: Device::Cpu,
+        progress: false,
+        quant: Some(moe::quant::QFormat::Int4 { group: 128 }),
+    };
+    let mut model = TINY_KJV.load(&opts).unwrap();
+    let mut cache = model.new_cache(1, 1024).unwrap();
+    // A 250-token prompt through the CPU's candle path, then decode steps on the emulated kernels.
+    model.set_exec_path(ExecPath::Candle);
+    let prompt: Vec<u32> = (0..250u32).map(|i| (i * 37 + 11) % 1000).collect();
+    let ids = Tensor::new(&prompt[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.forward(&ids, &mut cache, false, None).unwrap();
+    model.set_exec_path(ExecPath::Kernels);
+    let _emu = moe_kernels::emu::enable().unwrap();
+    let mut step = |token: u32| {
+        let ids = Tensor::new(&[token], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let (logits, rec) = record(|| model.forward(&ids, &mut cache, false, None));
+        assert!(logits
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite()));
+        rec
+    };
+    // Positions 250..=256: keys 251..=257.
+    let recs: Vec<_> = (0..7u32).map(|i| step(40 + i)).collect();
+    let ops = |r: &[moe_kernels::launch::Recorded]| r.iter().map(|p| p.op).collect::<Vec<_>>();
+    for op in ["kv_store", "decode_attention", "qk_norm_rope", "rms_norm"] {
+        assert!(
+            ops(&recs[0]).iter().any(|o| o.contains(op)),
+            "{op} not launched: {:?}",
+            ops(&recs[0])
+        );
+    }
+    for (i, r) in recs.iter().enumerate().take(6).skip(1) {
+        assert_eq!(r, &recs[0], "step {i} launched differently from step 0");
+    }
+    // 257 keys pass the bound of 256: only decode attention's launches change.
+    let (a, b) = (&recs[5], &recs[6]);
+    assert_eq!(ops(a), ops(b));
+    let changed: Vec<&str> = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x != y)
+        .map(|(x, _)| x.op)
+        .collect();
+    assert!(
+        !changed.is_empty() && changed.iter().all(|o| *o == "decode_attention"),
+        "{changed:?}"
+    );
+}
+
+/// What a CUDA graph captures, run on the emulated kernels: the step table written, then the decode step
+/// in place (no table write, no cache advance) gives the eager step's logits bit for bit, at consecutive
+/// positions; a model whose step reads back to the host names why ([`Model::graph_blocker`]); and off CUDA
+/// the graph decoder decodes eagerly with the same tokens.
+#[test]
+fn the_captured_pass_equals_the_eager_step() {
+    use candle_core::{DType, Device, Tensor};
+    use moe::loader::{embedded::TINY_KJV, LoadOptions};
+    use moe::model::ExecPath;
+    use moe::runtime::graph::GraphDecoder;
+
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        weight_dtype: None,
+        placement: None,
+        device: Device::Cpu,
+        progress: false,
+        quant: None,
+    };
+    let mut model = TINY_KJV.load(&opts).unwrap();
+    assert!(model.graph_blocker().unwrap().contains("candle"));
+    model.set_exec_path(ExecPath::Kernels);
+    assert_eq!(model.graph_blocker(), None);
+    let _emu = moe_kernels::emu::enable().unwrap();
+    let ids = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let vec = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut cache = model.new_cache(1, 64).unwrap();
+    model
+        .forward(&ids(&[5, 77, 300, 12]), &mut cache, false, None)
+        .unwrap();
+    for token in [9u32, 41, 1000] {
+        let eager = vec(model
+            .forward(&ids(&[token]), &mut cache, false, None)
+            .unwrap());
+        cache.rewind(1);
+        assert!(model.write_step_table(&mut cache).unwrap());
+        let pass = vec(model
+            .decode_step_in_place(&ids(&[token]), &mut cache)
+            .unwrap());
+        assert_eq!(pass, eager, "token {token}");
+        cache.advance(1);
+    }
+    // Off CUDA: eager steps, the same logits as forward.
+    let mut g = GraphDecoder::new(&model);
+    assert!(!g.active());
+    let mut a = model.new_cache(1, 16).unwrap();
+    let mut b = model.new_cache(1, 16).unwrap();
+    model.forward(&ids(&[5, 77]), &mut a, false, None).unwrap();
+    model.forward(&ids(&[5, 77]), &mut b, false, None).unwrap();
+    for token in [300u32, 12] {
+        let want = vec(model.forward(&ids(&[token]), &mut a, false, None).unwrap());
+        assert_eq!(vec(g.step(&model, &mut b, token).unwrap()), want);
+    }
+    assert_eq!((g.replays, a.len(), b.len()), (0, 4, 4));
+    // MLA reads its position on the host.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek-v3");
+    let mut mla = moe::loader::load_dir(&dir, &opts).unwrap();
+    mla.set_exec_path(ExecPath::Kernels);
+    assert!(mla.graph_blocker().unwrap().contains("MLA"));
+}

@@ -28,6 +28,7 @@ fn params(n: usize, sampling: SamplingParams) -> GenerateParams {
         max_new_tokens: n,
         sampling,
         eos: vec![],
+        cuda_graph: false,
     }
 }
 
@@ -300,10 +301,20 @@ fn bench_decode_loop_reads_only_the_sampled_ids() {
     let ids = [5u32, 77, 300, 12];
     let gen = 5;
     let before = host::reads();
-    let s = moe::bench::measure::run_once(&model, &ids, 1, gen, false).unwrap();
+    let s = moe::bench::measure::run_once(&model, &ids, 1, gen, Default::default()).unwrap();
     assert_eq!(host::reads() - before, 1 + gen as u64);
     assert!(s.experts_touched.is_none());
-    let s = moe::bench::measure::run_once(&model, &ids, 1, gen, true).unwrap();
+    let s = moe::bench::measure::run_once(
+        &model,
+        &ids,
+        1,
+        gen,
+        moe::bench::measure::RunHow {
+            count_experts: true,
+            graph: false,
+        },
+    )
+    .unwrap();
     assert_eq!(
         s.experts_touched,
         Some(2.0),

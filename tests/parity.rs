@@ -56,6 +56,7 @@ fn check_path(fixture_name: &str, path: ExecPath) {
         max_new_tokens: exp.greedy_ids.len(),
         sampling: SamplingParams::greedy(),
         eos: vec![],
+        cuda_graph: false,
     };
     let g = generate(&model, &exp.prompt_ids, &params, |_| Ok(()), None).unwrap();
     assert_eq!(

@@ -67,6 +67,7 @@ fn parity_with_transformers_as(what: &str, opts: &LoadOptions) {
         max_new_tokens: exp.greedy_ids.len(),
         sampling: SamplingParams::greedy(),
         eos: vec![],
+        cuda_graph: false,
     };
     let g = generate(&model, &exp.prompt_ids, &params, |_| Ok(()), None).unwrap();
     assert_eq!(

@@ -55,6 +55,11 @@ pub struct BenchArgs {
     /// Hybrid placement from a routing profile (`moe-run profile`).
     #[arg(long, value_name = "FILE", conflicts_with = "n_cpu_moe")]
     pub profile: Option<std::path::PathBuf>,
+    /// Batch-1 decode steps replayed as CUDA graphs (one captured per attention key bound; a
+    /// replay counts as one kernel launch). Where the step cannot be replayed (not CUDA, the candle
+    /// path, MLA, experts in host memory, ...) it says why on stderr and decodes eagerly.
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
@@ -146,6 +151,7 @@ impl Default for BenchArgs {
             n_cpu_moe: None,
             gpu_memory: None,
             profile: None,
+            cuda_graph: false,
             prompt_len: 32,
             gen: 32,
             batch: 1,

@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::model::kv_cache::KvCache;
 use crate::model::{Model, SeqStep, Trace};
+use crate::runtime::graph::GraphDecoder;
 
 /// Median, 10th and 90th percentile of samples (nearest rank on the sorted samples).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -59,8 +60,11 @@ pub struct RunSample {
     pub experts_touched: Option<f64>,
     /// Bytes of the KV cache allocated for the run.
     pub kv_bytes: usize,
-    /// moe-kernels launches of the timed decode steps (0 where the ops ran their CPU references).
+    /// moe-kernels launches of the timed decode steps (0 where the ops ran their CPU references),
+    /// a CUDA graph replay counted as one.
     pub decode_launches: u64,
+    /// CUDA graph replays among the timed decode steps (`RunHow::graph`).
+    pub graph_replays: u64,
     /// The greedy ids the timed run read back, step by step (prefill's, then each decode step's):
     /// `(gen + 1) x B`, what `--baseline` compares token for token.
     pub tokens: Vec<u32>,
@@ -149,13 +153,23 @@ fn decode_steps(
 /// serving engine's batch). The timed steps read back only the sampled ids (what generation
 /// does). With `count_experts`, the same steps run once more untimed with a routing trace (which
 /// reads every MoE layer's routing to the host) to count the distinct experts per step.
+/// How [`run_once`] runs beyond its shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunHow {
+    /// Count the distinct experts per step too (an untimed traced replay of the steps).
+    pub count_experts: bool,
+    /// Batch 1: decode through [`GraphDecoder`] (CUDA graph replays where possible).
+    pub graph: bool,
+}
+
 pub fn run_once(
     model: &Model,
     ids: &[u32],
     batch: usize,
     gen: usize,
-    count_experts: bool,
+    how: RunHow,
 ) -> Result<RunSample> {
+    let count_experts = how.count_experts;
     let dev = model.device().clone();
     let p = ids.len() / batch.max(1);
     let prompts: Vec<&[u32]> = ids.chunks(p.max(1)).take(batch).collect();
@@ -170,8 +184,27 @@ pub fn run_once(
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let launched = moe_kernels::launch::launched();
+    let mut graph_replays = 0;
     let t1 = Instant::now();
-    decode_steps(model, &mut caches, next.clone(), gen, None, &mut tokens)?;
+    match (how.graph, &mut caches[..]) {
+        (true, [cache]) => {
+            let mut g = GraphDecoder::new(model);
+            let mut id = next[0];
+            for _ in 0..gen {
+                let logits = g.step(model, cache, id)?;
+                let am = logits.flatten_all()?.argmax(0)?;
+                id = crate::model::host::read_scalar::<u32>(&am)?;
+                tokens.push(id);
+            }
+            graph_replays = g.replays;
+        }
+        (true, _) => {
+            return Err(crate::Error::Input(
+                "--cuda-graph decodes one sequence: use --batch 1".into(),
+            ))
+        }
+        (false, _) => decode_steps(model, &mut caches, next.clone(), gen, None, &mut tokens)?,
+    }
     sync(&dev)?;
     let decode_s = t1.elapsed().as_secs_f64();
     let decode_launches = moe_kernels::launch::launched() - launched;
@@ -197,6 +230,7 @@ pub fn run_once(
     }
     Ok(RunSample {
         decode_launches,
+        graph_replays,
         prefill_s,
         decode_s,
         experts_touched: (steps > 0).then(|| touched / steps as f64),

@@ -331,6 +331,8 @@ pub fn resolve_config(a: &BenchArgs) -> Result<(String, ModelConfig)> {
 }
 
 /// Warm-up, then `runs` timed runs.
+/// `graph`: batch-1 decode steps through [`crate::runtime::graph::GraphDecoder`].
+#[allow(clippy::too_many_arguments)]
 pub fn timed_runs(
     model: &Model,
     batch: usize,
@@ -339,15 +341,21 @@ pub fn timed_runs(
     runs: usize,
     warmup: usize,
     seed: u64,
+    graph: bool,
 ) -> Result<Vec<RunSample>> {
     let ids = measure::prompt_ids(model.cfg.vocab_size, batch, prompt_len, seed);
+    let run = |count: bool| {
+        let how = measure::RunHow {
+            count_experts: count,
+            graph,
+        };
+        measure::run_once(model, &ids, batch, gen, how)
+    };
     for _ in 0..warmup {
-        measure::run_once(model, &ids, batch, gen, false)?;
+        run(false)?;
     }
     // Only the first timed run also counts distinct experts (in an untimed traced replay).
-    (0..runs.max(1))
-        .map(|i| measure::run_once(model, &ids, batch, gen, i == 0))
-        .collect()
+    (0..runs.max(1)).map(|i| run(i == 0)).collect()
 }
 
 /// The placement of the run, and on a GPU its prediction: the run's GPU (`--gpu`, else its
@@ -431,6 +439,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         a.runs,
         a.warmup,
         a.seed,
+        a.cuda_graph,
     )?;
     // Read the peak RSS (and the GPU pool's high-water marks) before the ceilings' own buffers
     // (read bandwidth, matmul) can raise them.
@@ -581,6 +590,10 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             .first()
             .filter(|s| s.decode_launches > 0)
             .map(|s| s.decode_launches as f64 / (b * g).max(1) as f64),
+        cuda_graph_replays_per_token: samples
+            .first()
+            .filter(|_| a.cuda_graph)
+            .map(|s| s.graph_replays as f64 / (b * g).max(1) as f64),
         memory,
         load_s,
         baseline,

@@ -105,6 +105,11 @@ pub fn bench_text(r: &BenchReport) -> String {
             n / r.model.layers_run.max(1) as f64
         ));
     }
+    if let Some(n) = r.cuda_graph_replays_per_token {
+        s.push_str(&format!(
+            "  CUDA graph replays per decoded token: {n:.2} (--cuda-graph; each counted as one launch above)\n"
+        ));
+    }
     if let Some(x) = &r.expert_stream {
         s.push_str(&format!(
             "  expert kernel alone (decode, first MoE layer's top-k experts, {} per call): median {:.1} us = {:.2} GB/s of weights, {:.0}% of the {:.2} GB/s read bandwidth measured now (parallel streaming read, {} threads)\n",

@@ -122,6 +122,10 @@ pub struct BenchReport {
     /// ran their CPU references). candle's own ops in the step are not counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_launches_per_token: Option<f64>,
+    /// `--cuda-graph`: CUDA graph replays per decoded token (each counted as one launch above; the
+    /// steps that warm up and capture a graph launch eagerly). 0 when graphs were off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_replays_per_token: Option<f64>,
     pub memory: Memory,
     /// Seconds to build or load the weights.
     pub load_s: f64,

@@ -113,6 +113,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 ..Default::default()
             },
             eos: tok.eos.clone(),
+            cuda_graph: false,
         };
         turn += 1;
         let mut stream = TextStream::default();

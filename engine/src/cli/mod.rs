@@ -239,6 +239,11 @@ pub struct RunArgs {
     /// Keep generating past the end-of-sequence token (benchmarks, parity checks).
     #[arg(long)]
     ignore_eos: bool,
+    /// Replay each decode step as a CUDA graph (captured per attention key bound) instead of
+    /// launching its kernels one by one; where the step cannot be replayed it says why on stderr
+    /// and decodes eagerly. Not with --stats (which reads routing back every step).
+    #[arg(long)]
+    cuda_graph: bool,
     /// After generation, print per-layer expert load (token slots per expert, max/mean
     /// imbalance) and the KV cache size per token; with --json they go into the JSON.
     #[arg(long)]
@@ -510,6 +515,7 @@ fn run(a: RunArgs) -> Result<()> {
             }),
         },
         eos,
+        cuda_graph: a.cuda_graph,
     };
 
     let mut stats = a.stats.then(|| RoutingStats::new(&model.cfg));

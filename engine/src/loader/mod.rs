@@ -373,12 +373,26 @@ fn ignorable(name: &str, cfg: &ModelConfig) -> bool {
     name.ends_with("rotary_emb.inv_freq") || extra_layer || unread
 }
 
+/// CUDA device `ordinal` whose tensors do not track their uses with CUDA events: moe-run runs
+/// every op on candle's one stream (so nothing needs them), and a CUDA graph capture cannot wait
+/// on an event recorded before it began (`runtime::graph`).
+fn cuda_device(ordinal: usize) -> candle_core::Result<Device> {
+    let d = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        // SAFETY: nothing has been allocated on this device yet, and every tensor the engine
+        // makes lives on its one stream, so no use needs an event to order it.
+        unsafe { c.disable_event_tracking() };
+    }
+    Ok(d)
+}
+
 /// Parses `cpu` / `cuda[:N]`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         // The first GPU when this build has CUDA and a device answers, else the CPU.
-        "auto" if cfg!(feature = "cuda") => Ok(Device::new_cuda(0).unwrap_or(Device::Cpu)),
+        "auto" if cfg!(feature = "cuda") => Ok(cuda_device(0).unwrap_or(Device::Cpu)),
         "auto" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = match s.strip_prefix("cuda:") {
@@ -388,7 +402,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 None => 0,
             };
             if cfg!(feature = "cuda") {
-                Ok(Device::new_cuda(ordinal)?)
+                Ok(cuda_device(ordinal)?)
             } else {
                 Err(Error::Input(
                     "this moe-run was built without CUDA; rebuild with `cargo build --release --features cuda`".into(),

@@ -55,6 +55,10 @@ impl Attention {
     /// to everything cached for `layer` plus themselves; returns `[B, T, heads*hd]`, the input of
     /// the output projection `o`. On [`ExecPath::Kernels`] a single new token per sequence runs
     /// the flash-decoding kernel (`moe_kernels::decode_attention`) over the cache in place.
+    /// `step`: a kernel-path decode step's table ([`KvCache::step_table`]); the kernels then read
+    /// this layer's position, key range and cache slot from its row `layer` as they run, so the
+    /// step's launches do not depend on the position.
+    #[allow(clippy::too_many_arguments)]
     pub fn core(
         &self,
         qkv: &Tensor,
@@ -63,8 +67,11 @@ impl Attention {
         cache: &mut KvCache,
         layer: usize,
         plan: &PathPlan,
+        step: Option<&Tensor>,
     ) -> Result<Tensor> {
         let x = qkv;
+        let step = step.map(|table| moe_kernels::StepRow { table, row: layer });
+        let at = step.map_or(moe_kernels::At::Host(pos), moe_kernels::At::Step);
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
@@ -81,7 +88,7 @@ impl Attention {
         // [B, T, n*hd] -> [B, n, T, hd], with the per-head norms on either side of RoPE.
         let heads = |y: Tensor, n: usize, norm: &Option<Norm>, pos_emb: bool| -> Result<Tensor> {
             if plan.qk_norm_rope_kernel(pos_emb) {
-                if let Some(out) = self.fused_norm_rope(&y, (b, t, n, hd), norm, rope, pos)? {
+                if let Some(out) = self.fused_norm_rope(&y, (b, t, n, hd), norm, rope, at)? {
                     return Ok(out);
                 }
             }
@@ -102,11 +109,22 @@ impl Attention {
         let l = pos + t;
         let scale = 1.0 / (hd as f64).sqrt();
         if plan.decode_attention_kernel(t, hd) {
-            cache.store(layer, &k, &v, pos)?;
-            let (kc, vc) = cache.layer(layer); // [B, kv, slots, hd]
             let (keys, window) = cache.attended(layer, l, self.span);
+            let keys = match step {
+                // One kv_store launch; the attention launch sized for the key bound, not the keys.
+                Some(row) => {
+                    cache.store_at(layer, &k, &v, moe_kernels::At::Step(row))?;
+                    let max = cache.key_bound(layer, keys);
+                    moe_kernels::Keys::Step { row, max }
+                }
+                None => {
+                    cache.store(layer, &k, &v, pos)?;
+                    moe_kernels::Keys::Host { len: keys, window }
+                }
+            };
+            let (kc, vc) = cache.layer(layer); // [B, kv, slots, hd]
             let sinks = self.sinks.as_ref().map(|(_, s)| s);
-            let out = moe_kernels::decode_attention(&q, kc, vc, keys, window, scale as f32, sinks)?;
+            let out = moe_kernels::decode_attention_keys(&q, kc, vc, keys, scale as f32, sinks)?;
             return out.reshape((b, 1, nh * hd)); // [B, nh, 1, hd] -> [B, 1, nh*hd]
         }
 
@@ -179,7 +197,7 @@ impl Attention {
         (b, t, n, hd): (usize, usize, usize, usize),
         norm: &Option<Norm>,
         rope: &Rope,
-        pos: usize,
+        pos: moe_kernels::At<'_>,
     ) -> Result<Option<Tensor>> {
         use crate::config::NormKind;
         if hd > moe_kernels::rope::QK_NORM_ROPE_MAX_D {
@@ -204,7 +222,7 @@ impl Attention {
             return Ok(None);
         }
         let x = y.reshape((b, t, n, hd))?;
-        moe_kernels::qk_norm_rope(&x, head_norm, cos, sin, pos, interleaved).map(Some)
+        moe_kernels::qk_norm_rope_at(&x, head_norm, cos, sin, pos, interleaved).map(Some)
     }
 }
 

@@ -43,6 +43,8 @@ impl Attn {
 
     /// One sequence's attention from its rows of [`Attn::project`], writing `cache`; returns the
     /// input of the output projection.
+    /// `step`: the decode step's table (GQA reads it; MLA takes `pos`).
+    #[allow(clippy::too_many_arguments)]
     fn core(
         &self,
         p: &[Tensor],
@@ -51,9 +53,10 @@ impl Attn {
         cache: &mut KvCache,
         layer: usize,
         plan: &PathPlan,
+        step: Option<&Tensor>,
     ) -> Result<Tensor> {
         match (self, p) {
-            (Attn::Gqa(a), [qkv]) => a.core(qkv, pos, rope, cache, layer, plan),
+            (Attn::Gqa(a), [qkv]) => a.core(qkv, pos, rope, cache, layer, plan, step),
             (Attn::Mla(a), [q, kv]) => a.core(q, kv, pos, rope, cache, layer, plan),
             _ => candle_core::bail!("attention projections do not match the attention kind"),
         }
@@ -431,14 +434,118 @@ impl Model {
         trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
         let (_b, t) = ids.dims2()?;
+        self.check_fits(cache.len(), t, cache.capacity())?;
+        let step = self.step_table(cache, t)?;
+        let out = self.forward_at(ids, cache, all_logits, trace, step.as_ref())?;
+        cache.advance(t);
+        Ok(out)
+    }
+
+    /// Writes the step table of a batch-1 decode step at `cache.len()` into the cache's table
+    /// (what [`Model::forward`] does first); `false` when this model's decode step takes none.
+    pub fn write_step_table(&self, cache: &mut KvCache) -> Result<bool> {
+        self.check_fits(cache.len(), 1, cache.capacity())?;
+        Ok(self.step_table(cache, 1)?.is_some())
+    }
+
+    /// The decode step of `ids [B, 1]` at `cache.len()` with the step table the cache already holds
+    /// ([`Model::write_step_table`]), neither writing the table nor advancing the cache: the pass a
+    /// CUDA graph captures (every launch in it reads its per-step numbers from device memory, see
+    /// [`Model::graph_blocker`]). Returns `[B, 1, V]` f32 logits.
+    pub fn decode_step_in_place(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let Some(step) = cache.current_step() else {
+            candle_core::bail!("no step table written for this decode step")
+        };
+        if ids.dim(1)? != 1 {
+            candle_core::bail!("a decode step takes one token per sequence")
+        }
+        self.forward_at(ids, cache, false, None, Some(&step))
+    }
+
+    /// Why this model's decode step cannot be replayed as one CUDA graph (something in it reads
+    /// the position on the host or reads back to the host), or `None` when it can.
+    pub fn graph_blocker(&self) -> Option<String> {
+        if self.plan.exec != ExecPath::Kernels {
+            return Some("the decode step runs candle's ops (the kernel path is off)".into());
+        }
+        if self.cfg.mla.is_some() {
+            return Some("MLA attention takes its position on the host".into());
+        }
+        if !self.plan.decode_attention_kernel(1, self.cfg.head_dim) {
+            return Some(format!(
+                "head dim {} is past the decode attention kernel's limit",
+                self.cfg.head_dim
+            ));
+        }
+        let (cos, _, _) = self.rope.tables();
+        let rotary = cos.dim(1).unwrap_or(0) * 2;
+        if rotary != self.cfg.head_dim
+            || cos.dtype() != self.dtype
+            || self.cfg.head_dim > moe_kernels::rope::QK_NORM_ROPE_MAX_D
+        {
+            return Some(
+                "RoPE does not take the fused kernel (partial rotary or a table dtype)".into(),
+            );
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            if let Attn::Gqa(a) = &l.attn {
+                if a.temperature.is_some() {
+                    return Some(format!(
+                        "layer {i}'s attention temperature is read by position on the host"
+                    ));
+                }
+                let norms = [&a.q_norm, &a.k_norm];
+                let per_head = matches!(
+                    self.cfg.attn.qk_norm,
+                    QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope
+                );
+                if per_head
+                    && norms
+                        .iter()
+                        .any(|n| n.as_ref().is_some_and(|n| n.weight.dtype() != self.dtype))
+                {
+                    return Some("the QK-norm does not take the fused kernel".into());
+                }
+            }
+            if let Ffn::Moe(m) = &l.ffn {
+                if let Some(why) = m.graph_blocker(&self.plan) {
+                    return Some(format!("layer {i}: {why}"));
+                }
+            }
+        }
+        None
+    }
+
+    /// Per layer, the key bound of the decode step at `cache.len()` ([`KvCache::key_bound`]): the
+    /// steps with the same bounds launch the same kernels, so one captured graph serves them all.
+    pub fn step_bounds(&self, cache: &KvCache) -> Vec<usize> {
+        let len = cache.len() + 1;
+        (0..self.layers.len())
+            .map(|i| cache.key_bound(i, cache.attended(i, len, self.cfg.span_of(i)).0))
+            .collect()
+    }
+
+    /// [`Model::forward`]'s pass at `cache.len()` with the step table `step`, without advancing
+    /// the cache.
+    fn forward_at(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        all_logits: bool,
+        trace: Option<&mut Trace>,
+        step: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
         let pos = cache.len();
-        self.check_fits(pos, t, cache.capacity())?;
         let x = self
             .embed
             .embedding(&ids.flatten_all()?)?
             .reshape((ids.dim(0)?, t, ()))?;
-        let x = self.run_layers(x, |i, attn, xn| self.attend(attn, xn, pos, cache, i), trace)?;
-        cache.advance(t);
+        let x = self.run_layers(
+            x,
+            |i, attn, xn| self.attend(attn, xn, pos, cache, i, step),
+            trace,
+        )?;
         let x = if all_logits {
             x
         } else {
@@ -469,6 +576,10 @@ impl Model {
             last.push((ids.len() - 1) as u32);
         }
         let n = ids.len();
+        let step = match &mut *seqs {
+            [s] => self.step_table(s.cache, s.ids.len())?,
+            _ => None,
+        };
         let x = self
             .embed
             .embedding(&Tensor::from_vec(ids, n, &self.device)?)?
@@ -478,7 +589,7 @@ impl Model {
             |i, attn, xn| {
                 if let [s] = &mut *seqs {
                     let pos = s.cache.len();
-                    return self.attend(attn, xn, pos, &mut *s.cache, i);
+                    return self.attend(attn, xn, pos, &mut *s.cache, i, step.as_ref());
                 }
                 // The projections are per token: once over all N tokens, so each weight row is
                 // read once per step, not once per sequence; only the attention core is per
@@ -493,7 +604,7 @@ impl Model {
                         .iter()
                         .map(|p| p.narrow(1, off, t))
                         .collect::<Result<Vec<_>>>()?;
-                    parts.push(attn.core(&rows, pos, rope, &mut *s.cache, i, plan)?);
+                    parts.push(attn.core(&rows, pos, rope, &mut *s.cache, i, plan, None)?);
                     off += t;
                 }
                 attn.out().forward_on(&Tensor::cat(&parts, 1)?, plan)
@@ -527,7 +638,22 @@ impl Model {
         Ok(())
     }
 
-    /// The attention of layer `i` for `xn [B, T, H]` at positions `pos..pos+T` of `cache`.
+    /// The decode step's table ([`KvCache::step_table`]) when `t` new tokens make a decode step on
+    /// the kernel path with GQA attention: the attention kernels read their position, key range and
+    /// cache slot from it, so the step's launches are the same at every position (up to the key
+    /// bound). `None` otherwise.
+    fn step_table(&self, cache: &mut KvCache, t: usize) -> Result<Option<Tensor>> {
+        let gqa = self.cfg.mla.is_none();
+        if !gqa || !self.plan.decode_attention_kernel(t, self.cfg.head_dim) {
+            return Ok(None);
+        }
+        cache
+            .step_table(|i| self.cfg.span_of(i), &self.device)
+            .map(Some)
+    }
+
+    /// The attention of layer `i` for `xn [B, T, H]` at positions `pos..pos+T` of `cache`, with the
+    /// decode step's table if there is one.
     fn attend(
         &self,
         attn: &Attn,
@@ -535,9 +661,10 @@ impl Model {
         pos: usize,
         cache: &mut KvCache,
         i: usize,
+        step: Option<&Tensor>,
     ) -> Result<Tensor> {
         let proj = attn.project(xn, &self.plan)?;
-        let y = attn.core(&proj, pos, &self.rope, cache, i, &self.plan)?;
+        let y = attn.core(&proj, pos, &self.rope, cache, i, &self.plan, step)?;
         attn.out().forward_on(&y, &self.plan)
     }
 
@@ -554,8 +681,19 @@ impl Model {
             tr.router_ids.clear();
             tr.router_weights.clear();
         }
+        // A layer's FFN output joins the residual stream in the next layer's attention norm (one
+        // add_rms_norm launch on the kernel path instead of an add and a norm); the last one after
+        // the loop.
+        let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let xn = self.norm(&layer.attn_norm, &x)?;
+            let xn = match pending.take() {
+                Some(h) => {
+                    let (sum, xn) = self.add_norm(&layer.attn_norm, &x, &h)?;
+                    x = sum;
+                    xn
+                }
+                None => self.norm(&layer.attn_norm, &x)?,
+            };
             let h = attend(i, &layer.attn, &xn)?;
             let (sum, h) = self.add_norm(&layer.ffn_norm, &x, &h)?;
             x = sum;
@@ -578,9 +716,12 @@ impl Model {
                 tr.router_ids.push(ids);
                 tr.router_weights.push(weights);
             }
-            x = (x + h)?;
+            pending = Some(h);
         }
-        Ok(x)
+        match pending {
+            Some(h) => x + h,
+            None => Ok(x),
+        }
     }
 
     /// Final norm and lm_head: `[.., H] -> [.., V]` f32.

@@ -16,6 +16,9 @@ pub struct KvCache {
     /// Tokens already stored (the same for every layer between forward passes).
     len: usize,
     capacity: usize,
+    /// The decode step's table on the cache's device, allocated once and rewritten in place before each
+    /// kernel-path decode step ([`Self::step_table`]).
+    step: Option<Tensor>,
 }
 
 struct Layer {
@@ -61,6 +64,7 @@ impl KvCache {
             layers,
             len: 0,
             capacity,
+            step: None,
         })
     }
 
@@ -183,6 +187,64 @@ impl KvCache {
         }
     }
 
+    /// The table of the decode step at position `len` (u32 `[layers, 4]`, moe-kernels' `STEP_*` columns): per
+    /// layer the position, the first key and the number of cache rows the new token attends to in place (as
+    /// [`Self::attended`] says) and the slot its key and value go to. Written into one tensor on `device`
+    /// that lives as long as the cache (the same buffer at every step, which a captured CUDA graph needs); the
+    /// kernels read it as they run. `span(layer)` is each layer's attention span.
+    pub fn step_table(&mut self, span: impl Fn(usize) -> Span, device: &Device) -> Result<Tensor> {
+        let (pos, len) = (self.len, self.len + 1);
+        let mut rows = Vec::with_capacity(self.layers.len() * 4);
+        for (i, l) in self.layers.iter().enumerate() {
+            let (keys, window) = self.attended(i, len, span(i));
+            let first = moe_kernels::attention::window_start(keys, window);
+            let slot = l.ring.map_or(pos, |w| pos % w);
+            for v in [pos, first, keys, slot] {
+                rows.push(u32::try_from(v).map_err(|_| {
+                    candle_core::Error::Msg(format!("position {v} exceeds the step table's u32"))
+                })?);
+            }
+        }
+        let n = self.layers.len();
+        let fresh = Tensor::from_vec(rows, (n, 4), device)?;
+        match &self.step {
+            Some(t) if t.device().same_device(device) => t.slice_set(&fresh, 0, 0)?,
+            _ => self.step = Some(fresh),
+        }
+        match &self.step {
+            Some(t) => Ok(t.clone()),
+            None => candle_core::bail!("the step table was not written"),
+        }
+    }
+
+    /// The table [`Self::step_table`] last wrote, if any.
+    pub fn current_step(&self) -> Option<Tensor> {
+        self.step.clone()
+    }
+
+    /// The bound a decode step's attention launch is sized for when its keys come from the step table:
+    /// `keys` rounded up to a power of two (at least one kernel chunk), at most the layer's slots. A
+    /// launch, and so a captured graph, serves every step up to its bound.
+    pub fn key_bound(&self, layer: usize, keys: usize) -> usize {
+        let chunk = moe_kernels::attention::DECODE_ATTN_CHUNK;
+        keys.next_power_of_two()
+            .max(chunk)
+            .min(self.layers[layer].slots)
+    }
+
+    /// Writes a decode step's `k, v [B, heads, 1, d]` into `layer`'s slot `slot` in place (the kv_store
+    /// kernel on the kernel path: one launch, the slot fixed or read from the step table).
+    pub fn store_at(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        slot: moe_kernels::At<'_>,
+    ) -> Result<()> {
+        let l = &self.layers[layer];
+        moe_kernels::kv_store(&l.k, &l.v, k, v, slot)
+    }
+
     /// The whole preallocated K and V (or latent and rope key) of `layer`, `[B, heads, cap, d]`;
     /// only positions below the stored length are meaningful.
     pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
@@ -193,6 +255,11 @@ impl KvCache {
     /// Marks `t` more tokens as stored (after every layer has written them).
     pub fn advance(&mut self, t: usize) {
         self.len += t;
+    }
+
+    /// Forgets the last `t` stored tokens (their slots are overwritten by the next writes).
+    pub fn rewind(&mut self, t: usize) {
+        self.len = self.len.saturating_sub(t);
     }
 
     pub fn reset(&mut self) {

@@ -139,6 +139,9 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Stop after emitting any of these (the EOS token is included in the output).
     pub eos: Vec<u32>,
+    /// Decode through [`super::graph::GraphDecoder`] (CUDA graph replays where the step allows;
+    /// not while tracing routing, which reads it back every step).
+    pub cuda_graph: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +254,15 @@ pub fn generate(
     let mut generated = Vec::with_capacity(p.max_new_tokens.min(context));
     let device = model.device();
 
+    let mut graphs = match (p.cuda_graph, trace.is_some()) {
+        (true, false) => Some(super::graph::GraphDecoder::new(model)),
+        (true, true) => {
+            eprintln!("moe-run: CUDA graphs off (routing statistics read every step back); decoding with eager launches");
+            None
+        }
+        (false, _) => None,
+    };
+
     let mut stop = StopReason::MaxTokens;
     let t0 = Instant::now();
     let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
@@ -264,7 +276,10 @@ pub fn generate(
         }
     }
     while generated.len() < p.max_new_tokens {
-        let logits = model.forward(&input, &mut cache, false, trace.as_mut())?; // [1, 1, V]
+        let logits = match (graphs.as_mut(), generated.last()) {
+            (Some(g), Some(&id)) => g.step(model, &mut cache, id)?,
+            _ => model.forward(&input, &mut cache, false, trace.as_mut())?, // [1, 1, V]
+        };
         let next = next_token(&mut sampler, &logits)?;
         if generated.is_empty() {
             prefill_secs = t0.elapsed().as_secs_f64();

@@ -4,5 +4,6 @@
 pub mod batch;
 pub mod chat;
 pub mod generate;
+pub mod graph;
 pub mod stats;
 pub mod tokenizer;

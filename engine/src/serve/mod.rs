@@ -466,6 +466,8 @@ fn start(
         } else {
             s.eos.clone()
         },
+        // The batching engine steps ragged batches (one graph per batch shape is not built).
+        cuda_graph: false,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = prompt.len();

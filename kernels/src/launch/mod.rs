@@ -18,16 +18,62 @@ thread_local! {
     static LAUNCHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+thread_local! {
+    static RECORDING: std::cell::RefCell<Option<Vec<Recorded>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A plan as [`record`] saw it run: the op, its launches (entry points, grids, blocks and arguments, which
+/// name buffers by role and carry every scalar) and each input's shape and offset into its storage. Two
+/// runs that record the same sequence launch the same kernels with the same scalars on buffers at the same
+/// offsets: what replaying one captured CUDA graph for both needs of moe-kernels' ops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub op: &'static str,
+    pub launches: Vec<Launch>,
+    pub inputs: Vec<(Vec<usize>, usize)>,
+}
+
+/// Runs `f` and returns what it returned with every plan this thread ran meanwhile, in order.
+pub fn record<T>(f: impl FnOnce() -> T) -> (T, Vec<Recorded>) {
+    let prev = RECORDING.with(|r| r.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let got = RECORDING.with(|r| std::mem::replace(&mut *r.borrow_mut(), prev));
+    (out, got.unwrap_or_default())
+}
+
 /// Kernel launches this thread's plans have made so far, on CUDA or the emulator: the launches
 /// of moe-kernels' own ops (candle's ops, which a CUDA step also launches, are not counted).
 pub fn launched() -> u64 {
     LAUNCHED.with(std::cell::Cell::get)
 }
 
+/// Counts one replay of a captured CUDA graph as one launch.
+pub fn count_graph_replay() {
+    LAUNCHED.with(|c| c.set(c.get() + 1));
+}
+
+/// Sets this thread's launch count back to `mark` (an earlier [`launched`]): the plans a CUDA graph
+/// capture runs record launches without making them.
+pub fn rewind_launched(mark: u64) {
+    LAUNCHED.with(|c| c.set(mark.min(c.get())));
+}
+
 impl Plan {
     /// Runs the plan on the device of `inputs` and returns the outputs.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
         LAUNCHED.with(|c| c.set(c.get() + self.launches.len() as u64));
+        RECORDING.with(|r| {
+            if let Some(v) = r.borrow_mut().as_mut() {
+                v.push(Recorded {
+                    op: self.op,
+                    launches: self.launches.clone(),
+                    inputs: inputs
+                        .iter()
+                        .map(|t| (t.dims().to_vec(), t.layout().start_offset()))
+                        .collect(),
+                });
+            }
+        });
         if inputs.len() != self.inputs.len() {
             bail!(
                 "{}: plan takes {} inputs, got {}",

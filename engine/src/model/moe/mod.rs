@@ -214,8 +214,7 @@ impl MoeBlock {
         // activation): they run per expert with candle's ops, on whatever device.
         // (Quantized ones, gpt-oss's published MXFP4 among them, stay on the device: two grouped
         // quantized matmuls with the biases and the activation between them.)
-        let on_device = plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k)
-            && (self.extras().plain() || matches!(self.gate_up, Weight::Quant(_)));
+        let on_device = self.routes_on_device(plan);
         // The shared experts' output: folded into the combine kernel on the device path, added
         // after the routed experts on the host one.
         let shared = match &self.shared {
@@ -240,6 +239,25 @@ impl MoeBlock {
             }
         };
         Ok((out.reshape(shape)?, routing))
+    }
+
+    /// Whether this block routes and dispatches on the device ([`ExecPath::Kernels`]'s routed
+    /// kernels) rather than on the host (see [`MoeBlock::forward`]).
+    fn routes_on_device(&self, plan: &PathPlan) -> bool {
+        plan.route_on_device(self.cfg.router, self.cfg.num_experts, self.cfg.top_k)
+            && (self.extras().plain() || matches!(self.gate_up, Weight::Quant(_)))
+    }
+
+    /// Why this block's decode step reads back to the host (so no CUDA graph can replay it), or
+    /// `None`.
+    pub fn graph_blocker(&self, plan: &PathPlan) -> Option<String> {
+        if self.host.is_some() {
+            return Some("experts in host memory (a host round trip per step)".into());
+        }
+        if !self.routes_on_device(plan) {
+            return Some("routing is read back to the host".into());
+        }
+        None
     }
 
     /// The routed experts through the moe-kernels ops; nothing leaves the device. `x [N, H]`;
