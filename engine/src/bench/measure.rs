@@ -65,6 +65,8 @@ pub struct RunSample {
     pub decode_launches: u64,
     /// CUDA graph replays among the timed decode steps (`RunHow::graph`).
     pub graph_replays: u64,
+    /// The nodes of the last decode-step graph captured (`RunHow::graph` on CUDA).
+    pub graph_nodes: Option<crate::runtime::graph::NodeCensus>,
     /// The greedy ids the timed run read back, step by step (prefill's, then each decode step's):
     /// `(gen + 1) x B`, what `--baseline` compares token for token.
     pub tokens: Vec<u32>,
@@ -184,7 +186,7 @@ pub fn run_once(
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let launched = moe_kernels::launch::launched();
-    let mut graph_replays = 0;
+    let (mut graph_replays, mut graph_nodes) = (0, None);
     let t1 = Instant::now();
     match (how.graph, &mut caches[..]) {
         (true, [cache]) => {
@@ -196,7 +198,7 @@ pub fn run_once(
                 id = crate::model::host::read_scalar::<u32>(&am)?;
                 tokens.push(id);
             }
-            graph_replays = g.replays;
+            (graph_replays, graph_nodes) = (g.replays, g.nodes);
         }
         (true, _) => {
             return Err(crate::Error::Input(
@@ -231,6 +233,7 @@ pub fn run_once(
     Ok(RunSample {
         decode_launches,
         graph_replays,
+        graph_nodes,
         prefill_s,
         decode_s,
         experts_touched: (steps > 0).then(|| touched / steps as f64),

@@ -594,6 +594,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             .first()
             .filter(|_| a.cuda_graph)
             .map(|s| s.graph_replays as f64 / (b * g).max(1) as f64),
+        cuda_graph_nodes: samples.first().and_then(|s| s.graph_nodes),
         memory,
         load_s,
         baseline,

@@ -110,6 +110,16 @@ pub fn bench_text(r: &BenchReport) -> String {
             "  CUDA graph replays per decoded token: {n:.2} (--cuda-graph; each counted as one launch above)\n"
         ));
     }
+    if let Some(c) = r.cuda_graph_nodes {
+        s.push_str(&format!(
+            "  one decode step captured: {} kernels ({:.1} per layer, candle's and cuBLAS's included), {} copies/sets, {} allocations/frees, {} other nodes\n",
+            c.kernels,
+            c.kernels as f64 / r.model.layers_run.max(1) as f64,
+            c.copies,
+            c.allocs,
+            c.other
+        ));
+    }
     if let Some(x) = &r.expert_stream {
         s.push_str(&format!(
             "  expert kernel alone (decode, first MoE layer's top-k experts, {} per call): median {:.1} us = {:.2} GB/s of weights, {:.0}% of the {:.2} GB/s read bandwidth measured now (parallel streaming read, {} threads)\n",

@@ -126,6 +126,10 @@ pub struct BenchReport {
     /// steps that warm up and capture a graph launch eagerly). 0 when graphs were off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_graph_replays_per_token: Option<f64>,
+    /// `--cuda-graph` on CUDA: the nodes of a captured decode step, i.e. every launch and copy of
+    /// one eager step (candle's and cuBLAS's too, which `kernel_launches_per_token` does not see).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_nodes: Option<crate::runtime::graph::NodeCensus>,
     pub memory: Memory,
     /// Seconds to build or load the weights.
     pub load_s: f64,

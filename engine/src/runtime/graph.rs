@@ -35,6 +35,20 @@ pub struct GraphDecoder {
     cuda: Option<cuda::State>,
     /// Graph replays so far (each counted as one kernel launch by moe-kernels' counter).
     pub replays: u64,
+    /// The nodes of the last graph captured: every launch and copy of one eager decode step,
+    /// candle's and cuBLAS's included (what moe-kernels' own counter cannot see).
+    pub nodes: Option<NodeCensus>,
+}
+
+/// A captured graph's nodes by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NodeCensus {
+    pub kernels: usize,
+    /// Memory copies and sets.
+    pub copies: usize,
+    /// Stream-ordered allocations and frees.
+    pub allocs: usize,
+    pub other: usize,
 }
 
 impl GraphDecoder {
@@ -50,6 +64,7 @@ impl GraphDecoder {
             #[cfg(feature = "cuda")]
             cuda: None,
             replays: 0,
+            nodes: None,
         };
         match why {
             Some(w) => d.turn_off(w),
@@ -97,6 +112,9 @@ impl GraphDecoder {
                     if replayed {
                         self.replays += 1;
                         moe_kernels::launch::count_graph_replay();
+                    }
+                    if let Some(n) = state.census.take() {
+                        self.nodes = Some(n);
                     }
                     Ok(l)
                 }
@@ -147,6 +165,8 @@ mod cuda {
         /// The graphs' output, `[1, 1, V]` f32 (allocated at the first capture).
         logits: Option<Tensor>,
         graphs: HashMap<Vec<usize>, Slot>,
+        /// The census of the graph captured last, until the decoder takes it.
+        pub census: Option<super::NodeCensus>,
     }
 
     impl State {
@@ -159,6 +179,7 @@ mod cuda {
                 ids: Tensor::zeros((1, 1), DType::U32, model.device())?,
                 logits: None,
                 graphs: HashMap::new(),
+                census: None,
             })
         }
 
@@ -259,8 +280,39 @@ mod cuda {
                     format!("a replay's logits differ from the eager step's by {diff}"),
                 ));
             }
+            self.census = census(&graph).ok();
             self.graphs.insert(bounds, Slot::Ready(graph));
             Ok(Outcome::Logits(eager, false))
         }
+    }
+
+    /// Counts `g`'s nodes by kind (read as raw numbers: a driver may know kinds this build does not).
+    fn census(g: &CudaGraph) -> Result<super::NodeCensus> {
+        let graph = g.cu_graph();
+        let mut n = 0usize;
+        // SAFETY: a null node array asks only for the count; the graph lives as long as `g`.
+        unsafe { sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut n) }
+            .result()
+            .w()?;
+        let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); n];
+        // SAFETY: `nodes` has room for the `n` nodes the driver reports.
+        unsafe { sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut n) }
+            .result()
+            .w()?;
+        let mut c = super::NodeCensus::default();
+        for node in nodes.into_iter().take(n) {
+            let mut kind = 0u32;
+            // SAFETY: CUgraphNodeType is a u32-sized enum; the value is read as a plain u32.
+            unsafe { sys::cuGraphNodeGetType(node, (&mut kind as *mut u32).cast()) }
+                .result()
+                .w()?;
+            match kind {
+                0 => c.kernels += 1,
+                1 | 2 => c.copies += 1,
+                10 | 11 => c.allocs += 1,
+                _ => c.other += 1,
+            }
+        }
+        Ok(c)
     }
 }
