@@ -241,6 +241,18 @@ fn whole_model_parity_on_emulated_kernels() {
     report.ensure_passed().unwrap();
 }
 
+/// Load options for a model on the CPU in f32 (weights quantized as `quant` says).
+fn cpu_f32(quant: Option<moe::quant::QFormat>) -> moe::loader::LoadOptions {
+    moe::loader::LoadOptions {
+        dtype: candle_core::DType::F32,
+        weight_dtype: None,
+        placement: None,
+        device: candle_core::Device::Cpu,
+        progress: false,
+        quant,
+    }
+}
+
 /// The decode step on the kernel path launches the same moe-kernels plans at every position up to its key
 /// bound: the attention kernels read position, key range and cache slot from the step table, so the entry
 /// points, grids, scalars and input offsets of step p and step p + 1 are identical (what replaying one
@@ -248,20 +260,13 @@ fn whole_model_parity_on_emulated_kernels() {
 /// (256 -> 257 keys) changes exactly the decode attention launches (their grid), nothing else.
 #[test]
 fn decode_steps_launch_the_same_kernels_at_every_position() {
-    use candle_core::{DType, Device, Tensor};
-    use moe::loader::{embedded::TINY_KJV, LoadOptions};
+    use candle_core::{Device, Tensor};
     use moe::model::ExecPath;
     use moe_kernels::launch::record;
 
-    let opts = LoadOptions {
-        dtype: DType::F32,
-        weight_dtype: None,
-        placement: None,
-        device: Device::Cpu,
-        progress: false,
-        quant: Some(moe::quant::QFormat::Int4 { group: 128 }),
-    };
-    let mut model = TINY_KJV.load(&opts).unwrap();
+    let mut model = moe::loader::embedded::TINY_KJV
+        .load(&cpu_f32(Some(moe::quant::QFormat::Int4 { group: 128 })))
+        .unwrap();
     let mut cache = model.new_cache(1, 1024).unwrap();
     // A 250-token prompt through the CPU's candle path, then decode steps on the emulated kernels.
     model.set_exec_path(ExecPath::Candle);
@@ -323,20 +328,12 @@ fn decode_steps_launch_the_same_kernels_at_every_position() {
 /// the graph decoder decodes eagerly with the same tokens.
 #[test]
 fn the_captured_pass_equals_the_eager_step() {
-    use candle_core::{DType, Device, Tensor};
-    use moe::loader::{embedded::TINY_KJV, LoadOptions};
+    use candle_core::{Device, Tensor};
     use moe::model::ExecPath;
     use moe::runtime::graph::GraphDecoder;
 
-    let opts = LoadOptions {
-        dtype: DType::F32,
-        weight_dtype: None,
-        placement: None,
-        device: Device::Cpu,
-        progress: false,
-        quant: None,
-    };
-    let mut model = TINY_KJV.load(&opts).unwrap();
+    let opts = cpu_f32(None);
+    let mut model = moe::loader::embedded::TINY_KJV.load(&opts).unwrap();
     assert!(model.graph_blocker().unwrap().contains("candle"));
     model.set_exec_path(ExecPath::Kernels);
     assert_eq!(model.graph_blocker(), None);

@@ -21,8 +21,8 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::common::{
-    check_act, check_dtype, grid_dim, host, same_device, suffix, At, Elem, StepRow, STEP_KEYS,
-    STEP_SLOT, STEP_START,
+    check_act, check_dtype, grid_dim, host, same_device, step_input, suffix, At, Elem, StepRow,
+    STEP_KEYS, STEP_SLOT, STEP_START,
 };
 use crate::launch::{Arg, Buf, Plan};
 
@@ -289,13 +289,7 @@ pub fn decode_attention_plan(
     if sinks {
         inputs.push("sinks");
     }
-    let (step_arg, step_row) = match step {
-        Some(row) => {
-            inputs.push("step");
-            (Arg::Buf(Buf::In(inputs.len() - 1)), row)
-        }
-        None => (Arg::Null, 0),
-    };
+    let (step_arg, step_row) = step_input(&mut inputs, step);
     let mut p = Plan::new(OP, &inputs);
     let out = p.out("out", dtype, (b, h, 1, d));
     if b * h * d == 0 {
@@ -451,13 +445,7 @@ pub fn kv_store_plan(
     (slot, step): (usize, Option<u32>),
 ) -> Result<Plan> {
     let mut inputs = vec!["k", "v", "k_cache", "v_cache"];
-    let (step_arg, step_row) = match step {
-        Some(row) => {
-            inputs.push("step");
-            (Arg::Buf(Buf::In(4)), row)
-        }
-        None => (Arg::Null, 0),
-    };
+    let (step_arg, step_row) = step_input(&mut inputs, step);
     let mut p = Plan::new(KV_OP, &inputs);
     p.write_in_place(2);
     p.write_in_place(3);

@@ -16,7 +16,9 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{check_act, grid_dim, host, same_device, suffix, At, Elem, STEP_POS};
+use crate::common::{
+    check_act, grid_dim, host, same_device, step_input, suffix, At, Elem, STEP_POS,
+};
 use crate::launch::{Arg, Buf, Plan};
 
 const OP: &str = "qk_norm_rope";
@@ -228,13 +230,7 @@ pub fn qk_norm_rope_plan(
         Some(_) => vec!["x", "weight", "cos", "sin"],
         None => vec!["x", "cos", "sin"],
     };
-    let (step_arg, step_row) = match step {
-        Some(row) => {
-            inputs.push("step");
-            (Arg::Buf(Buf::In(inputs.len() - 1)), row)
-        }
-        None => (Arg::Null, 0),
-    };
+    let (step_arg, step_row) = step_input(&mut inputs, step);
     let mut p = Plan::new(OP, &inputs);
     let out = p.out("out", dtype, (b, h, t, d));
     let rows = b * t * h;

@@ -331,31 +331,22 @@ pub fn resolve_config(a: &BenchArgs) -> Result<(String, ModelConfig)> {
 }
 
 /// Warm-up, then `runs` timed runs.
-/// `graph`: batch-1 decode steps through [`crate::runtime::graph::GraphDecoder`].
-#[allow(clippy::too_many_arguments)]
-pub fn timed_runs(
-    model: &Model,
-    batch: usize,
-    prompt_len: usize,
-    gen: usize,
-    runs: usize,
-    warmup: usize,
-    seed: u64,
-    graph: bool,
-) -> Result<Vec<RunSample>> {
-    let ids = measure::prompt_ids(model.cfg.vocab_size, batch, prompt_len, seed);
+/// Warm-up, then `--runs` timed runs of `batch` sequences as `a` says (prompt length, decode
+/// steps, seed, `--cuda-graph`).
+pub fn timed_runs(model: &Model, a: &BenchArgs, batch: usize) -> Result<Vec<RunSample>> {
+    let ids = measure::prompt_ids(model.cfg.vocab_size, batch, a.prompt_len, a.seed);
     let run = |count: bool| {
         let how = measure::RunHow {
             count_experts: count,
-            graph,
+            graph: a.cuda_graph,
         };
-        measure::run_once(model, &ids, batch, gen, how)
+        measure::run_once(model, &ids, batch, a.gen, how)
     };
-    for _ in 0..warmup {
+    for _ in 0..a.warmup {
         run(false)?;
     }
     // Only the first timed run also counts distinct experts (in an untimed traced replay).
-    (0..runs.max(1)).map(|i| run(i == 0)).collect()
+    (0..a.runs.max(1)).map(|i| run(i == 0)).collect()
 }
 
 /// The placement of the run, and on a GPU its prediction: the run's GPU (`--gpu`, else its
@@ -431,16 +422,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     let used_loaded = used(device_memory(&device));
     reset_pool_high_water(&device);
     let cfg = model.cfg.clone();
-    let samples = timed_runs(
-        &model,
-        a.batch,
-        a.prompt_len,
-        a.gen,
-        a.runs,
-        a.warmup,
-        a.seed,
-        a.cuda_graph,
-    )?;
+    let samples = timed_runs(&model, a, a.batch)?;
     // Read the peak RSS (and the GPU pool's high-water marks) before the ceilings' own buffers
     // (read bandwidth, matmul) can raise them.
     let peak_rss = crate::memory::peak_rss_bytes();

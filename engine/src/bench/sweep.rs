@@ -209,16 +209,7 @@ fn point(
     super::check_memory(a, cfg, "the sweep model", dtype, wdt, batch, device)?;
     let w = random::random_weights_as(cfg, a.seed, dtype, wdt, device, quant)?;
     let model = Model::new(cfg.clone(), w, dtype, device)?;
-    let samples = timed_runs(
-        &model,
-        batch,
-        a.prompt_len,
-        a.gen,
-        a.runs,
-        a.warmup,
-        a.seed,
-        a.cuda_graph,
-    )?;
+    let samples = timed_runs(&model, a, batch)?;
     let ctx = (a.prompt_len + a.gen / 2) as u64;
     let pr = predict(cfg, prec, batch, 0, ctx, bw, peak);
     let decode = Stat::of(
