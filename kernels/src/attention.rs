@@ -21,10 +21,10 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::common::{
-    check_act, check_dtype, grid_dim, host, same_device, step_input, suffix, At, Elem, StepRow,
-    STEP_KEYS, STEP_SLOT, STEP_START,
+    check_act, check_dtype, grid_dim, host, same_device, suffix, At, Elem, StepRow, STEP_KEYS,
+    STEP_SLOT, STEP_START,
 };
-use crate::launch::{Arg, Buf, Plan};
+use crate::launch::{plan::step_input, Arg, Buf, Plan};
 
 const OP: &str = "decode_attention";
 

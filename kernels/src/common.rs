@@ -83,22 +83,6 @@ impl StepRow<'_> {
     }
 }
 
-/// Appends the step table to a plan's `inputs` when its launches read one (`step = Some(row)`):
-/// the table's kernel argument (a null pointer without one) and the row to pass beside it.
-pub(crate) fn step_input(
-    inputs: &mut Vec<&'static str>,
-    step: Option<u32>,
-) -> (crate::launch::Arg, u32) {
-    use crate::launch::{Arg, Buf};
-    match step {
-        Some(row) => {
-            inputs.push("step");
-            (Arg::Buf(Buf::In(inputs.len() - 1)), row)
-        }
-        None => (Arg::Null, 0),
-    }
-}
-
 /// A per-step number an op takes: fixed in the launch, or read by the kernel from a step table's column.
 #[derive(Debug, Clone, Copy)]
 pub enum At<'a> {

@@ -16,10 +16,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::common::{
-    check_act, grid_dim, host, same_device, step_input, suffix, At, Elem, STEP_POS,
-};
-use crate::launch::{Arg, Buf, Plan};
+use crate::common::{check_act, grid_dim, host, same_device, suffix, At, Elem, STEP_POS};
+use crate::launch::{plan::step_input, Arg, Buf, Plan};
 
 const OP: &str = "qk_norm_rope";
 

@@ -137,3 +137,15 @@ impl Plan {
         }
     }
 }
+
+/// Appends the step table to a plan's `inputs` when its launches read one (`step = Some(row)`):
+/// the table's kernel argument (a null pointer without one) and the row to pass beside it.
+pub fn step_input(inputs: &mut Vec<&'static str>, step: Option<u32>) -> (Arg, u32) {
+    match step {
+        Some(row) => {
+            inputs.push("step");
+            (Arg::Buf(Buf::In(inputs.len() - 1)), row)
+        }
+        None => (Arg::Null, 0),
+    }
+}
