@@ -140,6 +140,24 @@ fn default_run_needs_no_files() {
         "0",
     ]);
     assert_eq!(String::from_utf8(named.stdout).unwrap(), text);
+    // --cuda-graph off CUDA: the same text, and one line saying why the steps run eagerly.
+    let graph = moe_run(&[
+        "--prompt",
+        "And God said",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--cuda-graph",
+    ]);
+    assert_eq!(String::from_utf8(graph.stdout).unwrap(), text);
+    let why = String::from_utf8_lossy(&graph.stderr);
+    assert!(
+        why.matches("CUDA graphs off (CUDA graphs need a CUDA device)")
+            .count()
+            == 1,
+        "{why}"
+    );
 }
 
 #[test]

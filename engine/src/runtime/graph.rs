@@ -236,20 +236,24 @@ mod cuda {
             let mark = moe_kernels::launch::launched();
             let captured = {
                 let _cache_uploads = self.dev.enable_cuda_graph_htod_cache();
-                stream
-                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                    .w()?;
-                // Everything the pass allocates is freed inside the capture; its logits are copied
-                // into `out`, which outlives it.
-                let pass = model
-                    .decode_step_in_place(&self.ids, cache)
-                    .and_then(|l| out.slice_set(&l, 0, 0));
-                let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-                match (pass, graph) {
-                    (Ok(()), Ok(Some(g))) => Ok(g),
-                    (Err(e), _) => Err(format!("capture failed: {e}")),
-                    (_, Err(e)) => Err(format!("capture failed: {e}")),
-                    (_, Ok(None)) => Err("the capture recorded nothing".to_string()),
+                let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+                match stream.begin_capture(mode) {
+                    Err(e) => Err(format!("cannot begin a capture: {e}")),
+                    Ok(()) => {
+                        // Everything the pass allocates is freed inside the capture; its logits
+                        // are copied into `out`, which outlives it.
+                        let pass = model
+                            .decode_step_in_place(&self.ids, cache)
+                            .and_then(|l| out.slice_set(&l, 0, 0));
+                        // Always ended, so the stream leaves capture mode whatever happened.
+                        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                        match (pass, graph) {
+                            (Ok(()), Ok(Some(g))) => Ok(g),
+                            (Err(e), _) => Err(format!("capture failed: {e}")),
+                            (_, Err(e)) => Err(format!("capture failed: {e}")),
+                            (_, Ok(None)) => Err("the capture recorded nothing".to_string()),
+                        }
+                    }
                 }
             };
             moe_kernels::launch::rewind_launched(mark);
