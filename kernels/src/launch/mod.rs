@@ -125,7 +125,7 @@ mod cuda_exec {
     use crate::common::cuda::{alloc_out, wrap};
     use crate::cuda_util::{contiguous, module_key};
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+        sys, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{bail, CudaDevice, DType, Result, Storage, Tensor};
@@ -154,7 +154,13 @@ mod cuda_exec {
             if let Some(s) = c.get(&key) {
                 return Ok(s.clone());
             }
-            if c.len() >= UPLOAD_CACHE_MAX {
+            // Never while a CUDA graph is being captured: freeing memory allocated before the
+            // capture would become a free node that every replay runs again.
+            let capturing = !matches!(
+                dev.cuda_stream().capture_status(),
+                Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+            );
+            if c.len() >= UPLOAD_CACHE_MAX && !capturing {
                 c.clear();
             }
             let s = Rc::new(dev.clone_htod(table)?);
