@@ -741,6 +741,15 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
     .unwrap();
     assert_eq!(graph.kernel_launches_per_token, Some(61.0));
     assert_eq!(graph.cuda_graph_replays_per_token, Some(0.0));
+    // One sequence only, refused before anything loads.
+    let e = bench(&BenchArgs {
+        cuda_graph: true,
+        batch: 2,
+        ..tiny_args()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--cuda-graph decodes one sequence"), "{e}");
     let cpu = bench(&tiny_args()).unwrap();
     assert_eq!(cpu.kernel_launches_per_token, None);
     let v = serde_json::to_value(&cpu).unwrap();

@@ -395,6 +395,11 @@ fn check_shape(a: &BenchArgs) -> Result<()> {
             "--prompt-len, --gen, --batch and --runs must be at least 1".into(),
         ));
     }
+    if a.cuda_graph && (a.batch != 1 || a.sweep.is_some()) {
+        return Err(Error::Input(
+            "--cuda-graph decodes one sequence: use --batch 1 and no --sweep".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -597,6 +602,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     if let Some(path) = &a.plot {
         crate::fsio::check_output(path, "--plot", &inputs, a.force)?;
+    }
+    if a.cuda_graph {
+        check_shape(a)?; // before a sweep's minutes of measuring
     }
     let text = if let Some(kind) = a.sweep {
         let r = sweep::sweep(a, kind)?;
