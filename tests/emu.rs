@@ -374,3 +374,67 @@ fn the_captured_pass_equals_the_eager_step() {
     mla.set_exec_path(ExecPath::Kernels);
     assert!(mla.graph_blocker().unwrap().contains("MLA"));
 }
+
+/// Every parity fixture whose decode step can be one CUDA graph (`Model::graph_blocker` is `None`) records
+/// the same moe-kernels launches at consecutive decode steps on the emulator (sliding-window rings, sinks,
+/// biases, QK-norms, shared experts, MXFP4 experts among them); the ones that cannot say why.
+#[test]
+fn every_replayable_fixture_launches_the_same_kernels_at_consecutive_steps() {
+    use candle_core::{Device, Tensor};
+    use moe::model::ExecPath;
+    use moe_kernels::launch::record;
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("config.json").is_file() && p.join("expected.json").is_file())
+        .collect();
+    dirs.sort();
+    let (mut replayable, mut blocked) = (Vec::new(), Vec::new());
+    for dir in dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let mut model = moe::loader::load_dir(&dir, &cpu_f32(None)).unwrap();
+        model.set_exec_path(ExecPath::Kernels);
+        if let Some(why) = model.graph_blocker() {
+            blocked.push(format!("{name}: {why}"));
+            continue;
+        }
+        let _emu = moe_kernels::emu::enable().unwrap();
+        let mut cache = model.new_cache(1, 32).unwrap();
+        let ids = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        model
+            .forward(&ids(&[1, 2, 3, 4, 5, 6]), &mut cache, false, None)
+            .unwrap();
+        let recs: Vec<_> = [7u32, 8, 9]
+            .iter()
+            .map(|&t| record(|| model.forward(&ids(&[t]), &mut cache, false, None).unwrap()).1)
+            .collect();
+        assert!(!recs[0].is_empty(), "{name}: nothing launched");
+        assert_eq!(recs[1], recs[0], "{name}: step 1 launched differently");
+        assert_eq!(recs[2], recs[0], "{name}: step 2 launched differently");
+        replayable.push(name);
+    }
+    println!("replayable: {replayable:?}\nblocked: {blocked:#?}");
+    for name in [
+        "mixtral-swa",
+        "qwen3-moe",
+        "gpt-oss-mxfp4",
+        "dbrx",
+        "qwen2-moe-swa",
+        "dots1-swa",
+    ] {
+        assert!(
+            replayable.iter().any(|r| r == name),
+            "{name} is not replayable: {blocked:?}"
+        );
+    }
+    // MLA, Llama-4's temperature, GLM-4.5's partial rotary, dense gpt-oss experts (candle's ops
+    // with host routing).
+    for name in ["deepseek-v3", "llama4-scout", "glm4-moe", "gpt-oss:"] {
+        assert!(
+            blocked.iter().any(|b| b.starts_with(name)),
+            "{name} should be blocked: {replayable:?}"
+        );
+    }
+}
