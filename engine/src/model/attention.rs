@@ -101,9 +101,21 @@ impl Attention {
         };
         let q = heads(q, nh, &self.q_norm, self.rope)?;
         let k = heads(k, nkv, &self.k_norm, self.rope)?;
-        let q = match &self.temperature {
-            None => q,
-            Some(table) => q.broadcast_mul(&table.narrow(0, pos, t)?.reshape((1, 1, t, 1))?)?,
+        let q = match (&self.temperature, step) {
+            (None, _) => q,
+            // A decode step with a step table gathers its scale at the table's position on the
+            // device (the launch does not depend on the position).
+            (Some(table), Some(row)) => {
+                let at = row
+                    .table
+                    .narrow(0, row.row, 1)?
+                    .narrow(1, moe_kernels::common::STEP_POS, 1)?
+                    .flatten_all()?;
+                q.broadcast_mul(&table.index_select(&at, 0)?.reshape((1, 1, t, 1))?)?
+            }
+            (Some(table), None) => {
+                q.broadcast_mul(&table.narrow(0, pos, t)?.reshape((1, 1, t, 1))?)?
+            }
         };
         let v = heads(v, nkv, &None, false)?;
         let l = pos + t;

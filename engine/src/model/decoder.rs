@@ -489,11 +489,6 @@ impl Model {
         }
         for (i, l) in self.layers.iter().enumerate() {
             if let Attn::Gqa(a) = &l.attn {
-                if a.temperature.is_some() {
-                    return Some(format!(
-                        "layer {i}'s attention temperature is read by position on the host"
-                    ));
-                }
                 let norms = [&a.q_norm, &a.k_norm];
                 let per_head = matches!(
                     self.cfg.attn.qk_norm,
