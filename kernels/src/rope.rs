@@ -5,9 +5,10 @@
 //! ```text
 //! x        [B, T, H, D]  f32 | bf16 | f16
 //! weight   [D]           same dtype (optional per-head RMSNorm, eps)
-//! cos, sin [P, D/2]      same dtype; token t sits at position pos + t (pos + T <= P)
+//! cos, sin [P, RH]       same dtype; token t sits at position pos + t (pos + T <= P); RH <= D/2 pairs
+//!                        rotate (partial rotary: dims 2 RH..D pass through RoPE unchanged)
 //! norm(r)  = T(f32(T(r / sqrt(mean(r^2) + eps))) * f32(weight))     (rms_norm's roundings, over D)
-//! rope(r)  : pairs (i, i + D/2) (rotate-half) or (2i, 2i+1) (interleaved), with c, s = cos/sin[pos+t, i]:
+//! rope(r)  : pairs (i, i + RH) (rotate-half) or (2i, 2i+1) (interleaved), i < RH, c, s = cos/sin[pos+t, i]:
 //!            a' = T(a*c - b*s), b' = T(b*c + a*s)      (f32 arithmetic, one rounding per element)
 //! out      [B, H, T, D]  contiguous: rope(norm(x)) (norm before), norm(rope(x)) (after) or rope(x)
 //! ```
@@ -82,11 +83,12 @@ pub fn qk_norm_rope_at(
         (At::Step(_), true) => 0,
         _ => pos.value(STEP_POS)?,
     };
+    let rh = cos.dim(1)?;
     for (name, tab) in [("cos", cos), ("sin", sin)] {
         let (p, half) = tab.dims2()?;
-        if half != d / 2 || tab.dtype() != x.dtype() || host_pos + t > p {
+        if half != rh || half == 0 || 2 * half > d || tab.dtype() != x.dtype() || host_pos + t > p {
             bail!(
-                "{OP}: {name} must be [>= {}, {}] {:?}, got {:?} {:?}",
+                "{OP}: {name} must be [>= {}, 1..={}] {:?} (as cos), got {:?} {:?}",
                 host_pos + t,
                 d / 2,
                 x.dtype(),
@@ -131,7 +133,7 @@ pub fn qk_norm_rope_at(
                     nr,
                     &host(cos)?,
                     &host(sin)?,
-                    (b, t, h, d),
+                    (b, t, h, d, cos.dim(1)?),
                     pos,
                     interleaved,
                 );
@@ -155,19 +157,18 @@ fn norm_row<T: Elem>(r: &mut [f32], w: &[T], eps: f32) {
     }
 }
 
-/// The specification. `x [B*T*H*D]`, `norm = (weight [D], eps, after_rope)`, `cos`/`sin [P*D/2]`,
-/// `dims = (B, T, H, D)`; returns `[B, H, T, D]`.
+/// The specification. `x [B*T*H*D]`, `norm = (weight [D], eps, after_rope)`, `cos`/`sin [P*RH]`,
+/// `dims = (B, T, H, D, RH)` (RH <= D/2 rotated pairs); returns `[B, H, T, D]`.
 pub fn qk_norm_rope_reference<T: Elem>(
     x: &[T],
     norm: Option<(&[T], f32, bool)>,
     cos: &[T],
     sin: &[T],
-    dims: (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize, usize),
     pos: usize,
     interleaved: bool,
 ) -> Vec<T> {
-    let (b, t, h, d) = dims;
-    let half = d / 2;
+    let (b, t, h, d, half) = dims;
     let mut out = vec![T::of(0.0); b * h * t * d];
     let mut r = vec![0f32; d];
     for bi in 0..b {
@@ -205,7 +206,7 @@ pub fn qk_norm_rope_reference<T: Elem>(
 pub const QKR_WARPS: usize = 4;
 
 /// The launch of `qk_norm_rope_<dtype>` on `x [B, T, H, D]` (`dims`): one warp per (b, t, head) row,
-/// [`QKR_WARPS`] per block. Inputs `x`, `weight` (with a norm), `cos`, `sin` (`[P, D/2]`: `rows` = P), and
+/// [`QKR_WARPS`] per block. Inputs `x`, `weight` (with a norm), `cos`, `sin` (`[P, RH]`: `table` = (P, RH)), and
 /// with `step = Some(row)` the step table (the kernel reads the position from it; `pos` is then unused);
 /// output `out [B, H, T, D]`. `norm`: `(eps, after_rope)`. Pure.
 pub fn qk_norm_rope_plan(
@@ -213,12 +214,15 @@ pub fn qk_norm_rope_plan(
     dims: (usize, usize, usize, usize),
     norm: Option<(f32, bool)>,
     (pos, step): (usize, Option<u32>),
-    rows_p: usize,
+    (rows_p, rh): (usize, usize),
     interleaved: bool,
 ) -> Result<Plan> {
     let (b, t, h, d) = dims;
     if d > QK_NORM_ROPE_MAX_D {
         bail!("{OP}: the CUDA kernel takes head dims up to {QK_NORM_ROPE_MAX_D}, got {d}");
+    }
+    if 2 * rh > d {
+        bail!("{OP}: {rh} rotated pairs exceed head dim {d}");
     }
     let u32_of = |what: &str, v: usize| {
         u32::try_from(v)
@@ -276,6 +280,7 @@ pub fn qk_norm_rope_plan(
             step_arg,
             Arg::U32(step_row),
             Arg::U32(u32_of("P", rows_p)?),
+            Arg::U32(rh as u32),
         ],
     );
     Ok(p)
@@ -294,7 +299,7 @@ fn run_plan(
         x.dims4()?,
         norm.map(|n| (n.eps, n.after_rope)),
         (pos, step.map(|s| s.1)),
-        cos.dim(0)?,
+        cos.dims2()?,
         interleaved,
     )?;
     let mut inputs = vec![x];
@@ -321,7 +326,7 @@ mod tests {
             (2, 3, 5, 128),
             Some((1e-6, false)),
             (7, None),
-            10,
+            (10, 64),
             true,
         )
         .unwrap();
@@ -344,18 +349,32 @@ mod tests {
             Arg::Buf(Buf::Out(0)),
         ];
         want.extend(dims);
-        want.extend([Arg::F32(1e-6), Arg::Null, Arg::U32(0), Arg::U32(10)]);
+        want.extend([
+            Arg::F32(1e-6),
+            Arg::Null,
+            Arg::U32(0),
+            Arg::U32(10),
+            Arg::U32(64),
+        ]);
         assert_eq!(l.args, want);
         // With a step table: one more input, read at row 3; the host's position is not passed on.
-        let p =
-            qk_norm_rope_plan(DType::BF16, (1, 1, 5, 128), None, (0, Some(3)), 10, true).unwrap();
+        let p = qk_norm_rope_plan(
+            DType::BF16,
+            (1, 1, 5, 128),
+            None,
+            (0, Some(3)),
+            (10, 64),
+            true,
+        )
+        .unwrap();
         assert_eq!(p.inputs, ["x", "cos", "sin", "step"]);
         assert_eq!(
             &p.launches[0].args[13..],
-            &[input(3), Arg::U32(3), Arg::U32(10)]
+            &[input(3), Arg::U32(3), Arg::U32(10), Arg::U32(64)]
         );
         // No norm: a null weight, the tables are inputs 1 and 2; 32 rows fill 8 blocks; norm after RoPE is mode 2.
-        let p = qk_norm_rope_plan(DType::F32, (1, 8, 4, 64), None, (0, None), 8, false).unwrap();
+        let p =
+            qk_norm_rope_plan(DType::F32, (1, 8, 4, 64), None, (0, None), (8, 32), false).unwrap();
         assert_eq!(p.inputs, ["x", "cos", "sin"]);
         let l = &p.launches[0];
         assert_eq!((l.entry.as_str(), l.grid), ("qk_norm_rope_f32", [8, 1, 1]));
@@ -378,7 +397,7 @@ mod tests {
             (1, 1, 1, 2),
             Some((1e-5, true)),
             (0, None),
-            1,
+            (1, 1),
             false,
         )
         .unwrap();
@@ -387,9 +406,13 @@ mod tests {
             ([1, 1, 1], Arg::U32(2))
         );
         // No rows: the output, no launch; head dims past the shared-memory stage: an error.
-        let p = qk_norm_rope_plan(DType::F32, (1, 0, 4, 64), None, (0, None), 1, false).unwrap();
+        let p =
+            qk_norm_rope_plan(DType::F32, (1, 0, 4, 64), None, (0, None), (1, 32), false).unwrap();
         assert!(p.launches.is_empty());
-        assert!(qk_norm_rope_plan(DType::F32, (1, 1, 1, 514), None, (0, None), 1, false).is_err());
+        assert!(
+            qk_norm_rope_plan(DType::F32, (1, 1, 1, 514), None, (0, None), (1, 257), false)
+                .is_err()
+        );
     }
 
     fn tables(p: usize, half: usize) -> (Tensor, Tensor) {

@@ -229,8 +229,9 @@ impl Attention {
             _ => None,
         };
         let (cos, sin, interleaved) = rope.tables();
-        // The kernel rotates whole heads: partial rotary takes the candle ops.
-        if cos.dtype() != y.dtype() || 2 * cos.dim(1)? != hd {
+        // The kernel rotates the first 2 * cos.dim(1) dims of each head (all of them, or a
+        // partial rotary's share) and passes the rest through.
+        if cos.dtype() != y.dtype() || 2 * cos.dim(1)? > hd {
             return Ok(None);
         }
         let x = y.reshape((b, t, n, hd))?;

@@ -479,13 +479,11 @@ impl Model {
         }
         let (cos, _, _) = self.rope.tables();
         let rotary = cos.dim(1).unwrap_or(0) * 2;
-        if rotary != self.cfg.head_dim
+        if rotary > self.cfg.head_dim
             || cos.dtype() != self.dtype
             || self.cfg.head_dim > moe_kernels::rope::QK_NORM_ROPE_MAX_D
         {
-            return Some(
-                "RoPE does not take the fused kernel (partial rotary or a table dtype)".into(),
-            );
+            return Some("RoPE does not take the fused kernel (its tables' shape or dtype)".into());
         }
         for (i, l) in self.layers.iter().enumerate() {
             if let Attn::Gqa(a) = &l.attn {

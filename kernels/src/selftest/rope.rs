@@ -12,23 +12,27 @@ pub(super) fn qk_norm_rope_cases(
         qk_norm_rope, qk_norm_rope_at, HeadNorm, QK_NORM_ROPE_NMSE_BF16, QK_NORM_ROPE_NMSE_F16,
         QK_NORM_ROPE_NMSE_F32,
     };
-    // (B, T, heads, D, pos, interleaved): decode and a small prefill, rotate-half and interleaved (MLA's 64),
-    // a head dim that is not a multiple of 64 (lanes idle in the last pass) and one of 256.
+    // (B, T, heads, D, rotated dims, pos, interleaved): decode and a small prefill, rotate-half and
+    // interleaved (MLA's 64), a head dim that is not a multiple of 64 (lanes idle in the last pass) and one
+    // of 256; partial rotary (GLM-4.5: half the head dims rotate, the rest pass through), both layouts.
     let cases = [
-        (1, 1, 32, 128, 700, false),
-        (2, 7, 8, 128, 5, false),
-        (2, 1, 16, 64, 33, true),
-        (1, 7, 3, 80, 0, true),
-        (1, 7, 4, 256, 100, false),
+        (1, 1, 32, 128, 128, 700, false),
+        (2, 7, 8, 128, 128, 5, false),
+        (2, 1, 16, 64, 64, 33, true),
+        (1, 7, 3, 80, 80, 0, true),
+        (1, 7, 4, 256, 256, 100, false),
+        (1, 1, 12, 128, 64, 300, false),
+        (2, 7, 4, 96, 32, 9, true),
     ];
-    for &(b, t, h, d, pos, interleaved) in &cases {
+    for &(b, t, h, d, rd, pos, interleaved) in &cases {
         let p = pos + t + 3;
+        let rh = rd / 2;
         let x0 = rng.vec(b * t * h * d, 2.0);
         let w0: Vec<f32> = (0..d).map(|_| 1.0 + 0.5 * rng.f32()).collect();
         let (mut c0, mut s0) = (Vec::new(), Vec::new());
         for q in 0..p {
-            for i in 0..d / 2 {
-                let a = q as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32);
+            for i in 0..rh {
+                let a = q as f32 / 10_000f32.powf(2.0 * i as f32 / rd as f32);
                 c0.push(a.cos());
                 s0.push(a.sin());
             }
@@ -46,19 +50,31 @@ pub(super) fn qk_norm_rope_cases(
                 rounded(&s0, dtype)?,
             );
             for mode in 0..3u8 {
+                let partial = match rd < d {
+                    true => format!(" rotary={rd}"),
+                    false => String::new(),
+                };
                 let case = format!(
-                    "{}{} B={b} T={t} H={h} D={d} pos={pos}",
+                    "{}{} B={b} T={t} H={h} D={d}{partial} pos={pos}",
                     ["rope", "norm+rope", "rope+norm"][mode as usize],
                     if interleaved { "(i)" } else { "" }
                 );
                 let r = (|| {
                     let nr = (mode > 0).then_some((&w[..], 1e-6f32, mode == 2));
-                    let want =
-                        ref_qk_norm_rope_f32(dtype, &x, nr, &c, &s, (b, t, h, d), pos, interleaved);
+                    let want = ref_qk_norm_rope_f32(
+                        dtype,
+                        &x,
+                        nr,
+                        &c,
+                        &s,
+                        (b, t, h, d, rh),
+                        pos,
+                        interleaved,
+                    );
                     let xt = upload(&x, &[b, t, h, d], dtype, device)?;
                     let wt = upload(&w, &[d], dtype, device)?;
-                    let ct = upload(&c, &[p, d / 2], dtype, device)?;
-                    let st = upload(&s, &[p, d / 2], dtype, device)?;
+                    let ct = upload(&c, &[p, rh], dtype, device)?;
+                    let st = upload(&s, &[p, rh], dtype, device)?;
                     let norm = (mode > 0).then_some(HeadNorm {
                         weight: &wt,
                         eps: 1e-6,
@@ -99,7 +115,7 @@ fn ref_qk_norm_rope_f32(
     norm: Option<(&[f32], f32, bool)>,
     c: &[f32],
     s: &[f32],
-    dims: (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize, usize),
     pos: usize,
     interleaved: bool,
 ) -> Vec<f32> {
@@ -108,7 +124,7 @@ fn ref_qk_norm_rope_f32(
         norm: Option<(&[f32], f32, bool)>,
         c: &[f32],
         s: &[f32],
-        dims: (usize, usize, usize, usize),
+        dims: (usize, usize, usize, usize, usize),
         pos: usize,
         interleaved: bool,
     ) -> Vec<f32> {
