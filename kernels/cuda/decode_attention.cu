@@ -152,33 +152,31 @@ DA_ENTRY(bf16, __nv_bfloat16)
 DA_ENTRY(f16, __half)
 
 // kv_store: a decode step's new keys and values into the cache, in place.
-//   k, v     [B, KV, 1, D]    act dtype
-//   k_cache, v_cache [B, KV, CAP, D]: row `slot` (or, with `step`, step[4 * row + 3]) of every (b, kv head) is
-//                             overwritten; a slot >= CAP writes nothing
-// Grid (KV, B), DA_THREADS threads over D. The specification is kernels/src/attention.rs (kv_store).
+//   k        [B, KV, 1, DK], v [B, KV, 1, DV]   act dtype (MLA: the latent and the rope key, DK != DV)
+//   k_cache  [B, KV, CAP, DK], v_cache [B, KV, CAP, DV]: row `slot` (or, with `step`, step[4 * row + 3]) of every
+//                             (b, kv head) is overwritten; a slot >= CAP writes nothing
+// Grid (KV, B), DA_THREADS threads over the dims. The specification is kernels/src/attention.rs (kv_store).
 template <typename T>
 __device__ void kv_store_impl(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,
-                              T* __restrict__ v_cache, uint32_t KV, uint32_t CAP, uint32_t D, uint32_t slot,
-                              const uint32_t* __restrict__ step, uint32_t row) {
+                              T* __restrict__ v_cache, uint32_t KV, uint32_t CAP, uint32_t DK, uint32_t DV,
+                              uint32_t slot, const uint32_t* __restrict__ step, uint32_t row) {
   const uint32_t s = step != nullptr ? step[4 * row + 3] : slot;
   if (s >= CAP) return;
   const size_t head = static_cast<size_t>(blockIdx.y) * KV + blockIdx.x;
-  const T* kr = k + head * D;
-  const T* vr = v + head * D;
-  T* kd = k_cache + (head * CAP + s) * D;
-  T* vd = v_cache + (head * CAP + s) * D;
-  for (uint32_t d = threadIdx.x; d < D; d += DA_THREADS) {
-    kd[d] = kr[d];
-    vd[d] = vr[d];
-  }
+  const T* kr = k + head * DK;
+  const T* vr = v + head * DV;
+  T* kd = k_cache + (head * CAP + s) * DK;
+  T* vd = v_cache + (head * CAP + s) * DV;
+  for (uint32_t d = threadIdx.x; d < DK; d += DA_THREADS) kd[d] = kr[d];
+  for (uint32_t d = threadIdx.x; d < DV; d += DA_THREADS) vd[d] = vr[d];
 }
 
 #define KV_STORE_ENTRY(SUFFIX, T)                                                                               \
   extern "C" __global__ void __launch_bounds__(DA_THREADS)                                                      \
       kv_store_##SUFFIX(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,              \
-                        T* __restrict__ v_cache, uint32_t KV, uint32_t CAP, uint32_t D, uint32_t slot,          \
-                        const uint32_t* __restrict__ step, uint32_t row) {                                      \
-    kv_store_impl<T>(k, v, k_cache, v_cache, KV, CAP, D, slot, step, row);                                      \
+                        T* __restrict__ v_cache, uint32_t KV, uint32_t CAP, uint32_t DK, uint32_t DV,           \
+                        uint32_t slot, const uint32_t* __restrict__ step, uint32_t row) {                       \
+    kv_store_impl<T>(k, v, k_cache, v_cache, KV, CAP, DK, DV, slot, step, row);                                 \
   }
 
 KV_STORE_ENTRY(f32, float)

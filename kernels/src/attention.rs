@@ -360,8 +360,8 @@ pub fn decode_attention_plan(
 
 const KV_OP: &str = "kv_store";
 
-/// Writes a decode step's keys and values `k`, `v [B, KV, 1, D]` into row `slot` of `k_cache`, `v_cache
-/// [B, KV, CAP, D]` (contiguous) in place. The slot is fixed, or read by the kernel from a step table's
+/// Writes a decode step's keys and values `k [B, KV, 1, DK]`, `v [B, KV, 1, DV]` into row `slot` of
+/// `k_cache [B, KV, CAP, DK]`, `v_cache [B, KV, CAP, DV]` (contiguous) in place. The slot is fixed, or read by the kernel from a step table's
 /// column [`STEP_SLOT`] (then one launch serves every step); a slot >= CAP writes nothing.
 pub fn kv_store(
     k_cache: &Tensor,
@@ -371,32 +371,24 @@ pub fn kv_store(
     slot: At<'_>,
 ) -> Result<()> {
     check_act(KV_OP, "k", k.dtype())?;
-    let (b, kv, one, d) = k.dims4()?;
-    let (cb, ckv, cap, cd) = k_cache.dims4()?;
-    if one != 1 || (cb, ckv, cd) != (b, kv, d) {
-        bail!(
-            "{KV_OP}: k [B, KV, 1, D] must match k_cache [B, KV, CAP, D], got {:?} and {:?}",
-            k.dims(),
-            k_cache.dims()
-        );
-    }
-    for (n, t, want) in [("v", v, k), ("v_cache", v_cache, k_cache)] {
-        if t.dims() != want.dims() || t.dtype() != k.dtype() {
+    let (b, kv, one, dk) = k.dims4()?;
+    let dv = v.dim(3)?;
+    let cap = k_cache.dim(2)?;
+    // k [B, KV, 1, DK] into k_cache [B, KV, CAP, DK]; v [B, KV, 1, DV] into v_cache [B, KV, CAP, DV].
+    for (n, t, want) in [
+        ("k", k, [b, kv, 1, dk]),
+        ("v", v, [b, kv, 1, dv]),
+        ("k_cache", k_cache, [b, kv, cap, dk]),
+        ("v_cache", v_cache, [b, kv, cap, dv]),
+    ] {
+        if one != 1 || t.dims() != want || t.dtype() != k.dtype() {
             bail!(
-                "{KV_OP}: {n} must be {:?} {:?}, got {:?} {:?}",
-                want.dims(),
+                "{KV_OP}: {n} must be {want:?} {:?}, got {:?} {:?}",
                 k.dtype(),
                 t.dims(),
                 t.dtype()
             );
         }
-    }
-    if k_cache.dtype() != k.dtype() {
-        bail!(
-            "{KV_OP}: k_cache must be {:?}, got {:?}",
-            k.dtype(),
-            k_cache.dtype()
-        );
     }
     if !k_cache.is_contiguous() || !v_cache.is_contiguous() {
         bail!("{KV_OP}: the caches are written in place and must be contiguous");
@@ -422,7 +414,11 @@ pub fn kv_store(
             At::Host(s) => s,
             At::Step(_) => 0,
         };
-        let plan = kv_store_plan(k.dtype(), (b, kv, cap, d), (host_slot, step.map(|s| s.1)))?;
+        let plan = kv_store_plan(
+            k.dtype(),
+            (b, kv, cap, dk, dv),
+            (host_slot, step.map(|s| s.1)),
+        )?;
         let mut inputs = vec![k, v, k_cache, v_cache];
         inputs.extend(step.map(|s| s.0));
         plan.run(&inputs)?;
@@ -438,10 +434,10 @@ pub fn kv_store(
 
 /// The launch of `kv_store_<dtype>` on grid (KV, B) with [`DECODE_ATTN_THREADS`] threads: inputs `k`, `v`,
 /// `k_cache`, `v_cache` (the last two written in place) and with `step = Some(row)` the step table, whose
-/// row gives the slot (`slot` is then unused). `dims = (B, KV, CAP, D)`. Pure.
+/// row gives the slot (`slot` is then unused). `dims = (B, KV, CAP, DK, DV)`. Pure.
 pub fn kv_store_plan(
     dtype: DType,
-    (b, kv, cap, d): (usize, usize, usize, usize),
+    (b, kv, cap, dk, dv): (usize, usize, usize, usize, usize),
     (slot, step): (usize, Option<u32>),
 ) -> Result<Plan> {
     let mut inputs = vec!["k", "v", "k_cache", "v_cache"];
@@ -454,15 +450,15 @@ pub fn kv_store_plan(
             candle_core::Error::Msg(format!("{KV_OP}: {what} = {v} exceeds the kernel's u32"))
         })
     };
-    let (kv32, cap32, d32) = (u(kv, "KV")?, u(cap, "CAP")?, u(d, "D")?);
+    let (kv32, cap32, dk32, dv32) = (u(kv, "KV")?, u(cap, "CAP")?, u(dk, "DK")?, u(dv, "DV")?);
     // A fixed slot past the cache writes nothing: u32::MAX says so to the kernel.
     let slot32 = u32::try_from(slot).unwrap_or(u32::MAX);
-    if d == 0 {
+    if dk + dv == 0 {
         return Ok(p);
     }
     let input = |i| Arg::Buf(Buf::In(i));
-    // SAFETY (of the executor's launch): matches kv_store_<dtype>: block (h, b) reads k, v [B,KV,1,D] at (b, h)
-    // and writes row slot < CAP of k_cache, v_cache [B,KV,CAP,D] at (b, h).
+    // SAFETY (of the executor's launch): matches kv_store_<dtype>: block (h, b) reads k [B,KV,1,DK] and
+    // v [B,KV,1,DV] at (b, h) and writes row slot < CAP of k_cache [B,KV,CAP,DK] and v_cache [B,KV,CAP,DV].
     p.launch(
         "decode_attention",
         format!("kv_store_{}", suffix(dtype)?),
@@ -479,7 +475,8 @@ pub fn kv_store_plan(
             input(3),
             Arg::U32(kv32),
             Arg::U32(cap32),
-            Arg::U32(d32),
+            Arg::U32(dk32),
+            Arg::U32(dv32),
             Arg::U32(slot32),
             step_arg,
             Arg::U32(step_row),

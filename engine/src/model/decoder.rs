@@ -57,7 +57,7 @@ impl Attn {
     ) -> Result<Tensor> {
         match (self, p) {
             (Attn::Gqa(a), [qkv]) => a.core(qkv, pos, rope, cache, layer, plan, step),
-            (Attn::Mla(a), [q, kv]) => a.core(q, kv, pos, rope, cache, layer, plan),
+            (Attn::Mla(a), [q, kv]) => a.core(q, kv, pos, rope, cache, layer, plan, step),
             _ => candle_core::bail!("attention projections do not match the attention kind"),
         }
     }
@@ -124,6 +124,11 @@ impl Model {
         // multi-million-token contexts (Llama-4 Scout's 10M would be gigabytes of cos/sin).
         let positions = cfg.max_position_embeddings.min(ROPE_TABLE_POSITIONS);
         let rope = Rope::new(&cfg.rope, rope_dim, positions, dtype, device)?;
+        // MLA's decode step masks cache rows by comparing these with the step table's key count.
+        let mla_positions = cfg
+            .mla
+            .map(|_| Tensor::arange(0u32, positions as u32, device))
+            .transpose()?;
         // Llama-4's weightless QK-norm: one unit weight shared by every RoPE layer.
         let unit_weight = (cfg.attn.qk_norm == QkNorm::UnitAfterRope)
             .then(|| Tensor::ones(cfg.head_dim, dtype, device))
@@ -241,6 +246,10 @@ impl Model {
                             latent_dim: mc.kv_lora_rank,
                             scale: ((dn + dr) as f64).powf(-0.5)
                                 * cfg.rope.scaling.mla_softmax_scale(),
+                            positions: match &mla_positions {
+                                Some(p) => p.clone(),
+                                None => candle_core::bail!("MLA layers without their positions"),
+                            },
                         })
                     }
                     _ => candle_core::bail!(
@@ -468,10 +477,10 @@ impl Model {
         if self.plan.exec != ExecPath::Kernels {
             return Some("the decode step runs candle's ops (the kernel path is off)".into());
         }
-        if self.cfg.mla.is_some() {
-            return Some("MLA attention takes its position on the host".into());
+        if self.cfg.mla.is_some() && !self.plan.mla_absorbed(1) {
+            return Some("MLA's expanded decode path takes its position on the host".into());
         }
-        if !self.plan.decode_attention_kernel(1, self.cfg.head_dim) {
+        if self.cfg.mla.is_none() && !self.plan.decode_attention_kernel(1, self.cfg.head_dim) {
             return Some(format!(
                 "head dim {} is past the decode attention kernel's limit",
                 self.cfg.head_dim
@@ -636,8 +645,11 @@ impl Model {
     /// cache slot from it, so the step's launches are the same at every position (up to the key
     /// bound). `None` otherwise.
     fn step_table(&self, cache: &mut KvCache, t: usize) -> Result<Option<Tensor>> {
-        let gqa = self.cfg.mla.is_none();
-        if !gqa || !self.plan.decode_attention_kernel(t, self.cfg.head_dim) {
+        let takes = match self.cfg.mla {
+            None => self.plan.decode_attention_kernel(t, self.cfg.head_dim),
+            Some(_) => self.plan.exec == ExecPath::Kernels && t == 1 && self.plan.mla_absorbed(1),
+        };
+        if !takes {
             return Ok(None);
         }
         cache

@@ -47,6 +47,10 @@ pub struct MlaAttention {
     pub latent_dim: usize,
     /// (dn+dr)^-0.5, times YaRN's mscale^2 where the config asks for it.
     pub scale: f64,
+    /// `0..P` as u32 on the device (P = the RoPE tables' positions), shared by the layers: a
+    /// decode step from the step table masks the cache rows past its keys by comparing these
+    /// with the table's key count on the device.
+    pub positions: Tensor,
 }
 
 impl MlaAttention {
@@ -83,9 +87,14 @@ impl MlaAttention {
         cache: &mut KvCache,
         layer: usize,
         plan: &PathPlan,
+        step: Option<&Tensor>,
     ) -> Result<Tensor> {
         let x = kv;
         let (b, t, _) = x.dims3()?;
+        if let (Some(table), 1, true) = (step, t, plan.mla_absorbed(1)) {
+            let row = moe_kernels::StepRow { table, row: layer };
+            return self.decode_step(q, kv, rope, cache, row);
+        }
         let (nh, dn, dr, dv, r) = (
             self.num_heads,
             self.nope_dim,
@@ -148,5 +157,90 @@ impl MlaAttention {
             probs.matmul(&v)? // [B, nh, T, dv]
         };
         out.transpose(1, 2)?.reshape((b, t, nh * dv))
+    }
+
+    /// The absorbed decode step of one new token per sequence with its position, cache slot and
+    /// key count read from the step table `row` on the device: RoPE through the QK-norm+RoPE
+    /// kernel, the cache write through kv_store, and the scores over the cache rows up to the key
+    /// bound with the rows past the step's keys masked on the device. No launch depends on the
+    /// position below the bound (a CUDA graph can replay it); the masked rows weigh exactly 0, so
+    /// the result is [`Self::core`]'s up to summation order.
+    fn decode_step(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        row: moe_kernels::StepRow<'_>,
+    ) -> Result<Tensor> {
+        use moe_kernels::{common::STEP_KEYS, At};
+        let b = kv.dim(0)?;
+        let (nh, dn, dr, dv, r) = (
+            self.num_heads,
+            self.nope_dim,
+            self.rope_dim,
+            self.v_dim,
+            self.latent_dim,
+        );
+        let layer = row.row;
+        let (cos, sin, interleaved) = rope.tables();
+        let at = At::Step(row);
+        let q = q.reshape((b, 1, nh, dn + dr))?; // [B, T=1, nh, dn+dr]
+        let q_nope = q.narrow(D::Minus1, 0, dn)?.transpose(1, 2)?.contiguous()?; // [B, nh, 1, dn]
+        let q_pe = moe_kernels::qk_norm_rope_at(
+            &q.narrow(D::Minus1, dn, dr)?,
+            None,
+            cos,
+            sin,
+            at,
+            interleaved,
+        )?; // [B, nh, 1, dr]
+        let c = self
+            .kv_a_norm
+            .forward(&kv.narrow(D::Minus1, 0, r)?)?
+            .reshape((b, 1, 1, r))?;
+        let k_pe = moe_kernels::qk_norm_rope_at(
+            &kv.narrow(D::Minus1, r, dr)?.reshape((b, 1, 1, dr))?,
+            None,
+            cos,
+            sin,
+            at,
+            interleaved,
+        )?; // [B, 1, 1, dr]
+        cache.store_at(layer, &c, &k_pe, at)?;
+        // The rows up to the key bound; those past the step's keys are masked below.
+        let keys = cache.len() + 1;
+        let m = cache.key_bound(layer, keys);
+        let (lat, pe) = cache.layer(layer);
+        let (c_all, pe_all) = (lat.narrow(2, 0, m)?, pe.narrow(2, 0, m)?); // [B, 1, m, r | dr]
+        let per_head = |y: &Tensor, d: usize| y.transpose(0, 1)?.reshape((nh, b, d)); // [nh, B, d]
+        let q_lat = per_head(&q_nope, dn)?.matmul(&self.w_uk)?; // [nh, B, r]
+        let q_lat = q_lat
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, 1, nh, r))?;
+        let nope = q_lat.matmul(&c_all.contiguous()?.t()?)?; // [B, 1, nh, m]
+        let pe_scores = q_pe
+            .reshape((b, 1, nh, dr))?
+            .matmul(&pe_all.contiguous()?.t()?)?;
+        let s = ((nope + pe_scores)? * self.scale)?;
+        // -1e30 where row >= the step's keys (-inf in f16), 0 elsewhere.
+        let n_keys = row
+            .table
+            .narrow(0, layer, 1)?
+            .narrow(1, STEP_KEYS, 1)?
+            .flatten_all()?;
+        let past = self
+            .positions
+            .narrow(0, 0, m)?
+            .broadcast_ge(&n_keys)?
+            .to_dtype(s.dtype())?;
+        let s = s.broadcast_add(&(past * -1e30)?)?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(kv.dtype())?;
+        let lat = probs.matmul(&c_all.contiguous()?)?; // [B, 1, nh, r]
+        let lat = lat.reshape((b, nh, r))?.transpose(0, 1)?.contiguous()?; // [nh, B, r]
+        let out = lat.matmul(&self.w_uv.t()?)?; // [nh, B, dv]
+        out.transpose(0, 1)?.reshape((b, 1, nh * dv))
     }
 }

@@ -133,26 +133,27 @@ pub(super) fn step_table(row: usize, values: [usize; 4], device: &Device) -> Res
 /// step table; a slot past the cache leaves it as it was.
 pub(super) fn kv_store_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
     use crate::attention::kv_store;
-    // (B, KV, CAP, D, slot)
+    // (B, KV, CAP, DK, DV, slot): GQA (DK = DV), MLA's latent and rope key (one head, DK != DV), a slot past
+    // the cache.
     let cases = [
-        (1, 8, 16, 128, 5),
-        (2, 4, 7, 64, 6),
-        (1, 2, 9, 80, 0),
-        (2, 1, 4, 96, 4),
+        (1, 8, 16, 128, 128, 5),
+        (2, 4, 7, 64, 64, 6),
+        (1, 1, 9, 512, 64, 0),
+        (2, 1, 4, 96, 96, 4),
     ];
-    for &(b, kv, cap, d, slot) in &cases {
-        let k0 = rng.vec(b * kv * d, 1.0);
-        let v0 = rng.vec(b * kv * d, 1.0);
-        let kc0 = rng.vec(b * kv * cap * d, 1.0);
-        let vc0 = rng.vec(b * kv * cap * d, 1.0);
+    for &(b, kv, cap, dk, dv, slot) in &cases {
+        let k0 = rng.vec(b * kv * dk, 1.0);
+        let v0 = rng.vec(b * kv * dv, 1.0);
+        let kc0 = rng.vec(b * kv * cap * dk, 1.0);
+        let vc0 = rng.vec(b * kv * cap * dv, 1.0);
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for from_table in [false, true] {
                 let how = if from_table { " (step table)" } else { "" };
-                let case = format!("B={b} KV={kv} CAP={cap} D={d} slot={slot}{how}");
+                let case = format!("B={b} KV={kv} CAP={cap} DK={dk} DV={dv} slot={slot}{how}");
                 let r = (|| {
                     let (k, v) = (rounded(&k0, dtype)?, rounded(&v0, dtype)?);
                     let (kc, vc) = (rounded(&kc0, dtype)?, rounded(&vc0, dtype)?);
-                    let expect = |cache: &[f32], new: &[f32]| -> Vec<f32> {
+                    let expect = |cache: &[f32], new: &[f32], d: usize| -> Vec<f32> {
                         let mut c = cache.to_vec();
                         if slot < cap {
                             for head in 0..b * kv {
@@ -162,11 +163,11 @@ pub(super) fn kv_store_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>
                         }
                         c
                     };
-                    let (want_k, want_v) = (expect(&kc, &k), expect(&vc, &v));
-                    let kt = upload(&k, &[b, kv, 1, d], dtype, device)?;
-                    let vt = upload(&v, &[b, kv, 1, d], dtype, device)?;
-                    let kct = upload(&kc, &[b, kv, cap, d], dtype, device)?;
-                    let vct = upload(&vc, &[b, kv, cap, d], dtype, device)?;
+                    let (want_k, want_v) = (expect(&kc, &k, dk), expect(&vc, &v, dv));
+                    let kt = upload(&k, &[b, kv, 1, dk], dtype, device)?;
+                    let vt = upload(&v, &[b, kv, 1, dv], dtype, device)?;
+                    let kct = upload(&kc, &[b, kv, cap, dk], dtype, device)?;
+                    let vct = upload(&vc, &[b, kv, cap, dv], dtype, device)?;
                     let table = step_table(2, [0, 0, 0, slot], device)?;
                     let at = match from_table {
                         true => At::Step(StepRow {
