@@ -13,7 +13,7 @@ use crate::config::{FfnKind, ModelConfig, NormKind, QkNorm};
 
 /// DeepSeek's q_a_layernorm and kv_a_layernorm use a fixed eps, not `rms_norm_eps`.
 const MLA_NORM_EPS: f64 = 1e-6;
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{DecodeStep, KvCache};
 
 /// The most positions the RoPE tables cover (1M: 256 MiB of f32 cos/sin at head_dim 128).
 pub const ROPE_TABLE_POSITIONS: usize = 1 << 20;
@@ -53,10 +53,12 @@ impl Attn {
         cache: &mut KvCache,
         layer: usize,
         plan: &PathPlan,
-        step: Option<&Tensor>,
+        step: Option<&DecodeStep>,
     ) -> Result<Tensor> {
         match (self, p) {
-            (Attn::Gqa(a), [qkv]) => a.core(qkv, pos, rope, cache, layer, plan, step),
+            (Attn::Gqa(a), [qkv]) => {
+                a.core(qkv, pos, rope, cache, layer, plan, step.map(|s| &s.table))
+            }
             (Attn::Mla(a), [q, kv]) => a.core(q, kv, pos, rope, cache, layer, plan, step),
             _ => candle_core::bail!("attention projections do not match the attention kind"),
         }
@@ -103,6 +105,9 @@ pub struct Model {
     final_norm: Norm,
     lm_head: Linear,
     rope: Rope,
+    /// MLA models: `0..P` as u32 on the device (P = the RoPE tables' positions), from which a
+    /// decode step builds its mask of the cache rows past its keys ([`DecodeStep`]).
+    mla_positions: Option<Tensor>,
     dtype: DType,
     device: Device,
     /// Every execution-path choice of this model ([`PathPlan`]), made once at load.
@@ -124,7 +129,6 @@ impl Model {
         // multi-million-token contexts (Llama-4 Scout's 10M would be gigabytes of cos/sin).
         let positions = cfg.max_position_embeddings.min(ROPE_TABLE_POSITIONS);
         let rope = Rope::new(&cfg.rope, rope_dim, positions, dtype, device)?;
-        // MLA's decode step masks cache rows by comparing these with the step table's key count.
         let mla_positions = cfg
             .mla
             .map(|_| Tensor::arange(0u32, positions as u32, device))
@@ -246,10 +250,6 @@ impl Model {
                             latent_dim: mc.kv_lora_rank,
                             scale: ((dn + dr) as f64).powf(-0.5)
                                 * cfg.rope.scaling.mla_softmax_scale(),
-                            positions: match &mla_positions {
-                                Some(p) => p.clone(),
-                                None => candle_core::bail!("MLA layers without their positions"),
-                            },
                         })
                     }
                     _ => candle_core::bail!(
@@ -270,6 +270,7 @@ impl Model {
             final_norm: Norm::new(w.final_norm, norm),
             lm_head: Linear::new(w.lm_head),
             rope,
+            mla_positions,
             dtype,
             plan: PathPlan::from_env(device)?,
             device: device.clone(),
@@ -445,6 +446,7 @@ impl Model {
         let (_b, t) = ids.dims2()?;
         self.check_fits(cache.len(), t, cache.capacity())?;
         let step = self.step_table(cache, t)?;
+        let step = step.map(|s| self.decode_step(cache, s)).transpose()?;
         let out = self.forward_at(ids, cache, all_logits, trace, step.as_ref())?;
         cache.advance(t);
         Ok(out)
@@ -462,12 +464,13 @@ impl Model {
     /// CUDA graph captures (every launch in it reads its per-step numbers from device memory, see
     /// [`Model::graph_blocker`]). Returns `[B, 1, V]` f32 logits.
     pub fn decode_step_in_place(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let Some(step) = cache.current_step() else {
+        let Some(table) = cache.current_step() else {
             candle_core::bail!("no step table written for this decode step")
         };
         if ids.dim(1)? != 1 {
             candle_core::bail!("a decode step takes one token per sequence")
         }
+        let step = self.decode_step(cache, table)?;
         self.forward_at(ids, cache, false, None, Some(&step))
     }
 
@@ -535,7 +538,7 @@ impl Model {
         cache: &mut KvCache,
         all_logits: bool,
         trace: Option<&mut Trace>,
-        step: Option<&Tensor>,
+        step: Option<&DecodeStep>,
     ) -> Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let pos = cache.len();
@@ -579,7 +582,10 @@ impl Model {
         }
         let n = ids.len();
         let step = match &mut *seqs {
-            [s] => self.step_table(s.cache, s.ids.len())?,
+            [s] => match self.step_table(s.cache, s.ids.len())? {
+                Some(table) => Some(self.decode_step(s.cache, table)?),
+                None => None,
+            },
             _ => None,
         };
         let x = self
@@ -657,6 +663,25 @@ impl Model {
             .map(Some)
     }
 
+    /// The decode step's device inputs from its `table`: for MLA also the mask of the cache rows
+    /// up to the key bound, `-1e30` where the row is at or past the table's key count (every MLA
+    /// layer has the same keys and bound), computed on the device from the table.
+    fn decode_step(&self, cache: &KvCache, table: Tensor) -> Result<DecodeStep> {
+        let mla_mask = match &self.mla_positions {
+            None => None,
+            Some(positions) => {
+                let bound = cache.key_bound(0, cache.len() + 1);
+                let keys = table
+                    .narrow(0, 0, 1)?
+                    .narrow(1, moe_kernels::common::STEP_KEYS, 1)?
+                    .flatten_all()?;
+                let past = positions.narrow(0, 0, bound)?.broadcast_ge(&keys)?;
+                Some((past.to_dtype(self.dtype)? * -1e30)?)
+            }
+        };
+        Ok(DecodeStep { table, mla_mask })
+    }
+
     /// The attention of layer `i` for `xn [B, T, H]` at positions `pos..pos+T` of `cache`, with the
     /// decode step's table if there is one.
     fn attend(
@@ -666,7 +691,7 @@ impl Model {
         pos: usize,
         cache: &mut KvCache,
         i: usize,
-        step: Option<&Tensor>,
+        step: Option<&DecodeStep>,
     ) -> Result<Tensor> {
         let proj = attn.project(xn, &self.plan)?;
         let y = attn.core(&proj, pos, &self.rope, cache, i, &self.plan, step)?;

@@ -11,6 +11,15 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::{ModelConfig, Span};
 
+/// What a kernel-path decode step reads from the device instead of the host: the step table
+/// ([`KvCache::step_table`]) and, for MLA, the additive mask of the cache rows up to the key bound
+/// (`-1e30` on the rows past the step's keys), computed once per step for every layer.
+#[derive(Clone)]
+pub struct DecodeStep {
+    pub table: Tensor,
+    pub mla_mask: Option<Tensor>,
+}
+
 pub struct KvCache {
     layers: Vec<Layer>,
     /// Tokens already stored (the same for every layer between forward passes).

@@ -17,7 +17,7 @@ use super::attention::causal_mask;
 use super::norm::Norm;
 use super::rope::Rope;
 use super::{Linear, PathPlan};
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{DecodeStep, KvCache};
 
 pub enum MlaQuery {
     /// `q_proj [nh*(dn+dr), H]`
@@ -47,10 +47,6 @@ pub struct MlaAttention {
     pub latent_dim: usize,
     /// (dn+dr)^-0.5, times YaRN's mscale^2 where the config asks for it.
     pub scale: f64,
-    /// `0..P` as u32 on the device (P = the RoPE tables' positions), shared by the layers: a
-    /// decode step from the step table masks the cache rows past its keys by comparing these
-    /// with the table's key count on the device.
-    pub positions: Tensor,
 }
 
 impl MlaAttention {
@@ -87,13 +83,21 @@ impl MlaAttention {
         cache: &mut KvCache,
         layer: usize,
         plan: &PathPlan,
-        step: Option<&Tensor>,
+        step: Option<&DecodeStep>,
     ) -> Result<Tensor> {
         let x = kv;
         let (b, t, _) = x.dims3()?;
-        if let (Some(table), 1, true) = (step, t, plan.mla_absorbed(1)) {
+        if let (
+            Some(DecodeStep {
+                table,
+                mla_mask: Some(mask),
+            }),
+            1,
+            true,
+        ) = (step, t, plan.mla_absorbed(1))
+        {
             let row = moe_kernels::StepRow { table, row: layer };
-            return self.decode_step(q, kv, rope, cache, row);
+            return self.decode_step(q, kv, rope, cache, row, mask);
         }
         let (nh, dn, dr, dv, r) = (
             self.num_heads,
@@ -159,12 +163,12 @@ impl MlaAttention {
         out.transpose(1, 2)?.reshape((b, t, nh * dv))
     }
 
-    /// The absorbed decode step of one new token per sequence with its position, cache slot and
-    /// key count read from the step table `row` on the device: RoPE through the QK-norm+RoPE
-    /// kernel, the cache write through kv_store, and the scores over the cache rows up to the key
-    /// bound with the rows past the step's keys masked on the device. No launch depends on the
-    /// position below the bound (a CUDA graph can replay it); the masked rows weigh exactly 0, so
-    /// the result is [`Self::core`]'s up to summation order.
+    /// The absorbed decode step of one new token per sequence with its position and cache slot
+    /// read from the step table `row` on the device: RoPE through the QK-norm+RoPE kernel, the
+    /// cache write through kv_store, and the scores over the cache rows up to the key bound plus
+    /// `mask` (`[bound]`, -1e30 on the rows past the step's keys: [`DecodeStep`]). No launch
+    /// depends on the position below the bound (a CUDA graph can replay it); the masked rows
+    /// weigh exactly 0, so the result is [`Self::core`]'s up to summation order.
     fn decode_step(
         &self,
         q: &Tensor,
@@ -172,8 +176,9 @@ impl MlaAttention {
         rope: &Rope,
         cache: &mut KvCache,
         row: moe_kernels::StepRow<'_>,
+        mask: &Tensor,
     ) -> Result<Tensor> {
-        use moe_kernels::{common::STEP_KEYS, At};
+        use moe_kernels::At;
         let b = kv.dim(0)?;
         let (nh, dn, dr, dv, r) = (
             self.num_heads,
@@ -224,18 +229,10 @@ impl MlaAttention {
             .reshape((b, 1, nh, dr))?
             .matmul(&pe_all.contiguous()?.t()?)?;
         let s = ((nope + pe_scores)? * self.scale)?;
-        // -1e30 where row >= the step's keys (-inf in f16), 0 elsewhere.
-        let n_keys = row
-            .table
-            .narrow(0, layer, 1)?
-            .narrow(1, STEP_KEYS, 1)?
-            .flatten_all()?;
-        let past = self
-            .positions
-            .narrow(0, 0, m)?
-            .broadcast_ge(&n_keys)?
-            .to_dtype(s.dtype())?;
-        let s = s.broadcast_add(&(past * -1e30)?)?;
+        if mask.dims() != [m] {
+            candle_core::bail!("the MLA step mask covers {:?} rows, not {m}", mask.dims());
+        }
+        let s = s.broadcast_add(&mask.to_dtype(s.dtype())?)?;
         let probs =
             candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(kv.dtype())?;
         let lat = probs.matmul(&c_all.contiguous()?)?; // [B, 1, nh, r]
