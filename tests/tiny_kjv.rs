@@ -77,20 +77,23 @@ fn parity_with_transformers_as(what: &str, opts: &LoadOptions) {
     );
 }
 
+/// The embedded model's greedy continuation of "And God said", 24 tokens.
+const GREEDY_24: [&str; 6] = [
+    "--prompt",
+    "And God said",
+    "--max-new-tokens",
+    "24",
+    "--temperature",
+    "0",
+];
+
 #[test]
 fn default_run_needs_no_files() {
     // No --model, no --weights: the embedded model, from any working directory.
     let tmp = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-run"))
-        .args([
-            "--prompt",
-            "And God said",
-            "--max-new-tokens",
-            "24",
-            "--temperature",
-            "0",
-            "--stats",
-        ])
+        .args(GREEDY_24)
+        .arg("--stats")
         .current_dir(tmp.path())
         .env("HF_HUB_CACHE", tmp.path())
         .output()
@@ -112,15 +115,7 @@ fn default_run_needs_no_files() {
         format!("And God said{}\n", tok.decode(want).unwrap()),
         "the default run's text"
     );
-    let json = moe_run(&[
-        "--prompt",
-        "And God said",
-        "--max-new-tokens",
-        "24",
-        "--temperature",
-        "0",
-        "--json",
-    ]);
+    let json = moe_run(&[&GREEDY_24[..], &["--json"]].concat());
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["prompt_ids"], serde_json::json!(exp.prompt_ids));
     assert_eq!(v["generated_ids"], serde_json::json!(want));
@@ -141,15 +136,7 @@ fn default_run_needs_no_files() {
     ]);
     assert_eq!(String::from_utf8(named.stdout).unwrap(), text);
     // --cuda-graph off CUDA: the same text, and one line saying why the steps run eagerly.
-    let graph = moe_run(&[
-        "--prompt",
-        "And God said",
-        "--max-new-tokens",
-        "24",
-        "--temperature",
-        "0",
-        "--cuda-graph",
-    ]);
+    let graph = moe_run(&[&GREEDY_24[..], &["--cuda-graph"]].concat());
     assert_eq!(String::from_utf8(graph.stdout).unwrap(), text);
     let why = String::from_utf8_lossy(&graph.stderr);
     assert!(

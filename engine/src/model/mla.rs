@@ -71,6 +71,17 @@ impl MlaAttention {
         Ok((q, self.kv_a.forward_on(x, plan)?))
     }
 
+    /// `(nh, dn, dr, dv, r)`: heads, no-RoPE and RoPE query-key dims, value dim, latent rank.
+    fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.num_heads,
+            self.nope_dim,
+            self.rope_dim,
+            self.v_dim,
+            self.latent_dim,
+        )
+    }
+
     /// The attention of one sequence from [`Self::project`]'s `q` and `kv` at positions
     /// `pos..pos+T`, appending (c, k_pe) to the cache; returns `[B, T, nh*dv]`, the input of `o`.
     #[allow(clippy::too_many_arguments)]
@@ -99,13 +110,7 @@ impl MlaAttention {
             let row = moe_kernels::StepRow { table, row: layer };
             return self.decode_step(q, kv, rope, cache, row, mask);
         }
-        let (nh, dn, dr, dv, r) = (
-            self.num_heads,
-            self.nope_dim,
-            self.rope_dim,
-            self.v_dim,
-            self.latent_dim,
-        );
+        let (nh, dn, dr, dv, r) = self.dims();
         let q = q.reshape((b, t, nh, dn + dr))?.transpose(1, 2)?; // [B, nh, T, dn+dr]
         let q_nope = q.narrow(D::Minus1, 0, dn)?.contiguous()?;
         let q_pe = rope.apply(&q.narrow(D::Minus1, dn, dr)?, pos)?;
@@ -180,13 +185,7 @@ impl MlaAttention {
     ) -> Result<Tensor> {
         use moe_kernels::At;
         let b = kv.dim(0)?;
-        let (nh, dn, dr, dv, r) = (
-            self.num_heads,
-            self.nope_dim,
-            self.rope_dim,
-            self.v_dim,
-            self.latent_dim,
-        );
+        let (nh, dn, dr, dv, r) = self.dims();
         let layer = row.row;
         let (cos, sin, interleaved) = rope.tables();
         let at = At::Step(row);
