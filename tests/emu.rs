@@ -440,3 +440,43 @@ fn every_replayable_fixture_launches_the_same_kernels_at_consecutive_steps() {
         "{blocked:?}"
     );
 }
+
+/// The graph decoder's bookkeeping (warm-up, capture with its replay check, replays, a new graph when
+/// the key bound grows) over the emulated kernels, with the stand-in backend whose replay re-runs the
+/// captured pass: every step's logits equal an eager decode's bit for bit, and the replays are the
+/// steps after each bound's warm-up and capture (2 x 4 of 12 steps crossing 256 keys).
+#[test]
+fn the_graph_decoder_replays_what_eager_steps_compute() {
+    use candle_core::{Device, Tensor};
+    use moe::model::ExecPath;
+    use moe::runtime::graph::GraphDecoder;
+
+    let quant = Some(moe::quant::QFormat::Int4 { group: 128 });
+    let mut model = moe::loader::embedded::TINY_KJV
+        .load(&cpu_f32(quant))
+        .unwrap();
+    let prompt: Vec<u32> = (0..250u32).map(|i| (i * 37 + 11) % 1000).collect();
+    let ids = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let vec = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (mut a, mut b) = (
+        model.new_cache(1, 1024).unwrap(),
+        model.new_cache(1, 1024).unwrap(),
+    );
+    model.set_exec_path(ExecPath::Candle);
+    for c in [&mut a, &mut b] {
+        model.forward(&ids(&prompt), c, false, None).unwrap();
+    }
+    model.set_exec_path(ExecPath::Kernels);
+    let _emu = moe_kernels::emu::enable().unwrap();
+    let mut g = GraphDecoder::emulated(&model).unwrap();
+    let mut token = 40u32;
+    for step in 0..12 {
+        let want = vec(model.forward(&ids(&[token]), &mut a, false, None).unwrap());
+        let got = vec(g.step(&model, &mut b, token).unwrap());
+        assert_eq!(got, want, "step {step}");
+        assert_eq!(b.len(), a.len());
+        token = (token * 7 + 3) % 1000;
+    }
+    assert!(g.active());
+    assert_eq!(g.replays, 8);
+}
