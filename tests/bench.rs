@@ -729,18 +729,27 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
     };
     assert_eq!(per_token(2), Some(61.0));
     assert_eq!(per_token(5), Some(61.0));
-    // --cuda-graph off CUDA: the steps run eagerly (zero replays reported), the count unchanged.
+    // --cuda-graph on the emulator: the graph decoder with its stand-in backend. Of 32 steps, one
+    // warms up (61 launches), one is captured (61 eager + 1 check replay) and 30 replay (1 each):
+    // 153 / 32 = 4.78 per token, under one per layer.
     let graph = bench(&BenchArgs {
         device: "emu".into(),
-        gen: 2,
+        gen: 32,
         runs: 1,
         warmup: 0,
         cuda_graph: true,
         ..tiny_args()
     })
     .unwrap();
-    assert_eq!(graph.kernel_launches_per_token, Some(61.0));
-    assert_eq!(graph.cuda_graph_replays_per_token, Some(0.0));
+    assert_eq!(graph.kernel_launches_per_token, Some(153.0 / 32.0));
+    assert_eq!(graph.cuda_graph_replays_per_token, Some(30.0 / 32.0));
+    // On the CPU (no kernels, no graphs) the steps run eagerly: zero replays.
+    let cpu_graph = bench(&BenchArgs {
+        cuda_graph: true,
+        ..tiny_args()
+    })
+    .unwrap();
+    assert_eq!(cpu_graph.cuda_graph_replays_per_token, Some(0.0));
     // One sequence only, refused before anything loads.
     let e = bench(&BenchArgs {
         cuda_graph: true,

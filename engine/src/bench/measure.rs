@@ -190,7 +190,12 @@ pub fn run_once(
     let t1 = Instant::now();
     match (how.graph, &mut caches[..]) {
         (true, [cache]) => {
-            let mut g = GraphDecoder::new(model);
+            // On the emulator, the stand-in backend (replays re-run the captured pass): the
+            // launch count of graph mode without a GPU.
+            let mut g = match moe_kernels::emu::active() {
+                true => GraphDecoder::emulated(model)?,
+                false => GraphDecoder::new(model),
+            };
             let mut id = next[0];
             for _ in 0..gen {
                 let logits = g.step(model, cache, id)?;

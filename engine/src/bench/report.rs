@@ -107,7 +107,7 @@ pub fn bench_text(r: &BenchReport) -> String {
     }
     if let Some(n) = r.cuda_graph_replays_per_token {
         s.push_str(&format!(
-            "  CUDA graph replays per decoded token: {n:.2} (--cuda-graph; each counted as one launch above)\n"
+            "  CUDA graph replays per decoded token: {n:.2} (--cuda-graph; each counted as one launch above; on the emulator a stand-in backend re-runs the captured pass)\n"
         ));
     }
     if let Some(c) = r.cuda_graph_nodes {

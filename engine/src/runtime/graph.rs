@@ -180,6 +180,7 @@ impl<B: Backend> State<B> {
         };
         // The replay recomputes this step (rewriting the same cache slot with the same values).
         self.backend.replay(&graph, &mut pass)?;
+        moe_kernels::launch::count_graph_replay();
         cache.advance(1);
         let got = host::read_vec::<f32>(&out)?;
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
@@ -218,7 +219,8 @@ pub struct GraphDecoder {
     engine: Engine,
     /// Why steps run eagerly, once said; `None` while graphs are on.
     off: Option<String>,
-    /// Replays so far (each counted as one kernel launch by moe-kernels' counter).
+    /// Replays of decode steps so far (each, and each capture's check replay, counted as one
+    /// kernel launch by moe-kernels' counter).
     pub replays: u64,
     /// The nodes of the last graph captured: every launch and copy of one eager decode step,
     /// candle's and cuBLAS's included (what moe-kernels' own counter cannot see).
@@ -334,7 +336,11 @@ impl Backend for Rerun {
     }
 
     fn replay(&self, _g: &(), pass: &mut Pass<'_>) -> Result<()> {
-        pass()
+        // The pass's launches stand for one graph launch (the decoder counts it).
+        let mark = moe_kernels::launch::launched();
+        let ran = pass();
+        moe_kernels::launch::rewind_launched(mark);
+        ran
     }
 
     fn census(&self, _g: &()) -> Option<NodeCensus> {
