@@ -145,6 +145,11 @@ fn default_run_needs_no_files() {
             == 1,
         "{why}"
     );
+    // With --stats (routing read back every step) it says so instead.
+    let stats = moe_run(&[&GREEDY_24[..], &["--cuda-graph", "--stats"]].concat());
+    assert_eq!(String::from_utf8(stats.stdout).unwrap(), text);
+    let why = String::from_utf8_lossy(&stats.stderr);
+    assert!(why.contains("CUDA graphs off (routing statistics"), "{why}");
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub struct ChatArgs {
     top_p: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Replay each decode step as a captured CUDA graph (as for run).
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 /// The model's chat template (`None`: it has none).
@@ -113,7 +116,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 ..Default::default()
             },
             eos: tok.eos.clone(),
-            cuda_graph: false,
+            cuda_graph: a.cuda_graph,
         };
         turn += 1;
         let mut stream = TextStream::default();
