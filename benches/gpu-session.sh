@@ -16,8 +16,9 @@
 #   bench     issue 9's set on Mixtral-8x7B shapes with random weights (no download): INT4 and INT8, batch 1,
 #             512-token prefill and 64 decode steps, all 32 layers (25 GB / 47 GB: fit an 80 GB H100); a
 #             4-layer INT4 run with the candle baseline (its dense f32 copy of 32 layers would not fit).
-#   graph     issue 21's eager vs CUDA-graph decode, side by side: INT4 Mixtral-8x7B, batch 1, 64 decode steps
-#             after a 32-token prompt, without and with --cuda-graph (a line on stderr says why if graphs
+#   graph     issue 21's eager vs CUDA-graph decode, side by side: INT4 Mixtral-8x7B, batch 1, 128 decode steps
+#             after a 32-token prompt (128 steps: the warm-up and capture steps of each run count in its rate),
+#             without and with --cuda-graph (a line on stderr says why if graphs
 #             turn themselves off; the report gives replays per decoded token).
 # Files land in $OUT (the device tool brings back at most 8 files; `all` writes 7): gpu-<run>.json per
 # bench run, every bench's text in gpu-bench.txt, gpu-selftest.txt and gpu-nvidia-smi.txt.
@@ -49,7 +50,7 @@ bench | all)
   bench mixtral-8x7b-4layers-int4-baseline "${mix[@]}" --quant int4 --layers 4 --baseline candle
   ;;&
 graph | all)
-  dec=(--model mixtral-8x7b --random-weights --dtype bf16 --quant int4 --prompt-len 32 --gen 64 --runs 3)
+  dec=(--model mixtral-8x7b --random-weights --dtype bf16 --quant int4 --prompt-len 32 --gen 128 --runs 3)
   bench mixtral-8x7b-int4-eager "${dec[@]}"
   bench mixtral-8x7b-int4-graph "${dec[@]}" --cuda-graph
   ;;&
