@@ -200,6 +200,30 @@ impl Attention {
             .reshape((b, t, nh * hd))
     }
 
+    /// Whether this layer's RoPE (with its per-head QK-norm, if any) takes the fused kernel for
+    /// activations of `dtype`: head dims the kernel stages in shared memory, tables of `dtype` no
+    /// wider than half a head (partial rotary included), an RMS per-head norm in `dtype`. The one
+    /// test both the kernel path and [`crate::model::Model::graph_blocker`] use: where it fails,
+    /// RoPE takes the host's position.
+    pub fn rope_fuses(&self, rope: &Rope, dtype: DType) -> bool {
+        use crate::config::NormKind;
+        let (cos, _, _) = rope.tables();
+        let norm_ok = match self.cfg.qk_norm {
+            QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope => {
+                [&self.q_norm, &self.k_norm].iter().all(|n| {
+                    n.as_ref().is_none_or(|n| {
+                        matches!(n.kind, NormKind::Rms { .. }) && n.weight.dtype() == dtype
+                    })
+                })
+            }
+            _ => true,
+        };
+        self.head_dim <= moe_kernels::rope::QK_NORM_ROPE_MAX_D
+            && cos.dtype() == dtype
+            && cos.dim(1).is_ok_and(|h| 2 * h <= self.head_dim)
+            && norm_ok
+    }
+
     /// The per-head QK-norm (if this model has one around RoPE) and RoPE in one kernel,
     /// `[B, T, n*hd] -> [B, n, T, hd]`; `None` where the kernel does not apply (a whole-projection
     /// norm is applied before this, so RoPE alone is fused then).
@@ -212,28 +236,21 @@ impl Attention {
         pos: moe_kernels::At<'_>,
     ) -> Result<Option<Tensor>> {
         use crate::config::NormKind;
-        if hd > moe_kernels::rope::QK_NORM_ROPE_MAX_D {
-            return Ok(None); // the kernel stages one head in shared memory: candle ops instead
+        if !self.rope_fuses(rope, y.dtype()) || hd != self.head_dim {
+            return Ok(None);
         }
         let head_norm = match (norm, self.cfg.qk_norm) {
             (Some(nm), QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope) => match nm.kind {
-                NormKind::Rms { eps } if nm.weight.dtype() == y.dtype() => {
-                    Some(moe_kernels::HeadNorm {
-                        weight: &nm.weight,
-                        eps: eps as f32,
-                        after_rope: self.cfg.qk_norm == QkNorm::PerHeadAfterRope,
-                    })
-                }
-                _ => return Ok(None),
+                NormKind::Rms { eps } => Some(moe_kernels::HeadNorm {
+                    weight: &nm.weight,
+                    eps: eps as f32,
+                    after_rope: self.cfg.qk_norm == QkNorm::PerHeadAfterRope,
+                }),
+                _ => return Ok(None), // not reached: rope_fuses checked the kind
             },
             _ => None,
         };
         let (cos, sin, interleaved) = rope.tables();
-        // The kernel rotates the first 2 * cos.dim(1) dims of each head (all of them, or a
-        // partial rotary's share) and passes the rest through.
-        if cos.dtype() != y.dtype() || 2 * cos.dim(1)? > hd {
-            return Ok(None);
-        }
         let x = y.reshape((b, t, n, hd))?;
         moe_kernels::qk_norm_rope_at(&x, head_norm, cos, sin, pos, interleaved).map(Some)
     }

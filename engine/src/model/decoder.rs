@@ -489,27 +489,12 @@ impl Model {
                 self.cfg.head_dim
             ));
         }
-        let (cos, _, _) = self.rope.tables();
-        let rotary = cos.dim(1).unwrap_or(0) * 2;
-        if rotary > self.cfg.head_dim
-            || cos.dtype() != self.dtype
-            || self.cfg.head_dim > moe_kernels::rope::QK_NORM_ROPE_MAX_D
-        {
-            return Some("RoPE does not take the fused kernel (its tables' shape or dtype)".into());
-        }
         for (i, l) in self.layers.iter().enumerate() {
             if let Attn::Gqa(a) = &l.attn {
-                let norms = [&a.q_norm, &a.k_norm];
-                let per_head = matches!(
-                    self.cfg.attn.qk_norm,
-                    QkNorm::PerHeadBeforeRope | QkNorm::PerHeadAfterRope
-                );
-                if per_head
-                    && norms
-                        .iter()
-                        .any(|n| n.as_ref().is_some_and(|n| n.weight.dtype() != self.dtype))
-                {
-                    return Some("the QK-norm does not take the fused kernel".into());
+                if a.rope && !a.rope_fuses(&self.rope, self.dtype) {
+                    return Some(format!(
+                        "layer {i}'s RoPE does not take the fused kernel (it takes the host's position)"
+                    ));
                 }
             }
             if let Ffn::Moe(m) = &l.ffn {
