@@ -124,16 +124,7 @@ fn default_run_needs_no_files() {
         "{stderr}"
     );
     // The same model by name.
-    let named = moe_run(&[
-        "--model",
-        "tiny-kjv",
-        "--prompt",
-        "And God said",
-        "--max-new-tokens",
-        "24",
-        "--temperature",
-        "0",
-    ]);
+    let named = moe_run(&[&["--model", "tiny-kjv"][..], &GREEDY_24].concat());
     assert_eq!(String::from_utf8(named.stdout).unwrap(), text);
     // --cuda-graph off CUDA: the same text, and one line saying why the steps run eagerly.
     let graph = moe_run(&[&GREEDY_24[..], &["--cuda-graph"]].concat());
