@@ -2,6 +2,8 @@
 //! caught with a message naming the kernel, the site and the lanes or buffer, and a correct one passes.
 use moe_kernels::emu::{launch_raw, EmuArg, EmuBuf};
 
+mod common;
+
 fn floats(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -244,12 +246,8 @@ fn whole_model_parity_on_emulated_kernels() {
 /// Load options for a model on the CPU in f32 (weights quantized as `quant` says).
 fn cpu_f32(quant: Option<moe::quant::QFormat>) -> moe::loader::LoadOptions {
     moe::loader::LoadOptions {
-        dtype: candle_core::DType::F32,
-        weight_dtype: None,
-        placement: None,
-        device: candle_core::Device::Cpu,
-        progress: false,
         quant,
+        ..Default::default()
     }
 }
 
@@ -369,8 +367,7 @@ fn the_captured_pass_equals_the_eager_step() {
     }
     assert_eq!((g.replays, a.len(), b.len()), (0, 4, 4));
     // A dense gpt-oss routes on the host for its experts (candle's ops).
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt-oss");
-    let mut dense = moe::loader::load_dir(&dir, &opts).unwrap();
+    let mut dense = moe::loader::load_dir(&common::fixture("gpt-oss"), &opts).unwrap();
     dense.set_exec_path(ExecPath::Kernels);
     assert!(dense.graph_blocker().unwrap().contains("routing"));
 }
@@ -384,17 +381,10 @@ fn every_replayable_fixture_launches_the_same_kernels_at_consecutive_steps() {
     use moe::model::ExecPath;
     use moe_kernels::launch::record;
 
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("config.json").is_file() && p.join("expected.json").is_file())
-        .collect();
-    dirs.sort();
     let (mut replayable, mut blocked) = (Vec::new(), Vec::new());
-    for dir in dirs {
-        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let mut model = moe::loader::load_dir(&dir, &cpu_f32(None)).unwrap();
+    for &name in common::FIXTURES {
+        let name = name.to_string();
+        let mut model = moe::loader::load_dir(&common::fixture(&name), &cpu_f32(None)).unwrap();
         model.set_exec_path(ExecPath::Kernels);
         if let Some(why) = model.graph_blocker() {
             blocked.push(format!("{name}: {why}"));

@@ -375,13 +375,18 @@ pub fn kv_store(
     let dv = v.dim(3)?;
     let cap = k_cache.dim(2)?;
     // k [B, KV, 1, DK] into k_cache [B, KV, CAP, DK]; v [B, KV, 1, DV] into v_cache [B, KV, CAP, DV].
+    if one != 1 {
+        bail!(
+            "{KV_OP}: k must hold one new row per head, got {:?}",
+            k.dims()
+        );
+    }
     for (n, t, want) in [
-        ("k", k, [b, kv, 1, dk]),
         ("v", v, [b, kv, 1, dv]),
         ("k_cache", k_cache, [b, kv, cap, dk]),
         ("v_cache", v_cache, [b, kv, cap, dv]),
     ] {
-        if one != 1 || t.dims() != want || t.dtype() != k.dtype() {
+        if t.dims() != want || t.dtype() != k.dtype() {
             bail!(
                 "{KV_OP}: {n} must be {want:?} {:?}, got {:?} {:?}",
                 k.dtype(),

@@ -216,17 +216,17 @@ impl MlaAttention {
         let keys = cache.len() + 1;
         let m = cache.key_bound(layer, keys);
         let (lat, pe) = cache.layer(layer);
-        let (c_all, pe_all) = (lat.narrow(2, 0, m)?, pe.narrow(2, 0, m)?); // [B, 1, m, r | dr]
+        // [B, 1, m, r | dr]: views at batch 1, one copy each for a larger batch.
+        let c_all = lat.narrow(2, 0, m)?.contiguous()?;
+        let pe_all = pe.narrow(2, 0, m)?.contiguous()?;
         let per_head = |y: &Tensor, d: usize| y.transpose(0, 1)?.reshape((nh, b, d)); // [nh, B, d]
         let q_lat = per_head(&q_nope, dn)?.matmul(&self.w_uk)?; // [nh, B, r]
         let q_lat = q_lat
             .transpose(0, 1)?
             .contiguous()?
             .reshape((b, 1, nh, r))?;
-        let nope = q_lat.matmul(&c_all.contiguous()?.t()?)?; // [B, 1, nh, m]
-        let pe_scores = q_pe
-            .reshape((b, 1, nh, dr))?
-            .matmul(&pe_all.contiguous()?.t()?)?;
+        let nope = q_lat.matmul(&c_all.t()?)?; // [B, 1, nh, m]
+        let pe_scores = q_pe.reshape((b, 1, nh, dr))?.matmul(&pe_all.t()?)?;
         let s = ((nope + pe_scores)? * self.scale)?;
         if mask.dims() != [m] {
             candle_core::bail!("the MLA step mask covers {:?} rows, not {m}", mask.dims());
@@ -234,7 +234,7 @@ impl MlaAttention {
         let s = s.broadcast_add(&mask.to_dtype(s.dtype())?)?;
         let probs =
             candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(kv.dtype())?;
-        let lat = probs.matmul(&c_all.contiguous()?)?; // [B, 1, nh, r]
+        let lat = probs.matmul(&c_all)?; // [B, 1, nh, r]
         let lat = lat.reshape((b, nh, r))?.transpose(0, 1)?.contiguous()?; // [nh, B, r]
         let out = lat.matmul(&self.w_uv.t()?)?; // [nh, B, dv]
         out.transpose(0, 1)?.reshape((b, 1, nh * dv))
