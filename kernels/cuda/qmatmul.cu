@@ -320,6 +320,299 @@ QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f32, float, QF_MXFP4)
 QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
 QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4)
 
+// ---- decode: qgemv, the INT4/INT8 GEMV at few instructions per weight ----------------------------------------
+// qgemv_{dense,moe,moe_swiglu}_{int8,int4}_<dtype>: the same products, chunks, arguments and outputs as the
+// qmatmul_{,moe_,moe_swiglu_}* entries above, for the shapes the host sends here (int4 with K % 32 == 0 and
+// a power-of-two group >= 32; int8 with K % 16 == 0). Batch-1 decode streams every weight once, so the weight bytes set the
+// time, and at 4.8 TB/s (H200) INT4 arrives at ~9.6e12 weights/s against ~3.4e13 lane-instructions/s: about 3.5
+// instructions per weight is all there is. The kernel above spends ~7 (byte extract, int-to-float trick, zero
+// subtract, scale multiply, activation convert and FMA per weight and row). Here, per weight and row:
+//  - one logic op makes the weight code a float: the masked code bits ARE a subnormal (int4 nibble p of a word,
+//    u & (0xF << 4p) = q 2^(4p) 2^-149 for p <= 4; the top three after one shift by 20; int8: u ^ 0x80808080
+//    makes each byte unsigned b + 128, and byte 0, 1 (mask), 2 (__byte_perm) and 3 (shift) are subnormals the
+//    same way). FFMA takes subnormal operands at full rate (nvcc without -ftz, as build.rs compiles);
+//  - the activations are staged once per block in shared memory as f32, pre-multiplied by the power of two that
+//    makes every product x q 2^-85 (2^(64 - 4p) for the nibble or byte position p the code sits at), so one FFMA
+//    per weight does the rest and every product is x * q exactly scaled (no rounding beyond the reference's,
+//    unless |x q| < 2^-41, where the product's absolute error is under 2^-64);
+//  - the zero point and scale leave the inner loop: each lane's 16-byte load covers one slice of 32 (int4) or 16
+//    (int8) weights inside one group, and sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z S) with S = sum_k x_k of
+//    the slice, summed once per block at staging (int8: z = 128 for the biased bytes, s per row at the end).
+// So ~1.1 (int4) or 1.25 (int8) logic ops, one FFMA and a quarter of a 16-byte shared load per weight, plus
+// per-slice terms. Each lane issues all QR_LOADS 16-byte weight loads of a tile (and both rows' with SwiGLU)
+// before it uses any, so a warp keeps 2-4 KiB in flight.
+//
+// Shared layout: one tile = QR_SLICES slices (QR_LOADS per lane), 4096 int4 or 2048 int8 weights per row; slice s
+// at xs[s * (PER + 4)] (the pad of 4 floats makes the 16-byte accesses of 8 consecutive lanes, 4 * PER + 16 bytes
+// apart, hit distinct banks), its sum at xsum[s]. Staging: thread t loads 16 activations (int4: half a slice, the
+// pair's sums meet by one shuffle; int8: one slice).
+//
+// Exactness guard: pre-multiplied by 2^64, an activation of magnitude 2^64 or more would overflow. Staging flags
+// any |x| >= 2^62 (or inf) and such a row, as a row whose qweight is not 16-byte aligned, takes an exact path:
+// each lane walks K one weight at a time as the reference does (slow, correct).
+//
+// Rows: a chunk's rows run one after another, each streaming the block's weight rows again (from L1/L2 after
+// the first), so DRAM traffic equals the chunked kernel's and batch-1 decode (one row per chunk) pays nothing.
+//
+// Launch: grid = (ceil(N / QR_WARPS), min(C, 65535)), block = QR_WARPS * 32 = 256; grid y strides over chunks.
+#define QR_WARPS 8
+#define QR_WROWS 2  // weight rows per warp: two features, or one feature's gate and up rows (SwiGLU)
+#define QR_LOADS 4
+#define QR_SLICES (32 * QR_LOADS)
+
+// 2^e as a float, for a constant e in the normal range.
+__device__ __forceinline__ constexpr uint32_t pow2_bits(int e) { return static_cast<uint32_t>(127 + e) << 23; }
+
+// The power of two that element i of a slice is staged with (see above): int4 nibble position p = i % 8 at bit
+// 4p (p <= 4) or 4(p - 5) after the shift by 20; int8 byte position i % 4 at bit 0 except byte 1 (bit 8).
+template <int F> __device__ __forceinline__ float stage_scale(int i) {
+  if constexpr (F == QF_INT4) {
+    const int p = i % 8;
+    return __uint_as_float(pow2_bits(64 - 4 * (p <= 4 ? p : p - 5)));
+  } else {
+    return __uint_as_float(pow2_bits(i % 4 == 1 ? 56 : 64));
+  }
+}
+
+// sum_k xs_k q_k of one 16-byte load (32 int4 or 16 int8 codes) against its staged slice, times 2^-85.
+template <int F> __device__ __forceinline__ float slice_dot(const uint4& raw, const float* __restrict__ xs) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  float acc = 0.f;
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    if constexpr (F == QF_INT4) {
+      const uint32_t u = words[t], v = u >> 20;
+      const float4 a = *reinterpret_cast<const float4*>(xs + 8 * t);
+      const float4 b = *reinterpret_cast<const float4*>(xs + 8 * t + 4);
+      acc = fmaf(a.x, __uint_as_float(u & 0xFu), acc);
+      acc = fmaf(a.y, __uint_as_float(u & 0xF0u), acc);
+      acc = fmaf(a.z, __uint_as_float(u & 0xF00u), acc);
+      acc = fmaf(a.w, __uint_as_float(u & 0xF000u), acc);
+      acc = fmaf(b.x, __uint_as_float(u & 0xF0000u), acc);
+      acc = fmaf(b.y, __uint_as_float(v & 0xFu), acc);
+      acc = fmaf(b.z, __uint_as_float(v & 0xF0u), acc);
+      acc = fmaf(b.w, __uint_as_float(v & 0xF00u), acc);
+    } else {
+      const uint32_t u = words[t] ^ 0x80808080u;
+      const float4 a = *reinterpret_cast<const float4*>(xs + 4 * t);
+      acc = fmaf(a.x, __uint_as_float(u & 0xFFu), acc);
+      acc = fmaf(a.y, __uint_as_float(u & 0xFF00u), acc);
+      acc = fmaf(a.z, __uint_as_float(__byte_perm(u, 0u, 0x4442u)), acc);
+      acc = fmaf(a.w, __uint_as_float(u >> 24), acc);
+    }
+  }
+  return acc;
+}
+
+// NR weight rows' tile: this lane's slices s = lane + 32 j < ns of tile kb0 (in weights) of each live row r
+// (live[r], warp-uniform), added to tot[r] as s_g (sum x q - z S) (int4) or sum x (b + 128) - 128 S (int8; the
+// row scale comes at the end). Every row's loads are issued before any is used.
+template <int F, int NR>
+__device__ __forceinline__ void qgemv_rows_tile(const uint8_t* const (&wrow)[NR], const __half* const (&prow)[NR],
+                                                const bool (&live)[NR], const float* __restrict__ xs,
+                                                const float* __restrict__ xsum, uint32_t kb0, uint32_t ns,
+                                                uint32_t gshift, uint32_t lane, float (&tot)[NR]) {
+  constexpr uint32_t PER = F == QF_INT4 ? 32 : 16, STRIDE = PER + 4;
+  uint4 raw[NR][QR_LOADS];
+  __half sc[NR][QR_LOADS], zp[NR][QR_LOADS];  // int4: the slice's group scale and zero
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+#pragma unroll
+    for (int j = 0; j < QR_LOADS; ++j) {
+      const uint32_t s = lane + 32u * j;
+      if (live[r] && s < ns) {
+        const uint32_t k = kb0 + s * PER;
+        raw[r][j] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + (F == QF_INT4 ? k / 2 : k)));
+        if constexpr (F == QF_INT4) {
+          sc[r][j] = __ldg(prow[r] + 2 * (k >> gshift));
+          zp[r][j] = __ldg(prow[r] + 2 * (k >> gshift) + 1);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+#pragma unroll
+    for (int j = 0; j < QR_LOADS; ++j) {
+      const uint32_t s = lane + 32u * j;
+      if (live[r] && s < ns) {
+        const float dot = slice_dot<F>(raw[r][j], xs + s * STRIDE);
+        if constexpr (F == QF_INT4) {
+          tot[r] = fmaf(__half2float(sc[r][j]), fmaf(dot, 0x1p85f, -__half2float(zp[r][j]) * xsum[s]), tot[r]);
+        } else {
+          tot[r] += fmaf(dot, 0x1p85f, -128.f * xsum[s]);
+        }
+      }
+    }
+  }
+}
+
+// The exact path: this lane's share of x . W[row] one weight at a time, dequantized as the reference does.
+template <typename T, int F>
+__device__ __forceinline__ float qgemv_row_exact(const T* __restrict__ xr, const uint8_t* __restrict__ wrow,
+                                                 const __half* __restrict__ prow, uint32_t K, uint32_t group,
+                                                 uint32_t lane) {
+  float acc = 0.f;
+  for (uint32_t k = lane; k < K; k += 32) {
+    float w;
+    if constexpr (F == QF_INT4) {
+      const uint32_t g = k / group;
+      const uint8_t byte = wrow[k / 2];
+      w = f16_at(prow, 2 * g) * (static_cast<float>((k & 1u) ? (byte >> 4) : (byte & 0xf)) - f16_at(prow, 2 * g + 1));
+    } else {
+      w = f16_at(prow, 0) * static_cast<float>(static_cast<int8_t>(wrow[k]));
+    }
+    acc = fmaf(to_float(xr[k]), w, acc);
+  }
+  return acc;
+}
+
+template <typename T, int F, bool MOE, bool SWIGLU>
+__device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
+                                           const __half* __restrict__ params, const uint32_t* __restrict__ chunks,
+                                           const uint32_t* __restrict__ row_token,
+                                           const uint32_t* __restrict__ counts,
+                                           const uint32_t* __restrict__ offsets, uint32_t E, T* __restrict__ out,
+                                           uint32_t C, uint32_t N, uint32_t K, uint32_t group) {
+  constexpr bool INT4 = F == QF_INT4;
+  constexpr uint32_t PER = INT4 ? 32 : 16, STRIDE = PER + 4, TILE = QR_SLICES * PER;
+  __shared__ __align__(16) float xs[QR_SLICES * STRIDE];
+  __shared__ float xsum[QR_SLICES];
+  __shared__ int exact;
+  const uint32_t tid = threadIdx.x, lane = tid & 31u;
+  // This warp's NF features n0, n0 + 1, ...; its NR weight rows: one per feature, or gate and up (SwiGLU).
+  // Two rows keep ~80 registers (three blocks per SM); four took 224.
+  constexpr int NR = QR_WROWS, NF = SWIGLU ? NR / 2 : NR;
+  const uint32_t n0 = (blockIdx.x * QR_WARPS + (tid >> 5)) * NF;
+  const bool any_live = n0 < N;  // warp-uniform; dead warps still stage and meet every barrier
+  const size_t Kb = INT4 ? K / 2 : K, PR = INT4 ? 2 * static_cast<size_t>((K + group - 1) / group) : 1;
+  const bool vec = is_aligned16(qweight);  // the host checked K and group
+  const uint32_t gshift = INT4 ? __ffs(group) - 1 : 0;  // group is a power of two (the host checked)
+  const bool xvec = is_aligned16(x);       // K % 16 == 0 keeps every row aligned too
+  // Staging: thread t's 16 activations start at element 16 t of the tile: slice t / 2 (int4) or t (int8).
+  // (16 is a multiple of 8 and 4, so each of them is staged with stage_scale of its index j < 16.)
+  const uint32_t slice = INT4 ? tid / 2 : tid, half16 = INT4 ? (tid & 1u) * 16 : 0;
+
+  for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
+    uint32_t e, r0, cnt;
+    if constexpr (MOE) {
+      uint32_t m0 = 0;
+      const int ee = nth_row_tile(counts, E, c, QMM_ROWS, &m0);
+      if (ee < 0) break;  // block-uniform, before any barrier of this chunk
+      e = static_cast<uint32_t>(ee);
+      r0 = offsets[e] + m0;
+      cnt = min(static_cast<uint32_t>(QMM_ROWS), counts[e] - m0);
+    } else {
+      e = __ldg(chunks + 3 * c);
+      r0 = __ldg(chunks + 3 * c + 1);
+      cnt = __ldg(chunks + 3 * c + 2);
+    }
+    // Weight row r: feature n0 + r % NF, the up half for r >= NF (SwiGLU).
+    size_t row[NR];
+    bool live[NR];
+    const uint8_t* wrow[NR];
+    const __half* prow[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      const uint32_t n = n0 + r % NF;
+      live[r] = n < N;
+      row[r] = SWIGLU ? static_cast<size_t>(e) * 2 * N + (r >= NF ? N : 0) + n : static_cast<size_t>(e) * N + n;
+      wrow[r] = qweight + (live[r] ? row[r] : 0) * Kb;
+      prow[r] = params + (live[r] ? row[r] : 0) * PR;
+    }
+    for (uint32_t i = 0; i < cnt; ++i) {
+      const uint32_t orow = r0 + i;  // the output row (a dispatched row in MoE mode)
+      const T* xr = x + static_cast<size_t>(MOE && row_token != nullptr ? row_token[orow] : orow) * K;
+      float tot[NR];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) tot[r] = 0.f;
+      if (tid == 0) exact = !vec;
+      __syncthreads();  // the previous row's reads of xs and `exact` are done
+      bool fallback = false;
+      for (uint32_t kb0 = 0; kb0 < K; kb0 += TILE) {
+        const uint32_t kt = min(TILE, K - kb0), ns = kt / PER;
+        float v[16], part = 0.f;
+        const bool mine = 16 * tid < kt;
+        if (mine) {
+          load_x16(xr, kb0 + 16 * tid, xvec, v);
+          bool big = false;
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            part += v[j];
+            big |= fabsf(v[j]) >= 0x1p62f;  // inf too; NaN propagates on either path
+          }
+          if (big) exact = 1;
+          float* dst = xs + slice * STRIDE + half16;
+#pragma unroll
+          for (int j = 0; j < 16; j += 4) {
+            const float4 q = {v[j] * stage_scale<F>(j), v[j + 1] * stage_scale<F>(j + 1),
+                              v[j + 2] * stage_scale<F>(j + 2), v[j + 3] * stage_scale<F>(j + 3)};
+            *reinterpret_cast<float4*>(dst + j) = q;
+          }
+        }
+        if constexpr (INT4) part += __shfl_xor_sync(0xffffffffu, part, 1);  // the slice's two halves
+        if (mine && half16 == 0) xsum[slice] = part;
+        __syncthreads();
+        fallback = exact != 0;
+        if (!fallback && any_live) qgemv_rows_tile<F, NR>(wrow, prow, live, xs, xsum, kb0, ns, gshift, lane, tot);
+        __syncthreads();  // xs is restaged next
+        if (fallback) break;
+      }
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        if (!live[r]) continue;
+        if (fallback) tot[r] = qgemv_row_exact<T, F>(xr, wrow[r], prow[r], K, group, lane);
+        else if constexpr (!INT4) tot[r] *= f16_at(prow[r], 0);
+        tot[r] = warp_sum(tot[r]);
+      }
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+        if (!live[f] || lane != 0) continue;
+        const float g = tot[f];
+        out[static_cast<size_t>(orow) * N + n0 + f] = from_float<T>(SWIGLU ? g / (1.f + expf(-g)) * tot[NF + f] : g);
+      }
+    }
+  }
+}
+
+#define QGEMV_DENSE_ENTRY(NAME, T, F)                                                                         \
+  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32)                                               \
+      NAME(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const __half* __restrict__ params,   \
+           const uint32_t* __restrict__ chunks, T* __restrict__ out, uint32_t C, uint32_t N, uint32_t K,       \
+           uint32_t group) {                                                                                 \
+    qgemv_impl<T, F, false, false>(x, qweight, params, chunks, nullptr, nullptr, nullptr, 0, out, C, N, K,    \
+                                   group);                                                                   \
+  }
+
+#define QGEMV_MOE_ENTRY(NAME, T, F, SWIGLU)                                                                   \
+  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32)                                               \
+      NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts, \
+           const uint32_t* __restrict__ offsets, const uint8_t* __restrict__ qweight,                        \
+           const __half* __restrict__ params, T* __restrict__ out, uint32_t E, uint32_t C, uint32_t N,        \
+           uint32_t K, uint32_t group) {                                                                      \
+    qgemv_impl<T, F, true, SWIGLU>(x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K,  \
+                                   group);                                                                   \
+  }
+
+QGEMV_DENSE_ENTRY(qgemv_dense_int8_f32, float, QF_INT8)
+QGEMV_DENSE_ENTRY(qgemv_dense_int8_bf16, __nv_bfloat16, QF_INT8)
+QGEMV_DENSE_ENTRY(qgemv_dense_int8_f16, __half, QF_INT8)
+QGEMV_DENSE_ENTRY(qgemv_dense_int4_f32, float, QF_INT4)
+QGEMV_DENSE_ENTRY(qgemv_dense_int4_bf16, __nv_bfloat16, QF_INT4)
+QGEMV_DENSE_ENTRY(qgemv_dense_int4_f16, __half, QF_INT4)
+QGEMV_MOE_ENTRY(qgemv_moe_int8_f32, float, QF_INT8, false)
+QGEMV_MOE_ENTRY(qgemv_moe_int8_bf16, __nv_bfloat16, QF_INT8, false)
+QGEMV_MOE_ENTRY(qgemv_moe_int8_f16, __half, QF_INT8, false)
+QGEMV_MOE_ENTRY(qgemv_moe_int4_f32, float, QF_INT4, false)
+QGEMV_MOE_ENTRY(qgemv_moe_int4_bf16, __nv_bfloat16, QF_INT4, false)
+QGEMV_MOE_ENTRY(qgemv_moe_int4_f16, __half, QF_INT4, false)
+QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int8_f32, float, QF_INT8, true)
+QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int8_bf16, __nv_bfloat16, QF_INT8, true)
+QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int8_f16, __half, QF_INT8, true)
+QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f32, float, QF_INT4, true)
+QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_bf16, __nv_bfloat16, QF_INT4, true)
+QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
+
 // ---- prefill: tiled GEMM -------------------------------------------------------------------------------------
 // qmatmul_gemm_<fmt>_<dtype>: the same product (and the same dispatch-driven row tiles as the MoE mode) for many
 // rows per expert, where the GEMV chunks above would re-read every weight row once per 8 activation rows. Each

@@ -31,8 +31,8 @@ use crate::common::{check_act, check_dtype, grid_dim, host, same_device, suffix,
 use crate::experts::{expert_path, ExpertPath};
 use crate::launch::{Arg, Buf, Plan};
 use crate::qmatmul::{
-    check, dequantize_row, kind_and_group, QFormat, QMatmul, QParam, OP_GROUPED, QMM_ROWS,
-    QMM_WARPS,
+    check, dequantize_row, kind_and_group, qgemv_entry, QFormat, QMatmul, QParam, OP_GROUPED,
+    QMM_ROWS, QMM_WARPS, QR_THREADS,
 };
 
 const OP: &str = "qmatmul_moe";
@@ -368,10 +368,17 @@ fn moe_plan(
         &["x", "counts", "offsets", "qweight", "params"]
     };
     let mut p = Plan::new(OP, inputs);
-    let (entry, rows, cols, threads) = match path {
-        ExpertPath::Gemv if swiglu => ("moe_swiglu", QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
-        ExpertPath::Gemv => ("moe", QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
-        ExpertPath::Gemm => ("gemm", QG_TILE_M, QG_TILE_N, 256),
+    let mode = if swiglu { "moe_swiglu" } else { "moe" };
+    // GEMV: the qgemv entries where the format and K allow, else qmatmul's.
+    let (entry, rows, cols, threads) = match (path, qgemv_entry(fmt, d.k, swiglu)) {
+        (ExpertPath::Gemv, Some((prefix, features))) => (prefix, QMM_ROWS, features, QR_THREADS),
+        (ExpertPath::Gemv, None) => ("qmatmul", QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
+        (ExpertPath::Gemm, _) => ("qmatmul", QG_TILE_M, QG_TILE_N, 256),
+    };
+    let mode = if path == ExpertPath::Gemm {
+        "gemm"
+    } else {
+        mode
     };
     // Row tiles (GEMV: chunks of QMM_ROWS) of all experts together, an upper bound the device trims.
     let chunks = d.r.div_ceil(rows) + d.e.min(d.r);
@@ -412,7 +419,7 @@ fn moe_plan(
     // row_token < the rows of x.
     p.launch(
         "qmatmul",
-        format!("qmatmul_{entry}_{kind}_{sfx}"),
+        format!("{entry}_{mode}_{kind}_{sfx}"),
         [
             grid_dim(OP, "feature blocks", n_out.div_ceil(cols), u32::MAX >> 1)?,
             grid_y,
@@ -608,7 +615,8 @@ mod tests {
         // R = 20 dispatched rows over E = 4 experts, N = 37 features, K = 96.
         let dims = |r, n, k, e| QmoeDims { r, n, k, e };
         let d = dims(20, 37, 96, 4);
-        // GEMV with the gather: C = ceil(20 / 8) + 4 = 7 chunks, 10 blocks of 4 features (the last partial).
+        // GEMV with the gather: C = ceil(20 / 8) + 4 = 7 chunks, 3 blocks of the qgemv entry's 16 features (the
+        // last partial).
         let int4 = QFormat::Int4 { group: 32 };
         let p = qmatmul_moe_plan(DType::BF16, int4, d, true, ExpertPath::Gemv).unwrap();
         assert_eq!(p.inputs.len(), 6);
@@ -618,9 +626,9 @@ mod tests {
         };
         assert_eq!(
             (l.module, l.entry.as_str()),
-            ("qmatmul", "qmatmul_moe_int4_bf16")
+            ("qmatmul", "qgemv_moe_int4_bf16")
         );
-        assert_eq!((l.grid, l.block), ([10, 7, 1], [128, 1, 1]));
+        assert_eq!((l.grid, l.block), ([3, 7, 1], [256, 1, 1]));
         let mut want = vec![
             input(0),
             input(1),
@@ -656,6 +664,41 @@ mod tests {
         assert_eq!(
             (p.launches[0].grid[1], p.launches[0].args[8]),
             (65535, Arg::U32(70004))
+        );
+        // MXFP4 keeps the qmatmul entries, with SwiGLU too.
+        let p = moe_plan(
+            DType::BF16,
+            QFormat::Mxfp4,
+            d,
+            true,
+            ExpertPath::Gemv,
+            false,
+        )
+        .unwrap();
+        assert_eq!(p.launches[0].entry, "qmatmul_moe_mxfp4_bf16");
+        let even = dims(20, 38, 96, 4);
+        let p = moe_plan(
+            DType::BF16,
+            QFormat::Mxfp4,
+            even,
+            true,
+            ExpertPath::Gemv,
+            true,
+        )
+        .unwrap();
+        assert_eq!(p.launches[0].entry, "qmatmul_moe_swiglu_mxfp4_bf16");
+        let p = moe_plan(
+            DType::BF16,
+            QFormat::Int8,
+            even,
+            true,
+            ExpertPath::Gemv,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.launches[0].entry.as_str(), p.launches[0].grid),
+            ("qgemv_moe_swiglu_int8_bf16", [3, 7, 1])
         );
         let huge = dims(64 * 65535, 37, 96, 4);
         assert!(qmatmul_moe_plan(DType::F16, QFormat::Int8, huge, true, ExpertPath::Gemm).is_err());

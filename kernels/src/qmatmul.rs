@@ -290,6 +290,31 @@ impl CustomOp3 for QMatmul {
 pub const QMM_ROWS: usize = 8;
 /// Warps (output features) per block in `cuda/qmatmul.cu` (`QMM_WARPS`).
 pub(crate) const QMM_WARPS: usize = 4;
+/// Weight rows per block of the `qgemv_*` entries: `QR_WARPS` (8) warps of `QR_WROWS` (2) rows, so 16
+/// output features, or 8 with the SwiGLU epilogue (a feature's gate and up rows).
+pub(crate) const QR_WEIGHT_ROWS: usize = 16;
+/// Threads per block of the `qgemv_*` entries.
+pub(crate) const QR_THREADS: usize = 256;
+
+/// Whether the GEMV of `fmt` over K input features runs the `qgemv_*` entries (subnormal-code dequantization,
+/// activations staged in shared memory, scale and zero per 16-byte slice; see `cuda/qmatmul.cu`) instead of the
+/// `qmatmul_*` ones: int4 with K % 32 == 0 and a power-of-two group of at least 32 (each lane's 32-weight slice
+/// inside one group, the group found by a shift), int8 with K % 16 == 0. Same chunks, arguments and output;
+/// the entry prefix, the features per block and the block size ([`QR_THREADS`]) are what change. Pure.
+/// Returns the entry prefix and the output features per block (`swiglu`: of the SwiGLU entry).
+pub(crate) fn qgemv_entry(fmt: QFormat, k: usize, swiglu: bool) -> Option<(&'static str, usize)> {
+    let fits = match fmt {
+        QFormat::Int8 => k.is_multiple_of(16),
+        QFormat::Int4 { group } => k.is_multiple_of(32) && group >= 32 && group.is_power_of_two(),
+        QFormat::Mxfp4 => false,
+    };
+    let features = if swiglu {
+        QR_WEIGHT_ROWS / 2
+    } else {
+        QR_WEIGHT_ROWS
+    };
+    fits.then_some(("qgemv", features))
+}
 
 /// The kernel work list of `qmatmul_<fmt>_<dtype>`, flattened `[C, 3]` u32: (expert, first row, rows <=
 /// [`QMM_ROWS`]) for every expert's rows (`offsets`, or all M rows as expert 0), in row order; empty experts get
@@ -346,6 +371,10 @@ pub fn qmatmul_plan(
         );
     }
     let (kind, group) = kind_and_group(fmt);
+    let (entry, features, threads) = match qgemv_entry(fmt, d.k, false) {
+        Some((prefix, features)) => (format!("{prefix}_dense_{kind}"), features, QR_THREADS),
+        None => (format!("qmatmul_{kind}"), QMM_WARPS, QMM_WARPS * 32),
+    };
     let mut p = Plan::new(op, &["x", "qweight", "params"]);
     let table = chunk_table(offsets, d.m);
     let n_chunks = table.len() / 3;
@@ -355,13 +384,13 @@ pub fn qmatmul_plan(
     // < M*K (x), E*N*Kb (qweight), E*N*params (params) or M*N (out).
     p.launch(
         "qmatmul",
-        format!("qmatmul_{kind}_{}", suffix(dtype)?),
+        format!("{entry}_{}", suffix(dtype)?),
         [
-            grid_dim(op, "feature blocks", d.n.div_ceil(QMM_WARPS), u32::MAX >> 1)?,
+            grid_dim(op, "feature blocks", d.n.div_ceil(features), u32::MAX >> 1)?,
             n_chunks.clamp(1, 65535) as u32,
             1,
         ],
-        [QMM_WARPS as u32 * 32, 1, 1],
+        [threads as u32, 1, 1],
         vec![
             Arg::Buf(Buf::In(0)),
             Arg::Buf(Buf::In(1)),
@@ -408,8 +437,9 @@ mod tests {
     fn plan_geometry() {
         let input = |i| Arg::Buf(Buf::In(i));
         let dims = |m, k, n, e| QmmDims { m, k, n, e };
-        // Dense: 10 rows in chunks of 8 + 2, N = 37 features in 10 blocks of 4 warps (the last one partial).
-        let d = dims(10, 64, 37, 1);
+        // Dense: 10 rows in chunks of 8 + 2, N = 37 features in 10 blocks of 4 warps (the last one partial);
+        // int8 with K = 72 (not a multiple of 16) keeps the qmatmul entry.
+        let d = dims(10, 72, 37, 1);
         let p = qmatmul_plan(DType::BF16, QFormat::Int8, d, None).unwrap();
         assert_eq!((p.op, &p.inputs[..]), (OP, &["x", "qweight", "params"][..]));
         assert_eq!(p.uploads, vec![("chunks", vec![0, 0, 8, 0, 8, 2])]);
@@ -422,25 +452,36 @@ mod tests {
             ("qmatmul", "qmatmul_int8_bf16")
         );
         assert_eq!((l.grid, l.block), ([10, 2, 1], [128, 1, 1]));
-        let tail = [2, 37, 64, 0].map(Arg::U32);
+        let tail = [2, 37, 72, 0].map(Arg::U32);
         let mut want = vec![input(0), input(1), input(2), Arg::Buf(Buf::Upload(0))];
         want.push(Arg::Buf(Buf::Out(0)));
         want.extend(tail);
         assert_eq!(l.args, want);
-        // Grouped, int4 in groups of 32: experts of 3, 0 and 9 rows give 3 chunks; N = 64 fills 16 blocks.
+        // Grouped, int4 in groups of 32: experts of 3, 0 and 9 rows give 3 chunks; the qgemv entry's 16
+        // features per block put N = 64 in 4 blocks. In groups of 16 (or 48) the same shape keeps qmatmul's.
         let d = dims(12, 96, 64, 3);
-        let p = qmatmul_plan(
-            DType::F16,
-            QFormat::Int4 { group: 32 },
-            d,
-            Some(&[0, 3, 3, 12]),
-        )
-        .unwrap();
-        assert_eq!(p.op, OP_GROUPED);
-        let l = &p.launches[0];
-        assert_eq!(l.entry, "qmatmul_int4_f16");
-        assert_eq!((l.grid, l.block), ([16, 3, 1], [128, 1, 1]));
+        let grouped = |group| {
+            let p =
+                qmatmul_plan(DType::F16, QFormat::Int4 { group }, d, Some(&[0, 3, 3, 12])).unwrap();
+            assert_eq!(p.op, OP_GROUPED);
+            p.launches[0].clone()
+        };
+        let l = grouped(32);
+        assert_eq!(l.entry, "qgemv_dense_int4_f16");
+        assert_eq!((l.grid, l.block), ([4, 3, 1], [256, 1, 1]));
         assert_eq!(&l.args[5..], &[3, 64, 96, 32].map(Arg::U32));
+        for group in [16, 48] {
+            let l = grouped(group);
+            assert_eq!(l.entry, "qmatmul_int4_f16");
+            assert_eq!((l.grid, l.block), ([16, 3, 1], [128, 1, 1]));
+        }
+        assert_eq!(
+            qmatmul_plan(DType::F32, QFormat::Mxfp4, dims(1, 64, 8, 1), None)
+                .unwrap()
+                .launches[0]
+                .entry,
+            "qmatmul_mxfp4_f32"
+        );
         // More chunks than grid.y takes: the grid is clamped, C is not (the kernel strides).
         let d = dims(8 * 70000, 16, 4, 1);
         let l = qmatmul_plan(DType::F32, QFormat::Int8, d, None)
