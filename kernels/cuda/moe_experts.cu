@@ -29,6 +29,7 @@
 
 #define GEMV_WARPS 8
 #define GEMV_ROWS 4
+#define GEMV_LOADS 4  // 16-byte weight loads per lane in flight (warp_dot_rows)
 
 // The expert of the y-th expert with at least one row (in expert order), or -1.
 __device__ __forceinline__ int nth_active_expert(const uint32_t* __restrict__ counts, uint32_t E, uint32_t y) {
@@ -55,8 +56,10 @@ __device__ __forceinline__ void warp_dot_rows(const T* __restrict__ w, const T* 
   const uint32_t lane = threadIdx.x % 32;
   if (VEC) {
     constexpr int V = Vec16<T>::N;
-    for (uint32_t v = lane; v < len / V; v += 32) {
-      const Vec16<T> wv = load_vec16_ro(w + static_cast<size_t>(v) * V);
+    const uint32_t nv = len / V;
+    // GEMV_LOADS weight vectors per lane issued before any is used (a warp keeps 2 KiB of the row in flight
+    // rather than 512 bytes), then the remainder one at a time.
+    auto step = [&](const Vec16<T>& wv, uint32_t v) {
 #pragma unroll
       for (int r = 0; r < GEMV_ROWS; ++r) {
         if (r < nrows) {
@@ -65,7 +68,16 @@ __device__ __forceinline__ void warp_dot_rows(const T* __restrict__ w, const T* 
           for (int i = 0; i < V; ++i) acc[r] = fmaf(to_float(wv.v[i]), to_float(av.v[i]), acc[r]);
         }
       }
+    };
+    uint32_t v = lane;
+    for (; v + 32 * (GEMV_LOADS - 1) < nv; v += 32 * GEMV_LOADS) {
+      Vec16<T> wv[GEMV_LOADS];
+#pragma unroll
+      for (int u = 0; u < GEMV_LOADS; ++u) wv[u] = load_vec16_ro(w + static_cast<size_t>(v + 32 * u) * V);
+#pragma unroll
+      for (int u = 0; u < GEMV_LOADS; ++u) step(wv[u], v + 32 * u);
     }
+    for (; v < nv; v += 32) step(load_vec16_ro(w + static_cast<size_t>(v) * V), v);
   } else {
     for (uint32_t k = lane; k < len; k += 32) {
       const float wk = to_float(w[k]);

@@ -25,6 +25,8 @@ pub(super) fn experts_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         (64, 4, 32, 12, 255, 80, 16),
         (513, 4, 16, 16, 136, 72, 1),
         (513, 2, 8, 6, 129, 65, 64),
+        // Decode with rows long enough for the GEMV's batches of 16-byte loads in flight, and a remainder.
+        (1, 2, 8, 8, 2072, 1104, 1),
     ];
     for &(n, k, e, pool, h, f, block) in &cases {
         let ids = rng.ids(n, k, pool);
