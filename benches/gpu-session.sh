@@ -5,7 +5,7 @@
 # Then, with the device tool:
 #   run(command: "bash benches/gpu-session.sh selftest", carry: [".device"])   # ~1-2 min
 #   run(command: "bash benches/gpu-session.sh bench",    carry: [".device"])   # ~6-9 min
-#   run(command: "bash benches/gpu-session.sh graph",    carry: [".device"])   # ~3-4 min (estimated)
+#   run(command: "bash benches/gpu-session.sh graph",    carry: [".device"])   # ~4-6 min (estimated)
 # and copy what comes back from $OUT into benches/results/ (keep the names), then
 #   moe-run results --write      # regenerates README's table from benches/results/*.json
 #
@@ -19,8 +19,9 @@
 #   graph     issue 21's eager vs CUDA-graph decode, side by side: INT4 Mixtral-8x7B, batch 1, 128 decode steps
 #             after a 32-token prompt (128 steps: the warm-up and capture steps of each run count in its rate),
 #             without and with --cuda-graph (a line on stderr says why if graphs
-#             turn themselves off; the report gives replays per decoded token).
-# Files land in $OUT (the device tool brings back at most 8 files; `all` writes 7): gpu-<run>.json per
+#             turn themselves off; the report gives replays per decoded token), and eager again with
+#             MOE_PATH=qmatmul-gemv (the older INT4 GEMV entries, against the qgemv ones of the first run).
+# Files land in $OUT (the device tool brings back at most 8 files; `all` writes 8): gpu-<run>.json per
 # bench run, every bench's text in gpu-bench.txt, gpu-selftest.txt and gpu-nvidia-smi.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -53,6 +54,8 @@ graph | all)
   dec=(--model mixtral-8x7b --random-weights --dtype bf16 --quant int4 --prompt-len 32 --gen 128 --runs 3)
   bench mixtral-8x7b-int4-eager "${dec[@]}"
   bench mixtral-8x7b-int4-graph "${dec[@]}" --cuda-graph
+  # The same eager decode with the older qmatmul_* GEMV entries instead of qgemv_*: their A/B.
+  MOE_PATH=qmatmul-gemv bench mixtral-8x7b-int4-eager-qmatmul-gemv "${dec[@]}"
   ;;&
 sanitize)
   # compute-sanitizer memcheck over the kernel self-test, one op family at a time (memcheck is slow).

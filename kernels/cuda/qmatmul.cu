@@ -21,7 +21,9 @@
 // loads of the packed row (16 int8 or 32 int4 weights per lane per step), dequantize in registers
 // (w = s * q, or w = s * (q - z) exactly as the reference) and accumulate in f32 per activation row; a warp
 // sum then gives the outputs. Larger M runs more chunks (grid y); the host sends many-row launches to the
-// tiled GEMM at the end of this file instead (no tensor cores yet).
+// tiled GEMM at the end of this file instead (no tensor cores yet), and INT4 (power-of-two group >= 32) and
+// INT8 GEMVs to the qgemv_* entries further down (same chunks and arguments, fewer instructions per weight).
+// These qmatmul_* GEMV entries stay for MXFP4, other INT4 groups, odd K, and MOE_PATH=qmatmul-gemv.
 //
 // Vector path (uniform per launch, decided on the device): int8 needs K % 16 == 0, int4 K % 32 == 0 and
 // group % 32 == 0 (one (scale, zero) per 16-byte load), mxfp4 K % 32 == 0 (one exponent per 16-byte load),

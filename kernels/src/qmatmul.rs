@@ -296,18 +296,33 @@ pub(crate) const QR_WEIGHT_ROWS: usize = 16;
 /// Threads per block of the `qgemv_*` entries.
 pub(crate) const QR_THREADS: usize = 256;
 
+thread_local! {
+    static QGEMV: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns the `qgemv_*` entries on (the default) or off for the launches this thread plans from now on; off,
+/// every INT4/INT8 GEMV takes the older `qmatmul_*` entries (`MOE_PATH=qmatmul-gemv`: an A/B of the two
+/// on a GPU). Results agree either way (both are checked against the same reference).
+pub fn set_qgemv(on: bool) {
+    QGEMV.with(|c| c.set(on));
+}
+
 /// Whether the GEMV of `fmt` over K input features runs the `qgemv_*` entries (subnormal-code dequantization,
 /// activations staged in shared memory, scale and zero per 16-byte slice; see `cuda/qmatmul.cu`) instead of the
 /// `qmatmul_*` ones: int4 with K % 32 == 0 and a power-of-two group of at least 32 (each lane's 32-weight slice
 /// inside one group, the group found by a shift), int8 with K % 16 == 0. Same chunks, arguments and output;
 /// the entry prefix, the features per block and the block size ([`QR_THREADS`]) are what change. Pure.
-/// Returns the entry prefix and the output features per block (`swiglu`: of the SwiGLU entry).
+/// Returns the entry prefix and the output features per block (`swiglu`: of the SwiGLU entry); `None` also
+/// while [`set_qgemv`] has turned them off on this thread.
 pub(crate) fn qgemv_entry(fmt: QFormat, k: usize, swiglu: bool) -> Option<(&'static str, usize)> {
-    let fits = match fmt {
-        QFormat::Int8 => k.is_multiple_of(16),
-        QFormat::Int4 { group } => k.is_multiple_of(32) && group >= 32 && group.is_power_of_two(),
-        QFormat::Mxfp4 => false,
-    };
+    let fits = QGEMV.with(|on| on.get())
+        && match fmt {
+            QFormat::Int8 => k.is_multiple_of(16),
+            QFormat::Int4 { group } => {
+                k.is_multiple_of(32) && group >= 32 && group.is_power_of_two()
+            }
+            QFormat::Mxfp4 => false,
+        };
     let features = if swiglu {
         QR_WEIGHT_ROWS / 2
     } else {
@@ -489,6 +504,15 @@ mod tests {
             .launches[0]
             .clone();
         assert_eq!((l.grid, l.args[5]), ([1, 65535, 1], Arg::U32(70000)));
+        // Turned off on this thread, the same shape takes the qmatmul entry.
+        set_qgemv(false);
+        let off = grouped(32);
+        set_qgemv(true);
+        assert_eq!(
+            (off.entry.as_str(), off.block),
+            ("qmatmul_int4_f16", [128, 1, 1])
+        );
+        assert_eq!(grouped(32).entry, "qgemv_dense_int4_f16");
         // An empty output is the caller's to handle.
         let d = dims(0, 16, 4, 1);
         assert!(qmatmul_plan(DType::F32, QFormat::Int8, d, None).is_err());

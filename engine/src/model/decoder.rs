@@ -264,6 +264,8 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let plan = PathPlan::from_env(device)?;
+        moe_kernels::set_qgemv(plan.qgemv);
         Ok(Model {
             embed: w.embed,
             layers,
@@ -272,7 +274,7 @@ impl Model {
             rope,
             mla_positions,
             dtype,
-            plan: PathPlan::from_env(device)?,
+            plan,
             device: device.clone(),
             cfg,
         })

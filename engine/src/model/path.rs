@@ -53,6 +53,10 @@ pub struct PathPlan {
     pub expert: Option<ExpertPath>,
     /// MLA's formulation when forced; `None` chooses by token count.
     pub mla: Option<MlaPath>,
+    /// Whether INT4/INT8 GEMVs on the kernel path take the `qgemv_*` entries (the default) or the
+    /// older `qmatmul_*` ones (`qmatmul-gemv`, for timing one against the other); applied to the
+    /// loading thread with [`moe_kernels::set_qgemv`].
+    pub qgemv: bool,
     /// On the CPU's candle path: the instruction set of the CPU expert and linear kernels
     /// (`moe_kernels::cpu`), or `None` for the plain references and candle's own ops
     /// (`MOE_PATH=reference`). Always `None` on a GPU.
@@ -78,6 +82,7 @@ impl PathPlan {
             expert: None,
             mla: None,
             cpu: device.is_cpu().then(Level::default_for_cpu),
+            qgemv: true,
         };
         for word in env_override.unwrap_or("").split(',').map(str::trim) {
             match word {
@@ -86,6 +91,7 @@ impl PathPlan {
                 "candle" => plan.exec = ExecPath::Candle,
                 "gemv" => plan.expert = Some(ExpertPath::Gemv),
                 "gemm" => plan.expert = Some(ExpertPath::Gemm),
+                "qmatmul-gemv" => plan.qgemv = false,
                 "absorbed" => plan.mla = Some(MlaPath::Absorbed),
                 "expanded" => plan.mla = Some(MlaPath::Expanded),
                 "simd" if device.is_cpu() => plan.cpu = Some(Level::detect()),
@@ -95,7 +101,8 @@ impl PathPlan {
                 "simd" | "portable" | "q8act" => {}
                 other => bail!(
                     "{PATH_ENV}: unknown word {other:?}; use a comma-separated list of \
-                     kernels|candle, gemv|gemm, absorbed|expanded, simd|q8act|portable|reference"
+                     kernels|candle, gemv|gemm, qmatmul-gemv, absorbed|expanded, \
+                     simd|q8act|portable|reference"
                 ),
             }
         }
@@ -211,6 +218,9 @@ mod tests {
             "bf16 is never widened"
         );
         assert!(reference.cpu_linear(&bf16w, 1).is_none());
+        assert!(PathPlan::select(&Device::Cpu, None).unwrap().qgemv);
+        let old = PathPlan::select(&Device::Cpu, Some("kernels,qmatmul-gemv")).unwrap();
+        assert!(!old.qgemv);
         let p = PathPlan::select(&Device::Cpu, Some(" kernels , gemm,absorbed ")).unwrap();
         assert_eq!(p.exec, ExecPath::Kernels);
         assert_eq!(p.expert_path(1, 1, 8), ExpertPath::Gemm);
