@@ -188,6 +188,7 @@ mod tests {
                 expert: None,
                 mla: None,
                 cpu: Some(Level::default_for_cpu()),
+                qgemv: true,
             }
         );
         assert_eq!(cpu.cpu_experts(), Some(Level::default_for_cpu()));
