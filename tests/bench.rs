@@ -750,15 +750,36 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
     })
     .unwrap();
     assert_eq!(cpu_graph.cuda_graph_replays_per_token, Some(0.0));
-    // One sequence only, refused before anything loads.
+    // Batch 3: one replay per step for all three sequences. Eager, a step launches E kernels for
+    // its 3 tokens; with graphs, one warm-up, one capture (E + 1) and 14 replays in 16 steps.
+    let batch = |cuda_graph| {
+        bench(&BenchArgs {
+            device: "emu".into(),
+            gen: 16,
+            runs: 1,
+            warmup: 0,
+            batch: 3,
+            cuda_graph,
+            ..tiny_args()
+        })
+        .unwrap()
+    };
+    let (eager3, graph3) = (batch(false), batch(true));
+    let per_step = eager3.kernel_launches_per_token.unwrap() * 3.0;
+    assert_eq!(
+        graph3.kernel_launches_per_token,
+        Some((2.0 * per_step + 15.0) / 48.0)
+    );
+    assert_eq!(graph3.cuda_graph_replays_per_token, Some(14.0 / 48.0));
+    // Graph mode times one batch size, refused before anything loads.
     let e = bench(&BenchArgs {
         cuda_graph: true,
-        batch: 2,
+        sweep: Some(moe::bench::sweep::SweepKind::Batch),
         ..tiny_args()
     })
     .unwrap_err()
     .to_string();
-    assert!(e.contains("--cuda-graph decodes one sequence"), "{e}");
+    assert!(e.contains("--cuda-graph times one batch size"), "{e}");
     let cpu = bench(&tiny_args()).unwrap();
     assert_eq!(cpu.kernel_launches_per_token, None);
     let v = serde_json::to_value(&cpu).unwrap();

@@ -55,9 +55,10 @@ pub struct BenchArgs {
     /// Hybrid placement from a routing profile (`moe-run profile`).
     #[arg(long, value_name = "FILE", conflicts_with = "n_cpu_moe")]
     pub profile: Option<std::path::PathBuf>,
-    /// Batch-1 decode steps replayed as CUDA graphs (one captured per attention key bound; a
-    /// replay counts as one kernel launch). Where the step cannot be replayed (not CUDA, the candle
-    /// path, MLA, experts in host memory, ...) it says why on stderr and decodes eagerly.
+    /// Decode steps replayed as CUDA graphs, one replay per step for all --batch sequences (one
+    /// graph captured per set of attention key bounds; a replay counts as one kernel launch). Where
+    /// the step cannot be replayed (not CUDA, the candle path, MLA's expanded form, experts in host
+    /// memory, ...) it says why on stderr and decodes eagerly. Not with --sweep.
     #[arg(long)]
     pub cuda_graph: bool,
     /// Prompt tokens per sequence.

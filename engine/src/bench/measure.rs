@@ -188,29 +188,25 @@ pub fn run_once(
     let launched = moe_kernels::launch::launched();
     let (mut graph_replays, mut graph_nodes) = (0, None);
     let t1 = Instant::now();
-    match (how.graph, &mut caches[..]) {
-        (true, [cache]) => {
-            // On the emulator, the stand-in backend (replays re-run the captured pass): the
-            // launch count of graph mode without a GPU.
-            let mut g = match moe_kernels::emu::active() {
-                true => GraphDecoder::emulated(model)?,
-                false => GraphDecoder::new(model),
-            };
-            let mut id = next[0];
-            for _ in 0..gen {
-                let logits = g.step(model, cache, id)?;
-                let am = logits.flatten_all()?.argmax(0)?;
-                id = crate::model::host::read_scalar::<u32>(&am)?;
-                tokens.push(id);
-            }
-            (graph_replays, graph_nodes) = (g.replays, g.nodes);
+    if how.graph {
+        // On the emulator, the stand-in backend (replays re-run the captured pass): the
+        // launch count of graph mode without a GPU.
+        let mut g = match moe_kernels::emu::active() {
+            true => GraphDecoder::emulated(model)?,
+            false => GraphDecoder::new(model),
+        };
+        let mut ids = next.clone();
+        for _ in 0..gen {
+            let logits = g.step_batch(model, &mut caches, &ids)?;
+            // One row of logits per sequence; one read of the B sampled ids per step.
+            let v = logits.dim(candle_core::D::Minus1)?;
+            let am = logits.reshape(((), v))?.argmax(1)?;
+            ids = crate::model::host::read_vec::<u32>(&am)?;
+            tokens.extend_from_slice(&ids);
         }
-        (true, _) => {
-            return Err(crate::Error::Input(
-                "--cuda-graph decodes one sequence: use --batch 1".into(),
-            ))
-        }
-        (false, _) => decode_steps(model, &mut caches, next.clone(), gen, None, &mut tokens)?,
+        (graph_replays, graph_nodes) = (g.replays, g.nodes);
+    } else {
+        decode_steps(model, &mut caches, next.clone(), gen, None, &mut tokens)?;
     }
     sync(&dev)?;
     let decode_s = t1.elapsed().as_secs_f64();

@@ -476,6 +476,40 @@ impl Model {
         self.forward_at(ids, cache, false, None, Some(&step))
     }
 
+    /// The decode step of one token per sequence, `ids [B]` (u32 on the device), at each cache's
+    /// `len()` with the step table it already holds ([`Model::write_step_table`] on each), neither
+    /// writing the tables nor advancing the caches: the pass a CUDA graph captures at batch B > 1,
+    /// as [`Model::forward_batch`] computes it (projections, MoE and lm_head once over the B tokens,
+    /// the attention core per sequence from its table). Returns `[B, V]` f32 logits.
+    pub fn decode_batch_in_place(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        if ids.dims() != [caches.len()] {
+            candle_core::bail!(
+                "a batched decode step takes one token per sequence: ids {:?} for {} caches",
+                ids.dims(),
+                caches.len()
+            )
+        }
+        let steps = caches
+            .iter()
+            .map(|c| match c.current_step() {
+                Some(table) => self.decode_step(c, table),
+                None => candle_core::bail!("no step table written for this decode step"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut seqs: Vec<_> = caches
+            .iter_mut()
+            .zip(&steps)
+            .map(|(c, st)| (1, c, Some(st)))
+            .collect();
+        let x = self.embed.embedding(ids)?.unsqueeze(0)?; // [1, B, H]
+        let x = self.run_layers(
+            x,
+            |i, attn, xn| self.attend_seqs(attn, xn, i, &mut seqs),
+            None,
+        )?;
+        self.logits(&x)?.squeeze(0)
+    }
+
     /// Why this model's decode step cannot be replayed as one CUDA graph (something in it reads
     /// the position on the host or reads back to the host), or `None` when it can.
     pub fn graph_blocker(&self) -> Option<String> {
@@ -568,46 +602,31 @@ impl Model {
             last.push((ids.len() - 1) as u32);
         }
         let n = ids.len();
-        let step = match &mut *seqs {
-            [s] => match self.step_table(s.cache, s.ids.len())? {
-                Some(table) => Some(self.decode_step(s.cache, table)?),
-                None => None,
-            },
-            _ => None,
-        };
+        // Each decoding sequence's step table: its attention kernels read their position from it.
+        let steps = seqs
+            .iter_mut()
+            .map(|s| {
+                self.step_table(s.cache, s.ids.len())?
+                    .map(|table| self.decode_step(s.cache, table))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         let x = self
             .embed
             .embedding(&Tensor::from_vec(ids, n, &self.device)?)?
             .unsqueeze(0)?; // [1, N, H]
+        let mut views: Vec<_> = seqs
+            .iter_mut()
+            .zip(&steps)
+            .map(|(s, st)| (s.ids.len(), &mut *s.cache, st.as_ref()))
+            .collect();
         let x = self.run_layers(
             x,
-            |i, attn, xn| {
-                if let [s] = &mut *seqs {
-                    let pos = s.cache.len();
-                    return self.attend(attn, xn, pos, &mut *s.cache, i, step.as_ref());
-                }
-                // The projections are per token: once over all N tokens, so each weight row is
-                // read once per step, not once per sequence; only the attention core is per
-                // sequence.
-                let (rope, plan) = (&self.rope, &self.plan);
-                let proj = attn.project(xn, plan)?;
-                let mut parts = Vec::with_capacity(seqs.len());
-                let mut off = 0;
-                for s in seqs.iter_mut() {
-                    let (t, pos) = (s.ids.len(), s.cache.len());
-                    let rows = proj
-                        .iter()
-                        .map(|p| p.narrow(1, off, t))
-                        .collect::<Result<Vec<_>>>()?;
-                    parts.push(attn.core(&rows, pos, rope, &mut *s.cache, i, plan, None)?);
-                    off += t;
-                }
-                attn.out().forward_on(&Tensor::cat(&parts, 1)?, plan)
-            },
+            |i, attn, xn| self.attend_seqs(attn, xn, i, &mut views),
             trace,
         )?;
-        for s in seqs.iter_mut() {
-            s.cache.advance(s.ids.len());
+        for (t, cache, _) in views {
+            cache.advance(t);
         }
         let s = last.len();
         let x = x.index_select(&Tensor::from_vec(last, s, &self.device)?, 1)?; // [1, S, H]
@@ -667,6 +686,37 @@ impl Model {
             }
         };
         Ok(DecodeStep { table, mla_mask })
+    }
+
+    /// The attention of layer `i` for `xn [1, N, H]`, the new tokens of the sequences `seqs` (new
+    /// tokens, cache, decode step) one after another. The projections are per token: once over all
+    /// N tokens, so each weight row is read once per step, not once per sequence; only the
+    /// attention core is per sequence. One sequence is [`Model::attend`].
+    fn attend_seqs(
+        &self,
+        attn: &Attn,
+        xn: &Tensor,
+        i: usize,
+        seqs: &mut [(usize, &mut KvCache, Option<&DecodeStep>)],
+    ) -> Result<Tensor> {
+        if let [(_, cache, step)] = seqs {
+            let pos = cache.len();
+            return self.attend(attn, xn, pos, cache, i, *step);
+        }
+        let (rope, plan) = (&self.rope, &self.plan);
+        let proj = attn.project(xn, plan)?;
+        let mut parts = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for (t, cache, step) in seqs.iter_mut() {
+            let (t, pos) = (*t, cache.len());
+            let rows = proj
+                .iter()
+                .map(|p| p.narrow(1, off, t))
+                .collect::<Result<Vec<_>>>()?;
+            parts.push(attn.core(&rows, pos, rope, cache, i, plan, *step)?);
+            off += t;
+        }
+        attn.out().forward_on(&Tensor::cat(&parts, 1)?, plan)
     }
 
     /// The attention of layer `i` for `xn [B, T, H]` at positions `pos..pos+T` of `cache`, with the

@@ -1,5 +1,6 @@
-//! The batch-1 decode step as a CUDA graph (`--cuda-graph`): one replay per decoded token instead of
-//! every kernel launch of the step.
+//! The decode step as a CUDA graph (`--cuda-graph`): one replay per decode step instead of every
+//! kernel launch of the step, at batch 1 or for B sequences decoding together (one cache each; the
+//! graphs are keyed by every cache's key bounds).
 //!
 //! A decode step on the kernel path reads everything that changes between steps from device memory:
 //! the token id from a tensor this decoder owns, the position, key range and cache slot of every
@@ -32,7 +33,7 @@ use candle_core::{Result, Tensor};
 
 use crate::model::host;
 use crate::model::kv_cache::KvCache;
-use crate::model::Model;
+use crate::model::{Model, SeqStep};
 
 /// A replay's logits may differ from the eager step's by no more than this share of the largest
 /// |logit| (the same kernels on the same inputs: in practice identical).
@@ -81,12 +82,14 @@ enum Slot<G> {
     Ready(G),
 }
 
-/// The capture bookkeeping of one decoder (one cache).
+/// The capture bookkeeping of one decoder (one set of caches, one per sequence).
 struct State<B: Backend> {
     backend: B,
-    /// The token id the graphs read, `[1, 1]` u32, rewritten before each step.
-    ids: Tensor,
-    /// The graphs' output, `[1, 1, V]` f32 (allocated at the first capture).
+    /// The token ids the graphs read, u32, rewritten before each step: `[1, 1]` for one sequence
+    /// (the pass of [`Model::decode_step_in_place`]), `[B]` for B (of
+    /// [`Model::decode_batch_in_place`]); sized at the first step.
+    ids: Option<Tensor>,
+    /// The graphs' output, `[1, 1, V]` or `[B, V]` f32 (allocated at the first capture).
     logits: Option<Tensor>,
     graphs: HashMap<Vec<usize>, Slot<B::Graph>>,
     /// The census of the graph captured last, until the decoder takes it.
@@ -94,48 +97,60 @@ struct State<B: Backend> {
 }
 
 impl<B: Backend> State<B> {
-    fn new(backend: B, model: &Model) -> Result<Self> {
-        Ok(State {
+    fn new(backend: B) -> Self {
+        State {
             backend,
-            ids: Tensor::zeros((1, 1), candle_core::DType::U32, model.device())?,
+            ids: None,
             logits: None,
             graphs: HashMap::new(),
             census: None,
-        })
+        }
     }
 
-    fn eager(&self, model: &Model, cache: &mut KvCache) -> Result<Tensor> {
+    /// A step run eagerly, from the token ids on the host.
+    fn eager(&self, model: &Model, caches: &mut [KvCache], ids: &[u32]) -> Result<Tensor> {
         let _cache_uploads = self.backend.cache_uploads();
-        model.forward(&self.ids, cache, false, None)
+        eager_step(model, caches, ids)
     }
 
-    fn step(&mut self, model: &Model, cache: &mut KvCache, id: u32) -> Result<Outcome> {
-        let token = Tensor::new(&[[id]], model.device())?;
-        self.ids.slice_set(&token, 0, 0)?;
-        let bounds = model.step_bounds(cache);
+    fn step(&mut self, model: &Model, caches: &mut [KvCache], ids: &[u32]) -> Result<Outcome> {
+        let dev = model.device();
+        let token = match caches.len() {
+            1 => Tensor::new(ids, dev)?.unsqueeze(0)?,
+            _ => Tensor::new(ids, dev)?,
+        };
+        let held = match &self.ids {
+            Some(t) if t.dims() == token.dims() => t.clone(),
+            Some(t) => candle_core::bail!(
+                "one graph decoder serves one batch: ids {:?}, then {:?}",
+                t.dims(),
+                token.dims()
+            ),
+            None => self.ids.insert(token.zeros_like()?).clone(),
+        };
+        held.slice_set(&token, 0, 0)?;
+        let bounds: Vec<usize> = caches.iter().flat_map(|c| model.step_bounds(c)).collect();
         match self.graphs.get(&bounds) {
             None => {
-                let l = self.eager(model, cache)?;
+                let l = self.eager(model, caches, ids)?;
                 self.graphs.insert(bounds, Slot::Warm);
                 Ok(Outcome::Logits(l, false))
             }
             Some(Slot::Ready(g)) => {
-                if !model.write_step_table(cache)? {
-                    candle_core::bail!("the decode step lost its step table")
+                for c in caches.iter_mut() {
+                    if !model.write_step_table(c)? {
+                        candle_core::bail!("the decode step lost its step table")
+                    }
                 }
                 let Some(out) = self.logits.clone() else {
                     candle_core::bail!("a graph without its output tensor")
                 };
-                let ids = &self.ids;
-                let mut pass = || {
-                    let l = model.decode_step_in_place(ids, cache)?;
-                    out.slice_set(&l, 0, 0)
-                };
+                let mut pass = || out.slice_set(&in_place_step(model, caches, &held)?, 0, 0);
                 self.backend.replay(g, &mut pass)?;
-                cache.advance(1);
+                caches.iter_mut().for_each(|c| c.advance(1));
                 Ok(Outcome::Logits(out, true))
             }
-            Some(Slot::Warm) => self.capture(model, cache, bounds),
+            Some(Slot::Warm) => self.capture(model, caches, ids, &held, bounds),
         }
     }
 
@@ -143,10 +158,12 @@ impl<B: Backend> State<B> {
     fn capture(
         &mut self,
         model: &Model,
-        cache: &mut KvCache,
+        caches: &mut [KvCache],
+        ids: &[u32],
+        held: &Tensor,
         bounds: Vec<usize>,
     ) -> Result<Outcome> {
-        let eager = self.eager(model, cache)?;
+        let eager = self.eager(model, caches, ids)?;
         let want = host::read_vec::<f32>(&eager)?;
         let out = match &self.logits {
             Some(l) => l.clone(),
@@ -156,15 +173,11 @@ impl<B: Backend> State<B> {
                 l
             }
         };
-        // Back to this step's position: the table the eager pass wrote is this step's.
-        cache.rewind(1);
-        let ids = &self.ids;
+        // Back to this step's position: the tables the eager pass wrote are this step's.
+        caches.iter_mut().for_each(|c| c.rewind(1));
         // Everything the pass allocates is freed inside it; its logits are copied into `out`,
         // which outlives it.
-        let mut pass = || {
-            let l = model.decode_step_in_place(ids, cache)?;
-            out.slice_set(&l, 0, 0)
-        };
+        let mut pass = || out.slice_set(&in_place_step(model, caches, held)?, 0, 0);
         let mark = moe_kernels::launch::launched();
         let captured = {
             let _cache_uploads = self.backend.cache_uploads();
@@ -174,14 +187,14 @@ impl<B: Backend> State<B> {
         let graph = match captured {
             Ok(g) => g,
             Err(why) => {
-                cache.advance(1);
+                caches.iter_mut().for_each(|c| c.advance(1));
                 return Ok(Outcome::Off(eager, why));
             }
         };
-        // The replay recomputes this step (rewriting the same cache slot with the same values).
+        // The replay recomputes this step (rewriting the same cache slots with the same values).
         self.backend.replay(&graph, &mut pass)?;
         moe_kernels::launch::count_graph_replay();
-        cache.advance(1);
+        caches.iter_mut().for_each(|c| c.advance(1));
         let got = host::read_vec::<f32>(&out)?;
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
         // The largest difference, NaN if any is (f32::max would skip it).
@@ -205,6 +218,38 @@ impl<B: Backend> State<B> {
     }
 }
 
+/// One decode step run eagerly from host token ids, one per cache: `[1, 1, V]` logits for one
+/// sequence ([`Model::forward`]), `[B, V]` for several ([`Model::forward_batch`]); the caches
+/// advance.
+fn eager_step(model: &Model, caches: &mut [KvCache], ids: &[u32]) -> Result<Tensor> {
+    if ids.len() != caches.len() {
+        candle_core::bail!("{} token ids for {} caches", ids.len(), caches.len())
+    }
+    match caches {
+        [cache] => {
+            let t = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+            model.forward(&t, cache, false, None)
+        }
+        _ => {
+            let mut seqs: Vec<_> = caches
+                .iter_mut()
+                .zip(ids.chunks(1))
+                .map(|(cache, ids)| SeqStep { ids, cache })
+                .collect();
+            model.forward_batch(&mut seqs, None)
+        }
+    }
+}
+
+/// The pass a graph captures: the decode step of the device token ids `ids` from the step tables
+/// the caches hold, in the shape [`eager_step`] gives.
+fn in_place_step(model: &Model, caches: &mut [KvCache], ids: &Tensor) -> Result<Tensor> {
+    match caches {
+        [cache] => model.decode_step_in_place(ids, cache),
+        _ => model.decode_batch_in_place(ids, caches),
+    }
+}
+
 /// The capture backends a decoder may hold.
 enum Engine {
     Off,
@@ -214,7 +259,7 @@ enum Engine {
     Cuda(State<cuda::Graphs>),
 }
 
-/// Decodes one token per step at batch 1, replaying captured CUDA graphs where it can.
+/// Decodes one token per sequence per step, replaying captured CUDA graphs where it can.
 pub struct GraphDecoder {
     engine: Engine,
     /// Why steps run eagerly, once said; `None` while graphs are on.
@@ -256,7 +301,7 @@ impl GraphDecoder {
             candle_core::bail!("this model's decode step cannot be replayed: {why}")
         }
         Ok(GraphDecoder {
-            engine: Engine::Emulated(State::new(Rerun, model)?),
+            engine: Engine::Emulated(State::new(Rerun)),
             off: None,
             replays: 0,
             nodes: None,
@@ -278,7 +323,7 @@ impl GraphDecoder {
 
     #[cfg(feature = "cuda")]
     fn start(&mut self, model: &Model) {
-        match cuda::Graphs::new(model).and_then(|g| State::new(g, model)) {
+        match cuda::Graphs::new(model).map(State::new) {
             Ok(s) => self.engine = Engine::Cuda(s),
             Err(e) => self.turn_off(format!("cannot set up: {e}")),
         }
@@ -293,14 +338,24 @@ impl GraphDecoder {
     /// one. A replay's logits live in the graph's output tensor until the next step. One decoder
     /// serves one cache: its graphs hold that cache's buffers.
     pub fn step(&mut self, model: &Model, cache: &mut KvCache, id: u32) -> Result<Tensor> {
+        self.step_batch(model, std::slice::from_mut(cache), &[id])
+    }
+
+    /// The decode step of B sequences, token `ids[b]` at `caches[b].len()`: `[B, V]` f32 logits
+    /// (`[1, 1, V]` for B = 1, as [`GraphDecoder::step`]), every cache advanced by one. The graphs
+    /// are keyed by every cache's key bounds and hold these caches' buffers: one decoder serves one
+    /// batch, the same caches at every step.
+    pub fn step_batch(
+        &mut self,
+        model: &Model,
+        caches: &mut [KvCache],
+        ids: &[u32],
+    ) -> Result<Tensor> {
         let outcome = match &mut self.engine {
-            Engine::Off => {
-                let ids = Tensor::new(&[id], model.device())?.unsqueeze(0)?;
-                return model.forward(&ids, cache, false, None);
-            }
-            Engine::Emulated(s) => (s.step(model, cache, id)?, s.census.take()),
+            Engine::Off => return eager_step(model, caches, ids),
+            Engine::Emulated(s) => (s.step(model, caches, ids)?, s.census.take()),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(s) => (s.step(model, cache, id)?, s.census.take()),
+            Engine::Cuda(s) => (s.step(model, caches, ids)?, s.census.take()),
         };
         if let Some(n) = outcome.1 {
             self.nodes = Some(n);
