@@ -11,7 +11,9 @@
 #
 # Stages:
 #   selftest  every kernel against its CPU reference on the GPU, plus whole-model parity of the CUDA path
-#             against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree).
+#             against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree);
+#             its qgemv_bandwidth rows time the decode GEMV (qgemv and qmatmul entries) on Mixtral's
+#             expert shapes beside a device copy of the same bytes.
 #   sanitize  (optional, a third call) compute-sanitizer memcheck over the self-test, op by op.
 #   bench     issue 9's set on Mixtral-8x7B shapes with random weights (no download): INT4 and INT8, batch 1,
 #             512-token prefill and 64 decode steps, all 32 layers (25 GB / 47 GB: fit an 80 GB H100); a

@@ -29,6 +29,7 @@
 //! `rope.rs`, `attention.rs`, `vs_candle.rs`), registered in [`CASES`].
 
 mod attention;
+mod bandwidth;
 mod combine;
 mod dispatch;
 mod experts;
@@ -136,6 +137,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("decode_attention", attention::decode_attention_cases),
     ("kv_store", attention::kv_store_cases),
     ("vs_candle", vs_candle::vs_candle_cases),
+    ("qgemv_bandwidth", bandwidth::qgemv_bandwidth_cases),
 ];
 
 /// The op names `filter` can select (a case runs when its op name contains `filter`).
