@@ -324,11 +324,12 @@ QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4)
 
 // ---- decode: qgemv, the INT4/INT8 GEMV at few instructions per weight ----------------------------------------
 // qgemv_{dense,moe,moe_swiglu}_{int8,int4}_<dtype>: the same products, chunks, arguments and outputs as the
-// qmatmul_{,moe_,moe_swiglu_}* entries above, for the shapes the host sends here (int4 with K % 32 == 0 and
-// a power-of-two group >= 32; int8 with K % 16 == 0). Batch-1 decode streams every weight once, so the weight bytes set the
-// time, and at 4.8 TB/s (H200) INT4 arrives at ~9.6e12 weights/s against ~3.4e13 lane-instructions/s: about 3.5
-// instructions per weight is all there is. The kernel above spends ~7 (byte extract, int-to-float trick, zero
-// subtract, scale multiply, activation convert and FMA per weight and row). Here, per weight and row:
+// qmatmul_{,moe_,moe_swiglu_}* entries above, for the shapes the host sends here (int4 with K % 32 == 0 and a
+// power-of-two group >= 32; int8 with K % 16 == 0). Batch-1 decode streams every weight once, so the weight bytes
+// set the time, and at 4.8 TB/s (H200) INT4 arrives at ~9.6e12 weights/s against ~3.4e13 lane-instructions/s:
+// about 3.5 instructions per weight is all there is. The kernel above spends ~8 in its sm_90 SASS (byte
+// extract, int-to-float trick, zero subtract, scale multiply, activation convert and FMA per weight and row).
+// Here, per weight and row:
 //  - one logic op makes the weight code a float: the masked code bits ARE a subnormal (int4 nibble p of a word,
 //    u & (0xF << 4p) = q 2^(4p) 2^-149 for p <= 4; the top three after one shift by 20; int8: u ^ 0x80808080
 //    makes each byte unsigned b + 128, and byte 0, 1 (mask), 2 (__byte_perm) and 3 (shift) are subnormals the
@@ -341,8 +342,10 @@ QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4)
 //    (int8) weights inside one group, and sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z S) with S = sum_k x_k of
 //    the slice, summed once per block at staging (int8: z = 128 for the biased bytes, s per row at the end).
 // So ~1.1 (int4) or 1.25 (int8) logic ops, one FFMA and a quarter of a 16-byte shared load per weight, plus
-// per-slice terms. Each lane issues all QR_LOADS 16-byte weight loads of a tile (and both rows' with SwiGLU)
-// before it uses any, so a warp keeps 2-4 KiB in flight.
+// per-slice terms (counted in the sm_90 SASS of qgemv_moe_swiglu_int4_bf16's tile loop: 272 FFMA, 268 LOP3,
+// 73 LDS and ~200 others per 256 weight-row products, ~3.2 per weight, plus ~0.4 for the staging). Each lane
+// issues the QR_LOADS 16-byte loads of a tile for both of its warp's QR_WROWS weight rows before it uses any,
+// so a warp keeps 4 KiB in flight.
 //
 // Shared layout: one tile = QR_SLICES slices (QR_LOADS per lane), 4096 int4 or 2048 int8 weights per row; slice s
 // at xs[s * (PER + 4)] (the pad of 4 floats makes the 16-byte accesses of 8 consecutive lanes, 4 * PER + 16 bytes
@@ -356,7 +359,8 @@ QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4)
 // Rows: a chunk's rows run one after another, each streaming the block's weight rows again (from L1/L2 after
 // the first), so DRAM traffic equals the chunked kernel's and batch-1 decode (one row per chunk) pays nothing.
 //
-// Launch: grid = (ceil(N / QR_WARPS), min(C, 65535)), block = QR_WARPS * 32 = 256; grid y strides over chunks.
+// Launch: grid = (ceil(N / 16), min(C, 65535)) (ceil(N / 8) with SwiGLU: QR_WARPS warps of QR_WROWS weight rows),
+// block = QR_WARPS * 32 = 256; grid y strides over chunks.
 #define QR_WARPS 8
 #define QR_WROWS 2  // weight rows per warp: two features, or one feature's gate and up rows (SwiGLU)
 #define QR_LOADS 4
