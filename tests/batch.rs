@@ -41,6 +41,7 @@ fn config(max_batch: usize, kv_budget: u64) -> BatchConfig {
         kv_budget,
         prefill_chunk: 512,
         expert_stats: true,
+        cuda_graph: false,
     }
 }
 
@@ -235,4 +236,47 @@ fn a_gone_client_is_cancelled_and_frees_its_kv() {
     assert_eq!(st.cancelled_total.load(Relaxed), 1);
     assert_eq!(st.kv_used_bytes.load(Relaxed), 0);
     assert_eq!(st.running.load(Relaxed), 0);
+}
+
+/// `serve --cuda-graph` on the kernels' emulator (the engine thread runs it when the thread that
+/// starts the engine does, and the graph decoder then takes its stand-in backend, whose replay
+/// re-runs the captured pass): four ragged prompts give the same greedy ids with and without graphs,
+/// the steps where all four decode are replayed (a new set of graphs whenever one finishes), and a
+/// CPU engine with graphs asked for runs eagerly.
+#[test]
+fn serving_with_graphs_gives_the_eager_ids() {
+    use moe::model::ExecPath;
+    let load = || {
+        let mut m = TINY_KJV.load(&LoadOptions::default()).unwrap();
+        m.set_exec_path(ExecPath::Kernels);
+        m
+    };
+    let model = load();
+    let prompts: Vec<Vec<u32>> = prompts(&model).into_iter().take(4).collect();
+    let params = greedy(10);
+    let run = |cuda_graph: bool| {
+        let _emu = moe_kernels::emu::enable().unwrap();
+        let mut cfg = config(4, u64::MAX);
+        cfg.expert_stats = false;
+        cfg.cuda_graph = cuda_graph;
+        let engine = Engine::start(load(), cfg).unwrap();
+        let out = run_batched(&engine, &prompts, &params);
+        (out, engine.stats().graph_replays_total.load(Relaxed))
+    };
+    let (eager, none) = run(false);
+    let (graphs, replays) = run(true);
+    assert_eq!(none, 0);
+    assert_eq!(graphs, eager);
+    assert!(eager.iter().all(|(ids, _)| ids.len() == 10));
+    // One step prefills all four prompts and samples each one's first token; the 9 steps after it
+    // decode all four together (they finish together): one warm-up, one capture, 7 replays.
+    assert_eq!(replays, 7);
+    // The CPU without the emulator: no graphs, the same ids.
+    let mut cfg = config(4, u64::MAX);
+    cfg.expert_stats = false;
+    cfg.cuda_graph = true;
+    let engine = Engine::start(model, cfg).unwrap();
+    let cpu = run_batched(&engine, &prompts, &params);
+    assert_eq!(engine.stats().graph_replays_total.load(Relaxed), 0);
+    assert!(cpu.iter().all(|(ids, _)| ids.len() == 10));
 }

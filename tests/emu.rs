@@ -531,7 +531,8 @@ fn the_graph_decoder_replays_batched_steps() {
             assert!(model.write_step_table(c).unwrap());
         }
         let ids = Tensor::new(&[t, t + 1, t + 2], &Device::Cpu).unwrap();
-        recs.push(record(|| model.decode_batch_in_place(&ids, &mut b).unwrap()).1);
+        let mut refs: Vec<_> = b.iter_mut().collect();
+        recs.push(record(|| model.decode_batch_in_place(&ids, &mut refs).unwrap()).1);
         b.iter_mut().for_each(|c| c.advance(1));
     }
     assert!(!recs[0].is_empty());

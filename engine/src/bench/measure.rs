@@ -191,10 +191,7 @@ pub fn run_once(
     if how.graph {
         // On the emulator, the stand-in backend (replays re-run the captured pass): the
         // launch count of graph mode without a GPU.
-        let mut g = match moe_kernels::emu::active() {
-            true => GraphDecoder::emulated(model)?,
-            false => GraphDecoder::new(model),
-        };
+        let mut g = GraphDecoder::new(model);
         let mut ids = next.clone();
         for _ in 0..gen {
             let logits = g.step_batch(model, &mut caches, &ids)?;

@@ -48,6 +48,12 @@ pub struct ServeArgs {
     /// routing back to the host every step, a sync per layer on a GPU).
     #[arg(long)]
     no_expert_metrics: bool,
+    /// Replay the steps where every running sequence decodes one token as CUDA graphs, one set per
+    /// batch membership (a request joining or leaving starts a new set). Needs
+    /// --no-expert-metrics (the count reads routing back every step); where graphs cannot work it
+    /// says why on stderr once and steps eagerly.
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -94,6 +100,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             kv_budget,
             prefill_chunk: a.prefill_chunk,
             expert_stats: !a.no_expert_metrics,
+            cuda_graph: a.cuda_graph,
         },
         chat,
         default_max_tokens: a.default_max_tokens,

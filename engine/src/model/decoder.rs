@@ -481,7 +481,11 @@ impl Model {
     /// writing the tables nor advancing the caches: the pass a CUDA graph captures at batch B > 1,
     /// as [`Model::forward_batch`] computes it (projections, MoE and lm_head once over the B tokens,
     /// the attention core per sequence from its table). Returns `[B, V]` f32 logits.
-    pub fn decode_batch_in_place(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+    pub fn decode_batch_in_place(
+        &self,
+        ids: &Tensor,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
         if ids.dims() != [caches.len()] {
             candle_core::bail!(
                 "a batched decode step takes one token per sequence: ids {:?} for {} caches",
@@ -499,7 +503,7 @@ impl Model {
         let mut seqs: Vec<_> = caches
             .iter_mut()
             .zip(&steps)
-            .map(|(c, st)| (1, c, Some(st)))
+            .map(|(c, st)| (1, &mut **c, Some(st)))
             .collect();
         let x = self.embed.embedding(ids)?.unsqueeze(0)?; // [1, B, H]
         let x = self.run_layers(

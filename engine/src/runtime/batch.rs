@@ -21,11 +21,13 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use super::generate::{validate_prompt, GenerateParams, Sampler, StopReason};
+use super::graph::GraphDecoder;
 use super::stats::RoutingStats;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
 use crate::model::{Model, SeqStep, Trace};
 use crate::spec::bytes::kv_bytes_per_sequence;
+use candle_core::Tensor;
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone)]
@@ -40,6 +42,10 @@ pub struct BatchConfig {
     pub prefill_chunk: usize,
     /// Count routed experts per layer for the metrics (reads routing to the host every layer).
     pub expert_stats: bool,
+    /// Replay the steps where every running sequence decodes one token as CUDA graphs
+    /// ([`GraphDecoder`]), one set per batch membership: a sequence joining or leaving starts a
+    /// new set. Off (one line on stderr) where graphs cannot work, and with `expert_stats`.
+    pub cuda_graph: bool,
 }
 
 /// What a request hears from the engine, in order: tokens, then exactly one `Done` or `Failed`.
@@ -90,6 +96,8 @@ pub struct EngineStats {
     pub prompt_tokens_total: AtomicU64,
     pub generated_tokens_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Steps replayed as a CUDA graph (`cuda_graph`).
+    pub graph_replays_total: AtomicU64,
     /// Wall time spent in forward passes, microseconds.
     pub busy_micros: AtomicU64,
     /// Generated tokens per second over the last second of steps (f64 bits); 0 when idle.
@@ -121,6 +129,8 @@ pub struct Engine {
 
 /// A running sequence.
 struct Seq {
+    /// Unique within the engine: which sequences a set of graphs was captured for.
+    id: u64,
     sink: Sink,
     cache: KvCache,
     kv_bytes: u64,
@@ -154,10 +164,15 @@ impl Engine {
         let context = model.cfg.max_position_embeddings;
         let (tx, rx) = mpsc::channel();
         let (st, c) = (stats.clone(), cfg.clone());
+        // The engine thread runs the kernels' emulator when the thread starting it does.
+        let emu = moe_kernels::emu::active();
         let thread = std::thread::Builder::new()
             .name("moe-engine".into())
             .spawn(move || {
                 moe_kernels::cpu::on_pool(move || {
+                    // Thread-local state of the kernels, set on the pool worker that runs the loop.
+                    let _emu = emu.then(moe_kernels::emu::enable);
+                    moe_kernels::set_qgemv(model.plan().qgemv);
                     Scheduler::new(model, c, st, kv_per_token).run(rx)
                 })
             })
@@ -252,11 +267,18 @@ struct Scheduler {
     kv_used: u64,
     /// (time, tokens) of recent steps, for the recent rate.
     recent: VecDeque<(Instant, usize)>,
+    /// The id the next admitted sequence gets.
+    next_id: u64,
+    /// The graphs of the batch with these sequence ids, in running order.
+    graphs: Option<(Vec<u64>, GraphDecoder)>,
+    /// Graphs cannot work here (said once on stderr); every step runs eagerly.
+    graphs_off: bool,
 }
 
 impl Scheduler {
     fn new(model: Model, cfg: BatchConfig, stats: Arc<EngineStats>, kv_per_token: u64) -> Self {
         Scheduler {
+            graphs_off: !cfg.cuda_graph,
             model,
             cfg,
             stats,
@@ -265,6 +287,8 @@ impl Scheduler {
             running: Vec::new(),
             kv_used: 0,
             recent: VecDeque::new(),
+            next_id: 0,
+            graphs: None,
         }
     }
 
@@ -289,6 +313,7 @@ impl Scheduler {
                 // A failed step (out of memory, a kernel error) fails the sequences in it, not
                 // the server.
                 let msg = e.to_string();
+                self.graphs = None;
                 for mut s in self.running.drain(..) {
                     (s.sink)(Event::Failed(msg.clone()));
                 }
@@ -345,7 +370,9 @@ impl Scheduler {
                 params,
                 sink,
             } = *sub;
+            self.next_id += 1;
             self.running.push(Seq {
+                id: self.next_id,
                 sink,
                 cache,
                 kv_bytes: need,
@@ -357,6 +384,30 @@ impl Scheduler {
                 sampler,
             });
         }
+    }
+
+    /// The decode step of every running sequence (`inputs` holds one token for each, in running
+    /// order) through this membership's graphs: `[B, V]` logits (`[1, 1, V]` for one sequence).
+    fn graph_step(&mut self, inputs: &[(usize, Vec<u32>, bool, bool)]) -> Result<Tensor> {
+        let members: Vec<u64> = self.running.iter().map(|s| s.id).collect();
+        let decoder = match &mut self.graphs {
+            Some((m, d)) if *m == members => d,
+            slot => {
+                let d = GraphDecoder::new(&self.model);
+                if !d.active() {
+                    self.graphs_off = true; // why was said on stderr; not asked again
+                }
+                &mut slot.insert((members, d)).1
+            }
+        };
+        let ids: Vec<u32> = inputs.iter().map(|(_, ids, _, _)| ids[0]).collect();
+        let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
+        let before = decoder.replays;
+        let logits = decoder.step_each(&self.model, &mut caches, &ids)?;
+        self.stats
+            .graph_replays_total
+            .fetch_add(decoder.replays - before, Relaxed);
+        Ok(logits)
     }
 
     /// One forward pass over the batch; samples, streams and retires sequences.
@@ -383,7 +434,21 @@ impl Scheduler {
         }
         let t0 = Instant::now();
         let mut trace = self.cfg.expert_stats.then(Trace::default);
-        let logits = {
+        // Every running sequence decoding one token: the step a graph replays.
+        let all_decode = inputs.len() == self.running.len()
+            && inputs
+                .iter()
+                .all(|(_, ids, prefill, _)| !prefill && ids.len() == 1);
+        if self.cfg.cuda_graph && trace.is_some() && !self.graphs_off {
+            eprintln!(
+                "moe-run: CUDA graphs off (the expert metrics read routing back every step: \
+                 use --no-expert-metrics); decoding with eager launches"
+            );
+            self.graphs_off = true;
+        }
+        let logits = if all_decode && !self.graphs_off {
+            self.graph_step(&inputs)?
+        } else {
             // Borrow each input's sequence cache mutably, in running order.
             let mut caches: Vec<Option<&mut KvCache>> = self
                 .running

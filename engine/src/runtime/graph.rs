@@ -108,12 +108,12 @@ impl<B: Backend> State<B> {
     }
 
     /// A step run eagerly, from the token ids on the host.
-    fn eager(&self, model: &Model, caches: &mut [KvCache], ids: &[u32]) -> Result<Tensor> {
+    fn eager(&self, model: &Model, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<Tensor> {
         let _cache_uploads = self.backend.cache_uploads();
         eager_step(model, caches, ids)
     }
 
-    fn step(&mut self, model: &Model, caches: &mut [KvCache], ids: &[u32]) -> Result<Outcome> {
+    fn step(&mut self, model: &Model, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<Outcome> {
         let dev = model.device();
         let token = match caches.len() {
             1 => Tensor::new(ids, dev)?.unsqueeze(0)?,
@@ -158,7 +158,7 @@ impl<B: Backend> State<B> {
     fn capture(
         &mut self,
         model: &Model,
-        caches: &mut [KvCache],
+        caches: &mut [&mut KvCache],
         ids: &[u32],
         held: &Tensor,
         bounds: Vec<usize>,
@@ -221,7 +221,7 @@ impl<B: Backend> State<B> {
 /// One decode step run eagerly from host token ids, one per cache: `[1, 1, V]` logits for one
 /// sequence ([`Model::forward`]), `[B, V]` for several ([`Model::forward_batch`]); the caches
 /// advance.
-fn eager_step(model: &Model, caches: &mut [KvCache], ids: &[u32]) -> Result<Tensor> {
+fn eager_step(model: &Model, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<Tensor> {
     if ids.len() != caches.len() {
         candle_core::bail!("{} token ids for {} caches", ids.len(), caches.len())
     }
@@ -243,7 +243,7 @@ fn eager_step(model: &Model, caches: &mut [KvCache], ids: &[u32]) -> Result<Tens
 
 /// The pass a graph captures: the decode step of the device token ids `ids` from the step tables
 /// the caches hold, in the shape [`eager_step`] gives.
-fn in_place_step(model: &Model, caches: &mut [KvCache], ids: &Tensor) -> Result<Tensor> {
+fn in_place_step(model: &Model, caches: &mut [&mut KvCache], ids: &Tensor) -> Result<Tensor> {
     match caches {
         [cache] => model.decode_step_in_place(ids, cache),
         _ => model.decode_batch_in_place(ids, caches),
@@ -273,9 +273,16 @@ pub struct GraphDecoder {
 }
 
 impl GraphDecoder {
-    /// A decoder for `model`; graphs are off (with the reason on stderr) where they cannot work.
+    /// A decoder for `model`; graphs are off (with the reason on stderr) where they cannot work. On a
+    /// thread running the kernels' emulator, [`GraphDecoder::emulated`]'s stand-in.
     pub fn new(model: &Model) -> Self {
-        let why = if !model.device().is_cuda() {
+        let emulator = moe_kernels::emu::active() && model.device().is_cpu();
+        let why = if emulator {
+            match model.graph_blocker() {
+                None => return Self::stand_in(),
+                blocked => blocked,
+            }
+        } else if !model.device().is_cuda() {
             Some("CUDA graphs need a CUDA device".to_string())
         } else {
             model.graph_blocker()
@@ -300,12 +307,16 @@ impl GraphDecoder {
         if let Some(why) = model.graph_blocker() {
             candle_core::bail!("this model's decode step cannot be replayed: {why}")
         }
-        Ok(GraphDecoder {
+        Ok(Self::stand_in())
+    }
+
+    fn stand_in() -> Self {
+        GraphDecoder {
             engine: Engine::Emulated(State::new(Rerun)),
             off: None,
             replays: 0,
             nodes: None,
-        })
+        }
     }
 
     /// Whether steps are replayed (no reason to run them eagerly so far).
@@ -338,7 +349,7 @@ impl GraphDecoder {
     /// one. A replay's logits live in the graph's output tensor until the next step. One decoder
     /// serves one cache: its graphs hold that cache's buffers.
     pub fn step(&mut self, model: &Model, cache: &mut KvCache, id: u32) -> Result<Tensor> {
-        self.step_batch(model, std::slice::from_mut(cache), &[id])
+        self.step_each(model, &mut [cache], &[id])
     }
 
     /// The decode step of B sequences, token `ids[b]` at `caches[b].len()`: `[B, V]` f32 logits
@@ -349,6 +360,16 @@ impl GraphDecoder {
         &mut self,
         model: &Model,
         caches: &mut [KvCache],
+        ids: &[u32],
+    ) -> Result<Tensor> {
+        self.step_each(model, &mut caches.iter_mut().collect::<Vec<_>>(), ids)
+    }
+
+    /// [`GraphDecoder::step_batch`] over caches held elsewhere (the serving engine's sequences).
+    pub fn step_each(
+        &mut self,
+        model: &Model,
+        caches: &mut [&mut KvCache],
         ids: &[u32],
     ) -> Result<Tensor> {
         let outcome = match &mut self.engine {

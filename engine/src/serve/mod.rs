@@ -220,6 +220,12 @@ async fn metrics(State(s): State<Shared>) -> Response {
         st.cancelled_total.load(Relaxed).to_string(),
     );
     put(
+        "moe_cuda_graph_replays_total",
+        "counter",
+        "Decode steps replayed as a CUDA graph (serve --cuda-graph).",
+        st.graph_replays_total.load(Relaxed).to_string(),
+    );
+    put(
         "moe_sequences_running",
         "gauge",
         "Sequences in the running batch.",
