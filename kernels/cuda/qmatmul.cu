@@ -264,34 +264,28 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
   }
 }
 
+// The argument lists of the GEMV entries (here and the qgemv_* ones below), P the params' element type: dense
+// (chunks from the host table) and MoE mode (chunks from a device dispatch; out [R, N] for the live dispatched
+// rows; row_token may be null, x then already in row order), and how they reach the templated bodies.
+#define QMM_DENSE_PARAMS(T, P)                                                                                \
+  const T *__restrict__ x, const uint8_t *__restrict__ qweight, const P *__restrict__ params,                 \
+      const uint32_t *__restrict__ chunks, T *__restrict__ out, uint32_t C, uint32_t N, uint32_t K, uint32_t group
+#define QMM_DENSE_ARGS x, qweight, params, chunks, nullptr, nullptr, nullptr, 0, out, C, N, K, group
+#define QMM_MOE_PARAMS(T, P)                                                                                  \
+  const T *__restrict__ x, const uint32_t *__restrict__ row_token, const uint32_t *__restrict__ counts,       \
+      const uint32_t *__restrict__ offsets, const uint8_t *__restrict__ qweight, const P *__restrict__ params, \
+      T *__restrict__ out, uint32_t E, uint32_t C, uint32_t N, uint32_t K, uint32_t group
+#define QMM_MOE_ARGS x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K, group
+
 #define QMATMUL_ENTRY(NAME, T, F)                                                                             \
-  extern "C" __global__ void NAME(const T* __restrict__ x, const uint8_t* __restrict__ qweight,               \
-                                  const QParamT<F>::type* __restrict__ params,                                \
-                                  const uint32_t* __restrict__ chunks, T* __restrict__ out, uint32_t C,       \
-                                  uint32_t N, uint32_t K, uint32_t group) {                                   \
-    qmatmul_impl<T, F, false>(x, qweight, params, chunks, nullptr, nullptr, nullptr, 0, out, C, N, K, group);   \
+  extern "C" __global__ void NAME(QMM_DENSE_PARAMS(T, QParamT<F>::type)) {                                   \
+    qmatmul_impl<T, F, false>(QMM_DENSE_ARGS);                                                               \
   }
 
-// MoE mode: out [R, N] for the live dispatched rows; row_token may be null (x already in row order).
-#define QMATMUL_MOE_ENTRY(NAME, T, F)                                                                         \
-  extern "C" __global__ void NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token,           \
-                                  const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets, \
-                                  const uint8_t* __restrict__ qweight,                                       \
-                                  const QParamT<F>::type* __restrict__ params, T* __restrict__ out,          \
-                                  uint32_t E, uint32_t C, uint32_t N, uint32_t K, uint32_t group) {          \
-    qmatmul_impl<T, F, true>(x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K,         \
-                             group);                                                                         \
-  }
-
-// MoE mode with the SwiGLU epilogue: qweight [E, 2N, Kb], out [R, N] = silu(x Wg^T) * (x Wu^T).
-#define QMATMUL_MOE_SWIGLU_ENTRY(NAME, T, F)                                                                  \
-  extern "C" __global__ void NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token,           \
-                                  const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets, \
-                                  const uint8_t* __restrict__ qweight,                                       \
-                                  const QParamT<F>::type* __restrict__ params, T* __restrict__ out,          \
-                                  uint32_t E, uint32_t C, uint32_t N, uint32_t K, uint32_t group) {          \
-    qmatmul_impl<T, F, true, true>(x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K,   \
-                                   group);                                                                   \
+// MoE mode; with SWIGLU the epilogue: qweight [E, 2N, Kb], out [R, N] = silu(x Wg^T) * (x Wu^T).
+#define QMATMUL_MOE_ENTRY(NAME, T, F, SWIGLU)                                                                 \
+  extern "C" __global__ void NAME(QMM_MOE_PARAMS(T, QParamT<F>::type)) {                                     \
+    qmatmul_impl<T, F, true, SWIGLU>(QMM_MOE_ARGS);                                                          \
   }
 
 QMATMUL_ENTRY(qmatmul_int8_f32, float, QF_INT8)
@@ -303,24 +297,24 @@ QMATMUL_ENTRY(qmatmul_int4_f16, __half, QF_INT4)
 QMATMUL_ENTRY(qmatmul_mxfp4_f32, float, QF_MXFP4)
 QMATMUL_ENTRY(qmatmul_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
 QMATMUL_ENTRY(qmatmul_mxfp4_f16, __half, QF_MXFP4)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f32, float, QF_INT8)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int8_bf16, __nv_bfloat16, QF_INT8)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f16, __half, QF_INT8)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f32, float, QF_INT4)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int4_bf16, __nv_bfloat16, QF_INT4)
-QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f16, __half, QF_INT4)
-QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_f32, float, QF_MXFP4)
-QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
-QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_f16, __half, QF_MXFP4)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int8_f32, float, QF_INT8)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int8_bf16, __nv_bfloat16, QF_INT8)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int8_f16, __half, QF_INT8)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int4_f32, float, QF_INT4)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int4_bf16, __nv_bfloat16, QF_INT4)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_int4_f16, __half, QF_INT4)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f32, float, QF_MXFP4)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
-QMATMUL_MOE_SWIGLU_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f32, float, QF_INT8, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_bf16, __nv_bfloat16, QF_INT8, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int8_f16, __half, QF_INT8, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f32, float, QF_INT4, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_bf16, __nv_bfloat16, QF_INT4, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_int4_f16, __half, QF_INT4, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_f32, float, QF_MXFP4, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_bf16, __nv_bfloat16, QF_MXFP4, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_mxfp4_f16, __half, QF_MXFP4, false)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_int8_f32, float, QF_INT8, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_int8_bf16, __nv_bfloat16, QF_INT8, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_int8_f16, __half, QF_INT8, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_int4_f32, float, QF_INT4, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_int4_bf16, __nv_bfloat16, QF_INT4, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_int4_f16, __half, QF_INT4, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f32, float, QF_MXFP4, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_bf16, __nv_bfloat16, QF_MXFP4, true)
+QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 
 // ---- decode: qgemv, the INT4/INT8 GEMV at few instructions per weight ----------------------------------------
 // qgemv_{dense,moe,moe_swiglu}_{int8,int4}_<dtype>: the same products, chunks, arguments and outputs as the
@@ -582,22 +576,13 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
 }
 
 #define QGEMV_DENSE_ENTRY(NAME, T, F)                                                                         \
-  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32)                                               \
-      NAME(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const __half* __restrict__ params,   \
-           const uint32_t* __restrict__ chunks, T* __restrict__ out, uint32_t C, uint32_t N, uint32_t K,       \
-           uint32_t group) {                                                                                 \
-    qgemv_impl<T, F, false, false>(x, qweight, params, chunks, nullptr, nullptr, nullptr, 0, out, C, N, K,    \
-                                   group);                                                                   \
+  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32) NAME(QMM_DENSE_PARAMS(T, __half)) {            \
+    qgemv_impl<T, F, false, false>(QMM_DENSE_ARGS);                                                          \
   }
 
 #define QGEMV_MOE_ENTRY(NAME, T, F, SWIGLU)                                                                   \
-  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32)                                               \
-      NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts, \
-           const uint32_t* __restrict__ offsets, const uint8_t* __restrict__ qweight,                        \
-           const __half* __restrict__ params, T* __restrict__ out, uint32_t E, uint32_t C, uint32_t N,        \
-           uint32_t K, uint32_t group) {                                                                      \
-    qgemv_impl<T, F, true, SWIGLU>(x, qweight, params, nullptr, row_token, counts, offsets, E, out, C, N, K,  \
-                                   group);                                                                   \
+  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32) NAME(QMM_MOE_PARAMS(T, __half)) {              \
+    qgemv_impl<T, F, true, SWIGLU>(QMM_MOE_ARGS);                                                            \
   }
 
 QGEMV_DENSE_ENTRY(qgemv_dense_int8_f32, float, QF_INT8)
