@@ -354,8 +354,10 @@ fn the_captured_pass_equals_the_eager_step() {
         assert_eq!(pass, eager, "token {token}");
         cache.advance(1);
     }
-    // Off CUDA: eager steps, the same logits as forward.
-    let mut g = GraphDecoder::new(&model);
+    // Off CUDA and off the emulator: eager steps, the same logits as forward. (On an emulator
+    // thread `new` takes the stand-in backend.)
+    assert!(GraphDecoder::new(&model).active());
+    let mut g = moe_kernels::emu::without(|| GraphDecoder::new(&model));
     assert!(!g.active());
     let mut a = model.new_cache(1, 16).unwrap();
     let mut b = model.new_cache(1, 16).unwrap();
