@@ -63,9 +63,20 @@ fn run_batched(
     prompts: &[Vec<u32>],
     params: &GenerateParams,
 ) -> Vec<(Vec<u32>, StopReason)> {
+    let each: Vec<_> = prompts.iter().map(|_| params.clone()).collect();
+    run_each(engine, prompts, &each)
+}
+
+/// [`run_batched`] with each prompt's own parameters.
+fn run_each(
+    engine: &Engine,
+    prompts: &[Vec<u32>],
+    each: &[GenerateParams],
+) -> Vec<(Vec<u32>, StopReason)> {
     let rxs: Vec<_> = prompts
         .iter()
-        .map(|p| {
+        .zip(each)
+        .map(|(p, params)| {
             let (tx, rx) = mpsc::channel();
             engine
                 .submit(Submission {
@@ -241,8 +252,9 @@ fn a_gone_client_is_cancelled_and_frees_its_kv() {
 /// `serve --cuda-graph` on the kernels' emulator (the engine thread runs it when the thread that
 /// starts the engine does, and the graph decoder then takes its stand-in backend, whose replay
 /// re-runs the captured pass): four ragged prompts give the same greedy ids with and without graphs,
-/// the steps where all four decode are replayed (a new set of graphs whenever one finishes), and a
-/// CPU engine with graphs asked for runs eagerly.
+/// the steps where all four decode are replayed, and sequences finishing one after another (a new
+/// set of graphs for each membership) still give the eager ids; a CPU engine with graphs asked for
+/// runs eagerly.
 #[test]
 fn serving_with_graphs_gives_the_eager_ids() {
     use moe::model::ExecPath;
@@ -254,23 +266,35 @@ fn serving_with_graphs_gives_the_eager_ids() {
     let model = load();
     let prompts: Vec<Vec<u32>> = prompts(&model).into_iter().take(4).collect();
     let params = greedy(10);
-    let run = |cuda_graph: bool| {
+    let run = |cuda_graph: bool, each: &[GenerateParams]| {
         let _emu = moe_kernels::emu::enable().unwrap();
         let mut cfg = config(4, u64::MAX);
         cfg.expert_stats = false;
         cfg.cuda_graph = cuda_graph;
         let engine = Engine::start(load(), cfg).unwrap();
-        let out = run_batched(&engine, &prompts, &params);
+        let out = run_each(&engine, &prompts, each);
         (out, engine.stats().graph_replays_total.load(Relaxed))
     };
-    let (eager, none) = run(false);
-    let (graphs, replays) = run(true);
+    let same = vec![params.clone(); 4];
+    let (eager, none) = run(false, &same);
+    let (graphs, replays) = run(true, &same);
     assert_eq!(none, 0);
     assert_eq!(graphs, eager);
     assert!(eager.iter().all(|(ids, _)| ids.len() == 10));
     // One step prefills all four prompts and samples each one's first token; the 9 steps after it
     // decode all four together (they finish together): one warm-up, one capture, 7 replays.
     assert_eq!(replays, 7);
+    // 4, 7, 10 and 10 tokens: after the prefill step, three decode steps with all four, three with
+    // the last three, three with the last two. Each membership warms up, captures and replays once.
+    let staggered: Vec<_> = [4, 7, 10, 10].into_iter().map(greedy).collect();
+    let (eager, _) = run(false, &staggered);
+    let (graphs, replays) = run(true, &staggered);
+    assert_eq!(graphs, eager);
+    assert_eq!(
+        graphs.iter().map(|(ids, _)| ids.len()).collect::<Vec<_>>(),
+        [4, 7, 10, 10]
+    );
+    assert_eq!(replays, 3);
     // The CPU without the emulator: no graphs, the same ids.
     let mut cfg = config(4, u64::MAX);
     cfg.expert_stats = false;
