@@ -433,6 +433,42 @@ fn every_replayable_fixture_launches_the_same_kernels_at_consecutive_steps() {
     );
 }
 
+/// INT4 tiny-kjv on the kernel path, and two identical sets of caches (1024 slots), one per prompt,
+/// prefilled on the candle path: the eager reference steps one set, the graph decoder the other.
+fn int4_kjv_prefilled(
+    prompts: &[Vec<u32>],
+) -> (
+    moe::model::Model,
+    Vec<moe::model::kv_cache::KvCache>,
+    Vec<moe::model::kv_cache::KvCache>,
+) {
+    use candle_core::{Device, Tensor};
+    use moe::model::ExecPath;
+
+    let quant = Some(moe::quant::QFormat::Int4 { group: 128 });
+    let mut model = moe::loader::embedded::TINY_KJV
+        .load(&cpu_f32(quant))
+        .unwrap();
+    model.set_exec_path(ExecPath::Candle);
+    let prefilled = || -> Vec<_> {
+        prompts
+            .iter()
+            .map(|p| {
+                let mut c = model.new_cache(1, 1024).unwrap();
+                let ids = Tensor::new(p.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                model.forward(&ids, &mut c, false, None).unwrap();
+                c
+            })
+            .collect()
+    };
+    let (a, b) = (prefilled(), prefilled());
+    model.set_exec_path(ExecPath::Kernels);
+    (model, a, b)
+}
+
 /// The graph decoder's bookkeeping (warm-up, capture with its replay check, replays, a new graph when
 /// the key bound grows) over the emulated kernels, with the stand-in backend whose replay re-runs the
 /// captured pass: every step's logits equal an eager decode's bit for bit, and the replays are the
@@ -440,31 +476,19 @@ fn every_replayable_fixture_launches_the_same_kernels_at_consecutive_steps() {
 #[test]
 fn the_graph_decoder_replays_what_eager_steps_compute() {
     use candle_core::{Device, Tensor};
-    use moe::model::ExecPath;
     use moe::runtime::graph::GraphDecoder;
 
-    let quant = Some(moe::quant::QFormat::Int4 { group: 128 });
-    let mut model = moe::loader::embedded::TINY_KJV
-        .load(&cpu_f32(quant))
-        .unwrap();
     let prompt: Vec<u32> = (0..250u32).map(|i| (i * 37 + 11) % 1000).collect();
+    let (model, mut a, mut b) = int4_kjv_prefilled(&[prompt]);
+    let (a, b) = (&mut a[0], &mut b[0]);
     let ids = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let vec = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let (mut a, mut b) = (
-        model.new_cache(1, 1024).unwrap(),
-        model.new_cache(1, 1024).unwrap(),
-    );
-    model.set_exec_path(ExecPath::Candle);
-    for c in [&mut a, &mut b] {
-        model.forward(&ids(&prompt), c, false, None).unwrap();
-    }
-    model.set_exec_path(ExecPath::Kernels);
     let _emu = moe_kernels::emu::enable().unwrap();
     let mut g = GraphDecoder::emulated(&model).unwrap();
     let mut token = 40u32;
     for step in 0..12 {
-        let want = vec(model.forward(&ids(&[token]), &mut a, false, None).unwrap());
-        let got = vec(g.step(&model, &mut b, token).unwrap());
+        let want = vec(model.forward(&ids(&[token]), a, false, None).unwrap());
+        let got = vec(g.step(&model, b, token).unwrap());
         assert_eq!(got, want, "step {step}");
         assert_eq!(b.len(), a.len());
         token = (token * 7 + 3) % 1000;
@@ -481,29 +505,12 @@ fn the_graph_decoder_replays_what_eager_steps_compute() {
 #[test]
 fn the_graph_decoder_replays_batched_steps() {
     use candle_core::{Device, Tensor};
-    use moe::model::{ExecPath, SeqStep};
+    use moe::model::SeqStep;
     use moe::runtime::graph::GraphDecoder;
     use moe_kernels::launch::record;
 
-    let quant = Some(moe::quant::QFormat::Int4 { group: 128 });
-    let mut model = moe::loader::embedded::TINY_KJV
-        .load(&cpu_f32(quant))
-        .unwrap();
     let prompt = |n: u32| -> Vec<u32> { (0..n).map(|i| (i * 37 + 11 + n) % 1000).collect() };
-    let prompts = [prompt(250), prompt(9), prompt(40)];
-    let new = || -> Vec<_> { (0..3).map(|_| model.new_cache(1, 1024).unwrap()).collect() };
-    let (mut a, mut b) = (new(), new());
-    model.set_exec_path(ExecPath::Candle);
-    for caches in [&mut a, &mut b] {
-        for (c, p) in caches.iter_mut().zip(&prompts) {
-            let ids = Tensor::new(p.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            model.forward(&ids, c, false, None).unwrap();
-        }
-    }
-    model.set_exec_path(ExecPath::Kernels);
+    let (model, mut a, mut b) = int4_kjv_prefilled(&[prompt(250), prompt(9), prompt(40)]);
     let _emu = moe_kernels::emu::enable().unwrap();
     let vec = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let eager = |caches: &mut Vec<moe::model::kv_cache::KvCache>, ids: &[u32]| {

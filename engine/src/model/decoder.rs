@@ -633,7 +633,11 @@ impl Model {
             cache.advance(t);
         }
         let s = last.len();
-        let x = x.index_select(&Tensor::from_vec(last, s, &self.device)?, 1)?; // [1, S, H]
+        // Every sequence's last token, [1, S, H]: all of x when each brought one (a decode step).
+        let x = match s == n {
+            true => x,
+            false => x.index_select(&Tensor::from_vec(last, s, &self.device)?, 1)?,
+        };
         self.logits(&x)?.squeeze(0)
     }
 

@@ -277,8 +277,15 @@ struct Scheduler {
 
 impl Scheduler {
     fn new(model: Model, cfg: BatchConfig, stats: Arc<EngineStats>, kv_per_token: u64) -> Self {
+        if cfg.cuda_graph && cfg.expert_stats {
+            eprintln!(
+                "moe-run: CUDA graphs off (the expert metrics read routing back every step: \
+                 use --no-expert-metrics); decoding with eager launches"
+            );
+        }
         Scheduler {
-            graphs_off: !cfg.cuda_graph,
+            // The expert metrics trace every step (a host read per MoE layer): no graphs.
+            graphs_off: !cfg.cuda_graph || cfg.expert_stats,
             model,
             cfg,
             stats,
@@ -439,13 +446,6 @@ impl Scheduler {
             && inputs
                 .iter()
                 .all(|(_, ids, prefill, _)| !prefill && ids.len() == 1);
-        if self.cfg.cuda_graph && trace.is_some() && !self.graphs_off {
-            eprintln!(
-                "moe-run: CUDA graphs off (the expert metrics read routing back every step: \
-                 use --no-expert-metrics); decoding with eager launches"
-            );
-            self.graphs_off = true;
-        }
         let logits = if all_decode && !self.graphs_off {
             self.graph_step(&inputs)?
         } else {
