@@ -336,22 +336,28 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 //    (int8) weights inside one group, and sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z S) with S = sum_k x_k of
 //    the slice, summed once per block at staging (int8: z = 128 for the biased bytes, s per row at the end).
 // So ~1.1 (int4) or 1.25 (int8) logic ops, one FFMA and a quarter of a 16-byte shared load per weight, plus
-// per-slice terms (counted in the sm_90 SASS of qgemv_moe_swiglu_int4_bf16's tile loop: 272 FFMA, 268 LOP3,
-// 73 LDS and ~200 others per 256 weight-row products, ~3.2 per weight, plus ~0.4 for the staging). Each lane
+// per-slice terms (counted in the sm_90 SASS of qgemv_moe_swiglu_int4_bf16's tile loop: 272 FFMA, 259 LOP3,
+// 73 LDS and ~205 others per 256 weight-row products, ~3.2 per weight, plus ~0.4 for the staging). Each lane
 // issues the QR_LOADS 16-byte loads of a tile for both of its warp's QR_WROWS weight rows before it uses any,
 // so a warp keeps 4 KiB in flight.
 //
-// Shared layout: one tile = QR_SLICES slices (QR_LOADS per lane), 4096 int4 or 2048 int8 weights per row; slice s
-// at xs[s * (PER + 4)] (the pad of 4 floats makes the 16-byte accesses of 8 consecutive lanes, 4 * PER + 16 bytes
-// apart, hit distinct banks), its sum at xsum[s]. Staging: thread t loads 16 activations (int4: half a slice, the
-// pair's sums meet by one shuffle; int8: one slice).
+// Shared layout: one tile = QR_SLICES slices (QR_LOADS per lane), 4096 int4 or 2048 int8 weights per row; for
+// activation row b of a pass, slice s at xs[b * QR_XS + s * (PER + 4)] (the pad of 4 floats makes the 16-byte
+// accesses of 8 consecutive lanes, 4 * PER + 16 bytes apart, hit distinct banks), its sum at
+// xsum[b * QR_SLICES + s]. Staging: thread t loads 16 activations of each row (int4: half a slice, the pair's sums
+// meet by one shuffle; int8: one slice).
 //
 // Exactness guard: pre-multiplied by 2^64, an activation of magnitude 2^64 or more would overflow. Staging flags
-// any |x| >= 2^62 (or inf) and such a row, as a row whose qweight is not 16-byte aligned, takes an exact path:
-// each lane walks K one weight at a time as the reference does (slow, correct).
+// any |x| >= 2^62 (or inf); a pass holding such a row, like any pass whose qweight is not 16-byte aligned (or
+// int4 params not 4-byte aligned), takes an exact path: each lane walks K one weight at a time as the reference
+// does (slow, correct).
 //
-// Rows: a chunk's rows run one after another, each streaming the block's weight rows again (from L1/L2 after
-// the first), so DRAM traffic equals the chunked kernel's and batch-1 decode (one row per chunk) pays nothing.
+// Rows: a chunk's rows go through in passes of QR_XROWS (an odd last one alone). A pass stages each of its rows
+// (row b at xs[b * QR_XS]) and unpacks every weight code once for all of them: one logic op, then one FFMA and a
+// quarter of an LDS per row (the two-row tile of qgemv_moe_swiglu_int4_bf16 in sm_90 SASS: 544 FFMA, 259 LOP3,
+// 145 LDS and ~210 others per 512 weight-row products, ~2.3 per weight and row). The next pass streams the
+// block's weight rows again (from L1/L2 after the first), so DRAM traffic equals the chunked kernel's, and batch-1
+// decode (one row per chunk) runs the one-row pass alone.
 //
 // Launch: grid = (ceil(N / 16), min(C, 65535)) (ceil(N / 8) with SwiGLU: QR_WARPS warps of QR_WROWS weight rows),
 // block = QR_WARPS * 32 = 256; grid y strides over chunks.
@@ -359,6 +365,7 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 #define QR_WROWS 2  // weight rows per warp: two features, or one feature's gate and up rows (SwiGLU)
 #define QR_LOADS 4
 #define QR_SLICES (32 * QR_LOADS)
+#define QR_XROWS 2  // activation rows per pass (a chunk's rows go two at a time, an odd last one alone)
 
 // 2^e as a float, for a constant e in the normal range.
 __device__ __forceinline__ constexpr uint32_t pow2_bits(int e) { return static_cast<uint32_t>(127 + e) << 23; }
@@ -374,47 +381,59 @@ template <int F> __device__ __forceinline__ float stage_scale(int i) {
   }
 }
 
-// sum_k xs_k q_k of one 16-byte load (32 int4 or 16 int8 codes) against its staged slice, times 2^-85.
-template <int F> __device__ __forceinline__ float slice_dot(const uint4& raw, const float* __restrict__ xs) {
+// sum_k xs_k q_k of one 16-byte load (32 int4 or 16 int8 codes) against its staged slice, times 2^-85, for each
+// of XR activation rows (row b's slice at xs + b * QR_XS<F>): each code is unpacked once for all of them.
+template <int F> constexpr uint32_t QR_XS = QR_SLICES * ((F == QF_INT4 ? 32 : 16) + 4);
+template <int F, int XR>
+__device__ __forceinline__ void slice_dot(const uint4& raw, const float* __restrict__ xs, float (&acc)[XR]) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-  float acc = 0.f;
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     if constexpr (F == QF_INT4) {
       const uint32_t u = words[t], v = u >> 20;
-      const float4 a = *reinterpret_cast<const float4*>(xs + 8 * t);
-      const float4 b = *reinterpret_cast<const float4*>(xs + 8 * t + 4);
-      acc = fmaf(a.x, __uint_as_float(u & 0xFu), acc);
-      acc = fmaf(a.y, __uint_as_float(u & 0xF0u), acc);
-      acc = fmaf(a.z, __uint_as_float(u & 0xF00u), acc);
-      acc = fmaf(a.w, __uint_as_float(u & 0xF000u), acc);
-      acc = fmaf(b.x, __uint_as_float(u & 0xF0000u), acc);
-      acc = fmaf(b.y, __uint_as_float(v & 0xFu), acc);
-      acc = fmaf(b.z, __uint_as_float(v & 0xF0u), acc);
-      acc = fmaf(b.w, __uint_as_float(v & 0xF00u), acc);
+      const float c[8] = {__uint_as_float(u & 0xFu),     __uint_as_float(u & 0xF0u),  __uint_as_float(u & 0xF00u),
+                          __uint_as_float(u & 0xF000u),  __uint_as_float(u & 0xF0000u), __uint_as_float(v & 0xFu),
+                          __uint_as_float(v & 0xF0u),    __uint_as_float(v & 0xF00u)};
+#pragma unroll
+      for (int b = 0; b < XR; ++b) {
+        const float4 a = *reinterpret_cast<const float4*>(xs + b * QR_XS<F> + 8 * t);
+        const float4 d = *reinterpret_cast<const float4*>(xs + b * QR_XS<F> + 8 * t + 4);
+        acc[b] = fmaf(a.x, c[0], acc[b]);
+        acc[b] = fmaf(a.y, c[1], acc[b]);
+        acc[b] = fmaf(a.z, c[2], acc[b]);
+        acc[b] = fmaf(a.w, c[3], acc[b]);
+        acc[b] = fmaf(d.x, c[4], acc[b]);
+        acc[b] = fmaf(d.y, c[5], acc[b]);
+        acc[b] = fmaf(d.z, c[6], acc[b]);
+        acc[b] = fmaf(d.w, c[7], acc[b]);
+      }
     } else {
       const uint32_t u = words[t] ^ 0x80808080u;
-      const float4 a = *reinterpret_cast<const float4*>(xs + 4 * t);
-      acc = fmaf(a.x, __uint_as_float(u & 0xFFu), acc);
-      acc = fmaf(a.y, __uint_as_float(u & 0xFF00u), acc);
-      acc = fmaf(a.z, __uint_as_float(__byte_perm(u, 0u, 0x4442u)), acc);
-      acc = fmaf(a.w, __uint_as_float(u >> 24), acc);
+      const float c[4] = {__uint_as_float(u & 0xFFu), __uint_as_float(u & 0xFF00u),
+                          __uint_as_float(__byte_perm(u, 0u, 0x4442u)), __uint_as_float(u >> 24)};
+#pragma unroll
+      for (int b = 0; b < XR; ++b) {
+        const float4 a = *reinterpret_cast<const float4*>(xs + b * QR_XS<F> + 4 * t);
+        acc[b] = fmaf(a.x, c[0], acc[b]);
+        acc[b] = fmaf(a.y, c[1], acc[b]);
+        acc[b] = fmaf(a.z, c[2], acc[b]);
+        acc[b] = fmaf(a.w, c[3], acc[b]);
+      }
     }
   }
-  return acc;
 }
 
-// NR weight rows' tile: this lane's slices s = lane + 32 j < ns of tile kb0 (in weights) of each live row r
-// (live[r], warp-uniform), added to tot[r] as s_g (sum x q - z S) (int4) or sum x (b + 128) - 128 S (int8; the
-// row scale comes at the end). Every row's loads are issued before any is used.
-template <int F, int NR>
+// NR weight rows' tile against XR staged activation rows: this lane's slices s = lane + 32 j < ns of tile kb0 (in
+// weights) of each live row r (live[r], warp-uniform), added to tot[r][b] as s_g (sum x q - z S) (int4) or
+// sum x (b + 128) - 128 S (int8; the row scale comes at the end). Every row's loads are issued before any is used.
+template <int F, int NR, int XR>
 __device__ __forceinline__ void qgemv_rows_tile(const uint8_t* const (&wrow)[NR], const __half* const (&prow)[NR],
                                                 const bool (&live)[NR], const float* __restrict__ xs,
                                                 const float* __restrict__ xsum, uint32_t kb0, uint32_t ns,
-                                                uint32_t gshift, uint32_t lane, float (&tot)[NR]) {
+                                                uint32_t gshift, uint32_t lane, float (&tot)[NR][XR]) {
   constexpr uint32_t PER = F == QF_INT4 ? 32 : 16, STRIDE = PER + 4;
   uint4 raw[NR][QR_LOADS];
-  __half sc[NR][QR_LOADS], zp[NR][QR_LOADS];  // int4: the slice's group scale and zero
+  __half2 sz[NR][QR_LOADS];  // int4: the slice's group (scale, zero), one 4-byte load (params checked aligned)
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
 #pragma unroll
@@ -423,10 +442,7 @@ __device__ __forceinline__ void qgemv_rows_tile(const uint8_t* const (&wrow)[NR]
       if (live[r] && s < ns) {
         const uint32_t k = kb0 + s * PER;
         raw[r][j] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + (F == QF_INT4 ? k / 2 : k)));
-        if constexpr (F == QF_INT4) {
-          sc[r][j] = __ldg(prow[r] + 2 * (k >> gshift));
-          zp[r][j] = __ldg(prow[r] + 2 * (k >> gshift) + 1);
-        }
+        if constexpr (F == QF_INT4) sz[r][j] = __ldg(reinterpret_cast<const __half2*>(prow[r] + 2 * (k >> gshift)));
       }
     }
   }
@@ -436,11 +452,19 @@ __device__ __forceinline__ void qgemv_rows_tile(const uint8_t* const (&wrow)[NR]
     for (int j = 0; j < QR_LOADS; ++j) {
       const uint32_t s = lane + 32u * j;
       if (live[r] && s < ns) {
-        const float dot = slice_dot<F>(raw[r][j], xs + s * STRIDE);
-        if constexpr (F == QF_INT4) {
-          tot[r] = fmaf(__half2float(sc[r][j]), fmaf(dot, 0x1p85f, -__half2float(zp[r][j]) * xsum[s]), tot[r]);
-        } else {
-          tot[r] += fmaf(dot, 0x1p85f, -128.f * xsum[s]);
+        float dot[XR];
+#pragma unroll
+        for (int b = 0; b < XR; ++b) dot[b] = 0.f;
+        slice_dot<F, XR>(raw[r][j], xs + s * STRIDE, dot);
+#pragma unroll
+        for (int b = 0; b < XR; ++b) {
+          const float S = xsum[b * QR_SLICES + s];
+          if constexpr (F == QF_INT4) {
+            const float2 g = __half22float2(sz[r][j]);
+            tot[r][b] = fmaf(g.x, fmaf(dot[b], 0x1p85f, -g.y * S), tot[r][b]);
+          } else {
+            tot[r][b] += fmaf(dot[b], 0x1p85f, -128.f * S);
+          }
         }
       }
     }
@@ -467,6 +491,83 @@ __device__ __forceinline__ float qgemv_row_exact(const T* __restrict__ xr, const
   return acc;
 }
 
+// One pass of XR activation rows xr[b] (output rows orow0 + b) through the warp's NR weight rows: stage each K tile
+// of every row (the block's threads, 16 activations of each row apiece), then the tile's products. `exact` (in
+// shared memory): set when the weights are misaligned or a staged |x| >= 2^62; then every row of the pass takes
+// the exact path.
+template <typename T, int F, bool SWIGLU, int NR, int XR>
+__device__ __forceinline__ void qgemv_pass(const T* const (&xr)[XR], uint32_t orow0,
+                                           const uint8_t* const (&wrow)[NR], const __half* const (&prow)[NR],
+                                           const bool (&live)[NR], bool any_live, bool vec, bool xvec,
+                                           float* __restrict__ xs, float* __restrict__ xsum, int& exact,
+                                           T* __restrict__ out, uint32_t n0, uint32_t N, uint32_t K, uint32_t group,
+                                           uint32_t gshift) {
+  constexpr bool INT4 = F == QF_INT4;
+  constexpr uint32_t PER = INT4 ? 32 : 16, STRIDE = PER + 4, TILE = QR_SLICES * PER;
+  constexpr int NF = SWIGLU ? NR / 2 : NR;
+  const uint32_t tid = threadIdx.x, lane = tid & 31u;
+  // Staging: thread t's 16 activations start at element 16 t of the tile: slice t / 2 (int4) or t (int8).
+  // (16 is a multiple of 8 and 4, so each of them is staged with stage_scale of its index j < 16.)
+  const uint32_t slice = INT4 ? tid / 2 : tid, half16 = INT4 ? (tid & 1u) * 16 : 0;
+  float tot[NR][XR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+#pragma unroll
+    for (int b = 0; b < XR; ++b) tot[r][b] = 0.f;
+  if (tid == 0) exact = !vec;
+  __syncthreads();  // the previous pass's reads of xs and `exact` are done
+  bool fallback = false;
+  for (uint32_t kb0 = 0; kb0 < K; kb0 += TILE) {
+    const uint32_t kt = min(TILE, K - kb0), ns = kt / PER;
+    const bool mine = 16 * tid < kt;
+#pragma unroll
+    for (int b = 0; b < XR; ++b) {
+      float v[16], part = 0.f;
+      if (mine) {
+        load_x16(xr[b], kb0 + 16 * tid, xvec, v);
+        bool big = false;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          part += v[j];
+          big |= fabsf(v[j]) >= 0x1p62f;  // inf too; NaN propagates on either path
+        }
+        if (big) exact = 1;
+        float* dst = xs + b * QR_XS<F> + slice * STRIDE + half16;
+#pragma unroll
+        for (int j = 0; j < 16; j += 4) {
+          const float4 q = {v[j] * stage_scale<F>(j), v[j + 1] * stage_scale<F>(j + 1),
+                            v[j + 2] * stage_scale<F>(j + 2), v[j + 3] * stage_scale<F>(j + 3)};
+          *reinterpret_cast<float4*>(dst + j) = q;
+        }
+      }
+      if constexpr (INT4) part += __shfl_xor_sync(0xffffffffu, part, 1);  // the slice's two halves
+      if (mine && half16 == 0) xsum[b * QR_SLICES + slice] = part;
+    }
+    __syncthreads();
+    fallback = exact != 0;
+    if (!fallback && any_live) qgemv_rows_tile<F, NR, XR>(wrow, prow, live, xs, xsum, kb0, ns, gshift, lane, tot);
+    __syncthreads();  // xs is restaged next
+    if (fallback) break;
+  }
+#pragma unroll
+  for (int b = 0; b < XR; ++b) {
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      if (!live[r]) continue;
+      if (fallback) tot[r][b] = qgemv_row_exact<T, F>(xr[b], wrow[r], prow[r], K, group, lane);
+      else if constexpr (!INT4) tot[r][b] *= f16_at(prow[r], 0);
+      tot[r][b] = warp_sum(tot[r][b]);
+    }
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      if (!live[f] || lane != 0) continue;
+      const float g = tot[f][b];
+      out[static_cast<size_t>(orow0 + b) * N + n0 + f] =
+          from_float<T>(SWIGLU ? g / (1.f + expf(-g)) * tot[NF + f][b] : g);
+    }
+  }
+}
+
 template <typename T, int F, bool MOE, bool SWIGLU>
 __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
                                            const __half* __restrict__ params, const uint32_t* __restrict__ chunks,
@@ -475,23 +576,19 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
                                            const uint32_t* __restrict__ offsets, uint32_t E, T* __restrict__ out,
                                            uint32_t C, uint32_t N, uint32_t K, uint32_t group) {
   constexpr bool INT4 = F == QF_INT4;
-  constexpr uint32_t PER = INT4 ? 32 : 16, STRIDE = PER + 4, TILE = QR_SLICES * PER;
-  __shared__ __align__(16) float xs[QR_SLICES * STRIDE];
-  __shared__ float xsum[QR_SLICES];
+  __shared__ __align__(16) float xs[QR_XROWS * QR_XS<F>];
+  __shared__ float xsum[QR_XROWS * QR_SLICES];
   __shared__ int exact;
-  const uint32_t tid = threadIdx.x, lane = tid & 31u;
+  const uint32_t tid = threadIdx.x;
   // This warp's NF features n0, n0 + 1, ...; its NR weight rows: one per feature, or gate and up (SwiGLU).
-  // Two rows keep ~80 registers (three blocks per SM); four took 224.
   constexpr int NR = QR_WROWS, NF = SWIGLU ? NR / 2 : NR;
   const uint32_t n0 = (blockIdx.x * QR_WARPS + (tid >> 5)) * NF;
   const bool any_live = n0 < N;  // warp-uniform; dead warps still stage and meet every barrier
   const size_t Kb = INT4 ? K / 2 : K, PR = INT4 ? 2 * static_cast<size_t>((K + group - 1) / group) : 1;
-  const bool vec = is_aligned16(qweight);  // the host checked K and group
+  // The host checked K and group; int4 also reads (scale, zero) as one 4-byte __half2.
+  const bool vec = is_aligned16(qweight) && (!INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0);
   const uint32_t gshift = INT4 ? __ffs(group) - 1 : 0;  // group is a power of two (the host checked)
   const bool xvec = is_aligned16(x);       // K % 16 == 0 keeps every row aligned too
-  // Staging: thread t's 16 activations start at element 16 t of the tile: slice t / 2 (int4) or t (int8).
-  // (16 is a multiple of 8 and 4, so each of them is staged with stage_scale of its index j < 16.)
-  const uint32_t slice = INT4 ? tid / 2 : tid, half16 = INT4 ? (tid & 1u) * 16 : 0;
 
   for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
     uint32_t e, r0, cnt;
@@ -508,7 +605,6 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
       cnt = __ldg(chunks + 3 * c + 2);
     }
     // Weight row r: feature n0 + r % NF, the up half for r >= NF (SwiGLU).
-    size_t row[NR];
     bool live[NR];
     const uint8_t* wrow[NR];
     const __half* prow[NR];
@@ -516,61 +612,28 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
     for (int r = 0; r < NR; ++r) {
       const uint32_t n = n0 + r % NF;
       live[r] = n < N;
-      row[r] = SWIGLU ? static_cast<size_t>(e) * 2 * N + (r >= NF ? N : 0) + n : static_cast<size_t>(e) * N + n;
-      wrow[r] = qweight + (live[r] ? row[r] : 0) * Kb;
-      prow[r] = params + (live[r] ? row[r] : 0) * PR;
+      const size_t row =
+          SWIGLU ? static_cast<size_t>(e) * 2 * N + (r >= NF ? N : 0) + n : static_cast<size_t>(e) * N + n;
+      wrow[r] = qweight + (live[r] ? row : 0) * Kb;
+      prow[r] = params + (live[r] ? row : 0) * PR;
     }
-    for (uint32_t i = 0; i < cnt; ++i) {
+    // The chunk's rows QR_XROWS at a time, an odd last one alone (block-uniform: cnt is the chunk's).
+    const auto xrow = [&](uint32_t i) {
       const uint32_t orow = r0 + i;  // the output row (a dispatched row in MoE mode)
-      const T* xr = x + static_cast<size_t>(MOE && row_token != nullptr ? row_token[orow] : orow) * K;
-      float tot[NR];
+      return x + static_cast<size_t>(MOE && row_token != nullptr ? row_token[orow] : orow) * K;
+    };
+    uint32_t i = 0;
+    for (; i + QR_XROWS <= cnt; i += QR_XROWS) {
+      const T* xr[QR_XROWS];
 #pragma unroll
-      for (int r = 0; r < NR; ++r) tot[r] = 0.f;
-      if (tid == 0) exact = !vec;
-      __syncthreads();  // the previous row's reads of xs and `exact` are done
-      bool fallback = false;
-      for (uint32_t kb0 = 0; kb0 < K; kb0 += TILE) {
-        const uint32_t kt = min(TILE, K - kb0), ns = kt / PER;
-        float v[16], part = 0.f;
-        const bool mine = 16 * tid < kt;
-        if (mine) {
-          load_x16(xr, kb0 + 16 * tid, xvec, v);
-          bool big = false;
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            part += v[j];
-            big |= fabsf(v[j]) >= 0x1p62f;  // inf too; NaN propagates on either path
-          }
-          if (big) exact = 1;
-          float* dst = xs + slice * STRIDE + half16;
-#pragma unroll
-          for (int j = 0; j < 16; j += 4) {
-            const float4 q = {v[j] * stage_scale<F>(j), v[j + 1] * stage_scale<F>(j + 1),
-                              v[j + 2] * stage_scale<F>(j + 2), v[j + 3] * stage_scale<F>(j + 3)};
-            *reinterpret_cast<float4*>(dst + j) = q;
-          }
-        }
-        if constexpr (INT4) part += __shfl_xor_sync(0xffffffffu, part, 1);  // the slice's two halves
-        if (mine && half16 == 0) xsum[slice] = part;
-        __syncthreads();
-        fallback = exact != 0;
-        if (!fallback && any_live) qgemv_rows_tile<F, NR>(wrow, prow, live, xs, xsum, kb0, ns, gshift, lane, tot);
-        __syncthreads();  // xs is restaged next
-        if (fallback) break;
-      }
-#pragma unroll
-      for (int r = 0; r < NR; ++r) {
-        if (!live[r]) continue;
-        if (fallback) tot[r] = qgemv_row_exact<T, F>(xr, wrow[r], prow[r], K, group, lane);
-        else if constexpr (!INT4) tot[r] *= f16_at(prow[r], 0);
-        tot[r] = warp_sum(tot[r]);
-      }
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        if (!live[f] || lane != 0) continue;
-        const float g = tot[f];
-        out[static_cast<size_t>(orow) * N + n0 + f] = from_float<T>(SWIGLU ? g / (1.f + expf(-g)) * tot[NF + f] : g);
-      }
+      for (int b = 0; b < QR_XROWS; ++b) xr[b] = xrow(i + b);
+      qgemv_pass<T, F, SWIGLU, NR, QR_XROWS>(xr, r0 + i, wrow, prow, live, any_live, vec, xvec, xs, xsum, exact, out,
+                                             n0, N, K, group, gshift);
+    }
+    if (i < cnt) {
+      const T* xr[1] = {xrow(i)};
+      qgemv_pass<T, F, SWIGLU, NR, 1>(xr, r0 + i, wrow, prow, live, any_live, vec, xvec, xs, xsum, exact, out, n0, N, K,
+                                      group, gshift);
     }
   }
 }

@@ -19,3 +19,10 @@ inline __half __float2half_rn(float x) {
   return h;
 }
 inline __half __float2half(float x) { return __float2half_rn(x); }
+
+// A pair of halves, 4-byte aligned as on the GPU (so the emulator's __ldg alignment check sees what the GPU faults on).
+struct alignas(4) __half2 {
+  __half x, y;
+};
+// float2 comes from emu.h, which is force-included in front of every kernel source.
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }

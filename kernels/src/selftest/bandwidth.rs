@@ -2,7 +2,7 @@
 //! about, for the `qgemv_*` entries and the older `qmatmul_*` ones side by side.
 //!
 //! On CUDA the shapes are Mixtral-8x7B's experts (H = 4096, F = 14336, 8 experts, one token routed to
-//! two of them, bf16 activations): the gate/up projection with its SwiGLU epilogue and the down
+//! two of them, and four tokens routed to the same two, bf16 activations): the gate/up projection with its SwiGLU epilogue and the down
 //! projection, INT4 g128 and INT8. Each case is checked against the CPU reference like every other
 //! and timed as the median of [`CALLS`] warm calls; its name carries the bytes the two live experts'
 //! weights and params hold and the rate that median gives. A device-to-device copy of the same
@@ -15,7 +15,7 @@
 
 use super::experts::live_rows;
 use super::*;
-use crate::dispatch::dispatch_reference;
+use crate::dispatch::{dispatch_reference, DispatchHost};
 use crate::experts::ExpertPath;
 use crate::qmatmul::{set_qgemv, QFormat, QMATMUL_NMSE_BF16};
 use half::f16;
@@ -120,7 +120,27 @@ fn gemv_cases(
     f: usize,
 ) -> Result<()> {
     let e = 8;
-    let d = dispatch_reference(&LIVE, LIVE.len(), e, 1)?;
+    // One token (batch-1 decode), and a batch of 4 tokens all routed to the same two experts: 4 rows per
+    // expert, the qgemv entries' two-row passes, at the same weight bytes.
+    for tokens in [1usize, 4] {
+        let ids: Vec<u32> = LIVE.repeat(tokens);
+        let d = dispatch_reference(&ids, LIVE.len(), e, 1)?;
+        gemv_batch_cases(device, rng, rows, h, f, tokens, &d)?;
+    }
+    Ok(())
+}
+
+/// [`gemv_cases`] for `tokens` tokens dispatched as `d`.
+fn gemv_batch_cases(
+    device: &Device,
+    rng: &mut Rng,
+    rows: &mut Vec<Row>,
+    h: usize,
+    f: usize,
+    tokens: usize,
+    d: &DispatchHost,
+) -> Result<()> {
+    let e = 8;
     let r = d.row_token.len();
     let dev_u32 = |v: &[u32]| Tensor::from_slice(v, v.len(), device);
     let (row_token, counts, offsets) = (
@@ -136,7 +156,7 @@ fn gemv_cases(
         for (proj, n_rows, k, gather) in [("gate_up", 2 * f, h, true), ("down", h, f, false)] {
             let (q, p) = random_experts(rng, fmt, e, n_rows, k);
             let live_bytes = LIVE.len() * n_rows * (fmt.row_bytes(k) + 2 * p.len() / (e * n_rows));
-            let x_rows = if gather { 1 } else { r };
+            let x_rows = if gather { tokens } else { r };
             let x0 = rng.vec(x_rows * k, 1.0);
             let mut pdims = vec![e, n_rows];
             pdims.extend(fmt.params_shape(k));
@@ -167,7 +187,7 @@ fn gemv_cases(
             let args = on(device)?;
             let n_out = if gather { f } else { h };
             for (entry, qgemv) in [("qgemv", true), ("qmatmul", false)] {
-                let base = format!("{entry} {proj} {fname} K={k} O={n_out}");
+                let base = format!("{entry} {proj} {fname} T={tokens} K={k} O={n_out}");
                 let res = (|| {
                     set_qgemv(qgemv);
                     let (out, plans) =
