@@ -68,6 +68,58 @@ pub fn to_device(t: &Tensor, dev: &Device) -> Result<Tensor> {
     t.to_device(dev)
 }
 
+/// Overwrites the contiguous u32 tensor `dst` with `data`, in place: on CUDA one host-to-device copy
+/// queued on the device's stream into the buffer `dst` already has (no allocation, no copy kernel,
+/// no free), on the CPU a copy into its storage. Every tensor sharing the storage sees the new
+/// values, which is how a decode step's small inputs (token ids, step tables) reach the buffers a
+/// captured CUDA graph reads. Not counted: these are the step's own numbers, not activations.
+pub fn write_u32(dst: &Tensor, data: &[u32]) -> Result<()> {
+    if dst.dtype() != candle_core::DType::U32 || dst.elem_count() != data.len() {
+        candle_core::bail!(
+            "host::write_u32: {} values into a {:?} tensor of shape {:?}",
+            data.len(),
+            dst.dtype(),
+            dst.dims()
+        )
+    }
+    dst.inplace_op1(&WriteU32(data))
+}
+
+struct WriteU32<'a>(&'a [u32]);
+
+impl WriteU32<'_> {
+    fn span(&self, l: &candle_core::Layout) -> Result<(usize, usize)> {
+        match l.contiguous_offsets() {
+            Some(s) if s.1 - s.0 == self.0.len() => Ok(s),
+            _ => candle_core::bail!("host::write_u32: the tensor must be contiguous"),
+        }
+    }
+}
+
+impl candle_core::InplaceOp1 for WriteU32<'_> {
+    fn name(&self) -> &'static str {
+        "write_u32"
+    }
+
+    fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
+        let (a, b) = self.span(l)?;
+        match s {
+            candle_core::CpuStorage::U32(v) => v[a..b].copy_from_slice(self.0),
+            _ => candle_core::bail!("host::write_u32: not a u32 tensor"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &candle_core::Layout) -> Result<()> {
+        use candle_core::cuda_backend::WrapErr;
+        let (a, b) = self.span(l)?;
+        let stream = s.device.cuda_stream();
+        let mut view = s.as_cuda_slice_mut::<u32>()?.slice_mut(a..b);
+        stream.memcpy_htod(self.0, &mut view).w()
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod pinned {
     //! Copies through one page-locked staging buffer per thread and device.
@@ -274,5 +326,24 @@ mod tests {
         let back = to_device(&h, &Device::Cpu).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), h.to_vec2::<f32>().unwrap());
         assert_eq!((reads() - r, uploads() - u), (1, 1));
+    }
+
+    #[test]
+    fn write_u32_overwrites_in_place_and_checks_its_target() {
+        let (r, u) = (reads(), uploads());
+        let t = Tensor::zeros((2, 3), candle_core::DType::U32, &Device::Cpu).unwrap();
+        let shared = t.clone();
+        write_u32(&t, &[1, 2, 3, 4, 5, 6]).unwrap();
+        // The same storage: every tensor holding it (a captured graph's view) sees the values.
+        assert_eq!(shared.to_vec2::<u32>().unwrap(), [[1, 2, 3], [4, 5, 6]]);
+        // A contiguous row of it is written where it lies.
+        write_u32(&t.narrow(0, 1, 1).unwrap(), &[7, 8, 9]).unwrap();
+        assert_eq!(shared.to_vec2::<u32>().unwrap(), [[1, 2, 3], [7, 8, 9]]);
+        assert_eq!((reads() - r, uploads() - u), (0, 0), "not counted");
+        let err = |t: &Tensor, v: &[u32]| write_u32(t, v).unwrap_err().to_string();
+        assert!(err(&t, &[1, 2]).contains("2 values into a U32 tensor of shape [2, 3]"));
+        assert!(err(&t.to_dtype(candle_core::DType::F32).unwrap(), &[0; 6]).contains("F32"));
+        assert!(err(&t.t().unwrap(), &[0; 6]).contains("contiguous"));
+        assert_eq!(shared.to_vec2::<u32>().unwrap(), [[1, 2, 3], [7, 8, 9]]);
     }
 }

@@ -214,11 +214,10 @@ impl KvCache {
                 })?);
             }
         }
-        let n = self.layers.len();
-        let fresh = Tensor::from_vec(rows, (n, 4), device)?;
         match &self.step {
-            Some(t) if t.device().same_device(device) => t.slice_set(&fresh, 0, 0)?,
-            _ => self.step = Some(fresh),
+            // One host-to-device copy into the buffer the kernels (and a captured graph) read.
+            Some(t) if t.device().same_device(device) => crate::model::host::write_u32(t, &rows)?,
+            _ => self.step = Some(Tensor::from_vec(rows, (self.layers.len(), 4), device)?),
         }
         match &self.step {
             Some(t) => Ok(t.clone()),

@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::model::host;
 use crate::model::kv_cache::KvCache;
@@ -114,21 +114,24 @@ impl<B: Backend> State<B> {
     }
 
     fn step(&mut self, model: &Model, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<Outcome> {
-        let dev = model.device();
-        let token = match caches.len() {
-            1 => Tensor::new(ids, dev)?.unsqueeze(0)?,
-            _ => Tensor::new(ids, dev)?,
+        let shape: &[usize] = match caches.len() {
+            1 => &[1, 1],
+            b => &[b],
         };
         let held = match &self.ids {
-            Some(t) if t.dims() == token.dims() => t.clone(),
+            Some(t) if t.dims() == shape => t.clone(),
             Some(t) => candle_core::bail!(
                 "one graph decoder serves one batch: ids {:?}, then {:?}",
                 t.dims(),
-                token.dims()
+                shape
             ),
-            None => self.ids.insert(token.zeros_like()?).clone(),
+            None => self
+                .ids
+                .insert(Tensor::zeros(shape, DType::U32, model.device())?)
+                .clone(),
         };
-        held.slice_set(&token, 0, 0)?;
+        // One host-to-device copy into the buffer the graphs read.
+        host::write_u32(&held, ids)?;
         let bounds: Vec<usize> = caches.iter().flat_map(|c| model.step_bounds(c)).collect();
         match self.graphs.get(&bounds) {
             None => {
