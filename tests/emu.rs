@@ -497,11 +497,12 @@ fn the_graph_decoder_replays_what_eager_steps_compute() {
     assert_eq!(g.replays, 8);
 }
 
-/// The graph decoder at batch 3 (bench --batch 3 --cuda-graph): three caches with ragged prompts (one
-/// crossing 256 keys mid-run), stepped together. Every step's logits equal eager `forward_batch`
-/// steps' bit for bit; the batched pass launches the same kernels at consecutive steps while no cache
-/// changes its key bound; graphs are keyed by all three caches' bounds, so the one bound change
-/// costs one warm-up and one capture: 12 - 4 = 8 replays.
+/// The graph decoder at batch 3 (bench --batch 3 --cuda-graph): three caches with ragged prompts (two
+/// crossing 256 keys mid-run, at steps 3 and 6), stepped together. Every step's logits equal eager
+/// `forward_batch` steps' bit for bit; the batched pass launches the same kernels at consecutive steps
+/// while the bounds stay; every cache's launches are sized for the longest sequence's keys (each
+/// cache's key floor), so only the longest one's crossing changes the graphs: one warm-up and one
+/// capture more, 12 - 4 = 8 replays (with a bound per cache, both crossings would: 6).
 #[test]
 fn the_graph_decoder_replays_batched_steps() {
     use candle_core::{Device, Tensor};
@@ -510,7 +511,7 @@ fn the_graph_decoder_replays_batched_steps() {
     use moe_kernels::launch::record;
 
     let prompt = |n: u32| -> Vec<u32> { (0..n).map(|i| (i * 37 + 11 + n) % 1000).collect() };
-    let (model, mut a, mut b) = int4_kjv_prefilled(&[prompt(250), prompt(9), prompt(40)]);
+    let (model, mut a, mut b) = int4_kjv_prefilled(&[prompt(250), prompt(9), prompt(253)]);
     let _emu = moe_kernels::emu::enable().unwrap();
     let vec = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let eager = |caches: &mut Vec<moe::model::kv_cache::KvCache>, ids: &[u32]| {

@@ -28,6 +28,8 @@ pub struct KvCache {
     /// The decode step's table on the cache's device, allocated once and rewritten in place before each
     /// kernel-path decode step ([`Self::step_table`]).
     step: Option<Tensor>,
+    /// The keys [`Self::key_bound`] sizes launches for at least ([`Self::set_key_floor`]).
+    key_floor: usize,
 }
 
 struct Layer {
@@ -74,6 +76,7 @@ impl KvCache {
             len: 0,
             capacity,
             step: None,
+            key_floor: 0,
         })
     }
 
@@ -233,11 +236,21 @@ impl KvCache {
     /// The bound a decode step's attention launch is sized for when its keys come from the step table:
     /// `keys` rounded up to a power of two (at least one kernel chunk), at most the layer's slots. A
     /// launch, and so a captured graph, serves every step up to its bound.
+    /// Never below the key floor ([`Self::set_key_floor`]).
     pub fn key_bound(&self, layer: usize, keys: usize) -> usize {
         let chunk = moe_kernels::attention::DECODE_ATTN_CHUNK;
-        keys.next_power_of_two()
+        keys.max(self.key_floor)
+            .next_power_of_two()
             .max(chunk)
             .min(self.layers[layer].slots)
+    }
+
+    /// Sizes this cache's decode launches ([`Self::key_bound`]) for at least `keys` keys from now on
+    /// (still at most each layer's slots; the keys themselves come from the step table). Sequences
+    /// decoding together in one CUDA graph share the longest one's bound, so the batch's graphs
+    /// change when the longest sequence crosses a power of two, not whenever any of them does.
+    pub fn set_key_floor(&mut self, keys: usize) {
+        self.key_floor = keys;
     }
 
     /// Writes a decode step's `k, v [B, heads, 1, d]` into `layer`'s slot `slot` in place (the kv_store

@@ -132,6 +132,12 @@ impl<B: Backend> State<B> {
         };
         // One host-to-device copy into the buffer the graphs read.
         host::write_u32(&held, ids)?;
+        // Several sequences share the longest one's key bound: their graphs change when it crosses
+        // a power of two, not whenever any of them does. (One sequence's floor is its own length: it
+        // changes no bound except a chunked layer's, which then stays at the chunk once one is full;
+        // setting it also clears a floor left by a batch the cache was in.)
+        let floor = caches.iter().map(|c| c.len() + 1).max().unwrap_or(0);
+        caches.iter_mut().for_each(|c| c.set_key_floor(floor));
         let bounds: Vec<usize> = caches.iter().flat_map(|c| model.step_bounds(c)).collect();
         match self.graphs.get(&bounds) {
             None => {
