@@ -253,8 +253,9 @@ fn a_gone_client_is_cancelled_and_frees_its_kv() {
 /// starts the engine does, and the graph decoder then takes its stand-in backend, whose replay
 /// re-runs the captured pass): four ragged prompts give the same greedy ids with and without graphs,
 /// the steps where all four decode are replayed, and sequences finishing one after another (a new
-/// set of graphs for each membership) still give the eager ids; a CPU engine with graphs asked for
-/// runs eagerly.
+/// set of graphs for each membership) still give the eager ids; under steady load a new request
+/// takes a finished one's cache and place and the graphs replay on; a CPU engine with graphs asked
+/// for runs eagerly.
 #[test]
 fn serving_with_graphs_gives_the_eager_ids() {
     use moe::model::ExecPath;
@@ -295,6 +296,39 @@ fn serving_with_graphs_gives_the_eager_ids() {
         [4, 7, 10, 10]
     );
     assert_eq!(replays, 3);
+    // Steady load, two at a time: the same prompt four times with 4, 12, 4 and 4 new tokens. The
+    // first finishes after three decode steps; the third request takes its kept cache and its
+    // place, so after its prefill step the batch is the same two caches and the graphs captured
+    // for them replay at once; then the fourth takes the third's. 1 + 3 + 3 = 7 replays (6 if the
+    // second request misses the first step); a new set of graphs per membership would give 3.
+    let same_prompt = vec![prompts[0].clone(); 4];
+    let steady: Vec<_> = [4, 12, 4, 4].into_iter().map(greedy).collect();
+    let run2 = |cuda_graph: bool| {
+        let _emu = moe_kernels::emu::enable().unwrap();
+        let mut cfg = config(2, u64::MAX);
+        cfg.expert_stats = false;
+        cfg.cuda_graph = cuda_graph;
+        let engine = Engine::start(load(), cfg).unwrap();
+        let out = run_each(&engine, &same_prompt, &steady);
+        let st = engine.stats();
+        for _ in 0..100 {
+            if st.running.load(Relaxed) == 0 && st.kv_used_bytes.load(Relaxed) == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Kept caches go back once the engine is idle.
+        assert_eq!(st.kv_used_bytes.load(Relaxed), 0);
+        (out, st.graph_replays_total.load(Relaxed))
+    };
+    let (eager, _) = run2(false);
+    let (graphs, replays) = run2(true);
+    assert_eq!(graphs, eager);
+    assert_eq!(
+        graphs.iter().map(|(ids, _)| ids.len()).collect::<Vec<_>>(),
+        [4, 12, 4, 4]
+    );
+    assert!((6..=7).contains(&replays), "{replays} replays");
     // The CPU without the emulator: no graphs, the same ids.
     let mut cfg = config(4, u64::MAX);
     cfg.expert_stats = false;

@@ -43,8 +43,11 @@ pub struct BatchConfig {
     /// Count routed experts per layer for the metrics (reads routing to the host every layer).
     pub expert_stats: bool,
     /// Replay the steps where every running sequence decodes one token as CUDA graphs
-    /// ([`GraphDecoder`]), one set per batch membership: a sequence joining or leaving starts a
-    /// new set. Off (one line on stderr) where graphs cannot work, and with `expert_stats`.
+    /// ([`GraphDecoder`]), one set per batch membership (the running sequences' KV caches, in
+    /// order). A finished sequence's cache is kept for the next request it fits, which takes the
+    /// finished one's place, so under steady load the membership and its graphs stay; a batch that
+    /// shrinks or grows starts a new set. Off (one line on stderr) where graphs cannot work, and
+    /// with `expert_stats`.
     pub cuda_graph: bool,
 }
 
@@ -129,8 +132,9 @@ pub struct Engine {
 
 /// A running sequence.
 struct Seq {
-    /// Unique within the engine: which sequences a set of graphs was captured for.
-    id: u64,
+    /// Its KV cache's id, unique within the engine (a recycled cache keeps its id): which caches a
+    /// set of graphs was captured for.
+    slot: u64,
     sink: Sink,
     cache: KvCache,
     kv_bytes: u64,
@@ -256,6 +260,15 @@ fn capacity(prompt: usize, max_new: usize, context: usize) -> usize {
         .max(prompt)
 }
 
+/// A finished sequence's KV cache, kept for the next request it fits.
+struct Spare {
+    slot: u64,
+    cache: KvCache,
+    kv_bytes: u64,
+    /// Where in `running` its sequence was.
+    at: usize,
+}
+
 /// The engine thread's state.
 struct Scheduler {
     model: Model,
@@ -264,12 +277,16 @@ struct Scheduler {
     kv_per_token: u64,
     waiting: VecDeque<Box<Submission>>,
     running: Vec<Seq>,
+    /// Caches of finished sequences kept for the next request that fits (graph mode only), with
+    /// their id, the bytes they hold (still counted in `kv_used`) and the place in `running` their
+    /// sequence left.
+    spare: Vec<Spare>,
     kv_used: u64,
     /// (time, tokens) of recent steps, for the recent rate.
     recent: VecDeque<(Instant, usize)>,
-    /// The id the next admitted sequence gets.
+    /// The id the next new KV cache gets.
     next_id: u64,
-    /// The graphs of the batch with these sequence ids, in running order.
+    /// The graphs of the batch with these cache ids, in running order.
     graphs: Option<(Vec<u64>, GraphDecoder)>,
     /// Graphs cannot work here (said once on stderr); every step runs eagerly.
     graphs_off: bool,
@@ -292,6 +309,7 @@ impl Scheduler {
             kv_per_token,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            spare: Vec::new(),
             kv_used: 0,
             recent: VecDeque::new(),
             next_id: 0,
@@ -321,10 +339,16 @@ impl Scheduler {
                 // the server.
                 let msg = e.to_string();
                 self.graphs = None;
+                self.spare.clear();
                 for mut s in self.running.drain(..) {
                     (s.sink)(Event::Failed(msg.clone()));
                 }
                 self.kv_used = 0;
+            }
+            if self.running.is_empty() {
+                // Idle: nothing to keep a membership for.
+                self.drop_spares();
+                self.graphs = None;
             }
             self.publish();
         }
@@ -341,7 +365,24 @@ impl Scheduler {
         }
     }
 
-    /// Moves waiting requests into the batch while a slot and their KV fit.
+    /// Frees the kept caches of finished sequences.
+    fn drop_spares(&mut self) {
+        for sp in self.spare.drain(..) {
+            self.kv_used = self.kv_used.saturating_sub(sp.kv_bytes);
+        }
+    }
+
+    /// The kept cache that holds `tokens` positions, the earliest place first (so that refilled
+    /// places come back in their old order); `None` when none does.
+    fn take_spare(&mut self, tokens: usize) -> Option<Spare> {
+        let i = (0..self.spare.len())
+            .filter(|&i| self.spare[i].cache.capacity() >= tokens)
+            .min_by_key(|&i| self.spare[i].at)?;
+        Some(self.spare.swap_remove(i))
+    }
+
+    /// Moves waiting requests into the batch while a slot and their KV fit. A request that fits a
+    /// finished sequence's kept cache takes it, and that sequence's place in the batch.
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_batch {
             let Some(front) = self.waiting.front() else {
@@ -353,7 +394,18 @@ impl Scheduler {
                 self.model.cfg.max_position_embeddings,
             );
             let need = self.kv_per_token.saturating_mul(tokens as u64);
-            if self.kv_used.saturating_add(need) > self.cfg.kv_budget && !self.running.is_empty() {
+            let reuse = validate_prompt(&self.model, &front.prompt)
+                .is_ok()
+                .then(|| self.take_spare(tokens))
+                .flatten();
+            if reuse.is_none() && self.kv_used.saturating_add(need) > self.cfg.kv_budget {
+                // Kept caches that fit no request give their memory back first.
+                self.drop_spares();
+            }
+            if reuse.is_none()
+                && self.kv_used.saturating_add(need) > self.cfg.kv_budget
+                && !self.running.is_empty()
+            {
                 break; // waits for a running sequence to free its KV
             }
             let Some(mut sub) = self.waiting.pop_front() else {
@@ -361,51 +413,63 @@ impl Scheduler {
             };
             self.stats.waiting.fetch_sub(1, Relaxed);
             self.stats.requests_total.fetch_add(1, Relaxed);
-            let admitted = validate_prompt(&self.model, &sub.prompt)
-                .and_then(|_| Ok(self.model.new_cache(1, tokens)?));
-            let cache = match admitted {
-                Ok(c) => c,
-                Err(e) => {
-                    (sub.sink)(Event::Failed(e.to_string()));
-                    continue;
+            let (slot, cache, kv_bytes, at) = match reuse {
+                Some(mut sp) => {
+                    sp.cache.reset();
+                    (sp.slot, sp.cache, sp.kv_bytes, sp.at)
+                }
+                None => {
+                    let admitted = validate_prompt(&self.model, &sub.prompt)
+                        .and_then(|_| Ok(self.model.new_cache(1, tokens)?));
+                    match admitted {
+                        Ok(c) => {
+                            self.kv_used += need;
+                            self.next_id += 1;
+                            (self.next_id, c, need, self.running.len())
+                        }
+                        Err(e) => {
+                            (sub.sink)(Event::Failed(e.to_string()));
+                            continue;
+                        }
+                    }
                 }
             };
-            self.kv_used += need;
             let sampler = Sampler::new(&sub.params.sampling, &sub.prompt);
             let Submission {
                 prompt,
                 params,
                 sink,
             } = *sub;
-            self.next_id += 1;
-            self.running.push(Seq {
-                id: self.next_id,
+            let seq = Seq {
+                slot,
                 sink,
                 cache,
-                kv_bytes: need,
+                kv_bytes,
                 prompt_len: prompt.len(),
                 pending: prompt,
                 next: None,
                 generated: 0,
                 params,
                 sampler,
-            });
+            };
+            self.running.insert(at.min(self.running.len()), seq);
         }
     }
 
     /// The decode step of every running sequence (`inputs` holds one token for each, in running
     /// order) through this membership's graphs: `[B, V]` logits (`[1, 1, V]` for one sequence).
     fn graph_step(&mut self, inputs: &[(usize, Vec<u32>, bool, bool)]) -> Result<Tensor> {
-        let members: Vec<u64> = self.running.iter().map(|s| s.id).collect();
-        let decoder = match &mut self.graphs {
-            Some((m, d)) if *m == members => d,
-            slot => {
-                let d = GraphDecoder::new(&self.model);
-                if !d.active() {
-                    self.graphs_off = true; // why was said on stderr; not asked again
-                }
-                &mut slot.insert((members, d)).1
+        let members: Vec<u64> = self.running.iter().map(|s| s.slot).collect();
+        if !matches!(&self.graphs, Some((m, _)) if *m == members) {
+            let d = GraphDecoder::new(&self.model);
+            if !d.active() {
+                self.graphs_off = true; // why was said on stderr; not asked again
+                self.drop_spares();
             }
+            self.graphs = Some((members, d));
+        }
+        let Some((_, decoder)) = &mut self.graphs else {
+            return Err(Error::Input("the batch's graph decoder is gone".into()));
         };
         let ids: Vec<u32> = inputs.iter().map(|(_, ids, _, _)| ids[0]).collect();
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
@@ -535,8 +599,16 @@ impl Scheduler {
             if i >= self.running.len() {
                 continue;
             }
-            let mut s = self.running.swap_remove(i);
-            self.kv_used = self.kv_used.saturating_sub(s.kv_bytes);
+            // In graph mode the order of the others stays and the cache is kept for the next
+            // request that fits (see `admit`).
+            let mut s = if self.graphs_off {
+                self.running.swap_remove(i)
+            } else {
+                self.running.remove(i)
+            };
+            if self.graphs_off {
+                self.kv_used = self.kv_used.saturating_sub(s.kv_bytes);
+            }
             // Published before the request hears it is done.
             self.stats.kv_used_bytes.store(self.kv_used, Relaxed);
             self.stats.running.store(self.running.len(), Relaxed);
@@ -545,6 +617,14 @@ impl Scheduler {
                     stop,
                     prompt_tokens: s.prompt_len,
                     completion_tokens: s.generated,
+                });
+            }
+            if !self.graphs_off {
+                self.spare.push(Spare {
+                    slot: s.slot,
+                    cache: s.cache,
+                    kv_bytes: s.kv_bytes,
+                    at: i,
                 });
             }
         }
