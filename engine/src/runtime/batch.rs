@@ -45,9 +45,10 @@ pub struct BatchConfig {
     /// Replay the steps where every running sequence decodes one token as CUDA graphs
     /// ([`GraphDecoder`]), one set per batch membership (the running sequences' KV caches, in
     /// order). A finished sequence's cache is kept for the next request it fits, which takes the
-    /// finished one's place, so under steady load the membership and its graphs stay; a batch that
-    /// shrinks or grows starts a new set. Off (one line on stderr) where graphs cannot work, and
-    /// with `expert_stats`.
+    /// finished one's place, so under steady load, and for one request after another, the
+    /// membership and its graphs stay; a batch that shrinks or grows starts a new set. Kept caches
+    /// count in the KV budget and are freed when a request needs their memory. Off (one line on
+    /// stderr) where graphs cannot work, and with `expert_stats`.
     pub cuda_graph: bool,
 }
 
@@ -345,11 +346,6 @@ impl Scheduler {
                 }
                 self.kv_used = 0;
             }
-            if self.running.is_empty() {
-                // Idle: nothing to keep a membership for.
-                self.drop_spares();
-                self.graphs = None;
-            }
             self.publish();
         }
     }
@@ -365,19 +361,24 @@ impl Scheduler {
         }
     }
 
-    /// Frees the kept caches of finished sequences.
+    /// Frees the kept caches of finished sequences, and the graphs captured for any of them.
     fn drop_spares(&mut self) {
         for sp in self.spare.drain(..) {
             self.kv_used = self.kv_used.saturating_sub(sp.kv_bytes);
+            if matches!(&self.graphs, Some((m, _)) if m.contains(&sp.slot)) {
+                self.graphs = None;
+            }
         }
     }
 
-    /// The kept cache that holds `tokens` positions, the earliest place first (so that refilled
-    /// places come back in their old order); `None` when none does.
+    /// The kept cache that holds `tokens` positions: one the current graphs were captured for
+    /// first, then the earliest place (so that refilled places come back in their old order);
+    /// `None` when none does.
     fn take_spare(&mut self, tokens: usize) -> Option<Spare> {
+        let graphed = |slot: u64| matches!(&self.graphs, Some((m, _)) if m.contains(&slot));
         let i = (0..self.spare.len())
             .filter(|&i| self.spare[i].cache.capacity() >= tokens)
-            .min_by_key(|&i| self.spare[i].at)?;
+            .min_by_key(|&i| (!graphed(self.spare[i].slot), self.spare[i].at))?;
         Some(self.spare.swap_remove(i))
     }
 

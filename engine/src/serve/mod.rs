@@ -270,7 +270,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
     put(
         "moe_kv_cache_used_bytes",
         "gauge",
-        "KV cache bytes reserved by running sequences (with --cuda-graph, also finished sequences' caches kept for the next request until the engine idles).",
+        "KV cache bytes reserved by running sequences (with --cuda-graph, also finished sequences' caches kept for the next request).",
         st.kv_used_bytes.load(Relaxed).to_string(),
     );
     put(
