@@ -771,15 +771,46 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
         Some((2.0 * per_step + 15.0) / 48.0)
     );
     assert_eq!(graph3.cuda_graph_replays_per_token, Some(14.0 / 48.0));
-    // Graph mode times one batch size, refused before anything loads.
-    let e = bench(&BenchArgs {
+    // A batch sweep in graph mode: every point decodes through the graph decoder (8 steps: one
+    // warm-up, one capture, 6 replays of all B sequences), and the report says so per point.
+    let a = BenchArgs {
+        device: "emu".into(),
+        hidden: 32,
+        ffn: 32,
+        vocab: 64,
+        experts: 4,
+        gen: 8,
+        runs: 1,
+        warmup: 0,
         cuda_graph: true,
-        sweep: Some(moe::bench::sweep::SweepKind::Batch),
+        points: Some(vec![1, 3]),
         ..tiny_args()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("--cuda-graph times one batch size"), "{e}");
+    };
+    let r = moe::bench::sweep::sweep(&a, moe::bench::sweep::SweepKind::Batch).unwrap();
+    let got: Vec<_> = r
+        .rows
+        .iter()
+        .map(|x| (x.batch, x.cuda_graph_replays_per_token))
+        .collect();
+    assert_eq!(got, [(1, Some(6.0 / 8.0)), (3, Some(6.0 / 24.0))]);
+    let text = moe::bench::report::sweep_text(&r);
+    assert!(
+        text.contains("--cuda-graph") && text.contains("replays/tok"),
+        "{text}"
+    );
+    let eager = moe::bench::sweep::sweep(
+        &BenchArgs {
+            cuda_graph: false,
+            ..a
+        },
+        moe::bench::sweep::SweepKind::Batch,
+    )
+    .unwrap();
+    assert!(eager
+        .rows
+        .iter()
+        .all(|x| x.cuda_graph_replays_per_token.is_none()));
+    assert!(!moe::bench::report::sweep_text(&eager).contains("replays/tok"));
     let cpu = bench(&tiny_args()).unwrap();
     assert_eq!(cpu.kernel_launches_per_token, None);
     let v = serde_json::to_value(&cpu).unwrap();

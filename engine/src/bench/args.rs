@@ -58,7 +58,8 @@ pub struct BenchArgs {
     /// Decode steps replayed as CUDA graphs, one replay per step for all --batch sequences (one
     /// graph captured per set of attention key bounds; a replay counts as one kernel launch). Where
     /// the step cannot be replayed (not CUDA, the candle path, MLA's expanded form, experts in host
-    /// memory, ...) it says why on stderr and decodes eagerly. Not with --sweep.
+    /// memory, ...) it says why on stderr and decodes eagerly. With --sweep, at every point (the
+    /// report adds each point's replays per decoded token).
     #[arg(long)]
     pub cuda_graph: bool,
     /// Prompt tokens per sequence.

@@ -395,24 +395,23 @@ fn check_shape(a: &BenchArgs) -> Result<()> {
             "--prompt-len, --gen, --batch and --runs must be at least 1".into(),
         ));
     }
-    if a.cuda_graph && a.sweep.is_some() {
-        return Err(Error::Input(
-            "--cuda-graph times one batch size: drop --sweep".into(),
-        ));
-    }
     Ok(())
+}
+
+/// The run's device, and for `--device emu` the emulator's scope on this thread (the CPU, every op
+/// through its kernel plan, run by the emulator), which the caller holds while it measures.
+pub(crate) fn bench_device(a: &BenchArgs) -> Result<(Device, Option<moe_kernels::emu::Scope>)> {
+    if a.device == "emu" {
+        return Ok((Device::Cpu, Some(moe_kernels::emu::enable()?)));
+    }
+    Ok((crate::loader::parse_device(&a.device)?, None))
 }
 
 /// Runs the benchmark (no printing).
 pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     check_shape(a)?;
-    // `emu`: the CPU, every op through its kernel plan, run by the emulator on this thread.
-    let emu = a.device == "emu";
-    let _emu = emu.then(moe_kernels::emu::enable).transpose()?;
-    let device = match emu {
-        true => Device::Cpu,
-        false => crate::loader::parse_device(&a.device)?,
-    };
+    let (device, emu_scope) = bench_device(a)?;
+    let emu = emu_scope.is_some();
     let dtype = dtype_of(a, &device)?;
     use crate::memory::{device_memory, pool_high_water, reset_pool_high_water};
     let used = |m: Option<(u64, u64)>| m.map(|(free, total)| total.saturating_sub(free));
@@ -602,9 +601,6 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     if let Some(path) = &a.plot {
         crate::fsio::check_output(path, "--plot", &inputs, a.force)?;
-    }
-    if a.cuda_graph {
-        check_shape(a)?; // before a sweep's minutes of measuring
     }
     let text = if let Some(kind) = a.sweep {
         let r = sweep::sweep(a, kind)?;

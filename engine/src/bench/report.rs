@@ -232,11 +232,14 @@ pub fn sweep_text(r: &SweepReport) -> String {
         r.peak_tflops.value,
         r.peak_tflops.source,
     );
+    if r.cuda_graph {
+        s.push_str("  --cuda-graph: decode steps replayed as CUDA graphs where they could be\n\n");
+    }
     let rows: Vec<Vec<String>> = r
         .rows
         .iter()
         .map(|x| {
-            vec![
+            let mut row = vec![
                 x.experts.to_string(),
                 x.top_k.to_string(),
                 x.batch.to_string(),
@@ -251,28 +254,34 @@ pub fn sweep_text(r: &SweepReport) -> String {
                 format!("{:.2}", x.experts_touched_predicted),
                 human_bytes(x.weight_bytes_measured),
                 human_bytes(x.weight_bytes_predicted),
-            ]
+            ];
+            if let Some(g) = x.cuda_graph_replays_per_token {
+                row.push(format!("{g:.2}"));
+            }
+            row
         })
         .collect();
-    s.push_str(&table(
-        &[
-            "E",
-            "k",
-            "B",
-            "decode tok/s",
-            "ms/step",
-            "roofline ms",
-            "bound",
-            "bytes/step",
-            "% roofline",
-            "experts meas",
-            "experts pred",
-            "weights meas",
-            "weights pred",
-        ],
-        &rows,
-        "rrrrrrlrrrrrr",
-    ));
+    let mut head = vec![
+        "E",
+        "k",
+        "B",
+        "decode tok/s",
+        "ms/step",
+        "roofline ms",
+        "bound",
+        "bytes/step",
+        "% roofline",
+        "experts meas",
+        "experts pred",
+        "weights meas",
+        "weights pred",
+    ];
+    let mut align = String::from("rrrrrrlrrrrrr");
+    if r.cuda_graph {
+        head.push("replays/tok");
+        align.push('r');
+    }
+    s.push_str(&table(&head, &rows, &align));
     s
 }
 

@@ -101,6 +101,10 @@ pub struct SweepRow {
     pub weight_bytes_measured: u64,
     pub weight_bytes_predicted: u64,
     pub prefill_tokens_per_s: Stat,
+    /// With `--cuda-graph`: CUDA graph replays per decoded token over the timed runs (a replay
+    /// decodes the point's B tokens; the rest of the steps warmed up, were captured or ran eagerly).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_replays_per_token: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +116,8 @@ pub struct SweepReport {
     pub prompt_len: usize,
     pub gen: usize,
     pub runs: usize,
+    /// `--cuda-graph`: decode steps replayed as CUDA graphs where they could be.
+    pub cuda_graph: bool,
     pub bandwidth_gb_s: Sourced,
     pub peak_tflops: Sourced,
     pub rows: Vec<SweepRow>,
@@ -158,7 +164,7 @@ pub fn sweep(a: &BenchArgs, kind: SweepKind) -> Result<SweepReport> {
             "--prompt-len, --gen and --batch must be at least 1".into(),
         ));
     }
-    let device = crate::loader::parse_device(&a.device)?;
+    let (device, emu_scope) = super::bench_device(a)?;
     let dtype = super::dtype_of(a, &device)?;
     let layers = a.layers.unwrap_or(2);
     let points = kind.points(a.points.as_deref())?;
@@ -174,7 +180,10 @@ pub fn sweep(a: &BenchArgs, kind: SweepKind) -> Result<SweepReport> {
             return Err(Error::Input(format!("top-k {k} exceeds {e} experts")));
         }
         let cfg = small_mixtral(layers, a.hidden, a.ffn, e, k, a.vocab)?;
-        rows.push(point(a, &cfg, v, b, dtype, &device, bw.value, peak.value)?);
+        let emu = emu_scope.is_some();
+        rows.push(point(
+            a, &cfg, v, b, dtype, &device, emu, bw.value, peak.value,
+        )?);
     }
     Ok(SweepReport {
         env: env(&device, dtype),
@@ -186,6 +195,7 @@ pub fn sweep(a: &BenchArgs, kind: SweepKind) -> Result<SweepReport> {
         prompt_len: a.prompt_len,
         gen: a.gen,
         runs: a.runs.max(1),
+        cuda_graph: a.cuda_graph,
         bandwidth_gb_s: bw,
         peak_tflops: peak,
         rows,
@@ -200,6 +210,7 @@ fn point(
     batch: usize,
     dtype: DType,
     device: &Device,
+    emu: bool,
     bw: f64,
     peak: f64,
 ) -> Result<SweepRow> {
@@ -208,7 +219,10 @@ fn point(
     let prec = super::precision_of(a, dtype, wdt)?;
     super::check_memory(a, cfg, "the sweep model", dtype, wdt, batch, device)?;
     let w = random::random_weights_as(cfg, a.seed, dtype, wdt, device, quant)?;
-    let model = Model::new(cfg.clone(), w, dtype, device)?;
+    let mut model = Model::new(cfg.clone(), w, dtype, device)?;
+    if emu {
+        model.set_exec_path(crate::model::ExecPath::Kernels);
+    }
     let samples = timed_runs(&model, a, batch)?;
     let ctx = (a.prompt_len + a.gen / 2) as u64;
     let pr = predict(cfg, prec, batch, 0, ctx, bw, peak);
@@ -248,5 +262,9 @@ fn point(
         weight_bytes_measured: model.weight_bytes() as u64,
         weight_bytes_predicted: weight_bytes(&tensor_inventory(cfg), prec),
         prefill_tokens_per_s: prefill,
+        cuda_graph_replays_per_token: a.cuda_graph.then(|| {
+            let replays: u64 = samples.iter().map(|s| s.graph_replays).sum();
+            replays as f64 / (samples.len() * batch * a.gen) as f64
+        }),
     })
 }
