@@ -348,3 +348,34 @@ fn serving_with_graphs_gives_the_eager_ids() {
     assert_eq!(engine.stats().graph_replays_total.load(Relaxed), 0);
     assert!(cpu.iter().all(|(ids, _)| ids.len() == 10));
 }
+
+/// `serve --cuda-graph` keeps the graphs of its last few batch memberships: two requests (12 and 4
+/// new tokens, so the batch shrinks to one), then, once idle, two more of the same lengths. The
+/// second pair takes the kept caches (the longer one the cache the latest graphs hold, the shorter
+/// one the other), so both its memberships, two caches and then one, are ones seen before: every
+/// decode step replays (11; 10 if the second request misses the first step), where a new set of
+/// graphs per membership would warm up and capture twice (7).
+#[test]
+fn serving_with_graphs_keeps_the_graphs_of_recent_batches() {
+    use moe::model::ExecPath;
+    let _emu = moe_kernels::emu::enable().unwrap();
+    let mut model = TINY_KJV.load(&LoadOptions::default()).unwrap();
+    model.set_exec_path(ExecPath::Kernels);
+    let prompt = prompts(&model).remove(0);
+    let mut cfg = config(2, u64::MAX);
+    cfg.expert_stats = false;
+    cfg.cuda_graph = true;
+    let engine = Engine::start(model, cfg).unwrap();
+    let pair = [prompt.clone(), prompt];
+    let each = [greedy(12), greedy(4)];
+    let replays = || engine.stats().graph_replays_total.load(Relaxed);
+    let first = run_each(&engine, &pair, &each);
+    let before = replays();
+    let second = run_each(&engine, &pair, &each);
+    assert_eq!(first, second);
+    assert!(
+        (10..=11).contains(&(replays() - before)),
+        "{} replays",
+        replays() - before
+    );
+}

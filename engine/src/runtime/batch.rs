@@ -46,9 +46,10 @@ pub struct BatchConfig {
     /// ([`GraphDecoder`]), one set per batch membership (the running sequences' KV caches, in
     /// order). A finished sequence's cache is kept for the next request it fits, which takes the
     /// finished one's place, so under steady load, and for one request after another, the
-    /// membership and its graphs stay; a batch that shrinks or grows starts a new set. Kept caches
-    /// count in the KV budget and are freed when a request needs their memory. Off (one line on
-    /// stderr) where graphs cannot work, and with `expert_stats`.
+    /// membership and its graphs stay; a batch that shrinks or grows starts a new set, and the sets
+    /// of the last few memberships are kept for when it comes back. Kept caches count in the KV
+    /// budget and are freed, with their graphs, when a request needs their memory. Off (one line
+    /// on stderr) where graphs cannot work, and with `expert_stats`.
     pub cuda_graph: bool,
 }
 
@@ -261,6 +262,9 @@ fn capacity(prompt: usize, max_new: usize, context: usize) -> usize {
         .max(prompt)
 }
 
+/// Batch memberships whose graphs the serving engine keeps.
+const GRAPH_SETS: usize = 4;
+
 /// A finished sequence's KV cache, kept for the next request it fits.
 struct Spare {
     slot: u64,
@@ -287,8 +291,10 @@ struct Scheduler {
     recent: VecDeque<(Instant, usize)>,
     /// The id the next new KV cache gets.
     next_id: u64,
-    /// The graphs of the batch with these cache ids, in running order.
-    graphs: Option<(Vec<u64>, GraphDecoder)>,
+    /// The graphs of the last [`GRAPH_SETS`] batch memberships used (cache ids, in running order),
+    /// the latest first: a batch that shrinks and grows back (one user, then two, then one again)
+    /// finds its graphs again.
+    graphs: Vec<(Vec<u64>, GraphDecoder)>,
     /// Graphs cannot work here (said once on stderr); every step runs eagerly.
     graphs_off: bool,
 }
@@ -314,7 +320,7 @@ impl Scheduler {
             kv_used: 0,
             recent: VecDeque::new(),
             next_id: 0,
-            graphs: None,
+            graphs: Vec::new(),
         }
     }
 
@@ -339,7 +345,7 @@ impl Scheduler {
                 // A failed step (out of memory, a kernel error) fails the sequences in it, not
                 // the server.
                 let msg = e.to_string();
-                self.graphs = None;
+                self.graphs.clear();
                 self.spare.clear();
                 for mut s in self.running.drain(..) {
                     (s.sink)(Event::Failed(msg.clone()));
@@ -365,9 +371,7 @@ impl Scheduler {
     fn drop_spares(&mut self) {
         for sp in self.spare.drain(..) {
             self.kv_used = self.kv_used.saturating_sub(sp.kv_bytes);
-            if matches!(&self.graphs, Some((m, _)) if m.contains(&sp.slot)) {
-                self.graphs = None;
-            }
+            self.graphs.retain(|(m, _)| !m.contains(&sp.slot));
         }
     }
 
@@ -375,7 +379,7 @@ impl Scheduler {
     /// first, then the earliest place (so that refilled places come back in their old order);
     /// `None` when none does.
     fn take_spare(&mut self, tokens: usize) -> Option<Spare> {
-        let graphed = |slot: u64| matches!(&self.graphs, Some((m, _)) if m.contains(&slot));
+        let graphed = |slot: u64| self.graphs.first().is_some_and(|(m, _)| m.contains(&slot));
         let i = (0..self.spare.len())
             .filter(|&i| self.spare[i].cache.capacity() >= tokens)
             .min_by_key(|&i| (!graphed(self.spare[i].slot), self.spare[i].at))?;
@@ -461,15 +465,19 @@ impl Scheduler {
     /// order) through this membership's graphs: `[B, V]` logits (`[1, 1, V]` for one sequence).
     fn graph_step(&mut self, inputs: &[(usize, Vec<u32>, bool, bool)]) -> Result<Tensor> {
         let members: Vec<u64> = self.running.iter().map(|s| s.slot).collect();
-        if !matches!(&self.graphs, Some((m, _)) if *m == members) {
-            let d = GraphDecoder::new(&self.model);
-            if !d.active() {
-                self.graphs_off = true; // why was said on stderr; not asked again
-                self.drop_spares();
+        match self.graphs.iter().position(|(m, _)| *m == members) {
+            Some(i) => self.graphs[..=i].rotate_right(1), // the latest first
+            None => {
+                let d = GraphDecoder::new(&self.model);
+                if !d.active() {
+                    self.graphs_off = true; // why was said on stderr; not asked again
+                    self.drop_spares();
+                }
+                self.graphs.insert(0, (members, d));
+                self.graphs.truncate(GRAPH_SETS);
             }
-            self.graphs = Some((members, d));
         }
-        let Some((_, decoder)) = &mut self.graphs else {
+        let Some((_, decoder)) = self.graphs.first_mut() else {
             return Err(Error::Input("the batch's graph decoder is gone".into()));
         };
         let ids: Vec<u32> = inputs.iter().map(|(_, ids, _, _)| ids[0]).collect();
