@@ -254,7 +254,7 @@ fn a_gone_client_is_cancelled_and_frees_its_kv() {
 /// re-runs the captured pass): four ragged prompts give the same greedy ids with and without graphs,
 /// the steps where all four decode are replayed, and sequences finishing one after another (a new
 /// set of graphs for each membership) still give the eager ids; under steady load a new request
-/// takes a finished one's cache and place and the graphs replay on; a CPU engine with graphs asked
+/// takes a finished one's cache and the graphs replay on; a CPU engine with graphs asked
 /// for runs eagerly.
 #[test]
 fn serving_with_graphs_gives_the_eager_ids() {
@@ -298,7 +298,7 @@ fn serving_with_graphs_gives_the_eager_ids() {
     assert_eq!(replays, 3);
     // Steady load, two at a time: the same prompt three times with 4, 12 and 4 new tokens. The
     // first finishes after three decode steps (warm-up, capture, one replay); the third request
-    // takes its kept cache and its place, so after its prefill step the batch is the same two
+    // takes its kept cache, so after its prefill step the batch is the same two
     // caches and their graphs replay at once (3); then the second runs alone (a new one-cache
     // batch: warm-up, capture, 2 replays). 1 + 3 + 2 = 6 (5 if the second request misses the first
     // step); a new set of graphs per membership would give 1 + 1 + 2 = 4.

@@ -43,10 +43,9 @@ pub struct BatchConfig {
     /// Count routed experts per layer for the metrics (reads routing to the host every layer).
     pub expert_stats: bool,
     /// Replay the steps where every running sequence decodes one token as CUDA graphs
-    /// ([`GraphDecoder`]), one set per batch membership (the running sequences' KV caches, in
-    /// order). A finished sequence's cache is kept for the next request it fits, which takes the
-    /// finished one's place, so under steady load, and for one request after another, the
-    /// membership and its graphs stay; a batch that shrinks or grows starts a new set, and the sets
+    /// ([`GraphDecoder`]), one set per batch membership (the running sequences' KV caches, kept
+    /// in cache-id order). A finished sequence's cache is kept for the next request it fits, so
+    /// under steady load, and for one request after another, the membership and its graphs stay; a batch that shrinks or grows starts a new set, and the sets
     /// of the last few memberships are kept for when it comes back. Kept caches count in the KV
     /// budget and are freed, with their graphs, when a request needs their memory. Off (one line
     /// on stderr) where graphs cannot work, and with `expert_stats`.
@@ -270,8 +269,6 @@ struct Spare {
     slot: u64,
     cache: KvCache,
     kv_bytes: u64,
-    /// Where in `running` its sequence was.
-    at: usize,
 }
 
 /// The engine thread's state.
@@ -283,15 +280,15 @@ struct Scheduler {
     waiting: VecDeque<Box<Submission>>,
     running: Vec<Seq>,
     /// Caches of finished sequences kept for the next request that fits (graph mode only), with
-    /// their id, the bytes they hold (still counted in `kv_used`) and the place in `running` their
-    /// sequence left.
+    /// their id and the bytes they hold (still counted in `kv_used`).
     spare: Vec<Spare>,
     kv_used: u64,
     /// (time, tokens) of recent steps, for the recent rate.
     recent: VecDeque<(Instant, usize)>,
     /// The id the next new KV cache gets.
     next_id: u64,
-    /// The graphs of the last [`GRAPH_SETS`] batch memberships used (cache ids, in running order),
+    /// The graphs of the last [`GRAPH_SETS`] batch memberships used (cache ids, in running order,
+    /// which is id order in graph mode),
     /// the latest first: a batch that shrinks and grows back (one user, then two, then one again)
     /// finds its graphs again.
     graphs: Vec<(Vec<u64>, GraphDecoder)>,
@@ -375,19 +372,19 @@ impl Scheduler {
         }
     }
 
-    /// The kept cache that holds `tokens` positions: one the current graphs were captured for
-    /// first, then the earliest place (so that refilled places come back in their old order);
-    /// `None` when none does.
+    /// The kept cache that holds `tokens` positions: one the latest graphs were captured for
+    /// first, then the smallest that fits; `None` when none does.
     fn take_spare(&mut self, tokens: usize) -> Option<Spare> {
         let graphed = |slot: u64| self.graphs.first().is_some_and(|(m, _)| m.contains(&slot));
         let i = (0..self.spare.len())
             .filter(|&i| self.spare[i].cache.capacity() >= tokens)
-            .min_by_key(|&i| (!graphed(self.spare[i].slot), self.spare[i].at))?;
+            .min_by_key(|&i| (!graphed(self.spare[i].slot), self.spare[i].cache.capacity()))?;
         Some(self.spare.swap_remove(i))
     }
 
     /// Moves waiting requests into the batch while a slot and their KV fit. A request that fits a
-    /// finished sequence's kept cache takes it, and that sequence's place in the batch.
+    /// finished sequence's kept cache takes it. In graph mode the batch stays in cache-id order, so
+    /// the same caches always make the same membership, whatever order requests came and went in.
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_batch {
             let Some(front) = self.waiting.front() else {
@@ -418,10 +415,10 @@ impl Scheduler {
             };
             self.stats.waiting.fetch_sub(1, Relaxed);
             self.stats.requests_total.fetch_add(1, Relaxed);
-            let (slot, cache, kv_bytes, at) = match reuse {
+            let (slot, cache, kv_bytes) = match reuse {
                 Some(mut sp) => {
                     sp.cache.reset();
-                    (sp.slot, sp.cache, sp.kv_bytes, sp.at)
+                    (sp.slot, sp.cache, sp.kv_bytes)
                 }
                 None => {
                     let admitted = validate_prompt(&self.model, &sub.prompt)
@@ -430,7 +427,7 @@ impl Scheduler {
                         Ok(c) => {
                             self.kv_used += need;
                             self.next_id += 1;
-                            (self.next_id, c, need, self.running.len())
+                            (self.next_id, c, need)
                         }
                         Err(e) => {
                             (sub.sink)(Event::Failed(e.to_string()));
@@ -457,7 +454,9 @@ impl Scheduler {
                 params,
                 sampler,
             };
-            self.running.insert(at.min(self.running.len()), seq);
+            // A new cache has the largest id so far: it goes last, as in eager mode.
+            let at = self.running.partition_point(|s| s.slot < slot);
+            self.running.insert(at, seq);
         }
     }
 
@@ -608,8 +607,8 @@ impl Scheduler {
             if i >= self.running.len() {
                 continue;
             }
-            // In graph mode the order of the others stays and the cache is kept for the next
-            // request that fits (see `admit`).
+            // In graph mode the others keep their (cache-id) order and the cache is kept for the
+            // next request that fits (see `admit`).
             let mut s = if self.graphs_off {
                 self.running.swap_remove(i)
             } else {
@@ -633,7 +632,6 @@ impl Scheduler {
                     slot: s.slot,
                     cache: s.cache,
                     kv_bytes: s.kv_bytes,
-                    at: i,
                 });
             }
         }
