@@ -283,8 +283,10 @@ impl KvCache {
         self.len = self.len.saturating_sub(t);
     }
 
+    /// Empties the cache for a new sequence (its buffers, and the step table's, stay).
     pub fn reset(&mut self) {
         self.len = 0;
+        self.key_floor = 0;
     }
 }
 
