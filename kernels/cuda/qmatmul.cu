@@ -352,12 +352,13 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 // int4 params not 4-byte aligned), takes an exact path: each lane walks K one weight at a time as the reference
 // does (slow, correct).
 //
-// Rows: a chunk's rows go through in passes of QR_XROWS (an odd last one alone). A pass stages each of its rows
-// (row b at xs[b * QR_XS]) and unpacks every weight code once for all of them: one logic op, then one FFMA and a
-// quarter of an LDS per row (the two-row tile of qgemv_moe_swiglu_int4_bf16 in sm_90 SASS: 544 FFMA, 259 LOP3,
-// 145 LDS and ~210 others per 512 weight-row products, ~2.3 per weight and row). The next pass streams the
-// block's weight rows again (from L1/L2 after the first), so DRAM traffic equals the chunked kernel's, and batch-1
-// decode (one row per chunk) runs the one-row pass alone.
+// Rows: a chunk's rows go through in passes of QR_XROWS (2 for int4, 4 for int8: what static shared memory holds
+// staged), then two, then one. A pass stages each of its rows (row b at xs[b * QR_XS]) and unpacks every weight
+// code once for all of them: one logic op, then one FFMA and a quarter of an LDS per row. In sm_90 SASS, per
+// weight-row product: qgemv_moe_swiglu_int4_bf16's tile ~3.2 (one row), ~2.3 (two rows: 544 FFMA, 259 LOP3, 145
+// LDS, ~210 others per 512); qgemv_moe_swiglu_int8_bf16's ~3.4 (one row), ~2.5 (two), ~2.0 (four: 1011 per 512).
+// The next pass streams the block's weight rows again (from L1/L2 after the first), so DRAM traffic equals the
+// chunked kernel's, and batch-1 decode (one row per chunk) runs the one-row pass alone.
 //
 // Launch: grid = (ceil(N / 16), min(C, 65535)) (ceil(N / 8) with SwiGLU: QR_WARPS warps of QR_WROWS weight rows),
 // block = QR_WARPS * 32 = 256; grid y strides over chunks.
@@ -365,7 +366,9 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 #define QR_WROWS 2  // weight rows per warp: two features, or one feature's gate and up rows (SwiGLU)
 #define QR_LOADS 4
 #define QR_SLICES (32 * QR_LOADS)
-#define QR_XROWS 2  // activation rows per pass (a chunk's rows go two at a time, an odd last one alone)
+// Activation rows per pass: as many as static shared memory (48 KB) holds staged, 2 for int4 (18 KB a row),
+// 4 for int8 (10 KB); a chunk's rows go that many at a time, then two, then one.
+template <int F> constexpr int QR_XROWS = F == QF_INT4 ? 2 : 4;
 
 // 2^e as a float, for a constant e in the normal range.
 __device__ __forceinline__ constexpr uint32_t pow2_bits(int e) { return static_cast<uint32_t>(127 + e) << 23; }
@@ -576,8 +579,9 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
                                            const uint32_t* __restrict__ offsets, uint32_t E, T* __restrict__ out,
                                            uint32_t C, uint32_t N, uint32_t K, uint32_t group) {
   constexpr bool INT4 = F == QF_INT4;
-  __shared__ __align__(16) float xs[QR_XROWS * QR_XS<F>];
-  __shared__ float xsum[QR_XROWS * QR_SLICES];
+  constexpr int XR = QR_XROWS<F>;
+  __shared__ __align__(16) float xs[XR * QR_XS<F>];
+  __shared__ float xsum[XR * QR_SLICES];
   __shared__ int exact;
   const uint32_t tid = threadIdx.x;
   // This warp's NF features n0, n0 + 1, ...; its NR weight rows: one per feature, or gate and up (SwiGLU).
@@ -617,18 +621,26 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
       wrow[r] = qweight + (live[r] ? row : 0) * Kb;
       prow[r] = params + (live[r] ? row : 0) * PR;
     }
-    // The chunk's rows QR_XROWS at a time, an odd last one alone (block-uniform: cnt is the chunk's).
+    // The chunk's rows XR at a time, then two, then one (block-uniform: cnt is the chunk's).
     const auto xrow = [&](uint32_t i) {
       const uint32_t orow = r0 + i;  // the output row (a dispatched row in MoE mode)
       return x + static_cast<size_t>(MOE && row_token != nullptr ? row_token[orow] : orow) * K;
     };
     uint32_t i = 0;
-    for (; i + QR_XROWS <= cnt; i += QR_XROWS) {
-      const T* xr[QR_XROWS];
+    for (; i + XR <= cnt; i += XR) {
+      const T* xr[XR];
 #pragma unroll
-      for (int b = 0; b < QR_XROWS; ++b) xr[b] = xrow(i + b);
-      qgemv_pass<T, F, SWIGLU, NR, QR_XROWS>(xr, r0 + i, wrow, prow, live, any_live, vec, xvec, xs, xsum, exact, out,
-                                             n0, N, K, group, gshift);
+      for (int b = 0; b < XR; ++b) xr[b] = xrow(i + b);
+      qgemv_pass<T, F, SWIGLU, NR, XR>(xr, r0 + i, wrow, prow, live, any_live, vec, xvec, xs, xsum, exact, out, n0, N,
+                                       K, group, gshift);
+    }
+    if constexpr (XR > 2) {
+      if (i + 2 <= cnt) {
+        const T* xr[2] = {xrow(i), xrow(i + 1)};
+        qgemv_pass<T, F, SWIGLU, NR, 2>(xr, r0 + i, wrow, prow, live, any_live, vec, xvec, xs, xsum, exact, out, n0, N,
+                                        K, group, gshift);
+        i += 2;
+      }
     }
     if (i < cnt) {
       const T* xr[1] = {xrow(i)};

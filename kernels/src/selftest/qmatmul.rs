@@ -56,9 +56,10 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
     // N; grouped with an empty expert and an expert spanning several 8-row chunks; int8 K = 200 (not a
     // multiple of 16) takes the kernel's scalar path.
     // On CUDA, M = 64 and 513 (and the grouped 64-row case) take the tiled GEMM path, the rest GEMV.
-    // M = 5, K = 6272: the qgemv entries over several shared-memory tiles and a partial one, 40 features (five
-    // blocks of 8), and a fourth row with activations of 3e19 and -1e25, past what the staging scale takes:
-    // the chunk's passes are rows {0, 1} (fast), {2, 3} (the exact path, for both) and {4} (fast, alone).
+    // M = 6, K = 6272: the qgemv entries over several shared-memory tiles and a partial one, 40 features (five
+    // blocks of 8), and a fifth row with activations of 3e19 and -1e25, past what the staging scale takes: the
+    // chunk's passes are rows {0, 1}, {2, 3} (fast) and {4, 5} (the exact path, for both) for int4, {0..3}
+    // (fast) and {4, 5} (exact) for int8.
     let shapes: [(usize, usize, usize, Vec<u32>); 9] = [
         (1, 129, 256, vec![]),
         (7, 257, 512, vec![]),
@@ -68,7 +69,7 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         (7, 129, 256, vec![0, 2, 2, 7]),
         (64, 65, 384, vec![0, 9, 9, 30, 64]),
         (7, 31, 200, vec![]),
-        (5, 40, 6272, vec![]),
+        (6, 40, 6272, vec![]),
     ];
     for (fname, fmt) in fmts {
         let extra = if fmt == QFormat::Mxfp4 {
@@ -86,8 +87,8 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
             let w0 = rng.vec(e * n * k, 1.0 / (k as f32).sqrt());
             let (q, p) = quantize(fmt, &w0, e * n, k);
             let mut x0 = rng.vec(m * k, 1.0);
-            if (m, k) == (5, 6272) {
-                (x0[3 * k + 5], x0[3 * k + 3000]) = (3e19, -1e25);
+            if (m, k) == (6, 6272) {
+                (x0[4 * k + 5], x0[4 * k + 3000]) = (3e19, -1e25);
             }
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 if dtype == DType::F16 && m != 7 {
@@ -177,8 +178,8 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
         // down projection's un-gathered form.
         (1, 2, 8, 8, 38, 6272, 1, true),
         (1, 2, 8, 8, 38, 6272, 1, false),
-        // Batched decode: 5 tokens' top-2 among 3 experts, so the qgemv entries' two-row passes (and an odd
-        // last row) run over several tiles.
+        // Batched decode: 5 tokens' top-2 among 3 experts (10 rows, one expert with 4 or more), so the qgemv
+        // entries' multi-row passes (and an odd last row) run over several tiles.
         (5, 2, 8, 3, 38, 6272, 1, true),
     ];
     // MXFP4's own: gpt-oss-like decode (top-4 of 32 experts, K = 2880), K = 32 over a few tokens, K = 4096
