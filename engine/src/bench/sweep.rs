@@ -169,6 +169,7 @@ pub fn sweep(a: &BenchArgs, kind: SweepKind) -> Result<SweepReport> {
     let layers = a.layers.unwrap_or(2);
     let points = kind.points(a.points.as_deref())?;
     let (bw, peak) = super::ceilings(a, &device, dtype)?;
+    let emu = emu_scope.is_some();
     let mut rows = Vec::with_capacity(points.len());
     for &v in &points {
         let (e, k, b) = match kind {
@@ -180,7 +181,6 @@ pub fn sweep(a: &BenchArgs, kind: SweepKind) -> Result<SweepReport> {
             return Err(Error::Input(format!("top-k {k} exceeds {e} experts")));
         }
         let cfg = small_mixtral(layers, a.hidden, a.ffn, e, k, a.vocab)?;
-        let emu = emu_scope.is_some();
         rows.push(point(
             a, &cfg, v, b, dtype, &device, emu, bw.value, peak.value,
         )?);

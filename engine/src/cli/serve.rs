@@ -49,9 +49,10 @@ pub struct ServeArgs {
     #[arg(long)]
     no_expert_metrics: bool,
     /// Replay the steps where every running sequence decodes one token as CUDA graphs, one set per
-    /// batch membership (a request joining or leaving starts a new set). Needs
-    /// --no-expert-metrics (the count reads routing back every step); where graphs cannot work it
-    /// says why on stderr once and steps eagerly.
+    /// batch membership (its KV caches; a finished request's cache is kept for the next request
+    /// that fits, so the membership and its graphs stay). Needs --no-expert-metrics (the count
+    /// reads routing back every step); where graphs cannot work it says why on stderr once and
+    /// steps eagerly.
     #[arg(long)]
     cuda_graph: bool,
 }

@@ -45,10 +45,11 @@ pub struct BatchConfig {
     /// Replay the steps where every running sequence decodes one token as CUDA graphs
     /// ([`GraphDecoder`]), one set per batch membership (the running sequences' KV caches, kept
     /// in cache-id order). A finished sequence's cache is kept for the next request it fits, so
-    /// under steady load, and for one request after another, the membership and its graphs stay; a batch that shrinks or grows starts a new set, and the sets
-    /// of the last few memberships are kept for when it comes back. Kept caches count in the KV
-    /// budget and are freed, with their graphs, when a request needs their memory. Off (one line
-    /// on stderr) where graphs cannot work, and with `expert_stats`.
+    /// under steady load, and for one request after another, the membership and its graphs stay;
+    /// a batch that shrinks or grows starts a new set, and the sets of the last few memberships
+    /// are kept for when it comes back. Kept caches count in the KV budget and are freed, with
+    /// their graphs, when a request needs their memory. Off (one line on stderr) where graphs
+    /// cannot work, and with `expert_stats`.
     pub cuda_graph: bool,
 }
 
@@ -288,9 +289,8 @@ struct Scheduler {
     /// The id the next new KV cache gets.
     next_id: u64,
     /// The graphs of the last [`GRAPH_SETS`] batch memberships used (cache ids, in running order,
-    /// which is id order in graph mode),
-    /// the latest first: a batch that shrinks and grows back (one user, then two, then one again)
-    /// finds its graphs again.
+    /// which is id order in graph mode), the latest first: a batch that shrinks and grows back
+    /// (one user, then two, then one again) finds its graphs again.
     graphs: Vec<(Vec<u64>, GraphDecoder)>,
     /// Graphs cannot work here (said once on stderr); every step runs eagerly.
     graphs_off: bool,
@@ -396,19 +396,20 @@ impl Scheduler {
                 self.model.cfg.max_position_embeddings,
             );
             let need = self.kv_per_token.saturating_mul(tokens as u64);
-            let reuse = validate_prompt(&self.model, &front.prompt)
-                .is_ok()
-                .then(|| self.take_spare(tokens))
-                .flatten();
-            if reuse.is_none() && self.kv_used.saturating_add(need) > self.cfg.kv_budget {
+            // An invalid prompt fails at once, without waiting for KV.
+            let valid = validate_prompt(&self.model, &front.prompt);
+            let reuse = match valid {
+                Ok(()) => self.take_spare(tokens),
+                Err(_) => None,
+            };
+            let budget = self.cfg.kv_budget;
+            let over = |kv_used: u64| kv_used.saturating_add(need) > budget;
+            if valid.is_ok() && reuse.is_none() && over(self.kv_used) {
                 // Kept caches that fit no request give their memory back first.
                 self.drop_spares();
-            }
-            if reuse.is_none()
-                && self.kv_used.saturating_add(need) > self.cfg.kv_budget
-                && !self.running.is_empty()
-            {
-                break; // waits for a running sequence to free its KV
+                if over(self.kv_used) && !self.running.is_empty() {
+                    break; // waits for a running sequence to free its KV
+                }
             }
             let Some(mut sub) = self.waiting.pop_front() else {
                 break;
@@ -420,21 +421,17 @@ impl Scheduler {
                     sp.cache.reset();
                     (sp.slot, sp.cache, sp.kv_bytes)
                 }
-                None => {
-                    let admitted = validate_prompt(&self.model, &sub.prompt)
-                        .and_then(|_| Ok(self.model.new_cache(1, tokens)?));
-                    match admitted {
-                        Ok(c) => {
-                            self.kv_used += need;
-                            self.next_id += 1;
-                            (self.next_id, c, need)
-                        }
-                        Err(e) => {
-                            (sub.sink)(Event::Failed(e.to_string()));
-                            continue;
-                        }
+                None => match valid.and_then(|_| Ok(self.model.new_cache(1, tokens)?)) {
+                    Ok(c) => {
+                        self.kv_used += need;
+                        self.next_id += 1;
+                        (self.next_id, c, need)
                     }
-                }
+                    Err(e) => {
+                        (sub.sink)(Event::Failed(e.to_string()));
+                        continue;
+                    }
+                },
             };
             let sampler = Sampler::new(&sub.params.sampling, &sub.prompt);
             let Submission {
@@ -610,13 +607,12 @@ impl Scheduler {
             // In graph mode the others keep their (cache-id) order and the cache is kept for the
             // next request that fits (see `admit`).
             let mut s = if self.graphs_off {
-                self.running.swap_remove(i)
+                let s = self.running.swap_remove(i);
+                self.kv_used = self.kv_used.saturating_sub(s.kv_bytes);
+                s
             } else {
                 self.running.remove(i)
             };
-            if self.graphs_off {
-                self.kv_used = self.kv_used.saturating_sub(s.kv_bytes);
-            }
             // Published before the request hears it is done.
             self.stats.kv_used_bytes.store(self.kv_used, Relaxed);
             self.stats.running.store(self.running.len(), Relaxed);
