@@ -1,72 +1,97 @@
 #!/usr/bin/env bash
-# gpu-session.sh: everything a GPU session should run first, in one or two device calls.
+# gpu-session.sh: what a session with a GPU runs first, as ONE device call sized to the lease (15 minutes of
+# device time per task, the machine's start included): the default call is time-boxed to about 6 minutes, so a
+# rerun still fits if the first one breaks.
 #
-# Here (no GPU):   bash ../shared/gpu/build-device-binary.sh      # CUDA_COMPUTE_CAP=90 for H100/H200
-# Then, with the device tool:
-#   run(command: "bash benches/gpu-session.sh selftest", carry: [".device"])   # ~1-2 min
-#   run(command: "bash benches/gpu-session.sh bench",    carry: [".device"])   # ~6-9 min
-#   run(command: "bash benches/gpu-session.sh graph",    carry: [".device"])   # ~4-6 min (estimated)
-# and copy what comes back from $OUT into benches/results/ (keep the names), then
-#   moe-run results --write      # regenerates README's table from benches/results/*.json
+# Here (no GPU):  CUDA_COMPUTE_CAP=90 bash ../shared/gpu/build-device-binary.sh     # H100 / H200 (~13 min cold)
+#                 DRY=1 bash benches/gpu-session.sh    # the same script on the CPU in seconds: flags, files, table
+# Then, with the device tool, one call:
+#   run(command: "bash benches/gpu-session.sh", carry: [".device"], timeout_s: 420)
+# copy what comes back from $OUT into benches/results/ (keep the names), `moe-run results --write` (regenerates
+# README's table), commit, give_back. Only if the lease has time left: a second call with `extra`.
 #
-# Stages:
-#   selftest  every kernel against its CPU reference on the GPU, plus whole-model parity of the CUDA path
-#             against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree);
-#             its qgemv_bandwidth rows time the decode GEMV (qgemv and qmatmul entries) on Mixtral's
-#             expert shapes beside a device copy of the same bytes.
-#   sanitize  (optional, a third call) compute-sanitizer memcheck over the self-test, op by op.
-#   bench     issue 9's set on Mixtral-8x7B shapes with random weights (no download): INT4 and INT8, batch 1,
-#             512-token prefill and 64 decode steps, all 32 layers (25 GB / 47 GB: fit an 80 GB H100); a
-#             4-layer INT4 run with the candle baseline (its dense f32 copy of 32 layers would not fit).
-#   graph     issue 21's eager vs CUDA-graph decode, side by side: INT4 Mixtral-8x7B, batch 1, 128 decode steps
-#             after a 32-token prompt (128 steps: the warm-up and capture steps of each run count in its rate),
-#             without and with --cuda-graph (a line on stderr says why if graphs
-#             turn themselves off; the report gives replays per decoded token), and eager again with
-#             MOE_PATH=qmatmul-gemv (the older INT4 GEMV entries, against the qgemv ones of the first run).
-# Files land in $OUT (the device tool brings back at most 8 files; `all` writes 8: the A/B run of the graph
-# stage is text only): gpu-<run>.json per
-# bench run, every bench's text in gpu-bench.txt, gpu-selftest.txt and gpu-nvidia-smi.txt.
+# Stages (`all`, the default, is selftest then bench; each command is killed at its time box, and what finished
+# is kept):
+#   selftest (<= 120 s) every kernel against its CPU reference on the GPU, plus whole-model parity of the CUDA
+#            path against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree); its
+#            qgemv_bandwidth rows time the decode GEMV (qgemv and qmatmul entries) on Mixtral's expert shapes
+#            beside a device copy of the same bytes.
+#   bench    (<= 110 s INT4, <= 150 s INT8) Mixtral-8x7B shapes with random weights (no download), all 32 layers,
+#            batch 1, 512-token prefill and 64 decode steps, 3 timed runs, with --cuda-graph: each report holds the
+#            eager decode and the graph decode of the same weights and prompts side by side (issue 21), and
+#            whether their greedy ids agree. INT4 25 GB, INT8 47 GB: both fit an 80 GB H100.
+#   extra    (a second call, ~4 min) the 4-layer INT4 run with the candle baseline (its dense f32 copy of 32
+#            layers would not fit), and eager INT4 decode with MOE_PATH=qmatmul-gemv (the older GEMV entries,
+#            against the qgemv ones of the bench run), text only.
+#   sanitize (optional) compute-sanitizer memcheck over the self-test, op by op.
+# Files land in $OUT (the device tool brings back at most 8): gpu-<run>.json per bench run, every bench's text
+# in gpu-bench.txt, gpu-selftest.txt and gpu-nvidia-smi.txt. The last lines printed are the table of the
+# JSON reports that came back (`moe-run results --print`).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RUN=(bash .device/run-on-device.sh)
 OUT=${OUT:-/tmp/moe-run-gpu}
 GPU=${GPU:-h100}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu-nvidia-smi.txt"
+if [ -n "${DRY:-}" ]; then
+  # The plumbing on the CPU: the local release build, one layer, a few tokens, the emulator's self-test.
+  RUN=(./target/release/moe-run)
+  [ -x "${RUN[0]}" ] || { echo "gpu-session.sh: DRY=1 needs cargo build --release --features emu" >&2; exit 2; }
+  DEVICE=(--device cpu)
+  SELFTEST=(selftest --device emu --filter rms_norm)
+  SHAPE=(--layers 1 --prompt-len 8 --gen 4 --runs 1 --warmup 0)
+  SCALE=0
+else
+  RUN=(bash .device/run-on-device.sh)
+  DEVICE=(--device cuda --gpu "$GPU")
+  SELFTEST=(selftest --device cuda)
+  SHAPE=(--prompt-len 512 --gen 64 --runs 3)
+  SCALE=1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 |
+    tee "$OUT/gpu-nvidia-smi.txt"
+fi
 
-bench() { # name, then moe-run bench arguments
-  local name=$1
+# boxed SECONDS CMD...: CMD killed after SECONDS (a DRY run gets 600: the CPU is slower and nothing is at stake).
+boxed() {
+  local secs=$1
   shift
-  echo "== bench $name: $*"
-  echo "== bench $name: $*" >>"$OUT/gpu-bench.txt"
-  "${RUN[@]}" bench --device cuda --gpu "$GPU" "$@" --json-out "$OUT/gpu-$name.json" 2>&1 | tee -a "$OUT/gpu-bench.txt"
+  [ "$SCALE" = 1 ] || secs=600
+  timeout -k 10 "$secs" "$@"
+  local rc=$?
+  [ $rc = 124 ] || [ $rc = 137 ] && echo "gpu-session.sh: stopped at its ${secs} s time box: $*"
+  return $rc
 }
 
-bench_text() { # name, then moe-run bench arguments: the report in gpu-bench.txt only (no JSON file)
-  local name=$1
-  shift
+bench() { # name, seconds, then moe-run bench arguments
+  local name=$1 secs=$2
+  shift 2
+  echo "== bench $name: $*" | tee -a "$OUT/gpu-bench.txt"
+  boxed "$secs" "${RUN[@]}" bench "${DEVICE[@]}" "$@" --json-out "$OUT/gpu-$name.json" --force 2>&1 |
+    tee -a "$OUT/gpu-bench.txt"
+}
+
+bench_text() { # name, seconds, then moe-run bench arguments: the report in gpu-bench.txt only (no JSON file)
+  local name=$1 secs=$2
+  shift 2
   echo "== bench $name (text only): $*" | tee -a "$OUT/gpu-bench.txt"
-  "${RUN[@]}" bench --device cuda --gpu "$GPU" "$@" 2>&1 | tee -a "$OUT/gpu-bench.txt"
+  boxed "$secs" "${RUN[@]}" bench "${DEVICE[@]}" "$@" 2>&1 | tee -a "$OUT/gpu-bench.txt"
 }
 
+mix=(--model mixtral-8x7b --random-weights --dtype bf16 "${SHAPE[@]}")
 case "${1:-all}" in
 selftest | all)
-  echo "== selftest --device cuda"
-  "${RUN[@]}" selftest --device cuda 2>&1 | tee "$OUT/gpu-selftest.txt"
+  echo "== ${SELFTEST[*]}"
+  boxed 120 "${RUN[@]}" "${SELFTEST[@]}" 2>&1 | tee "$OUT/gpu-selftest.txt"
   ;;&
 bench | all)
-  mix=(--model mixtral-8x7b --random-weights --dtype bf16 --prompt-len 512 --gen 64 --runs 5)
-  bench mixtral-8x7b-int4 "${mix[@]}" --quant int4
-  bench mixtral-8x7b-int8 "${mix[@]}" --quant int8
-  bench mixtral-8x7b-4layers-int4-baseline "${mix[@]}" --quant int4 --layers 4 --baseline candle
+  bench mixtral-8x7b-int4 110 "${mix[@]}" --quant int4 --cuda-graph
+  bench mixtral-8x7b-int8 150 "${mix[@]}" --quant int8 --cuda-graph
   ;;&
-graph | all)
-  dec=(--model mixtral-8x7b --random-weights --dtype bf16 --quant int4 --prompt-len 32 --gen 128 --runs 3)
-  bench mixtral-8x7b-int4-eager "${dec[@]}"
-  bench mixtral-8x7b-int4-graph "${dec[@]}" --cuda-graph
-  # The same eager decode with the older qmatmul_* GEMV entries instead of qgemv_*: their A/B (text
-  # only, so that `all` stays within the tool's 8 files).
-  MOE_PATH=qmatmul-gemv bench_text mixtral-8x7b-int4-eager-qmatmul-gemv "${dec[@]}"
+extra)
+  # Four layers with the candle baseline (a dense copy of 32 would not fit), and the A/B of the GEMV entries.
+  four=(--layers 4)
+  [ "$SCALE" = 1 ] || four=()
+  bench mixtral-8x7b-4layers-int4-baseline 120 "${mix[@]}" --quant int4 "${four[@]}" --baseline candle
+  MOE_PATH=qmatmul-gemv bench_text mixtral-8x7b-int4-eager-qmatmul-gemv 110 "${mix[@]}" --quant int4
   ;;&
 sanitize)
   # compute-sanitizer memcheck over the kernel self-test, one op family at a time (memcheck is slow).
@@ -79,9 +104,13 @@ sanitize)
       "$bin" selftest --device cuda --filter "$op" 2>&1 | tail -n 25
   done 2>&1 | tee "$OUT/gpu-sanitize.txt"
   ;;
-selftest | bench | graph | all) ;;
+selftest | bench | extra | all) ;;
 *)
-  echo "usage: gpu-session.sh [selftest|bench|graph|all|sanitize]" >&2
+  echo "usage: [DRY=1] gpu-session.sh [all|selftest|bench|extra|sanitize]" >&2
   exit 2
   ;;
 esac
+if compgen -G "$OUT/*.json" >/dev/null; then
+  echo "== results that came back ($OUT)"
+  "${RUN[@]}" results --print --dir "$OUT" 2>&1
+fi

@@ -694,8 +694,24 @@ fn readme_results_table_is_generated_from_the_results() {
         dir: root.join("benches/results"),
         readme: root.join("README.md"),
         write: false,
+        print: false,
     };
     moe::cli::results::run(&a).unwrap();
+    // --print reads no README; a folder that is not there is a clear error.
+    let print = |dir: &Path| {
+        moe::cli::results::run(&moe::cli::results::ResultsArgs {
+            dir: dir.to_path_buf(),
+            readme: root.join("no-such-readme.md"),
+            write: false,
+            print: true,
+        })
+    };
+    print(&a.dir).unwrap();
+    let err = print(&root.join("no-such-dir")).unwrap_err().to_string();
+    assert!(
+        err.contains("--dir") && err.contains("no-such-dir"),
+        "{err}"
+    );
     // Every result names its device, commit and command.
     for (name, v) in moe::cli::results::load(&a.dir).unwrap() {
         for key in [
@@ -743,6 +759,28 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
     .unwrap();
     assert_eq!(graph.kernel_launches_per_token, Some(153.0 / 32.0));
     assert_eq!(graph.cuda_graph_replays_per_token, Some(30.0 / 32.0));
+    // Beside it, the eager decode of the same weights and prompts: 61 launches a token, and the
+    // same greedy ids as the replays (the report's side-by-side for a GPU session).
+    let eager = graph
+        .eager
+        .as_ref()
+        .expect("--cuda-graph times the eager decode too");
+    assert_eq!(eager.kernel_launches_per_token, Some(61.0));
+    assert!(eager.tokens_match);
+    assert!(eager.decode.tokens_per_s.median > 0.0 && eager.graph_speedup > 0.0);
+    let text = moe::bench::report::bench_text(&graph);
+    assert!(
+        text.contains("decode (eager)")
+            && text.contains("decode (graph)")
+            && text.contains("agree"),
+        "{text}"
+    );
+    let table =
+        moe::cli::results::table(&[("g.json".into(), serde_json::to_value(&graph).unwrap())]);
+    assert!(
+        table.contains(" graph, ") && table.contains(" eager |"),
+        "{table}"
+    );
     // On the CPU (no kernels, no graphs) the steps run eagerly: zero replays.
     let cpu_graph = bench(&BenchArgs {
         cuda_graph: true,
@@ -750,6 +788,7 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
     })
     .unwrap();
     assert_eq!(cpu_graph.cuda_graph_replays_per_token, Some(0.0));
+    assert!(cpu_graph.eager.as_ref().is_some_and(|e| e.tokens_match));
     // Batch 3: one replay per step for all three sequences. Eager, a step launches E kernels for
     // its 3 tokens; with graphs, one warm-up, one capture (E + 1) and 14 replays in 16 steps.
     let batch = |cuda_graph| {
@@ -765,6 +804,7 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
         .unwrap()
     };
     let (eager3, graph3) = (batch(false), batch(true));
+    assert!(eager3.eager.is_none());
     let per_step = eager3.kernel_launches_per_token.unwrap() * 3.0;
     assert_eq!(
         graph3.kernel_launches_per_token,

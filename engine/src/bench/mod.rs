@@ -42,8 +42,8 @@ pub mod sweep;
 pub use args::{Baseline, BenchArgs};
 pub use predict::{ceilings, predict, Prediction};
 pub use schema::{
-    device_description, env, git_commit, BenchPlacement, BenchReport, Env, GpuMemory, MemPair,
-    Memory, ModelDesc, Sourced, Throughput,
+    device_description, env, git_commit, BenchPlacement, BenchReport, EagerDecode, Env, GpuMemory,
+    MemPair, Memory, ModelDesc, Sourced, Throughput,
 };
 
 use candle_core::{DType, Device};
@@ -330,15 +330,19 @@ pub fn resolve_config(a: &BenchArgs) -> Result<(String, ModelConfig)> {
         .config_at(a.revision.as_deref())
 }
 
-/// Warm-up, then `runs` timed runs.
 /// Warm-up, then `--runs` timed runs of `batch` sequences as `a` says (prompt length, decode
-/// steps, seed, `--cuda-graph`).
-pub fn timed_runs(model: &Model, a: &BenchArgs, batch: usize) -> Result<Vec<RunSample>> {
+/// steps, seed), decoding through CUDA graphs when `graph`.
+pub fn timed_runs(
+    model: &Model,
+    a: &BenchArgs,
+    batch: usize,
+    graph: bool,
+) -> Result<Vec<RunSample>> {
     let ids = measure::prompt_ids(model.cfg.vocab_size, batch, a.prompt_len, a.seed);
     let run = |count: bool| {
         let how = measure::RunHow {
             count_experts: count,
-            graph: a.cuda_graph,
+            graph,
         };
         measure::run_once(model, &ids, batch, a.gen, how)
     };
@@ -426,7 +430,12 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     let used_loaded = used(device_memory(&device));
     reset_pool_high_water(&device);
     let cfg = model.cfg.clone();
-    let samples = timed_runs(&model, a, a.batch)?;
+    // With --cuda-graph the eager steps run first on the same weights, for the side-by-side.
+    let eager_samples = match a.cuda_graph {
+        true => Some(timed_runs(&model, a, a.batch, false)?),
+        false => None,
+    };
+    let samples = timed_runs(&model, a, a.batch, a.cuda_graph)?;
     // Read the peak RSS (and the GPU pool's high-water marks) before the ceilings' own buffers
     // (read bandwidth, matmul) can raise them.
     let peak_rss = crate::memory::peak_rss_bytes();
@@ -470,10 +479,18 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         .iter()
         .map(|s| (b * p) as f64 / s.prefill_s)
         .collect();
-    let decode_tps: Vec<f64> = samples
-        .iter()
-        .map(|s| (b * g) as f64 / s.decode_s)
-        .collect();
+    let decode_tps = |samples: &[RunSample]| -> Vec<f64> {
+        samples
+            .iter()
+            .map(|s| (b * g) as f64 / s.decode_s)
+            .collect()
+    };
+    let launches_per_token = |samples: &[RunSample]| {
+        samples
+            .first()
+            .filter(|s| s.decode_launches > 0)
+            .map(|s| s.decode_launches as f64 / (b * g).max(1) as f64)
+    };
     let throughput = |tps: Vec<f64>, pr: &Prediction, tokens: usize| {
         let st = Stat::of(&tps);
         Throughput {
@@ -486,6 +503,16 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             bound: pr.bound.into(),
         }
     };
+    let decode = throughput(decode_tps(&samples), &dec, b);
+    let eager = eager_samples.map(|e| {
+        let t = throughput(decode_tps(&e), &dec, b);
+        EagerDecode {
+            graph_speedup: decode.tokens_per_s.median / t.tokens_per_s.median,
+            decode: t,
+            kernel_launches_per_token: launches_per_token(&e),
+            tokens_match: e[0].tokens == samples[0].tokens,
+        }
+    });
     let is_moe = cfg.layers.iter().any(|l| matches!(l, FfnKind::Moe(_)));
     let touched: Vec<f64> = samples.iter().filter_map(|s| s.experts_touched).collect();
     let moe_mean = {
@@ -568,19 +595,17 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         bandwidth_gb_s: bw,
         peak_tflops: peak,
         prefill: throughput(prefill_tps, &pre, b * p),
-        decode: throughput(decode_tps, &dec, b),
+        decode,
         experts_touched_measured: (is_moe && !touched.is_empty())
             .then(|| touched.iter().sum::<f64>() / touched.len() as f64),
         experts_touched_predicted: moe_mean,
-        kernel_launches_per_token: samples
-            .first()
-            .filter(|s| s.decode_launches > 0)
-            .map(|s| s.decode_launches as f64 / (b * g).max(1) as f64),
+        kernel_launches_per_token: launches_per_token(&samples),
         cuda_graph_replays_per_token: samples
             .first()
             .filter(|_| a.cuda_graph)
             .map(|s| s.graph_replays as f64 / (b * g).max(1) as f64),
         cuda_graph_nodes: samples.first().and_then(|s| s.graph_nodes),
+        eager,
         memory,
         load_s,
         baseline,

@@ -90,7 +90,17 @@ pub fn bench_text(r: &BenchReport) -> String {
             "GFLOP/fwd",
             "% of roofline",
         ],
-        &[row("prefill", &r.prefill), row("decode", &r.decode)],
+        &match &r.eager {
+            Some(e) => vec![
+                row("prefill", &r.prefill),
+                row("decode (eager)", &e.decode),
+                match graphs_ran(r) {
+                    true => row("decode (graph)", &r.decode),
+                    false => row("decode (graphs off)", &r.decode),
+                },
+            ],
+            None => vec![row("prefill", &r.prefill), row("decode", &r.decode)],
+        },
         "lrrrrlrrr",
     ));
     if let (Some(me), Some(pe)) = (r.experts_touched_measured, r.experts_touched_predicted) {
@@ -108,6 +118,21 @@ pub fn bench_text(r: &BenchReport) -> String {
     if let Some(n) = r.cuda_graph_replays_per_token {
         s.push_str(&format!(
             "  CUDA graph replays per decoded token: {n:.2} (--cuda-graph; each counted as one launch above; on the emulator a stand-in backend re-runs the captured pass)\n"
+        ));
+    }
+    if let Some(e) = &r.eager {
+        let launches = match e.kernel_launches_per_token {
+            Some(n) => format!(", {n:.1} moe-kernels launches per token eagerly"),
+            None => String::new(),
+        };
+        let what = match graphs_ran(r) {
+            true => "graph decode",
+            false => "graphs were off (both runs eager):",
+        };
+        s.push_str(&format!(
+            "  --cuda-graph: {what} {:.2}x the eager decode of the same weights and prompts (medians){launches}; the greedy ids of their first timed runs {}\n",
+            e.graph_speedup,
+            if e.tokens_match { "agree" } else { "DIFFER (a replayed graph computed something else)" }
         ));
     }
     if let Some(c) = r.cuda_graph_nodes {
@@ -486,4 +511,9 @@ fn panel<DB: DrawingBackend>(
         (false, false) => draw_series!(b.build_cartesian_2d(xr, 0f64..ymax * 1.15)?),
     }
     Ok(())
+}
+
+/// Whether any decode step of the report's timed runs replayed a CUDA graph.
+fn graphs_ran(r: &BenchReport) -> bool {
+    r.cuda_graph_replays_per_token.is_some_and(|n| n > 0.0)
 }

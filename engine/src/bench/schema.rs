@@ -100,6 +100,19 @@ pub struct GpuMemory {
     pub activation_peak_bytes: Option<u64>,
 }
 
+/// `--cuda-graph`'s eager decode of the same weights and prompts, beside the graph run's.
+#[derive(Debug, Clone, Serialize)]
+pub struct EagerDecode {
+    pub decode: Throughput,
+    /// moe-kernels launches per decoded token of the eager run (absent on the CPU references).
+    pub kernel_launches_per_token: Option<f64>,
+    /// The graph run's median decode tokens/s over the eager run's.
+    pub graph_speedup: f64,
+    /// Whether the first timed runs of the two produced the same greedy ids (prefill's and every
+    /// decode step's): a replayed graph must compute what the eager steps do.
+    pub tokens_match: bool,
+}
+
 /// `moe-run bench` without --sweep.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -130,6 +143,10 @@ pub struct BenchReport {
     /// one eager step (candle's and cuBLAS's too, which `kernel_launches_per_token` does not see).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_graph_nodes: Option<crate::runtime::graph::NodeCensus>,
+    /// `--cuda-graph`: the same weights and prompts decoded eagerly first (same warm-up and runs),
+    /// so a report holds eager and graph decode side by side (`decode` is the graph run's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eager: Option<EagerDecode>,
     pub memory: Memory,
     /// Seconds to build or load the weights.
     pub load_s: f64,

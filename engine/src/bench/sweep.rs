@@ -223,7 +223,7 @@ fn point(
     if emu {
         model.set_exec_path(crate::model::ExecPath::Kernels);
     }
-    let samples = timed_runs(&model, a, batch)?;
+    let samples = timed_runs(&model, a, batch, a.cuda_graph)?;
     let ctx = (a.prompt_len + a.gen / 2) as u64;
     let pr = predict(cfg, prec, batch, 0, ctx, bw, peak);
     let decode = Stat::of(

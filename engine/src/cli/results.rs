@@ -25,6 +25,9 @@ pub struct ResultsArgs {
     /// Rewrite the README's section instead of checking it.
     #[arg(long)]
     pub write: bool,
+    /// Print the table of --dir's results instead (no README is read or written).
+    #[arg(long, conflicts_with = "write")]
+    pub print: bool,
 }
 
 /// Every `*.json` bench report in `dir`, by file name.
@@ -76,6 +79,14 @@ pub fn table(results: &[(String, Value)]) -> String {
         Some(x) => format!("{x:.2}"),
         None => "-".into(),
     };
+    // A `--cuda-graph` report's decode figure beside its eager run's.
+    let graph_eager = |v: &Value, p: &str| match f(v, &format!("/eager{p}")) {
+        Some(e) => match f(v, "/cuda_graph_replays_per_token").is_some_and(|n| n > 0.0) {
+            true => format!("{} graph, {} eager", num(f(v, p)), num(Some(e))),
+            false => format!("{}, {} (graphs off)", num(f(v, p)), num(Some(e))),
+        },
+        None => num(f(v, p)),
+    };
     let mut out = String::from(
         "| result | device | model | weights | layers | dtype | B x prompt + gen | prefill tok/s | decode tok/s | decode % of roofline | weights measured / analyze | candle time / ours (decode) | commit |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -102,8 +113,8 @@ pub fn table(results: &[(String, Value)]) -> String {
             s(v, "/prompt_len"),
             s(v, "/gen"),
             num(f(v, "/prefill/tokens_per_s/median")),
-            num(f(v, "/decode/tokens_per_s/median")),
-            num(f(v, "/decode/pct_of_roofline")),
+            graph_eager(v, "/decode/tokens_per_s/median"),
+            graph_eager(v, "/decode/pct_of_roofline"),
             weights_ratio,
             num(f(v, "/baseline/decode_time_ratio_candle_over_ours")),
             &commit[..commit.len().min(12)],
@@ -129,6 +140,15 @@ pub fn with_table(readme: &str, table: &str) -> Result<String> {
 
 /// `moe-run results`: check (or with --write, rewrite) the README's table.
 pub fn run(a: &ResultsArgs) -> Result<()> {
+    if a.print {
+        if !a.dir.is_dir() {
+            return Err(Error::Input(format!(
+                "--dir {}: not a directory",
+                a.dir.display()
+            )));
+        }
+        return crate::fsio::print(&table(&load(&a.dir)?));
+    }
     for (path, flag) in [(&a.dir, "--dir"), (&a.readme, "--readme")] {
         if !path.exists() {
             return Err(Error::Input(format!(
