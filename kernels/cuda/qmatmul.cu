@@ -21,7 +21,7 @@
 // loads of the packed row (16 int8 or 32 int4 weights per lane per step), dequantize in registers
 // (w = s * q, or w = s * (q - z) exactly as the reference) and accumulate in f32 per activation row; a warp
 // sum then gives the outputs. Larger M runs more chunks (grid y); the host sends many-row launches to the
-// tiled GEMM at the end of this file instead (no tensor cores yet), and INT4 (power-of-two group >= 32) and
+// tiled GEMM at the end of this file instead (no tensor cores yet), and INT4 (power-of-two group 32..1024) and
 // INT8 GEMVs to the qgemv_* entries further down (same chunks and arguments, fewer instructions per weight).
 // These qmatmul_* GEMV entries stay for MXFP4, other INT4 groups, odd K, and MOE_PATH=qmatmul-gemv.
 //
@@ -319,7 +319,7 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 // ---- decode: qgemv, the INT4/INT8 GEMV at few instructions per weight ----------------------------------------
 // qgemv_{dense,moe,moe_swiglu}_{int8,int4}_<dtype>: the same products, chunks, arguments and outputs as the
 // qmatmul_{,moe_,moe_swiglu_}* entries above, for the shapes the host sends here (int4 with K % 32 == 0 and a
-// power-of-two group >= 32; int8 with K % 16 == 0). Batch-1 decode streams every weight once, so the weight bytes
+// power-of-two group of 32..1024; int8 with K % 16 == 0). Batch-1 decode streams every weight once, so the weight bytes
 // set the time, and at 4.8 TB/s (H200) INT4 arrives at ~9.6e12 weights/s against ~3.4e13 lane-instructions/s:
 // about 3.5 instructions per weight is all there is. The kernel above spends ~8 in its sm_90 SASS (byte
 // extract, int-to-float trick, zero subtract, scale multiply, activation convert and FMA per weight and row).
@@ -337,7 +337,7 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 //    the slice, summed once per block at staging (int8: z = 128 for the biased bytes, s per row at the end).
 // So ~1.1 (int4) or 1.25 (int8) logic ops, one FFMA and a quarter of a 16-byte shared load per weight, plus
 // per-slice terms (counted in the sm_90 SASS of qgemv_moe_swiglu_int4_bf16's tile loop: 272 FFMA, 259 LOP3,
-// 73 LDS and ~205 others per 256 weight-row products, ~3.2 per weight, plus ~0.4 for the staging). Each lane
+// 73 LDS and ~162 others per 256 weight-row products, ~3.0 per weight, plus ~0.4 for the staging). Each lane
 // issues the QR_LOADS 16-byte loads of a tile for both of its warp's QR_WROWS weight rows before it uses any,
 // so a warp keeps 4 KiB in flight.
 //
@@ -355,8 +355,8 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 // Rows: a chunk's rows go through in passes of QR_XROWS (2 for int4, 4 for int8: what static shared memory holds
 // staged), then two, then one. A pass stages each of its rows (row b at xs[b * QR_XS]) and unpacks every weight
 // code once for all of them: one logic op, then one FFMA and a quarter of an LDS per row. In sm_90 SASS, per
-// weight-row product: qgemv_moe_swiglu_int4_bf16's tile ~3.2 (one row), ~2.3 (two rows: 544 FFMA, 259 LOP3, 145
-// LDS, ~210 others per 512); qgemv_moe_swiglu_int8_bf16's ~3.4 (one row), ~2.5 (two), ~2.0 (four: 1011 per 512).
+// weight-row product: qgemv_moe_swiglu_int4_bf16's tile ~3.0 (one row), ~2.2 (two rows: 544 FFMA, 259 LOP3, 145
+// LDS, ~170 others per 512); qgemv_moe_swiglu_int8_bf16's ~3.1 (one row), ~2.3 (two), ~1.9 (four: 984 per 512).
 // The next pass streams the block's weight rows again (from L1/L2 after the first), so DRAM traffic equals the
 // chunked kernel's, and batch-1 decode (one row per chunk) runs the one-row pass alone.
 //
@@ -429,32 +429,40 @@ __device__ __forceinline__ void slice_dot(const uint4& raw, const float* __restr
 // NR weight rows' tile against XR staged activation rows: this lane's slices s = lane + 32 j < ns of tile kb0 (in
 // weights) of each live row r (live[r], warp-uniform), added to tot[r][b] as s_g (sum x q - z S) (int4) or
 // sum x (b + 128) - 128 S (int8; the row scale comes at the end). Every row's loads are issued before any is used.
-template <int F, int NR, int XR>
+// Addressing: one pointer per row into this lane's first slice of the tile, so load j is that pointer plus the
+// constant 32 j 16 bytes (an immediate offset in the LDG), and its (scale, zero) the row's params pointer plus j
+// times the groups that 32 slices span; FULL (ns == QR_SLICES, every tile but a last partial one) drops the
+// per-slice bound, so only the warp-uniform live[r] branches.
+template <int F, int NR, int XR, bool FULL>
 __device__ __forceinline__ void qgemv_rows_tile(const uint8_t* const (&wrow)[NR], const __half* const (&prow)[NR],
                                                 const bool (&live)[NR], const float* __restrict__ xs,
                                                 const float* __restrict__ xsum, uint32_t kb0, uint32_t ns,
                                                 uint32_t gshift, uint32_t lane, float (&tot)[NR][XR]) {
   constexpr uint32_t PER = F == QF_INT4 ? 32 : 16, STRIDE = PER + 4;
+  const uint32_t k0 = kb0 + lane * PER;  // this lane's first weight of the tile
+  const uint32_t gstep = (32u * PER) >> gshift;  // groups between its slices j and j + 1 (int4; gshift <= log2 1024)
   uint4 raw[NR][QR_LOADS];
   __half2 sz[NR][QR_LOADS];  // int4: the slice's group (scale, zero), one 4-byte load (params checked aligned)
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
+    if (!live[r]) continue;
+    const uint4* w = reinterpret_cast<const uint4*>(wrow[r] + (F == QF_INT4 ? k0 / 2 : k0));
+    const __half2* g = reinterpret_cast<const __half2*>(prow[r]) + (k0 >> gshift);
 #pragma unroll
     for (int j = 0; j < QR_LOADS; ++j) {
-      const uint32_t s = lane + 32u * j;
-      if (live[r] && s < ns) {
-        const uint32_t k = kb0 + s * PER;
-        raw[r][j] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + (F == QF_INT4 ? k / 2 : k)));
-        if constexpr (F == QF_INT4) sz[r][j] = __ldg(reinterpret_cast<const __half2*>(prow[r] + 2 * (k >> gshift)));
+      if (FULL || lane + 32u * j < ns) {
+        raw[r][j] = __ldg(w + 32 * j);
+        if constexpr (F == QF_INT4) sz[r][j] = __ldg(g + j * gstep);
       }
     }
   }
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
+    if (!live[r]) continue;
 #pragma unroll
     for (int j = 0; j < QR_LOADS; ++j) {
       const uint32_t s = lane + 32u * j;
-      if (live[r] && s < ns) {
+      if (FULL || s < ns) {
         float dot[XR];
 #pragma unroll
         for (int b = 0; b < XR; ++b) dot[b] = 0.f;
@@ -548,7 +556,7 @@ __device__ __forceinline__ void qgemv_pass(const T* const (&xr)[XR], uint32_t or
     }
     __syncthreads();
     fallback = exact != 0;
-    if (!fallback && any_live) qgemv_rows_tile<F, NR, XR>(wrow, prow, live, xs, xsum, kb0, ns, gshift, lane, tot);
+    if (!fallback && any_live) qgemv_rows_tile<F, NR, XR, false>(wrow, prow, live, xs, xsum, kb0, ns, gshift, lane, tot);
     __syncthreads();  // xs is restaged next
     if (fallback) break;
   }
@@ -651,12 +659,12 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
 }
 
 #define QGEMV_DENSE_ENTRY(NAME, T, F)                                                                         \
-  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32) NAME(QMM_DENSE_PARAMS(T, __half)) {            \
+  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32) NAME(QMM_DENSE_PARAMS(T, __half)) {         \
     qgemv_impl<T, F, false, false>(QMM_DENSE_ARGS);                                                          \
   }
 
 #define QGEMV_MOE_ENTRY(NAME, T, F, SWIGLU)                                                                   \
-  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32) NAME(QMM_MOE_PARAMS(T, __half)) {              \
+  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32) NAME(QMM_MOE_PARAMS(T, __half)) {         \
     qgemv_impl<T, F, true, SWIGLU>(QMM_MOE_ARGS);                                                            \
   }
 

@@ -295,6 +295,9 @@ pub(crate) const QMM_WARPS: usize = 4;
 pub(crate) const QR_WEIGHT_ROWS: usize = 16;
 /// Threads per block of the `qgemv_*` entries.
 pub(crate) const QR_THREADS: usize = 256;
+/// The largest INT4 group the `qgemv_*` entries take: a lane's consecutive slices are 32 x 32 = 1024 weights
+/// apart, and the kernel steps their (scale, zero) by 1024 / group groups.
+pub(crate) const QR_MAX_GROUP: usize = 1024;
 
 thread_local! {
     static QGEMV: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
@@ -309,7 +312,7 @@ pub fn set_qgemv(on: bool) {
 
 /// Whether the GEMV of `fmt` over K input features runs the `qgemv_*` entries (subnormal-code dequantization,
 /// activations staged in shared memory, scale and zero per 16-byte slice; see `cuda/qmatmul.cu`) instead of the
-/// `qmatmul_*` ones: int4 with K % 32 == 0 and a power-of-two group of at least 32 (each lane's 32-weight slice
+/// `qmatmul_*` ones: int4 with K % 32 == 0 and a power-of-two group of 32 to [`QR_MAX_GROUP`] (each lane's 32-weight slice
 /// inside one group, the group found by a shift), int8 with K % 16 == 0. Same chunks, arguments and output;
 /// the entry prefix, the features per block and the block size ([`QR_THREADS`]) are what change. Pure.
 /// Returns the entry prefix and the output features per block (`swiglu`: of the SwiGLU entry); `None` also
@@ -319,7 +322,9 @@ pub(crate) fn qgemv_entry(fmt: QFormat, k: usize, swiglu: bool) -> Option<(&'sta
         && match fmt {
             QFormat::Int8 => k.is_multiple_of(16),
             QFormat::Int4 { group } => {
-                k.is_multiple_of(32) && group >= 32 && group.is_power_of_two()
+                k.is_multiple_of(32)
+                    && (32..=QR_MAX_GROUP).contains(&group)
+                    && group.is_power_of_two()
             }
             QFormat::Mxfp4 => false,
         };
@@ -473,7 +478,8 @@ mod tests {
         want.extend(tail);
         assert_eq!(l.args, want);
         // Grouped, int4 in groups of 32: experts of 3, 0 and 9 rows give 3 chunks; the qgemv entry's 16
-        // features per block put N = 64 in 4 blocks. In groups of 16 (or 48) the same shape keeps qmatmul's.
+        // features per block put N = 64 in 4 blocks (so do groups up to 1024). In groups of 16, 48 or 2048
+        // (past a lane's 1024-weight stride between slices) the same shape keeps qmatmul's.
         let d = dims(12, 96, 64, 3);
         let grouped = |group| {
             let p =
@@ -485,7 +491,8 @@ mod tests {
         assert_eq!(l.entry, "qgemv_dense_int4_f16");
         assert_eq!((l.grid, l.block), ([4, 3, 1], [256, 1, 1]));
         assert_eq!(&l.args[5..], &[3, 64, 96, 32].map(Arg::U32));
-        for group in [16, 48] {
+        assert_eq!(grouped(1024).entry, "qgemv_dense_int4_f16");
+        for group in [16, 48, 2048] {
             let l = grouped(group);
             assert_eq!(l.entry, "qmatmul_int4_f16");
             assert_eq!((l.grid, l.block), ([16, 3, 1], [128, 1, 1]));

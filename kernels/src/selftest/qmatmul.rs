@@ -1,4 +1,4 @@
-//! Self-test cases: Quantized matmuls: dense, grouped (expert-stacked) and on a device dispatch (qmatmul_moe), INT8 / INT4 g128 / g32 / g16 /
+//! Self-test cases: Quantized matmuls: dense, grouped (expert-stacked) and on a device dispatch (qmatmul_moe), INT8 / INT4 g128 / g32 / g16 / g1024 /
 //! MXFP4.
 
 use super::experts::live_rows;
@@ -50,6 +50,7 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         ("int4-g128", QFormat::Int4 { group: 128 }),
         ("int4-g32", QFormat::Int4 { group: 32 }),
         ("int4-g16", QFormat::Int4 { group: 16 }),
+        ("int4-g1024", QFormat::Int4 { group: 1024 }),
         ("mxfp4", QFormat::Mxfp4),
     ];
     // (M, N, K, experts, offsets): dense (E = 0 means qmatmul) for decode, small and larger prefill with odd
@@ -72,10 +73,14 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         (6, 40, 6272, vec![]),
     ];
     for (fname, fmt) in fmts {
-        let extra = if fmt == QFormat::Mxfp4 {
-            mxfp4_shapes()
-        } else {
-            vec![]
+        let extra = match fmt {
+            QFormat::Mxfp4 => mxfp4_shapes(),
+            // The largest group the qgemv entries take (one group per lane's 32 slices): a full shared-memory
+            // tile and a partial one of 32 slices (K = 5120), and grouped with an empty expert.
+            QFormat::Int4 { group: 1024 } => {
+                vec![(3, 40, 5120, vec![]), (5, 24, 2048, vec![0, 2, 2, 5])]
+            }
+            _ => vec![],
         };
         for (m, n, k, offsets) in shapes.iter().chain(&extra) {
             let (m, n, k) = (*m, *n, *k);
