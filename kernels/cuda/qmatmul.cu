@@ -335,9 +335,10 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 //  - the zero point and scale leave the inner loop: each lane's 16-byte load covers one slice of 32 (int4) or 16
 //    (int8) weights inside one group, and sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z S) with S = sum_k x_k of
 //    the slice, summed once per block at staging (int8: z = 128 for the biased bytes, s per row at the end).
-// So ~1.1 (int4) or 1.25 (int8) logic ops, one FFMA and a quarter of a 16-byte shared load per weight, plus
-// per-slice terms (counted in the sm_90 SASS of qgemv_moe_swiglu_int4_bf16's tile loop: 272 FFMA, 259 LOP3,
-// 73 LDS and ~162 others per 256 weight-row products, ~3.0 per weight, plus ~0.4 for the staging). Each lane
+// So ~1.1 (int4) or 1.25 (int8) logic ops, one FFMA and an eighth of a 16-byte shared load (shared by the warp's
+// two weight rows) per weight, plus per-slice terms (counted in the sm_90 SASS of qgemv_moe_swiglu_int4_bf16's
+// tile loop: 272 FFMA, 256 LOP3, 37 LDS and ~138 others per 256 weight-row products, ~2.75 per weight, plus ~0.4
+// for the staging). Each lane
 // issues the QR_LOADS 16-byte loads of a tile for both of its warp's QR_WROWS weight rows before it uses any,
 // so a warp keeps 4 KiB in flight.
 //
@@ -355,8 +356,8 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 // Rows: a chunk's rows go through in passes of QR_XROWS (2 for int4, 4 for int8: what static shared memory holds
 // staged), then two, then one. A pass stages each of its rows (row b at xs[b * QR_XS]) and unpacks every weight
 // code once for all of them: one logic op, then one FFMA and a quarter of an LDS per row. In sm_90 SASS, per
-// weight-row product: qgemv_moe_swiglu_int4_bf16's tile ~3.0 (one row), ~2.2 (two rows: 544 FFMA, 259 LOP3, 145
-// LDS, ~170 others per 512); qgemv_moe_swiglu_int8_bf16's ~3.1 (one row), ~2.3 (two), ~1.9 (four: 984 per 512).
+// weight-row product: qgemv_moe_swiglu_int4_bf16's tile ~2.75 (one row), ~2.0 (two rows: 544 FFMA, 256 LOP3, 73
+// LDS, ~147 others per 512); qgemv_moe_swiglu_int8_bf16's ~2.9 (one row), ~2.1 (two), ~1.7 (four: 884 per 512).
 // The next pass streams the block's weight rows again (from L1/L2 after the first), so DRAM traffic equals the
 // chunked kernel's, and batch-1 decode (one row per chunk) runs the one-row pass alone.
 //
@@ -384,43 +385,65 @@ template <int F> __device__ __forceinline__ float stage_scale(int i) {
   }
 }
 
-// sum_k xs_k q_k of one 16-byte load (32 int4 or 16 int8 codes) against its staged slice, times 2^-85, for each
-// of XR activation rows (row b's slice at xs + b * QR_XS<F>): each code is unpacked once for all of them.
+// sum_k xs_k q_k of one 16-byte load (32 int4 or 16 int8 codes) of each of NR weight rows against its staged
+// slice, times 2^-85, for each of XR activation rows (row b's slice at xs + b * QR_XS<F>): each code is unpacked
+// once for all activation rows, and each staged activation is loaded once for all weight rows.
 template <int F> constexpr uint32_t QR_XS = QR_SLICES * ((F == QF_INT4 ? 32 : 16) + 4);
-template <int F, int XR>
-__device__ __forceinline__ void slice_dot(const uint4& raw, const float* __restrict__ xs, float (&acc)[XR]) {
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+template <int F, int NR, int XR>
+__device__ __forceinline__ void slice_dot(const uint4 (&raw)[NR], const float* __restrict__ xs,
+                                          float (&acc)[NR][XR]) {
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     if constexpr (F == QF_INT4) {
-      const uint32_t u = words[t], v = u >> 20;
-      const float c[8] = {__uint_as_float(u & 0xFu),     __uint_as_float(u & 0xF0u),  __uint_as_float(u & 0xF00u),
-                          __uint_as_float(u & 0xF000u),  __uint_as_float(u & 0xF0000u), __uint_as_float(v & 0xFu),
-                          __uint_as_float(v & 0xF0u),    __uint_as_float(v & 0xF00u)};
+      float c[NR][8];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        const uint32_t u = t == 0 ? raw[r].x : t == 1 ? raw[r].y : t == 2 ? raw[r].z : raw[r].w, v = u >> 20;
+        c[r][0] = __uint_as_float(u & 0xFu);
+        c[r][1] = __uint_as_float(u & 0xF0u);
+        c[r][2] = __uint_as_float(u & 0xF00u);
+        c[r][3] = __uint_as_float(u & 0xF000u);
+        c[r][4] = __uint_as_float(u & 0xF0000u);
+        c[r][5] = __uint_as_float(v & 0xFu);
+        c[r][6] = __uint_as_float(v & 0xF0u);
+        c[r][7] = __uint_as_float(v & 0xF00u);
+      }
 #pragma unroll
       for (int b = 0; b < XR; ++b) {
         const float4 a = *reinterpret_cast<const float4*>(xs + b * QR_XS<F> + 8 * t);
         const float4 d = *reinterpret_cast<const float4*>(xs + b * QR_XS<F> + 8 * t + 4);
-        acc[b] = fmaf(a.x, c[0], acc[b]);
-        acc[b] = fmaf(a.y, c[1], acc[b]);
-        acc[b] = fmaf(a.z, c[2], acc[b]);
-        acc[b] = fmaf(a.w, c[3], acc[b]);
-        acc[b] = fmaf(d.x, c[4], acc[b]);
-        acc[b] = fmaf(d.y, c[5], acc[b]);
-        acc[b] = fmaf(d.z, c[6], acc[b]);
-        acc[b] = fmaf(d.w, c[7], acc[b]);
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+          acc[r][b] = fmaf(a.x, c[r][0], acc[r][b]);
+          acc[r][b] = fmaf(a.y, c[r][1], acc[r][b]);
+          acc[r][b] = fmaf(a.z, c[r][2], acc[r][b]);
+          acc[r][b] = fmaf(a.w, c[r][3], acc[r][b]);
+          acc[r][b] = fmaf(d.x, c[r][4], acc[r][b]);
+          acc[r][b] = fmaf(d.y, c[r][5], acc[r][b]);
+          acc[r][b] = fmaf(d.z, c[r][6], acc[r][b]);
+          acc[r][b] = fmaf(d.w, c[r][7], acc[r][b]);
+        }
       }
     } else {
-      const uint32_t u = words[t] ^ 0x80808080u;
-      const float c[4] = {__uint_as_float(u & 0xFFu), __uint_as_float(u & 0xFF00u),
-                          __uint_as_float(__byte_perm(u, 0u, 0x4442u)), __uint_as_float(u >> 24)};
+      float c[NR][4];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        const uint32_t u = (t == 0 ? raw[r].x : t == 1 ? raw[r].y : t == 2 ? raw[r].z : raw[r].w) ^ 0x80808080u;
+        c[r][0] = __uint_as_float(u & 0xFFu);
+        c[r][1] = __uint_as_float(u & 0xFF00u);
+        c[r][2] = __uint_as_float(__byte_perm(u, 0u, 0x4442u));
+        c[r][3] = __uint_as_float(u >> 24);
+      }
 #pragma unroll
       for (int b = 0; b < XR; ++b) {
         const float4 a = *reinterpret_cast<const float4*>(xs + b * QR_XS<F> + 4 * t);
-        acc[b] = fmaf(a.x, c[0], acc[b]);
-        acc[b] = fmaf(a.y, c[1], acc[b]);
-        acc[b] = fmaf(a.z, c[2], acc[b]);
-        acc[b] = fmaf(a.w, c[3], acc[b]);
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+          acc[r][b] = fmaf(a.x, c[r][0], acc[r][b]);
+          acc[r][b] = fmaf(a.y, c[r][1], acc[r][b]);
+          acc[r][b] = fmaf(a.z, c[r][2], acc[r][b]);
+          acc[r][b] = fmaf(a.w, c[r][3], acc[r][b]);
+        }
       }
     }
   }
@@ -431,51 +454,56 @@ __device__ __forceinline__ void slice_dot(const uint4& raw, const float* __restr
 // sum x (b + 128) - 128 S (int8; the row scale comes at the end). Every row's loads are issued before any is used.
 // Addressing: one pointer per row into this lane's first slice of the tile, so load j is that pointer plus the
 // constant 32 j 16 bytes (an immediate offset in the LDG), and its (scale, zero) the row's params pointer plus j
-// times the groups that 32 slices span; FULL (ns == QR_SLICES, every tile but a last partial one) drops the
-// per-slice bound, so only the warp-uniform live[r] branches.
-template <int F, int NR, int XR, bool FULL>
+// times the groups that 32 slices span. No branches: a slice past a partial tile's end (s >= ns), or of a row past
+// N (not live), loads nothing and keeps zero codes and a zero (scale, zero); the slices past the end are staged as
+// zero activations with zero sums. So those terms add exactly 0 (a dead row's sums are never written), and each
+// staged activation is read once for all the warp's weight rows.
+template <int F, int NR, int XR>
 __device__ __forceinline__ void qgemv_rows_tile(const uint8_t* const (&wrow)[NR], const __half* const (&prow)[NR],
                                                 const bool (&live)[NR], const float* __restrict__ xs,
                                                 const float* __restrict__ xsum, uint32_t kb0, uint32_t ns,
                                                 uint32_t gshift, uint32_t lane, float (&tot)[NR][XR]) {
   constexpr uint32_t PER = F == QF_INT4 ? 32 : 16, STRIDE = PER + 4;
   const uint32_t k0 = kb0 + lane * PER;  // this lane's first weight of the tile
-  const uint32_t gstep = (32u * PER) >> gshift;  // groups between its slices j and j + 1 (int4; gshift <= log2 1024)
+  const uint32_t gstep = (32u * PER) >> gshift;  // groups between its slices j and j + 1 (int4; group <= 1024)
   uint4 raw[NR][QR_LOADS];
   __half2 sz[NR][QR_LOADS];  // int4: the slice's group (scale, zero), one 4-byte load (params checked aligned)
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
-    if (!live[r]) continue;
     const uint4* w = reinterpret_cast<const uint4*>(wrow[r] + (F == QF_INT4 ? k0 / 2 : k0));
     const __half2* g = reinterpret_cast<const __half2*>(prow[r]) + (k0 >> gshift);
 #pragma unroll
     for (int j = 0; j < QR_LOADS; ++j) {
-      if (FULL || lane + 32u * j < ns) {
+      raw[r][j] = uint4{0u, 0u, 0u, 0u};
+      if constexpr (F == QF_INT4) sz[r][j] = __half2();
+      if (live[r] && lane + 32u * j < ns) {
         raw[r][j] = __ldg(w + 32 * j);
         if constexpr (F == QF_INT4) sz[r][j] = __ldg(g + j * gstep);
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < NR; ++r) {
-    if (!live[r]) continue;
+  for (int j = 0; j < QR_LOADS; ++j) {
+    const uint32_t s = lane + 32u * j;
+    uint4 rj[NR];
+    float dot[NR][XR];
 #pragma unroll
-    for (int j = 0; j < QR_LOADS; ++j) {
-      const uint32_t s = lane + 32u * j;
-      if (FULL || s < ns) {
-        float dot[XR];
+    for (int r = 0; r < NR; ++r) {
+      rj[r] = raw[r][j];
 #pragma unroll
-        for (int b = 0; b < XR; ++b) dot[b] = 0.f;
-        slice_dot<F, XR>(raw[r][j], xs + s * STRIDE, dot);
+      for (int b = 0; b < XR; ++b) dot[r][b] = 0.f;
+    }
+    slice_dot<F, NR, XR>(rj, xs + s * STRIDE, dot);
 #pragma unroll
-        for (int b = 0; b < XR; ++b) {
-          const float S = xsum[b * QR_SLICES + s];
-          if constexpr (F == QF_INT4) {
-            const float2 g = __half22float2(sz[r][j]);
-            tot[r][b] = fmaf(g.x, fmaf(dot[b], 0x1p85f, -g.y * S), tot[r][b]);
-          } else {
-            tot[r][b] += fmaf(dot[b], 0x1p85f, -128.f * S);
-          }
+    for (int b = 0; b < XR; ++b) {
+      const float S = xsum[b * QR_SLICES + s];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        if constexpr (F == QF_INT4) {
+          const float2 g = __half22float2(sz[r][j]);
+          tot[r][b] = fmaf(g.x, fmaf(dot[r][b], 0x1p85f, -g.y * S), tot[r][b]);
+        } else {
+          tot[r][b] += fmaf(dot[r][b], 0x1p85f, -128.f * S);
         }
       }
     }
@@ -520,6 +548,7 @@ __device__ __forceinline__ void qgemv_pass(const T* const (&xr)[XR], uint32_t or
   // Staging: thread t's 16 activations start at element 16 t of the tile: slice t / 2 (int4) or t (int8).
   // (16 is a multiple of 8 and 4, so each of them is staged with stage_scale of its index j < 16.)
   const uint32_t slice = INT4 ? tid / 2 : tid, half16 = INT4 ? (tid & 1u) * 16 : 0;
+  const bool stager = 16 * tid < TILE;  // every int4 thread; int8 stages 2048 activations with 128 of its 256
   float tot[NR][XR];
 #pragma unroll
   for (int r = 0; r < NR; ++r)
@@ -533,7 +562,10 @@ __device__ __forceinline__ void qgemv_pass(const T* const (&xr)[XR], uint32_t or
     const bool mine = 16 * tid < kt;
 #pragma unroll
     for (int b = 0; b < XR; ++b) {
+      // Past a partial tile's end the slices are staged as zeros (and zero sums): see qgemv_rows_tile.
       float v[16], part = 0.f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[j] = 0.f;
       if (mine) {
         load_x16(xr[b], kb0 + 16 * tid, xvec, v);
         bool big = false;
@@ -543,7 +575,9 @@ __device__ __forceinline__ void qgemv_pass(const T* const (&xr)[XR], uint32_t or
           big |= fabsf(v[j]) >= 0x1p62f;  // inf too; NaN propagates on either path
         }
         if (big) exact = 1;
-        float* dst = xs + b * QR_XS<F> + slice * STRIDE + half16;
+      }
+      float* dst = xs + b * QR_XS<F> + slice * STRIDE + half16;
+      if (stager) {
 #pragma unroll
         for (int j = 0; j < 16; j += 4) {
           const float4 q = {v[j] * stage_scale<F>(j), v[j + 1] * stage_scale<F>(j + 1),
@@ -552,11 +586,11 @@ __device__ __forceinline__ void qgemv_pass(const T* const (&xr)[XR], uint32_t or
         }
       }
       if constexpr (INT4) part += __shfl_xor_sync(0xffffffffu, part, 1);  // the slice's two halves
-      if (mine && half16 == 0) xsum[b * QR_SLICES + slice] = part;
+      if (stager && half16 == 0) xsum[b * QR_SLICES + slice] = part;
     }
     __syncthreads();
     fallback = exact != 0;
-    if (!fallback && any_live) qgemv_rows_tile<F, NR, XR, false>(wrow, prow, live, xs, xsum, kb0, ns, gshift, lane, tot);
+    if (!fallback && any_live) qgemv_rows_tile<F, NR, XR>(wrow, prow, live, xs, xsum, kb0, ns, gshift, lane, tot);
     __syncthreads();  // xs is restaged next
     if (fallback) break;
   }
@@ -658,13 +692,15 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
   }
 }
 
+// Two blocks of 256 threads per SM (what their 38-43 KB of shared memory allows on an sm_89), so at most 128
+// registers; without the minimum ptxas put the int8 entries in 80 registers and spilled.
 #define QGEMV_DENSE_ENTRY(NAME, T, F)                                                                         \
-  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32) NAME(QMM_DENSE_PARAMS(T, __half)) {         \
+  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32, 2) NAME(QMM_DENSE_PARAMS(T, __half)) {         \
     qgemv_impl<T, F, false, false>(QMM_DENSE_ARGS);                                                          \
   }
 
 #define QGEMV_MOE_ENTRY(NAME, T, F, SWIGLU)                                                                   \
-  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32) NAME(QMM_MOE_PARAMS(T, __half)) {         \
+  extern "C" __global__ void __launch_bounds__(QR_WARPS * 32, 2) NAME(QMM_MOE_PARAMS(T, __half)) {         \
     qgemv_impl<T, F, true, SWIGLU>(QMM_MOE_ARGS);                                                            \
   }
 
