@@ -355,7 +355,8 @@ QMATMUL_MOE_ENTRY(qmatmul_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 //
 // Rows: a chunk's rows go through in passes of QR_XROWS (2 for int4, 4 for int8: what static shared memory holds
 // staged), then two, then one. A pass stages each of its rows (row b at xs[b * QR_XS]) and unpacks every weight
-// code once for all of them: one logic op, then one FFMA and a quarter of an LDS per row. In sm_90 SASS, per
+// code once for all of them: one logic op, then one FFMA and an eighth of an LDS per row (each 16-byte load of
+// staged activations serves the warp's two weight rows). In sm_90 SASS, per
 // weight-row product: qgemv_moe_swiglu_int4_bf16's tile ~2.75 (one row), ~2.0 (two rows: 544 FFMA, 256 LOP3, 73
 // LDS, ~147 others per 512); qgemv_moe_swiglu_int8_bf16's ~2.9 (one row), ~2.1 (two), ~1.7 (four: 884 per 512).
 // The next pass streams the block's weight rows again (from L1/L2 after the first), so DRAM traffic equals the
@@ -475,7 +476,7 @@ __device__ __forceinline__ void qgemv_rows_tile(const uint8_t* const (&wrow)[NR]
 #pragma unroll
     for (int j = 0; j < QR_LOADS; ++j) {
       raw[r][j] = uint4{0u, 0u, 0u, 0u};
-      if constexpr (F == QF_INT4) sz[r][j] = __half2();
+      if constexpr (F == QF_INT4) sz[r][j] = __float2half2_rn(0.f);
       if (live[r] && lane + 32u * j < ns) {
         raw[r][j] = __ldg(w + 32 * j);
         if constexpr (F == QF_INT4) sz[r][j] = __ldg(g + j * gstep);

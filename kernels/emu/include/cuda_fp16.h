@@ -26,3 +26,4 @@ struct alignas(4) __half2 {
 };
 // float2 comes from emu.h, which is force-included in front of every kernel source.
 inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline __half2 __float2half2_rn(float a) { return {__float2half_rn(a), __float2half_rn(a)}; }
