@@ -390,6 +390,10 @@ template <int F> __device__ __forceinline__ float stage_scale(int i) {
 // slice, times 2^-85, for each of XR activation rows (row b's slice at xs + b * QR_XS<F>): each code is unpacked
 // once for all activation rows, and each staged activation is loaded once for all weight rows.
 template <int F> constexpr uint32_t QR_XS = QR_SLICES * ((F == QF_INT4 ? 32 : 16) + 4);
+// acc + a.x c[0] + a.y c[1] + a.z c[2] + a.w c[3], one FFMA each, in that order.
+__device__ __forceinline__ float fma4(const float4& a, const float* c, float acc) {
+  return fmaf(a.w, c[3], fmaf(a.z, c[2], fmaf(a.y, c[1], fmaf(a.x, c[0], acc))));
+}
 template <int F, int NR, int XR>
 __device__ __forceinline__ void slice_dot(const uint4 (&raw)[NR], const float* __restrict__ xs,
                                           float (&acc)[NR][XR]) {
@@ -415,14 +419,7 @@ __device__ __forceinline__ void slice_dot(const uint4 (&raw)[NR], const float* _
         const float4 d = *reinterpret_cast<const float4*>(xs + b * QR_XS<F> + 8 * t + 4);
 #pragma unroll
         for (int r = 0; r < NR; ++r) {
-          acc[r][b] = fmaf(a.x, c[r][0], acc[r][b]);
-          acc[r][b] = fmaf(a.y, c[r][1], acc[r][b]);
-          acc[r][b] = fmaf(a.z, c[r][2], acc[r][b]);
-          acc[r][b] = fmaf(a.w, c[r][3], acc[r][b]);
-          acc[r][b] = fmaf(d.x, c[r][4], acc[r][b]);
-          acc[r][b] = fmaf(d.y, c[r][5], acc[r][b]);
-          acc[r][b] = fmaf(d.z, c[r][6], acc[r][b]);
-          acc[r][b] = fmaf(d.w, c[r][7], acc[r][b]);
+          acc[r][b] = fma4(d, c[r] + 4, fma4(a, c[r], acc[r][b]));
         }
       }
     } else {
@@ -440,10 +437,7 @@ __device__ __forceinline__ void slice_dot(const uint4 (&raw)[NR], const float* _
         const float4 a = *reinterpret_cast<const float4*>(xs + b * QR_XS<F> + 4 * t);
 #pragma unroll
         for (int r = 0; r < NR; ++r) {
-          acc[r][b] = fmaf(a.x, c[r][0], acc[r][b]);
-          acc[r][b] = fmaf(a.y, c[r][1], acc[r][b]);
-          acc[r][b] = fmaf(a.z, c[r][2], acc[r][b]);
-          acc[r][b] = fmaf(a.w, c[r][3], acc[r][b]);
+          acc[r][b] = fma4(a, c[r], acc[r][b]);
         }
       }
     }
