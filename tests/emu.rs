@@ -99,6 +99,28 @@ fn out_of_bounds_write_far_past_the_end_faults() {
     correct_block_reduction_passes();
 }
 
+/// `__shared__` arrays end at a guard page too (build.rs rewrites their declarations): a block of 64 threads
+/// staging into a 32-float array faults and the report names the array, its size and its line; with 32
+/// threads the same kernel is fine.
+#[test]
+fn shared_array_overflow_faults_and_names_the_array() {
+    let out = EmuBuf::new(64 * 4, 4, "out").unwrap();
+    let e = err("emu_test_shared_overflow", 1, 64, &[EmuArg::Buf(&out)]);
+    assert!(
+        e.contains("segmentation fault")
+            && e.contains("past the end of the __shared__ array stage (128 bytes, declared at test_kernels.cu:"),
+        "{e}"
+    );
+    let ok = EmuBuf::new(32 * 4, 4, "out").unwrap();
+    launch_raw(
+        "emu_test_shared_overflow",
+        [1, 1, 1],
+        [32, 1, 1],
+        &[EmuArg::Buf(&ok)],
+    )
+    .unwrap();
+}
+
 #[test]
 fn write_into_a_read_only_input_faults() {
     let input = EmuBuf::from_bytes(&floats(&[1.0; 32]), 4, "in", true).unwrap();

@@ -6,7 +6,9 @@
 // where divergence (part of a block or warp arriving) is reported instead of hanging.
 //
 // __shared__ variables become thread_local: all fibers of a block run on one host thread, so they share them,
-// and two host threads (two tests) emulating at the same time do not.
+// and two host threads (two tests) emulating at the same time do not. build.rs also rewrites every __shared__
+// declaration of the kernels into a reference to guarded memory (moe_emu::shared_array below), so the
+// `__shared__` macro here only serves code that build.rs does not see.
 #pragma once
 
 #include <cmath>
@@ -75,6 +77,15 @@ unsigned warp_vote(const char* what, const char* site, unsigned mask, bool pred)
 void syncwarp(const char* site, unsigned mask);
 [[noreturn]] void fail(const char* fmt, ...);
 void check_aligned(const void* p, size_t align, const char* what, const char* site);
+
+// Memory for one `__shared__` declaration (build.rs rewrites each into a reference to what this returns, once per
+// template instantiation and host thread): `bytes` placed so that they end at a guard page (as close as the
+// alignment allows), so an access past the array's end faults and names `name` and `site`. Zero-filled.
+void* shared_alloc(size_t bytes, size_t align, const char* name, const char* site);
+template <typename A>
+inline A* shared_array(size_t align, const char* name, const char* site) {
+  return static_cast<A*>(shared_alloc(sizeof(A), align > alignof(A) ? align : alignof(A), name, site));
+}
 
 template <typename T>
 inline uint64_t to_bits(T v) {

@@ -436,9 +436,26 @@ void install_fault_handler() {
   });
 }
 
+// The guard page after each __shared__ array (shared_alloc), with its name and declaration.
+struct SharedGuard {
+  const char* page;
+  const char* end;  // the array's end (up to alignment - 1 bytes before the page)
+  std::string what;
+};
+std::mutex g_shared_mu;
+std::vector<SharedGuard> g_shared_guards;
+
 std::string describe_address(const void* addr) {
   std::string d = describe_buffer_address(addr);
   if (!d.empty()) return d;
+  {
+    std::lock_guard<std::mutex> lock(g_shared_mu);
+    const char* a = static_cast<const char*>(addr);
+    for (const SharedGuard& g : g_shared_guards)
+      if (a >= g.page && a < g.page + page_size())
+        return format("%zu bytes past the end of the __shared__ array %s", static_cast<size_t>(a - g.end),
+                      g.what.c_str());
+  }
   const char* a = static_cast<const char*>(addr);
   for (char* s : t_stacks)
     if (a >= s && a < s + page_size()) return "a GPU thread's stack overflowing (the emulator gives each 256 KiB)";
@@ -446,6 +463,21 @@ std::string describe_address(const void* addr) {
 }
 
 }  // namespace
+
+// ---- guarded __shared__ arrays -----------------------------------------------------------------------------------
+
+void* shared_alloc(size_t bytes, size_t align, const char* name, const char* site) {
+  const size_t page = page_size(), span = (bytes + align + page - 1) / page * page;
+  void* p = mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) fail("cannot map %zu bytes for the __shared__ array %s (%s)", bytes, name, site);
+  char* guard = static_cast<char*>(p) + span;
+  if (mprotect(guard, page, PROT_NONE) != 0) fail("cannot protect the guard page of __shared__ %s (%s)", name, site);
+  char* start = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(guard - bytes) & ~(align - 1));
+  install_fault_handler();
+  std::lock_guard<std::mutex> lock(g_shared_mu);
+  g_shared_guards.push_back({guard, start + bytes, format("%s (%zu bytes, declared at %s)", name, bytes, site)});
+  return start;
+}
 
 // ---- collectives called from the kernels -----------------------------------------------------------------------
 

@@ -71,3 +71,11 @@ extern "C" __global__ void emu_test_missing_barrier(float* out) {
   s[threadIdx.x] = static_cast<float>(blockIdx.x * 100 + threadIdx.x);
   out[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
 }
+
+// Stages one float per thread into a shared array of 32 floats: past its end when the block has more threads.
+extern "C" __global__ void emu_test_shared_overflow(float* out) {
+  __shared__ float stage[32];
+  stage[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = stage[threadIdx.x % 32];
+}
