@@ -445,6 +445,25 @@ struct SharedGuard {
 std::mutex g_shared_mu;
 std::vector<SharedGuard> g_shared_guards;
 
+// This host thread's __shared__ mappings, unmapped (and their guards forgotten) when the thread ends: the
+// kernels' `static thread_local` pointers to them end with it.
+struct SharedMaps {
+  std::vector<std::pair<char*, size_t>> maps;  // base, length (guard page included)
+  ~SharedMaps() {
+    std::lock_guard<std::mutex> lock(g_shared_mu);
+    for (auto [base, len] : maps) {
+      const char* guard = base + len - page_size();
+      for (size_t i = 0; i < g_shared_guards.size(); ++i)
+        if (g_shared_guards[i].page == guard) {
+          g_shared_guards.erase(g_shared_guards.begin() + static_cast<std::ptrdiff_t>(i));
+          break;
+        }
+      munmap(base, len);
+    }
+  }
+};
+thread_local SharedMaps t_shared_maps;
+
 std::string describe_address(const void* addr) {
   std::string d = describe_buffer_address(addr);
   if (!d.empty()) return d;
@@ -474,6 +493,7 @@ void* shared_alloc(size_t bytes, size_t align, const char* name, const char* sit
   if (mprotect(guard, page, PROT_NONE) != 0) fail("cannot protect the guard page of __shared__ %s (%s)", name, site);
   char* start = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(guard - bytes) & ~(align - 1));
   install_fault_handler();
+  t_shared_maps.maps.emplace_back(static_cast<char*>(p), span + page);
   std::lock_guard<std::mutex> lock(g_shared_mu);
   g_shared_guards.push_back({guard, start + bytes, format("%s (%zu bytes, declared at %s)", name, bytes, site)});
   return start;
