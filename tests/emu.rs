@@ -121,6 +121,49 @@ fn shared_array_overflow_faults_and_names_the_array() {
     .unwrap();
 }
 
+/// The tensor-core collective (`mma_16816` in common.cuh, a warp collective in the emulator): fragments built
+/// from PTX ISA's per-element formulas give D = C + A B (bf16 inputs, f32 sums, exact here: the values are small
+/// multiples of 1/8), in both warps of a block; a block whose second warp is partial is refused.
+#[test]
+fn mma_16816_multiplies_fragments_in_the_ptx_layout() {
+    let bf16 = |v: f32| ((v.to_bits() + 0x8000) >> 16) as u16; // exact for these values
+    let a: Vec<f32> = (0..256)
+        .map(|i| ((i * 7 % 23) as f32 - 11.0) / 8.0)
+        .collect();
+    let b: Vec<f32> = (0..128)
+        .map(|i| ((i * 5 % 19) as f32 - 9.0) / 4.0)
+        .collect();
+    let c: Vec<f32> = (0..128).map(|i| (i % 13) as f32 - 6.0).collect();
+    let bytes16 =
+        |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|&x| bf16(x).to_le_bytes()).collect() };
+    let ab = EmuBuf::from_bytes(&bytes16(&a), 2, "a", true).unwrap();
+    let bb = EmuBuf::from_bytes(&bytes16(&b), 2, "b", true).unwrap();
+    let cb = EmuBuf::from_bytes(&floats(&c), 4, "c", true).unwrap();
+    let d = EmuBuf::new(256 * 4, 4, "d").unwrap();
+    let args = [
+        EmuArg::Buf(&ab),
+        EmuArg::Buf(&bb),
+        EmuArg::Buf(&cb),
+        EmuArg::Buf(&d),
+    ];
+    launch_raw("emu_test_mma_16816", [1, 1, 1], [64, 1, 1], &args).unwrap();
+    let mut want = vec![0f32; 128];
+    for i in 0..16 {
+        for j in 0..8 {
+            want[i * 8 + j] =
+                c[i * 8 + j] + (0..16).map(|k| a[i * 16 + k] * b[k * 8 + j]).sum::<f32>();
+        }
+    }
+    let got = read(&d);
+    assert_eq!(&got[..128], &want[..]);
+    assert_eq!(&got[128..], &want[..]);
+    let e = err("emu_test_mma_16816", 1, 48, &args);
+    assert!(
+        e.contains("mma.sync") && e.contains("beyond the block"),
+        "{e}"
+    );
+}
+
 #[test]
 fn write_into_a_read_only_input_faults() {
     let input = EmuBuf::from_bytes(&floats(&[1.0; 32]), 4, "in", true).unwrap();

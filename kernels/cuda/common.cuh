@@ -112,3 +112,44 @@ __device__ __forceinline__ void fma_tile_4x4(const float (*a)[KT + 1], const flo
       for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
   }
 }
+
+// ---- tensor cores: one mma.sync m16n8k16 from registers ----------------------
+
+// d += A B for one 16 x 16 (A, row major) by 16 x 8 (B, column major) tile of T = __nv_bfloat16 or __half, f32
+// accumulate: `mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32` (sm_80+). The fragments are PTX ISA's ("Matrix
+// Fragments for mma.m16n8k16 with floating point type"), with g = lane / 4 and t = lane % 4, the lower 16 bits of
+// each register holding the lower index:
+//   a[0] = A[g][2t, 2t+1]  a[1] = A[g+8][2t, 2t+1]  a[2] = A[g][2t+8, 2t+9]  a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]  b[1] = B[2t+8, 2t+9][g]
+//   d[0], d[1] = D[g][2t, 2t+1]                      d[2], d[3] = D[g+8][2t, 2t+1]
+// Warp-synchronous: every lane of the warp must call it with the same T. In the emulator (emu.h) it is a warp
+// collective that computes the product in f32, k in order.
+template <typename T> struct MmaType;
+template <> struct MmaType<__nv_bfloat16> { static constexpr bool bf16 = true; };
+template <> struct MmaType<__half> { static constexpr bool bf16 = false; };
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  if constexpr (MmaType<T>::bf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+#elif defined(MOE_EMU_SITE)
+  ::moe_emu::MmaLane m{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {d[0], d[1], d[2], d[3]}, {}};
+  ::moe_emu::mma_m16n8k16(MOE_EMU_SITE, MmaType<T>::bf16, &m);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) d[i] = m.d[i];
+#endif
+}

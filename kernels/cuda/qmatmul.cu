@@ -718,6 +718,259 @@ QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f32, float, QF_INT4, true)
 QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_bf16, __nv_bfloat16, QF_INT4, true)
 QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
 
+// ---- decode on tensor cores: qmma, the INT4 GEMV for bf16/f16 activations ----------------------------------
+// qmma_{dense,moe,moe_swiglu}_int4_{bf16,f16}: the same products, chunks (up to QMM_ROWS = 8 activation rows),
+// arguments and outputs as the qgemv_* entries above, for int4 with K % 32 == 0 and a power-of-two group of at
+// least 32, bf16/f16 activations, sm_80+ (the host's qgemv_entry decides). One block is one mma.sync
+// m16n8k16 tile: 16 weight rows (M) by the chunk's up to 8 activation rows (N), over all of K.
+//  - The weight codes go to the tensor cores as 16-bit floats without a conversion: a nibble OR-ed into the
+//    mantissa of MAGIC (128 in bf16, 1024 in f16: the value whose unit in the last place is 1) is MAGIC + q
+//    exactly, and one shift plus one LOP3 makes two of them (nibbles i and i + 4 of a 32-bit word, one per
+//    half). The activations go in as they are. So every product (MAGIC + q) x is exact in the f32 accumulator.
+//  - The zero point, the scale and the MAGIC offset leave the inner loop: per group segment the tile
+//    accumulates P = sum (MAGIC + q) x and, by a second mma with A = ones, S = sum x per activation row; then
+//    sum s (q - z) x = s (P - (MAGIC + z) S), two FFMA per output.
+//  - Which K positions a tile's 16 k slots hold does not matter as long as A and B agree: lane (g, t) loads
+//    32-bit word 4 j + t of its rows g and g + 8 (weights 32 j + 8 t + 0..7 of the step) and the 8 activations
+//    of row g at the same positions (one 16-byte load), and its fragment slots 2t, 2t+1, 2t+8, 2t+9 hold
+//    positions {0, 4, 1, 5} (tile 0 of the step) or {2, 6, 3, 7} (tile 1): the LOP3 pairs on the A side, two
+//    PRMT per tile on the B side. A step's 32 weights lie in one group (group % 32 == 0).
+// Per lane and 32-weight step: 2 4-byte weight loads, one 16-byte activation load, 4 PRMT, 3 SHF + 4 LOP3 per
+// weight word, 4 HMMA, for 16 weights of every activation row up to 8; plus 4 FFMA pairs per group segment.
+// Batch-1 decode wastes 7 of the 8 B columns, which cost nothing extra: the instructions are per weight.
+//
+// Split K: the block's QM_WARPS warps take 256-weight iterations kb = 256 (warp + QM_WARPS i), each with its
+// own partial sums (a group segment never straddles two warps: it is min(group, 256) weights); warp 0 adds
+// the others' from shared memory in warp order, applies the SwiGLU epilogue and writes. All QM_STEPS loads of
+// an iteration are issued before any is used.
+//
+// Exactness: if a sum of warp 0 is not finite (an inf or NaN activation, or (MAGIC + q) x overflowing where the
+// reference's s (q - z) x would not), or a pointer is not aligned for the vector loads, warp 0 recomputes the
+// block's outputs one weight at a time as the reference does (slow, correct).
+//
+// Launch: grid = (ceil(N / 16), min(C, 65535)) (ceil(N / 8) with SwiGLU), block = QM_WARPS * 32 = 256.
+#define QM_WARPS 8
+#define QM_STEPS 4  // 32-weight steps per warp iteration
+
+template <typename T> struct QmmaMagic;
+template <> struct QmmaMagic<__nv_bfloat16> {
+  static constexpr uint32_t MAGIC2 = 0x43004300u, ONES2 = 0x3F803F80u;  // (128, 128), (1, 1)
+  static constexpr float MAGIC = 128.f;
+};
+template <> struct QmmaMagic<__half> {
+  static constexpr uint32_t MAGIC2 = 0x64006400u, ONES2 = 0x3C003C00u;  // (1024, 1024), (1, 1)
+  static constexpr float MAGIC = 1024.f;
+};
+
+// (a & mask) | bits in one LOP3 (the compiler splits it in two when both constants are immediates).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));
+  return r;
+#else
+  return (a & mask) | bits;
+#endif
+}
+
+// One iteration of a warp: QM_STEPS steps of 32 weights from kb of the block's rows (row g's 32-bit words from
+// w[0], row g + 8's from w[1], each already offset by the lane's word t; their (scale, zero) pairs p[0], p[1];
+// a dead row points at a live one and gets a zero scale) against the activations of row g (xr, a live row's
+// when g is past the chunk: that column is computed and dropped), added to tot as in the notes above. Segments of
+// SEG steps share one group. TAIL: a partial iteration (K - kb < 32 QM_STEPS): the steps past K load nothing.
+template <typename T, int SEG, bool TAIL>
+__device__ __forceinline__ void qmma_iter(const uint32_t* const (&w)[2], const __half2* const (&p)[2],
+                                          const bool (&live)[2], const T* __restrict__ xr, uint32_t kb,
+                                          uint32_t K, uint32_t gshift, uint32_t t, float (&tot)[4]) {
+  constexpr uint32_t MAGIC2 = QmmaMagic<T>::MAGIC2, ONES2 = QmmaMagic<T>::ONES2;
+  constexpr float MAGIC = QmmaMagic<T>::MAGIC;
+  const uint32_t ns = TAIL ? (K - kb) / 32u : QM_STEPS;  // steps past ns load nothing
+  const uint4* xp = reinterpret_cast<const uint4*>(xr + kb) + t;
+  uint32_t wq[2][QM_STEPS];
+  uint4 xv[QM_STEPS];
+#pragma unroll
+  for (int j = 0; j < QM_STEPS; ++j) {
+    const bool in = !TAIL || static_cast<uint32_t>(j) < ns;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wq[h][j] = in ? __ldg(w[h] + kb / 8 + 4 * j) : 0u;
+    xv[j] = in ? __ldg(xp + 4 * j) : uint4{0u, 0u, 0u, 0u};
+  }
+  const uint32_t ones[4] = {ONES2, ONES2, ONES2, ONES2};
+  float P[4] = {0.f, 0.f, 0.f, 0.f}, S[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < QM_STEPS; ++j) {
+    // B: activations {0, 4}, {1, 5} (tile 0) and {2, 6}, {3, 7} (tile 1) of the lane's 8.
+    const uint32_t b0[2] = {__byte_perm(xv[j].x, xv[j].z, 0x5410u), __byte_perm(xv[j].x, xv[j].z, 0x7632u)};
+    const uint32_t b1[2] = {__byte_perm(xv[j].y, xv[j].w, 0x5410u), __byte_perm(xv[j].y, xv[j].w, 0x7632u)};
+    // A: MAGIC + codes {i, i + 4} of each row's word.
+    uint32_t pr[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pr[h][i] = and_or(wq[h][j] >> (4 * i), 0x000F000Fu, MAGIC2);
+    const uint32_t a0[4] = {pr[0][0], pr[1][0], pr[0][1], pr[1][1]};
+    const uint32_t a1[4] = {pr[0][2], pr[1][2], pr[0][3], pr[1][3]};
+    mma_16816<T>(P, a0, b0);
+    mma_16816<T>(P, a1, b1);
+    mma_16816<T>(S, ones, b0);
+    mma_16816<T>(S, ones, b1);
+    if (j % SEG == SEG - 1) {
+      // The segment's group; a segment past K (a partial iteration) holds zero sums and gets a zero scale.
+      const uint32_t k0 = kb + 32u * static_cast<uint32_t>(j + 1 - SEG);
+      float2 sz[2] = {{0.f, 0.f}, {0.f, 0.f}};
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (live[h] && (!TAIL || k0 < K)) sz[h] = __half22float2(__ldg(p[h] + (k0 >> gshift)));
+      // d[0], d[1]: row g for activation rows 2t, 2t + 1; d[2], d[3]: row g + 8. S's rows are all equal.
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 g = sz[q / 2];
+        tot[q] = fmaf(g.x, fmaf(-(MAGIC + g.y), S[q & 1], P[q]), tot[q]);
+        P[q] = 0.f;
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) S[q] = 0.f;
+    }
+  }
+}
+
+// qmma_iter for the runtime segment length seg (1, 2 or QM_STEPS steps).
+template <typename T, bool TAIL>
+__device__ __forceinline__ void qmma_iter_seg(uint32_t seg, const uint32_t* const (&w)[2],
+                                              const __half2* const (&p)[2], const bool (&live)[2],
+                                              const T* __restrict__ xr, uint32_t kb, uint32_t K, uint32_t gshift,
+                                              uint32_t t, float (&tot)[4]) {
+  if (seg == 1) qmma_iter<T, 1, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
+  else if (seg == 2) qmma_iter<T, 2, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
+  else qmma_iter<T, QM_STEPS, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
+}
+
+template <typename T, bool MOE, bool SWIGLU>
+__device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
+                                          const __half* __restrict__ params, const uint32_t* __restrict__ chunks,
+                                          const uint32_t* __restrict__ row_token,
+                                          const uint32_t* __restrict__ counts,
+                                          const uint32_t* __restrict__ offsets, uint32_t E, T* __restrict__ out,
+                                          uint32_t C, uint32_t N, uint32_t K, uint32_t group) {
+  __shared__ float red[QM_WARPS - 1][4][32];  // warps 1.. park their partial sums here for warp 0
+  const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5, g = lane >> 2, t = lane & 3u;
+  // Tile row m: feature n0 + m (n0 = 16 blockIdx.x); SwiGLU: rows g and g + 8 are feature n0 + g's gate and up
+  // rows (n0 = 8 blockIdx.x), so the epilogue finds both in the same lane.
+  const uint32_t n0 = blockIdx.x * (SWIGLU ? 8u : 16u);
+  const uint32_t gshift = __ffs(group) - 1;  // group is a power of two >= 32 (the host checked)
+  const size_t PR = (K + group - 1) >> gshift;  // (scale, zero) pairs per row
+  const size_t KW = K / 8;                     // 32-bit words per packed row
+  const bool vec = (reinterpret_cast<uintptr_t>(qweight) & 3u) == 0 && (reinterpret_cast<uintptr_t>(params) & 3u) == 0 &&
+                   is_aligned16(x);
+  const uint32_t seg = min(group / 32u, static_cast<uint32_t>(QM_STEPS));
+
+  for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
+    uint32_t e, r0, cnt;
+    if constexpr (MOE) {
+      uint32_t m0 = 0;
+      const int ee = nth_row_tile(counts, E, c, QMM_ROWS, &m0);
+      if (ee < 0) break;  // block-uniform, before any barrier of this chunk
+      e = static_cast<uint32_t>(ee);
+      r0 = offsets[e] + m0;
+      cnt = min(static_cast<uint32_t>(QMM_ROWS), counts[e] - m0);
+    } else {
+      e = __ldg(chunks + 3 * c);
+      r0 = __ldg(chunks + 3 * c + 1);
+      cnt = __ldg(chunks + 3 * c + 2);
+    }
+    // Tile row m's feature and packed row (row 0 when past N: never loaded).
+    const auto tile_row = [&](uint32_t m, bool& live) -> size_t {
+      const uint32_t n = SWIGLU ? n0 + (m & 7u) : n0 + m;
+      live = n < N;
+      const size_t row =
+          SWIGLU ? static_cast<size_t>(e) * 2 * N + (m >= 8 ? N : 0) + n : static_cast<size_t>(e) * N + n;
+      return live ? row : 0;
+    };
+    const auto x_row = [&](uint32_t b) {
+      const uint32_t orow = r0 + b;
+      return x + static_cast<size_t>(MOE && row_token != nullptr ? row_token[orow] : orow) * K;
+    };
+    bool live[2];
+    const uint32_t* w[2];
+    const __half2* p[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const size_t row = tile_row(g + 8u * h, live[h]);
+      w[h] = reinterpret_cast<const uint32_t*>(qweight) + row * KW + t;
+      p[h] = reinterpret_cast<const __half2*>(params) + row * PR;
+    }
+    // Lanes of a row past the chunk's rows read its row 0 (their column is dropped).
+    const T* xr = x_row(g < cnt ? g : 0u);
+    float tot[4] = {0.f, 0.f, 0.f, 0.f};
+    if (vec) {
+      constexpr uint32_t IT = 32u * QM_STEPS;
+      for (uint32_t kb = warp * IT; kb < K; kb += QM_WARPS * IT) {
+        if (K - kb >= IT) qmma_iter_seg<T, false>(seg, w, p, live, xr, kb, K, gshift, t, tot);
+        else qmma_iter_seg<T, true>(seg, w, p, live, xr, kb, K, gshift, t, tot);
+      }
+    }
+    if (warp > 0) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) red[warp - 1][q][lane] = tot[q];
+    }
+    __syncthreads();
+    if (warp == 0) {
+      bool bad = !vec;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        for (uint32_t v = 0; v < QM_WARPS - 1; ++v) tot[q] += red[v][q][lane];
+        // An inf or NaN in an output that is written.
+        bad |= live[q / 2] && 2 * t + (q & 1) < cnt && !(fabsf(tot[q]) <= 3.402823466e38f);
+      }
+      if (__any_sync(0xffffffffu, bad)) {
+        // The exact path: every (tile row, activation row) of the block, one weight at a time.
+        for (uint32_t m = 0; m < 16; ++m) {
+          bool lv;
+          const size_t row = tile_row(m, lv);
+          if (!lv) continue;  // warp-uniform
+          for (uint32_t b = 0; b < cnt; ++b) {
+            const float v = warp_sum(
+                qgemv_row_exact<T, QF_INT4>(x_row(b), qweight + row * (K / 2), params + row * 2 * PR, K, group, lane));
+            if (g == (m & 7u) && t == b / 2) tot[(m >= 8 ? 2 : 0) + (b & 1)] = v;
+          }
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const uint32_t b = 2 * t + q;
+        if (b >= cnt) continue;
+        T* orow = out + static_cast<size_t>(r0 + b) * N;
+        if constexpr (SWIGLU) {
+          const float gv = tot[q];
+          if (live[0]) orow[n0 + g] = from_float<T>(gv / (1.f + expf(-gv)) * tot[2 + q]);
+        } else {
+          if (live[0]) orow[n0 + g] = from_float<T>(tot[q]);
+          if (live[1]) orow[n0 + g + 8] = from_float<T>(tot[2 + q]);
+        }
+      }
+    }
+    __syncthreads();  // `red` is reused by the next chunk
+  }
+}
+
+// Entries from sm_80 (mma.sync m16n8k16 with bf16 / f16).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define QMMA_DENSE_ENTRY(NAME, T)                                                                             \
+  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, 2) NAME(QMM_DENSE_PARAMS(T, __half)) {         \
+    qmma_impl<T, false, false>(QMM_DENSE_ARGS);                                                              \
+  }
+#define QMMA_MOE_ENTRY(NAME, T, SWIGLU)                                                                       \
+  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, 2) NAME(QMM_MOE_PARAMS(T, __half)) {           \
+    qmma_impl<T, true, SWIGLU>(QMM_MOE_ARGS);                                                                \
+  }
+QMMA_DENSE_ENTRY(qmma_dense_int4_bf16, __nv_bfloat16)
+QMMA_DENSE_ENTRY(qmma_dense_int4_f16, __half)
+QMMA_MOE_ENTRY(qmma_moe_int4_bf16, __nv_bfloat16, false)
+QMMA_MOE_ENTRY(qmma_moe_int4_f16, __half, false)
+QMMA_MOE_ENTRY(qmma_moe_swiglu_int4_bf16, __nv_bfloat16, true)
+QMMA_MOE_ENTRY(qmma_moe_swiglu_int4_f16, __half, true)
+#endif
+
 // ---- prefill: tiled GEMM -------------------------------------------------------------------------------------
 // qmatmul_gemm_<fmt>_<dtype>: the same product (and the same dispatch-driven row tiles as the MoE mode) for many
 // rows per expert, where the GEMV chunks above would re-read every weight row once per 8 activation rows. Each

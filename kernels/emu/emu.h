@@ -75,6 +75,13 @@ void syncthreads(const char* site);
 uint64_t warp_exchange(const char* what, const char* site, unsigned mask, uint64_t v, int mode, int arg, int width);
 unsigned warp_vote(const char* what, const char* site, unsigned mask, bool pred);  // ballot
 void syncwarp(const char* site, unsigned mask);
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: every lane of the warp must arrive; the lanes'
+// fragments (PTX ISA layout, see runtime.cpp) meet and each lane's d = its part of C + A B.
+struct MmaLane {
+  uint32_t a[4], b[2];
+  float c[4], d[4];
+};
+void mma_m16n8k16(const char* site, bool bf16, MmaLane* lane);
 [[noreturn]] void fail(const char* fmt, ...);
 void check_aligned(const void* p, size_t align, const char* what, const char* site);
 

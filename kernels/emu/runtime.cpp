@@ -13,6 +13,7 @@
 // Buffers handed to a kernel live in buffers.cpp (guard pages and canaries); a fault during a launch is caught here
 // and reported with the argument it missed.
 #include <csetjmp>
+#include <cmath>
 #include <csignal>
 #include <cstdarg>
 #include <cstdio>
@@ -218,6 +219,68 @@ const char* state_text(const Fiber& f) {
   }
 }
 
+// The warp collective of moe_emu::mma_m16n8k16: `value` points to the lane's MmaLane.
+constexpr int kModeMma = 5;
+
+float bf16_bits_to_f32(uint32_t h) {
+  const uint32_t u = h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+float f16_bits_to_f32(uint32_t h) {
+  const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float mag;
+  if (exp == 0) {
+    mag = std::ldexp(static_cast<float>(man), -24);  // zero or subnormal
+  } else if (exp == 31) {
+    mag = man == 0 ? INFINITY : NAN;
+  } else {
+    mag = std::ldexp(static_cast<float>(man | 0x400u), static_cast<int>(exp) - 25);
+  }
+  return sign ? -mag : mag;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 over the 32 lanes' fragments, laid out as PTX
+// ISA's "Matrix Fragments for mma.m16n8k16 with floating point type" says (g = lane / 4, t = lane % 4; in each
+// 32-bit register the lower 16 bits hold the lower column / row index):
+//   A [16 x 16]: a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1], a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9]
+//   B [16 x 8]:  b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]
+//   C, D [16 x 8] f32: c[0], c[1] = C[g][2t, 2t+1], c[2], c[3] = C[g+8][2t, 2t+1]
+// D = C + sum_k A[i][k] B[k][j] in f32, k in order; the products of 16-bit values are exact in f32.
+void mma_m16n8k16(Fiber* const (&lanes)[32], bool bf16) {
+  float A[16][16], B[16][8], C[16][8];
+  const auto val = [bf16](uint32_t reg, int half) {
+    const uint32_t h = half ? reg >> 16 : reg & 0xffffu;
+    return bf16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+  };
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    const auto* m = reinterpret_cast<const ::moe_emu::MmaLane*>(lanes[lane]->value);
+    const unsigned g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = val(m->a[0], h);
+      A[g + 8][2 * t + h] = val(m->a[1], h);
+      A[g][2 * t + 8 + h] = val(m->a[2], h);
+      A[g + 8][2 * t + 8 + h] = val(m->a[3], h);
+      B[2 * t + h][g] = val(m->b[0], h);
+      B[2 * t + 8 + h][g] = val(m->b[1], h);
+      C[g][2 * t + h] = m->c[h];
+      C[g + 8][2 * t + h] = m->c[2 + h];
+    }
+  }
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    auto* m = reinterpret_cast<::moe_emu::MmaLane*>(lanes[lane]->value);
+    const unsigned g = lane / 4, t = lane % 4;
+    for (int q = 0; q < 4; ++q) {
+      const unsigned i = g + (q >= 2 ? 8 : 0), j = 2 * t + (q & 1);
+      float acc = C[i][j];
+      for (int k = 0; k < 16; ++k) acc += A[i][k] * B[k][j];
+      m->d[q] = acc;
+    }
+  }
+}
+
 // Completes the warp collectives whose every lane has arrived, in the first warp (in warp order, or reverse
 // order when `reverse`) that has one. Returns whether any completed. Releasing one warp at a time lets that warp
 // run ahead through every later collective until it reaches a __syncthreads or exits, before any other warp
@@ -262,11 +325,22 @@ bool resolve_warps(Launch& l, bool reverse) {
         }
       }
       if (!complete) continue;
+      if (f->mode == kModeMma) {
+        if (mask != 0xffffffffu) {
+          set_error(l, format("%s at %s (warp %u): mask 0x%08x; mma.sync needs the whole warp", f->what, f->site, w,
+                              mask));
+          return false;
+        }
+        mma_m16n8k16(lanes, f->arg != 0);
+        handled = mask;
+      }
       // Exchange.
       for (unsigned j = 0; j < 32; ++j) {
         if (!(mask >> j & 1u)) continue;
         Fiber* g = lanes[j];
-        if (g->mode == 4) {  // vote: ballot of the predicates
+        if (g->mode == kModeMma) {
+          // done above, for the whole warp
+        } else if (g->mode == 4) {  // vote: ballot of the predicates
           uint64_t ballot = 0;
           for (unsigned k = 0; k < 32; ++k)
             if ((mask >> k & 1u) && lanes[k]->value) ballot |= 1ull << k;
@@ -542,6 +616,11 @@ unsigned warp_vote(const char* what, const char* site, unsigned mask, bool pred)
 }
 
 void syncwarp(const char* site, unsigned mask) { warp_wait("__syncwarp", site, mask, 0, -1, 0, 32); }
+
+void mma_m16n8k16(const char* site, bool bf16, MmaLane* lane) {
+  warp_wait(bf16 ? "mma.sync.m16n8k16.bf16" : "mma.sync.m16n8k16.f16", site, 0xffffffffu,
+            reinterpret_cast<uintptr_t>(lane), kModeMma, bf16 ? 1 : 0, 32);
+}
 
 void fail(const char* fmt, ...) {
   va_list ap;

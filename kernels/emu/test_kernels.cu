@@ -79,3 +79,28 @@ extern "C" __global__ void emu_test_shared_overflow(float* out) {
   __syncthreads();
   out[threadIdx.x] = stage[threadIdx.x % 32];
 }
+
+// One mma_16816 (common.cuh) on tiles in memory, each lane building its fragments from PTX ISA's per-element
+// formulas (element i of a fragment, two per 32-bit register, low half first): A [16][16] and B [16][8] bf16
+// (row major, as u16 bits), C and D [16][8] f32. Warp 1 of a 64-thread block does the same with its own copy.
+extern "C" __global__ void emu_test_mma_16816(const uint16_t* a, const uint16_t* b, const float* c, float* d) {
+  const uint32_t lane = threadIdx.x % 32, g = lane >> 2, t = lane % 4;
+  uint32_t af[4], bf[2];
+  float acc[4];
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+    const uint32_t col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+    const uint32_t v = a[row * 16 + col];
+    if (i % 2 == 0) af[i / 2] = v;
+    else af[i / 2] |= v << 16;
+  }
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t row = t * 2 + (i & 1) + (i >= 2 ? 8 : 0), col = g;
+    const uint32_t v = b[row * 8 + col];
+    if (i % 2 == 0) bf[i / 2] = v;
+    else bf[i / 2] |= v << 16;
+  }
+  for (int i = 0; i < 4; ++i) acc[i] = c[(i < 2 ? g : g + 8) * 8 + t * 2 + (i & 1)];
+  mma_16816<__nv_bfloat16>(acc, af, bf);
+  for (int i = 0; i < 4; ++i) d[(threadIdx.x / 32) * 128 + (i < 2 ? g : g + 8) * 8 + t * 2 + (i & 1)] = acc[i];
+}

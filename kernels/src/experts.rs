@@ -64,14 +64,7 @@ const MMA_WARPS: u32 = 4;
 /// Whether the GEMM path of `dtype` runs the tensor-core (WMMA) entries `moe_{gate_up,down}_mma_*` on a build
 /// for `arch` (`"sm_90"`): f16 from sm_70, bf16 from sm_80; f32 (and older targets) keep the FMA GEMM. Pure.
 pub fn mma_entry(dtype: DType, arch: Option<&str>) -> bool {
-    let cap: u32 = arch
-        .and_then(|a| {
-            a.trim_start_matches("sm_")
-                .trim_end_matches('a')
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0);
+    let cap = crate::qmatmul::arch_cap(arch);
     match dtype {
         DType::F16 => cap >= 70,
         DType::BF16 => cap >= 80,

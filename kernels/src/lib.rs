@@ -44,7 +44,7 @@ pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};
 pub use norm::{add_rms_norm, rms_norm};
 pub use qexperts::{qmatmul, qmatmul_grouped};
 pub use qexperts::{qmatmul_moe, qmatmul_moe_swiglu};
-pub use qmatmul::{set_qgemv, QFormat, QMatmul};
+pub use qmatmul::{set_gemv_kernel, GemvKernel, QFormat, QMatmul};
 pub use rope::{qk_norm_rope, qk_norm_rope_at, HeadNorm};
 pub use route::{moe_route, Router};
 

@@ -369,8 +369,8 @@ fn moe_plan(
     };
     let mut p = Plan::new(OP, inputs);
     let mode = if swiglu { "moe_swiglu" } else { "moe" };
-    // GEMV: the qgemv entries where the format and K allow, else qmatmul's.
-    let (entry, rows, cols, threads) = match (path, qgemv_entry(fmt, d.k, swiglu)) {
+    // GEMV: the qmma or qgemv entries where the format, dtype and K allow, else qmatmul's.
+    let (entry, rows, cols, threads) = match (path, qgemv_entry(fmt, dtype, d.k, swiglu)) {
         (ExpertPath::Gemv, Some((prefix, features))) => (prefix, QMM_ROWS, features, QR_THREADS),
         (ExpertPath::Gemv, None) => ("qmatmul", QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
         (ExpertPath::Gemm, _) => ("qmatmul", QG_TILE_M, QG_TILE_N, 256),
@@ -615,7 +615,7 @@ mod tests {
         // R = 20 dispatched rows over E = 4 experts, N = 37 features, K = 96.
         let dims = |r, n, k, e| QmoeDims { r, n, k, e };
         let d = dims(20, 37, 96, 4);
-        // GEMV with the gather: C = ceil(20 / 8) + 4 = 7 chunks, 3 blocks of the qgemv entry's 16 features (the
+        // GEMV with the gather: C = ceil(20 / 8) + 4 = 7 chunks, 3 blocks of the qmma entry's 16 features (the
         // last partial).
         let int4 = QFormat::Int4 { group: 32 };
         let p = qmatmul_moe_plan(DType::BF16, int4, d, true, ExpertPath::Gemv).unwrap();
@@ -624,10 +624,13 @@ mod tests {
         let [l] = &p.launches[..] else {
             panic!("{:?}", p.launches)
         };
-        assert_eq!(
-            (l.module, l.entry.as_str()),
-            ("qmatmul", "qgemv_moe_int4_bf16")
-        );
+        // bf16 activations: the tensor-core entry where the build has it.
+        let entry = if crate::qmatmul::qmma_built() {
+            "qmma_moe_int4_bf16"
+        } else {
+            "qgemv_moe_int4_bf16"
+        };
+        assert_eq!((l.module, l.entry.as_str()), ("qmatmul", entry));
         assert_eq!((l.grid, l.block), ([3, 7, 1], [256, 1, 1]));
         let mut want = vec![
             input(0),

@@ -299,41 +299,86 @@ pub(crate) const QR_THREADS: usize = 256;
 /// apart, and the kernel steps their (scale, zero) by 1024 / group groups.
 pub(crate) const QR_MAX_GROUP: usize = 1024;
 
+/// Which entries the INT4/INT8 GEMVs (decode) take on the kernel path; the choice of this thread's plans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// The default: `qmma_*` (tensor cores, INT4 with bf16/f16 activations on sm_80+) where they apply, else
+    /// `qgemv_*` where those apply, else `qmatmul_*`.
+    Qmma,
+    /// `qgemv_*` where they apply, else `qmatmul_*` (`MOE_PATH=qgemv`).
+    Qgemv,
+    /// Always the older `qmatmul_*` entries (`MOE_PATH=qmatmul-gemv`).
+    Qmatmul,
+}
+
 thread_local! {
-    static QGEMV: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    static GEMV_KERNEL: std::cell::Cell<GemvKernel> = const { std::cell::Cell::new(GemvKernel::Qmma) };
 }
 
-/// Turns the `qgemv_*` entries on (the default) or off for the launches this thread plans from now on; off,
-/// every INT4/INT8 GEMV takes the older `qmatmul_*` entries (`MOE_PATH=qmatmul-gemv`: an A/B of the two
-/// on a GPU). Results agree either way (both are checked against the same reference).
-pub fn set_qgemv(on: bool) {
-    QGEMV.with(|c| c.set(on));
+/// Sets which GEMV entries the launches this thread plans from now on take ([`GemvKernel::Qmma`] by default):
+/// an A/B of the kernels on a GPU. Results agree either way (all are checked against the same reference).
+pub fn set_gemv_kernel(k: GemvKernel) {
+    GEMV_KERNEL.with(|c| c.set(k));
 }
 
-/// Whether the GEMV of `fmt` over K input features runs the `qgemv_*` entries (subnormal-code dequantization,
-/// activations staged in shared memory, scale and zero per 16-byte slice; see `cuda/qmatmul.cu`) instead of the
-/// `qmatmul_*` ones: int4 with K % 32 == 0 and a power-of-two group of 32 to [`QR_MAX_GROUP`] (each lane's 32-weight slice
-/// inside one group, the group found by a shift), int8 with K % 16 == 0. Same chunks, arguments and output;
-/// the entry prefix, the features per block and the block size ([`QR_THREADS`]) are what change. Pure.
-/// Returns the entry prefix and the output features per block (`swiglu`: of the SwiGLU entry); `None` also
-/// while [`set_qgemv`] has turned them off on this thread.
-pub(crate) fn qgemv_entry(fmt: QFormat, k: usize, swiglu: bool) -> Option<(&'static str, usize)> {
-    let fits = QGEMV.with(|on| on.get())
-        && match fmt {
-            QFormat::Int8 => k.is_multiple_of(16),
-            QFormat::Int4 { group } => {
-                k.is_multiple_of(32)
-                    && (32..=QR_MAX_GROUP).contains(&group)
-                    && group.is_power_of_two()
-            }
-            QFormat::Mxfp4 => false,
-        };
+/// The compute capability in an `"sm_90"` / `"sm_90a"` architecture name (0 if it is not one).
+pub(crate) fn arch_cap(arch: Option<&str>) -> u32 {
+    arch.and_then(|a| {
+        a.trim_start_matches("sm_")
+            .trim_end_matches('a')
+            .parse()
+            .ok()
+    })
+    .unwrap_or(0)
+}
+
+/// Whether the `qmma_*` entries exist in this build: they need sm_80 (`mma.sync` m16n8k16 with bf16/f16); a
+/// build without CUDA runs them on the emulator only.
+pub(crate) fn qmma_built() -> bool {
+    crate::cuda_arch().is_none_or(|a| arch_cap(Some(a)) >= 80)
+}
+
+/// The GEMV entries of `fmt` over K input features for `dtype` activations, under this thread's
+/// [`GemvKernel`]: `qmma` (INT4, K % 32 == 0, a power-of-two group of at least 32, bf16/f16, sm_80+; see
+/// `cuda/qmatmul.cu`), `qgemv` (subnormal-code dequantization, activations staged in shared memory: int4 with
+/// K % 32 == 0 and a power-of-two group of 32 to [`QR_MAX_GROUP`], each lane's 32-weight slice inside one
+/// group; int8 with K % 16 == 0), or `None` for the `qmatmul_*` ones. Same chunks, arguments and output; the
+/// entry prefix and the features per block (`swiglu`: of the SwiGLU entry) are what change, the block is
+/// [`QR_THREADS`] for both. Pure but for the thread's choice.
+pub(crate) fn qgemv_entry(
+    fmt: QFormat,
+    dtype: DType,
+    k: usize,
+    swiglu: bool,
+) -> Option<(&'static str, usize)> {
+    let choice = GEMV_KERNEL.with(|c| c.get());
+    let int4 = |max_group: usize| match fmt {
+        QFormat::Int4 { group } => {
+            k.is_multiple_of(32) && group >= 32 && group <= max_group && group.is_power_of_two()
+        }
+        _ => false,
+    };
     let features = if swiglu {
         QR_WEIGHT_ROWS / 2
     } else {
         QR_WEIGHT_ROWS
     };
-    fits.then_some(("qgemv", features))
+    let qmma = choice == GemvKernel::Qmma
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && qmma_built()
+        && int4(u32::MAX as usize);
+    let qgemv = choice != GemvKernel::Qmatmul
+        && match fmt {
+            QFormat::Int8 => k.is_multiple_of(16),
+            _ => int4(QR_MAX_GROUP),
+        };
+    if qmma {
+        Some(("qmma", features))
+    } else if qgemv {
+        Some(("qgemv", features))
+    } else {
+        None
+    }
 }
 
 /// The kernel work list of `qmatmul_<fmt>_<dtype>`, flattened `[C, 3]` u32: (expert, first row, rows <=
@@ -391,7 +436,7 @@ pub fn qmatmul_plan(
         );
     }
     let (kind, group) = kind_and_group(fmt);
-    let (entry, features, threads) = match qgemv_entry(fmt, d.k, false) {
+    let (entry, features, threads) = match qgemv_entry(fmt, dtype, d.k, false) {
         Some((prefix, features)) => (format!("{prefix}_dense_{kind}"), features, QR_THREADS),
         None => (format!("qmatmul_{kind}"), QMM_WARPS, QMM_WARPS * 32),
     };
@@ -477,26 +522,41 @@ mod tests {
         want.push(Arg::Buf(Buf::Out(0)));
         want.extend(tail);
         assert_eq!(l.args, want);
-        // Grouped, int4 in groups of 32: experts of 3, 0 and 9 rows give 3 chunks; the qgemv entry's 16
-        // features per block put N = 64 in 4 blocks (so do groups up to 1024). In groups of 16, 48 or 2048
-        // (past a lane's 1024-weight stride between slices) the same shape keeps qmatmul's.
+        // Grouped, int4 in groups of 32: experts of 3, 0 and 9 rows give 3 chunks; the qmma and qgemv entries'
+        // 16 features per block put N = 64 in 4 blocks. f16 activations take qmma (any power-of-two group from
+        // 32, where the build has sm_80), f32 ones qgemv (groups up to 1024: a lane's 1024-weight stride
+        // between slices). Groups of 16 or 48 keep qmatmul's, as does qgemv's 2048.
         let d = dims(12, 96, 64, 3);
-        let grouped = |group| {
-            let p =
-                qmatmul_plan(DType::F16, QFormat::Int4 { group }, d, Some(&[0, 3, 3, 12])).unwrap();
+        let grouped_as = |dtype, group| {
+            let p = qmatmul_plan(dtype, QFormat::Int4 { group }, d, Some(&[0, 3, 3, 12])).unwrap();
             assert_eq!(p.op, OP_GROUPED);
             p.launches[0].clone()
         };
+        let grouped = |group| grouped_as(DType::F16, group);
+        let qmma = if qmma_built() { "qmma" } else { "qgemv" };
         let l = grouped(32);
-        assert_eq!(l.entry, "qgemv_dense_int4_f16");
+        assert_eq!(l.entry, format!("{qmma}_dense_int4_f16"));
         assert_eq!((l.grid, l.block), ([4, 3, 1], [256, 1, 1]));
         assert_eq!(&l.args[5..], &[3, 64, 96, 32].map(Arg::U32));
-        assert_eq!(grouped(1024).entry, "qgemv_dense_int4_f16");
-        for group in [16, 48, 2048] {
+        assert_eq!(grouped(1024).entry, format!("{qmma}_dense_int4_f16"));
+        assert_eq!(grouped_as(DType::F32, 32).entry, "qgemv_dense_int4_f32");
+        assert_eq!(grouped_as(DType::F32, 1024).entry, "qgemv_dense_int4_f32");
+        assert_eq!(grouped_as(DType::F32, 2048).entry, "qmatmul_int4_f32");
+        if qmma_built() {
+            assert_eq!(grouped(2048).entry, "qmma_dense_int4_f16");
+            assert_eq!(grouped_as(DType::BF16, 128).entry, "qmma_dense_int4_bf16");
+        }
+        for group in [16, 48] {
             let l = grouped(group);
             assert_eq!(l.entry, "qmatmul_int4_f16");
             assert_eq!((l.grid, l.block), ([16, 3, 1], [128, 1, 1]));
         }
+        // MOE_PATH=qgemv: the same f16 shapes take qgemv, up to its largest group.
+        set_gemv_kernel(GemvKernel::Qgemv);
+        let (g32, g2048) = (grouped(32), grouped(2048));
+        set_gemv_kernel(GemvKernel::Qmma);
+        assert_eq!(g32.entry, "qgemv_dense_int4_f16");
+        assert_eq!(g2048.entry, "qmatmul_int4_f16");
         assert_eq!(
             qmatmul_plan(DType::F32, QFormat::Mxfp4, dims(1, 64, 8, 1), None)
                 .unwrap()
@@ -512,14 +572,13 @@ mod tests {
             .clone();
         assert_eq!((l.grid, l.args[5]), ([1, 65535, 1], Arg::U32(70000)));
         // Turned off on this thread, the same shape takes the qmatmul entry.
-        set_qgemv(false);
+        set_gemv_kernel(GemvKernel::Qmatmul);
         let off = grouped(32);
-        set_qgemv(true);
+        set_gemv_kernel(GemvKernel::Qmma);
         assert_eq!(
             (off.entry.as_str(), off.block),
             ("qmatmul_int4_f16", [128, 1, 1])
         );
-        assert_eq!(grouped(32).entry, "qgemv_dense_int4_f16");
         // An empty output is the caller's to handle.
         let d = dims(0, 16, 4, 1);
         assert!(qmatmul_plan(DType::F32, QFormat::Int8, d, None).is_err());

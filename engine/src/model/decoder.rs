@@ -265,7 +265,7 @@ impl Model {
             })
             .collect::<Result<Vec<_>>>()?;
         let plan = PathPlan::from_env(device)?;
-        moe_kernels::set_qgemv(plan.qgemv);
+        moe_kernels::set_gemv_kernel(plan.gemv);
         Ok(Model {
             embed: w.embed,
             layers,

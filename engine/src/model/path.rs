@@ -7,13 +7,13 @@
 //! per-expert "where" to [`PathPlan`].)
 //!
 //! Override: `MOE_PATH` = a comma-separated list of `kernels|candle`, `gemv|gemm`,
-//! `absorbed|expanded`, `simd|q8act|portable|reference` (e.g. `MOE_PATH=kernels,gemm` or
+//! `qmma|qgemv|qmatmul-gemv`, `absorbed|expanded`, `simd|q8act|portable|reference` (e.g. `MOE_PATH=kernels,gemm` or
 //! `MOE_PATH=portable`); unset or empty keeps every default.
 
 use candle_core::{bail, DType, Device, Result};
 use moe_kernels::cpu::Level;
 pub use moe_kernels::ExpertPath;
-use moe_kernels::Router;
+use moe_kernels::{GemvKernel, Router};
 
 use crate::quant::Weight;
 
@@ -53,10 +53,11 @@ pub struct PathPlan {
     pub expert: Option<ExpertPath>,
     /// MLA's formulation when forced; `None` chooses by token count.
     pub mla: Option<MlaPath>,
-    /// Whether INT4/INT8 GEMVs on the kernel path take the `qgemv_*` entries (the default) or the
-    /// older `qmatmul_*` ones (`qmatmul-gemv`, for timing one against the other); applied to the
-    /// loading thread with [`moe_kernels::set_qgemv`].
-    pub qgemv: bool,
+    /// Which entries INT4/INT8 GEMVs on the kernel path take: `qmma_*` (tensor cores) where they
+    /// apply (the default), else `qgemv_*`; `qgemv` stops at the second, `qmatmul-gemv` takes the
+    /// older `qmatmul_*` ones (for timing one against another); applied to the loading thread with
+    /// [`moe_kernels::set_gemv_kernel`].
+    pub gemv: GemvKernel,
     /// On the CPU's candle path: the instruction set of the CPU expert and linear kernels
     /// (`moe_kernels::cpu`), or `None` for the plain references and candle's own ops
     /// (`MOE_PATH=reference`). Always `None` on a GPU.
@@ -82,7 +83,7 @@ impl PathPlan {
             expert: None,
             mla: None,
             cpu: device.is_cpu().then(Level::default_for_cpu),
-            qgemv: true,
+            gemv: GemvKernel::Qmma,
         };
         for word in env_override.unwrap_or("").split(',').map(str::trim) {
             match word {
@@ -91,7 +92,9 @@ impl PathPlan {
                 "candle" => plan.exec = ExecPath::Candle,
                 "gemv" => plan.expert = Some(ExpertPath::Gemv),
                 "gemm" => plan.expert = Some(ExpertPath::Gemm),
-                "qmatmul-gemv" => plan.qgemv = false,
+                "qmma" => plan.gemv = GemvKernel::Qmma,
+                "qgemv" => plan.gemv = GemvKernel::Qgemv,
+                "qmatmul-gemv" => plan.gemv = GemvKernel::Qmatmul,
                 "absorbed" => plan.mla = Some(MlaPath::Absorbed),
                 "expanded" => plan.mla = Some(MlaPath::Expanded),
                 "simd" if device.is_cpu() => plan.cpu = Some(Level::detect()),
@@ -101,7 +104,7 @@ impl PathPlan {
                 "simd" | "portable" | "q8act" => {}
                 other => bail!(
                     "{PATH_ENV}: unknown word {other:?}; use a comma-separated list of \
-                     kernels|candle, gemv|gemm, qmatmul-gemv, absorbed|expanded, \
+                     kernels|candle, gemv|gemm, qmma|qgemv|qmatmul-gemv, absorbed|expanded, \
                      simd|q8act|portable|reference"
                 ),
             }
@@ -188,7 +191,7 @@ mod tests {
                 expert: None,
                 mla: None,
                 cpu: Some(Level::default_for_cpu()),
-                qgemv: true,
+                gemv: GemvKernel::Qmma,
             }
         );
         assert_eq!(cpu.cpu_experts(), Some(Level::default_for_cpu()));
@@ -219,9 +222,10 @@ mod tests {
             "bf16 is never widened"
         );
         assert!(reference.cpu_linear(&bf16w, 1).is_none());
-        assert!(PathPlan::select(&Device::Cpu, None).unwrap().qgemv);
         let old = PathPlan::select(&Device::Cpu, Some("kernels,qmatmul-gemv")).unwrap();
-        assert!(!old.qgemv);
+        assert_eq!(old.gemv, GemvKernel::Qmatmul);
+        let qgemv = PathPlan::select(&Device::Cpu, Some("qgemv")).unwrap();
+        assert_eq!(qgemv.gemv, GemvKernel::Qgemv);
         let p = PathPlan::select(&Device::Cpu, Some(" kernels , gemm,absorbed ")).unwrap();
         assert_eq!(p.exec, ExecPath::Kernels);
         assert_eq!(p.expert_path(1, 1, 8), ExpertPath::Gemm);

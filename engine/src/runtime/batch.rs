@@ -178,7 +178,7 @@ impl Engine {
                 moe_kernels::cpu::on_pool(move || {
                     // Thread-local state of the kernels, set on the pool worker that runs the loop.
                     let _emu = emu.then(moe_kernels::emu::enable);
-                    moe_kernels::set_qgemv(model.plan().qgemv);
+                    moe_kernels::set_gemv_kernel(model.plan().gemv);
                     Scheduler::new(model, c, st, kv_per_token).run(rx)
                 })
             })

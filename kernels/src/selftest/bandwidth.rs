@@ -1,8 +1,8 @@
 //! Self-test cases: the decode GEMV's weight-streaming rate, the number issue 21's roofline target is
-//! about, for the `qgemv_*` entries and the older `qmatmul_*` ones side by side.
+//! about, for the `qmma_*` (INT4 only), `qgemv_*` and older `qmatmul_*` entries side by side.
 //!
 //! On CUDA the shapes are Mixtral-8x7B's experts (H = 4096, F = 14336, 8 experts, one token routed to
-//! two of them, and four tokens routed to the same two, bf16 activations): the gate/up projection with its SwiGLU epilogue and the down
+//! two of them, and four or eight tokens routed to the same two, bf16 activations): the gate/up projection with its SwiGLU epilogue and the down
 //! projection, INT4 g128 and INT8. Each case is checked against the CPU reference like every other
 //! and timed as the median of [`CALLS`] warm calls; its name carries the bytes the two live experts'
 //! weights and params hold and the rate that median gives. A device-to-device copy of the same
@@ -17,7 +17,7 @@ use super::experts::live_rows;
 use super::*;
 use crate::dispatch::{dispatch_reference, DispatchHost};
 use crate::experts::ExpertPath;
-use crate::qmatmul::{set_qgemv, QFormat, QMATMUL_NMSE_BF16};
+use crate::qmatmul::{set_gemv_kernel, GemvKernel, QFormat, QMATMUL_NMSE_BF16};
 use half::f16;
 
 /// Timed calls per case (after one warm-up).
@@ -120,9 +120,9 @@ fn gemv_cases(
     f: usize,
 ) -> Result<()> {
     let e = 8;
-    // One token (batch-1 decode), and a batch of 4 tokens all routed to the same two experts: 4 rows per
-    // expert, the qgemv entries' two-row passes, at the same weight bytes.
-    for tokens in [1usize, 4] {
+    // One token (batch-1 decode), and batches of 4 and 8 tokens all routed to the same two experts: 4 or 8
+    // rows per expert (the qgemv entries' two-row passes; one pass of qmma's 8 columns), same weight bytes.
+    for tokens in [1usize, 4, 8] {
         let ids: Vec<u32> = LIVE.repeat(tokens);
         let d = dispatch_reference(&ids, LIVE.len(), e, 1)?;
         gemv_batch_cases(device, rng, rows, h, f, tokens, &d)?;
@@ -186,15 +186,26 @@ fn gemv_batch_cases(
             })?;
             let args = on(device)?;
             let n_out = if gather { f } else { h };
-            for (entry, qgemv) in [("qgemv", true), ("qmatmul", false)] {
+            let kernels: &[(&str, GemvKernel)] = match fmt {
+                QFormat::Int4 { .. } => &[
+                    ("qmma", GemvKernel::Qmma),
+                    ("qgemv", GemvKernel::Qgemv),
+                    ("qmatmul", GemvKernel::Qmatmul),
+                ],
+                _ => &[
+                    ("qgemv", GemvKernel::Qgemv),
+                    ("qmatmul", GemvKernel::Qmatmul),
+                ],
+            };
+            for &(entry, kernel) in kernels {
                 let base = format!("{entry} {proj} {fname} T={tokens} K={k} O={n_out}");
                 let res = (|| {
-                    set_qgemv(qgemv);
+                    set_gemv_kernel(kernel);
                     let (out, plans) =
                         crate::launch::record(|| call(&args, &row_token, &counts, &offsets));
                     let out = out?;
                     let s = median_s(device, || call(&args, &row_token, &counts, &offsets))?;
-                    set_qgemv(true);
+                    set_gemv_kernel(GemvKernel::Qmma);
                     // The entry that ran is the one the case names.
                     let ran: Vec<&str> = plans
                         .iter()
@@ -217,7 +228,7 @@ fn gemv_batch_cases(
                         note: String::new(),
                     })
                 })();
-                set_qgemv(true);
+                set_gemv_kernel(GemvKernel::Qmma);
                 rows.push(row_or_error(
                     "qgemv_bandwidth",
                     base,

@@ -60,7 +60,8 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
     // M = 6, K = 6272: the qgemv entries over several shared-memory tiles and a partial one, 40 features (five
     // blocks of 8), and a fifth row with activations of 3e19 and -1e25, past what the staging scale takes: the
     // chunk's passes are rows {0, 1}, {2, 3} (fast) and {4, 5} (the exact path, for both) for int4, {0..3}
-    // (fast) and {4, 5} (exact) for int8.
+    // (fast) and {4, 5} (exact) for int8. The sixth row's 3e38 (finite in bf16, but (128 + q) x overflows
+    // f32) sends bf16 int4's qmma blocks to their exact path (all six rows).
     let shapes: [(usize, usize, usize, Vec<u32>); 9] = [
         (1, 129, 256, vec![]),
         (7, 257, 512, vec![]),
@@ -94,6 +95,7 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
             let mut x0 = rng.vec(m * k, 1.0);
             if (m, k) == (6, 6272) {
                 (x0[4 * k + 5], x0[4 * k + 3000]) = (3e19, -1e25);
+                x0[5 * k + 7] = 3e38;
             }
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 if dtype == DType::F16 && m != 7 {
