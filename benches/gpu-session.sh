@@ -14,15 +14,15 @@
 # is kept):
 #   selftest (<= 120 s) every kernel against its CPU reference on the GPU, plus whole-model parity of the CUDA
 #            path against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree); its
-#            qgemv_bandwidth rows time the decode GEMV (qgemv and qmatmul entries) on Mixtral's expert shapes
+#            qgemv_bandwidth rows time the decode GEMV (qmma, qgemv and qmatmul entries) on Mixtral's expert shapes
 #            beside a device copy of the same bytes.
 #   bench    (<= 110 s INT4, <= 150 s INT8) Mixtral-8x7B shapes with random weights (no download), all 32 layers,
 #            batch 1, 512-token prefill and 64 decode steps, 3 timed runs, with --cuda-graph: each report holds the
 #            eager decode and the graph decode of the same weights and prompts side by side (issue 21), and
 #            whether their greedy ids agree. INT4 25 GB, INT8 47 GB: both fit an 80 GB H100.
 #   extra    (a second call, ~4 min) the 4-layer INT4 run with the candle baseline (its dense f32 copy of 32
-#            layers would not fit), and eager INT4 decode with MOE_PATH=qmatmul-gemv (the older GEMV entries,
-#            against the qgemv ones of the bench run), text only.
+#            layers would not fit), and eager INT4 decode with MOE_PATH=qgemv (the CUDA-core GEMV entries,
+#            against the tensor-core qmma ones of the bench run), text only.
 #   sanitize (optional) compute-sanitizer memcheck over the self-test, op by op.
 # Files land in $OUT (the device tool brings back at most 8): gpu-<run>.json per bench run, every bench's text
 # in gpu-bench.txt, gpu-selftest.txt and gpu-nvidia-smi.txt. The last lines printed are the table of the
@@ -91,7 +91,7 @@ extra)
   four=(--layers 4)
   [ "$SCALE" = 1 ] || four=()
   bench mixtral-8x7b-4layers-int4-baseline 120 "${mix[@]}" --quant int4 "${four[@]}" --baseline candle
-  MOE_PATH=qmatmul-gemv bench_text mixtral-8x7b-int4-eager-qmatmul-gemv 110 "${mix[@]}" --quant int4
+  MOE_PATH=qgemv bench_text mixtral-8x7b-int4-eager-qgemv 110 "${mix[@]}" --quant int4
   ;;&
 sanitize)
   # compute-sanitizer memcheck over the kernel self-test, one op family at a time (memcheck is slow).

@@ -856,3 +856,43 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
     let v = serde_json::to_value(&cpu).unwrap();
     assert!(v.get("kernel_launches_per_token").is_none());
 }
+
+/// The report names the moe-kernels entry points a decode step launched, so a GPU result says
+/// which INT4 GEMV it timed: on the emulated kernel path with bf16 activations, tiny-kjv's INT4
+/// experts and linears decode through the tensor-core `qmma_*` entries (f32 activations through
+/// `qgemv_*`); the CPU path launches none and names none.
+#[test]
+fn bench_names_the_decode_kernels() {
+    let kernels = |dtype: &str| {
+        let r = bench(&BenchArgs {
+            device: "emu".into(),
+            dtype: dtype.into(),
+            quant: Some("int4".into()),
+            gen: 2,
+            runs: 1,
+            warmup: 0,
+            ..tiny_args()
+        })
+        .unwrap();
+        let text = moe::bench::report::bench_text(&r);
+        assert!(text.contains("decode kernels: "), "{text}");
+        r.decode_kernels.expect("the emulated kernel path launches")
+    };
+    let bf16 = kernels("bf16");
+    for entry in [
+        "qmma_moe_swiglu_int4_bf16",
+        "qmma_moe_int4_bf16",
+        "qmma_dense_int4_bf16",
+    ] {
+        assert!(bf16.iter().any(|k| k == entry), "{entry} not in {bf16:?}");
+    }
+    assert!(!bf16.iter().any(|k| k.starts_with("qgemv_")), "{bf16:?}");
+    let f32 = kernels("f32");
+    assert!(
+        f32.iter().any(|k| k == "qgemv_moe_swiglu_int4_f32")
+            && !f32.iter().any(|k| k.starts_with("qmma_")),
+        "{f32:?}"
+    );
+    let cpu = bench(&tiny_args()).unwrap();
+    assert!(cpu.decode_kernels.is_none());
+}

@@ -21,9 +21,10 @@
 // loads of the packed row (16 int8 or 32 int4 weights per lane per step), dequantize in registers
 // (w = s * q, or w = s * (q - z) exactly as the reference) and accumulate in f32 per activation row; a warp
 // sum then gives the outputs. Larger M runs more chunks (grid y); the host sends many-row launches to the
-// tiled GEMM at the end of this file instead (no tensor cores yet), and INT4 (power-of-two group 32..1024) and
-// INT8 GEMVs to the qgemv_* entries further down (same chunks and arguments, fewer instructions per weight).
-// These qmatmul_* GEMV entries stay for MXFP4, other INT4 groups, odd K, and MOE_PATH=qmatmul-gemv.
+// tiled GEMM at the end of this file instead (no tensor cores yet), INT4 GEMVs with bf16/f16 activations to
+// the tensor-core qmma_* entries, and the other INT4 (power-of-two group 32..1024) and INT8 GEMVs to the
+// qgemv_* entries further down (same chunks and arguments, fewer instructions per weight). These qmatmul_* GEMV
+// entries stay for MXFP4, other INT4 groups, odd K, and MOE_PATH=qmatmul-gemv.
 //
 // Vector path (uniform per launch, decided on the device): int8 needs K % 16 == 0, int4 K % 32 == 0 and
 // group % 32 == 0 (one (scale, zero) per 16-byte load), mxfp4 K % 32 == 0 (one exponent per 16-byte load),
@@ -737,10 +738,14 @@ QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
 //    PRMT per tile on the B side. A step's 32 weights lie in one group (group % 32 == 0).
 // Per lane and 32-weight step: 2 4-byte weight loads, one 16-byte activation load, 4 PRMT, 3 SHF + 4 LOP3 per
 // weight word, 4 HMMA, for 16 weights of every activation row up to 8; plus 4 FFMA pairs per group segment.
-// Batch-1 decode wastes 7 of the 8 B columns, which cost nothing extra: the instructions are per weight.
+// Batch-1 decode wastes 7 of the 8 B columns, which cost nothing extra: the instructions are per weight. In the
+// sm_90 SASS of qmma_moe_swiglu_int4_bf16 (g128, a full iteration of QM_STEPS = 4 steps): 146 instructions per
+// 64 weights of a lane (32 LOP3, 24 SHF, 16 PRMT, 16 HMMA, 14 loads, ~44 others), ~2.3 per weight for 1 to 8
+// activation rows. Eight steps per iteration came to 2.1 (g >= 256) or 2.4 (g128, two segments) and 128
+// registers with spills, so an iteration is four (91-102 registers).
 //
-// Split K: the block's QM_WARPS warps take 256-weight iterations kb = 256 (warp + QM_WARPS i), each with its
-// own partial sums (a group segment never straddles two warps: it is min(group, 256) weights); warp 0 adds
+// Split K: the block's QM_WARPS warps take 128-weight iterations kb = 128 (warp + QM_WARPS i), each with its
+// own partial sums (a group segment never straddles two warps: it is min(group, 128) weights); warp 0 adds
 // the others' from shared memory in warp order, applies the SwiGLU epilogue and writes. All QM_STEPS loads of
 // an iteration are issued before any is used.
 //

@@ -63,6 +63,10 @@ pub struct RunSample {
     /// moe-kernels launches of the timed decode steps (0 where the ops ran their CPU references),
     /// a CUDA graph replay counted as one.
     pub decode_launches: u64,
+    /// The moe-kernels entry points the decode steps launch, sorted (recorded in the untimed
+    /// replay of `RunHow::count_experts`; empty without it, or where the ops ran their CPU
+    /// references).
+    pub decode_entries: Vec<String>,
     /// CUDA graph replays among the timed decode steps (`RunHow::graph`).
     pub graph_replays: u64,
     /// The nodes of the last decode-step graph captured (`RunHow::graph` on CUDA).
@@ -210,25 +214,36 @@ pub fn run_once(
     let decode_launches = moe_kernels::launch::launched() - launched;
 
     let (mut touched, mut steps) = (0.0, 0usize);
+    let mut decode_entries = Vec::new();
     if count_experts {
-        // The same greedy steps again from the prompt's cache state, traced and untimed.
+        // The same greedy steps again from the prompt's cache state, traced and untimed; the
+        // moe-kernels entry points they launch are recorded on the way.
         caches.iter_mut().for_each(KvCache::reset);
         batch_step(model, &mut caches, &prompts, None)?;
-        decode_steps(
-            model,
-            &mut caches,
-            next,
-            gen,
-            Some(&mut |t| {
-                if let Some(d) = distinct_experts(t) {
-                    touched += d;
-                    steps += 1;
-                }
-            }),
-            &mut Vec::new(),
-        )?;
+        let (res, plans) = moe_kernels::launch::record(|| {
+            decode_steps(
+                model,
+                &mut caches,
+                next,
+                gen,
+                Some(&mut |t| {
+                    if let Some(d) = distinct_experts(t) {
+                        touched += d;
+                        steps += 1;
+                    }
+                }),
+                &mut Vec::new(),
+            )
+        });
+        res?;
+        let names: std::collections::BTreeSet<&str> = plans
+            .iter()
+            .flat_map(|p| p.launches.iter().map(|l| l.entry.as_str()))
+            .collect();
+        decode_entries = names.into_iter().map(String::from).collect();
     }
     Ok(RunSample {
+        decode_entries,
         decode_launches,
         graph_replays,
         graph_nodes,

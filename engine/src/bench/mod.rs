@@ -600,6 +600,10 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
             .then(|| touched.iter().sum::<f64>() / touched.len() as f64),
         experts_touched_predicted: moe_mean,
         kernel_launches_per_token: launches_per_token(&samples),
+        decode_kernels: samples
+            .first()
+            .map(|s| s.decode_entries.clone())
+            .filter(|v| !v.is_empty()),
         cuda_graph_replays_per_token: samples
             .first()
             .filter(|_| a.cuda_graph)

@@ -115,6 +115,9 @@ pub fn bench_text(r: &BenchReport) -> String {
             n / r.model.layers_run.max(1) as f64
         ));
     }
+    if let Some(k) = &r.decode_kernels {
+        s.push_str(&format!("  decode kernels: {}\n", k.join(", ")));
+    }
     if let Some(n) = r.cuda_graph_replays_per_token {
         s.push_str(&format!(
             "  CUDA graph replays per decoded token: {n:.2} (--cuda-graph; each counted as one launch above; on the emulator a stand-in backend re-runs the captured pass)\n"

@@ -135,6 +135,11 @@ pub struct BenchReport {
     /// ran their CPU references). candle's own ops in the step are not counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_launches_per_token: Option<f64>,
+    /// The moe-kernels entry points a decode step launches, sorted (which INT4/INT8 GEMV ran:
+    /// `qmma_*`, `qgemv_*` or `qmatmul_*`), from the untimed traced replay of the first timed run;
+    /// absent where the ops ran their CPU references.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_kernels: Option<Vec<String>>,
     /// `--cuda-graph`: CUDA graph replays per decoded token (each counted as one launch above; the
     /// steps that warm up and capture a graph launch eagerly). 0 when graphs were off.
     #[serde(default, skip_serializing_if = "Option::is_none")]

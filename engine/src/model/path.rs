@@ -7,8 +7,8 @@
 //! per-expert "where" to [`PathPlan`].)
 //!
 //! Override: `MOE_PATH` = a comma-separated list of `kernels|candle`, `gemv|gemm`,
-//! `qmma|qgemv|qmatmul-gemv`, `absorbed|expanded`, `simd|q8act|portable|reference` (e.g. `MOE_PATH=kernels,gemm` or
-//! `MOE_PATH=portable`); unset or empty keeps every default.
+//! `qmma|qgemv|qmatmul-gemv`, `absorbed|expanded`, `simd|q8act|portable|reference` (e.g.
+//! `MOE_PATH=kernels,gemm` or `MOE_PATH=portable`); unset or empty keeps every default.
 
 use candle_core::{bail, DType, Device, Result};
 use moe_kernels::cpu::Level;
