@@ -117,6 +117,28 @@ __device__ __forceinline__ void load_x16(const T* __restrict__ xr, uint32_t k, b
   }
 }
 
+// Chunk c of a GEMV launch: its expert e, first row r0 and rows cnt (<= QMM_ROWS). MOE: the c-th QMM_ROWS-row tile
+// of the experts' live rows of a device dispatch (counts, offsets); false when c is past the live work (and so is
+// every later chunk). Otherwise row c of the host's chunk table. Block-uniform.
+template <bool MOE>
+__device__ __forceinline__ bool gemv_chunk(uint32_t c, const uint32_t* __restrict__ chunks,
+                                           const uint32_t* __restrict__ counts, const uint32_t* __restrict__ offsets,
+                                           uint32_t E, uint32_t& e, uint32_t& r0, uint32_t& cnt) {
+  if constexpr (MOE) {
+    uint32_t m0 = 0;
+    const int ee = nth_row_tile(counts, E, c, QMM_ROWS, &m0);
+    if (ee < 0) return false;
+    e = static_cast<uint32_t>(ee);
+    r0 = offsets[e] + m0;
+    cnt = min(static_cast<uint32_t>(QMM_ROWS), counts[e] - m0);
+  } else {
+    e = __ldg(chunks + 3 * c);
+    r0 = __ldg(chunks + 3 * c + 1);
+    cnt = __ldg(chunks + 3 * c + 2);
+  }
+  return true;
+}
+
 // F = QF_INT8: int8 weights, params [E, N]. QF_INT4: packed nibbles, params [E, N, G, 2]. QF_MXFP4: packed
 // E2M1 nibbles, params [E, N, K/32] u8.
 // MOE = false: chunks from the host table. MOE = true: chunks from (counts, offsets, row_token), see above.
@@ -143,18 +165,7 @@ __device__ __forceinline__ void qmatmul_impl(const T* __restrict__ x, const uint
 
   for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
     uint32_t e, r0, cnt;
-    if constexpr (MOE) {
-      uint32_t m0 = 0;
-      const int ee = nth_row_tile(counts, E, c, QMM_ROWS, &m0);
-      if (ee < 0) break;  // c is block-uniform, and every later tile is past the live work too
-      e = static_cast<uint32_t>(ee);
-      r0 = offsets[e] + m0;
-      cnt = min(static_cast<uint32_t>(QMM_ROWS), counts[e] - m0);
-    } else {
-      e = __ldg(chunks + 3 * c);
-      r0 = __ldg(chunks + 3 * c + 1);
-      cnt = __ldg(chunks + 3 * c + 2);
-    }
+    if (!gemv_chunk<MOE>(c, chunks, counts, offsets, E, e, r0, cnt)) break;  // block-uniform
     // The activation row of each of the chunk's rows (gathered through row_token in MoE mode).
     const T* xrow[QMM_ROWS];
 #pragma unroll
@@ -634,18 +645,7 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
 
   for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
     uint32_t e, r0, cnt;
-    if constexpr (MOE) {
-      uint32_t m0 = 0;
-      const int ee = nth_row_tile(counts, E, c, QMM_ROWS, &m0);
-      if (ee < 0) break;  // block-uniform, before any barrier of this chunk
-      e = static_cast<uint32_t>(ee);
-      r0 = offsets[e] + m0;
-      cnt = min(static_cast<uint32_t>(QMM_ROWS), counts[e] - m0);
-    } else {
-      e = __ldg(chunks + 3 * c);
-      r0 = __ldg(chunks + 3 * c + 1);
-      cnt = __ldg(chunks + 3 * c + 2);
-    }
+    if (!gemv_chunk<MOE>(c, chunks, counts, offsets, E, e, r0, cnt)) break;  // block-uniform
     // Weight row r: feature n0 + r % NF, the up half for r >= NF (SwiGLU).
     bool live[NR];
     const uint8_t* wrow[NR];
@@ -871,18 +871,7 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
 
   for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
     uint32_t e, r0, cnt;
-    if constexpr (MOE) {
-      uint32_t m0 = 0;
-      const int ee = nth_row_tile(counts, E, c, QMM_ROWS, &m0);
-      if (ee < 0) break;  // block-uniform, before any barrier of this chunk
-      e = static_cast<uint32_t>(ee);
-      r0 = offsets[e] + m0;
-      cnt = min(static_cast<uint32_t>(QMM_ROWS), counts[e] - m0);
-    } else {
-      e = __ldg(chunks + 3 * c);
-      r0 = __ldg(chunks + 3 * c + 1);
-      cnt = __ldg(chunks + 3 * c + 2);
-    }
+    if (!gemv_chunk<MOE>(c, chunks, counts, offsets, E, e, r0, cnt)) break;  // block-uniform
     // Tile row m's feature and packed row (row 0 when past N: never loaded).
     const auto tile_row = [&](uint32_t m, bool& live) -> size_t {
       const uint32_t n = SWIGLU ? n0 + (m & 7u) : n0 + m;
