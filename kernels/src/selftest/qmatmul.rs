@@ -81,6 +81,8 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
             QFormat::Int4 { group: 1024 } => {
                 vec![(3, 40, 5120, vec![]), (5, 24, 2048, vec![0, 2, 2, 5])]
             }
+            // K = 96: a partial first iteration of the qmma entries and seven warps with no K at all.
+            QFormat::Int4 { group: 32 } => vec![(3, 20, 96, vec![]), (4, 24, 96, vec![0, 1, 1, 4])],
             _ => vec![],
         };
         for (m, n, k, offsets) in shapes.iter().chain(&extra) {
