@@ -780,7 +780,7 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
 
 // One iteration of a warp: QM_STEPS steps of 32 weights from kb of the block's rows (row g's 32-bit words from
 // w[0], row g + 8's from w[1], each already offset by the lane's word t; their (scale, zero) pairs p[0], p[1];
-// a dead row points at a live one and gets a zero scale) against the activations of row g (xr, a live row's
+// a row past N reads packed row 0 and gets a zero scale) against the activations of row g (xr, a live row's
 // when g is past the chunk: that column is computed and dropped), added to tot as in the notes above. Segments of
 // SEG steps share one group. TAIL: a partial iteration (K - kb < 32 QM_STEPS): the steps past K load nothing.
 template <typename T, int SEG, bool TAIL>
