@@ -139,6 +139,14 @@ __device__ __forceinline__ bool gemv_chunk(uint32_t c, const uint32_t* __restric
   return true;
 }
 
+// The activation row of output row orow (a dispatched row in MoE mode): x[row_token[orow]] with the MoE gather,
+// else x[orow].
+template <bool MOE, typename T>
+__device__ __forceinline__ const T* gemv_x_row(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
+                                               uint32_t orow, uint32_t K) {
+  return x + static_cast<size_t>(MOE && row_token != nullptr ? row_token[orow] : orow) * K;
+}
+
 // F = QF_INT8: int8 weights, params [E, N]. QF_INT4: packed nibbles, params [E, N, G, 2]. QF_MXFP4: packed
 // E2M1 nibbles, params [E, N, K/32] u8.
 // MOE = false: chunks from the host table. MOE = true: chunks from (counts, offsets, row_token), see above.
@@ -660,10 +668,7 @@ __device__ __forceinline__ void qgemv_impl(const T* __restrict__ x, const uint8_
       prow[r] = params + (live[r] ? row : 0) * PR;
     }
     // The chunk's rows XR at a time, then two, then one (block-uniform: cnt is the chunk's).
-    const auto xrow = [&](uint32_t i) {
-      const uint32_t orow = r0 + i;  // the output row (a dispatched row in MoE mode)
-      return x + static_cast<size_t>(MOE && row_token != nullptr ? row_token[orow] : orow) * K;
-    };
+    const auto xrow = [&](uint32_t i) { return gemv_x_row<MOE>(x, row_token, r0 + i, K); };
     uint32_t i = 0;
     for (; i + XR <= cnt; i += XR) {
       const T* xr[XR];
@@ -880,10 +885,7 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
           SWIGLU ? static_cast<size_t>(e) * 2 * N + (m >= 8 ? N : 0) + n : static_cast<size_t>(e) * N + n;
       return live ? row : 0;
     };
-    const auto x_row = [&](uint32_t b) {
-      const uint32_t orow = r0 + b;
-      return x + static_cast<size_t>(MOE && row_token != nullptr ? row_token[orow] : orow) * K;
-    };
+    const auto x_row = [&](uint32_t b) { return gemv_x_row<MOE>(x, row_token, r0 + b, K); };
     bool live[2];
     const uint32_t* w[2];
     const __half2* p[2];

@@ -363,22 +363,24 @@ pub(crate) fn qgemv_entry(
     } else {
         QR_WEIGHT_ROWS
     };
-    let qmma = choice == GemvKernel::Qmma
+    // The build's architecture is parsed last: this runs for every GEMV the decode step plans.
+    let prefix = if choice == GemvKernel::Qmma
         && matches!(dtype, DType::BF16 | DType::F16)
+        && int4(u32::MAX as usize)
         && qmma_built()
-        && int4(u32::MAX as usize);
-    let qgemv = choice != GemvKernel::Qmatmul
+    {
+        "qmma"
+    } else if choice != GemvKernel::Qmatmul
         && match fmt {
             QFormat::Int8 => k.is_multiple_of(16),
             _ => int4(QR_MAX_GROUP),
-        };
-    if qmma {
-        Some(("qmma", features))
-    } else if qgemv {
-        Some(("qgemv", features))
+        }
+    {
+        "qgemv"
     } else {
-        None
-    }
+        return None;
+    };
+    Some((prefix, features))
 }
 
 /// The kernel work list of `qmatmul_<fmt>_<dtype>`, flattened `[C, 3]` u32: (expert, first row, rows <=
