@@ -863,11 +863,11 @@ fn kernel_launches_per_decoded_token_on_the_emulator() {
 /// `qgemv_*`); the CPU path launches none and names none.
 #[test]
 fn bench_names_the_decode_kernels() {
-    let kernels = |dtype: &str| {
+    let kernels = |dtype: &str, quant: &str| {
         let r = bench(&BenchArgs {
             device: "emu".into(),
             dtype: dtype.into(),
-            quant: Some("int4".into()),
+            quant: Some(quant.into()),
             gen: 2,
             runs: 1,
             warmup: 0,
@@ -878,16 +878,18 @@ fn bench_names_the_decode_kernels() {
         assert!(text.contains("decode kernels: "), "{text}");
         r.decode_kernels.expect("the emulated kernel path launches")
     };
-    let bf16 = kernels("bf16");
-    for entry in [
-        "qmma_moe_swiglu_int4_bf16",
-        "qmma_moe_int4_bf16",
-        "qmma_dense_int4_bf16",
-    ] {
-        assert!(bf16.iter().any(|k| k == entry), "{entry} not in {bf16:?}");
+    for quant in ["int4", "int8"] {
+        let bf16 = kernels("bf16", quant);
+        for entry in [
+            format!("qmma_moe_swiglu_{quant}_bf16"),
+            format!("qmma_moe_{quant}_bf16"),
+            format!("qmma_dense_{quant}_bf16"),
+        ] {
+            assert!(bf16.contains(&entry), "{entry} not in {bf16:?}");
+        }
+        assert!(!bf16.iter().any(|k| k.starts_with("qgemv_")), "{bf16:?}");
     }
-    assert!(!bf16.iter().any(|k| k.starts_with("qgemv_")), "{bf16:?}");
-    let f32 = kernels("f32");
+    let f32 = kernels("f32", "int4");
     assert!(
         f32.iter().any(|k| k == "qgemv_moe_swiglu_int4_f32")
             && !f32.iter().any(|k| k.starts_with("qmma_")),

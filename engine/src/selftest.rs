@@ -63,8 +63,9 @@ fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
         (DType::F32, None),
         (DType::BF16, None),
         (DType::F32, Some(QFormat::Int4 { group: 128 })),
-        // bf16 activations: decode's INT4 GEMVs take the tensor-core qmma entries.
+        // bf16 activations: decode's INT4 and INT8 GEMVs take the tensor-core qmma entries.
         (DType::BF16, Some(QFormat::Int4 { group: 128 })),
+        (DType::BF16, Some(QFormat::Int8)),
     ] {
         // INT4 with bf16 activations against the f32 reference: candle's CPU path at bf16 with
         // INT4 weights (`MOE_PATH=reference`) lands ~7.6e-3 (nmse) from its own f32 logits on

@@ -724,11 +724,12 @@ QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f32, float, QF_INT4, true)
 QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_bf16, __nv_bfloat16, QF_INT4, true)
 QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
 
-// ---- decode on tensor cores: qmma, the INT4 GEMV for bf16/f16 activations ----------------------------------
-// qmma_{dense,moe,moe_swiglu}_int4_{bf16,f16}: the same products, chunks (up to QMM_ROWS = 8 activation rows),
-// arguments and outputs as the qgemv_* entries above, for int4 with K % 32 == 0 and a power-of-two group of at
-// least 32, bf16/f16 activations, sm_80+ (the host's qgemv_entry decides). One block is one mma.sync
-// m16n8k16 tile: 16 weight rows (M) by the chunk's up to 8 activation rows (N), over all of K.
+// ---- decode on tensor cores: qmma, the INT4 and INT8 GEMVs for bf16/f16 activations ------------------------
+// qmma_{dense,moe,moe_swiglu}_{int4,int8}_{bf16,f16}: the same products, chunks (up to QMM_ROWS = 8 activation
+// rows), arguments and outputs as the qgemv_* entries above, for int4 with K % 32 == 0 and a power-of-two group
+// of at least 32 or int8 with K % 16 == 0, bf16/f16 activations, sm_80+ (the host's qgemv_entry decides). One
+// block is one mma.sync m16n8k16 tile: 16 weight rows (M) by the chunk's up to 8 activation rows (N), over all
+// of K. INT4 first; INT8 (qmma8_iter) after the split-K notes.
 //  - The weight codes go to the tensor cores as 16-bit floats without a conversion: a nibble OR-ed into the
 //    mantissa of MAGIC (128 in bf16, 1024 in f16: the value whose unit in the last place is 1) is MAGIC + q
 //    exactly, and one shift plus one LOP3 makes two of them (nibbles i and i + 4 of a 32-bit word, one per
@@ -744,8 +745,8 @@ QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
 // Per lane and 32-weight step: 2 4-byte weight loads, one 16-byte activation load, 4 PRMT, 3 SHF + 4 LOP3 per
 // weight word, 4 HMMA, for 16 weights of every activation row up to 8; plus 4 FFMA pairs per group segment.
 // Batch-1 decode wastes 7 of the 8 B columns, which cost nothing extra: the instructions are per weight. In the
-// sm_90 SASS of qmma_moe_swiglu_int4_bf16 (g128, a full iteration of QM_STEPS = 4 steps): 146 instructions per
-// 64 weights of a lane (32 LOP3, 24 SHF, 16 PRMT, 16 HMMA, 14 loads, ~44 others), ~2.3 per weight for 1 to 8
+// sm_90 SASS of qmma_moe_swiglu_int4_bf16 (g128, a full iteration of QM_STEPS = 4 steps): 143 instructions per
+// 64 weights of a lane (32 LOP3, 26 SHF, 16 PRMT, 16 HMMA, 14 loads, ~39 others), ~2.2 per weight for 1 to 8
 // activation rows. Eight steps per iteration came to 2.1 (g >= 256) or 2.4 (g128, two segments) and 128
 // registers with spills, so an iteration is four (91-102 registers).
 //
@@ -753,6 +754,18 @@ QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
 // own partial sums (a group segment never straddles two warps: it is min(group, 128) weights); warp 0 adds
 // the others' from shared memory in warp order, applies the SwiGLU epilogue and writes. All QM_STEPS loads of
 // an iteration are issued before any is used.
+//
+// INT8 (one f16 scale per row, no zero point): a code b = m - 128 s (m its low 7 bits, s its sign bit) is the sum
+// of two exact 16-bit values, MAGIC + m (the low 7 bits OR-ed into MAGIC's mantissa) and -(MAGIC + 128 s) (the
+// sign bit OR-ed into -MAGIC: bit 7 is bf16's lowest exponent bit, so -128 or -256; f16's mantissa bit 7, so
+// -1024 or -1152). Each goes through its own mma against the same B, into the same accumulator, so the tile sums
+// sum b x with no offset, no S and no per-segment epilogue; the row's scale multiplies the block's total. Per
+// 32-bit word of a row (4 codes): one SHF (the odd bytes) and 4 LOP3 make codes {0, 2} and {1, 3} of both
+// planes; two PRMT per tile pair the activations to match. A lane loads 16 bytes of each of its two rows
+// (kb + 64 q + 16 t, q = 0, 1) and the 32 bytes of activations at the same positions, so the iteration is 128
+// weights as for int4. sm_90 SASS of qmma_moe_swiglu_int8_bf16 (a full iteration): 138 instructions per 64
+// weights of a lane (64 LOP3, 18 SHF, 16 PRMT, 16 HMMA, 8 128-bit loads, ~16 others), ~2.2 per weight for 1 to
+// 8 activation rows, where qgemv's int8 needs ~2.9 per weight and row for one row and ~1.7 for four.
 //
 // Exactness: if a sum of warp 0 is not finite (an inf or NaN activation, or (MAGIC + q) x overflowing where the
 // reference's s (q - z) x would not), or a pointer is not aligned for the vector loads, warp 0 recomputes the
@@ -855,7 +868,56 @@ __device__ __forceinline__ void qmma_iter_seg(uint32_t seg, const uint32_t* cons
   else qmma_iter<T, QM_STEPS, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
 }
 
-template <typename T, bool MOE, bool SWIGLU>
+// Word j of a 16-byte load.
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// INT8: one iteration of a warp, 128 weights from kb of the block's rows: lane (g, t) loads bytes
+// kb + 64 q + 16 t (q = 0, 1) of rows g (w[0]) and g + 8 (w[1]) and the 16 activations of row g (xr) at the same
+// positions, all before any is used; each 32-bit word (4 codes of a row) is one tile. TAIL: a partial iteration
+// (K - kb < 128; K % 16 == 0): a lane's 16 weights past K load nothing (zero weights and activations add 0).
+template <typename T, bool TAIL>
+__device__ __forceinline__ void qmma8_iter(const uint4* const (&w)[2], const T* __restrict__ xr, uint32_t kb,
+                                           uint32_t K, uint32_t t, float (&acc)[4]) {
+  constexpr uint32_t MAGIC2 = QmmaMagic<T>::MAGIC2, NEG2 = MAGIC2 | 0x80008000u;  // (MAGIC, MAGIC), negated
+  const uint4* xp = reinterpret_cast<const uint4*>(xr);
+  const uint4 zero{0u, 0u, 0u, 0u};
+  uint4 wq[2][2], xv[2][2];
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const uint32_t k0 = kb + 64u * q + 16u * t;
+    const bool in = !TAIL || k0 < K;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wq[h][q] = in ? __ldg(w[h] + k0 / 16) : zero;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) xv[q][i] = in ? __ldg(xp + k0 / 8 + i) : zero;
+  }
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // B: activations {0, 2} and {1, 3} of the word's 4.
+      const uint32_t xa = word_of(xv[q][j / 2], 2 * (j % 2)), xb = word_of(xv[q][j / 2], 2 * (j % 2) + 1);
+      const uint32_t b[2] = {__byte_perm(xa, xb, 0x5410u), __byte_perm(xa, xb, 0x7632u)};
+      // A: codes {0, 2} and {1, 3} of each row's word, split as code = m - 128 s (m: the low 7 bits, s: the
+      // sign bit) into MAGIC + m and -(MAGIC + 128 s) (bf16: -128 or -256 by the exponent's low bit; f16:
+      // -1024 or -1152), whose sum is the code exactly.
+      uint32_t am[4], as[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t u = word_of(wq[h][q], j), v = u >> 8;
+        am[h] = and_or(u, 0x007F007Fu, MAGIC2);
+        am[2 + h] = and_or(v, 0x007F007Fu, MAGIC2);
+        as[h] = and_or(u, 0x00800080u, NEG2);
+        as[2 + h] = and_or(v, 0x00800080u, NEG2);
+      }
+      mma_16816<T>(acc, as, b);
+      mma_16816<T>(acc, am, b);
+    }
+}
+
+template <typename T, int F, bool MOE, bool SWIGLU>
 __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
                                           const __half* __restrict__ params, const uint32_t* __restrict__ chunks,
                                           const uint32_t* __restrict__ row_token,
@@ -863,16 +925,19 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
                                           const uint32_t* __restrict__ offsets, uint32_t E, T* __restrict__ out,
                                           uint32_t C, uint32_t N, uint32_t K, uint32_t group) {
   __shared__ float red[QM_WARPS - 1][4][32];  // warps 1.. park their partial sums here for warp 0
+  constexpr bool INT4 = F == QF_INT4;
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5, g = lane >> 2, t = lane & 3u;
   // Tile row m: feature n0 + m (n0 = 16 blockIdx.x); SwiGLU: rows g and g + 8 are feature n0 + g's gate and up
   // rows (n0 = 8 blockIdx.x), so the epilogue finds both in the same lane.
   const uint32_t n0 = blockIdx.x * (SWIGLU ? 8u : 16u);
-  const uint32_t gshift = __ffs(group) - 1;  // group is a power of two >= 32 (the host checked)
-  const size_t PR = (K + group - 1) >> gshift;  // (scale, zero) pairs per row
-  const size_t KW = K / 8;                     // 32-bit words per packed row
-  const bool vec = (reinterpret_cast<uintptr_t>(qweight) & 3u) == 0 && (reinterpret_cast<uintptr_t>(params) & 3u) == 0 &&
-                   is_aligned16(x);
-  const uint32_t seg = min(group / 32u, static_cast<uint32_t>(QM_STEPS));
+  // int4: group is a power of two >= 32 (the host checked); int8 (group 0): one scale per row.
+  const uint32_t gshift = INT4 ? __ffs(group) - 1 : 0;
+  const size_t PR = INT4 ? (K + group - 1) >> gshift : 1;  // params per row ((scale, zero) pairs for int4)
+  const size_t KB = INT4 ? K / 2 : K;                       // bytes per packed row
+  // The weight loads' alignment (4 or 16 bytes); int4 loads (scale, zero) pairs as __half2.
+  const bool vec = (reinterpret_cast<uintptr_t>(qweight) & (INT4 ? 3u : 15u)) == 0 &&
+                   (!INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0) && is_aligned16(x);
+  const uint32_t seg = INT4 ? min(group / 32u, static_cast<uint32_t>(QM_STEPS)) : 0;
 
   for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
     uint32_t e, r0, cnt;
@@ -887,22 +952,34 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
     };
     const auto x_row = [&](uint32_t b) { return gemv_x_row<MOE>(x, row_token, r0 + b, K); };
     bool live[2];
-    const uint32_t* w[2];
-    const __half2* p[2];
+    size_t rows[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const size_t row = tile_row(g + 8u * h, live[h]);
-      w[h] = reinterpret_cast<const uint32_t*>(qweight) + row * KW + t;
-      p[h] = reinterpret_cast<const __half2*>(params) + row * PR;
-    }
+    for (int h = 0; h < 2; ++h) rows[h] = tile_row(g + 8u * h, live[h]);
     // Lanes of a row past the chunk's rows read its row 0 (their column is dropped).
     const T* xr = x_row(g < cnt ? g : 0u);
     float tot[4] = {0.f, 0.f, 0.f, 0.f};
     if (vec) {
-      constexpr uint32_t IT = 32u * QM_STEPS;
-      for (uint32_t kb = warp * IT; kb < K; kb += QM_WARPS * IT) {
-        if (K - kb >= IT) qmma_iter_seg<T, false>(seg, w, p, live, xr, kb, K, gshift, t, tot);
-        else qmma_iter_seg<T, true>(seg, w, p, live, xr, kb, K, gshift, t, tot);
+      constexpr uint32_t IT = 32u * QM_STEPS;  // 128 weights per iteration, int4 and int8 alike
+      if constexpr (INT4) {
+        const uint32_t* w[2];
+        const __half2* p[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          w[h] = reinterpret_cast<const uint32_t*>(qweight + rows[h] * KB) + t;
+          p[h] = reinterpret_cast<const __half2*>(params) + rows[h] * PR;
+        }
+        for (uint32_t kb = warp * IT; kb < K; kb += QM_WARPS * IT) {
+          if (K - kb >= IT) qmma_iter_seg<T, false>(seg, w, p, live, xr, kb, K, gshift, t, tot);
+          else qmma_iter_seg<T, true>(seg, w, p, live, xr, kb, K, gshift, t, tot);
+        }
+      } else {
+        const uint4* w[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) w[h] = reinterpret_cast<const uint4*>(qweight + rows[h] * KB);
+        for (uint32_t kb = warp * IT; kb < K; kb += QM_WARPS * IT) {
+          if (K - kb >= IT) qmma8_iter<T, false>(w, xr, kb, K, t, tot);
+          else qmma8_iter<T, true>(w, xr, kb, K, t, tot);
+        }
       }
     }
     if (warp > 0) {
@@ -915,6 +992,7 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         for (uint32_t v = 0; v < QM_WARPS - 1; ++v) tot[q] += red[v][q][lane];
+        if constexpr (!INT4) tot[q] *= live[q / 2] ? f16_at(params, rows[q / 2]) : 0.f;  // the row's scale
         // An inf or NaN in an output that is written.
         bad |= live[q / 2] && 2 * t + (q & 1) < cnt && !(fabsf(tot[q]) <= 3.402823466e38f);
       }
@@ -926,7 +1004,7 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
           if (!lv) continue;  // warp-uniform
           for (uint32_t b = 0; b < cnt; ++b) {
             const float v = warp_sum(
-                qgemv_row_exact<T, QF_INT4>(x_row(b), qweight + row * (K / 2), params + row * 2 * PR, K, group, lane));
+                qgemv_row_exact<T, F>(x_row(b), qweight + row * KB, params + row * (INT4 ? 2 : 1) * PR, K, group, lane));
             if (g == (m & 7u) && t == b / 2) tot[(m >= 8 ? 2 : 0) + (b & 1)] = v;
           }
         }
@@ -951,20 +1029,26 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
 
 // Entries from sm_80 (mma.sync m16n8k16 with bf16 / f16).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define QMMA_DENSE_ENTRY(NAME, T)                                                                             \
+#define QMMA_DENSE_ENTRY(NAME, T, F)                                                                          \
   extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, 2) NAME(QMM_DENSE_PARAMS(T, __half)) {         \
-    qmma_impl<T, false, false>(QMM_DENSE_ARGS);                                                              \
+    qmma_impl<T, F, false, false>(QMM_DENSE_ARGS);                                                           \
   }
-#define QMMA_MOE_ENTRY(NAME, T, SWIGLU)                                                                       \
+#define QMMA_MOE_ENTRY(NAME, T, F, SWIGLU)                                                                    \
   extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, 2) NAME(QMM_MOE_PARAMS(T, __half)) {           \
-    qmma_impl<T, true, SWIGLU>(QMM_MOE_ARGS);                                                                \
+    qmma_impl<T, F, true, SWIGLU>(QMM_MOE_ARGS);                                                             \
   }
-QMMA_DENSE_ENTRY(qmma_dense_int4_bf16, __nv_bfloat16)
-QMMA_DENSE_ENTRY(qmma_dense_int4_f16, __half)
-QMMA_MOE_ENTRY(qmma_moe_int4_bf16, __nv_bfloat16, false)
-QMMA_MOE_ENTRY(qmma_moe_int4_f16, __half, false)
-QMMA_MOE_ENTRY(qmma_moe_swiglu_int4_bf16, __nv_bfloat16, true)
-QMMA_MOE_ENTRY(qmma_moe_swiglu_int4_f16, __half, true)
+QMMA_DENSE_ENTRY(qmma_dense_int4_bf16, __nv_bfloat16, QF_INT4)
+QMMA_DENSE_ENTRY(qmma_dense_int4_f16, __half, QF_INT4)
+QMMA_MOE_ENTRY(qmma_moe_int4_bf16, __nv_bfloat16, QF_INT4, false)
+QMMA_MOE_ENTRY(qmma_moe_int4_f16, __half, QF_INT4, false)
+QMMA_MOE_ENTRY(qmma_moe_swiglu_int4_bf16, __nv_bfloat16, QF_INT4, true)
+QMMA_MOE_ENTRY(qmma_moe_swiglu_int4_f16, __half, QF_INT4, true)
+QMMA_DENSE_ENTRY(qmma_dense_int8_bf16, __nv_bfloat16, QF_INT8)
+QMMA_DENSE_ENTRY(qmma_dense_int8_f16, __half, QF_INT8)
+QMMA_MOE_ENTRY(qmma_moe_int8_bf16, __nv_bfloat16, QF_INT8, false)
+QMMA_MOE_ENTRY(qmma_moe_int8_f16, __half, QF_INT8, false)
+QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_bf16, __nv_bfloat16, QF_INT8, true)
+QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_f16, __half, QF_INT8, true)
 #endif
 
 // ---- prefill: tiled GEMM -------------------------------------------------------------------------------------

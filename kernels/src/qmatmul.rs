@@ -302,7 +302,7 @@ pub(crate) const QR_MAX_GROUP: usize = 1024;
 /// Which entries the INT4/INT8 GEMVs (decode) take on the kernel path; the choice of this thread's plans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
-    /// The default: `qmma_*` (tensor cores, INT4 with bf16/f16 activations on sm_80+) where they apply, else
+    /// The default: `qmma_*` (tensor cores, INT4 or INT8 with bf16/f16 activations on sm_80+) where they apply, else
     /// `qgemv_*` where those apply, else `qmatmul_*`.
     Qmma,
     /// `qgemv_*` where they apply, else `qmatmul_*` (`MOE_PATH=qgemv`).
@@ -339,7 +339,8 @@ pub(crate) fn qmma_built() -> bool {
 }
 
 /// The GEMV entries of `fmt` over K input features for `dtype` activations, under this thread's
-/// [`GemvKernel`]: `qmma` (INT4, K % 32 == 0, a power-of-two group of at least 32, bf16/f16, sm_80+; see
+/// [`GemvKernel`]: `qmma` (INT4 with K % 32 == 0 and a power-of-two group of at least 32, or INT8 with
+/// K % 16 == 0; bf16/f16, sm_80+; see
 /// `cuda/qmatmul.cu`), `qgemv` (subnormal-code dequantization, activations staged in shared memory: int4 with
 /// K % 32 == 0 and a power-of-two group of 32 to [`QR_MAX_GROUP`], each lane's 32-weight slice inside one
 /// group; int8 with K % 16 == 0), or `None` for the `qmatmul_*` ones. Same chunks, arguments and output; the
@@ -364,18 +365,14 @@ pub(crate) fn qgemv_entry(
         QR_WEIGHT_ROWS
     };
     // The build's architecture is parsed last: this runs for every GEMV the decode step plans.
+    let int8 = fmt == QFormat::Int8 && k.is_multiple_of(16);
     let prefix = if choice == GemvKernel::Qmma
         && matches!(dtype, DType::BF16 | DType::F16)
-        && int4(u32::MAX as usize)
+        && (int8 || int4(u32::MAX as usize))
         && qmma_built()
     {
         "qmma"
-    } else if choice != GemvKernel::Qmatmul
-        && match fmt {
-            QFormat::Int8 => k.is_multiple_of(16),
-            _ => int4(QR_MAX_GROUP),
-        }
-    {
+    } else if choice != GemvKernel::Qmatmul && (int8 || int4(QR_MAX_GROUP)) {
         "qgemv"
     } else {
         return None;

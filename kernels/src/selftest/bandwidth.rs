@@ -186,18 +186,11 @@ fn gemv_batch_cases(
             })?;
             let args = on(device)?;
             let n_out = if gather { f } else { h };
-            let kernels: &[(&str, GemvKernel)] = match fmt {
-                QFormat::Int4 { .. } => &[
-                    ("qmma", GemvKernel::Qmma),
-                    ("qgemv", GemvKernel::Qgemv),
-                    ("qmatmul", GemvKernel::Qmatmul),
-                ],
-                _ => &[
-                    ("qgemv", GemvKernel::Qgemv),
-                    ("qmatmul", GemvKernel::Qmatmul),
-                ],
-            };
-            for &(entry, kernel) in kernels {
+            for (entry, kernel) in [
+                ("qmma", GemvKernel::Qmma),
+                ("qgemv", GemvKernel::Qgemv),
+                ("qmatmul", GemvKernel::Qmatmul),
+            ] {
                 let base = format!("{entry} {proj} {fname} T={tokens} K={k} O={n_out}");
                 let res = (|| {
                     set_gemv_kernel(kernel);

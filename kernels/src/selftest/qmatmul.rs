@@ -61,7 +61,7 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
     // blocks of 8), and a fifth row with activations of 3e19 and -1e25, past what the staging scale takes: the
     // chunk's passes are rows {0, 1}, {2, 3} (fast) and {4, 5} (the exact path, for both) for int4, {0..3}
     // (fast) and {4, 5} (exact) for int8. The sixth row's 3e38 (finite in bf16, but (128 + q) x overflows
-    // f32) sends bf16 int4's qmma blocks to their exact path (all six rows).
+    // f32) sends the bf16 qmma blocks (int4 and int8) to their exact path (all six rows).
     let shapes: [(usize, usize, usize, Vec<u32>); 9] = [
         (1, 129, 256, vec![]),
         (7, 257, 512, vec![]),
@@ -83,6 +83,8 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
             }
             // K = 96: a partial first iteration of the qmma entries and seven warps with no K at all.
             QFormat::Int4 { group: 32 } => vec![(3, 20, 96, vec![]), (4, 24, 96, vec![0, 1, 1, 4])],
+            // K = 80 and 336: int8 qmma's partial iterations (lanes with no 16 weights left load nothing).
+            QFormat::Int8 => vec![(3, 20, 80, vec![]), (4, 24, 336, vec![0, 1, 1, 4])],
             _ => vec![],
         };
         for (m, n, k, offsets) in shapes.iter().chain(&extra) {
