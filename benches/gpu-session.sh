@@ -21,8 +21,10 @@
 #            eager decode and the graph decode of the same weights and prompts side by side (issue 21), and
 #            whether their greedy ids agree. INT4 25 GB, INT8 47 GB: both fit an 80 GB H100.
 #   extra    (a second call, ~4 min) the 4-layer INT4 run with the candle baseline (its dense f32 copy of 32
-#            layers would not fit), and eager INT4 decode with MOE_PATH=qgemv (the CUDA-core GEMV entries,
-#            against the tensor-core qmma ones of the bench run), text only.
+#            layers would not fit), and eager INT4 with MOE_PATH=qgemv, text only: decode on the CUDA-core GEMV
+#            entries against the tensor-core qmma ones of the bench run, and prefill on the f32-FMA tiled GEMM
+#            (which qmma's GEMV replaces at every row count by default). INT8's GEMV A/B is in the self-test's
+#            qgemv_bandwidth rows.
 #   sanitize (optional) compute-sanitizer memcheck over the self-test, op by op.
 # Files land in $OUT (the device tool brings back at most 8): gpu-<run>.json per bench run, every bench's text
 # in gpu-bench.txt, gpu-selftest.txt and gpu-nvidia-smi.txt. The last lines printed are the table of the

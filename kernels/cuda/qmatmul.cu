@@ -771,7 +771,10 @@ QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
 // reference's s (q - z) x would not), or a pointer is not aligned for the vector loads, warp 0 recomputes the
 // block's outputs one weight at a time as the reference does (slow, correct).
 //
-// Launch: grid = (ceil(N / 16), min(C, 65535)) (ceil(N / 8) with SwiGLU), block = QM_WARPS * 32 = 256.
+// Launch: grid = (min(C, 2^31 - 1), ceil(N / 16) <= 65535) (ceil(N / 8) with SwiGLU), block = QM_WARPS * 32 =
+// 256. The chunks are on x, the fastest-varying index, so the blocks a GPU starts together are the chunks of one
+// weight tile: an expert's 8-row chunks (a prefill or a large batch) read each 16-row tile from DRAM once and
+// then from L2, where feature blocks on x would stream the whole weight once per chunk.
 #define QM_WARPS 8
 #define QM_STEPS 4  // 32-weight steps per warp iteration
 
@@ -927,9 +930,9 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
   __shared__ float red[QM_WARPS - 1][4][32];  // warps 1.. park their partial sums here for warp 0
   constexpr bool INT4 = F == QF_INT4;
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5, g = lane >> 2, t = lane & 3u;
-  // Tile row m: feature n0 + m (n0 = 16 blockIdx.x); SwiGLU: rows g and g + 8 are feature n0 + g's gate and up
-  // rows (n0 = 8 blockIdx.x), so the epilogue finds both in the same lane.
-  const uint32_t n0 = blockIdx.x * (SWIGLU ? 8u : 16u);
+  // Tile row m: feature n0 + m (n0 = 16 blockIdx.y); SwiGLU: rows g and g + 8 are feature n0 + g's gate and up
+  // rows (n0 = 8 blockIdx.y), so the epilogue finds both in the same lane.
+  const uint32_t n0 = blockIdx.y * (SWIGLU ? 8u : 16u);
   // int4: group is a power of two >= 32 (the host checked); int8 (group 0): one scale per row.
   const uint32_t gshift = INT4 ? __ffs(group) - 1 : 0;
   const size_t PR = INT4 ? (K + group - 1) >> gshift : 1;  // params per row ((scale, zero) pairs for int4)
@@ -939,7 +942,7 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
                    (!INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0) && is_aligned16(x);
   const uint32_t seg = INT4 ? min(group / 32u, static_cast<uint32_t>(QM_STEPS)) : 0;
 
-  for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
+  for (uint32_t c = blockIdx.x; c < C; c += gridDim.x) {
     uint32_t e, r0, cnt;
     if (!gemv_chunk<MOE>(c, chunks, counts, offsets, E, e, r0, cnt)) break;  // block-uniform
     // Tile row m's feature and packed row (row 0 when past N: never loaded).
@@ -1058,7 +1061,8 @@ QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_f16, __half, QF_INT8, true)
 // tile and the weight tile, dequantized to f32 exactly as the reference (w = s * q, s * (q - z), or the MXFP4
 // LUT value times 2^(e - 128)), in shared
 // memory, and each thread accumulates a 4 x 4 block in f32. No tensor cores yet (plain f32 FMA): a correct
-// baseline that reads each packed weight once per 64 rows, not a fast one.
+// baseline that reads each packed weight once per 64 rows, not a fast one. Where the qmma GEMV applies (INT4/INT8
+// with bf16/f16 on sm_80+) the host takes that at every row count instead (qexperts.rs, qmm_path).
 //
 // A dense linear is the case E = 1, counts = [M], offsets = [0, M], row_token = null.
 // grid = (ceil(N / QG_TILE_N), ceil(R / QG_TILE_M) + min(E, R)), block = 256; tiles past the live work exit.

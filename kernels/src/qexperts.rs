@@ -17,7 +17,8 @@
 //! routing on the host: this is what lets a quantized MoE decode step run without a device-to-host copy.
 //! [`qmatmul_moe_reference`] is the specification (each weight row dequantized to f32 exactly as
 //! `qmatmul`'s reference, then an f32 dot product). The CUDA entry points `qmatmul_moe_*` in
-//! `cuda/qmatmul.cu` have two paths, chosen like the dense experts' ([`crate::expert_path`]): GEMV for decode
+//! `cuda/qmatmul.cu` have two paths, chosen like the dense experts' ([`crate::expert_path`]) except where the
+//! GEMV is the tensor-core `qmma_*`, which takes every row count ([`qmm_path`]): GEMV for decode
 //! (`qmatmul_moe_*`, the body of `qmatmul`'s kernel with 8-row chunks found by `nth_row_tile` over the counts)
 //! and a shared-memory tiled GEMM for prefill (`qmatmul_gemm_*`, 64 x 64 output tiles, weights dequantized
 //! into shared memory, f32 FMA, no tensor cores yet). On CUDA (and under the emulator), `qmatmul` and
@@ -31,16 +32,56 @@ use crate::common::{check_act, check_dtype, grid_dim, host, same_device, suffix,
 use crate::experts::{expert_path, ExpertPath};
 use crate::launch::{Arg, Buf, Plan};
 use crate::qmatmul::{
-    check, dequantize_row, kind_and_group, qgemv_entry, QFormat, QMatmul, QParam, OP_GROUPED,
-    QMM_ROWS, QMM_WARPS, QR_THREADS,
+    check, dequantize_row, gemv_grid, kind_and_group, qgemv_entry, QFormat, QMatmul, QParam,
+    OP_GROUPED, QMM_ROWS, QMM_WARPS, QR_THREADS,
 };
 
 const OP: &str = "qmatmul_moe";
 
-/// The CUDA path for `rows_per_expert_max` rows at most in one expert and `avg` expected rows per active
-/// expert, as [`expert_path`] decides it for the dense experts.
-pub fn qmm_path(rows_per_expert_max: usize, avg: f64) -> ExpertPath {
-    expert_path(rows_per_expert_max, avg)
+/// Whether the GEMV entries of `fmt` over `k` inputs for `dtype` activations are the tensor-core `qmma_*` ones
+/// (INT4/INT8 with bf16/f16 on sm_80+, under this thread's [`crate::GemvKernel`]).
+pub fn qmma_gemv(fmt: QFormat, dtype: DType, k: usize) -> bool {
+    matches!(qgemv_entry(fmt, dtype, k, false), Some(("qmma", _)))
+}
+
+/// The CUDA path of a quantized product over `ks` inputs (both projections of an expert MLP, or one linear)
+/// for `rows_per_expert_max` rows at most in one expert and `avg` expected rows per active expert: GEMV at
+/// every row count where the GEMV entries are `qmma_*`, else as [`expert_path`] decides it for the dense
+/// experts. Why: `qmma` costs the same ~2.2 instructions per weight (sm_90 SASS) for 1 to 8 activation rows,
+/// so ~0.28 per weight and row in full chunks, while the tiled GEMM (`qmatmul_gemm_*`, f32 FMA, no tensor
+/// cores) spends at least one FFMA per weight and row and computes all 64 rows of its tile however few an
+/// expert has: a batch of 17-64 tokens (continuous batching) on Mixtral would cost it 10-30x the GEMV's
+/// instructions. The GEMV re-reads the weights once per 8 rows (from L2 where they fit, else DRAM); even at
+/// DRAM speed on an H100 (3.35 TB/s) that is ~2e-14 s per INT4 weight and row against the GEMM's ~5e-14 s of
+/// FFMA at full tiles (33.5 TFMA/s). A static count, not a measurement (no GPU has run either).
+pub fn qmm_path(
+    fmt: QFormat,
+    dtype: DType,
+    ks: &[usize],
+    rows_per_expert_max: usize,
+    avg: f64,
+) -> ExpertPath {
+    if ks.iter().all(|&k| qmma_gemv(fmt, dtype, k)) {
+        ExpertPath::Gemv
+    } else {
+        expert_path(rows_per_expert_max, avg)
+    }
+}
+
+/// [`qmm_path`] for N tokens with top-k over E experts whose projections take `ks` inputs (the quantized
+/// counterpart of [`crate::expert_path_for`]).
+pub fn qexpert_path_for(
+    tokens: usize,
+    top_k: usize,
+    num_experts: usize,
+    fmt: QFormat,
+    dtype: DType,
+    ks: &[usize],
+) -> ExpertPath {
+    match crate::expert_path_for(tokens, top_k, num_experts) {
+        ExpertPath::Gemm if ks.iter().all(|&k| qmma_gemv(fmt, dtype, k)) => ExpertPath::Gemv,
+        p => p,
+    }
 }
 
 /// `out [R, N_out]` (module docs). `row_token = None` means x is already in dispatched row order.
@@ -60,7 +101,7 @@ pub fn qmatmul_moe(
     let d = QmoeDims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
     let inputs = same_device_inputs(x, row_token, [counts, offsets, qweight, params])?;
     if crate::launch::runs_kernels(x.device()) {
-        let path = path.unwrap_or_else(|| default_path(d));
+        let path = path.unwrap_or_else(|| default_path(d, fmt, x.dtype()));
         let plan = qmatmul_moe_plan(x.dtype(), fmt, d, row_token.is_some(), path)?;
         return run_one(&plan, &inputs);
     }
@@ -132,7 +173,7 @@ pub fn qmatmul_moe_swiglu(
             d.n
         );
     }
-    let path = path.unwrap_or_else(|| default_path(d));
+    let path = path.unwrap_or_else(|| default_path(d, fmt, x.dtype()));
     let kernels = crate::launch::runs_kernels(x.device());
     if kernels && path == ExpertPath::Gemv {
         let inputs = same_device_inputs(x, row_token, [counts, offsets, qweight, params])?;
@@ -163,8 +204,14 @@ pub fn qmatmul_moe_swiglu(
 }
 
 /// The GEMV/GEMM choice for `d` when the caller gives none: R rows as the worst case per expert.
-fn default_path(d: QmoeDims) -> ExpertPath {
-    qmm_path(d.r, d.r as f64 / d.e.min(d.r).max(1) as f64)
+fn default_path(d: QmoeDims, fmt: QFormat, dtype: DType) -> ExpertPath {
+    qmm_path(
+        fmt,
+        dtype,
+        &[d.k],
+        d.r,
+        d.r as f64 / d.e.min(d.r).max(1) as f64,
+    )
 }
 
 /// The plan inputs in order (`x`, `row_token` if any, `counts`, `offsets`, `qweight`, `params`), checked
@@ -331,8 +378,9 @@ pub fn qmatmul_moe_reference<T: Elem, P: QParam>(
     Ok(out.into_iter().map(T::of).collect())
 }
 
-/// The launch of `qmatmul_{moe,gemm}_<fmt>_<dtype>` for `path` (GEMV: 8-row chunks, 4 output features per
-/// block of 128 threads, grid y striding over the chunks; GEMM: 64 x 64 output tiles, 256 threads), the row
+/// The launch of `qmatmul_{moe,gemm}_<fmt>_<dtype>` for `path` (GEMV: 8-row chunks, the `qmma`, `qgemv` or
+/// `qmatmul` entries on [`gemv_grid`]'s grid, striding over the chunks past it; GEMM: 64 x 64 output tiles, 256
+/// threads), the row
 /// tiles of all experts together found on the device (`ceil(R / rows) + min(E, R)`, an upper bound the kernel
 /// trims). Inputs `x`, `row_token` (when `gather`), `counts`, `offsets`, `qweight`, `params`; output
 /// `out [R, N_out]`. A null `row_token` tells the kernel that x is already in dispatched row order. Pure.
@@ -388,8 +436,7 @@ fn moe_plan(
             d.r
         );
     }
-    // The GEMV kernel strides over all C tiles with grid y; only the grid is clamped.
-    let grid_y = chunks.clamp(1, 65535) as u32;
+    // The GEMV kernels stride over all C tiles past the grid (gemv_grid); only the grid is clamped.
     let chunks = chunks.min(u32::MAX as usize) as u32;
     let out = p.out("out", dtype, (d.r, n_out));
     if d.r == 0 || n_out == 0 {
@@ -417,14 +464,19 @@ fn moe_plan(
     args.extend([n_out as u32, d.k as u32, group].map(Arg::U32));
     // Shapes were checked by QmoeDims::check, and a valid dispatch keeps every live row < R and every
     // row_token < the rows of x.
+    let blocks = n_out.div_ceil(cols);
+    let grid = match path {
+        ExpertPath::Gemv => gemv_grid(OP, entry, blocks, chunks as usize)?,
+        ExpertPath::Gemm => [
+            grid_dim(OP, "feature blocks", blocks, u32::MAX >> 1)?,
+            chunks,
+            1,
+        ],
+    };
     p.launch(
         "qmatmul",
         format!("{entry}_{mode}_{kind}_{sfx}"),
-        [
-            grid_dim(OP, "feature blocks", n_out.div_ceil(cols), u32::MAX >> 1)?,
-            grid_y,
-            1,
-        ],
+        grid,
         [threads as u32, 1, 1],
         args,
     );
@@ -534,7 +586,8 @@ pub(crate) fn large_qmatmul(
     let counts: Vec<u32> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
     let most = counts.iter().copied().max().unwrap_or(0) as usize;
     let active = counts.iter().filter(|&&c| c > 0).count().max(1);
-    if qmm_path(most, m as f64 / active as f64) == ExpertPath::Gemv {
+    let avg = m as f64 / active as f64;
+    if qmm_path(fmt, x.dtype(), &[x.dim(1)?], most, avg) == ExpertPath::Gemv {
         return Ok(None);
     }
     let (qw, pw) = if grouped {
@@ -553,6 +606,50 @@ mod tests {
     use super::*;
     use crate::dispatch::dispatch_reference;
     use crate::qformat::quantize_rows;
+
+    /// Where the GEMV is `qmma`, quantized products keep it at any row count; elsewhere the dense
+    /// experts' thresholds hold, and `MOE_PATH=qgemv` (the CUDA-core GEMV) restores them too.
+    #[test]
+    fn qmma_keeps_the_gemv_at_prefill_sizes() {
+        let g128 = QFormat::Int4 { group: 128 };
+        assert_eq!(
+            qmm_path(g128, DType::BF16, &[4096], 513, 513.0),
+            ExpertPath::Gemv
+        );
+        assert_eq!(
+            qmm_path(QFormat::Int8, DType::F16, &[4096], 513, 513.0),
+            ExpertPath::Gemv
+        );
+        assert_eq!(
+            qmm_path(g128, DType::F32, &[4096], 513, 513.0),
+            ExpertPath::Gemm
+        );
+        assert_eq!(
+            qmm_path(QFormat::Mxfp4, DType::BF16, &[4096], 513, 513.0),
+            ExpertPath::Gemm
+        );
+        // One projection without a qmma entry (K = 200 is no multiple of 16): the thresholds.
+        assert_eq!(
+            qmm_path(QFormat::Int8, DType::BF16, &[4096, 200], 513, 513.0),
+            ExpertPath::Gemm
+        );
+        assert_eq!(
+            qexpert_path_for(512, 2, 8, g128, DType::BF16, &[4096, 14336]),
+            ExpertPath::Gemv
+        );
+        assert_eq!(
+            qexpert_path_for(1, 2, 8, g128, DType::F32, &[4096, 14336]),
+            ExpertPath::Gemv
+        );
+        assert_eq!(
+            qexpert_path_for(512, 2, 8, g128, DType::F32, &[4096, 14336]),
+            ExpertPath::Gemm
+        );
+        crate::set_gemv_kernel(crate::GemvKernel::Qgemv);
+        let qgemv = qexpert_path_for(512, 2, 8, g128, DType::BF16, &[4096, 14336]);
+        crate::set_gemv_kernel(crate::GemvKernel::Qmma);
+        assert_eq!(qgemv, ExpertPath::Gemm);
+    }
 
     /// The gather form equals gathering x by hand and running `qmatmul_grouped` with host offsets.
     #[test]
@@ -631,7 +728,13 @@ mod tests {
             "qgemv_moe_int4_bf16"
         };
         assert_eq!((l.module, l.entry.as_str()), ("qmatmul", entry));
-        assert_eq!((l.grid, l.block), ([3, 7, 1], [256, 1, 1]));
+        // qmma: the 7 chunks on x, the 3 feature blocks on y.
+        let grid = if entry.starts_with("qmma") {
+            [7, 3, 1]
+        } else {
+            [3, 7, 1]
+        };
+        assert_eq!((l.grid, l.block), (grid, [256, 1, 1]));
         let mut want = vec![
             input(0),
             input(1),
@@ -661,13 +764,19 @@ mod tests {
         ];
         want.extend([4, 37, 96, 0].map(Arg::U32));
         assert_eq!(l.args, want);
-        // GEMV grids clamp at 65535 (the kernel strides), the GEMM's are an error; no rows: no launch.
+        // GEMV grids clamp at 65535 chunks on y (the kernel strides; qmma's take them all on x), the GEMM's are
+        // an error; no rows: no launch.
         let many = dims(8 * 70000, 37, 96, 4);
-        let p = qmatmul_moe_plan(DType::F16, QFormat::Int8, many, true, ExpertPath::Gemv).unwrap();
+        let p = qmatmul_moe_plan(DType::F32, QFormat::Int8, many, true, ExpertPath::Gemv).unwrap();
         assert_eq!(
             (p.launches[0].grid[1], p.launches[0].args[8]),
             (65535, Arg::U32(70004))
         );
+        if crate::qmatmul::qmma_built() {
+            let p =
+                qmatmul_moe_plan(DType::F16, QFormat::Int8, many, true, ExpertPath::Gemv).unwrap();
+            assert_eq!(p.launches[0].grid, [70004, 3, 1]);
+        }
         // MXFP4 keeps the qmatmul entries, with SwiGLU too.
         let p = moe_plan(
             DType::BF16,
@@ -699,10 +808,12 @@ mod tests {
             true,
         )
         .unwrap();
-        assert_eq!(
-            (p.launches[0].entry.as_str(), p.launches[0].grid),
+        let want = if crate::qmatmul::qmma_built() {
+            ("qmma_moe_swiglu_int8_bf16", [7, 3, 1])
+        } else {
             ("qgemv_moe_swiglu_int8_bf16", [3, 7, 1])
-        );
+        };
+        assert_eq!((p.launches[0].entry.as_str(), p.launches[0].grid), want);
         let huge = dims(64 * 65535, 37, 96, 4);
         assert!(qmatmul_moe_plan(DType::F16, QFormat::Int8, huge, true, ExpertPath::Gemm).is_err());
         let none = dims(0, 37, 96, 4);

@@ -380,6 +380,25 @@ pub(crate) fn qgemv_entry(
     Some((prefix, features))
 }
 
+/// The grid of a GEMV launch over `blocks` feature blocks and `chunks` row chunks (the kernels stride over
+/// the chunks past the grid): `qmma_*` entries take the chunks on x and the feature blocks on y, so that the
+/// blocks a GPU starts together share a weight tile (see `cuda/qmatmul.cu`); the others the reverse.
+pub(crate) fn gemv_grid(op: &str, entry: &str, blocks: usize, chunks: usize) -> Result<[u32; 3]> {
+    Ok(if entry.starts_with("qmma") {
+        [
+            chunks.clamp(1, (u32::MAX >> 1) as usize) as u32,
+            grid_dim(op, "feature blocks", blocks, 65535)?,
+            1,
+        ]
+    } else {
+        [
+            grid_dim(op, "feature blocks", blocks, u32::MAX >> 1)?,
+            chunks.clamp(1, 65535) as u32,
+            1,
+        ]
+    })
+}
+
 /// The kernel work list of `qmatmul_<fmt>_<dtype>`, flattened `[C, 3]` u32: (expert, first row, rows <=
 /// [`QMM_ROWS`]) for every expert's rows (`offsets`, or all M rows as expert 0), in row order; empty experts get
 /// no chunk.
@@ -449,11 +468,7 @@ pub fn qmatmul_plan(
     p.launch(
         "qmatmul",
         format!("{entry}_{}", suffix(dtype)?),
-        [
-            grid_dim(op, "feature blocks", d.n.div_ceil(features), u32::MAX >> 1)?,
-            n_chunks.clamp(1, 65535) as u32,
-            1,
-        ],
+        gemv_grid(op, &entry, d.n.div_ceil(features), n_chunks)?,
         [threads as u32, 1, 1],
         vec![
             Arg::Buf(Buf::In(0)),
@@ -535,7 +550,9 @@ mod tests {
         let qmma = if qmma_built() { "qmma" } else { "qgemv" };
         let l = grouped(32);
         assert_eq!(l.entry, format!("{qmma}_dense_int4_f16"));
-        assert_eq!((l.grid, l.block), ([4, 3, 1], [256, 1, 1]));
+        // qmma takes the chunks on x, the feature blocks on y (blocks started together share weight tiles).
+        let grid = if qmma_built() { [3, 4, 1] } else { [4, 3, 1] };
+        assert_eq!((l.grid, l.block), (grid, [256, 1, 1]));
         assert_eq!(&l.args[5..], &[3, 64, 96, 32].map(Arg::U32));
         assert_eq!(grouped(1024).entry, format!("{qmma}_dense_int4_f16"));
         assert_eq!(grouped_as(DType::F32, 32).entry, "qgemv_dense_int4_f32");
@@ -570,6 +587,19 @@ mod tests {
             .launches[0]
             .clone();
         assert_eq!((l.grid, l.args[5]), ([1, 65535, 1], Arg::U32(70000)));
+        if qmma_built() {
+            // qmma: all chunks on x; more than 65535 feature blocks (on y) are an error.
+            let l = qmatmul_plan(DType::BF16, QFormat::Int8, d, None)
+                .unwrap()
+                .launches[0]
+                .clone();
+            assert_eq!(
+                (l.entry.as_str(), l.grid),
+                ("qmma_dense_int8_bf16", [70000, 1, 1])
+            );
+            let wide = dims(1, 16, 16 * 65536, 1);
+            assert!(qmatmul_plan(DType::BF16, QFormat::Int8, wide, None).is_err());
+        }
         // Turned off on this thread, the same shape takes the qmatmul entry.
         set_gemv_kernel(GemvKernel::Qmatmul);
         let off = grouped(32);

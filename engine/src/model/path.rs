@@ -175,6 +175,27 @@ impl PathPlan {
         self.expert
             .unwrap_or_else(|| moe_kernels::expert_path_for(tokens, top_k, num_experts))
     }
+
+    /// [`Self::expert_path`] for experts with these weights under `dtype` activations: quantized
+    /// experts whose GEMV entries are the tensor-core `qmma_*` ones (INT4/INT8, bf16/f16, sm_80+)
+    /// take the GEMV at every token count unless a path is forced
+    /// ([`moe_kernels::qexpert_path_for`] says why: the quantized GEMM has no tensor cores yet).
+    pub fn experts_path(
+        &self,
+        tokens: usize,
+        top_k: usize,
+        num_experts: usize,
+        (gate_up, down): (&Weight, &Weight),
+        dtype: DType,
+    ) -> ExpertPath {
+        match (self.expert, gate_up, down) {
+            (None, Weight::Quant(gu), Weight::Quant(dn)) => {
+                let ks = [gu.shape.last(), dn.shape.last()].map(|k| k.copied().unwrap_or(0));
+                moe_kernels::qexpert_path_for(tokens, top_k, num_experts, gu.fmt, dtype, &ks)
+            }
+            _ => self.expert_path(tokens, top_k, num_experts),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +300,50 @@ mod tests {
             k.expert_path(64, 8, 256),
             ExpertPath::Gemv,
             "E=256 top-8 at 64 tokens"
+        );
+    }
+
+    /// Quantized experts whose GEMV is `qmma` (INT4/INT8, bf16/f16) keep the GEMV at prefill
+    /// sizes; f32 activations, dense experts and a forced path keep the token-count choice.
+    #[test]
+    fn quantized_experts_on_qmma_take_the_gemv_at_any_size() {
+        use crate::quant::QuantTensor;
+        use moe_kernels::QFormat;
+        let dev = Device::Cpu;
+        let w = |n: usize, k: usize| candle_core::Tensor::zeros((4, n, k), DType::F32, &dev);
+        let q = |t: candle_core::Tensor, fmt| {
+            Weight::Quant(QuantTensor::quantize(&t, fmt, &dev).unwrap())
+        };
+        let k = PathPlan::select(&dev, Some("kernels")).unwrap();
+        for fmt in [QFormat::Int8, QFormat::Int4 { group: 32 }] {
+            let (gu, dn) = (q(w(64, 32).unwrap(), fmt), q(w(32, 32).unwrap(), fmt));
+            for dtype in [DType::BF16, DType::F16] {
+                assert_eq!(
+                    k.experts_path(512, 2, 4, (&gu, &dn), dtype),
+                    ExpertPath::Gemv
+                );
+            }
+            assert_eq!(
+                k.experts_path(512, 2, 4, (&gu, &dn), DType::F32),
+                ExpertPath::Gemm
+            );
+            let forced = PathPlan::select(&dev, Some("kernels,gemm")).unwrap();
+            assert_eq!(
+                forced.experts_path(1, 2, 4, (&gu, &dn), DType::BF16),
+                ExpertPath::Gemm
+            );
+        }
+        // INT4 g16 has no qmma entry; a dense expert takes the dense experts' choice.
+        let g16 = QFormat::Int4 { group: 16 };
+        let (gu, dn) = (q(w(64, 32).unwrap(), g16), q(w(32, 32).unwrap(), g16));
+        assert_eq!(
+            k.experts_path(512, 2, 4, (&gu, &dn), DType::BF16),
+            ExpertPath::Gemm
+        );
+        let dense = Weight::Dense(w(64, 32).unwrap());
+        assert_eq!(
+            k.experts_path(512, 2, 4, (&dense, &dense), DType::BF16),
+            ExpertPath::Gemm
         );
     }
 }

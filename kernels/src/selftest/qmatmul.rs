@@ -56,7 +56,9 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
     // (M, N, K, experts, offsets): dense (E = 0 means qmatmul) for decode, small and larger prefill with odd
     // N; grouped with an empty expert and an expert spanning several 8-row chunks; int8 K = 200 (not a
     // multiple of 16) takes the kernel's scalar path.
-    // On CUDA, M = 64 and 513 (and the grouped 64-row case) take the tiled GEMM path, the rest GEMV.
+    // On CUDA, M = 64 and 513 (and the grouped 64-row case) take the tiled GEMM path, the rest GEMV; bf16/f16
+    // INT4 (group >= 32) and INT8 (K % 16 == 0) take qmma's GEMV at every M (qexperts::qmm_path), which the
+    // qmatmul_moe cases below force to the GEMM as well.
     // M = 6, K = 6272: the qgemv entries over several shared-memory tiles and a partial one, 40 features (five
     // blocks of 8), and a fifth row with activations of 3e19 and -1e25, past what the staging scale takes: the
     // chunk's passes are rows {0, 1}, {2, 3} (fast) and {4, 5} (the exact path, for both) for int4, {0..3}

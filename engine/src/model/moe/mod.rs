@@ -282,7 +282,8 @@ impl MoeBlock {
             false => (x, weights.clone()),
         };
         // GEMV for decode, tiled GEMM for prefill, chosen on the host from N (no sync).
-        let path = Some(plan.expert_path(x.dim(0)?, a, e));
+        let experts = (&self.gate_up, &self.down);
+        let path = Some(plan.experts_path(x.dim(0)?, a, e, experts, x.dtype()));
         let y = match &self.host {
             None => kernel_experts(
                 x,
@@ -417,7 +418,9 @@ impl MoeBlock {
                 // The device's kernels (on the CPU, their references).
                 let t = |v: &[u32]| Tensor::from_slice(v, v.len(), dev);
                 let (rt, c, o) = (t(&dr.row_token)?, t(&dr.counts)?, t(&dr.offsets)?);
-                let path = Some(plan.expert_path(x.dim(0)?, self.cfg.top_k, dr.num_experts));
+                let experts = (&self.gate_up, &self.down);
+                let (a, e) = (self.cfg.top_k, dr.num_experts);
+                let path = Some(plan.experts_path(x.dim(0)?, a, e, experts, x.dtype()));
                 kernel_experts(x, [&rt, &c, &o], &self.gate_up, &self.down, path, None)?
             } else {
                 experts::experts_w(x, &dr, &self.gate_up, &self.down, None)?
