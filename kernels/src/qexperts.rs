@@ -611,44 +611,37 @@ mod tests {
     /// experts' thresholds hold, and `MOE_PATH=qgemv` (the CUDA-core GEMV) restores them too.
     #[test]
     fn qmma_keeps_the_gemv_at_prefill_sizes() {
-        let g128 = QFormat::Int4 { group: 128 };
-        assert_eq!(
-            qmm_path(g128, DType::BF16, &[4096], 513, 513.0),
-            ExpertPath::Gemv
-        );
-        assert_eq!(
-            qmm_path(QFormat::Int8, DType::F16, &[4096], 513, 513.0),
-            ExpertPath::Gemv
-        );
-        assert_eq!(
-            qmm_path(g128, DType::F32, &[4096], 513, 513.0),
-            ExpertPath::Gemm
-        );
-        assert_eq!(
-            qmm_path(QFormat::Mxfp4, DType::BF16, &[4096], 513, 513.0),
-            ExpertPath::Gemm
-        );
-        // One projection without a qmma entry (K = 200 is no multiple of 16): the thresholds.
-        assert_eq!(
-            qmm_path(QFormat::Int8, DType::BF16, &[4096, 200], 513, 513.0),
-            ExpertPath::Gemm
-        );
-        assert_eq!(
-            qexpert_path_for(512, 2, 8, g128, DType::BF16, &[4096, 14336]),
-            ExpertPath::Gemv
-        );
-        assert_eq!(
-            qexpert_path_for(1, 2, 8, g128, DType::F32, &[4096, 14336]),
-            ExpertPath::Gemv
-        );
-        assert_eq!(
-            qexpert_path_for(512, 2, 8, g128, DType::F32, &[4096, 14336]),
-            ExpertPath::Gemm
-        );
+        use ExpertPath::{Gemm, Gemv};
+        let (g128, int8) = (QFormat::Int4 { group: 128 }, QFormat::Int8);
+        // (format, dtype, inputs, path) at 513 rows, one expert.
+        let products: [(QFormat, DType, &[usize], ExpertPath); 5] = [
+            (g128, DType::BF16, &[4096], Gemv),
+            (int8, DType::F16, &[4096], Gemv),
+            (g128, DType::F32, &[4096], Gemm),
+            (QFormat::Mxfp4, DType::BF16, &[4096], Gemm),
+            // One projection without a qmma entry (K = 200 is no multiple of 16): the thresholds.
+            (int8, DType::BF16, &[4096, 200], Gemm),
+        ];
+        for (fmt, dtype, ks, want) in products {
+            assert_eq!(
+                qmm_path(fmt, dtype, ks, 513, 513.0),
+                want,
+                "{fmt:?} {dtype:?} {ks:?}"
+            );
+        }
+        // (tokens, dtype, path): Mixtral's top-2 of 8 experts.
+        let mixtral = |tokens, dtype| qexpert_path_for(tokens, 2, 8, g128, dtype, &[4096, 14336]);
+        for (tokens, dtype, want) in [
+            (512, DType::BF16, Gemv),
+            (1, DType::F32, Gemv),
+            (512, DType::F32, Gemm),
+        ] {
+            assert_eq!(mixtral(tokens, dtype), want, "{tokens} {dtype:?}");
+        }
         crate::set_gemv_kernel(crate::GemvKernel::Qgemv);
-        let qgemv = qexpert_path_for(512, 2, 8, g128, DType::BF16, &[4096, 14336]);
+        let qgemv = mixtral(512, DType::BF16);
         crate::set_gemv_kernel(crate::GemvKernel::Qmma);
-        assert_eq!(qgemv, ExpertPath::Gemm);
+        assert_eq!(qgemv, Gemm);
     }
 
     /// The gather form equals gathering x by hand and running `qmatmul_grouped` with host offsets.
