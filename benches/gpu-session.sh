@@ -14,7 +14,8 @@
 # is kept):
 #   selftest (<= 120 s) every kernel against its CPU reference on the GPU, plus whole-model parity of the CUDA
 #            path against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree); its
-#            qgemv_bandwidth rows time the decode GEMV (qmma, qgemv and qmatmul entries) on Mixtral's expert shapes
+#            qgemv_bandwidth rows time the decode GEMV (qmma, qgemv and qmatmul entries; and qmma against the tiled
+#            GEMM at 64 rows per expert, which qmm_path decided from a static count) on Mixtral's expert shapes
 #            beside a device copy of the same bytes.
 #   bench    (<= 110 s INT4, <= 150 s INT8) Mixtral-8x7B shapes with random weights (no download), all 32 layers,
 #            batch 1, 512-token prefill and 64 decode steps, 3 timed runs, with --cuda-graph: each report holds the

@@ -1,8 +1,9 @@
 //! Self-test cases: the decode GEMV's weight-streaming rate, the number issue 21's roofline target is
-//! about, for the `qmma_*` (INT4 only), `qgemv_*` and older `qmatmul_*` entries side by side.
+//! about, for the `qmma_*`, `qgemv_*` and older `qmatmul_*` entries side by side; and at 64 rows per
+//! expert, `qmma`'s GEMV against the tiled GEMM (`qmatmul_gemm_*`) it replaced for quantized prefill.
 //!
 //! On CUDA the shapes are Mixtral-8x7B's experts (H = 4096, F = 14336, 8 experts, one token routed to
-//! two of them, and four or eight tokens routed to the same two, bf16 activations): the gate/up projection with its SwiGLU epilogue and the down
+//! two of them, and 4, 8 or 64 tokens routed to the same two, bf16 activations): the gate/up projection with its SwiGLU epilogue and the down
 //! projection, INT4 g128 and INT8. Each case is checked against the CPU reference like every other
 //! and timed as the median of [`CALLS`] warm calls; its name carries the bytes the two live experts'
 //! weights and params hold and the rate that median gives. A device-to-device copy of the same
@@ -59,11 +60,13 @@ fn random_experts(
     (q, p)
 }
 
-/// The median wall time of [`CALLS`] synchronized calls of `f`, in seconds, after one warm-up.
+/// The median wall time of [`CALLS`] synchronized calls of `f`, in seconds, after one warm-up (on the
+/// emulator and the CPU one call: their rates mean nothing there).
 fn median_s(device: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
     f()?;
-    let mut t = Vec::with_capacity(CALLS);
-    for _ in 0..CALLS {
+    let calls = if device.is_cuda() { CALLS } else { 1 };
+    let mut t = Vec::with_capacity(calls);
+    for _ in 0..calls {
         device.synchronize()?;
         let t0 = Instant::now();
         f()?;
@@ -71,7 +74,7 @@ fn median_s(device: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<f6
         t.push(t0.elapsed().as_secs_f64());
     }
     t.sort_by(f64::total_cmp);
-    Ok(t[CALLS / 2])
+    Ok(t[calls / 2])
 }
 
 pub(super) fn qgemv_bandwidth_cases(
@@ -121,8 +124,9 @@ fn gemv_cases(
 ) -> Result<()> {
     let e = 8;
     // One token (batch-1 decode), and batches of 4 and 8 tokens all routed to the same two experts: 4 or 8
-    // rows per expert (the qgemv entries' two-row passes; one pass of qmma's 8 columns), same weight bytes.
-    for tokens in [1usize, 4, 8] {
+    // rows per expert (the qgemv entries' two-row passes; one pass of qmma's 8 columns), same weight bytes;
+    // and 64 tokens (64 rows per expert, as a 256-token prefill's top-2 of 8 spreads them), GEMV vs GEMM.
+    for tokens in [1usize, 4, 8, 64] {
         let ids: Vec<u32> = LIVE.repeat(tokens);
         let d = dispatch_reference(&ids, LIVE.len(), e, 1)?;
         gemv_batch_cases(device, rng, rows, h, f, tokens, &d)?;
@@ -167,8 +171,8 @@ fn gemv_batch_cases(
                     Tensor::from_slice(&p, pdims.as_slice(), dev)?,
                 ])
             };
-            let call = |t: &[Tensor; 3], rt: &Tensor, c: &Tensor, o: &Tensor| {
-                let path = Some(ExpertPath::Gemv);
+            let call = |t: &[Tensor; 3], rt: &Tensor, c: &Tensor, o: &Tensor, path| {
+                let path = Some(path);
                 if gather {
                     crate::qmatmul_moe_swiglu(&t[0], Some(rt), c, o, &t[1], &t[2], fmt, path)
                 } else {
@@ -182,22 +186,32 @@ fn gemv_batch_cases(
                     Tensor::from_slice(&d.counts, e, &cpu)?,
                     Tensor::from_slice(&d.offsets, e + 1, &cpu)?,
                 );
-                f32s(&call(&on(&cpu)?, &rt, &c, &o)?)
+                f32s(&call(&on(&cpu)?, &rt, &c, &o, ExpertPath::Gemv)?)
             })?;
             let args = on(device)?;
             let n_out = if gather { f } else { h };
-            for (entry, kernel) in [
-                ("qmma", GemvKernel::Qmma),
-                ("qgemv", GemvKernel::Qgemv),
-                ("qmatmul", GemvKernel::Qmatmul),
-            ] {
+            // Decode batches: the three GEMVs. A prefill-sized batch: qmma's GEMV (what the host picks for any
+            // row count, qexperts::qmm_path) against the tiled GEMM it replaced there.
+            let kernels: &[(&str, GemvKernel, ExpertPath)] = if tokens <= 8 {
+                &[
+                    ("qmma", GemvKernel::Qmma, ExpertPath::Gemv),
+                    ("qgemv", GemvKernel::Qgemv, ExpertPath::Gemv),
+                    ("qmatmul", GemvKernel::Qmatmul, ExpertPath::Gemv),
+                ]
+            } else {
+                &[
+                    ("qmma", GemvKernel::Qmma, ExpertPath::Gemv),
+                    ("qmatmul_gemm", GemvKernel::Qmma, ExpertPath::Gemm),
+                ]
+            };
+            for &(entry, kernel, path) in kernels {
                 let base = format!("{entry} {proj} {fname} T={tokens} K={k} O={n_out}");
                 let res = (|| {
                     set_gemv_kernel(kernel);
                     let (out, plans) =
-                        crate::launch::record(|| call(&args, &row_token, &counts, &offsets));
+                        crate::launch::record(|| call(&args, &row_token, &counts, &offsets, path));
                     let out = out?;
-                    let s = median_s(device, || call(&args, &row_token, &counts, &offsets))?;
+                    let s = median_s(device, || call(&args, &row_token, &counts, &offsets, path))?;
                     set_gemv_kernel(GemvKernel::Qmma);
                     // The entry that ran is the one the case names.
                     let ran: Vec<&str> = plans
