@@ -85,7 +85,10 @@ using moe_emu::copy_error;
 using moe_emu::find_buffer;
 
 
-extern "C" void* moe_emu_buf_new(size_t bytes, const char* name) {
+// misalign (0..15): the data starts that many bytes past a 16-byte boundary, as a device pointer into a tensor
+// view at that byte offset would (cudaMalloc itself aligns to 256).
+extern "C" void* moe_emu_buf_new(size_t bytes, const char* name, size_t misalign) {
+  misalign &= 15;
   const size_t page = moe_emu::page_size();
   const size_t body = (bytes + 15) / 16 * 16 + 64;  // data rounded to 16 plus leading canary bytes
   const size_t pages = (body + page - 1) / page;
@@ -96,8 +99,10 @@ extern "C" void* moe_emu_buf_new(size_t bytes, const char* name) {
   mprotect(map, page, PROT_NONE);
   char* end = map + map_bytes - page;
   mprotect(end, page, PROT_NONE);
-  // Start 16-byte aligned, as close to the trailing guard page as that allows.
-  char* data = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(end - bytes) & ~static_cast<uintptr_t>(15));
+  // Start misalign bytes past a 16-byte boundary, as close to the trailing guard page as that allows.
+  char* data =
+      reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(end - bytes - misalign) & ~static_cast<uintptr_t>(15)) +
+      misalign;
   memset(map + page, moe_emu::kCanary, static_cast<size_t>(end - (map + page)));
   memset(data, 0, bytes);
   moe_emu::t_buffers.push_back(Buffer{map, map_bytes, data, bytes, name});

@@ -86,7 +86,7 @@ mod imp {
     use crate::launch::plan::{Arg, Buf, Plan};
 
     extern "C" {
-        fn moe_emu_buf_new(bytes: usize, name: *const c_char) -> *mut c_void;
+        fn moe_emu_buf_new(bytes: usize, name: *const c_char, misalign: usize) -> *mut c_void;
         fn moe_emu_buf_protect(data: *mut c_void);
         fn moe_emu_buf_check(data: *mut c_void, err: *mut c_char, errlen: usize) -> i32;
         fn moe_emu_buf_free(data: *mut c_void);
@@ -122,11 +122,16 @@ mod imp {
     }
 
     impl EmuBuf {
-        /// `bytes` zeroed bytes of elements of `elem` bytes, named `name` in error messages.
+        /// `bytes` zeroed bytes of elements of `elem` bytes, named `name` in error messages, 16-byte aligned.
         pub fn new(bytes: usize, elem: usize, name: &str) -> Result<Self> {
+            Self::new_at(bytes, elem, name, 0)
+        }
+
+        /// [`Self::new`] starting `misalign` (mod 16) bytes past a 16-byte boundary.
+        fn new_at(bytes: usize, elem: usize, name: &str, misalign: usize) -> Result<Self> {
             let c = CString::new(name).unwrap_or_default();
             // SAFETY: plain allocation; the runtime copies the name.
-            let ptr = unsafe { moe_emu_buf_new(bytes, c.as_ptr()) };
+            let ptr = unsafe { moe_emu_buf_new(bytes, c.as_ptr(), misalign) };
             if ptr.is_null() {
                 bail!("emulator: cannot map a buffer of {bytes} bytes for {name}");
             }
@@ -140,7 +145,18 @@ mod imp {
 
         /// A buffer holding `data`, write-protected when `read_only`.
         pub fn from_bytes(data: &[u8], elem: usize, name: &str, read_only: bool) -> Result<Self> {
-            let b = Self::new(data.len(), elem, name)?;
+            Self::from_bytes_at(data, elem, name, read_only, 0)
+        }
+
+        /// [`Self::from_bytes`] starting `misalign` (mod 16) bytes past a 16-byte boundary.
+        fn from_bytes_at(
+            data: &[u8],
+            elem: usize,
+            name: &str,
+            read_only: bool,
+            misalign: usize,
+        ) -> Result<Self> {
+            let b = Self::new_at(data.len(), elem, name, misalign)?;
             // SAFETY: the buffer has exactly data.len() writable bytes.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr.cast::<u8>(), data.len()) };
             if read_only {
@@ -287,12 +303,14 @@ mod imp {
             .enumerate()
             .map(|(i, (t, name))| {
                 let read_only = !plan.writes.contains(&i);
-                EmuBuf::from_bytes(
-                    &tensor_bytes(t)?,
-                    t.dtype().size_in_bytes(),
-                    name,
-                    read_only,
-                )
+                // A contiguous view's byte offset into its storage: on CUDA the kernel gets a pointer that
+                // far into a 256-byte-aligned allocation, so its alignment is reproduced here.
+                let elem = t.dtype().size_in_bytes();
+                let misalign = match t.is_contiguous() {
+                    true => t.layout().start_offset() * elem % 16,
+                    false => 0,
+                };
+                EmuBuf::from_bytes_at(&tensor_bytes(t)?, elem, name, read_only, misalign)
             })
             .collect::<Result<_>>()?;
         let alloc = |a: &crate::launch::plan::Alloc| -> Result<EmuBuf> {

@@ -162,6 +162,83 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
             }
         }
     }
+    misaligned_cases(device, rng, rows)
+}
+
+/// `t` as a view `elems` elements into a longer buffer (zeros before it): its device pointer is then that
+/// many elements past the allocation's alignment, as a view into a larger tensor's storage can be.
+fn offset_view(t: &Tensor, elems: usize) -> Result<Tensor> {
+    let flat = t.flatten_all()?;
+    let pad = Tensor::zeros(elems, t.dtype(), t.device())?;
+    Tensor::cat(&[&pad, &flat], 0)?
+        .narrow(0, elems, flat.elem_count())?
+        .reshape(t.dims())
+}
+
+/// Misaligned inputs: qweight one byte, params or x one element into their buffers (one at a time, then all
+/// three), so the vector loads from that pointer are not aligned. The kernels must notice (the emulator faults
+/// on a misaligned vector load, as the GPU does) and take their scalar or exact paths; the results must not
+/// change.
+fn misaligned_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Result<()> {
+    let fmts = [
+        ("int8", QFormat::Int8),
+        ("int4-g128", QFormat::Int4 { group: 128 }),
+        ("int4-g32", QFormat::Int4 { group: 32 }),
+        ("mxfp4", QFormat::Mxfp4),
+    ];
+    // Decode (GEMV) with each input misaligned alone, and a prefill (the tiled GEMM on CUDA in f32) with all.
+    let variants = [
+        (5usize, 40usize, 512usize, [true, false, false]),
+        (5, 40, 512, [false, true, false]),
+        (5, 40, 512, [false, false, true]),
+        (70, 24, 256, [true, true, true]),
+    ];
+    for (fname, fmt) in fmts {
+        for (m, n, k, off) in variants {
+            let w0 = rng.vec(n * k, 1.0 / (k as f32).sqrt());
+            let (q, p) = quantize(fmt, &w0, n, k);
+            let x0 = rng.vec(m * k, 1.0);
+            let which: Vec<&str> = ["qweight", "params", "x"]
+                .into_iter()
+                .zip(off)
+                .filter_map(|(name, o)| o.then_some(name))
+                .collect();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let case = format!("{fname} M={m} N={n} K={k} misaligned {}", which.join("+"));
+                let budget = match dtype {
+                    DType::F32 => QMATMUL_NMSE_F32,
+                    DType::F16 => QMATMUL_NMSE_F16,
+                    _ => QMATMUL_NMSE_BF16,
+                };
+                let r = (|| {
+                    let pdims: Vec<usize> = [n].into_iter().chain(fmt.params_shape(k)).collect();
+                    let run = |dev: &Device| -> Result<[Tensor; 3]> {
+                        Ok([
+                            upload(&x0, &[m, k], dtype, dev)?,
+                            Tensor::from_slice(&q, (n, fmt.row_bytes(k)), dev)?,
+                            p.to_tensor(&pdims, dev)?,
+                        ])
+                    };
+                    let [xc, qc, pc] = run(&Device::Cpu)?;
+                    let want = crate::emu::without(|| f32s(&qmatmul(&xc, &qc, &pc, fmt)?))?;
+                    let [xt, qt, pt] = run(device)?;
+                    let shift = |t: Tensor, o: bool| if o { offset_view(&t, 1) } else { Ok(t) };
+                    let (qt, pt, xt) = (shift(qt, off[0])?, shift(pt, off[1])?, shift(xt, off[2])?);
+                    let (out, time_us) = timed(device, || qmatmul(&xt, &qt, &pt, fmt))?;
+                    Ok(Row {
+                        op: "qmatmul",
+                        case: case.clone(),
+                        dtype,
+                        nmse: nmse(&f32s(&out)?, &want),
+                        budget,
+                        time_us,
+                        note: String::new(),
+                    })
+                })();
+                rows.push(row_or_error("qmatmul", case, dtype, budget, r));
+            }
+        }
+    }
     Ok(())
 }
 
