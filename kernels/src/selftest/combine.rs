@@ -15,7 +15,13 @@ pub(super) fn combine_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         (64, 8, 255, 16),
         (513, 4, 136, 3),
     ];
-    for &(t, a, h, pad) in &cases {
+    // The vector case (H = 4096) twice more, with expert_out or add one element into its buffer: the
+    // 16-byte loads must notice and take the scalar path. (which input is misaligned: none, expert_out, add)
+    let runs = cases
+        .iter()
+        .map(|&c| (c, [0, 0]))
+        .chain([(cases[1], [1, 0]), (cases[1], [0, 1])]);
+    for ((t, a, h, pad), off) in runs {
         let r = t * a + pad;
         let mut x0 = rng.vec(r * h, 1.0);
         // A random permutation of the live rows as slot_of.
@@ -37,7 +43,12 @@ pub(super) fn combine_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         let add0 = rng.vec(t * h, 1.0);
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let plus = if t != 513 { " +add" } else { "" };
-            let case = format!("T={t} k={a} H={h} pad={pad}{plus}");
+            let mis = match off {
+                [1, _] => " misaligned expert_out",
+                [_, 1] => " misaligned add",
+                _ => "",
+            };
+            let case = format!("T={t} k={a} H={h} pad={pad}{plus}{mis}");
             let r2 = (|| {
                 let run = |dev: &Device| -> Result<[Tensor; 3]> {
                     Ok([
@@ -61,7 +72,8 @@ pub(super) fn combine_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
                     f32s(&crate::moe_combine_add(&xc, &sc, &wc, ac.as_ref())?)
                 })?;
                 let [xt, st, wt] = run(device)?;
-                let at = a_at(device)?;
+                let xt = offset_view(&xt, off[0])?;
+                let at = a_at(device)?.map(|a| offset_view(&a, off[1])).transpose()?;
                 let (out, time_us) = timed(device, || {
                     crate::moe_combine_add(&xt, &st, &wt, at.as_ref())
                 })?;

@@ -50,13 +50,28 @@ pub(super) fn experts_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
                 (ExpertPath::Gemv, true, "Gemv"),
                 (ExpertPath::Gemm, true, "Gemm"),
             ];
-            for (path, tensor_cores, name) in paths.into_iter().chain(fma) {
-                let case = format!("{name} N={n} k={k} E={e} H={h} F={f} B={block}");
+            // H = 128, F = 64 (the vector paths) twice more, with x or both weights one element into their
+            // buffers: the 16-byte loads must notice and take the scalar path. ([x, weights] offsets)
+            let offsets: &[[usize; 2]] = if (h, f) == (128, 64) {
+                &[[0, 0], [1, 0], [0, 1]]
+            } else {
+                &[[0, 0]]
+            };
+            let runs = paths.into_iter().chain(fma);
+            for ((path, tensor_cores, name), &off) in
+                runs.flat_map(|p| offsets.iter().map(move |o| (p, o)))
+            {
+                let mis = match off {
+                    [1, _] => " misaligned x",
+                    [_, 1] => " misaligned weights",
+                    _ => "",
+                };
+                let case = format!("{name} N={n} k={k} E={e} H={h} F={f} B={block}{mis}");
                 let budget = experts_budget(dtype);
                 let r = (|| {
-                    let xt = upload(&x, &[n, h], dtype, device)?;
-                    let gt = upload(&gu, &[e, 2 * f, h], dtype, device)?;
-                    let dt = upload(&dn, &[e, h, f], dtype, device)?;
+                    let xt = offset_view(&upload(&x, &[n, h], dtype, device)?, off[0])?;
+                    let gt = offset_view(&upload(&gu, &[e, 2 * f, h], dtype, device)?, off[1])?;
+                    let dt = offset_view(&upload(&dn, &[e, h, f], dtype, device)?, off[1])?;
                     let rt = Tensor::from_slice(&d.row_token, d.row_token.len(), device)?;
                     let ct = Tensor::from_slice(&d.counts, e, device)?;
                     let ot = Tensor::from_slice(&d.offsets, e + 1, device)?;

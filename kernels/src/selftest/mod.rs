@@ -299,6 +299,20 @@ fn upload(v: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<T
         .to_device(device)
 }
 
+/// `t` as a view `elems` elements into a longer buffer (zeros before it): its device pointer is then that
+/// many elements past the allocation's alignment, as a view into a larger tensor's storage can be (the
+/// emulator keeps that alignment too).
+fn offset_view(t: &Tensor, elems: usize) -> Result<Tensor> {
+    if elems == 0 {
+        return Ok(t.clone());
+    }
+    let flat = t.flatten_all()?;
+    let pad = Tensor::zeros(elems, t.dtype(), t.device())?;
+    Tensor::cat(&[&pad, &flat], 0)?
+        .narrow(0, elems, flat.elem_count())?
+        .reshape(t.dims())
+}
+
 /// Catches an op's error as a failed row instead of aborting the whole self-test.
 pub fn row_or_error(
     op: &'static str,

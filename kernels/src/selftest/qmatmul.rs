@@ -165,16 +165,6 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
     misaligned_cases(device, rng, rows)
 }
 
-/// `t` as a view `elems` elements into a longer buffer (zeros before it): its device pointer is then that
-/// many elements past the allocation's alignment, as a view into a larger tensor's storage can be.
-fn offset_view(t: &Tensor, elems: usize) -> Result<Tensor> {
-    let flat = t.flatten_all()?;
-    let pad = Tensor::zeros(elems, t.dtype(), t.device())?;
-    Tensor::cat(&[&pad, &flat], 0)?
-        .narrow(0, elems, flat.elem_count())?
-        .reshape(t.dims())
-}
-
 /// Misaligned inputs: qweight one byte, params or x one element into their buffers (one at a time, then all
 /// three), so the vector loads from that pointer are not aligned. The kernels must notice (the emulator faults
 /// on a misaligned vector load, as the GPU does) and take their scalar or exact paths; the results must not
