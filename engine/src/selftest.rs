@@ -1,7 +1,7 @@
 //! `moe-run selftest`: the kernel table of `moe_kernels::selftest` plus whole-model parity (op `model`):
 //! the kernel execution path on the device under test against the candle path on the CPU, on the
-//! embedded tiny-kjv (f32, bf16, int4 with f32 and bf16 activations) and every parity fixture found under
-//! `fixtures`.
+//! embedded tiny-kjv (f32, bf16, int4 with f32 and bf16 activations, int8 with bf16) and every parity fixture
+//! found under `fixtures`.
 //!
 //! Each model case feeds the prompt (all positions' logits), then 8 decode steps teacher-forced with
 //! the reference's greedy tokens (so both sides see the same inputs), and compares every logit by

@@ -414,6 +414,12 @@ template <int F> constexpr uint32_t QR_XS = QR_SLICES * ((F == QF_INT4 ? 32 : 16
 __device__ __forceinline__ float fma4(const float4& a, const float* c, float acc) {
   return fmaf(a.w, c[3], fmaf(a.z, c[2], fmaf(a.y, c[1], fmaf(a.x, c[0], acc))));
 }
+
+// Word j of a 16-byte load.
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
 template <int F, int NR, int XR>
 __device__ __forceinline__ void slice_dot(const uint4 (&raw)[NR], const float* __restrict__ xs,
                                           float (&acc)[NR][XR]) {
@@ -423,7 +429,7 @@ __device__ __forceinline__ void slice_dot(const uint4 (&raw)[NR], const float* _
       float c[NR][8];
 #pragma unroll
       for (int r = 0; r < NR; ++r) {
-        const uint32_t u = t == 0 ? raw[r].x : t == 1 ? raw[r].y : t == 2 ? raw[r].z : raw[r].w, v = u >> 20;
+        const uint32_t u = word_of(raw[r], t), v = u >> 20;
         c[r][0] = __uint_as_float(u & 0xFu);
         c[r][1] = __uint_as_float(u & 0xF0u);
         c[r][2] = __uint_as_float(u & 0xF00u);
@@ -446,7 +452,7 @@ __device__ __forceinline__ void slice_dot(const uint4 (&raw)[NR], const float* _
       float c[NR][4];
 #pragma unroll
       for (int r = 0; r < NR; ++r) {
-        const uint32_t u = (t == 0 ? raw[r].x : t == 1 ? raw[r].y : t == 2 ? raw[r].z : raw[r].w) ^ 0x80808080u;
+        const uint32_t u = word_of(raw[r], t) ^ 0x80808080u;
         c[r][0] = __uint_as_float(u & 0xFFu);
         c[r][1] = __uint_as_float(u & 0xFF00u);
         c[r][2] = __uint_as_float(__byte_perm(u, 0u, 0x4442u));
@@ -869,11 +875,6 @@ __device__ __forceinline__ void qmma_iter_seg(uint32_t seg, const uint32_t* cons
   if (seg == 1) qmma_iter<T, 1, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
   else if (seg == 2) qmma_iter<T, 2, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
   else qmma_iter<T, QM_STEPS, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
-}
-
-// Word j of a 16-byte load.
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
-  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
 // INT8: one iteration of a warp, 128 weights from kb of the block's rows: lane (g, t) loads bytes

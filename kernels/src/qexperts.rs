@@ -38,10 +38,11 @@ use crate::qmatmul::{
 
 const OP: &str = "qmatmul_moe";
 
-/// Whether the GEMV entries of `fmt` over `k` inputs for `dtype` activations are the tensor-core `qmma_*` ones
+/// Whether the GEMV entries of `fmt` over each of `ks` inputs for `dtype` activations are the tensor-core `qmma_*` ones
 /// (INT4/INT8 with bf16/f16 on sm_80+, under this thread's [`crate::GemvKernel`]).
-pub fn qmma_gemv(fmt: QFormat, dtype: DType, k: usize) -> bool {
-    matches!(qgemv_entry(fmt, dtype, k, false), Some(("qmma", _)))
+pub fn qmma_gemv(fmt: QFormat, dtype: DType, ks: &[usize]) -> bool {
+    ks.iter()
+        .all(|&k| matches!(qgemv_entry(fmt, dtype, k, false), Some(("qmma", _))))
 }
 
 /// The CUDA path of a quantized product over `ks` inputs (both projections of an expert MLP, or one linear)
@@ -61,7 +62,7 @@ pub fn qmm_path(
     rows_per_expert_max: usize,
     avg: f64,
 ) -> ExpertPath {
-    if ks.iter().all(|&k| qmma_gemv(fmt, dtype, k)) {
+    if qmma_gemv(fmt, dtype, ks) {
         ExpertPath::Gemv
     } else {
         expert_path(rows_per_expert_max, avg)
@@ -79,7 +80,7 @@ pub fn qexpert_path_for(
     ks: &[usize],
 ) -> ExpertPath {
     match crate::expert_path_for(tokens, top_k, num_experts) {
-        ExpertPath::Gemm if ks.iter().all(|&k| qmma_gemv(fmt, dtype, k)) => ExpertPath::Gemv,
+        ExpertPath::Gemm if qmma_gemv(fmt, dtype, ks) => ExpertPath::Gemv,
         p => p,
     }
 }
