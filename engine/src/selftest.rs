@@ -71,10 +71,11 @@ fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
         // INT4 weights (`MOE_PATH=reference`) lands ~7.6e-3 (nmse) from its own f32 logits on
         // tiny-kjv, where int8 and mxfp4 land ~2e-5 and the kernel path ~2e-5; not chased here.
         let ref_dtype = if quant.is_some() { DType::F32 } else { dtype };
-        // Quantized with bf16 activations: a 24-token prompt, whose prefill (24 tokens' top-2 of 8
-        // experts) the dense experts would run as the tiled GEMM and qmma's keep as the GEMV.
+        // Quantized with bf16 activations: a 40-token prompt, whose prefill (40 tokens' top-2 of 8
+        // experts: 10 rows per expert on average) takes qmma's tensor-core GEMM, and whose decode
+        // steps take qmma's GEMV (qexperts::qmm_path).
         let prompt = match (dtype, quant) {
-            (DType::BF16, Some(_)) => (0..24).map(|i| kjv_prompt[i % 7] + 13 * i as u32).collect(),
+            (DType::BF16, Some(_)) => (0..40).map(|i| kjv_prompt[i % 7] + 13 * i as u32).collect(),
             _ => kjv_prompt.clone(),
         };
         cases.push(ModelCase {

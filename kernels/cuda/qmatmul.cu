@@ -805,6 +805,65 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
 #endif
 }
 
+// INT4, one 32-weight step: the A fragments of its two k16 tiles from the step's words of rows g (w0) and g + 8
+// (w1): MAGIC + codes {i, i + 4} of each word, i = 0, 1 (tile 0) and 2, 3 (tile 1).
+template <typename T>
+__device__ __forceinline__ void qmma4_a(uint32_t w0, uint32_t w1, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+  constexpr uint32_t MAGIC2 = QmmaMagic<T>::MAGIC2;
+  const uint32_t wq[2] = {w0, w1};
+  uint32_t pr[2][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pr[h][i] = and_or(wq[h] >> (4 * i), 0x000F000Fu, MAGIC2);
+  a0[0] = pr[0][0], a0[1] = pr[1][0], a0[2] = pr[0][1], a0[3] = pr[1][1];
+  a1[0] = pr[0][2], a1[1] = pr[1][2], a1[2] = pr[0][3], a1[3] = pr[1][3];
+}
+
+// INT4, a step's B fragments from the lane's 8 activations xv: positions {0, 4}, {1, 5} (tile 0: words x, y of the
+// result) and {2, 6}, {3, 7} (tile 1: z, w), matching qmma4_a.
+__device__ __forceinline__ uint4 qmma4_pair(const uint4& xv) {
+  return uint4{__byte_perm(xv.x, xv.z, 0x5410u), __byte_perm(xv.x, xv.z, 0x7632u), __byte_perm(xv.y, xv.w, 0x5410u),
+               __byte_perm(xv.y, xv.w, 0x7632u)};
+}
+
+// INT4, one step's products against one 8-row activation tile: d += A B with B from bv (qmma4_pair). With A = ones
+// (MAGIC's ONES2 in every word), d += S.
+template <typename T>
+__device__ __forceinline__ void qmma4_mma(const uint32_t (&a0)[4], const uint32_t (&a1)[4], const uint4& bv,
+                                          float (&d)[4]) {
+  const uint32_t b0[2] = {bv.x, bv.y}, b1[2] = {bv.z, bv.w};
+  mma_16816<T>(d, a0, b0);
+  mma_16816<T>(d, a1, b1);
+}
+
+// INT4, the end of a group segment that starts at k0: the (scale, zero) pairs of rows g and g + 8 (p[h] at the
+// lane's rows; a dead row, or a segment past K in a partial iteration, gets a zero scale).
+template <bool TAIL>
+__device__ __forceinline__ void qmma4_params(const __half2* const (&p)[2], const bool (&live)[2], uint32_t k0,
+                                             uint32_t K, uint32_t gshift, float2 (&sz)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    sz[h] = float2{0.f, 0.f};
+    if (live[h] && (!TAIL || k0 < K)) sz[h] = __half22float2(__ldg(p[h] + (k0 >> gshift)));
+  }
+}
+
+// ...and the fold of the segment's sums: tot += s (P - (MAGIC + z) S); P and S restart. d[0], d[1]: row g for
+// activation rows 2t, 2t + 1; d[2], d[3]: row g + 8. S's rows are all equal.
+template <typename T>
+__device__ __forceinline__ void qmma4_fold(const float2 (&sz)[2], float (&P)[4], float (&S)[4], float (&tot)[4]) {
+  constexpr float MAGIC = QmmaMagic<T>::MAGIC;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 g = sz[q / 2];
+    tot[q] = fmaf(g.x, fmaf(-(MAGIC + g.y), S[q & 1], P[q]), tot[q]);
+    P[q] = 0.f;
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) S[q] = 0.f;
+}
+
 // One iteration of a warp: QM_STEPS steps of 32 weights from kb of the block's rows (row g's 32-bit words from
 // w[0], row g + 8's from w[1], each already offset by the lane's word t; their (scale, zero) pairs p[0], p[1];
 // a row past N reads packed row 0 and gets a zero scale) against the activations of row g (xr, a live row's
@@ -814,8 +873,6 @@ template <typename T, int SEG, bool TAIL>
 __device__ __forceinline__ void qmma_iter(const uint32_t* const (&w)[2], const __half2* const (&p)[2],
                                           const bool (&live)[2], const T* __restrict__ xr, uint32_t kb,
                                           uint32_t K, uint32_t gshift, uint32_t t, float (&tot)[4]) {
-  constexpr uint32_t MAGIC2 = QmmaMagic<T>::MAGIC2, ONES2 = QmmaMagic<T>::ONES2;
-  constexpr float MAGIC = QmmaMagic<T>::MAGIC;
   const uint32_t ns = TAIL ? (K - kb) / 32u : QM_STEPS;  // steps past ns load nothing
   const uint4* xp = reinterpret_cast<const uint4*>(xr + kb) + t;
   uint32_t wq[2][QM_STEPS];
@@ -827,41 +884,20 @@ __device__ __forceinline__ void qmma_iter(const uint32_t* const (&w)[2], const _
     for (int h = 0; h < 2; ++h) wq[h][j] = in ? __ldg(w[h] + kb / 8 + 4 * j) : 0u;
     xv[j] = in ? __ldg(xp + 4 * j) : uint4{0u, 0u, 0u, 0u};
   }
+  constexpr uint32_t ONES2 = QmmaMagic<T>::ONES2;
   const uint32_t ones[4] = {ONES2, ONES2, ONES2, ONES2};
   float P[4] = {0.f, 0.f, 0.f, 0.f}, S[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < QM_STEPS; ++j) {
-    // B: activations {0, 4}, {1, 5} (tile 0) and {2, 6}, {3, 7} (tile 1) of the lane's 8.
-    const uint32_t b0[2] = {__byte_perm(xv[j].x, xv[j].z, 0x5410u), __byte_perm(xv[j].x, xv[j].z, 0x7632u)};
-    const uint32_t b1[2] = {__byte_perm(xv[j].y, xv[j].w, 0x5410u), __byte_perm(xv[j].y, xv[j].w, 0x7632u)};
-    // A: MAGIC + codes {i, i + 4} of each row's word.
-    uint32_t pr[2][4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pr[h][i] = and_or(wq[h][j] >> (4 * i), 0x000F000Fu, MAGIC2);
-    const uint32_t a0[4] = {pr[0][0], pr[1][0], pr[0][1], pr[1][1]};
-    const uint32_t a1[4] = {pr[0][2], pr[1][2], pr[0][3], pr[1][3]};
-    mma_16816<T>(P, a0, b0);
-    mma_16816<T>(P, a1, b1);
-    mma_16816<T>(S, ones, b0);
-    mma_16816<T>(S, ones, b1);
+    uint32_t a0[4], a1[4];
+    qmma4_a<T>(wq[0][j], wq[1][j], a0, a1);
+    const uint4 bv = qmma4_pair(xv[j]);
+    qmma4_mma<T>(a0, a1, bv, P);
+    qmma4_mma<T>(ones, ones, bv, S);
     if (j % SEG == SEG - 1) {
-      // The segment's group; a segment past K (a partial iteration) holds zero sums and gets a zero scale.
-      const uint32_t k0 = kb + 32u * static_cast<uint32_t>(j + 1 - SEG);
-      float2 sz[2] = {{0.f, 0.f}, {0.f, 0.f}};
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if (live[h] && (!TAIL || k0 < K)) sz[h] = __half22float2(__ldg(p[h] + (k0 >> gshift)));
-      // d[0], d[1]: row g for activation rows 2t, 2t + 1; d[2], d[3]: row g + 8. S's rows are all equal.
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 g = sz[q / 2];
-        tot[q] = fmaf(g.x, fmaf(-(MAGIC + g.y), S[q & 1], P[q]), tot[q]);
-        P[q] = 0.f;
-      }
-#pragma unroll
-      for (int q = 0; q < 4; ++q) S[q] = 0.f;
+      float2 sz[2];
+      qmma4_params<TAIL>(p, live, kb + 32u * static_cast<uint32_t>(j + 1 - SEG), K, gshift, sz);
+      qmma4_fold<T>(sz, P, S, tot);
     }
   }
 }
@@ -877,6 +913,38 @@ __device__ __forceinline__ void qmma_iter_seg(uint32_t seg, const uint32_t* cons
   else qmma_iter<T, QM_STEPS, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
 }
 
+// INT8, one 32-bit word (4 codes) of rows g (u0) and g + 8 (u1): the A planes of codes {0, 2} and {1, 3}, split as
+// code = m - 128 s (m: the low 7 bits, s: the sign bit) into MAGIC + m (am) and -(MAGIC + 128 s) (as; bf16: -128 or
+// -256 by the exponent's low bit; f16: -1024 or -1152), whose sum is the code exactly.
+template <typename T>
+__device__ __forceinline__ void qmma8_a(uint32_t u0, uint32_t u1, uint32_t (&am)[4], uint32_t (&as)[4]) {
+  constexpr uint32_t MAGIC2 = QmmaMagic<T>::MAGIC2, NEG2 = MAGIC2 | 0x80008000u;  // (MAGIC, MAGIC), negated
+  const uint32_t u[2] = {u0, u1};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t v = u[h] >> 8;
+    am[h] = and_or(u[h], 0x007F007Fu, MAGIC2);
+    am[2 + h] = and_or(v, 0x007F007Fu, MAGIC2);
+    as[h] = and_or(u[h], 0x00800080u, NEG2);
+    as[2 + h] = and_or(v, 0x00800080u, NEG2);
+  }
+}
+
+// INT8, the B fragment of a word's 4 activations (xa: the first two, xb: the last two): pairs {0, 2} and {1, 3},
+// as qmma8_a pairs the codes.
+__device__ __forceinline__ uint2 qmma8_pair(uint32_t xa, uint32_t xb) {
+  return uint2{__byte_perm(xa, xb, 0x5410u), __byte_perm(xa, xb, 0x7632u)};
+}
+
+// INT8, a word's products against one 8-row activation tile, B from qmma8_pair.
+template <typename T>
+__device__ __forceinline__ void qmma8_mma(const uint32_t (&am)[4], const uint32_t (&as)[4], const uint2& bv,
+                                          float (&acc)[4]) {
+  const uint32_t b[2] = {bv.x, bv.y};
+  mma_16816<T>(acc, as, b);
+  mma_16816<T>(acc, am, b);
+}
+
 // INT8: one iteration of a warp, 128 weights from kb of the block's rows: lane (g, t) loads bytes
 // kb + 64 q + 16 t (q = 0, 1) of rows g (w[0]) and g + 8 (w[1]) and the 16 activations of row g (xr) at the same
 // positions, all before any is used; each 32-bit word (4 codes of a row) is one tile. TAIL: a partial iteration
@@ -884,7 +952,6 @@ __device__ __forceinline__ void qmma_iter_seg(uint32_t seg, const uint32_t* cons
 template <typename T, bool TAIL>
 __device__ __forceinline__ void qmma8_iter(const uint4* const (&w)[2], const T* __restrict__ xr, uint32_t kb,
                                            uint32_t K, uint32_t t, float (&acc)[4]) {
-  constexpr uint32_t MAGIC2 = QmmaMagic<T>::MAGIC2, NEG2 = MAGIC2 | 0x80008000u;  // (MAGIC, MAGIC), negated
   const uint4* xp = reinterpret_cast<const uint4*>(xr);
   const uint4 zero{0u, 0u, 0u, 0u};
   uint4 wq[2][2], xv[2][2];
@@ -901,24 +968,73 @@ __device__ __forceinline__ void qmma8_iter(const uint4* const (&w)[2], const T* 
   for (int q = 0; q < 2; ++q)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      // B: activations {0, 2} and {1, 3} of the word's 4.
-      const uint32_t xa = word_of(xv[q][j / 2], 2 * (j % 2)), xb = word_of(xv[q][j / 2], 2 * (j % 2) + 1);
-      const uint32_t b[2] = {__byte_perm(xa, xb, 0x5410u), __byte_perm(xa, xb, 0x7632u)};
-      // A: codes {0, 2} and {1, 3} of each row's word, split as code = m - 128 s (m: the low 7 bits, s: the
-      // sign bit) into MAGIC + m and -(MAGIC + 128 s) (bf16: -128 or -256 by the exponent's low bit; f16:
-      // -1024 or -1152), whose sum is the code exactly.
       uint32_t am[4], as[4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t u = word_of(wq[h][q], j), v = u >> 8;
-        am[h] = and_or(u, 0x007F007Fu, MAGIC2);
-        am[2 + h] = and_or(v, 0x007F007Fu, MAGIC2);
-        as[h] = and_or(u, 0x00800080u, NEG2);
-        as[2 + h] = and_or(v, 0x00800080u, NEG2);
-      }
-      mma_16816<T>(acc, as, b);
-      mma_16816<T>(acc, am, b);
+      qmma8_a<T>(word_of(wq[0][q], j), word_of(wq[1][q], j), am, as);
+      qmma8_mma<T>(am, as, qmma8_pair(word_of(xv[q][j / 2], 2 * (j % 2)), word_of(xv[q][j / 2], 2 * (j % 2) + 1)),
+                   acc);
     }
+}
+
+// Tile row m (0..15) of a warp's 16 weight rows from feature n0: feature n0 + m, or with SwiGLU feature
+// n0 + (m & 7)'s gate row (m < 8) or up row (m >= 8), so the epilogue finds both in one lane. Returns its packed
+// row of expert e (row 0 when past N: never loaded).
+template <bool SWIGLU>
+__device__ __forceinline__ size_t qmma_tile_row(uint32_t e, uint32_t n0, uint32_t N, uint32_t m, bool& live) {
+  const uint32_t n = SWIGLU ? n0 + (m & 7u) : n0 + m;
+  live = n < N;
+  const size_t row =
+      SWIGLU ? static_cast<size_t>(e) * 2 * N + (m >= 8 ? N : 0) + n : static_cast<size_t>(e) * N + n;
+  return live ? row : 0;
+}
+
+// The end of a warp's 16 x 8 tile: tot as the mma leaves it (rows g, g + 8 by activation rows 2t, 2t + 1; INT8
+// not yet scaled) for activation rows 0..cnt, whose activations are x_row(b) and outputs out[r0 + b]. Applies
+// INT8's row scales, recomputes the tile one weight at a time as the reference does when `bad` (the vector path
+// did not run) or an output that is written is not finite in any lane (see "Exactness"), and writes it (SwiGLU:
+// silu(gate) * up from the f32 sums).
+template <typename T, int F, bool SWIGLU, class XRow>
+__device__ __forceinline__ void qmma_tile_out(float (&tot)[4], bool bad, const size_t (&rows)[2],
+                                              const bool (&live)[2], uint32_t e, uint32_t n0, uint32_t N,
+                                              uint32_t cnt, const XRow& x_row, const uint8_t* __restrict__ qweight,
+                                              const __half* __restrict__ params, uint32_t K, uint32_t group,
+                                              T* __restrict__ out, uint32_t r0) {
+  constexpr bool INT4 = F == QF_INT4;
+  const uint32_t lane = threadIdx.x & 31u, g = lane >> 2, t = lane & 3u;
+  const size_t KB = INT4 ? K / 2 : K, PR = INT4 ? (K + group - 1) / group : 1;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if constexpr (!INT4) tot[q] *= live[q / 2] ? f16_at(params, rows[q / 2]) : 0.f;  // the row's scale
+    // An inf or NaN in an output that is written.
+    bad |= live[q / 2] && 2 * t + (q & 1) < cnt && !(fabsf(tot[q]) <= 3.402823466e38f);
+  }
+  if (__any_sync(0xffffffffu, bad)) {
+    // The exact path: every (tile row, activation row) of the tile, one weight at a time.
+    for (uint32_t m = 0; m < 16; ++m) {
+      bool lv;
+      const size_t row = qmma_tile_row<SWIGLU>(e, n0, N, m, lv);
+      if (!lv) continue;  // warp-uniform
+      for (uint32_t b = 0; b < cnt; ++b) {
+        const float v = warp_sum(
+            qgemv_row_exact<T, F>(x_row(b), qweight + row * KB, params + row * (INT4 ? 2 : 1) * PR, K, group, lane));
+        const uint32_t at = g == (m & 7u) && t == b / 2 ? (m >= 8 ? 2 : 0) + (b & 1) : 4;
+#pragma unroll
+        for (uint32_t q = 0; q < 4; ++q) tot[q] = q == at ? v : tot[q];  // no dynamic index: tot stays in registers
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const uint32_t b = 2 * t + q;
+    if (b >= cnt) continue;
+    T* orow = out + static_cast<size_t>(r0 + b) * N;
+    if constexpr (SWIGLU) {
+      const float gv = tot[q];
+      if (live[0]) orow[n0 + g] = from_float<T>(gv / (1.f + expf(-gv)) * tot[2 + q]);
+    } else {
+      if (live[0]) orow[n0 + g] = from_float<T>(tot[q]);
+      if (live[1]) orow[n0 + g + 8] = from_float<T>(tot[2 + q]);
+    }
+  }
 }
 
 template <typename T, int F, bool MOE, bool SWIGLU>
@@ -946,19 +1062,11 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
   for (uint32_t c = blockIdx.x; c < C; c += gridDim.x) {
     uint32_t e, r0, cnt;
     if (!gemv_chunk<MOE>(c, chunks, counts, offsets, E, e, r0, cnt)) break;  // block-uniform
-    // Tile row m's feature and packed row (row 0 when past N: never loaded).
-    const auto tile_row = [&](uint32_t m, bool& live) -> size_t {
-      const uint32_t n = SWIGLU ? n0 + (m & 7u) : n0 + m;
-      live = n < N;
-      const size_t row =
-          SWIGLU ? static_cast<size_t>(e) * 2 * N + (m >= 8 ? N : 0) + n : static_cast<size_t>(e) * N + n;
-      return live ? row : 0;
-    };
     const auto x_row = [&](uint32_t b) { return gemv_x_row<MOE>(x, row_token, r0 + b, K); };
     bool live[2];
     size_t rows[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) rows[h] = tile_row(g + 8u * h, live[h]);
+    for (int h = 0; h < 2; ++h) rows[h] = qmma_tile_row<SWIGLU>(e, n0, N, g + 8u * h, live[h]);
     // Lanes of a row past the chunk's rows read its row 0 (their column is dropped).
     const T* xr = x_row(g < cnt ? g : 0u);
     float tot[4] = {0.f, 0.f, 0.f, 0.f};
@@ -992,40 +1100,10 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
     }
     __syncthreads();
     if (warp == 0) {
-      bool bad = !vec;
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < 4; ++q)
         for (uint32_t v = 0; v < QM_WARPS - 1; ++v) tot[q] += red[v][q][lane];
-        if constexpr (!INT4) tot[q] *= live[q / 2] ? f16_at(params, rows[q / 2]) : 0.f;  // the row's scale
-        // An inf or NaN in an output that is written.
-        bad |= live[q / 2] && 2 * t + (q & 1) < cnt && !(fabsf(tot[q]) <= 3.402823466e38f);
-      }
-      if (__any_sync(0xffffffffu, bad)) {
-        // The exact path: every (tile row, activation row) of the block, one weight at a time.
-        for (uint32_t m = 0; m < 16; ++m) {
-          bool lv;
-          const size_t row = tile_row(m, lv);
-          if (!lv) continue;  // warp-uniform
-          for (uint32_t b = 0; b < cnt; ++b) {
-            const float v = warp_sum(
-                qgemv_row_exact<T, F>(x_row(b), qweight + row * KB, params + row * (INT4 ? 2 : 1) * PR, K, group, lane));
-            if (g == (m & 7u) && t == b / 2) tot[(m >= 8 ? 2 : 0) + (b & 1)] = v;
-          }
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const uint32_t b = 2 * t + q;
-        if (b >= cnt) continue;
-        T* orow = out + static_cast<size_t>(r0 + b) * N;
-        if constexpr (SWIGLU) {
-          const float gv = tot[q];
-          if (live[0]) orow[n0 + g] = from_float<T>(gv / (1.f + expf(-gv)) * tot[2 + q]);
-        } else {
-          if (live[0]) orow[n0 + g] = from_float<T>(tot[q]);
-          if (live[1]) orow[n0 + g + 8] = from_float<T>(tot[2 + q]);
-        }
-      }
+      qmma_tile_out<T, F, SWIGLU>(tot, !vec, rows, live, e, n0, N, cnt, x_row, qweight, params, K, group, out, r0);
     }
     __syncthreads();  // `red` is reused by the next chunk
   }
@@ -1053,6 +1131,258 @@ QMMA_MOE_ENTRY(qmma_moe_int8_bf16, __nv_bfloat16, QF_INT8, false)
 QMMA_MOE_ENTRY(qmma_moe_int8_f16, __half, QF_INT8, false)
 QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_bf16, __nv_bfloat16, QF_INT8, true)
 QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_f16, __half, QF_INT8, true)
+#endif
+
+// ---- prefill on tensor cores: qmma_gemm -----------------------------------------------------------------------
+// qmma_gemm_{,swiglu_}{int4,int8}_{bf16,f16}: qmatmul_gemm's product (arguments, dispatch-driven row tiles and
+// output below), or the SwiGLU of the GEMV's swiglu entries, on qmma's fragments, for many rows per expert
+// (prefill, large batches). Where the qmma GEMV would dequantize every weight once per 8 activation rows and read
+// every activation from L2 once per 16 weight rows, one block here is QM_WARPS = 8 warps on 128 weight rows (16
+// per warp, the GEMV's tile; SwiGLU: 64 features, a warp's rows g and g + 8 the gate and up rows of one) by a
+// row tile of up to QMG_ROWS = 32 activation rows of one expert:
+//  - per 128 weights of K (a stage) the block stages the tile's activations (gathered through row_token, zero
+//    past the tile's rows or K) in shared memory with 16-byte loads;
+//  - each warp dequantizes its rows' 128 weights once, into the A fragments of qmma4_a / qmma8_a, and runs each
+//    fragment against the QMG_NT = 4 activation tiles of 8 rows (B fragments from shared memory, the GEMV's
+//    positions; the row stride is padded so the 8 lanes of a 16-byte load phase hit 32 distinct banks);
+//  - no split K: each warp walks all of K, so there is no reduction, and its epilogue is the GEMV's
+//    (qmma_tile_out: INT8 scale, exact fallback, SwiGLU) once per activation tile.
+// So each weight is dequantized once per 32 rows and each staged activation read from L2 once per 128 weight
+// rows. sm_90 SASS of qmma_gemm_int4_bf16 (g128, a full stage): see the README's kernel notes.
+// Launch: grid = (ceil(N / 128) (SwiGLU: ceil(N / 64)), ceil(R / 32) + min(E, R)), block = 256; the host takes it
+// where the qmma GEMV applies and experts get more rows than one GEMV chunk (qexperts.rs, qmm_path).
+#define QMG_ROWS 32
+#define QMG_NT (QMG_ROWS / 8)
+
+// The weights of a stage from kb of the warp's rows g (w[0]) and g + 8 (w[1]), zero past K: INT4's QM_STEPS
+// words per row (the lane's word t of each 32-weight step, w already offset by t), INT8's two 16-byte loads per
+// row (bytes kb + 64 q + 16 t).
+__device__ __forceinline__ void qmmg_load4(const uint32_t* const (&w)[2], uint32_t kb, uint32_t K,
+                                           uint32_t (&wq)[2][QM_STEPS]) {
+#pragma unroll
+  for (int j = 0; j < QM_STEPS; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wq[h][j] = kb + 32u * j < K ? __ldg(w[h] + kb / 8 + 4 * j) : 0u;
+}
+__device__ __forceinline__ void qmmg_load8(const uint4* const (&w)[2], uint32_t kb, uint32_t K, uint32_t t,
+                                           uint4 (&wq)[2][2]) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const uint32_t k0 = kb + 64u * q + 16u * t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wq[h][q] = k0 < K ? __ldg(w[h] + k0 / 16) : uint4{0u, 0u, 0u, 0u};
+  }
+}
+
+// INT4, one stage (QM_STEPS steps of 32 weights from kb, the words wq of qmmg_load4) of a warp: qmma_iter's
+// steps with each A fragment run against the QMG_NT staged activation tiles (xs: the stage, row stride XS; lane
+// (g, t) reads row 8 s + g, the 8 activations at 32 j + 8 t, already paired by qmma4_pair), the tiles one at a
+// time after all A fragments (one tile's P live, not four). S, the activation sums, come from the staging (ss:
+// the sums of rows 2 p and 2 p + 1 over the segment from step j at float2 p QM_STEPS + j) instead of a ones-mma.
+// Steps past K hold zero weights and activations; their segments get a zero scale.
+template <typename T, int SEG, uint32_t XS>
+__device__ __forceinline__ void qmmg_iter4(const uint32_t (&wq)[2][QM_STEPS], const __half2* const (&p)[2],
+                                           const bool (&live)[2], const T* xs, const float* ss, uint32_t kb,
+                                           uint32_t K, uint32_t gshift, uint32_t g, uint32_t t,
+                                           float (&tot)[QMG_NT][4]) {
+  uint32_t a[QM_STEPS][2][4];
+#pragma unroll
+  for (int j = 0; j < QM_STEPS; ++j) qmma4_a<T>(wq[0][j], wq[1][j], a[j][0], a[j][1]);
+  float2 sz[QM_STEPS / SEG][2];
+#pragma unroll
+  for (int u = 0; u < QM_STEPS / SEG; ++u) qmma4_params<true>(p, live, kb + 32u * SEG * u, K, gshift, sz[u]);
+#pragma unroll
+  for (int s = 0; s < QMG_NT; ++s) {
+    float P[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < QM_STEPS; ++j) {
+      qmma4_mma<T>(a[j][0], a[j][1], *reinterpret_cast<const uint4*>(xs + (8 * s + g) * XS + 32 * j + 8 * t), P);
+      if (j % SEG == SEG - 1) {
+        const float2 v = reinterpret_cast<const float2*>(ss)[(4 * s + t) * QM_STEPS + j + 1 - SEG];
+        float S[4] = {v.x, v.y, 0.f, 0.f};
+        qmma4_fold<T>(sz[j / SEG], P, S, tot[s]);
+      }
+    }
+  }
+}
+
+// qmmg_iter4 for the runtime segment length seg (1, 2 or QM_STEPS steps).
+template <typename T, uint32_t XS>
+__device__ __forceinline__ void qmmg_iter4_seg(uint32_t seg, const uint32_t (&wq)[2][QM_STEPS],
+                                               const __half2* const (&p)[2], const bool (&live)[2], const T* xs,
+                                               const float* ss, uint32_t kb, uint32_t K, uint32_t gshift,
+                                               uint32_t g, uint32_t t, float (&tot)[QMG_NT][4]) {
+  if (seg == 1) qmmg_iter4<T, 1, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
+  else if (seg == 2) qmmg_iter4<T, 2, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
+  else qmmg_iter4<T, QM_STEPS, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
+}
+
+// INT8, one stage (128 weights from kb, the loads wq of qmmg_load8) of a warp: qmma8_iter's words, each word's A
+// planes run against the QMG_NT staged activation tiles (lane (g, t) reads row 8 s + g at 64 q + 16 t + 8 i,
+// paired by qmma8_pair).
+template <typename T, uint32_t XS>
+__device__ __forceinline__ void qmmg_iter8(const uint4 (&wq)[2][2], const T* xs, uint32_t g, uint32_t t,
+                                           float (&acc)[QMG_NT][4]) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      uint4 xv[QMG_NT];
+#pragma unroll
+      for (int s = 0; s < QMG_NT; ++s)
+        xv[s] = *reinterpret_cast<const uint4*>(xs + (8 * s + g) * XS + 64 * q + 16 * t + 8 * i);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        uint32_t am[4], as[4];
+        qmma8_a<T>(word_of(wq[0][q], 2 * i + jj), word_of(wq[1][q], 2 * i + jj), am, as);
+#pragma unroll
+        for (int s = 0; s < QMG_NT; ++s)
+          qmma8_mma<T>(am, as, uint2{word_of(xv[s], 2 * jj), word_of(xv[s], 2 * jj + 1)}, acc[s]);
+      }
+    }
+}
+
+template <typename T, int F, bool SWIGLU>
+__device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
+                                               const uint32_t* __restrict__ counts,
+                                               const uint32_t* __restrict__ offsets,
+                                               const uint8_t* __restrict__ qweight, const __half* __restrict__ params,
+                                               T* __restrict__ out, uint32_t E, uint32_t N, uint32_t K,
+                                               uint32_t group) {
+  constexpr bool INT4 = F == QF_INT4;
+  constexpr uint32_t IT = 32u * QM_STEPS;  // K per stage
+  // Staged row stride: a 16-byte load phase (8 lanes: rows g, g + 1, 4 lanes t each) covers all 32 banks once:
+  // int4's 4 lanes read 64 consecutive bytes of a row (next row 64 bytes on), int8's 16 of every 32 (16 on).
+  constexpr uint32_t XS = IT + (INT4 ? 32u : 8u);
+  __shared__ __align__(16) T xs[QMG_ROWS][XS];
+  __shared__ float ss[QMG_ROWS / 2][2 * QM_STEPS];  // INT4: the stage's activation sums per 32-weight step
+  __shared__ uint32_t src[QMG_ROWS];
+  uint32_t m0 = 0;
+  const int ee = nth_row_tile(counts, E, blockIdx.y, QMG_ROWS, &m0);
+  if (ee < 0) return;  // block-uniform, before any barrier
+  const uint32_t e = static_cast<uint32_t>(ee), r0 = offsets[e] + m0;
+  const uint32_t cnt = min(static_cast<uint32_t>(QMG_ROWS), counts[e] - m0);
+  const uint32_t tid = threadIdx.x, warp = tid >> 5, g = (tid & 31u) >> 2, t = tid & 3u;
+  constexpr uint32_t WF = SWIGLU ? 8u : 16u;  // features per warp
+  const uint32_t n0 = (blockIdx.x * QM_WARPS + warp) * WF;
+  const uint32_t gshift = INT4 ? __ffs(group) - 1 : 0;
+  const size_t PR = INT4 ? (K + group - 1) >> gshift : 1;
+  const size_t KB = INT4 ? K / 2 : K;
+  const bool vec = (reinterpret_cast<uintptr_t>(qweight) & (INT4 ? 3u : 15u)) == 0 &&
+                   (!INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0) && is_aligned16(x);
+  const uint32_t seg = INT4 ? min(group / 32u, static_cast<uint32_t>(QM_STEPS)) : 0;
+  if (tid < QMG_ROWS) src[tid] = tid < cnt ? (row_token != nullptr ? row_token[r0 + tid] : r0 + tid) : 0u;
+  // The warp's rows g and g + 8 (found again for the epilogue: fewer registers live across the stages).
+  bool live[2];
+  size_t rows[2];
+  const auto tile_rows = [&] {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) rows[h] = qmma_tile_row<SWIGLU>(e, n0, N, g + 8u * h, live[h]);
+  };
+  float tot[QMG_NT][4] = {};
+  __syncthreads();
+  if (vec) {
+    tile_rows();
+    const uint32_t* w4[2];
+    const __half2* p4[2];
+    const uint4* w8[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      w4[h] = reinterpret_cast<const uint32_t*>(qweight + rows[h] * KB) + t;
+      p4[h] = reinterpret_cast<const __half2*>(params) + rows[h] * PR;
+      w8[h] = reinterpret_cast<const uint4*>(qweight + rows[h] * KB);
+    }
+    // Each thread stages 16-byte pieces tid and tid + 256 of a stage (piece i: row i / 16, activations
+    // 8 (i % 16) on), loaded one stage ahead, so the next stage's loads are in flight during this one's mma.
+    constexpr uint32_t PIECES = QMG_ROWS * IT / 8 / (QM_WARPS * 32);
+    const auto load = [&](uint32_t kb, uint4 (&v)[PIECES]) {
+#pragma unroll
+      for (uint32_t u = 0; u < PIECES; ++u) {
+        const uint32_t i = tid + u * QM_WARPS * 32, r = i / (IT / 8), c = 8 * (i % (IT / 8));
+        v[u] = uint4{0u, 0u, 0u, 0u};
+        if (r < cnt && kb + c < K) v[u] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(src[r]) * K + kb + c));
+      }
+    };
+    // Stage kb + IT's activations and the warp's weights for it are loaded while stage kb computes.
+    uint4 nx[PIECES];
+    uint32_t wq4[2][QM_STEPS];
+    uint4 wq8[2][2];
+    const bool busy = n0 < N;  // warp-uniform: a warp past N stages activations, nothing more
+    const auto load_w = [&](uint32_t kb) {
+      if (!busy) return;
+      if constexpr (INT4) qmmg_load4(w4, kb, K, wq4);
+      else qmmg_load8(w8, kb, K, t, wq8);
+    };
+    load(0, nx);
+    load_w(0);
+    for (uint32_t kb = 0; kb < K; kb += IT) {
+#pragma unroll
+      for (uint32_t u = 0; u < PIECES; ++u) {
+        const uint32_t i = tid + u * QM_WARPS * 32, r = i / (IT / 8), c = 8 * (i % (IT / 8));
+        const uint4 v = nx[u];
+        if constexpr (INT4) {
+          *reinterpret_cast<uint4*>(&xs[r][c]) = qmma4_pair(v);
+          // A (row, 32-weight step) is 4 consecutive lanes' pieces, a segment of seg steps 4 seg lanes: their
+          // sum is S for the segment, kept at its first step.
+          T a[8];
+          memcpy(a, &v, sizeof(a));
+          float sum = 0.f;
+#pragma unroll
+          for (int h = 0; h < 8; ++h) sum += to_float(a[h]);
+          for (uint32_t d = 1; d < 4 * seg; d *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+          if (i % (4 * seg) == 0) ss[r / 2][2 * (c / 32) + (r & 1)] = sum;
+        } else {
+          const uint2 lo = qmma8_pair(v.x, v.y), hi = qmma8_pair(v.z, v.w);
+          *reinterpret_cast<uint4*>(&xs[r][c]) = uint4{lo.x, lo.y, hi.x, hi.y};
+        }
+      }
+      uint32_t cur4[2][QM_STEPS];
+      uint4 cur8[2][2];
+      if constexpr (INT4) memcpy(cur4, wq4, sizeof(cur4));
+      else memcpy(cur8, wq8, sizeof(cur8));
+      if (kb + IT < K) {
+        load(kb + IT, nx);
+        load_w(kb + IT);
+      }
+      __syncthreads();
+      if (busy) {
+        if constexpr (INT4) qmmg_iter4_seg<T, XS>(seg, cur4, p4, live, &xs[0][0], &ss[0][0], kb, K, gshift, g, t, tot);
+        else qmmg_iter8<T, XS>(cur8, &xs[0][0], g, t, tot);
+      }
+      __syncthreads();  // xs is restaged
+    }
+  }
+  if (n0 >= N) return;  // warp-uniform, after the last barrier
+  tile_rows();
+  const auto x_row = [&](uint32_t b) { return x + static_cast<size_t>(src[b]) * K; };
+#pragma unroll
+  for (int s = 0; s < QMG_NT; ++s) {
+    const uint32_t base = 8u * s;
+    if (base >= cnt) break;  // warp-uniform
+    const auto x_tile_row = [&](uint32_t b) { return x_row(base + b); };
+    qmma_tile_out<T, F, SWIGLU>(tot[s], !vec, rows, live, e, n0, N, min(cnt - base, 8u), x_tile_row, qweight, params,
+                                K, group, out, r0 + base);
+  }
+}
+
+// Entries from sm_80, with qmatmul_gemm's arguments.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define QMMA_GEMM_ENTRY(NAME, T, F, SWIGLU)                                                                   \
+  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, F == QF_INT4 ? 1 : 2)                          \
+      NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts, \
+           const uint32_t* __restrict__ offsets, const uint8_t* __restrict__ qweight,                        \
+           const __half* __restrict__ params, T* __restrict__ out, uint32_t E, uint32_t N, uint32_t K,         \
+           uint32_t group) {                                                                                  \
+    qmma_gemm_impl<T, F, SWIGLU>(x, row_token, counts, offsets, qweight, params, out, E, N, K, group);          \
+  }
+QMMA_GEMM_ENTRY(qmma_gemm_int4_bf16, __nv_bfloat16, QF_INT4, false)
+QMMA_GEMM_ENTRY(qmma_gemm_int4_f16, __half, QF_INT4, false)
+QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int4_bf16, __nv_bfloat16, QF_INT4, true)
+QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int4_f16, __half, QF_INT4, true)
+QMMA_GEMM_ENTRY(qmma_gemm_int8_bf16, __nv_bfloat16, QF_INT8, false)
+QMMA_GEMM_ENTRY(qmma_gemm_int8_f16, __half, QF_INT8, false)
+QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_bf16, __nv_bfloat16, QF_INT8, true)
+QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_f16, __half, QF_INT8, true)
 #endif
 
 // ---- prefill: tiled GEMM -------------------------------------------------------------------------------------

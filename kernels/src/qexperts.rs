@@ -45,16 +45,18 @@ pub fn qmma_gemv(fmt: QFormat, dtype: DType, ks: &[usize]) -> bool {
         .all(|&k| matches!(qgemv_entry(fmt, dtype, k, false), Some(("qmma", _))))
 }
 
+/// Expected rows per active expert up to which a quantized product on `qmma` keeps the GEMV (one 8-row chunk
+/// per expert on average), past which it takes `qmma`'s tensor-core GEMM (`qmma_gemm_*`, 32-row tiles).
+pub const QMMA_GEMV_MAX_AVG_ROWS: f64 = 8.0;
+
 /// The CUDA path of a quantized product over `ks` inputs (both projections of an expert MLP, or one linear)
-/// for `rows_per_expert_max` rows at most in one expert and `avg` expected rows per active expert: GEMV at
-/// every row count where the GEMV entries are `qmma_*`, else as [`expert_path`] decides it for the dense
-/// experts. Why: `qmma` costs the same ~2.2 instructions per weight (sm_90 SASS) for 1 to 8 activation rows,
-/// so ~0.28 per weight and row in full chunks, while the tiled GEMM (`qmatmul_gemm_*`, f32 FMA, no tensor
-/// cores) spends at least one FFMA per weight and row and computes all 64 rows of its tile however few an
-/// expert has: a batch of 17-64 tokens (continuous batching) on Mixtral would cost it 10-30x the GEMV's
-/// instructions. The GEMV re-reads the weights once per 8 rows (from L2 where they fit, else DRAM); even at
-/// DRAM speed on an H100 (3.35 TB/s) that is ~2e-14 s per INT4 weight and row against the GEMM's ~5e-14 s of
-/// FFMA at full tiles (33.5 TFMA/s). A static count, not a measurement (no GPU has run either).
+/// for `rows_per_expert_max` rows at most in one expert and `avg` expected rows per active expert. Where the
+/// GEMV entries are `qmma_*` the GEMM is `qmma_gemm_*` and the GEMV holds while no expert can pass one 8-row
+/// chunk or the average stays within one ([`QMMA_GEMV_MAX_AVG_ROWS`]); else [`expert_path`] decides as for the
+/// dense experts. Why (sm_90 SASS, static counts, not measured: no GPU has run either): per 16 weight rows
+/// and 128 inputs a warp spends 143 instructions (INT4 g128) on each 8-row GEMV chunk, against 167 per 32-row
+/// GEMM tile plus ~50 of staging per thread, so an expert with 9 to 32 rows is cheaper on the GEMM, one with 8
+/// or fewer on the GEMV.
 pub fn qmm_path(
     fmt: QFormat,
     dtype: DType,
@@ -62,10 +64,14 @@ pub fn qmm_path(
     rows_per_expert_max: usize,
     avg: f64,
 ) -> ExpertPath {
-    if qmma_gemv(fmt, dtype, ks) {
+    if !qmma_gemv(fmt, dtype, ks) {
+        expert_path(rows_per_expert_max, avg)
+    } else if rows_per_expert_max <= crate::experts::GEMV_MAX_ROWS_PER_EXPERT
+        || avg <= QMMA_GEMV_MAX_AVG_ROWS
+    {
         ExpertPath::Gemv
     } else {
-        expert_path(rows_per_expert_max, avg)
+        ExpertPath::Gemm
     }
 }
 
@@ -79,10 +85,9 @@ pub fn qexpert_path_for(
     dtype: DType,
     ks: &[usize],
 ) -> ExpertPath {
-    match crate::expert_path_for(tokens, top_k, num_experts) {
-        ExpertPath::Gemm if qmma_gemv(fmt, dtype, ks) => ExpertPath::Gemv,
-        p => p,
-    }
+    let slots = tokens * top_k;
+    let avg = slots as f64 / num_experts.min(slots).max(1) as f64;
+    qmm_path(fmt, dtype, ks, tokens, avg)
 }
 
 /// `out [R, N_out]` (module docs). `row_token = None` means x is already in dispatched row order.
@@ -176,7 +181,7 @@ pub fn qmatmul_moe_swiglu(
     }
     let path = path.unwrap_or_else(|| default_path(d, fmt, x.dtype()));
     let kernels = crate::launch::runs_kernels(x.device());
-    if kernels && path == ExpertPath::Gemv {
+    if kernels && (path == ExpertPath::Gemv || qmma_gemv(fmt, x.dtype(), &[d.k])) {
         let inputs = same_device_inputs(x, row_token, [counts, offsets, qweight, params])?;
         let plan = moe_plan(x.dtype(), fmt, d, row_token.is_some(), path, true)?;
         return run_one(&plan, &inputs);
@@ -405,8 +410,10 @@ fn moe_plan(
     path: ExpertPath,
     swiglu: bool,
 ) -> Result<Plan> {
-    if swiglu && (path != ExpertPath::Gemv || !d.n.is_multiple_of(2)) {
-        bail!("{OP}: the SwiGLU epilogue is a GEMV entry over 2F weight rows");
+    let qmma = qgemv_entry(fmt, dtype, d.k, swiglu);
+    let tensor_gemm = matches!(qmma, Some(("qmma", _)));
+    if swiglu && (!(path == ExpertPath::Gemv || tensor_gemm) || !d.n.is_multiple_of(2)) {
+        bail!("{OP}: the SwiGLU epilogue is a GEMV (or qmma GEMM) entry over 2F weight rows");
     }
     let n_out = if swiglu { d.n / 2 } else { d.n };
     let (kind, group) = kind_and_group(fmt);
@@ -417,17 +424,21 @@ fn moe_plan(
         &["x", "counts", "offsets", "qweight", "params"]
     };
     let mut p = Plan::new(OP, inputs);
-    let mode = if swiglu { "moe_swiglu" } else { "moe" };
-    // GEMV: the qmma or qgemv entries where the format, dtype and K allow, else qmatmul's.
-    let (entry, rows, cols, threads) = match (path, qgemv_entry(fmt, dtype, d.k, swiglu)) {
+    // GEMV: the qmma or qgemv entries where the format, dtype and K allow, else qmatmul's. GEMM: qmma's
+    // tensor-core GEMM where its GEMV applies, else qmatmul's f32 one.
+    let (entry, rows, cols, threads) = match (path, qmma) {
         (ExpertPath::Gemv, Some((prefix, features))) => (prefix, QMM_ROWS, features, QR_THREADS),
         (ExpertPath::Gemv, None) => ("qmatmul", QMM_ROWS, QMM_WARPS, QMM_WARPS * 32),
+        (ExpertPath::Gemm, Some(("qmma", features))) => {
+            ("qmma", QMG_ROWS, features * QMG_WARPS, QMG_WARPS * 32)
+        }
         (ExpertPath::Gemm, _) => ("qmatmul", QG_TILE_M, QG_TILE_N, 256),
     };
-    let mode = if path == ExpertPath::Gemm {
-        "gemm"
-    } else {
-        mode
+    let mode = match (path, swiglu) {
+        (ExpertPath::Gemv, false) => "moe",
+        (ExpertPath::Gemv, true) => "moe_swiglu",
+        (ExpertPath::Gemm, false) => "gemm",
+        (ExpertPath::Gemm, true) => "gemm_swiglu",
     };
     // Row tiles (GEMV: chunks of QMM_ROWS) of all experts together, an upper bound the device trims.
     let chunks = d.r.div_ceil(rows) + d.e.min(d.r);
@@ -565,6 +576,10 @@ pub fn qmatmul_grouped(
 /// Output tile of the GEMM path (`QG_TILE_M` x `QG_TILE_N` in `cuda/qmatmul.cu`).
 const QG_TILE_M: usize = 64;
 const QG_TILE_N: usize = 64;
+/// Row tile and warps of `qmma`'s GEMM (`QMG_ROWS`, `QM_WARPS` in `cuda/qmatmul.cu`): each warp takes the 16
+/// weight rows of a `qmma` GEMV block (8 features with SwiGLU).
+const QMG_ROWS: usize = 32;
+const QMG_WARPS: usize = 8;
 
 /// `qmatmul` / `qmatmul_grouped` on CUDA (or the emulator) with more rows than the GEMV path is for: the same
 /// product through the GEMM path of [`qmatmul_moe`] (a dense linear is one expert). `None` when the GEMV path
@@ -608,39 +623,49 @@ mod tests {
     use crate::dispatch::dispatch_reference;
     use crate::qformat::quantize_rows;
 
-    /// Where the GEMV is `qmma`, quantized products keep it at any row count; elsewhere the dense
-    /// experts' thresholds hold, and `MOE_PATH=qgemv` (the CUDA-core GEMV) restores them too.
+    /// Where the GEMV is `qmma`, quantized products keep it while experts average one 8-row chunk and
+    /// take `qmma`'s GEMM past that; elsewhere the dense experts' thresholds hold, and `MOE_PATH=qgemv` (the
+    /// CUDA-core GEMV) restores them too.
     #[test]
-    fn qmma_keeps_the_gemv_at_prefill_sizes() {
+    fn qmma_paths_by_rows_per_expert() {
         use ExpertPath::{Gemm, Gemv};
         let (g128, int8) = (QFormat::Int4 { group: 128 }, QFormat::Int8);
-        // (format, dtype, inputs, path) at 513 rows, one expert.
-        let products: [(QFormat, DType, &[usize], ExpertPath); 5] = [
-            (g128, DType::BF16, &[4096], Gemv),
-            (int8, DType::F16, &[4096], Gemv),
-            (g128, DType::F32, &[4096], Gemm),
-            (QFormat::Mxfp4, DType::BF16, &[4096], Gemm),
-            // One projection without a qmma entry (K = 200 is no multiple of 16): the thresholds.
-            (int8, DType::BF16, &[4096, 200], Gemm),
+        // (format, dtype, inputs, rows at most, average, path).
+        let products: [(QFormat, DType, &[usize], usize, f64, ExpertPath); 8] = [
+            (g128, DType::BF16, &[4096], 513, 513.0, Gemm),
+            (int8, DType::F16, &[4096], 513, 513.0, Gemm),
+            (g128, DType::BF16, &[4096], 8, 8.0, Gemv),
+            // Past the dense experts' average of 4, within qmma's 8: still the GEMV.
+            (g128, DType::BF16, &[4096], 64, 6.0, Gemv),
+            (g128, DType::BF16, &[4096], 64, 9.0, Gemm),
+            (g128, DType::F32, &[4096], 64, 6.0, Gemm),
+            (QFormat::Mxfp4, DType::BF16, &[4096], 64, 6.0, Gemm),
+            // One projection without a qmma entry (K = 200 is no multiple of 16): the dense thresholds.
+            (int8, DType::BF16, &[4096, 200], 64, 6.0, Gemm),
         ];
-        for (fmt, dtype, ks, want) in products {
+        for (fmt, dtype, ks, most, avg, want) in products {
             assert_eq!(
-                qmm_path(fmt, dtype, ks, 513, 513.0),
+                qmm_path(fmt, dtype, ks, most, avg),
                 want,
-                "{fmt:?} {dtype:?} {ks:?}"
+                "{fmt:?} {dtype:?} {ks:?} {most} {avg}"
             );
         }
-        // (tokens, dtype, path): Mixtral's top-2 of 8 experts.
+        // (tokens, dtype, path): Mixtral's top-2 of 8 experts (avg = tokens / 4), DeepSeek-V3's top-8 of 256.
         let mixtral = |tokens, dtype| qexpert_path_for(tokens, 2, 8, g128, dtype, &[4096, 14336]);
         for (tokens, dtype, want) in [
-            (512, DType::BF16, Gemv),
+            (1, DType::BF16, Gemv),
+            (32, DType::BF16, Gemv),
+            (33, DType::BF16, Gemm),
+            (512, DType::BF16, Gemm),
             (1, DType::F32, Gemv),
-            (512, DType::F32, Gemm),
+            (20, DType::F32, Gemm),
         ] {
             assert_eq!(mixtral(tokens, dtype), want, "{tokens} {dtype:?}");
         }
+        let v3 = |tokens| qexpert_path_for(tokens, 8, 256, g128, DType::BF16, &[7168, 2048]);
+        assert_eq!((v3(256), v3(257)), (Gemv, Gemm));
         crate::set_gemv_kernel(crate::GemvKernel::Qgemv);
-        let qgemv = mixtral(512, DType::BF16);
+        let qgemv = mixtral(20, DType::BF16);
         crate::set_gemv_kernel(crate::GemvKernel::Qmma);
         assert_eq!(qgemv, Gemm);
     }
@@ -808,6 +833,50 @@ mod tests {
             ("qgemv_moe_swiglu_int8_bf16", [3, 7, 1])
         };
         assert_eq!((p.launches[0].entry.as_str(), p.launches[0].grid), want);
+        // The GEMM where qmma applies: 32-row tiles (ceil(20 / 32) + 4 = 5), 128 weight rows per block (64
+        // features with SwiGLU, which the f32 GEMM does not fuse).
+        for (dd, swiglu, want) in [
+            (d, false, ("qmma_gemm_int8_bf16", [1, 5, 1])),
+            (
+                dims(20, 300, 96, 4),
+                false,
+                ("qmma_gemm_int8_bf16", [3, 5, 1]),
+            ),
+            (even, true, ("qmma_gemm_swiglu_int8_bf16", [1, 5, 1])),
+            (
+                dims(20, 300, 96, 4),
+                true,
+                ("qmma_gemm_swiglu_int8_bf16", [3, 5, 1]),
+            ),
+        ] {
+            let p = moe_plan(
+                DType::BF16,
+                QFormat::Int8,
+                dd,
+                true,
+                ExpertPath::Gemm,
+                swiglu,
+            );
+            if crate::qmatmul::qmma_built() {
+                let p = p.unwrap();
+                let l = &p.launches[0];
+                assert_eq!(
+                    (l.entry.as_str(), l.grid, l.block),
+                    (want.0, want.1, [256, 1, 1])
+                );
+            } else {
+                assert_eq!(p.is_err(), swiglu);
+            }
+        }
+        assert!(moe_plan(
+            DType::F32,
+            QFormat::Int8,
+            even,
+            true,
+            ExpertPath::Gemm,
+            true
+        )
+        .is_err());
         let huge = dims(64 * 65535, 37, 96, 4);
         assert!(qmatmul_moe_plan(DType::F16, QFormat::Int8, huge, true, ExpertPath::Gemm).is_err());
         let none = dims(0, 37, 96, 4);

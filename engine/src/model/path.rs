@@ -178,8 +178,8 @@ impl PathPlan {
 
     /// [`Self::expert_path`] for experts with these weights under `dtype` activations: quantized
     /// experts whose GEMV entries are the tensor-core `qmma_*` ones (INT4/INT8, bf16/f16, sm_80+)
-    /// take the GEMV at every token count unless a path is forced
-    /// ([`moe_kernels::qexpert_path_for`] says why: the quantized GEMM has no tensor cores yet).
+    /// keep the GEMV while experts average one 8-row chunk and take `qmma`'s GEMM past that,
+    /// unless a path is forced ([`moe_kernels::qmm_path`] says why).
     pub fn experts_path(
         &self,
         tokens: usize,
@@ -303,10 +303,11 @@ mod tests {
         );
     }
 
-    /// Quantized experts whose GEMV is `qmma` (INT4/INT8, bf16/f16) keep the GEMV at prefill
-    /// sizes; f32 activations, dense experts and a forced path keep the token-count choice.
+    /// Quantized experts whose GEMV is `qmma` (INT4/INT8, bf16/f16) keep the GEMV while experts
+    /// average up to 8 rows (past the dense experts' 4), then take the GEMM; f32 activations, dense
+    /// experts and a forced path keep the token-count choice.
     #[test]
-    fn quantized_experts_on_qmma_take_the_gemv_at_any_size() {
+    fn quantized_experts_on_qmma_keep_the_gemv_for_one_chunk() {
         use crate::quant::QuantTensor;
         use moe_kernels::QFormat;
         let dev = Device::Cpu;
@@ -318,13 +319,18 @@ mod tests {
         for fmt in [QFormat::Int8, QFormat::Int4 { group: 32 }] {
             let (gu, dn) = (q(w(64, 32).unwrap(), fmt), q(w(32, 32).unwrap(), fmt));
             for dtype in [DType::BF16, DType::F16] {
+                // 12 tokens, top-2 of 4: 6 rows per expert on average (the dense experts' GEMM).
+                assert_eq!(
+                    k.experts_path(12, 2, 4, (&gu, &dn), dtype),
+                    ExpertPath::Gemv
+                );
                 assert_eq!(
                     k.experts_path(512, 2, 4, (&gu, &dn), dtype),
-                    ExpertPath::Gemv
+                    ExpertPath::Gemm
                 );
             }
             assert_eq!(
-                k.experts_path(512, 2, 4, (&gu, &dn), DType::F32),
+                k.experts_path(12, 2, 4, (&gu, &dn), DType::F32),
                 ExpertPath::Gemm
             );
             let forced = PathPlan::select(&dev, Some("kernels,gemm")).unwrap();
@@ -337,12 +343,12 @@ mod tests {
         let g16 = QFormat::Int4 { group: 16 };
         let (gu, dn) = (q(w(64, 32).unwrap(), g16), q(w(32, 32).unwrap(), g16));
         assert_eq!(
-            k.experts_path(512, 2, 4, (&gu, &dn), DType::BF16),
+            k.experts_path(12, 2, 4, (&gu, &dn), DType::BF16),
             ExpertPath::Gemm
         );
         let dense = Weight::Dense(w(64, 32).unwrap());
         assert_eq!(
-            k.experts_path(512, 2, 4, (&dense, &dense), DType::BF16),
+            k.experts_path(12, 2, 4, (&dense, &dense), DType::BF16),
             ExpertPath::Gemm
         );
     }

@@ -1,6 +1,7 @@
 //! Self-test cases: the decode GEMV's weight-streaming rate, the number issue 21's roofline target is
 //! about, for the `qmma_*`, `qgemv_*` and older `qmatmul_*` entries side by side; and at 64 rows per
-//! expert, `qmma`'s GEMV against the tiled GEMM (`qmatmul_gemm_*`) it replaced for quantized prefill.
+//! expert (a prefill), `qmma`'s tensor-core GEMM (`qmma_gemm_*`, what the host picks there) against
+//! `qmma`'s GEMV and the f32 tiled GEMM (`qmatmul_gemm_*`).
 //!
 //! On CUDA the shapes are Mixtral-8x7B's experts (H = 4096, F = 14336, 8 experts, one token routed to
 //! two of them, and 4, 8 or 64 tokens routed to the same two, bf16 activations): the gate/up projection with its SwiGLU epilogue and the down
@@ -190,8 +191,8 @@ fn gemv_batch_cases(
             })?;
             let args = on(device)?;
             let n_out = if gather { f } else { h };
-            // Decode batches: the three GEMVs. A prefill-sized batch: qmma's GEMV (what the host picks for any
-            // row count, qexperts::qmm_path) against the tiled GEMM it replaced there.
+            // Decode batches: the three GEMVs. A prefill-sized batch: qmma's GEMM (what the host picks there,
+            // qexperts::qmm_path) against qmma's GEMV and the f32 tiled GEMM (the GEMM under qgemv).
             let kernels: &[(&str, GemvKernel, ExpertPath)] = if tokens <= 8 {
                 &[
                     ("qmma", GemvKernel::Qmma, ExpertPath::Gemv),
@@ -200,8 +201,9 @@ fn gemv_batch_cases(
                 ]
             } else {
                 &[
+                    ("qmma_gemm", GemvKernel::Qmma, ExpertPath::Gemm),
                     ("qmma", GemvKernel::Qmma, ExpertPath::Gemv),
-                    ("qmatmul_gemm", GemvKernel::Qmma, ExpertPath::Gemm),
+                    ("qmatmul_gemm", GemvKernel::Qgemv, ExpertPath::Gemm),
                 ]
             };
             for &(entry, kernel, path) in kernels {

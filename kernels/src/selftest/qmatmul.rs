@@ -56,15 +56,17 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
     // (M, N, K, experts, offsets): dense (E = 0 means qmatmul) for decode, small and larger prefill with odd
     // N; grouped with an empty expert and an expert spanning several 8-row chunks; int8 K = 200 (not a
     // multiple of 16) takes the kernel's scalar path.
-    // On CUDA, M = 64 and 513 (and the grouped 64-row case) take the tiled GEMM path, the rest GEMV; bf16/f16
-    // INT4 (group >= 32) and INT8 (K % 16 == 0) take qmma's GEMV at every M (qexperts::qmm_path), which the
-    // qmatmul_moe cases below force to the GEMM as well.
+    // On CUDA, M = 40, 64 and 513 (and the grouped 64-row case) take a tiled GEMM, the rest GEMV: for bf16/f16
+    // INT4 (group >= 32) and INT8 (K % 16 == 0) qmma's (qexperts::qmm_path), else qmatmul_gemm's; the
+    // qmatmul_moe cases below run both paths at every size.
     // M = 6, K = 6272: the qgemv entries over several shared-memory tiles and a partial one, 40 features (five
     // blocks of 8), and a fifth row with activations of 3e19 and -1e25, past what the staging scale takes: the
     // chunk's passes are rows {0, 1}, {2, 3} (fast) and {4, 5} (the exact path, for both) for int4, {0..3}
     // (fast) and {4, 5} (exact) for int8. The sixth row's 3e38 (finite in bf16, but (128 + q) x overflows
     // f32) sends the bf16 qmma blocks (int4 and int8) to their exact path (all six rows).
-    let shapes: [(usize, usize, usize, Vec<u32>); 9] = [
+    // M = 40, K = 1024: qmma's GEMM (bf16/f16) over two 32-row tiles, with a 3e38 in row 33 (the second tile's
+    // first 8-row block), which sends that block to the exact path.
+    let shapes: [(usize, usize, usize, Vec<u32>); 10] = [
         (1, 129, 256, vec![]),
         (7, 257, 512, vec![]),
         (64, 67, 384, vec![]),
@@ -74,6 +76,7 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
         (64, 65, 384, vec![0, 9, 9, 30, 64]),
         (7, 31, 200, vec![]),
         (6, 40, 6272, vec![]),
+        (40, 40, 1024, vec![]),
     ];
     for (fname, fmt) in fmts {
         let extra = match fmt {
@@ -102,6 +105,9 @@ pub(super) fn qmatmul_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>)
             if (m, k) == (6, 6272) {
                 (x0[4 * k + 5], x0[4 * k + 3000]) = (3e19, -1e25);
                 x0[5 * k + 7] = 3e38;
+            }
+            if (m, k) == (40, 1024) {
+                x0[33 * k + 9] = 3e38;
             }
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 if dtype == DType::F16 && m != 7 {
@@ -176,11 +182,15 @@ fn misaligned_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<Row>) -> Resu
         ("int4-g32", QFormat::Int4 { group: 32 }),
         ("mxfp4", QFormat::Mxfp4),
     ];
-    // Decode (GEMV) with each input misaligned alone, and a prefill (the tiled GEMM on CUDA in f32) with all.
+    // Decode (GEMV) and a prefill (a tiled GEMM on CUDA: qmma's for int8/int4 in bf16/f16) with each input
+    // misaligned alone, and the prefill with all three.
     let variants = [
         (5usize, 40usize, 512usize, [true, false, false]),
         (5, 40, 512, [false, true, false]),
         (5, 40, 512, [false, false, true]),
+        (70, 24, 256, [true, false, false]),
+        (70, 24, 256, [false, true, false]),
+        (70, 24, 256, [false, false, true]),
         (70, 24, 256, [true, true, true]),
     ];
     for (fname, fmt) in fmts {
@@ -261,6 +271,10 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
         // Batched decode: 5 tokens' top-2 among 3 experts (10 rows, one expert with 4 or more), so the qgemv
         // entries' multi-row passes (and an odd last row) run over several tiles.
         (5, 2, 8, 3, 38, 6272, 1, true),
+        // A prefill for qmma's GEMM: ~20 rows per expert (a partial 32-row tile each), 300 outputs (three blocks
+        // of 128 weight rows, or of 64 SwiGLU features, the last partial) and K = 416 (a partial 128-weight
+        // stage of one 32-weight step for int4 g32, 32 weights for int8).
+        (40, 2, 4, 4, 300, 416, 1, true),
     ];
     // MXFP4's own: gpt-oss-like decode (top-4 of 32 experts, K = 2880), K = 32 over a few tokens, K = 4096
     // un-gathered.
@@ -347,13 +361,13 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
                         })
                     })();
                     rows.push(row_or_error("qmatmul_moe", case, dtype, budget, r));
-                    // The gate/up projection with SwiGLU fused (decode's GEMV entry), the O rows
-                    // read as gate then up halves.
-                    if path != ExpertPath::Gemv || n % 2 != 0 || !gather {
+                    // The gate/up projection with SwiGLU (fused in the GEMV entries and qmma's GEMM, the
+                    // GEMM and the activation otherwise), the O rows read as gate then up halves.
+                    if n % 2 != 0 || !gather {
                         continue;
                     }
                     let case = format!(
-                        "Gemv swiglu {fname} N={n_tok} k={k_top} E={e} O={n} K={k} B={block}"
+                        "{path:?} swiglu {fname} N={n_tok} k={k_top} E={e} O={n} K={k} B={block}"
                     );
                     let r = (|| {
                         let args = [
@@ -373,7 +387,7 @@ pub(super) fn qmatmul_moe_cases(device: &Device, rng: &mut Rng, rows: &mut Vec<R
                                 &t[4],
                                 &t[5],
                                 fmt,
-                                Some(ExpertPath::Gemv),
+                                Some(path),
                             )
                         };
                         let cpu = [
