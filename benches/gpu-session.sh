@@ -14,9 +14,9 @@
 # is kept):
 #   selftest (<= 120 s) every kernel against its CPU reference on the GPU, plus whole-model parity of the CUDA
 #            path against the CPU path on tiny-kjv and every fixture (tests/fixtures travels with the tree); its
-#            qgemv_bandwidth rows time the decode GEMV (qmma, qgemv and qmatmul entries; and qmma against the tiled
-#            GEMM at 64 rows per expert, which qmm_path decided from a static count) on Mixtral's expert shapes
-#            beside a device copy of the same bytes.
+#            qgemv_bandwidth rows time the decode GEMV (qmma, qgemv and qmatmul entries; and at 64 rows per expert
+#            qmma's tensor-core GEMM against its GEMV and the f32 tiled GEMM, which qmm_path decided from a static
+#            count) on Mixtral's expert shapes beside a device copy of the same bytes.
 #   bench    (<= 110 s INT4, <= 150 s INT8) Mixtral-8x7B shapes with random weights (no download), all 32 layers,
 #            batch 1, 512-token prefill and 64 decode steps, 3 timed runs, with --cuda-graph: each report holds the
 #            eager decode and the graph decode of the same weights and prompts side by side (issue 21), and
@@ -24,8 +24,7 @@
 #   extra    (a second call, ~4 min) the 4-layer INT4 run with the candle baseline (its dense f32 copy of 32
 #            layers would not fit), and eager INT4 with MOE_PATH=qgemv, text only: decode on the CUDA-core GEMV
 #            entries against the tensor-core qmma ones of the bench run, and prefill on the f32-FMA tiled GEMM
-#            (which qmma's GEMV replaces at every row count by default). INT8's GEMV A/B is in the self-test's
-#            qgemv_bandwidth rows.
+#            against qmma's tensor-core GEMM (the default). INT8's A/B is in the self-test's qgemv_bandwidth rows.
 #   sanitize (optional) compute-sanitizer memcheck over the self-test, op by op.
 # Files land in $OUT (the device tool brings back at most 8): gpu-<run>.json per bench run, every bench's text
 # in gpu-bench.txt, gpu-selftest.txt and gpu-nvidia-smi.txt. The last lines printed are the table of the

@@ -20,9 +20,9 @@
 // weight row is read once per chunk and reused for every row of it. The lanes of a warp walk K in 16-byte
 // loads of the packed row (16 int8 or 32 int4 weights per lane per step), dequantize in registers
 // (w = s * q, or w = s * (q - z) exactly as the reference) and accumulate in f32 per activation row; a warp
-// sum then gives the outputs. Larger M runs more chunks (grid y); the host sends many-row launches to the
-// tiled GEMM at the end of this file instead (no tensor cores yet), INT4 GEMVs with bf16/f16 activations to
-// the tensor-core qmma_* entries, and the other INT4 (power-of-two group 32..1024) and INT8 GEMVs to the
+// sum then gives the outputs. Larger M runs more chunks (grid y); the host sends many-row launches to a tiled
+// GEMM further down instead (qmma_gemm_* on tensor cores where qmma applies, else qmatmul_gemm_*), INT4 and INT8
+// GEMVs with bf16/f16 activations to the tensor-core qmma_* entries, and the other INT4 (power-of-two group 32..1024) and INT8 GEMVs to the
 // qgemv_* entries further down (same chunks and arguments, fewer instructions per weight). These qmatmul_* GEMV
 // entries stay for MXFP4, other INT4 groups, odd K, and MOE_PATH=qmatmul-gemv.
 //
@@ -1148,7 +1148,10 @@ QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_f16, __half, QF_INT8, true)
 //  - no split K: each warp walks all of K, so there is no reduction, and its epilogue is the GEMV's
 //    (qmma_tile_out: INT8 scale, exact fallback, SwiGLU) once per activation tile.
 // So each weight is dequantized once per 32 rows and each staged activation read from L2 once per 128 weight
-// rows. sm_90 SASS of qmma_gemm_int4_bf16 (g128, a full stage): see the README's kernel notes.
+// rows. sm_90 SASS of qmma_gemm_int4_bf16 (g128, a full stage): 167 instructions for 64 weights x 32 rows of a
+// lane (32 LOP3, 32 HMMA, 32 FFMA, 25 SHF, 20 LDS, ~26 others), ~0.08 per weight and row where the GEMV spends
+// ~0.28; INT8's stage is 167 too (64 HMMA). INT4 takes 190-196 registers (one block per SM: capped at 128 for two
+// it spilled), INT8 116-118 (two).
 // Launch: grid = (ceil(N / 128) (SwiGLU: ceil(N / 64)), ceil(R / 32) + min(E, R)), block = 256; the host takes it
 // where the qmma GEMV applies and experts get more rows than one GEMV chunk (qexperts.rs, qmm_path).
 #define QMG_ROWS 32
@@ -1255,7 +1258,7 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
   // int4's 4 lanes read 64 consecutive bytes of a row (next row 64 bytes on), int8's 16 of every 32 (16 on).
   constexpr uint32_t XS = IT + (INT4 ? 32u : 8u);
   __shared__ __align__(16) T xs[QMG_ROWS][XS];
-  __shared__ float ss[QMG_ROWS / 2][2 * QM_STEPS];  // INT4: the stage's activation sums per 32-weight step
+  __shared__ __align__(8) float ss[QMG_ROWS / 2][2 * QM_STEPS];  // INT4: segment sums, read as float2 pairs
   __shared__ uint32_t src[QMG_ROWS];
   uint32_t m0 = 0;
   const int ee = nth_row_tile(counts, E, blockIdx.y, QMG_ROWS, &m0);
@@ -1393,7 +1396,7 @@ QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_f16, __half, QF_INT8, true)
 // LUT value times 2^(e - 128)), in shared
 // memory, and each thread accumulates a 4 x 4 block in f32. No tensor cores yet (plain f32 FMA): a correct
 // baseline that reads each packed weight once per 64 rows, not a fast one. Where the qmma GEMV applies (INT4/INT8
-// with bf16/f16 on sm_80+) the host takes that at every row count instead (qexperts.rs, qmm_path).
+// with bf16/f16 on sm_80+) the host takes qmma_gemm above instead (qexperts.rs, qmm_path).
 //
 // A dense linear is the case E = 1, counts = [M], offsets = [0, M], row_token = null.
 // grid = (ceil(N / QG_TILE_N), ceil(R / QG_TILE_M) + min(E, R)), block = 256; tiles past the live work exit.

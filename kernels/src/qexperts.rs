@@ -16,13 +16,14 @@
 //! Unlike [`crate::qmatmul_grouped`], which takes the expert offsets on the host, nothing here needs the
 //! routing on the host: this is what lets a quantized MoE decode step run without a device-to-host copy.
 //! [`qmatmul_moe_reference`] is the specification (each weight row dequantized to f32 exactly as
-//! `qmatmul`'s reference, then an f32 dot product). The CUDA entry points `qmatmul_moe_*` in
-//! `cuda/qmatmul.cu` have two paths, chosen like the dense experts' ([`crate::expert_path`]) except where the
-//! GEMV is the tensor-core `qmma_*`, which takes every row count ([`qmm_path`]): GEMV for decode
-//! (`qmatmul_moe_*`, the body of `qmatmul`'s kernel with 8-row chunks found by `nth_row_tile` over the counts)
-//! and a shared-memory tiled GEMM for prefill (`qmatmul_gemm_*`, 64 x 64 output tiles, weights dequantized
-//! into shared memory, f32 FMA, no tensor cores yet). On CUDA (and under the emulator), `qmatmul` and
-//! `qmatmul_grouped` with more than a few rows per expert also run the GEMM through [`qmatmul_moe`]. NOT YET
+//! `qmatmul`'s reference, then an f32 dot product). The CUDA entry points in `cuda/qmatmul.cu` have two
+//! paths, chosen like the dense experts' ([`crate::expert_path`]) except where the GEMV is the tensor-core
+//! `qmma_*` ([`qmm_path`]): GEMV for decode (`qmatmul_moe_*`, `qgemv_moe_*` or `qmma_moe_*`, 8-row chunks
+//! found by `nth_row_tile` over the counts) and a tiled GEMM for prefill: `qmma_gemm_*` (tensor cores, 32-row
+//! tiles, activations staged in shared memory) where the GEMV is `qmma`, else `qmatmul_gemm_*` (64 x 64
+//! output tiles, weights dequantized into shared memory, f32 FMA). On CUDA (and under the emulator),
+//! `qmatmul` and `qmatmul_grouped` with more than a few rows per expert also run the GEMM through
+//! [`qmatmul_moe`]. NOT YET
 //! RUN ON A GPU. Self-test budgets are `qmatmul`'s.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -46,48 +47,80 @@ pub fn qmma_gemv(fmt: QFormat, dtype: DType, ks: &[usize]) -> bool {
 }
 
 /// Expected rows per active expert up to which a quantized product on `qmma` keeps the GEMV (one 8-row chunk
-/// per expert on average), past which it takes `qmma`'s tensor-core GEMM (`qmma_gemm_*`, 32-row tiles).
+/// per expert on average), past which it can take `qmma`'s tensor-core GEMM (`qmma_gemm_*`, 32-row tiles)...
 pub const QMMA_GEMV_MAX_AVG_ROWS: f64 = 8.0;
+/// ...when that GEMM has at least this many blocks (128 weight rows by one 32-row tile each) to spread over
+/// the GPU: about one per SM of an H100 (132) or an RTX 4090 (128). With fewer, SMs idle while the GEMV's
+/// chunks (16 weight rows by 8 rows each, many more blocks) would fill them.
+pub const QMMA_GEMM_MIN_BLOCKS: usize = 128;
 
-/// The CUDA path of a quantized product over `ks` inputs (both projections of an expert MLP, or one linear)
-/// for `rows_per_expert_max` rows at most in one expert and `avg` expected rows per active expert. Where the
-/// GEMV entries are `qmma_*` the GEMM is `qmma_gemm_*` and the GEMV holds while no expert can pass one 8-row
-/// chunk or the average stays within one ([`QMMA_GEMV_MAX_AVG_ROWS`]); else [`expert_path`] decides as for the
-/// dense experts. Why (sm_90 SASS, static counts, not measured: no GPU has run either): per 16 weight rows
-/// and 128 inputs a warp spends 143 instructions (INT4 g128) on each 8-row GEMV chunk, against 167 per 32-row
-/// GEMM tile plus ~50 of staging per thread, so an expert with 9 to 32 rows is cheaper on the GEMM, one with 8
-/// or fewer on the GEMV.
+/// The CUDA path of a quantized product over `projections` (input width K, output rows N of each: both
+/// projections of an expert MLP, or one linear) for `rows_per_expert_max` rows at most in one expert, `avg`
+/// expected rows per active expert and `active` experts expected to have rows. Where the GEMV entries are
+/// `qmma_*` the GEMM is `qmma_gemm_*`: the GEMV holds while no expert can pass one 8-row chunk or the average
+/// stays within one ([`QMMA_GEMV_MAX_AVG_ROWS`]), and while the GEMM would have fewer than
+/// [`QMMA_GEMM_MIN_BLOCKS`] blocks for some projection (on CUDA; any count under the emulator); else
+/// [`expert_path`] decides as for the dense experts. Why (sm_90 SASS, static counts, not measured: no GPU has run either): per 16 weight rows and 128
+/// inputs a warp spends 143 instructions (INT4 g128) on each 8-row GEMV chunk, against 167 per 32-row GEMM
+/// tile plus ~50 of staging per thread, so an expert with 9 to 32 rows is cheaper on the GEMM when the GPU is
+/// full, one with 8 or fewer on the GEMV.
 pub fn qmm_path(
     fmt: QFormat,
     dtype: DType,
-    ks: &[usize],
+    projections: &[(usize, usize)],
     rows_per_expert_max: usize,
     avg: f64,
+    active: usize,
 ) -> ExpertPath {
-    if !qmma_gemv(fmt, dtype, ks) {
-        expert_path(rows_per_expert_max, avg)
-    } else if rows_per_expert_max <= crate::experts::GEMV_MAX_ROWS_PER_EXPERT
+    let ks: Vec<usize> = projections.iter().map(|&(k, _)| k).collect();
+    if !qmma_gemv(fmt, dtype, &ks) {
+        return expert_path(rows_per_expert_max, avg);
+    }
+    if rows_per_expert_max <= crate::experts::GEMV_MAX_ROWS_PER_EXPERT
         || avg <= QMMA_GEMV_MAX_AVG_ROWS
     {
-        ExpertPath::Gemv
+        return ExpertPath::Gemv;
+    }
+    let tiles = active.max(1) * (avg / QMG_ROWS as f64).ceil() as usize;
+    let blocks = projections
+        .iter()
+        .map(|&(_, n)| n.div_ceil(QMG_WARPS * crate::qmatmul::QR_WEIGHT_ROWS) * tiles)
+        .min()
+        .unwrap_or(0);
+    // The emulator runs one block at a time: no SM idles there, so any block count will do (and the
+    // self-test's small shapes keep reaching this GEMM).
+    let min_blocks = if crate::emu::active() {
+        1
     } else {
+        QMMA_GEMM_MIN_BLOCKS
+    };
+    if blocks >= min_blocks {
         ExpertPath::Gemm
+    } else {
+        ExpertPath::Gemv
     }
 }
 
-/// [`qmm_path`] for N tokens with top-k over E experts whose projections take `ks` inputs (the quantized
-/// counterpart of [`crate::expert_path_for`]).
+/// [`qmm_path`] for N tokens with top-k over E experts (the quantized counterpart of
+/// [`crate::expert_path_for`]); see there for why.
 pub fn qexpert_path_for(
     tokens: usize,
     top_k: usize,
     num_experts: usize,
     fmt: QFormat,
     dtype: DType,
-    ks: &[usize],
+    projections: &[(usize, usize)],
 ) -> ExpertPath {
     let slots = tokens * top_k;
-    let avg = slots as f64 / num_experts.min(slots).max(1) as f64;
-    qmm_path(fmt, dtype, ks, tokens, avg)
+    let active = num_experts.min(slots).max(1);
+    qmm_path(
+        fmt,
+        dtype,
+        projections,
+        tokens,
+        slots as f64 / active as f64,
+        active,
+    )
 }
 
 /// `out [R, N_out]` (module docs). `row_token = None` means x is already in dispatched row order.
@@ -211,12 +244,14 @@ pub fn qmatmul_moe_swiglu(
 
 /// The GEMV/GEMM choice for `d` when the caller gives none: R rows as the worst case per expert.
 fn default_path(d: QmoeDims, fmt: QFormat, dtype: DType) -> ExpertPath {
+    let active = d.e.min(d.r).max(1);
     qmm_path(
         fmt,
         dtype,
-        &[d.k],
+        &[(d.k, d.n)],
         d.r,
-        d.r as f64 / d.e.min(d.r).max(1) as f64,
+        d.r as f64 / active as f64,
+        active,
     )
 }
 
@@ -603,7 +638,8 @@ pub(crate) fn large_qmatmul(
     let most = counts.iter().copied().max().unwrap_or(0) as usize;
     let active = counts.iter().filter(|&&c| c > 0).count().max(1);
     let avg = m as f64 / active as f64;
-    if qmm_path(fmt, x.dtype(), &[x.dim(1)?], most, avg) == ExpertPath::Gemv {
+    let n = qweight.dim(qweight.rank() - 2)?;
+    if qmm_path(fmt, x.dtype(), &[(x.dim(1)?, n)], most, avg, active) == ExpertPath::Gemv {
         return Ok(None);
     }
     let (qw, pw) = if grouped {
@@ -623,35 +659,76 @@ mod tests {
     use crate::dispatch::dispatch_reference;
     use crate::qformat::quantize_rows;
 
-    /// Where the GEMV is `qmma`, quantized products keep it while experts average one 8-row chunk and
-    /// take `qmma`'s GEMM past that; elsewhere the dense experts' thresholds hold, and `MOE_PATH=qgemv` (the
-    /// CUDA-core GEMV) restores them too.
+    /// Where the GEMV is `qmma`, quantized products keep it while experts average one 8-row chunk, or
+    /// while `qmma`'s GEMM would leave SMs idle, and take the GEMM past that; elsewhere the dense
+    /// experts' thresholds hold, and `MOE_PATH=qgemv` (the CUDA-core GEMV) restores them too.
     #[test]
     fn qmma_paths_by_rows_per_expert() {
         use ExpertPath::{Gemm, Gemv};
         let (g128, int8) = (QFormat::Int4 { group: 128 }, QFormat::Int8);
-        // (format, dtype, inputs, rows at most, average, path).
-        let products: [(QFormat, DType, &[usize], usize, f64, ExpertPath); 8] = [
-            (g128, DType::BF16, &[4096], 513, 513.0, Gemm),
-            (int8, DType::F16, &[4096], 513, 513.0, Gemm),
-            (g128, DType::BF16, &[4096], 8, 8.0, Gemv),
+        // (format, dtype, (inputs, output rows), rows at most, average, active experts, path).
+        type Case<'a> = (
+            QFormat,
+            DType,
+            &'a [(usize, usize)],
+            usize,
+            f64,
+            usize,
+            ExpertPath,
+        );
+        let products: [Case; 12] = [
+            (g128, DType::BF16, &[(4096, 4096)], 513, 513.0, 1, Gemm),
+            (int8, DType::F16, &[(4096, 4096)], 513, 513.0, 1, Gemm),
+            (g128, DType::BF16, &[(4096, 4096)], 8, 8.0, 1, Gemv),
             // Past the dense experts' average of 4, within qmma's 8: still the GEMV.
-            (g128, DType::BF16, &[4096], 64, 6.0, Gemv),
-            (g128, DType::BF16, &[4096], 64, 9.0, Gemm),
-            (g128, DType::F32, &[4096], 64, 6.0, Gemm),
-            (QFormat::Mxfp4, DType::BF16, &[4096], 64, 6.0, Gemm),
+            (g128, DType::BF16, &[(4096, 28672)], 64, 6.0, 8, Gemv),
+            (
+                g128,
+                DType::BF16,
+                &[(4096, 28672), (14336, 4096)],
+                64,
+                9.0,
+                8,
+                Gemm,
+            ),
+            // A dense linear of 64 rows: 32 blocks x 2 tiles, too few; 128 rows fill 128 blocks. A
+            // 1024-row projection (8 blocks) needs 16 tiles (481 rows or more).
+            (g128, DType::BF16, &[(4096, 4096)], 64, 64.0, 1, Gemv),
+            (g128, DType::BF16, &[(4096, 4096)], 128, 128.0, 1, Gemm),
+            (g128, DType::BF16, &[(4096, 1024)], 480, 480.0, 1, Gemv),
+            (g128, DType::BF16, &[(4096, 1024)], 481, 481.0, 1, Gemm),
+            (g128, DType::F32, &[(4096, 4096)], 64, 6.0, 8, Gemm),
+            (
+                QFormat::Mxfp4,
+                DType::BF16,
+                &[(4096, 4096)],
+                64,
+                6.0,
+                8,
+                Gemm,
+            ),
             // One projection without a qmma entry (K = 200 is no multiple of 16): the dense thresholds.
-            (int8, DType::BF16, &[4096, 200], 64, 6.0, Gemm),
+            (
+                int8,
+                DType::BF16,
+                &[(4096, 4096), (200, 4096)],
+                64,
+                6.0,
+                8,
+                Gemm,
+            ),
         ];
-        for (fmt, dtype, ks, most, avg, want) in products {
+        for (fmt, dtype, shapes, most, avg, active, want) in products {
             assert_eq!(
-                qmm_path(fmt, dtype, ks, most, avg),
+                qmm_path(fmt, dtype, shapes, most, avg, active),
                 want,
-                "{fmt:?} {dtype:?} {ks:?} {most} {avg}"
+                "{fmt:?} {dtype:?} {shapes:?} {most} {avg} {active}"
             );
         }
-        // (tokens, dtype, path): Mixtral's top-2 of 8 experts (avg = tokens / 4), DeepSeek-V3's top-8 of 256.
-        let mixtral = |tokens, dtype| qexpert_path_for(tokens, 2, 8, g128, dtype, &[4096, 14336]);
+        // (tokens, dtype, path): Mixtral's top-2 of 8 experts (avg = tokens / 4), DeepSeek-V3's top-8
+        // of 256.
+        let mixtral_shapes = [(4096, 28672), (14336, 4096)];
+        let mixtral = |tokens, dtype| qexpert_path_for(tokens, 2, 8, g128, dtype, &mixtral_shapes);
         for (tokens, dtype, want) in [
             (1, DType::BF16, Gemv),
             (32, DType::BF16, Gemv),
@@ -662,7 +739,16 @@ mod tests {
         ] {
             assert_eq!(mixtral(tokens, dtype), want, "{tokens} {dtype:?}");
         }
-        let v3 = |tokens| qexpert_path_for(tokens, 8, 256, g128, DType::BF16, &[7168, 2048]);
+        let v3 = |tokens| {
+            qexpert_path_for(
+                tokens,
+                8,
+                256,
+                g128,
+                DType::BF16,
+                &[(7168, 4096), (2048, 7168)],
+            )
+        };
         assert_eq!((v3(256), v3(257)), (Gemv, Gemm));
         crate::set_gemv_kernel(crate::GemvKernel::Qgemv);
         let qgemv = mixtral(20, DType::BF16);

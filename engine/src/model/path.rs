@@ -179,7 +179,7 @@ impl PathPlan {
     /// [`Self::expert_path`] for experts with these weights under `dtype` activations: quantized
     /// experts whose GEMV entries are the tensor-core `qmma_*` ones (INT4/INT8, bf16/f16, sm_80+)
     /// keep the GEMV while experts average one 8-row chunk and take `qmma`'s GEMM past that,
-    /// unless a path is forced ([`moe_kernels::qmm_path`] says why).
+    /// unless a path is forced ([`moe_kernels::qexpert_path_for`] says why).
     pub fn experts_path(
         &self,
         tokens: usize,
@@ -190,8 +190,20 @@ impl PathPlan {
     ) -> ExpertPath {
         match (self.expert, gate_up, down) {
             (None, Weight::Quant(gu), Weight::Quant(dn)) => {
-                let ks = [gu.shape.last(), dn.shape.last()].map(|k| k.copied().unwrap_or(0));
-                moe_kernels::qexpert_path_for(tokens, top_k, num_experts, gu.fmt, dtype, &ks)
+                // (inputs, output rows) of each projection: [.., N, K] logical shapes.
+                let kn = |s: &[usize]| match s {
+                    [.., n, k] => (*k, *n),
+                    _ => (0, 0),
+                };
+                let projections = [kn(&gu.shape), kn(&dn.shape)];
+                moe_kernels::qexpert_path_for(
+                    tokens,
+                    top_k,
+                    num_experts,
+                    gu.fmt,
+                    dtype,
+                    &projections,
+                )
             }
             _ => self.expert_path(tokens, top_k, num_experts),
         }
@@ -304,8 +316,8 @@ mod tests {
     }
 
     /// Quantized experts whose GEMV is `qmma` (INT4/INT8, bf16/f16) keep the GEMV while experts
-    /// average up to 8 rows (past the dense experts' 4), then take the GEMM; f32 activations, dense
-    /// experts and a forced path keep the token-count choice.
+    /// average up to 8 rows (past the dense experts' 4) or the GEMM would have too few blocks, then
+    /// take the GEMM; f32 activations, dense experts and a forced path keep the token-count choice.
     #[test]
     fn quantized_experts_on_qmma_keep_the_gemv_for_one_chunk() {
         use crate::quant::QuantTensor;
@@ -324,8 +336,14 @@ mod tests {
                     k.experts_path(12, 2, 4, (&gu, &dn), dtype),
                     ExpertPath::Gemv
                 );
+                // 64 output rows are one GEMM block per 32-row tile: 512 tokens give 32 blocks,
+                // too few for a GPU (the GEMV), 2048 give 128.
                 assert_eq!(
                     k.experts_path(512, 2, 4, (&gu, &dn), dtype),
+                    ExpertPath::Gemv
+                );
+                assert_eq!(
+                    k.experts_path(2048, 2, 4, (&gu, &dn), dtype),
                     ExpertPath::Gemm
                 );
             }
