@@ -975,6 +975,36 @@ __device__ __forceinline__ void qmma8_iter(const uint4* const (&w)[2], const T* 
     }
 }
 
+// What the qmma kernels derive from K and the group for format F: the group's shift (INT4's group is a power of
+// two >= 32, the host checked; INT8 has one scale per row), params per row (INT4's (scale, zero) pairs), bytes
+// per packed row, the group segment in 32-weight steps (min(group, 128) weights: a segment never straddles an
+// iteration), and whether the pointers allow the vector loads (4-byte INT4 words and pairs, 16-byte INT8
+// loads, 16-byte activations); and the lane's pointers into its rows g and g + 8: INT4's word t of each row
+// and the row's pairs, INT8's rows as 16-byte units.
+template <int F> struct QmmaGeom {
+  static constexpr bool INT4 = F == QF_INT4;
+  uint32_t gshift, seg;
+  size_t PR, KB;
+  bool vec;
+  template <typename T>
+  __device__ __forceinline__ QmmaGeom(const T* x, const uint8_t* qweight, const __half* params, uint32_t K,
+                                      uint32_t group)
+      : gshift(INT4 ? __ffs(group) - 1 : 0), seg(INT4 ? min(group / 32u, static_cast<uint32_t>(QM_STEPS)) : 0),
+        PR(INT4 ? (K + group - 1) >> gshift : 1), KB(INT4 ? K / 2 : K),
+        vec((reinterpret_cast<uintptr_t>(qweight) & (INT4 ? 3u : 15u)) == 0 &&
+            (!INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0) && is_aligned16(x)) {}
+  __device__ __forceinline__ void ptrs(const uint8_t* qweight, const __half* params, const size_t (&rows)[2],
+                                       uint32_t t, const uint32_t* (&w4)[2], const __half2* (&p4)[2],
+                                       const uint4* (&w8)[2]) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      w4[h] = reinterpret_cast<const uint32_t*>(qweight + rows[h] * KB) + t;
+      p4[h] = reinterpret_cast<const __half2*>(params) + rows[h] * PR;
+      w8[h] = reinterpret_cast<const uint4*>(qweight + rows[h] * KB);
+    }
+  }
+};
+
 // Tile row m (0..15) of a warp's 16 weight rows from feature n0: feature n0 + m, or with SwiGLU feature
 // n0 + (m & 7)'s gate row (m < 8) or up row (m >= 8), so the epilogue finds both in one lane. Returns its packed
 // row of expert e (row 0 when past N: never loaded).
@@ -1050,14 +1080,8 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
   // Tile row m: feature n0 + m (n0 = 16 blockIdx.y); SwiGLU: rows g and g + 8 are feature n0 + g's gate and up
   // rows (n0 = 8 blockIdx.y), so the epilogue finds both in the same lane.
   const uint32_t n0 = blockIdx.y * (SWIGLU ? 8u : 16u);
-  // int4: group is a power of two >= 32 (the host checked); int8 (group 0): one scale per row.
-  const uint32_t gshift = INT4 ? __ffs(group) - 1 : 0;
-  const size_t PR = INT4 ? (K + group - 1) >> gshift : 1;  // params per row ((scale, zero) pairs for int4)
-  const size_t KB = INT4 ? K / 2 : K;                       // bytes per packed row
-  // The weight loads' alignment (4 or 16 bytes); int4 loads (scale, zero) pairs as __half2.
-  const bool vec = (reinterpret_cast<uintptr_t>(qweight) & (INT4 ? 3u : 15u)) == 0 &&
-                   (!INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0) && is_aligned16(x);
-  const uint32_t seg = INT4 ? min(group / 32u, static_cast<uint32_t>(QM_STEPS)) : 0;
+  const QmmaGeom<F> geo(x, qweight, params, K, group);
+  const bool vec = geo.vec;
 
   for (uint32_t c = blockIdx.x; c < C; c += gridDim.x) {
     uint32_t e, r0, cnt;
@@ -1072,25 +1096,17 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
     float tot[4] = {0.f, 0.f, 0.f, 0.f};
     if (vec) {
       constexpr uint32_t IT = 32u * QM_STEPS;  // 128 weights per iteration, int4 and int8 alike
-      if constexpr (INT4) {
-        const uint32_t* w[2];
-        const __half2* p[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          w[h] = reinterpret_cast<const uint32_t*>(qweight + rows[h] * KB) + t;
-          p[h] = reinterpret_cast<const __half2*>(params) + rows[h] * PR;
-        }
-        for (uint32_t kb = warp * IT; kb < K; kb += QM_WARPS * IT) {
-          if (K - kb >= IT) qmma_iter_seg<T, false>(seg, w, p, live, xr, kb, K, gshift, t, tot);
-          else qmma_iter_seg<T, true>(seg, w, p, live, xr, kb, K, gshift, t, tot);
-        }
-      } else {
-        const uint4* w[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) w[h] = reinterpret_cast<const uint4*>(qweight + rows[h] * KB);
-        for (uint32_t kb = warp * IT; kb < K; kb += QM_WARPS * IT) {
-          if (K - kb >= IT) qmma8_iter<T, false>(w, xr, kb, K, t, tot);
-          else qmma8_iter<T, true>(w, xr, kb, K, t, tot);
+      const uint32_t* w4[2];
+      const __half2* p4[2];
+      const uint4* w8[2];
+      geo.ptrs(qweight, params, rows, t, w4, p4, w8);
+      for (uint32_t kb = warp * IT; kb < K; kb += QM_WARPS * IT) {
+        if constexpr (INT4) {
+          if (K - kb >= IT) qmma_iter_seg<T, false>(geo.seg, w4, p4, live, xr, kb, K, geo.gshift, t, tot);
+          else qmma_iter_seg<T, true>(geo.seg, w4, p4, live, xr, kb, K, geo.gshift, t, tot);
+        } else {
+          if (K - kb >= IT) qmma8_iter<T, false>(w8, xr, kb, K, t, tot);
+          else qmma8_iter<T, true>(w8, xr, kb, K, t, tot);
         }
       }
     }
@@ -1268,12 +1284,9 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
   const uint32_t tid = threadIdx.x, warp = tid >> 5, g = (tid & 31u) >> 2, t = tid & 3u;
   constexpr uint32_t WF = SWIGLU ? 8u : 16u;  // features per warp
   const uint32_t n0 = (blockIdx.x * QM_WARPS + warp) * WF;
-  const uint32_t gshift = INT4 ? __ffs(group) - 1 : 0;
-  const size_t PR = INT4 ? (K + group - 1) >> gshift : 1;
-  const size_t KB = INT4 ? K / 2 : K;
-  const bool vec = (reinterpret_cast<uintptr_t>(qweight) & (INT4 ? 3u : 15u)) == 0 &&
-                   (!INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0) && is_aligned16(x);
-  const uint32_t seg = INT4 ? min(group / 32u, static_cast<uint32_t>(QM_STEPS)) : 0;
+  const QmmaGeom<F> geo(x, qweight, params, K, group);
+  const bool vec = geo.vec;
+  const uint32_t gshift = geo.gshift, seg = geo.seg;
   if (tid < QMG_ROWS) src[tid] = tid < cnt ? (row_token != nullptr ? row_token[r0 + tid] : r0 + tid) : 0u;
   // The warp's rows g and g + 8 (found again for the epilogue: fewer registers live across the stages).
   bool live[2];
@@ -1289,12 +1302,7 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
     const uint32_t* w4[2];
     const __half2* p4[2];
     const uint4* w8[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      w4[h] = reinterpret_cast<const uint32_t*>(qweight + rows[h] * KB) + t;
-      p4[h] = reinterpret_cast<const __half2*>(params) + rows[h] * PR;
-      w8[h] = reinterpret_cast<const uint4*>(qweight + rows[h] * KB);
-    }
+    geo.ptrs(qweight, params, rows, t, w4, p4, w8);
     // Each thread stages 16-byte pieces tid and tid + 256 of a stage (piece i: row i / 16, activations
     // 8 (i % 16) on), loaded one stage ahead, so the next stage's loads are in flight during this one's mma.
     constexpr uint32_t PIECES = QMG_ROWS * IT / 8 / (QM_WARPS * 32);
