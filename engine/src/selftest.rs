@@ -27,6 +27,11 @@ use crate::quant::QFormat;
 /// differently (measured 2.0e-5 on the CPU for tiny-kjv). Neither has been measured on a GPU yet.
 pub const MODEL_NMSE_F32: f64 = 1e-8;
 pub const MODEL_NMSE_BF16: f64 = 1e-3;
+/// bf16 gpt-oss (the MXFP4 fixture: attention sinks, clamped SwiGLU, 4 layers) against its f32
+/// reference: measured 1.7e-3 on the emulated kernels with `qmatmul`'s MXFP4 entries and 2.3e-3 with
+/// `qmma`'s (and the same two against the bf16 CPU path, the other way round), so the rounding of its
+/// bf16 intermediates, not a kernel, sets the floor; a wrong kernel lands near 1.
+pub const MODEL_NMSE_GPT_OSS_BF16: f64 = 1e-2;
 /// Decode steps per model case.
 pub const MODEL_DECODE_STEPS: usize = 8;
 
@@ -54,6 +59,8 @@ struct ModelCase {
     /// less exact side.
     ref_dtype: DType,
     quant: Option<QFormat>,
+    /// The nmse budget, where not [`MODEL_NMSE_F32`] / [`MODEL_NMSE_BF16`] by dtype.
+    budget: Option<f64>,
 }
 
 fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) -> Result<()> {
@@ -85,6 +92,7 @@ fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
             dtype,
             ref_dtype,
             quant,
+            budget: None,
         });
     }
     for dir in fixture_dirs(fixtures)? {
@@ -93,6 +101,24 @@ fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // gpt-oss's published MXFP4 experts with bf16 activations too, against the f32 reference (within
+        // MODEL_NMSE_GPT_OSS_BF16, the floor its bf16 rounding sets): a 40-token prompt (top-2 of 8: 10 rows per expert on average) prefills on qmma's MXFP4 GEMM and
+        // decodes on its GEMV.
+        if name == "gpt-oss-mxfp4" {
+            let long: Vec<u32> = (0..40)
+                .map(|i| (prompt[i % prompt.len()] + 7 * i as u32) % 256)
+                .collect();
+            let d = dir.clone();
+            cases.push(ModelCase {
+                name: name.clone(),
+                load: Box::new(move |o| load_dir(&d, o)),
+                prompt: long,
+                dtype: DType::BF16,
+                ref_dtype: DType::F32,
+                quant: None,
+                budget: Some(MODEL_NMSE_GPT_OSS_BF16),
+            });
+        }
         cases.push(ModelCase {
             name,
             load: Box::new(move |o| load_dir(&dir, o)),
@@ -100,14 +126,15 @@ fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
             dtype: DType::F32,
             ref_dtype: DType::F32,
             quant: None,
+            budget: None,
         });
     }
     for c in cases {
-        let budget = if c.dtype == DType::F32 {
+        let budget = c.budget.unwrap_or(if c.dtype == DType::F32 {
             MODEL_NMSE_F32
         } else {
             MODEL_NMSE_BF16
-        };
+        });
         let label = format!(
             "{} {}{} T={} +{MODEL_DECODE_STEPS}",
             c.name,

@@ -21,10 +21,10 @@
 // loads of the packed row (16 int8 or 32 int4 weights per lane per step), dequantize in registers
 // (w = s * q, or w = s * (q - z) exactly as the reference) and accumulate in f32 per activation row; a warp
 // sum then gives the outputs. Larger M runs more chunks (grid y); the host sends many-row launches to a tiled
-// GEMM further down instead (qmma_gemm_* on tensor cores where qmma applies, else qmatmul_gemm_*), INT4 and INT8
-// GEMVs with bf16/f16 activations to the tensor-core qmma_* entries, and the other INT4 (power-of-two group 32..1024) and INT8 GEMVs to the
-// qgemv_* entries further down (same chunks and arguments, fewer instructions per weight). These qmatmul_* GEMV
-// entries stay for MXFP4, other INT4 groups, odd K, and MOE_PATH=qmatmul-gemv.
+// GEMM further down instead (qmma_gemm_* on tensor cores where qmma applies, else qmatmul_gemm_*), INT4, INT8 and
+// MXFP4 GEMVs with bf16/f16 activations to the tensor-core qmma_* entries, and the other INT4 (power-of-two group
+// 32..1024) and INT8 GEMVs to the qgemv_* entries further down (same chunks and arguments, fewer instructions per
+// weight). These qmatmul_* GEMV entries stay for f32 MXFP4, other INT4 groups, odd K, and MOE_PATH=qmatmul-gemv.
 //
 // Vector path (uniform per launch, decided on the device): int8 needs K % 16 == 0, int4 K % 32 == 0 and
 // group % 32 == 0 (one (scale, zero) per 16-byte load), mxfp4 K % 32 == 0 (one exponent per 16-byte load),
@@ -534,12 +534,15 @@ __device__ __forceinline__ void qgemv_rows_tile(const uint8_t* const (&wrow)[NR]
 // The exact path: this lane's share of x . W[row] one weight at a time, dequantized as the reference does.
 template <typename T, int F>
 __device__ __forceinline__ float qgemv_row_exact(const T* __restrict__ xr, const uint8_t* __restrict__ wrow,
-                                                 const __half* __restrict__ prow, uint32_t K, uint32_t group,
-                                                 uint32_t lane) {
+                                                 const typename QParamT<F>::type* __restrict__ prow, uint32_t K,
+                                                 uint32_t group, uint32_t lane) {
   float acc = 0.f;
   for (uint32_t k = lane; k < K; k += 32) {
     float w;
-    if constexpr (F == QF_INT4) {
+    if constexpr (F == QF_MXFP4) {
+      const uint8_t byte = wrow[k / 2];
+      w = mx_decode1((k & 1u) ? (byte >> 4) : (byte & 0xf)) * mx_half_scale(prow[k / 32]);
+    } else if constexpr (F == QF_INT4) {
       const uint32_t g = k / group;
       const uint8_t byte = wrow[k / 2];
       w = f16_at(prow, 2 * g) * (static_cast<float>((k & 1u) ? (byte >> 4) : (byte & 0xf)) - f16_at(prow, 2 * g + 1));
@@ -730,10 +733,11 @@ QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f32, float, QF_INT4, true)
 QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_bf16, __nv_bfloat16, QF_INT4, true)
 QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
 
-// ---- decode on tensor cores: qmma, the INT4 and INT8 GEMVs for bf16/f16 activations ------------------------
-// qmma_{dense,moe,moe_swiglu}_{int4,int8}_{bf16,f16}: the same products, chunks (up to QMM_ROWS = 8 activation
-// rows), arguments and outputs as the qgemv_* entries above, for int4 with K % 32 == 0 and a power-of-two group
-// of at least 32 or int8 with K % 16 == 0, bf16/f16 activations, sm_80+ (the host's qgemv_entry decides). One
+// ---- decode on tensor cores: qmma, the INT4, INT8 and MXFP4 GEMVs for bf16/f16 activations -------------------
+// qmma_{dense,moe,moe_swiglu}_{int4,int8,mxfp4}_{bf16,f16}: the same products, chunks (up to QMM_ROWS = 8
+// activation rows), arguments and outputs as the qgemv_* entries above, for int4 with K % 32 == 0 and a
+// power-of-two group of at least 32, int8 with K % 16 == 0 or mxfp4 with K % 32 == 0 (its codes on INT4's path:
+// see qmmx_a), bf16/f16 activations, sm_80+ (the host's qgemv_entry decides). One
 // block is one mma.sync m16n8k16 tile: 16 weight rows (M) by the chunk's up to 8 activation rows (N), over all
 // of K. INT4 first; INT8 (qmma8_iter) after the split-K notes.
 //  - The weight codes go to the tensor cores as 16-bit floats without a conversion: a nibble OR-ed into the
@@ -772,6 +776,13 @@ QGEMV_MOE_ENTRY(qgemv_moe_swiglu_int4_f16, __half, QF_INT4, true)
 // weights as for int4. sm_90 SASS of qmma_moe_swiglu_int8_bf16 (a full iteration): 138 instructions per 64
 // weights of a lane (64 LOP3, 18 SHF, 16 PRMT, 16 HMMA, 8 128-bit loads, ~16 others), ~2.2 per weight for 1 to
 // 8 activation rows, where qgemv's int8 needs ~2.9 per weight and row for one row and ~1.7 for four.
+//
+// MXFP4 (an E8M0 exponent per 32 weights) runs INT4's iteration with its own A decode (qmmx_a: each code as the
+// integer 12 + 2 fp4 in MAGIC's mantissa, so the zero point is the constant 12 and every segment is one step).
+// sm_90 SASS of qmma_moe_swiglu_mxfp4_bf16 (a full iteration): 326 instructions per 64 weights of a lane (80
+// PRMT, 72 LOP3, 32 FFMA, 16 HMMA, 20 loads, ~106 others), ~5.1 per weight for 1 to 8 activation rows, where
+// qmatmul's MXFP4 GEMV spends ~6.3 per weight on dequantization alone (202 instructions per 16-byte load of 32
+// weights: LOP3, I2F, FMUL) and then an FFMA per weight and row.
 //
 // Exactness: if a sum of warp 0 is not finite (an inf or NaN activation, or (MAGIC + q) x overflowing where the
 // reference's s (q - z) x would not), or a pointer is not aligned for the vector loads, warp 0 recomputes the
@@ -820,6 +831,64 @@ __device__ __forceinline__ void qmma4_a(uint32_t w0, uint32_t w1, uint32_t (&a0)
   a1[0] = pr[0][2], a1[1] = pr[1][2], a1[2] = pr[0][3], a1[3] = pr[1][3];
 }
 
+// MXFP4 on the same fragments: each E2M1 code n (sign bit 3) becomes the integer u = 12 + 2 fp4(n) (12 - 2 |fp4|
+// when negative), 0..24, so MAGIC + u is exact and the INT4 path's zero point is the constant 12: the segment
+// (one 32-weight group) folds as s (P - (MAGIC + 12) S) with s = 2^(e - 128), the E8M0 scale of the doubled
+// values. Per word and half (nibbles {0, 1, 4, 5}, then {2, 3, 6, 7}): one PRMT gathers the half's 4 codes into a
+// selector, a LOP3 drops their sign bits, two PRMT look u up in byte tables for both signs, one PRMT turns the
+// signs into a byte mask (PRMT's sign-replicate mode on 0x80 bytes: 0xFF for a negative code, 0x80 otherwise,
+// which keeps the positive value since no table byte reaches 0x80) and one LOP3 selects; then the INT4 pairing
+// (bytes 0 and 2: nibbles i and i + 4): two LOP3 and a shift.
+#define MXU_POS_LO 0x0F0E0D0Cu  // 12 + {0, 1, 2, 3}: codes 0..3 (2 fp4 = 0, 1, 2, 3)
+#define MXU_POS_HI 0x18141210u  // 12 + {4, 6, 8, 12}: codes 4..7
+#define MXU_NEG_LO 0x090A0B0Cu  // 12 - {0, 1, 2, 3}
+#define MXU_NEG_HI 0x00040608u  // 12 - {4, 6, 8, 12}
+
+// PRMT in its default mode with all 4 selector bits: bit 3 of a nibble replicates the selected byte's sign bit
+// (__byte_perm is specified on 3 bits, so nvcc masks the 4th off first). The emulator's __byte_perm has both.
+__device__ __forceinline__ uint32_t prmt4(uint32_t a, uint32_t b, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(s));
+  return r;
+#else
+  return __byte_perm(a, b, s);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void qmmx_a(uint32_t w0, uint32_t w1, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+  constexpr uint32_t MAGIC2 = QmmaMagic<T>::MAGIC2;
+  const uint32_t wq[2] = {w0, w1};
+  uint32_t pr[2][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t raw = prmt4(wq[h], 0u, half == 0 ? 0x0020u : 0x0031u);  // the half's codes, signs included
+      const uint32_t sel = raw & 0x7777u;
+      const uint32_t pos = prmt4(MXU_POS_LO, MXU_POS_HI, sel), neg = prmt4(MXU_NEG_LO, MXU_NEG_HI, sel);
+      const uint32_t m = prmt4(0x80808080u, 0x80808080u, raw);
+      const uint32_t u = (neg & m) | (pos & ~m);
+      pr[h][2 * half] = and_or(u, 0x00FF00FFu, MAGIC2);
+      pr[h][2 * half + 1] = and_or(u >> 8, 0x00FF00FFu, MAGIC2);
+    }
+  a0[0] = pr[0][0], a0[1] = pr[1][0], a0[2] = pr[0][1], a0[3] = pr[1][1];
+  a1[0] = pr[0][2], a1[1] = pr[1][2], a1[2] = pr[0][3], a1[3] = pr[1][3];
+}
+
+// The A fragments of a 4-bit format's step: INT4 or MXFP4.
+template <typename T, int F>
+__device__ __forceinline__ void qmma_nib_a(uint32_t w0, uint32_t w1, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+  if constexpr (F == QF_MXFP4) qmmx_a<T>(w0, w1, a0, a1);
+  else qmma4_a<T>(w0, w1, a0, a1);
+}
+
+// A 4-bit format's per-row segment params as the qmma kernels load them: INT4's (scale, zero) pairs, MXFP4's
+// E8M0 bytes.
+template <int F> struct QmPar { using type = __half2; };
+template <> struct QmPar<QF_MXFP4> { using type = uint8_t; };
+
 // INT4, a step's B fragments from the lane's 8 activations xv: positions {0, 4}, {1, 5} (tile 0: words x, y of the
 // result) and {2, 6}, {3, 7} (tile 1: z, w), matching qmma4_a.
 __device__ __forceinline__ uint4 qmma4_pair(const uint4& xv) {
@@ -837,15 +906,27 @@ __device__ __forceinline__ void qmma4_mma(const uint32_t (&a0)[4], const uint32_
   mma_16816<T>(d, a1, b1);
 }
 
-// INT4, the end of a group segment that starts at k0: the (scale, zero) pairs of rows g and g + 8 (p[h] at the
-// lane's rows; a dead row, or a segment past K in a partial iteration, gets a zero scale).
-template <bool TAIL>
-__device__ __forceinline__ void qmma4_params(const __half2* const (&p)[2], const bool (&live)[2], uint32_t k0,
-                                             uint32_t K, uint32_t gshift, float2 (&sz)[2]) {
+// 4-bit formats, the end of a group segment that starts at k0: the (scale, zero) pairs of rows g and g + 8 (p[h]
+// at the lane's rows; INT4's pairs, MXFP4's (2^(e - 128), 12)); a dead row, or a segment past K in a partial
+// iteration, gets a zero scale.
+template <int F, bool TAIL>
+__device__ __forceinline__ void qmma4_params(const typename QmPar<F>::type* const (&p)[2], const bool (&live)[2],
+                                             uint32_t kb, uint32_t j0, uint32_t K, uint32_t gshift,
+                                             float2 (&sz)[2]) {
+  const uint32_t k0 = kb + 32u * j0;  // the segment's first weight: step j0 of the iteration from kb
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    sz[h] = float2{0.f, 0.f};
-    if (live[h] && (!TAIL || k0 < K)) sz[h] = __half22float2(__ldg(p[h] + (k0 >> gshift)));
+    if constexpr (F == QF_MXFP4) {
+      // One exponent per step: the iteration's sit at kb / 32 + j (one base, immediate offsets). A dead row's
+      // pointer is row 0's, so only a step past K skips its load: unconditional loads keep the row pointers in
+      // registers, where under the live branch the compiler recomputed them at each of the iteration's loads.
+      float2 v{0.f, 0.f};
+      if (!TAIL || k0 < K) v = float2{mx_half_scale(__ldg(p[h] + (kb >> 5) + j0)), 12.f};
+      sz[h] = live[h] ? v : float2{0.f, 0.f};
+    } else {
+      sz[h] = float2{0.f, 0.f};
+      if (live[h] && (!TAIL || k0 < K)) sz[h] = __half22float2(__ldg(p[h] + (k0 >> gshift)));
+    }
   }
 }
 
@@ -869,8 +950,8 @@ __device__ __forceinline__ void qmma4_fold(const float2 (&sz)[2], float (&P)[4],
 // a row past N reads packed row 0 and gets a zero scale) against the activations of row g (xr, a live row's
 // when g is past the chunk: that column is computed and dropped), added to tot as in the notes above. Segments of
 // SEG steps share one group. TAIL: a partial iteration (K - kb < 32 QM_STEPS): the steps past K load nothing.
-template <typename T, int SEG, bool TAIL>
-__device__ __forceinline__ void qmma_iter(const uint32_t* const (&w)[2], const __half2* const (&p)[2],
+template <typename T, int F, int SEG, bool TAIL>
+__device__ __forceinline__ void qmma_iter(const uint32_t* const (&w)[2], const typename QmPar<F>::type* const (&p)[2],
                                           const bool (&live)[2], const T* __restrict__ xr, uint32_t kb,
                                           uint32_t K, uint32_t gshift, uint32_t t, float (&tot)[4]) {
   const uint32_t ns = TAIL ? (K - kb) / 32u : QM_STEPS;  // steps past ns load nothing
@@ -890,27 +971,27 @@ __device__ __forceinline__ void qmma_iter(const uint32_t* const (&w)[2], const _
 #pragma unroll
   for (int j = 0; j < QM_STEPS; ++j) {
     uint32_t a0[4], a1[4];
-    qmma4_a<T>(wq[0][j], wq[1][j], a0, a1);
+    qmma_nib_a<T, F>(wq[0][j], wq[1][j], a0, a1);
     const uint4 bv = qmma4_pair(xv[j]);
     qmma4_mma<T>(a0, a1, bv, P);
     qmma4_mma<T>(ones, ones, bv, S);
     if (j % SEG == SEG - 1) {
       float2 sz[2];
-      qmma4_params<TAIL>(p, live, kb + 32u * static_cast<uint32_t>(j + 1 - SEG), K, gshift, sz);
+      qmma4_params<F, TAIL>(p, live, kb, static_cast<uint32_t>(j + 1 - SEG), K, gshift, sz);
       qmma4_fold<T>(sz, P, S, tot);
     }
   }
 }
 
-// qmma_iter for the runtime segment length seg (1, 2 or QM_STEPS steps).
-template <typename T, bool TAIL>
+// qmma_iter for the runtime segment length seg (1, 2 or QM_STEPS steps; MXFP4's groups are one step).
+template <typename T, int F, bool TAIL>
 __device__ __forceinline__ void qmma_iter_seg(uint32_t seg, const uint32_t* const (&w)[2],
-                                              const __half2* const (&p)[2], const bool (&live)[2],
+                                              const typename QmPar<F>::type* const (&p)[2], const bool (&live)[2],
                                               const T* __restrict__ xr, uint32_t kb, uint32_t K, uint32_t gshift,
                                               uint32_t t, float (&tot)[4]) {
-  if (seg == 1) qmma_iter<T, 1, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
-  else if (seg == 2) qmma_iter<T, 2, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
-  else qmma_iter<T, QM_STEPS, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
+  if (F == QF_MXFP4 || seg == 1) qmma_iter<T, F, 1, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
+  else if (seg == 2) qmma_iter<T, F, 2, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
+  else qmma_iter<T, F, QM_STEPS, TAIL>(w, p, live, xr, kb, K, gshift, t, tot);
 }
 
 // INT8, one 32-bit word (4 codes) of rows g (u0) and g + 8 (u1): the A planes of codes {0, 2} and {1, 3}, split as
@@ -976,30 +1057,33 @@ __device__ __forceinline__ void qmma8_iter(const uint4* const (&w)[2], const T* 
 }
 
 // What the qmma kernels derive from K and the group for format F: the group's shift (INT4's group is a power of
-// two >= 32, the host checked; INT8 has one scale per row), params per row (INT4's (scale, zero) pairs), bytes
-// per packed row, the group segment in 32-weight steps (min(group, 128) weights: a segment never straddles an
-// iteration), and whether the pointers allow the vector loads (4-byte INT4 words and pairs, 16-byte INT8
-// loads, 16-byte activations); and the lane's pointers into its rows g and g + 8: INT4's word t of each row
-// and the row's pairs, INT8's rows as 16-byte units.
+// two >= 32, the host checked; MXFP4's is 32; INT8 has one scale per row), params per row (INT4's (scale, zero)
+// pairs, MXFP4's exponents), bytes per packed row, the group segment in 32-weight steps (min(group, 128)
+// weights: a segment never straddles an iteration), and whether the pointers allow the vector loads (4-byte
+// words and INT4 pairs, 16-byte INT8 loads, 16-byte activations); and the lane's pointers into its rows g and
+// g + 8: a 4-bit format's word t of each row and the row's params, INT8's rows as 16-byte units.
 template <int F> struct QmmaGeom {
-  static constexpr bool INT4 = F == QF_INT4;
+  static constexpr bool NIB = F != QF_INT8;
+  using P = typename QParamT<F>::type;
+  using PP = typename QmPar<F>::type;
   uint32_t gshift, seg;
   size_t PR, KB;
   bool vec;
   template <typename T>
-  __device__ __forceinline__ QmmaGeom(const T* x, const uint8_t* qweight, const __half* params, uint32_t K,
+  __device__ __forceinline__ QmmaGeom(const T* x, const uint8_t* qweight, const P* params, uint32_t K,
                                       uint32_t group)
-      : gshift(INT4 ? __ffs(group) - 1 : 0), seg(INT4 ? min(group / 32u, static_cast<uint32_t>(QM_STEPS)) : 0),
-        PR(INT4 ? (K + group - 1) >> gshift : 1), KB(INT4 ? K / 2 : K),
-        vec((reinterpret_cast<uintptr_t>(qweight) & (INT4 ? 3u : 15u)) == 0 &&
-            (!INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0) && is_aligned16(x)) {}
-  __device__ __forceinline__ void ptrs(const uint8_t* qweight, const __half* params, const size_t (&rows)[2],
-                                       uint32_t t, const uint32_t* (&w4)[2], const __half2* (&p4)[2],
+      : gshift(F == QF_INT4 ? __ffs(group) - 1 : F == QF_MXFP4 ? 5 : 0),
+        seg(F == QF_INT4 ? min(group / 32u, static_cast<uint32_t>(QM_STEPS)) : 1),
+        PR(NIB ? (K + 31 + (F == QF_INT4 ? group - 32 : 0)) >> gshift : 1), KB(NIB ? K / 2 : K),
+        vec((reinterpret_cast<uintptr_t>(qweight) & (NIB ? 3u : 15u)) == 0 &&
+            (F != QF_INT4 || (reinterpret_cast<uintptr_t>(params) & 3u) == 0) && is_aligned16(x)) {}
+  __device__ __forceinline__ void ptrs(const uint8_t* qweight, const P* params, const size_t (&rows)[2],
+                                       uint32_t t, const uint32_t* (&w4)[2], const PP* (&p4)[2],
                                        const uint4* (&w8)[2]) const {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       w4[h] = reinterpret_cast<const uint32_t*>(qweight + rows[h] * KB) + t;
-      p4[h] = reinterpret_cast<const __half2*>(params) + rows[h] * PR;
+      p4[h] = reinterpret_cast<const PP*>(params) + rows[h] * PR;
       w8[h] = reinterpret_cast<const uint4*>(qweight + rows[h] * KB);
     }
   }
@@ -1026,14 +1110,15 @@ template <typename T, int F, bool SWIGLU, class XRow>
 __device__ __forceinline__ void qmma_tile_out(float (&tot)[4], bool bad, const size_t (&rows)[2],
                                               const bool (&live)[2], uint32_t e, uint32_t n0, uint32_t N,
                                               uint32_t cnt, const XRow& x_row, const uint8_t* __restrict__ qweight,
-                                              const __half* __restrict__ params, uint32_t K, uint32_t group,
+                                              const typename QParamT<F>::type* __restrict__ params, uint32_t K,
+                                              uint32_t group,
                                               T* __restrict__ out, uint32_t r0) {
-  constexpr bool INT4 = F == QF_INT4;
+  constexpr bool INT4 = F == QF_INT4, NIB = F != QF_INT8;
   const uint32_t lane = threadIdx.x & 31u, g = lane >> 2, t = lane & 3u;
-  const size_t KB = INT4 ? K / 2 : K, PR = INT4 ? (K + group - 1) / group : 1;
+  const size_t KB = NIB ? K / 2 : K, PR = INT4 ? (K + group - 1) / group : F == QF_MXFP4 ? (K + 31) / 32 : 1;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    if constexpr (!INT4) tot[q] *= live[q / 2] ? f16_at(params, rows[q / 2]) : 0.f;  // the row's scale
+    if constexpr (!NIB) tot[q] *= live[q / 2] ? f16_at(params, rows[q / 2]) : 0.f;  // INT8: the row's scale
     // An inf or NaN in an output that is written.
     bad |= live[q / 2] && 2 * t + (q & 1) < cnt && !(fabsf(tot[q]) <= 3.402823466e38f);
   }
@@ -1069,13 +1154,14 @@ __device__ __forceinline__ void qmma_tile_out(float (&tot)[4], bool bad, const s
 
 template <typename T, int F, bool MOE, bool SWIGLU>
 __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
-                                          const __half* __restrict__ params, const uint32_t* __restrict__ chunks,
+                                          const typename QParamT<F>::type* __restrict__ params,
+                                          const uint32_t* __restrict__ chunks,
                                           const uint32_t* __restrict__ row_token,
                                           const uint32_t* __restrict__ counts,
                                           const uint32_t* __restrict__ offsets, uint32_t E, T* __restrict__ out,
                                           uint32_t C, uint32_t N, uint32_t K, uint32_t group) {
   __shared__ float red[QM_WARPS - 1][4][32];  // warps 1.. park their partial sums here for warp 0
-  constexpr bool INT4 = F == QF_INT4;
+  constexpr bool NIB = F != QF_INT8;
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5, g = lane >> 2, t = lane & 3u;
   // Tile row m: feature n0 + m (n0 = 16 blockIdx.y); SwiGLU: rows g and g + 8 are feature n0 + g's gate and up
   // rows (n0 = 8 blockIdx.y), so the epilogue finds both in the same lane.
@@ -1097,13 +1183,13 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
     if (vec) {
       constexpr uint32_t IT = 32u * QM_STEPS;  // 128 weights per iteration, int4 and int8 alike
       const uint32_t* w4[2];
-      const __half2* p4[2];
+      const typename QmPar<F>::type* p4[2];
       const uint4* w8[2];
       geo.ptrs(qweight, params, rows, t, w4, p4, w8);
       for (uint32_t kb = warp * IT; kb < K; kb += QM_WARPS * IT) {
-        if constexpr (INT4) {
-          if (K - kb >= IT) qmma_iter_seg<T, false>(geo.seg, w4, p4, live, xr, kb, K, geo.gshift, t, tot);
-          else qmma_iter_seg<T, true>(geo.seg, w4, p4, live, xr, kb, K, geo.gshift, t, tot);
+        if constexpr (NIB) {
+          if (K - kb >= IT) qmma_iter_seg<T, F, false>(geo.seg, w4, p4, live, xr, kb, K, geo.gshift, t, tot);
+          else qmma_iter_seg<T, F, true>(geo.seg, w4, p4, live, xr, kb, K, geo.gshift, t, tot);
         } else {
           if (K - kb >= IT) qmma8_iter<T, false>(w8, xr, kb, K, t, tot);
           else qmma8_iter<T, true>(w8, xr, kb, K, t, tot);
@@ -1128,11 +1214,11 @@ __device__ __forceinline__ void qmma_impl(const T* __restrict__ x, const uint8_t
 // Entries from sm_80 (mma.sync m16n8k16 with bf16 / f16).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define QMMA_DENSE_ENTRY(NAME, T, F)                                                                          \
-  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, 2) NAME(QMM_DENSE_PARAMS(T, __half)) {         \
+  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, 2) NAME(QMM_DENSE_PARAMS(T, QParamT<F>::type)) { \
     qmma_impl<T, F, false, false>(QMM_DENSE_ARGS);                                                           \
   }
 #define QMMA_MOE_ENTRY(NAME, T, F, SWIGLU)                                                                    \
-  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, 2) NAME(QMM_MOE_PARAMS(T, __half)) {           \
+  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, 2) NAME(QMM_MOE_PARAMS(T, QParamT<F>::type)) { \
     qmma_impl<T, F, true, SWIGLU>(QMM_MOE_ARGS);                                                             \
   }
 QMMA_DENSE_ENTRY(qmma_dense_int4_bf16, __nv_bfloat16, QF_INT4)
@@ -1147,10 +1233,16 @@ QMMA_MOE_ENTRY(qmma_moe_int8_bf16, __nv_bfloat16, QF_INT8, false)
 QMMA_MOE_ENTRY(qmma_moe_int8_f16, __half, QF_INT8, false)
 QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_bf16, __nv_bfloat16, QF_INT8, true)
 QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_f16, __half, QF_INT8, true)
+QMMA_DENSE_ENTRY(qmma_dense_mxfp4_bf16, __nv_bfloat16, QF_MXFP4)
+QMMA_DENSE_ENTRY(qmma_dense_mxfp4_f16, __half, QF_MXFP4)
+QMMA_MOE_ENTRY(qmma_moe_mxfp4_bf16, __nv_bfloat16, QF_MXFP4, false)
+QMMA_MOE_ENTRY(qmma_moe_mxfp4_f16, __half, QF_MXFP4, false)
+QMMA_MOE_ENTRY(qmma_moe_swiglu_mxfp4_bf16, __nv_bfloat16, QF_MXFP4, true)
+QMMA_MOE_ENTRY(qmma_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 #endif
 
 // ---- prefill on tensor cores: qmma_gemm -----------------------------------------------------------------------
-// qmma_gemm_{,swiglu_}{int4,int8}_{bf16,f16}: qmatmul_gemm's product (arguments, dispatch-driven row tiles and
+// qmma_gemm_{,swiglu_}{int4,int8,mxfp4}_{bf16,f16}: qmatmul_gemm's product (arguments, dispatch-driven row tiles and
 // output below), or the SwiGLU of the GEMV's swiglu entries, on qmma's fragments, for many rows per expert
 // (prefill, large batches). Where the qmma GEMV would dequantize every weight once per 8 activation rows and read
 // every activation from L2 once per 16 weight rows, one block here is QM_WARPS = 8 warps on 128 weight rows (16
@@ -1166,8 +1258,9 @@ QMMA_MOE_ENTRY(qmma_moe_swiglu_int8_f16, __half, QF_INT8, true)
 // So each weight is dequantized once per 32 rows and each staged activation read from L2 once per 128 weight
 // rows. sm_90 SASS of qmma_gemm_int4_bf16 (g128, a full stage): 167 instructions for 64 weights x 32 rows of a
 // lane (32 LOP3, 32 HMMA, 32 FFMA, 25 SHF, 20 LDS, ~26 others), ~0.08 per weight and row where the GEMV spends
-// ~0.28; INT8's stage is 167 too (64 HMMA). INT4 takes 190-196 registers (one block per SM: capped at 128 for two
-// it spilled), INT8 116-118 (two).
+// ~0.28; INT8's stage is 167 too (64 HMMA). MXFP4's whole stage loop (staging included) is 659 instructions;
+// INT4 g32's stage (its closest: one-step segments) is 342 plus the ~230 of staging and dispatch its loop shares. INT4 and MXFP4 take 186-196 registers (one block per SM: capped
+// at 128 for two INT4 spilled), INT8 116-118 (two).
 // Launch: grid = (ceil(N / 128) (SwiGLU: ceil(N / 64)), ceil(R / 32) + min(E, R)), block = 256; the host takes it
 // where the qmma GEMV applies and experts get more rows than one GEMV chunk (qexperts.rs, qmm_path).
 #define QMG_ROWS 32
@@ -1199,17 +1292,18 @@ __device__ __forceinline__ void qmmg_load8(const uint4* const (&w)[2], uint32_t 
 // time after all A fragments (one tile's P live, not four). S, the activation sums, come from the staging (ss:
 // the sums of rows 2 p and 2 p + 1 over the segment from step j at float2 p QM_STEPS + j) instead of a ones-mma.
 // Steps past K hold zero weights and activations; their segments get a zero scale.
-template <typename T, int SEG, uint32_t XS>
-__device__ __forceinline__ void qmmg_iter4(const uint32_t (&wq)[2][QM_STEPS], const __half2* const (&p)[2],
+template <typename T, int F, int SEG, uint32_t XS>
+__device__ __forceinline__ void qmmg_iter4(const uint32_t (&wq)[2][QM_STEPS],
+                                           const typename QmPar<F>::type* const (&p)[2],
                                            const bool (&live)[2], const T* xs, const float* ss, uint32_t kb,
                                            uint32_t K, uint32_t gshift, uint32_t g, uint32_t t,
                                            float (&tot)[QMG_NT][4]) {
   uint32_t a[QM_STEPS][2][4];
 #pragma unroll
-  for (int j = 0; j < QM_STEPS; ++j) qmma4_a<T>(wq[0][j], wq[1][j], a[j][0], a[j][1]);
+  for (int j = 0; j < QM_STEPS; ++j) qmma_nib_a<T, F>(wq[0][j], wq[1][j], a[j][0], a[j][1]);
   float2 sz[QM_STEPS / SEG][2];
 #pragma unroll
-  for (int u = 0; u < QM_STEPS / SEG; ++u) qmma4_params<true>(p, live, kb + 32u * SEG * u, K, gshift, sz[u]);
+  for (int u = 0; u < QM_STEPS / SEG; ++u) qmma4_params<F, true>(p, live, kb, SEG * u, K, gshift, sz[u]);
 #pragma unroll
   for (int s = 0; s < QMG_NT; ++s) {
     float P[4] = {0.f, 0.f, 0.f, 0.f};
@@ -1226,14 +1320,14 @@ __device__ __forceinline__ void qmmg_iter4(const uint32_t (&wq)[2][QM_STEPS], co
 }
 
 // qmmg_iter4 for the runtime segment length seg (1, 2 or QM_STEPS steps).
-template <typename T, uint32_t XS>
+template <typename T, int F, uint32_t XS>
 __device__ __forceinline__ void qmmg_iter4_seg(uint32_t seg, const uint32_t (&wq)[2][QM_STEPS],
-                                               const __half2* const (&p)[2], const bool (&live)[2], const T* xs,
+                                               const typename QmPar<F>::type* const (&p)[2], const bool (&live)[2], const T* xs,
                                                const float* ss, uint32_t kb, uint32_t K, uint32_t gshift,
                                                uint32_t g, uint32_t t, float (&tot)[QMG_NT][4]) {
-  if (seg == 1) qmmg_iter4<T, 1, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
-  else if (seg == 2) qmmg_iter4<T, 2, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
-  else qmmg_iter4<T, QM_STEPS, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
+  if (F == QF_MXFP4 || seg == 1) qmmg_iter4<T, F, 1, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
+  else if (seg == 2) qmmg_iter4<T, F, 2, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
+  else qmmg_iter4<T, F, QM_STEPS, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
 }
 
 // INT8, one stage (128 weights from kb, the loads wq of qmmg_load8) of a warp: qmma8_iter's words, each word's A
@@ -1265,16 +1359,17 @@ template <typename T, int F, bool SWIGLU>
 __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
                                                const uint32_t* __restrict__ counts,
                                                const uint32_t* __restrict__ offsets,
-                                               const uint8_t* __restrict__ qweight, const __half* __restrict__ params,
+                                               const uint8_t* __restrict__ qweight,
+                                               const typename QParamT<F>::type* __restrict__ params,
                                                T* __restrict__ out, uint32_t E, uint32_t N, uint32_t K,
                                                uint32_t group) {
-  constexpr bool INT4 = F == QF_INT4;
+  constexpr bool NIB = F != QF_INT8;  // INT4 and MXFP4 share the 4-bit path
   constexpr uint32_t IT = 32u * QM_STEPS;  // K per stage
   // Staged row stride: a 16-byte load phase (8 lanes: rows g, g + 1, 4 lanes t each) covers all 32 banks once:
   // int4's 4 lanes read 64 consecutive bytes of a row (next row 64 bytes on), int8's 16 of every 32 (16 on).
-  constexpr uint32_t XS = IT + (INT4 ? 32u : 8u);
+  constexpr uint32_t XS = IT + (NIB ? 32u : 8u);
   __shared__ __align__(16) T xs[QMG_ROWS][XS];
-  __shared__ __align__(8) float ss[QMG_ROWS / 2][2 * QM_STEPS];  // INT4: segment sums, read as float2 pairs
+  __shared__ __align__(8) float ss[QMG_ROWS / 2][2 * QM_STEPS];  // 4-bit formats: segment sums, read as float2
   __shared__ uint32_t src[QMG_ROWS];
   uint32_t m0 = 0;
   const int ee = nth_row_tile(counts, E, blockIdx.y, QMG_ROWS, &m0);
@@ -1300,7 +1395,7 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
   if (vec) {
     tile_rows();
     const uint32_t* w4[2];
-    const __half2* p4[2];
+    const typename QmPar<F>::type* p4[2];
     const uint4* w8[2];
     geo.ptrs(qweight, params, rows, t, w4, p4, w8);
     // Each thread stages 16-byte pieces tid and tid + 256 of a stage (piece i: row i / 16, activations
@@ -1321,7 +1416,7 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
     const bool busy = n0 < N;  // warp-uniform: a warp past N stages activations, nothing more
     const auto load_w = [&](uint32_t kb) {
       if (!busy) return;
-      if constexpr (INT4) qmmg_load4(w4, kb, K, wq4);
+      if constexpr (NIB) qmmg_load4(w4, kb, K, wq4);
       else qmmg_load8(w8, kb, K, t, wq8);
     };
     load(0, nx);
@@ -1331,7 +1426,7 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
       for (uint32_t u = 0; u < PIECES; ++u) {
         const uint32_t i = tid + u * QM_WARPS * 32, r = i / (IT / 8), c = 8 * (i % (IT / 8));
         const uint4 v = nx[u];
-        if constexpr (INT4) {
+        if constexpr (NIB) {
           *reinterpret_cast<uint4*>(&xs[r][c]) = qmma4_pair(v);
           // A (row, 32-weight step) is 4 consecutive lanes' pieces, a segment of seg steps 4 seg lanes: their
           // sum is S for the segment, kept at its first step.
@@ -1349,7 +1444,7 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
       }
       uint32_t cur4[2][QM_STEPS];
       uint4 cur8[2][2];
-      if constexpr (INT4) memcpy(cur4, wq4, sizeof(cur4));
+      if constexpr (NIB) memcpy(cur4, wq4, sizeof(cur4));
       else memcpy(cur8, wq8, sizeof(cur8));
       if (kb + IT < K) {
         load(kb + IT, nx);
@@ -1357,7 +1452,7 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
       }
       __syncthreads();
       if (busy) {
-        if constexpr (INT4) qmmg_iter4_seg<T, XS>(seg, cur4, p4, live, &xs[0][0], &ss[0][0], kb, K, gshift, g, t, tot);
+        if constexpr (NIB) qmmg_iter4_seg<T, F, XS>(seg, cur4, p4, live, &xs[0][0], &ss[0][0], kb, K, gshift, g, t, tot);
         else qmmg_iter8<T, XS>(cur8, &xs[0][0], g, t, tot);
       }
       __syncthreads();  // xs is restaged
@@ -1379,10 +1474,11 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
 // Entries from sm_80, with qmatmul_gemm's arguments.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define QMMA_GEMM_ENTRY(NAME, T, F, SWIGLU)                                                                   \
-  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, F == QF_INT4 ? 1 : 2)                          \
+  extern "C" __global__ void __launch_bounds__(QM_WARPS * 32, F == QF_INT8 ? 2 : 1)                          \
       NAME(const T* __restrict__ x, const uint32_t* __restrict__ row_token, const uint32_t* __restrict__ counts, \
            const uint32_t* __restrict__ offsets, const uint8_t* __restrict__ qweight,                        \
-           const __half* __restrict__ params, T* __restrict__ out, uint32_t E, uint32_t N, uint32_t K,         \
+           const QParamT<F>::type* __restrict__ params, T* __restrict__ out, uint32_t E, uint32_t N,           \
+           uint32_t K,                                                                                        \
            uint32_t group) {                                                                                  \
     qmma_gemm_impl<T, F, SWIGLU>(x, row_token, counts, offsets, qweight, params, out, E, N, K, group);          \
   }
@@ -1393,6 +1489,10 @@ QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int4_f16, __half, QF_INT4, true)
 QMMA_GEMM_ENTRY(qmma_gemm_int8_bf16, __nv_bfloat16, QF_INT8, false)
 QMMA_GEMM_ENTRY(qmma_gemm_int8_f16, __half, QF_INT8, false)
 QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_bf16, __nv_bfloat16, QF_INT8, true)
+QMMA_GEMM_ENTRY(qmma_gemm_mxfp4_bf16, __nv_bfloat16, QF_MXFP4, false)
+QMMA_GEMM_ENTRY(qmma_gemm_mxfp4_f16, __half, QF_MXFP4, false)
+QMMA_GEMM_ENTRY(qmma_gemm_swiglu_mxfp4_bf16, __nv_bfloat16, QF_MXFP4, true)
+QMMA_GEMM_ENTRY(qmma_gemm_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_f16, __half, QF_INT8, true)
 #endif
 

@@ -676,7 +676,7 @@ mod tests {
             usize,
             ExpertPath,
         );
-        let products: [Case; 12] = [
+        let products: [Case; 13] = [
             (g128, DType::BF16, &[(4096, 4096)], 513, 513.0, 1, Gemm),
             (int8, DType::F16, &[(4096, 4096)], 513, 513.0, 1, Gemm),
             (g128, DType::BF16, &[(4096, 4096)], 8, 8.0, 1, Gemv),
@@ -701,6 +701,15 @@ mod tests {
             (
                 QFormat::Mxfp4,
                 DType::BF16,
+                &[(4096, 4096)],
+                64,
+                6.0,
+                8,
+                Gemv,
+            ),
+            (
+                QFormat::Mxfp4,
+                DType::F32,
                 &[(4096, 4096)],
                 64,
                 6.0,
@@ -882,28 +891,28 @@ mod tests {
                 qmatmul_moe_plan(DType::F16, QFormat::Int8, many, true, ExpertPath::Gemv).unwrap();
             assert_eq!(p.launches[0].grid, [70004, 3, 1]);
         }
-        // MXFP4 keeps the qmatmul entries, with SwiGLU too.
-        let p = moe_plan(
-            DType::BF16,
-            QFormat::Mxfp4,
-            d,
-            true,
-            ExpertPath::Gemv,
-            false,
-        )
-        .unwrap();
-        assert_eq!(p.launches[0].entry, "qmatmul_moe_mxfp4_bf16");
+        // MXFP4 on qmma in bf16/f16 (K % 32 == 0), with SwiGLU too; f32 and odd K keep the qmatmul entries.
         let even = dims(20, 38, 96, 4);
-        let p = moe_plan(
-            DType::BF16,
-            QFormat::Mxfp4,
-            even,
-            true,
-            ExpertPath::Gemv,
-            true,
-        )
-        .unwrap();
-        assert_eq!(p.launches[0].entry, "qmatmul_moe_swiglu_mxfp4_bf16");
+        let qmma = crate::qmatmul::qmma_built();
+        for (dtype, dd, swiglu, want) in [
+            (DType::BF16, d, false, "qmma_moe_mxfp4_bf16"),
+            (DType::F16, even, true, "qmma_moe_swiglu_mxfp4_f16"),
+            (DType::F32, even, true, "qmatmul_moe_swiglu_mxfp4_f32"),
+            (
+                DType::BF16,
+                dims(20, 38, 80, 4),
+                false,
+                "qmatmul_moe_mxfp4_bf16",
+            ),
+        ] {
+            let p = moe_plan(dtype, QFormat::Mxfp4, dd, true, ExpertPath::Gemv, swiglu).unwrap();
+            let want = if qmma {
+                want.to_string()
+            } else {
+                want.replace("qmma_", "qmatmul_")
+            };
+            assert_eq!(p.launches[0].entry, want);
+        }
         let p = moe_plan(
             DType::BF16,
             QFormat::Int8,

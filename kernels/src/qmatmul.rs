@@ -339,8 +339,8 @@ pub(crate) fn qmma_built() -> bool {
 }
 
 /// The GEMV entries of `fmt` over K input features for `dtype` activations, under this thread's
-/// [`GemvKernel`]: `qmma` (INT4 with K % 32 == 0 and a power-of-two group of at least 32, or INT8 with
-/// K % 16 == 0; bf16/f16, sm_80+; see
+/// [`GemvKernel`]: `qmma` (INT4 with K % 32 == 0 and a power-of-two group of at least 32, INT8 with
+/// K % 16 == 0, or MXFP4 with K % 32 == 0; bf16/f16, sm_80+; see
 /// `cuda/qmatmul.cu`), `qgemv` (subnormal-code dequantization, activations staged in shared memory: int4 with
 /// K % 32 == 0 and a power-of-two group of 32 to [`QR_MAX_GROUP`], each lane's 32-weight slice inside one
 /// group; int8 with K % 16 == 0), or `None` for the `qmatmul_*` ones. Same chunks, arguments and output; the
@@ -366,9 +366,10 @@ pub(crate) fn qgemv_entry(
     };
     // The build's architecture is parsed last: this runs for every GEMV the decode step plans.
     let int8 = fmt == QFormat::Int8 && k.is_multiple_of(16);
+    let mxfp4 = fmt == QFormat::Mxfp4 && k.is_multiple_of(32);
     let prefix = if choice == GemvKernel::Qmma
         && matches!(dtype, DType::BF16 | DType::F16)
-        && (int8 || int4(u32::MAX as usize))
+        && (int8 || mxfp4 || int4(u32::MAX as usize))
         && qmma_built()
     {
         "qmma"
