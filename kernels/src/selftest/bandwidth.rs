@@ -5,20 +5,22 @@
 //!
 //! On CUDA the shapes are Mixtral-8x7B's experts (H = 4096, F = 14336, 8 experts, one token routed to
 //! two of them, and 4, 8 or 64 tokens routed to the same two, bf16 activations): the gate/up projection with its SwiGLU epilogue and the down
-//! projection, INT4 g128 and INT8. Each case is checked against the CPU reference like every other
+//! projection, INT4 g128, INT8 and MXFP4 (gpt-oss's format, no `qgemv` entry). Each case is checked against the CPU reference like every other
 //! and timed as the median of [`CALLS`] warm calls; its name carries the bytes the two live experts'
 //! weights and params hold and the rate that median gives. A device-to-device copy of the same
 //! size gives the rate to compare against (read + write bytes). On the emulator the shapes are small
 //! and the rates mean nothing: the cases run there so that CI keeps the code path alive. The CPU
 //! (the references, no kernels) runs the copy only.
 //!
-//! The weights are random codes and params (scales ~0.01, zeros 0..15), not quantized floats: only the
+//! The weights are random codes and params (scales ~0.01, zeros 0..15, MXFP4 exponents 2^-8..2^-5), not
+//! quantized floats: only the
 //! bytes matter here, and the reference dequantizes whatever they hold.
 
 use super::experts::live_rows;
 use super::*;
 use crate::dispatch::{dispatch_reference, DispatchHost};
 use crate::experts::ExpertPath;
+use crate::qformat::QParams;
 use crate::qmatmul::{set_gemv_kernel, GemvKernel, QFormat, QMATMUL_NMSE_BF16};
 use half::f16;
 
@@ -36,19 +38,21 @@ fn random_experts(
     e: usize,
     rows: usize,
     k: usize,
-) -> (Vec<u8>, Vec<f16>) {
+) -> (Vec<u8>, QParams) {
     let (kb, pr) = (
         fmt.row_bytes(k),
         fmt.params_shape(k).iter().product::<usize>(),
     );
     let (mut q, mut p) = (vec![0u8; e * rows * kb], vec![f16::ZERO; e * rows * pr]);
+    let mut exps = vec![0u8; e * rows * pr];
     for &x in &LIVE {
         let x = x as usize;
         for chunk in q[x * rows * kb..(x + 1) * rows * kb].chunks_mut(8) {
             let r = rng.next_u64().to_le_bytes();
             chunk.copy_from_slice(&r[..chunk.len()]);
         }
-        for (i, v) in p[x * rows * pr..(x + 1) * rows * pr].iter_mut().enumerate() {
+        let live = x * rows * pr..(x + 1) * rows * pr;
+        for (i, v) in p[live.clone()].iter_mut().enumerate() {
             // int4: (scale, zero) pairs; int8: one scale per row.
             let zero = matches!(fmt, QFormat::Int4 { .. }) && i % 2 == 1;
             *v = f16::from_f32(if zero {
@@ -57,7 +61,15 @@ fn random_experts(
                 0.01 + 0.005 * rng.f32()
             });
         }
+        // mxfp4: an E8M0 exponent per 32 weights, scales 2^-8 .. 2^-5.
+        for v in &mut exps[live] {
+            *v = 119 + rng.below(4) as u8;
+        }
     }
+    let p = match fmt {
+        QFormat::Mxfp4 => QParams::U8(exps),
+        _ => QParams::F16(p),
+    };
     (q, p)
 }
 
@@ -156,11 +168,16 @@ fn gemv_batch_cases(
     for (fname, fmt) in [
         ("int4-g128", QFormat::Int4 { group: 128 }),
         ("int8", QFormat::Int8),
+        ("mxfp4", QFormat::Mxfp4),
     ] {
         // (projection, weight rows per expert, inputs, gather, SwiGLU)
         for (proj, n_rows, k, gather) in [("gate_up", 2 * f, h, true), ("down", h, f, false)] {
             let (q, p) = random_experts(rng, fmt, e, n_rows, k);
-            let live_bytes = LIVE.len() * n_rows * (fmt.row_bytes(k) + 2 * p.len() / (e * n_rows));
+            let param_bytes = match &p {
+                QParams::F16(v) => 2 * v.len(),
+                QParams::U8(v) => v.len(),
+            };
+            let live_bytes = LIVE.len() * n_rows * (fmt.row_bytes(k) + param_bytes / (e * n_rows));
             let x_rows = if gather { tokens } else { r };
             let x0 = rng.vec(x_rows * k, 1.0);
             let mut pdims = vec![e, n_rows];
@@ -169,7 +186,7 @@ fn gemv_batch_cases(
                 Ok([
                     upload(&x0, &[x_rows, k], DType::BF16, dev)?,
                     Tensor::from_slice(&q, (e, n_rows, fmt.row_bytes(k)), dev)?,
-                    Tensor::from_slice(&p, pdims.as_slice(), dev)?,
+                    p.to_tensor(&pdims, dev)?,
                 ])
             };
             let call = |t: &[Tensor; 3], rt: &Tensor, c: &Tensor, o: &Tensor, path| {
@@ -206,6 +223,10 @@ fn gemv_batch_cases(
                     ("qmatmul_gemm", GemvKernel::Qgemv, ExpertPath::Gemm),
                 ]
             };
+            // MXFP4 has no qgemv entries (under that choice it takes qmatmul's).
+            let kernels = kernels
+                .iter()
+                .filter(|(entry, ..)| fmt != QFormat::Mxfp4 || *entry != "qgemv");
             for &(entry, kernel, path) in kernels {
                 let base = format!("{entry} {proj} {fname} T={tokens} K={k} O={n_out}");
                 let res = (|| {
