@@ -17,8 +17,13 @@ fn model_cases_pass_on_the_cpu() {
     .unwrap();
     println!("{}", report.table());
     assert!(report.rows.iter().all(|r| r.op == "model"));
-    // tiny-kjv f32, bf16, int4, and int4 and int8 with bf16 activations, then one row per fixture.
-    assert_eq!(report.rows.len(), 5 + FIXTURES.len());
+    // tiny-kjv f32, bf16, int4, and int4 and int8 with bf16 activations, then one row per fixture and
+    // gpt-oss-mxfp4 with bf16 activations.
+    assert_eq!(report.rows.len(), 5 + FIXTURES.len() + 1);
+    assert!(report
+        .rows
+        .iter()
+        .any(|r| r.case.starts_with("gpt-oss-mxfp4 bf16 vs f32 ")));
     for name in FIXTURES {
         assert!(
             report

@@ -1250,7 +1250,7 @@ QMMA_MOE_ENTRY(qmma_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 // row tile of up to QMG_ROWS = 32 activation rows of one expert:
 //  - per 128 weights of K (a stage) the block stages the tile's activations (gathered through row_token, zero
 //    past the tile's rows or K) in shared memory with 16-byte loads;
-//  - each warp dequantizes its rows' 128 weights once, into the A fragments of qmma4_a / qmma8_a, and runs each
+//  - each warp dequantizes its rows' 128 weights once into A fragments (qmma4_a / qmmx_a / qmma8_a) and runs each
 //    fragment against the QMG_NT = 4 activation tiles of 8 rows (B fragments from shared memory, the GEMV's
 //    positions; the row stride is padded so the 8 lanes of a 16-byte load phase hit 32 distinct banks);
 //  - no split K: each warp walks all of K, so there is no reduction, and its epilogue is the GEMV's
@@ -1259,8 +1259,9 @@ QMMA_MOE_ENTRY(qmma_moe_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
 // rows. sm_90 SASS of qmma_gemm_int4_bf16 (g128, a full stage): 167 instructions for 64 weights x 32 rows of a
 // lane (32 LOP3, 32 HMMA, 32 FFMA, 25 SHF, 20 LDS, ~26 others), ~0.08 per weight and row where the GEMV spends
 // ~0.28; INT8's stage is 167 too (64 HMMA). MXFP4's whole stage loop (staging included) is 659 instructions;
-// INT4 g32's stage (its closest: one-step segments) is 342 plus the ~230 of staging and dispatch its loop shares. INT4 and MXFP4 take 186-196 registers (one block per SM: capped
-// at 128 for two INT4 spilled), INT8 116-118 (two).
+// INT4 g32's stage (its closest: one-step segments) is 342 plus the ~230 of staging and dispatch its loop
+// shares. INT4 and MXFP4 take 186-196 registers (one block per SM: capped at 128 for two, INT4 spilled), INT8
+// 116-118 (two).
 // Launch: grid = (ceil(N / 128) (SwiGLU: ceil(N / 64)), ceil(R / 32) + min(E, R)), block = 256; the host takes it
 // where the qmma GEMV applies and experts get more rows than one GEMV chunk (qexperts.rs, qmm_path).
 #define QMG_ROWS 32
@@ -1322,7 +1323,8 @@ __device__ __forceinline__ void qmmg_iter4(const uint32_t (&wq)[2][QM_STEPS],
 // qmmg_iter4 for the runtime segment length seg (1, 2 or QM_STEPS steps).
 template <typename T, int F, uint32_t XS>
 __device__ __forceinline__ void qmmg_iter4_seg(uint32_t seg, const uint32_t (&wq)[2][QM_STEPS],
-                                               const typename QmPar<F>::type* const (&p)[2], const bool (&live)[2], const T* xs,
+                                               const typename QmPar<F>::type* const (&p)[2], const bool (&live)[2],
+                                               const T* xs,
                                                const float* ss, uint32_t kb, uint32_t K, uint32_t gshift,
                                                uint32_t g, uint32_t t, float (&tot)[QMG_NT][4]) {
   if (F == QF_MXFP4 || seg == 1) qmmg_iter4<T, F, 1, XS>(wq, p, live, xs, ss, kb, K, gshift, g, t, tot);
@@ -1406,7 +1408,8 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
       for (uint32_t u = 0; u < PIECES; ++u) {
         const uint32_t i = tid + u * QM_WARPS * 32, r = i / (IT / 8), c = 8 * (i % (IT / 8));
         v[u] = uint4{0u, 0u, 0u, 0u};
-        if (r < cnt && kb + c < K) v[u] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(src[r]) * K + kb + c));
+        if (r < cnt && kb + c < K)
+          v[u] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(src[r]) * K + kb + c));
       }
     };
     // Stage kb + IT's activations and the warp's weights for it are loaded while stage kb computes.
@@ -1452,7 +1455,8 @@ __device__ __forceinline__ void qmma_gemm_impl(const T* __restrict__ x, const ui
       }
       __syncthreads();
       if (busy) {
-        if constexpr (NIB) qmmg_iter4_seg<T, F, XS>(seg, cur4, p4, live, &xs[0][0], &ss[0][0], kb, K, gshift, g, t, tot);
+        if constexpr (NIB)
+          qmmg_iter4_seg<T, F, XS>(seg, cur4, p4, live, &xs[0][0], &ss[0][0], kb, K, gshift, g, t, tot);
         else qmmg_iter8<T, XS>(cur8, &xs[0][0], g, t, tot);
       }
       __syncthreads();  // xs is restaged
@@ -1489,11 +1493,11 @@ QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int4_f16, __half, QF_INT4, true)
 QMMA_GEMM_ENTRY(qmma_gemm_int8_bf16, __nv_bfloat16, QF_INT8, false)
 QMMA_GEMM_ENTRY(qmma_gemm_int8_f16, __half, QF_INT8, false)
 QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_bf16, __nv_bfloat16, QF_INT8, true)
+QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_f16, __half, QF_INT8, true)
 QMMA_GEMM_ENTRY(qmma_gemm_mxfp4_bf16, __nv_bfloat16, QF_MXFP4, false)
 QMMA_GEMM_ENTRY(qmma_gemm_mxfp4_f16, __half, QF_MXFP4, false)
 QMMA_GEMM_ENTRY(qmma_gemm_swiglu_mxfp4_bf16, __nv_bfloat16, QF_MXFP4, true)
 QMMA_GEMM_ENTRY(qmma_gemm_swiglu_mxfp4_f16, __half, QF_MXFP4, true)
-QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_f16, __half, QF_INT8, true)
 #endif
 
 // ---- prefill: tiled GEMM -------------------------------------------------------------------------------------
@@ -1503,8 +1507,8 @@ QMMA_GEMM_ENTRY(qmma_gemm_swiglu_int8_f16, __half, QF_INT8, true)
 // tile and the weight tile, dequantized to f32 exactly as the reference (w = s * q, s * (q - z), or the MXFP4
 // LUT value times 2^(e - 128)), in shared
 // memory, and each thread accumulates a 4 x 4 block in f32. No tensor cores yet (plain f32 FMA): a correct
-// baseline that reads each packed weight once per 64 rows, not a fast one. Where the qmma GEMV applies (INT4/INT8
-// with bf16/f16 on sm_80+) the host takes qmma_gemm above instead (qexperts.rs, qmm_path).
+// baseline that reads each packed weight once per 64 rows, not a fast one. Where the qmma GEMV applies (INT4, INT8
+// or MXFP4 with bf16/f16 on sm_80+) the host takes qmma_gemm above instead (qexperts.rs, qmm_path).
 //
 // A dense linear is the case E = 1, counts = [M], offsets = [0, M], row_token = null.
 // grid = (ceil(N / QG_TILE_N), ceil(R / QG_TILE_M) + min(E, R)), block = 256; tiles past the live work exit.
