@@ -39,8 +39,8 @@ use crate::qmatmul::{
 
 const OP: &str = "qmatmul_moe";
 
-/// Whether the GEMV entries of `fmt` over each of `ks` inputs for `dtype` activations are the tensor-core `qmma_*` ones
-/// (INT4/INT8 with bf16/f16 on sm_80+, under this thread's [`crate::GemvKernel`]).
+/// Whether the GEMV entries of `fmt` over each of `ks` inputs for `dtype` activations are the tensor-core
+/// `qmma_*` ones (INT4/INT8/MXFP4 with bf16/f16 on sm_80+, under this thread's [`crate::GemvKernel`]).
 pub fn qmma_gemv(fmt: QFormat, dtype: DType, ks: &[usize]) -> bool {
     ks.iter()
         .all(|&k| matches!(qgemv_entry(fmt, dtype, k, false), Some(("qmma", _))))
@@ -60,10 +60,10 @@ pub const QMMA_GEMM_MIN_BLOCKS: usize = 128;
 /// `qmma_*` the GEMM is `qmma_gemm_*`: the GEMV holds while no expert can pass one 8-row chunk or the average
 /// stays within one ([`QMMA_GEMV_MAX_AVG_ROWS`]), and while the GEMM would have fewer than
 /// [`QMMA_GEMM_MIN_BLOCKS`] blocks for some projection (on CUDA; any count under the emulator); else
-/// [`expert_path`] decides as for the dense experts. Why (sm_90 SASS, static counts, not measured: no GPU has run either): per 16 weight rows and 128
-/// inputs a warp spends 143 instructions (INT4 g128) on each 8-row GEMV chunk, against 167 per 32-row GEMM
-/// tile plus ~50 of staging per thread, so an expert with 9 to 32 rows is cheaper on the GEMM when the GPU is
-/// full, one with 8 or fewer on the GEMV.
+/// [`expert_path`] decides as for the dense experts. Why (sm_90 SASS, static counts, not measured: no GPU
+/// has run either): per 16 weight rows and 128 inputs a warp spends 143 instructions (INT4 g128) on each
+/// 8-row GEMV chunk, against 167 per 32-row GEMM tile plus ~50 of staging per thread, so an expert with 9 to
+/// 32 rows is cheaper on the GEMM when the GPU is full, one with 8 or fewer on the GEMV.
 pub fn qmm_path(
     fmt: QFormat,
     dtype: DType,

@@ -177,9 +177,10 @@ impl PathPlan {
     }
 
     /// [`Self::expert_path`] for experts with these weights under `dtype` activations: quantized
-    /// experts whose GEMV entries are the tensor-core `qmma_*` ones (INT4/INT8, bf16/f16, sm_80+)
-    /// keep the GEMV while experts average one 8-row chunk and take `qmma`'s GEMM past that,
-    /// unless a path is forced ([`moe_kernels::qexpert_path_for`] says why).
+    /// experts whose GEMV entries are the tensor-core `qmma_*` ones (INT4/INT8/MXFP4, bf16/f16,
+    /// sm_80+) keep the GEMV while experts average one 8-row chunk (or while `qmma`'s GEMM would
+    /// leave SMs idle) and take that GEMM past it, unless a path is forced
+    /// ([`moe_kernels::qexpert_path_for`] says why).
     pub fn experts_path(
         &self,
         tokens: usize,
