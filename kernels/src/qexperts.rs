@@ -72,8 +72,11 @@ pub fn qmm_path(
     avg: f64,
     active: usize,
 ) -> ExpertPath {
-    let ks: Vec<usize> = projections.iter().map(|&(k, _)| k).collect();
-    if !qmma_gemv(fmt, dtype, &ks) {
+    // Per projection, no allocation: this runs for every MoE layer of every decode step.
+    if !projections
+        .iter()
+        .all(|&(k, _)| qmma_gemv(fmt, dtype, &[k]))
+    {
         return expert_path(rows_per_expert_max, avg);
     }
     if rows_per_expert_max <= crate::experts::GEMV_MAX_ROWS_PER_EXPERT
