@@ -197,6 +197,29 @@ fn misaligned_vector_load_is_caught() {
 }
 
 #[test]
+fn misaligned_shared_and_global_accesses_are_caught() {
+    // Plain typed accesses, not __ldg: the alignment check is compiled into every load and store.
+    let out = EmuBuf::new(128 * 4, 4, "out").unwrap();
+    let e = err("emu_test_misaligned_shared", 1, 32, &[EmuArg::Buf(&out)]);
+    assert!(
+        e.contains("misaligned")
+            && e.contains("uint4")
+            && e.contains("not 16-byte aligned")
+            && e.contains("byte 4 of the __shared__ array s")
+            && e.contains("test_kernels.cu:"),
+        "{e}"
+    );
+    let e = err("emu_test_misaligned_store", 1, 32, &[EmuArg::Buf(&out)]);
+    assert!(
+        e.contains("misaligned store to")
+            && e.contains("float2")
+            && e.contains("not 8-byte aligned")
+            && e.contains("byte 4 of argument 'out'"),
+        "{e}"
+    );
+}
+
+#[test]
 fn missing_barrier_reads_stale_shared_memory() {
     // Correct would be out[b*64 + t] = b*100 + (t+1)%64; without a barrier the emulator's thread order makes
     // the reads see another block's (or no) write.

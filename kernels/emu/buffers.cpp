@@ -76,6 +76,14 @@ std::string describe_buffer_address(const void* addr) {
   return "";
 }
 
+std::string locate_buffer_address(const void* addr) {
+  const char* a = static_cast<const char*>(addr);
+  for (const Buffer& b : t_buffers)
+    if (a >= b.data && a < b.data + b.bytes)
+      return format("byte %zu of argument '%s' (%zu bytes)", static_cast<size_t>(a - b.data), b.name.c_str(), b.bytes);
+  return "";
+}
+
 }  // namespace moe_emu
 
 // ---- the C interface used by kernels/src/emu.rs ----------------------------------------------------------------

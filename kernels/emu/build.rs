@@ -60,6 +60,9 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) -> Result<(), String> {
         .flag("-ffp-contract=off")
         .flag("-fno-strict-aliasing")
         .flag("-U_FORTIFY_SOURCE")
+        // Every typed access checks its alignment (runtime.cpp's handler reports it): the GPU faults on a
+        // misaligned vector access to global, shared or local memory alike.
+        .flag("-fsanitize=alignment")
         .flag("-include")
         .flag(emu_dir.join("emu.h").to_str().ok_or("non-UTF-8 path")?)
         .include(emu_dir.join("include"))

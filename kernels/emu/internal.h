@@ -16,5 +16,7 @@ void copy_error(const std::string& s, char* err, size_t errlen);
 // What `addr` hits in or around a buffer from moe_emu_buf_new (a read-only input, past the end, before the start),
 // or "" when it is in no buffer's mapping.
 std::string describe_buffer_address(const void* addr);
+// "byte N of argument 'x' (M bytes)" when `addr` lies inside a buffer from moe_emu_buf_new, else "".
+std::string locate_buffer_address(const void* addr);
 
 }  // namespace moe_emu

@@ -512,6 +512,7 @@ void install_fault_handler() {
 
 // The guard page after each __shared__ array (shared_alloc), with its name and declaration.
 struct SharedGuard {
+  const char* begin;  // the array's first byte
   const char* page;
   const char* end;  // the array's end (up to alignment - 1 bytes before the page)
   std::string what;
@@ -555,6 +556,18 @@ std::string describe_address(const void* addr) {
   return "an address outside every buffer passed to the kernel";
 }
 
+// Where an in-bounds address lies: a kernel argument or a __shared__ array with the byte offset, else "".
+std::string locate_address(const void* addr) {
+  std::string d = locate_buffer_address(addr);
+  if (!d.empty()) return d;
+  std::lock_guard<std::mutex> lock(g_shared_mu);
+  const char* a = static_cast<const char*>(addr);
+  for (const SharedGuard& g : g_shared_guards)
+    if (a >= g.begin && a < g.end)
+      return format("byte %zu of the __shared__ array %s", static_cast<size_t>(a - g.begin), g.what.c_str());
+  return "";
+}
+
 }  // namespace
 
 // ---- guarded __shared__ arrays -----------------------------------------------------------------------------------
@@ -569,7 +582,7 @@ void* shared_alloc(size_t bytes, size_t align, const char* name, const char* sit
   install_fault_handler();
   t_shared_maps.maps.emplace_back(static_cast<char*>(p), span + page);
   std::lock_guard<std::mutex> lock(g_shared_mu);
-  g_shared_guards.push_back({guard, start + bytes, format("%s (%zu bytes, declared at %s)", name, bytes, site)});
+  g_shared_guards.push_back({start, guard, start + bytes, format("%s (%zu bytes, declared at %s)", name, bytes, site)});
   return start;
 }
 
@@ -646,6 +659,60 @@ void check_aligned(const void* p, size_t align, const char* what, const char* si
 }
 
 }  // namespace moe_emu
+
+// ---- misaligned typed accesses (GCC's -fsanitize=alignment, build.rs) ------------------------------------------
+// The kernels are compiled with -fsanitize=alignment: every load, store or member access through a typed pointer
+// checks the address against the type's alignment and calls the handler below when it is off. The emulated
+// vector types (uint4, float4, uint2, float2, __half2, ...) are aligned as on the GPU, where such an access
+// faults in every memory space: global (with or without __ldg), __shared__ and local. These are the handler's
+// entry points of GCC's and Clang's UBSan ABI (no sanitizer runtime is linked: the emulator reports the access as
+// a failed launch and abandons it, like every other fault).
+namespace {
+struct UbsanLocation {
+  const char* file;
+  uint32_t line, column;
+};
+struct UbsanType {
+  uint16_t kind, info;
+  char name[1];
+};
+struct UbsanTypeMismatch {
+  UbsanLocation loc;
+  const UbsanType* type;
+  unsigned char log_alignment, check_kind;
+};
+
+[[noreturn]] void misaligned_access(const UbsanTypeMismatch* d, uintptr_t ptr) {
+  static const char* const kinds[] = {"load of",          "store to",         "reference binding to",
+                                      "member access within", "member call on", "constructor call on"};
+  const char* kind = d->check_kind < 6 ? kinds[d->check_kind] : "access to";
+  const size_t align = static_cast<size_t>(1) << d->log_alignment;
+  std::string msg;
+  if (ptr == 0)
+    msg = ::moe_emu::format("%s a null pointer of type %s", kind, d->type->name);
+  else if (ptr % align != 0) {
+    const std::string where = ::moe_emu::locate_address(reinterpret_cast<const void*>(ptr));
+    msg = ::moe_emu::format(
+        "misaligned %s %s at address %p%s%s: not %zu-byte aligned (the GPU faults on a misaligned %zu-byte access)",
+        kind, d->type->name, reinterpret_cast<void*>(ptr), where.empty() ? "" : ", ", where.c_str(), align, align);
+  } else
+    msg = ::moe_emu::format("%s %s at address %p: an invalid access", kind, d->type->name,
+                            reinterpret_cast<void*>(ptr));
+  msg += ::moe_emu::format(" at %s:%u", d->loc.file, d->loc.line);
+  if (::moe_emu::t_launch == nullptr) {  // not inside a launch: the emulator's own code
+    fprintf(stderr, "moe-kernels emulator: %s\n", msg.c_str());
+    abort();
+  }
+  ::moe_emu::fail("%s", msg.c_str());
+}
+}  // namespace
+
+extern "C" void __ubsan_handle_type_mismatch_v1(const UbsanTypeMismatch* d, uintptr_t ptr) {
+  misaligned_access(d, ptr);
+}
+extern "C" void __ubsan_handle_type_mismatch_v1_abort(const UbsanTypeMismatch* d, uintptr_t ptr) {
+  misaligned_access(d, ptr);
+}
 
 namespace nvcuda {
 namespace wmma {

@@ -33,6 +33,20 @@ extern "C" __global__ void emu_test_misaligned_ldg(const float* in, float* out) 
   out[threadIdx.x] = __uint_as_float(v.x);
 }
 
+// A 128-bit read of a __shared__ float array 4 bytes past its start (no __ldg: a plain typed load).
+extern "C" __global__ void emu_test_misaligned_shared(float* out) {
+  __shared__ __align__(16) float s[64];
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  const uint4 v = *reinterpret_cast<const uint4*>(&s[1 + 4 * (threadIdx.x % 8)]);
+  out[threadIdx.x] = __uint_as_float(v.x);
+}
+
+// A 64-bit store 4 bytes into the output buffer.
+extern "C" __global__ void emu_test_misaligned_store(float* out) {
+  *reinterpret_cast<float2*>(out + 1 + 2 * threadIdx.x) = float2{1.f, 2.f};
+}
+
 // A correct block reduction: out[0] = sum of in[0..n), one block of 256 threads (warp shuffles + barrier).
 extern "C" __global__ void __launch_bounds__(256) emu_test_block_sum(const float* in, float* out, uint32_t n) {
   __shared__ float partial[8];
