@@ -166,6 +166,33 @@ pub fn poison_outputs() -> bool {
     POISON.load(Ordering::SeqCst)
 }
 
+/// The streaming multiprocessors of `device`'s GPU, asked of the driver once per GPU; `None` off CUDA (or
+/// when the driver does not say). The quantized products' GEMV/GEMM choice counts blocks against it.
+pub fn gpu_sm_count(device: &candle_core::Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        use std::sync::Mutex;
+        // (ordinal, SMs); one entry per GPU this process has asked about.
+        static SMS: Mutex<Vec<(usize, Option<usize>)>> = Mutex::new(Vec::new());
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        let mut known = SMS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&(_, n)) = known.iter().find(|(o, _)| *o == ctx.ordinal()) {
+            return n;
+        }
+        let n = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0);
+        known.push((ctx.ordinal(), n));
+        return n;
+    }
+    let _ = device;
+    None
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr};

@@ -38,7 +38,7 @@ pub mod selftest;
 
 pub use attention::{decode_attention, decode_attention_keys, kv_store, Keys};
 pub use combine::{moe_combine, moe_combine_add, MoeCombine};
-pub use common::{poison_outputs, set_poison_outputs, At, StepRow};
+pub use common::{gpu_sm_count, poison_outputs, set_poison_outputs, At, StepRow};
 pub use dispatch::{moe_dispatch, DispatchHost, Dispatched, PAD_ROW};
 pub use experts::{expert_path, expert_path_for, moe_experts, ExpertPath};
 pub use norm::{add_rms_norm, rms_norm};

@@ -49,17 +49,19 @@ pub fn qmma_gemv(fmt: QFormat, dtype: DType, ks: &[usize]) -> bool {
 /// Expected rows per active expert up to which a quantized product on `qmma` keeps the GEMV (one 8-row chunk
 /// per expert on average), past which it can take `qmma`'s tensor-core GEMM (`qmma_gemm_*`, 32-row tiles)...
 pub const QMMA_GEMV_MAX_AVG_ROWS: f64 = 8.0;
-/// ...when that GEMM has at least this many blocks (128 weight rows by one 32-row tile each) to spread over
-/// the GPU: about one per SM of an H100 (132) or an RTX 4090 (128). With fewer, SMs idle while the GEMV's
-/// chunks (16 weight rows by 8 rows each, many more blocks) would fill them.
+/// ...when that GEMM has at least one block (128 weight rows by one 32-row tile) per SM of the GPU
+/// ([`crate::gpu_sm_count`]), or this many where the SM count is unknown: about one per SM of an H100 (132)
+/// or an RTX 4090 (128). With fewer, SMs idle while the GEMV's chunks (16 weight rows by 8 rows each, many
+/// more blocks) would fill them.
 pub const QMMA_GEMM_MIN_BLOCKS: usize = 128;
 
 /// The CUDA path of a quantized product over `projections` (input width K, output rows N of each: both
 /// projections of an expert MLP, or one linear) for `rows_per_expert_max` rows at most in one expert, `avg`
-/// expected rows per active expert and `active` experts expected to have rows. Where the GEMV entries are
-/// `qmma_*` the GEMM is `qmma_gemm_*`: the GEMV holds while no expert can pass one 8-row chunk or the average
-/// stays within one ([`QMMA_GEMV_MAX_AVG_ROWS`]), and while the GEMM would have fewer than
-/// [`QMMA_GEMM_MIN_BLOCKS`] blocks for some projection (on CUDA; any count under the emulator); else
+/// expected rows per active expert and `active` experts expected to have rows, on a GPU of `sms` SMs
+/// ([`crate::gpu_sm_count`]; `None`: [`QMMA_GEMM_MIN_BLOCKS`]). Where the GEMV entries are `qmma_*` the GEMM
+/// is `qmma_gemm_*`: the GEMV holds while no expert can pass one 8-row chunk or the average stays within one
+/// ([`QMMA_GEMV_MAX_AVG_ROWS`]), and while the GEMM would have fewer blocks than SMs for some projection (on
+/// CUDA; any count under the emulator); else
 /// [`expert_path`] decides as for the dense experts. Why (sm_90 SASS, static counts, not measured: no GPU
 /// has run either): per 16 weight rows and 128 inputs a warp spends 143 instructions (INT4 g128) on each
 /// 8-row GEMV chunk, against 167 per 32-row GEMM tile plus ~50 of staging per thread, so an expert with 9 to
@@ -71,6 +73,7 @@ pub fn qmm_path(
     rows_per_expert_max: usize,
     avg: f64,
     active: usize,
+    sms: Option<usize>,
 ) -> ExpertPath {
     // Per projection, no allocation: this runs for every MoE layer of every decode step.
     if !projections
@@ -95,7 +98,7 @@ pub fn qmm_path(
     let min_blocks = if crate::emu::active() {
         1
     } else {
-        QMMA_GEMM_MIN_BLOCKS
+        sms.unwrap_or(QMMA_GEMM_MIN_BLOCKS)
     };
     if blocks >= min_blocks {
         ExpertPath::Gemm
@@ -105,7 +108,7 @@ pub fn qmm_path(
 }
 
 /// [`qmm_path`] for N tokens with top-k over E experts (the quantized counterpart of
-/// [`crate::expert_path_for`]); see there for why.
+/// [`crate::expert_path_for`]) on a GPU of `sms` SMs; see there for why.
 pub fn qexpert_path_for(
     tokens: usize,
     top_k: usize,
@@ -113,6 +116,7 @@ pub fn qexpert_path_for(
     fmt: QFormat,
     dtype: DType,
     projections: &[(usize, usize)],
+    sms: Option<usize>,
 ) -> ExpertPath {
     let slots = tokens * top_k;
     let active = num_experts.min(slots).max(1);
@@ -123,6 +127,7 @@ pub fn qexpert_path_for(
         tokens,
         slots as f64 / active as f64,
         active,
+        sms,
     )
 }
 
@@ -143,7 +148,7 @@ pub fn qmatmul_moe(
     let d = QmoeDims::check(x, row_token, counts, offsets, qweight, params, fmt)?;
     let inputs = same_device_inputs(x, row_token, [counts, offsets, qweight, params])?;
     if crate::launch::runs_kernels(x.device()) {
-        let path = path.unwrap_or_else(|| default_path(d, fmt, x.dtype()));
+        let path = path.unwrap_or_else(|| default_path(d, fmt, x));
         let plan = qmatmul_moe_plan(x.dtype(), fmt, d, row_token.is_some(), path)?;
         return run_one(&plan, &inputs);
     }
@@ -215,7 +220,7 @@ pub fn qmatmul_moe_swiglu(
             d.n
         );
     }
-    let path = path.unwrap_or_else(|| default_path(d, fmt, x.dtype()));
+    let path = path.unwrap_or_else(|| default_path(d, fmt, x));
     let kernels = crate::launch::runs_kernels(x.device());
     if kernels && (path == ExpertPath::Gemv || qmma_gemv(fmt, x.dtype(), &[d.k])) {
         let inputs = same_device_inputs(x, row_token, [counts, offsets, qweight, params])?;
@@ -246,15 +251,16 @@ pub fn qmatmul_moe_swiglu(
 }
 
 /// The GEMV/GEMM choice for `d` when the caller gives none: R rows as the worst case per expert.
-fn default_path(d: QmoeDims, fmt: QFormat, dtype: DType) -> ExpertPath {
+fn default_path(d: QmoeDims, fmt: QFormat, x: &Tensor) -> ExpertPath {
     let active = d.e.min(d.r).max(1);
     qmm_path(
         fmt,
-        dtype,
+        x.dtype(),
         &[(d.k, d.n)],
         d.r,
         d.r as f64 / active as f64,
         active,
+        crate::gpu_sm_count(x.device()),
     )
 }
 
@@ -642,7 +648,8 @@ pub(crate) fn large_qmatmul(
     let active = counts.iter().filter(|&&c| c > 0).count().max(1);
     let avg = m as f64 / active as f64;
     let n = qweight.dim(qweight.rank() - 2)?;
-    if qmm_path(fmt, x.dtype(), &[(x.dim(1)?, n)], most, avg, active) == ExpertPath::Gemv {
+    let sms = crate::gpu_sm_count(x.device());
+    if qmm_path(fmt, x.dtype(), &[(x.dim(1)?, n)], most, avg, active, sms) == ExpertPath::Gemv {
         return Ok(None);
     }
     let (qw, pw) = if grouped {
@@ -732,7 +739,7 @@ mod tests {
         ];
         for (fmt, dtype, shapes, most, avg, active, want) in products {
             assert_eq!(
-                qmm_path(fmt, dtype, shapes, most, avg, active),
+                qmm_path(fmt, dtype, shapes, most, avg, active, None),
                 want,
                 "{fmt:?} {dtype:?} {shapes:?} {most} {avg} {active}"
             );
@@ -740,7 +747,8 @@ mod tests {
         // (tokens, dtype, path): Mixtral's top-2 of 8 experts (avg = tokens / 4), DeepSeek-V3's top-8
         // of 256.
         let mixtral_shapes = [(4096, 28672), (14336, 4096)];
-        let mixtral = |tokens, dtype| qexpert_path_for(tokens, 2, 8, g128, dtype, &mixtral_shapes);
+        let mixtral =
+            |tokens, dtype| qexpert_path_for(tokens, 2, 8, g128, dtype, &mixtral_shapes, None);
         for (tokens, dtype, want) in [
             (1, DType::BF16, Gemv),
             (32, DType::BF16, Gemv),
@@ -759,9 +767,14 @@ mod tests {
                 g128,
                 DType::BF16,
                 &[(7168, 4096), (2048, 7168)],
+                None,
             )
         };
         assert_eq!((v3(256), v3(257)), (Gemv, Gemm));
+        // The block count is against the GPU's SMs where known: a 64-row dense linear (32 blocks x 2
+        // tiles) fills a 64-SM GPU but not 65 SMs.
+        let dense64 = |sms| qmm_path(g128, DType::BF16, &[(4096, 4096)], 64, 64.0, 1, Some(sms));
+        assert_eq!((dense64(64), dense64(65)), (Gemm, Gemv));
         crate::set_gemv_kernel(crate::GemvKernel::Qgemv);
         let qgemv = mixtral(20, DType::BF16);
         crate::set_gemv_kernel(crate::GemvKernel::Qmma);

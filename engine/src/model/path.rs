@@ -62,6 +62,9 @@ pub struct PathPlan {
     /// (`moe_kernels::cpu`), or `None` for the plain references and candle's own ops
     /// (`MOE_PATH=reference`). Always `None` on a GPU.
     pub cpu: Option<Level>,
+    /// The GPU's streaming multiprocessors ([`moe_kernels::gpu_sm_count`]), against which the
+    /// quantized experts' GEMV/GEMM choice counts blocks; `None` off CUDA.
+    pub sms: Option<usize>,
 }
 
 /// Up to this many activation rows, an f32 linear on the CPU takes the CPU GEMV kernel; more
@@ -72,7 +75,7 @@ pub const CPU_F32_LINEAR_MAX_ROWS: usize = 16;
 impl PathPlan {
     /// The plan for `device`: kernels on CUDA, candle on the CPU (where candle's threaded GEMM
     /// beats the single-threaded references), unless `env_override` (the value of [`PATH_ENV`])
-    /// says otherwise. Pure.
+    /// says otherwise. Pure but for asking the driver for a GPU's SM count.
     pub fn select(device: &Device, env_override: Option<&str>) -> Result<Self> {
         let mut plan = PathPlan {
             exec: if device.is_cpu() {
@@ -84,6 +87,7 @@ impl PathPlan {
             mla: None,
             cpu: device.is_cpu().then(Level::default_for_cpu),
             gemv: GemvKernel::Qmma,
+            sms: moe_kernels::gpu_sm_count(device),
         };
         for word in env_override.unwrap_or("").split(',').map(str::trim) {
             match word {
@@ -204,6 +208,7 @@ impl PathPlan {
                     gu.fmt,
                     dtype,
                     &projections,
+                    self.sms,
                 )
             }
             _ => self.expert_path(tokens, top_k, num_experts),
@@ -226,6 +231,7 @@ mod tests {
                 mla: None,
                 cpu: Some(Level::default_for_cpu()),
                 gemv: GemvKernel::Qmma,
+                sms: None,
             }
         );
         assert_eq!(cpu.cpu_experts(), Some(Level::default_for_cpu()));
