@@ -220,6 +220,24 @@ fn misaligned_shared_and_global_accesses_are_caught() {
 }
 
 #[test]
+fn unwritten_shared_memory_reads_as_poison_in_every_block() {
+    // Shared memory starts each block undefined: block 0 writes all 32 entries, block 1 only the first
+    // 16, and its other 16 read as NaN (0xFF bytes), not block 0's values (or zeros).
+    let out = EmuBuf::new(2 * 32 * 4, 4, "out").unwrap();
+    launch_raw(
+        "emu_test_uninit_shared",
+        [2, 1, 1],
+        [32, 1, 1],
+        &[EmuArg::Buf(&out)],
+    )
+    .unwrap();
+    let got = read(&out);
+    assert_eq!(&got[..32], &[1.0; 32]);
+    assert_eq!(&got[32..48], &[2.0; 16]);
+    assert!(got[48..].iter().all(|v| v.is_nan()), "{:?}", &got[48..]);
+}
+
+#[test]
 fn missing_barrier_reads_stale_shared_memory() {
     // Correct would be out[b*64 + t] = b*100 + (t+1)%64; without a barrier the emulator's thread order makes
     // the reads see another block's (or no) write.
@@ -282,6 +300,16 @@ fn launch_contract_is_checked() {
     assert!(err("emu_test_block_sum", 0, 256, &args).contains("empty grid"));
     assert!(err("no_such_kernel", 1, 32, &args)
         .contains("no kernel entry point named 'no_such_kernel'"));
+    // A block bigger than a real kernel's registers leave room for (README.md's ptxas table):
+    // qmatmul_moe_int4_f32 declares no __launch_bounds__ and takes 96 registers per thread, room for
+    // 672 threads in 65536 registers; 1024 threads are refused before anything runs.
+    let (n, u) = (EmuArg::Null, EmuArg::U32(0));
+    let args = [n, n, n, n, n, n, n, u, u, u, u, u];
+    let e = err("qmatmul_moe_int4_f32", 1, 1024, &args);
+    assert!(
+        e.contains("registers per thread") && e.contains("too many resources requested"),
+        "{e}"
+    );
 }
 
 /// `moe-run selftest --device emu`: every op family's cases run through the kernels' own source, against the

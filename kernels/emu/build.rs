@@ -18,6 +18,48 @@ struct Entry {
     bounds: u32,
 }
 
+/// Registers per block on sm_80, sm_89 and sm_90, and the granule a warp's registers are allocated in.
+const REGS_PER_BLOCK: u32 = 65536;
+const WARP_REG_GRANULE: u32 = 256;
+
+/// Per entry point, from README.md's ptxas table (`kernels/tools/resource-usage.sh`, which CI checks against
+/// the sources): the most registers per thread over the architectures listed, the one that needs them, and
+/// the largest block those registers leave room for. A bigger launch is refused by the GPU ("too many
+/// resources requested for launch"), so the emulator refuses it too. Empty when the README or its table is
+/// missing.
+fn register_limits(readme: &Path) -> Vec<(String, u32, String, u32)> {
+    let Ok(text) = fs::read_to_string(readme) else {
+        return Vec::new();
+    };
+    let table = text
+        .split("<!-- ptxas:begin -->")
+        .nth(1)
+        .and_then(|t| t.split("<!-- ptxas:end -->").next())
+        .unwrap_or("");
+    let mut most: Vec<(String, u32, String, u32)> = Vec::new();
+    for line in table.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // ["", `name`, arch, registers, ...]
+        let (Some(name), Some(arch), Some(Ok(regs))) = (
+            cells
+                .get(1)
+                .and_then(|c| c.strip_prefix('`')?.strip_suffix('`')),
+            cells.get(2),
+            cells.get(3).map(|r| r.parse::<u32>()),
+        ) else {
+            continue;
+        };
+        let per_warp = (regs.max(1) * 32).div_ceil(WARP_REG_GRANULE) * WARP_REG_GRANULE;
+        let threads = (REGS_PER_BLOCK / per_warp * 32).min(1024);
+        match most.iter_mut().find(|m| m.0 == name) {
+            Some(m) if m.1 >= regs => {}
+            Some(m) => *m = (name.to_string(), regs, arch.to_string(), threads),
+            None => most.push((name.to_string(), regs, arch.to_string(), threads)),
+        }
+    }
+    most
+}
+
 pub fn build(manifest_dir: &Path, out_dir: &Path) -> Result<(), String> {
     let emu_dir = manifest_dir.join("emu");
     let cuda_dir = manifest_dir.join("cuda");
@@ -74,6 +116,9 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) -> Result<(), String> {
         .flag_if_supported("-Wno-unused-function")
         .warnings(false);
     let compiler = base.get_compiler();
+    let readme = manifest_dir.join("..").join("README.md");
+    println!("cargo:rerun-if-changed={}", readme.display());
+    let limits = register_limits(&readme);
 
     let mut tables = String::new();
     let mut units = Vec::new();
@@ -111,7 +156,16 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) -> Result<(), String> {
         )
         .unwrap();
         for e in &entries {
-            writeln!(tu, "    MOE_EMU_ENTRY({}, {}),", e.name, e.bounds).unwrap();
+            let (regs, arch, threads) = limits
+                .iter()
+                .find(|l| l.0 == e.name)
+                .map_or((0, "", 0), |l| (l.1, l.2.as_str(), l.3));
+            writeln!(
+                tu,
+                "    MOE_EMU_ENTRY({}, {}, {threads}, {regs}, {arch:?}),",
+                e.name, e.bounds
+            )
+            .unwrap();
         }
         writeln!(
             tu,
@@ -279,9 +333,9 @@ fn guard_shared(text: &str, src: &Path) -> Result<String, String> {
             i + 1
         );
         out.push_str(&format!(
-            "{indent}static thread_local {ty} (*const moe_emu_shared_{name}){dims} = \
-             ::moe_emu::shared_array<{ty}{dims}>({align}, \"{name}\", \"{site}\"); \
-             {ty} (&__restrict__ {name}){dims} = *moe_emu_shared_{name};{tail}\n"
+            "{indent}static thread_local ::moe_emu::SharedArray<{ty}{dims}> moe_emu_shared_{name}(\
+             {align}, \"{name}\", \"{site}\"); \
+             {ty} (&__restrict__ {name}){dims} = moe_emu_shared_{name}.get();{tail}\n"
         ));
     }
     Ok(out)

@@ -87,12 +87,33 @@ void check_aligned(const void* p, size_t align, const char* what, const char* si
 
 // Memory for one `__shared__` declaration (build.rs rewrites each into a reference to what this returns, once per
 // template instantiation and host thread): `bytes` placed so that they end at a guard page (as close as the
-// alignment allows), so an access past the array's end faults and names `name` and `site`. Zero-filled.
+// alignment allows), so an access past the array's end faults and names `name` and `site`. Zero-filled; the
+// SharedArray below poisons it at each block.
 void* shared_alloc(size_t bytes, size_t align, const char* name, const char* site);
 template <typename A>
 inline A* shared_array(size_t align, const char* name, const char* site) {
   return static_cast<A*>(shared_alloc(sizeof(A), align > alignof(A) ? align : alignof(A), name, site));
 }
+
+// Counts the blocks this host thread has emulated (runtime.cpp's run_block): a new value, a new block.
+extern thread_local uint64_t t_block_serial;
+// What build.rs makes of one `__shared__` declaration: the guarded memory of shared_array, which the first thread
+// of each block to reach the declaration fills with 0xFF bytes (NaN as f32/bf16/f16, 0xffffffff as an index).
+// On a GPU shared memory starts each block undefined; here a read before any write of the block sees poison,
+// not zeros or what the previous block left.
+template <typename A>
+struct SharedArray {
+  A* ptr;
+  uint64_t block = 0;
+  SharedArray(size_t align, const char* name, const char* site) : ptr(shared_array<A>(align, name, site)) {}
+  A& get() {
+    if (block != t_block_serial) {
+      memset(static_cast<void*>(ptr), 0xff, sizeof(A));
+      block = t_block_serial;
+    }
+    return *ptr;
+  }
+};
 
 template <typename T>
 inline uint64_t to_bits(T v) {

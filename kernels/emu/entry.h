@@ -18,6 +18,10 @@ struct ArgDesc {
 struct Entry {
   const char* name;
   unsigned max_threads;  // __launch_bounds__, 0 when the kernel declares none
+  // The largest block its registers per thread (README.md's ptxas table, the most over the architectures
+  // listed there) leave room for, 0 when not listed; the registers and the architecture that needs them.
+  unsigned reg_threads, regs;
+  const char* reg_arch;
   unsigned nargs;
   const ArgDesc* args;
   void (*invoke)(void* const* args);
@@ -62,8 +66,8 @@ void invoke(void* const* args) {
 
 }  // namespace moe_emu
 
-#define MOE_EMU_ENTRY(NAME, BOUNDS)                                                                         \
+#define MOE_EMU_ENTRY(NAME, BOUNDS, REG_THREADS, REGS, REG_ARCH)                                              \
   ::moe_emu::Entry {                                                                                        \
-    #NAME, BOUNDS, ::moe_emu::Signature<decltype(&NAME)>::n, ::moe_emu::Signature<decltype(&NAME)>::descs, \
-        &::moe_emu::invoke<&NAME>                                                                           \
+    #NAME, BOUNDS, REG_THREADS, REGS, REG_ARCH, ::moe_emu::Signature<decltype(&NAME)>::n,                  \
+        ::moe_emu::Signature<decltype(&NAME)>::descs, &::moe_emu::invoke<&NAME>                             \
   }

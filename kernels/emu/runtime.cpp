@@ -104,6 +104,7 @@ thread_local ThreadHead* t_cur = nullptr;
 thread_local uint3 t_block_idx;
 thread_local uint3 t_block_dim;
 thread_local uint3 t_grid_dim;
+thread_local uint64_t t_block_serial = 0;
 
 namespace {
 
@@ -443,6 +444,7 @@ std::string deadlock_text(const Launch& l) {
 
 void run_block(Launch& l, bool reverse) {
   const unsigned n = static_cast<unsigned>(l.fibers.size());
+  ++t_block_serial;  // __shared__ arrays are poisoned again when this block first reaches them (SharedArray)
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = l.fibers[i];
     f.head.idx = uint3{i % t_block_dim.x, i / t_block_dim.x % t_block_dim.y, i / (t_block_dim.x * t_block_dim.y)};
@@ -768,6 +770,10 @@ extern "C" int moe_emu_launch(const char* name, const unsigned* grid, const unsi
     bad = "a block over CUDA's limits (1 to 1024 threads, z <= 64)";
   else if (e->max_threads != 0 && threads > e->max_threads)
     bad = format("%u threads per block, over the kernel's __launch_bounds__(%u)", threads, e->max_threads);
+  else if (e->reg_threads != 0 && threads > e->reg_threads)
+    bad = format("%u threads per block, over the %u that its %u registers per thread (ptxas, %s: README.md's table) "
+                 "leave room for in a block's 65536: the GPU refuses the launch (too many resources requested)",
+                 threads, e->reg_threads, e->regs, e->reg_arch);
   else if (shared_bytes != 0)
     bad = "dynamic shared memory, which no kernel declares (extern __shared__) and the emulator does not provide";
   if (!bad.empty()) {

@@ -47,6 +47,14 @@ extern "C" __global__ void emu_test_misaligned_store(float* out) {
   *reinterpret_cast<float2*>(out + 1 + 2 * threadIdx.x) = float2{1.f, 2.f};
 }
 
+// Reads all 32 entries of a __shared__ array that block 0 fills and later blocks only half fill.
+extern "C" __global__ void emu_test_uninit_shared(float* out) {
+  __shared__ float s[32];
+  if (blockIdx.x == 0 || threadIdx.x < 16) s[threadIdx.x] = static_cast<float>(blockIdx.x + 1);
+  __syncthreads();
+  out[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
+
 // A correct block reduction: out[0] = sum of in[0..n), one block of 256 threads (warp shuffles + barrier).
 extern "C" __global__ void __launch_bounds__(256) emu_test_block_sum(const float* in, float* out, uint32_t n) {
   __shared__ float partial[8];

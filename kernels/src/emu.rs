@@ -199,6 +199,7 @@ mod imp {
     }
 
     /// One argument of [`launch_raw`].
+    #[derive(Clone, Copy)]
     pub enum EmuArg<'a> {
         Buf(&'a EmuBuf),
         Null,
