@@ -111,6 +111,14 @@ fn shared_array_overflow_faults_and_names_the_array() {
             && e.contains("past the end of the __shared__ array stage (128 bytes, declared at test_kernels.cu:"),
         "{e}"
     );
+    // One element past the end lands in the canary bytes before the guard page (the array sits 4 bytes
+    // further from it: a float array is only 4-byte aligned), found after the launch.
+    let e = err("emu_test_shared_overflow", 1, 33, &[EmuArg::Buf(&out)]);
+    assert!(
+        e.contains("a write 0 bytes past the end of the __shared__ array stage (128 bytes")
+            && e.contains("found after the launch"),
+        "{e}"
+    );
     let ok = EmuBuf::new(32 * 4, 4, "out").unwrap();
     launch_raw(
         "emu_test_shared_overflow",

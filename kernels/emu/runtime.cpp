@@ -524,8 +524,14 @@ std::vector<SharedGuard> g_shared_guards;
 
 // This host thread's __shared__ mappings, unmapped (and their guards forgotten) when the thread ends: the
 // kernels' `static thread_local` pointers to them end with it.
+struct SharedGap {
+  const char* end;    // the array's end
+  const char* guard;  // the guard page: [end, guard) holds canary bytes
+  std::string what;
+};
 struct SharedMaps {
   std::vector<std::pair<char*, size_t>> maps;  // base, length (guard page included)
+  std::vector<SharedGap> gaps;                 // checked after each launch (check_shared_gaps)
   ~SharedMaps() {
     std::lock_guard<std::mutex> lock(g_shared_mu);
     for (auto [base, len] : maps) {
@@ -575,17 +581,38 @@ std::string locate_address(const void* addr) {
 // ---- guarded __shared__ arrays -----------------------------------------------------------------------------------
 
 void* shared_alloc(size_t bytes, size_t align, const char* name, const char* site) {
-  const size_t page = page_size(), span = (bytes + align + page - 1) / page * page;
+  const size_t page = page_size(), span = (bytes + 2 * align + page - 1) / page * page;
   void* p = mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) fail("cannot map %zu bytes for the __shared__ array %s (%s)", bytes, name, site);
   char* guard = static_cast<char*>(p) + span;
   if (mprotect(guard, page, PROT_NONE) != 0) fail("cannot protect the guard page of __shared__ %s (%s)", name, site);
   char* start = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(guard - bytes) & ~(align - 1));
+  // Aligned to what the declaration promises and no more (below 16 bytes): a GPU may place the array at
+  // any such offset, so a vector access the declaration does not allow (a float array read as uint4)
+  // is misaligned here and caught. The few bytes up to the guard page hold canaries (check_shared_gaps).
+  if (align < 16 && reinterpret_cast<uintptr_t>(start) % (2 * align) == 0) start -= align;
+  memset(start + bytes, kCanary, static_cast<size_t>(guard - (start + bytes)));
   install_fault_handler();
+  const std::string what = format("%s (%zu bytes, declared at %s)", name, bytes, site);
   t_shared_maps.maps.emplace_back(static_cast<char*>(p), span + page);
+  t_shared_maps.gaps.push_back({start + bytes, guard, what});
   std::lock_guard<std::mutex> lock(g_shared_mu);
-  g_shared_guards.push_back({start, guard, start + bytes, format("%s (%zu bytes, declared at %s)", name, bytes, site)});
+  g_shared_guards.push_back({start, guard, start + bytes, what});
   return start;
+}
+
+// A write into the canary bytes between a __shared__ array's end and its guard page (a write that far
+// past the end faults instead), found after the launch: "" or what it hit.
+std::string check_shared_gaps() {
+  for (SharedGap& g : t_shared_maps.gaps)
+    for (const char* p = g.end; p < g.guard; ++p)
+      if (static_cast<unsigned char>(*p) != kCanary) {
+        std::string msg = format("a write %zu bytes past the end of the __shared__ array %s (found after the launch)",
+                                 static_cast<size_t>(p - g.end), g.what.c_str());
+        memset(const_cast<char*>(g.end), kCanary, static_cast<size_t>(g.guard - g.end));  // reported once
+        return msg;
+      }
+  return "";
 }
 
 // ---- collectives called from the kernels -----------------------------------------------------------------------
@@ -806,6 +833,10 @@ extern "C" int moe_emu_launch(const char* name, const unsigned* grid, const unsi
           run_block(l, linear % 2 == 1);
         }
     l.running = false;
+    if (!l.failed) {
+      const std::string gap = check_shared_gaps();
+      if (!gap.empty()) set_error(l, gap);
+    }
   } else {
     t_cur = nullptr;
     set_error(l, format("%s at address %p: %s", l.fault_sig == SIGBUS ? "bus error" : "segmentation fault",
