@@ -50,6 +50,7 @@ pub(crate) fn template_of(src: &ModelSource) -> Result<Option<ChatTemplate>> {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
+    let _emu = super::emu_scope(&a.model)?;
     let (src, model) = load(&a.model)?;
     let tok = TextTokenizer::of_source(&src, &model.cfg)?
         .ok_or_else(|| Error::Input("chat needs the model's tokenizer.json".into()))?;

@@ -138,7 +138,9 @@ pub struct ModelArgs {
     #[arg(long)]
     weight_dtype: Option<String>,
     /// auto (the first GPU when this build has CUDA and one is present, else the CPU; a line
-    /// on stderr says which), cpu, or cuda[:N] in a build with the `cuda` feature.
+    /// on stderr says which), cpu, cuda[:N] in a build with the `cuda` feature, or emu: the CPU
+    /// with every op through its CUDA kernel's own source, emulated (a build with the `emu`
+    /// feature; slow: for checking the kernel path's logits on a real checkpoint; not `serve`).
     #[arg(long, default_value = "auto")]
     device: String,
     /// Weight-only quantization applied while loading: int8, int4 (group 128), int4:64, int4:32, mxfp4.
@@ -340,6 +342,17 @@ pub fn error_text(e: &Error) -> String {
     msg
 }
 
+/// For `--device emu`, the emulator turned on for this thread (the caller holds it while the
+/// model runs, before [`load`]); `None` for the other devices.
+pub(crate) fn emu_scope(a: &ModelArgs) -> Result<Option<moe_kernels::emu::Scope>> {
+    if a.device != "emu" {
+        return Ok(None);
+    }
+    moe_kernels::emu::enable()
+        .map(Some)
+        .map_err(|e| Error::Input(format!("--device emu: {e}")))
+}
+
 /// Where the model comes from, and the loaded model.
 pub(crate) fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
     let src = ModelSource::resolve_at(
@@ -347,7 +360,19 @@ pub(crate) fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
         a.weights.as_deref(),
         a.revision.as_deref(),
     )?;
-    let device = loader::parse_device(&a.device)?;
+    // `--device emu`: the CPU, with the kernel path run by the emulator on this thread.
+    let emu = a.device == "emu";
+    if emu && !moe_kernels::emu::active() {
+        return Err(Error::Input(
+            "--device emu runs the model on the calling thread; this command runs it on its own \
+             threads (use logits, chat, profile or the plain generation)"
+                .into(),
+        ));
+    }
+    let device = match emu {
+        true => candle_core::Device::Cpu,
+        false => loader::parse_device(&a.device)?,
+    };
     // Only a CUDA build has a choice to report; a CPU-only build always runs on the CPU.
     if a.device == "auto" && cfg!(feature = "cuda") {
         let why = if device.is_cpu() {
@@ -375,7 +400,10 @@ pub(crate) fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
         progress: true,
         quant,
     };
-    let model = src.load(&opts)?;
+    let mut model = src.load(&opts)?;
+    if emu {
+        model.set_exec_path(crate::model::ExecPath::Kernels);
+    }
     Ok((src, model))
 }
 
@@ -413,6 +441,7 @@ struct LogitsOut {
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
+    let _emu = emu_scope(&a.model)?;
     let (_, model) = load(&a.model)?;
     validate_prompt(&model, &a.ids)?;
     let mut cache = model.new_cache(1, a.ids.len())?;
@@ -454,6 +483,7 @@ fn run(a: RunArgs) -> Result<()> {
                 .map_err(|e| Error::Input(format!("--prompt-file {}: {e}", f.display())))?,
         ),
     };
+    let _emu = emu_scope(&a.model)?;
     let (src, model) = load(&a.model)?;
     // Text in needs the tokenizer; text out uses it when there is one (else ids are printed).
     let tokenizer = TextTokenizer::of_source(&src, &model.cfg)?;
@@ -586,8 +616,13 @@ fn run(a: RunArgs) -> Result<()> {
             );
         }
     }
-    // Only measured rates are printed.
-    let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
+    // Only measured rates are printed; on the emulator they are the emulator's, not a GPU's.
+    let emu = if moe_kernels::emu::active() {
+        " (emulated kernels)"
+    } else {
+        ""
+    };
+    let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1} tok/s{emu}"));
     eprintln!(
         "prompt {} tokens | prefill {} | decode {} ({} tokens, stop: {}) | weights {} | KV cache {} | peak RSS {}",
         g.prompt_ids.len(),

@@ -62,6 +62,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
         None => DEFAULT_TEXT.to_string(),
     };
+    let _emu = super::emu_scope(&a.model)?;
     let (src, model) = super::load(&a.model)?;
     let Some(tok) = TextTokenizer::of_source(&src, &model.cfg)? else {
         return Err(Error::Input(
