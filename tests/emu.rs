@@ -246,6 +246,16 @@ fn unwritten_shared_memory_reads_as_poison_in_every_block() {
 }
 
 #[test]
+fn ldg_of_a_buffer_the_kernel_may_write_is_caught() {
+    let out = EmuBuf::new(32 * 4, 4, "out").unwrap();
+    let e = err("emu_test_ldg_output", 1, 32, &[EmuArg::Buf(&out)]);
+    assert!(
+        e.contains("__ldg at") && e.contains("reads argument 'out'") && e.contains("non-const"),
+        "{e}"
+    );
+}
+
+#[test]
 fn missing_barrier_reads_stale_shared_memory() {
     // Correct would be out[b*64 + t] = b*100 + (t+1)%64; without a barrier the emulator's thread order makes
     // the reads see another block's (or no) write.

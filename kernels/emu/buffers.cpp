@@ -76,6 +76,18 @@ std::string describe_buffer_address(const void* addr) {
   return "";
 }
 
+bool buffer_span(const void* addr, const char** lo, const char** hi, const char** name) {
+  const char* a = static_cast<const char*>(addr);
+  for (const Buffer& b : t_buffers)
+    if (a >= b.data && a < b.data + b.bytes) {
+      *lo = b.data;
+      *hi = b.data + b.bytes;
+      *name = b.name.c_str();
+      return true;
+    }
+  return false;
+}
+
 std::string locate_buffer_address(const void* addr) {
   const char* a = static_cast<const char*>(addr);
   for (const Buffer& b : t_buffers)

@@ -159,12 +159,17 @@ inline T moe_emu_shfl(const char* site, const char* what, int mode, unsigned mas
 #define __all_sync(mask, pred) (::moe_emu::warp_vote("__all_sync", MOE_EMU_SITE, mask, (pred)) == (mask))
 
 // ---- read-only loads ------------------------------------------------------------------------------------------
-// __ldg of a vector type must be naturally aligned on the GPU (a misaligned 128-bit load faults there).
+// __ldg of a vector type must be naturally aligned on the GPU (a misaligned 128-bit load faults there), and the
+// data it reads must stay unwritten for the whole kernel (the read-only cache is not coherent with the kernel's
+// own writes): an __ldg into a buffer the kernel takes as a pointer to non-const fails (check_ldg, runtime.cpp).
 #define __ldg(p) moe_emu_ldg(p, MOE_EMU_SITE)
+namespace moe_emu {
+void check_ldg(const void* p, size_t align, const char* site);
+}
 template <typename T>
 inline T moe_emu_ldg(const T* p, const char* site) {
   constexpr size_t natural = sizeof(T) <= 16 && (sizeof(T) & (sizeof(T) - 1)) == 0 ? sizeof(T) : alignof(T);
-  ::moe_emu::check_aligned(p, natural, "__ldg", site);
+  ::moe_emu::check_ldg(p, natural, site);
   return *p;
 }
 

@@ -13,6 +13,7 @@ namespace moe_emu {
 struct ArgDesc {
   char kind;
   unsigned size;
+  bool writes = false;  // a pointer to non-const: the kernel may write through it
 };
 
 struct Entry {
@@ -31,10 +32,11 @@ template <typename A>
 constexpr ArgDesc desc_of() {
   if constexpr (std::is_pointer_v<A>) {
     using P = std::remove_cv_t<std::remove_pointer_t<A>>;
+    constexpr bool writes = !std::is_const_v<std::remove_pointer_t<A>>;
     if constexpr (std::is_void_v<P>) {
-      return ArgDesc{'p', 0};
+      return ArgDesc{'p', 0, writes};
     } else {
-      return ArgDesc{'p', static_cast<unsigned>(sizeof(P))};
+      return ArgDesc{'p', static_cast<unsigned>(sizeof(P)), writes};
     }
   } else if constexpr (std::is_floating_point_v<A>) {
     return ArgDesc{'f', static_cast<unsigned>(sizeof(A))};

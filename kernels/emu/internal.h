@@ -18,5 +18,7 @@ void copy_error(const std::string& s, char* err, size_t errlen);
 std::string describe_buffer_address(const void* addr);
 // "byte N of argument 'x' (M bytes)" when `addr` lies inside a buffer from moe_emu_buf_new, else "".
 std::string locate_buffer_address(const void* addr);
+// The buffer from moe_emu_buf_new that `addr` lies in: its data [lo, hi) and name; false when none.
+bool buffer_span(const void* addr, const char** lo, const char** hi, const char** name);
 
 }  // namespace moe_emu

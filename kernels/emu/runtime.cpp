@@ -126,9 +126,17 @@ struct Fiber {
   uint64_t result = 0;
 };
 
+// A kernel argument the kernel may write (a pointer to non-const): the buffer it points into.
+struct WritableArg {
+  const char* lo;
+  const char* hi;
+  const char* name;
+};
+
 struct Launch {
   const Entry* entry = nullptr;
   void* const* args = nullptr;
+  std::vector<WritableArg> writable;  // __ldg must not read these (check_ldg)
   std::vector<Fiber> fibers;
   Context sched;
   std::string error;
@@ -681,6 +689,18 @@ void fail(const char* fmt, ...) {
   abort();
 }
 
+void check_ldg(const void* p, size_t align, const char* site) {
+  check_aligned(p, align, "__ldg", site);
+  const char* a = static_cast<const char*>(p);
+  if (t_launch != nullptr)
+    for (const WritableArg& w : t_launch->writable)
+      if (a >= w.lo && a < w.hi)
+        fail("__ldg at %s reads argument '%s', which the kernel takes as a pointer to non-const: the GPU's "
+             "read-only data cache is not coherent with the kernel's own writes, so __ldg needs data the kernel "
+             "cannot write (declare it const, or load it plainly)",
+             site, w.name);
+}
+
 void check_aligned(const void* p, size_t align, const char* what, const char* site) {
   if (reinterpret_cast<uintptr_t>(p) % align != 0)
     fail("%s at %s: address %p is not %zu-byte aligned (the GPU faults on a misaligned %zu-byte access)", what, site, p,
@@ -813,6 +833,11 @@ extern "C" int moe_emu_launch(const char* name, const unsigned* grid, const unsi
   Launch l;
   l.entry = e;
   l.args = args;
+  for (unsigned i = 0; i < nargs; ++i) {
+    const char *lo, *hi, *bname;
+    void* ptr = e->args[i].kind == 'p' && e->args[i].writes ? *static_cast<void* const*>(args[i]) : nullptr;
+    if (ptr != nullptr && buffer_span(ptr, &lo, &hi, &bname)) l.writable.push_back({lo, hi, bname});
+  }
   l.fibers.resize(threads);
   for (unsigned i = 0; i < threads; ++i)
     if (stack_for(i) == nullptr) {

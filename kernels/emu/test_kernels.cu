@@ -55,6 +55,13 @@ extern "C" __global__ void emu_test_uninit_shared(float* out) {
   out[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
 }
 
+// __ldg of the buffer it writes (the read-only cache may return the value from before the write).
+extern "C" __global__ void emu_test_ldg_output(float* out) {
+  out[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[threadIdx.x] += __ldg(out + (threadIdx.x + 1) % 32);
+}
+
 // A correct block reduction: out[0] = sum of in[0..n), one block of 256 threads (warp shuffles + barrier).
 extern "C" __global__ void __launch_bounds__(256) emu_test_block_sum(const float* in, float* out, uint32_t n) {
   __shared__ float partial[8];
