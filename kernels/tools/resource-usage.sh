@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # resource-usage.sh: registers, stack and spills of every kernel entry point, from ptxas -v, for sm_90 (H100/H200)
-# and sm_89 (RTX 4090). Fails when any entry spills to local memory. Needs nvcc (`. ../shared/gpu/cuda-env.sh`).
+# and sm_89 (RTX 4090); sm_80 (A100) is compiled and checked for spills but not tabled. Fails when any entry spills
+# to local memory. Needs nvcc (`. ../shared/gpu/cuda-env.sh`).
 #
 #   kernels/tools/resource-usage.sh                 print the table, exit 1 on a spill
 #   kernels/tools/resource-usage.sh --check-readme  also fail when README.md's table (between the ptxas markers)
@@ -38,6 +39,21 @@ for arch in 90 89; do
   done
 done
 cat "$table"
+# sm_80 (A100, the oldest target with the tensor-core entries): compiled and checked for spills, not tabled.
+for cu in kernels/cuda/*.cu; do
+  log="$work/$(basename "$cu" .cu)_80.log"
+  "$nvcc" -cubin -arch=sm_80 -O3 -std=c++17 -Xptxas -v -I kernels/cuda -o "$work/k.cubin" "$cu" 2>"$log"
+  awk -v cu="$cu" '
+    /Compiling entry function/ { match($0, /function .[A-Za-z0-9_]+/); name = substr($0, RSTART + 10, RLENGTH - 10) }
+    /bytes stack frame/ && ($5 + 0 > 0 || $9 + 0 > 0) { printf "| `%s` | sm_80 | spills: %s bytes stored, %s loaded |\n", name, $5, $9 }
+  ' "$log" >>"$work/spills80"
+done
+if [ -s "$work/spills80" ]; then
+  cat "$work/spills80"
+  echo "resource-usage: $(wc -l <"$work/spills80") kernel entries spill to local memory on sm_80" >&2
+  exit 1
+fi
+echo "sm_80: every entry compiled, no spills"
 spills=$(awk -F'|' 'NR > 2 && ($6 + 0 > 0 || $7 + 0 > 0) { n++ } END { print n + 0 }' "$table")
 if [ "$spills" -gt 0 ]; then
   echo "resource-usage: $spills kernel entries spill to local memory (see the spill columns above)" >&2
