@@ -530,13 +530,14 @@ struct SharedGuard {
 std::mutex g_shared_mu;
 std::vector<SharedGuard> g_shared_guards;
 
-// This host thread's __shared__ mappings, unmapped (and their guards forgotten) when the thread ends: the
-// kernels' `static thread_local` pointers to them end with it.
+// The bytes between a __shared__ array's end and its guard page, filled with canaries.
 struct SharedGap {
   const char* end;    // the array's end
   const char* guard;  // the guard page: [end, guard) holds canary bytes
   std::string what;
 };
+// This host thread's __shared__ mappings, unmapped (and their guards forgotten) when the thread ends: the
+// kernels' `static thread_local` pointers to them end with it.
 struct SharedMaps {
   std::vector<std::pair<char*, size_t>> maps;  // base, length (guard page included)
   std::vector<SharedGap> gaps;                 // checked after each launch (check_shared_gaps)
