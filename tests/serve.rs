@@ -315,6 +315,46 @@ fn concurrent_requests_equal_the_same_requests_alone() {
     assert!(srv.metric("moe_engine_steps_total") > 0.0);
 }
 
+/// `--device emu`: the engine thread runs the model's kernel path on the emulator (it takes the
+/// emulator from the thread that starts it), and two requests batched there give the CPU path's
+/// greedy text.
+#[test]
+fn kernel_path_on_the_emulator_serves_the_cpu_paths_text() {
+    let f32 = ["--dtype", "f32", "--weight-dtype", "f32"];
+    let cpu = Server::start(&[&f32[..], &["--device", "cpu"]].concat());
+    let emu = Server::start(&[&f32[..], &["--device", "emu"]].concat());
+    let want: Vec<Value> = PROMPTS[..2]
+        .iter()
+        .map(|p| cpu.json("POST", "/v1/completions", &completion(p, 8)).1)
+        .collect();
+    let port = emu.port;
+    let handles: Vec<_> = PROMPTS[..2]
+        .iter()
+        .map(|p| {
+            let body = completion(p, 8).to_string();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                send(&mut s, "POST", "/v1/completions", Some(&body));
+                let mut raw = Vec::new();
+                s.read_to_end(&mut raw).unwrap();
+                let (_, _, text) = parse_response(&raw);
+                serde_json::from_str::<Value>(&text).unwrap()
+            })
+        })
+        .collect();
+    for (i, (h, want)) in handles.into_iter().zip(&want).enumerate() {
+        let got = h.join().unwrap();
+        assert_eq!(
+            got["choices"][0]["text"], want["choices"][0]["text"],
+            "prompt {i}"
+        );
+    }
+    // The kernels ran on the emulator, and none on the CPU path.
+    assert!(emu.metric("moe_kernel_launches_total") > 0.0);
+    assert_eq!(cpu.metric("moe_kernel_launches_total"), 0.0);
+}
+
 /// A full queue answers 429; a client that disconnects mid-stream has its sequence cancelled and
 /// its KV freed; SIGTERM ends the server with status 0.
 #[test]

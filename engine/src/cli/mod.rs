@@ -140,7 +140,7 @@ pub struct ModelArgs {
     /// auto (the first GPU when this build has CUDA and one is present, else the CPU; a line
     /// on stderr says which), cpu, cuda[:N] in a build with the `cuda` feature, or emu: the CPU
     /// with every op through its CUDA kernel's own source, emulated (a build with the `emu`
-    /// feature; slow: for checking the kernel path's logits on a real checkpoint; not `serve`).
+    /// feature; slow: for checking the kernel path's logits on a real checkpoint).
     #[arg(long, default_value = "auto")]
     device: String,
     /// Weight-only quantization applied while loading: int8, int4 (group 128), int4:64, int4:32, mxfp4.
@@ -364,9 +364,7 @@ pub(crate) fn load(a: &ModelArgs) -> Result<(ModelSource, Model)> {
     let emu = a.device == "emu";
     if emu && !moe_kernels::emu::active() {
         return Err(Error::Input(
-            "--device emu runs the model on the calling thread; this command runs it on its own \
-             threads (use logits, chat, profile or the plain generation)"
-                .into(),
+            "--device emu: the emulator is not on for this command (emu_scope before load)".into(),
         ));
     }
     let device = match emu {

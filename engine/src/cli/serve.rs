@@ -58,6 +58,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    // `--device emu`: on for this thread, so the engine thread it starts runs the emulator too.
+    let _emu = super::emu_scope(&a.model)?;
     let (src, model) = load(&a.model)?;
     let tok = TextTokenizer::of_source(&src, &model.cfg)?.ok_or_else(|| {
         Error::Input("serve needs the model's tokenizer.json (none beside its config.json)".into())

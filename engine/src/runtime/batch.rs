@@ -103,6 +103,9 @@ pub struct EngineStats {
     pub steps_total: AtomicU64,
     /// Steps replayed as a CUDA graph (`cuda_graph`).
     pub graph_replays_total: AtomicU64,
+    /// moe-kernels launches of the engine thread's steps (a graph replay counts as one; 0 on the
+    /// CPU's candle path, where no kernel runs).
+    pub kernel_launches_total: AtomicU64,
     /// Wall time spent in forward passes, microseconds.
     pub busy_micros: AtomicU64,
     /// Generated tokens per second over the last second of steps (f64 bits); 0 when idle.
@@ -538,6 +541,10 @@ impl Scheduler {
         let vocab = logits.len() / inputs.len().max(1);
         let elapsed = t0.elapsed();
         self.stats.steps_total.fetch_add(1, Relaxed);
+        // This thread's count: only the engine thread runs the model.
+        self.stats
+            .kernel_launches_total
+            .store(moe_kernels::launch::launched(), Relaxed);
         self.stats
             .busy_micros
             .fetch_add(elapsed.as_micros() as u64, Relaxed);

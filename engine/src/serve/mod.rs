@@ -220,6 +220,12 @@ async fn metrics(State(s): State<Shared>) -> Response {
         st.cancelled_total.load(Relaxed).to_string(),
     );
     put(
+        "moe_kernel_launches_total",
+        "counter",
+        "moe-kernels launches of the engine's steps, on CUDA or --device emu (a CUDA graph replay counts as one; candle's own ops are not counted; 0 on the CPU path).",
+        st.kernel_launches_total.load(Relaxed).to_string(),
+    );
+    put(
         "moe_cuda_graph_replays_total",
         "counter",
         "Decode steps replayed as a CUDA graph (serve --cuda-graph).",
