@@ -861,7 +861,11 @@ extern "C" int moe_emu_launch(const char* name, const unsigned* grid, const unsi
     l.running = false;
     if (!l.failed) {
       const std::string gap = check_shared_gaps();
-      if (!gap.empty()) set_error(l, gap);
+      if (!gap.empty()) {  // no block or thread to name: the write is found only now
+        l.failed = true;
+        l.error = format("%s, grid (%u,%u,%u), block size (%u,%u,%u): %s", e->name, grid[0], grid[1], grid[2],
+                         block[0], block[1], block[2], gap.c_str());
+      }
     }
   } else {
     t_cur = nullptr;
