@@ -101,10 +101,11 @@ fn model_cases(target: &Target, fixtures: Option<&Path>, rows: &mut Vec<Row>) ->
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // gpt-oss's published MXFP4 experts with bf16 activations too, against the f32 reference (within
-        // MODEL_NMSE_GPT_OSS_BF16, the floor its bf16 rounding sets): a 40-token prompt (top-2 of 8: 10 rows per expert on average) prefills on qmma's MXFP4 GEMM and
-        // decodes on its GEMV.
-        if name == "gpt-oss-mxfp4" {
+        // A checkpoint with published MXFP4 experts (gpt-oss's quantization_config) runs with bf16
+        // activations too, against the f32 reference (within MODEL_NMSE_GPT_OSS_BF16, the floor its
+        // bf16 rounding sets): a 40-token prompt (top-2 of 8: 10 rows per expert on average)
+        // prefills on qmma's MXFP4 GEMM and decodes on its GEMV.
+        if crate::config::ModelConfig::from_file(&dir.join("config.json"))?.experts_mxfp4 {
             let long: Vec<u32> = (0..40)
                 .map(|i| (prompt[i % prompt.len()] + 7 * i as u32) % 256)
                 .collect();

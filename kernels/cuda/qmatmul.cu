@@ -816,6 +816,14 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
 #endif
 }
 
+// A 4-bit format's A fragments of one 32-weight step from pr[h][i], the decoded pairs (codes {i, i + 4} of the
+// word of row g for h = 0, of row g + 8 for h = 1): i = 0, 1 make tile 0, i = 2, 3 tile 1 (mma's a0..a3 order:
+// row g low k, row g + 8 low k, row g high k, row g + 8 high k).
+__device__ __forceinline__ void qmma_nib_frags(const uint32_t (&pr)[2][4], uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+  a0[0] = pr[0][0], a0[1] = pr[1][0], a0[2] = pr[0][1], a0[3] = pr[1][1];
+  a1[0] = pr[0][2], a1[1] = pr[1][2], a1[2] = pr[0][3], a1[3] = pr[1][3];
+}
+
 // INT4, one 32-weight step: the A fragments of its two k16 tiles from the step's words of rows g (w0) and g + 8
 // (w1): MAGIC + codes {i, i + 4} of each word, i = 0, 1 (tile 0) and 2, 3 (tile 1).
 template <typename T>
@@ -827,8 +835,7 @@ __device__ __forceinline__ void qmma4_a(uint32_t w0, uint32_t w1, uint32_t (&a0)
   for (int h = 0; h < 2; ++h)
 #pragma unroll
     for (int i = 0; i < 4; ++i) pr[h][i] = and_or(wq[h] >> (4 * i), 0x000F000Fu, MAGIC2);
-  a0[0] = pr[0][0], a0[1] = pr[1][0], a0[2] = pr[0][1], a0[3] = pr[1][1];
-  a1[0] = pr[0][2], a1[1] = pr[1][2], a1[2] = pr[0][3], a1[3] = pr[1][3];
+  qmma_nib_frags(pr, a0, a1);
 }
 
 // MXFP4 on the same fragments: each E2M1 code n (sign bit 3) becomes the integer u = 12 + 2 fp4(n) (12 - 2 |fp4|
@@ -873,8 +880,7 @@ __device__ __forceinline__ void qmmx_a(uint32_t w0, uint32_t w1, uint32_t (&a0)[
       pr[h][2 * half] = and_or(u, 0x00FF00FFu, MAGIC2);
       pr[h][2 * half + 1] = and_or(u >> 8, 0x00FF00FFu, MAGIC2);
     }
-  a0[0] = pr[0][0], a0[1] = pr[1][0], a0[2] = pr[0][1], a0[3] = pr[1][1];
-  a1[0] = pr[0][2], a1[1] = pr[1][2], a1[2] = pr[0][3], a1[3] = pr[1][3];
+  qmma_nib_frags(pr, a0, a1);
 }
 
 // The A fragments of a 4-bit format's step: INT4 or MXFP4.

@@ -172,21 +172,25 @@ pub fn gpu_sm_count(device: &candle_core::Device) -> Option<usize> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = device {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-        use std::sync::Mutex;
-        // (ordinal, SMs); one entry per GPU this process has asked about.
-        static SMS: Mutex<Vec<(usize, Option<usize>)>> = Mutex::new(Vec::new());
+        // Per ordinal (the first 16 GPUs): 0 not asked yet, usize::MAX the driver did not say, else
+        // the count. One atomic load per call: it runs per quantized linear of every decode step.
+        use std::sync::atomic::AtomicUsize;
+        static SMS: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
         let stream = d.cuda_stream();
         let ctx = stream.context();
-        let mut known = SMS.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&(_, n)) = known.iter().find(|(o, _)| *o == ctx.ordinal()) {
-            return n;
+        let slot = SMS.get(ctx.ordinal());
+        let known = slot.map_or(0, |s| s.load(Ordering::Relaxed));
+        if known != 0 {
+            return (known != usize::MAX).then_some(known);
         }
         let n = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .ok()
             .and_then(|n| usize::try_from(n).ok())
-            .filter(|&n| n > 0);
-        known.push((ctx.ordinal(), n));
+            .filter(|&n| n > 0 && n != usize::MAX);
+        if let Some(s) = slot {
+            s.store(n.unwrap_or(usize::MAX), Ordering::Relaxed);
+        }
         return n;
     }
     let _ = device;
